@@ -1,0 +1,724 @@
+"""nanollm.py: a small DeepSeek-V3-style language model in one file, after nano-llm (asoloveii/nano-llm, 327M).
+
+Multi-head Latent Attention (MLA) in every block, a SwiGLU MLP in most blocks and a DeepSeekMoE layer (shared
+experts plus top-k routed experts) in the others. Module names follow HF `DeepseekV3ForCausalLM`, so
+`model.state_dict()` is that safetensors layout: our checkpoints (trained from scratch with finetune.py and the
+tokenizer from tokenizer_bpe.py) load in transformers, and DeepseekV3-architecture checkpoints load here.
+
+References
+- DeepSeek-V2 (arXiv 2405.04434) §2.1: MLA: low-rank query and joint key-value compression, decoupled RoPE key
+  shared by all heads, cache of the latent only, absorption of the up-projections for decoding.
+- DeepSeek-V3 (arXiv 2412.19437) §2.1.2: sigmoid affinities, a per-expert bias used for selection only and nudged
+  after each step (auxiliary-loss-free balancing), sequence-wise balance loss (eqs. 17-20), group-limited routing.
+- deepseek-ai/DeepSeek-V3 `inference/model.py` (naive vs absorb MLA, Gate, MoE dispatch loop) and HF transformers
+  5.23 `models/deepseek_v3` (names, config, RoPE layouts; the parity reference in tests/parity_nanollm.py).
+
+Departures from nano-llm's `src/model.py`, each fixed here and tested:
+- its MLA cache is written but never read: ours holds only the normalised KV latent and the shared RoPE key per
+  token, is read when decoding, and decodes two ways (naive: up-project the cache; absorbed: fold W_UK into the
+  query and W_UV into the output), both equal to recomputing the whole sequence.
+- its MoE runs every routed expert on every token and masks the results: ours sorts tokens by chosen expert,
+  runs each expert on its tokens only and adds the results back with index_add.
+- it has no load balancing: ours adds DeepSeek-V3's bias balancing and optional sequence-wise balance loss.
+- its per-head RoPE key (a 768x768 projection per block), Linear biases, missing latent norms and averaged shared
+  experts become DeepSeek's single 64-wide RoPE key, no biases, RMSNorm on both latents and summed shared experts.
+- its learning-rate schedule (CosineAnnealingLR with T_max = epochs, stepped per batch, so it oscillates) belongs
+  to the training loop: finetune.py owns ours.
+Departures from DeepSeek-V3: no multi-token-prediction module (its weights are skipped on load, as HF does), no FP8.
+
+Run:  python nanollm.py --ckpt_dir checkpoints/nanollm --prompt "Once upon a time" --temperature 0
+"""
+import codecs
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import fire
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelArgs:
+    """One line per field; the HF `DeepseekV3Config` name follows in brackets where it differs.
+
+    vocab_size: token vocabulary size.
+    dim: residual stream width [hidden_size].
+    n_layers: number of blocks [num_hidden_layers].
+    n_heads: attention heads [num_attention_heads].
+    inter_dim: hidden width of the dense SwiGLU MLP [intermediate_size].
+    moe_layers: 0-based indices of the blocks whose MLP is a MoE (see `to_hf_config` for how HF expresses it).
+    moe_inter_dim: hidden width of one expert [moe_intermediate_size].
+    n_shared_experts: experts every token uses, stored as one MLP of width n_shared_experts * moe_inter_dim.
+    n_routed_experts: experts the router chooses from.
+    n_activated_experts: routed experts per token, k of top-k [num_experts_per_tok].
+    n_expert_groups: routed experts are split into this many groups [n_group].
+    n_limited_groups: each token picks its experts inside this many best groups [topk_group].
+    route_scale: multiplies the routed experts' weights [routed_scaling_factor].
+    norm_topk_prob: normalise the chosen experts' sigmoid scores to sum to 1 before route_scale.
+    aux_loss_alpha: weight of the sequence-wise balance loss (DeepSeek-V3 eq. 17); 0 turns it off.
+    q_lora_rank: rank of the query latent; 0 = no query compression (a plain q_proj).
+    kv_lora_rank: rank of the joint key-value latent, the part of each token that is cached.
+    qk_nope_head_dim: per-head query/key dims without position, rebuilt from the latent.
+    qk_rope_head_dim: query/key dims that carry RoPE; the key part is one vector shared by all heads.
+    v_head_dim: per-head value dims.
+    rope_theta: RoPE base.
+    rope_interleave: RoPE rotates pairs (0,1), (2,3)... (DeepSeek checkpoints) instead of (i, i + d/2).
+    rope_scaling: None, or HF's yarn `rope_parameters` without rope_theta (rope_type, factor, ...).
+    max_seq_len: longest sequence, prompt plus generation [max_position_embeddings].
+    norm_eps: RMSNorm epsilon of the block and final norms [rms_norm_eps].
+    tie_embeddings: lm_head shares the embedding matrix [tie_word_embeddings].
+    eos_token_id: token(s) that end generation by default.
+    """
+    vocab_size: int = 256
+    dim: int = 64
+    n_layers: int = 4
+    n_heads: int = 4
+    inter_dim: int = 128
+    moe_layers: tuple[int, ...] = (1, 3)
+    moe_inter_dim: int = 32
+    n_shared_experts: int = 1
+    n_routed_experts: int = 8
+    n_activated_experts: int = 2
+    n_expert_groups: int = 2
+    n_limited_groups: int = 1
+    route_scale: float = 2.5
+    norm_topk_prob: bool = True
+    aux_loss_alpha: float = 0.0
+    q_lora_rank: int = 32
+    kv_lora_rank: int = 24
+    qk_nope_head_dim: int = 8
+    qk_rope_head_dim: int = 8
+    v_head_dim: int = 16
+    rope_theta: float = 10000.0
+    rope_interleave: bool = True
+    rope_scaling: dict | None = None
+    max_seq_len: int = 256
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    eos_token_id: int | tuple[int, ...] | None = None
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelArgs":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**PRESETS[name])
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        """From a DeepseekV3 config.json (transformers 5 `rope_parameters`, or the Hub's `rope_theta` + `rope_scaling`)."""
+        if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias", False):
+            raise NotImplementedError("only silu MLPs and bias-free attention, as every DeepSeek-V3 checkpoint")
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+        n, n_routed = cfg["num_hidden_layers"], cfg.get("n_routed_experts") or 0
+        # HF builds a MoE in every block from first_k_dense_replace on; DeepSeek's own modeling code also reads
+        # moe_layer_freq (i % freq == 0); `moe_layers` is our key for layouts neither can express.
+        k, freq = cfg.get("first_k_dense_replace", 3), cfg.get("moe_layer_freq", 1)
+        moe_layers = cfg.get("moe_layers", [i for i in range(n) if n_routed and i >= k and i % freq == 0])
+        eos = cfg.get("eos_token_id")
+        return cls(
+            vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=n, n_heads=cfg["num_attention_heads"],
+            inter_dim=cfg["intermediate_size"], moe_layers=tuple(moe_layers),
+            moe_inter_dim=cfg["moe_intermediate_size"], n_shared_experts=cfg.get("n_shared_experts") or 0,
+            n_routed_experts=n_routed, n_activated_experts=cfg["num_experts_per_tok"],
+            n_expert_groups=cfg.get("n_group") or 1, n_limited_groups=cfg.get("topk_group") or 1,
+            route_scale=cfg.get("routed_scaling_factor", 1.0), norm_topk_prob=cfg.get("norm_topk_prob", True),
+            aux_loss_alpha=cfg.get("aux_loss_alpha", 0.0), q_lora_rank=cfg.get("q_lora_rank") or 0,
+            kv_lora_rank=cfg["kv_lora_rank"], qk_nope_head_dim=cfg["qk_nope_head_dim"],
+            qk_rope_head_dim=cfg["qk_rope_head_dim"], v_head_dim=cfg["v_head_dim"], rope_theta=theta,
+            rope_interleave=cfg.get("rope_interleave", True),
+            rope_scaling=None if rope_type == "default" else {"rope_type": rope_type, **rope},
+            max_seq_len=cfg.get("max_position_embeddings", 4096), norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            tie_embeddings=cfg.get("tie_word_embeddings", False),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos)
+
+    def to_hf_config(self) -> dict:
+        """A config.json that both this file and transformers' DeepseekV3Config load.
+
+        HF can only say "the first k blocks are dense, all later ones MoE" (first_k_dense_replace). Where
+        moe_layers is another pattern (nano-327m: blocks 3, 7, 11, 15, 19), the dict also carries `moe_layers`:
+        this file reads it, transformers keeps it as an unused attribute, so DeepseekV3ForCausalLM would build a MoE
+        on every block from moe_layers[0] on and report the dense blocks' weights as missing/unexpected.
+        """
+        first_dense = self.moe_layers[0] if self.moe_layers else self.n_layers
+        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        cfg = dict(
+            architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=self.vocab_size,
+            hidden_size=self.dim, num_hidden_layers=self.n_layers, num_attention_heads=self.n_heads,
+            num_key_value_heads=self.n_heads, intermediate_size=self.inter_dim, first_k_dense_replace=first_dense,
+            moe_intermediate_size=self.moe_inter_dim, n_shared_experts=self.n_shared_experts,
+            n_routed_experts=self.n_routed_experts, num_experts_per_tok=self.n_activated_experts,
+            n_group=self.n_expert_groups, topk_group=self.n_limited_groups, routed_scaling_factor=self.route_scale,
+            norm_topk_prob=self.norm_topk_prob, aux_loss_alpha=self.aux_loss_alpha, q_lora_rank=self.q_lora_rank or None,
+            kv_lora_rank=self.kv_lora_rank, qk_nope_head_dim=self.qk_nope_head_dim,
+            qk_rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim, rope_interleave=self.rope_interleave,
+            rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default", **(self.rope_scaling or {})},
+            max_position_embeddings=self.max_seq_len, rms_norm_eps=self.norm_eps,
+            tie_word_embeddings=self.tie_embeddings, eos_token_id=eos, hidden_act="silu", attention_bias=False,
+            num_nextn_predict_layers=0, torch_dtype="float32")
+        if list(self.moe_layers) != list(range(first_dense, self.n_layers)):
+            cfg["moe_layers"] = list(self.moe_layers)
+        return cfg
+
+
+PRESETS = {
+    # nano-llm's config/nano_327m.yaml. Its rule `use_moe = i % 4 == 0` for blocks i = 1..20 puts MoE on 1-based
+    # blocks 4, 8, 12, 16, 20, i.e. 0-based 3, 7, 11, 15, 19 (the last block is a MoE). Top-1 routing with
+    # norm_topk_prob would give every token the weight exactly 1, so no gradient could reach the router: nano-llm
+    # weights the expert by its (unnormalised) score, and so do we. Parameter count: see the tests / report.
+    "nano-327m": dict(vocab_size=50304, dim=768, n_layers=20, n_heads=12, inter_dim=3072, moe_layers=(3, 7, 11, 15, 19),
+                      moe_inter_dim=2048, n_shared_experts=2, n_routed_experts=2, n_activated_experts=1,
+                      n_expert_groups=1, n_limited_groups=1, route_scale=1.0, norm_topk_prob=False, q_lora_rank=128,
+                      kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=128,
+                      max_seq_len=2048, norm_eps=1e-5),
+    # ~6M parameters for pretraining on a 2-core CPU; first block dense then all MoE, as DeepSeek-V3 (so
+    # transformers can load the result too). vocab_size should be set to the trained tokenizer's.
+    "nano-small": dict(vocab_size=4096, dim=256, n_layers=6, n_heads=4, inter_dim=768, moe_layers=(1, 2, 3, 4, 5),
+                       moe_inter_dim=256, n_shared_experts=1, n_routed_experts=4, n_activated_experts=1,
+                       n_expert_groups=1, n_limited_groups=1, route_scale=1.0, norm_topk_prob=False, q_lora_rank=96,
+                       kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64, max_seq_len=512,
+                       norm_eps=1e-5, aux_loss_alpha=1e-4),
+    # for tests: every code path (group-limited top-2, q compression, interleaved RoPE) in a few hundred kB
+    "nano-tiny": dict(),
+}
+
+
+def cache_bytes_per_token(args: ModelArgs, bytes_per_value: int = 2) -> dict[str, int]:
+    """Decoding cache per token, all layers, vs multi-head attention of the same width.
+
+    mla: the latent and shared RoPE key; mha: K and V of n_heads x (dim / n_heads); mha_mla_heads: K and V at
+    MLA's decompressed head sizes (qk_nope + qk_rope, v_head), what MLA would cache without its latent.
+    nano-327m in bf16: mla 20 x (128 + 64) x 2 = 7,680 B; mha 20 x 2 x 768 x 2 = 61,440 B (8x);
+    mha_mla_heads 20 x 12 x (128 + 128) x 2 = 122,880 B (16x).
+    """
+    per_layer = dict(mla=args.kv_lora_rank + args.qk_rope_head_dim, mha=2 * args.dim,
+                     mha_mla_heads=args.n_heads * (args.qk_nope_head_dim + args.qk_rope_head_dim + args.v_head_dim))
+    return {k: args.n_layers * v * bytes_per_value for k, v in per_layer.items()}
+
+# ----------------------------------------------------------------------------------------------------------------
+# RMSNorm
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 (bf16 squares lose precision), cast back, then scale: the order of HF `DeepseekV3RMSNorm`
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+# ----------------------------------------------------------------------------------------------------------------
+# RoPE
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_frequencies(args: ModelArgs) -> tuple[torch.Tensor, float, float]:
+    """Inverse frequencies (qk_rope_head_dim / 2,), cos/sin scale, softmax-scale factor; as HF default | yarn RoPE."""
+    d, base = args.qk_rope_head_dim, args.rope_theta
+    # subtle: explicit CPU, so the model built on the meta device still gets real frequencies
+    inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float32, device="cpu") / d)
+    s = args.rope_scaling
+    if not s:
+        return inv_freq, 1.0, 1.0
+    if s["rope_type"] != "yarn":
+        raise NotImplementedError(f"rope_type {s['rope_type']!r}: only default and yarn (DeepSeek-V3's) are implemented")
+    orig = s["original_max_position_embeddings"]
+    factor = s.get("factor") or args.max_seq_len / orig
+    # YaRN (arXiv 2309.00071 §3.2): dims turning more than beta_fast times over the original context keep their
+    # frequency, those turning fewer than beta_slow times are divided by `factor`, a linear ramp blends between
+    def dim_of(turns):
+        return d * math.log(orig / (turns * 2 * math.pi)) / (2 * math.log(base))
+    low, high = dim_of(s.get("beta_fast") or 32), dim_of(s.get("beta_slow") or 1)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    ramp = ((torch.arange(d // 2, dtype=torch.float32, device="cpu") - low) / max(high - low, 1e-3)).clamp(0, 1)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    mscale, mscale_all = s.get("mscale"), s.get("mscale_all_dim")
+    attn_factor = s.get("attention_factor") or (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
+                                                if mscale and mscale_all else yarn_mscale(factor))
+    # DeepSeek-V3 also raises the softmax temperature by mscale(factor, mscale_all_dim)^2 (HF `yarn_apply_mscale`)
+    return inv_freq, attn_factor, yarn_mscale(factor, mscale_all) ** 2 if mscale_all else 1.0
+
+
+def apply_rope(x, cos, sin, interleave: bool):
+    """Rotate x (..., T, d) by angles whose cos/sin are (..., T, d/2)."""
+    if interleave:
+        # DeepSeek weights pair dims (0,1), (2,3)...; gathering evens then odds turns them into the rotate-half pairs
+        # (i, i + d/2). q and k are permuted alike, so q.k is unchanged (HF `apply_rotary_pos_emb_interleave`)
+        x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+# ----------------------------------------------------------------------------------------------------------------
+# KV cache
+
+
+class MLACache(nn.Module):
+    """Preallocated buffers of what MLA rebuilds keys and values from, written by position (gpt-fast style): the
+    normalised latent c_KV and the rotated shared RoPE key, kv_lora_rank + qk_rope_head_dim values per token."""
+
+    def __init__(self, batch_size, max_seq_len, kv_lora_rank, rope_dim, dtype, device):
+        super().__init__()
+        self.register_buffer("kv", torch.zeros(batch_size, max_seq_len, kv_lora_rank, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("pe", torch.zeros(batch_size, max_seq_len, rope_dim, dtype=dtype, device=device),
+                             persistent=False)
+
+    def update(self, input_pos, kv, pe, length: int):
+        self.kv[:, input_pos] = kv
+        self.pe[:, input_pos] = pe
+        return self.kv[:, :length], self.pe[:, :length]  # only the filled prefix, not the whole buffer
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention (DeepSeek-V2 §2.1), named as HF `DeepseekV3Attention`."""
+
+    def __init__(self, args: ModelArgs, softmax_mscale: float = 1.0):
+        super().__init__()
+        self.n_heads, self.q_lora_rank, self.kv_lora_rank = args.n_heads, args.q_lora_rank, args.kv_lora_rank
+        self.nope, self.rope, self.v_dim = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
+        self.interleave = args.rope_interleave
+        qk_dim = self.nope + self.rope
+        if self.q_lora_rank:
+            self.q_a_proj = nn.Linear(args.dim, self.q_lora_rank, bias=False)
+            # subtle: both latent norms use eps 1e-6 whatever rms_norm_eps says (HF and DeepSeek's code alike)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.n_heads * qk_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(args.dim, self.n_heads * qk_dim, bias=False)
+        # one down-projection gives the KV latent and the RoPE key; only these two are cached
+        self.kv_a_proj_with_mqa = nn.Linear(args.dim, self.kv_lora_rank + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, 1e-6)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, args.dim, bias=False)
+        self.scale = qk_dim ** -0.5 * softmax_mscale  # over the whole qk head, nope + rope (DeepSeek-V2 eq. 19)
+        self.cache = None
+
+    def forward(self, x, cos, sin, mask=None, input_pos=None, absorb=False):
+        B, T, _ = x.shape
+        H = self.n_heads
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
+        q_nope, q_pe = q.view(B, T, H, -1).transpose(1, 2).split([self.nope, self.rope], dim=-1)  # (B, H, T, *)
+        q_pe = apply_rope(q_pe, cos[:, None], sin[:, None], self.interleave)
+        kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        kv = self.kv_a_layernorm(kv)                          # (B, T, kv_lora_rank): the latent c_KV
+        k_pe = apply_rope(k_pe, cos, sin, self.interleave)    # (B, T, rope): one key for all heads (decoupled RoPE)
+        if self.cache is not None:
+            kv, k_pe = self.cache.update(input_pos, kv, k_pe, mask.size(-1))  # (B, S, *): every cached token
+        S = kv.size(1)
+        if absorb:
+            # q_nope . (W_UK c) = (W_UK^T q_nope) . c: attend in latent space with W_UK folded into the query and
+            # W_UV applied after the weighted sum, never materialising per-head keys and values (DeepSeek-V2 §2.1.2)
+            w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)
+            q = torch.cat([torch.einsum("bhtd,hdc->bhtc", q_nope, w[:, :self.nope]), q_pe], dim=-1)
+            k = torch.cat([kv, k_pe], dim=-1)[:, None].expand(B, H, S, -1)  # (B, H, S, rank + rope), no copy
+            v = kv[:, None].expand(B, H, S, -1)                            # (B, H, S, rank)
+        else:
+            k_nope, v = self.kv_b_proj(kv).view(B, S, H, -1).transpose(1, 2).split([self.nope, self.v_dim], dim=-1)
+            k = torch.cat([k_nope, k_pe[:, None].expand(B, H, S, -1)], dim=-1)  # (B, H, S, nope + rope)
+            q = torch.cat([q_nope, q_pe], dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        if absorb:
+            y = torch.einsum("bhtc,hvc->bhtv", y, w[:, self.nope:])         # (B, H, T, v_head_dim)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_dim))
+
+# ----------------------------------------------------------------------------------------------------------------
+# MLP and MoE
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    """DeepSeek-V3 router (§2.1.2): sigmoid affinities; the balancing bias only decides which experts are chosen."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.k, self.n_groups, self.topk_groups = args.n_activated_experts, args.n_expert_groups, args.n_limited_groups
+        self.route_scale, self.norm_topk_prob = args.route_scale, args.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
+        self.register_buffer("e_score_correction_bias", torch.zeros(args.n_routed_experts))
+
+    def forward(self, x):  # x (N, dim) -> weights, indices (N, k); scores (N, E)
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # routing in fp32, as HF and DeepSeek
+        biased = scores + self.e_score_correction_bias
+        if self.n_groups > 1:
+            # group-limited routing: rank groups by the sum of their two best biased scores, keep topk_groups
+            groups = biased.view(len(x), self.n_groups, -1)
+            best = groups.topk(2, dim=-1).values.sum(-1).topk(self.topk_groups, dim=-1).indices  # (N, topk_groups)
+            keep = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter(1, best, True)
+            biased = groups.masked_fill(~keep[..., None], float("-inf")).flatten(1)
+        idx = biased.topk(self.k, dim=-1).indices
+        weights = scores.gather(1, idx)  # unbiased scores weight the experts
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.route_scale, idx, scores
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: shared experts on every token plus top-k routed experts, each run only on its tokens."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_experts, self.k, self.aux_loss_alpha = args.n_routed_experts, args.n_activated_experts, args.aux_loss_alpha
+        self.gate = Gate(args)
+        self.experts = nn.ModuleList(MLP(args.dim, args.moe_inter_dim) for _ in range(self.n_experts))
+        # n shared experts of width h are one MLP of width n*h (sum of their outputs), HF's layout
+        self.shared_experts = MLP(args.dim, args.moe_inter_dim * args.n_shared_experts) if args.n_shared_experts else None
+        self.load = None       # (E,) tokens routed per expert in training forwards since the last bias update
+        self.aux_loss = None   # this forward's sequence-wise balance loss, when training with aux_loss_alpha > 0
+
+    def forward(self, x):  # (B, T, dim)
+        B, T, D = x.shape
+        xf = x.reshape(-1, D)                                     # (N, dim)
+        weights, idx, scores = self.gate(xf)                      # (N, k), (N, k), (N, E)
+        flat = idx.flatten()                                      # (N * k,) expert of each (token, slot) pair
+        order = flat.argsort(stable=True)                         # pairs grouped by expert
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        token = order // self.k                                   # source token of each sorted pair
+        chunks = xf[token].split(counts.tolist())                 # per expert: only the tokens that chose it
+        ys = torch.cat([expert(c) for expert, c in zip(self.experts, chunks)])  # (N * k, dim)
+        ys = (ys * weights.flatten()[order, None]).to(x.dtype)
+        y = torch.zeros_like(xf).index_add(0, token, ys)          # out of place: stays differentiable
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(xf)
+        self.aux_loss = None
+        if self.training:
+            self.load = counts if self.load is None else self.load + counts
+            if self.aux_loss_alpha > 0:
+                # DeepSeek-V3 eqs. 17-20 per sequence: f_i = E / (k T) * #tokens choosing i, P_i = mean over t of
+                # the scores normalised per token; alpha * sum_i f_i P_i, averaged over the batch
+                s = scores.view(B, T, -1)
+                chosen = torch.zeros_like(s).scatter(-1, idx.view(B, T, -1), 1.0)
+                f = chosen.sum(1) * self.n_experts / (self.k * T)
+                p = (s / s.sum(-1, keepdim=True)).mean(1)
+                self.aux_loss = self.aux_loss_alpha * (f * p).sum(-1).mean()
+        return y.view(B, T, D)
+
+    @torch.no_grad()
+    def update_bias(self, rate: float):
+        # DeepSeek-V3 §2.1.2: lower the bias of overloaded experts by `rate`, raise it for underloaded ones
+        if self.load is not None:
+            self.gate.e_score_correction_bias += rate * torch.sign(self.load.float().mean() - self.load)
+            self.load = None
+
+# ----------------------------------------------------------------------------------------------------------------
+# Block
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int, softmax_mscale: float):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = MLA(args, softmax_mscale)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MoE(args) if layer_idx in args.moe_layers else MLP(args.dim, args.inter_dim)
+
+    def forward(self, x, cos, sin, mask=None, input_pos=None, absorb=False):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, absorb)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+
+
+def doc_positions_and_mask(doc_ids):
+    """Packed rows (B, T) of document ids -> RoPE positions restarting at each document (B, T) and a causal mask
+    that never crosses a document boundary (B, 1, T, T)."""
+    t = torch.arange(doc_ids.size(1), device=doc_ids.device)
+    starts = torch.cat([torch.ones_like(doc_ids[:, :1], dtype=torch.bool), doc_ids[:, 1:] != doc_ids[:, :-1]], 1)
+    segment = starts.cumsum(1)  # subtle: segments, not raw ids, so a reused id in one row is still a new document
+    first = torch.where(starts, t, 0).cummax(1).values  # index where each token's document starts
+    mask = (segment[:, :, None] == segment[:, None, :]) & (t[:, None] >= t[None, :])
+    return t - first, mask[:, None]
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        # not buffers: model.to(bfloat16) must not round them, and meta-device construction must not erase them
+        self.inv_freq, self.rope_factor, softmax_mscale = rope_frequencies(args)
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(args.vocab_size, args.dim),
+            layers=nn.ModuleList(Block(args, i, softmax_mscale) for i in range(args.n_layers)),
+            norm=RMSNorm(args.dim, args.norm_eps)))
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        for p in self.parameters():
+            if p.dim() == 2:  # Linear, Embedding and router weights; norms stay at 1 (HF initializer_range)
+                nn.init.normal_(p, std=0.02)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.aux_loss = 0.0
+
+    def moe_layers(self) -> list[tuple[int, MoE]]:
+        return [(i, layer.mlp) for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, MoE)]
+
+    def rope_cos_sin(self, positions):  # (B, T) -> two (B, T, qk_rope_head_dim / 2), fp32 as HF
+        angles = positions[..., None].float() * self.inv_freq.to(positions.device)
+        return angles.cos() * self.rope_factor, angles.sin() * self.rope_factor
+
+    def _forward(self, tokens, positions, mask, input_pos=None, absorb=False):
+        x = self.model.embed_tokens(tokens)                                   # (B, T, dim)
+        cos, sin = [t.to(x.dtype) for t in self.rope_cos_sin(positions)]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, input_pos, absorb)
+        # the balance loss of this forward for the training loop to add: a tensor, or 0.0 when off
+        self.aux_loss = sum((m.aux_loss for _, m in self.moe_layers() if m.aux_loss is not None), 0.0)
+        return self.lm_head(self.model.norm(x))                                # (B, T, vocab)
+
+    def forward(self, tokens, doc_ids=None):
+        """Logits (B, T, vocab) without a cache; doc_ids (B, T) marks packed documents, which never see each other."""
+        if doc_ids is None:
+            positions = torch.arange(tokens.size(1), device=tokens.device).expand_as(tokens)
+            return self._forward(tokens, positions, None)
+        return self._forward(tokens, *doc_positions_and_mask(doc_ids))
+
+    def setup_cache(self, batch_size: int, max_seq_len: int):
+        w = self.lm_head.weight
+        for layer in self.model.layers:
+            layer.self_attn.cache = MLACache(batch_size, max_seq_len, self.args.kv_lora_rank,
+                                             self.args.qk_rope_head_dim, w.dtype, w.device)
+
+    def clear_cache(self):
+        for layer in self.model.layers:
+            layer.self_attn.cache = None
+
+    def forward_cached(self, tokens, input_pos, start=None, absorb=True):
+        """Logits (B, T, vocab) for tokens (B, T) written at cache slots input_pos (T,). start (B,) is the first
+        real slot of each left-padded row: its positions count from there and earlier slots are masked out."""
+        start = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device) if start is None else start
+        slots = torch.arange(int(input_pos[-1]) + 1, device=tokens.device)
+        # causal over slots and blind to padding; a padding query still sees itself, so no softmax row is empty
+        mask = (slots <= input_pos[:, None]) & ((slots >= start[:, None, None]) | (slots == input_pos[:, None]))
+        positions = (input_pos - start[:, None]).clamp(min=0)                 # (B, T)
+        return self._forward(tokens, positions, mask[:, None], input_pos, absorb)
+
+    @torch.no_grad()
+    def update_router_biases(self, rate: float = 1e-3) -> dict[int, list[float]]:
+        """Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2; gamma = 0.001 there): call after each optimizer step.
+        Uses the tokens counted by training-mode forwards since the last call and returns that load."""
+        load = self.expert_load()
+        for _, moe in self.moe_layers():
+            moe.update_bias(rate)
+        return load
+
+    def expert_load(self) -> dict[int, list[float]]:
+        """{layer: fraction of routed tokens per expert} since the last update_router_biases (training mode only)."""
+        return {i: (m.load / m.load.sum()).tolist() for i, m in self.moe_layers() if m.load is not None}
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+    @classmethod
+    def from_pretrained(cls, ckpt_dir, device=None, dtype=None) -> "Transformer":
+        """Load an HF-layout DeepseekV3 checkpoint dir (config.json + model.safetensors, or sharded)."""
+        ckpt, device = Path(ckpt_dir), torch.device(device or "cpu")
+        if not (ckpt / "config.json").is_file():
+            raise FileNotFoundError(f"no checkpoint in {ckpt} (config.json missing); nanollm is trained from "
+                                    "scratch, there is nothing to download: train one with finetune.py")
+        args = ModelArgs.from_hf_config(json.loads((ckpt / "config.json").read_text()))
+        if (ckpt / "generation_config.json").is_file():  # its eos_token_id wins, as in HF generate
+            eos = json.loads((ckpt / "generation_config.json").read_text()).get("eos_token_id", args.eos_token_id)
+            args.eos_token_id = tuple(eos) if isinstance(eos, list) else eos
+        index = ckpt / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+        state = {}
+        for f in files:
+            state.update(load_file(ckpt / f, device=str(device)))
+        # DeepSeek-V3 ships its multi-token-prediction module as extra layers n_layers...: unused here, as in HF
+        state = {k: v for k, v in state.items()
+                 if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= args.n_layers)}
+        with torch.device("meta"):
+            model = cls(args)
+        expected = model.state_dict()
+        allowed_absent = {"lm_head.weight"} if args.tie_embeddings else set()
+        missing, unexpected = expected.keys() - state.keys() - allowed_absent, state.keys() - expected.keys()
+        if missing or unexpected:
+            raise ValueError(f"{ckpt}: weights do not match config.json: missing {sorted(missing)[:4]}, "
+                             f"unexpected {sorted(unexpected)[:4]}")
+        for k, v in state.items():
+            if v.shape != expected[k].shape:
+                raise ValueError(f"{ckpt}: {k} has shape {tuple(v.shape)}, config.json implies {tuple(expected[k].shape)}")
+            # the balancing bias stays fp32, as HF keeps it: bf16 cannot hold 1e-3 steps on top of ~1
+            if dtype is not None and not k.endswith("e_score_correction_bias"):
+                state[k] = v.to(dtype)
+        if args.tie_embeddings:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        model.load_state_dict(state, strict=True, assign=True)
+        if args.tie_embeddings:  # assign=True gave each name its own Parameter: tie them again
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.eval()
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling and generation
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature=0.0, top_k=None, top_p=1.0,
+                 stop_tokens=None, seed=None, stream=None, absorb=True) -> list[list[int]]:
+        """New tokens per prompt, stop token excluded. Ragged prompts are left-padded; stream(row, token) is
+        called for each kept token; absorb picks the MLA decode path (both are tested equal)."""
+        check_sampling_args(temperature, top_k, top_p)
+        length = max(map(len, prompts))
+        if min(map(len, prompts)) == 0 or length + max_new_tokens > self.args.max_seq_len:
+            raise ValueError(f"prompts need 1 to {self.args.max_seq_len - max_new_tokens} tokens with "
+                             f"max_new_tokens={max_new_tokens} (context {self.args.max_seq_len})")
+        eos = self.args.eos_token_id
+        stop = set((eos if isinstance(eos, tuple) else (eos,)) if stop_tokens is None else stop_tokens) - {None}
+        device = self.lm_head.weight.device
+        generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+        tokens = torch.tensor([[0] * (length - len(p)) + p for p in prompts], device=device)
+        start = torch.tensor([length - len(p) for p in prompts], device=device)
+        input_pos = torch.arange(length, device=device)
+        out, done = [[] for _ in prompts], [False] * len(prompts)
+        self.setup_cache(len(prompts), length + max_new_tokens)
+        try:
+            for _ in range(max_new_tokens):
+                logits = self.forward_cached(tokens, input_pos, start, absorb)[:, -1]
+                tokens = sample(logits, temperature, top_k, top_p, generator)[:, None]  # (B, 1)
+                for row, t in enumerate(tokens[:, 0].tolist()):
+                    done[row] = done[row] or t in stop
+                    if not done[row]:
+                        out[row].append(t)
+                        if stream is not None:
+                            stream(row, t)
+                if all(done):
+                    break
+                input_pos = input_pos[-1:] + 1
+        finally:
+            self.clear_cache()
+        return out
+
+
+def check_sampling_args(temperature, top_k, top_p):
+    if temperature < 0 or not 0 < top_p <= 1 or (top_k is not None and top_k < 1):
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 1 (got {temperature}, {top_p}, {top_k})")
+
+
+def logits_to_probs(logits, temperature=1.0, top_k=None, top_p=1.0):
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if top_p < 1.0:
+        # nucleus: keep the most likely tokens until their mass reaches top_p (the first one always stays)
+        p, i = probs.sort(-1, descending=True)
+        p = p.masked_fill(p.cumsum(-1) - p > top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, i, p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
+    """(B, vocab) -> (B,) token ids; temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(logits_to_probs(logits, temperature, top_k, top_p), 1, generator=generator)[:, 0]
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chat formatting
+
+
+def encode_chat(tokenizer, messages, add_generation_prompt=True) -> list[int]:
+    """ChatML (`<|im_start|>role\\ncontent<|im_end|>\\n`), the format finetune.py's chat data uses. Control tokens
+    are ids and content is plain text, so user text cannot forge `<|im_end|>`."""
+    special = tokenizer.special_tokens
+    if "<|im_start|>" not in special or "<|im_end|>" not in special:
+        raise ValueError("this tokenizer has no <|im_start|>/<|im_end|> tokens, so the checkpoint has no chat format")
+    start, end, newline = special["<|im_start|>"], special["<|im_end|>"], tokenizer.encode("\n")
+    ids = []
+    for m in messages:
+        ids += [start, *tokenizer.encode(f"{m['role']}\n{m['content']}"), end, *newline]
+    return ids + ([start, *tokenizer.encode("assistant\n")] if add_generation_prompt else [])
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(prompt: str = "Once upon a time", ckpt_dir: str = "checkpoints/nanollm", max_new_tokens: int = 200,
+         temperature: float = 0.8, top_p: float = 0.95, top_k: int | None = None, device: str = "cpu",
+         dtype: str | None = None, seed: int | None = None, chat: bool = False, interactive: bool = False):
+    """Stream a completion (or, with --chat, a ChatML reply; --interactive keeps a conversation going).
+
+    dtype: float32 | bfloat16 | float16, default as stored in the checkpoint.
+    """
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda requested but CUDA is not available; use --device cpu")
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        raise SystemExit(f"error: --dtype {dtype}: use float32, bfloat16 or float16")
+    try:
+        check_sampling_args(temperature, top_k, top_p)
+        model = Transformer.from_pretrained(ckpt_dir, device, getattr(torch, dtype) if dtype else None)
+    except (FileNotFoundError, ValueError, NotImplementedError) as e:
+        raise SystemExit(f"error: {e}")
+    if not (Path(ckpt_dir) / "tokenizer.json").is_file():
+        raise SystemExit(f"error: {ckpt_dir}/tokenizer.json missing: save the tokenizer trained by tokenizer_bpe.py there")
+    from tokenizer_bpe import Tokenizer  # only the CLI needs a tokenizer; the model, tests and training do not
+
+    tok = Tokenizer.from_file(str(Path(ckpt_dir) / "tokenizer.json"))
+    cache = cache_bytes_per_token(model.args, model.lm_head.weight.element_size())
+    print(f"[KV cache per token: {cache['mla']:,} B (MLA latent) vs {cache['mha']:,} B (MHA of the same width)]",
+          file=sys.stderr)
+    eos = model.args.eos_token_id
+    stop = [*(eos if isinstance(eos, tuple) else [eos] if eos is not None else [])]
+    if (chat or interactive) and "<|im_end|>" in tok.special_tokens:
+        stop.append(tok.special_tokens["<|im_end|>"])
+    messages = []
+    while True:
+        if interactive:
+            try:
+                prompt = input("\n> ")
+            except EOFError:
+                break
+        if chat or interactive:
+            messages.append({"role": "user", "content": prompt})
+            try:
+                ids = encode_chat(tok, messages)
+            except ValueError as e:
+                raise SystemExit(f"error: {e}")
+        else:
+            ids = tok.encode(prompt)
+        if not ids or len(ids) + max_new_tokens > model.args.max_seq_len:
+            raise SystemExit(f"error: prompt of {len(ids)} tokens + --max_new_tokens {max_new_tokens} must fit "
+                             f"the context of {model.args.max_seq_len} tokens (and the prompt must not be empty)")
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        out = model.generate([ids], max_new_tokens, temperature, top_k, top_p, stop_tokens=stop, seed=seed,
+                             stream=lambda _, t: print(decoder.decode(tok.decode_bytes([t])), end="", flush=True))
+        print(decoder.decode(b"", final=True))
+        if not interactive:
+            break
+        messages.append({"role": "assistant", "content": tok.decode(out[0])})
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
