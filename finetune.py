@@ -399,10 +399,17 @@ def evaluate(model, rows: PackedRows, n_rows: int, batch_size: int, device, auto
 # Checkpoints: written to a temporary file, then renamed, so a kill never leaves a half-written one
 
 
-def save_checkpoint(path: str, model, optimizer, scheduler, step: int, rows_seen: int, keys: set[str],
-                    cfg: TrainConfig):
-    """Every process must call this (FSDP gathers shards); rank 0 writes. Saves only `keys` of the model
-    (the trainable tensors when the rest comes back from --ckpt_dir)."""
+def checkpoint_keys(model: nn.Module, everything: bool) -> set[str]:
+    """Model entries a checkpoint needs: trainable parameters and persistent buffers (e.g. MoE router biases),
+    or everything (from scratch: no pretrained checkpoint to rebuild the frozen rest from)."""
+    param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return {n for n, p in model.named_parameters() if p.requires_grad or everything} \
+        | {n for n in model.state_dict() if n not in param_names}
+
+
+def save_checkpoint(path: str, model, optimizer, scheduler, keys: set[str], **meta):
+    """Every process must call this (FSDP gathers shards); rank 0 writes model[keys], optimizer, scheduler,
+    every process's RNG state and `meta` (step, data position, config...)."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = {k: v for k, v in get_model_state_dict(model, options=opts).items() if k in keys}
     optim_state = get_optimizer_state_dict(model, optimizer, options=opts)
@@ -413,7 +420,7 @@ def save_checkpoint(path: str, model, optimizer, scheduler, step: int, rows_seen
         dist.all_gather_object(rngs, rng)  # each process has its own dropout stream
     if not dist.is_initialized() or dist.get_rank() == 0:
         state = {"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                 "step": step, "rows_seen": rows_seen, "rng": rngs, "config": asdict(cfg)}
+                 "rng": rngs, "meta": meta}
         with open(path + ".tmp", "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -423,8 +430,8 @@ def save_checkpoint(path: str, model, optimizer, scheduler, step: int, rows_seen
         dist.barrier()
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler, keys: set[str]) -> tuple[int, int]:
-    """Restore what save_checkpoint wrote; -> (step, rows_seen)."""
+def load_checkpoint(path: str, model, optimizer, scheduler, keys: set[str]) -> dict:
+    """Restore what save_checkpoint wrote, RNG included; -> its meta dict."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: --resume but no checkpoint at {path}")
     state = torch.load(path, map_location="cpu", weights_only=False)
@@ -439,26 +446,26 @@ def load_checkpoint(path: str, model, optimizer, scheduler, keys: set[str]) -> t
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     random.setstate(rng["python"])
-    return state["step"], state["rows_seen"]
+    return state["meta"]
 
 
-def export_hf(model, out_dir: str, hf_config: dict, tokenizer_dir: str, cfg: TrainConfig):
+def export_hf(model, out_dir: str, hf_config: dict, tokenizer_path: str, lora_scale: float, save_dtype: str):
     """model.safetensors (adapters merged, tied head dropped) + config.json + tokenizer files, HF layout."""
     from safetensors.torch import save_file
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.is_initialized() and dist.get_rank() != 0:
         return
-    state = merge_lora_state_dict(dict(state), cfg.lora_alpha / cfg.lora_rank)
+    state = merge_lora_state_dict(dict(state), lora_scale)
     if hf_config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)  # the same tensor as model.embed_tokens.weight
-    dtype = getattr(torch, cfg.save_dtype)
+    dtype = getattr(torch, save_dtype)
     save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, os.path.join(out_dir, "model.safetensors"),
               metadata={"format": "pt"})
-    Path(out_dir, "config.json").write_text(json.dumps({**hf_config, "torch_dtype": cfg.save_dtype}, indent=2))
-    src = Path(tokenizer_dir)
+    Path(out_dir, "config.json").write_text(json.dumps({**hf_config, "torch_dtype": save_dtype}, indent=2))
+    src = Path(tokenizer_path) if os.path.isdir(tokenizer_path) else Path(tokenizer_path).parent
     for name in TOKENIZER_FILES:
-        if (src if src.is_dir() else src.parent).joinpath(name).is_file():
-            shutil.copy((src if src.is_dir() else src.parent) / name, Path(out_dir, name))
+        if (src / name).is_file():
+            shutil.copy(src / name, Path(out_dir, name))
 
 
 # -----------------------------------------------------------------------------
@@ -581,8 +588,7 @@ def train(cfg: TrainConfig):
     max_steps = cfg.max_steps or max(1, len(train_rows) // rows_per_step)
 
     set_trainable(raw, cfg)
-    # saved in checkpoints: what trains, plus everything when there is no --ckpt_dir to rebuild the rest from
-    ckpt_keys = {n for n, p in raw.named_parameters() if p.requires_grad or not cfg.ckpt_dir}
+    ckpt_keys = checkpoint_keys(raw, everything=not cfg.ckpt_dir)
     if cfg.grad_checkpointing:  # keep only each block's input; recompute its activations during backward
         for block in raw.model.layers:
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
@@ -603,7 +609,8 @@ def train(cfg: TrainConfig):
     ckpt_path, metrics_path = os.path.join(cfg.out_dir, CKPT_NAME), os.path.join(cfg.out_dir, "metrics.jsonl")
     step, rows_seen = 0, 0
     if cfg.resume:
-        step, rows_seen = load_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys)
+        meta = load_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys)
+        step, rows_seen = meta["step"], meta["rows_seen"]
     if master:  # keep the log of the steps the checkpoint holds; later ones are redone
         old = [json.loads(line) for line in open(metrics_path)] if cfg.resume and os.path.exists(metrics_path) else []
         with open(metrics_path, "w") as f:
@@ -656,8 +663,12 @@ def train(cfg: TrainConfig):
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if hasattr(raw, "update_router_biases"):  # nanollm's aux-loss-free MoE balancing
-                raw.update_router_biases()
+            expert_load = None
+            if hasattr(raw, "update_router_biases"):  # nanollm's aux-loss-free MoE balancing (DeepSeek-V3)
+                for m in raw.modules():  # the expert loads of all processes, so every router bias moves alike
+                    if torch.is_tensor(getattr(m, "load", None)):
+                        all_sum(m.load)
+                expert_load = raw.update_router_biases()  # {layer: share of tokens per expert} of this step
             step, rows_seen = step + 1, rows_seen + rows_per_step
 
             dt, t0 = time.time() - t0, time.time()
@@ -665,8 +676,8 @@ def train(cfg: TrainConfig):
                       "tok_per_s": rows_per_step * cfg.seq_len / dt}
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-            if hasattr(raw, "expert_load"):  # MoE models: share of tokens routed to each expert
-                record["expert_load"] = raw.expert_load()
+            if expert_load:
+                record["expert_load"] = expert_load
             log(record)
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{record['tok_per_s']:.0f}")
             bar.update(1)
@@ -677,7 +688,8 @@ def train(cfg: TrainConfig):
                 if master:
                     tqdm.write(f"step {step}: train loss {step_loss:.4f}, val loss {val_loss:.4f}")
             if step % cfg.ckpt_every == 0 or step == max_steps:
-                save_checkpoint(ckpt_path, model, optimizer, scheduler, step, rows_seen, ckpt_keys, cfg)
+                save_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys, step=step, rows_seen=rows_seen,
+                                config=asdict(cfg))
                 good_ckpt = ckpt_path
     except (torch.cuda.OutOfMemoryError, MemoryError) as e:
         raise SystemExit(f"error: a batch of {cfg.batch_size} x {cfg.seq_len} tokens does not fit in memory "
@@ -685,7 +697,7 @@ def train(cfg: TrainConfig):
                          f"--grad_checkpointing / --mode lora") from None
     bar.close()
 
-    export_hf(model, cfg.out_dir, hf_config, tok_path, cfg)
+    export_hf(model, cfg.out_dir, hf_config, tok_path, cfg.lora_alpha / cfg.lora_rank, cfg.save_dtype)
     if master:
         plot_losses(metrics_path, os.path.join(cfg.out_dir, "loss.png"))
         tqdm.write(memory_report(raw, optimizer, device))

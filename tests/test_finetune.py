@@ -1,0 +1,301 @@
+"""Tests of finetune.py on a tiny SmolLM2-shaped model and a tokenizer trained here (vocab ~300), CPU only.
+
+Data handling (chat masks, packing, shards), LoRA merging, trainable sets, the HF export (loaded by smollm2.py
+and by transformers), exact resume after SIGKILL, DDP/FSDP2 on gloo vs one process, and one-line user errors.
+Run: python -m pytest tests/test_finetune.py -q
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import finetune as ft  # noqa: E402
+import smollm2  # noqa: E402
+from tokenizer_bpe import Tokenizer  # noqa: E402
+
+WORDS = ("the cat sat on a mat while dogs ran far from home and birds sang in tall green trees "
+         "near one quiet river under blue skies").split()
+TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=320, max_seq_len=128)
+
+
+def sentences(rng, n):
+    return [" ".join(rng.choice(WORDS, size=rng.integers(8, 40))) + "." for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tokenizer, a random tiny 'pretrained' checkpoint in HF layout, and text / chat data."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    d = tmp_path_factory.mktemp("assets")
+    rng = np.random.default_rng(0)
+    texts = sentences(rng, 80)
+    hf_tok = HFTokenizer(models.BPE())
+    hf_tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf_tok.decoder = decoders.ByteLevel()
+    hf_tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=TINY["vocab_size"], special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    base = d / "base"
+    base.mkdir()
+    hf_tok.save(str(base / "tokenizer.json"))
+    torch.manual_seed(0)
+    args = smollm2.ModelArgs(**TINY)
+    model = smollm2.SmolLM2(args)
+    ft.init_weights(model)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
+    save_file(state, str(base / "model.safetensors"), metadata={"format": "pt"})
+    (base / "config.json").write_text(json.dumps(args.to_hf_config()))
+    (d / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    chats = []
+    for _ in range(60):
+        a, b = (int(x) for x in rng.integers(0, 20, 2))
+        chats.append({"messages": [{"role": "user", "content": f"what is {a} and {b}?"},
+                                   {"role": "assistant", "content": f"{a} and {b} is {a + b}."}]})
+    (d / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    return d
+
+
+def flags(assets, out, *extra):
+    return ["--ckpt_dir", str(assets / "base"), "--data", str(assets / "text.jsonl"), "--out_dir", str(out),
+            "--seq_len", "32", "--batch_size", "4", "--eval_rows", "8", "--warmup_steps", "2", *extra]
+
+
+def losses(out):
+    return [r["loss"] for r in map(json.loads, open(Path(out) / "metrics.jsonl")) if "loss" in r]
+
+
+def val_losses(out):
+    return [r["val_loss"] for r in map(json.loads, open(Path(out) / "metrics.jsonl")) if "val_loss" in r]
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    model = smollm2.SmolLM2(smollm2.ModelArgs(**TINY))
+    ft.init_weights(model)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def test_render_chat_trains_only_on_assistant_turns(assets):
+    tok = Tokenizer.from_file(assets / "base")
+    messages = [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "sat on a mat"},
+                {"role": "user", "content": "and dogs"}, {"role": "assistant", "content": "ran far"}]
+    ids, mask = ft.render_chat(tok, smollm2.encode_chat, messages)
+    assert ids == smollm2.encode_chat(tok, messages, add_generation_prompt=False)
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "sat on a mat<|im_end|>\nran far<|im_end|>\n"
+
+
+def test_packed_rows_mask_boundary_targets_and_number_documents():
+    eot, T = 0, 8
+    stream = np.array([5, 6, 7, eot, 8, 9, eot, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], dtype=np.uint32)
+    keep = np.ones(len(stream), dtype=bool)
+    keep[2] = False  # e.g. a user turn
+    rows = ft.PackedRows([stream], [keep], T, eot)
+    assert len(rows) == 2  # 17 tokens = 2 rows of 8 inputs (+1 shared target)
+    x, y, d = rows.row(0)
+    assert x.tolist() == [5, 6, 7, eot, 8, 9, eot, 10]
+    # 7 masked by `keep`; 8 and 10 begin new documents, so nothing before them may predict them
+    assert y.tolist() == [6, ft.IGNORE, eot, ft.IGNORE, 9, eot, ft.IGNORE, 11]
+    assert d.tolist() == [0, 0, 0, 0, 1, 1, 1, 2]
+    x, y, d = rows.row(1)
+    assert x.tolist() == list(range(11, 19)) and y.tolist() == list(range(12, 20)) and d.max() == 0
+    assert rows.batch([1, 1])[2] is None  # single-document rows take the plain causal path
+
+
+def test_packed_documents_do_not_see_each_other_in_the_model():
+    """A document's logits inside a packed row equal its logits alone (attention and RoPE positions)."""
+    model = tiny_model().eval()
+    eot, T = 0, 24
+    doc_a, doc_b = list(range(10, 19)) + [eot], list(range(40, 55))
+    rows = ft.PackedRows([np.array(doc_a + doc_b, dtype=np.uint32)], [None], T, eot)
+    x, y, d = rows.batch([0])
+    with torch.no_grad():
+        packed = model(x, doc_ids=d)
+        alone = model(torch.tensor([doc_b[:T - len(doc_a)]]))
+    torch.testing.assert_close(packed[:, len(doc_a):], alone, atol=1e-5, rtol=1e-5)
+    assert y[0, len(doc_a) - 1] == ft.IGNORE
+
+
+def test_shards_roundtrip_and_prepare(assets, tmp_path):
+    tokens = np.arange(1000, dtype=np.uint32)
+    for vocab, version, dtype in ((320, 1, np.uint16), (100_000, 2, np.uint32)):
+        path = str(tmp_path / f"v{version}.bin")
+        ft.write_shard(path, tokens, vocab)
+        header = np.fromfile(path, dtype=np.int32, count=256)
+        assert header[:3].tolist() == [20240520, version, 1000]
+        assert os.path.getsize(path) == 1024 + 1000 * np.dtype(dtype).itemsize
+        np.testing.assert_array_equal(ft.read_shard(path), tokens)
+
+    docs = [json.loads(line)["text"] for line in open(assets / "text.jsonl")]
+    ft.prepare(str(assets / "base"), str(tmp_path / "shards"), [str(assets / "text.jsonl")], val_frac=0.1)
+    tok = Tokenizer.from_file(assets / "base")
+    expected = [t for doc in docs for t in [0] + tok.encode(doc)]  # llm.c: end-of-text before each document
+    train, val = ft.read_shard(str(tmp_path / "shards/train_000000.bin")), ft.read_shard(str(tmp_path / "shards/val_000000.bin"))
+    assert list(train) + list(val) == expected and len(val) == int(len(expected) * 0.1)
+
+
+# -----------------------------------------------------------------------------
+# LoRA and modes
+
+
+def test_lora_merged_weights_reproduce_the_adapted_model():
+    model = tiny_model()
+    wrapped = ft.apply_lora(model, rank=4, alpha=8.0, dropout=0.1, targets=["q_proj", "v_proj", "down_proj"])
+    assert len(wrapped) == 6
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {f"{n}.lora_{ab}" for n in wrapped for ab in "AB"}
+    for n in wrapped:
+        torch.nn.init.normal_(model.get_submodule(n).lora_B, std=0.1)  # B starts at 0: give the adapter an effect
+    model.eval()
+    x = torch.randint(0, TINY["vocab_size"], (2, 16))
+    merged = smollm2.SmolLM2(smollm2.ModelArgs(**TINY)).eval()
+    merged.load_state_dict(ft.merge_lora_state_dict(model.state_dict(), 8.0 / 4), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), model(x), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(merged(x), tiny_model().eval()(x), atol=1e-3)  # the adapters did change it
+
+
+@pytest.mark.parametrize("mode", ["full", "norm", "frozen_embed"])
+def test_modes_choose_trainable_parameters(mode):
+    model = tiny_model()
+    ft.set_trainable(model, ft.TrainConfig(mode=mode))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    names = {n for n, _ in model.named_parameters()}
+    expected = {"full": names, "norm": {n for n in names if n.endswith("norm.weight")},
+                "frozen_embed": names - {"model.embed_tokens.weight"}}[mode]
+    assert trainable == expected and len(trainable) > 0
+
+
+# -----------------------------------------------------------------------------
+# Training runs (in-process)
+
+
+def test_train_export_loads_in_smollm2_and_transformers(assets, tmp_path):
+    from transformers import LlamaForCausalLM
+    out = tmp_path / "full"
+    ft.main(flags(assets, out, "--mode", "full", "--lr", "1e-2", "--max_steps", "12", "--eval_every", "6",
+                  "--save_dtype", "float32"))
+    vals = val_losses(out)
+    assert len(vals) == 3 and vals[-1] < vals[0] - 0.5
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "ckpt.pt", "metrics.jsonl"):
+        assert (out / name).is_file()
+    ours = smollm2.SmolLM2.from_pretrained(out)
+    hf = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    x = torch.randint(0, TINY["vocab_size"], (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-4, rtol=1e-4)
+    assert not any("cache" in n for n, _ in ours.named_buffers())  # training never allocated a KV cache
+
+
+def test_lora_on_chat_learns_and_exports_merged(assets, tmp_path):
+    from safetensors import safe_open
+    out = tmp_path / "lora"
+    ft.main(flags(assets, out, "--data", str(assets / "chat.jsonl"), "--mode", "lora", "--lora_rank", "4",
+                  "--lora_alpha", "16", "--lr", "3e-2", "--max_steps", "10", "--eval_every", "10", "--seq_len", "64"))
+    vals = val_losses(out)
+    assert vals[-1] < vals[0] - 0.2
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        keys = set(f.keys())
+    assert keys == set(smollm2.SmolLM2.from_pretrained(assets / "base").state_dict()) - {"lm_head.weight"}
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert all(".lora_" in k for k in ckpt["model"])  # the frozen base comes back from --ckpt_dir on resume
+
+
+def test_grad_checkpointing_gives_the_same_losses(assets, tmp_path):
+    for name, extra in (("plain", []), ("ckpt", ["--grad_checkpointing"])):
+        ft.main(flags(assets, tmp_path / name, "--mode", "full", "--max_steps", "3", *extra))
+    torch.testing.assert_close(losses(tmp_path / "ckpt"), losses(tmp_path / "plain"), rtol=1e-6, atol=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit, match=r"error: loss is (nan|inf).*ckpt\.pt"):
+        ft.main(flags(assets, out, "--mode", "full", "--lr", "1e30", "--warmup_steps", "1", "--max_steps", "6",
+                      "--ckpt_every", "1", "--grad_clip", "0"))
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert ckpt["meta"]["step"] == len(losses(out))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "gpt5"], "unknown --model"),
+    (["--data", "/nonexistent/data.txt"], "data file not found"),
+    (["--data", "EMPTY"], "empty dataset"),
+    (["--seq_len", "1024"], "exceeds the model's context of 128"),
+    (["--batch_size", "1000"], "does not fit"),
+])
+def test_bad_input_is_one_clear_error(assets, tmp_path, extra, message):
+    if "EMPTY" in extra:
+        (tmp_path / "empty.jsonl").write_text("")
+        extra = ["--data", str(tmp_path / "empty.jsonl")]
+    with pytest.raises(SystemExit, match=f"^error: .*{message}"):
+        ft.main(flags(assets, tmp_path / "out", *extra))
+
+
+# -----------------------------------------------------------------------------
+# Subprocesses: the CLI, SIGKILL + resume, torchrun
+
+
+def cli(*args, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    p = cli("finetune.py", "--model", "gpt5", "--data", "x.txt", "--preset", "x")
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 1 and err.strip() == "error: unknown --model 'gpt5'; choose one of " \
+        "smollm2, llama31, nanollm, lm2"
+
+
+def test_resume_after_sigkill_repeats_the_uninterrupted_loss_curve(assets, tmp_path):
+    # LoRA with dropout: the resumed run must also restore the RNG stream, not only weights and data position
+    args = flags(assets, "OUT", "--mode", "lora", "--lora_rank", "4", "--lora_dropout", "0.2", "--lr", "1e-2",
+                 "--max_steps", "40", "--ckpt_every", "5", "--eval_every", "1000")
+    run = lambda out, *extra: cli("finetune.py", *[str(out) if a == "OUT" else a for a in args], *extra)  # noqa: E731
+    ref = run(tmp_path / "ref")
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    killed = run(tmp_path / "killed")
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    while not (metrics.exists() and len(losses(tmp_path / "killed")) >= 12):
+        assert killed.poll() is None, killed.stderr.read()
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL
+    resumed = run(tmp_path / "killed", "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert losses(tmp_path / "killed") == losses(tmp_path / "ref")  # bit for bit, all 40 steps
+    assert len(losses(tmp_path / "ref")) == 40
+
+
+def test_torchrun_ddp_and_fsdp_match_one_process(assets, tmp_path):
+    """The same global batch of 4 rows: 1 process x 4, 2 DDP processes x (1 row x 2 accumulation steps), 2 FSDP2
+    processes x 2 rows. The loss is normalised over the global batch, so all three take the same steps."""
+    base = flags(assets, "OUT", "--mode", "full", "--lr", "1e-2", "--max_steps", "4", "--eval_every", "1000")
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "finetune.py"]
+    runs = {"single": ["finetune.py"], "ddp": [*torchrun, "--batch_size", "1", "--grad_accum", "2"],
+            "fsdp": [*torchrun, "--batch_size", "2", "--fsdp"]}
+    for name, launch in runs.items():
+        cmd = launch[:launch.index("finetune.py") + 1] + [str(tmp_path / name) if a == "OUT" else a for a in base] \
+            + launch[launch.index("finetune.py") + 1:]
+        p = cli(*cmd)
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    for name in ("ddp", "fsdp"):
+        torch.testing.assert_close(losses(tmp_path / name), losses(tmp_path / "single"), rtol=1e-5, atol=1e-5)
