@@ -688,6 +688,12 @@ def train(cfg: TrainConfig):
                 if master:
                     tqdm.write(f"step {step}: train loss {step_loss:.4f}, val loss {val_loss:.4f}")
             if step % cfg.ckpt_every == 0 or step == max_steps:
+                # a finite loss can still come with an update that overflowed: never save such weights
+                bad = sum(int((~torch.isfinite(p.to_local() if hasattr(p, "to_local") else p)).sum())
+                          for p in raw.parameters() if p.requires_grad)
+                if all_sum(torch.tensor(bad, device=device)).item():
+                    raise SystemExit(f"error: weights became non-finite at step {step}; stopped without saving. "
+                                     f"Last good checkpoint: {good_ckpt or 'none yet'} (lower --lr)")
                 save_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys, step=step, rows_seen=rows_seen,
                                 config=asdict(cfg))
                 good_ckpt = ckpt_path

@@ -29,6 +29,15 @@ WORDS = ("the cat sat on a mat while dogs ran far from home and birds sang in ta
 TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=320, max_seq_len=128)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: a second thread only adds synchronisation (and spin-waits on a busy shared machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def sentences(rng, n):
     return [" ".join(rng.choice(WORDS, size=rng.integers(8, 40))) + "." for _ in range(n)]
 
@@ -224,12 +233,12 @@ def test_grad_checkpointing_gives_the_same_losses(assets, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_path):
     out = tmp_path / "nan"
-    with pytest.raises(SystemExit, match=r"error: loss is (nan|inf).*ckpt\.pt"):
+    with pytest.raises(SystemExit, match=r"error: (loss is|weights became) .*ckpt\.pt"):
         ft.main(flags(assets, out, "--mode", "full", "--lr", "1e30", "--warmup_steps", "1", "--max_steps", "6",
                       "--ckpt_every", "1", "--grad_clip", "0"))
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
-    assert ckpt["meta"]["step"] == len(losses(out))
+    assert 1 <= ckpt["meta"]["step"] <= len(losses(out)) < 6
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -269,9 +278,8 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_loss_curve(assets, tmp_p
     args = flags(assets, "OUT", "--mode", "lora", "--lora_rank", "4", "--lora_dropout", "0.2", "--lr", "1e-2",
                  "--max_steps", "40", "--ckpt_every", "5", "--eval_every", "1000")
     run = lambda out, *extra: cli("finetune.py", *[str(out) if a == "OUT" else a for a in args], *extra)  # noqa: E731
-    ref = run(tmp_path / "ref")
-    assert ref.wait(timeout=300) == 0, ref.stderr.read()
     killed = run(tmp_path / "killed")
+    ft.main([str(tmp_path / "ref") if a == "OUT" else a for a in args])  # the uninterrupted run, meanwhile
     metrics = tmp_path / "killed" / "metrics.jsonl"
     while not (metrics.exists() and len(losses(tmp_path / "killed")) >= 12):
         assert killed.poll() is None, killed.stderr.read()
@@ -289,8 +297,9 @@ def test_torchrun_ddp_and_fsdp_match_one_process(assets, tmp_path):
     processes x 2 rows. The loss is normalised over the global batch, so all three take the same steps."""
     base = flags(assets, "OUT", "--mode", "full", "--lr", "1e-2", "--max_steps", "4", "--eval_every", "1000")
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "finetune.py"]
-    runs = {"single": ["finetune.py"], "ddp": [*torchrun, "--batch_size", "1", "--grad_accum", "2"],
+    runs = {"ddp": [*torchrun, "--batch_size", "1", "--grad_accum", "2"],
             "fsdp": [*torchrun, "--batch_size", "2", "--fsdp"]}
+    ft.main([str(tmp_path / "single") if a == "OUT" else a for a in base])
     for name, launch in runs.items():
         cmd = launch[:launch.index("finetune.py") + 1] + [str(tmp_path / name) if a == "OUT" else a for a in base] \
             + launch[launch.index("finetune.py") + 1:]
