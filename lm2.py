@@ -1,0 +1,702 @@
+"""
+LM2 (Large Memory Models) on a Llama decoder, in one file: every chosen block owns a bank of N memory
+slots x d that tokens read by cross-attention behind an output gate, and that is rewritten through input and
+forget gates at the end of every segment of `segment_len` tokens and carried to the next segment. With the
+memory switched off the model is exactly HF `LlamaForCausalLM` (SmolLM2, Llama 3.x checkpoints load as is).
+
+References
+- J. Kang et al., "LM2: Large Memory Models", arXiv 2502.06049, Sec. 2 (memory read, output gate, update).
+- Official code: github.com/convergence-ai/lm2 (`src/memory.py`, `src/model.py`).
+- Llama decoder numerics: HF transformers `modeling_llama.py` (checked module by module in tests/parity_lm2.py).
+
+The paper's equations (per block; E = the block's token stream, M = the memory bank):
+    read    E_mem = softmax(Q K^T / sqrt(d)) V,  Q = E W_Q, K = M W_K, V = M W_V
+            g_out = sigmoid(E_mem W_out),   E_next = E_attn + g_out * E_mem
+    write   g_in = sigmoid(E W_in),  g_forget = sigmoid(E_mem W_forget)
+            M_next = g_in * tanh(E_mem) + g_forget * M
+The read is implemented as written. The write is token-indexed in the paper (row t of E_mem updates slot t)
+and so only defined when the sequence length equals the number of slots; see departure 1.
+
+Departures from the official code, and choices where the paper is silent
+1. Any sequence length and batch size. The official module resamples the token stream to N rows and raises
+   unless T == N (2048). Here each slot i attends over the tokens of a finished segment with the read score
+   normalised over tokens instead of slots, giving the slot-indexed view E~_i, which takes the place of E and
+   E_mem in the update:  M_next = sigmoid(E~ W_in) * tanh(E~) + sigmoid(E~ W_forget) * M.
+2. The output gate is the paper's; the official code has none and adds the memory output ungated.
+3. Memory is per sequence: each sequence starts from the learned initial bank M_0 (identity-initialised as
+   in the paper) and the bank is carried from segment to segment, never across batches as the official code
+   does. A token reads the bank written by earlier completed segments only, never by itself or later tokens.
+   Truncated BPTT: every `bptt_segments` segments the carried state (banks and the attention keys/values
+   kept from earlier segments, as Transformer-XL's stop-gradient) is detached; values are unchanged.
+4. Pretrained start: the memory value projection W_V starts at zero, so E_mem = 0 and a fresh LM2 computes
+   exactly its base checkpoint (see Memory.reset_parameters for why this, not a closed gate).
+5. Optional `attn_window` (sliding window, as HF Mistral) so that, in experiments, only the memory can carry
+   information further back than n_layers * (attn_window - 1) tokens.
+
+Run: python lm2.py --prompt "The capital of France is"   (add --chat for instruct models, --interactive)
+"""
+import codecs
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class ModelArgs:
+    """Llama decoder plus LM2 memory. Llama fields default to SmolLM2-135M."""
+    dim: int = 576                      # hidden size d
+    n_layers: int = 30                  # decoder blocks
+    n_heads: int = 9                    # query heads
+    n_kv_heads: int = 3                 # key/value heads (GQA)
+    head_dim: int = 64                  # per-head size
+    intermediate_size: int = 1536       # SwiGLU hidden size
+    vocab_size: int = 49152
+    norm_eps: float = 1e-5              # RMSNorm epsilon
+    rope_theta: float = 100000.0        # RoPE base
+    rope_scaling: dict | None = None    # HF "llama3" rope scaling dict (Llama 3.1/3.2) or None
+    max_seq_len: int = 8192             # longest sequence generate() accepts
+    tie_embeddings: bool = True         # lm_head shares the embedding matrix
+    bos_token_id: int = 1
+    eos_token_ids: tuple = (2,)         # default stop tokens for generate()
+    mem_slots: int = 64                 # N memory slots per block (the paper uses 2048)
+    mem_heads: int = 4                  # heads of the memory cross-attention (official default 4)
+    mem_layers: tuple | None = None     # blocks with memory: None = all (paper's best), () = none (vanilla)
+    segment_len: int = 512              # memory is written at the end of every segment of this many tokens
+    bptt_segments: int | None = None    # no gradient crosses every this-many-th segment boundary (None: any)
+    attn_window: int | None = None      # sliding attention window (keys p-W+1..p); None = full causal
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelArgs":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**PRESETS[name])
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        """From a HF Llama config.json; its "lm2" entry (written by to_hf_config) holds the memory settings."""
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}  # transformers 5 / 4 spelling
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise NotImplementedError(f"rope type {rope_type!r} is not implemented (only default and llama3)")
+        eos = cfg.get("eos_token_id", 2)
+        args = cls(
+            dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+            n_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+            intermediate_size=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 1e4)),
+            rope_scaling=rope if rope_type == "llama3" else None,
+            max_seq_len=cfg.get("max_position_embeddings", 8192), tie_embeddings=cfg.get("tie_word_embeddings", False),
+            bos_token_id=cfg.get("bos_token_id", 1), eos_token_ids=tuple(eos if isinstance(eos, list) else [eos]))
+        return replace(args, **cfg.get("lm2", {}))
+
+    def to_hf_config(self) -> dict:
+        """config.json for HF `LlamaForCausalLM` (the base model) with the memory settings under "lm2"."""
+        lm2 = {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith(("mem_", "segment", "bptt", "attn"))}
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "hidden_size": self.dim, "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size, "vocab_size": self.vocab_size, "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling, "max_position_embeddings": self.max_seq_len,
+            "tie_word_embeddings": self.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+            "bos_token_id": self.bos_token_id, "eos_token_id": list(self.eos_token_ids),
+            "lm2": {k: list(v) if isinstance(v, tuple) else v for k, v in lm2.items()},
+        }
+
+    def __post_init__(self):  # JSON gives lists; keep tuples so configs compare equal after a round trip
+        self.eos_token_ids = tuple(self.eos_token_ids)
+        self.mem_layers = None if self.mem_layers is None else tuple(self.mem_layers)
+
+    def memory_layers(self) -> list[int]:
+        return list(range(self.n_layers)) if self.mem_layers is None else sorted(self.mem_layers)
+
+
+LLAMA32_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+PRESETS = {  # defaults only: from_pretrained always reads the checkpoint's own config.json
+    "smollm2-135m": dict(),
+    "smollm2-360m": dict(dim=960, n_layers=32, n_heads=15, n_kv_heads=5, intermediate_size=2560),
+    "smollm2-1.7b": dict(dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, intermediate_size=8192, rope_theta=130000.0),
+    "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, intermediate_size=8192, vocab_size=128256,
+                        rope_theta=500000.0, rope_scaling=LLAMA32_ROPE, max_seq_len=131072, bos_token_id=128000,
+                        eos_token_ids=(128001, 128008, 128009)),
+    "llama3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, head_dim=128, intermediate_size=8192,
+                        vocab_size=128256, rope_theta=500000.0, rope_scaling=LLAMA32_ROPE, max_seq_len=131072,
+                        bos_token_id=128000, eos_token_ids=(128001, 128008, 128009)),
+}
+
+# -----------------------------------------------------------------------------
+# RMSNorm
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # statistics in fp32 (bf16 squares lose precision), cast back before the weight, as HF LlamaRMSNorm
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+# -----------------------------------------------------------------------------
+# RoPE
+
+
+def rope_cos_sin(args: ModelArgs, pos: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape (B, T, head_dim) for integer positions pos (B, T), as HF LlamaRotaryEmbedding."""
+    hd = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float, device=pos.device) / hd))
+    if args.rope_scaling:  # llama3: keep short wavelengths, divide long ones by factor, blend in between
+        s = args.rope_scaling
+        factor, lo, hi, ctx = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (ctx / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        scaled = torch.where(wavelen > ctx / lo, inv_freq / factor, inv_freq)
+        inv_freq = torch.where((wavelen >= ctx / hi) & (wavelen <= ctx / lo), blended, scaled)
+    freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2), fp32: positions up to 131k need it
+    emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: pair i with i + hd/2 (HF, not Meta's interleave)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(q, k, cos, sin):
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd) broadcast over heads
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def attention_mask(q_idx, k_idx, window=None, q_doc=None, k_doc=None):
+    """Boolean (B|1, 1, Tq, Tk) mask: causal, within the sliding window, same document. Indices are row
+    positions (not RoPE positions, which restart per document)."""
+    m = k_idx[None, :] <= q_idx[:, None]
+    if window is not None:
+        m = m & (k_idx[None, :] > q_idx[:, None] - window)
+    m = m[None, None]
+    if q_doc is not None:
+        m = m & (q_doc[:, None, :, None] == k_doc[:, None, None, :])
+    return m
+
+# -----------------------------------------------------------------------------
+# KV cache and memory state for generation
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values written in place by position (gpt-fast): static shapes, no torch.cat growth."""
+    def __init__(self, batch_size, n_kv_heads, max_seq_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        # persistent=False: caches never enter state_dict, which must stay the HF checkpoint layout
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):  # input_pos (T,), k/v (B, n_kv, T, hd)
+        self.k_cache[:, :, input_pos] = k
+        self.v_cache[:, :, input_pos] = v
+        n = int(input_pos[-1]) + 1  # attend to the filled part only
+        return self.k_cache[:, :, :n], self.v_cache[:, :, :n]
+
+
+class MemoryCache(nn.Module):
+    """Decoding state of one memory block: the bank as of the last completed segment, and the normed inputs
+    of the tokens of the segment in progress (the write needs all of them once the segment completes)."""
+    def __init__(self, bank, batch_size, segment_len):
+        super().__init__()
+        self.register_buffer("bank", bank.detach().expand(batch_size, -1, -1).clone(), persistent=False)
+        self.register_buffer("seg_h", bank.new_zeros(batch_size, segment_len, bank.shape[1]), persistent=False)
+
+# -----------------------------------------------------------------------------
+# attention and MLP (Llama, names as the HF checkpoint)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.kv_cache = None
+
+    def forward(self, x, cos, sin, mask, past=None, input_pos=None):
+        """past: (k, v) kept from earlier segments (segment-wise forward); input_pos: decoding with the cache.
+        Returns the output and the keys/values the next segment may attend to."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, k, cos, sin)
+        if input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, input_pos[-1] + 1, hd)
+        elif past is not None:
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        new_past = (k, v)
+        rep = self.n_heads // self.n_kv_heads  # GQA: query head j uses kv head j // rep, as HF repeat_kv
+        y = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), new_past
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+# -----------------------------------------------------------------------------
+# LM2 memory
+
+
+class Memory(nn.Module):
+    """The memory bank of one block: read by every token, written once per completed segment.
+
+    Read (paper Sec. 2.1), h = the block's normed token stream (B, T, d), M = the bank (B, N, d):
+        s[t, i] = (h_t W_Q) . (M_i W_K) / sqrt(d_head)       per memory head
+        E_mem_t = sum_i softmax_i(s[t, :]) M_i W_V,   out_t = sigmoid(E_mem_t W_out) * E_mem_t
+    Write (paper Sec. 2.2 made slot-indexed), over the T tokens of a finished segment:
+        E~_i = sum_t softmax_t(s[:, i]) h_t                   slot i's view of the segment (same score s)
+        M_i <- sigmoid(E~_i W_in + b_in) * tanh(E~_i) + sigmoid(E~_i W_forget + b_forget) * M_i
+    Gates are per slot and per channel. Sharing s makes the bank content-addressed: a slot is written by
+    the tokens that would read it. The bank stays in the token stream's space (it holds squashed averages of
+    h), so the identity start of the paper is a set of orthogonal one-hot states.
+    """
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        d, self.n_heads = args.dim, args.mem_heads
+        if d % args.mem_heads:
+            raise ValueError(f"mem_heads={args.mem_heads} must divide dim={d}")
+        self.q_proj = nn.Linear(d, d, bias=False)       # W_Q, on tokens
+        self.k_proj = nn.Linear(d, d, bias=False)       # W_K, on slots
+        self.v_proj = nn.Linear(d, d, bias=False)       # W_V, on slots
+        self.out_gate = nn.Linear(d, d, bias=False)     # W_out
+        self.in_gate = nn.Linear(d, d)                  # W_in, b_in
+        self.forget_gate = nn.Linear(d, d)              # W_forget, b_forget
+        self.bank = nn.Parameter(torch.empty(args.mem_slots, d))  # M_0, the bank every sequence starts from
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for lin in (self.q_proj, self.k_proj, self.out_gate, self.in_gate, self.forget_gate):
+            nn.init.normal_(lin.weight, std=0.02)  # HF Llama initializer_range
+        # subtle: W_V = 0 makes E_mem = 0 exactly, so a fresh LM2 on a pretrained checkpoint *is* that
+        # checkpoint, while sigmoid(0) = 1/2 keeps the gradient into W_V alive (as LoRA's zero B matrix).
+        # Closing the output gate instead (a large negative bias) is only approximately zero and starves
+        # its own gradient; zeroing W_out leaves the gate at 1/2, not 0.
+        nn.init.zeros_(self.v_proj.weight)
+        nn.init.zeros_(self.in_gate.bias)
+        nn.init.ones_(self.forget_gate.bias)  # lean towards keeping memory, official forget_bias = 1
+        nn.init.eye_(self.bank)  # paper: identity initialisation (rows beyond d, if N > d, start at zero)
+
+    def _heads(self, x):  # (B, L, d) -> (B, heads, L, d / heads)
+        return x.view(x.shape[0], x.shape[1], self.n_heads, -1).transpose(1, 2)
+
+    def _merge(self, x):  # (B, heads, L, d / heads) -> (B, L, d)
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+
+    def read(self, h, mem, fresh=None):
+        """Gated memory output (B, T, d). fresh (B, T): tokens whose document began after `mem` was written
+        read the initial bank instead (packed training rows)."""
+        q = self._heads(self.q_proj(h))
+
+        def attend(m):
+            e = self._merge(F.scaled_dot_product_attention(q, self._heads(self.k_proj(m)), self._heads(self.v_proj(m))))
+            return torch.sigmoid(self.out_gate(e)) * e  # E_gated = g_out * E_mem
+
+        out = attend(mem)
+        if fresh is not None:
+            out = torch.where(fresh[..., None], attend(self.bank.expand(h.shape[0], -1, -1)), out)
+        return out
+
+    def write(self, h, mem, token_mask=None, fresh=None):
+        """Bank after a segment whose normed inputs are h (B, T, d). token_mask (B, T): the tokens that may be
+        written (the document that continues); fresh (B,): that document began in this segment."""
+        if fresh is not None:
+            mem = torch.where(fresh[:, None, None], self.bank, mem)
+        mask = None if token_mask is None else token_mask[:, None, None, :]  # (B, 1, 1, T)
+        # the read's score with the roles swapped: slots are the queries, softmax runs over tokens
+        e = F.scaled_dot_product_attention(self._heads(self.k_proj(mem)), self._heads(self.q_proj(h)),
+                                           self._heads(h), attn_mask=mask)
+        e = self._merge(e)  # (B, N, d) = E~
+        return torch.sigmoid(self.in_gate(e)) * torch.tanh(e) + torch.sigmoid(self.forget_gate(e)) * mem
+
+# -----------------------------------------------------------------------------
+# decoder block
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, has_memory: bool):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.memory = Memory(args) if has_memory else None
+        self.mem_cache = None
+
+    def forward(self, x, cos, sin, mask, past=None, mem=None, fresh=None, input_pos=None):
+        h = self.input_layernorm(x)
+        a, past = self.self_attn(h, cos, sin, mask, past, input_pos)
+        x = x + a
+        if self.memory is not None:  # paper Fig. 1: the memory flow joins beside the attention output
+            x = x + self.memory.read(h, mem, fresh)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, h, past
+
+# -----------------------------------------------------------------------------
+# model
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        mem_layers = set(args.memory_layers())
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(args.vocab_size, args.dim),
+            layers=nn.ModuleList(Block(args, i in mem_layers) for i in range(args.n_layers)),
+            norm=RMSNorm(args.dim, args.norm_eps)))
+        # tied: no lm_head module at all, so state_dict() is the HF layout without the duplicate key
+        self.lm_head = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.stop_tokens = list(args.eos_token_ids)
+        self.init_weights()
+
+    def init_weights(self):
+        """From scratch: HF Llama's normal(0, 0.02) matrices, norms at one; memory as Memory.reset_parameters."""
+        for name, p in self.named_parameters():
+            if p.dim() == 2 and ".memory." not in name:
+                nn.init.normal_(p, std=0.02)
+        for layer in self.model.layers:
+            if layer.memory is not None:
+                layer.memory.reset_parameters()
+
+    def logits(self, x):
+        x = self.model.norm(x)
+        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.model.embed_tokens.weight)
+
+    def forward(self, tokens, doc_ids=None):
+        """tokens (B, T) -> logits (B, T, vocab). The sequence is processed segment by segment: within a
+        segment, blocks read the bank left by earlier segments; after it, each bank is written from it.
+        doc_ids (B, T): packed documents; attention, RoPE positions and memory never cross a boundary.
+        The segment grid is the row's, so a packed document equals its own run when it starts on a
+        segment boundary (a document starting mid-segment starts from M_0 but on a shifted grid)."""
+        B, T = tokens.shape
+        a, layers, S = self.args, self.model.layers, self.args.segment_len
+        idx = torch.arange(T, device=tokens.device)
+        if doc_ids is None:
+            pos = idx.expand(B, T)
+        else:  # RoPE positions restart at each document start
+            start = torch.ones_like(doc_ids, dtype=torch.bool)
+            start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+            pos = idx - torch.where(start, idx, 0).cummax(dim=1).values
+        x = self.model.embed_tokens(tokens)
+        cos, sin = rope_cos_sin(a, pos, x.dtype)
+        past = [None] * len(layers)
+        mems = [l.memory.bank.expand(B, -1, -1) if l.memory is not None else None for l in layers]
+        k0, outs = 0, []  # k0: row index of the oldest key kept in `past`
+        for s0 in range(0, T, S):
+            s1 = min(s0 + S, T)
+            if a.bptt_segments and s0 and (s0 // S) % a.bptt_segments == 0:  # truncated BPTT: no gradient
+                mems = [m.detach() if m is not None else None for m in mems]  # crosses this boundary, neither
+                past = [(k.detach(), v.detach()) for k, v in past]  # through the banks nor the kept keys
+            docs = doc_ids[:, k0:s1] if doc_ids is not None else None
+            mask = attention_mask(idx[s0:s1], idx[k0:s1], a.attn_window,
+                                  docs[:, s0 - k0:] if docs is not None else None, docs)
+            read_fresh = write_mask = write_fresh = None
+            if doc_ids is not None:
+                seg, last = doc_ids[:, s0:s1], doc_ids[:, s1 - 1]
+                write_mask = seg == last[:, None]  # only the document that continues is written
+                if s0 > 0:  # the carried bank belongs to the document running at the end of the last segment
+                    read_fresh, write_fresh = seg != doc_ids[:, s0 - 1, None], last != doc_ids[:, s0 - 1]
+            xs = x[:, s0:s1]
+            for i, layer in enumerate(layers):
+                xs, h, past[i] = layer(xs, cos[:, s0:s1], sin[:, s0:s1], mask, past[i], mems[i], read_fresh)
+                if layer.memory is not None and s1 < T:  # the last segment's write would never be read
+                    mems[i] = layer.memory.write(h, mems[i], write_mask, write_fresh)
+            if a.attn_window is not None:  # keep only the keys a later query can still see
+                k0 = max(k0, s1 - (a.attn_window - 1))
+                past = [(k[:, :, k0 - s1 + k.shape[2]:], v[:, :, k0 - s1 + v.shape[2]:]) for k, v in past]
+            outs.append(xs)
+        return self.logits(torch.cat(outs, dim=1))
+
+    def setup_cache(self, batch_size: int, max_seq_len: int):
+        p = self.model.embed_tokens.weight
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = KVCache(batch_size, self.args.n_kv_heads, max_seq_len, self.args.head_dim,
+                                               p.dtype, p.device)
+            if layer.memory is not None:
+                layer.mem_cache = MemoryCache(layer.memory.bank, batch_size, self.args.segment_len)
+
+    def clear_cache(self):
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = layer.mem_cache = None
+
+    def forward_cached(self, tokens, input_pos: int):
+        """Decode tokens (B, T) at positions input_pos..input_pos+T-1 with the caches of setup_cache. A chunk
+        stays inside one segment; when it completes the segment, every bank is written from the segment's
+        stored inputs, so the next token reads it (the same schedule as forward)."""
+        B, T = tokens.shape
+        S = self.args.segment_len
+        if input_pos % S + T > S:
+            raise ValueError("a cached chunk must not cross a segment boundary (the memory is written there)")
+        pos = torch.arange(input_pos, input_pos + T, device=tokens.device)
+        x = self.model.embed_tokens(tokens)
+        cos, sin = rope_cos_sin(self.args, pos[None], x.dtype)
+        mask = attention_mask(pos, torch.arange(input_pos + T, device=pos.device), self.args.attn_window)
+        for layer in self.model.layers:
+            c = layer.mem_cache
+            x, h, _ = layer(x, cos, sin, mask, mem=c.bank if c is not None else None, input_pos=pos)
+            if c is not None:
+                c.seg_h[:, pos % S] = h
+                if (input_pos + T) % S == 0:
+                    c.bank.copy_(layer.memory.write(c.seg_h, c.bank))
+        return self.logits(x)
+
+    @classmethod
+    def from_pretrained(cls, ckpt_dir, device=None, dtype=None, **memory_args) -> "Transformer":
+        """Load a HF Llama-family checkpoint (config.json + safetensors). Memory weights come from the
+        checkpoint if it was saved by an LM2 (config.json has "lm2"), else they start fresh; memory_args
+        (mem_slots=..., segment_len=..., ...) override the memory settings."""
+        ckpt = Path(ckpt_dir)
+        if not (ckpt / "config.json").exists():
+            raise FileNotFoundError(f"no checkpoint at {ckpt}/config.json; run `python download.py` to fetch it")
+        cfg = json.loads((ckpt / "config.json").read_text())
+        args = replace(ModelArgs.from_hf_config(cfg), **memory_args)
+        device, dtype = torch.device(device or "cpu"), dtype or torch.float32
+        with torch.device("meta"):  # shapes only: the weights are assigned below, no second copy
+            model = cls(args)
+        state = {k: v.to(device, dtype) for k, v in load_safetensors(ckpt).items()}
+        if args.tie_embeddings:
+            state.pop("lm_head.weight", None)  # some tied checkpoints store the duplicate
+        expected = model.state_dict()
+        fresh_memory = "lm2" not in cfg
+        for i, layer in enumerate(model.model.layers):  # the keys allowed to be absent: a base model's memory
+            if layer.memory is not None and fresh_memory:
+                with torch.device(device):
+                    mem = Memory(args).to(dtype)
+                state.update({f"model.layers.{i}.memory.{k}": v for k, v in mem.state_dict().items()})
+        missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {ckpt} does not match its config: missing {sorted(missing)[:4]}, "
+                             f"unexpected {sorted(unexpected)[:4]}")
+        for k, v in state.items():
+            if v.shape != expected[k].shape:
+                raise ValueError(f"{k} has shape {tuple(v.shape)} in {ckpt}, the config implies {tuple(expected[k].shape)}")
+        model.load_state_dict(state, strict=True, assign=True)
+        gen_cfg = ckpt / "generation_config.json"  # instruct models list their end-of-turn tokens here
+        eos = json.loads(gen_cfg.read_text()).get("eos_token_id") if gen_cfg.exists() else None
+        if eos is not None:
+            model.stop_tokens = eos if isinstance(eos, list) else [eos]
+        return model.eval()
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0, stop_tokens=None,
+                 seed=None, stream=None):
+        """New tokens for each prompt (stop token excluded). All rows share one position counter: rows with
+        longer prompts are fed their own prompt tokens while shorter ones already generate (Llama 1's
+        reference scheme), so every row runs on its own segment grid from position 0, exactly as alone.
+        stream(row, token) is called for every new token."""
+        check_sampling(temperature, top_k, top_p)
+        stop = set(self.stop_tokens if stop_tokens is None else stop_tokens)
+        B, lens = len(prompts), [len(p) for p in prompts]
+        if B == 0 or min(lens) == 0:
+            raise ValueError("every prompt needs at least one token")
+        total = max(lens) + max_new_tokens
+        if total > self.args.max_seq_len:
+            raise ValueError(f"prompt + max_new_tokens = {total} exceeds the context of {self.args.max_seq_len}")
+        device = self.model.embed_tokens.weight.device
+        tokens = torch.zeros(B, total, dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):
+            tokens[b, :len(p)] = torch.tensor(p, device=device)
+        rng = torch.Generator(device).manual_seed(seed) if seed is not None else None
+        out, done = [[] for _ in range(B)], [max_new_tokens == 0] * B
+        self.setup_cache(B, total)
+        try:
+            S, pos = self.args.segment_len, 0
+            while pos < min(lens):  # prefill the common prefix, one segment-aligned chunk at a time
+                n = min(min(lens) - pos, S - pos % S)
+                logits = self.forward_cached(tokens[:, pos:pos + n], pos)
+                pos += n
+            while not all(done):
+                nxt = sample(logits[:, -1], temperature, top_k, top_p, rng)
+                for b in range(B):
+                    if pos < lens[b] or done[b]:  # still feeding its own prompt, or finished
+                        continue
+                    tok = int(nxt[b])
+                    tokens[b, pos] = tok
+                    done[b] = tok in stop or len(out[b]) + 1 == max_new_tokens
+                    if tok not in stop:
+                        out[b].append(tok)
+                        if stream is not None:
+                            stream(b, tok)
+                if all(done):
+                    break
+                logits = self.forward_cached(tokens[:, pos:pos + 1], pos)
+                pos += 1
+        finally:
+            self.clear_cache()
+        return out
+
+# -----------------------------------------------------------------------------
+# loading
+
+
+def load_safetensors(ckpt: Path) -> dict:
+    """All tensors of a HF checkpoint folder, single file or sharded (model.safetensors.index.json)."""
+    from safetensors.torch import load_file
+    index = ckpt / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    state = {}
+    for f in files:
+        if not (ckpt / f).exists():
+            raise FileNotFoundError(f"missing {ckpt / f}; run `python download.py` to fetch the checkpoint")
+        state.update(load_file(ckpt / f))
+    state.pop("model.rotary_emb.inv_freq", None)  # old HF checkpoints saved this derived buffer
+    return state
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+def check_sampling(temperature, top_k, top_p):
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+
+
+def logits_to_probs(logits, temperature, top_k=None, top_p=1.0):
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:  # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # mass *before* a token already exceeds top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
+    """Next token per row from logits (B, vocab); temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = logits_to_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+# -----------------------------------------------------------------------------
+# chat formatting
+
+
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def encode_chat(tokenizer, messages, add_generation_prompt=True) -> list[int]:
+    """Token ids of a conversation, built piecewise: control tokens as ids, message text encoded as plain text
+    (so user text cannot forge `<|im_end|>`). ChatML as SmolLM2's template (which adds its default system
+    prompt), or Llama 3 headers as Llama 3.x instruct templates when the tokenizer has them."""
+    sp, enc = tokenizer.special_tokens, tokenizer.encode
+    if "<|im_start|>" in sp:
+        if messages and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": SMOLLM2_SYSTEM}] + list(messages)
+        ids = []
+        for m in messages:
+            ids += [sp["<|im_start|>"]] + enc(m["role"] + "\n" + m["content"]) + [sp["<|im_end|>"]] + enc("\n")
+        return ids + ([sp["<|im_start|>"]] + enc("assistant\n") if add_generation_prompt else [])
+    if "<|start_header_id|>" in sp:
+        def turn(role, text):
+            return [sp["<|start_header_id|>"]] + enc(role) + [sp["<|end_header_id|>"]] + enc("\n\n" + text) + [sp["<|eot_id|>"]]
+        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+        preamble = f"Cutting Knowledge Date: December 2023\nToday Date: {time.strftime('%d %b %Y')}\n\n"
+        ids = [sp["<|begin_of_text|>"]] + turn("system", preamble + system)
+        for m in messages[1 if system else 0:]:
+            ids += turn(m["role"], m["content"].strip())
+        return ids + ([sp["<|start_header_id|>"]] + enc("assistant") + [sp["<|end_header_id|>"]] + enc("\n\n")
+                      if add_generation_prompt else [])
+    raise ValueError("the tokenizer has neither ChatML (<|im_start|>) nor Llama 3 header tokens; drop --chat")
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/SmolLM2-135M-Instruct", max_new_tokens: int = 256,
+         temperature: float = 0.2, top_p: float = 0.9, top_k: int | None = None, device: str | None = None,
+         dtype: str | None = None, seed: int = 1337, chat: bool | None = None, interactive: bool = False):
+    """Generate with LM2 on a Llama-family checkpoint (fresh memory unless the checkpoint was saved by LM2).
+    Instruct checkpoints (a chat_template in tokenizer_config.json) get the chat format unless --chat False.
+    --device defaults to cuda when available, else cpu; --dtype to bfloat16 on cuda, float32 on cpu."""
+    from tokenizer_bpe import Tokenizer
+    try:
+        check_sampling(temperature, top_k, top_p)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if prompt is None and not interactive:
+            raise ValueError('give --prompt "..." or --interactive')
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda was requested but no CUDA device is available; use --device cpu")
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+        if dtype not in dtypes:
+            raise ValueError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype}")
+        t0 = time.time()
+        model = Transformer.from_pretrained(ckpt_dir, device=device, dtype=dtypes[dtype])
+        tok = Tokenizer.from_file(ckpt_dir)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        raise SystemExit(f"error: {e}")
+    if chat is None:  # instruct checkpoints ship a chat template; base ones do not
+        cfg = Path(ckpt_dir) / "tokenizer_config.json"
+        chat = cfg.is_file() and "chat_template" in json.loads(cfg.read_text())
+    if interactive and not chat:
+        raise SystemExit("error: --interactive needs an instruct (chat) checkpoint")
+    a = model.args
+    print(f"loaded {ckpt_dir} ({dtype}, {device}) in {time.time() - t0:.1f}s; memory in {len(a.memory_layers())} "
+          f"blocks, {a.mem_slots} slots, written every {a.segment_len} tokens", file=sys.stderr)
+    messages = []
+    while True:
+        if interactive:
+            try:
+                prompt = input("\n> ")
+            except (EOFError, KeyboardInterrupt):
+                return print()
+        messages.append({"role": "user", "content": prompt})
+        ids = encode_chat(tok, messages) if chat else tok.encode(prompt)
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
+        t0 = time.time()
+        try:
+            new = model.generate([ids], max_new_tokens, temperature, top_k, top_p, seed=seed,
+                                 stream=lambda b, t: print(utf8.decode(tok.decode_bytes([t])), end="", flush=True))[0]
+        except ValueError as e:
+            raise SystemExit(f"\nerror: {e}")
+        print(utf8.decode(b"", final=True))
+        print(f"[{len(ids)} prompt + {len(new)} new tokens, {len(new) / (time.time() - t0):.1f} tok/s]", file=sys.stderr)
+        if not interactive:
+            return
+        messages.append({"role": "assistant", "content": tok.decode(new)})
+
+
+if __name__ == "__main__":
+    import fire
+    fire.Fire(main)
