@@ -1,0 +1,771 @@
+"""
+Llama 3.1 (8B / 70B / 405B) and Llama 3.2 (1B / 3B) in one readable file: loading Meta and HF checkpoints,
+KV-cached batched generation, chat, and a command line.
+
+Llama 3 ("The Llama 3 Herd of Models", arXiv 2407.21783) is a pre-norm decoder: RMSNorm, grouped-query
+attention, a SwiGLU MLP, and rotary position embeddings with base 500000 whose low frequencies are stretched
+("llama3" scaling) so that a model pretrained on 8k tokens reads 128k. The code follows Meta's reference
+(llama-models `reference_impl/model.py`) and Karpathy's nano-llama31, and is checked module by module against
+HF transformers' `LlamaForCausalLM` in tests/parity_llama31.py.
+
+Departures from nano-llama31 and Meta's reference, all deliberate:
+- modules carry HF checkpoint names, so HF safetensors load with no renaming; Meta's `consolidated.*.pth`
+  goes through one rename table, a merge of its model-parallel shards and one q/k row permutation
+  (`meta_to_hf_rope_rows`), since RoPE here rotates HF's half-split pairs instead of Meta's interleaved ones;
+- the llama3 scale factor comes from the checkpoint (32 for 3.2 1B/3B; Meta's code hard-codes 8, which
+  llama-models#241 reports breaks those models past ~80k tokens);
+- chat models: Llama 3.1's chat template (system header with the knowledge-cutoff date), and generation stops
+  at <|eot_id|> or <|eom_id|>; base models stop at <|end_of_text|> and get their prompt verbatim;
+- the KV cache is sized to what a generate call needs (at most `max_seq_len`, 8192 unless asked), never 128k,
+  and ragged batches are left-padded with per-row positions, so a batch yields the tokens of one-by-one runs;
+- the model is built on the meta device and takes the memory-mapped checkpoint tensors as its weights: one
+  copy in memory; during prefill only the last position goes through the output head;
+- one device, no model parallelism: Meta's shards are merged while loading.
+
+Usage:
+    python download.py llama3.1-8b-instruct
+    python llama31.py --prompt "Why is the sky blue?"
+    python llama31.py --interactive --ckpt_dir checkpoints/Llama-3.2-1B-Instruct
+    python llama31.py --ckpt_dir checkpoints/Llama-3.2-1B --prompt "The capital of France is" --temperature 0
+    python download.py llama3.1-8b-instruct --meta && python llama31.py --ckpt_dir checkpoints/Llama-3.1-8B-Instruct-meta
+"""
+
+import codecs
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tokenizer_bpe import Tokenizer
+
+# -----------------------------------------------------------------------------
+# Config
+
+BOS, END_OF_TEXT, EOM, EOT = 128000, 128001, 128008, 128009  # <|begin_of_text|> <|end_of_text|> <|eom_id|> <|eot_id|>
+
+
+@dataclass
+class ModelArgs:
+    """Llama 3 hyper-parameters (defaults: Llama 3.1 8B). A checkpoint's own config always wins."""
+
+    dim: int = 4096  # width of the residual stream (HF hidden_size)
+    n_layers: int = 32  # decoder blocks
+    n_heads: int = 32  # query heads
+    n_kv_heads: int = 8  # key/value heads, each shared by n_heads // n_kv_heads query heads (GQA)
+    hidden_dim: int = 14336  # SwiGLU inner width (HF intermediate_size), see ffn_hidden_dim
+    vocab_size: int = 128256  # 128000 BPE tokens + 256 special tokens
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 500000.0  # RoPE base
+    rope_factor: float | None = 8.0  # llama3 scaling: long wavelengths are stretched by this (None: plain RoPE)
+    rope_low_freq_factor: float = 1.0  # wavelengths above original_context / low are fully stretched
+    rope_high_freq_factor: float = 4.0  # wavelengths below original_context / high are left alone
+    rope_original_context: int = 8192  # context of pretraining, before long-context training
+    context_len: int = 131072  # longest context the model was trained for (HF max_position_embeddings)
+    max_seq_len: int = 8192  # longest prompt + generation this instance serves: bounds the KV cache
+    tie_embeddings: bool = False  # the output head reuses the embedding matrix (3.2 1B and 3B)
+    stop_tokens: tuple[int, ...] = (END_OF_TEXT,)  # instruct models also stop at <|eom_id|> and <|eot_id|>
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelArgs":
+        """A published size, e.g. "llama3.1-8b" or "llama3.2-1b-instruct" (base and instruct share shapes)."""
+        base = name.lower().removesuffix("-instruct")
+        if base not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)} (+ -instruct)")
+        args = cls.from_meta_params(PRESETS[base])
+        if name.lower().endswith("-instruct"):
+            args.stop_tokens = (END_OF_TEXT, EOM, EOT)
+        return args
+
+    @classmethod
+    def from_meta_params(cls, params: dict) -> "ModelArgs":
+        """From Meta's params.json (dim, n_layers, ..., multiple_of, ffn_dim_multiplier, use_scaled_rope)."""
+        # Meta's params.json carries no scale factor. llama-models hard-codes 8, right for 3.1 but not for the
+        # 3.2 1B/3B, whose HF config.json says 32 (llama-models#241): those are the only 2048/3072-wide ones,
+        # and also the only ones with a tied output head.
+        small_32 = params["dim"] in (2048, 3072)
+        scaled = params.get("use_scaled_rope", False)
+        return cls(
+            dim=params["dim"],
+            n_layers=params["n_layers"],
+            n_heads=params["n_heads"],
+            n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
+            hidden_dim=ffn_hidden_dim(params["dim"], params["multiple_of"], params.get("ffn_dim_multiplier")),
+            vocab_size=params.get("vocab_size", 128256),
+            norm_eps=params.get("norm_eps", 1e-5),
+            rope_theta=float(params.get("rope_theta", 500000.0)),
+            rope_factor=(params.get("rope_scaling_factor") or (32.0 if small_32 else 8.0)) if scaled else None,
+            tie_embeddings=small_32,
+        )
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        """From a HF config.json of LlamaForCausalLM (plain or llama3-scaled RoPE)."""
+        # transformers >= 5 nests rope settings in `rope_parameters`; older files use rope_theta + rope_scaling
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise NotImplementedError(f"RoPE type {rope_type!r} is not Llama 3's (default or llama3)")
+        dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        if cfg.get("head_dim", dim // n_heads) != dim // n_heads:
+            raise NotImplementedError("head_dim != hidden_size / num_attention_heads is not a Llama 3 shape")
+        if cfg.get("attention_bias") or cfg.get("mlp_bias") or cfg.get("hidden_act", "silu") != "silu":
+            raise NotImplementedError("biases or a non-SiLU activation are not part of Llama 3")
+        eos = cfg.get("eos_token_id", END_OF_TEXT)
+        llama3 = rope_type == "llama3"
+        return cls(
+            dim=dim,
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            hidden_dim=cfg["intermediate_size"],
+            vocab_size=cfg["vocab_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),  # LlamaConfig's defaults where a key is absent
+            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            rope_factor=float(rope["factor"]) if llama3 else None,
+            rope_low_freq_factor=float(rope["low_freq_factor"]) if llama3 else 1.0,
+            rope_high_freq_factor=float(rope["high_freq_factor"]) if llama3 else 4.0,
+            rope_original_context=rope["original_max_position_embeddings"] if llama3 else 8192,
+            context_len=cfg.get("max_position_embeddings", 2048),
+            tie_embeddings=cfg.get("tie_word_embeddings", False),
+            stop_tokens=tuple(eos) if isinstance(eos, list) else (eos,),
+        )
+
+    def to_hf_config(self) -> dict:
+        """A config.json that both this file and transformers' LlamaForCausalLM load."""
+        rope_scaling = None if self.rope_factor is None else {
+            "rope_type": "llama3", "factor": self.rope_factor, "low_freq_factor": self.rope_low_freq_factor,
+            "high_freq_factor": self.rope_high_freq_factor,
+            "original_max_position_embeddings": self.rope_original_context}
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": self.dim, "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim, "intermediate_size": self.hidden_dim,
+            "vocab_size": self.vocab_size, "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling, "max_position_embeddings": self.context_len,
+            "tie_word_embeddings": self.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
+            "mlp_bias": False, "bos_token_id": BOS,
+            "eos_token_id": list(self.stop_tokens) if len(self.stop_tokens) > 1 else self.stop_tokens[0],
+            "torch_dtype": "bfloat16",
+        }
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Meta's SwiGLU width rule (llama-models FeedForward)."""
+    # 2/3 of 4*dim keeps SwiGLU's three matrices at the cost of a plain MLP's two; the multiplier then tunes
+    # the size, and rounding up to `multiple_of` keeps the matrices kernel- and shard-friendly.
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+# The published sizes, as Meta's params.json files give them (3.1 and 3.2 share vocab, theta and norm eps).
+PRESETS = {
+    name: dict(dim=d, n_layers=L, n_heads=h, n_kv_heads=8, multiple_of=m, ffn_dim_multiplier=f,
+               vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)
+    for name, (d, L, h, m, f) in {
+        "llama3.1-8b": (4096, 32, 32, 1024, 1.3),
+        "llama3.1-70b": (8192, 80, 64, 4096, 1.3),
+        "llama3.1-405b": (16384, 126, 128, 4096, 1.2),
+        "llama3.2-1b": (2048, 16, 32, 256, 1.5),
+        "llama3.2-3b": (3072, 28, 24, 256, 1.0),
+    }.items()
+}
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 even for bf16 activations: the mean of 4096 squares loses too much precision
+        # otherwise. The scale is applied after casting back, in the weight's dtype, exactly as HF LlamaRMSNorm.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
+    """Angular frequency of each rotated pair of dimensions: (head_dim / 2,) fp32, llama3-scaled."""
+    hd = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.int64).float() / hd))
+    if args.rope_factor is None:
+        return inv_freq
+    # Why llama3 scaling works, in wavelengths: pair i turns a full circle every 2*pi/inv_freq_i positions.
+    # Pairs whose wavelength is short next to the 8192 pretraining tokens (below 8192 / high_freq_factor =
+    # 2048) went round many times in pretraining and encode local order: they are kept. Pairs whose wavelength
+    # exceeds the whole pretraining context (8192 / low_freq_factor) never saw most of their angles, so their
+    # frequency is divided by `factor`: 128k positions then sweep the angles 8k positions swept before. In
+    # between, the two are blended linearly in context / wavelength. As HF `_compute_llama3_parameters`.
+    ctx, low, high = args.rope_original_context, args.rope_low_freq_factor, args.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (ctx / wavelen - low) / (high - low)  # 0 at wavelength ctx / low, 1 at ctx / high
+    blended = (1 - smooth) * inv_freq / args.rope_factor + smooth * inv_freq
+    return torch.where(wavelen < ctx / high, inv_freq,
+                       torch.where(wavelen > ctx / low, inv_freq / args.rope_factor, blended))
+
+
+def rope_cos_sin(inv_freq, pos, dtype):
+    """pos (B, T) -> cos, sin (B, 1, T, head_dim), angles in fp32 then cast, as HF LlamaRotaryEmbedding."""
+    freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
+    # rotate-half layout: frequency i drives dimensions i and i + hd/2 (HF's convention, not the interleaved
+    # pairs 2i, 2i+1 of the RoPE paper and Meta's code; see meta_to_hf_rope_rows for how Meta weights convert)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd): broadcast over heads
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x (B, n_heads, T, hd): rotate each pair (x_i, x_{i+hd/2}) by its position's angle."""
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one layer, written in place at the given slots (gpt-fast)."""
+
+    def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        """Write k, v (B, n_kv_heads, T, hd) into slots input_pos (T,); return the whole cache (B, nkv, S, hd)."""
+        self.k.index_copy_(2, input_pos, k)  # in place: no growth, the same shapes every step
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if input_pos is not None:
+            k, v = self.cache.update(input_pos, k, v)  # (B, nkv, S, hd), S = cache length
+        # enable_gqa lets query head h read kv head h // (nh / nkv) without materialising the repeat: the
+        # same grouping as HF's repeat_kv (repeat_interleave on the head axis). mask None means plain causal.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x)); Meta's w1, w3, w2."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class Decoder(nn.Module):
+    """The trunk, named `model` inside Llama so parameter names match HF's `model.layers.N...`."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+
+
+class Llama(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Decoder(args)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.init_rope()
+
+    def init_rope(self, device=None):
+        # Non-persistent: computed, never loaded. Called again after a meta-device build (see from_pretrained).
+        self.register_buffer("inv_freq", rope_inv_freq(self.args, device), persistent=False)
+
+    def trunk(self, tokens, pos, mask, input_pos=None):
+        """tokens (B, T), pos (B, T) RoPE positions -> final-normed hidden states (B, T, dim)."""
+        x = self.model.embed_tokens(tokens)
+        cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, input_pos)
+        return self.model.norm(x)
+
+    def forward(self, tokens, doc_ids=None):
+        """tokens (B, T) -> logits (B, T, vocab). No cache: the training and parity-test path.
+
+        doc_ids (B, T), for packed training rows: a token attends only to earlier tokens of its own document,
+        and RoPE positions restart at 0 where each document starts, as if each were run alone.
+        """
+        B, T = tokens.shape
+        if T > self.args.max_seq_len:
+            raise ValueError(f"{T} tokens exceed max_seq_len {self.args.max_seq_len}")
+        idx = torch.arange(T, device=tokens.device).expand(B, T)
+        if doc_ids is None:
+            pos, mask = idx, None
+        else:
+            starts = torch.ones_like(doc_ids, dtype=torch.bool)
+            starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+            pos = idx - torch.where(starts, idx, 0).cummax(dim=1).values  # distance to own document start
+            same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+            mask = (same_doc & torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()).unsqueeze(1)
+        return self.lm_head(self.trunk(tokens, pos, mask))
+
+    # --- KV cache: allocated for generation only, never while training
+
+    def setup_cache(self, batch_size: int, max_seq_len: int):
+        if max_seq_len > self.args.max_seq_len:
+            raise ValueError(f"{max_seq_len} tokens exceed max_seq_len {self.args.max_seq_len}")
+        w = self.lm_head.weight
+        for layer in self.model.layers:
+            layer.self_attn.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
+                                            w.dtype, w.device)
+
+    def clear_cache(self):
+        for layer in self.model.layers:
+            layer.self_attn.cache = None
+
+    def cache_shape(self) -> tuple[int, int] | None:
+        cache = self.model.layers[0].self_attn.cache
+        return None if cache is None else (cache.k.size(0), cache.k.size(2))
+
+    def forward_cached(self, tokens, input_pos, pad):
+        """Run tokens (B, T) into cache slots input_pos (T,); return the last position's logits (B, vocab).
+
+        pad (B,): left padding of each row. A row's RoPE position is its slot minus its padding. Attention
+        reads the whole preallocated cache, as gpt-fast: shapes never change, so a compiled decode step is
+        reused every step; the mask hides padding and slots not yet written.
+        """
+        S = self.model.layers[0].self_attn.cache.k.size(2)
+        pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
+        slots = torch.arange(S, device=tokens.device)
+        mask = (slots <= input_pos[:, None]) & (slots >= pad[:, None, None])  # (B, T, S)
+        # subtle: a padding slot's query sees no key of its row. Let it see itself: an all-False mask row makes
+        # SDPA return NaN, which the next layer would write into the cache, and 0 weight * NaN is still NaN.
+        mask |= slots == input_pos[:, None]
+        h = self.trunk(tokens, pos, mask.unsqueeze(1), input_pos)
+        return self.lm_head(h[:, -1])  # only the last position is needed to pick the next token
+
+    # -------------------------------------------------------------------------
+    # Loading
+
+    @classmethod
+    def from_pretrained(cls, ckpt_dir, device=None, dtype=None, max_seq_len: int | None = None) -> "Llama":
+        """Load an HF checkpoint (config.json + safetensors, sharded or not) or Meta's (params.json +
+        consolidated.NN.pth). dtype None keeps the checkpoint's (bf16 for Meta's releases); max_seq_len None
+        is 8192, or the model's context if shorter."""
+        ckpt_dir = Path(ckpt_dir)
+        device = torch.device(device or "cpu")
+        fmt, files = checkpoint_files(ckpt_dir)
+        if fmt == "hf":
+            args = ModelArgs.from_hf_config(json.loads((ckpt_dir / "config.json").read_text()))
+            gen = ckpt_dir / "generation_config.json"  # HF generate stops at its eos ids: so do we
+            if gen.is_file() and "eos_token_id" in (eos := json.loads(gen.read_text())):
+                args.stop_tokens = tuple(eos["eos_token_id"]) if isinstance(eos["eos_token_id"], list) \
+                    else (eos["eos_token_id"],)
+        else:
+            args = ModelArgs.from_meta_params(json.loads((ckpt_dir / "params.json").read_text()))
+            if "instruct" in ckpt_dir.name.lower():  # params.json does not say; Meta names the folders
+                args.stop_tokens = (END_OF_TEXT, EOM, EOT)
+        max_seq_len = max_seq_len or min(8192, args.context_len)
+        if not 0 < max_seq_len <= args.context_len:
+            raise ValueError(f"max_seq_len must be in 1..{args.context_len}, got {max_seq_len}")
+        args.max_seq_len = max_seq_len
+        # Build on the meta device (shapes only, no memory), then assign the loaded tensors into place: the
+        # memory-mapped checkpoint tensors become the weights when device and dtype already match.
+        with torch.device("meta"):
+            model = cls(args)
+        state = load_hf(files, device, dtype) if fmt == "hf" else load_meta(files, args, device, dtype)
+        expected = model.state_dict()
+        if args.tie_embeddings:  # the one key a tied checkpoint may lack (or hold a redundant copy of)
+            state["lm_head.weight"] = state.get("model.embed_tokens.weight")
+        missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+        if missing or unexpected:
+            raise ValueError(f"{ckpt_dir} does not match its config: missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(unexpected)[:3]}")
+        for name, p in expected.items():
+            if state[name] is None or state[name].shape != p.shape:
+                got = None if state[name] is None else tuple(state[name].shape)
+                raise ValueError(f"{ckpt_dir}: {name} has shape {got} but the config gives {tuple(p.shape)}")
+        model.load_state_dict(state, strict=True, assign=True)
+        if args.tie_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight  # assign=True made two Parameters: re-tie
+        model.init_rope(device)
+        return model.eval()
+
+    # -------------------------------------------------------------------------
+    # Generation
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float = 1.0, stop_tokens=None, seed: int | None = None,
+                 stream=None) -> list[list[int]]:
+        """Continue each prompt; return the new tokens of each (a stop token ends a row and is not returned).
+
+        temperature 0 is greedy. stop_tokens None stops at the model's own (args.stop_tokens), [] never early.
+        stream(row, token) is called for every returned token as soon as it is sampled. The KV cache is
+        allocated here and freed after, unless the caller set up one large enough (benchmarks, torch.compile).
+        """
+        check_sampling(temperature, top_k, top_p)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        stop = set(self.args.stop_tokens if stop_tokens is None else stop_tokens)
+        B, longest = len(prompts), max(len(p) for p in prompts)
+        total = longest + max_new_tokens
+        if total > self.args.max_seq_len:
+            raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"max_seq_len {self.args.max_seq_len}")
+        device = self.lm_head.weight.device
+        # Left-pad so every row's last prompt token sits in the same slot: one decode step serves all rows.
+        pad = torch.tensor([longest - len(p) for p in prompts], device=device)
+        tokens = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        shape = self.cache_shape()
+        own_cache = shape is None or shape[0] != B or shape[1] < total
+        if own_cache:
+            self.setup_cache(B, total)
+        out = [[] for _ in range(B)]
+        done = [False] * B
+        try:
+            logits = self.forward_cached(tokens, torch.arange(longest, device=device), pad)
+            for step in range(max_new_tokens):
+                next_tok = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+                for b, t in enumerate(next_tok.tolist()):
+                    if done[b]:
+                        continue
+                    if t in stop:
+                        done[b] = True
+                        continue
+                    out[b].append(t)
+                    if stream is not None:
+                        stream(b, t)
+                if all(done) or step == max_new_tokens - 1:
+                    break
+                logits = self.forward_cached(next_tok[:, None], torch.tensor([longest + step], device=device), pad)
+        finally:
+            if own_cache:
+                self.clear_cache()
+        return out
+
+
+# -----------------------------------------------------------------------------
+# Checkpoint files: HF safetensors or Meta consolidated.NN.pth
+
+
+def download_hint(ckpt_dir: Path) -> str:
+    """The download.py command that writes ckpt_dir (its folders are named after the HF repos)."""
+    name = ckpt_dir.name.removesuffix("-meta").lower().replace("llama-3", "llama3")
+    return f"python download.py {name}" + (" --meta" if ckpt_dir.name.endswith("-meta") else "")
+
+
+def checkpoint_files(ckpt_dir: Path) -> tuple[str, list[Path]]:
+    """("hf" or "meta", weight files), or one clear error naming the download that fixes the folder."""
+    fix = f"run `{download_hint(ckpt_dir)}`"
+    if (ckpt_dir / "config.json").is_file():
+        index = ckpt_dir / "model.safetensors.index.json"
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+            else ["model.safetensors"]
+        fmt, files = "hf", [ckpt_dir / n for n in names]
+    elif (ckpt_dir / "params.json").is_file():
+        found = {int(p.name.split(".")[1]) for p in ckpt_dir.glob("consolidated.*.pth")}
+        fmt, files = "meta", [ckpt_dir / f"consolidated.{i:02d}.pth" for i in range(max(found, default=0) + 1)]
+    else:
+        raise FileNotFoundError(f"no checkpoint at {ckpt_dir} (no config.json or params.json): {fix}")
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{ckpt_dir} is incomplete: {missing[0]} is missing; {fix} again")
+    return fmt, files
+
+
+def load_hf(files: list[Path], device, dtype) -> dict:
+    """HF safetensors shards -> state dict with the HF names this model uses."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in files:
+        try:
+            shard = load_file(f)  # memory-mapped: bytes are read when a tensor is first used
+        except SafetensorError as e:
+            raise ValueError(f"{f} is truncated or corrupt ({e}); download it again") from e
+        state.update({k: v.to(device=device, dtype=dtype or v.dtype) for k, v in shard.items()})
+    return state
+
+
+# Meta name -> (HF name, dim along which model-parallel shards split it; None: replicated in every shard).
+# Column-parallel layers (wq wk wv w1 w3 output, and Llama 3's vocab-parallel embedding) split their output
+# rows, row-parallel ones (wo w2) their input columns (fairscale layers of Meta's reference_impl).
+META_NAMES = {
+    "tok_embeddings.weight": ("model.embed_tokens.weight", 0),
+    "norm.weight": ("model.norm.weight", None),
+    "output.weight": ("lm_head.weight", 0),
+    "attention.wq.weight": ("self_attn.q_proj.weight", 0),
+    "attention.wk.weight": ("self_attn.k_proj.weight", 0),
+    "attention.wv.weight": ("self_attn.v_proj.weight", 0),
+    "attention.wo.weight": ("self_attn.o_proj.weight", 1),
+    "feed_forward.w1.weight": ("mlp.gate_proj.weight", 0),
+    "feed_forward.w3.weight": ("mlp.up_proj.weight", 0),
+    "feed_forward.w2.weight": ("mlp.down_proj.weight", 1),
+    "attention_norm.weight": ("input_layernorm.weight", None),
+    "ffn_norm.weight": ("post_attention_layernorm.weight", None),
+}
+
+
+def meta_to_hf_rope_rows(w, head_dim: int):
+    """Reorder the rows of a Meta wq or wk (whole heads) from interleaved RoPE pairs to HF's rotate-half.
+
+    Meta rotates dimensions (2i, 2i+1) of each head together (a complex number per pair); HF and this file
+    rotate (i, i + hd/2). Moving row 2i+j of every head to row j*hd/2 + i makes the projection emit its
+    dimensions in HF's order. q and k are reordered alike, so q.k and the attention are unchanged, and v/o
+    are untouched. This is the permutation of HF's convert_llama_weights_to_hf.py; tests invert it.
+    """
+    rows, cols = w.shape
+    return w.view(rows // head_dim, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def load_meta(files: list[Path], args: ModelArgs, device, dtype) -> dict:
+    """Meta consolidated.NN.pth model-parallel shards -> one state dict with HF names and rotate-half q/k."""
+    state, n = {}, len(files)
+    for i, f in enumerate(files):
+        try:
+            shard = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            raise ValueError(f"{f} is truncated or corrupt ({e}); download it again") from e
+        rows = shard["tok_embeddings.weight"].size(0)  # each shard holds vocab_size / n embedding rows
+        if i == 0 and rows * n < args.vocab_size and args.vocab_size % rows == 0:
+            raise FileNotFoundError(f"{f.parent} has {n} of {args.vocab_size // rows} shards: "
+                                    f"consolidated.{n:02d}.pth is missing; run `{download_hint(f.parent)}` again")
+        for key, w in shard.items():
+            layer = re.match(r"layers\.(\d+)\.(.+)", key)
+            if (layer.group(2) if layer else key) not in META_NAMES:
+                raise ValueError(f"{f}: unexpected tensor {key}")
+            name, split = META_NAMES[layer.group(2) if layer else key]
+            name = f"model.layers.{layer.group(1)}.{name}" if layer else name
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                w = meta_to_hf_rope_rows(w, args.head_dim)  # each shard holds whole heads
+            if split is None or n == 1:
+                if i == 0:  # replicated tensors are equal in every shard; copy so no shard mapping stays alive
+                    state[name] = w.to(device=device, dtype=dtype or w.dtype, copy=n > 1)
+                continue
+            if name not in state:  # merged tensor: allocated once, filled shard by shard
+                shape = list(w.shape)
+                shape[split] *= n
+                state[name] = torch.empty(shape, dtype=dtype or w.dtype, device=device)
+            state[name].narrow(split, i * w.size(split), w.size(split)).copy_(w)
+        # Drop this shard (unmapping its file) before reading the next: with n shards the CPU holds the merged
+        # weights plus one shard, (1 + 1/n) x the weights at most; a single shard is used in place.
+        del shard, w
+    return state
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+def check_sampling(temperature, top_k, top_p):
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+
+
+def logits_to_probs(logits, temperature: float, top_k: int | None = None, top_p: float = 1.0):
+    """logits (B, vocab) -> sampling distribution (B, vocab): temperature, then top-k, then top-p, as HF's
+    logits warpers apply them."""
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1) k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        # keep the smallest set of tokens whose probability mass reaches top_p (the top token always stays)
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(dim=-1) - sorted_p >= top_p
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p / sorted_p.sum(-1, keepdim=True))
+    return probs
+
+
+def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
+    """logits (B, vocab) -> next token ids (B,): greedy at temperature 0, else one draw from the filtered
+    distribution with `generator` (a seeded torch.Generator makes runs repeat)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(logits_to_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
+
+
+# -----------------------------------------------------------------------------
+# Chat formatting
+
+
+def encode_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                date_string: str = "26 Jul 2024") -> list[int]:
+    """Llama 3 instruct ids exactly as Llama 3.1's chat template renders them and HF tokenizes them.
+
+    The template always opens with a system turn, "Cutting Knowledge Date: December 2023\\nToday Date:
+    {date_string}\\n\\n" followed by the conversation's system message (if any), then writes
+    `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>` per message, contents stripped of
+    surrounding whitespace (Jinja's |trim). The special tokens go in as ids and each stretch of text between
+    two of them is encoded as one plain-text piece, which is how HF splits the rendered string: the same ids,
+    except that a user who types "<|eot_id|>" cannot end a turn. Tool calls are not rendered.
+    """
+    sp = tokenizer.special_tokens
+    start, end, eot = sp["<|start_header_id|>"], sp["<|end_header_id|>"], sp["<|eot_id|>"]
+    system = ""
+    if messages and messages[0]["role"] == "system":
+        system, messages = messages[0]["content"].strip(), messages[1:]
+    ids = [sp["<|begin_of_text|>"], start] + tokenizer.encode("system") + [end]
+    ids += tokenizer.encode(f"\n\nCutting Knowledge Date: December 2023\nToday Date: {date_string}\n\n{system}")
+    ids.append(eot)
+    for m in messages:
+        ids += [start] + tokenizer.encode(m["role"]) + [end] + tokenizer.encode("\n\n" + m["content"].strip())
+        ids.append(eot)
+    if add_generation_prompt:
+        ids += [start] + tokenizer.encode("assistant") + [end] + tokenizer.encode("\n\n")
+    return ids
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str, chat: bool) -> list[int]:
+    """A one-turn chat for instruct models; <|begin_of_text|> + the text, unchanged, for base models (no
+    trailing space added: "is" and "is " are different tokens, and a space leaves the model mid-word)."""
+    if chat:
+        return encode_chat(tokenizer, [{"role": "user", "content": prompt}])
+    return [BOS] + tokenizer.encode(prompt)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def stream_printer(tokenizer: Tokenizer):
+    """A stream callback printing text as soon as it is complete UTF-8 (a character may span tokens)."""
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def emit(_row, token):
+        print(utf8.decode(tokenizer.decode_bytes([token])), end="", flush=True)
+
+    return emit
+
+
+def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/Llama-3.1-8B-Instruct", max_new_tokens: int = 256,
+         temperature: float = 0.6, top_p: float = 0.9, top_k: int | None = None, device: str | None = None,
+         dtype: str | None = None, seed: int | None = None, chat: bool | None = None, interactive: bool = False,
+         max_seq_len: int = 8192):
+    """Generate from Llama 3.1 / 3.2. Instruct checkpoints wrap the prompt in the chat template (--chat False
+    to send it raw); base checkpoints get <|begin_of_text|> + the prompt, verbatim.
+
+    --device defaults to cuda when available, else cpu; --dtype to the checkpoint's (bfloat16 for Meta's
+    releases: 16 GB for 8B, where float32 would need 32 GB). temperature 0.6 / top_p 0.9 are Meta's defaults.
+    """
+    try:
+        check_sampling(temperature, top_k, top_p)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if prompt is None and not interactive:
+            raise ValueError('give --prompt "..." or --interactive')
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda was requested but no CUDA device is available; use --device cpu")
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if dtype is not None and dtype not in dtypes:
+            raise ValueError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype}")
+        t0 = time.time()
+        model = Llama.from_pretrained(ckpt_dir, device=device, dtype=dtypes.get(dtype), max_seq_len=max_seq_len)
+        tokenizer = Tokenizer.from_file(ckpt_dir)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        raise SystemExit(f"error: {e}")
+    if chat is None:  # instruct checkpoints end their turns with <|eot_id|>; base ones never do
+        chat = EOT in model.args.stop_tokens
+    print(f"loaded {ckpt_dir} ({model.lm_head.weight.dtype}, {device}) in {time.time() - t0:.1f}s", file=sys.stderr)
+    stop = [END_OF_TEXT, EOM, EOT] if chat else list(model.args.stop_tokens)
+
+    def respond(ids):
+        t0 = time.time()
+        try:
+            new = model.generate([ids], max_new_tokens, temperature, top_k, top_p, stop_tokens=stop, seed=seed,
+                                 stream=stream_printer(tokenizer))[0]
+        except ValueError as e:
+            raise SystemExit(f"\nerror: {e}")
+        dt = time.time() - t0
+        print(f"\n[{len(ids)} prompt + {len(new)} new tokens, {len(new) / dt:.1f} tok/s]", file=sys.stderr)
+        return new
+
+    if not interactive:
+        respond(encode_prompt(tokenizer, prompt, chat))
+        return
+    if not chat:
+        raise SystemExit("error: --interactive needs an instruct (chat) checkpoint")
+    messages = []
+    while True:
+        try:
+            user = input("\n> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        messages.append({"role": "user", "content": user})
+        answer = respond(encode_chat(tokenizer, messages))
+        messages.append({"role": "assistant", "content": tokenizer.decode(answer)})
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
