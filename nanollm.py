@@ -164,7 +164,7 @@ class ModelArgs:
             rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default", **(self.rope_scaling or {})},
             max_position_embeddings=self.max_seq_len, rms_norm_eps=self.norm_eps,
             tie_word_embeddings=self.tie_embeddings, eos_token_id=eos, hidden_act="silu", attention_bias=False,
-            num_nextn_predict_layers=0, torch_dtype="float32")
+            num_nextn_predict_layers=0)
         if list(self.moe_layers) != list(range(first_dense, self.n_layers)):
             cfg["moe_layers"] = list(self.moe_layers)
         return cfg
