@@ -1,0 +1,323 @@
+"""Parity of tokenizer_bpe.py with HF `tokenizers` and tiktoken on the real SmolLM2 and Llama 3 vocabularies.
+
+Run: python -m pytest tests/parity_tokenizer.py -q
+Needs: python download.py smollm2-135m-instruct llama3.2-tokenizer
+"""
+import glob
+import json
+import os
+import random
+import sys
+import sysconfig
+
+import pytest
+import tiktoken
+from hypothesis import given, settings, strategies as st
+from tiktoken.load import load_tiktoken_bpe
+from tokenizers import Tokenizer as HFTokenizer
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import tokenizer_bpe  # noqa: E402
+from tokenizer_bpe import LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, Tokenizer  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+SMOL = os.path.join(ROOT, "checkpoints", "SmolLM2-135M-Instruct")
+LLAMA = os.path.join(ROOT, "checkpoints", "Llama-3.2-tokenizer")
+# the 21 byte values SmolLM2's vocabulary has no token for (HF drops them when encoding)
+SMOL_MISSING = {0x04, 0x06, 0x13, 0x14, 0x16, 0x1D, 0xC0, 0xC1, 0xF1, 0xF2, *range(0xF5, 0x100)}
+
+
+def need(path):
+    if not os.path.exists(path):
+        pytest.fail(f"{path} missing: run `python download.py smollm2-135m-instruct llama3.2-tokenizer`")
+    return path
+
+
+@pytest.fixture(scope="module")
+def smol():
+    path = need(os.path.join(SMOL, "tokenizer.json"))
+    return Tokenizer.from_file(SMOL), HFTokenizer.from_file(path)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """Ours from tokenizer.model and from tokenizer.json; tiktoken as Meta's tokenizer.py builds it; HF from
+    tokenizer.json, and from a copy with ignore_merges on. The copy of tokenizer.json that download.py
+    writes leaves ignore_merges off, so HF splits a few vocabulary words that tiktoken keeps whole
+    (' Tiếng' -> ' Ti', 'ế', 'ng'): each file must give its own reference's ids."""
+    need(os.path.join(LLAMA, "tokenizer.model"))
+    ranks = load_tiktoken_bpe(os.path.join(LLAMA, "tokenizer.model"))
+    special = {s: len(ranks) + i for i, s in enumerate(LLAMA3_SPECIAL_TOKENS)}
+    tik = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+    path = need(os.path.join(LLAMA, "tokenizer.json"))
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    data["model"]["ignore_merges"] = True
+    path_im = str(tmp_path_factory.mktemp("llama") / "tokenizer.json")
+    with open(path_im, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False)
+    return (Tokenizer.from_file(os.path.join(LLAMA, "tokenizer.model")), Tokenizer.from_file(path),
+            HFTokenizer.from_file(path), HFTokenizer.from_file(path_im), tik)
+
+
+def hf_ids(hf, text, special=False):
+    """HF ids without BOS; special-token strings are plain text unless `special` (HF matches them by default)."""
+    hf.encode_special_tokens = not special
+    return hf.encode(text, add_special_tokens=False).ids
+
+
+# -----------------------------------------------------------------------------
+# corpus
+
+
+def stdlib_sample(n_chunks=40, size=3000, seed=0):
+    """Chunks of Python stdlib sources: code, docstrings, indentation, numbers."""
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    rng = random.Random(seed)
+    chunks = []
+    for path in rng.sample(files, n_chunks):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        start = rng.randrange(max(1, len(text) - size))
+        chunks.append(text[start:start + size])
+    return chunks
+
+
+LANGUAGES = [
+    "The quick brown fox jumps over the lazy dog. I'm sure they'll say it's fine, DON'T you think? WE'VE",
+    "Größe, Straße, Fußgänger; Ça va? Où est l'hôpital? ¿Qué tal, señor? Ærøskøbing, Þórr, İstanbul ıi",
+    "Привет, как дела? Україна. Ελληνικά: καλημέρα κόσμε. Բարեւ Ձեզ. გამარჯობა. Сәлем",
+    "مرحبا بالعالم، كيف حالك؟ ١٢٣٤٥ שלום עולם! עברית. فارسی: سلام ۱۲۳",
+    "नमस्ते दुनिया, क्षत्रिय ०१२३४५६७८९ বাংলা ভাষা ১২৩ ਪੰਜਾਬੀ தமிழ் తెలుగు ಕನ್ನಡ മലയാളം සිංහල",
+    "สวัสดีชาวโลก ພາສາລາວ ភាសាខ្មែរ မြန်မာ Tiếng Việt có dấu: Nguyễn, được, ưởng",
+    "你好，世界！这是一个测试。日本語のテキストとカタカナ ーｱｲｳ 한국어 텍스트입니다. 漢字 ０１２３",
+    "ᠮᠣᠩᠭᠣᠯ ትግርኛ አማርኛ ᏣᎳᎩ ᚠᚢᚦᚨᚱᚲ 𐌰𐌱𐌲 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𝟙𝟚𝟛 Ⅻ ½ ² ³ ⁴ ₅ ① ⑩ 〇",
+]
+EMOJI = [
+    "👨‍👩‍👧‍👦 family, 🧑🏽‍💻 coder, 🏳️‍🌈 flag, 🇺🇸🇯🇵 flags, 1️⃣ keycap, ❤️‍🔥, 👍🏻👍🏿",
+    "😀😃😄😁 🙈🙉🙊 ✨🔥💯 ☃︎ ☃️ e\u0301 combining, Z\u0351\u0358a\u0361lgo, \u200bzero\u200cwidth\u200d",
+]
+DIGITS = ["0123456789 3.14159 1,000,000 12345678901234567890 -42 +7e-10 0x1F 1_000 2024-11-24 12:30:45",
+          "v1.2.3 a1b2c3 x=10;y=200 [1, 22, 333, 4444] $100 50% #1 no.5 11th 3rd 1/2 ٣ ৩ ３ 𝟕"]
+WHITESPACE = ["a" + " " * n + "b" for n in range(1, 12)] + [
+    "\t\tindented\n\t  mixed\n   \n\n\n  end  ", "trailing   ", "   leading", " \n \n  \n", "\u00a0nbsp\u00a0 \u3000ideo\u3000",
+    "line\u2028sep\u2029para\u0085nel", "\x0bvt\x0cff\r\rcr", " " * 300 + "x", "\n" * 50 + "y" + "\t" * 40,
+]
+CRLF = ["line one\r\nline two\r\n\r\nline four\r\n", "a\r\n  b\r\n\tc \r\n", "\r\n\r\n  \r\n", "x\r\ry\n\rz"]
+SPECIAL_TEXT = ["<|im_start|>user\nhi<|im_end|>\n<|endoftext|>",
+                "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>",
+                "<|reserved_special_token_10|><|reserved_special_token_1|> <|python_tag|>x<|image|>"]
+rng = random.Random(1)
+LONG = ["a" * 5000, "".join(rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJ") for _ in range(20000)),
+        "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/") for _ in range(8000)),
+        "https://example.com/" + "very-long-path/" * 200 + "?q=" + "x" * 500, "😀" * 300, "1" * 1000, "." * 2000,
+        "Donaudampfschifffahrtsgesellschaftskapitänswitwenrentenversicherungsanstalt" * 20]
+CONTROL = ["".join(map(chr, range(32))) + "\x7f", "a\x04b\x06c\x13\x14\x16\x1dd", "\ufeffBOM \ufffd \U0010ffff \ue000"]
+CORPUS = {"stdlib": stdlib_sample(), "languages": LANGUAGES, "emoji": EMOJI, "digits": DIGITS,
+          "whitespace": WHITESPACE, "crlf": CRLF, "special_as_text": SPECIAL_TEXT, "long": LONG, "control": CONTROL}
+
+# -----------------------------------------------------------------------------
+# ids identical to the references
+
+
+@pytest.mark.parametrize("kind", CORPUS)
+def test_llama3_matches_tiktoken_and_hf(llama, kind):
+    ours_model, ours_json, hf, hf_ignore_merges, tik = llama
+    for text in CORPUS[kind]:
+        expected = tik.encode_ordinary(text)
+        assert ours_model.encode(text) == expected, text[:80]
+        assert hf_ids(hf_ignore_merges, text) == expected, text[:80]  # the references agree on the corpus
+        assert ours_json.encode(text) == hf_ids(hf, text), text[:80]
+
+
+@pytest.mark.parametrize("kind", CORPUS)
+def test_smollm2_matches_hf(smol, kind):
+    ours, hf = smol
+    for text in CORPUS[kind]:
+        assert ours.encode(text) == hf_ids(hf, text), text[:80]
+
+
+def test_digits_split_one_by_one(smol):
+    """SmolLM2 isolates every digit before the GPT-2 pattern, so the space before a number stands alone."""
+    ours, hf = smol
+    ids = ours.encode("test 123")
+    assert [ours.decode([i]) for i in ids] == ["test", " ", "1", "2", "3"]
+    assert ids == hf_ids(hf, "test 123")
+
+
+def test_missing_bytes_are_dropped_as_hf(smol):
+    ours, hf = smol
+    single = {b for b in range(256) if bytes([b]) not in ours.vocab}
+    assert single == SMOL_MISSING
+    text = "ab\x04cd \x06\x13\x14\x16\x1d x\U00050000y"  # U+50000 is F1 90 80 80 in UTF-8: F1 is missing
+    assert ours.encode(text) == hf_ids(hf, text)
+    assert ours.decode(ours.encode("ab\x04cd")) == "abcd"
+
+
+def test_special_tokens(llama, smol):
+    ours_model, ours_json, hf, _, tik = llama
+    with open(os.path.join(LLAMA, "tokenizer.json"), encoding="utf-8") as f:
+        added = {t["content"]: t["id"] for t in json.load(f)["added_tokens"]}
+    assert ours_json.special_tokens == added  # 257: the HF file adds <|image|> at 128256
+    assert ours_model.special_tokens == {s: i for s, i in added.items() if i < 128256}  # Meta's 256
+    assert ours_model.vocab_size == 128256 and ours_json.vocab_size == 128257
+    assert smol[0].vocab_size == 49152 and sorted(smol[0].special_tokens.values()) == list(range(17))
+    for text in SPECIAL_TEXT:
+        text = text.replace("<|image|>", "")  # not one of Meta's 256
+        expected = tik.encode(text, allowed_special="all")
+        assert ours_model.encode(text, allowed_special="all") == expected
+        assert ours_json.encode(text, allowed_special="all") == expected == hf_ids(hf, text, special=True)
+        assert ours_model.encode(text, allowed_special={"<|eot_id|>"}) == tik.encode(
+            text, allowed_special={"<|eot_id|>"}, disallowed_special=())
+        assert 128009 not in ours_model.encode(text)  # plain text by default: no forged <|eot_id|>
+    s_ours, s_hf = smol
+    text = SPECIAL_TEXT[0]
+    assert s_ours.encode(text, allowed_special="all") == hf_ids(s_hf, text, special=True)
+    assert s_ours.encode(text, allowed_special="all")[0] == s_ours.special_tokens["<|im_start|>"] == 1
+    with pytest.raises(ValueError):
+        s_ours.encode(text, allowed_special={"<|eot_id|>"})
+
+
+def test_decode_matches_hf_and_never_raises(llama, smol):
+    ours, _, hf, _, tik = llama
+    ids = ours.encode(LANGUAGES[6] + EMOJI[0] + CONTROL[2])
+    assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=False) == tik.decode(ids)
+    rng = random.Random(0)
+    for _ in range(200):  # random ids end inside UTF-8 sequences: replaced as HF does, never raise
+        ids = [rng.randrange(ours.vocab_size) for _ in range(rng.randrange(1, 6))]
+        assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=False)
+        assert ours.decode_bytes(ids) == tik.decode_bytes(ids)
+    s_ours, s_hf = smol
+    ids = [rng.randrange(s_ours.vocab_size) for _ in range(300)]
+    assert s_ours.decode(ids) == s_hf.decode(ids, skip_special_tokens=False)
+
+
+def test_cache_eviction_keeps_ids(llama, monkeypatch):
+    ours, _, _, _, tik = llama
+    monkeypatch.setattr(tokenizer_bpe, "CACHE_SIZE", 8)
+    ours.cache.clear()
+    text = CORPUS["stdlib"][0]
+    assert ours.encode(text) == tik.encode_ordinary(text)
+    assert len(ours.cache) <= 8
+
+# -----------------------------------------------------------------------------
+# property tests
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60))
+def test_roundtrip_and_parity_random_text(llama, smol, text):
+    ours_model, ours_json, hf, hf_ignore_merges, tik = llama
+    ids = ours_model.encode(text)
+    assert ours_model.decode(ids) == text
+    assert ids == tik.encode_ordinary(text) == hf_ids(hf_ignore_merges, text)
+    assert ours_json.encode(text) == hf_ids(hf, text)
+    s_ours, s_hf = smol
+    kept = "".join(c for c in text if not SMOL_MISSING & set(c.encode()))
+    s_ids = s_ours.encode(kept)
+    assert s_ours.decode(s_ids) == kept
+    assert s_ids == hf_ids(s_hf, kept)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(alphabet=st.sampled_from(" \t\n\r\u00a0'sSdDlLtT1234567890aé😀\u200d.,!_-"), max_size=80))
+def test_parity_on_tricky_alphabet(llama, smol, text):
+    """Whitespace runs, contractions, digits, joiners: where pre-tokenizers differ most."""
+    ours_model, ours_json, hf, hf_ignore_merges, tik = llama
+    assert ours_model.encode(text) == tik.encode_ordinary(text) == hf_ids(hf_ignore_merges, text)
+    assert ours_json.encode(text) == hf_ids(hf, text)
+    s_ours, s_hf = smol
+    assert s_ours.encode(text) == hf_ids(s_hf, text)
+
+# -----------------------------------------------------------------------------
+# file formats and pre-tokenizer options
+
+
+def test_vocab_json_and_merges_txt(smol, tmp_path):
+    """GPT-2's original files: the folder loads with the GPT-2 pattern (no digit split), as HF builds it."""
+    from tokenizers import decoders, models, pre_tokenizers
+    with open(os.path.join(SMOL, "tokenizer.json"), encoding="utf-8") as f:
+        model = json.load(f)["model"]
+    with open(tmp_path / "vocab.json", "w", encoding="utf-8") as f:
+        json.dump(model["vocab"], f, ensure_ascii=False)
+    with open(tmp_path / "merges.txt", "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(m if isinstance(m, str) else " ".join(m) for m in model["merges"]))
+    hf = HFTokenizer(models.BPE.from_file(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    ours = Tokenizer.from_file(str(tmp_path))
+    for text in DIGITS + LANGUAGES[:2] + CORPUS["stdlib"][:3]:
+        assert ours.encode(text) == hf_ids(hf, text)
+
+
+def edited(tmp_path, src, **changes):
+    """A copy of the tokenizer.json at `src` with top-level / model fields replaced."""
+    with open(src, encoding="utf-8") as f:
+        data = json.load(f)
+    for key, value in changes.items():
+        if key.startswith("model_"):
+            data["model"][key[len("model_"):]] = value
+        else:
+            data[key] = value
+    path = str(tmp_path / "tokenizer.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False)
+    return path
+
+
+@pytest.mark.parametrize("pre_tokenizer", [
+    {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": False},
+                                           {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                                            "use_regex": True}]},
+    {"type": "Sequence", "pretokenizers": [  # a Split that leaves gaps: HF keeps them as pieces
+        {"type": "Split", "pattern": {"Regex": "[a-z]+"}, "behavior": "Isolated", "invert": False},
+        {"type": "Split", "pattern": {"String": "_"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+])
+def test_pre_tokenizer_from_file(tmp_path, pre_tokenizer):
+    path = edited(tmp_path, need(os.path.join(SMOL, "tokenizer.json")), pre_tokenizer=pre_tokenizer)
+    ours, hf = Tokenizer.from_file(path), HFTokenizer.from_file(path)
+    for text in DIGITS + WHITESPACE + LANGUAGES[:3] + ["snake_case_name = 42__x", CORPUS["stdlib"][1]]:
+        assert ours.encode(text) == hf_ids(hf, text), text[:80]
+
+
+def test_ignore_merges(tmp_path):
+    """With ignore_merges a piece that is a vocabulary entry is one token even if no merge reaches it."""
+    vocab = {tokenizer_bpe.token_str(bytes([b])): b for b in range(256)}
+    vocab |= {"ab": 256, "abc": 257, "bc": 258}
+    base = {"version": "1.0", "added_tokens": [], "normalizer": None,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "vocab": vocab, "merges": ["a b", "b c"]}}
+    results = []
+    for ignore in (False, True):
+        base["model"]["ignore_merges"] = ignore
+        path = str(tmp_path / f"t{ignore}.json")
+        with open(path, "w") as f:
+            json.dump(base, f)
+        ours, hf = Tokenizer.from_file(path), HFTokenizer.from_file(path)
+        assert ours.encode("abc abcd") == hf_ids(hf, "abc abcd")
+        results.append(ours.encode("abc"))
+    assert results == [[256, ord("c")], [257]]
+
+
+@pytest.mark.parametrize("change", [
+    {"normalizer": {"type": "NFC"}},
+    {"pre_tokenizer": {"type": "Whitespace"}},
+    {"pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": True, "use_regex": True}},
+    {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": "a"},
+                       "behavior": "Removed", "invert": False}, {"type": "ByteLevel", "add_prefix_space": False}]}},
+    {"model_byte_fallback": True},
+    {"model_continuing_subword_prefix": "##"},
+])
+def test_unsupported_settings_raise(tmp_path, change):
+    path = edited(tmp_path, need(os.path.join(SMOL, "tokenizer.json")), **change)
+    with pytest.raises(NotImplementedError):
+        Tokenizer.from_file(path)
+
+
+def test_sentencepiece_model_is_refused(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"\x0a\x0b\x0a\x05<unk>\x15\x00\x00\x00\x00\x18\x02")
+    with pytest.raises(NotImplementedError):
+        Tokenizer.from_file(str(tmp_path))

@@ -1,0 +1,414 @@
+"""
+Byte-level BPE tokenizer in one file: load, encode, decode, train, save.
+
+What: the tokenizer of GPT-2, SmolLM2 and Llama 3. Text is cut into pieces by regexes (pre-tokenization),
+each piece's UTF-8 bytes are merged pairwise by learned rank until no merge applies, and the resulting
+byte strings are looked up in the vocabulary. Loads a Hugging Face `tokenizer.json` (or `vocab.json` +
+`merges.txt`) and Meta's tiktoken `tokenizer.model`; trains a new vocabulary and saves it as a
+`tokenizer.json` that HF `tokenizers` loads and encodes identically.
+
+References:
+- minbpe (Karpathy): the algorithm in plain Python; `get_stats` / `merge` below are its helpers, and its
+  `allowed_special` convention makes special tokens opt-in.
+- tiktoken (OpenAI): the ground truth for Llama 3's `tokenizer.model`; pieces merge lowest rank first,
+  leftmost among equals, the rank of a pair being the rank of the merged bytes, and a piece that is itself
+  in the vocabulary is emitted whole.
+- HF `tokenizers`: the ground truth for `tokenizer.json`; pairs merge by their order in `merges`, the
+  pre-tokenizer pipeline (Split / Digits / ByteLevel) is read from the file, `ignore_merges` is honoured.
+
+Departures, on purpose:
+- Special-token strings in text are plain text unless allowed (`allowed_special`, as tiktoken; "all" allows
+  every one). tiktoken raises on a disallowed one and HF always matches them; we never raise, so user
+  text can never forge a control token.
+- `encode` adds no BOS/EOS (the HF post-processor is ignored): the model files add what they need.
+- Meta's Llama 3 `tokenizer.py` cuts input at 400,000 characters and breaks runs of more than 25,000
+  whitespace / non-whitespace characters, to bound tiktoken's old quadratic merge loop. We do not: ids
+  equal tiktoken's and HF's on every text (they differ from Meta's wrapper only on such runs), and our
+  merge loop is O(n log n) in the piece length, so long pieces cost nothing special.
+- Only byte-level BPE is supported; any other normalizer, pre-tokenizer or model option raises
+  NotImplementedError naming it, rather than tokenizing subtly wrong.
+
+Usage:
+    python tokenizer_bpe.py --path checkpoints/Llama-3.2-tokenizer --text "Hello world"
+    tok = Tokenizer.from_file("checkpoints/SmolLM2-135M-Instruct"); tok.encode("Hi"); tok.decode(ids)
+    tok = train(texts, vocab_size=4096, special_tokens=["<|endoftext|>"]); tok.save("out/tokenizer.json")
+"""
+import base64
+import heapq
+import json
+import os
+from collections import Counter, defaultdict
+
+import regex
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# pre-tokenization patterns
+
+# GPT-2's pattern, which HF's ByteLevel(use_regex=True) applies (SmolLM2 after splitting off every digit)
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# tiktoken's cl100k_base pattern, used by Llama 3: case-insensitive contractions, numbers of at most 3 digits
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Meta's llama3 tokenizer.py: 256 special tokens from id 128000, in this order (the HF tokenizer.json agrees)
+LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>",
+    "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+] + [f"<|reserved_special_token_{i}|>" for i in range(2, 247)]
+BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+CACHE_SIZE = 1 << 18  # pieces remembered by encode; cleared when full so memory stays bounded
+
+# -----------------------------------------------------------------------------
+# helpers
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from each byte to a printable character: how byte-level vocabularies store bytes in JSON.
+    Printable Latin-1 bytes map to themselves, the other 68 to U+0100 onwards (so a space becomes 'Ġ')."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
+
+
+BYTE_TO_CHAR = bytes_to_unicode()
+CHAR_TO_BYTE = {ord(c): b for b, c in BYTE_TO_CHAR.items()}  # a str.translate table
+
+
+def token_bytes(token: str) -> bytes:
+    """A vocabulary string ('Ġhello') back to the bytes it stands for (b' hello')."""
+    return token.translate(CHAR_TO_BYTE).encode("latin-1")  # code points 0-255 are the bytes themselves
+
+
+def token_str(data: bytes) -> str:
+    return "".join(BYTE_TO_CHAR[b] for b in data)
+
+
+def get_stats(ids: list[int], counts: dict | None = None, weight: int = 1) -> dict:
+    """Count adjacent pairs, as minbpe: [1, 2, 3, 1, 2] -> {(1, 2): 2, (2, 3): 1, (3, 1): 1}.
+    `weight` lets one unique word stand for all its occurrences during training."""
+    counts = {} if counts is None else counts
+    for pair in zip(ids, ids[1:]):
+        counts[pair] = counts.get(pair, 0) + weight
+    return counts
+
+
+def merge(ids: list[int], pair: tuple[int, int], idx: int) -> list[int]:
+    """Replace every occurrence of `pair`, left to right, by `idx`, as minbpe: ([1, 2, 3, 1, 2], (1, 2), 4)
+    -> [4, 3, 4]."""
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
+            out.append(idx)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def bpe(parts: list[bytes], rank) -> list[bytes]:
+    """Merge adjacent parts, the pair of lowest `rank(a, b)` first and the leftmost among equals, until no
+    pair has a rank (None). This is tiktoken's and HF's order. minbpe rescans all pairs after each merge
+    (O(n^2)); like HF's `Word.merge_all` we keep a heap of candidate merges over a linked list, O(n log n),
+    so a 100,000-letter piece takes a moment instead of minutes."""
+    nxt = [*range(1, len(parts)), -1]  # linked list over start positions; merged parts become None
+    prv = [*range(-1, len(parts) - 1)]
+    heap = [(r, i) for i in range(len(parts) - 1) if (r := rank(parts[i], parts[i + 1])) is not None]
+    heapq.heapify(heap)
+    while heap:
+        r, i = heapq.heappop(heap)
+        j = nxt[i]
+        # an entry is stale once either side of its pair has changed: drop it
+        if parts[i] is None or j == -1 or rank(parts[i], parts[j]) != r:
+            continue
+        parts[i], parts[j] = parts[i] + parts[j], None
+        nxt[i] = nxt[j]
+        if nxt[i] != -1:
+            prv[nxt[i]] = i
+        # only the two pairs touching the new part can become mergeable
+        for a, b in ((prv[i], i), (i, nxt[i])):
+            if a != -1 and b != -1 and (r := rank(parts[a], parts[b])) is not None:
+                heapq.heappush(heap, (r, a))
+    return [p for p in parts if p is not None]
+
+
+def compile_pre_tokenizer(cfg: dict | None) -> list[regex.Pattern]:
+    """An HF pre_tokenizer config -> the regexes that cut text into pieces, applied one after the other.
+    Split(Isolated) keeps matches and the gaps between them as pieces; Digits is a Split on \\p{N}
+    (HF uses char::is_numeric, the same categories); ByteLevel(use_regex) is a Split on GPT-2's pattern and
+    must come last, because it maps bytes to characters that later steps would see."""
+    steps = cfg["pretokenizers"] if cfg and cfg["type"] == "Sequence" else [cfg]
+    if not steps[-1] or steps[-1]["type"] != "ByteLevel" or any(s["type"] == "ByteLevel" for s in steps[:-1]):
+        raise NotImplementedError(f"only byte-level BPE (ByteLevel last in the pre_tokenizer) is supported: {cfg}")
+    patterns = []
+    for s in steps:
+        if s["type"] == "Split" and s["behavior"] == "Isolated" and not s["invert"]:
+            p = s["pattern"]
+            patterns.append(p["Regex"] if "Regex" in p else regex.escape(p["String"]))
+        elif s["type"] == "Digits":
+            patterns.append(r"\p{N}" if s["individual_digits"] else r"\p{N}+")
+        elif s["type"] == "ByteLevel" and not s["add_prefix_space"]:
+            patterns += [GPT2_PATTERN] if s["use_regex"] else []
+        else:
+            raise NotImplementedError(f"pre-tokenizer step not supported: {s}")
+    # subtle: HF keeps the text between matches as pieces too, findall drops it. A second alternative
+    # that consumes characters while the pattern does not match turns those gaps into matches (the
+    # known patterns match everywhere, so it never runs for them).
+    compiled = [regex.compile(f"(?:{p})|(?:(?!(?:{p}))[\\s\\S])+") for p in patterns]
+    if any(c.groups for c in compiled):
+        raise NotImplementedError("pre-tokenizer regexes with capture groups are not supported")
+    return compiled
+
+
+def pre_tokenize(text: str, patterns: list[regex.Pattern]) -> list[str]:
+    """Cut text into pieces with each pattern in turn (SmolLM2: each digit alone, then GPT-2's pattern)."""
+    pieces = [text]
+    for pattern in patterns:
+        pieces = [p for chunk in pieces for p in pattern.findall(chunk)]
+    return pieces
+
+# -----------------------------------------------------------------------------
+# the tokenizer
+
+
+class Tokenizer:
+    def __init__(self, vocab: dict[bytes, int], merges: dict[tuple[bytes, bytes], int] | None,
+                 pre_tokenizer: dict, special_tokens: dict[str, int], ignore_merges: bool = False):
+        """vocab: token bytes -> id. merges: (a, b) -> rank as in HF files; None means tiktoken's rule, where
+        a pair ranks as its merged bytes' id. pre_tokenizer: HF JSON config. ignore_merges: a piece found
+        whole in the vocabulary is one token (HF option; tiktoken always does this)."""
+        self.vocab, self.merges, self.ignore_merges = vocab, merges, ignore_merges
+        self.pre_tokenizer, self.patterns = pre_tokenizer, compile_pre_tokenizer(pre_tokenizer)
+        self.special_tokens = dict(special_tokens)
+        self.decoder = {i: b for b, i in vocab.items()} | {i: s.encode() for s, i in special_tokens.items()}
+        self.vocab_size = max(self.decoder) + 1
+        self.cache: dict[str, list[int]] = {}
+
+    # ---- loading
+
+    @classmethod
+    def from_file(cls, path: str) -> "Tokenizer":
+        """A tokenizer.json, a folder holding one (or vocab.json + merges.txt, or tokenizer.model), or a
+        tiktoken tokenizer.model."""
+        if os.path.isdir(path):
+            for name in ("tokenizer.json", "vocab.json", "tokenizer.model"):
+                if os.path.exists(os.path.join(path, name)):
+                    return cls.from_file(os.path.join(path, name))
+            raise FileNotFoundError(f"no tokenizer.json, vocab.json or tokenizer.model in {path}")
+        if path.endswith("vocab.json"):
+            return cls._from_vocab_merges(path, os.path.join(os.path.dirname(path), "merges.txt"))
+        if path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                return cls._from_hf(json.load(f))
+        return cls._from_tiktoken(path)
+
+    @classmethod
+    def _from_hf(cls, data: dict) -> "Tokenizer":
+        model = data["model"]
+        unsupported = {"normalizer": data.get("normalizer"), "model.type": model["type"] != "BPE" and model["type"],
+                       "dropout": model.get("dropout"), "byte_fallback": model.get("byte_fallback"),
+                       "continuing_subword_prefix": model.get("continuing_subword_prefix"),
+                       "end_of_word_suffix": model.get("end_of_word_suffix"),
+                       "decoder": (data.get("decoder") or {}).get("type") != "ByteLevel" and data.get("decoder")}
+        if any(unsupported.values()):
+            raise NotImplementedError(f"unsupported tokenizer.json settings: "
+                                      f"{ {k: v for k, v in unsupported.items() if v} }")
+        as_bytes = {t: token_bytes(t) for t in model["vocab"]}  # merges name vocabulary entries
+        vocab = {as_bytes[t]: i for t, i in model["vocab"].items()}
+        if model.get("unk_token") and len([b for b in vocab if len(b) == 1]) < 256:
+            raise NotImplementedError("an unk_token with missing byte tokens (HF would emit unk) is not supported")
+        # merges are "a b" strings in older files and [a, b] lists in newer ones; rank = position
+        pairs = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
+        merges = {(as_bytes[a], as_bytes[b]): rank for rank, (a, b) in enumerate(pairs)}
+        special = {}
+        for t in data.get("added_tokens", []):
+            if not t["special"] or t["lstrip"] or t["rstrip"] or t["single_word"]:
+                raise NotImplementedError(f"added token {t['content']!r}: only plain special tokens are supported")
+            special[t["content"]] = t["id"]
+        return cls(vocab, merges, data["pre_tokenizer"], special, model.get("ignore_merges", False))
+
+    @classmethod
+    def _from_vocab_merges(cls, vocab_path: str, merges_path: str) -> "Tokenizer":
+        """GPT-2's original files: the GPT-2 pattern, and <|endoftext|> as the one special token."""
+        with open(vocab_path, encoding="utf-8") as f:
+            vocab = json.load(f)
+        with open(merges_path, encoding="utf-8") as f:
+            lines = [line.split() for line in f.read().splitlines() if line and not line.startswith("#version")]
+        special = {s: i for s, i in vocab.items() if s == "<|endoftext|>"}
+        model = {"type": "BPE", "vocab": vocab, "merges": lines}
+        pre = {**BYTE_LEVEL, "use_regex": True}
+        return cls._from_hf({"model": model, "pre_tokenizer": pre, "decoder": BYTE_LEVEL,
+                             "added_tokens": [{"id": i, "content": s, "special": True, "lstrip": False,
+                                               "rstrip": False, "single_word": False} for s, i in special.items()]})
+
+    @classmethod
+    def _from_tiktoken(cls, path: str) -> "Tokenizer":
+        """Meta's Llama 3 tokenizer.model: one `base64(token) rank` line per token. The file holds neither
+        the pattern nor the special tokens; like Meta's tokenizer.py we take Llama 3's."""
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+        try:
+            vocab = {base64.b64decode(tok, validate=True): int(rank) for tok, rank in (ln.split() for ln in lines)}
+        except ValueError:
+            raise NotImplementedError(f"{path} is not a tiktoken file (SentencePiece models are not supported)")
+        special = {s: len(vocab) + i for i, s in enumerate(LLAMA3_SPECIAL_TOKENS)}
+        pre = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
+            BYTE_LEVEL]}
+        return cls(vocab, None, pre, special, ignore_merges=True)
+
+    # ---- encoding
+
+    def _rank(self, a: bytes, b: bytes) -> int | None:
+        return self.vocab.get(a + b) if self.merges is None else self.merges.get((a, b))
+
+    def _encode_piece(self, piece: str) -> list[int]:
+        data = piece.encode("utf-8")
+        if self.ignore_merges and data in self.vocab:
+            return [self.vocab[data]]
+        # subtle: SmolLM2's vocabulary has no token for 21 byte values (0x04 0x06 ... 0xF5-0xFF). HF
+        # `tokenizers` (BPE without unk_token) silently drops such bytes before merging; we match it.
+        parts = [p for p in (data[i:i + 1] for i in range(len(data))) if p in self.vocab]
+        return [self.vocab[p] for p in bpe(parts, self._rank)]
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Encode with every special-token string treated as plain text."""
+        # the one speed trick: text repeats its pieces (' the', 'self', '    '), so remember each one's ids
+        cache, ids = self.cache, []
+        for piece in pre_tokenize(text, self.patterns):
+            piece_ids = cache.get(piece)
+            if piece_ids is None:
+                if len(cache) >= CACHE_SIZE:
+                    cache.clear()
+                piece_ids = cache[piece] = self._encode_piece(piece)
+            ids.extend(piece_ids)
+        return ids
+
+    def encode(self, text: str, allowed_special: str | frozenset | set = frozenset()) -> list[int]:
+        """Text -> ids. Special-token strings count as special only if in `allowed_special` ("all": every
+        one); otherwise they are plain text, so user text cannot forge control tokens."""
+        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        if unknown := allowed - set(self.special_tokens):
+            raise ValueError(f"not special tokens of this vocabulary: {sorted(unknown)}")
+        if not allowed:
+            return self.encode_ordinary(text)
+        # longest first, so the alternation finds the leftmost-longest match (HF's added-token matcher)
+        special_re = "(" + "|".join(map(regex.escape, sorted(allowed, key=len, reverse=True))) + ")"
+        ids = []
+        for i, chunk in enumerate(regex.split(special_re, text)):  # odd positions hold the separators
+            ids.extend([self.special_tokens[chunk]] if i % 2 else self.encode_ordinary(chunk))
+        return ids
+
+    # ---- decoding
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        """Ids -> raw bytes; a token may end inside a UTF-8 sequence, so stream through an incremental decoder."""
+        return b"".join(self.decoder[i] for i in ids)
+
+    def decode(self, ids: list[int]) -> str:
+        # errors="replace": ids may stop mid-character (a truncated generation); HF uses from_utf8_lossy alike
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    # ---- saving
+
+    def save(self, path: str) -> None:
+        """Write an HF tokenizer.json (to `path`, or `path`/tokenizer.json for a folder)."""
+        if self.merges is None:
+            raise NotImplementedError("saving a tiktoken vocabulary needs merges derived from ranks; not supported")
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.json")
+        flags = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+        data = {
+            "version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": i, "content": s, **flags} for s, i in sorted(self.special_tokens.items(),
+                                                                                  key=lambda kv: kv[1])],
+            "normalizer": None, "pre_tokenizer": self.pre_tokenizer, "post_processor": None,
+            "decoder": {**BYTE_LEVEL, "add_prefix_space": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": self.ignore_merges,
+                      "vocab": {token_str(b): i for b, i in sorted(self.vocab.items(), key=lambda kv: kv[1])},
+                      "merges": [f"{token_str(a)} {token_str(b)}" for a, b in sorted(self.merges, key=self.merges.get)]},
+        }
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False)
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def train(texts, vocab_size: int, pattern: str = LLAMA3_PATTERN, special_tokens=()) -> Tokenizer:
+    """Learn a byte-level BPE vocabulary of `vocab_size` ids (256 bytes + merges + special tokens, which
+    come last) from an iterable of strings.
+
+    minbpe recounts all pairs of the whole text after every merge. Here the text is reduced to its unique
+    pieces with their counts, pair counts are kept in `stats` with `where` (pair -> indices of the words
+    containing it), and a merge only re-counts the words that contain the merged pair.
+    Ties: the most frequent pair wins, and among equally frequent pairs the one with the smallest
+    (left id, right id), i.e. made of the earliest tokens; so training is deterministic."""
+    pre = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}, BYTE_LEVEL]}
+    patterns = compile_pre_tokenizer(pre)
+    word_counts = Counter(piece for text in texts for piece in pre_tokenize(text, patterns))
+    words = [list(w.encode("utf-8")) for w in word_counts]  # unique pieces as byte ids
+    counts = list(word_counts.values())
+    vocab = [bytes([b]) for b in range(256)]  # id -> bytes
+    merges = []  # (id a, id b) in the order learned: the rank
+    stats, where = {}, defaultdict(set)
+    for w, (word, n) in enumerate(zip(words, counts)):
+        get_stats(word, stats, n)
+        for pair in zip(word, word[1:]):
+            where[pair].add(w)
+    # max-heap by count via negation; an entry may hold a count that has since dropped (a merge only
+    # lowers the counts of existing pairs), so a popped entry is checked and re-pushed if stale
+    heap = [(-n, pair) for pair, n in stats.items()]
+    heapq.heapify(heap)
+    target = vocab_size - len(special_tokens)
+    progress = tqdm(total=target - 256, desc="bpe merges", disable=target - 256 < 1000)
+    while len(vocab) < target and heap:
+        neg, pair = heapq.heappop(heap)
+        if -neg != stats[pair]:
+            if stats[pair] > 0:
+                heapq.heappush(heap, (-stats[pair], pair))
+            continue
+        # subtle: no two merges make the same bytes ('a'+'bc' and 'ab'+'c'): a token's span can only form
+        # if no merge ever crossed its edges, so inside every word it grows exactly as the span alone would
+        idx = len(vocab)
+        vocab.append(vocab[pair[0]] + vocab[pair[1]])
+        merges.append(pair)
+        progress.update()
+        touched = set()
+        for w in where.pop(pair):
+            word, n = words[w], counts[w]
+            for p in zip(word, word[1:]):
+                stats[p] -= n
+            words[w] = word = merge(word, pair, idx)
+            for p in zip(word, word[1:]):
+                stats[p] = stats.get(p, 0) + n
+                where[p].add(w)
+                if idx in p:
+                    touched.add(p)
+        for p in touched:  # pairs with the new token are the only ones whose counts grew
+            heapq.heappush(heap, (-stats[p], p))
+    progress.close()
+    special = {s: len(vocab) + i for i, s in enumerate(special_tokens)}
+    byte_merges = {(vocab[a], vocab[b]): rank for rank, (a, b) in enumerate(merges)}
+    return Tokenizer({b: i for i, b in enumerate(vocab)}, byte_merges, pre, special)
+
+# -----------------------------------------------------------------------------
+
+
+def main(path: str = "checkpoints/Llama-3.2-tokenizer", text: str = "Hello world! 12345 <|eot_id|>",
+         allowed_special: str = "all"):
+    """Print the ids and token pieces of `text`."""
+    tok = Tokenizer.from_file(path)
+    ids = tok.encode(text, allowed_special=allowed_special if allowed_special == "all" else set())
+    print(ids)
+    print([tok.decode_bytes([i]) for i in ids])
+    assert tok.decode(ids) == text
+
+
+if __name__ == "__main__":
+    import fire
+    fire.Fire(main)
