@@ -47,21 +47,21 @@ from safetensors.torch import load_file
 
 @dataclass
 class ModelArgs:
-    """One line per field; the HF `DeepseekV3Config` name follows in brackets where it differs.
+    """One line per field; HF_KEYS below gives the DeepseekV3Config name of each.
 
     vocab_size: token vocabulary size.
-    dim: residual stream width [hidden_size].
-    n_layers: number of blocks [num_hidden_layers].
-    n_heads: attention heads [num_attention_heads].
-    inter_dim: hidden width of the dense SwiGLU MLP [intermediate_size].
+    dim: residual stream width.
+    n_layers: number of blocks.
+    n_heads: attention heads.
+    inter_dim: hidden width of the dense SwiGLU MLP.
     moe_layers: 0-based indices of the blocks whose MLP is a MoE (see `to_hf_config` for how HF expresses it).
-    moe_inter_dim: hidden width of one expert [moe_intermediate_size].
+    moe_inter_dim: hidden width of one expert.
     n_shared_experts: experts every token uses, stored as one MLP of width n_shared_experts * moe_inter_dim.
     n_routed_experts: experts the router chooses from.
-    n_activated_experts: routed experts per token, k of top-k [num_experts_per_tok].
-    n_expert_groups: routed experts are split into this many groups [n_group].
-    n_limited_groups: each token picks its experts inside this many best groups [topk_group].
-    route_scale: multiplies the routed experts' weights [routed_scaling_factor].
+    n_activated_experts: routed experts per token, the k of top-k.
+    n_expert_groups: routed experts are split into this many groups.
+    n_limited_groups: each token picks its experts inside this many best groups.
+    route_scale: multiplies the routed experts' weights.
     norm_topk_prob: normalise the chosen experts' sigmoid scores to sum to 1 before route_scale.
     aux_loss_alpha: weight of the sequence-wise balance loss (DeepSeek-V3 eq. 17); 0 turns it off.
     q_lora_rank: rank of the query latent; 0 = no query compression (a plain q_proj).
@@ -72,9 +72,9 @@ class ModelArgs:
     rope_theta: RoPE base.
     rope_interleave: RoPE rotates pairs (0,1), (2,3)... (DeepSeek checkpoints) instead of (i, i + d/2).
     rope_scaling: None, or HF's yarn `rope_parameters` without rope_theta (rope_type, factor, ...).
-    max_seq_len: longest sequence, prompt plus generation [max_position_embeddings].
-    norm_eps: RMSNorm epsilon of the block and final norms [rms_norm_eps].
-    tie_embeddings: lm_head shares the embedding matrix [tie_word_embeddings].
+    max_seq_len: longest sequence, prompt plus generation.
+    norm_eps: RMSNorm epsilon of the block and final norms.
+    tie_embeddings: lm_head shares the embedding matrix.
     eos_token_id: token(s) that end generation by default.
     """
     vocab_size: int = 256
@@ -113,62 +113,57 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
-        """From a DeepseekV3 config.json (transformers 5 `rope_parameters`, or the Hub's `rope_theta` + `rope_scaling`)."""
+        """From a DeepseekV3 config.json, with transformers 5's `rope_parameters` or the Hub's `rope_theta` +
+        `rope_scaling`. Keys it lacks keep this class's defaults (transformers writes them all)."""
         if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias", False):
-            raise NotImplementedError("only silu MLPs and bias-free attention, as every DeepSeek-V3 checkpoint")
+            raise NotImplementedError("only silu MLPs and bias-free attention, as in every DeepSeek-V3 checkpoint")
+        kw = {field: cfg[key] for field, key in HF_KEYS.items() if key in cfg}
+        # HF writes null for "none": no query compression, no routed or shared experts, no expert groups
+        kw.update({f: off for f, off in (("q_lora_rank", 0), ("n_routed_experts", 0), ("n_shared_experts", 0),
+                                         ("n_expert_groups", 1), ("n_limited_groups", 1)) if f in kw and kw[f] is None})
+        if isinstance(kw.get("eos_token_id"), list):
+            kw["eos_token_id"] = tuple(kw["eos_token_id"])
         rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        kw["rope_theta"] = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
-        n, n_routed = cfg["num_hidden_layers"], cfg.get("n_routed_experts") or 0
-        # HF builds a MoE in every block from first_k_dense_replace on; DeepSeek's own modeling code also reads
-        # moe_layer_freq (i % freq == 0); `moe_layers` is our key for layouts neither can express.
-        k, freq = cfg.get("first_k_dense_replace", 3), cfg.get("moe_layer_freq", 1)
-        moe_layers = cfg.get("moe_layers", [i for i in range(n) if n_routed and i >= k and i % freq == 0])
-        eos = cfg.get("eos_token_id")
-        return cls(
-            vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=n, n_heads=cfg["num_attention_heads"],
-            inter_dim=cfg["intermediate_size"], moe_layers=tuple(moe_layers),
-            moe_inter_dim=cfg["moe_intermediate_size"], n_shared_experts=cfg.get("n_shared_experts") or 0,
-            n_routed_experts=n_routed, n_activated_experts=cfg["num_experts_per_tok"],
-            n_expert_groups=cfg.get("n_group") or 1, n_limited_groups=cfg.get("topk_group") or 1,
-            route_scale=cfg.get("routed_scaling_factor", 1.0), norm_topk_prob=cfg.get("norm_topk_prob", True),
-            aux_loss_alpha=cfg.get("aux_loss_alpha", 0.0), q_lora_rank=cfg.get("q_lora_rank") or 0,
-            kv_lora_rank=cfg["kv_lora_rank"], qk_nope_head_dim=cfg["qk_nope_head_dim"],
-            qk_rope_head_dim=cfg["qk_rope_head_dim"], v_head_dim=cfg["v_head_dim"], rope_theta=theta,
-            rope_interleave=cfg.get("rope_interleave", True),
-            rope_scaling=None if rope_type == "default" else {"rope_type": rope_type, **rope},
-            max_seq_len=cfg.get("max_position_embeddings", 4096), norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            tie_embeddings=cfg.get("tie_word_embeddings", False),
-            eos_token_id=tuple(eos) if isinstance(eos, list) else eos)
+        kw["rope_scaling"] = None if rope_type == "default" else {"rope_type": rope_type, **rope}
+        # HF puts a MoE on every block from first_k_dense_replace on; DeepSeek's own modeling code also requires
+        # i % moe_layer_freq == 0; `moe_layers` is our key for layouts neither can express (see to_hf_config)
+        n, k, freq = cfg["num_hidden_layers"], cfg.get("first_k_dense_replace", 3), cfg.get("moe_layer_freq", 1)
+        moe = [i for i in range(n) if cfg.get("n_routed_experts") and i >= k and i % freq == 0]
+        return cls(**kw, moe_layers=tuple(cfg.get("moe_layers", moe)))
 
     def to_hf_config(self) -> dict:
         """A config.json that both this file and transformers' DeepseekV3Config load.
 
         HF can only say "the first k blocks are dense, all later ones MoE" (first_k_dense_replace). Where
         moe_layers is another pattern (nano-327m: blocks 3, 7, 11, 15, 19), the dict also carries `moe_layers`:
-        this file reads it, transformers keeps it as an unused attribute, so DeepseekV3ForCausalLM would build a MoE
-        on every block from moe_layers[0] on and report the dense blocks' weights as missing/unexpected.
+        this file reads it and transformers keeps it as an unused attribute, so DeepseekV3ForCausalLM would build
+        a MoE on every block from moe_layers[0] on and report the dense blocks' weights as missing/unexpected.
         """
         first_dense = self.moe_layers[0] if self.moe_layers else self.n_layers
-        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
-        cfg = dict(
-            architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", vocab_size=self.vocab_size,
-            hidden_size=self.dim, num_hidden_layers=self.n_layers, num_attention_heads=self.n_heads,
-            num_key_value_heads=self.n_heads, intermediate_size=self.inter_dim, first_k_dense_replace=first_dense,
-            moe_intermediate_size=self.moe_inter_dim, n_shared_experts=self.n_shared_experts,
-            n_routed_experts=self.n_routed_experts, num_experts_per_tok=self.n_activated_experts,
-            n_group=self.n_expert_groups, topk_group=self.n_limited_groups, routed_scaling_factor=self.route_scale,
-            norm_topk_prob=self.norm_topk_prob, aux_loss_alpha=self.aux_loss_alpha, q_lora_rank=self.q_lora_rank or None,
-            kv_lora_rank=self.kv_lora_rank, qk_nope_head_dim=self.qk_nope_head_dim,
-            qk_rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim, rope_interleave=self.rope_interleave,
-            rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default", **(self.rope_scaling or {})},
-            max_position_embeddings=self.max_seq_len, rms_norm_eps=self.norm_eps,
-            tie_word_embeddings=self.tie_embeddings, eos_token_id=eos, hidden_act="silu", attention_bias=False,
-            num_nextn_predict_layers=0)
+        cfg = {key: getattr(self, field) for field, key in HF_KEYS.items()}
+        cfg.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", hidden_act="silu",
+                   attention_bias=False, num_key_value_heads=self.n_heads, first_k_dense_replace=first_dense,
+                   q_lora_rank=self.q_lora_rank or None, num_nextn_predict_layers=0,  # no multi-token prediction
+                   rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default", **(self.rope_scaling or {})})
+        if isinstance(self.eos_token_id, tuple):
+            cfg["eos_token_id"] = list(self.eos_token_id)
         if list(self.moe_layers) != list(range(first_dense, self.n_layers)):
             cfg["moe_layers"] = list(self.moe_layers)
         return cfg
 
+
+# ModelArgs field -> DeepseekV3Config key, for the fields that map one to one
+HF_KEYS = dict(
+    vocab_size="vocab_size", dim="hidden_size", n_layers="num_hidden_layers", n_heads="num_attention_heads",
+    inter_dim="intermediate_size", moe_inter_dim="moe_intermediate_size", n_shared_experts="n_shared_experts",
+    n_routed_experts="n_routed_experts", n_activated_experts="num_experts_per_tok", n_expert_groups="n_group",
+    n_limited_groups="topk_group", route_scale="routed_scaling_factor", norm_topk_prob="norm_topk_prob",
+    aux_loss_alpha="aux_loss_alpha", q_lora_rank="q_lora_rank", kv_lora_rank="kv_lora_rank",
+    qk_nope_head_dim="qk_nope_head_dim", qk_rope_head_dim="qk_rope_head_dim", v_head_dim="v_head_dim",
+    rope_interleave="rope_interleave", max_seq_len="max_position_embeddings", norm_eps="rms_norm_eps",
+    tie_embeddings="tie_word_embeddings", eos_token_id="eos_token_id")
 
 PRESETS = {
     # nano-llm's config/nano_327m.yaml. Its rule `use_moe = i % 4 == 0` for blocks i = 1..20 puts MoE on 1-based
@@ -236,7 +231,7 @@ def rope_frequencies(args: ModelArgs) -> tuple[torch.Tensor, float, float]:
     if not s:
         return inv_freq, 1.0, 1.0
     if s["rope_type"] != "yarn":
-        raise NotImplementedError(f"rope_type {s['rope_type']!r}: only default and yarn (DeepSeek-V3's) are implemented")
+        raise NotImplementedError(f"rope_type {s['rope_type']!r}: only default and yarn (DeepSeek-V3's) exist here")
     orig = s["original_max_position_embeddings"]
     factor = s.get("factor") or args.max_seq_len / orig
     # YaRN (arXiv 2309.00071 §3.2): dims turning more than beta_fast times over the original context keep their
@@ -325,20 +320,25 @@ class MLA(nn.Module):
         if self.cache is not None:
             kv, k_pe = self.cache.update(input_pos, kv, k_pe, mask.size(-1))  # (B, S, *): every cached token
         S = kv.size(1)
-        if absorb:
-            # q_nope . (W_UK c) = (W_UK^T q_nope) . c: attend in latent space with W_UK folded into the query and
-            # W_UV applied after the weighted sum, never materialising per-head keys and values (DeepSeek-V2 §2.1.2)
-            w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)
-            q = torch.cat([torch.einsum("bhtd,hdc->bhtc", q_nope, w[:, :self.nope]), q_pe], dim=-1)
-            k = torch.cat([kv, k_pe], dim=-1)[:, None].expand(B, H, S, -1)  # (B, H, S, rank + rope), no copy
-            v = kv[:, None].expand(B, H, S, -1)                            # (B, H, S, rank)
-        else:
+        if not absorb:  # naive: up-project the latent of every attended token into per-head keys and values
             k_nope, v = self.kv_b_proj(kv).view(B, S, H, -1).transpose(1, 2).split([self.nope, self.v_dim], dim=-1)
             k = torch.cat([k_nope, k_pe[:, None].expand(B, H, S, -1)], dim=-1)  # (B, H, S, nope + rope)
             q = torch.cat([q_nope, q_pe], dim=-1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
-        if absorb:
-            y = torch.einsum("bhtc,hvc->bhtv", y, w[:, self.nope:])         # (B, H, T, v_head_dim)
+            # no mask = a plain causal forward; cached decoding and packed documents pass one (True = attend)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        else:
+            # q_nope . (W_UK c) = (W_UK^T q_nope) . c: fold W_UK into the query and apply W_UV after the weighted
+            # sum of latents, so per-head keys and values never exist (DeepSeek-V2 §2.1.2, DeepSeek's "absorb")
+            w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)
+            q = torch.cat([torch.einsum("bhtd,hdc->bhtc", q_nope, w[:, :self.nope]), q_pe], dim=-1)
+            # every head now reads the same key (c_KV ++ k_pe) and value (c_KV): multi-query attention, so fold
+            # the heads into the query axis and attend once, without copying the latent per head
+            q, k = q.reshape(B, 1, H * T, -1), torch.cat([kv, k_pe], dim=-1)[:, None]  # (B, 1, H*T | S, rank + rope)
+            if mask is None:
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None, None]
+            mask = mask[:, :, None].expand(-1, -1, H, -1, -1).flatten(2, 3)          # (B | 1, 1, H*T, S)
+            y = F.scaled_dot_product_attention(q, k, kv[:, None], attn_mask=mask, scale=self.scale)
+            y = torch.einsum("bhtc,hvc->bhtv", y.view(B, H, T, -1), w[:, self.nope:])  # (B, H, T, v_head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -365,11 +365,13 @@ class Gate(nn.Module):
         super().__init__()
         self.k, self.n_groups, self.topk_groups = args.n_activated_experts, args.n_expert_groups, args.n_limited_groups
         self.route_scale, self.norm_topk_prob = args.route_scale, args.norm_topk_prob
-        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))  # init by Transformer
+        # a buffer, not a parameter: update_router_biases moves it, gradients never do; it is saved in checkpoints
         self.register_buffer("e_score_correction_bias", torch.zeros(args.n_routed_experts))
 
     def forward(self, x):  # x (N, dim) -> weights, indices (N, k); scores (N, E)
         scores = F.linear(x.float(), self.weight.float()).sigmoid()  # routing in fp32, as HF and DeepSeek
+        # the bias steers which experts win (towards underloaded ones) but never how much a chosen expert counts
         biased = scores + self.e_score_correction_bias
         if self.n_groups > 1:
             # group-limited routing: rank groups by the sum of their two best biased scores, keep topk_groups
@@ -389,11 +391,13 @@ class MoE(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.n_experts, self.k, self.aux_loss_alpha = args.n_routed_experts, args.n_activated_experts, args.aux_loss_alpha
+        self.n_experts, self.k = args.n_routed_experts, args.n_activated_experts
+        self.aux_loss_alpha = args.aux_loss_alpha
         self.gate = Gate(args)
         self.experts = nn.ModuleList(MLP(args.dim, args.moe_inter_dim) for _ in range(self.n_experts))
         # n shared experts of width h are one MLP of width n*h (sum of their outputs), HF's layout
-        self.shared_experts = MLP(args.dim, args.moe_inter_dim * args.n_shared_experts) if args.n_shared_experts else None
+        n_shared = args.n_shared_experts
+        self.shared_experts = MLP(args.dim, args.moe_inter_dim * n_shared) if n_shared else None
         self.load = None       # (E,) tokens routed per expert in training forwards since the last bias update
         self.aux_loss = None   # this forward's sequence-wise balance loss, when training with aux_loss_alpha > 0
 
@@ -402,9 +406,11 @@ class MoE(nn.Module):
         xf = x.reshape(-1, D)                                     # (N, dim)
         weights, idx, scores = self.gate(xf)                      # (N, k), (N, k), (N, E)
         flat = idx.flatten()                                      # (N * k,) expert of each (token, slot) pair
-        order = flat.argsort(stable=True)                         # pairs grouped by expert
+        order = flat.argsort(stable=True)                         # pairs grouped by expert, token order kept
         counts = torch.bincount(flat, minlength=self.n_experts)
         token = order // self.k                                   # source token of each sorted pair
+        # one host sync per layer to cut the chunks (DeepSeek's loop over experts does the same); no capacity
+        # limit, so no token is dropped, and an expert nobody chose runs on an empty chunk
         chunks = xf[token].split(counts.tolist())                 # per expert: only the tokens that chose it
         ys = torch.cat([expert(c) for expert, c in zip(self.experts, chunks)])  # (N * k, dim)
         ys = (ys * weights.flatten()[order, None]).to(x.dtype)
@@ -412,7 +418,7 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(xf)
         self.aux_loss = None
-        if self.training:
+        if self.training:  # evaluation and generation must not move the biases
             self.load = counts if self.load is None else self.load + counts
             if self.aux_loss_alpha > 0:
                 # DeepSeek-V3 eqs. 17-20 per sequence: f_i = E / (k T) * #tokens choosing i, P_i = mean over t of
@@ -444,6 +450,7 @@ class Block(nn.Module):
         self.mlp = MoE(args) if layer_idx in args.moe_layers else MLP(args.dim, args.inter_dim)
 
     def forward(self, x, cos, sin, mask=None, input_pos=None, absorb=False):
+        # pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, absorb)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -463,6 +470,8 @@ def doc_positions_and_mask(doc_ids):
 
 
 class Transformer(nn.Module):
+    """Embedding, n_layers blocks, final norm, lm_head; the HF DeepseekV3ForCausalLM state-dict layout."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -474,7 +483,9 @@ class Transformer(nn.Module):
             norm=RMSNorm(args.dim, args.norm_eps)))
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         for p in self.parameters():
-            if p.dim() == 2:  # Linear, Embedding and router weights; norms stay at 1 (HF initializer_range)
+            # N(0, 0.02) for Linear, Embedding and router matrices, norms at 1: HF's initializer_range; PyTorch's
+            # N(0, 1) embedding would start the loss far above ln(vocab)
+            if p.dim() == 2:
                 nn.init.normal_(p, std=0.02)
         if args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -517,6 +528,8 @@ class Transformer(nn.Module):
         """Logits (B, T, vocab) for tokens (B, T) written at cache slots input_pos (T,). start (B,) is the first
         real slot of each left-padded row: its positions count from there and earlier slots are masked out."""
         start = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device) if start is None else start
+        # attend over the filled prefix only: the naive path up-projects every attended slot, so the empty tail
+        # of the buffer would cost real compute
         slots = torch.arange(int(input_pos[-1]) + 1, device=tokens.device)
         # causal over slots and blind to padding; a padding query still sees itself, so no softmax row is empty
         mask = (slots <= input_pos[:, None]) & ((slots >= start[:, None, None]) | (slots == input_pos[:, None]))
@@ -551,13 +564,16 @@ class Transformer(nn.Module):
             eos = json.loads((ckpt / "generation_config.json").read_text()).get("eos_token_id", args.eos_token_id)
             args.eos_token_id = tuple(eos) if isinstance(eos, list) else eos
         index = ckpt / "model.safetensors.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+            else ["model.safetensors"]
         state = {}
         for f in files:
             state.update(load_file(ckpt / f, device=str(device)))
         # DeepSeek-V3 ships its multi-token-prediction module as extra layers n_layers...: unused here, as in HF
         state = {k: v for k, v in state.items()
                  if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= args.n_layers)}
+        # built on meta: no memory and no init for weights about to be replaced; assign=True below adopts the
+        # loaded tensors as the parameters (one copy in memory, gpt-fast style)
         with torch.device("meta"):
             model = cls(args)
         expected = model.state_dict()
@@ -568,7 +584,8 @@ class Transformer(nn.Module):
                              f"unexpected {sorted(unexpected)[:4]}")
         for k, v in state.items():
             if v.shape != expected[k].shape:
-                raise ValueError(f"{ckpt}: {k} has shape {tuple(v.shape)}, config.json implies {tuple(expected[k].shape)}")
+                raise ValueError(f"{ckpt}: {k} has shape {tuple(v.shape)}, "
+                                 f"config.json implies {tuple(expected[k].shape)}")
             # the balancing bias stays fp32, as HF keeps it: bf16 cannot hold 1e-3 steps on top of ~1
             if dtype is not None and not k.endswith("e_score_correction_bias"):
                 state[k] = v.to(dtype)
@@ -596,6 +613,7 @@ class Transformer(nn.Module):
         stop = set((eos if isinstance(eos, tuple) else (eos,)) if stop_tokens is None else stop_tokens) - {None}
         device = self.lm_head.weight.device
         generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+        # left padding puts every row's last prompt token in the same slot, so one step decodes all rows
         tokens = torch.tensor([[0] * (length - len(p)) + p for p in prompts], device=device)
         start = torch.tensor([length - len(p) for p in prompts], device=device)
         input_pos = torch.arange(length, device=device)
@@ -665,59 +683,60 @@ def encode_chat(tokenizer, messages, add_generation_prompt=True) -> list[int]:
 # CLI
 
 
-def main(prompt: str = "Once upon a time", ckpt_dir: str = "checkpoints/nanollm", max_new_tokens: int = 200,
+def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/nanollm", max_new_tokens: int = 200,
          temperature: float = 0.8, top_p: float = 0.95, top_k: int | None = None, device: str = "cpu",
-         dtype: str | None = None, seed: int | None = None, chat: bool = False, interactive: bool = False):
-    """Stream a completion (or, with --chat, a ChatML reply; --interactive keeps a conversation going).
-
-    dtype: float32 | bfloat16 | float16, default as stored in the checkpoint.
-    """
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda requested but CUDA is not available; use --device cpu")
-    if dtype not in (None, "float32", "bfloat16", "float16"):
-        raise SystemExit(f"error: --dtype {dtype}: use float32, bfloat16 or float16")
+         dtype: str | None = None, seed: int | None = None, chat: bool | None = None, interactive: bool = False):
+    """Stream a continuation of --prompt; with --chat (default: if tokenizer_config.json has a chat template) a
+    ChatML reply; with --interactive a conversation. --dtype float32 | bfloat16 | float16, default as stored."""
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     try:
         check_sampling_args(temperature, top_k, top_p)
-        model = Transformer.from_pretrained(ckpt_dir, device, getattr(torch, dtype) if dtype else None)
+        if max_new_tokens < 1 or (prompt is None and not interactive):
+            raise ValueError('give --prompt "..." (or --interactive) and --max_new_tokens >= 1')
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda requested but CUDA is not available; use --device cpu")
+        if dtype not in (None, *dtypes):
+            raise ValueError(f"--dtype {dtype}: use one of {', '.join(dtypes)}")
+        model = Transformer.from_pretrained(ckpt_dir, device, dtypes.get(dtype))
+        if not (Path(ckpt_dir) / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{ckpt_dir}/tokenizer.json missing: save the tokenizer_bpe.py one there")
+        from tokenizer_bpe import Tokenizer  # only the CLI needs a tokenizer; the model, tests and training do not
+        tok = Tokenizer.from_file(str(Path(ckpt_dir) / "tokenizer.json"))
     except (FileNotFoundError, ValueError, NotImplementedError) as e:
         raise SystemExit(f"error: {e}")
-    if not (Path(ckpt_dir) / "tokenizer.json").is_file():
-        raise SystemExit(f"error: {ckpt_dir}/tokenizer.json missing: save the tokenizer trained by tokenizer_bpe.py there")
-    from tokenizer_bpe import Tokenizer  # only the CLI needs a tokenizer; the model, tests and training do not
-
-    tok = Tokenizer.from_file(str(Path(ckpt_dir) / "tokenizer.json"))
+    if chat is None:  # a chat model (after SFT) ships a chat template; a pretrained base model does not
+        cfg = Path(ckpt_dir) / "tokenizer_config.json"
+        chat = cfg.is_file() and "chat_template" in json.loads(cfg.read_text())
     cache = cache_bytes_per_token(model.args, model.lm_head.weight.element_size())
     print(f"[KV cache per token: {cache['mla']:,} B (MLA latent) vs {cache['mha']:,} B (MHA of the same width)]",
           file=sys.stderr)
     eos = model.args.eos_token_id
-    stop = [*(eos if isinstance(eos, tuple) else [eos] if eos is not None else [])]
-    if (chat or interactive) and "<|im_end|>" in tok.special_tokens:
+    stop = list(eos) if isinstance(eos, tuple) else [] if eos is None else [eos]
+    if chat and "<|im_end|>" in tok.special_tokens:
         stop.append(tok.special_tokens["<|im_end|>"])
-    messages = []
-    while True:
-        if interactive:
-            try:
-                prompt = input("\n> ")
-            except EOFError:
-                break
-        if chat or interactive:
-            messages.append({"role": "user", "content": prompt})
-            try:
-                ids = encode_chat(tok, messages)
-            except ValueError as e:
-                raise SystemExit(f"error: {e}")
-        else:
-            ids = tok.encode(prompt)
-        if not ids or len(ids) + max_new_tokens > model.args.max_seq_len:
-            raise SystemExit(f"error: prompt of {len(ids)} tokens + --max_new_tokens {max_new_tokens} must fit "
-                             f"the context of {model.args.max_seq_len} tokens (and the prompt must not be empty)")
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        out = model.generate([ids], max_new_tokens, temperature, top_k, top_p, stop_tokens=stop, seed=seed,
+
+    def respond(ids):
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
+        new = model.generate([ids], max_new_tokens, temperature, top_k, top_p, stop_tokens=stop, seed=seed,
                              stream=lambda _, t: print(decoder.decode(tok.decode_bytes([t])), end="", flush=True))
         print(decoder.decode(b"", final=True))
+        return new
+
+    try:  # ValueError: an empty or too long prompt, or a tokenizer without ChatML tokens
         if not interactive:
-            break
-        messages.append({"role": "assistant", "content": tok.decode(out[0])})
+            respond(encode_chat(tok, [{"role": "user", "content": prompt}]) if chat else tok.encode(prompt))
+            return
+        if not chat:
+            raise ValueError("--interactive needs a chat model (a chat_template in tokenizer_config.json)")
+        messages = []
+        while True:
+            try:
+                messages.append({"role": "user", "content": input("\n> ")})
+            except (EOFError, KeyboardInterrupt):
+                return
+            messages.append({"role": "assistant", "content": tok.decode(respond(encode_chat(tok, messages)))})
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
 
 
 if __name__ == "__main__":

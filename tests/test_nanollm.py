@@ -221,8 +221,10 @@ def test_load_errors_are_one_line(tmp_path):
     (dict(temperature=-1.0), "error: need temperature >= 0"),
     (dict(top_p=1.5), "error: need temperature >= 0"),
     (dict(dtype="float8"), "error: --dtype float8"),
+    (dict(prompt=None), "error: give --prompt"),
+    (dict(max_new_tokens=0), "error: give --prompt"),
 ])
 def test_cli_user_errors(kwargs, message):
     with pytest.raises(SystemExit) as e:
-        N.main(**{"ckpt_dir": "/nonexistent/nanollm", **kwargs})
+        N.main(**{"prompt": "hi", "ckpt_dir": "/nonexistent/nanollm", **kwargs})
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
