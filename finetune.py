@@ -42,7 +42,6 @@ import importlib
 import json
 import math
 import os
-import random
 import resource
 import shutil
 import sys
@@ -86,8 +85,6 @@ class TrainConfig:
     min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
     warmup_steps: int = 10
     weight_decay: float = 0.01  # on matrices only: norms and biases are not decayed
-    beta1: float = 0.9
-    beta2: float = 0.95
     grad_clip: float = 1.0  # 0 = off
     val_frac: float = 0.05  # share of text/chat tokens held out (shards bring their own val files)
     eval_every: int = 50  # steps between validation losses (also before the first and after the last)
@@ -95,7 +92,7 @@ class TrainConfig:
     ckpt_every: int = 100  # steps between checkpoints (and one at the end)
     resume: bool = False  # continue from out_dir/ckpt.pt
     device: str = ""  # default: cuda if available, else cpu
-    dtype: str = ""  # autocast dtype: bfloat16 (default on CUDA) or float32 (default on CPU)
+    dtype: str = ""  # bfloat16 (default on CUDA: autocast, frozen weights of lora/norm runs stored so) or float32
     grad_checkpointing: bool = False  # recompute each block in backward: less activation memory
     fsdp: bool = False  # under torchrun: shard with FSDP2 instead of replicating with DDP
     save_dtype: str = "bfloat16"  # dtype of the exported model.safetensors
@@ -106,7 +103,6 @@ class TrainConfig:
 MODELS = ("smollm2", "llama31", "nanollm", "lm2")
 IGNORE = -100  # target id that F.cross_entropy skips
 SHARD_MAGIC, HEADER_INTS = 20240520, 256  # llm.c's .bin layout: 256 int32 header, then the tokens
-CKPT_NAME = "ckpt.pt"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "generation_config.json")
 
@@ -284,10 +280,7 @@ def epoch_order(n_rows: int, seed: int, epoch: int) -> torch.Tensor:
 
 def rows_at(n_rows: int, seed: int, position: int, count: int) -> list[int]:
     """Row indices number position..position+count-1 of the endless sequence of shuffled epochs."""
-    out = []
-    for p in range(position, position + count):
-        out.append(int(epoch_order(n_rows, seed, p // n_rows)[p % n_rows]))
-    return out
+    return [int(epoch_order(n_rows, seed, p // n_rows)[p % n_rows]) for p in range(position, position + count)]
 
 
 # -----------------------------------------------------------------------------
@@ -349,7 +342,8 @@ def set_trainable(model: nn.Module, cfg: TrainConfig):
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95)) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; weight decay on matrices only (nanoGPT: not norms or biases)."""
+    """AdamW over the trainable parameters, nanoGPT's betas; weight decay on matrices only: decaying a norm's
+    gain (or a bias) pulls it towards 0 rather than towards its neutral value."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -413,8 +407,8 @@ def save_checkpoint(path: str, model, optimizer, scheduler, keys: set[str], **me
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = {k: v for k, v in get_model_state_dict(model, options=opts).items() if k in keys}
     optim_state = get_optimizer_state_dict(model, optimizer, options=opts)
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-           "python": random.getstate()}
+    # torch's generators drive LoRA dropout (and any dropout of a model file); the data order needs none
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     rngs = [None] * dist.get_world_size() if dist.is_initialized() else [rng]
     if dist.is_initialized():
         dist.all_gather_object(rngs, rng)  # each process has its own dropout stream
@@ -445,7 +439,6 @@ def load_checkpoint(path: str, model, optimizer, scheduler, keys: set[str]) -> d
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    random.setstate(rng["python"])
     return state["meta"]
 
 
@@ -459,8 +452,9 @@ def export_hf(model, out_dir: str, hf_config: dict, tokenizer_path: str, lora_sc
     if hf_config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)  # the same tensor as model.embed_tokens.weight
     dtype = getattr(torch, save_dtype)
-    save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, os.path.join(out_dir, "model.safetensors"),
-              metadata={"format": "pt"})
+    path = os.path.join(out_dir, "model.safetensors")
+    save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, path + ".tmp", metadata={"format": "pt"})
+    os.replace(path + ".tmp", path)  # transformers requires the "format" metadata
     Path(out_dir, "config.json").write_text(json.dumps({**hf_config, "torch_dtype": save_dtype}, indent=2))
     src = Path(tokenizer_path) if os.path.isdir(tokenizer_path) else Path(tokenizer_path).parent
     for name in TOKENIZER_FILES:
@@ -476,8 +470,7 @@ def init_weights(model: nn.Module, std: float = 0.02):
     """From scratch: the model file's own init if it has one, else HF Llama's (normal(0, 0.02) for matrices,
     zero biases, norms left at one). PyTorch's default N(0, 1) embedding would start the loss far above ln(vocab)."""
     if hasattr(model, "init_weights"):
-        model.init_weights()
-        return
+        return model.init_weights()
     for n, p in model.named_parameters():
         if p.dim() >= 2:
             nn.init.normal_(p, std=std)
@@ -485,7 +478,7 @@ def init_weights(model: nn.Module, std: float = 0.02):
             nn.init.zeros_(p)
 
 
-def load_model(cfg: TrainConfig, device):
+def load_model(cfg: TrainConfig, device, dtype):
     """-> (model module, model, hf config dict, tokenizer, tokenizer path). Imports the model file by name."""
     if cfg.model not in MODELS:
         raise SystemExit(f"error: unknown --model {cfg.model!r}; choose one of {', '.join(MODELS)}")
@@ -498,7 +491,7 @@ def load_model(cfg: TrainConfig, device):
         if not os.path.isfile(os.path.join(cfg.ckpt_dir, "config.json")):
             raise SystemExit(f"error: no checkpoint at {cfg.ckpt_dir}: run `python download.py`")
         args = mod.ModelArgs.from_hf_config(json.loads(Path(cfg.ckpt_dir, "config.json").read_text()))
-        model = Model.from_pretrained(cfg.ckpt_dir, device=device, dtype=torch.float32)
+        model = Model.from_pretrained(cfg.ckpt_dir, device=device, dtype=dtype)
     elif cfg.preset:
         args = mod.ModelArgs.from_hf_config(json.loads(Path(cfg.preset).read_text())) \
             if cfg.preset.endswith(".json") else mod.ModelArgs.from_name(cfg.preset)
@@ -510,8 +503,7 @@ def load_model(cfg: TrainConfig, device):
     tok_path = cfg.tokenizer or cfg.ckpt_dir
     if not tok_path or not os.path.exists(tok_path):
         raise SystemExit(f"error: tokenizer not found: {tok_path or '(none)'}; pass --tokenizer PATH")
-    tok = Tokenizer.from_file(tok_path)
-    hf_config = args.to_hf_config()
+    tok, hf_config = Tokenizer.from_file(tok_path), args.to_hf_config()
     if tok.vocab_size > hf_config["vocab_size"]:
         raise SystemExit(f"error: tokenizer has {tok.vocab_size} tokens, the model only {hf_config['vocab_size']}")
     return mod, model.train(), hf_config, tok, tok_path
@@ -519,7 +511,8 @@ def load_model(cfg: TrainConfig, device):
 
 def setup_distributed(device: str) -> tuple[int, int, torch.device]:
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python finetune.py` is rank 0 of 1."""
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    rank, world, local = (int(os.environ.get(k, 0)) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    world = max(world, 1)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -532,33 +525,32 @@ def setup_distributed(device: str) -> tuple[int, int, torch.device]:
 
 
 def memory_report(model, optimizer, device) -> str:
+    """What each mode costs: bytes of weights, gradients and AdamW state, and the peak so far."""
+    mib = lambda ts: sum(t.numel() * t.element_size() for t in ts) / 2**20  # noqa: E731
     trainable = [p for p in model.parameters() if p.requires_grad]
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    grads = sum(p.numel() * p.element_size() for p in trainable)
-    optim = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                if torch.is_tensor(t))
-    peak = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    peak = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"  # ru_maxrss is KiB
     if device.type == "cuda":
         peak += f", CUDA max allocated {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
     return (f"trainable {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in model.parameters()):,} "
-            f"params | params {params / 2**20:.0f} MiB, grads {grads / 2**20:.0f} MiB, "
-            f"optimizer {optim / 2**20:.0f} MiB | {peak}")
+            f"params | weights {mib(model.parameters()):.0f} MiB, grads {mib(trainable):.0f} MiB, "
+            f"optimizer {mib(state):.0f} MiB | {peak}")
 
 
 def plot_losses(metrics_path: str, png_path: str):
+    """loss.png from metrics.jsonl, when matplotlib is installed (it is optional)."""
     try:
         import matplotlib
-        matplotlib.use("Agg")
+        matplotlib.use("Agg")  # no display needed
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    recs = [json.loads(line) for line in open(metrics_path)]
-    train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+    records = [json.loads(line) for line in open(metrics_path)]
     plt.figure(figsize=(7, 4))
-    for pts, label in ((train, "train"), (val, "val")):
-        if pts:
-            plt.plot(*zip(*pts), label=label, marker="o" if label == "val" else None)
+    for key, style in (("loss", "-"), ("val_loss", "o-")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            plt.plot(*zip(*points), style, label=key)
     plt.xlabel("step"), plt.ylabel("loss"), plt.legend(), plt.grid(alpha=0.3)
     plt.savefig(png_path, dpi=120, bbox_inches="tight")
     plt.close()
@@ -572,11 +564,12 @@ def train(cfg: TrainConfig):
     rank, world, device = setup_distributed(cfg.device)
     master = rank == 0
     torch.manual_seed(cfg.seed)  # the same initial weights and adapters on every process
-    random.seed(cfg.seed)
     dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    mod, raw, hf_config, tok, tok_path = load_model(cfg, device)
+    # lora / norm runs keep the frozen weights in the autocast dtype (half the memory, as torchtune does);
+    # whatever trains, and its AdamW state, is fp32
+    mod, raw, hf_config, tok, tok_path = load_model(cfg, device, dtype if cfg.mode in ("lora", "norm") else torch.float32)
     if cfg.seq_len > hf_config["max_position_embeddings"]:
         raise SystemExit(f"error: --seq_len {cfg.seq_len} exceeds the model's context of "
                          f"{hf_config['max_position_embeddings']} tokens")
@@ -588,6 +581,9 @@ def train(cfg: TrainConfig):
     max_steps = cfg.max_steps or max(1, len(train_rows) // rows_per_step)
 
     set_trainable(raw, cfg)
+    for p in raw.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
     ckpt_keys = checkpoint_keys(raw, everything=not cfg.ckpt_dir)
     if cfg.grad_checkpointing:  # keep only each block's input; recompute its activations during backward
         for block in raw.model.layers:
@@ -598,46 +594,44 @@ def train(cfg: TrainConfig):
         for block in raw.model.layers:  # one all-gather per block: only one block's full weights at a time
             fully_shard(block)
         fully_shard(raw)
-    elif world > 1:
-        # broadcast_buffers off: the only buffers are RoPE tables, identical everywhere; no sync per forward
+    elif world > 1:  # broadcast_buffers off: buffers (RoPE tables) are identical everywhere, no sync per forward
         model = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None,
                                                     broadcast_buffers=False)
-    optimizer = build_optimizer(raw, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    optimizer = build_optimizer(raw, cfg.lr, cfg.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, max_steps, cfg.min_lr_frac)
 
     os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_path, metrics_path = os.path.join(cfg.out_dir, CKPT_NAME), os.path.join(cfg.out_dir, "metrics.jsonl")
-    step, rows_seen = 0, 0
+    ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
+    step, rows_seen, good_ckpt = 0, 0, None
     if cfg.resume:
         meta = load_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys)
-        step, rows_seen = meta["step"], meta["rows_seen"]
-    if master:  # keep the log of the steps the checkpoint holds; later ones are redone
+        step, rows_seen, good_ckpt = meta["step"], meta["rows_seen"], ckpt_path
+    if master:  # keep the log of the steps the checkpoint holds; later ones will be redone
         old = [json.loads(line) for line in open(metrics_path)] if cfg.resume and os.path.exists(metrics_path) else []
         with open(metrics_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in old if r["step"] <= step)
         print(f"{cfg.model}: {len(train_rows)} train / {len(val_rows)} val rows of {cfg.seq_len} tokens, "
               f"{rows_per_step} rows per step, {max_steps} steps, mode {cfg.mode}, {world} process(es), {device}")
 
-    def log(record):
+    def log(record: dict, message: str = ""):
         if master:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if message:
+                tqdm.write(message)
 
-    def validate():
+    def validate(label: str):
         val_loss = evaluate(model, val_rows, cfg.eval_rows, cfg.batch_size, device, autocast, rank, world)
-        log({"step": step, "val_loss": val_loss})
-        return val_loss
+        log({"step": step, "val_loss": val_loss}, f"{label}: val loss {val_loss:.4f}")
 
     if step == 0:
-        val_loss = validate()
-        if master:
-            tqdm.write(f"val loss before training: {val_loss:.4f}")
-    bar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)
-    t0, good_ckpt = time.time(), ckpt_path if cfg.resume else None
+        validate("before training")
+    bar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)  # shows the ETA
+    t0 = time.time()
     try:
         while step < max_steps:
-            # One optimizer step = grad_accum micro-batches on each of `world` processes, taken from the data
-            # position; count the kept targets of the whole global batch first, to normalise every micro loss.
+            # One optimizer step = grad_accum micro-batches on each of `world` processes, read at the data position.
+            # Count the kept targets of the whole global batch first: every micro loss is divided by that count.
             indices = rows_at(len(train_rows), cfg.seed, rows_seen, rows_per_step)
             micro = [train_rows.batch(indices[(m * world + rank) * cfg.batch_size:][:cfg.batch_size])
                      for m in range(cfg.grad_accum)]
@@ -645,14 +639,14 @@ def train(cfg: TrainConfig):
             step_loss = torch.zeros((), device=device)
             for m, (x, y, d) in enumerate(micro):
                 x, y, d = x.to(device), y.to(device), d.to(device) if d is not None else None
-                # DDP all-reduces gradients only on the last micro-batch
+                # DDP all-reduces gradients only after the last micro-batch
                 sync = model.no_sync() if world > 1 and not cfg.fsdp and m < cfg.grad_accum - 1 \
                     else contextlib.nullcontext()
                 with sync, autocast:
                     loss = loss_sum(model, x, y, d) / n_targets.clamp(min=1)
-                    aux = getattr(raw, "aux_loss", None)  # auxiliary loss, for model files that expose one
+                    aux = getattr(raw, "aux_loss", None)  # e.g. nanollm's MoE balance loss of this forward
                     total = loss * world + (aux / cfg.grad_accum if torch.is_tensor(aux) else 0)
-                total.backward()  # (DDP and FSDP average gradients over processes, hence * world above)
+                total.backward()  # DDP and FSDP average gradients over processes: hence the `* world`
                 step_loss += loss.detach()
             step_loss = all_sum(step_loss).item()
             if not math.isfinite(step_loss):  # checked before the update: the weights are still the last good ones
@@ -663,30 +657,23 @@ def train(cfg: TrainConfig):
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            expert_load = None
-            if hasattr(raw, "update_router_biases"):  # nanollm's aux-loss-free MoE balancing (DeepSeek-V3)
-                for m in raw.modules():  # the expert loads of all processes, so every router bias moves alike
-                    if torch.is_tensor(getattr(m, "load", None)):
-                        all_sum(m.load)
-                expert_load = raw.update_router_biases()  # {layer: share of tokens per expert} of this step
             step, rows_seen = step + 1, rows_seen + rows_per_step
-
             dt, t0 = time.time() - t0, time.time()
             record = {"step": step, "loss": step_loss, "lr": lr, "tokens": rows_seen * cfg.seq_len,
                       "tok_per_s": rows_per_step * cfg.seq_len / dt}
-            if grad_norm is not None:
+            if grad_norm is not None:  # under FSDP a DTensor
                 record["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-            if expert_load:
-                record["expert_load"] = expert_load
-            log(record)
+            if hasattr(raw, "update_router_biases"):  # nanollm's aux-loss-free MoE balancing (DeepSeek-V3)
+                for m in raw.modules():  # sum the expert loads of all processes, so every router bias moves alike
+                    if torch.is_tensor(getattr(m, "load", None)):
+                        all_sum(m.load)
+                record["expert_load"] = raw.update_router_biases()  # {layer: share of tokens per expert}
+            log(record, memory_report(raw, optimizer, device) if step == 1 else "")
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{record['tok_per_s']:.0f}")
             bar.update(1)
-            if step == 1 and master:
-                tqdm.write(memory_report(raw, optimizer, device))
+
             if step % cfg.eval_every == 0 or step == max_steps:
-                val_loss = validate()
-                if master:
-                    tqdm.write(f"step {step}: train loss {step_loss:.4f}, val loss {val_loss:.4f}")
+                validate(f"step {step}")
             if step % cfg.ckpt_every == 0 or step == max_steps:
                 # a finite loss can still come with an update that overflowed: never save such weights
                 bad = sum(int((~torch.isfinite(p.to_local() if hasattr(p, "to_local") else p)).sum())
@@ -697,55 +684,48 @@ def train(cfg: TrainConfig):
                 save_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys, step=step, rows_seen=rows_seen,
                                 config=asdict(cfg))
                 good_ckpt = ckpt_path
-    except (torch.cuda.OutOfMemoryError, MemoryError) as e:
-        raise SystemExit(f"error: a batch of {cfg.batch_size} x {cfg.seq_len} tokens does not fit in memory "
-                         f"({type(e).__name__}); lower --batch_size and raise --grad_accum, or use "
-                         f"--grad_checkpointing / --mode lora") from None
+    except RuntimeError as e:  # CUDA's OutOfMemoryError is one; the CPU allocator raises a plain one
+        if "out of memory" not in str(e) and "can't allocate memory" not in str(e):
+            raise
+        raise SystemExit(f"error: a batch of {cfg.batch_size} x {cfg.seq_len} tokens does not fit in memory; "
+                         f"lower --batch_size and raise --grad_accum, or use --grad_checkpointing / --mode lora") \
+            from None
     bar.close()
 
     export_hf(model, cfg.out_dir, hf_config, tok_path, cfg.lora_alpha / cfg.lora_rank, cfg.save_dtype)
     if master:
         plot_losses(metrics_path, os.path.join(cfg.out_dir, "loss.png"))
-        tqdm.write(memory_report(raw, optimizer, device))
-        tqdm.write(f"saved {cfg.out_dir}/model.safetensors (+ config.json, tokenizer, {CKPT_NAME}, metrics.jsonl)")
-        if cfg.sample and world == 1:
-            raw.eval()
-            prompt = mod.encode_chat(tok, [{"role": "user", "content": cfg.sample}], add_generation_prompt=True)
-            tqdm.write(f"sample> {cfg.sample}\n{tok.decode(raw.generate([prompt], max_new_tokens=96)[0])}")
+        tqdm.write(f"{memory_report(raw, optimizer, device)}\nsaved {cfg.out_dir}/model.safetensors "
+                   f"(+ config.json, tokenizer files, ckpt.pt, metrics.jsonl)")
+    if cfg.sample and world == 1:  # a sharded model cannot generate on one process
+        raw.eval()
+        prompt = mod.encode_chat(tok, [{"role": "user", "content": cfg.sample}], add_generation_prompt=True)
+        print(f"sample> {cfg.sample}\n{tok.decode(raw.generate([prompt], max_new_tokens=96)[0])}")
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------
-# Command line
+# Command line: `finetune.py [--flag value ...]` trains; `finetune.py prepare FILES ...` writes shards
 
 
-def parse_config(argv: list[str]) -> TrainConfig:
-    p = argparse.ArgumentParser(description="Fine-tune or train a model file; see the module docstring.")
-    for f in fields(TrainConfig):
-        if f.type is bool:
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            p.add_argument(f"--{f.name}", type=f.type, default=f.default)
+def main(argv: list[str]):
+    p = argparse.ArgumentParser(description="Fine-tune or train a model file (see the module docstring).")
+    if argv[:1] == ["prepare"]:
+        p.add_argument("files", nargs="+")
+        p.add_argument("--tokenizer", required=True)
+        p.add_argument("--out_dir", required=True)
+        p.add_argument("--val_frac", type=float, default=0.01)
+        return prepare(**vars(p.parse_args(argv[1:])))
+    for f in fields(TrainConfig):  # one flag per config field
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
+        p.add_argument(f"--{f.name}", default=f.default, **kind)
     cfg = TrainConfig(**vars(p.parse_args(argv)))
     if cfg.mode not in ("full", "lora", "norm", "frozen_embed"):
         raise SystemExit(f"error: unknown --mode {cfg.mode!r}; choose full, lora, norm or frozen_embed")
     if not cfg.data:
         raise SystemExit("error: --data is required (text/chat files or a folder of shards)")
-    return cfg
-
-
-def main(argv: list[str]):
-    if argv[:1] == ["prepare"]:
-        p = argparse.ArgumentParser(prog="finetune.py prepare", description="Tokenize text files into shards.")
-        p.add_argument("files", nargs="+")
-        p.add_argument("--tokenizer", required=True)
-        p.add_argument("--out_dir", required=True)
-        p.add_argument("--val_frac", type=float, default=0.01)
-        a = p.parse_args(argv[1:])
-        prepare(a.tokenizer, a.out_dir, a.files, a.val_frac)
-    else:
-        train(parse_config(argv))
+    train(cfg)
 
 
 if __name__ == "__main__":
