@@ -302,11 +302,13 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT; B = 0 makes the adapter start as a no-op
 
     def forward(self, x):
+        # two thin matmuls, (x A^T) B^T: r * (in + out) multiply-adds per token instead of forming B A (in * out)
         return super().forward(x) + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str]) -> list[str]:
     """Swap every nn.Linear whose last name part is in targets for a LoRALinear; freeze all but the adapters."""
+    # `type(m) is nn.Linear`: a LoRALinear is never wrapped twice
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear and n.rsplit(".", 1)[-1] in targets]
     if not names:
         raise SystemExit(f"error: no linear layer named {targets} in the model for LoRA")
@@ -322,8 +324,8 @@ def merge_lora_state_dict(state: dict, scale: float) -> dict:
     """Fold adapters into their weights: W + scale * B @ A, and drop lora_A/lora_B (the HF layout again)."""
     for key in [k for k in state if k.endswith(".lora_A")]:
         prefix = key[:-len("lora_A")]
-        a, b = state.pop(key), state.pop(prefix + "lora_B")
-        state[prefix + "weight"] = state[prefix + "weight"] + scale * (b.float() @ a.float()).to(a.dtype)
+        a, b = state.pop(key), state.pop(prefix + "lora_B")  # fp32 sum: a bf16 weight would round the update away
+        state[prefix + "weight"] = state[prefix + "weight"].float() + scale * (b.float() @ a.float())
     return state
 
 
@@ -357,12 +359,13 @@ def build_scheduler(optimizer, warmup_steps: int, max_steps: int, min_lr_frac: f
             return (step + 1) / warmup_steps
         progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
         return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)  # its state is the step count: checkpointed
 
 
 def loss_sum(model, x, y, doc_ids) -> torch.Tensor:
     """Summed cross-entropy over the kept targets: the caller divides by the global count of kept targets."""
     logits = model(x, doc_ids=doc_ids)  # (B, T, vocab)
+    # softmax in fp32 whatever the autocast dtype, as HF's loss does; the sum keeps micro-batches additive
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
@@ -404,6 +407,8 @@ def checkpoint_keys(model: nn.Module, everything: bool) -> set[str]:
 def save_checkpoint(path: str, model, optimizer, scheduler, keys: set[str], **meta):
     """Every process must call this (FSDP gathers shards); rank 0 writes model[keys], optimizer, scheduler,
     every process's RNG state and `meta` (step, data position, config...)."""
+    # Full (unsharded) state dicts keyed by parameter name: a plain, DDP or FSDP run writes the same file, so a
+    # run can resume on another number of processes (DCP's state_dict helpers hide the wrappers).
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = {k: v for k, v in get_model_state_dict(model, options=opts).items() if k in keys}
     optim_state = get_optimizer_state_dict(model, optimizer, options=opts)
@@ -429,7 +434,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler, keys: set[str]) -> d
     if not os.path.isfile(path):
         raise SystemExit(f"error: --resume but no checkpoint at {path}")
     state = torch.load(path, map_location="cpu", weights_only=False)
-    if set(state["model"]) != keys:
+    if set(state["model"]) != keys:  # e.g. a LoRA checkpoint given to a full run
         raise SystemExit(f"error: {path} was saved with another model or --mode; resume with the same flags")
     opts = StateDictOptions(full_state_dict=True, strict=False)  # strictness: the key check above
     set_model_state_dict(model, state["model"], options=opts)
