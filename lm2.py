@@ -214,12 +214,22 @@ class KVCache(nn.Module):
 
 
 class MemoryCache(nn.Module):
-    """Decoding state of one memory block: the bank as of the last completed segment, and the normed inputs
-    of the tokens of the segment in progress (the write needs all of them once the segment completes)."""
-    def __init__(self, bank, batch_size, segment_len):
+    """Decoding state of one memory block: the bank as of the last completed segment with its keys and
+    values (projected once per segment, not once per token: they are most of the read's cost), and the
+    normed inputs of the segment in progress (the write needs all of them once the segment completes)."""
+    def __init__(self, state, segment_len):
         super().__init__()
-        self.register_buffer("bank", bank.detach().expand(batch_size, -1, -1).clone(), persistent=False)
-        self.register_buffer("seg_h", bank.new_zeros(batch_size, segment_len, bank.shape[1]), persistent=False)
+        for name, t in zip(("bank", "k", "v"), state):
+            self.register_buffer(name, t.detach().clone(), persistent=False)
+        B, _, d = self.bank.shape
+        self.register_buffer("seg_h", self.bank.new_zeros(B, segment_len, d), persistent=False)
+
+    def state(self):
+        return self.bank, self.k, self.v
+
+    def update(self, state):
+        for buf, t in zip(self.state(), state):
+            buf.copy_(t)
 
 # -----------------------------------------------------------------------------
 # attention and MLP (Llama, names as the HF checkpoint)
@@ -312,31 +322,39 @@ class Memory(nn.Module):
     def _merge(self, x):  # (B, heads, L, d / heads) -> (B, L, d)
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
 
-    def read(self, h, mem, fresh=None):
-        """Gated memory output (B, T, d). fresh (B, T): tokens whose document began after `mem` was written
-        read the initial bank instead (packed training rows)."""
+    def state(self, bank):
+        """The state a segment reads: the bank (B, N, d) and its keys and values (B, heads, N, d / heads)."""
+        return bank, self._heads(self.k_proj(bank)), self._heads(self.v_proj(bank))
+
+    def initial_state(self, batch_size):
+        return self.state(self.bank.expand(batch_size, -1, -1))
+
+    def read(self, h, state, fresh=None):
+        """Gated memory output (B, T, d). fresh (B, T): tokens whose document began after the state's bank
+        was written read the initial bank instead (packed training rows)."""
         q = self._heads(self.q_proj(h))
 
-        def attend(m):
-            e = self._merge(F.scaled_dot_product_attention(q, self._heads(self.k_proj(m)), self._heads(self.v_proj(m))))
+        def attend(k, v):
+            e = self._merge(F.scaled_dot_product_attention(q, k, v))  # softmax over slots: E_mem (B, T, d)
             return torch.sigmoid(self.out_gate(e)) * e  # E_gated = g_out * E_mem
 
-        out = attend(mem)
+        out = attend(*state[1:])
         if fresh is not None:
-            out = torch.where(fresh[..., None], attend(self.bank.expand(h.shape[0], -1, -1)), out)
+            out = torch.where(fresh[..., None], attend(*self.initial_state(h.shape[0])[1:]), out)
         return out
 
-    def write(self, h, mem, token_mask=None, fresh=None):
-        """Bank after a segment whose normed inputs are h (B, T, d). token_mask (B, T): the tokens that may be
-        written (the document that continues); fresh (B,): that document began in this segment."""
+    def write(self, h, state, token_mask=None, fresh=None):
+        """State after a segment whose normed inputs are h (B, T, d). token_mask (B, T): the tokens that may
+        be written (the document that continues); fresh (B,): that document began in this segment."""
         if fresh is not None:
-            mem = torch.where(fresh[:, None, None], self.bank, mem)
+            state = [torch.where(fresh.view(-1, *[1] * (t.dim() - 1)), t0, t)
+                     for t0, t in zip(self.initial_state(h.shape[0]), state)]
+        mem, k = state[0], state[1]
         mask = None if token_mask is None else token_mask[:, None, None, :]  # (B, 1, 1, T)
         # the read's score with the roles swapped: slots are the queries, softmax runs over tokens
-        e = F.scaled_dot_product_attention(self._heads(self.k_proj(mem)), self._heads(self.q_proj(h)),
-                                           self._heads(h), attn_mask=mask)
-        e = self._merge(e)  # (B, N, d) = E~
-        return torch.sigmoid(self.in_gate(e)) * torch.tanh(e) + torch.sigmoid(self.forget_gate(e)) * mem
+        e = self._merge(F.scaled_dot_product_attention(k, self._heads(self.q_proj(h)), self._heads(h), attn_mask=mask))
+        # e: (B, N, d) = E~
+        return self.state(torch.sigmoid(self.in_gate(e)) * torch.tanh(e) + torch.sigmoid(self.forget_gate(e)) * mem)
 
 # -----------------------------------------------------------------------------
 # decoder block
@@ -357,7 +375,7 @@ class Block(nn.Module):
         a, past = self.self_attn(h, cos, sin, mask, past, input_pos)
         x = x + a
         if self.memory is not None:  # paper Fig. 1: the memory flow joins beside the attention output
-            x = x + self.memory.read(h, mem, fresh)
+            x = x + self.memory.read(h, mem, fresh)  # mem: the state of Memory.state
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, h, past
 
@@ -410,12 +428,12 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(tokens)
         cos, sin = rope_cos_sin(a, pos, x.dtype)
         past = [None] * len(layers)
-        mems = [l.memory.bank.expand(B, -1, -1) if l.memory is not None else None for l in layers]
+        mems = [l.memory.initial_state(B) if l.memory is not None else None for l in layers]
         k0, outs = 0, []  # k0: row index of the oldest key kept in `past`
         for s0 in range(0, T, S):
             s1 = min(s0 + S, T)
             if a.bptt_segments and s0 and (s0 // S) % a.bptt_segments == 0:  # truncated BPTT: no gradient
-                mems = [m.detach() if m is not None else None for m in mems]  # crosses this boundary, neither
+                mems = [m if m is None else tuple(t.detach() for t in m) for m in mems]  # crosses it, neither
                 past = [(k.detach(), v.detach()) for k, v in past]  # through the banks nor the kept keys
             docs = doc_ids[:, k0:s1] if doc_ids is not None else None
             mask = attention_mask(idx[s0:s1], idx[k0:s1], a.attn_window,
@@ -443,7 +461,7 @@ class Transformer(nn.Module):
             layer.self_attn.kv_cache = KVCache(batch_size, self.args.n_kv_heads, max_seq_len, self.args.head_dim,
                                                p.dtype, p.device)
             if layer.memory is not None:
-                layer.mem_cache = MemoryCache(layer.memory.bank, batch_size, self.args.segment_len)
+                layer.mem_cache = MemoryCache(layer.memory.initial_state(batch_size), self.args.segment_len)
 
     def clear_cache(self):
         for layer in self.model.layers:
@@ -463,11 +481,11 @@ class Transformer(nn.Module):
         mask = attention_mask(pos, torch.arange(input_pos + T, device=pos.device), self.args.attn_window)
         for layer in self.model.layers:
             c = layer.mem_cache
-            x, h, _ = layer(x, cos, sin, mask, mem=c.bank if c is not None else None, input_pos=pos)
+            x, h, _ = layer(x, cos, sin, mask, mem=c.state() if c is not None else None, input_pos=pos)
             if c is not None:
                 c.seg_h[:, pos % S] = h
                 if (input_pos + T) % S == 0:
-                    c.bank.copy_(layer.memory.write(c.seg_h, c.bank))
+                    c.update(layer.memory.write(c.seg_h, c.state()))
         return self.logits(x)
 
     @classmethod

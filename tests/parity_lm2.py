@@ -202,10 +202,10 @@ def test_memory_read_written_out():
             s = (h[b] @ Wq[:, c]) @ (M[b] @ Wk[:, c]).T / math.sqrt(d // H)  # (T, N)
             out[b, :, c] = torch.softmax(s, dim=1) @ (M[b] @ Wv[:, c])  # softmax over slots
     expected = torch.sigmoid(out @ Wo) * out  # g_out * E_mem
-    torch.testing.assert_close(mem.read(h, M), expected, **TOL)
+    torch.testing.assert_close(mem.read(h, mem.state(M)), expected, **TOL)
     fresh = torch.tensor([[True] * 3 + [False] * 4, [False] * 7])  # fresh tokens read M_0 instead
-    got = mem.read(h, M, fresh)
-    torch.testing.assert_close(got[0, :3], mem.read(h, mem.bank.expand(2, -1, -1))[0, :3], **TOL)
+    got = mem.read(h, mem.state(M), fresh)
+    torch.testing.assert_close(got[0, :3], mem.read(h, mem.initial_state(2))[0, :3], **TOL)
     torch.testing.assert_close(got[:, 3:], expected[:, 3:], **TOL)
 
 
@@ -222,10 +222,14 @@ def test_memory_write_written_out():
             s = s.masked_fill(~keep[b, :, None], float("-inf"))
             E[b, :, c] = torch.softmax(s, dim=0).T @ h[b, :, c]  # softmax over tokens: slot i's view
     g_in, g_f = torch.sigmoid(mem.in_gate(E)), torch.sigmoid(mem.forget_gate(E))
-    torch.testing.assert_close(mem.write(h, M, keep), g_in * torch.tanh(E) + g_f * M, **TOL)
+    new = mem.write(h, mem.state(M), keep)
+    torch.testing.assert_close(new[0], g_in * torch.tanh(E) + g_f * M, **TOL)
+    for a, b in zip(new, mem.state(new[0])):  # the new bank comes with its keys and values
+        torch.testing.assert_close(a, b, **TOL)
     # a document that began in this segment is written on top of M_0, not on the other document's bank
     fresh = torch.tensor([True, False])
-    torch.testing.assert_close(mem.write(h, M, keep, fresh)[0], mem.write(h, mem.bank.expand(2, -1, -1), keep)[0], **TOL)
+    torch.testing.assert_close(mem.write(h, mem.state(M), keep, fresh)[0][0],
+                               mem.write(h, mem.initial_state(2), keep)[0][0], **TOL)
 
 
 def test_gates_in_range_and_memory_bounded():
@@ -236,8 +240,8 @@ def test_gates_in_range_and_memory_bounded():
     M = mem.bank.expand(3, -1, -1)
     for step in range(20):  # large inputs saturate the gates; the bank must stay bounded
         h = torch.randn(3, 9, 64) * 10
-        mem.read(h, M)
-        M_next = mem.write(h, M)
+        mem.read(h, mem.state(M))
+        M_next = mem.write(h, mem.state(M))[0]
         for name, o in pre.items():
             g = torch.sigmoid(o)
             assert g.min() >= 0 and g.max() <= 1 and torch.isfinite(g).all(), name
@@ -246,7 +250,7 @@ def test_gates_in_range_and_memory_bounded():
         M = M_next
     assert torch.isfinite(M).all()
     fresh = lm2.Memory(args_tiny(mem_slots=5))  # fresh: E_mem = 0, so g_out = 1/2 and the output is 0
-    assert fresh.read(torch.randn(1, 4, 64), fresh.bank[None]).abs().max() == 0
+    assert fresh.read(torch.randn(1, 4, 64), fresh.initial_state(1)).abs().max() == 0
 
 # ---------------------------------------------------------------- segments, causality, documents
 
