@@ -7,6 +7,7 @@ cached decoding (naive and absorbed MLA) vs recomputation, dispatched MoE vs a d
 packed documents vs separate runs. fp32 throughout; tolerances are stated where used.
 Run: python -m pytest -q tests/parity_nanollm.py
 """
+import json
 import sys
 from pathlib import Path
 
@@ -235,3 +236,15 @@ def test_doc_ids_equal_separate_documents():
     assert torch.equal(positions[0], torch.cat([torch.arange(len(d)) for d in docs]))
     logits = model(packed, doc_ids=doc_ids)[0]
     torch.testing.assert_close(logits, torch.cat([model(d[None])[0] for d in docs]), **TOL)
+
+
+def test_our_checkpoint_loads_in_transformers(tmp_path):
+    """The other direction: state_dict + to_hf_config, as finetune.py saves them, read by DeepseekV3ForCausalLM."""
+    from safetensors.torch import save_file
+
+    model = randomize(N.Transformer(N.ModelArgs(moe_layers=(1, 2, 3), rope_interleave=False)), seed=7).eval()
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(model.args.to_hf_config()))
+    ref = DeepseekV3ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    tokens = torch.randint(0, model.args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(model(tokens), ref(tokens).logits, **TOL)

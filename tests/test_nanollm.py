@@ -32,7 +32,8 @@ def tiny(seed=0, **overrides):
 def params_by_formula(a: N.ModelArgs) -> int:
     """DeepSeek-V3 parameter count from the config alone, independent of the module code."""
     qk = a.qk_nope_head_dim + a.qk_rope_head_dim
-    q = a.dim * a.q_lora_rank + a.q_lora_rank + a.q_lora_rank * a.n_heads * qk if a.q_lora_rank else a.dim * a.n_heads * qk
+    r = a.q_lora_rank
+    q = a.dim * r + r + r * a.n_heads * qk if r else a.dim * a.n_heads * qk
     attn = q + a.dim * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank \
         + a.kv_lora_rank * a.n_heads * (a.qk_nope_head_dim + a.v_head_dim) + a.n_heads * a.v_head_dim * a.dim
     moe = 3 * a.dim * a.moe_inter_dim * (a.n_shared_experts + a.n_routed_experts) + a.n_routed_experts * a.dim
@@ -212,7 +213,7 @@ def test_load_errors_are_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="finetune.py"):
         N.Transformer.from_pretrained(tmp_path / "missing")
     save(tiny(), tmp_path / "bad", intermediate_size=100)
-    with pytest.raises(ValueError, match=r"mlp.down_proj.weight has shape \(64, 128\), config.json implies \(64, 100\)"):
+    with pytest.raises(ValueError, match=r"down_proj.weight has shape \(64, 128\), config.json implies \(64, 100\)"):
         N.Transformer.from_pretrained(tmp_path / "bad")
 
 
