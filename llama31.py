@@ -27,7 +27,8 @@ Usage:
     python llama31.py --prompt "Why is the sky blue?"
     python llama31.py --interactive --ckpt_dir checkpoints/Llama-3.2-1B-Instruct
     python llama31.py --ckpt_dir checkpoints/Llama-3.2-1B --prompt "The capital of France is" --temperature 0
-    python download.py llama3.1-8b-instruct --meta && python llama31.py --ckpt_dir checkpoints/Llama-3.1-8B-Instruct-meta
+    python download.py llama3.1-8b-instruct --meta      # Meta's consolidated.00.pth format instead
+    python llama31.py --ckpt_dir checkpoints/Llama-3.1-8B-Instruct-meta --prompt "Why is the sky blue?"
 """
 
 import codecs
@@ -83,30 +84,23 @@ class ModelArgs:
         if base not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)} (+ -instruct)")
         args = cls.from_meta_params(PRESETS[base])
-        if name.lower().endswith("-instruct"):
+        if base != name.lower():
             args.stop_tokens = (END_OF_TEXT, EOM, EOT)
         return args
 
     @classmethod
     def from_meta_params(cls, params: dict) -> "ModelArgs":
         """From Meta's params.json (dim, n_layers, ..., multiple_of, ffn_dim_multiplier, use_scaled_rope)."""
-        # Meta's params.json carries no scale factor. llama-models hard-codes 8, right for 3.1 but not for the
-        # 3.2 1B/3B, whose HF config.json says 32 (llama-models#241): those are the only 2048/3072-wide ones,
-        # and also the only ones with a tied output head.
-        small_32 = params["dim"] in (2048, 3072)
-        scaled = params.get("use_scaled_rope", False)
-        return cls(
-            dim=params["dim"],
-            n_layers=params["n_layers"],
-            n_heads=params["n_heads"],
-            n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
-            hidden_dim=ffn_hidden_dim(params["dim"], params["multiple_of"], params.get("ffn_dim_multiplier")),
-            vocab_size=params.get("vocab_size", 128256),
-            norm_eps=params.get("norm_eps", 1e-5),
-            rope_theta=float(params.get("rope_theta", 500000.0)),
-            rope_factor=(params.get("rope_scaling_factor") or (32.0 if small_32 else 8.0)) if scaled else None,
-            tie_embeddings=small_32,
-        )
+        # params.json has no scale factor: llama-models hard-codes 8, right for 3.1 but not for 3.2 1B/3B,
+        # whose HF config.json says 32 (llama-models#241). Those two are the only Llama 3 models 2048 or 3072
+        # wide, and the only ones with a tied output head.
+        small = params["dim"] in (2048, 3072)
+        return cls(dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
+                   n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
+                   hidden_dim=ffn_hidden_dim(params["dim"], params["multiple_of"], params.get("ffn_dim_multiplier")),
+                   vocab_size=params["vocab_size"], norm_eps=params["norm_eps"], rope_theta=params["rope_theta"],
+                   rope_factor=(32.0 if small else 8.0) if params.get("use_scaled_rope") else None,
+                   tie_embeddings=small)
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
@@ -121,25 +115,18 @@ class ModelArgs:
             raise NotImplementedError("head_dim != hidden_size / num_attention_heads is not a Llama 3 shape")
         if cfg.get("attention_bias") or cfg.get("mlp_bias") or cfg.get("hidden_act", "silu") != "silu":
             raise NotImplementedError("biases or a non-SiLU activation are not part of Llama 3")
-        eos = cfg.get("eos_token_id", END_OF_TEXT)
         llama3 = rope_type == "llama3"
-        return cls(
-            dim=dim,
-            n_layers=cfg["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            hidden_dim=cfg["intermediate_size"],
-            vocab_size=cfg["vocab_size"],
-            norm_eps=cfg.get("rms_norm_eps", 1e-6),  # LlamaConfig's defaults where a key is absent
-            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-            rope_factor=float(rope["factor"]) if llama3 else None,
-            rope_low_freq_factor=float(rope["low_freq_factor"]) if llama3 else 1.0,
-            rope_high_freq_factor=float(rope["high_freq_factor"]) if llama3 else 4.0,
-            rope_original_context=rope["original_max_position_embeddings"] if llama3 else 8192,
-            context_len=cfg.get("max_position_embeddings", 2048),
-            tie_embeddings=cfg.get("tie_word_embeddings", False),
-            stop_tokens=tuple(eos) if isinstance(eos, list) else (eos,),
-        )
+        return cls(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+                   n_kv_heads=cfg.get("num_key_value_heads") or n_heads, hidden_dim=cfg["intermediate_size"],
+                   vocab_size=cfg["vocab_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),  # LlamaConfig defaults
+                   rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+                   rope_factor=float(rope["factor"]) if llama3 else None,
+                   rope_low_freq_factor=float(rope["low_freq_factor"]) if llama3 else 1.0,
+                   rope_high_freq_factor=float(rope["high_freq_factor"]) if llama3 else 4.0,
+                   rope_original_context=rope["original_max_position_embeddings"] if llama3 else 8192,
+                   context_len=cfg.get("max_position_embeddings", 2048),
+                   tie_embeddings=cfg.get("tie_word_embeddings", False),
+                   stop_tokens=token_ids(cfg.get("eos_token_id", END_OF_TEXT)))
 
     def to_hf_config(self) -> dict:
         """A config.json that both this file and transformers' LlamaForCausalLM load."""
@@ -147,17 +134,18 @@ class ModelArgs:
             "rope_type": "llama3", "factor": self.rope_factor, "low_freq_factor": self.rope_low_freq_factor,
             "high_freq_factor": self.rope_high_freq_factor,
             "original_max_position_embeddings": self.rope_original_context}
-        return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "hidden_size": self.dim, "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim, "intermediate_size": self.hidden_dim,
-            "vocab_size": self.vocab_size, "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
-            "rope_scaling": rope_scaling, "max_position_embeddings": self.context_len,
-            "tie_word_embeddings": self.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
-            "mlp_bias": False, "bos_token_id": BOS,
-            "eos_token_id": list(self.stop_tokens) if len(self.stop_tokens) > 1 else self.stop_tokens[0],
-            "torch_dtype": "bfloat16",
-        }
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.dim,
+                "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
+                "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
+                "intermediate_size": self.hidden_dim, "vocab_size": self.vocab_size, "rms_norm_eps": self.norm_eps,
+                "rope_theta": self.rope_theta, "rope_scaling": rope_scaling,
+                "max_position_embeddings": self.context_len, "tie_word_embeddings": self.tie_embeddings,
+                "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "bos_token_id": BOS,
+                "eos_token_id": list(self.stop_tokens), "torch_dtype": "bfloat16"}
+
+
+def token_ids(x) -> tuple[int, ...]:
+    return tuple(x) if isinstance(x, list) else (x,)  # HF configs give one eos id or a list
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -230,14 +218,10 @@ def rope_cos_sin(inv_freq, pos, dtype):
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x, cos, sin):
     """x (B, n_heads, T, hd): rotate each pair (x_i, x_{i+hd/2}) by its position's angle."""
-    return x * cos + rotate_half(x) * sin
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin  # HF's rotate_half: (x1, x2) -> (-x2, x1)
 
 
 class KVCache(nn.Module):
@@ -338,7 +322,7 @@ class Llama(nn.Module):
     def trunk(self, tokens, pos, mask, input_pos=None):
         """tokens (B, T), pos (B, T) RoPE positions -> final-normed hidden states (B, T, dim)."""
         x = self.model.embed_tokens(tokens)
-        cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)
+        cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)  # computed once, shared by every layer
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, input_pos)
         return self.model.norm(x)
@@ -359,7 +343,7 @@ class Llama(nn.Module):
             starts = torch.ones_like(doc_ids, dtype=torch.bool)
             starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
             pos = idx - torch.where(starts, idx, 0).cummax(dim=1).values  # distance to own document start
-            same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+            same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
             mask = (same_doc & torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()).unsqueeze(1)
         return self.lm_head(self.trunk(tokens, pos, mask))
 
@@ -377,10 +361,6 @@ class Llama(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.cache = None
 
-    def cache_shape(self) -> tuple[int, int] | None:
-        cache = self.model.layers[0].self_attn.cache
-        return None if cache is None else (cache.k.size(0), cache.k.size(2))
-
     def forward_cached(self, tokens, input_pos, pad):
         """Run tokens (B, T) into cache slots input_pos (T,); return the last position's logits (B, vocab).
 
@@ -388,57 +368,53 @@ class Llama(nn.Module):
         reads the whole preallocated cache, as gpt-fast: shapes never change, so a compiled decode step is
         reused every step; the mask hides padding and slots not yet written.
         """
-        S = self.model.layers[0].self_attn.cache.k.size(2)
+        slots = torch.arange(self.model.layers[0].self_attn.cache.k.size(2), device=tokens.device)  # (S,)
         pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
-        slots = torch.arange(S, device=tokens.device)
         mask = (slots <= input_pos[:, None]) & (slots >= pad[:, None, None])  # (B, T, S)
         # subtle: a padding slot's query sees no key of its row. Let it see itself: an all-False mask row makes
         # SDPA return NaN, which the next layer would write into the cache, and 0 weight * NaN is still NaN.
         mask |= slots == input_pos[:, None]
         h = self.trunk(tokens, pos, mask.unsqueeze(1), input_pos)
-        return self.lm_head(h[:, -1])  # only the last position is needed to pick the next token
+        return self.lm_head(h[:, -1])  # only the last position goes through the 128256-wide head
 
     # -------------------------------------------------------------------------
     # Loading
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, device=None, dtype=None, max_seq_len: int | None = None) -> "Llama":
-        """Load an HF checkpoint (config.json + safetensors, sharded or not) or Meta's (params.json +
-        consolidated.NN.pth). dtype None keeps the checkpoint's (bf16 for Meta's releases); max_seq_len None
+        """An HF checkpoint folder (config.json + safetensors, sharded or not) or Meta's (params.json +
+        consolidated.NN.pth). dtype None keeps the checkpoint's (bf16 in Meta's releases); max_seq_len None
         is 8192, or the model's context if shorter."""
-        ckpt_dir = Path(ckpt_dir)
-        device = torch.device(device or "cpu")
+        ckpt_dir, device = Path(ckpt_dir), torch.device(device or "cpu")
         fmt, files = checkpoint_files(ckpt_dir)
         if fmt == "hf":
             args = ModelArgs.from_hf_config(json.loads((ckpt_dir / "config.json").read_text()))
             gen = ckpt_dir / "generation_config.json"  # HF generate stops at its eos ids: so do we
-            if gen.is_file() and "eos_token_id" in (eos := json.loads(gen.read_text())):
-                args.stop_tokens = tuple(eos["eos_token_id"]) if isinstance(eos["eos_token_id"], list) \
-                    else (eos["eos_token_id"],)
+            if gen.is_file() and "eos_token_id" in (gen_cfg := json.loads(gen.read_text())):
+                args.stop_tokens = token_ids(gen_cfg["eos_token_id"])
         else:
             args = ModelArgs.from_meta_params(json.loads((ckpt_dir / "params.json").read_text()))
-            if "instruct" in ckpt_dir.name.lower():  # params.json does not say; Meta names the folders
+            if "instruct" in ckpt_dir.name.lower():  # params.json does not say; Meta's folder names do
                 args.stop_tokens = (END_OF_TEXT, EOM, EOT)
-        max_seq_len = max_seq_len or min(8192, args.context_len)
-        if not 0 < max_seq_len <= args.context_len:
+        args.max_seq_len = max_seq_len or min(8192, args.context_len)
+        if not 0 < args.max_seq_len <= args.context_len:
             raise ValueError(f"max_seq_len must be in 1..{args.context_len}, got {max_seq_len}")
-        args.max_seq_len = max_seq_len
         # Build on the meta device (shapes only, no memory), then assign the loaded tensors into place: the
         # memory-mapped checkpoint tensors become the weights when device and dtype already match.
         with torch.device("meta"):
             model = cls(args)
         state = load_hf(files, device, dtype) if fmt == "hf" else load_meta(files, args, device, dtype)
-        expected = model.state_dict()
         if args.tie_embeddings:  # the one key a tied checkpoint may lack (or hold a redundant copy of)
             state["lm_head.weight"] = state.get("model.embed_tokens.weight")
-        missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+        expected = model.state_dict()
+        missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
         if missing or unexpected:
-            raise ValueError(f"{ckpt_dir} does not match its config: missing {sorted(missing)[:3]}, "
-                             f"unexpected {sorted(unexpected)[:3]}")
+            raise ValueError(f"{ckpt_dir} does not match its config: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
         for name, p in expected.items():
-            if state[name] is None or state[name].shape != p.shape:
-                got = None if state[name] is None else tuple(state[name].shape)
-                raise ValueError(f"{ckpt_dir}: {name} has shape {got} but the config gives {tuple(p.shape)}")
+            if getattr(state[name], "shape", None) != p.shape:
+                raise ValueError(f"{ckpt_dir}: {name} has shape {tuple(getattr(state[name], 'shape', ()))} "
+                                 f"but the config gives {tuple(p.shape)}")
         model.load_state_dict(state, strict=True, assign=True)
         if args.tie_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight  # assign=True made two Parameters: re-tie
@@ -456,13 +432,12 @@ class Llama(nn.Module):
 
         temperature 0 is greedy. stop_tokens None stops at the model's own (args.stop_tokens), [] never early.
         stream(row, token) is called for every returned token as soon as it is sampled. The KV cache is
-        allocated here and freed after, unless the caller set up one large enough (benchmarks, torch.compile).
+        allocated here, as long as this call needs, and freed after, unless the caller set up one large
+        enough (benchmarks do, so that a compiled decode step always sees the same buffers).
         """
         check_sampling(temperature, top_k, top_p)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+        if max_new_tokens < 1 or not prompts or not all(prompts):
+            raise ValueError("need max_new_tokens >= 1 and at least one token in every prompt")
         stop = set(self.args.stop_tokens if stop_tokens is None else stop_tokens)
         B, longest = len(prompts), max(len(p) for p in prompts)
         total = longest + max_new_tokens
@@ -473,28 +448,22 @@ class Llama(nn.Module):
         # Left-pad so every row's last prompt token sits in the same slot: one decode step serves all rows.
         pad = torch.tensor([longest - len(p) for p in prompts], device=device)
         tokens = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=device).manual_seed(seed)
-        shape = self.cache_shape()
-        own_cache = shape is None or shape[0] != B or shape[1] < total
+        generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        cache = self.model.layers[0].self_attn.cache
+        own_cache = cache is None or cache.k.size(0) != B or cache.k.size(2) < total
         if own_cache:
             self.setup_cache(B, total)
-        out = [[] for _ in range(B)]
-        done = [False] * B
+        out, done = [[] for _ in range(B)], [False] * B
         try:
-            logits = self.forward_cached(tokens, torch.arange(longest, device=device), pad)
+            logits = self.forward_cached(tokens, torch.arange(longest, device=device), pad)  # prefill
             for step in range(max_new_tokens):
                 next_tok = sample(logits, temperature, top_k, top_p, generator)  # (B,)
                 for b, t in enumerate(next_tok.tolist()):
-                    if done[b]:
-                        continue
-                    if t in stop:
-                        done[b] = True
-                        continue
-                    out[b].append(t)
-                    if stream is not None:
-                        stream(b, t)
+                    done[b] = done[b] or t in stop  # a finished row keeps decoding (batch shape) but is ignored
+                    if not done[b]:
+                        out[b].append(t)
+                        if stream is not None:
+                            stream(b, t)
                 if all(done) or step == max_new_tokens - 1:
                     break
                 logits = self.forward_cached(next_tok[:, None], torch.tensor([longest + step], device=device), pad)
@@ -708,23 +677,24 @@ def stream_printer(tokenizer: Tokenizer):
 def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/Llama-3.1-8B-Instruct", max_new_tokens: int = 256,
          temperature: float = 0.6, top_p: float = 0.9, top_k: int | None = None, device: str | None = None,
          dtype: str | None = None, seed: int | None = None, chat: bool | None = None, interactive: bool = False,
-         max_seq_len: int = 8192):
+         max_seq_len: int | None = None):
     """Generate from Llama 3.1 / 3.2. Instruct checkpoints wrap the prompt in the chat template (--chat False
-    to send it raw); base checkpoints get <|begin_of_text|> + the prompt, verbatim.
+    sends it raw); base checkpoints get <|begin_of_text|> + the prompt, verbatim.
 
-    --device defaults to cuda when available, else cpu; --dtype to the checkpoint's (bfloat16 for Meta's
-    releases: 16 GB for 8B, where float32 would need 32 GB). temperature 0.6 / top_p 0.9 are Meta's defaults.
+    --device: cuda when available, else cpu. --dtype: the checkpoint's (bfloat16 in Meta's releases: 16 GB
+    for 8B, where float32 needs 32 GB). --max_seq_len: prompt + reply budget, 8192 by default, up to 131072.
+    temperature 0.6 and top_p 0.9 are the defaults of Meta's generation_config.json.
     """
-    try:
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    try:  # everything a user can get wrong is checked before the (slow) load, and reported in one line
         check_sampling(temperature, top_k, top_p)
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise ValueError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
         if prompt is None and not interactive:
             raise ValueError('give --prompt "..." or --interactive')
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda was requested but no CUDA device is available; use --device cpu")
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
         if dtype is not None and dtype not in dtypes:
             raise ValueError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype}")
         t0 = time.time()
@@ -732,8 +702,7 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/Llama-3.1-8B-In
         tokenizer = Tokenizer.from_file(ckpt_dir)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         raise SystemExit(f"error: {e}")
-    if chat is None:  # instruct checkpoints end their turns with <|eot_id|>; base ones never do
-        chat = EOT in model.args.stop_tokens
+    chat = EOT in model.args.stop_tokens if chat is None else chat  # only instruct models end turns with eot
     print(f"loaded {ckpt_dir} ({model.lm_head.weight.dtype}, {device}) in {time.time() - t0:.1f}s", file=sys.stderr)
     stop = [END_OF_TEXT, EOM, EOT] if chat else list(model.args.stop_tokens)
 
@@ -742,10 +711,10 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/Llama-3.1-8B-In
         try:
             new = model.generate([ids], max_new_tokens, temperature, top_k, top_p, stop_tokens=stop, seed=seed,
                                  stream=stream_printer(tokenizer))[0]
-        except ValueError as e:
+        except ValueError as e:  # prompt (or conversation) longer than max_seq_len
             raise SystemExit(f"\nerror: {e}")
-        dt = time.time() - t0
-        print(f"\n[{len(ids)} prompt + {len(new)} new tokens, {len(new) / dt:.1f} tok/s]", file=sys.stderr)
+        print()  # end the streamed line on stdout; timings go to stderr, out of the way of piped text
+        print(f"[{len(ids)} prompt + {len(new)} new tokens, {len(new) / (time.time() - t0):.1f} tok/s]", file=sys.stderr)
         return new
 
     if not interactive:
@@ -753,7 +722,7 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/Llama-3.1-8B-In
         return
     if not chat:
         raise SystemExit("error: --interactive needs an instruct (chat) checkpoint")
-    messages = []
+    messages = []  # the whole conversation is re-encoded each turn: simple, and exact to the template
     while True:
         try:
             user = input("\n> ")

@@ -1,0 +1,150 @@
+"""
+Decode speed of llama31.py against HF transformers' `generate` on the same random weights, same run.
+
+    python benchmarks/bench_llama31.py                                   # CPU: Llama 3.2 1B, fp32 and bf16
+    python benchmarks/bench_llama31.py --max_new_tokens 16 --dtypes bf16 # a quick check
+    python benchmarks/bench_llama31.py --device cuda --model llama3.1-8b --dtypes bf16 --compile
+
+The weights are random (a preset's shapes; no download needed) and shared by both models: HF's parameters
+are assigned into llama31's, so memory holds them once. Batch 1, greedy, a fixed number of new tokens (no
+early stop). Decode tokens/s is timed from the first generated token to the last, so prefill is excluded for
+both. Decoding at batch 1 is memory-bound: every token reads every weight once (a tied embedding is read as
+the output head) plus the KV cache, so the roofline is (read bandwidth) / (bytes per token); the read
+bandwidth is measured here too. --compile also times llama31 with its decode step under torch.compile
+("reduce-overhead", i.e. CUDA graphs, on GPU), on a KV cache set up once so every step has the same shapes.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import llama31  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def read_bandwidth_gbs(device, nbytes=1 << 30, repeats=5) -> float:
+    """Best-of-n time to sum a 1 GiB fp32 tensor: the rate at which this machine streams weights from memory."""
+    x = torch.ones(nbytes // 4, device=device)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    x.sum(), sync()
+    best = min(timed(lambda: (x.sum(), sync())) for _ in range(repeats))
+    return nbytes / best / 1e9
+
+
+def ours_decode_tps(model, ids, n) -> float:
+    stamps = []
+    model.generate([ids], max_new_tokens=n, stop_tokens=[], stream=lambda row, tok: stamps.append(time.perf_counter()))
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def hf_decode_tps(model, ids, n) -> float:
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        def __init__(self):
+            self.t = []
+
+        def put(self, value):  # first call carries the prompt, then one call per new token
+            self.t.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    s = Stamps()
+    model.generation_config.eos_token_id = None  # exactly n tokens, as ours
+    device = next(model.parameters()).device
+    model.generate(torch.tensor([ids], device=device), max_new_tokens=n, do_sample=False, pad_token_id=0, streamer=s)
+    t = s.t[1:]
+    return (len(t) - 1) / (t[-1] - t[0])
+
+
+def build_pair(args, dtype, device):
+    """A random HF LlamaForCausalLM and a llama31.Llama holding the very same parameter tensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = LlamaForCausalLM(LlamaConfig(**args.to_hf_config())).to(dtype).eval()
+    with torch.device("meta"):
+        ours = llama31.Llama(args)
+    ours.load_state_dict(hf.state_dict(), strict=True, assign=True)
+    if args.tie_embeddings:
+        ours.lm_head.weight = ours.model.embed_tokens.weight
+    ours.init_rope(device)
+    return hf, ours.eval()
+
+
+def main(model: str = "llama3.2-1b", dtypes: str = "fp32,bf16", max_new_tokens: int = 128, prompt_len: int = 64,
+         repeats: int = 3, device: str = "cpu", compile: bool = False):
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda was requested but no CUDA device is available")
+    args = llama31.ModelArgs.from_name(model)
+    args.max_seq_len = prompt_len + max_new_tokens
+    ids = torch.randint(128, 128000, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    bw = read_bandwidth_gbs(device)
+    where = torch.cuda.get_device_name() if device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
+    print(f"machine: {where}, read bandwidth {bw:.1f} GB/s, torch {torch.__version__}", file=sys.stderr)
+    rows = []
+    for name in dtypes.split(","):
+        dtype = DTYPES[name]
+        hf, ours = build_pair(args, dtype, device)
+        n_params = sum(p.numel() for p in ours.parameters())  # a tied matrix counts once, and is read once
+        # bytes read per decoded token: every weight once, plus on average half the final KV cache
+        kv = 2 * args.n_layers * args.n_kv_heads * args.head_dim * (prompt_len + max_new_tokens / 2)
+        bytes_per_token = (n_params + kv) * dtype.itemsize
+        roofline = bw * 1e9 / bytes_per_token
+        runs = {"llama31.py": lambda n: ours_decode_tps(ours, ids, n),
+                "HF generate": lambda n: hf_decode_tps(hf, ids, n)}
+        if compile:
+            mode = "reduce-overhead" if device.startswith("cuda") else "default"
+            compiled = torch.compile(ours.forward_cached, mode=mode, fullgraph=True)
+            ours.setup_cache(1, args.max_seq_len)  # kept: generate reuses it, so the graphs see fixed buffers
+
+            def ours_compiled(n):
+                ours.forward_cached = compiled  # an instance attribute shadows the method for this run only
+                try:
+                    return ours_decode_tps(ours, ids, n)
+                finally:
+                    del ours.forward_cached
+            runs["llama31.py compiled"] = ours_compiled
+        for run in runs.values():  # warm-up (and compilation)
+            run(4)
+        # interleave the runs so a change in machine load hits all alike; best of `repeats`
+        results = {k: [] for k in runs}
+        for _ in range(repeats):
+            for k, run in runs.items():
+                results[k].append(run(max_new_tokens))
+        best = {k: max(v) for k, v in results.items()}
+        for k, tps in best.items():
+            rows.append(dict(impl=k, dtype=str(dtype).removeprefix("torch."), tps=tps, ratio=tps / best["HF generate"],
+                             mb_per_token=bytes_per_token / 1e6, roofline=roofline, frac=tps / roofline))
+        ours.clear_cache()
+        del hf, ours, runs
+    cmd = " ".join(["python benchmarks/bench_llama31.py"] + sys.argv[1:])
+    print(f"\n`{cmd}`: {model} random weights, {where}, batch 1, greedy, {prompt_len}-token prompt, "
+          f"{max_new_tokens} new tokens, read bandwidth {bw:.1f} GB/s\n")
+    print("| implementation | dtype | decode tok/s | vs HF generate | MB/token | roofline tok/s | of roofline |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['impl']} | {r['dtype']} | {r['tps']:.2f} | {r['ratio']:.2f}x | {r['mb_per_token']:.0f} "
+              f"| {r['roofline']:.2f} | {r['frac']:.0%} |")
+    print(json.dumps(rows), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
