@@ -8,7 +8,9 @@ its own: peak RSS above the process's RSS after imports (CPU) or CUDA max alloca
     python benchmarks/bench_train.py                     # 135M, full fine-tuning, 4 x 256 tokens, 6 steps
     python benchmarks/bench_train.py --mode norm --seq_len 512 --steps 10
 
-Tokens/s counts input tokens per second over the steps after the first (warm-up), median of per-step rates.
+Tokens/s counts input tokens per second over the steps after the first (warm-up): the median of the per-step
+rates of all rounds. The sides alternate, ours / HF / ours / HF ..., so a machine that slows down or speeds up
+during the run (a shared one) weighs on both alike.
 """
 
 import argparse
@@ -67,7 +69,7 @@ def run_side(a):
         rates.append(a.batch_size * a.seq_len / (time.perf_counter() - t0))
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" \
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    print(json.dumps({"side": a.side, "tok_per_s": statistics.median(rates[1:]), "peak_mib": peak,
+    print(json.dumps({"side": a.side, "rates": rates[1:], "peak_mib": peak,
                       "losses": losses, "device": str(device)}))
 
 
@@ -77,7 +79,8 @@ def main():
     p.add_argument("--mode", default="full", choices=["full", "norm", "frozen_embed"])
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=4)
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=6, help="steps per round, the first one not timed")
+    p.add_argument("--rounds", type=int, default=2, help="processes per side, alternating")
     p.add_argument("--dtype", default="", help="float32 (CPU default) or bfloat16 autocast (CUDA default)")
     p.add_argument("--device", default="")
     p.add_argument("--side", choices=["ours", "hf"], help=argparse.SUPPRESS)  # internal: run one side
@@ -87,15 +90,18 @@ def main():
     if a.side:
         a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
         return run_side(a)
-    results = {}
-    for side in ("ours", "hf"):
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--side", side]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode:
-            raise SystemExit(f"error: the {side} side failed:\n{out.stderr[-2000:]}")
-        results[side] = json.loads(out.stdout.strip().splitlines()[-1])
-    ours, hf = results["ours"], results["hf"]
-    print(f"{Path(a.ckpt_dir).name}, mode {a.mode}, batch {a.batch_size} x {a.seq_len}, {a.steps} steps, "
+    results = {"ours": [], "hf": []}
+    for _ in range(a.rounds):
+        for side in results:
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--side", side]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(f"error: the {side} side failed:\n{out.stderr[-2000:]}")
+            results[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    ours, hf = ({"tok_per_s": statistics.median([r for run in runs for r in run["rates"]]),
+                 "peak_mib": max(run["peak_mib"] for run in runs), "losses": runs[0]["losses"],
+                 "device": runs[0]["device"]} for runs in results.values())
+    print(f"{Path(a.ckpt_dir).name}, mode {a.mode}, batch {a.batch_size} x {a.seq_len}, {a.rounds} x {a.steps} steps, "
           f"{ours['device']}")
     print(f"{'':12}{'tokens/s':>10}{'peak MiB':>10}  first-step loss")
     for name, r in (("finetune.py", ours), ("HF", hf)):
