@@ -225,6 +225,34 @@ def test_lora_on_chat_learns_and_exports_merged(assets, tmp_path):
     assert all(".lora_" in k for k in ckpt["model"])  # the frozen base comes back from --ckpt_dir on resume
 
 
+def test_bf16_lora_keeps_trainable_weights_in_fp32(assets, tmp_path):
+    """--dtype bfloat16 (the CUDA default): autocast, frozen weights stored in bf16, adapters and AdamW in fp32."""
+    out = tmp_path / "bf16"
+    ft.main(flags(assets, out, "--mode", "lora", "--dtype", "bfloat16", "--lr", "3e-2", "--max_steps", "4",
+                  "--eval_every", "4"))
+    vals = val_losses(out)
+    assert all(map(np.isfinite, losses(out))) and vals[-1] < vals[0]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert {v.dtype for v in ckpt["model"].values()} == {torch.float32}
+
+
+def test_pretrain_moe_from_shards_balances_experts(assets, tmp_path):
+    """From scratch on prepared shards with nanollm (MoE): router biases move after each step, loads are logged."""
+    import nanollm
+    config = {**nanollm.ModelArgs.from_name("nano-tiny").to_hf_config(), "vocab_size": TINY["vocab_size"]}
+    (tmp_path / "nano.json").write_text(json.dumps(config))
+    ft.prepare(str(assets / "base"), str(tmp_path / "shards"), [str(assets / "text.jsonl")], val_frac=0.2)
+    out = tmp_path / "nano"
+    ft.main(["--model", "nanollm", "--preset", str(tmp_path / "nano.json"), "--tokenizer", str(assets / "base"),
+             "--data", str(tmp_path / "shards"), "--out_dir", str(out), "--mode", "full", "--seq_len", "32",
+             "--batch_size", "4", "--max_steps", "3", "--eval_rows", "4", "--lr", "1e-2"])
+    records = [r for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
+    assert all(r["expert_load"] and all(abs(sum(v) - 1) < 1e-5 for v in r["expert_load"].values()) for r in records)
+    biases = {k: v for k, v in torch.load(out / "ckpt.pt", weights_only=False)["model"].items()
+              if k.endswith("e_score_correction_bias")}
+    assert biases and any(v.abs().sum() > 0 for v in biases.values())  # started at 0, moved by the balancing
+
+
 def test_grad_checkpointing_gives_the_same_losses(assets, tmp_path):
     for name, extra in (("plain", []), ("ckpt", ["--grad_checkpointing"])):
         ft.main(flags(assets, tmp_path / name, "--mode", "full", "--max_steps", "3", *extra))
