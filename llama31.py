@@ -338,7 +338,7 @@ class Llama(nn.Module):
             raise ValueError(f"{T} tokens exceed max_seq_len {self.args.max_seq_len}")
         idx = torch.arange(T, device=tokens.device).expand(B, T)
         if doc_ids is None:
-            pos, mask = idx, None
+            pos, mask = idx, None  # no mask: SDPA's is_causal path, the fastest kernel
         else:
             starts = torch.ones_like(doc_ids, dtype=torch.bool)
             starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
@@ -350,6 +350,8 @@ class Llama(nn.Module):
     # --- KV cache: allocated for generation only, never while training
 
     def setup_cache(self, batch_size: int, max_seq_len: int):
+        # 2 (k, v) * n_layers * n_kv_heads * head_dim values per token: 128 KiB for 8B in bf16, so a full
+        # 131072-token context would take 16 GiB per row; hence a cache sized to the request, not the model
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(f"{max_seq_len} tokens exceed max_seq_len {self.args.max_seq_len}")
         w = self.lm_head.weight
@@ -513,6 +515,8 @@ def load_hf(files: list[Path], device, dtype) -> dict:
             shard = load_file(f)  # memory-mapped: bytes are read when a tensor is first used
         except SafetensorError as e:
             raise ValueError(f"{f} is truncated or corrupt ({e}); download it again") from e
+        # same device and dtype: .to() returns the mapped tensor itself, one copy; otherwise the shard's pages
+        # stay mapped until the next shard replaces it, so the CPU briefly holds one file next to the result
         state.update({k: v.to(device=device, dtype=dtype or v.dtype) for k, v in shard.items()})
     return state
 
@@ -551,6 +555,8 @@ def meta_to_hf_rope_rows(w, head_dim: int):
 def load_meta(files: list[Path], args: ModelArgs, device, dtype) -> dict:
     """Meta consolidated.NN.pth model-parallel shards -> one state dict with HF names and rotate-half q/k."""
     state, n = {}, len(files)
+    if n > args.n_kv_heads:  # then Meta's layers replicate each KV head over several shards (405B MP16)
+        raise NotImplementedError(f"{n} shards for {args.n_kv_heads} KV heads: use the HF checkpoint instead")
     for i, f in enumerate(files):
         try:
             shard = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
@@ -561,11 +567,11 @@ def load_meta(files: list[Path], args: ModelArgs, device, dtype) -> dict:
             raise FileNotFoundError(f"{f.parent} has {n} of {args.vocab_size // rows} shards: "
                                     f"consolidated.{n:02d}.pth is missing; run `{download_hint(f.parent)}` again")
         for key, w in shard.items():
-            layer = re.match(r"layers\.(\d+)\.(.+)", key)
-            if (layer.group(2) if layer else key) not in META_NAMES:
+            layer, short = re.fullmatch(r"(?:layers\.(\d+)\.)?(.+)", key).groups()  # "layers.3.ffn_norm.weight"
+            if short not in META_NAMES:
                 raise ValueError(f"{f}: unexpected tensor {key}")
-            name, split = META_NAMES[layer.group(2) if layer else key]
-            name = f"model.layers.{layer.group(1)}.{name}" if layer else name
+            name, split = META_NAMES[short]
+            name = name if layer is None else f"model.layers.{layer}.{name}"
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 w = meta_to_hf_rope_rows(w, args.head_dim)  # each shard holds whole heads
             if split is None or n == 1:
@@ -714,7 +720,8 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/Llama-3.1-8B-In
         except ValueError as e:  # prompt (or conversation) longer than max_seq_len
             raise SystemExit(f"\nerror: {e}")
         print()  # end the streamed line on stdout; timings go to stderr, out of the way of piped text
-        print(f"[{len(ids)} prompt + {len(new)} new tokens, {len(new) / (time.time() - t0):.1f} tok/s]", file=sys.stderr)
+        print(f"[{len(ids)} prompt + {len(new)} new tokens, {len(new) / (time.time() - t0):.1f} tok/s]",
+              file=sys.stderr)
         return new
 
     if not interactive:

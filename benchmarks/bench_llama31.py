@@ -71,13 +71,28 @@ def hf_decode_tps(model, ids, n) -> float:
     return (len(t) - 1) / (t[-1] - t[0])
 
 
+def compiled_run(model, ids, device):
+    """A run of llama31 whose decode step is torch.compile'd (CUDA graphs on GPU), as gpt-fast does."""
+    mode = "reduce-overhead" if device.startswith("cuda") else "default"
+    compiled = torch.compile(model.forward_cached, mode=mode, fullgraph=True)
+    model.setup_cache(1, model.args.max_seq_len)  # kept: generate reuses it, so the graphs see fixed buffers
+
+    def run(n):
+        model.forward_cached = compiled  # an instance attribute shadows the method for this run only
+        try:
+            return ours_decode_tps(model, ids, n)
+        finally:
+            del model.forward_cached
+    return run
+
+
 def build_pair(args, dtype, device):
     """A random HF LlamaForCausalLM and a llama31.Llama holding the very same parameter tensors."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    with torch.device(device):
-        hf = LlamaForCausalLM(LlamaConfig(**args.to_hf_config())).to(dtype).eval()
+    with torch.device(device):  # built and initialised directly in `dtype`: 8B in bf16 is 16 GB, in fp32 32 GB
+        hf = LlamaForCausalLM._from_config(LlamaConfig(**args.to_hf_config()), dtype=dtype).eval()
     with torch.device("meta"):
         ours = llama31.Llama(args)
     ours.load_state_dict(hf.state_dict(), strict=True, assign=True)
@@ -93,7 +108,7 @@ def main(model: str = "llama3.2-1b", dtypes: str = "fp32,bf16", max_new_tokens: 
         raise SystemExit("error: --device cuda was requested but no CUDA device is available")
     args = llama31.ModelArgs.from_name(model)
     args.max_seq_len = prompt_len + max_new_tokens
-    ids = torch.randint(128, 128000, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    ids = torch.randint(0, min(args.vocab_size, 128000), (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     bw = read_bandwidth_gbs(device)
     where = torch.cuda.get_device_name() if device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
     print(f"machine: {where}, read bandwidth {bw:.1f} GB/s, torch {torch.__version__}", file=sys.stderr)
@@ -109,17 +124,7 @@ def main(model: str = "llama3.2-1b", dtypes: str = "fp32,bf16", max_new_tokens: 
         runs = {"llama31.py": lambda n: ours_decode_tps(ours, ids, n),
                 "HF generate": lambda n: hf_decode_tps(hf, ids, n)}
         if compile:
-            mode = "reduce-overhead" if device.startswith("cuda") else "default"
-            compiled = torch.compile(ours.forward_cached, mode=mode, fullgraph=True)
-            ours.setup_cache(1, args.max_seq_len)  # kept: generate reuses it, so the graphs see fixed buffers
-
-            def ours_compiled(n):
-                ours.forward_cached = compiled  # an instance attribute shadows the method for this run only
-                try:
-                    return ours_decode_tps(ours, ids, n)
-                finally:
-                    del ours.forward_cached
-            runs["llama31.py compiled"] = ours_compiled
+            runs["llama31.py compiled"] = compiled_run(ours, ids, device)
         for run in runs.values():  # warm-up (and compilation)
             run(4)
         # interleave the runs so a change in machine load hits all alike; best of `repeats`
