@@ -112,24 +112,27 @@ def bpe(parts: list[bytes], rank) -> list[bytes]:
     pair has a rank (None). This is tiktoken's and HF's order. minbpe rescans all pairs after each merge
     (O(n^2)); like HF's `Word.merge_all` we keep a heap of candidate merges over a linked list, O(n log n),
     so a 100,000-letter piece takes a moment instead of minutes."""
-    nxt = [*range(1, len(parts)), -1]  # linked list over start positions; merged parts become None
+    nxt = [*range(1, len(parts)), -1]  # linked list over start positions; merged-away parts become None
     prv = [*range(-1, len(parts) - 1)]
-    heap = [(r, i) for i in range(len(parts) - 1) if (r := rank(parts[i], parts[i + 1])) is not None]
+    # entries (rank, position, left part, right part): lowest rank first, then leftmost
+    heap = [(r, i, a, b) for i, (a, b) in enumerate(zip(parts, parts[1:])) if (r := rank(a, b)) is not None]
     heapq.heapify(heap)
     while heap:
-        r, i = heapq.heappop(heap)
+        _, i, a, b = heapq.heappop(heap)
         j = nxt[i]
-        # an entry is stale once either side of its pair has changed: drop it
-        if parts[i] is None or j == -1 or rank(parts[i], parts[j]) != r:
+        # stale entry: a side of the pair has since been merged into a new (longer) bytes object
+        if parts[i] is not a or j == -1 or parts[j] is not b:
             continue
-        parts[i], parts[j] = parts[i] + parts[j], None
-        nxt[i] = nxt[j]
-        if nxt[i] != -1:
-            prv[nxt[i]] = i
-        # only the two pairs touching the new part can become mergeable
-        for a, b in ((prv[i], i), (i, nxt[i])):
-            if a != -1 and b != -1 and (r := rank(parts[a], parts[b])) is not None:
-                heapq.heappush(heap, (r, a))
+        parts[i] = ab = a + b
+        parts[j] = None
+        nxt[i] = k = nxt[j]
+        # only the pairs with the new part's neighbours are new candidates
+        if k != -1:
+            prv[k] = i
+            if (r := rank(ab, parts[k])) is not None:
+                heapq.heappush(heap, (r, i, ab, parts[k]))
+        if (h := prv[i]) != -1 and (r := rank(parts[h], ab)) is not None:
+            heapq.heappush(heap, (r, h, parts[h], ab))
     return [p for p in parts if p is not None]
 
 
@@ -141,21 +144,22 @@ def compile_pre_tokenizer(cfg: dict | None) -> list[regex.Pattern]:
     steps = cfg["pretokenizers"] if cfg and cfg["type"] == "Sequence" else [cfg]
     if not steps[-1] or steps[-1]["type"] != "ByteLevel" or any(s["type"] == "ByteLevel" for s in steps[:-1]):
         raise NotImplementedError(f"only byte-level BPE (ByteLevel last in the pre_tokenizer) is supported: {cfg}")
+    # subtle: HF keeps the text between matches as pieces too, findall drops it. A second alternative
+    # that consumes characters while the pattern does not match turns those gaps into matches (the
+    # known patterns match everywhere, so it never runs for them).
+    with_gaps = "(?:{0})|(?:(?!(?:{0}))[\\s\\S])+".format
     patterns = []
     for s in steps:
         if s["type"] == "Split" and s["behavior"] == "Isolated" and not s["invert"]:
             p = s["pattern"]
-            patterns.append(p["Regex"] if "Regex" in p else regex.escape(p["String"]))
-        elif s["type"] == "Digits":
-            patterns.append(r"\p{N}" if s["individual_digits"] else r"\p{N}+")
+            patterns.append(with_gaps(p["Regex"] if "Regex" in p else regex.escape(p["String"])))
+        elif s["type"] == "Digits":  # each digit (or run of digits) and each run of other characters
+            patterns.append(r"\p{N}|\P{N}+" if s["individual_digits"] else r"\p{N}+|\P{N}+")
         elif s["type"] == "ByteLevel" and not s["add_prefix_space"]:
-            patterns += [GPT2_PATTERN] if s["use_regex"] else []
+            patterns += [with_gaps(GPT2_PATTERN)] if s["use_regex"] else []
         else:
             raise NotImplementedError(f"pre-tokenizer step not supported: {s}")
-    # subtle: HF keeps the text between matches as pieces too, findall drops it. A second alternative
-    # that consumes characters while the pattern does not match turns those gaps into matches (the
-    # known patterns match everywhere, so it never runs for them).
-    compiled = [regex.compile(f"(?:{p})|(?:(?!(?:{p}))[\\s\\S])+") for p in patterns]
+    compiled = [regex.compile(p) for p in patterns]
     if any(c.groups for c in compiled):
         raise NotImplementedError("pre-tokenizer regexes with capture groups are not supported")
     return compiled
@@ -179,6 +183,9 @@ class Tokenizer:
         a pair ranks as its merged bytes' id. pre_tokenizer: HF JSON config. ignore_merges: a piece found
         whole in the vocabulary is one token (HF option; tiktoken always does this)."""
         self.vocab, self.merges, self.ignore_merges = vocab, merges, ignore_merges
+        # the rank of merging parts a and b: HF ranks the pair by its line in `merges`, tiktoken by the id
+        # of the merged bytes (the two agree on Llama 3 but not in general)
+        self.rank = (lambda a, b: vocab.get(a + b)) if merges is None else (lambda a, b: merges.get((a, b)))
         self.pre_tokenizer, self.patterns = pre_tokenizer, compile_pre_tokenizer(pre_tokenizer)
         self.special_tokens = dict(special_tokens)
         self.decoder = {i: b for b, i in vocab.items()} | {i: s.encode() for s, i in special_tokens.items()}
@@ -260,9 +267,6 @@ class Tokenizer:
 
     # ---- encoding
 
-    def _rank(self, a: bytes, b: bytes) -> int | None:
-        return self.vocab.get(a + b) if self.merges is None else self.merges.get((a, b))
-
     def _encode_piece(self, piece: str) -> list[int]:
         data = piece.encode("utf-8")
         if self.ignore_merges and data in self.vocab:
@@ -270,7 +274,7 @@ class Tokenizer:
         # subtle: SmolLM2's vocabulary has no token for 21 byte values (0x04 0x06 ... 0xF5-0xFF). HF
         # `tokenizers` (BPE without unk_token) silently drops such bytes before merging; we match it.
         parts = [p for p in (data[i:i + 1] for i in range(len(data))) if p in self.vocab]
-        return [self.vocab[p] for p in bpe(parts, self._rank)]
+        return [self.vocab[p] for p in bpe(parts, self.rank)]
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode with every special-token string treated as plain text."""

@@ -1,0 +1,90 @@
+"""Encode throughput: tokenizer_bpe vs HF `tokenizers` vs tiktoken, same vocabulary, same text, same run.
+
+Text: the Python stdlib sources (Lib/*.py), concatenated, first `mb` MB. Each encoder gets a warm-up call,
+then the best of `repeats` timed single calls. Ours is also timed with a cold cache and with a cache warmed
+on other Python source (Lib/*/*.py), see `report`.
+tiktoken cannot run SmolLM2's vocabulary (its pre-tokenizer splits digits first, its merges follow the
+`merges` list and 21 byte values have no token), so that row has HF only.
+Run: python benchmarks/bench_tokenizer.py [--mb 4 --repeats 5]
+Needs: python download.py smollm2-135m-instruct llama3.2-tokenizer
+"""
+import glob
+import os
+import sys
+import sysconfig
+import time
+
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+from tokenizers import Tokenizer as HFTokenizer
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+sys.path.insert(0, ROOT)
+from tokenizer_bpe import LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, Tokenizer  # noqa: E402
+
+
+def stdlib_text(mb: float, pattern: str = "*.py") -> str:
+    """Stdlib sources matching `pattern`, concatenated in sorted order, cut to `mb` MB of UTF-8."""
+    paths = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], pattern)))
+    text = "".join(open(p, encoding="utf-8", errors="replace").read() for p in paths)
+    return text.encode()[:int(mb * 1e6)].decode(errors="ignore")
+
+
+def mb_per_s(fn, nbytes: int, repeats: int, before=lambda: None) -> tuple[float, float]:
+    """Best of `repeats` in wall-clock and in CPU time of this process. The machine is shared: CPU time
+    is the steadier figure there (all three encoders run on one thread for a single call)."""
+    fn()  # warm-up
+    wall = cpu = float("inf")
+    for _ in range(repeats):
+        before()
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
+    return nbytes / wall / 1e6, nbytes / cpu / 1e6
+
+
+def report(name: str, text: str, other: str, ours: Tokenizer, hf: HFTokenizer, tik, repeats: int):
+    """Ours three ways: cold (cache emptied before each call), steady (cache holding the pieces of `other`,
+    different Python source: a long-running job's state) and warm (cache holding this text's pieces, as
+    the warm-up leaves it; HF's own BPE cache is warm the same way)."""
+    nbytes = len(text.encode())
+    ours.cache.clear()
+    ours.encode(other)
+    steady_cache = dict(ours.cache)
+    rows = {"ours, cold cache": mb_per_s(lambda: ours.encode(text), nbytes, repeats, before=ours.cache.clear),
+            "ours, steady cache": mb_per_s(lambda: ours.encode(text), nbytes, repeats,
+                                           before=lambda: (ours.cache.clear(), ours.cache.update(steady_cache))),
+            "ours, warm cache": mb_per_s(lambda: ours.encode(text), nbytes, repeats),
+            "HF tokenizers": mb_per_s(lambda: hf.encode(text, add_special_tokens=False), nbytes, repeats)}
+    if tik is not None:
+        rows["tiktoken"] = mb_per_s(lambda: tik.encode_ordinary(text), nbytes, repeats)
+    refs = [r for r in ("HF tokenizers", "tiktoken") if r in rows]
+    print(f"{name}: {nbytes / 1e6:.2f} MB of Python source, best of {repeats}")
+    print(f"  {'':20s} {'MB/s wall':>10s} {'MB/s CPU':>9s}" + "".join(f"  {'/ ' + r:>16s}" for r in refs))
+    for row, (wall, cpu) in rows.items():
+        ratios = "".join(f"  {wall / rows[r][0]:6.2f} ({cpu / rows[r][1]:5.2f})" for r in refs)
+        print(f"  {row:20s} {wall:10.2f} {cpu:9.2f}" + (ratios if row.startswith("ours") else ""))
+    print("  targets: ours / HF tokenizers >= 3, ours / tiktoken >= 0.33 (ratios: wall-clock (CPU time))")
+    if tik is not None:
+        print(f"  ids identical to tiktoken: {ours.encode(text) == tik.encode_ordinary(text)}")
+
+
+def main(mb: float = 4.0, repeats: int = 5):
+    text, other = stdlib_text(mb), stdlib_text(mb, pattern="*/*.py")
+    llama = os.path.join(ROOT, "checkpoints", "Llama-3.2-tokenizer")
+    smol = os.path.join(ROOT, "checkpoints", "SmolLM2-135M-Instruct")
+    if not (os.path.isdir(llama) and os.path.isdir(smol)):
+        raise SystemExit("error: checkpoints missing: run `python download.py smollm2-135m-instruct llama3.2-tokenizer`")
+    ranks = load_tiktoken_bpe(os.path.join(llama, "tokenizer.model"))
+    tik = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+                            special_tokens={s: len(ranks) + i for i, s in enumerate(LLAMA3_SPECIAL_TOKENS)})
+    report("Llama 3 (tokenizer.model; HF from tokenizer.json)", text, other,
+           Tokenizer.from_file(os.path.join(llama, "tokenizer.model")),
+           HFTokenizer.from_file(os.path.join(llama, "tokenizer.json")), tik, repeats)
+    report("SmolLM2 (tokenizer.json)", text, other, Tokenizer.from_file(smol),
+           HFTokenizer.from_file(os.path.join(smol, "tokenizer.json")), None, repeats)
+
+
+if __name__ == "__main__":
+    import fire
+    fire.Fire(main)
