@@ -66,6 +66,7 @@ CACHE_SIZE = 1 << 18  # pieces remembered by encode; cleared when full so memory
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's map from each byte to a printable character: how byte-level vocabularies store bytes in JSON.
     Printable Latin-1 bytes map to themselves, the other 68 to U+0100 onwards (so a space becomes 'Ġ')."""
+    # control characters, the space and the soft hyphen would be invisible or mangled in a JSON vocabulary
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     moved = [b for b in range(256) if b not in keep]
     return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
@@ -81,6 +82,7 @@ def token_bytes(token: str) -> bytes:
 
 
 def token_str(data: bytes) -> str:
+    """Bytes -> their vocabulary string, for writing a tokenizer.json."""
     return "".join(BYTE_TO_CHAR[b] for b in data)
 
 
@@ -98,6 +100,7 @@ def merge(ids: list[int], pair: tuple[int, int], idx: int) -> list[int]:
     -> [4, 3, 4]."""
     out, i = [], 0
     while i < len(ids):
+        # left to right and skipping past a match: in [a, a, a] the pair (a, a) merges once, at the left
         if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
             out.append(idx)
             i += 2
@@ -117,7 +120,7 @@ def bpe(parts: list[bytes], rank) -> list[bytes]:
     # entries (rank, position, left part, right part): lowest rank first, then leftmost
     heap = [(r, i, a, b) for i, (a, b) in enumerate(zip(parts, parts[1:])) if (r := rank(a, b)) is not None]
     heapq.heapify(heap)
-    while heap:
+    while heap:  # each pop is the next merge tiktoken's linear scan would pick
         _, i, a, b = heapq.heappop(heap)
         j = nxt[i]
         # stale entry: a side of the pair has since been merged into a new (longer) bytes object
@@ -142,6 +145,7 @@ def compile_pre_tokenizer(cfg: dict | None) -> list[regex.Pattern]:
     (HF uses char::is_numeric, the same categories); ByteLevel(use_regex) is a Split on GPT-2's pattern and
     must come last, because it maps bytes to characters that later steps would see."""
     steps = cfg["pretokenizers"] if cfg and cfg["type"] == "Sequence" else [cfg]
+    # without ByteLevel the vocabulary is not byte-level (SentencePiece-style '▁' words): not ours to guess
     if not steps[-1] or steps[-1]["type"] != "ByteLevel" or any(s["type"] == "ByteLevel" for s in steps[:-1]):
         raise NotImplementedError(f"only byte-level BPE (ByteLevel last in the pre_tokenizer) is supported: {cfg}")
     # subtle: HF keeps the text between matches as pieces too, findall drops it. A second alternative
@@ -156,10 +160,12 @@ def compile_pre_tokenizer(cfg: dict | None) -> list[regex.Pattern]:
         elif s["type"] == "Digits":  # each digit (or run of digits) and each run of other characters
             patterns.append(r"\p{N}|\P{N}+" if s["individual_digits"] else r"\p{N}+|\P{N}+")
         elif s["type"] == "ByteLevel" and not s["add_prefix_space"]:
+            # add_prefix_space would prepend ' ' to every piece and break decode(encode(s)) == s: refused
             patterns += [with_gaps(GPT2_PATTERN)] if s["use_regex"] else []
         else:
             raise NotImplementedError(f"pre-tokenizer step not supported: {s}")
     compiled = [regex.compile(p) for p in patterns]
+    # findall returns the groups instead of the whole match when a pattern has any
     if any(c.groups for c in compiled):
         raise NotImplementedError("pre-tokenizer regexes with capture groups are not supported")
     return compiled
@@ -169,6 +175,7 @@ def pre_tokenize(text: str, patterns: list[regex.Pattern]) -> list[str]:
     """Cut text into pieces with each pattern in turn (SmolLM2: each digit alone, then GPT-2's pattern)."""
     pieces = [text]
     for pattern in patterns:
+        # as HF: a later step only cuts the pieces of the earlier ones, never joins across them
         pieces = [p for chunk in pieces for p in pattern.findall(chunk)]
     return pieces
 
@@ -188,8 +195,9 @@ class Tokenizer:
         self.rank = (lambda a, b: vocab.get(a + b)) if merges is None else (lambda a, b: merges.get((a, b)))
         self.pre_tokenizer, self.patterns = pre_tokenizer, compile_pre_tokenizer(pre_tokenizer)
         self.special_tokens = dict(special_tokens)
+        # id -> bytes; a special token decodes to its text (SmolLM2 also lists them in the vocabulary)
         self.decoder = {i: b for b, i in vocab.items()} | {i: s.encode() for s, i in special_tokens.items()}
-        self.vocab_size = max(self.decoder) + 1
+        self.vocab_size = max(self.decoder) + 1  # the embedding rows the ids need, as HF's get_vocab_size()
         self.cache: dict[str, list[int]] = {}
 
     # ---- loading
@@ -199,6 +207,7 @@ class Tokenizer:
         """A tokenizer.json, a folder holding one (or vocab.json + merges.txt, or tokenizer.model), or a
         tiktoken tokenizer.model."""
         if os.path.isdir(path):
+            # tokenizer.json first: it names its own pre-tokenizer and special tokens, and HF reads it too
             for name in ("tokenizer.json", "vocab.json", "tokenizer.model"):
                 if os.path.exists(os.path.join(path, name)):
                     return cls.from_file(os.path.join(path, name))
@@ -212,17 +221,17 @@ class Tokenizer:
 
     @classmethod
     def _from_hf(cls, data: dict) -> "Tokenizer":
-        model = data["model"]
-        unsupported = {"normalizer": data.get("normalizer"), "model.type": model["type"] != "BPE" and model["type"],
-                       "dropout": model.get("dropout"), "byte_fallback": model.get("byte_fallback"),
-                       "continuing_subword_prefix": model.get("continuing_subword_prefix"),
-                       "end_of_word_suffix": model.get("end_of_word_suffix"),
-                       "decoder": (data.get("decoder") or {}).get("type") != "ByteLevel" and data.get("decoder")}
+        model, decoder = data["model"], data.get("decoder") or {"type": "ByteLevel"}
+        unsupported = {"normalizer": data.get("normalizer"), "model": model["type"] != "BPE" and model["type"],
+                       "decoder": decoder["type"] != "ByteLevel" and decoder,
+                       **{k: model.get(k) for k in ("dropout", "byte_fallback", "continuing_subword_prefix",
+                                                    "end_of_word_suffix")}}
         if any(unsupported.values()):
             raise NotImplementedError(f"unsupported tokenizer.json settings: "
                                       f"{ {k: v for k, v in unsupported.items() if v} }")
         as_bytes = {t: token_bytes(t) for t in model["vocab"]}  # merges name vocabulary entries
         vocab = {as_bytes[t]: i for t, i in model["vocab"].items()}
+        # with an unk_token HF would emit it for a byte the vocabulary lacks, where we drop the byte
         if model.get("unk_token") and len([b for b in vocab if len(b) == 1]) < 256:
             raise NotImplementedError("an unk_token with missing byte tokens (HF would emit unk) is not supported")
         # merges are "a b" strings in older files and [a, b] lists in newer ones; rank = position
@@ -230,6 +239,7 @@ class Tokenizer:
         merges = {(as_bytes[a], as_bytes[b]): rank for rank, (a, b) in enumerate(pairs)}
         special = {}
         for t in data.get("added_tokens", []):
+            # HF matches non-special added tokens in all text and strips around lstrip/rstrip ones: not ours
             if not t["special"] or t["lstrip"] or t["rstrip"] or t["single_word"]:
                 raise NotImplementedError(f"added token {t['content']!r}: only plain special tokens are supported")
             special[t["content"]] = t["id"]
@@ -255,7 +265,7 @@ class Tokenizer:
         the pattern nor the special tokens; like Meta's tokenizer.py we take Llama 3's."""
         with open(path, "rb") as f:
             lines = f.read().splitlines()
-        try:
+        try:  # a token's rank is its id; validate=True tells a binary SentencePiece model apart
             vocab = {base64.b64decode(tok, validate=True): int(rank) for tok, rank in (ln.split() for ln in lines)}
         except ValueError:
             raise NotImplementedError(f"{path} is not a tiktoken file (SentencePiece models are not supported)")
@@ -269,6 +279,8 @@ class Tokenizer:
 
     def _encode_piece(self, piece: str) -> list[int]:
         data = piece.encode("utf-8")
+        # a piece that is a vocabulary entry is one token, even where no chain of merges reaches it
+        # (Llama 3 has such entries, e.g. ' Tiếng'; tiktoken always takes them, HF with ignore_merges)
         if self.ignore_merges and data in self.vocab:
             return [self.vocab[data]]
         # subtle: SmolLM2's vocabulary has no token for 21 byte values (0x04 0x06 ... 0xF5-0xFF). HF
@@ -282,7 +294,7 @@ class Tokenizer:
         cache, ids = self.cache, []
         for piece in pre_tokenize(text, self.patterns):
             piece_ids = cache.get(piece)
-            if piece_ids is None:
+            if piece_ids is None:  # first sight of this piece: run BPE once
                 if len(cache) >= CACHE_SIZE:
                     cache.clear()
                 piece_ids = cache[piece] = self._encode_piece(piece)
@@ -308,6 +320,7 @@ class Tokenizer:
 
     def decode_bytes(self, ids: list[int]) -> bytes:
         """Ids -> raw bytes; a token may end inside a UTF-8 sequence, so stream through an incremental decoder."""
+        # an unknown id raises KeyError: a model emitting ids beyond the vocabulary is a bug to surface
         return b"".join(self.decoder[i] for i in ids)
 
     def decode(self, ids: list[int]) -> str:
@@ -322,6 +335,8 @@ class Tokenizer:
             raise NotImplementedError("saving a tiktoken vocabulary needs merges derived from ranks; not supported")
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.json")
+        # the fields HF writes itself, so tokenizers of any recent version loads the file; merges as "a b"
+        # strings (older format, still read everywhere; byte-level strings never contain a space)
         flags = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
         data = {
             "version": "1.0", "truncation": None, "padding": None,
@@ -354,8 +369,9 @@ def train(texts, vocab_size: int, pattern: str = LLAMA3_PATTERN, special_tokens=
     pre = {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}, BYTE_LEVEL]}
     patterns = compile_pre_tokenizer(pre)
+    # merges never cross pieces, so only distinct pieces matter: 2 MB of code is ~430k pieces, ~21k distinct
     word_counts = Counter(piece for text in texts for piece in pre_tokenize(text, patterns))
-    words = [list(w.encode("utf-8")) for w in word_counts]  # unique pieces as byte ids
+    words = [list(w.encode("utf-8")) for w in word_counts]  # distinct pieces as byte ids
     counts = list(word_counts.values())
     vocab = [bytes([b]) for b in range(256)]  # id -> bytes
     merges = []  # (id a, id b) in the order learned: the rank
@@ -364,13 +380,14 @@ def train(texts, vocab_size: int, pattern: str = LLAMA3_PATTERN, special_tokens=
         get_stats(word, stats, n)
         for pair in zip(word, word[1:]):
             where[pair].add(w)
-    # max-heap by count via negation; an entry may hold a count that has since dropped (a merge only
-    # lowers the counts of existing pairs), so a popped entry is checked and re-pushed if stale
+    # entries (-count, pair): most frequent first, then the smallest pair (the tie rule above). An entry
+    # may hold a count that has since dropped (a merge only lowers the counts of existing pairs), so a
+    # popped entry is checked against `stats` and re-queued with the true count if stale
     heap = [(-n, pair) for pair, n in stats.items()]
     heapq.heapify(heap)
     target = vocab_size - len(special_tokens)
-    progress = tqdm(total=target - 256, desc="bpe merges", disable=target - 256 < 1000)
-    while len(vocab) < target and heap:
+    progress = tqdm(total=target - 256, desc="bpe merges", disable=target - 256 < 1000)  # only long runs
+    while len(vocab) < target and heap:  # a small text may run out of pairs first: a smaller vocabulary
         neg, pair = heapq.heappop(heap)
         if -neg != stats[pair]:
             if stats[pair] > 0:
@@ -382,6 +399,8 @@ def train(texts, vocab_size: int, pattern: str = LLAMA3_PATTERN, special_tokens=
         vocab.append(vocab[pair[0]] + vocab[pair[1]])
         merges.append(pair)
         progress.update()
+        # re-count only the words holding the pair: take their pairs out, merge, put the new pairs in.
+        # `where` may still list a word for a pair it lost; merging it again changes nothing.
         touched = set()
         for w in where.pop(pair):
             word, n = words[w], counts[w]
@@ -396,7 +415,7 @@ def train(texts, vocab_size: int, pattern: str = LLAMA3_PATTERN, special_tokens=
         for p in touched:  # pairs with the new token are the only ones whose counts grew
             heapq.heappush(heap, (-stats[p], p))
     progress.close()
-    special = {s: len(vocab) + i for i, s in enumerate(special_tokens)}
+    special = {s: len(vocab) + i for i, s in enumerate(special_tokens)}  # after the merges, as Llama 3
     byte_merges = {(vocab[a], vocab[b]): rank for rank, (a, b) in enumerate(merges)}
     return Tokenizer({b: i for i, b in enumerate(vocab)}, byte_merges, pre, special)
 
@@ -404,13 +423,16 @@ def train(texts, vocab_size: int, pattern: str = LLAMA3_PATTERN, special_tokens=
 
 
 def main(path: str = "checkpoints/Llama-3.2-tokenizer", text: str = "Hello world! 12345 <|eot_id|>",
-         allowed_special: str = "all"):
-    """Print the ids and token pieces of `text`."""
+         special: bool = True):
+    """Print the ids of `text` and the bytes of each token; special-token strings count as special tokens
+    unless --nospecial."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path} not found: run `python download.py llama3.2-tokenizer` "
+                         "(or smollm2-135m-instruct), or pass --path")
     tok = Tokenizer.from_file(path)
-    ids = tok.encode(text, allowed_special=allowed_special if allowed_special == "all" else set())
+    ids = tok.encode(text, allowed_special="all" if special else frozenset())
     print(ids)
     print([tok.decode_bytes([i]) for i in ids])
-    assert tok.decode(ids) == text
 
 
 if __name__ == "__main__":
