@@ -3,6 +3,7 @@
 Run: python -m pytest tests/parity_tokenizer.py -q
 Needs: python download.py smollm2-135m-instruct llama3.2-tokenizer
 """
+import codecs
 import glob
 import json
 import os
@@ -25,6 +26,10 @@ SMOL = os.path.join(ROOT, "checkpoints", "SmolLM2-135M-Instruct")
 LLAMA = os.path.join(ROOT, "checkpoints", "Llama-3.2-tokenizer")
 # the 21 byte values SmolLM2's vocabulary has no token for (HF drops them when encoding)
 SMOL_MISSING = {0x04, 0x06, 0x13, 0x14, 0x16, 0x1D, 0xC0, 0xC1, 0xF1, 0xF2, *range(0xF5, 0x100)}
+# Digits new in Unicode 16/17: \p{N} for the `regex` module, unassigned for tiktoken's and HF's regex engines,
+# so Llama 3's pattern cuts text around them differently (an exhaustive check of every code point in ten
+# contexts found no other difference). Left out of the random-text parity tests.
+NEWER_DIGITS = [chr(c) for c in [*range(0x11DE0, 0x11DEA), *range(0x16FF4, 0x16FF7)]]
 
 
 def need(path):
@@ -192,6 +197,16 @@ def test_decode_matches_hf_and_never_raises(llama, smol):
     assert s_ours.decode(ids) == s_hf.decode(ids, skip_special_tokens=False)
 
 
+def test_decode_bytes_streams(llama):
+    """Token by token through an incremental UTF-8 decoder, as a streaming generator prints."""
+    ours = llama[0]
+    text = EMOJI[0] + LANGUAGES[4]
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pieces = [decoder.decode(ours.decode_bytes([i])) for i in ours.encode(text)]
+    assert "".join(pieces) + decoder.decode(b"", final=True) == text
+    assert "\ufffd" not in "".join(pieces) and "" in pieces  # some tokens end inside a character
+
+
 def test_cache_eviction_keeps_ids(llama, monkeypatch):
     ours, _, _, _, tik = llama
     monkeypatch.setattr(tokenizer_bpe, "CACHE_SIZE", 8)
@@ -206,17 +221,23 @@ def test_cache_eviction_keeps_ids(llama, monkeypatch):
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=60))
-def test_roundtrip_and_parity_random_text(llama, smol, text):
+def test_roundtrip_random_text(llama, smol, text):
+    ours_model, ours_json = llama[:2]
+    assert ours_model.decode(ours_model.encode(text)) == text
+    assert ours_json.decode(ours_json.encode(text)) == text
+    s_ours = smol[0]
+    kept = "".join(c for c in text if not SMOL_MISSING & set(c.encode()))  # SmolLM2 drops the rest, as HF
+    assert s_ours.decode(s_ours.encode(kept)) == kept
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(st.characters(exclude_characters=NEWER_DIGITS), max_size=60))
+def test_parity_random_text(llama, smol, text):
     ours_model, ours_json, hf, hf_ignore_merges, tik = llama
-    ids = ours_model.encode(text)
-    assert ours_model.decode(ids) == text
-    assert ids == tik.encode_ordinary(text) == hf_ids(hf_ignore_merges, text)
+    assert ours_model.encode(text) == tik.encode_ordinary(text) == hf_ids(hf_ignore_merges, text)
     assert ours_json.encode(text) == hf_ids(hf, text)
     s_ours, s_hf = smol
-    kept = "".join(c for c in text if not SMOL_MISSING & set(c.encode()))
-    s_ids = s_ours.encode(kept)
-    assert s_ours.decode(s_ids) == kept
-    assert s_ids == hf_ids(s_hf, kept)
+    assert s_ours.encode(text) == hf_ids(s_hf, text)
 
 
 @settings(max_examples=100, deadline=None)
