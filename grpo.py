@@ -1,0 +1,535 @@
+"""
+GRPO: Group Relative Policy Optimization of the model files of this collection, small enough to run on a CPU.
+
+For every prompt the policy samples a group of G completions; plain Python functions score them; each reward
+minus its group's mean, divided by the group's standard deviation, is the advantage of every token of that
+completion (no value model); the policy then maximises the PPO clipped-ratio objective, optionally minus a KL
+penalty to a frozen reference model. Paper: Shao et al. 2024, "DeepSeekMath" (arXiv 2402.03300), §4.1, eq. 3
+and Algorithm 1. Reference code: TRL's `GRPOTrainer` (trl/trainer/grpo_trainer.py), whose names we keep:
+num_generations = G, epsilon / epsilon_high, beta, loss_type grpo | dr_grpo | dapo, scale_rewards,
+num_iterations. Built-in tasks are arithmetic word problems generated in code with a checked numeric answer,
+as the minimal single-file GRPO scripts that show GSM8K accuracy rising; a GSM8K-style JSONL also works.
+
+Departures from the paper, as nanochat's chat_rl.py lists its own:
+1. beta = 0 by default: no KL term and no reference model in memory (TRL's default, after DAPO and Dr. GRPO).
+   With beta > 0 the k3 estimator of eq. 4 is used; under LoRA the reference is the same model with its
+   adapters switched off, so it costs no copy.
+2. The default loss_type is "dapo" (TRL's default): token losses summed over the whole generation batch and
+   divided by its number of completion tokens, instead of the paper's mean over each completion, then over
+   completions ("grpo", kept as an option), which favours short wrong answers (Dr. GRPO, arXiv 2503.20783).
+3. Optional clip-higher: epsilon_high > epsilon lets rare good tokens grow faster (DAPO, arXiv 2503.14476).
+4. Outcome rewards only, one policy, one round: no process supervision and no reward-model retraining (§4.1.3).
+5. Groups whose rewards are all equal have zero advantage. With beta = 0 they give exactly zero gradient, so
+   their forward and backward passes are skipped (the loss normalisers still count them: the update is the
+   one of the full batch, only cheaper).
+6. The completion's end-of-turn token is part of it (as TRL's completion mask), so stopping is learned too.
+
+Demonstration (2 shared CPU cores, SmolLM2-135M-Instruct, held-out accuracy, greedy, before and after):
+    python download.py
+    python grpo.py --steps 0                       # accuracy of the base model on the held-out problems
+    python grpo.py --out_dir out/grpo-arith        # train, evaluate, write metrics.jsonl (+ rewards.png)
+Other uses:
+    python grpo.py --task data/gsm8k_train.jsonl --eval_file data/gsm8k_test.jsonl --max_new_tokens 256
+    python grpo.py --model llama31 --ckpt_dir checkpoints/Llama-3.2-1B-Instruct --device cuda --mode full
+    python grpo.py --out_dir out/grpo-arith --resume      # continue after a crash
+"""
+
+import contextlib
+import copy
+import json
+import os
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# LoRA, the optimizer and its schedule, checkpoints and export are shared with supervised fine-tuning
+from finetune import (LoRALinear, TrainConfig, apply_lora, build_optimizer, build_scheduler, checkpoint_keys,
+                      export_hf, load_checkpoint, load_model, save_checkpoint)
+
+# -----------------------------------------------------------------------------
+# Config: every field is a command-line flag (python grpo.py --name value)
+
+
+@dataclass
+class GRPOConfig:
+    model: str = "smollm2"  # model file: smollm2 | llama31
+    ckpt_dir: str = "checkpoints/SmolLM2-135M-Instruct"
+    out_dir: str = "out/grpo"
+    task: str = "arith"  # built-in task (see TASKS) or a GSM8K-style .jsonl file
+    eval_file: str = ""  # held-out .jsonl for a file task (default: its last eval_n lines)
+    eval_n: int = 100  # held-out problems, answered greedily
+    steps: int = 60  # generation batches; 0 = only evaluate the model
+    prompts_per_step: int = 8
+    num_generations: int = 8  # G, completions per prompt
+    max_new_tokens: int = 8
+    temperature: float = 1.0  # sampling temperature; log-probs are of the same tempered distribution
+    loss_type: str = "dapo"  # grpo | dr_grpo | dapo
+    epsilon: float = 0.2  # ratio clipped to [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: float = 0.0  # 0 = epsilon (symmetric, as the paper)
+    beta: float = 0.0  # KL weight; the paper uses 0.04
+    scale_rewards: str = "group"  # divide advantages by the std of the group | batch | none (Dr. GRPO)
+    num_iterations: int = 1  # policy updates per generation batch (mu in Algorithm 1)
+    reward_weights: tuple = (1.0, 0.2)  # weights of REWARDS (correct answer, answer format)
+    mode: str = "lora"  # lora | full
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lr: float = 1e-4
+    warmup_steps: int = 2
+    min_lr_frac: float = 1.0  # 1 = constant after warmup
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch: int = 16  # completions per forward/backward; the rest of the batch is accumulated
+    eval_every: int = 0  # 0 = evaluate only before and after training
+    ckpt_every: int = 20
+    resume: bool = False
+    device: str = "cpu"
+    threads: int = 0  # torch CPU threads, 0 = torch's default
+    seed: int = 1337
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # as finetune.py
+
+# -----------------------------------------------------------------------------
+# Tasks and rewards. An example is a dict with a "question" and an "answer"; reward functions are called as
+# fn(prompt, completion, **example) -> float, TRL's convention for extra dataset columns.
+
+NAMES = ["Sam", "Mia", "Leo", "Ava", "Ben", "Zoe", "Max", "Ivy", "Tom", "Eva", "Noah", "Lily"]
+ITEMS = ["apples", "pens", "stickers", "marbles", "books", "cards", "coins", "shells", "cookies", "stamps"]
+
+
+def word_problem(rng: random.Random, ops: str, hi: int) -> dict:
+    """One arithmetic word problem, operation drawn from ops ("+-*/"), operands up to hi; integer answer."""
+    name, item, op = rng.choice(NAMES), rng.choice(ITEMS), rng.choice(ops)
+    a, b = rng.randint(2, hi), rng.randint(2, hi)
+    if op == "+":
+        q, ans = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?", a + b
+    elif op == "-":
+        a, b = a + b, b  # keeps the answer positive
+        q, ans = f"{name} has {a} {item} and gives away {b}. How many {item} does {name} have left?", a - b
+    elif op == "*":
+        a = rng.randint(2, 9)
+        q, ans = f"{name} buys {a} boxes with {b} {item} in each box. How many {item} is that in total?", a * b
+    else:
+        a = rng.randint(2, 9)
+        q, ans = f"{name} shares {a * b} {item} equally among {a} friends. How many {item} does each get?", b
+    return {"question": q, "answer": ans}
+
+
+TASKS = {  # name -> problem generator
+    "add": lambda rng: word_problem(rng, "+-", 20),
+    "arith": lambda rng: word_problem(rng, "+-*/", 20),
+    "arith50": lambda rng: word_problem(rng, "+-*/", 50),
+}
+
+
+def load_jsonl(path: str) -> list[dict]:
+    """GSM8K-style lines {"question": ..., "answer": "...#### 42"} (or a plain number as the answer)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                row = json.loads(line)
+                if "question" not in row or "answer" not in row:
+                    raise SystemExit(f"error: {path}:{n} needs 'question' and 'answer' fields")
+                row["answer"] = parse_number(str(row["answer"]).split("####")[-1])
+                rows.append(row)
+    return rows
+
+
+def parse_number(text: str) -> float | None:
+    """The last number in the text (commas as thousands separators allowed), as GSM8K graders take it."""
+    found = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
+    return float(found[-1].replace(",", "")) if found else None
+
+
+def correct_reward(prompt, completion, answer, **_) -> float:
+    return float(parse_number(completion) == float(answer))
+
+
+def format_reward(prompt, completion, **_) -> float:
+    """The requested format: the number alone."""
+    return float(re.fullmatch(r"\s*-?\d+(\.\d+)?\s*", completion) is not None)
+
+
+REWARDS = [correct_reward, format_reward]
+SYSTEM_PROMPT = "Reply with only the final number."
+
+
+def score(reward_fns, weights, prompts, completions, examples) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (weighted reward (N,), each function's reward (N, n_fns)). A reward function that raises is reported
+    with its example and scored NaN; the weighted sum skips NaNs (TRL's nansum), so the run goes on."""
+    per_fn = torch.full((len(completions), len(reward_fns)), float("nan"))
+    for i, (p, c, ex) in enumerate(zip(prompts, completions, examples)):
+        for j, fn in enumerate(reward_fns):
+            try:
+                per_fn[i, j] = float(fn(p, c, **ex))
+            except Exception as e:  # a user's reward function must not end a long run
+                print(f"warning: reward {fn.__name__} raised {e!r} on example {ex} with completion {c!r}")
+    return (per_fn * torch.tensor(weights)).nansum(dim=1), per_fn
+
+
+# -----------------------------------------------------------------------------
+# Rollout: sample G completions per prompt with the model's KV-cached generate, then recompute log-probs
+
+
+def end_of_turn_id(tok) -> int:
+    """The token that ends an assistant turn: ChatML's <|im_end|> (SmolLM2) or Llama 3's <|eot_id|>."""
+    sp = tok.special_tokens
+    eot = sp.get("<|im_end|>", sp.get("<|eot_id|>"))
+    if eot is None:
+        raise SystemExit("error: the tokenizer has no <|im_end|> or <|eot_id|>: GRPO here needs a chat model")
+    return eot
+
+
+def encode_prompts(mod, tok, examples) -> list[list[int]]:
+    return [mod.encode_chat(tok, [{"role": "system", "content": SYSTEM_PROMPT},
+                                  {"role": "user", "content": ex["question"]}]) for ex in examples]
+
+
+def rollout(model, prompts: list[list[int]], G: int, max_new_tokens: int, temperature: float, eot: int,
+            seed: int | None) -> list[list[int]]:
+    """G completions of each prompt (prompt-major order). A completion that stopped keeps its end-of-turn
+    token: the policy is trained to stop where it stopped. Temperature 0 is greedy (evaluation)."""
+    outs = model.generate([p for p in prompts for _ in range(G)], max_new_tokens, temperature=temperature,
+                          stop_tokens=[eot], seed=seed)
+    # generate drops the stop token, so a row shorter than max_new_tokens is one that stopped
+    return [c + [eot] if len(c) < max_new_tokens else c for c in outs]
+
+
+def completion_logprobs(model, prompts, completions, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (log-prob of every completion token (B, C), mask of the real ones (B, C)), by one forward pass.
+
+    Rows are prompt + completion, right-padded: causal attention never lets a real token see the padding, so
+    no attention mask is needed. Log-probs are those of the tempered distribution the tokens were drawn from.
+    """
+    device = next(model.parameters()).device
+    lens = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    B, T, C = len(prompts), max(lens), max(len(c) for c in completions)
+    x = torch.zeros(B, T, dtype=torch.long)
+    targets = torch.zeros(B, C, dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        x[i, :lens[i]] = torch.tensor(p + c)
+        targets[i, :len(c)] = torch.tensor(c)
+    mask = torch.arange(C)[None, :] < torch.tensor([len(c) for c in completions])[:, None]  # (B, C)
+    # logits at position t predict token t + 1: completion token k of row i is predicted at len(p_i) - 1 + k
+    pos = (torch.tensor([len(p) - 1 for p in prompts])[:, None] + torch.arange(C)[None, :]).clamp(max=T - 1)
+    logits = model(x.to(device))  # (B, T, vocab)
+    logits = logits.gather(1, pos.to(device)[:, :, None].expand(-1, -1, logits.size(-1)))  # (B, C, vocab)
+    logp = F.log_softmax(logits.float() / (temperature or 1.0), dim=-1)
+    logp = logp.gather(-1, targets.to(device)[:, :, None]).squeeze(-1)  # (B, C)
+    mask = mask.to(device)
+    return logp * mask, mask
+
+
+# -----------------------------------------------------------------------------
+# Advantages and loss: one small pure function per concept
+
+
+def group_advantages(rewards: torch.Tensor, G: int, scale: str = "group") -> torch.Tensor:
+    """rewards (N*G,) in prompt-major order -> advantages (N*G,): reward minus its group's mean, divided by the
+    group's std (paper §4.1.2), the whole batch's std, or nothing (Dr. GRPO). A group of equal rewards gets
+    zero advantages: its mean is its every reward, and the 1e-4 (as TRL) keeps 0 / 0 away."""
+    r = rewards.view(-1, G)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if scale == "group":
+        adv = adv / (r.std(dim=1, keepdim=True) + 1e-4)
+    elif scale == "batch":
+        adv = adv / (rewards.std() + 1e-4)
+    return adv.flatten()
+
+
+def clipped_surrogate(logp, old_logp, advantages, eps_low: float, eps_high: float) -> torch.Tensor:
+    """PPO's per-token loss -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A), logp (B, C), A (B,).
+    Clipping removes the incentive to move a token's ratio further than the clip range in the advantage's
+    direction; with old_logp = logp.detach() (one update per batch) the ratio is 1 and this is REINFORCE."""
+    ratio = torch.exp(logp - old_logp)
+    A = advantages[:, None]
+    return -torch.min(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)
+
+
+def k3_kl(logp, ref_logp) -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate pi_ref/pi - log(pi_ref/pi) - 1 (paper eq. 4, Schulman's k3):
+    unbiased on tokens sampled from pi, and never negative."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def aggregate(per_token, mask, loss_type: str, n_seqs: int, n_tokens: int, max_new_tokens: int) -> torch.Tensor:
+    """This micro-batch's share of the step loss. n_seqs and n_tokens count the whole generation batch, so the
+    shares of any split into micro-batches add up to the loss of the full batch (TRL divides per micro-batch
+    and by the accumulation steps instead: the same when micro-batches are equal).
+      grpo:    mean over completions of each completion's token mean (paper eq. 3)
+      dr_grpo: token sum / (completions * max_new_tokens), a constant normaliser (Dr. GRPO)
+      dapo:    token sum / completion tokens in the batch (DAPO eq. 8)"""
+    per_token = per_token * mask
+    if loss_type == "grpo":
+        return (per_token.sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
+    if loss_type == "dr_grpo":
+        return per_token.sum() / (n_seqs * max_new_tokens)
+    if loss_type == "dapo":
+        return per_token.sum() / n_tokens
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model, mod, tok, examples, cfg: GRPOConfig, eot: int, batch_size: int = 50) -> dict:
+    """Greedy accuracy and format rate on held-out examples (one completion each)."""
+    model.eval()
+    correct = fmt = 0
+    samples = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        outs = rollout(model, encode_prompts(mod, tok, chunk), 1, cfg.max_new_tokens, 0.0, eot, None)
+        for ex, out in zip(chunk, outs):
+            text = tok.decode([t for t in out if t != eot])
+            correct += correct_reward(ex["question"], text, **ex)
+            fmt += format_reward(ex["question"], text, **ex)
+            samples.append(text)
+    return {"accuracy": correct / len(examples), "format": fmt / len(examples), "samples": samples[:5]}
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def task_data(cfg: GRPOConfig):
+    """-> (sample(rng, n) -> n training examples, held-out examples). Built-in held-out problems come from a
+    fixed stream, the same for every seed, and training never draws one of them."""
+    if cfg.task in TASKS:
+        gen, rng = TASKS[cfg.task], random.Random("held-out")
+        held_out = [gen(rng) for _ in range(cfg.eval_n)]
+        seen = {ex["question"] for ex in held_out}
+
+        def sample(rng, n):
+            out = []
+            while len(out) < n:
+                ex = gen(rng)
+                if ex["question"] not in seen:
+                    out.append(ex)
+            return out
+        return sample, held_out
+    if not os.path.isfile(cfg.task):
+        raise SystemExit(f"error: --task {cfg.task!r} is neither a built-in task ({', '.join(TASKS)}) nor a file")
+    rows = load_jsonl(cfg.task)
+    held_out = load_jsonl(cfg.eval_file)[:cfg.eval_n] if cfg.eval_file else rows[-cfg.eval_n:]
+    train_rows = rows if cfg.eval_file else rows[:-cfg.eval_n]
+    if not train_rows:
+        raise SystemExit(f"error: {cfg.task} has no rows left for training after holding out {cfg.eval_n}")
+    return (lambda rng, n: rng.sample(train_rows, min(n, len(train_rows)))), held_out
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """Under LoRA the reference policy is the frozen base model: the same modules with B A scaled by 0."""
+    loras = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    scales = [m.scale for m in loras]
+    for m in loras:
+        m.scale = 0.0
+    try:
+        yield
+    finally:
+        for m, s in zip(loras, scales):
+            m.scale = s
+
+
+def train(cfg: GRPOConfig, reward_fns=REWARDS):
+    """GRPO-train cfg.model on cfg.task; reward_fns are weighted by cfg.reward_weights."""
+    check_config(cfg, reward_fns)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    mod, model, hf_config, tok, tok_path = load_model(TrainConfig(model=cfg.model, ckpt_dir=cfg.ckpt_dir), device)
+    eot = end_of_turn_id(tok)
+    sample_examples, held_out = task_data(cfg)
+    G, eps_high = cfg.num_generations, cfg.epsilon_high or cfg.epsilon
+
+    # What trains, and the reference policy: none when beta = 0, the adapters switched off under LoRA, else a
+    # frozen copy taken before any update (and before a resume loads trained weights).
+    if cfg.mode == "lora":
+        # no dropout: the policy that samples (eval mode) must be the one whose log-probs are trained
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, 0.0, list(LORA_TARGETS))
+        ref_model, ref_ctx = model, adapters_off
+    else:
+        model.requires_grad_(True)
+        ref_model = copy.deepcopy(model).requires_grad_(False) if cfg.beta > 0 else None
+        ref_ctx = lambda _: contextlib.nullcontext()  # noqa: E731
+    ckpt_keys = checkpoint_keys(model, everything=False)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps * cfg.num_iterations, cfg.min_lr_frac)
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
+    step = 0
+    if cfg.resume:
+        step = load_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys)["step"]
+    old = [json.loads(line) for line in open(metrics_path)] if cfg.resume and os.path.exists(metrics_path) else []
+    with open(metrics_path, "w") as f:  # keep the log of the steps the checkpoint holds; later ones are redone
+        f.writelines(json.dumps(r) + "\n" for r in old if r["step"] <= step)
+
+    def log(record):
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def run_eval():
+        t = time.time()
+        res = evaluate(model, mod, tok, held_out, cfg, eot)
+        log({"step": step, "eval_accuracy": res["accuracy"], "eval_format": res["format"]})
+        print(f"step {step}: held-out accuracy {res['accuracy']:.3f} ({len(held_out)} problems, greedy), "
+              f"format {res['format']:.2f}, {time.time() - t:.0f}s; e.g. {res['samples'][:2]}")
+        return res
+
+    print(f"{cfg.model} {cfg.ckpt_dir}: task {cfg.task}, {cfg.prompts_per_step} prompts x {G} completions per "
+          f"step, {cfg.steps} steps, {cfg.mode}, loss {cfg.loss_type}, beta {cfg.beta}, {device}")
+    if step == 0:
+        run_eval()
+    t_start = time.time()
+    while step < cfg.steps:
+        # 1. Rollout: G samples of each prompt from the current policy, which is also pi_old of Algorithm 1.
+        t0 = time.time()
+        examples = sample_examples(random.Random(f"{cfg.seed}-{step}"), cfg.prompts_per_step)
+        prompts = encode_prompts(mod, tok, examples)
+        model.eval()
+        completions = rollout(model, prompts, G, cfg.max_new_tokens, cfg.temperature, eot, cfg.seed * 10**6 + step)
+        prompts, examples = [p for p in prompts for _ in range(G)], [e for e in examples for _ in range(G)]
+        texts = [tok.decode([t for t in c if t != eot]) for c in completions]
+        rewards, per_fn = score(reward_fns, cfg.reward_weights, [e["question"] for e in examples], texts, examples)
+        advantages = group_advantages(rewards, G, cfg.scale_rewards).to(device)
+        t_gen = time.time() - t0
+
+        # 2. Only rows with a non-zero advantage carry gradient when beta = 0 (departure 5); normalisers count all.
+        rows = [i for i in range(len(completions)) if cfg.beta > 0 or advantages[i] != 0]
+        micro = [rows[i:i + cfg.micro_batch] for i in range(0, len(rows), cfg.micro_batch)]
+        n_seqs, n_tokens = len(completions), sum(len(c) for c in completions)
+
+        def batch(idx):
+            return [prompts[i] for i in idx], [completions[i] for i in idx]
+        with torch.no_grad():  # log-probs of pi_old (needed when it drifts from pi_theta) and of pi_ref
+            old_logps = [completion_logprobs(model, *batch(idx), cfg.temperature)[0] for idx in micro] \
+                if cfg.num_iterations > 1 else None
+            ref_logps = None
+            if cfg.beta > 0:
+                with ref_ctx(ref_model):
+                    ref_logps = [completion_logprobs(ref_model, *batch(idx), cfg.temperature)[0] for idx in micro]
+
+        # 3. num_iterations policy updates on this batch, each accumulated over the micro-batches.
+        model.train()
+        for _ in range(cfg.num_iterations):
+            stats = torch.zeros(4)  # loss, kl sum, low-clipped tokens, high-clipped tokens
+            for m, idx in enumerate(micro):
+                logp, mask = completion_logprobs(model, *batch(idx), cfg.temperature)  # (b, C)
+                old_logp = old_logps[m] if old_logps else logp.detach()
+                adv = advantages[idx]
+                per_token = clipped_surrogate(logp, old_logp, adv, cfg.epsilon, eps_high)
+                if cfg.beta > 0:
+                    kl = k3_kl(logp, ref_logps[m])
+                    per_token = per_token + cfg.beta * kl
+                    stats[1] += (kl * mask).sum().item()
+                loss = aggregate(per_token, mask, cfg.loss_type, n_seqs, n_tokens, cfg.max_new_tokens)
+                loss.backward()
+                ratio = torch.exp(logp - old_logp).detach()  # TRL's clip metrics: clipped where it matters
+                stats[0] += loss.item()
+                stats[2] += ((ratio < 1 - cfg.epsilon) & (adv[:, None] < 0) & mask).sum().item()
+                stats[3] += ((ratio > 1 + eps_high) & (adv[:, None] > 0) & mask).sum().item()
+            grad_norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                 cfg.grad_clip or float("inf"))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()  # parameters without a gradient (no rows this step) are left untouched
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        # 4. Log: rewards and their spread, lengths, the loss terms of the last update, time.
+        groups = rewards.view(-1, G)
+        record = {"step": step, "reward": rewards.mean().item(),
+                  **{fn.__name__: per_fn[:, j].nanmean().item() for j, fn in enumerate(reward_fns)},
+                  "reward_errors": int(per_fn.isnan().sum()), "reward_std": groups.std(dim=1).mean().item(),
+                  "equal_groups": int((groups.max(dim=1).values == groups.min(dim=1).values).sum()),
+                  "completion_len": n_tokens / n_seqs, "stopped": sum(c[-1] == eot for c in completions) / n_seqs,
+                  "loss": stats[0].item(), "kl": stats[1].item() / n_tokens, "clip_low": stats[2].item() / n_tokens,
+                  "clip_high": stats[3].item() / n_tokens, "grad_norm": grad_norm.item(), "lr": lr,
+                  "gen_s": t_gen, "step_s": time.time() - t0, "elapsed_s": time.time() - t_start}
+        log(record)
+        print(f"step {step}/{cfg.steps} | reward {record['reward']:.3f} ("
+              + " ".join(f"{fn.__name__} {record[fn.__name__]:.2f}" for fn in reward_fns)
+              + f") len {record['completion_len']:.1f} | loss {record['loss']:+.4f} kl {record['kl']:.4f} | "
+              f"{record['step_s']:.0f}s (generation {t_gen:.0f}s) | e.g. {texts[0]!r}", flush=True)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            run_eval()
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            save_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys, step=step, config=asdict(cfg))
+
+    if cfg.steps > 0:
+        run_eval()
+        export_hf(model, cfg.out_dir, hf_config, tok_path, cfg.lora_alpha / cfg.lora_rank, "float32")
+        plot_rewards(metrics_path, os.path.join(cfg.out_dir, "rewards.png"))
+        evals = [r for r in (json.loads(line) for line in open(metrics_path)) if "eval_accuracy" in r]
+        print(f"held-out accuracy {evals[0]['eval_accuracy']:.3f} at step {evals[0]['step']} -> "
+              f"{evals[-1]['eval_accuracy']:.3f} at step {step}; model in {cfg.out_dir}/model.safetensors")
+
+
+def plot_rewards(metrics_path: str, png_path: str):
+    """Training reward per step (and its 5-step mean) with the held-out accuracy, if matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no plot; the curves are in {metrics_path}")
+        return
+    recs = [json.loads(line) for line in open(metrics_path)]
+    steps, rewards = zip(*[(r["step"], r["reward"]) for r in recs if "reward" in r])
+    smooth = [sum(rewards[max(0, i - 4):i + 1]) / len(rewards[max(0, i - 4):i + 1]) for i in range(len(rewards))]
+    evals = [(r["step"], r["eval_accuracy"]) for r in recs if "eval_accuracy" in r]
+    plt.figure(figsize=(7, 4))
+    plt.plot(steps, rewards, alpha=0.3, label="train reward")
+    plt.plot(steps, smooth, label="train reward, 5-step mean")
+    plt.plot(*zip(*evals), marker="o", label="held-out accuracy (greedy)")
+    plt.xlabel("step"), plt.legend(), plt.grid(alpha=0.3)
+    plt.savefig(png_path, dpi=120, bbox_inches="tight")
+    plt.close()
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def check_config(cfg: GRPOConfig, reward_fns):
+    """User errors end in one line naming the fix, before anything is loaded."""
+    choices = {"loss_type": ("grpo", "dr_grpo", "dapo"), "scale_rewards": ("group", "batch", "none"),
+               "mode": ("lora", "full")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise SystemExit(f"error: --{name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    if cfg.num_generations < 2:
+        raise SystemExit("error: --num_generations must be >= 2: advantages compare completions of one prompt")
+    if len(cfg.reward_weights) != len(reward_fns):
+        raise SystemExit(f"error: --reward_weights needs {len(reward_fns)} numbers, one per reward function")
+    if not (0 <= cfg.epsilon < 1 and cfg.epsilon_high >= 0 and cfg.temperature > 0 and cfg.steps >= 0):
+        raise SystemExit("error: need 0 <= epsilon < 1, epsilon_high >= 0, temperature > 0 and steps >= 0")
+    if cfg.beta < 0 or cfg.num_iterations < 1 or cfg.micro_batch < 1 or cfg.prompts_per_step < 1:
+        raise SystemExit("error: need beta >= 0, and num_iterations, micro_batch, prompts_per_step >= 1")
+
+
+def main(**flags):
+    """GRPO-train a chat model on a verifiable task (--steps 0: only evaluate it). Flags: the GRPOConfig fields."""
+    unknown = sorted(set(flags) - {f.name for f in fields(GRPOConfig)})
+    if unknown:
+        raise SystemExit(f"error: unknown flag(s) {', '.join('--' + n for n in unknown)}; see GRPOConfig in grpo.py")
+    train(GRPOConfig(**flags))
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
