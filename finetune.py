@@ -18,17 +18,16 @@ Usage:
     # LoRA on chat data, JSONL lines {"messages": [{"role": "user", "content": ...}, ...]}; loss on replies only
     python finetune.py --model smollm2 --ckpt_dir checkpoints/SmolLM2-135M-Instruct --data chat.jsonl \\
         --mode lora --lora_rank 16 --seq_len 512 --max_steps 200 --out_dir out/smol-lora
-    # full fine-tuning on text (a .txt file is one document; JSONL lines {"text": ...} are one each)
-    python finetune.py --ckpt_dir checkpoints/SmolLM2-135M-Instruct --data book.txt --mode full --lr 3e-5
+    python smollm2.py --ckpt_dir out/smol-lora --prompt "..."    # the result loads like any checkpoint
+    # full fine-tuning on text (a .txt file is one document; JSONL lines {"text": ...} are one each),
     # RMSNorm weights only, or everything except the embeddings
-    python finetune.py ... --mode norm --lr 1e-3
-    python finetune.py ... --mode frozen_embed
+    python finetune.py --ckpt_dir checkpoints/SmolLM2-135M-Instruct --data book.txt --mode full --lr 3e-5
+    python finetune.py ... --mode norm --lr 1e-3      |      python finetune.py ... --mode frozen_embed
     # from scratch: tokenize into llm.c-style shards, then train a preset (or a config.json) on them
     python finetune.py prepare --tokenizer checkpoints/SmolLM2-135M-Instruct --out_dir data/books a.txt b.txt
-    python finetune.py --model nanollm --preset NAME --tokenizer checkpoints/SmolLM2-135M-Instruct --data data/books
-    # resume after a crash: the same command plus --resume
+    python finetune.py --model nanollm --preset nano-small --tokenizer TOKENIZER --data data/books --mode full
+    # resume after a crash: the same command plus --resume; several processes: DDP, or FSDP2 with --fsdp
     python finetune.py ... --resume
-    # several processes: DDP, or FSDP2 (`fully_shard`) with --fsdp
     torchrun --nproc_per_node 2 finetune.py ... [--fsdp]
 
 --out_dir receives model.safetensors + config.json + tokenizer files (loaded by the model file and by
@@ -39,9 +38,11 @@ import argparse
 import contextlib
 import functools
 import importlib
+import inspect
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import sys
@@ -69,7 +70,7 @@ class TrainConfig:
     model: str = "smollm2"  # model file to import: smollm2 | llama31 | nanollm | lm2
     ckpt_dir: str = ""  # pretrained HF-layout checkpoint; empty = from scratch with --preset
     preset: str = ""  # from scratch: a ModelArgs preset name, or a config.json path
-    tokenizer: str = ""  # tokenizer file or folder (default: --ckpt_dir)
+    tokenizer: str = ""  # tokenizer file or folder; empty = the one in --ckpt_dir
     data: str = ""  # .txt / .jsonl files (comma separated), or a folder of *train*.bin / *val*.bin shards
     out_dir: str = "out/finetune"
     mode: str = "lora"  # full | lora | norm (RMSNorm weights only) | frozen_embed (all but embeddings)
@@ -91,12 +92,11 @@ class TrainConfig:
     eval_rows: int = 32  # validation rows used
     ckpt_every: int = 100  # steps between checkpoints (and one at the end)
     resume: bool = False  # continue from out_dir/ckpt.pt
-    device: str = ""  # default: cuda if available, else cpu
+    device: str = ""  # empty = cuda if available, else cpu
     dtype: str = ""  # bfloat16 (default on CUDA: autocast, frozen weights of lora/norm runs stored so) or float32
     grad_checkpointing: bool = False  # recompute each block in backward: less activation memory
     fsdp: bool = False  # under torchrun: shard with FSDP2 instead of replicating with DDP
     save_dtype: str = "bfloat16"  # dtype of the exported model.safetensors
-    sample: str = ""  # after training, print the model's greedy reply to this chat prompt
     seed: int = 1337
 
 
@@ -440,7 +440,7 @@ def load_checkpoint(path: str, model, optimizer, scheduler, keys: set[str]) -> d
     set_model_state_dict(model, state["model"], options=opts)
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
     scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng"][dist.get_rank() if dist.is_initialized() else 0]
+    rng = state["rng"][(dist.get_rank() if dist.is_initialized() else 0) % len(state["rng"])]
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
@@ -483,7 +483,7 @@ def init_weights(model: nn.Module, std: float = 0.02):
             nn.init.zeros_(p)
 
 
-def load_model(cfg: TrainConfig, device, dtype):
+def load_model(cfg: TrainConfig, device, dtype=torch.float32):
     """-> (model module, model, hf config dict, tokenizer, tokenizer path). Imports the model file by name."""
     if cfg.model not in MODELS:
         raise SystemExit(f"error: unknown --model {cfg.model!r}; choose one of {', '.join(MODELS)}")
@@ -702,10 +702,6 @@ def train(cfg: TrainConfig):
         plot_losses(metrics_path, os.path.join(cfg.out_dir, "loss.png"))
         tqdm.write(f"{memory_report(raw, optimizer, device)}\nsaved {cfg.out_dir}/model.safetensors "
                    f"(+ config.json, tokenizer files, ckpt.pt, metrics.jsonl)")
-    if cfg.sample and world == 1:  # a sharded model cannot generate on one process
-        raw.eval()
-        prompt = mod.encode_chat(tok, [{"role": "user", "content": cfg.sample}], add_generation_prompt=True)
-        print(f"sample> {cfg.sample}\n{tok.decode(raw.generate([prompt], max_new_tokens=96)[0])}")
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -722,9 +718,13 @@ def main(argv: list[str]):
         p.add_argument("--out_dir", required=True)
         p.add_argument("--val_frac", type=float, default=0.01)
         return prepare(**vars(p.parse_args(argv[1:])))
-    for f in fields(TrainConfig):  # one flag per config field
+    # one flag per config field; its --help text is the comment beside the field, so the config block stays
+    # the one place to read
+    helps = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(TrainConfig), re.M))
+    for f in fields(TrainConfig):
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
-        p.add_argument(f"--{f.name}", default=f.default, **kind)
+        p.add_argument(f"--{f.name}", default=f.default, help=f"{helps.get(f.name, '')} (default: {f.default!r})",
+                       **kind)
     cfg = TrainConfig(**vars(p.parse_args(argv)))
     if cfg.mode not in ("full", "lora", "norm", "frozen_embed"):
         raise SystemExit(f"error: unknown --mode {cfg.mode!r}; choose full, lora, norm or frozen_embed")
