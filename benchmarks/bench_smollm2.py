@@ -2,7 +2,7 @@
 Decode speed of smollm2.py against HF transformers' `generate` on the same weights, same machine, same run.
 
     python benchmarks/bench_smollm2.py                       # real SmolLM2-135M-Instruct, fp32 and bf16
-    python benchmarks/bench_smollm2.py --new_tokens 64 --dtypes bfloat16
+    python benchmarks/bench_smollm2.py --new_tokens 64 --dtypes bfloat16 --threads 1
 
 Batch 1, greedy, a chat prompt, a fixed number of new tokens (no early stop). Decode tokens/s is timed from the
 first generated token to the last, so prefill is excluded for both. Decoding at batch 1 is memory-bound: every
@@ -82,9 +82,12 @@ print(dt, int(hwm) * 1024, sum(p.numel() * p.element_size() for p in m.parameter
 
 
 def main(ckpt_dir: str = str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"), new_tokens: int = 128,
-         dtypes: str = "float32,bfloat16", repeats: int = 3):
+         dtypes: str = "float32,bfloat16", repeats: int = 3, threads: int | None = None):
+    """threads: torch threads (default: torch's own choice, one per core)."""
     from transformers import LlamaForCausalLM
 
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     tok = Tokenizer.from_file(ckpt_dir)
     ids = smollm2.encode_chat(tok, [{"role": "user", "content": "Write a short story about a lighthouse keeper."}])
