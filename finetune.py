@@ -574,7 +574,8 @@ def train(cfg: TrainConfig):
 
     # lora / norm runs keep the frozen weights in the autocast dtype (half the memory, as torchtune does);
     # whatever trains, and its AdamW state, is fp32
-    mod, raw, hf_config, tok, tok_path = load_model(cfg, device, dtype if cfg.mode in ("lora", "norm") else torch.float32)
+    weights_dtype = dtype if cfg.mode in ("lora", "norm") else torch.float32
+    mod, raw, hf_config, tok, tok_path = load_model(cfg, device, weights_dtype)
     if cfg.seq_len > hf_config["max_position_embeddings"]:
         raise SystemExit(f"error: --seq_len {cfg.seq_len} exceeds the model's context of "
                          f"{hf_config['max_position_embeddings']} tokens")

@@ -38,10 +38,11 @@ def run_side(a):
     import finetune as ft
     if a.side == "hf":
         from transformers import LlamaForCausalLM
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    base = rss_mib()
-    if a.side == "ours":
+    else:
         import smollm2
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    base = rss_mib()  # after every import: only what the training itself allocates counts
+    if a.side == "ours":
         model = smollm2.SmolLM2.from_pretrained(a.ckpt_dir, device=device, dtype=torch.float32).train()
     else:
         model = LlamaForCausalLM.from_pretrained(a.ckpt_dir, dtype=torch.float32).to(device).train()
