@@ -259,11 +259,12 @@ def load_data(cfg: TrainConfig, tok, encode_chat) -> tuple[PackedRows, PackedRow
         splits = [sorted(str(p) for p in Path(cfg.data).glob(f"*{s}*.bin")) for s in ("train", "val")]
         if not all(splits):
             raise SystemExit(f"error: {cfg.data} needs *train*.bin and *val*.bin shards (see `finetune.py prepare`)")
-        train, val = ([read_shard(p) for p in paths] for paths in splits)
-        if sum(len(s) for s in train) == 0:
-            raise SystemExit(f"error: empty dataset: the train shards in {cfg.data} hold no tokens")
-        return PackedRows(train, [None] * len(train), cfg.seq_len, eot), PackedRows(val, [None] * len(val),
-                                                                                    cfg.seq_len, eot)
+        shards = [[read_shard(p) for p in paths] for paths in splits]
+        rows = tuple(PackedRows(split, [None] * len(split), cfg.seq_len, eot) for split in shards)  # train, val
+        if not all(rows):
+            raise SystemExit(f"error: empty dataset: a split in {cfg.data} holds less than one row of "
+                             f"{cfg.seq_len + 1} tokens")
+        return rows
     ids, mask = tokenize_files([p for p in cfg.data.split(",") if p], tok, encode_chat)
     if not mask.any():
         raise SystemExit("error: empty dataset: no token is a training target (chat data without assistant turns?)")
