@@ -69,10 +69,12 @@ def hf_decode_tps(model, ids, n) -> float:
 
 
 def load_stats(ckpt_dir, dtype) -> dict:
-    """from_pretrained in a fresh process: wall time and peak resident memory (VmHWM)."""
+    """from_pretrained in a fresh process: wall time, and peak resident memory (VmHWM) once every weight has been
+    read (weights that stay memory-mapped from the file are only resident after their first use)."""
     code = f"""
 import sys, time, torch; sys.path.insert(0, {str(ROOT)!r}); import smollm2
 t0 = time.perf_counter(); m = smollm2.SmolLM2.from_pretrained({str(ckpt_dir)!r}, dtype=torch.{dtype}); dt = time.perf_counter() - t0
+for p in m.parameters(): p.sum()
 hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]
 print(dt, int(hwm) * 1024, sum(p.numel() * p.element_size() for p in m.parameters()))
 """
