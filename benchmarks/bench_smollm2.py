@@ -8,7 +8,8 @@ Batch 1, greedy, a chat prompt, a fixed number of new tokens (no early stop). De
 first generated token to the last, so prefill is excluded for both. Decoding at batch 1 is memory-bound: every
 token reads all weights once (the tied 49152 x 576 embedding is read as the output head) plus the KV cache,
 so the roofline is (read bandwidth) / (bytes per token); the read bandwidth is measured here too.
-Also reports from_pretrained's load time and peak memory (in a fresh process, so nothing else is counted).
+Also reports from_pretrained's load time and peak memory (in a fresh process, above what importing torch takes;
+file pages read through the memory map count, so a bf16 load from an fp32 file also counts the fp32 file).
 """
 
 import json
@@ -73,10 +74,11 @@ def load_stats(ckpt_dir, dtype) -> dict:
     read (weights that stay memory-mapped from the file are only resident after their first use)."""
     code = f"""
 import sys, time, torch; sys.path.insert(0, {str(ROOT)!r}); import smollm2
+hwm = lambda: int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) * 1024
+base = hwm()
 t0 = time.perf_counter(); m = smollm2.SmolLM2.from_pretrained({str(ckpt_dir)!r}, dtype=torch.{dtype}); dt = time.perf_counter() - t0
 for p in m.parameters(): p.sum()
-hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]
-print(dt, int(hwm) * 1024, sum(p.numel() * p.element_size() for p in m.parameters()))
+print(dt, hwm() - base, sum(p.numel() * p.element_size() for p in m.parameters()))
 """
     dt, peak, weights = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                        check=True).stdout.split()
@@ -118,7 +120,7 @@ def main(ckpt_dir: str = str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"), ne
         del ours, hf
     print(f"\nSmolLM2-135M-Instruct, batch 1, greedy, {len(ids)}-token prompt, {new_tokens} new tokens")
     print("| dtype | smollm2.py tok/s | HF generate tok/s | ratio | MB/token | roofline tok/s | of roofline "
-          "| load s | peak RSS GiB (weights GiB) |")
+          "| load s | peak RSS above torch, GiB (weights GiB) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['dtype']} | {r['ours']:.1f} | {r['hf']:.1f} | {r['ratio']:.2f}x | {r['mb_per_token']:.0f} "
