@@ -8,11 +8,11 @@ tiktoken cannot run SmolLM2's vocabulary (its pre-tokenizer splits digits first,
 Run: python benchmarks/bench_tokenizer.py [--mb 4 --repeats 5]
 Needs: python download.py smollm2-135m-instruct llama3.2-tokenizer
 """
-import glob
 import os
 import sys
 import sysconfig
 import time
+from pathlib import Path
 
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
@@ -25,8 +25,8 @@ from tokenizer_bpe import LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, Tokenizer  # no
 
 def stdlib_text(mb: float, pattern: str = "*.py") -> str:
     """Stdlib sources matching `pattern`, concatenated in sorted order, cut to `mb` MB of UTF-8."""
-    paths = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], pattern)))
-    text = "".join(open(p, encoding="utf-8", errors="replace").read() for p in paths)
+    paths = sorted(Path(sysconfig.get_paths()["stdlib"]).glob(pattern))
+    text = "".join(p.read_text(encoding="utf-8", errors="replace") for p in paths)
     return text.encode()[:int(mb * 1e6)].decode(errors="ignore")
 
 

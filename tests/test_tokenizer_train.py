@@ -3,23 +3,23 @@ the incremental pair counts learn exactly what a full recount (minbpe's way) lea
 
 Run: python -m pytest tests/test_tokenizer_train.py -q
 """
-import glob
 import os
 import sys
 import sysconfig
+from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+import regex
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tokenizer_bpe import LLAMA3_PATTERN, Tokenizer, get_stats, merge, train  # noqa: E402
 
-import regex  # noqa: E402
-
-FILES = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
-TRAIN = [open(p, encoding="utf-8").read()[:20000] for p in FILES[10:16]]  # ~120 KB of Python source
-HELD_OUT = [open(p, encoding="utf-8").read()[:4000] for p in FILES[40:43]] + [
+FILES = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+TRAIN = [p.read_text(encoding="utf-8")[:20000] for p in FILES[10:16]]  # ~120 KB of Python source
+HELD_OUT = [p.read_text(encoding="utf-8")[:4000] for p in FILES[40:43]] + [
     "Größe und Straße, ¿qué tal? Привет мир, 你好世界 👨‍👩‍👧 1234567 \r\n\t  x",
     "<|endoftext|> inside text, and <|pad|>",
 ]
