@@ -272,6 +272,17 @@ def test_vocab_json_and_merges_txt(smol, tmp_path):
         assert ours.encode(text) == hf_ids(hf, text)
 
 
+def test_save_loaded_vocabulary(smol, tmp_path):
+    """save() writes back what was loaded: HF reads it and gives the same ids as the original file."""
+    ours, hf = smol
+    ours.save(str(tmp_path))
+    hf_saved, ours_saved = HFTokenizer.from_file(str(tmp_path / "tokenizer.json")), Tokenizer.from_file(str(tmp_path))
+    assert ours_saved.merges == ours.merges and ours_saved.special_tokens == ours.special_tokens
+    for text in DIGITS + LANGUAGES[:3] + SPECIAL_TEXT[:1] + CORPUS["stdlib"][:2]:
+        assert hf_ids(hf_saved, text) == hf_ids(hf, text) == ours_saved.encode(text)
+        assert hf_ids(hf_saved, text, special=True) == ours_saved.encode(text, allowed_special="all")
+
+
 def edited(tmp_path, src, **changes):
     """A copy of the tokenizer.json at `src` with top-level / model fields replaced."""
     with open(src, encoding="utf-8") as f:
