@@ -60,8 +60,8 @@ def randomize_memory(model, seed=1):
     """A trained-looking memory: the fresh one has W_V = 0 and reads nothing."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".memory." in name:
+        for mem in (m for m in model.modules() if isinstance(m, lm2.Memory)):
+            for p in mem.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 2 else 1.0))
     return model
 
@@ -186,8 +186,8 @@ def test_config_round_trip_and_errors(tmp_path):
 
 
 def _mem(seed=1, N=5, heads=2):
-    mem = lm2.Memory(args_tiny(mem_slots=N, mem_heads=heads))
-    randomize_memory(mem, seed)
+    mem = randomize_memory(lm2.Memory(args_tiny(mem_slots=N, mem_heads=heads)), seed)
+    assert mem.v_proj.weight.abs().min() > 0  # not the fresh W_V = 0, which would make E_mem = 0
     return mem
 
 

@@ -1,0 +1,166 @@
+"""
+Long-range recall: does LM2's memory carry facts past the attention window? A synthetic task, two small models
+of equal non-memory size trained from scratch with finetune.py, exact-match accuracy on held-out examples.
+
+Task (generated here, byte-level tokens, every example exactly --seq_len tokens):
+    user:      "a=7 k=2 x=9 q=4 " + random upper-case filler + " ?k"      assistant: "2"
+Keys are distinct lower-case letters, values digits, the filler never contains either, and the question asks
+one of the facts, which sit in the first segment while the answer is predicted in the last one.
+
+Both models are lm2.py with the same Llama part and the same sliding attention window (`attn_window`):
+- vanilla: no memory (mem_layers=[]); a token sees at most n_layers * (attn_window - 1) tokens back, far less
+  than the distance from the facts to the question, so it can only guess (chance = 1 / 10);
+- lm2: the same plus a memory bank in every block, written every `segment_len` tokens; the memory is the
+  only path from the facts to the answer.
+The window is the experiment's device to put the facts out of attention's reach at a length a 2-core CPU can
+train on; it says nothing about full-attention models, which see the whole example.
+
+Data goes to finetune.py as JSONL chat (loss on the assistant reply only). finetune.py packs the token stream
+into rows of seq_len; examples of exactly seq_len tokens (end-of-text included) make each row one whole
+example starting at position 0, so every example sees the same segment grid.
+
+Run (everything: data, both trainings, evaluation; about 2 x 12 minutes on 2 cores):
+    python benchmarks/lm2_recall.py run --out_dir runs/lm2_recall
+Steps, separately:
+    python benchmarks/lm2_recall.py prepare --out_dir runs/lm2_recall
+    python finetune.py --model lm2 --preset runs/lm2_recall/lm2.json --tokenizer runs/lm2_recall \\
+        --data runs/lm2_recall/train.jsonl --mode full --seq_len 256 ... --out_dir runs/lm2_recall/lm2
+    python benchmarks/lm2_recall.py evaluate --model_dir runs/lm2_recall/lm2 --data runs/lm2_recall/test.jsonl
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import lm2  # noqa: E402
+from tokenizer_bpe import Tokenizer, train as train_tokenizer  # noqa: E402
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # finetune.py ends documents with the first
+KEYS, VALUES, FILLER = "abcdefghijklmnopqrstuvwxyz", "0123456789", "ABCDEFGHIJKLMNOPQRSTUVWXYZ    "
+SEQ_LEN = 128  # tokens per example = per training row
+
+
+def model_args(vocab_size: int, memory: bool) -> lm2.ModelArgs:
+    """The two models: the same Llama part and attention window; memory in every block, or none."""
+    return lm2.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, intermediate_size=192,
+                         vocab_size=vocab_size, rope_theta=10000.0, max_seq_len=SEQ_LEN, bos_token_id=0,
+                         eos_token_ids=(vocab_size - 1,), mem_slots=8, mem_heads=4,
+                         mem_layers=None if memory else (), segment_len=16, attn_window=24)
+
+
+def example(rng: random.Random, tok, n_facts: int) -> list[dict]:
+    """One conversation whose rendering plus end-of-text is exactly SEQ_LEN tokens: the facts, filler, the
+    keys asked (all of them, shuffled); the reply is their values in that order."""
+    keys = rng.sample(KEYS, n_facts)
+    facts = {k: rng.choice(VALUES) for k in keys}
+    asked = rng.sample(keys, n_facts)
+
+    def render(filler):
+        question = "".join(f"{k}={v} " for k, v in facts.items()) + filler + " ?" + "".join(asked)
+        return [{"role": "system", "content": ""}, {"role": "user", "content": question},
+                {"role": "assistant", "content": "".join(facts[k] for k in asked)}]
+
+    n = SEQ_LEN - 1 - len(lm2.encode_chat(tok, render(""), add_generation_prompt=False))  # 1: end-of-text
+    return render("".join(rng.choice(FILLER) for _ in range(n)))  # one byte = one token
+
+
+def prepare(out_dir: str = "runs/lm2_recall", n_train: int = 40000, n_val: int = 200, n_test: int = 1000,
+            n_facts: int = 4, seed: int = 0):
+    """Tokenizer (bytes + 3 special tokens), train.jsonl (its last n_val examples are finetune.py's
+    validation tail), test.jsonl (held out, another seed) and the two model configs."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer([], vocab_size=256 + len(SPECIALS), special_tokens=SPECIALS)
+    tok.save(str(out / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(out))
+    for name, n, s in (("train", n_train + n_val, seed), ("test", n_test, seed + 1)):
+        rng = random.Random(s)
+        with open(out / f"{name}.jsonl", "w") as f:
+            for _ in range(n):
+                f.write(json.dumps({"messages": example(rng, tok, n_facts)}) + "\n")
+    for name, memory in (("vanilla", False), ("lm2", True)):
+        cfg = model_args(tok.vocab_size, memory).to_hf_config()
+        (out / f"{name}.json").write_text(json.dumps(cfg, indent=1))
+    print(f"wrote {out}: {n_train} + {n_val} train/val and {n_test} test examples of {SEQ_LEN} tokens, "
+          f"vocab {tok.vocab_size}")
+
+
+def parameter_counts(args: lm2.ModelArgs) -> dict:
+    with torch.device("meta"):
+        model = lm2.Transformer(args)
+    n = {"total": 0, "memory": 0, "embedding": 0}
+    for name, p in model.named_parameters():
+        n["total"] += p.numel()
+        n["memory"] += p.numel() if ".memory." in name else 0
+        n["embedding"] += p.numel() if "embed_tokens" in name or "lm_head" in name else 0
+    return n
+
+
+@torch.no_grad()
+def evaluate(model_dir: str, data: str, batch_size: int = 100) -> dict:
+    """Exact match on held-out examples, teacher-forced (argmax at every answer position; the same as greedy
+    decoding when all are right): the share of answer tokens (digits) right and of whole answers right."""
+    model = lm2.Transformer.from_pretrained(model_dir)
+    tok = Tokenizer.from_file(model_dir)
+    rows, starts, n_ans = [], [], 0
+    for line in open(data):
+        messages = json.loads(line)["messages"]
+        rows.append(lm2.encode_chat(tok, messages, add_generation_prompt=False))
+        starts.append(len(lm2.encode_chat(tok, messages[:-1], add_generation_prompt=True)))
+        n_ans = len(tok.encode(messages[-1]["content"]))
+    digits = whole = 0
+    for i in range(0, len(rows), batch_size):
+        x = torch.tensor(rows[i:i + batch_size])  # every example has the same length
+        pred = model(x).argmax(-1)  # pred[:, t] is the guess for token t + 1
+        for r, a in enumerate(starts[i:i + batch_size]):
+            ok = pred[r, a - 1:a - 1 + n_ans] == x[r, a:a + n_ans]
+            digits += int(ok.sum())
+            whole += bool(ok.all())
+    result = {"answer_acc": digits / (n_ans * len(rows)), "example_acc": whole / len(rows)}
+    print(f"{model_dir}: answer digits {result['answer_acc']:.3f}, whole answers {result['example_acc']:.3f} "
+          f"({len(rows)} examples)")
+    return result
+
+
+def run(out_dir: str = "runs/lm2_recall", steps: int = 1500, batch_size: int = 32, lr: float = 3e-3,
+        threads: int = 1):
+    """prepare, train both models with finetune.py, evaluate both on test.jsonl, print and save the results."""
+    out = Path(out_dir)
+    n_train, n_val = 40000, 200
+    prepare(out_dir, n_train=n_train, n_val=n_val)
+    results = {}
+    for name in ("vanilla", "lm2"):
+        cmd = ["finetune.py", "--model", "lm2", "--preset", f"{out}/{name}.json", "--tokenizer", str(out),
+               "--data", f"{out}/train.jsonl", "--mode", "full", "--seq_len", str(SEQ_LEN), "--batch_size",
+               str(batch_size), "--max_steps", str(steps), "--lr", str(lr), "--warmup_steps", "20",
+               "--weight_decay", "0", "--val_frac", str(n_val / (n_train + n_val)),  # = the last n_val examples
+               "--eval_every", str(steps // 5), "--ckpt_every", str(steps), "--save_dtype", "float32",
+               "--out_dir", f"{out}/{name}"]
+        print(f"OMP_NUM_THREADS={threads} python " + " ".join(cmd), flush=True)
+        t0 = time.time()
+        subprocess.run([sys.executable] + cmd, cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        minutes = (time.time() - t0) / 60
+        args = lm2.ModelArgs.from_hf_config(json.loads((out / f"{name}.json").read_text()))
+        results[name] = dict(**evaluate(str(out / name), str(out / "test.jsonl")), minutes=minutes,
+                             **parameter_counts(args))
+    v, m = results["vanilla"], results["lm2"]
+    print(f"\n{'model':8} {'params':>8} {'memory':>7} {'train min':>9} {'answer digits':>13} {'whole answers':>13}")
+    for name, r in results.items():
+        print(f"{name:8} {r['total']:8,d} {r['memory']:7,d} {r['minutes']:9.1f} {r['answer_acc']:13.3f} "
+              f"{r['example_acc']:13.3f}")
+    print(f"memory: {m['memory']:,d} parameters = {m['memory'] / v['total']:.0%} of the vanilla model "
+          f"({m['memory'] / (v['total'] - v['embedding']):.0%} of its non-embedding parameters); "
+          f"chance: 0.100 per digit, 0.0001 per whole answer")
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    import fire
+    fire.Fire({"prepare": prepare, "evaluate": evaluate, "run": run})
