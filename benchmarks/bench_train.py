@@ -46,6 +46,11 @@ def run_side(a):
         model = smollm2.SmolLM2.from_pretrained(a.ckpt_dir, device=device, dtype=torch.float32).train()
     else:
         model = LlamaForCausalLM.from_pretrained(a.ckpt_dir, dtype=torch.float32).to(device).train()
+    # Both loaders memory-map the safetensors file; such pages count in RSS only while the kernel keeps them
+    # resident, which depends on what else runs. Copies in anonymous memory make the peak reproducible.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
     # the same trainable set on both sides (HF parameter names are the same as ours)
     ft.set_trainable(model, ft.TrainConfig(mode=a.mode))
     opt = ft.build_optimizer(model, lr=1e-5, weight_decay=0.01)
