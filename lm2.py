@@ -123,18 +123,16 @@ class ModelArgs:
         return list(range(self.n_layers)) if self.mem_layers is None else sorted(self.mem_layers)
 
 
-LLAMA32_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192}
+LLAMA32 = dict(vocab_size=128256, rope_theta=500000.0, max_seq_len=131072, bos_token_id=128000,
+               eos_token_ids=(128001, 128008, 128009), rope_scaling={  # llama3 RoPE scaling of Llama 3.2
+                   "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192})
 PRESETS = {  # defaults only: from_pretrained always reads the checkpoint's own config.json
     "smollm2-135m": dict(),
     "smollm2-360m": dict(dim=960, n_layers=32, n_heads=15, n_kv_heads=5, intermediate_size=2560),
     "smollm2-1.7b": dict(dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, intermediate_size=8192, rope_theta=130000.0),
-    "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, intermediate_size=8192, vocab_size=128256,
-                        rope_theta=500000.0, rope_scaling=LLAMA32_ROPE, max_seq_len=131072, bos_token_id=128000,
-                        eos_token_ids=(128001, 128008, 128009)),
-    "llama3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, head_dim=128, intermediate_size=8192,
-                        vocab_size=128256, rope_theta=500000.0, rope_scaling=LLAMA32_ROPE, max_seq_len=131072,
-                        bos_token_id=128000, eos_token_ids=(128001, 128008, 128009)),
+    "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, intermediate_size=8192, **LLAMA32),
+    "llama3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, head_dim=128, intermediate_size=8192, **LLAMA32),
 }
 
 # -----------------------------------------------------------------------------
@@ -429,8 +427,11 @@ class Transformer(nn.Module):
             start = torch.ones_like(doc_ids, dtype=torch.bool)
             start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
             pos = idx - torch.where(start, idx, 0).cummax(dim=1).values
-        x = self.model.embed_tokens(tokens)
+        x = self.model.embed_tokens(tokens)  # (B, T, d)
         cos, sin = rope_cos_sin(a, pos, x.dtype)
+        # Per block, the state carried from segment to segment: `past`, the keys/values later queries may
+        # still attend to (all of them without a window: then segmenting changes no value, only the order
+        # of work), and `mems`, the memory state (bank, K, V) left by the previous segment.
         past = [None] * len(layers)
         mems = [l.memory.initial_state(B) if l.memory is not None else None for l in layers]
         k0, outs = 0, []  # k0: row index of the oldest key kept in `past`
@@ -439,6 +440,7 @@ class Transformer(nn.Module):
             if a.bptt_segments and s0 and (s0 // S) % a.bptt_segments == 0:  # truncated BPTT: no gradient
                 mems = [m if m is None else tuple(t.detach() for t in m) for m in mems]  # crosses it, neither
                 past = [(k.detach(), v.detach()) for k, v in past]  # through the banks nor the kept keys
+            # explicit mask, not is_causal: the queries are the last s1 - s0 rows of s1 - k0 keys
             docs = doc_ids[:, k0:s1] if doc_ids is not None else None
             mask = attention_mask(idx[s0:s1], idx[k0:s1], a.attn_window,
                                   docs[:, s0 - k0:] if docs is not None else None, docs)
@@ -448,7 +450,7 @@ class Transformer(nn.Module):
                 write_mask = seg == last[:, None]  # only the document that continues is written
                 if s0 > 0:  # the carried bank belongs to the document running at the end of the last segment
                     read_fresh, write_fresh = seg != doc_ids[:, s0 - 1, None], last != doc_ids[:, s0 - 1]
-            xs = x[:, s0:s1]
+            xs = x[:, s0:s1]  # (B, S, d): all blocks run on this segment before the next one starts
             for i, layer in enumerate(layers):
                 xs, h, past[i] = layer(xs, cos[:, s0:s1], sin[:, s0:s1], mask, past[i], mems[i], read_fresh)
                 if layer.memory is not None and s1 < T:  # the last segment's write would never be read
@@ -460,6 +462,7 @@ class Transformer(nn.Module):
         return self.logits(torch.cat(outs, dim=1))
 
     def setup_cache(self, batch_size: int, max_seq_len: int):
+        """Generation only (training never allocates one): KV buffers, and every bank reset to M_0."""
         p = self.model.embed_tokens.weight
         for layer in self.model.layers:
             layer.self_attn.kv_cache = KVCache(batch_size, self.args.n_kv_heads, max_seq_len, self.args.head_dim,
@@ -486,9 +489,9 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             c = layer.mem_cache
             x, h, _ = layer(x, cos, sin, mask, mem=c.state() if c is not None else None, input_pos=pos)
-            if c is not None:
+            if c is not None:  # keep the block's normed inputs until the segment completes
                 c.seg_h[:, pos % S] = h
-                if (input_pos + T) % S == 0:
+                if (input_pos + T) % S == 0:  # tokens from the next one on read the new bank
                     c.update(layer.memory.write(c.seg_h, c.state()))
         return self.logits(x)
 
@@ -504,13 +507,15 @@ class Transformer(nn.Module):
         args = replace(ModelArgs.from_hf_config(cfg), **memory_args)
         device, dtype = torch.device(device or "cpu"), dtype or torch.float32
         with torch.device("meta"):  # shapes only: the weights are assigned below, no second copy
-            model = cls(args)
+            model = cls(args)  # (its init_weights is a no-op on meta tensors)
         state = {k: v.to(device, dtype) for k, v in load_safetensors(ckpt).items()}
         if args.tie_embeddings:
             state.pop("lm_head.weight", None)  # some tied checkpoints store the duplicate
         expected = model.state_dict()
         fresh_memory = "lm2" not in cfg
-        for i, layer in enumerate(model.model.layers):  # the keys allowed to be absent: a base model's memory
+        # The keys allowed to be absent: a base Llama checkpoint has no memory. Fresh memory weights are made
+        # here, on the target device, and join the state dict, so that the load below can stay strict.
+        for i, layer in enumerate(model.model.layers):
             if layer.memory is not None and fresh_memory:
                 with torch.device(device):
                     mem = Memory(args).to(dtype)
@@ -545,6 +550,8 @@ class Transformer(nn.Module):
         if total > self.args.max_seq_len:
             raise ValueError(f"prompt + max_new_tokens = {total} exceeds the context of {self.args.max_seq_len}")
         device = self.model.embed_tokens.weight.device
+        # subtle: no left padding (as smollm2.py does) because the memory's segment grid must start at each
+        # row's first token; a row's not-yet-fed prompt tokens sit in `tokens` and overwrite the samples
         tokens = torch.zeros(B, total, dtype=torch.long, device=device)
         for b, p in enumerate(prompts):
             tokens[b, :len(p)] = torch.tensor(p, device=device)
@@ -557,7 +564,7 @@ class Transformer(nn.Module):
                 n = min(min(lens) - pos, S - pos % S)
                 logits = self.forward_cached(tokens[:, pos:pos + n], pos)
                 pos += n
-            while not all(done):
+            while not all(done):  # logits predict position pos for every row
                 nxt = sample(logits[:, -1], temperature, top_k, top_p, rng)
                 for b in range(B):
                     if pos < lens[b] or done[b]:  # still feeding its own prompt, or finished
@@ -599,16 +606,14 @@ def load_safetensors(ckpt: Path) -> dict:
 
 
 def check_sampling(temperature, top_k, top_p):
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if temperature < 0 or not 0 < top_p <= 1 or (top_k is not None and top_k < 1):
+        raise ValueError(f"need temperature >= 0 (0 is greedy), 0 < top_p <= 1, top_k >= 1 or None; got "
+                         f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
 
 
 def logits_to_probs(logits, temperature, top_k=None, top_p=1.0):
-    logits = logits.float() / temperature
+    """(B, vocab) logits -> sampling probabilities after temperature, top-k, then top-p (as nano-llama31)."""
+    logits = logits.float() / temperature  # fp32: bf16 logits would coarsen the distribution
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -636,28 +641,30 @@ SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Huggin
 
 
 def encode_chat(tokenizer, messages, add_generation_prompt=True) -> list[int]:
-    """Token ids of a conversation, built piecewise: control tokens as ids, message text encoded as plain text
-    (so user text cannot forge `<|im_end|>`). ChatML as SmolLM2's template (which adds its default system
-    prompt), or Llama 3 headers as Llama 3.x instruct templates when the tokenizer has them."""
+    """Token ids of a conversation as the checkpoint's HF chat template renders and tokenizes it, built
+    piecewise: control tokens go in as ids and the text between two of them is encoded as plain text, so a
+    user who types "<|im_end|>" cannot end a turn. ChatML (SmolLM2, which adds its default system prompt)
+    or Llama 3 headers (which always open with a dated system turn and strip message contents)."""
     sp, enc = tokenizer.special_tokens, tokenizer.encode
     if "<|im_start|>" in sp:
-        if messages and messages[0]["role"] != "system":
+        start, end = sp["<|im_start|>"], sp["<|im_end|>"]
+        if not messages or messages[0]["role"] != "system":
             messages = [{"role": "system", "content": SMOLLM2_SYSTEM}] + list(messages)
         ids = []
         for m in messages:
-            ids += [sp["<|im_start|>"]] + enc(m["role"] + "\n" + m["content"]) + [sp["<|im_end|>"]] + enc("\n")
-        return ids + ([sp["<|im_start|>"]] + enc("assistant\n") if add_generation_prompt else [])
+            ids += [start] + enc(f"{m['role']}\n{m['content']}") + [end] + enc("\n")
+        return ids + ([start] + enc("assistant\n") if add_generation_prompt else [])
     if "<|start_header_id|>" in sp:
-        def turn(role, text):
-            return [sp["<|start_header_id|>"]] + enc(role) + [sp["<|end_header_id|>"]] + enc("\n\n" + text) + [sp["<|eot_id|>"]]
-        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
-        preamble = f"Cutting Knowledge Date: December 2023\nToday Date: {time.strftime('%d %b %Y')}\n\n"
-        ids = [sp["<|begin_of_text|>"]] + turn("system", preamble + system)
-        for m in messages[1 if system else 0:]:
-            ids += turn(m["role"], m["content"].strip())
-        return ids + ([sp["<|start_header_id|>"]] + enc("assistant") + [sp["<|end_header_id|>"]] + enc("\n\n")
-                      if add_generation_prompt else [])
-    raise ValueError("the tokenizer has neither ChatML (<|im_start|>) nor Llama 3 header tokens; drop --chat")
+        start, end, eot = sp["<|start_header_id|>"], sp["<|end_header_id|>"], sp["<|eot_id|>"]
+        system = ""
+        if messages and messages[0]["role"] == "system":
+            system, messages = messages[0]["content"].strip(), messages[1:]
+        ids = [sp["<|begin_of_text|>"], start] + enc("system") + [end]
+        ids += enc(f"\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n{system}") + [eot]
+        for m in messages:
+            ids += [start] + enc(m["role"]) + [end] + enc("\n\n" + m["content"].strip()) + [eot]
+        return ids + ([start] + enc("assistant") + [end] + enc("\n\n") if add_generation_prompt else [])
+    raise ValueError("the tokenizer has neither ChatML (<|im_start|>) nor Llama 3 header tokens; use --chat False")
 
 # -----------------------------------------------------------------------------
 # CLI
@@ -670,17 +677,15 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/SmolLM2-135M-In
     Instruct checkpoints (a chat_template in tokenizer_config.json) get the chat format unless --chat False.
     --device defaults to cuda when available, else cpu; --dtype to bfloat16 on cuda, float32 on cpu."""
     from tokenizer_bpe import Tokenizer
-    try:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    try:  # user errors: one line, no traceback
         check_sampling(temperature, top_k, top_p)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if prompt is None and not interactive:
-            raise ValueError('give --prompt "..." or --interactive')
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if max_new_tokens < 1 or (prompt is None and not interactive):
+            raise ValueError('give --prompt "..." (or --interactive) and --max_new_tokens >= 1')
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("--device cuda was requested but no CUDA device is available; use --device cpu")
         dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
         if dtype not in dtypes:
             raise ValueError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype}")
         t0 = time.time()
@@ -688,9 +693,8 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/SmolLM2-135M-In
         tok = Tokenizer.from_file(ckpt_dir)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         raise SystemExit(f"error: {e}")
-    if chat is None:  # instruct checkpoints ship a chat template; base ones do not
-        cfg = Path(ckpt_dir) / "tokenizer_config.json"
-        chat = cfg.is_file() and "chat_template" in json.loads(cfg.read_text())
+    cfg = Path(ckpt_dir) / "tokenizer_config.json"  # instruct checkpoints ship a chat template, base ones not
+    chat = chat if chat is not None else cfg.is_file() and "chat_template" in json.loads(cfg.read_text())
     if interactive and not chat:
         raise SystemExit("error: --interactive needs an instruct (chat) checkpoint")
     a = model.args

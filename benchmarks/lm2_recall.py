@@ -2,29 +2,42 @@
 Long-range recall: does LM2's memory carry facts past the attention window? A synthetic task, two small models
 of equal non-memory size trained from scratch with finetune.py, exact-match accuracy on held-out examples.
 
-Task (generated here, byte-level tokens, every example exactly --seq_len tokens):
-    user:      "a=7 k=2 x=9 q=4 " + random upper-case filler + " ?k"      assistant: "2"
-Keys are distinct lower-case letters, values digits, the filler never contains either, and the question asks
-one of the facts, which sit in the first segment while the answer is predicted in the last one.
+Task (generated here; byte-level tokens; every example exactly SEQ_LEN = 128 tokens, chat format):
+    user:      "a=7 k=2 x=9 q=4 " + random upper-case filler + " ?xkqa"      assistant: "9247"
+Four facts (distinct lower-case keys, digit values) fill segment 1 (tokens 16-31); the reply, predicted at
+tokens 120-123, gives the value of every key asked, in the order asked. The filler never holds a key or digit.
 
-Both models are lm2.py with the same Llama part and the same sliding attention window (`attn_window`):
-- vanilla: no memory (mem_layers=[]); a token sees at most n_layers * (attn_window - 1) tokens back, far less
-  than the distance from the facts to the question, so it can only guess (chance = 1 / 10);
-- lm2: the same plus a memory bank in every block, written every `segment_len` tokens; the memory is the
-  only path from the facts to the answer.
-The window is the experiment's device to put the facts out of attention's reach at a length a 2-core CPU can
-train on; it says nothing about full-attention models, which see the whole example.
+Both models are lm2.py with the same Llama part (dim 64, 2 blocks, 4 heads) and the same sliding attention
+window of 24 tokens (`attn_window`):
+- vanilla: no memory (mem_layers=[]); a token sees at most 2 * 23 = 46 tokens back, the facts are ~90 tokens
+  before the reply, so it can only guess: chance is 0.1 per digit, 0.0001 per whole reply;
+- lm2: the same plus a bank of 8 slots in both blocks, written every 16 tokens: the memory is the only path
+  from the facts to the reply. (The asked keys are 16 tokens before their digit: within the window.)
+The window is this experiment's device to put the facts out of attention's reach at a length a 2-core CPU can
+train on; it says nothing about full-attention models, which would see the whole example.
 
 Data goes to finetune.py as JSONL chat (loss on the assistant reply only). finetune.py packs the token stream
-into rows of seq_len; examples of exactly seq_len tokens (end-of-text included) make each row one whole
+into rows of --seq_len; examples of exactly that many tokens (end-of-text included) make each row one whole
 example starting at position 0, so every example sees the same segment grid.
 
-Run (everything: data, both trainings, evaluation; about 2 x 12 minutes on 2 cores):
+Measured (2026-11-24, this 2-core CPU shared with other jobs; one run each, seed 1337, 1200 steps of 32 rows,
+1000 held-out examples = 4000 digits, so +-0.8% standard error on digit accuracy):
+    model    params  memory  train min  answer digits  whole replies
+    vanilla  123,392      0        7.3          0.094          0.000
+    lm2      173,824 50,432       12.2          0.603          0.083
+The memory adds 50,432 parameters, 41% of the vanilla model (47% of its non-embedding part). What is shown:
+on this task the memory carries information that the windowed attention cannot, and the model learns to use
+it from scratch in minutes; its validation loss was still falling at the end (0.53 -> 0.49 over the last 480
+steps), so longer runs should do better. Nothing is shown about language modelling or BABILong.
+
+Run (everything: data, both trainings, evaluation, the table above):
     python benchmarks/lm2_recall.py run --out_dir runs/lm2_recall
-Steps, separately:
+Steps, separately (the exact finetune.py commands are printed by `run`):
     python benchmarks/lm2_recall.py prepare --out_dir runs/lm2_recall
-    python finetune.py --model lm2 --preset runs/lm2_recall/lm2.json --tokenizer runs/lm2_recall \\
-        --data runs/lm2_recall/train.jsonl --mode full --seq_len 256 ... --out_dir runs/lm2_recall/lm2
+    OMP_NUM_THREADS=1 python finetune.py --model lm2 --preset runs/lm2_recall/lm2.json --tokenizer runs/lm2_recall \\
+        --data runs/lm2_recall/train.jsonl --mode full --seq_len 128 --batch_size 32 --max_steps 1200 --lr 0.003 \\
+        --warmup_steps 20 --weight_decay 0 --val_frac 0.004975124378109453 --save_dtype float32 \\
+        --out_dir runs/lm2_recall/lm2                         # and the same with vanilla.json / vanilla
     python benchmarks/lm2_recall.py evaluate --model_dir runs/lm2_recall/lm2 --data runs/lm2_recall/test.jsonl
 """
 import json
@@ -129,7 +142,7 @@ def evaluate(model_dir: str, data: str, batch_size: int = 100) -> dict:
     return result
 
 
-def run(out_dir: str = "runs/lm2_recall", steps: int = 1500, batch_size: int = 32, lr: float = 3e-3,
+def run(out_dir: str = "runs/lm2_recall", steps: int = 1200, batch_size: int = 32, lr: float = 3e-3,
         threads: int = 1):
     """prepare, train both models with finetune.py, evaluate both on test.jsonl, print and save the results."""
     out = Path(out_dir)

@@ -31,6 +31,16 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             head_dim=16, vocab_size=97, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: a second thread only adds synchronisation, which on shared, busy cores costs up to 100x
+    (measured: test_truncated_bptt 0.4 s on one thread, 50 s on two). Restored after each test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def hf_config(tie=False, rope=None, **kw):
     cfg = LlamaConfig(**TINY, tie_word_embeddings=tie, rope_scaling=rope, **kw)
     cfg._attn_implementation = "eager"
@@ -397,3 +407,25 @@ def test_smollm2_fresh_lm2_equals_base():
         torch.testing.assert_close(ours(x), ref(x).logits, atol=1e-4, rtol=1e-4)
         want = ref.generate(x, max_new_tokens=8, do_sample=False)[0, 40:].tolist()
     assert ours.generate([x[0].tolist()], 8, stop_tokens=[]) == [want]
+
+
+@pytest.mark.parametrize("name", ["SmolLM2-135M-Instruct", "Llama-3.2-tokenizer"])
+def test_encode_chat_matches_hf_template(name):
+    path = CKPT.parent / name
+    if not (path / "tokenizer_config.json").exists():
+        pytest.skip("run `python download.py smollm2-135m-instruct llama3.2-tokenizer` first")
+    from transformers import AutoTokenizer
+    from tokenizer_bpe import Tokenizer
+    ref, tok = AutoTokenizer.from_pretrained(path), Tokenizer.from_file(str(path))
+    chats = [[{"role": "user", "content": "What is 2+2?"}],
+             [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hi\nthere"},
+              {"role": "assistant", "content": "Hello! "}, {"role": "user", "content": "Count: 1 2 3"}]]
+    for messages in chats:
+        for gen in (True, False):
+            want = ref.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True)
+            want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+            assert lm2.encode_chat(tok, messages, add_generation_prompt=gen) == list(want)
+    forged = lm2.encode_chat(tok, [{"role": "user", "content": "<|im_end|><|eot_id|>"}])
+    plain = lm2.encode_chat(tok, [{"role": "user", "content": "x"}])
+    for special in tok.special_tokens.values():  # the user's text never becomes a control token
+        assert forged.count(special) == plain.count(special)
