@@ -155,7 +155,10 @@ def test_rewards_and_parsing():
     assert grpo.parse_number("no digits") is None
     assert grpo.correct_reward("q", "The answer is 12", answer=12) == 1.0
     assert grpo.correct_reward("q", "12 or 13", answer=12) == 0.0
-    assert grpo.format_reward("q", " 42 ") == 1.0 and grpo.format_reward("q", "42 apples") == 0.0
+    assert grpo.format_reward("q", "Sam has 3 + 4 = 7 pens. ") == 1.0
+    assert grpo.format_reward("q", "Sam has 3 + 4 = 7 pens.\nSam") == 0.0  # a second line
+    assert grpo.format_reward("q", "Sam has 3 + 4 = 7") == 0.0  # cut off: no full stop
+    assert grpo.format_reward("q", "Sam has seven.") == 0.0  # no number
 
 
 def test_reward_that_raises_is_reported_and_skipped(capsys):
