@@ -137,7 +137,7 @@ def test_smollm2_rope_tables_and_rotation(tiny_pair):
     assert_close(ours.rope_cos[:T], cos[0], 1e-6)
     assert_close(ours.rope_sin[:T], sin[0], 1e-6)
     q, k = torch.randn(2, 4, T, 16), torch.randn(2, 2, T, 16)
-    ref_q, ref_k = transformers.models.llama.modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    ref_q, ref_k = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
     c, s = ours.rope_cos[:T][None, None], ours.rope_sin[:T][None, None]
     assert_close(smollm2.apply_rope(q, c, s), ref_q, 1e-6)
     assert_close(smollm2.apply_rope(k, c, s), ref_k, 1e-6)
