@@ -309,8 +309,9 @@ class LoRALinear(nn.Linear):
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str]) -> list[str]:
     """Swap every nn.Linear whose last name part is in targets for a LoRALinear; freeze all but the adapters."""
-    # `type(m) is nn.Linear`: a LoRALinear is never wrapped twice
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and n.rsplit(".", 1)[-1] in targets]
+    # any nn.Linear (the model files subclass it for fast decoding) but a LoRALinear: never wrapped twice
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear) and n.rsplit(".", 1)[-1] in targets]
     if not names:
         raise SystemExit(f"error: no linear layer named {targets} in the model for LoRA")
     for n in names:
