@@ -82,7 +82,6 @@ class GRPOConfig:
     mode: str = "lora"  # lora | full
     lora_rank: int = 16
     lora_alpha: float = 32.0
-    lora_layers: int = 0  # adapt only the last lora_layers blocks (0 = all): a shorter backward pass
     lr: float = 2e-4
     warmup_steps: int = 2
     min_lr_frac: float = 1.0  # 1 = constant after warmup
@@ -111,8 +110,11 @@ def word_problem(rng: random.Random, ops: str, hi: int) -> dict:
     """One arithmetic word problem, operation drawn from ops ("+-*/"), operands up to hi; integer answer."""
     name, item, op = rng.choice(NAMES), rng.choice(ITEMS), rng.choice(ops)
     a, b = rng.randint(2, hi), rng.randint(2, hi)
-    if op == "+":
-        q, ans = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?", a + b
+    if op == "+":  # three phrasings of a sum
+        q = rng.choice([f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
+                        f"{name} has {a} red {item} and {b} blue {item}. How many {item} does {name} have in all?",
+                        f"There are {a} {item} in a box and {b} on the table. How many {item} are there altogether?"])
+        ans = a + b
     elif op == "-":
         a, b = a + b, b  # keeps the answer positive
         q, ans = f"{name} has {a} {item} and gives away {b}. How many {item} does {name} have left?", a - b
@@ -126,9 +128,9 @@ def word_problem(rng: random.Random, ops: str, hi: int) -> dict:
 
 
 TASKS = {  # name -> problem generator
-    "add": lambda rng: word_problem(rng, "+-", 20),
+    "add": lambda rng: word_problem(rng, "+", 20),
+    "addsub": lambda rng: word_problem(rng, "+-", 20),
     "arith": lambda rng: word_problem(rng, "+-*/", 20),
-    "arith50": lambda rng: word_problem(rng, "+-*/", 50),
 }
 
 
@@ -201,6 +203,7 @@ def rollout(model, prompts: list[list[int]], G: int, max_new_tokens: int, temper
             seed: int | None) -> list[list[int]]:
     """G completions of each prompt (prompt-major order). A completion that stopped keeps its end-of-turn
     token: the policy is trained to stop where it stopped. Temperature 0 is greedy (evaluation)."""
+    # one batched, KV-cached call for all N * G rows: the model file left-pads the ragged prompts
     outs = model.generate([p for p in prompts for _ in range(G)], max_new_tokens, temperature=temperature,
                           stop_tokens=[eot], seed=seed)
     # generate drops the stop token, so a row shorter than max_new_tokens is one that stopped
@@ -221,15 +224,16 @@ def completion_logprobs(model, prompts, completions, temperature: float) -> tupl
     for i, (p, c) in enumerate(zip(prompts, completions)):
         x[i, :lens[i]] = torch.tensor(p + c)
         targets[i, :len(c)] = torch.tensor(c)
-    mask = torch.arange(C)[None, :] < torch.tensor([len(c) for c in completions])[:, None]  # (B, C)
+    mask = torch.arange(C)[None, :] < torch.tensor([len(c) for c in completions])[:, None]  # (B, C) real tokens
     # logits at position t predict token t + 1: completion token k of row i is predicted at len(p_i) - 1 + k
     pos = (torch.tensor([len(p) - 1 for p in prompts])[:, None] + torch.arange(C)[None, :]).clamp(max=T - 1)
     logits = model(x.to(device))  # (B, T, vocab)
     logits = logits.gather(1, pos.to(device)[:, :, None].expand(-1, -1, logits.size(-1)))  # (B, C, vocab)
+    # as TRL: the ratio and the KL are of the distribution that was sampled, logits / temperature, in fp32
     logp = F.log_softmax(logits.float() / temperature, dim=-1)
     logp = logp.gather(-1, targets.to(device)[:, :, None]).squeeze(-1)  # (B, C)
     mask = mask.to(device)
-    return logp * mask, mask
+    return logp * mask, mask  # padding positions hold garbage log-probs: zero them so no later sum sees them
 
 
 # -----------------------------------------------------------------------------
@@ -240,8 +244,8 @@ def group_advantages(rewards: torch.Tensor, G: int, scale: str = "group") -> tor
     """rewards (N*G,) in prompt-major order -> advantages (N*G,): reward minus its group's mean, divided by the
     group's std (paper §4.1.2), the whole batch's std, or nothing (Dr. GRPO). A group of equal rewards gets
     zero advantages: its mean is its every reward, and the 1e-4 (as TRL) keeps 0 / 0 away."""
-    r = rewards.view(-1, G)
-    adv = r - r.mean(dim=1, keepdim=True)
+    r = rewards.view(-1, G)  # (N, G): one row per prompt
+    adv = r - r.mean(dim=1, keepdim=True)  # the group mean is the baseline that replaces PPO's value model
     if scale == "group":
         adv = adv / (r.std(dim=1, keepdim=True) + 1e-4)
     elif scale == "batch":
@@ -253,16 +257,16 @@ def clipped_surrogate(logp, old_logp, advantages, eps_low: float, eps_high: floa
     """PPO's per-token loss -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A), logp (B, C), A (B,).
     Clipping removes the incentive to move a token's ratio further than the clip range in the advantage's
     direction; with old_logp = logp.detach() (one update per batch) the ratio is 1 and this is REINFORCE."""
-    ratio = torch.exp(logp - old_logp)
-    A = advantages[:, None]
+    ratio = torch.exp(logp - old_logp)  # (B, C) pi_theta / pi_old per token
+    A = advantages[:, None]  # (B, 1): broadcast over the tokens of each completion
     return -torch.min(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)
 
 
 def k3_kl(logp, ref_logp) -> torch.Tensor:
     """Per-token KL(pi || pi_ref) estimate pi_ref/pi - log(pi_ref/pi) - 1 (paper eq. 4, Schulman's k3):
     unbiased on tokens sampled from pi, and never negative."""
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1
+    d = ref_logp - logp  # log(pi_ref / pi)
+    return torch.exp(d) - d - 1  # >= 0 since e^d >= 1 + d; its gradient pulls pi towards pi_ref
 
 
 def aggregate(per_token, mask, loss_type: str, n_seqs: int, n_tokens: int, max_new_tokens: int) -> torch.Tensor:
@@ -272,7 +276,7 @@ def aggregate(per_token, mask, loss_type: str, n_seqs: int, n_tokens: int, max_n
       grpo:    mean over completions of each completion's token mean (paper eq. 3)
       dr_grpo: token sum / (completions * max_new_tokens), a constant normaliser (Dr. GRPO)
       dapo:    token sum / completion tokens in the batch (DAPO eq. 8)"""
-    per_token = per_token * mask
+    per_token = per_token * mask  # padding never counts
     if loss_type == "grpo":
         return (per_token.sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
     if loss_type == "dr_grpo":
@@ -363,19 +367,16 @@ def train(cfg: GRPOConfig, reward_fns=REWARDS):
     # What trains, and the reference policy: none when beta = 0, the adapters switched off under LoRA, else a
     # frozen copy taken before any update (and before a resume loads trained weights).
     if cfg.mode == "lora":
-        # Adapters on the last lora_layers blocks only (0: all) also save compute: autograd starts recording
-        # at the first adapted block, so the backward pass stops there.
-        model.requires_grad_(False)
-        for block in model.model.layers[-cfg.lora_layers:] if cfg.lora_layers else [model]:
-            # no dropout: the policy that samples (eval mode) must be the one whose log-probs are trained
-            apply_lora(block, cfg.lora_rank, cfg.lora_alpha, 0.0, list(LORA_TARGETS))
+        # no dropout: the policy that samples (eval mode) must be the one whose log-probs are trained
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, 0.0, list(LORA_TARGETS))
         ref_model, ref_ctx = model, adapters_off
     else:
         model.requires_grad_(True)
         ref_model = copy.deepcopy(model).requires_grad_(False) if cfg.beta > 0 else None
         ref_ctx = lambda _: contextlib.nullcontext()  # noqa: E731
-    ckpt_keys = checkpoint_keys(model, everything=False)
+    ckpt_keys = checkpoint_keys(model, everything=False)  # trainable tensors only: the rest is the checkpoint
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    # the schedule counts optimizer updates: num_iterations of them per generation batch
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps * cfg.num_iterations, cfg.min_lr_frac)
 
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -407,12 +408,13 @@ def train(cfg: GRPOConfig, reward_fns=REWARDS):
     while step < cfg.steps:
         # 1. Rollout: G samples of each prompt from the current policy, which is also pi_old of Algorithm 1.
         t0 = time.time()
+        # prompts and sampling seeds are functions of (seed, step): a resumed run redoes exactly the same batch
         examples = sample_examples(random.Random(f"{cfg.seed}-{step}"), cfg.prompts_per_step)
         prompts = encode_prompts(mod, tok, examples)
-        model.eval()
+        model.eval()  # (no dropout anywhere; eval/train only mark the two phases)
         completions = rollout(model, prompts, G, cfg.max_new_tokens, cfg.temperature, eot, cfg.seed * 10**6 + step)
         prompts, examples = [p for p in prompts for _ in range(G)], [e for e in examples for _ in range(G)]
-        texts = [tok.decode([t for t in c if t != eot]) for c in completions]
+        texts = [tok.decode([t for t in c if t != eot]) for c in completions]  # rewards read text, not ids
         rewards, per_fn = score(reward_fns, cfg.reward_weights, [e["question"] for e in examples], texts, examples)
         advantages = group_advantages(rewards, G, cfg.scale_rewards).to(device)
         t_gen = time.time() - t0
@@ -424,6 +426,7 @@ def train(cfg: GRPOConfig, reward_fns=REWARDS):
 
         def batch(idx):
             return [prompts[i] for i in idx], [completions[i] for i in idx]
+        # pi_ref's log-probs are fixed for the whole batch: one no-grad pass, before any update
         ref_logps = None
         if cfg.beta > 0:
             with torch.no_grad(), ref_ctx(ref_model):
@@ -439,14 +442,14 @@ def train(cfg: GRPOConfig, reward_fns=REWARDS):
                 if it == 0:  # pi_old is the policy that sampled: pi_theta itself until the first update
                     old_logps[m] = logp.detach()
                 old_logp = old_logps[m]
-                adv = advantages[idx]
+                adv = advantages[idx]  # one advantage per completion, shared by all its tokens (outcome reward)
                 per_token = clipped_surrogate(logp, old_logp, adv, cfg.epsilon, eps_high)
                 if cfg.beta > 0:
                     kl = k3_kl(logp, ref_logps[m])
                     per_token = per_token + cfg.beta * kl
                     stats[1] += (kl * mask).sum().item()
                 loss = aggregate(per_token, mask, cfg.loss_type, n_seqs, n_tokens, cfg.max_new_tokens)
-                loss.backward()
+                loss.backward()  # micro-batch shares add up to the batch loss, so gradients accumulate exactly
                 ratio = torch.exp(logp - old_logp).detach()  # TRL's clip metrics: clipped where it matters
                 stats[0] += loss.item()
                 stats[2] += ((ratio < 1 - cfg.epsilon) & (adv[:, None] < 0) & mask).sum().item()
@@ -474,9 +477,9 @@ def train(cfg: GRPOConfig, reward_fns=REWARDS):
               + " ".join(f"{fn.__name__} {record[fn.__name__]:.2f}" for fn in reward_fns)
               + f") len {record['completion_len']:.1f} | loss {record['loss']:+.4f} kl {record['kl']:.4f} | "
               f"{record['step_s']:.0f}s (generation {t_gen:.0f}s) | e.g. {texts[0]!r}", flush=True)
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-            run_eval()
         out_of_time = cfg.time_limit and time.time() - t_start > 60 * cfg.time_limit
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and not out_of_time:
+            run_eval()  # (the last evaluation comes after the loop)
         if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
             save_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys, step=step, config=asdict(cfg))
         if out_of_time:
@@ -485,6 +488,7 @@ def train(cfg: GRPOConfig, reward_fns=REWARDS):
 
     if cfg.steps > 0:
         run_eval()
+        # adapters merged into the weights: `python smollm2.py --ckpt_dir OUT_DIR` chats with the trained model
         export_hf(model, cfg.out_dir, hf_config, tok_path, cfg.lora_alpha / cfg.lora_rank, "float32")
         plot_rewards(metrics_path, os.path.join(cfg.out_dir, "rewards.png"))
         evals = [r for r in (json.loads(line) for line in open(metrics_path)) if "eval_accuracy" in r]

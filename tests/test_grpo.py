@@ -237,26 +237,48 @@ def test_sampling_logprobs_match_recomputed():
         assert mask[i].sum() == len(c) and (logp[i, len(c):] == 0).all()
 
 
+def test_adapters_off_is_the_base_model():
+    """Under LoRA the reference policy costs no copy: adapters scaled by 0 give back the base model exactly."""
+    model, x = tiny_model(), torch.randint(0, 96, (2, 7))
+    base = model(x)
+    grpo.apply_lora(model, 4, 8.0, 0.0, list(grpo.LORA_TARGETS))
+    for n, p in model.named_parameters():
+        if n.endswith("lora_B"):
+            torch.nn.init.normal_(p, std=0.5)  # a trained adapter
+    assert not torch.allclose(model(x), base, atol=1e-3)
+    with grpo.adapters_off(model):
+        torch.testing.assert_close(model(x), base)
+    assert not torch.allclose(model(x), base, atol=1e-3)  # and back on afterwards
+
+
 # -----------------------------------------------------------------------------
 # A tiny end-to-end run: two steps straight equal one step, a resume, and one more step
+
+
+def write_tiny_checkpoint(tmp_path):
+    """A tiny random SmolLM2 in the HF layout, with the real tokenizer (49152 tokens)."""
+    from safetensors.torch import save_file
+    ckpt = tmp_path / "tiny"
+    ckpt.mkdir()
+    model = tiny_model(vocab_size=49152, dim=32, hidden_dim=64)
+    save_file({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, str(ckpt / "model.safetensors"))
+    (ckpt / "config.json").write_text(json.dumps(model.args.to_hf_config()))
+    shutil.copy(os.path.join(TOKENIZER_DIR, "tokenizer.json"), ckpt / "tokenizer.json")
+    return ckpt
+
+
+def length_reward(prompt, completion, **_):
+    """Random weights never answer right: reward something that varies within a group instead."""
+    return float(len(completion) % 3)
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(TOKENIZER_DIR, "tokenizer.json")),
                     reason="needs checkpoints/SmolLM2-135M-Instruct (python download.py) for its tokenizer")
 def test_train_and_resume_tiny(tmp_path, capsys):
-    from safetensors.torch import save_file
-    ckpt = tmp_path / "tiny"
-    ckpt.mkdir()
-    model = tiny_model(vocab_size=49152, dim=32, hidden_dim=64)
-    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(state, str(ckpt / "model.safetensors"))
-    (ckpt / "config.json").write_text(json.dumps(model.args.to_hf_config()))
-    shutil.copy(os.path.join(TOKENIZER_DIR, "tokenizer.json"), ckpt / "tokenizer.json")
+    ckpt = write_tiny_checkpoint(tmp_path)
     common = dict(ckpt_dir=str(ckpt), task="add", steps=2, prompts_per_step=2, num_generations=3,
                   max_new_tokens=4, eval_n=2, ckpt_every=1, micro_batch=4, beta=0.04, num_iterations=2,
                   lr=1e-2, threads=1)
-    def length_reward(prompt, completion, **_):  # random weights never answer: reward something that varies
-        return float(len(completion) % 3)
     rewards = [length_reward, grpo.format_reward]
     grpo.train(grpo.GRPOConfig(out_dir=str(tmp_path / "a"), **common), rewards)
     grpo.train(grpo.GRPOConfig(out_dir=str(tmp_path / "b"), **{**common, "steps": 1}), rewards)
@@ -273,3 +295,18 @@ def test_train_and_resume_tiny(tmp_path, capsys):
                 assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
     assert (tmp_path / "a" / "model.safetensors").is_file()
     assert "held-out accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(TOKENIZER_DIR, "tokenizer.json")),
+                    reason="needs checkpoints/SmolLM2-135M-Instruct (python download.py) for its tokenizer")
+def test_full_update_with_reference_copy(tmp_path):
+    """mode full with beta > 0 keeps a frozen copy as reference: its KL is 0 before the first update only."""
+    ckpt = write_tiny_checkpoint(tmp_path)
+    cfg = grpo.GRPOConfig(ckpt_dir=str(ckpt), out_dir=str(tmp_path / "full"), mode="full", beta=0.1, steps=2,
+                          prompts_per_step=2, num_generations=3, max_new_tokens=4, eval_n=2, lr=1e-2,
+                          loss_type="grpo", threads=1)
+    grpo.train(cfg, [length_reward, grpo.format_reward])
+    steps = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+    steps = [r for r in steps if "reward" in r]
+    assert steps[0]["kl"] > 0 and steps[1]["kl"] > 0  # second update of step 1, then step 2: moved off the copy
+    assert steps[0]["grad_norm"] > 0
