@@ -7,7 +7,7 @@ memory switched off the model is exactly HF `LlamaForCausalLM` (SmolLM2, Llama 3
 References
 - J. Kang et al., "LM2: Large Memory Models", arXiv 2502.06049, Sec. 2 (memory read, output gate, update).
 - Official code: github.com/convergence-ai/lm2 (`src/memory.py`, `src/model.py`).
-- Llama decoder numerics: HF transformers `modeling_llama.py` (checked module by module in tests/parity_lm2.py).
+- Llama decoder numerics: HF transformers `modeling_llama.py` (checked module by module in test_parity.py).
 
 The paper's equations (per block; E = the block's token stream, M = the memory bank):
     read    E_mem = softmax(Q K^T / sqrt(d)) V,  Q = E W_Q, K = M W_K, V = M W_V

@@ -157,6 +157,21 @@ def test_smollm2_rmsnorm(tiny_pair, dtype):
     ref.float(), mine.float()
 
 
+@pytest.mark.parametrize("mod", [smollm2, llama31])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_one_row_linear_split_across_threads(mod, threads):
+    """The decode fast path (one row, a block of output rows per thread, bmm) computes F.linear's product."""
+    layer = mod.Linear(48, 96, bias=False)
+    torch.set_num_threads(threads)
+    try:
+        for x in (torch.randn(48), torch.randn(1, 1, 48), torch.randn(3, 5, 48)):  # fast path, fast path, plain
+            y = layer(x)
+            assert y.shape == x.shape[:-1] + (96,)
+            assert_close(y, F.linear(x, layer.weight), 1e-6)
+    finally:
+        torch.set_num_threads(1)  # as the module-wide one_thread fixture has it
+
+
 def test_smollm2_attention_mlp_and_layer(tiny_pair):
     hf, ours = tiny_pair
     B, T = 2, 12
