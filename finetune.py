@@ -87,7 +87,7 @@ class TrainConfig:
     warmup_steps: int = 10
     weight_decay: float = 0.01  # on matrices only: norms and biases are not decayed
     grad_clip: float = 1.0  # 0 = off
-    val_frac: float = 0.05  # share of text/chat tokens held out (shards bring their own val files)
+    val_frac: float = 0.05  # share of text/chat tokens held out, as whole last documents (shards: own val files)
     eval_every: int = 50  # steps between validation losses (also before the first and after the last)
     eval_rows: int = 32  # validation rows used
     ckpt_every: int = 100  # steps between checkpoints (and one at the end)
@@ -97,6 +97,7 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute each block in backward: less activation memory
     fsdp: bool = False  # under torchrun: shard with FSDP2 instead of replicating with DDP
     save_dtype: str = "bfloat16"  # dtype of the exported model.safetensors
+    router_bias_rate: float = 0.001  # nanollm MoE: router bias step per optimizer step (DeepSeek-V3's gamma)
     seed: int = 1337
 
 
@@ -177,6 +178,13 @@ def tokenize_files(paths: list[str], tok, encode_chat) -> tuple[np.ndarray, np.n
     return np.array(ids, dtype=np.uint32), np.array(mask, dtype=np.bool_)
 
 
+def val_start(boundaries: np.ndarray, n: int, val_frac: float) -> int:
+    """Start of the held-out tail of an n-token stream: the document boundary nearest to its last val_frac, so no
+    document is split; a single document (e.g. one .txt file) has none, and the end of it is held out."""
+    cut = n - max(2, int(n * val_frac))
+    return int(boundaries[np.abs(boundaries - cut).argmin()]) if len(boundaries) else cut
+
+
 def write_shard(path: str, tokens: np.ndarray, vocab_size: int):
     """llm.c layout: int32 header [magic, version, n_tokens, 0...], then uint16 (v1) or uint32 (v2) tokens."""
     version, dtype = (1, np.uint16) if vocab_size <= 2**16 else (2, np.uint32)
@@ -206,13 +214,13 @@ def prepare(tokenizer: str, out_dir: str, files: list[str], val_frac: float = 0.
     stream = np.array([t for doc in docs for t in [eot] + tok.encode(doc)], dtype=np.uint32)
     if len(stream) == len(docs):
         raise SystemExit("error: empty dataset: no text documents to prepare")
-    n_val = int(len(stream) * val_frac)  # the last documents' tokens (or the end of a single one) are held out
+    cut = val_start(np.flatnonzero(stream == eot)[1:], len(stream), val_frac)  # a document starts at its eot
     os.makedirs(out_dir, exist_ok=True)
-    for split, part in (("train", stream[:len(stream) - n_val]), ("val", stream[len(stream) - n_val:])):
+    for split, part in (("train", stream[:cut]), ("val", stream[cut:])):
         for i, start in enumerate(range(0, len(part), shard_tokens)):
             write_shard(os.path.join(out_dir, f"{split}_{i:06d}.bin"), part[start:start + shard_tokens],
                         tok.vocab_size)
-    print(f"{len(docs)} documents, {len(stream) - n_val} train + {n_val} val tokens -> {out_dir}")
+    print(f"{len(docs)} documents, {cut} train + {len(stream) - cut} val tokens -> {out_dir}")
 
 
 class PackedRows:
@@ -253,7 +261,7 @@ def pad_stream(ids: np.ndarray, mask: np.ndarray, seq_len: int, eot: int):
 
 
 def load_data(cfg: TrainConfig, tok, encode_chat) -> tuple[PackedRows, PackedRows]:
-    """Train and validation rows, from shards (folder) or text/chat files (held-out tail of the stream)."""
+    """Train and validation rows, from shards (folder) or text/chat files (held-out last documents)."""
     eot, _ = special_ids(tok)
     if os.path.isdir(cfg.data):
         splits = [sorted(str(p) for p in Path(cfg.data).glob(f"*{s}*.bin")) for s in ("train", "val")]
@@ -268,7 +276,7 @@ def load_data(cfg: TrainConfig, tok, encode_chat) -> tuple[PackedRows, PackedRow
     ids, mask = tokenize_files([p for p in cfg.data.split(",") if p], tok, encode_chat)
     if not mask.any():
         raise SystemExit("error: empty dataset: no token is a training target (chat data without assistant turns?)")
-    cut = len(ids) - max(2, int(len(ids) * cfg.val_frac))
+    cut = val_start(np.flatnonzero(ids[:-1] == eot) + 1, len(ids), cfg.val_frac)  # a document ends with its eot
     parts = [pad_stream(ids[a:b], mask[a:b], cfg.seq_len, eot) for a, b in ((0, cut), (cut, len(ids)))]
     return tuple(PackedRows([p[0]], [p[1]], cfg.seq_len, eot) for p in parts)
 
@@ -307,18 +315,21 @@ class LoRALinear(nn.Linear):
         return super().forward(x) + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
 
 
-def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str]) -> list[str]:
-    """Swap every nn.Linear whose last name part is in targets for a LoRALinear; freeze all but the adapters."""
+def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str],
+               train_whole: str | None = None) -> list[str]:
+    """Swap every nn.Linear whose last name part is in targets for a LoRALinear; freeze all but the adapters and
+    the parameters whose name contains train_whole (if given): those train in full, without adapters."""
+    whole = lambda name: train_whole is not None and train_whole in name  # noqa: E731
     # any nn.Linear (the model files subclass it for fast decoding) but a LoRALinear: never wrapped twice
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear) and n.rsplit(".", 1)[-1] in targets]
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)
+             and n.rsplit(".", 1)[-1] in targets and not whole(n)]
     if not names:
         raise SystemExit(f"error: no linear layer named {targets} in the model for LoRA")
     for n in names:
         parent, child = n.rsplit(".", 1)
         setattr(model.get_submodule(parent), child, LoRALinear(model.get_submodule(n), rank, alpha, dropout))
     for n, p in model.named_parameters():
-        p.requires_grad = ".lora_" in n
+        p.requires_grad = ".lora_" in n or whole(n)
     return names
 
 
@@ -333,8 +344,8 @@ def merge_lora_state_dict(state: dict, scale: float) -> dict:
 
 def set_trainable(model: nn.Module, cfg: TrainConfig):
     """Choose what trains. For tied embeddings the one shared matrix appears once, as embed_tokens."""
-    if cfg.mode == "lora":
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets.split(","))
+    if cfg.mode == "lora":  # LM2's memory (lm2.py `Memory`) is new, randomly initialised on a Llama: it trains whole
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets.split(","), ".memory.")
         return
     for n, p in model.named_parameters():
         p.requires_grad = {"full": True, "norm": "norm" in n,
@@ -463,10 +474,15 @@ def export_hf(model, out_dir: str, hf_config: dict, tokenizer_path: str, lora_sc
     save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, path + ".tmp", metadata={"format": "pt"})
     os.replace(path + ".tmp", path)  # transformers requires the "format" metadata
     Path(out_dir, "config.json").write_text(json.dumps({**hf_config, "torch_dtype": save_dtype}, indent=2))
-    src = Path(tokenizer_path) if os.path.isdir(tokenizer_path) else Path(tokenizer_path).parent
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy(src / name, Path(out_dir, name))
+    # the tokenizer the run loaded (Tokenizer.from_file): a folder's files, or those beside a standard-named file;
+    # a renamed file alone (its folder may hold another), as tokenizer.json if .json, else as a tiktoken tokenizer.model
+    src = Path(tokenizer_path)
+    folder, hf_layout = (src, True) if src.is_dir() else (src.parent, src.name in TOKENIZER_FILES)
+    files = {n: folder / n for n in TOKENIZER_FILES if hf_layout and (folder / n).is_file()}
+    if not hf_layout:
+        files["tokenizer.json" if src.suffix == ".json" else "tokenizer.model"] = src
+    for name, path in files.items():
+        shutil.copy(path, Path(out_dir, name))
 
 
 # -----------------------------------------------------------------------------
@@ -513,6 +529,8 @@ def load_model(cfg: TrainConfig, device, dtype=torch.float32):
     tok, hf_config = Tokenizer.from_file(tok_path), args.to_hf_config()
     if tok.vocab_size > hf_config["vocab_size"]:
         raise SystemExit(f"error: tokenizer has {tok.vocab_size} tokens, the model only {hf_config['vocab_size']}")
+    if hf_config.get("eos_token_id") is None:  # nanollm's presets: the id belongs to the tokenizer trained with it
+        hf_config["eos_token_id"] = special_ids(tok)[0]  # documents end with it, so generation stops there
     return mod, model.train(), hf_config, tok, tok_path
 
 
@@ -666,7 +684,7 @@ def train(cfg: TrainConfig):
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step, rows_seen = step + 1, rows_seen + rows_per_step
-            dt, t0 = time.time() - t0, time.time()
+            dt = time.time() - t0
             record = {"step": step, "loss": step_loss, "lr": lr, "tokens": rows_seen * cfg.seq_len,
                       "tok_per_s": rows_per_step * cfg.seq_len / dt}
             if grad_norm is not None:  # under FSDP a DTensor
@@ -675,7 +693,7 @@ def train(cfg: TrainConfig):
                 for m in raw.modules():  # sum the expert loads of all processes, so every router bias moves alike
                     if torch.is_tensor(getattr(m, "load", None)):
                         all_sum(m.load)
-                record["expert_load"] = raw.update_router_biases()  # {layer: share of tokens per expert}
+                record["expert_load"] = raw.update_router_biases(cfg.router_bias_rate)  # {layer: token shares}
             log(record, memory_report(raw, optimizer, device) if step == 1 else "")
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{record['tok_per_s']:.0f}")
             bar.update(1)
@@ -692,6 +710,7 @@ def train(cfg: TrainConfig):
                 save_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys, step=step, rows_seen=rows_seen,
                                 config=asdict(cfg))
                 good_ckpt = ckpt_path
+            t0 = time.time()  # after evaluating and saving: tok/s measures training only
     except RuntimeError as e:  # CUDA's OutOfMemoryError is one; the CPU allocator raises a plain one
         if "out of memory" not in str(e) and "can't allocate memory" not in str(e):
             raise

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -155,7 +156,23 @@ def test_shards_roundtrip_and_prepare(assets, tmp_path):
     tok = Tokenizer.from_file(assets / "base")
     expected = [t for doc in docs for t in [0] + tok.encode(doc)]  # llm.c: end-of-text before each document
     train, val = (ft.read_shard(str(tmp_path / f"shards/{split}_000000.bin")) for split in ("train", "val"))
-    assert list(train) + list(val) == expected and len(val) == int(len(expected) * 0.1)
+    assert list(train) + list(val) == expected and 0.05 < len(val) / len(expected) < 0.15
+
+
+def test_validation_holds_out_whole_documents(assets, tmp_path):
+    """Text files and shards hold out the last documents whole; a single document gives up its end."""
+    tok = Tokenizer.from_file(assets / "base")
+    eot = tok.special_tokens["<|endoftext|>"]
+    n = len(ft.tokenize_files([str(assets / "text.jsonl")], tok, None)[0])
+    cfg = ft.TrainConfig(data=str(assets / "text.jsonl"), seq_len=32, val_frac=0.1)
+    train, val = (rows.streams[0][rows.masks[0]] for rows in ft.load_data(cfg, tok, None))  # padding dropped
+    assert train[-1] == eot and len(train) + len(val) == n and 0.05 < len(val) / n < 0.15
+    ft.prepare(str(assets / "base"), str(tmp_path / "shards"), [str(assets / "text.jsonl")], val_frac=0.1)
+    assert ft.read_shard(str(tmp_path / "shards/val_000000.bin"))[0] == eot  # llm.c: a document starts with it
+    (tmp_path / "book.txt").write_text(" ".join(sentences(np.random.default_rng(1), 40)))
+    train, val = (rows.streams[0][rows.masks[0]]
+                  for rows in ft.load_data(ft.TrainConfig(data=str(tmp_path / "book.txt"), seq_len=32), tok, None))
+    assert len(val) == int((len(train) + len(val)) * 0.05)  # one document: the end of it, as before
 
 
 # -----------------------------------------------------------------------------
@@ -179,6 +196,19 @@ def test_lora_merged_weights_reproduce_the_adapted_model():
         assert not torch.allclose(merged(x), tiny_model().eval()(x), atol=1e-3)  # the adapters did change it
 
 
+def test_lora_on_lm2_trains_the_new_memory_in_full():
+    """LM2's memory is randomly initialised on a pretrained Llama: no adapters, every parameter trains."""
+    import lm2
+    model = lm2.Transformer(lm2.ModelArgs(**{k: v for k, v in TINY.items() if k != "hidden_dim"}, head_dim=8,
+                                          intermediate_size=64, mem_slots=8, segment_len=16))
+    ft.set_trainable(model, ft.TrainConfig(model="lm2", mode="lora"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    memory = {n for n, _ in model.named_parameters() if ".memory." in n}
+    assert memory and memory <= trainable and not any(".memory." in n and ".lora_" in n for n in trainable)
+    assert all(n.endswith((".lora_A", ".lora_B")) for n in trainable - memory)
+    assert any(".self_attn.q_proj.lora_A" in n for n in trainable)  # the pretrained layers still get adapters
+
+
 @pytest.mark.parametrize("mode", ["full", "norm", "frozen_embed"])
 def test_modes_choose_trainable_parameters(mode):
     model = tiny_model()
@@ -188,6 +218,30 @@ def test_modes_choose_trainable_parameters(mode):
     expected = {"full": names, "norm": {n for n in names if n.endswith("norm.weight")},
                 "frozen_embed": names - {"model.embed_tokens.weight"}}[mode]
     assert trainable == expected and len(trainable) > 0
+
+
+@pytest.mark.parametrize("layout", ["folder", "renamed_file"])
+def test_export_copies_the_tokenizer_the_run_loaded(assets, tmp_path, layout):
+    """--tokenizer may be a folder or any file Tokenizer.from_file reads: the export holds that tokenizer as
+    tokenizer.json, which our loader and transformers both read (a different tokenizer.json beside it is not it)."""
+    from tokenizer_bpe import train
+    from transformers import AutoTokenizer
+    src = tmp_path / "tok"
+    src.mkdir()
+    if layout == "folder":
+        (src / "tokenizer.json").write_bytes((assets / "base/tokenizer.json").read_bytes())
+        tok_path = src
+    else:
+        train(WORDS * 3, vocab_size=270, special_tokens=["<|endoftext|>"]).save(str(src / "tokenizer.json"))
+        tok_path = src / "mine.json"
+        tok_path.write_bytes((assets / "base/tokenizer.json").read_bytes())
+    out = tmp_path / "out"
+    out.mkdir()
+    ft.export_hf(tiny_model(), str(out), smollm2.ModelArgs(**TINY).to_hf_config(), str(tok_path), 1.0, "float32")
+    text = "the cat sat on a mat<|endoftext|>"
+    expected = Tokenizer.from_file(assets / "base").encode(text, allowed_special="all")
+    assert Tokenizer.from_file(out).encode(text, allowed_special="all") == expected
+    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == expected
 
 
 # -----------------------------------------------------------------------------
@@ -251,6 +305,47 @@ def test_pretrain_moe_from_shards_balances_experts(assets, tmp_path):
     biases = {k: v for k, v in torch.load(out / "ckpt.pt", weights_only=False)["model"].items()
               if k.endswith("e_score_correction_bias")}
     assert biases and any(v.abs().sum() > 0 for v in biases.values())  # started at 0, moved by the balancing
+
+
+def test_router_bias_rate_sets_the_balancing_step(assets, tmp_path):
+    """--router_bias_rate reaches nanollm's update_router_biases: each step moves a bias by exactly that much."""
+    import nanollm
+    config = {**nanollm.ModelArgs.from_name("nano-tiny").to_hf_config(), "vocab_size": TINY["vocab_size"]}
+    (tmp_path / "nano.json").write_text(json.dumps(config))
+    ft.main(["--model", "nanollm", "--preset", str(tmp_path / "nano.json"), "--tokenizer", str(assets / "base"),
+             "--data", str(assets / "text.jsonl"), "--out_dir", str(tmp_path / "out"), "--mode", "full",
+             "--seq_len", "32", "--max_steps", "2", "--eval_rows", "4", "--router_bias_rate", "0.25"])
+    biases = torch.cat([v for k, v in torch.load(tmp_path / "out/ckpt.pt", weights_only=False)["model"].items()
+                        if k.endswith("e_score_correction_bias")])
+    assert set((biases.abs() / 0.25).tolist()) <= {0.0, 1.0, 2.0} and biases.abs().max() > 0
+
+
+def test_from_scratch_config_stops_at_the_tokenizers_end_of_text(assets, tmp_path):
+    """nanollm presets leave eos to the tokenizer: the exported config.json takes its end-of-text id."""
+    import nanollm
+    (tmp_path / "nano.json").write_text(json.dumps(nanollm.ModelArgs(vocab_size=TINY["vocab_size"]).to_hf_config()))
+    cfg = ft.TrainConfig(model="nanollm", preset=str(tmp_path / "nano.json"), tokenizer=str(assets / "base"))
+    *_, hf_config, tok, _ = ft.load_model(cfg, torch.device("cpu"))
+    assert hf_config["eos_token_id"] == tok.special_tokens["<|endoftext|>"]
+
+
+def test_tokens_per_second_count_training_time_only(assets, tmp_path, monkeypatch):
+    """A clock that ticks 1 s per reading and 1000 s per evaluation or save: every step must report one speed."""
+    now = [0.0]
+
+    def tick(seconds):
+        now[0] += seconds
+        return now[0]
+
+    def slow(f):
+        return lambda *args, **kw: (tick(1000.0), f(*args, **kw))[1]
+    monkeypatch.setattr(ft, "time", SimpleNamespace(time=lambda: tick(1.0)))
+    monkeypatch.setattr(ft, "evaluate", slow(ft.evaluate))
+    monkeypatch.setattr(ft, "save_checkpoint", slow(ft.save_checkpoint))
+    ft.main(flags(assets, tmp_path / "out", "--mode", "norm", "--max_steps", "5", "--eval_every", "2",
+                  "--ckpt_every", "3"))
+    speeds = [r["tok_per_s"] for r in map(json.loads, open(tmp_path / "out/metrics.jsonl")) if "loss" in r]
+    assert len(speeds) == 5 and len(set(speeds)) == 1
 
 
 def test_grad_checkpointing_gives_the_same_losses(assets, tmp_path):
