@@ -105,7 +105,7 @@ MODELS = ("smollm2", "llama31", "nanollm", "lm2")
 IGNORE = -100  # target id that F.cross_entropy skips
 SHARD_MAGIC, HEADER_INTS = 20240520, 256  # llm.c's .bin layout: 256 int32 header, then the tokens
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "generation_config.json")
+                   "vocab.json", "merges.txt")
 
 # -----------------------------------------------------------------------------
 # Data: every source becomes a token stream with a loss mask; a document ends after each end-of-text token
@@ -460,8 +460,10 @@ def load_checkpoint(path: str, model, optimizer, scheduler, keys: set[str]) -> d
     return state["meta"]
 
 
-def export_hf(model, out_dir: str, hf_config: dict, tokenizer_path: str, lora_scale: float, save_dtype: str):
-    """model.safetensors (adapters merged, tied head dropped) + config.json + tokenizer files, HF layout."""
+def export_hf(model, out_dir: str, hf_config: dict, tokenizer_path: str, lora_scale: float, save_dtype: str,
+              ckpt_dir: str = ""):
+    """model.safetensors (adapters merged, tied head dropped) + config.json + tokenizer files, HF layout; and the
+    generation_config.json (end-of-turn ids, sampling defaults) of ckpt_dir, the checkpoint fine-tuned, if any."""
     from safetensors.torch import save_file
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.is_initialized() and dist.get_rank() != 0:
@@ -481,6 +483,8 @@ def export_hf(model, out_dir: str, hf_config: dict, tokenizer_path: str, lora_sc
     files = {n: folder / n for n in TOKENIZER_FILES if hf_layout and (folder / n).is_file()}
     if not hf_layout:
         files["tokenizer.json" if src.suffix == ".json" else "tokenizer.model"] = src
+    if ckpt_dir and Path(ckpt_dir, "generation_config.json").is_file():
+        files["generation_config.json"] = Path(ckpt_dir, "generation_config.json")
     for name, path in files.items():
         shutil.copy(path, Path(out_dir, name))
 
@@ -719,7 +723,7 @@ def train(cfg: TrainConfig):
             from None
     bar.close()
 
-    export_hf(model, cfg.out_dir, hf_config, tok_path, cfg.lora_alpha / cfg.lora_rank, cfg.save_dtype)
+    export_hf(model, cfg.out_dir, hf_config, tok_path, cfg.lora_alpha / cfg.lora_rank, cfg.save_dtype, cfg.ckpt_dir)
     if master:
         plot_losses(metrics_path, os.path.join(cfg.out_dir, "loss.png"))
         tqdm.write(f"{memory_report(raw, optimizer, device)}\nsaved {cfg.out_dir}/model.safetensors "

@@ -489,7 +489,7 @@ def train(cfg: GRPOConfig, reward_fns=REWARDS):
     if cfg.steps > 0:
         run_eval()
         # adapters merged into the weights: `python smollm2.py --ckpt_dir OUT_DIR` chats with the trained model
-        export_hf(model, cfg.out_dir, hf_config, tok_path, cfg.lora_alpha / cfg.lora_rank, "float32")
+        export_hf(model, cfg.out_dir, hf_config, tok_path, cfg.lora_alpha / cfg.lora_rank, "float32", cfg.ckpt_dir)
         plot_rewards(metrics_path, os.path.join(cfg.out_dir, "rewards.png"))
         evals = [r for r in (json.loads(line) for line in open(metrics_path)) if "eval_accuracy" in r]
         print(f"held-out accuracy {evals[0]['eval_accuracy']:.3f} at step {evals[0]['step']} -> "

@@ -237,11 +237,17 @@ def test_export_copies_the_tokenizer_the_run_loaded(assets, tmp_path, layout):
         tok_path.write_bytes((assets / "base/tokenizer.json").read_bytes())
     out = tmp_path / "out"
     out.mkdir()
+    (src / "generation_config.json").write_text('{"eos_token_id": 2}')  # another model's: must not travel along
     ft.export_hf(tiny_model(), str(out), smollm2.ModelArgs(**TINY).to_hf_config(), str(tok_path), 1.0, "float32")
     text = "the cat sat on a mat<|endoftext|>"
     expected = Tokenizer.from_file(assets / "base").encode(text, allowed_special="all")
     assert Tokenizer.from_file(out).encode(text, allowed_special="all") == expected
     assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == expected
+    assert not (out / "generation_config.json").exists()
+    # fine-tuning a checkpoint: its generation config (end-of-turn ids, sampling defaults) is the model's own
+    ft.export_hf(tiny_model(), str(out), smollm2.ModelArgs(**TINY).to_hf_config(), str(tok_path), 1.0, "float32",
+                 ckpt_dir=str(src))
+    assert json.loads((out / "generation_config.json").read_text()) == {"eos_token_id": 2}
 
 
 # -----------------------------------------------------------------------------
