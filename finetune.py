@@ -19,16 +19,14 @@ Usage:
     python finetune.py --model smollm2 --ckpt_dir checkpoints/SmolLM2-135M-Instruct --data chat.jsonl \\
         --mode lora --lora_rank 16 --seq_len 512 --max_steps 200 --out_dir out/smol-lora
     python smollm2.py --ckpt_dir out/smol-lora --prompt "..."    # the result loads like any checkpoint
-    # full fine-tuning on text (a .txt file is one document; JSONL lines {"text": ...} are one each),
-    # RMSNorm weights only, or everything except the embeddings
+    # text (a .txt file is one document, a JSONL line {"text": ...} one): full, RMSNorm only, all but embeddings
     python finetune.py --ckpt_dir checkpoints/SmolLM2-135M-Instruct --data book.txt --mode full --lr 3e-5
     python finetune.py ... --mode norm --lr 1e-3      |      python finetune.py ... --mode frozen_embed
     # from scratch: tokenize into llm.c-style shards, then train a preset (or a config.json) on them
     python finetune.py prepare --tokenizer checkpoints/SmolLM2-135M-Instruct --out_dir data/books a.txt b.txt
     python finetune.py --model nanollm --preset nano-small --tokenizer TOKENIZER --data data/books --mode full
     # resume after a crash: the same command plus --resume; several processes: DDP, or FSDP2 with --fsdp
-    python finetune.py ... --resume
-    torchrun --nproc_per_node 2 finetune.py ... [--fsdp]
+    python finetune.py ... --resume      |      torchrun --nproc_per_node 2 finetune.py ... [--fsdp]
 
 --out_dir receives model.safetensors + config.json + tokenizer files (loaded by the model file and by
 transformers), ckpt.pt (the resume state), metrics.jsonl and loss.png (if matplotlib is installed).
@@ -53,11 +51,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint.state_dict as dcp
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -141,16 +137,12 @@ def read_documents(path: str):
 
 
 def render_chat(tok, encode_chat, messages) -> tuple[list[int], list[int]]:
-    """One conversation -> (ids, loss_mask): 1 on what the assistant says, its end-of-turn tokens included.
-
-    Each assistant reply is the span between the render of the conversation before it (with the generation
-    prompt) and the render that includes it: the model file's `encode_chat` decides the format, we only diff.
-    """
+    """One conversation -> (ids, loss_mask): 1 on what the assistant says, its end-of-turn tokens included. Each
+    reply is the span between the render of the conversation before it (with the generation prompt) and the render
+    that includes it: the model file's `encode_chat` decides the format, we only diff."""
     ids = encode_chat(tok, messages, add_generation_prompt=False)
     mask = [0] * len(ids)
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
+    for i in [i for i, m in enumerate(messages) if m["role"] == "assistant"]:
         before = encode_chat(tok, messages[:i], add_generation_prompt=True)
         end = len(encode_chat(tok, messages[:i + 1], add_generation_prompt=False))
         if ids[:len(before)] != before:  # subtle: templates that rewrite earlier turns cannot be masked this way
@@ -167,12 +159,11 @@ def tokenize_files(paths: list[str], tok, encode_chat) -> tuple[np.ndarray, np.n
         for kind, doc in read_documents(path):
             if kind == "chat":
                 d_ids, d_mask = render_chat(tok, encode_chat, doc)
-                d_ids, d_mask = d_ids + [eot], d_mask + [0]  # the separator after a reply is not a target
             else:
-                d_ids = ([bos] if bos is not None else []) + tok.encode(doc) + [eot]  # learn to end documents
+                d_ids = ([bos] if bos is not None else []) + tok.encode(doc)
                 d_mask = [1] * len(d_ids)
-            ids += d_ids
-            mask += d_mask
+            ids += d_ids + [eot]
+            mask += d_mask + [kind == "text"]  # learn to end documents; the separator after a reply is not a target
     if not ids:
         raise SystemExit(f"error: empty dataset: no documents in {', '.join(paths)}")
     return np.array(ids, dtype=np.uint32), np.array(mask, dtype=np.bool_)
@@ -224,8 +215,7 @@ def prepare(tokenizer: str, out_dir: str, files: list[str], val_frac: float = 0.
 
 
 class PackedRows:
-    """Fixed-length rows cut from token streams: row i holds tokens [i*T, i*T+T] of its stream (T+1 tokens,
-    the last one only as a target). Rows never span two streams (shards)."""
+    """Row i holds tokens [i*T, i*T+T] of its stream (the last one only as a target); no row spans two streams."""
 
     def __init__(self, streams, masks, seq_len: int, eot: int):
         self.streams, self.masks, self.T, self.eot = streams, masks, seq_len, eot
@@ -240,11 +230,9 @@ class PackedRows:
         tokens = torch.from_numpy(self.streams[s][start:start + self.T + 1].astype(np.int64))
         keep = torch.ones(self.T + 1, dtype=torch.bool) if self.masks[s] is None \
             else torch.from_numpy(self.masks[s][start:start + self.T + 1])
-        starts = torch.zeros(self.T + 1, dtype=torch.bool)
-        starts[1:] = tokens[:-1] == self.eot  # a token right after end-of-text begins a new document
+        starts = torch.cat([torch.zeros(1, dtype=torch.bool), tokens[:-1] == self.eot])  # a new document after each eot
         doc_ids = starts[:-1].cumsum(0)  # (T,) document index of each input, 0 = the one the row starts in
-        # A target is dropped if the mask says so or if it is the first token of the next document:
-        # nothing in the current document can predict it.
+        # dropped targets: masked ones, and the first token of the next document (nothing in this one predicts it)
         targets = tokens[1:].masked_fill(~keep[1:] | starts[1:], IGNORE)
         return tokens[:-1], targets, doc_ids
 
@@ -254,12 +242,6 @@ class PackedRows:
         return x, y, (d if d.max() > 0 else None)
 
 
-def pad_stream(ids: np.ndarray, mask: np.ndarray, seq_len: int, eot: int):
-    """Pad with masked end-of-text tokens to a whole number of rows, so no tail (or small split) is lost."""
-    n = -(len(ids) - 1) % seq_len
-    return np.concatenate([ids, np.full(n, eot, ids.dtype)]), np.concatenate([mask, np.zeros(n, np.bool_)])
-
-
 def load_data(cfg: TrainConfig, tok, encode_chat) -> tuple[PackedRows, PackedRows]:
     """Train and validation rows, from shards (folder) or text/chat files (held-out last documents)."""
     eot, _ = special_ids(tok)
@@ -267,8 +249,8 @@ def load_data(cfg: TrainConfig, tok, encode_chat) -> tuple[PackedRows, PackedRow
         splits = [sorted(str(p) for p in Path(cfg.data).glob(f"*{s}*.bin")) for s in ("train", "val")]
         if not all(splits):
             raise SystemExit(f"error: {cfg.data} needs *train*.bin and *val*.bin shards (see `finetune.py prepare`)")
-        shards = [[read_shard(p) for p in paths] for paths in splits]
-        rows = tuple(PackedRows(split, [None] * len(split), cfg.seq_len, eot) for split in shards)  # train, val
+        rows = tuple(PackedRows([read_shard(p) for p in paths], [None] * len(paths), cfg.seq_len, eot)
+                     for paths in splits)  # train, val
         if not all(rows):
             raise SystemExit(f"error: empty dataset: a split in {cfg.data} holds less than one row of "
                              f"{cfg.seq_len + 1} tokens")
@@ -277,8 +259,12 @@ def load_data(cfg: TrainConfig, tok, encode_chat) -> tuple[PackedRows, PackedRow
     if not mask.any():
         raise SystemExit("error: empty dataset: no token is a training target (chat data without assistant turns?)")
     cut = val_start(np.flatnonzero(ids[:-1] == eot) + 1, len(ids), cfg.val_frac)  # a document ends with its eot
-    parts = [pad_stream(ids[a:b], mask[a:b], cfg.seq_len, eot) for a, b in ((0, cut), (cut, len(ids)))]
-    return tuple(PackedRows([p[0]], [p[1]], cfg.seq_len, eot) for p in parts)
+    rows = []
+    for a, b in ((0, cut), (cut, len(ids))):  # pad with masked eot to whole rows: no tail (or small split) is lost
+        pad = -(b - a - 1) % cfg.seq_len
+        rows.append(PackedRows([np.concatenate([ids[a:b], np.full(pad, eot, ids.dtype)])],
+                               [np.concatenate([mask[a:b], np.zeros(pad, np.bool_)])], cfg.seq_len, eot))
+    return tuple(rows)
 
 
 @functools.lru_cache(maxsize=2)  # the current epoch's order (and the next one's, at a boundary)
@@ -422,19 +408,18 @@ def save_checkpoint(path: str, model, optimizer, scheduler, keys: set[str], **me
     every process's RNG state and `meta` (step, data position, config...)."""
     # Full (unsharded) state dicts keyed by parameter name: a plain, DDP or FSDP run writes the same file, so a
     # run can resume on another number of processes (DCP's state_dict helpers hide the wrappers).
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = {k: v for k, v in get_model_state_dict(model, options=opts).items() if k in keys}
-    optim_state = get_optimizer_state_dict(model, optimizer, options=opts)
+    opts = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = {k: v for k, v in dcp.get_model_state_dict(model, options=opts).items() if k in keys}
+    optim_state = dcp.get_optimizer_state_dict(model, optimizer, options=opts)
     # torch's generators drive LoRA dropout (and any dropout of a model file); the data order needs none
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     rngs = [None] * dist.get_world_size() if dist.is_initialized() else [rng]
     if dist.is_initialized():
         dist.all_gather_object(rngs, rng)  # each process has its own dropout stream
     if not dist.is_initialized() or dist.get_rank() == 0:
-        state = {"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                 "rng": rngs, "meta": meta}
         with open(path + ".tmp", "wb") as f:
-            torch.save(state, f)
+            torch.save({"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                        "rng": rngs, "meta": meta}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
@@ -449,9 +434,9 @@ def load_checkpoint(path: str, model, optimizer, scheduler, keys: set[str]) -> d
     state = torch.load(path, map_location="cpu", weights_only=False)
     if set(state["model"]) != keys:  # e.g. a LoRA checkpoint given to a full run
         raise SystemExit(f"error: {path} was saved with another model or --mode; resume with the same flags")
-    opts = StateDictOptions(full_state_dict=True, strict=False)  # strictness: the key check above
-    set_model_state_dict(model, state["model"], options=opts)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
+    opts = dcp.StateDictOptions(full_state_dict=True, strict=False)  # strictness: the key check above
+    dcp.set_model_state_dict(model, state["model"], options=opts)
+    dcp.set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"][(dist.get_rank() if dist.is_initialized() else 0) % len(state["rng"])]
     torch.set_rng_state(rng["cpu"])
@@ -465,7 +450,7 @@ def export_hf(model, out_dir: str, hf_config: dict, tokenizer_path: str, lora_sc
     """model.safetensors (adapters merged, tied head dropped) + config.json + tokenizer files, HF layout; and the
     generation_config.json (end-of-turn ids, sampling defaults) of ckpt_dir, the checkpoint fine-tuned, if any."""
     from safetensors.torch import save_file
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = dcp.get_model_state_dict(model, options=dcp.StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     state = merge_lora_state_dict(dict(state), lora_scale)
@@ -490,7 +475,7 @@ def export_hf(model, out_dir: str, hf_config: dict, tokenizer_path: str, lora_sc
 
 
 # -----------------------------------------------------------------------------
-# Set-up helpers
+# Training: set-up helpers, then the loop
 
 
 def init_weights(model: nn.Module, std: float = 0.02):
@@ -538,21 +523,6 @@ def load_model(cfg: TrainConfig, device, dtype=torch.float32):
     return mod, model.train(), hf_config, tok, tok_path
 
 
-def setup_distributed(device: str) -> tuple[int, int, torch.device]:
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python finetune.py` is rank 0 of 1."""
-    rank, world, local = (int(os.environ.get(k, 0)) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    world = max(world, 1)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda but no CUDA device is available")
-        device = f"cuda:{local}"
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return rank, world, torch.device(device)
-
-
 def memory_report(model, optimizer, device) -> str:
     """What each mode costs: bytes of weights, gradients and AdamW state, and the peak so far."""
     mib = lambda ts: sum(t.numel() * t.element_size() for t in ts) / 2**20  # noqa: E731
@@ -585,19 +555,23 @@ def plot_losses(metrics_path: str, png_path: str):
     plt.close()
 
 
-# -----------------------------------------------------------------------------
-# Training
-
-
 def train(cfg: TrainConfig):
-    rank, world, device = setup_distributed(cfg.device)
-    master = rank == 0
+    # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python finetune.py` is rank 0 of 1
+    rank, world, local = (int(os.environ.get(k, 0)) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    world, master = max(world, 1), rank == 0
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is available")
+    device = torch.device(f"cuda:{local}" if device.startswith("cuda") else device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(cfg.seed)  # the same initial weights and adapters on every process
     dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    # lora / norm runs keep the frozen weights in the autocast dtype (half the memory, as torchtune does);
-    # whatever trains, and its AdamW state, is fp32
+    # lora / norm runs keep frozen weights in the autocast dtype (half the memory, as torchtune); what trains is fp32
     weights_dtype = dtype if cfg.mode in ("lora", "norm") else torch.float32
     mod, raw, hf_config, tok, tok_path = load_model(cfg, device, weights_dtype)
     if cfg.seq_len > hf_config["max_position_embeddings"]:
@@ -688,9 +662,8 @@ def train(cfg: TrainConfig):
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step, rows_seen = step + 1, rows_seen + rows_per_step
-            dt = time.time() - t0
             record = {"step": step, "loss": step_loss, "lr": lr, "tokens": rows_seen * cfg.seq_len,
-                      "tok_per_s": rows_per_step * cfg.seq_len / dt}
+                      "tok_per_s": rows_per_step * cfg.seq_len / (time.time() - t0)}
             if grad_norm is not None:  # under FSDP a DTensor
                 record["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             if hasattr(raw, "update_router_biases"):  # nanollm's aux-loss-free MoE balancing (DeepSeek-V3)
@@ -744,8 +717,7 @@ def main(argv: list[str]):
         p.add_argument("--out_dir", required=True)
         p.add_argument("--val_frac", type=float, default=0.01)
         return prepare(**vars(p.parse_args(argv[1:])))
-    # one flag per config field; its --help text is the comment beside the field, so the config block stays
-    # the one place to read
+    # one flag per config field, its --help the comment beside the field: the config block stays the one place to read
     helps = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(TrainConfig), re.M))
     for f in fields(TrainConfig):
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
