@@ -25,14 +25,14 @@ Departures from the paper, as nanochat's chat_rl.py lists its own:
    one of the full batch, only cheaper).
 6. The completion's end-of-turn token is part of it (as TRL's completion mask), so stopping is learned too.
 
-Demonstration (2 shared CPU cores, SmolLM2-135M-Instruct, held-out accuracy, greedy, before and after):
+Demonstration (SmolLM2-135M-Instruct, 2 CPU cores, LoRA, the defaults below; README "GRPO" has the curve):
     python download.py
-    python grpo.py --steps 0                       # accuracy of the base model on the held-out problems
-    python grpo.py --out_dir out/grpo-arith        # train, evaluate, write metrics.jsonl (+ rewards.png)
+    python grpo.py --steps 0                     # the base model on the 100 held-out problems: accuracy 0.21
+    python grpo.py --out_dir out/grpo-add        # 30 steps, about 20 minutes: held-out accuracy 0.21 -> 0.87
 Other uses:
     python grpo.py --task data/gsm8k_train.jsonl --eval_file data/gsm8k_test.jsonl --max_new_tokens 256
     python grpo.py --model llama31 --ckpt_dir checkpoints/Llama-3.2-1B-Instruct --device cuda --mode full
-    python grpo.py --out_dir out/grpo-arith --resume      # continue after a crash
+    python grpo.py --out_dir out/grpo-add --resume      # continue after a crash
 """
 
 import contextlib

@@ -15,7 +15,6 @@ file pages read through the memory map count, so a bf16 load from an fp32 file a
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,48 +24,9 @@ sys.path.insert(0, str(ROOT))
 
 import smollm2  # noqa: E402
 from tokenizer_bpe import Tokenizer  # noqa: E402
+from decode_timing import hf_decode_tps, ours_decode_tps, read_bandwidth_gbs  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def read_bandwidth_gbs(nbytes=1 << 30, repeats=5) -> float:
-    """Best-of-n time to sum a 1 GiB fp32 tensor: the rate at which this machine streams weights from memory."""
-    x = torch.ones(nbytes // 4)
-    x.sum()
-    best = min(timed(lambda: x.sum()) for _ in range(repeats))
-    return nbytes / best / 1e9
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def ours_decode_tps(model, ids, n) -> float:
-    stamps = []
-    model.generate([ids], max_new_tokens=n, stop_tokens=[], stream=lambda row, tok: stamps.append(time.perf_counter()))
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
-
-
-def hf_decode_tps(model, ids, n) -> float:
-    from transformers.generation.streamers import BaseStreamer
-
-    class Stamps(BaseStreamer):
-        def __init__(self):
-            self.t = []
-
-        def put(self, value):  # first call carries the prompt, then one call per new token
-            self.t.append(time.perf_counter())
-
-        def end(self):
-            pass
-
-    s = Stamps()
-    model.generation_config.eos_token_id = None  # exactly n tokens, as ours
-    model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0, streamer=s)
-    t = s.t[1:]
-    return (len(t) - 1) / (t[-1] - t[0])
 
 
 def load_stats(ckpt_dir, dtype) -> dict:
