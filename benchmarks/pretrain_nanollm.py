@@ -5,7 +5,7 @@ on the Python standard library's own source, on a CPU, in minutes, entirely thro
 1. tokenizer_bpe.train learns a 4,096-id byte-level BPE (Llama 3 pre-tokenization, <|endoftext|> the last id)
    on the stdlib's top-level modules and saves tokenizer.json;
 2. `finetune.py prepare` tokenizes the same files into llm.c-style train/val shards (one document per file;
-   validation is the last 3% of the token stream: the last few files of a seeded shuffle, the first one cut);
+   validation is the whole files nearest the last 3% of the token stream, in a seeded shuffle);
 3. `finetune.py --model nanollm --mode full` trains the `nano-small` preset (8.6M parameters, 5.6M active per
    token: one dense block, then five MoE blocks of 1 shared + 4 routed experts, top-1) from scratch;
 4. `nanollm.py` samples a continuation of "def" from the exported checkpoint.
@@ -19,16 +19,16 @@ set to the tokenizer's and eos_token_id to <|endoftext|>, so the sample stops wh
 The prompt is "def", not "def ": Llama 3's pre-tokenizer attaches a space to the word after it, so training text
 holds "def", " name", and a prompt ending in a lone " " token starts the model somewhere it has never been.
 Rows of 256 tokens, 4 per step: more updates in the same minutes (100 steps, about 100k tokens, fit the budget).
-Expert balance: finetune.py nudges each router bias by DeepSeek-V3's 0.001 per step (no flag changes it), so in
-100 steps a bias moves at most 0.1; blocks whose router prefers one expert by more than that stay unbalanced.
+Expert balance: finetune.py nudges each router bias by DeepSeek-V3's 0.001 per step (--router_bias_rate), so
+in 100 steps a bias moves at most 0.1; blocks whose router prefers one expert by more than that stay unbalanced.
 
 Threads: torch's default on a 2-core machine is 2 OpenMP threads. While other jobs keep both cores busy, each
 parallel region waits for its slowest thread, and we measured a nano-small step 6x slower with 2 threads than
 with 1 (41 s vs 7 s for 8 x 256 tokens at load average 10). So every step runs with OMP_NUM_THREADS=--threads,
 1 by default; give --threads 2 on an idle machine.
 
-Run (10.4 minutes on a 2-core CPU shared with other jobs at load average 10-13; the step count, not the clock,
-ends training, so a busier machine takes longer, an idle one less):
+Run (1.3 minutes on an idle 2-core CPU, 10.4 minutes when other jobs kept it at load average 10-13: the step
+count, not the clock, ends training):
     python benchmarks/pretrain_nanollm.py                  # -> runs/pretrain_nanollm/{summary.md,model/,...}
     python benchmarks/pretrain_nanollm.py --threads 2 --steps 300 --out_dir runs/longer
 """
