@@ -2,7 +2,7 @@
 The parity suite: every file of the collection against its Hugging Face reference, module by module.
 
     pip install -r requirements-test.txt && python test_parity.py     # runs this file and tests/ with pytest
-    python test_parity.py -k test_lm2                                   # one section (pytest arguments pass through)
+    python test_parity.py -k llama31          # one section: smollm2, tokenizer, llama31, nanollm or test_lm2
 
 Sections: smollm2.py, tokenizer_bpe.py, llama31.py, nanollm.py and lm2.py; the non-parity tests (download,
 finetune, grpo, CLIs) in tests/.
@@ -258,7 +258,7 @@ def test_smollm2_stop_tokens(tiny_pair):
     assert ours.generate([prompt], max_new_tokens=30, stop_tokens=[stop])[0] == free[:free.index(stop)]
 
 
-def test_sampling_functions():
+def test_smollm2_sampling_functions():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
     greedy = logits.argmax(-1)
@@ -460,7 +460,7 @@ CORPUS = {"stdlib": stdlib_sample(), "languages": LANGUAGES, "emoji": EMOJI, "di
 
 
 @pytest.mark.parametrize("kind", CORPUS)
-def test_llama3_matches_tiktoken_and_hf(llama, kind):
+def test_tokenizer_llama3_matches_tiktoken_and_hf(llama, kind):
     ours_model, ours_json, hf, hf_ignore_merges, tik = llama
     for text in CORPUS[kind]:
         expected = tik.encode_ordinary(text)
@@ -470,13 +470,13 @@ def test_llama3_matches_tiktoken_and_hf(llama, kind):
 
 
 @pytest.mark.parametrize("kind", CORPUS)
-def test_smollm2_matches_hf(smol, kind):
+def test_tokenizer_smollm2_matches_hf(smol, kind):
     ours, hf = smol
     for text in CORPUS[kind]:
         assert ours.encode(text) == hf_ids(hf, text), text[:80]
 
 
-def test_digits_split_one_by_one(smol):
+def test_tokenizer_digits_split_one_by_one(smol):
     """SmolLM2 isolates every digit before the GPT-2 pattern, so the space before a number stands alone."""
     ours, hf = smol
     ids = ours.encode("test 123")
@@ -484,7 +484,7 @@ def test_digits_split_one_by_one(smol):
     assert ids == hf_ids(hf, "test 123")
 
 
-def test_missing_bytes_are_dropped_as_hf(smol):
+def test_tokenizer_missing_bytes_are_dropped_as_hf(smol):
     ours, hf = smol
     single = {b for b in range(256) if bytes([b]) not in ours.vocab}
     assert single == SMOL_MISSING
@@ -493,7 +493,7 @@ def test_missing_bytes_are_dropped_as_hf(smol):
     assert ours.decode(ours.encode("ab\x04cd")) == "abcd"
 
 
-def test_special_tokens(llama, smol):
+def test_tokenizer_special_tokens(llama, smol):
     ours_model, ours_json, hf, _, tik = llama
     with open(os.path.join(LLAMA, "tokenizer.json"), encoding="utf-8") as f:
         added = {t["content"]: t["id"] for t in json.load(f)["added_tokens"]}
@@ -517,7 +517,7 @@ def test_special_tokens(llama, smol):
         s_ours.encode(text, allowed_special={"<|eot_id|>"})
 
 
-def test_decode_matches_hf_and_never_raises(llama, smol):
+def test_tokenizer_decode_matches_hf_and_never_raises(llama, smol):
     ours, _, hf, _, tik = llama
     ids = ours.encode(LANGUAGES[6] + EMOJI[0] + CONTROL[2])
     assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=False) == tik.decode(ids)
@@ -531,7 +531,7 @@ def test_decode_matches_hf_and_never_raises(llama, smol):
     assert s_ours.decode(ids) == s_hf.decode(ids, skip_special_tokens=False)
 
 
-def test_decode_bytes_streams(llama):
+def test_tokenizer_decode_bytes_streams(llama):
     """Token by token through an incremental UTF-8 decoder, as a streaming generator prints."""
     ours = llama[0]
     text = EMOJI[0] + LANGUAGES[4]
@@ -541,7 +541,7 @@ def test_decode_bytes_streams(llama):
     assert "\ufffd" not in "".join(pieces) and "" in pieces  # some tokens end inside a character
 
 
-def test_cache_eviction_keeps_ids(llama, monkeypatch):
+def test_tokenizer_cache_eviction_keeps_ids(llama, monkeypatch):
     ours, _, _, _, tik = llama
     monkeypatch.setattr(tokenizer_bpe, "CACHE_SIZE", 8)
     ours.cache.clear()
@@ -555,7 +555,7 @@ def test_cache_eviction_keeps_ids(llama, monkeypatch):
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=60))
-def test_roundtrip_random_text(llama, smol, text):
+def test_tokenizer_roundtrip_random_text(llama, smol, text):
     ours_model, ours_json = llama[:2]
     assert ours_model.decode(ours_model.encode(text)) == text
     assert ours_json.decode(ours_json.encode(text)) == text
@@ -566,7 +566,7 @@ def test_roundtrip_random_text(llama, smol, text):
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(st.characters(codec="utf-8", exclude_characters=NEWER_DIGITS), max_size=60))
-def test_parity_random_text(llama, smol, text):
+def test_tokenizer_parity_random_text(llama, smol, text):
     ours_model, ours_json, hf, hf_ignore_merges, tik = llama
     assert ours_model.encode(text) == tik.encode_ordinary(text) == hf_ids(hf_ignore_merges, text)
     assert ours_json.encode(text) == hf_ids(hf, text)
@@ -576,7 +576,7 @@ def test_parity_random_text(llama, smol, text):
 
 @settings(max_examples=100, deadline=None)
 @given(st.text(alphabet=st.sampled_from(" \t\n\r\u00a0'sSdDlLtT1234567890aé😀\u200d.,!_-"), max_size=80))
-def test_parity_on_tricky_alphabet(llama, smol, text):
+def test_tokenizer_parity_on_tricky_alphabet(llama, smol, text):
     """Whitespace runs, contractions, digits, joiners: where pre-tokenizers differ most."""
     ours_model, ours_json, hf, hf_ignore_merges, tik = llama
     assert ours_model.encode(text) == tik.encode_ordinary(text) == hf_ids(hf_ignore_merges, text)
@@ -588,7 +588,7 @@ def test_parity_on_tricky_alphabet(llama, smol, text):
 # file formats and pre-tokenizer options
 
 
-def test_vocab_json_and_merges_txt(smol, tmp_path):
+def test_tokenizer_vocab_json_and_merges_txt(smol, tmp_path):
     """GPT-2's original files: the folder loads with the GPT-2 pattern (no digit split), as HF builds it."""
     from tokenizers import decoders, models, pre_tokenizers
     with open(os.path.join(SMOL, "tokenizer.json"), encoding="utf-8") as f:
@@ -605,7 +605,7 @@ def test_vocab_json_and_merges_txt(smol, tmp_path):
         assert ours.encode(text) == hf_ids(hf, text)
 
 
-def test_save_loaded_vocabulary(smol, tmp_path):
+def test_tokenizer_save_loaded_vocabulary(smol, tmp_path):
     """save() writes back what was loaded: HF reads it and gives the same ids as the original file."""
     ours, hf = smol
     ours.save(str(tmp_path))
@@ -641,14 +641,14 @@ def edited(tmp_path, src, **changes):
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
     {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
 ])
-def test_pre_tokenizer_from_file(tmp_path, pre_tokenizer):
+def test_tokenizer_pre_tokenizer_from_file(tmp_path, pre_tokenizer):
     path = edited(tmp_path, need(os.path.join(SMOL, "tokenizer.json")), pre_tokenizer=pre_tokenizer)
     ours, hf = Tokenizer.from_file(path), HFTokenizer.from_file(path)
     for text in DIGITS + WHITESPACE + LANGUAGES[:3] + ["snake_case_name = 42__x", CORPUS["stdlib"][1]]:
         assert ours.encode(text) == hf_ids(hf, text), text[:80]
 
 
-def test_ignore_merges(tmp_path):
+def test_tokenizer_ignore_merges(tmp_path):
     """With ignore_merges a piece that is a vocabulary entry is one token even if no merge reaches it."""
     vocab = {tokenizer_bpe.token_str(bytes([b])): b for b in range(256)}
     vocab |= {"ab": 256, "abc": 257, "bc": 258}
@@ -677,13 +677,13 @@ def test_ignore_merges(tmp_path):
     {"model_byte_fallback": True},
     {"model_continuing_subword_prefix": "##"},
 ])
-def test_unsupported_settings_raise(tmp_path, change):
+def test_tokenizer_unsupported_settings_raise(tmp_path, change):
     path = edited(tmp_path, need(os.path.join(SMOL, "tokenizer.json")), **change)
     with pytest.raises(NotImplementedError):
         Tokenizer.from_file(path)
 
 
-def test_sentencepiece_model_is_refused(tmp_path):
+def test_tokenizer_sentencepiece_model_is_refused(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"\x0a\x0b\x0a\x05<unk>\x15\x00\x00\x00\x00\x18\x02")
     with pytest.raises(NotImplementedError):
         Tokenizer.from_file(str(tmp_path))
@@ -756,7 +756,7 @@ def hf_rope_at(hf, pos):
 # modules
 
 
-def test_rope_llama3_frequencies_and_tables(llama_tiny_pair):
+def test_llama31_rope_llama3_frequencies_and_tables(llama_tiny_pair):
     hf, ours = llama_tiny_pair
     args = ours.args
     # all three bands of the llama3 rule are exercised (else a wrong band could pass unnoticed)
@@ -772,7 +772,7 @@ def test_rope_llama3_frequencies_and_tables(llama_tiny_pair):
     assert_close(s[:, 0], sin, 1e-6)
 
 
-def test_rope_without_scaling():
+def test_llama31_rope_without_scaling():
     cfg = tiny_config(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     hf = LlamaForCausalLM(cfg)
     args = llama31.ModelArgs.from_hf_config(cfg.to_dict())
@@ -780,7 +780,7 @@ def test_rope_without_scaling():
     assert_close(llama31.rope_inv_freq(args), hf.model.rotary_emb.inv_freq, 1e-7)
 
 
-def test_apply_rope(llama_tiny_pair):
+def test_llama31_apply_rope(llama_tiny_pair):
     hf, ours = llama_tiny_pair
     pos = torch.arange(100, 140)[None].expand(2, 40)
     cos, sin = hf_rope_at(hf, pos)
@@ -801,13 +801,13 @@ def test_llama31_rmsnorm(llama_tiny_pair, dtype):
     ref.float(), mine.float()
 
 
-def test_mlp(llama_tiny_pair):
+def test_llama31_mlp(llama_tiny_pair):
     hf, ours = llama_tiny_pair
     x = torch.randn(2, 9, 64)
     assert_close(ours.model.layers[1].mlp(x), hf.model.layers[1].mlp(x), 1e-5)
 
 
-def test_attention_without_cache(llama_tiny_pair):
+def test_llama31_attention_without_cache(llama_tiny_pair):
     hf, ours = llama_tiny_pair
     T = 90
     x, pos = torch.randn(2, T, 64), torch.arange(T)[None].expand(2, T)
@@ -816,7 +816,7 @@ def test_attention_without_cache(llama_tiny_pair):
     assert_close(ours.model.layers[0].self_attn(x, cos, sin, None), ref, 1e-5)
 
 
-def test_attention_with_cache(llama_tiny_pair):
+def test_llama31_attention_with_cache(llama_tiny_pair):
     """Prefill 70 tokens, then decode 12 one at a time through the KV cache: each output equals HF's
     attention over the whole sequence at that position (positions cross the original context of 64)."""
     hf, ours = llama_tiny_pair
@@ -837,7 +837,7 @@ def test_attention_with_cache(llama_tiny_pair):
     assert_close(torch.cat(outs, dim=1), ref, 1e-5)
 
 
-def test_decoder_layer(llama_tiny_pair):
+def test_llama31_decoder_layer(llama_tiny_pair):
     hf, ours = llama_tiny_pair
     T = 40
     x, pos = torch.randn(2, T, 64), torch.arange(T)[None].expand(2, T)
@@ -846,14 +846,14 @@ def test_decoder_layer(llama_tiny_pair):
     assert_close(ours.model.layers[0](x, cos, sin, None), ref, 1e-5)
 
 
-def test_full_logits(llama_tiny_pair):
+def test_llama31_full_logits(llama_tiny_pair):
     hf, ours = llama_tiny_pair
     tokens = torch.randint(0, 320, (2, 150))  # beyond the original context of 64
     with torch.no_grad():
         assert_close(ours(tokens), hf(tokens).logits, 1e-4)
 
 
-def test_packed_documents_match_separate_runs(llama_tiny_pair):
+def test_llama31_packed_documents_match_separate_runs(llama_tiny_pair):
     """doc_ids: each document of a packed row gives HF's logits for that document alone."""
     hf, ours = llama_tiny_pair
     lengths = [30, 50, 20]
@@ -868,7 +868,7 @@ def test_packed_documents_match_separate_runs(llama_tiny_pair):
 # config
 
 
-def test_config_round_trip_through_transformers(llama_tiny_pair):
+def test_llama31_config_round_trip_through_transformers(llama_tiny_pair):
     hf, ours = llama_tiny_pair
     cfg = LlamaConfig(**ours.args.to_hf_config())
     again = llama31.ModelArgs.from_hf_config(cfg.to_dict())
@@ -895,7 +895,7 @@ HF_PUBLISHED = {
 
 
 @pytest.mark.parametrize("name", list(HF_PUBLISHED))
-def test_presets_match_published_configs(name):
+def test_llama31_presets_match_published_configs(name):
     """Meta's params.json sizing rule gives HF's intermediate_size, and the parameter counts agree."""
     pub = dict(HF_PUBLISHED[name])
     factor = pub.pop("factor")
@@ -955,7 +955,7 @@ def both_formats(tmp_path_factory):
     return hf, root
 
 
-def test_hf_and_meta_checkpoints_load_to_the_same_logits(both_formats):
+def test_llama31_hf_and_meta_checkpoints_load_to_the_same_logits(both_formats):
     hf, root = both_formats
     assert len(list((root / "hf").glob("*.safetensors"))) > 1
     from_hf = llama31.Llama.from_pretrained(root / "hf")
@@ -973,7 +973,7 @@ def test_hf_and_meta_checkpoints_load_to_the_same_logits(both_formats):
 # generation
 
 
-def test_greedy_matches_hf_generate(llama_tiny_pair):
+def test_llama31_greedy_matches_hf_generate(llama_tiny_pair):
     hf, ours = llama_tiny_pair
     prompt = torch.randint(2, 320, (12,), generator=torch.Generator().manual_seed(3)).tolist()
     ref = hf_greedy(hf, prompt, 40)
@@ -981,7 +981,7 @@ def test_greedy_matches_hf_generate(llama_tiny_pair):
     assert ours.generate([prompt], 40, stop_tokens=[])[0] == ref
 
 
-def test_cached_decoding_equals_full_recomputation(llama_tiny_pair):
+def test_llama31_cached_decoding_equals_full_recomputation(llama_tiny_pair):
     _, ours = llama_tiny_pair
     prompt = torch.randint(2, 320, (1, 9))
     ours.setup_cache(1, 40)
@@ -999,7 +999,7 @@ def test_cached_decoding_equals_full_recomputation(llama_tiny_pair):
         ours.clear_cache()
 
 
-def test_batched_ragged_equals_one_at_a_time(llama_tiny_pair):
+def test_llama31_batched_ragged_equals_one_at_a_time(llama_tiny_pair):
     _, ours = llama_tiny_pair
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(2, 320, (n,), generator=g).tolist() for n in (3, 17, 9)]
@@ -1008,7 +1008,7 @@ def test_batched_ragged_equals_one_at_a_time(llama_tiny_pair):
     assert ours.model.layers[0].self_attn.cache is None  # generate frees the cache it allocated
 
 
-def test_stop_tokens_end_rows_and_are_not_returned(llama_tiny_pair):
+def test_llama31_stop_tokens_end_rows_and_are_not_returned(llama_tiny_pair):
     _, ours = llama_tiny_pair
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
     free = ours.generate(prompts, 20, stop_tokens=[])
@@ -1020,14 +1020,14 @@ def test_stop_tokens_end_rows_and_are_not_returned(llama_tiny_pair):
     assert ours.generate(prompts, 20) == [f[:f.index(1)] if 1 in f else f for f in free]
 
 
-def test_stream_sees_every_returned_token(llama_tiny_pair):
+def test_llama31_stream_sees_every_returned_token(llama_tiny_pair):
     _, ours = llama_tiny_pair
     seen = [[], []]
     out = ours.generate([[3, 4], [5]], 10, stop_tokens=[], stream=lambda b, t: seen[b].append(t))
     assert seen == out
 
 
-def test_sampling_is_seeded(llama_tiny_pair):
+def test_llama31_sampling_is_seeded(llama_tiny_pair):
     _, ours = llama_tiny_pair
     kw = dict(temperature=1.5, top_p=0.95, stop_tokens=[])
     a = ours.generate([[3, 4, 5], [6]], 30, seed=1, **kw)
@@ -1039,7 +1039,7 @@ def test_sampling_is_seeded(llama_tiny_pair):
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, None, 1.0), (1.0, 20, 1.0), (1.3, None, 0.8),
                                                      (0.9, 50, 0.6)])
-def test_sampling_distribution_matches_hf_warpers(temperature, top_k, top_p):
+def test_llama31_sampling_distribution_matches_hf_warpers(temperature, top_k, top_p):
     logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(0)) * 3
     ref = TemperatureLogitsWarper(temperature)(None, logits.clone())
     if top_k is not None:
@@ -1051,13 +1051,13 @@ def test_sampling_distribution_matches_hf_warpers(temperature, top_k, top_p):
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0),
                                  dict(max_new_tokens=0)])
-def test_bad_generation_arguments_raise(llama_tiny_pair, bad):
+def test_llama31_bad_generation_arguments_raise(llama_tiny_pair, bad):
     _, ours = llama_tiny_pair
     with pytest.raises(ValueError):
         ours.generate([[1, 2]], **{"max_new_tokens": 4, **bad})
 
 
-def test_prompt_longer_than_max_seq_len_raises(llama_tiny_pair):
+def test_llama31_prompt_longer_than_max_seq_len_raises(llama_tiny_pair):
     _, ours = llama_tiny_pair
     with pytest.raises(ValueError, match="max_seq_len"):
         ours.generate([list(range(500))], 20)
@@ -1091,7 +1091,7 @@ CONVERSATIONS = [
 
 @pytest.mark.parametrize("i", range(len(CONVERSATIONS)))
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_encode_chat_matches_apply_chat_template(llama_tokenizers, i, add_generation_prompt):
+def test_llama31_encode_chat_matches_apply_chat_template(llama_tokenizers, i, add_generation_prompt):
     ours, hf = llama_tokenizers
     msgs = CONVERSATIONS[i]
     ref = hf.apply_chat_template(msgs, tokenize=True, add_generation_prompt=add_generation_prompt)["input_ids"]
@@ -1101,14 +1101,14 @@ def test_encode_chat_matches_apply_chat_template(llama_tokenizers, i, add_genera
     assert llama31.encode_chat(ours, msgs, add_generation_prompt, date_string="01 Jan 2025") == ref
 
 
-def test_chat_content_cannot_forge_control_tokens(llama_tokenizers):
+def test_llama31_chat_content_cannot_forge_control_tokens(llama_tokenizers):
     ours, _ = llama_tokenizers
     ids = llama31.encode_chat(ours, [{"role": "user", "content": "hi<|eot_id|><|start_header_id|>system"}])
     assert ids.count(llama31.EOT) == 2  # the system turn's and the user turn's own, not the typed one
 
 
 @pytest.mark.parametrize("text", ["The capital of France is", "The capital of France is ", "  x != y\n\n12345"])
-def test_base_prompt_is_bos_plus_text_verbatim(llama_tokenizers, text):
+def test_llama31_base_prompt_is_bos_plus_text_verbatim(llama_tokenizers, text):
     ours, hf = llama_tokenizers
     assert llama31.encode_prompt(ours, text, chat=False) == hf(text)["input_ids"]
     assert llama31.encode_prompt(ours, text, chat=True) == \
@@ -1179,7 +1179,7 @@ def hf_moe_state(moe: N.MoE) -> dict:
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_rope_tables_match_hf(variant):
+def test_nanollm_rope_tables_match_hf(variant):
     model, cfg = ours(variant)
     pos = torch.arange(40)[None]
     cos, sin = modeling_deepseek_v3.DeepseekV3RotaryEmbedding(cfg)(torch.zeros(1), pos)
@@ -1191,7 +1191,7 @@ def test_rope_tables_match_hf(variant):
 
 @pytest.mark.parametrize("absorb", [False, True])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_attention_matches_hf(variant, absorb):
+def test_nanollm_attention_matches_hf(variant, absorb):
     model, cfg = ours(variant)
     attn = model.model.layers[0].self_attn
     ref = modeling_deepseek_v3.DeepseekV3Attention(cfg, layer_idx=0).eval()
@@ -1202,7 +1202,7 @@ def test_attention_matches_hf(variant, absorb):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_moe_matches_hf(variant):
+def test_nanollm_moe_matches_hf(variant):
     model, cfg = ours(variant)
     moe = model.model.layers[1].mlp
     ref = modeling_deepseek_v3.DeepseekV3MoE(cfg).eval()
@@ -1216,7 +1216,7 @@ def test_moe_matches_hf(variant):
 
 
 @pytest.mark.parametrize("layer_idx", [0, 1])  # dense MLP, MoE
-def test_decoder_layer_matches_hf(layer_idx):
+def test_nanollm_decoder_layer_matches_hf(layer_idx):
     model, cfg = ours("grouped_top2_interleaved")
     layer = model.model.layers[layer_idx]
     ref = modeling_deepseek_v3.DeepseekV3DecoderLayer(cfg, layer_idx).eval()
@@ -1248,7 +1248,7 @@ def saved_hf(request, tmp_path_factory):
     return ref, path
 
 
-def test_full_logits_match_hf(saved_hf):
+def test_nanollm_full_logits_match_hf(saved_hf):
     ref, path = saved_hf
     model = N.Transformer.from_pretrained(path)
     tokens = torch.randint(0, ref.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
@@ -1258,7 +1258,7 @@ def test_full_logits_match_hf(saved_hf):
 
 
 @pytest.mark.parametrize("absorb", [False, True])
-def test_greedy_generation_matches_hf(saved_hf, absorb):
+def test_nanollm_greedy_generation_matches_hf(saved_hf, absorb):
     ref, path = saved_hf
     model = N.Transformer.from_pretrained(path)
     prompt = [5, 17, 42, 8, 77]
@@ -1268,7 +1268,7 @@ def test_greedy_generation_matches_hf(saved_hf, absorb):
 
 
 @pytest.mark.parametrize("absorb", [False, True])
-def test_cached_decoding_equals_full_recompute(absorb):
+def test_nanollm_cached_decoding_equals_full_recompute(absorb):
     model, _ = ours("grouped_top2_interleaved", seed=3)
     tokens = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(2))
     full = model(tokens)
@@ -1281,7 +1281,7 @@ def test_cached_decoding_equals_full_recompute(absorb):
     model.clear_cache()
 
 
-def test_dispatched_moe_equals_dense_reference():
+def test_nanollm_dispatched_moe_equals_dense_reference():
     """Values and gradients of the sort/gather/index_add dispatch against running every expert on every token."""
     model, _ = ours("grouped_top2_interleaved")
     moe = model.model.layers[1].mlp
@@ -1302,7 +1302,7 @@ def test_dispatched_moe_equals_dense_reference():
         torch.testing.assert_close(g, g_ref, **DSV3_TOL)
 
 
-def test_bias_update_moves_load_towards_balance():
+def test_nanollm_bias_update_moves_load_towards_balance():
     model, _ = ours("grouped_top2_interleaved")
     model.train()
     for _, moe in model.moe_layers():  # start badly skewed: expert 0 wins every token
@@ -1319,7 +1319,7 @@ def test_bias_update_moves_load_towards_balance():
     assert imbalance[0] > 3.5 and imbalance[-1] < 0.6 * imbalance[0], imbalance
 
 
-def test_doc_ids_equal_separate_documents():
+def test_nanollm_doc_ids_equal_separate_documents():
     model, _ = ours("grouped_top2_interleaved", seed=5)
     docs = [torch.randint(0, 96, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 9, 4)]
     packed = torch.cat(docs)[None]
@@ -1331,7 +1331,7 @@ def test_doc_ids_equal_separate_documents():
     torch.testing.assert_close(logits, torch.cat([model(d[None])[0] for d in docs]), **DSV3_TOL)
 
 
-def test_our_checkpoint_loads_in_transformers(tmp_path):
+def test_nanollm_our_checkpoint_loads_in_transformers(tmp_path):
     """The other direction: state_dict + to_hf_config, as finetune.py saves them, read by DeepseekV3ForCausalLM."""
     model = randomize(N.Transformer(N.ModelArgs(moe_layers=(1, 2, 3), rope_interleave=False)), seed=7).eval()
     save_file(model.state_dict(), tmp_path / "model.safetensors")
