@@ -178,15 +178,16 @@ PRESETS = {
 class Linear(nn.Linear):
     """nn.Linear (same parameter, same name), faster for the one-row products of decoding on a CPU.
 
-    Decoding multiplies a single row by every weight matrix, and PyTorch's CPU kernel for that product runs on
-    one thread (measured: the same time with 1 and 2 threads), so the other cores idle while the weights stream
-    from memory. Viewed as one block of output rows per thread, the product becomes a batched matmul whose
-    blocks run in parallel: the same product, faster decoding on several cores (benchmarks/bench_llama31.py)."""
+    Decoding multiplies a single row by every weight matrix, and PyTorch's fp32 CPU kernel for that product runs
+    on one thread (measured: the same time with 1 and 2 threads; the bf16 one uses them all), so the other cores
+    idle while the weights stream from memory. Viewed as one block of output rows per thread, the product becomes
+    a batched matmul whose blocks run in parallel: the same product, and fp32 decoding of Llama 3.2 1B streams its
+    weights at 90% of the measured read bandwidth on 2 cores (benchmarks/bench_llama31.py)."""
 
     def forward(self, x):
         n = torch.get_num_threads()
-        one_row = x.numel() == self.in_features and x.device.type == "cpu" and self.bias is None
-        if not one_row or n == 1 or self.out_features % n:
+        one_row = x.numel() == self.in_features and x.device.type == "cpu" and x.dtype == torch.float32
+        if not one_row or self.bias is not None or n == 1 or self.out_features % n:
             return F.linear(x, self.weight, self.bias)
         w = self.weight.view(n, self.out_features // n, self.in_features)  # (n, out/n, in): a view, no copy
         return torch.bmm(x.reshape(1, 1, -1).expand(n, 1, -1), w.transpose(1, 2)).view(x.shape[:-1] + (-1,))
