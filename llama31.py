@@ -182,7 +182,7 @@ class Linear(nn.Linear):
     on one thread (measured: the same time with 1 and 2 threads; the bf16 one uses them all), so the other cores
     idle while the weights stream from memory. Viewed as one block of output rows per thread, the product becomes
     a batched matmul whose blocks run in parallel: the same product, and fp32 decoding of Llama 3.2 1B streams its
-    weights at 90% of the measured read bandwidth on 2 cores (benchmarks/bench_llama31.py)."""
+    weights at the machine's read bandwidth on 2 cores (benchmarks/bench_llama31.py)."""
 
     def forward(self, x):
         n = torch.get_num_threads()
