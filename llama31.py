@@ -6,7 +6,7 @@ Llama 3 ("The Llama 3 Herd of Models", arXiv 2407.21783) is a pre-norm decoder: 
 attention, a SwiGLU MLP, and rotary position embeddings with base 500000 whose low frequencies are stretched
 ("llama3" scaling) so that a model pretrained on 8k tokens reads 128k. The code follows Meta's reference
 (llama-models `reference_impl/model.py`) and Karpathy's nano-llama31, and is checked module by module against
-HF transformers' `LlamaForCausalLM` in tests/parity_llama31.py.
+HF transformers' `LlamaForCausalLM` in test_parity.py.
 
 Departures from nano-llama31 and Meta's reference, all deliberate:
 - modules carry HF checkpoint names, so HF safetensors load with no renaming; Meta's `consolidated.*.pth`

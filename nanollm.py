@@ -11,7 +11,7 @@ References
 - DeepSeek-V3 (arXiv 2412.19437) §2.1.2: sigmoid affinities, a per-expert bias used for selection only and nudged
   after each step (auxiliary-loss-free balancing), sequence-wise balance loss (eqs. 17-20), group-limited routing.
 - deepseek-ai/DeepSeek-V3 `inference/model.py` (naive vs absorb MLA, Gate, MoE dispatch loop) and HF transformers
-  5.23 `models/deepseek_v3` (names, config, RoPE layouts; the parity reference in tests/parity_nanollm.py).
+  5.23 `models/deepseek_v3` (names, config, RoPE layouts; the parity reference in test_parity.py).
 
 Departures from nano-llm's `src/model.py`, each fixed here and tested:
 - its MLA cache is written but never read: ours holds only the normalised KV latent and the shared RoPE key per
