@@ -24,8 +24,10 @@ Usage:
 
 import codecs
 import json
+import os
 import sys
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,20 +133,69 @@ PRESETS = {
 # Building blocks
 
 
-class Linear(nn.Linear):
-    """nn.Linear (same parameter, same name), faster for the one-row products of decoding on a CPU.
+# Decoding multiplies one row by every weight matrix, so on a CPU its speed is the speed of streaming weights
+# from memory, and two PyTorch kernels leave much of that unused (measured with benchmarks/bench_smollm2.py):
+# - fp32: the one-row product runs on one thread, whatever the thread count. Linear splits it by threads.
+# - bf16: F.linear reorders the weight into oneDNN's blocked layout on every call. Inference keeps a reordered
+#   copy instead (remade when the weight changes; kept while it fits in half the free memory), stacked for the
+#   layers that share an input (q, k, v; gate, up), since fewer, larger products stream faster. The same
+#   products, and decoding becomes memory-bound as it should be (figures in README.md).
+BF16_ONEDNN = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+# owner module -> (its weights' versions, their reordered copy or None): a cache beside the modules, so
+# copying or saving a module never meets the opaque oneDNN tensor
+PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
-    Decoding multiplies a single row by every weight matrix, and PyTorch's fp32 CPU kernel for that product runs
-    on one thread (measured: the same time with 1 and 2 threads; the bf16 one uses them all), so the other cores
-    idle while the weights stream from memory. Viewed as one block of output rows per thread, the product becomes
-    a batched matmul whose blocks run in parallel: the same product, 1.6x faster fp32 decoding on 2 cores
-    (benchmarks/bench_smollm2.py)."""
+
+def free_memory() -> int:
+    """Bytes the OS reports free; 0 where it cannot tell (then no reordered copies are kept)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def onednn_weight(owner: nn.Module, layers) -> torch.Tensor | None:
+    """The layers' weights, stacked, in oneDNN's bf16 layout, cached beside owner; None where not kept."""
+    ws = [layer.weight for layer in layers]
+    key = [(w.data_ptr(), None if w.is_inference() else w._version) for w in ws]  # a new tensor or an update
+    entry = PACKED.get(owner)
+    if entry is None or entry[0] != key:
+        PACKED.pop(owner, None)  # free a stale copy before deciding on a new one
+        keep = BF16_ONEDNN and 2 * sum(w.nbytes for w in ws) < free_memory()
+        w = torch.cat(ws) if len(ws) > 1 else ws[0]
+        entry = PACKED[owner] = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1) if keep else None)
+    return entry[1]
+
+
+def bf16_cpu_inference(x) -> bool:
+    # torch.compile traces F.linear instead: inductor picks (and with freezing, reorders for) its own kernels
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling())
+
+
+def project(owner: nn.Module, x, layers) -> list[torch.Tensor]:
+    """x through each of layers (bias-free Linears sharing x as input): one product over their stacked weights on
+    the bf16 CPU inference path, else each layer's own forward (so a wrapper such as LoRA still runs)."""
+    if bf16_cpu_inference(x) and all(type(layer) is Linear for layer in layers):
+        w = onednn_weight(owner, layers)
+        if w is not None:
+            y = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+            return y.split([layer.out_features for layer in layers], dim=-1)
+    return [layer(x) for layer in layers]
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameter, same name) with the CPU decoding paths above."""
 
     def forward(self, x):
-        n = torch.get_num_threads()
-        one_row = x.numel() == self.in_features and x.device.type == "cpu" and x.dtype == torch.float32
-        if not one_row or self.bias is not None or n == 1 or self.out_features % n:
+        if bf16_cpu_inference(x) and (w := onednn_weight(self, [self])) is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
+        one_row = (x.numel() == self.in_features and x.device.type == "cpu" and x.dtype == torch.float32
+                   and self.bias is None and not torch.compiler.is_compiling())
+        n = torch.get_num_threads() if one_row else 1
+        if n == 1 or self.out_features % n:
             return F.linear(x, self.weight, self.bias)
+        # one block of output rows per thread: a batched matmul whose blocks run in parallel
         w = self.weight.view(n, self.out_features // n, self.in_features)  # (n, out/n, in): a view, no copy
         return torch.bmm(x.reshape(1, 1, -1).expand(n, 1, -1), w.transpose(1, 2)).view(x.shape[:-1] + (-1,))
 
@@ -158,9 +209,8 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # Normalise in fp32 even for bf16 activations: the mean of squares loses too much precision otherwise.
         # The scale is applied after casting back, in the weight's dtype, exactly as HF LlamaRMSNorm.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # (F.rms_norm: x * rsqrt(mean(x^2) + eps), the same operations as HF's, in one call.)
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
 
 def rope_tables(args: ModelArgs, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,16 +264,21 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache_start=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k, v = project(self, x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache_start is not None:
             k, v = self.cache.update(cache_start, k, v)  # (B, nkv, S, hd), S = cached + T
         # enable_gqa lets query head h read kv head h // (nh / nkv) without materialising the repeat: the
         # same grouping as HF's repeat_kv (repeat_interleave on the head axis). mask None means plain causal.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        # On a CPU, PyTorch's bf16 attention kernel is 1.5-6x slower than its fp32 one (one query, 40-1000
+        # keys), so bf16 attention runs in fp32 there and is rounded back: never less exact than bf16.
+        dt = torch.float32 if x.device.type == "cpu" else x.dtype
+        y = F.scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt), attn_mask=mask,
+                                           is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_heads != self.n_kv_heads).to(x.dtype)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -237,7 +292,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(args.hidden_dim, args.dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(self, x, (self.gate_proj, self.up_proj))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):

@@ -15,6 +15,7 @@ unreachable); the fixtures fetch them once if they are missing.
 """
 
 import codecs
+import copy
 import dataclasses
 import glob
 import json
@@ -172,6 +173,59 @@ def test_one_row_linear_split_across_threads(mod, threads):
         torch.set_num_threads(1)  # as the module-wide one_thread fixture has it
 
 
+@pytest.mark.parametrize("mod", [smollm2, llama31])
+def test_bf16_linear_keeps_a_onednn_weight_for_inference(mod):
+    """The bf16 inference path (the weight reordered once into oneDNN's layout) computes F.linear's product, is
+    remade when the weight changes, is not used with autograd on, and stays out of copies of the module."""
+    if not mod.BF16_ONEDNN:
+        pytest.skip("this CPU has no oneDNN bf16 kernels: Linear uses F.linear")
+    layer = mod.Linear(64, 96, bias=False).to(torch.bfloat16)
+    xs = [torch.randn(shape + (64,), dtype=torch.bfloat16) for shape in [(1,), (1, 1), (3, 5)]]
+    bf16_close = lambda x: torch.testing.assert_close(layer(x), F.linear(x, layer.weight))  # bf16 tolerances
+    with torch.no_grad():
+        for x in xs:
+            bf16_close(x)
+        packed = mod.PACKED[layer][1]
+        assert packed is not None and packed.is_mkldnn
+        layer.weight.mul_(-2)  # an in-place update
+        bf16_close(xs[2])
+        layer.load_state_dict({"weight": torch.randn(96, 64)})  # a copy into the same tensor
+        bf16_close(xs[2])
+        assert mod.PACKED[layer][1] is not packed
+    assert layer(xs[0]).requires_grad  # training takes F.linear
+    clone = copy.deepcopy(layer)  # an mkldnn tensor held by the module itself would make this raise
+    assert layer in mod.PACKED and clone not in mod.PACKED
+
+
+@pytest.mark.parametrize("mod", [smollm2, llama31])
+def test_bf16_projections_share_one_stacked_product(mod):
+    """project(): layers sharing an input run as one product over their stacked weights on the bf16 inference
+    path, and a layer of another type (a LoRA wrapper, say) makes each run its own forward."""
+    if not mod.BF16_ONEDNN:
+        pytest.skip("this CPU has no oneDNN bf16 kernels: project() calls each layer")
+    owner = torch.nn.Module()
+    owner.a, owner.b = mod.Linear(64, 96, bias=False), mod.Linear(64, 32, bias=False)
+    owner.to(torch.bfloat16)
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ya, yb = mod.project(owner, x, (owner.a, owner.b))
+        torch.testing.assert_close(ya, F.linear(x, owner.a.weight))
+        torch.testing.assert_close(yb, F.linear(x, owner.b.weight))
+        assert mod.PACKED[owner][1].size(0) == 96 + 32 and owner.a not in mod.PACKED
+
+        class Wrapped(torch.nn.Module):
+            def __init__(self, base):
+                super().__init__()
+                self.base = base
+
+            def forward(self, x):
+                return 2 * self.base(x)
+
+        ya2, yb2 = mod.project(owner, x, (Wrapped(owner.a), owner.b))
+        torch.testing.assert_close(ya2, 2 * ya)
+        torch.testing.assert_close(yb2, yb)
+
+
 def test_smollm2_attention_mlp_and_layer(tiny_pair):
     hf, ours = tiny_pair
     B, T = 2, 12
@@ -235,6 +289,24 @@ def test_smollm2_cached_decoding_equals_recomputation(tiny_pair):
         steps += [ours.forward_cached(tokens[:, t:t + 1], t, pad) for t in range(8, 20)]
         ours.clear_cache()
     assert_close(torch.stack(steps, dim=1), full[:, 7:], 1e-5)
+
+
+def test_smollm2_bf16_is_as_close_to_fp32_as_hf(tiny_pair):
+    """In bf16 (on a CPU: oneDNN-reordered weights, attention in fp32), full and cached logits are on average no
+    further from the fp32 logits than HF's bf16 logits are."""
+    hf, ours = tiny_pair
+    tokens = torch.randint(0, 300, (2, 40))
+    with torch.no_grad():
+        want = hf(tokens).logits
+        hf16, ours16 = copy.deepcopy(hf).to(torch.bfloat16), copy.deepcopy(ours).to(torch.bfloat16)
+        err_hf = (hf16(tokens).logits.float() - want).abs().mean()
+        assert (ours16(tokens).float() - want).abs().mean() <= 1.1 * err_hf
+        ours16.setup_cache(2, 40)
+        pad = torch.zeros(2, dtype=torch.long)
+        steps = [ours16.forward_cached(tokens[:, :8], 0, pad)]
+        steps += [ours16.forward_cached(tokens[:, t:t + 1], t, pad) for t in range(8, 40)]
+    cached_err = (torch.stack(steps, dim=1).float() - want[:, 7:]).abs().mean()
+    assert cached_err <= 1.1 * (hf16(tokens).logits[:, 7:].float() - want[:, 7:]).abs().mean()
 
 
 def test_smollm2_greedy_generation_matches_hf(tiny_pair):
@@ -851,6 +923,24 @@ def test_llama31_full_logits(llama_tiny_pair):
     tokens = torch.randint(0, 320, (2, 150))  # beyond the original context of 64
     with torch.no_grad():
         assert_close(ours(tokens), hf(tokens).logits, 1e-4)
+
+
+def test_llama31_bf16_is_as_close_to_fp32_as_hf(llama_tiny_pair):
+    """In bf16 (on a CPU: oneDNN-reordered weights, attention in fp32), full and cached logits are on average no
+    further from the fp32 logits than HF's bf16 logits are."""
+    hf, ours = llama_tiny_pair
+    tokens = torch.randint(0, 320, (2, 40))
+    with torch.no_grad():
+        want = hf(tokens).logits
+        hf16, ours16 = copy.deepcopy(hf).to(torch.bfloat16), copy.deepcopy(ours).to(torch.bfloat16)
+        err_hf = (hf16(tokens).logits.float() - want).abs().mean()
+        assert (ours16(tokens).float() - want).abs().mean() <= 1.1 * err_hf
+        ours16.setup_cache(2, 40)
+        pad = torch.zeros(2, dtype=torch.long)
+        steps = [ours16.forward_cached(tokens[:, :8], torch.arange(8), pad)]
+        steps += [ours16.forward_cached(tokens[:, t:t + 1], torch.tensor([t]), pad) for t in range(8, 40)]
+    cached_err = (torch.stack(steps, dim=1).float() - want[:, 7:]).abs().mean()
+    assert cached_err <= 1.1 * (hf16(tokens).logits[:, 7:].float() - want[:, 7:]).abs().mean()
 
 
 def test_llama31_packed_documents_match_separate_runs(llama_tiny_pair):
