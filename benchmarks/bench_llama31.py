@@ -78,19 +78,21 @@ def main(model: str = "llama3.2-1b", dtypes: str = "fp32,bf16", max_new_tokens: 
         # bytes read per decoded token: every weight once, plus on average half the final KV cache
         kv = 2 * args.n_layers * args.n_kv_heads * args.head_dim * (prompt_len + max_new_tokens / 2)
         bytes_per_token = (n_params + kv) * dtype.itemsize
-        roofline = bw * 1e9 / bytes_per_token
         runs = {"llama31.py": lambda n: ours_decode_tps(ours, ids, n),
                 "HF generate": lambda n: hf_decode_tps(hf, ids, n)}
         if compile:
             runs["llama31.py compiled"] = compiled_run(ours, ids, device)
         for run in runs.values():  # warm-up (and compilation)
             run(4)
-        # interleave the runs so a change in machine load hits all alike; best of `repeats`
+        # interleave the runs so a change in machine load hits all alike; best of `repeats`, and the roofline
+        # from the best bandwidth seen meanwhile (a shared machine's bandwidth varies over minutes)
         results = {k: [] for k in runs}
         for _ in range(repeats):
             for k, run in runs.items():
                 results[k].append(run(max_new_tokens))
+            bw = max(bw, read_bandwidth_gbs(device))
         best = {k: max(v) for k, v in results.items()}
+        roofline = bw * 1e9 / bytes_per_token
         for k, tps in best.items():
             rows.append(dict(impl=k, dtype=str(dtype).removeprefix("torch."), tps=tps, ratio=tps / best["HF generate"],
                              mb_per_token=bytes_per_token / 1e6, roofline=roofline, frac=tps / roofline))
