@@ -20,7 +20,9 @@ Departures from nano-llama31 and Meta's reference, all deliberate:
   and ragged batches are left-padded with per-row positions, so a batch yields the tokens of one-by-one runs;
 - the model is built on the meta device and takes the memory-mapped checkpoint tensors as its weights: one
   copy in memory; during prefill only the last position goes through the output head;
-- one device, no model parallelism: Meta's shards are merged while loading.
+- one device, no model parallelism: Meta's shards are merged while loading;
+- on a CPU, bf16 attention runs in fp32 and is rounded back (PyTorch's bf16 CPU kernel is 1.5-6x slower), so
+  bf16 logits differ from HF's by rounding, and are on average no further from fp32 ones (tested).
 
 Usage:
     python download.py llama3.1-8b-instruct
@@ -191,7 +193,13 @@ PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionar
 
 
 def free_memory() -> int:
-    """Bytes the OS reports free; 0 where it cannot tell (then no reordered copies are kept)."""
+    """Bytes the OS can hand out: Linux's MemAvailable (free pages + reclaimable file cache, which a freshly read
+    checkpoint fills), else the free pages, else 0 where it cannot tell (then no reordered copies are kept)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):

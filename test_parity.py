@@ -174,27 +174,32 @@ def test_one_row_linear_split_across_threads(mod, threads):
 
 
 @pytest.mark.parametrize("mod", [smollm2, llama31])
-def test_bf16_linear_keeps_a_onednn_weight_for_inference(mod):
+def test_bf16_linear_keeps_a_onednn_weight_for_inference(mod, monkeypatch):
     """The bf16 inference path (the weight reordered once into oneDNN's layout) computes F.linear's product, is
-    remade when the weight changes, is not used with autograd on, and stays out of copies of the module."""
+    remade when the weight changes, is not used with autograd on or without memory for it, and stays out of
+    copies of the module."""
     if not mod.BF16_ONEDNN:
         pytest.skip("this CPU has no oneDNN bf16 kernels: Linear uses F.linear")
     layer = mod.Linear(64, 96, bias=False).to(torch.bfloat16)
     xs = [torch.randn(shape + (64,), dtype=torch.bfloat16) for shape in [(1,), (1, 1), (3, 5)]]
-    bf16_close = lambda x: torch.testing.assert_close(layer(x), F.linear(x, layer.weight))  # bf16 tolerances
+    bf16_close = lambda m, x: torch.testing.assert_close(m(x), F.linear(x, m.weight))  # bf16 tolerances
     with torch.no_grad():
         for x in xs:
-            bf16_close(x)
+            bf16_close(layer, x)
         packed = mod.PACKED[layer][1]
         assert packed is not None and packed.is_mkldnn
         layer.weight.mul_(-2)  # an in-place update
-        bf16_close(xs[2])
+        bf16_close(layer, xs[2])
         layer.load_state_dict({"weight": torch.randn(96, 64)})  # a copy into the same tensor
-        bf16_close(xs[2])
+        bf16_close(layer, xs[2])
         assert mod.PACKED[layer][1] is not packed
     assert layer(xs[0]).requires_grad  # training takes F.linear
     clone = copy.deepcopy(layer)  # an mkldnn tensor held by the module itself would make this raise
     assert layer in mod.PACKED and clone not in mod.PACKED
+    monkeypatch.setattr(mod, "free_memory", lambda: 0)  # no room for a second copy: plain F.linear
+    with torch.no_grad():
+        bf16_close(clone, xs[1])
+        assert mod.PACKED[clone][1] is None
 
 
 @pytest.mark.parametrize("mod", [smollm2, llama31])
