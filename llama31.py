@@ -37,6 +37,7 @@ import codecs
 import json
 import math
 import os
+import platform
 import re
 import sys
 import time
@@ -186,7 +187,9 @@ PRESETS = {
 #   copy instead (remade when the weight changes; kept while it fits in half the free memory), stacked for the
 #   layers that share an input (q, k, v; gate, up), since fewer, larger products stream faster. The same
 #   products, and decoding becomes memory-bound as it should be (figures in README.md).
-BF16_ONEDNN = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+# (x86 only: the path is measured and tested there; oneDNN's ARM builds are a different library underneath)
+BF16_ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+               and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 # owner module -> (its weights' versions, their reordered copy or None): a cache beside the modules, so
 # copying or saving a module never meets the opaque oneDNN tensor
 PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
@@ -213,22 +216,23 @@ def onednn_weight(owner: nn.Module, layers) -> torch.Tensor | None:
     entry = PACKED.get(owner)
     if entry is None or entry[0] != key:
         PACKED.pop(owner, None)  # free a stale copy before deciding on a new one
-        keep = BF16_ONEDNN and 2 * sum(w.nbytes for w in ws) < free_memory()
+        keep = 2 * sum(w.nbytes for w in ws) < free_memory()
         w = torch.cat(ws) if len(ws) > 1 else ws[0]
         entry = PACKED[owner] = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1) if keep else None)
     return entry[1]
 
 
-def bf16_cpu_inference(x) -> bool:
-    # torch.compile traces F.linear instead: inductor picks (and with freezing, reorders for) its own kernels
-    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_grad_enabled()
+def onednn_path(x) -> bool:
+    """Whether a product with input x takes the reordered bf16 weights: CPU inference (torch.compile traces
+    F.linear instead: inductor picks, and with freezing reorders for, its own kernels)."""
+    return (BF16_ONEDNN and x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling())
 
 
 def project(owner: nn.Module, x, layers) -> list[torch.Tensor]:
     """x through each of layers (bias-free Linears sharing x as input): one product over their stacked weights on
     the bf16 CPU inference path, else each layer's own forward (so a wrapper such as LoRA still runs)."""
-    if bf16_cpu_inference(x) and all(type(layer) is Linear for layer in layers):
+    if onednn_path(x) and all(type(layer) is Linear for layer in layers):
         w = onednn_weight(owner, layers)
         if w is not None:
             y = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
@@ -240,7 +244,7 @@ class Linear(nn.Linear):
     """nn.Linear (same parameter, same name) with the CPU decoding paths above."""
 
     def forward(self, x):
-        if bf16_cpu_inference(x) and (w := onednn_weight(self, [self])) is not None:
+        if onednn_path(x) and (w := onednn_weight(self, [self])) is not None:
             return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
         one_row = (x.numel() == self.in_features and x.device.type == "cpu" and x.dtype == torch.float32
                    and self.bias is None and not torch.compiler.is_compiling())
