@@ -216,7 +216,8 @@ def onednn_weight(owner: nn.Module, layers) -> torch.Tensor | None:
     entry = PACKED.get(owner)
     if entry is None or entry[0] != key:
         PACKED.pop(owner, None)  # free a stale copy before deciding on a new one
-        keep = 2 * sum(w.nbytes for w in ws) < free_memory()
+        # (bf16 weights only: under autocast, bf16 activations meet fp32 weights, which F.linear casts)
+        keep = all(w.dtype == torch.bfloat16 for w in ws) and 2 * sum(w.nbytes for w in ws) < free_memory()
         w = torch.cat(ws) if len(ws) > 1 else ws[0]
         entry = PACKED[owner] = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1) if keep else None)
     return entry[1]

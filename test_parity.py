@@ -176,8 +176,8 @@ def test_one_row_linear_split_across_threads(mod, threads):
 @pytest.mark.parametrize("mod", [smollm2, llama31])
 def test_bf16_linear_keeps_a_onednn_weight_for_inference(mod, monkeypatch):
     """The bf16 inference path (the weight reordered once into oneDNN's layout) computes F.linear's product, is
-    remade when the weight changes, is not used with autograd on or without memory for it, and stays out of
-    copies of the module."""
+    remade when the weight changes, is not used with autograd on, for fp32 weights (autocast) or without memory
+    for it, and stays out of copies of the module."""
     if not mod.BF16_ONEDNN:
         pytest.skip("this CPU has no oneDNN bf16 kernels: Linear uses F.linear")
     layer = mod.Linear(64, 96, bias=False).to(torch.bfloat16)
@@ -196,6 +196,10 @@ def test_bf16_linear_keeps_a_onednn_weight_for_inference(mod, monkeypatch):
     assert layer(xs[0]).requires_grad  # training takes F.linear
     clone = copy.deepcopy(layer)  # an mkldnn tensor held by the module itself would make this raise
     assert layer in mod.PACKED and clone not in mod.PACKED
+    fp32 = mod.Linear(64, 96, bias=False)  # autocast evaluation: bf16 activations, fp32 weights
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(fp32(xs[2]), F.linear(xs[2], fp32.weight))
+        assert mod.PACKED[fp32][1] is None
     monkeypatch.setattr(mod, "free_memory", lambda: 0)  # no room for a second copy: plain F.linear
     with torch.no_grad():
         bf16_close(clone, xs[1])
