@@ -137,12 +137,12 @@ PRESETS = {
 
 
 # Decoding multiplies one row by every weight matrix, so on a CPU its speed is the speed of streaming weights
-# from memory, and two PyTorch kernels leave much of that unused (measured with benchmarks/bench_smollm2.py):
+# from memory, and two PyTorch kernels leave much of that unused (benchmarks/bench_cpu_kernels.py):
 # - fp32: the one-row product runs on one thread, whatever the thread count. Linear splits it by threads.
 # - bf16: F.linear reorders the weight into oneDNN's blocked layout on every call. Inference keeps a reordered
 #   copy instead (remade when the weight changes; kept while it fits in half the free memory), stacked for the
 #   layers that share an input (q, k, v; gate, up), since fewer, larger products stream faster. The same
-#   products, about twice as fast (figures in README.md).
+#   products, faster (figures in README.md).
 # (x86 only: the path is measured and tested there; oneDNN's ARM builds are a different library underneath)
 BF16_ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
