@@ -48,8 +48,8 @@ def layer_modules(dim, hidden, nh, nkv, dtype):
 
 
 def products(name, dtype, n_layers):
-    dim, hidden, nh, nkv, layers = SHAPES[name]
-    layers = [layer_modules(dim, hidden, nh, nkv, dtype) for _ in range(n_layers or layers)]
+    dim, hidden, nh, nkv, depth = SHAPES[name]
+    layers = [layer_modules(dim, hidden, nh, nkv, dtype) for _ in range(n_layers or depth)]
     x, h = torch.randn(1, dim, dtype=dtype), torch.randn(1, hidden, dtype=dtype)
     nbytes = sum(p.nbytes for attn, mlp in layers for p in [*attn.parameters(), *mlp.parameters()])
 
