@@ -304,7 +304,7 @@ def test_smollm2_bf16_is_as_close_to_fp32_as_hf(tiny_pair):
     """In bf16 (on a CPU: oneDNN-reordered weights, attention in fp32), full and cached logits are on average no
     further from the fp32 logits than HF's bf16 logits are."""
     hf, ours = tiny_pair
-    tokens = torch.randint(0, 300, (2, 40))
+    tokens = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))  # margin checked over 20 seeds
     with torch.no_grad():
         want = hf(tokens).logits
         hf16, ours16 = copy.deepcopy(hf).to(torch.bfloat16), copy.deepcopy(ours).to(torch.bfloat16)
@@ -938,7 +938,7 @@ def test_llama31_bf16_is_as_close_to_fp32_as_hf(llama_tiny_pair):
     """In bf16 (on a CPU: oneDNN-reordered weights, attention in fp32), full and cached logits are on average no
     further from the fp32 logits than HF's bf16 logits are."""
     hf, ours = llama_tiny_pair
-    tokens = torch.randint(0, 320, (2, 40))
+    tokens = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(0))  # margin checked over 20 seeds
     with torch.no_grad():
         want = hf(tokens).logits
         hf16, ours16 = copy.deepcopy(hf).to(torch.bfloat16), copy.deepcopy(ours).to(torch.bfloat16)
