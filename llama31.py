@@ -217,9 +217,11 @@ def onednn_weight(owner: nn.Module, layers) -> torch.Tensor | None:
     if entry is None or entry[0] != key:
         PACKED.pop(owner, None)  # free a stale copy before deciding on a new one
         # (bf16 weights only: under autocast, bf16 activations meet fp32 weights, which F.linear casts)
-        keep = all(w.dtype == torch.bfloat16 for w in ws) and 2 * sum(w.nbytes for w in ws) < free_memory()
-        w = torch.cat(ws) if len(ws) > 1 else ws[0]
-        entry = PACKED[owner] = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1) if keep else None)
+        packed = None
+        if all(w.dtype == torch.bfloat16 for w in ws) and 2 * sum(w.nbytes for w in ws) < free_memory():
+            stacked = torch.cat(ws) if len(ws) > 1 else ws[0]  # (cat copies: only for a copy that is kept)
+            packed = torch.ops.mkldnn._reorder_linear_weight(stacked.detach(), 1)
+        entry = PACKED[owner] = (key, packed)
     return entry[1]
 
 
