@@ -22,7 +22,8 @@ Departures from nano-llama31 and Meta's reference, all deliberate:
   copy in memory; during prefill only the last position goes through the output head;
 - one device, no model parallelism: Meta's shards are merged while loading;
 - on a CPU, bf16 attention runs in fp32 and is rounded back (PyTorch's bf16 CPU kernel is 1.5-6x slower), so
-  bf16 logits differ from HF's by rounding, and are on average no further from fp32 ones (tested).
+  bf16 logits differ from HF's by rounding, and are on average no further from fp32 ones (tested); the KV
+  cache is then kept in fp32 (the same bf16 values, twice the memory) so that no step converts all of it.
 
 Usage:
     python download.py llama3.1-8b-instruct
@@ -317,8 +318,8 @@ class KVCache(nn.Module):
 
     def update(self, input_pos, k, v):
         """Write k, v (B, n_kv_heads, T, hd) into slots input_pos (T,); return the whole cache (B, nkv, S, hd)."""
-        self.k.index_copy_(2, input_pos, k)  # in place: no growth, the same shapes every step
-        self.v.index_copy_(2, input_pos, v)
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))  # in place: no growth, the same shapes every step
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
         return self.k, self.v
 
 
@@ -443,9 +444,11 @@ class Llama(nn.Module):
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(f"{max_seq_len} tokens exceed max_seq_len {self.args.max_seq_len}")
         w = self.lm_head.weight
+        # on a CPU, attention runs in fp32 (see Attention): an fp32 cache spares converting all of it every step
+        dtype = torch.float32 if w.device.type == "cpu" else w.dtype
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
-                                            w.dtype, w.device)
+                                            dtype, w.device)
 
     def clear_cache(self):
         for layer in self.model.layers:

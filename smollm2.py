@@ -15,7 +15,8 @@ Departures from the reference, all deliberate:
   passes them);
 - during prefill only the last position goes through the 49152-wide output head;
 - on a CPU, bf16 attention runs in fp32 and is rounded back (PyTorch's bf16 CPU kernel is 1.5-6x slower), so
-  bf16 logits differ from HF's by rounding, and are on average no further from fp32 ones (tested).
+  bf16 logits differ from HF's by rounding, and are on average no further from fp32 ones (tested); the KV
+  cache is then kept in fp32 (the same bf16 values, twice the memory) so that no step converts all of it.
 
 Usage:
     python download.py                                  # SmolLM2-135M-Instruct into checkpoints/
@@ -389,9 +390,11 @@ class SmolLM2(nn.Module):
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(f"{max_seq_len} tokens do not fit the context of {self.args.max_seq_len}")
         w = self.lm_head.weight
+        # on a CPU, attention runs in fp32 (see Attention): an fp32 cache spares converting all of it every step
+        dtype = torch.float32 if w.device.type == "cpu" else w.dtype
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
-                                            w.dtype, w.device)
+                                            dtype, w.device)
 
     def clear_cache(self):
         for layer in self.model.layers:

@@ -99,11 +99,22 @@ def assert_bf16_as_close_to_fp32_as_hf(hf, ours, vocab_size: int, cached):
         hf16, ours16 = copy.deepcopy(hf).to(torch.bfloat16), copy.deepcopy(ours).to(torch.bfloat16)
         hf_err = (hf16(tokens).logits.float() - want).abs()  # (2, 40, vocab)
         assert (ours16(tokens).float() - want).abs().mean() <= 1.1 * hf_err.mean()
-        ours16.setup_cache(2, 40)
         pad = torch.zeros(2, dtype=torch.long)
-        steps = [cached(ours16, tokens[:, :8], 0, pad)]
-        steps += [cached(ours16, tokens[:, t:t + 1], t, pad) for t in range(8, 40)]
-    assert (torch.stack(steps, dim=1).float() - want[:, 7:]).abs().mean() <= 1.1 * hf_err[:, 7:].mean()
+
+        def decode(bf16_cache=False):  # prefill 8 tokens, then one at a time: logits (2, 33, vocab)
+            ours16.setup_cache(2, 40)
+            for layer in ours16.model.layers:
+                cache = layer.self_attn.cache
+                assert cache.k.dtype == cache.v.dtype == torch.float32  # on a CPU, as attention runs there
+                if bf16_cache:
+                    cache.k, cache.v = cache.k.bfloat16(), cache.v.bfloat16()
+            steps = [cached(ours16, tokens[:, :8], 0, pad)]
+            steps += [cached(ours16, tokens[:, t:t + 1], t, pad) for t in range(8, 40)]
+            return torch.stack(steps, dim=1)
+
+        logits = decode()
+        assert torch.equal(logits, decode(bf16_cache=True))  # it holds bf16 values: fp32 only spares conversions
+    assert (logits.float() - want[:, 7:]).abs().mean() <= 1.1 * hf_err[:, 7:].mean()
 
 
 # =============================================================================
