@@ -75,9 +75,10 @@ def main(model: str = "llama3.2-1b", dtypes: str = "fp32,bf16", max_new_tokens: 
         dtype = DTYPES[name]
         hf, ours = build_pair(args, dtype, device)
         n_params = sum(p.numel() for p in ours.parameters())  # a tied matrix counts once, and is read once
-        # bytes read per decoded token: every weight once, plus on average half the final KV cache
-        kv = 2 * args.n_layers * args.n_kv_heads * args.head_dim * (prompt_len + max_new_tokens / 2)
-        bytes_per_token = (n_params + kv) * dtype.itemsize
+        # bytes read per decoded token: every weight once, plus the whole preallocated KV cache, which attention
+        # reads (masked) every step; on a CPU the cache is fp32
+        kv = 2 * args.n_layers * args.n_kv_heads * args.head_dim * (prompt_len + max_new_tokens)
+        bytes_per_token = n_params * dtype.itemsize + kv * (4 if device == "cpu" else dtype.itemsize)
         runs = {"llama31.py": lambda n: ours_decode_tps(ours, ids, n),
                 "HF generate": lambda n: hf_decode_tps(hf, ids, n)}
         if compile:
@@ -85,22 +86,24 @@ def main(model: str = "llama3.2-1b", dtypes: str = "fp32,bf16", max_new_tokens: 
         for run in runs.values():  # warm-up (and compilation)
             run(4)
         # interleave the runs so a change in machine load hits all alike; best of `repeats`, and the roofline
-        # from the best bandwidth seen meanwhile (a shared machine's bandwidth varies over minutes)
+        # from the best bandwidth seen in the whole run (a shared machine's bandwidth varies over minutes)
         results = {k: [] for k in runs}
         for _ in range(repeats):
             for k, run in runs.items():
                 results[k].append(run(max_new_tokens))
             bw = max(bw, read_bandwidth_gbs(device))
         best = {k: max(v) for k, v in results.items()}
-        roofline = bw * 1e9 / bytes_per_token
         for k, tps in best.items():
             rows.append(dict(impl=k, dtype=str(dtype).removeprefix("torch."), tps=tps, ratio=tps / best["HF generate"],
-                             mb_per_token=bytes_per_token / 1e6, roofline=roofline, frac=tps / roofline))
+                             mb_per_token=bytes_per_token / 1e6))
         ours.clear_cache()
         del hf, ours, runs
+    for r in rows:
+        r["roofline"] = bw * 1e3 / r["mb_per_token"]
+        r["frac"] = r["tps"] / r["roofline"]
     cmd = " ".join(["python benchmarks/bench_llama31.py"] + sys.argv[1:])
     print(f"\n`{cmd}`: {model} random weights, {where}, batch 1, greedy, {prompt_len}-token prompt, "
-          f"{max_new_tokens} new tokens, read bandwidth {bw:.1f} GB/s\n")
+          f"{max_new_tokens} new tokens, best read bandwidth {bw:.1f} GB/s\n")
     print("| implementation | dtype | decode tok/s | vs HF generate | MB/token | roofline tok/s | of roofline |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -63,23 +63,24 @@ def main(ckpt_dir: str = str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"), ne
         ours = smollm2.SmolLM2.from_pretrained(ckpt_dir, dtype=dtype)
         hf = LlamaForCausalLM.from_pretrained(ckpt_dir, dtype=dtype).eval()
         n_params = sum(p.numel() for p in ours.parameters())
-        # bytes read per decoded token: every weight once, plus on average half the final KV cache
+        # bytes read per decoded token: every weight once, plus on average half the final KV cache (fp32 on a CPU)
         kv = 2 * ours.args.n_layers * ours.args.n_kv_heads * ours.args.head_dim * (len(ids) + new_tokens / 2)
-        bytes_per_token = (n_params + kv) * dtype.itemsize
+        bytes_per_token = n_params * dtype.itemsize + kv * 4
         ours_decode_tps(ours, ids, 8), hf_decode_tps(hf, ids, 8)  # warm-up
         # interleave the runs so a change in machine load hits both alike; best of `repeats`, and the roofline
-        # from the best bandwidth seen meanwhile (a shared machine's bandwidth varies over minutes)
+        # from the best bandwidth seen in the whole run (a shared machine's bandwidth varies over minutes)
         o, h = [], []
         for _ in range(repeats):
             o.append(ours_decode_tps(ours, ids, new_tokens))
             h.append(hf_decode_tps(hf, ids, new_tokens))
             bw = max(bw, read_bandwidth_gbs())
         o, h = max(o), max(h)
-        roofline = bw * 1e9 / bytes_per_token
         ls = load_stats(ckpt_dir, name)
-        rows.append(dict(dtype=name, ours=o, hf=h, ratio=o / h, roofline=roofline, frac=o / roofline,
-                         mb_per_token=bytes_per_token / 1e6, **ls))
+        rows.append(dict(dtype=name, ours=o, hf=h, ratio=o / h, mb_per_token=bytes_per_token / 1e6, **ls))
         del ours, hf
+    for r in rows:
+        r["roofline"] = bw * 1e3 / r["mb_per_token"]
+        r["frac"] = r["ours"] / r["roofline"]
     print(f"\nSmolLM2-135M-Instruct, batch 1, greedy, {len(ids)}-token prompt, {new_tokens} new tokens, "
           f"best read bandwidth {bw:.1f} GB/s")
     print("| dtype | smollm2.py tok/s | HF generate tok/s | ratio | MB/token | roofline tok/s | of roofline "
