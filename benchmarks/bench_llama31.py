@@ -11,7 +11,8 @@ early stop). Decode tokens/s is timed from the first generated token to the last
 both. Decoding at batch 1 is memory-bound: every token reads every weight once (a tied embedding is read as
 the output head) plus the KV cache, so the roofline is (read bandwidth) / (bytes per token); the read
 bandwidth is measured here too. --compile also times llama31 with its decode step under torch.compile
-("reduce-overhead", i.e. CUDA graphs, on GPU), on a KV cache set up once so every step has the same shapes.
+("reduce-overhead", i.e. CUDA graphs, on GPU; inductor's weight freezing on CPU), on a KV cache set up once
+so every step has the same shapes.
 """
 
 import json
@@ -30,8 +31,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "float32": torch.float3
 
 
 def compiled_run(model, ids, device):
-    """A run of llama31 whose decode step is torch.compile'd (CUDA graphs on GPU), as gpt-fast does."""
+    """A run of llama31 whose decode step is torch.compile'd (CUDA graphs on GPU, frozen weights on CPU), as
+    gpt-fast does."""
     mode = "reduce-overhead" if device.startswith("cuda") else "default"
+    if not device.startswith("cuda"):  # CPU: weights become constants, reordered once for oneDNN's kernels
+        torch._inductor.config.freezing = True
     compiled = torch.compile(model.forward_cached, mode=mode, fullgraph=True)
     model.setup_cache(1, model.args.max_seq_len)  # kept: generate reuses it, so the graphs see fixed buffers
 
