@@ -21,7 +21,7 @@ Departures from nano-llama31 and Meta's reference, all deliberate:
 - the model is built on the meta device and takes the memory-mapped checkpoint tensors as its weights: one
   copy in memory; during prefill only the last position goes through the output head;
 - one device, no model parallelism: Meta's shards are merged while loading;
-- on a CPU, bf16 attention runs in fp32 and is rounded back (PyTorch's bf16 CPU kernel is 1.5-6x slower), so
+- on a CPU, bf16 attention runs in fp32 and is rounded back (PyTorch's bf16 CPU kernel is 2-9x slower), so
   bf16 logits differ from HF's by rounding, and are on average no further from fp32 ones (tested); the KV
   cache is then kept in fp32 (the same bf16 values, twice the memory) so that no step converts all of it.
 
@@ -344,7 +344,7 @@ class Attention(nn.Module):
             k, v = self.cache.update(input_pos, k, v)  # (B, nkv, S, hd), S = cache length
         # enable_gqa lets query head h read kv head h // (nh / nkv) without materialising the repeat: the
         # same grouping as HF's repeat_kv (repeat_interleave on the head axis). mask None means plain causal.
-        # On a CPU, PyTorch's bf16 attention kernel is 1.5-6x slower than its fp32 one (one query, 40-1000
+        # On a CPU, PyTorch's bf16 attention kernel is 2-9x slower than its fp32 one (one query, 40-1000
         # keys), so bf16 attention runs in fp32 there and is rounded back: never less exact than bf16.
         dt = torch.float32 if x.device.type == "cpu" else x.dtype
         y = F.scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt), attn_mask=mask,
