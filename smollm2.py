@@ -185,7 +185,7 @@ def onednn_weight(owner: nn.Module, layers) -> torch.Tensor | None:
 def onednn_path(x) -> bool:
     """Whether a product with input x takes the reordered bf16 weights: CPU inference (torch.compile traces
     F.linear instead: inductor picks, and with freezing reorders for, its own kernels)."""
-    return (BF16_ONEDNN and x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_grad_enabled()
+    return (BF16_ONEDNN and x.is_cpu and x.dtype == torch.bfloat16 and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling())
 
 
@@ -206,7 +206,7 @@ class Linear(nn.Linear):
     def forward(self, x):
         if onednn_path(x) and (w := onednn_weight(self, [self])) is not None:
             return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
-        one_row = (x.numel() == self.in_features and x.device.type == "cpu" and x.dtype == torch.float32
+        one_row = (x.numel() == self.in_features and x.is_cpu and x.dtype == torch.float32
                    and self.bias is None and not torch.compiler.is_compiling())
         n = torch.get_num_threads() if one_row else 1
         if n == 1 or self.out_features % n:
@@ -291,7 +291,7 @@ class Attention(nn.Module):
         # same grouping as HF's repeat_kv (repeat_interleave on the head axis). mask None means plain causal.
         # On a CPU, PyTorch's bf16 attention kernel is 2-9x slower than its fp32 one (one query, 40-1000
         # keys), so bf16 attention runs in fp32 there and is rounded back: never less exact than bf16.
-        dt = torch.float32 if x.device.type == "cpu" else x.dtype
+        dt = torch.float32 if x.is_cpu else x.dtype
         y = F.scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt), attn_mask=mask,
                                            is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_heads != self.n_kv_heads).to(x.dtype)
@@ -391,7 +391,7 @@ class SmolLM2(nn.Module):
             raise ValueError(f"{max_seq_len} tokens do not fit the context of {self.args.max_seq_len}")
         w = self.lm_head.weight
         # on a CPU, attention runs in fp32 (see Attention): an fp32 cache spares converting all of it every step
-        dtype = torch.float32 if w.device.type == "cpu" else w.dtype
+        dtype = torch.float32 if w.is_cpu else w.dtype
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
                                             dtype, w.device)
