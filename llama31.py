@@ -41,6 +41,7 @@ import os
 import platform
 import re
 import sys
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -194,6 +195,10 @@ BF16_ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backe
 # owner module -> (its weights' versions, their reordered copy or None): a cache beside the modules, so
 # copying or saving a module never meets the opaque oneDNN tensor
 PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+# Checking a copy against its weights costs ~5% of a small model's decode step, and no weight changes within one
+# generate call: its prefill checks every copy, and its decode steps, run with this thread's DECODING.on set,
+# skip the check.
+DECODING = threading.local()
 
 
 def free_memory() -> int:
@@ -212,9 +217,11 @@ def free_memory() -> int:
 
 def onednn_weight(owner: nn.Module, layers) -> torch.Tensor | None:
     """The layers' weights, stacked, in oneDNN's bf16 layout, cached beside owner; None where not kept."""
+    entry = PACKED.get(owner)
+    if entry is not None and getattr(DECODING, "on", False):
+        return entry[1]
     ws = [layer.weight for layer in layers]
     key = [(w.data_ptr(), None if w.is_inference() else w._version) for w in ws]  # a new tensor or an update
-    entry = PACKED.get(owner)
     if entry is None or entry[0] != key:
         PACKED.pop(owner, None)  # free a stale copy before deciding on a new one
         # (bf16 weights only: under autocast, bf16 activations meet fp32 weights, which F.linear casts)
@@ -549,6 +556,7 @@ class Llama(nn.Module):
         out, done = [[] for _ in range(B)], [False] * B
         try:
             logits = self.forward_cached(tokens, torch.arange(longest, device=device), pad)  # prefill
+            DECODING.on = True  # the prefill checked the reordered weights: the decode steps need not
             for step in range(max_new_tokens):
                 next_tok = sample(logits, temperature, top_k, top_p, generator)  # (B,)
                 for b, t in enumerate(next_tok.tolist()):
@@ -561,6 +569,7 @@ class Llama(nn.Module):
                     break
                 logits = self.forward_cached(next_tok[:, None], torch.tensor([longest + step], device=device), pad)
         finally:
+            DECODING.on = False
             if own_cache:
                 self.clear_cache()
         return out

@@ -263,6 +263,31 @@ def test_bf16_projections_share_one_stacked_product(mod):
         torch.testing.assert_close(yb2, yb)
 
 
+@pytest.mark.parametrize("mod", [smollm2, llama31])
+def test_bf16_generate_checks_reordered_weights_at_each_call(mod):
+    """generate's decode steps skip checking the reordered weights (its prefill checked them): a weight updated
+    between two calls is still used by the next one, also after a call that ended in an error."""
+    if not mod.BF16_ONEDNN:
+        pytest.skip("this CPU has no oneDNN bf16 kernels: no reordered weights")
+    shape = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160, vocab_size=300, max_seq_len=64)
+    torch.manual_seed(0)
+    model = (mod.SmolLM2 if mod is smollm2 else mod.Llama)(mod.ModelArgs(**shape)).to(torch.bfloat16).eval()
+    prompt = [[5, 7, 11, 13, 17]]
+    first = model.generate(prompt, 8, stop_tokens=[])
+
+    def fail(row, token):
+        raise RuntimeError("a stream callback failed")
+
+    with pytest.raises(RuntimeError):
+        model.generate(prompt, 8, stop_tokens=[], stream=fail)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) / p.size(-1) ** 0.5)  # in place: the copies' data pointers stay valid
+    fresh = copy.deepcopy(model)  # no reordered copies yet
+    again = model.generate(prompt, 8, stop_tokens=[])
+    assert again == fresh.generate(prompt, 8, stop_tokens=[]) and again != first
+
+
 def test_smollm2_attention_mlp_and_layer(tiny_pair):
     hf, ours = tiny_pair
     B, T = 2, 12
