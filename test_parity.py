@@ -266,7 +266,8 @@ def test_bf16_projections_share_one_stacked_product(mod):
 @pytest.mark.parametrize("mod", [smollm2, llama31])
 def test_bf16_generate_checks_reordered_weights_at_each_call(mod):
     """generate's decode steps skip checking the reordered weights (its prefill checked them): a weight updated
-    between two calls is still used by the next one, also after a call that ended in an error."""
+    between two calls is still used by the next one, also after a call that ended in an error, and also when the
+    next one runs inside another generate's stream callback."""
     if not mod.BF16_ONEDNN:
         pytest.skip("this CPU has no oneDNN bf16 kernels: no reordered weights")
     shape = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160, vocab_size=300, max_seq_len=64)
@@ -284,8 +285,12 @@ def test_bf16_generate_checks_reordered_weights_at_each_call(mod):
         for p in model.parameters():
             p.copy_(torch.randn_like(p) / p.size(-1) ** 0.5)  # in place: the copies' data pointers stay valid
     fresh = copy.deepcopy(model)  # no reordered copies yet
-    again = model.generate(prompt, 8, stop_tokens=[])
-    assert again == fresh.generate(prompt, 8, stop_tokens=[]) and again != first
+    want = fresh.generate(prompt, 8, stop_tokens=[])
+    nested = []
+    fresh.generate(prompt, 2, stop_tokens=[], stream=lambda row, token: nested.append(
+        model.generate(prompt, 8, stop_tokens=[])))  # run while fresh's decode steps skip their checks
+    assert nested[0] == want and want != first
+    assert model.generate(prompt, 8, stop_tokens=[]) == want
 
 
 def test_smollm2_attention_mlp_and_layer(tiny_pair):
