@@ -25,13 +25,18 @@ Usage:
     python smollm2.py --ckpt_dir checkpoints/SmolLM2-135M --prompt "Once upon a time" --temperature 0.8
 """
 
+import argparse
 import codecs
+import difflib
+import inspect
 import json
 import os
 import platform
+import re
 import sys
 import threading
 import time
+import typing
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -596,9 +601,19 @@ def stream_printer(tokenizer: Tokenizer):
 def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/SmolLM2-135M-Instruct", max_new_tokens: int = 256,
          temperature: float = 0.2, top_p: float = 0.9, top_k: int | None = None, device: str | None = None,
          dtype: str | None = None, seed: int = 1337, chat: bool | None = None, interactive: bool = False):
-    """Generate from SmolLM2. Instruct checkpoints wrap the prompt in the chat template unless --chat False.
+    """Generate from SmolLM2. Instruct checkpoints wrap the prompt in the chat template unless --chat false.
 
-    --device defaults to cuda when available, else cpu; --dtype to bfloat16 on cuda, float32 on cpu.
+    prompt: the text to continue (with --interactive, the first turn)
+    ckpt_dir: a HF checkpoint folder (python download.py writes one)
+    max_new_tokens: most tokens to generate per reply
+    temperature: 0 is greedy; higher is more random
+    top_p: sample from the smallest set of tokens whose probability reaches top_p
+    top_k: sample from the k most likely tokens only
+    device: cpu, cuda, cuda:1...; default cuda when available, else cpu
+    dtype: float32, bfloat16 or float16; default bfloat16 on cuda, float32 on cpu
+    seed: seeds sampling, so a run repeats exactly
+    chat: wrap the prompt in the chat template; default: when the checkpoint has one
+    interactive: chat turn by turn until Ctrl-D
     """
     try:
         check_sampling(temperature, top_k, top_p)
@@ -654,7 +669,54 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/SmolLM2-135M-In
         messages.append({"role": "assistant", "content": tokenizer.decode(answer)})
 
 
-if __name__ == "__main__":
-    import fire
+class FlagParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise SystemExit(f"error: {message} (see --help)")
 
-    fire.Fire(main)
+
+def cli(fn, argv=None):
+    """Call fn with flags parsed from the command line: one --name per parameter of fn, typed by its annotation,
+    its help the `name: text` line of fn's docstring; a *args parameter takes the positional words.
+
+    Values arrive exactly as typed: no eval, so --prompt "yes, please" or --prompt 0x10 is that string (python-fire,
+    used before, turned them into a tuple and 16). A typo gets "did you mean".
+    """
+    doc = inspect.getdoc(fn) or ""
+    helps = dict(re.findall(r"^ *(\w+): (.+)$", doc, re.M))
+    hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
+    parser = FlagParser(description=doc.split("\n\n")[0], allow_abbrev=False)
+    for name, p in inspect.signature(fn).parameters.items():
+        kind = [t for t in typing.get_args(hints.get(name)) if t is not type(None)] or [hints.get(name, str)]
+        kind = typing.get_origin(kind[0]) or kind[0]  # int | None -> int; list[str] -> list
+        if p.kind is p.VAR_POSITIONAL:
+            parser.add_argument(name, nargs="*", type=utf8, help=helps.get(name, ""))
+            continue
+        extra = dict(type=utf8, nargs="+", metavar="STR") if kind is list else \
+            dict(type=parse_bool, nargs="?", const=True, metavar="BOOL") if kind is bool else \
+            dict(type=utf8 if kind is str else kind, metavar=kind.__name__.upper())
+        text = f"{helps.get(name, '')} (default: {p.default!r})".replace("%", "%%")  # argparse formats help with %
+        parser.add_argument(f"--{name}", default=p.default, help=text, **extra)
+    flags, unknown = parser.parse_known_args(argv)
+    if unknown:
+        known = [f"--{name}" for name in vars(flags)]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1)
+        what = "unknown flag" if unknown[0].startswith("-") else "unexpected argument"
+        parser.error(f"{what} {unknown[0]}" + (f"; did you mean {close[0]}?" if close else ""))
+    positional = [vars(flags).pop(n) for n, p in inspect.signature(fn).parameters.items()
+                  if p.kind is p.VAR_POSITIONAL]
+    return fn(*sum(positional, []), **vars(flags))
+
+
+def parse_bool(s: str) -> bool:
+    if s.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    return s.lower() in ("true", "1", "yes")
+
+
+def utf8(s: str) -> str:
+    s.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates (PEP 383): refused here, one line
+    return s
+
+
+if __name__ == "__main__":
+    cli(main)
