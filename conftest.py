@@ -1,0 +1,30 @@
+"""Shared pytest set-up for test_parity.py and tests/: the real test assets, fetched once before any test runs.
+
+The suite needs the real SmolLM2-135M-Instruct checkpoint and the Llama 3.2 tokenizer. A newcomer who ran only
+`python download.py` has the first; the second is fetched here, with a visible line, so no test ever meets a
+missing asset (and none is skipped for want of one).
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent
+ASSETS = {"smollm2-135m-instruct": ROOT / "checkpoints" / "SmolLM2-135M-Instruct",
+          "llama3.2-tokenizer": ROOT / "checkpoints" / "Llama-3.2-tokenizer"}
+
+
+def pytest_sessionstart(session):
+    missing = [name for name, path in ASSETS.items() if not path.is_dir()]
+    if not missing:
+        return
+    cmd = [sys.executable, str(ROOT / "download.py"), *missing]
+    capture = session.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():  # download.py's own progress shows as it runs
+        print(f"\nfetching test assets: python download.py {' '.join(missing)}", flush=True)
+        ok = subprocess.run(cmd, cwd=ROOT).returncode == 0
+    if not ok or not all(ASSETS[name].is_dir() for name in missing):
+        raise pytest.UsageError(f"test assets {', '.join(missing)} could not be fetched: "
+                                f"run `python download.py {' '.join(missing)}` and see its message")
