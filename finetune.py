@@ -557,15 +557,21 @@ def check_resume(meta: dict, config: dict, may_change: set[str], path: str):
                          f"with the same flags, or start a new run in another --out_dir")
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler, keys: set[str]) -> dict:
-    """Restore what save_checkpoint wrote, RNG included; -> its meta dict."""
+def load_checkpoint(path: str, model, optimizer, scheduler, keys: set[str], config: dict,
+                    may_change: set[str]) -> dict:
+    """Restore what save_checkpoint wrote, RNG included, after check_resume(config, may_change); -> its meta dict."""
     import torch.distributed.checkpoint.state_dict as dcp
     state = read_checkpoint(path)
+    check_resume(state["meta"], config, may_change, path)
     if set(state["model"]) != keys:  # e.g. a LoRA checkpoint given to a full run
         raise SystemExit(f"error: {path} was saved with another model or --mode; resume with the same flags")
     opts = dcp.StateDictOptions(full_state_dict=True, strict=False)  # strictness: the key check above
-    dcp.set_model_state_dict(model, state["model"], options=opts)
-    dcp.set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
+    try:
+        dcp.set_model_state_dict(model, state["model"], options=opts)
+        dcp.set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
+    except (RuntimeError, KeyError, ValueError) as e:  # e.g. another model size under the same names
+        reason = " ".join(str(e).split())[:300]
+        raise SystemExit(f"error: {path} does not fit this model ({reason}); resume with the same flags") from None
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"][(dist.get_rank() if dist.is_initialized() else 0) % len(state["rng"])]
     torch.set_rng_state(rng["cpu"])
@@ -785,6 +791,10 @@ def check_config(cfg: TrainConfig):
         "save_dtype": one_of("float32", "bfloat16", "float16"), "router_bias_rate": at_least(0),
         "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)")})
     check_device(cfg.device)
+    if cfg.ckpt_dir and cfg.preset:
+        raise SystemExit("error: give --ckpt_dir (fine-tune) or --preset (from scratch), not both")
+    if cfg.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        raise SystemExit("error: --fsdp shards the model over processes: launch with torchrun --nproc_per_node N")
     if not cfg.data:
         raise SystemExit("error: --data is required (text/chat files or a folder of shards)")
     data = [p for p in cfg.data.split(",") if p]
@@ -884,8 +894,7 @@ def train(cfg: TrainConfig):
     ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
     step, rows_seen, good_ckpt = 0, 0, None
     if cfg.resume:
-        meta = load_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys)
-        check_resume(meta, asdict(cfg), RESUMABLE_CHANGES, ckpt_path)
+        meta = load_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys, asdict(cfg), RESUMABLE_CHANGES)
         if meta.get("train_rows", len(train_rows)) != len(train_rows):
             raise SystemExit(f"error: --resume, but --data now gives {len(train_rows)} training rows where "
                              f"{ckpt_path} was saved with {meta['train_rows']}; the data changed")

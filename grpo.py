@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 # LoRA, the optimizer and its schedule, checkpoints, export and the checks of flags are shared with finetune.py
 from finetune import (LoRALinear, MetricsLog, TrainConfig, apply_lora, at_least, build_optimizer, build_scheduler,
-                      check_device, check_out_dir, check_resume, check_values, checkpoint_keys, export_hf,
+                      check_device, check_out_dir, check_values, checkpoint_keys, export_hf,
                       load_checkpoint, load_model, nonfinite_count, one_of, save_checkpoint)
 
 # -----------------------------------------------------------------------------
@@ -471,8 +471,7 @@ def train(cfg: GRPOConfig, reward_fns=REWARDS):
     ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
     step, good_ckpt = 0, None
     if cfg.resume:
-        meta = load_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys)
-        check_resume(meta, asdict(cfg), RESUMABLE_CHANGES, ckpt_path)
+        meta = load_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys, asdict(cfg), RESUMABLE_CHANGES)
         step, good_ckpt = meta["step"], ckpt_path
         if meta["config"]["steps"] != cfg.steps:
             print(f"note: --steps {cfg.steps} (the checkpoint's run had {meta['config']['steps']}): the "
