@@ -483,7 +483,7 @@ def evaluate(model, rows: PackedRows, n_rows: int, batch_size: int, device, auto
     # the same number of rows on every process: FSDP forwards are collective and must stay in lockstep
     n = max(world, min(n_rows, len(rows)) // world * world)
     mine = [i % len(rows) for i in range(n)][rank::world]
-    for i in range(0, len(mine), batch_size):
+    for i in tqdm(range(0, len(mine), batch_size), desc="validating", leave=False, disable=rank > 0):
         x, y, d = (t.to(device) if t is not None else None for t in rows.batch(mine[i:i + batch_size]))
         with autocast:
             total += torch.stack([loss_sum(model, x, y, d), (y != IGNORE).sum()])
@@ -899,9 +899,10 @@ def train(cfg: TrainConfig):
             raise SystemExit(f"error: --resume, but --data now gives {len(train_rows)} training rows where "
                              f"{ckpt_path} was saved with {meta['train_rows']}; the data changed")
         step, rows_seen, good_ckpt = meta["step"], meta["rows_seen"], ckpt_path
-        if master and meta["config"]["max_steps"] != cfg.max_steps:  # the schedule's length is max_steps
-            print(f"note: --max_steps {cfg.max_steps} (the checkpoint's run had {meta['config']['max_steps']}): "
-                  f"the learning-rate schedule continues as one of the new length")
+        before = meta.get("config", {}).get("max_steps", cfg.max_steps)
+        if master and before != cfg.max_steps:  # the schedule's length is max_steps
+            print(f"note: --max_steps {cfg.max_steps} (the checkpoint's run had {before}): the learning-rate "
+                  f"schedule continues as one of the new length")
     metrics = MetricsLog(metrics_path, keep_until=step if cfg.resume else None, enabled=master)
     if master:
         print(f"{cfg.model}: {len(train_rows)} train / {len(val_rows)} val rows of {cfg.seq_len} tokens, "

@@ -473,9 +473,10 @@ def train(cfg: GRPOConfig, reward_fns=REWARDS):
     if cfg.resume:
         meta = load_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys, asdict(cfg), RESUMABLE_CHANGES)
         step, good_ckpt = meta["step"], ckpt_path
-        if meta["config"]["steps"] != cfg.steps:
-            print(f"note: --steps {cfg.steps} (the checkpoint's run had {meta['config']['steps']}): the "
-                  f"learning-rate schedule continues as one of the new length")
+        before = meta.get("config", {}).get("steps", cfg.steps)
+        if before != cfg.steps:
+            print(f"note: --steps {cfg.steps} (the checkpoint's run had {before}): the learning-rate schedule "
+                  f"continues as one of the new length")
     metrics = MetricsLog(metrics_path, keep_until=step if cfg.resume else None)
 
     def run_eval():
@@ -483,7 +484,7 @@ def train(cfg: GRPOConfig, reward_fns=REWARDS):
         res = evaluate(model, mod, tok, held_out, cfg, eot)
         metrics.write({"step": step, "eval_accuracy": res["accuracy"], "eval_format": res["format"]})
         tqdm.write(f"step {step}: held-out accuracy {res['accuracy']:.3f} ({len(held_out)} problems, greedy), "
-              f"format {res['format']:.2f}, {time.time() - t:.0f}s; e.g. {res['samples'][:2]}")
+                   f"format {res['format']:.2f}, {time.time() - t:.0f}s; e.g. {res['samples'][:2]}")
         return res
 
     print(f"{cfg.model} {cfg.ckpt_dir}: task {cfg.task}, {cfg.prompts_per_step} prompts x {G} completions per "
@@ -566,9 +567,9 @@ def train(cfg: GRPOConfig, reward_fns=REWARDS):
                   "gen_s": t_gen, "step_s": time.time() - t0, "elapsed_s": time.time() - t_start}
         metrics.write(record)
         tqdm.write(f"step {step}/{cfg.steps} | reward {record['reward']:.3f} ("
-              + " ".join(f"{fn.__name__} {record[fn.__name__]:.2f}" for fn in reward_fns)
-              + f") len {record['completion_len']:.1f} | loss {record['loss']:+.4f} kl {record['kl']:.4f} | "
-              f"{record['step_s']:.0f}s (generation {t_gen:.0f}s) | e.g. {texts[0]!r}")
+                   + " ".join(f"{fn.__name__} {record[fn.__name__]:.2f}" for fn in reward_fns)
+                   + f") len {record['completion_len']:.1f} | loss {record['loss']:+.4f} kl {record['kl']:.4f} | "
+                   f"{record['step_s']:.0f}s (generation {t_gen:.0f}s) | e.g. {texts[0]!r}")
         out_of_time = cfg.time_limit and time.time() - t_start > 60 * cfg.time_limit
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and not out_of_time:
             run_eval()  # (the last evaluation comes after the loop)

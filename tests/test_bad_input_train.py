@@ -261,8 +261,8 @@ def test_a_failed_run_cannot_replace_another_runs_files(ft_case):
     one_line_error(ft.main, with_flag(argv, "out_dir", str(done)), "already holds files", root, root / "run")
     # with --overwrite, a run that fails (diverges at its first step) leaves every file of the old run as it was
     with pytest.raises(SystemExit, match="weights became unusable at step 1.*none yet"):
-        ft.main(with_flag(with_flag(argv, "out_dir", str(done)), "lr", "1e9") + ["--overwrite", "--mode", "full",
-                                                                                 "--warmup_steps", "1", "--ckpt_every", "1"])
+        ft.main(with_flag(with_flag(argv, "out_dir", str(done)), "lr", "1e9")
+                + ["--overwrite", "--mode", "full", "--warmup_steps", "1", "--ckpt_every", "1"])
     after = snapshot(done, root / "nothing")
     assert {p: after[p] for p in saved} == saved and set(after) - set(saved) == {done / "metrics.jsonl.tmp"}
     # ... and one that succeeds replaces the run
