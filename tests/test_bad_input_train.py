@@ -155,6 +155,25 @@ def test_finetune_string_flags_refuse_undecodable_bytes(ft_case):
         one_line_error(ft.main, with_flag(argv, name, "caf\udce9"), "invalid utf8 value", root, root / "run")
 
 
+@pytest.mark.parametrize("extra, match", [
+    (["--tokenizer", "MISSING"], "not found"), (["--tokenizer", "A_FILE"], "cannot read the tokenizer"),
+    (["--out_dir", "A_FILE"], "is a file"), (["--val_frac", "1"], "--val_frac"), (["--val_frac", "x"], "invalid float"),
+    (["--shard_tokens", "0"], "--shard_tokens"), (["--shard_tokens", "1e3"], "invalid int"),
+    (["MISSING"], "not found"), (["EMPTY_FILE"], "empty dataset"), (["A_FILE", "--files", "x"], "unknown flag"),
+])
+def test_prepare_flags(ft_case, extra, match):
+    """`finetune.py prepare FILES... --tokenizer T --out_dir D`: each flag wrong, one line, nothing written."""
+    _, place, root = ft_case
+    base = {"--tokenizer": str(root / "base"), "--out_dir": str(root / "run")}
+    words = [place(w) for w in extra]
+    for flag, value in base.items():
+        if flag not in words:
+            words += [flag, value]
+    files = [] if not extra[0].startswith("--") else [str(root / "base" / "x.txt")]  # else extra names the file
+    (root / "base" / "x.txt").write_text("the cat sat on a mat.")
+    one_line_error(ft.main, ["prepare", *files, *words], match, root, root / "run")
+
+
 def test_finetune_typo_and_prepare_flags(ft_case):
     argv, _, root = ft_case
     one_line_error(ft.main, argv + ["--lerning_rate", "1"], "unknown flag --lerning_rate", root, root / "run")
