@@ -29,7 +29,9 @@ Usage:
     python finetune.py ... --resume      |      torchrun --nproc_per_node 2 finetune.py ... [--fsdp]
 
 --out_dir receives model.safetensors + config.json + tokenizer files (loaded by the model file and by
-transformers), ckpt.pt (the resume state), metrics.jsonl and loss.png (if matplotlib is installed).
+transformers), ckpt.pt (the resume state), metrics.jsonl and loss.png (if matplotlib is installed). A new run needs
+an empty or new --out_dir, or --overwrite (the old run's files stay until the new run saves its first checkpoint);
+only weights that are finite and give a finite validation loss are ever saved or exported.
 """
 
 import argparse
