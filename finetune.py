@@ -728,7 +728,10 @@ def plot_losses(metrics_path: str, png_path: str):
         if points:
             plt.plot(*zip(*points), style, label=key)
     plt.xlabel("step"), plt.ylabel("loss"), plt.legend(), plt.grid(alpha=0.3)
-    plt.savefig(png_path, dpi=120, bbox_inches="tight")
+    try:
+        plt.savefig(png_path, dpi=120, bbox_inches="tight")
+    except OSError as e:  # the model is saved by now: the plot is optional, the run still succeeded
+        print(f"warning: could not write {png_path} ({e}); the curves are in {metrics_path}", file=sys.stderr)
     plt.close()
 
 
@@ -822,14 +825,25 @@ class MetricsLog:
             return
         old = []
         if keep_until is not None and self.staged:  # a killed run can leave a half-written last line: skipped
-            old = [json.loads(line) for line in open(path) if line.endswith("\n")]
-        with open(self.file, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in old if r["step"] <= keep_until)
+            with open(path) as f:
+                for n, line in enumerate(f, 1):
+                    try:
+                        old += [json.loads(line)] if line.endswith("\n") else []
+                    except json.JSONDecodeError:
+                        raise SystemExit(f"error: {path}:{n} is not valid JSON; repair or delete that line") from None
+        self.append([r for r in old if r["step"] <= keep_until], mode="w")
+
+    def append(self, records: list[dict], mode: str = "a"):
+        try:
+            with open(self.file, mode) as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+        except OSError as e:
+            raise SystemExit(f"error: could not write {self.file} ({e}); free disk space and run again with "
+                             f"--resume") from None
 
     def write(self, record: dict):
         if self.enabled:
-            with open(self.file, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.append([record])
 
     def commit(self):
         if self.enabled and self.staged:

@@ -611,7 +611,10 @@ def plot_rewards(metrics_path: str, png_path: str):
     plt.plot(steps, smooth, label="train reward, 5-step mean")
     plt.plot(*zip(*evals), marker="o", label="held-out accuracy (greedy)")
     plt.xlabel("step"), plt.legend(), plt.grid(alpha=0.3)
-    plt.savefig(png_path, dpi=120, bbox_inches="tight")
+    try:
+        plt.savefig(png_path, dpi=120, bbox_inches="tight")
+    except OSError as e:  # the model is saved by now: the plot is optional, the run still succeeded
+        print(f"warning: could not write {png_path} ({e}); the curves are in {metrics_path}")
     plt.close()
 
 

@@ -555,3 +555,14 @@ def test_cli_errors_are_one_line_on_stderr(tmp_path):
         assert p.returncode == 1 and p.stderr.count("\n") == 1 and p.stderr.startswith("error: ") and \
             match in p.stderr, p.stderr
         assert not (tmp_path / "run").exists()
+
+
+def test_metrics_log_errors_are_one_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(SystemExit, match=r"metrics.jsonl:2 is not valid JSON"):
+        ft.MetricsLog(str(path), keep_until=3)
+    (tmp_path / "metrics.jsonl.tmp").mkdir()  # the file cannot be written (as on a full disk: an OSError)
+    with pytest.raises(SystemExit, match=r"^error: could not write .*metrics.jsonl.tmp"):
+        ft.MetricsLog(str(path))
+    assert path.read_text().startswith('{"step": 1')  # the old log is untouched
