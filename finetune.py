@@ -142,8 +142,8 @@ class TrainConfig:
 MODELS = ("smollm2", "llama31", "nanollm", "lm2")
 # flags a resume may change: how often to evaluate and save, where to run, and how long (the schedule is recomputed);
 # the others fix the data order, the model and the optimisation, which the checkpoint continues
-RESUMABLE_CHANGES = {"resume", "overwrite", "max_steps", "eval_every", "eval_rows", "ckpt_every", "device", "dtype",
-                     "grad_checkpointing", "fsdp", "save_dtype"}
+RESUMABLE_CHANGES = {"out_dir", "resume", "overwrite", "max_steps", "eval_every", "eval_rows", "ckpt_every", "device",
+                     "dtype", "grad_checkpointing", "fsdp", "save_dtype"}
 IGNORE = -100  # target id that F.cross_entropy skips
 SHARD_MAGIC, HEADER_INTS = 20240520, 256  # llm.c's .bin layout: 256 int32 header, then the tokens
 # transformers 5 writes the chat template to chat_template.jinja instead of inside tokenizer_config.json

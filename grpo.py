@@ -146,7 +146,8 @@ class GRPOConfig:
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # as finetune.py
 # flags a resume may change: how often to evaluate and save, where to run, and how long (the schedule is recomputed);
 # the others fix the task, the prompts drawn, the model and the optimisation, which the checkpoint continues
-RESUMABLE_CHANGES = {"resume", "overwrite", "steps", "time_limit", "eval_every", "ckpt_every", "device", "threads"}
+RESUMABLE_CHANGES = {"out_dir", "resume", "overwrite", "steps", "time_limit", "eval_every", "ckpt_every", "device",
+                     "threads"}
 
 # -----------------------------------------------------------------------------
 # Tasks and rewards. An example is a dict with a "question" and an "answer"; reward functions are called as

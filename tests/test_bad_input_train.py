@@ -334,10 +334,12 @@ def test_resume_refuses_changed_data_and_schedule(ft_case, assets, capsys):
     with pytest.raises(SystemExit, match="the data changed"):
         ft.main(resume)
     data.write_text(text)
-    # a longer run is a change a resume may make: it is said, and the run continues from step 2
-    ft.main(with_flag(resume, "max_steps", "3"))
+    # a longer run is a change a resume may make: it is said, and the run continues from step 2 (here in a copy of
+    # the run's folder: a moved folder resumes too)
+    shutil.copytree(done, root / "moved")
+    ft.main(with_flag(with_flag(resume, "max_steps", "3"), "out_dir", str(root / "moved")))
     assert "note: --max_steps 3 (the checkpoint's run had 2)" in capsys.readouterr().out
-    assert len(losses(done)) == 3
+    assert len(losses(root / "moved")) == 3
 
 
 def test_export_copies_chat_template_jinja(assets, tmp_path):
