@@ -29,11 +29,14 @@ Usage:
     python finetune.py ... --resume      |      torchrun --nproc_per_node 2 finetune.py ... [--fsdp]
 
 --out_dir receives model.safetensors + config.json + tokenizer files (loaded by the model file and by
-transformers), ckpt.pt (the resume state), metrics.jsonl and loss.png (if matplotlib is installed).
+transformers), ckpt.pt (the resume state), metrics.jsonl and loss.png (if matplotlib is installed). A new run needs
+an empty or new --out_dir, or --overwrite (the old run's files stay until the new run saves its first checkpoint);
+only weights that are finite and give a finite validation loss are ever saved or exported.
 """
 
 import argparse
 import contextlib
+import difflib
 import functools
 import importlib
 import inspect
@@ -45,63 +48,107 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+import typing
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint.state_dict as dcp
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
-# Config: every field is a command-line flag (--name value, --flag / --no-flag for booleans)
+# Config: every field is a command-line flag (--name value; --flag alone means --flag true)
 
 
 @dataclass
 class TrainConfig:
-    model: str = "smollm2"  # model file to import: smollm2 | llama31 | nanollm | lm2
-    ckpt_dir: str = ""  # pretrained HF-layout checkpoint; empty = from scratch with --preset
-    preset: str = ""  # from scratch: a ModelArgs preset name, or a config.json path
-    tokenizer: str = ""  # tokenizer file or folder; empty = the one in --ckpt_dir
-    data: str = ""  # .txt / .jsonl files (comma separated), or a folder of *train*.bin / *val*.bin shards
+    """Fine-tune or train a model file on text, chat or token shards (the module docstring has examples).
+    First tokenize large text into shards with the prepare sub-command:
+    `finetune.py prepare FILES... --tokenizer T --out_dir D` (see `finetune.py prepare --help`).
+
+    model: model file to import: smollm2 | llama31 | nanollm | lm2
+    ckpt_dir: pretrained HF-layout checkpoint; empty = from scratch with --preset
+    preset: from scratch: a ModelArgs preset name, or a config.json path
+    tokenizer: tokenizer file or folder; empty = the one in --ckpt_dir
+    data: .txt / .jsonl files (comma separated), or a folder of *train*.bin / *val*.bin shards
+    out_dir: this run's folder: model.safetensors, config.json, tokenizer files, ckpt.pt, metrics.jsonl
+    overwrite: let a new run replace the run already in --out_dir (its files stay until this run saves)
+    mode: full | lora | norm (RMSNorm weights only) | frozen_embed (all but embeddings)
+    lora_rank: rank r of the adapters
+    lora_alpha: adapter output is scaled by alpha / rank
+    lora_dropout: dropout on the adapter input
+    lora_targets: comma-separated names of the linear layers that get adapters
+    seq_len: tokens per packed row
+    batch_size: rows per micro-batch, per process
+    grad_accum: micro-batches per optimizer step
+    max_steps: optimizer steps; 0 = one pass over the training rows
+    lr: peak learning rate
+    min_lr_frac: cosine decays to lr * min_lr_frac
+    warmup_steps: linear warmup steps
+    weight_decay: AdamW decay, on matrices only: norms and biases are not decayed
+    grad_clip: gradient norm clip; 0 = off
+    val_frac: share of text/chat tokens held out, as whole last documents (shards: own val files)
+    eval_every: steps between validation losses (also before the first step, at every checkpoint and at the end)
+    eval_rows: validation rows used
+    ckpt_every: steps between checkpoints (and one at the end)
+    resume: continue the run in --out_dir from its ckpt.pt, with the same data and schedule flags
+    device: cpu, cuda, cuda:N; empty = cuda if available, else cpu
+    dtype: bfloat16 (autocast; frozen weights of lora/norm runs stored so) or float32; empty = bfloat16 on cuda
+    grad_checkpointing: recompute each block in backward: less activation memory
+    fsdp: under torchrun: shard with FSDP2 instead of replicating with DDP
+    save_dtype: dtype of the exported model.safetensors: bfloat16, float16 or float32
+    router_bias_rate: nanollm MoE: router bias step per optimizer step (DeepSeek-V3's gamma)
+    seed: seeds the initial weights, adapters and the data order
+    """
+    model: str = "smollm2"
+    ckpt_dir: str = ""
+    preset: str = ""
+    tokenizer: str = ""
+    data: str = ""
     out_dir: str = "out/finetune"
-    mode: str = "lora"  # full | lora | norm (RMSNorm weights only) | frozen_embed (all but embeddings)
+    overwrite: bool = False
+    mode: str = "lora"
     lora_rank: int = 16
-    lora_alpha: float = 32.0  # adapter output is scaled by alpha / rank
+    lora_alpha: float = 32.0
     lora_dropout: float = 0.05
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    seq_len: int = 512  # tokens per packed row
-    batch_size: int = 4  # rows per micro-batch, per process
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 0  # optimizer steps; 0 = one pass over the training rows
+    seq_len: int = 512
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_steps: int = 0
     lr: float = 2e-4
-    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
+    min_lr_frac: float = 0.1
     warmup_steps: int = 10
-    weight_decay: float = 0.01  # on matrices only: norms and biases are not decayed
-    grad_clip: float = 1.0  # 0 = off
-    val_frac: float = 0.05  # share of text/chat tokens held out, as whole last documents (shards: own val files)
-    eval_every: int = 50  # steps between validation losses (also before the first and after the last)
-    eval_rows: int = 32  # validation rows used
-    ckpt_every: int = 100  # steps between checkpoints (and one at the end)
-    resume: bool = False  # continue from out_dir/ckpt.pt
-    device: str = ""  # empty = cuda if available, else cpu
-    dtype: str = ""  # bfloat16 (default on CUDA: autocast, frozen weights of lora/norm runs stored so) or float32
-    grad_checkpointing: bool = False  # recompute each block in backward: less activation memory
-    fsdp: bool = False  # under torchrun: shard with FSDP2 instead of replicating with DDP
-    save_dtype: str = "bfloat16"  # dtype of the exported model.safetensors
-    router_bias_rate: float = 0.001  # nanollm MoE: router bias step per optimizer step (DeepSeek-V3's gamma)
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    val_frac: float = 0.05
+    eval_every: int = 50
+    eval_rows: int = 32
+    ckpt_every: int = 100
+    resume: bool = False
+    device: str = ""
+    dtype: str = ""
+    grad_checkpointing: bool = False
+    fsdp: bool = False
+    save_dtype: str = "bfloat16"
+    router_bias_rate: float = 0.001
     seed: int = 1337
 
 
 MODELS = ("smollm2", "llama31", "nanollm", "lm2")
+# flags a resume may change: how often to evaluate and save, where to run, and how long (the schedule is recomputed);
+# the others fix the data order, the model and the optimisation, which the checkpoint continues
+RESUMABLE_CHANGES = {"out_dir", "resume", "overwrite", "max_steps", "eval_every", "eval_rows", "ckpt_every", "device",
+                     "dtype", "grad_checkpointing", "fsdp", "save_dtype"}
 IGNORE = -100  # target id that F.cross_entropy skips
 SHARD_MAGIC, HEADER_INTS = 20240520, 256  # llm.c's .bin layout: 256 int32 header, then the tokens
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "vocab.json", "merges.txt")
+# transformers 5 writes the chat template to chat_template.jinja instead of inside tokenizer_config.json
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tokenizer.model",
+                   "special_tokens_map.json", "vocab.json", "merges.txt")
 
 # -----------------------------------------------------------------------------
 # Data: every source becomes a token stream with a loss mask; a document ends after each end-of-text token
@@ -120,20 +167,33 @@ def read_documents(path: str):
     """Yield ("text", str) or ("chat", messages) for each document in a .txt or .jsonl file."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: data file not found: {path}")
-    if not path.endswith(".jsonl"):
-        yield "text", Path(path).read_text(encoding="utf-8")
-        return
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "messages" in row:
-                yield "chat", row["messages"]
-            elif "text" in row:
-                yield "text", row["text"]
-            else:
-                raise SystemExit(f"error: {path}:{n} has neither 'messages' nor 'text'")
+    try:
+        if not path.endswith(".jsonl"):
+            yield "text", Path(path).read_text(encoding="utf-8")
+            return
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    yield jsonl_document(line, f"{path}:{n}")
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def jsonl_document(line: str, where: str):
+    """One JSONL line -> ("chat", messages) or ("text", str); a malformed one ends the run naming file:line."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(row, dict) and isinstance(row.get("text"), str) and "messages" not in row:
+        return "text", row["text"]
+    messages = row.get("messages") if isinstance(row, dict) else None
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise SystemExit(f'error: {where} needs {{"text": "..."}} or {{"messages": [{{"role": "user", '
+                         f'"content": "..."}}, ...]}} (every message a role and a content string)')
+    return "chat", messages
 
 
 def render_chat(tok, encode_chat, messages) -> tuple[list[int], list[int]]:
@@ -155,8 +215,9 @@ def tokenize_files(paths: list[str], tok, encode_chat) -> tuple[np.ndarray, np.n
     """Text and chat files -> one token stream and its loss mask (1 = this token is a training target)."""
     eot, bos = special_ids(tok)
     ids, mask = [], []
-    for path in paths:
-        for kind, doc in read_documents(path):
+    for path in paths:  # (a progress bar per file: a book-sized text takes a while to tokenize)
+        for kind, doc in tqdm(read_documents(path), desc=f"tokenizing {path}", unit="doc", leave=False,
+                              disable=int(os.environ.get("RANK", 0)) > 0):
             if kind == "chat":
                 d_ids, d_mask = render_chat(tok, encode_chat, doc)
             else:
@@ -181,10 +242,27 @@ def write_shard(path: str, tokens: np.ndarray, vocab_size: int):
     version, dtype = (1, np.uint16) if vocab_size <= 2**16 else (2, np.uint32)
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = SHARD_MAGIC, version, len(tokens)
-    with open(path + ".tmp", "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype(dtype).tobytes())
-    os.replace(path + ".tmp", path)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(tokens.astype(dtype).tobytes())
+    save_atomic(path, write)
+
+
+def save_atomic(path: str, write):
+    """write(temporary path), then rename it over path: a kill leaves the old file whole, and a failed write (a
+    full disk) removes the temporary file and ends the run in one line, the old file untouched."""
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError ("unexpected pos")
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        reason = " ".join(str(e).split())  # one line
+        raise SystemExit(f"error: could not write {path} ({reason}); the previous file, if any, is unchanged. "
+                         f"Free disk space and run again (--resume continues from the last checkpoint)") from None
 
 
 def read_shard(path: str) -> np.ndarray:
@@ -193,16 +271,18 @@ def read_shard(path: str) -> np.ndarray:
     if len(header) < 3 or header[0] != SHARD_MAGIC or header[1] not in (1, 2):
         raise SystemExit(f"error: {path} is not a token shard (magic {SHARD_MAGIC}, version 1 or 2)")
     dtype = np.uint16 if header[1] == 1 else np.uint32
+    if os.path.getsize(path) < HEADER_INTS * 4 + int(header[2]) * np.dtype(dtype).itemsize:
+        raise SystemExit(f"error: {path} is truncated: its header counts {header[2]} tokens; prepare it again")
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_INTS * 4, shape=(int(header[2]),))
 
 
 def prepare(tokenizer: str, out_dir: str, files: list[str], val_frac: float = 0.01, shard_tokens: int = 10**8):
     """Tokenize text files into out_dir/{train,val}_NNNNNN.bin; each document is preceded by end-of-text (llm.c)."""
-    from tokenizer_bpe import Tokenizer
-    tok = Tokenizer.from_file(tokenizer)
+    tok = load_tokenizer(tokenizer)
     eot, _ = special_ids(tok)
     docs = [doc for path in files for kind, doc in read_documents(path) if kind == "text"]
-    stream = np.array([t for doc in docs for t in [eot] + tok.encode(doc)], dtype=np.uint32)
+    stream = np.array([t for doc in tqdm(docs, desc="tokenizing", unit="doc", leave=False)
+                       for t in [eot] + tok.encode(doc)], dtype=np.uint32)
     if len(stream) == len(docs):
         raise SystemExit("error: empty dataset: no text documents to prepare")
     cut = val_start(np.flatnonzero(stream == eot)[1:], len(stream), val_frac)  # a document starts at its eot
@@ -212,6 +292,29 @@ def prepare(tokenizer: str, out_dir: str, files: list[str], val_frac: float = 0.
             write_shard(os.path.join(out_dir, f"{split}_{i:06d}.bin"), part[start:start + shard_tokens],
                         tok.vocab_size)
     print(f"{len(docs)} documents, {cut} train + {len(stream) - cut} val tokens -> {out_dir}")
+
+
+def prepare_main(*files: str, tokenizer: str = "", out_dir: str = "", val_frac: float = 0.01,
+                 shard_tokens: int = 10**8):
+    """Tokenize text files (.txt: one document each; .jsonl: one {"text": ...} per line) into llm.c-style shards
+    OUT_DIR/{train,val}_NNNNNN.bin for `finetune.py --data OUT_DIR`.
+
+    files: the .txt / .jsonl files to tokenize
+    tokenizer: tokenizer file or folder (required)
+    out_dir: folder for the shards (required); existing shards of the same names are replaced
+    val_frac: share of the tokens held out for validation, as whole last documents
+    shard_tokens: most tokens per shard file
+    """
+    if not files or not tokenizer or not out_dir:
+        raise SystemExit("error: usage: finetune.py prepare FILES... --tokenizer T --out_dir D (see --help)")
+    if not (0 < val_frac < 1 and shard_tokens >= 1):
+        raise SystemExit(f"error: need 0 < --val_frac < 1 and --shard_tokens >= 1, got {val_frac}, {shard_tokens}")
+    missing = [p for p in (tokenizer, *files) if not os.path.exists(p)]
+    if missing:
+        raise SystemExit(f"error: not found: {missing[0]}")
+    if os.path.isfile(out_dir):
+        raise SystemExit(f"error: --out_dir {out_dir} is a file; give a folder")
+    prepare(tokenizer, out_dir, list(files), val_frac, shard_tokens)
 
 
 class PackedRows:
@@ -382,7 +485,7 @@ def evaluate(model, rows: PackedRows, n_rows: int, batch_size: int, device, auto
     # the same number of rows on every process: FSDP forwards are collective and must stay in lockstep
     n = max(world, min(n_rows, len(rows)) // world * world)
     mine = [i % len(rows) for i in range(n)][rank::world]
-    for i in range(0, len(mine), batch_size):
+    for i in tqdm(range(0, len(mine), batch_size), desc="validating", leave=False, disable=rank > 0):
         x, y, d = (t.to(device) if t is not None else None for t in rows.batch(mine[i:i + batch_size]))
         with autocast:
             total += torch.stack([loss_sum(model, x, y, d), (y != IGNORE).sum()])
@@ -406,6 +509,7 @@ def checkpoint_keys(model: nn.Module, everything: bool) -> set[str]:
 def save_checkpoint(path: str, model, optimizer, scheduler, keys: set[str], **meta):
     """Every process must call this (FSDP gathers shards); rank 0 writes model[keys], optimizer, scheduler,
     every process's RNG state and `meta` (step, data position, config...)."""
+    import torch.distributed.checkpoint.state_dict as dcp  # here, not at the top: 0.8 s that --help need not wait
     # Full (unsharded) state dicts keyed by parameter name: a plain, DDP or FSDP run writes the same file, so a
     # run can resume on another number of processes (DCP's state_dict helpers hide the wrappers).
     opts = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -417,26 +521,59 @@ def save_checkpoint(path: str, model, optimizer, scheduler, keys: set[str], **me
     if dist.is_initialized():
         dist.all_gather_object(rngs, rng)  # each process has its own dropout stream
     if not dist.is_initialized() or dist.get_rank() == 0:
-        with open(path + ".tmp", "wb") as f:
-            torch.save({"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                        "rng": rngs, "meta": meta}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                torch.save({"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                            "rng": rngs, "meta": meta}, f)
+                f.flush()
+                os.fsync(f.fileno())
+        save_atomic(path, write)
     if dist.is_initialized():
         dist.barrier()
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler, keys: set[str]) -> dict:
-    """Restore what save_checkpoint wrote, RNG included; -> its meta dict."""
+def read_checkpoint(path: str) -> dict:
+    """A ckpt.pt as save_checkpoint wrote it. weights_only: tensors, numbers, strings and containers only, so a
+    crafted file cannot run code (a full unpickler would call whatever the file names, e.g. os.system)."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: --resume but no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a refused pickle, a truncated zip, ...: torch raises several kinds
+        reason = " ".join(str(e).split())[:300]
+        raise SystemExit(f"error: {path} is not a checkpoint this script wrote ({type(e).__name__}: {reason})") \
+            from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "rng", "meta"} <= set(state):
+        raise SystemExit(f"error: {path} is not a checkpoint this script wrote (missing entries)")
+    return state
+
+
+def check_resume(meta: dict, config: dict, may_change: set[str], path: str):
+    """A resume continues the same run: refuse one whose data, model or schedule flags differ from the checkpoint's
+    (its data position would index other rows, and the saved optimizer and schedule would ignore a new --lr)."""
+    saved = meta.get("config", {})
+    changed = [k for k in config if k not in may_change and k in saved and saved[k] != config[k]]
+    if changed:
+        k = changed[0]
+        raise SystemExit(f"error: --resume with --{k} {config[k]!r}, but {path} was saved with {saved[k]!r}; resume "
+                         f"with the same flags, or start a new run in another --out_dir")
+
+
+def load_checkpoint(path: str, model, optimizer, scheduler, keys: set[str], config: dict,
+                    may_change: set[str]) -> dict:
+    """Restore what save_checkpoint wrote, RNG included, after check_resume(config, may_change); -> its meta dict."""
+    import torch.distributed.checkpoint.state_dict as dcp
+    state = read_checkpoint(path)
+    check_resume(state["meta"], config, may_change, path)
     if set(state["model"]) != keys:  # e.g. a LoRA checkpoint given to a full run
         raise SystemExit(f"error: {path} was saved with another model or --mode; resume with the same flags")
     opts = dcp.StateDictOptions(full_state_dict=True, strict=False)  # strictness: the key check above
-    dcp.set_model_state_dict(model, state["model"], options=opts)
-    dcp.set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
+    try:
+        dcp.set_model_state_dict(model, state["model"], options=opts)
+        dcp.set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
+    except (RuntimeError, KeyError, ValueError) as e:  # e.g. another model size under the same names
+        reason = " ".join(str(e).split())[:300]
+        raise SystemExit(f"error: {path} does not fit this model ({reason}); resume with the same flags") from None
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"][(dist.get_rank() if dist.is_initialized() else 0) % len(state["rng"])]
     torch.set_rng_state(rng["cpu"])
@@ -449,6 +586,7 @@ def export_hf(model, out_dir: str, hf_config: dict, tokenizer_path: str, lora_sc
               ckpt_dir: str = ""):
     """model.safetensors (adapters merged, tied head dropped) + config.json + tokenizer files, HF layout; and the
     generation_config.json (end-of-turn ids, sampling defaults) of ckpt_dir, the checkpoint fine-tuned, if any."""
+    import torch.distributed.checkpoint.state_dict as dcp
     from safetensors.torch import save_file
     state = dcp.get_model_state_dict(model, options=dcp.StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.is_initialized() and dist.get_rank() != 0:
@@ -457,10 +595,11 @@ def export_hf(model, out_dir: str, hf_config: dict, tokenizer_path: str, lora_sc
     if hf_config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)  # the same tensor as model.embed_tokens.weight
     dtype = getattr(torch, save_dtype)
-    path = os.path.join(out_dir, "model.safetensors")
-    save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, path + ".tmp", metadata={"format": "pt"})
-    os.replace(path + ".tmp", path)  # transformers requires the "format" metadata
-    Path(out_dir, "config.json").write_text(json.dumps({**hf_config, "torch_dtype": save_dtype}, indent=2))
+    save_atomic(os.path.join(out_dir, "model.safetensors"),  # transformers requires the "format" metadata
+                lambda tmp: save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, tmp,
+                                      metadata={"format": "pt"}))
+    config = json.dumps({**hf_config, "torch_dtype": save_dtype}, indent=2)
+    save_atomic(os.path.join(out_dir, "config.json"), lambda tmp: Path(tmp).write_text(config))
     # the tokenizer the run loaded (Tokenizer.from_file): a folder's files, or those beside a standard-named file;
     # a renamed file alone (its folder may hold another), as tokenizer.json if .json, else as a tiktoken tokenizer.model
     src = Path(tokenizer_path)
@@ -471,7 +610,7 @@ def export_hf(model, out_dir: str, hf_config: dict, tokenizer_path: str, lora_sc
     if ckpt_dir and Path(ckpt_dir, "generation_config.json").is_file():
         files["generation_config.json"] = Path(ckpt_dir, "generation_config.json")
     for name, path in files.items():
-        shutil.copy(path, Path(out_dir, name))
+        save_atomic(os.path.join(out_dir, name), functools.partial(shutil.copyfile, path))
 
 
 # -----------------------------------------------------------------------------
@@ -490,23 +629,61 @@ def init_weights(model: nn.Module, std: float = 0.02):
             nn.init.zeros_(p)
 
 
+def read_json(path) -> dict:
+    """A JSON object from a file; unreadable or invalid JSON ends the run in one line naming the file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f"error: cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: {path} holds no JSON object")
+    return data
+
+
+def load_tokenizer(path: str):
+    """Tokenizer.from_file with one line for a file it cannot read (invalid JSON, missing keys, unsupported)."""
+    from tokenizer_bpe import Tokenizer
+    try:
+        return Tokenizer.from_file(path)
+    except (OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:  # JSONDecodeError is a ValueError
+        raise SystemExit(f"error: cannot read the tokenizer {path}: {type(e).__name__}: {e}") from None
+
+
+def model_args(mod, config_path):
+    """The model file's ModelArgs from a config.json; a file that parses but lacks a key gets one line."""
+    try:
+        return mod.ModelArgs.from_hf_config(read_json(config_path))
+    except (KeyError, TypeError, ValueError) as e:
+        raise SystemExit(f"error: {config_path} is not a {mod.__name__} config.json ({type(e).__name__}: {e})") \
+            from None
+
+
 def load_model(cfg: TrainConfig, device, dtype=torch.float32):
     """-> (model module, model, hf config dict, tokenizer, tokenizer path). Imports the model file by name."""
     if cfg.model not in MODELS:
         raise SystemExit(f"error: unknown --model {cfg.model!r}; choose one of {', '.join(MODELS)}")
     mod = importlib.import_module(cfg.model)
-    from tokenizer_bpe import Tokenizer
     # the model class is the one with from_pretrained (SmolLM2, Llama, ...: each file names its own)
     Model = next(v for v in vars(mod).values()
                  if isinstance(v, type) and issubclass(v, nn.Module) and "from_pretrained" in vars(v))
     if cfg.ckpt_dir:
         if not os.path.isfile(os.path.join(cfg.ckpt_dir, "config.json")):
             raise SystemExit(f"error: no checkpoint at {cfg.ckpt_dir}: run `python download.py`")
-        args = mod.ModelArgs.from_hf_config(json.loads(Path(cfg.ckpt_dir, "config.json").read_text()))
-        model = Model.from_pretrained(cfg.ckpt_dir, device=device, dtype=dtype)
+        args = model_args(mod, os.path.join(cfg.ckpt_dir, "config.json"))
+        try:
+            model = Model.from_pretrained(cfg.ckpt_dir, device=device, dtype=dtype)
+        except Exception as e:  # a truncated or foreign model.safetensors: safetensors and torch raise many kinds
+            reason = " ".join(str(e).split())[:300]
+            raise SystemExit(f"error: cannot load {cfg.ckpt_dir}: {type(e).__name__}: {reason}; download it again "
+                             f"(python download.py)") from None
     elif cfg.preset:
-        args = mod.ModelArgs.from_hf_config(json.loads(Path(cfg.preset).read_text())) \
-            if cfg.preset.endswith(".json") else mod.ModelArgs.from_name(cfg.preset)
+        if cfg.preset.endswith(".json"):
+            args = model_args(mod, cfg.preset)
+        else:
+            try:
+                args = mod.ModelArgs.from_name(cfg.preset)
+            except (KeyError, ValueError) as e:
+                raise SystemExit(f"error: --preset: {e}") from None
         with torch.device(device):
             model = Model(args)
         init_weights(model)
@@ -515,7 +692,7 @@ def load_model(cfg: TrainConfig, device, dtype=torch.float32):
     tok_path = cfg.tokenizer or cfg.ckpt_dir
     if not tok_path or not os.path.exists(tok_path):
         raise SystemExit(f"error: tokenizer not found: {tok_path or '(none)'}; pass --tokenizer PATH")
-    tok, hf_config = Tokenizer.from_file(tok_path), args.to_hf_config()
+    tok, hf_config = load_tokenizer(tok_path), args.to_hf_config()
     if tok.vocab_size > hf_config["vocab_size"]:
         raise SystemExit(f"error: tokenizer has {tok.vocab_size} tokens, the model only {hf_config['vocab_size']}")
     if hf_config.get("eos_token_id") is None:  # nanollm's presets: the id belongs to the tokenizer trained with it
@@ -551,17 +728,142 @@ def plot_losses(metrics_path: str, png_path: str):
         if points:
             plt.plot(*zip(*points), style, label=key)
     plt.xlabel("step"), plt.ylabel("loss"), plt.legend(), plt.grid(alpha=0.3)
-    plt.savefig(png_path, dpi=120, bbox_inches="tight")
+    try:
+        plt.savefig(png_path, dpi=120, bbox_inches="tight")
+    except OSError as e:  # the model is saved by now: the plot is optional, the run still succeeded
+        print(f"warning: could not write {png_path} ({e}); the curves are in {metrics_path}", file=sys.stderr)
     plt.close()
+
+
+def at_least(low):
+    return lambda v: v >= low, f">= {low}"
+
+
+def one_of(*allowed):
+    return lambda v: v in allowed, "one of " + ", ".join(repr(a) for a in allowed)
+
+
+def check_values(cfg, rules: dict):
+    """rules: field -> (test, what it must be). The first field that fails its test ends the run in one line; a
+    float must also be finite (float() takes 'nan' and 'inf')."""
+    for name, (ok, what) in rules.items():
+        value = getattr(cfg, name)
+        if (isinstance(value, float) and not math.isfinite(value)) or not ok(value):
+            raise SystemExit(f"error: --{name} must be {what}, got {value!r}")
+
+
+def check_device(device: str):
+    """'' (auto), cpu, cuda or cuda:N, with a GPU present for cuda."""
+    if not re.fullmatch(r"(cpu|cuda(:\d+)?)?", device):
+        raise SystemExit(f"error: --device must be cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is available; use --device cpu")
+
+
+def check_out_dir(out_dir: str, inputs: list[str], resume: bool, overwrite: bool):
+    """The run writes only into out_dir. Refuse a folder that holds (or is) one of the run's inputs, since the
+    export would overwrite them, and a non-empty folder the run neither resumes nor was told to replace."""
+    out = Path(out_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out_dir {out_dir} is a file; give a folder")
+    for path in filter(None, inputs):
+        p = Path(path).resolve()
+        if p == out or out in p.parents:
+            raise SystemExit(f"error: --out_dir {out_dir} holds the input {path}, which this run's files would "
+                             f"overwrite; choose another --out_dir")
+    if resume:
+        if not (out / "ckpt.pt").is_file():
+            raise SystemExit(f"error: --resume but no checkpoint at {out / 'ckpt.pt'}")
+    elif out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise SystemExit(f"error: --out_dir {out_dir} already holds files (another run?); pass --resume to "
+                         f"continue that run, --overwrite to replace it, or choose another --out_dir")
+
+
+def check_config(cfg: TrainConfig):
+    """User errors end in one line naming the fix, before anything heavy is loaded."""
+    if cfg.model not in MODELS:
+        raise SystemExit(f"error: unknown --model {cfg.model!r}; choose one of {', '.join(MODELS)}")
+    check_values(cfg, {
+        "mode": one_of("full", "lora", "norm", "frozen_embed"),
+        "lora_rank": at_least(1), "lora_alpha": (lambda v: v > 0, "> 0"),
+        "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "lora_targets": (lambda v: all(re.fullmatch(r"\w+", t) for t in v.split(",")), "comma-separated names"),
+        "seq_len": at_least(1), "batch_size": at_least(1), "grad_accum": at_least(1), "max_steps": at_least(0),
+        "lr": (lambda v: v > 0, "> 0"), "min_lr_frac": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "warmup_steps": at_least(0), "weight_decay": at_least(0), "grad_clip": at_least(0),
+        "val_frac": (lambda v: 0 < v < 1, "in (0, 1)"), "eval_every": at_least(1), "eval_rows": at_least(1),
+        "ckpt_every": at_least(1), "dtype": one_of("", "float32", "bfloat16", "float16"),
+        "save_dtype": one_of("float32", "bfloat16", "float16"), "router_bias_rate": at_least(0),
+        "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)")})
+    check_device(cfg.device)
+    if cfg.ckpt_dir and cfg.preset:
+        raise SystemExit("error: give --ckpt_dir (fine-tune) or --preset (from scratch), not both")
+    if cfg.fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        raise SystemExit("error: --fsdp shards the model over processes: launch with torchrun --nproc_per_node N")
+    if not cfg.data:
+        raise SystemExit("error: --data is required (text/chat files or a folder of shards)")
+    data = [p for p in cfg.data.split(",") if p]
+    for path, flag in [(p, "--data") for p in data] + [(cfg.tokenizer, "--tokenizer"), (cfg.ckpt_dir, "--ckpt_dir")]:
+        if path and not os.path.exists(path):
+            raise SystemExit(f"error: {flag} {path} not found" if flag != "--data" else
+                             f"error: data file not found: {path}")
+    if cfg.preset.endswith(".json") and not os.path.isfile(cfg.preset):
+        raise SystemExit(f"error: --preset {cfg.preset} not found")
+    check_out_dir(cfg.out_dir, [cfg.ckpt_dir, cfg.tokenizer, cfg.preset, *data], cfg.resume, cfg.overwrite)
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON record per line. A resumed run keeps the records up to its checkpoint's step (the
+    later ones are redone); a run that replaces another (--overwrite) starts empty. Either way the file already
+    there stays whole until this run saves a checkpoint (`commit`): until then records go to metrics.jsonl.tmp."""
+
+    def __init__(self, path: str, keep_until: int | None = None, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        self.staged = os.path.exists(path)
+        self.file = path + ".tmp" if self.staged else path
+        if not enabled:
+            return
+        old = []
+        if keep_until is not None and self.staged:  # a killed run can leave a half-written last line: skipped
+            with open(path) as f:
+                for n, line in enumerate(f, 1):
+                    try:
+                        old += [json.loads(line)] if line.endswith("\n") else []
+                    except json.JSONDecodeError:
+                        raise SystemExit(f"error: {path}:{n} is not valid JSON; repair or delete that line") from None
+        self.append([r for r in old if r["step"] <= keep_until], mode="w")
+
+    def append(self, records: list[dict], mode: str = "a"):
+        try:
+            with open(self.file, mode) as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+        except OSError as e:
+            raise SystemExit(f"error: could not write {self.file} ({e}); free disk space and run again with "
+                             f"--resume") from None
+
+    def write(self, record: dict):
+        if self.enabled:
+            self.append([record])
+
+    def commit(self):
+        if self.enabled and self.staged:
+            os.replace(self.file, self.path)
+            self.file, self.staged = self.path, False
+
+
+def nonfinite_count(raw) -> int:
+    """Non-finite values in the trainable weights, summed over processes (FSDP shards are DTensors)."""
+    bad = sum(int((~torch.isfinite(p.to_local() if hasattr(p, "to_local") else p)).sum())
+              for p in raw.parameters() if p.requires_grad)
+    return int(all_sum(torch.tensor(bad, device=next(raw.parameters()).device)).item())
 
 
 def train(cfg: TrainConfig):
     # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python finetune.py` is rank 0 of 1
     rank, world, local = (int(os.environ.get(k, 0)) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     world, master = max(world, 1), rank == 0
+    check_config(cfg)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is available")
     device = torch.device(f"cuda:{local}" if device.startswith("cuda") else device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -608,25 +910,29 @@ def train(cfg: TrainConfig):
     ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
     step, rows_seen, good_ckpt = 0, 0, None
     if cfg.resume:
-        meta = load_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys)
+        meta = load_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys, asdict(cfg), RESUMABLE_CHANGES)
+        if meta.get("train_rows", len(train_rows)) != len(train_rows):
+            raise SystemExit(f"error: --resume, but --data now gives {len(train_rows)} training rows where "
+                             f"{ckpt_path} was saved with {meta['train_rows']}; the data changed")
         step, rows_seen, good_ckpt = meta["step"], meta["rows_seen"], ckpt_path
-    if master:  # keep the log of the steps the checkpoint holds; later ones will be redone
-        old = [json.loads(line) for line in open(metrics_path)] if cfg.resume and os.path.exists(metrics_path) else []
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in old if r["step"] <= step)
+        before = meta.get("config", {}).get("max_steps", cfg.max_steps)
+        if master and before != cfg.max_steps:  # the schedule's length is max_steps
+            print(f"note: --max_steps {cfg.max_steps} (the checkpoint's run had {before}): the learning-rate "
+                  f"schedule continues as one of the new length")
+    metrics = MetricsLog(metrics_path, keep_until=step if cfg.resume else None, enabled=master)
+    if master:
         print(f"{cfg.model}: {len(train_rows)} train / {len(val_rows)} val rows of {cfg.seq_len} tokens, "
               f"{rows_per_step} rows per step, {max_steps} steps, mode {cfg.mode}, {world} process(es), {device}")
 
     def log(record: dict, message: str = ""):
-        if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if message:
-                tqdm.write(message)
+        metrics.write(record)
+        if master and message:
+            tqdm.write(message)
 
-    def validate(label: str):
+    def validate(label: str) -> float:
         val_loss = evaluate(model, val_rows, cfg.eval_rows, cfg.batch_size, device, autocast, rank, world)
         log({"step": step, "val_loss": val_loss}, f"{label}: val loss {val_loss:.4f}")
+        return val_loss
 
     if step == 0:
         validate("before training")
@@ -675,17 +981,20 @@ def train(cfg: TrainConfig):
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{record['tok_per_s']:.0f}")
             bar.update(1)
 
-            if step % cfg.eval_every == 0 or step == max_steps:
-                validate(f"step {step}")
-            if step % cfg.ckpt_every == 0 or step == max_steps:
-                # a finite loss can still come with an update that overflowed: never save such weights
-                bad = sum(int((~torch.isfinite(p.to_local() if hasattr(p, "to_local") else p)).sum())
-                          for p in raw.parameters() if p.requires_grad)
-                if all_sum(torch.tensor(bad, device=device)).item():
-                    raise SystemExit(f"error: weights became non-finite at step {step}; stopped without saving. "
-                                     f"Last good checkpoint: {good_ckpt or 'none yet'} (lower --lr)")
+            saving = step % cfg.ckpt_every == 0 or step == max_steps
+            if step % cfg.eval_every == 0 or saving:
+                val_loss = validate(f"step {step}")
+            if saving:
+                # Only weights that are finite and give a finite loss are saved (and exported): an update can
+                # overflow into huge but finite weights, whose loss is only seen at the next forward pass.
+                bad = nonfinite_count(raw)
+                if bad or not math.isfinite(val_loss):
+                    raise SystemExit(f"error: weights became unusable at step {step} ({bad} non-finite values, "
+                                     f"validation loss {val_loss}); stopped without saving. Last good checkpoint: "
+                                     f"{good_ckpt or 'none yet'} (lower --lr)")
                 save_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys, step=step, rows_seen=rows_seen,
-                                config=asdict(cfg))
+                                train_rows=len(train_rows), config=asdict(cfg))
+                metrics.commit()
                 good_ckpt = ckpt_path
             t0 = time.time()  # after evaluating and saving: tok/s measures training only
     except RuntimeError as e:  # CUDA's OutOfMemoryError is one; the CPU allocator raises a plain one
@@ -697,6 +1006,7 @@ def train(cfg: TrainConfig):
     bar.close()
 
     export_hf(model, cfg.out_dir, hf_config, tok_path, cfg.lora_alpha / cfg.lora_rank, cfg.save_dtype, cfg.ckpt_dir)
+    metrics.commit()  # (a resumed run that had nothing left to do)
     if master:
         plot_losses(metrics_path, os.path.join(cfg.out_dir, "loss.png"))
         tqdm.write(f"{memory_report(raw, optimizer, device)}\nsaved {cfg.out_dir}/model.safetensors "
@@ -709,27 +1019,67 @@ def train(cfg: TrainConfig):
 # Command line: `finetune.py [--flag value ...]` trains; `finetune.py prepare FILES ...` writes shards
 
 
-def main(argv: list[str]):
-    p = argparse.ArgumentParser(description="Fine-tune or train a model file (see the module docstring).")
+def main(argv: list[str] | None = None):
+    """`finetune.py [--flag value ...]` trains; `finetune.py prepare FILES... --tokenizer T --out_dir D` tokenizes
+    text into shards."""
+    argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["prepare"]:
-        p.add_argument("files", nargs="+")
-        p.add_argument("--tokenizer", required=True)
-        p.add_argument("--out_dir", required=True)
-        p.add_argument("--val_frac", type=float, default=0.01)
-        return prepare(**vars(p.parse_args(argv[1:])))
-    # one flag per config field, its --help the comment beside the field: the config block stays the one place to read
-    helps = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(TrainConfig), re.M))
-    for f in fields(TrainConfig):
-        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
-        p.add_argument(f"--{f.name}", default=f.default, help=f"{helps.get(f.name, '')} (default: {f.default!r})",
-                       **kind)
-    cfg = TrainConfig(**vars(p.parse_args(argv)))
-    if cfg.mode not in ("full", "lora", "norm", "frozen_embed"):
-        raise SystemExit(f"error: unknown --mode {cfg.mode!r}; choose full, lora, norm or frozen_embed")
-    if not cfg.data:
-        raise SystemExit("error: --data is required (text/chat files or a folder of shards)")
-    train(cfg)
+        return cli(prepare_main, argv[1:])
+    train(cli(TrainConfig, argv))
+
+
+# Same as smollm2.py: FlagParser
+class FlagParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise SystemExit(f"error: {message} (see --help)")
+
+
+# Same as smollm2.py: cli
+def cli(fn, argv=None):
+    """Call fn with flags parsed from the command line: one --name per parameter of fn, typed by its annotation,
+    its help the `name: text` line of fn's docstring; a *args parameter takes the positional words.
+
+    Values arrive exactly as typed: no eval, so --prompt "yes, please" or --prompt 0x10 is that string (python-fire,
+    used before, turned them into a tuple and 16). A typo gets "did you mean".
+    """
+    doc = inspect.getdoc(fn) or ""
+    helps = dict(re.findall(r"^ *(\w+): (.+)$", doc, re.M))
+    hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
+    parser = FlagParser(description=doc.split("\n\n")[0], allow_abbrev=False)
+    for name, p in inspect.signature(fn).parameters.items():
+        kind = [t for t in typing.get_args(hints.get(name)) if t is not type(None)] or [hints.get(name, str)]
+        kind = typing.get_origin(kind[0]) or kind[0]  # int | None -> int; list[str] -> list
+        if p.kind is p.VAR_POSITIONAL:
+            parser.add_argument(name, nargs="*", type=utf8, help=helps.get(name, ""))
+            continue
+        extra = dict(type=utf8, nargs="+", metavar="STR") if kind is list else \
+            dict(type=parse_bool, nargs="?", const=True, metavar="BOOL") if kind is bool else \
+            dict(type=utf8 if kind is str else kind, metavar=kind.__name__.upper())
+        text = f"{helps.get(name, '')} (default: {p.default!r})".replace("%", "%%")  # argparse formats help with %
+        parser.add_argument(f"--{name}", default=p.default, help=text, **extra)
+    flags, unknown = parser.parse_known_args(argv)
+    if unknown:
+        known = [f"--{name}" for name in vars(flags)]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1)
+        what = "unknown flag" if unknown[0].startswith("-") else "unexpected argument"
+        parser.error(f"{what} {unknown[0]}" + (f"; did you mean {close[0]}?" if close else ""))
+    positional = [vars(flags).pop(n) for n, p in inspect.signature(fn).parameters.items()
+                  if p.kind is p.VAR_POSITIONAL]
+    return fn(*sum(positional, []), **vars(flags))
+
+
+# Same as smollm2.py: parse_bool
+def parse_bool(s: str) -> bool:
+    if s.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    return s.lower() in ("true", "1", "yes")
+
+
+# Same as smollm2.py: utf8
+def utf8(s: str) -> str:
+    s.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates (PEP 383): refused here, one line
+    return s
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -35,22 +35,29 @@ Other uses:
     python grpo.py --out_dir out/grpo-add --resume      # continue after a crash
 """
 
+import argparse
 import contextlib
 import copy
+import difflib
+import inspect
 import json
+import math
 import os
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, fields
+import typing
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
-# LoRA, the optimizer and its schedule, checkpoints and export are shared with supervised fine-tuning
-from finetune import (LoRALinear, TrainConfig, apply_lora, build_optimizer, build_scheduler, checkpoint_keys,
-                      export_hf, load_checkpoint, load_model, save_checkpoint)
+# LoRA, the optimizer and its schedule, checkpoints, export and the checks of flags are shared with finetune.py
+from finetune import (LoRALinear, MetricsLog, TrainConfig, apply_lora, at_least, build_optimizer, build_scheduler,
+                      check_device, check_out_dir, check_values, checkpoint_keys, export_hf,
+                      load_checkpoint, load_model, nonfinite_count, one_of, save_checkpoint)
 
 # -----------------------------------------------------------------------------
 # Config: every field is a command-line flag (python grpo.py --name value)
@@ -58,45 +65,89 @@ from finetune import (LoRALinear, TrainConfig, apply_lora, build_optimizer, buil
 
 @dataclass
 class GRPOConfig:
-    model: str = "smollm2"  # model file: smollm2 | llama31
+    """GRPO-train a chat model on a verifiable task; --steps 0 only evaluates it (the module docstring has examples).
+
+    model: model file: smollm2 | llama31
+    ckpt_dir: the HF checkpoint folder to start from
+    out_dir: this run's folder: model.safetensors, config.json, tokenizer files, ckpt.pt, metrics.jsonl
+    overwrite: let a new run replace the run already in --out_dir (its files stay until this run saves)
+    task: built-in task (add | addsub | arith) or a GSM8K-style .jsonl file
+    eval_file: held-out .jsonl for a file task (default: its last eval_n lines)
+    eval_n: held-out problems, answered greedily
+    steps: generation batches; 0 = only evaluate the model
+    time_limit: minutes of training after which the run stops early (0 = none)
+    prompts_per_step: prompts per generation batch
+    num_generations: G, completions per prompt (TRL: 8)
+    max_new_tokens: most tokens per completion
+    temperature: of the rollouts; log-probs are of this tempered distribution
+    loss_type: grpo | dr_grpo | dapo
+    epsilon: ratio clipped to [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: 0 = epsilon (symmetric, as the paper)
+    beta: KL weight; the paper uses 0.04
+    scale_rewards: divide advantages by the std of the group | batch | none (Dr. GRPO)
+    num_iterations: policy updates per generation batch (mu in Algorithm 1)
+    reward_weights: comma-separated weights of the reward functions (correct answer, answer format)
+    mode: lora | full
+    lora_rank: rank r of the adapters
+    lora_alpha: adapter output is scaled by alpha / rank
+    lr: peak learning rate
+    warmup_steps: linear warmup, in optimizer updates
+    min_lr_frac: cosine decays to lr * min_lr_frac; 1 = constant after warmup
+    weight_decay: AdamW decay on matrices
+    grad_clip: gradient norm clip; 0 = off
+    micro_batch: completions per forward/backward; the rest of the batch is accumulated
+    eval_every: steps between held-out evaluations; 0 = only before and after training
+    ckpt_every: steps between checkpoints (and one at the end)
+    resume: continue the run in --out_dir from its ckpt.pt, with the same task and schedule flags
+    device: cpu, cuda or cuda:N; empty = cuda if available, else cpu
+    threads: torch CPU threads, 0 = torch's default
+    seed: seeds the prompts drawn and the sampling
+    """
+    model: str = "smollm2"
     ckpt_dir: str = "checkpoints/SmolLM2-135M-Instruct"
     out_dir: str = "out/grpo"
-    task: str = "add"  # built-in task (see TASKS) or a GSM8K-style .jsonl file
-    eval_file: str = ""  # held-out .jsonl for a file task (default: its last eval_n lines)
-    eval_n: int = 100  # held-out problems, answered greedily
-    steps: int = 30  # generation batches; 0 = only evaluate the model
-    time_limit: float = 30.0  # minutes of training after which the run stops early (0 = none)
+    overwrite: bool = False
+    task: str = "add"
+    eval_file: str = ""
+    eval_n: int = 100
+    steps: int = 30
+    time_limit: float = 30.0
     prompts_per_step: int = 4
-    num_generations: int = 6  # G, completions per prompt (TRL: 8)
+    num_generations: int = 6
     max_new_tokens: int = 32
-    temperature: float = 0.7  # of the rollouts; log-probs are of this tempered distribution. At TRL's 1.0
-    # SmolLM2-135M answered 0 of 48 samples right where it gets 22% at 0.7
-    loss_type: str = "dapo"  # grpo | dr_grpo | dapo
-    epsilon: float = 0.2  # ratio clipped to [1 - epsilon, 1 + epsilon_high]
-    epsilon_high: float = 0.0  # 0 = epsilon (symmetric, as the paper)
-    beta: float = 0.0  # KL weight; the paper uses 0.04
-    scale_rewards: str = "group"  # divide advantages by the std of the group | batch | none (Dr. GRPO)
-    num_iterations: int = 2  # policy updates per generation batch (mu in Algorithm 1): on a CPU generation
-    # costs as much as an update, so a second update on the same batch is the cheapest way to learn faster
-    reward_weights: tuple = (1.0, 0.2)  # weights of REWARDS (correct answer, answer format)
-    mode: str = "lora"  # lora | full
+    # at TRL's 1.0 SmolLM2-135M answered 0 of 48 samples right where it gets 22% at 0.7
+    temperature: float = 0.7
+    loss_type: str = "dapo"
+    epsilon: float = 0.2
+    epsilon_high: float = 0.0
+    beta: float = 0.0
+    scale_rewards: str = "group"
+    # on a CPU generation costs as much as an update, so a second update on the same batch is the cheapest way to
+    # learn faster
+    num_iterations: int = 2
+    reward_weights: str = "1.0,0.2"
+    mode: str = "lora"
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lr: float = 2e-4
     warmup_steps: int = 2
-    min_lr_frac: float = 1.0  # 1 = constant after warmup
+    min_lr_frac: float = 1.0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    micro_batch: int = 16  # completions per forward/backward; the rest of the batch is accumulated
-    eval_every: int = 10  # 0 = evaluate only before and after training
+    micro_batch: int = 16
+    eval_every: int = 10
     ckpt_every: int = 20
     resume: bool = False
     device: str = "cpu"
-    threads: int = 0  # torch CPU threads, 0 = torch's default
+    threads: int = 0
     seed: int = 1337
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # as finetune.py
+# flags a resume may change: how often to evaluate and save, where to run, and how long (the schedule is recomputed);
+# the others fix the task, the prompts drawn, the model and the optimisation, which the checkpoint continues
+RESUMABLE_CHANGES = {"out_dir", "resume", "overwrite", "steps", "time_limit", "eval_every", "ckpt_every", "device",
+                     "threads"}
 
 # -----------------------------------------------------------------------------
 # Tasks and rewards. An example is a dict with a "question" and an "answer"; reward functions are called as
@@ -137,15 +188,30 @@ TASKS = {  # name -> problem generator
 def load_jsonl(path: str) -> list[dict]:
     """GSM8K-style lines {"question": ..., "answer": "...#### 42"} (or a plain number as the answer)."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                row = json.loads(line)
-                if "question" not in row or "answer" not in row:
-                    raise SystemExit(f"error: {path}:{n} needs 'question' and 'answer' fields")
-                row["answer"] = parse_number(str(row["answer"]).split("####")[-1])
-                rows.append(row)
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    rows.append(task_row(line, f"{path}:{n}"))
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not rows:
+        raise SystemExit(f"error: {path} holds no problems")
     return rows
+
+
+def task_row(line: str, where: str) -> dict:
+    """One JSONL line -> {"question": str, "answer": float, ...}; a malformed line ends the run naming file:line."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict) or not isinstance(row.get("question"), str) or "answer" not in row:
+        raise SystemExit(f"error: {where} needs 'question' and 'answer' fields")
+    row["answer"] = parse_number(str(row["answer"]).split("####")[-1])
+    if row["answer"] is None:
+        raise SystemExit(f"error: {where}: the answer has no number (GSM8K style: '... #### 42')")
+    return row
 
 
 def parse_number(text: str) -> float | None:
@@ -165,6 +231,10 @@ def format_reward(prompt, completion, **_) -> float:
 
 
 REWARDS = [correct_reward, format_reward]
+# the keys of a step's record in metrics.jsonl, beside one per reward function: a reward may not take their name
+RECORD_KEYS = {"step", "reward", "reward_errors", "reward_std", "equal_groups", "completion_len", "stopped", "loss",
+               "kl", "clip_low", "clip_high", "grad_norm", "lr", "gen_s", "step_s", "elapsed_s", "eval_accuracy",
+               "eval_format"}
 SYSTEM_PROMPT = "Answer in one short sentence."
 
 
@@ -179,6 +249,15 @@ def score(reward_fns, weights, prompts, completions, examples) -> tuple[torch.Te
             except Exception as e:  # a user's reward function must not end a long run
                 print(f"warning: reward {fn.__name__} raised {e!r} on example {ex} with completion {c!r}")
     return (per_fn * torch.tensor(weights)).nansum(dim=1), per_fn
+
+
+def check_rewards(per_fn: torch.Tensor, reward_fns, step: int):
+    """A reward function that raised on every completion of a batch is broken, not unlucky: stop rather than
+    train on the 0 that nansum would make of it (the warnings above name its error)."""
+    for j, fn in enumerate(reward_fns):
+        if per_fn[:, j].isnan().all():
+            raise SystemExit(f"error: reward function {fn.__name__} raised on all {len(per_fn)} completions of "
+                             f"step {step} (see the warnings above); fix it and run again")
 
 
 # -----------------------------------------------------------------------------
@@ -200,12 +279,13 @@ def encode_prompts(mod, tok, examples) -> list[list[int]]:
 
 
 def rollout(model, prompts: list[list[int]], G: int, max_new_tokens: int, temperature: float, eot: int,
-            seed: int | None) -> list[list[int]]:
+            seed: int | None, stream=None) -> list[list[int]]:
     """G completions of each prompt (prompt-major order). A completion that stopped keeps its end-of-turn
-    token: the policy is trained to stop where it stopped. Temperature 0 is greedy (evaluation)."""
+    token: the policy is trained to stop where it stopped. Temperature 0 is greedy (evaluation).
+    stream(row, token) is called for each token as it is sampled (progress bars)."""
     # one batched, KV-cached call for all N * G rows: the model file left-pads the ragged prompts
     outs = model.generate([p for p in prompts for _ in range(G)], max_new_tokens, temperature=temperature,
-                          stop_tokens=[eot], seed=seed)
+                          stop_tokens=[eot], seed=seed, stream=stream)
     # generate drops the stop token, so a row shorter than max_new_tokens is one that stopped
     return [c + [eot] if len(c) < max_new_tokens else c for c in outs]
 
@@ -290,20 +370,29 @@ def aggregate(per_token, mask, loss_type: str, n_seqs: int, n_tokens: int, max_n
 # Evaluation
 
 
+def token_bar(rows: int, max_new_tokens: int, desc: str):
+    """A progress bar of the tokens generated, up to max_new_tokens per row: generation is the slow part of every
+    step and evaluation on a CPU (minutes for 100 problems), and it should not pass in silence."""
+    return tqdm(total=rows * max_new_tokens, desc=desc, unit="tok", leave=False, dynamic_ncols=True)
+
+
 @torch.no_grad()
 def evaluate(model, mod, tok, examples, cfg: GRPOConfig, eot: int, batch_size: int = 50) -> dict:
     """Greedy accuracy and format rate on held-out examples (one completion each)."""
     model.eval()
     correct = fmt = 0
     samples = []
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        outs = rollout(model, encode_prompts(mod, tok, chunk), 1, cfg.max_new_tokens, 0.0, eot, None)
-        for ex, out in zip(chunk, outs):
-            text = tok.decode([t for t in out if t != eot])
-            correct += correct_reward(ex["question"], text, **ex)
-            fmt += format_reward(ex["question"], text, **ex)
-            samples.append(text)
+    with token_bar(len(examples), cfg.max_new_tokens, f"evaluating {len(examples)} problems") as bar:
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            outs = rollout(model, encode_prompts(mod, tok, chunk), 1, cfg.max_new_tokens, 0.0, eot, None,
+                           stream=lambda _row, _token: bar.update())
+            bar.update((i + len(chunk)) * cfg.max_new_tokens - bar.n)  # rows that stopped early: the rest at once
+            for ex, out in zip(chunk, outs):
+                text = tok.decode([t for t in out if t != eot])
+                correct += correct_reward(ex["question"], text, **ex)
+                fmt += format_reward(ex["question"], text, **ex)
+                samples.append(text)
     return {"accuracy": correct / len(examples), "format": fmt / len(examples), "samples": samples[:5]}
 
 
@@ -353,13 +442,13 @@ def adapters_off(model):
 
 def train(cfg: GRPOConfig, reward_fns=REWARDS):
     """GRPO-train cfg.model on cfg.task; reward_fns are weighted by cfg.reward_weights."""
-    check_config(cfg, reward_fns)
+    weights = check_config(cfg, reward_fns)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     sample_examples, held_out = task_data(cfg)
-    device = torch.device(cfg.device)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mod, model, hf_config, tok, tok_path = load_model(TrainConfig(model=cfg.model, ckpt_dir=cfg.ckpt_dir), device)
     eot = end_of_turn_id(tok)
     G, eps_high = cfg.num_generations, cfg.epsilon_high or cfg.epsilon
@@ -381,23 +470,22 @@ def train(cfg: GRPOConfig, reward_fns=REWARDS):
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
-    step = 0
+    step, good_ckpt = 0, None
     if cfg.resume:
-        step = load_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys)["step"]
-    old = [json.loads(line) for line in open(metrics_path)] if cfg.resume and os.path.exists(metrics_path) else []
-    with open(metrics_path, "w") as f:  # keep the log of the steps the checkpoint holds; later ones are redone
-        f.writelines(json.dumps(r) + "\n" for r in old if r["step"] <= step)
-
-    def log(record):
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        meta = load_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys, asdict(cfg), RESUMABLE_CHANGES)
+        step, good_ckpt = meta["step"], ckpt_path
+        before = meta.get("config", {}).get("steps", cfg.steps)
+        if before != cfg.steps:
+            print(f"note: --steps {cfg.steps} (the checkpoint's run had {before}): the learning-rate schedule "
+                  f"continues as one of the new length")
+    metrics = MetricsLog(metrics_path, keep_until=step if cfg.resume else None)
 
     def run_eval():
         t = time.time()
         res = evaluate(model, mod, tok, held_out, cfg, eot)
-        log({"step": step, "eval_accuracy": res["accuracy"], "eval_format": res["format"]})
-        print(f"step {step}: held-out accuracy {res['accuracy']:.3f} ({len(held_out)} problems, greedy), "
-              f"format {res['format']:.2f}, {time.time() - t:.0f}s; e.g. {res['samples'][:2]}")
+        metrics.write({"step": step, "eval_accuracy": res["accuracy"], "eval_format": res["format"]})
+        tqdm.write(f"step {step}: held-out accuracy {res['accuracy']:.3f} ({len(held_out)} problems, greedy), "
+                   f"format {res['format']:.2f}, {time.time() - t:.0f}s; e.g. {res['samples'][:2]}")
         return res
 
     print(f"{cfg.model} {cfg.ckpt_dir}: task {cfg.task}, {cfg.prompts_per_step} prompts x {G} completions per "
@@ -412,10 +500,13 @@ def train(cfg: GRPOConfig, reward_fns=REWARDS):
         examples = sample_examples(random.Random(f"{cfg.seed}-{step}"), cfg.prompts_per_step)
         prompts = encode_prompts(mod, tok, examples)
         model.eval()  # (no dropout anywhere; eval/train only mark the two phases)
-        completions = rollout(model, prompts, G, cfg.max_new_tokens, cfg.temperature, eot, cfg.seed * 10**6 + step)
+        with token_bar(len(prompts) * G, cfg.max_new_tokens, f"step {step + 1}/{cfg.steps}: sampling") as bar:
+            completions = rollout(model, prompts, G, cfg.max_new_tokens, cfg.temperature, eot,
+                                  cfg.seed * 10**6 + step, stream=lambda _row, _token: bar.update())
         prompts, examples = [p for p in prompts for _ in range(G)], [e for e in examples for _ in range(G)]
         texts = [tok.decode([t for t in c if t != eot]) for c in completions]  # rewards read text, not ids
-        rewards, per_fn = score(reward_fns, cfg.reward_weights, [e["question"] for e in examples], texts, examples)
+        rewards, per_fn = score(reward_fns, weights, [e["question"] for e in examples], texts, examples)
+        check_rewards(per_fn, reward_fns, step + 1)
         advantages = group_advantages(rewards, G, cfg.scale_rewards).to(device)
         t_gen = time.time() - t0
 
@@ -454,6 +545,9 @@ def train(cfg: GRPOConfig, reward_fns=REWARDS):
                 stats[0] += loss.item()
                 stats[2] += ((ratio < 1 - cfg.epsilon) & (adv[:, None] < 0) & mask).sum().item()
                 stats[3] += ((ratio > 1 + eps_high) & (adv[:, None] > 0) & mask).sum().item()
+            if not math.isfinite(stats[0].item()):  # checked before the update: the weights are still good
+                raise SystemExit(f"error: loss is {stats[0].item()} at step {step + 1}; stopped without updating. "
+                                 f"Last good checkpoint: {good_ckpt or 'none yet'} (lower --lr)")
             grad_norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                  cfg.grad_clip or float("inf"))
             lr = scheduler.get_last_lr()[0]
@@ -472,20 +566,24 @@ def train(cfg: GRPOConfig, reward_fns=REWARDS):
                   "loss": stats[0].item(), "kl": stats[1].item() / n_tokens, "clip_low": stats[2].item() / n_tokens,
                   "clip_high": stats[3].item() / n_tokens, "grad_norm": grad_norm.item(), "lr": lr,
                   "gen_s": t_gen, "step_s": time.time() - t0, "elapsed_s": time.time() - t_start}
-        log(record)
-        print(f"step {step}/{cfg.steps} | reward {record['reward']:.3f} ("
-              + " ".join(f"{fn.__name__} {record[fn.__name__]:.2f}" for fn in reward_fns)
-              + f") len {record['completion_len']:.1f} | loss {record['loss']:+.4f} kl {record['kl']:.4f} | "
-              f"{record['step_s']:.0f}s (generation {t_gen:.0f}s) | e.g. {texts[0]!r}", flush=True)
+        metrics.write(record)
+        tqdm.write(f"step {step}/{cfg.steps} | reward {record['reward']:.3f} ("
+                   + " ".join(f"{fn.__name__} {record[fn.__name__]:.2f}" for fn in reward_fns)
+                   + f") len {record['completion_len']:.1f} | loss {record['loss']:+.4f} kl {record['kl']:.4f} | "
+                   f"{record['step_s']:.0f}s (generation {t_gen:.0f}s) | e.g. {texts[0]!r}")
         out_of_time = cfg.time_limit and time.time() - t_start > 60 * cfg.time_limit
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and not out_of_time:
             run_eval()  # (the last evaluation comes after the loop)
         if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
+            check_usable(model, step, prompts, completions, cfg.temperature, good_ckpt)
             save_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys, step=step, config=asdict(cfg))
+            metrics.commit()
+            good_ckpt = ckpt_path
         if out_of_time:
             print(f"stopping after {step} steps: the time limit of {cfg.time_limit} minutes is reached")
             break
 
+    metrics.commit()  # an evaluation-only run (--steps 0), or a resume with nothing left to do
     if cfg.steps > 0:
         run_eval()
         # adapters merged into the weights: `python smollm2.py --ckpt_dir OUT_DIR` chats with the trained model
@@ -514,7 +612,10 @@ def plot_rewards(metrics_path: str, png_path: str):
     plt.plot(steps, smooth, label="train reward, 5-step mean")
     plt.plot(*zip(*evals), marker="o", label="held-out accuracy (greedy)")
     plt.xlabel("step"), plt.legend(), plt.grid(alpha=0.3)
-    plt.savefig(png_path, dpi=120, bbox_inches="tight")
+    try:
+        plt.savefig(png_path, dpi=120, bbox_inches="tight")
+    except OSError as e:  # the model is saved by now: the plot is optional, the run still succeeded
+        print(f"warning: could not write {png_path} ({e}); the curves are in {metrics_path}")
     plt.close()
 
 
@@ -522,32 +623,113 @@ def plot_rewards(metrics_path: str, png_path: str):
 # Command line
 
 
-def check_config(cfg: GRPOConfig, reward_fns):
-    """User errors end in one line naming the fix, before anything is loaded."""
-    choices = {"loss_type": ("grpo", "dr_grpo", "dapo"), "scale_rewards": ("group", "batch", "none"),
-               "mode": ("lora", "full")}
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise SystemExit(f"error: --{name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
-    if cfg.num_generations < 2:
-        raise SystemExit("error: --num_generations must be >= 2: advantages compare completions of one prompt")
-    if len(cfg.reward_weights) != len(reward_fns):
-        raise SystemExit(f"error: --reward_weights needs {len(reward_fns)} numbers, one per reward function")
-    if not (0 <= cfg.epsilon < 1 and cfg.epsilon_high >= 0 and cfg.temperature > 0 and cfg.steps >= 0):
-        raise SystemExit("error: need 0 <= epsilon < 1, epsilon_high >= 0, temperature > 0 and steps >= 0")
-    if cfg.beta < 0 or cfg.num_iterations < 1 or cfg.micro_batch < 1 or cfg.prompts_per_step < 1:
-        raise SystemExit("error: need beta >= 0, and num_iterations, micro_batch, prompts_per_step >= 1")
+def check_config(cfg: GRPOConfig, reward_fns) -> list[float]:
+    """User errors end in one line naming the fix, before anything is loaded; -> the reward weights."""
+    check_values(cfg, {
+        "model": one_of("smollm2", "llama31"), "eval_n": at_least(1), "steps": at_least(0),
+        "time_limit": at_least(0), "prompts_per_step": at_least(1),
+        "num_generations": (lambda v: v >= 2, ">= 2: advantages compare completions of one prompt"),
+        "max_new_tokens": at_least(1), "temperature": (lambda v: v > 0, "> 0"),
+        "loss_type": one_of("grpo", "dr_grpo", "dapo"), "epsilon": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "epsilon_high": at_least(0), "beta": at_least(0), "scale_rewards": one_of("group", "batch", "none"),
+        "num_iterations": at_least(1), "mode": one_of("lora", "full"), "lora_rank": at_least(1),
+        "lora_alpha": (lambda v: v > 0, "> 0"), "lr": (lambda v: v > 0, "> 0"), "warmup_steps": at_least(0),
+        "min_lr_frac": (lambda v: 0 <= v <= 1, "in [0, 1]"), "weight_decay": at_least(0), "grad_clip": at_least(0),
+        "micro_batch": at_least(1), "eval_every": at_least(0), "ckpt_every": at_least(1), "threads": at_least(0),
+        "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)")})
+    check_device(cfg.device)
+    try:
+        weights = [float(w) for w in cfg.reward_weights.split(",")]
+    except ValueError:
+        weights = []
+    if len(weights) != len(reward_fns) or not all(map(math.isfinite, weights)):
+        raise SystemExit(f"error: --reward_weights needs {len(reward_fns)} comma-separated numbers, one per reward "
+                         f"function ({', '.join(fn.__name__ for fn in reward_fns)}), got {cfg.reward_weights!r}")
+    names = [fn.__name__ for fn in reward_fns]
+    clash = next((n for i, n in enumerate(names) if n in names[:i] or n in RECORD_KEYS), None)
+    if clash:
+        raise SystemExit(f"error: two reward functions, or a reward and a logged value, are named {clash!r}: "
+                         f"their columns in metrics.jsonl would overwrite each other; rename one")
+    if cfg.task not in TASKS and not os.path.isfile(cfg.task):
+        raise SystemExit(f"error: --task {cfg.task!r} is neither a built-in task ({', '.join(TASKS)}) nor a file")
+    if cfg.eval_file and not os.path.isfile(cfg.eval_file):
+        raise SystemExit(f"error: --eval_file {cfg.eval_file} not found")
+    if not os.path.isfile(os.path.join(cfg.ckpt_dir, "config.json")):
+        raise SystemExit(f"error: no checkpoint at {cfg.ckpt_dir}: run `python download.py`")
+    task_files = [cfg.task if cfg.task not in TASKS else "", cfg.eval_file]
+    check_out_dir(cfg.out_dir, [cfg.ckpt_dir, *task_files], cfg.resume, cfg.overwrite)
+    return weights
 
 
-def main(**flags):
+@torch.no_grad()
+def check_usable(model, step: int, prompts, completions, temperature: float, good_ckpt: str | None):
+    """Only finite weights with finite log-probs are saved or exported: an update can overflow into huge but
+    finite weights, which only the next forward pass shows. The last batch's first rows are that pass."""
+    logp, _ = completion_logprobs(model, prompts[:8], completions[:8], temperature)
+    bad = nonfinite_count(model)
+    if bad or not torch.isfinite(logp).all():
+        raise SystemExit(f"error: weights became unusable at step {step} ({bad} non-finite values, non-finite "
+                         f"log-probs: {not torch.isfinite(logp).all()}); stopped without saving. Last good "
+                         f"checkpoint: {good_ckpt or 'none yet'} (lower --lr)")
+
+
+def main(argv: list[str] | None = None):
     """GRPO-train a chat model on a verifiable task (--steps 0: only evaluate it). Flags: the GRPOConfig fields."""
-    unknown = sorted(set(flags) - {f.name for f in fields(GRPOConfig)})
+    train(cli(GRPOConfig, argv))
+
+
+# Same as smollm2.py: FlagParser
+class FlagParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise SystemExit(f"error: {message} (see --help)")
+
+
+# Same as smollm2.py: cli
+def cli(fn, argv=None):
+    """Call fn with flags parsed from the command line: one --name per parameter of fn, typed by its annotation,
+    its help the `name: text` line of fn's docstring; a *args parameter takes the positional words.
+
+    Values arrive exactly as typed: no eval, so --prompt "yes, please" or --prompt 0x10 is that string (python-fire,
+    used before, turned them into a tuple and 16). A typo gets "did you mean".
+    """
+    doc = inspect.getdoc(fn) or ""
+    helps = dict(re.findall(r"^ *(\w+): (.+)$", doc, re.M))
+    hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
+    parser = FlagParser(description=doc.split("\n\n")[0], allow_abbrev=False)
+    for name, p in inspect.signature(fn).parameters.items():
+        kind = [t for t in typing.get_args(hints.get(name)) if t is not type(None)] or [hints.get(name, str)]
+        kind = typing.get_origin(kind[0]) or kind[0]  # int | None -> int; list[str] -> list
+        if p.kind is p.VAR_POSITIONAL:
+            parser.add_argument(name, nargs="*", type=utf8, help=helps.get(name, ""))
+            continue
+        extra = dict(type=utf8, nargs="+", metavar="STR") if kind is list else \
+            dict(type=parse_bool, nargs="?", const=True, metavar="BOOL") if kind is bool else \
+            dict(type=utf8 if kind is str else kind, metavar=kind.__name__.upper())
+        text = f"{helps.get(name, '')} (default: {p.default!r})".replace("%", "%%")  # argparse formats help with %
+        parser.add_argument(f"--{name}", default=p.default, help=text, **extra)
+    flags, unknown = parser.parse_known_args(argv)
     if unknown:
-        raise SystemExit(f"error: unknown flag(s) {', '.join('--' + n for n in unknown)}; see GRPOConfig in grpo.py")
-    train(GRPOConfig(**flags))
+        known = [f"--{name}" for name in vars(flags)]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1)
+        what = "unknown flag" if unknown[0].startswith("-") else "unexpected argument"
+        parser.error(f"{what} {unknown[0]}" + (f"; did you mean {close[0]}?" if close else ""))
+    positional = [vars(flags).pop(n) for n, p in inspect.signature(fn).parameters.items()
+                  if p.kind is p.VAR_POSITIONAL]
+    return fn(*sum(positional, []), **vars(flags))
+
+
+# Same as smollm2.py: parse_bool
+def parse_bool(s: str) -> bool:
+    if s.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    return s.lower() in ("true", "1", "yes")
+
+
+# Same as smollm2.py: utf8
+def utf8(s: str) -> str:
+    s.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates (PEP 383): refused here, one line
+    return s
 
 
 if __name__ == "__main__":
-    import fire
-
-    fire.Fire(main)
+    main()

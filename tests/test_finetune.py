@@ -281,7 +281,7 @@ def test_lora_on_chat_learns_and_exports_merged(assets, tmp_path):
     with safe_open(out / "model.safetensors", framework="pt") as f:
         keys = set(f.keys())
     assert keys == set(smollm2.SmolLM2.from_pretrained(assets / "base").state_dict()) - {"lm_head.weight"}
-    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert all(".lora_" in k for k in ckpt["model"])  # the frozen base comes back from --ckpt_dir on resume
 
 
@@ -292,7 +292,7 @@ def test_bf16_lora_keeps_trainable_weights_in_fp32(assets, tmp_path):
                   "--eval_every", "4"))
     vals = val_losses(out)
     assert all(map(np.isfinite, losses(out))) and vals[-1] < vals[0]
-    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert {v.dtype for v in ckpt["model"].values()} == {torch.float32}
 
 
@@ -308,7 +308,7 @@ def test_pretrain_moe_from_shards_balances_experts(assets, tmp_path):
              "--batch_size", "4", "--max_steps", "3", "--eval_rows", "4", "--lr", "1e-2"])
     records = [r for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
     assert all(r["expert_load"] and all(abs(sum(v) - 1) < 1e-5 for v in r["expert_load"].values()) for r in records)
-    biases = {k: v for k, v in torch.load(out / "ckpt.pt", weights_only=False)["model"].items()
+    biases = {k: v for k, v in torch.load(out / "ckpt.pt", weights_only=True)["model"].items()
               if k.endswith("e_score_correction_bias")}
     assert biases and any(v.abs().sum() > 0 for v in biases.values())  # started at 0, moved by the balancing
 
@@ -321,7 +321,7 @@ def test_router_bias_rate_sets_the_balancing_step(assets, tmp_path):
     ft.main(["--model", "nanollm", "--preset", str(tmp_path / "nano.json"), "--tokenizer", str(assets / "base"),
              "--data", str(assets / "text.jsonl"), "--out_dir", str(tmp_path / "out"), "--mode", "full",
              "--seq_len", "32", "--max_steps", "2", "--eval_rows", "4", "--router_bias_rate", "0.25"])
-    biases = torch.cat([v for k, v in torch.load(tmp_path / "out/ckpt.pt", weights_only=False)["model"].items()
+    biases = torch.cat([v for k, v in torch.load(tmp_path / "out/ckpt.pt", weights_only=True)["model"].items()
                         if k.endswith("e_score_correction_bias")])
     assert set((biases.abs() / 0.25).tolist()) <= {0.0, 1.0, 2.0} and biases.abs().max() > 0
 
@@ -365,7 +365,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_path):
     with pytest.raises(SystemExit, match=r"error: (loss is|weights became) .*ckpt\.pt"):
         ft.main(flags(assets, out, "--mode", "full", "--lr", "1e30", "--warmup_steps", "1", "--max_steps", "6",
                       "--ckpt_every", "1", "--grad_clip", "0"))
-    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert 1 <= ckpt["meta"]["step"] <= len(losses(out)) < 6
 
