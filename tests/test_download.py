@@ -215,6 +215,15 @@ def test_failure_mid_write_leaves_no_final_dir(tmp_path, monkeypatch, tiny_gguf)
     assert sorted(p.name for p in out.iterdir()) == ["tiny"]
 
 
+def test_gguf_folders_keep_the_whole_file_name(tmp_path, tiny_gguf):
+    """GGUF names carry the version after a dot: Llama 3.2 and 3.1 files must not share one folder."""
+    for name in ["Llama-3.2-1B-Instruct.Q8_0.gguf", "Llama-3.1-8B-Instruct.Q8_0.gguf"]:
+        shutil.copy(tiny_gguf, tmp_path / name)
+        download.main(gguf=str(tmp_path / name), out=str(tmp_path / "ckpt"))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["Llama-3.1-8B-Instruct.Q8_0",
+                                                                     "Llama-3.2-1B-Instruct.Q8_0"]
+
+
 def test_existing_checkout_is_kept_unless_forced_and_corruption_is_caught(tmp_path, capsys, tiny_gguf):
     final = download.convert_local(tiny_gguf, tmp_path)
     stamp = (final / "model.safetensors").stat().st_mtime_ns
