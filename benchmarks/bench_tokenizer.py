@@ -3,9 +3,11 @@
 Text: the Python stdlib sources (Lib/*.py), concatenated, first `mb` MB. Each encoder gets a warm-up call,
 then the best of `repeats` timed single calls. Ours is also timed with a cold cache and with a cache warmed
 on other Python source (Lib/*/*.py), see `report`.
+Worst case: one piece of 1 MB (`worst_mb`) of one letter, and of spaces: the whole text goes through one
+merge loop (ours: bpe_long's numpy rounds), with the cache emptied before each call; see `worst_case`.
 tiktoken cannot run SmolLM2's vocabulary (its pre-tokenizer splits digits first, its merges follow the
 `merges` list and 21 byte values have no token), so that row has HF only.
-Run: python benchmarks/bench_tokenizer.py [--mb 4 --repeats 5]
+Run: python benchmarks/bench_tokenizer.py [--mb 4 --repeats 5 --worst_mb 1]
 Needs: python download.py smollm2-135m-instruct llama3.2-tokenizer
 """
 import os
@@ -20,7 +22,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 sys.path.insert(0, ROOT)
-from tokenizer_bpe import LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, Tokenizer  # noqa: E402
+from tokenizer_bpe import LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, Tokenizer, cli  # noqa: E402
 
 
 def stdlib_text(mb: float, pattern: str = "*.py") -> str:
@@ -69,7 +71,31 @@ def report(name: str, text: str, other: str, ours: Tokenizer, hf: HFTokenizer, t
         print(f"  ids identical to tiktoken: {ours.encode(text) == tik.encode_ordinary(text)}")
 
 
-def main(mb: float = 4.0, repeats: int = 5):
+def worst_case(name: str, mb: float, ours: Tokenizer, hf: HFTokenizer, tik, repeats: int):
+    """One long piece, best of `repeats` (each call takes a second or so); ids checked against HF's and
+    tiktoken's. tiktoken only on the letter: on 1 MB of spaces its regex (`\\s+(?!\\S)`, backtracking)
+    overflows its stack and panics, as tiktoken 0.14 does from about 0.5 MB on."""
+    n = int(mb * 1e6)
+    for what, text in [("one letter", "a" * n), ("spaces", " " * n)]:
+        rows = {"ours": mb_per_s(lambda: ours.encode(text), n, repeats, before=ours.cache.clear),
+                "HF tokenizers": mb_per_s(lambda: hf.encode(text, add_special_tokens=False), n, repeats)}
+        same = {"HF": ours.encode(text) == hf.encode(text, add_special_tokens=False).ids}
+        if tik is not None and what == "one letter":
+            rows["tiktoken"] = mb_per_s(lambda: tik.encode_ordinary(text), n, repeats)
+            same["tiktoken"] = ours.encode(text) == tik.encode_ordinary(text)
+        line = "  ".join(f"{row} {n / 1e6 / wall:.2f}s ({n / 1e6 / cpu:.2f}s CPU)"
+                         for row, (wall, cpu) in rows.items())
+        ratio = rows["HF tokenizers"][0] / rows["ours"][0]
+        print(f"{name}, {mb:g} MB of {what}: {line}; ours / HF time {ratio:.2f}; ids identical: {same}")
+
+
+def main(mb: float = 4.0, repeats: int = 5, worst_mb: float = 1.0):
+    """Encode throughput of tokenizer_bpe against HF tokenizers and tiktoken.
+
+    mb: megabytes of Python source to encode
+    repeats: timed calls per row (the best counts)
+    worst_mb: megabytes of the one-piece worst cases (one letter, spaces)
+    """
     text, other = stdlib_text(mb), stdlib_text(mb, pattern="*/*.py")
     llama = os.path.join(ROOT, "checkpoints", "Llama-3.2-tokenizer")
     smol = os.path.join(ROOT, "checkpoints", "SmolLM2-135M-Instruct")
@@ -83,8 +109,12 @@ def main(mb: float = 4.0, repeats: int = 5):
            HFTokenizer.from_file(os.path.join(llama, "tokenizer.json")), tik, repeats)
     report("SmolLM2 (tokenizer.json)", text, other, Tokenizer.from_file(smol),
            HFTokenizer.from_file(os.path.join(smol, "tokenizer.json")), None, repeats)
+    worst_repeats = min(repeats, 3)
+    worst_case("Llama 3", worst_mb, Tokenizer.from_file(os.path.join(llama, "tokenizer.model")),
+               HFTokenizer.from_file(os.path.join(llama, "tokenizer.json")), tik, worst_repeats)
+    worst_case("SmolLM2", worst_mb, Tokenizer.from_file(smol),
+               HFTokenizer.from_file(os.path.join(smol, "tokenizer.json")), None, worst_repeats)
 
 
 if __name__ == "__main__":
-    import fire
-    fire.Fire(main)
+    cli(main)

@@ -1,9 +1,9 @@
 """
-Tests for download.py.
+Tests for download.py and gguf_convert.py.
 
 - GGUF -> HF conversion, end to end against transformers: a tiny random LlamaForCausalLM is written as a
   llama.cpp-style GGUF (Q/K permuted with llama.cpp's own formula, llama.cpp tensor names, tokenizer
-  metadata), converted by gguf_to_hf(), and reloaded: weights must be bit-identical and logits equal.
+  metadata), converted by gguf_convert.gguf_to_hf(), and reloaded: weights bit-identical, logits equal.
 - Tokenizer files (tiny GGUF vocab and the real SmolLM2 checkout), atomic finalise, CLI errors, and the
   offline fallback with the Hub mocked unreachable. No test touches the network.
 - Real weights: checkpoints/SmolLM2-135M-Instruct (made by `python download.py`); skipped when absent.
@@ -28,6 +28,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import download  # noqa: E402
+import gguf_convert  # noqa: E402
 
 SMOL = ROOT / "checkpoints" / "SmolLM2-135M-Instruct"
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -141,13 +142,13 @@ def test_unpermute_inverts_llama_cpp_permute():
         w = torch.randn(n_head * head_dim, cols).numpy()
         permuted = llama_cpp_permute(w, n_head)
         assert head_dim == 2 or not np.array_equal(permuted, w)  # the permutation does move rows
-        np.testing.assert_array_equal(download.unpermute_qk(permuted, n_head), w)
+        np.testing.assert_array_equal(gguf_convert.unpermute_qk(permuted, n_head), w)
 
 
 @pytest.mark.parametrize("pre", ["smollm", "llama-bpe"])
 def test_gguf_to_hf_matches_transformers(tmp_path, pre):
     model, path = tiny_model_and_gguf(tmp_path / "tiny.gguf", pre)
-    n = download.gguf_to_hf(path, tmp_path / "hf")
+    n = gguf_convert.gguf_to_hf(path, tmp_path / "hf")
     assert n == len(model.state_dict()) - model.config.tie_word_embeddings
     download.verify(tmp_path / "hf", expected_tensors=n)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -177,13 +178,13 @@ def test_gguf_to_hf_matches_transformers(tmp_path, pre):
 
 def test_unsupported_tokenizer_pre_type(tmp_path, monkeypatch):
     _, path = tiny_model_and_gguf(tmp_path / "tiny.gguf", "smollm")
-    monkeypatch.setattr(download, "PRE_TOKENIZERS", {})
-    with pytest.raises(download.DownloadError, match="not supported"):
-        download.gguf_to_hf(path, tmp_path / "hf")
+    monkeypatch.setattr(gguf_convert, "PRE_TOKENIZERS", {})
+    with pytest.raises(ValueError, match="not supported"):
+        gguf_convert.gguf_to_hf(path, tmp_path / "hf")
 
 
 def test_bfloat16_output_and_invalid_gguf(tmp_path, tiny_gguf):
-    download.gguf_to_hf(tiny_gguf, tmp_path / "bf16", dtype="bfloat16")
+    gguf_convert.gguf_to_hf(tiny_gguf, tmp_path / "bf16", dtype="bfloat16")
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     model = LlamaForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
@@ -204,7 +205,7 @@ def test_failure_mid_write_leaves_no_final_dir(tmp_path, monkeypatch, tiny_gguf)
     def disk_full(meta, folder):
         raise OSError(28, "No space left on device", str(folder / "tokenizer.json"))
 
-    monkeypatch.setattr(download, "write_gguf_tokenizer", disk_full)
+    monkeypatch.setattr(gguf_convert, "write_gguf_tokenizer", disk_full)
     with pytest.raises(SystemExit, match="^error: No space left on device"):
         download.main(gguf=str(tiny_gguf), out=str(out))
     assert (out / "tiny.partial" / "model.safetensors").exists()  # it died after the weights...
@@ -212,6 +213,15 @@ def test_failure_mid_write_leaves_no_final_dir(tmp_path, monkeypatch, tiny_gguf)
     monkeypatch.undo()
     download.main(gguf=str(tiny_gguf), out=str(out))  # a rerun starts the partial folder afresh
     assert sorted(p.name for p in out.iterdir()) == ["tiny"]
+
+
+def test_gguf_folders_keep_the_whole_file_name(tmp_path, tiny_gguf):
+    """GGUF names carry the version after a dot: Llama 3.2 and 3.1 files must not share one folder."""
+    for name in ["Llama-3.2-1B-Instruct.Q8_0.gguf", "Llama-3.1-8B-Instruct.Q8_0.gguf"]:
+        shutil.copy(tiny_gguf, tmp_path / name)
+        download.main(gguf=str(tmp_path / name), out=str(tmp_path / "ckpt"))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["Llama-3.1-8B-Instruct.Q8_0",
+                                                                     "Llama-3.2-1B-Instruct.Q8_0"]
 
 
 def test_existing_checkout_is_kept_unless_forced_and_corruption_is_caught(tmp_path, capsys, tiny_gguf):
@@ -323,7 +333,7 @@ def fake_hub(source_dir, calls):
 def test_hub_download_path(tmp_path, monkeypatch, tiny_gguf):
     import huggingface_hub
     repo = tmp_path / "repo"  # a Hub repo: HF files, Meta's original/ folder, and files we must skip
-    download.gguf_to_hf(tiny_gguf, repo)
+    gguf_convert.gguf_to_hf(tiny_gguf, repo)
     (repo / "original").mkdir()
     for f in ["consolidated.00.pth", "params.json", "tokenizer.model"]:
         (repo / "original" / f).write_text("{}")
@@ -342,7 +352,7 @@ def test_hub_download_path(tmp_path, monkeypatch, tiny_gguf):
     assert sorted(p.name for p in (out / "Llama-3.2-tokenizer").iterdir()) == [
         "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
     config = json.loads((out / "Llama-3.2-tokenizer" / "tokenizer_config.json").read_text())
-    assert config["chat_template"] == download.LLAMA31_CHAT_TEMPLATE
+    assert config["chat_template"] == download.LLAMA31_CHAT_TEMPLATE.read_text(encoding="utf-8")
     assert sorted(p.name for p in (out / "Llama-3.2-1B-Instruct-meta").iterdir()) == [
         "consolidated.00.pth", "params.json", "tokenizer.model"]
 
