@@ -50,6 +50,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import textwrap
 import tempfile
 import typing
 import zipfile
@@ -409,8 +410,14 @@ class FlagParser(argparse.ArgumentParser):
         raise SystemExit(f"error: {message} (see --help)")
 
 
+# Same as smollm2.py: HelpFormatter
+class HelpFormatter(argparse.HelpFormatter):
+    def _split_lines(self, text, width):  # wrap at spaces only: a long default is never cut mid-word
+        return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
+
+
 # Same as smollm2.py: cli
-def cli(fn, argv=None):
+def cli(fn, argv=None, prog=None):
     """Call fn with flags parsed from the command line: one --name per parameter of fn, typed by its annotation,
     its help the `name: text` line of fn's docstring; a *args parameter takes the positional words.
 
@@ -420,7 +427,7 @@ def cli(fn, argv=None):
     doc = inspect.getdoc(fn) or ""
     helps = dict(re.findall(r"^ *(\w+): (.+)$", doc, re.M))
     hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
-    parser = FlagParser(description=doc.split("\n\n")[0], allow_abbrev=False)
+    parser = FlagParser(prog, description=doc.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False)
     for name, p in inspect.signature(fn).parameters.items():
         kind = [t for t in typing.get_args(hints.get(name)) if t is not type(None)] or [hints.get(name, str)]
         kind = typing.get_origin(kind[0]) or kind[0]  # int | None -> int; list[str] -> list
