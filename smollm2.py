@@ -14,9 +14,6 @@ Departures from the reference, all deliberate:
   prompt yields exactly the tokens it yields alone (HF's padded `generate` shifts positions unless the caller
   passes them);
 - during prefill only the last position goes through the 49152-wide output head;
-- on a CPU, bf16 attention runs in fp32 and is rounded back (PyTorch's bf16 CPU kernel is 2-9x slower), so
-  bf16 logits differ from HF's by rounding, and are on average no further from fp32 ones (tested); the KV
-  cache is then kept in fp32 (the same bf16 values, twice the memory) so that no step converts all of it.
 
 Usage:
     python download.py                                  # SmolLM2-135M-Instruct into checkpoints/
@@ -30,14 +27,10 @@ import codecs
 import difflib
 import inspect
 import json
-import os
-import platform
 import re
 import sys
-import threading
 import time
 import typing
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,91 +136,6 @@ PRESETS = {
 # Building blocks
 
 
-# Decoding multiplies one row by every weight matrix, so on a CPU its speed is the speed of streaming weights
-# from memory, and two PyTorch kernels leave much of that unused (benchmarks/bench_cpu_kernels.py):
-# - fp32: the one-row product runs on one thread, whatever the thread count. Linear splits it by threads.
-# - bf16: F.linear reorders the weight into oneDNN's blocked layout on every call. Inference keeps a reordered
-#   copy instead (remade when the weight changes; kept while it fits in half the free memory), stacked for the
-#   layers that share an input (q, k, v; gate, up), since fewer, larger products stream faster. The same
-#   products, faster (figures in README.md).
-# (x86 only: the path is measured and tested there; oneDNN's ARM builds are a different library underneath)
-BF16_ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-               and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-# owner module -> (its weights' versions, their reordered copy or None): a cache beside the modules, so
-# copying or saving a module never meets the opaque oneDNN tensor
-PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-# Checking a copy against its weights costs 3-5% of a small model's decode step, and no weight may change within
-# one generate call (stream callbacks included): its prefill checks every copy, and its decode steps, run with
-# this thread's DECODING.on set, skip the check.
-DECODING = threading.local()
-
-
-def free_memory() -> int:
-    """Bytes the OS can hand out: Linux's MemAvailable (free pages + reclaimable file cache, which a freshly read
-    checkpoint fills), else the free pages, else 0 where it cannot tell (then no reordered copies are kept)."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return 0
-
-
-def onednn_weight(owner: nn.Module, layers) -> torch.Tensor | None:
-    """The layers' weights, stacked, in oneDNN's bf16 layout, cached beside owner; None where not kept."""
-    entry = PACKED.get(owner)
-    if entry is not None and getattr(DECODING, "on", False):
-        return entry[1]
-    ws = [layer.weight for layer in layers]
-    key = [(w.data_ptr(), None if w.is_inference() else w._version) for w in ws]  # a new tensor or an update
-    if entry is None or entry[0] != key:
-        PACKED.pop(owner, None)  # free a stale copy before deciding on a new one
-        # (bf16 weights only: under autocast, bf16 activations meet fp32 weights, which F.linear casts)
-        packed = None
-        if all(w.dtype == torch.bfloat16 for w in ws) and 2 * sum(w.nbytes for w in ws) < free_memory():
-            stacked = torch.cat(ws) if len(ws) > 1 else ws[0]  # (cat copies: only for a copy that is kept)
-            packed = torch.ops.mkldnn._reorder_linear_weight(stacked.detach(), 1)
-        entry = PACKED[owner] = (key, packed)
-    return entry[1]
-
-
-def onednn_path(x) -> bool:
-    """Whether a product with input x takes the reordered bf16 weights: CPU inference (torch.compile traces
-    F.linear instead: inductor picks, and with freezing reorders for, its own kernels)."""
-    return (BF16_ONEDNN and x.is_cpu and x.dtype == torch.bfloat16 and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling())
-
-
-def project(owner: nn.Module, x, layers) -> list[torch.Tensor]:
-    """x through each of layers (bias-free Linears sharing x as input): one product over their stacked weights on
-    the bf16 CPU inference path, else each layer's own forward (so a wrapper such as LoRA still runs)."""
-    if onednn_path(x) and all(type(layer) is Linear for layer in layers):
-        w = onednn_weight(owner, layers)
-        if w is not None:
-            y = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-            return y.split([layer.out_features for layer in layers], dim=-1)
-    return [layer(x) for layer in layers]
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameter, same name) with the CPU decoding paths above."""
-
-    def forward(self, x):
-        if onednn_path(x) and (w := onednn_weight(self, [self])) is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
-        one_row = (x.numel() == self.in_features and x.is_cpu and x.dtype == torch.float32
-                   and self.bias is None and not torch.compiler.is_compiling())
-        n = torch.get_num_threads() if one_row else 1
-        if n == 1 or self.out_features % n:
-            return F.linear(x, self.weight, self.bias)
-        # one block of output rows per thread: a batched matmul whose blocks run in parallel
-        w = self.weight.view(n, self.out_features // n, self.in_features)  # (n, out/n, in): a view, no copy
-        return torch.bmm(x.reshape(1, 1, -1).expand(n, 1, -1), w.transpose(1, 2)).view(x.shape[:-1] + (-1,))
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -284,15 +192,15 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.q_proj = Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.k_proj = Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.q_proj = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, cache_start=None):
         B, T, _ = x.shape
-        q, k, v = project(self, x, (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -301,12 +209,8 @@ class Attention(nn.Module):
             k, v = self.cache.update(cache_start, k, v)  # (B, nkv, S, hd), S = cached + T
         # enable_gqa lets query head h read kv head h // (nh / nkv) without materialising the repeat: the
         # same grouping as HF's repeat_kv (repeat_interleave on the head axis). mask None means plain causal.
-        # On a CPU, PyTorch's bf16 attention kernel is 2-9x slower than its fp32 one (one query, 40-1000
-        # keys), so bf16 attention runs in fp32 there and is rounded back: never less exact than bf16.
-        dt = torch.float32 if x.is_cpu else x.dtype
-        y = F.scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt), attn_mask=mask,
-                                           is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_heads != self.n_kv_heads).to(x.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -315,13 +219,12 @@ class MLP(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = Linear(args.dim, args.hidden_dim, bias=False)
-        self.up_proj = Linear(args.dim, args.hidden_dim, bias=False)
-        self.down_proj = Linear(args.hidden_dim, args.dim, bias=False)
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
 
     def forward(self, x):
-        gate, up = project(self, x, (self.gate_proj, self.up_proj))
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -356,7 +259,7 @@ class SmolLM2(nn.Module):
         super().__init__()
         self.args = args
         self.model = Decoder(args)
-        self.lm_head = Linear(args.dim, args.vocab_size, bias=False)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.init_rope()
@@ -402,11 +305,9 @@ class SmolLM2(nn.Module):
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(f"{max_seq_len} tokens do not fit the context of {self.args.max_seq_len}")
         w = self.lm_head.weight
-        # on a CPU, attention runs in fp32 (see Attention): an fp32 cache spares converting all of it every step
-        dtype = torch.float32 if w.is_cpu else w.dtype
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
-                                            dtype, w.device)
+                                            w.dtype, w.device)
 
     def clear_cache(self):
         for layer in self.model.layers:
@@ -509,9 +410,7 @@ class SmolLM2(nn.Module):
         out = [[] for _ in range(B)]
         done = [False] * B
         try:
-            DECODING.on = False  # the prefill checks the reordered weights, even in another generate's stream
             logits = self.forward_cached(tokens, 0, pad)
-            DECODING.on = True  # so the decode steps need not
             for step in range(max_new_tokens):
                 next_tok = sample(logits, temperature, top_k, top_p, generator)  # (B,)
                 for b, t in enumerate(next_tok.tolist()):
@@ -527,7 +426,6 @@ class SmolLM2(nn.Module):
                     break
                 logits = self.forward_cached(next_tok[:, None], longest + step, pad)
         finally:
-            DECODING.on = False
             self.clear_cache()
         return out
 
