@@ -20,7 +20,7 @@ Departures from nano-llama31 and Meta's reference, all deliberate:
   and ragged batches are left-padded with per-row positions, so a batch yields the tokens of one-by-one runs;
 - the model is built on the meta device and takes the memory-mapped checkpoint tensors as its weights: one
   copy in memory; during prefill only the last position goes through the output head;
-- one device, no model parallelism: Meta's shards are merged while loading;
+- one device, no model parallelism: Meta's shards are merged while loading.
 
 Usage:
     python download.py llama3.1-8b-instruct
@@ -514,18 +514,15 @@ def checkpoint_files(ckpt_dir: Path) -> tuple[str, list[Path]]:
     return fmt, files
 
 
-# Same as smollm2.py: check_state
-def check_state(model: nn.Module, state: dict, ckpt_dir):
-    """One clear error where the checkpoint's tensors are not those of the model its config describes (what a
-    strict load_state_dict checks, said in one line)."""
-    expected = model.state_dict()
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"{ckpt_dir} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for name, p in expected.items():
-        if state[name].shape != p.shape:
-            raise ValueError(f"{ckpt_dir}: {name} has shape {tuple(state[name].shape)} but the config gives "
-                             f"{tuple(p.shape)}")
+# Same as smollm2.py: read_json
+def read_json(path: Path, parse=dict):
+    """parse(the JSON object in path): one clear error naming the file where it is not JSON or lacks an entry."""
+    try:
+        return parse(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); download or save the checkpoint again") from None
+    except KeyError as e:
+        raise ValueError(f"{path} has no entry {e}: it is not a checkpoint this file reads") from None
 
 
 # Same as smollm2.py: load_safetensors
@@ -550,15 +547,18 @@ def load_safetensors(ckpt_dir: Path, device, dtype) -> dict:
     return state
 
 
-# Same as smollm2.py: read_json
-def read_json(path: Path, parse=dict):
-    """parse(the JSON object in path): one clear error naming the file where it is not JSON or lacks an entry."""
-    try:
-        return parse(json.loads(Path(path).read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); download or save the checkpoint again") from None
-    except KeyError as e:
-        raise ValueError(f"{path} has no entry {e}: it is not a checkpoint this file reads") from None
+# Same as smollm2.py: check_state
+def check_state(model: nn.Module, state: dict, ckpt_dir):
+    """One clear error where the checkpoint's tensors are not those of the model its config describes (what a
+    strict load_state_dict checks, said in one line)."""
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{ckpt_dir} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, p in expected.items():
+        if state[name].shape != p.shape:
+            raise ValueError(f"{ckpt_dir}: {name} has shape {tuple(state[name].shape)} but the config gives "
+                             f"{tuple(p.shape)}")
 
 
 # Meta name -> (HF name, dim along which model-parallel shards split it; None: replicated in every shard).
