@@ -20,10 +20,7 @@ Departures from nano-llama31 and Meta's reference, all deliberate:
   and ragged batches are left-padded with per-row positions, so a batch yields the tokens of one-by-one runs;
 - the model is built on the meta device and takes the memory-mapped checkpoint tensors as its weights: one
   copy in memory; during prefill only the last position goes through the output head;
-- one device, no model parallelism: Meta's shards are merged while loading;
-- on a CPU, bf16 attention runs in fp32 and is rounded back (PyTorch's bf16 CPU kernel is 2-9x slower), so
-  bf16 logits differ from HF's by rounding, and are on average no further from fp32 ones (tested); the KV
-  cache is then kept in fp32 (the same bf16 values, twice the memory) so that no step converts all of it.
+- one device, no model parallelism: Meta's shards are merged while loading.
 
 Usage:
     python download.py llama3.1-8b-instruct
@@ -34,16 +31,18 @@ Usage:
     python llama31.py --ckpt_dir checkpoints/Llama-3.1-8B-Instruct-meta --prompt "Why is the sky blue?"
 """
 
+import argparse
 import codecs
+import difflib
+import inspect
 import json
 import math
-import os
-import platform
+import pickle
 import re
 import sys
-import threading
+import textwrap
 import time
-import weakref
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,91 +181,7 @@ PRESETS = {
 # Building blocks
 
 
-# Decoding multiplies one row by every weight matrix, so on a CPU its speed is the speed of streaming weights
-# from memory, and two PyTorch kernels leave much of that unused (benchmarks/bench_cpu_kernels.py):
-# - fp32: the one-row product runs on one thread, whatever the thread count. Linear splits it by threads.
-# - bf16: F.linear reorders the weight into oneDNN's blocked layout on every call. Inference keeps a reordered
-#   copy instead (remade when the weight changes; kept while it fits in half the free memory), stacked for the
-#   layers that share an input (q, k, v; gate, up), since fewer, larger products stream faster. The same
-#   products, faster (figures in README.md).
-# (x86 only: the path is measured and tested there; oneDNN's ARM builds are a different library underneath)
-BF16_ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-               and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-# owner module -> (its weights' versions, their reordered copy or None): a cache beside the modules, so
-# copying or saving a module never meets the opaque oneDNN tensor
-PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-# Checking a copy against its weights costs 3-5% of a small model's decode step, and no weight may change within
-# one generate call (stream callbacks included): its prefill checks every copy, and its decode steps, run with
-# this thread's DECODING.on set, skip the check.
-DECODING = threading.local()
-
-
-def free_memory() -> int:
-    """Bytes the OS can hand out: Linux's MemAvailable (free pages + reclaimable file cache, which a freshly read
-    checkpoint fills), else the free pages, else 0 where it cannot tell (then no reordered copies are kept)."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return 0
-
-
-def onednn_weight(owner: nn.Module, layers) -> torch.Tensor | None:
-    """The layers' weights, stacked, in oneDNN's bf16 layout, cached beside owner; None where not kept."""
-    entry = PACKED.get(owner)
-    if entry is not None and getattr(DECODING, "on", False):
-        return entry[1]
-    ws = [layer.weight for layer in layers]
-    key = [(w.data_ptr(), None if w.is_inference() else w._version) for w in ws]  # a new tensor or an update
-    if entry is None or entry[0] != key:
-        PACKED.pop(owner, None)  # free a stale copy before deciding on a new one
-        # (bf16 weights only: under autocast, bf16 activations meet fp32 weights, which F.linear casts)
-        packed = None
-        if all(w.dtype == torch.bfloat16 for w in ws) and 2 * sum(w.nbytes for w in ws) < free_memory():
-            stacked = torch.cat(ws) if len(ws) > 1 else ws[0]  # (cat copies: only for a copy that is kept)
-            packed = torch.ops.mkldnn._reorder_linear_weight(stacked.detach(), 1)
-        entry = PACKED[owner] = (key, packed)
-    return entry[1]
-
-
-def onednn_path(x) -> bool:
-    """Whether a product with input x takes the reordered bf16 weights: CPU inference (torch.compile traces
-    F.linear instead: inductor picks, and with freezing reorders for, its own kernels)."""
-    return (BF16_ONEDNN and x.is_cpu and x.dtype == torch.bfloat16 and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling())
-
-
-def project(owner: nn.Module, x, layers) -> list[torch.Tensor]:
-    """x through each of layers (bias-free Linears sharing x as input): one product over their stacked weights on
-    the bf16 CPU inference path, else each layer's own forward (so a wrapper such as LoRA still runs)."""
-    if onednn_path(x) and all(type(layer) is Linear for layer in layers):
-        w = onednn_weight(owner, layers)
-        if w is not None:
-            y = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-            return y.split([layer.out_features for layer in layers], dim=-1)
-    return [layer(x) for layer in layers]
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameter, same name) with the CPU decoding paths above."""
-
-    def forward(self, x):
-        if onednn_path(x) and (w := onednn_weight(self, [self])) is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
-        one_row = (x.numel() == self.in_features and x.is_cpu and x.dtype == torch.float32
-                   and self.bias is None and not torch.compiler.is_compiling())
-        n = torch.get_num_threads() if one_row else 1
-        if n == 1 or self.out_features % n:
-            return F.linear(x, self.weight, self.bias)
-        # one block of output rows per thread: a batched matmul whose blocks run in parallel
-        w = self.weight.view(n, self.out_features // n, self.in_features)  # (n, out/n, in): a view, no copy
-        return torch.bmm(x.reshape(1, 1, -1).expand(n, 1, -1), w.transpose(1, 2)).view(x.shape[:-1] + (-1,))
-
-
+# Same as smollm2.py: RMSNorm
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -274,8 +189,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32 even for bf16 activations: the mean of 4096 squares loses too much precision
-        # otherwise. The scale is applied after casting back, in the weight's dtype, exactly as HF LlamaRMSNorm.
+        # Normalise in fp32 even for bf16 activations: the mean of squares loses too much precision otherwise.
+        # The scale is applied after casting back, in the weight's dtype, exactly as HF LlamaRMSNorm.
+        # (F.rms_norm: x * rsqrt(mean(x^2) + eps), the same operations as HF's, in one call.)
         return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
 
@@ -308,12 +224,14 @@ def rope_cos_sin(inv_freq, pos, dtype):
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+# Same as smollm2.py: apply_rope
 def apply_rope(x, cos, sin):
-    """x (B, n_heads, T, hd): rotate each pair (x_i, x_{i+hd/2}) by its position's angle."""
+    """x (B, n_heads, T, hd), cos and sin (B, 1, T, hd): rotate each pair (x_i, x_{i+hd/2}) by its angle."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin  # HF's rotate_half: (x1, x2) -> (-x2, x1)
 
 
+# Differs from smollm2.py's KVCache: update returns the whole buffers, so every decode step has the same shapes
 class KVCache(nn.Module):
     """Preallocated keys and values of one layer, written in place at the given slots (gpt-fast)."""
 
@@ -330,50 +248,47 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+# Same as smollm2.py: Attention
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.q_proj = Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.k_proj = Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.q_proj = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, input_pos=None):
         B, T, _ = x.shape
-        q, k, v = project(self, x, (self.q_proj, self.k_proj, self.v_proj))
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:
-            k, v = self.cache.update(input_pos, k, v)  # (B, nkv, S, hd), S = cache length
+            k, v = self.cache.update(input_pos, k, v)  # (B, nkv, S, hd): what the cache lets the queries see
         # enable_gqa lets query head h read kv head h // (nh / nkv) without materialising the repeat: the
         # same grouping as HF's repeat_kv (repeat_interleave on the head axis). mask None means plain causal.
-        # On a CPU, PyTorch's bf16 attention kernel is 2-9x slower than its fp32 one (one query, 40-1000
-        # keys), so bf16 attention runs in fp32 there and is rounded back: never less exact than bf16.
-        dt = torch.float32 if x.is_cpu else x.dtype
-        y = F.scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt), attn_mask=mask,
-                                           is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_heads != self.n_kv_heads).to(x.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
+# Same as smollm2.py: MLP
 class MLP(nn.Module):
-    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x)); Meta's w1, w3, w2."""
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = Linear(args.dim, args.hidden_dim, bias=False)
-        self.up_proj = Linear(args.dim, args.hidden_dim, bias=False)
-        self.down_proj = Linear(args.hidden_dim, args.dim, bias=False)
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
 
     def forward(self, x):
-        gate, up = project(self, x, (self.gate_proj, self.up_proj))
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+# Same as smollm2.py: Block
 class Block(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -387,10 +302,25 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+# Same as smollm2.py: doc_positions_and_mask
+def doc_positions_and_mask(doc_ids):
+    """Packed training rows of document ids (B, T) -> RoPE positions that restart at 0 where each document
+    starts (B, T), and a causal mask that never crosses a document boundary (B, 1, T, T), as if each document
+    were run alone. A document is a run of equal ids: an id that comes back later in the row starts a new one."""
+    t = torch.arange(doc_ids.size(1), device=doc_ids.device)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    segment = starts.cumsum(1)  # (B, T) document number: runs, not raw ids
+    pos = t - torch.where(starts, t, 0).cummax(1).values  # distance to the own document's first token
+    mask = (segment[:, :, None] == segment[:, None, :]) & (t[:, None] >= t[None, :])
+    return pos, mask[:, None]
+
+
 # -----------------------------------------------------------------------------
 # The model
 
 
+# Same as smollm2.py: Decoder (with SmolLM2->Llama)
 class Decoder(nn.Module):
     """The trunk, named `model` inside Llama so parameter names match HF's `model.layers.N...`."""
 
@@ -406,7 +336,7 @@ class Llama(nn.Module):
         super().__init__()
         self.args = args
         self.model = Decoder(args)
-        self.lm_head = Linear(args.dim, args.vocab_size, bias=False)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.init_rope()
@@ -424,23 +354,15 @@ class Llama(nn.Module):
         return self.model.norm(x)
 
     def forward(self, tokens, doc_ids=None):
-        """tokens (B, T) -> logits (B, T, vocab). No cache: the training and parity-test path.
-
-        doc_ids (B, T), for packed training rows: a token attends only to earlier tokens of its own document,
-        and RoPE positions restart at 0 where each document starts, as if each were run alone.
-        """
+        """tokens (B, T) -> logits (B, T, vocab). No cache: the training and parity-test path. doc_ids (B, T)
+        marks packed documents, which never see each other (doc_positions_and_mask)."""
         B, T = tokens.shape
         if T > self.args.max_seq_len:
             raise ValueError(f"{T} tokens exceed max_seq_len {self.args.max_seq_len}")
-        idx = torch.arange(T, device=tokens.device).expand(B, T)
         if doc_ids is None:
-            pos, mask = idx, None  # no mask: SDPA's is_causal path, the fastest kernel
+            pos, mask = torch.arange(T, device=tokens.device).expand(B, T), None  # None: SDPA's causal kernel
         else:
-            starts = torch.ones_like(doc_ids, dtype=torch.bool)
-            starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-            pos = idx - torch.where(starts, idx, 0).cummax(dim=1).values  # distance to own document start
-            same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
-            mask = (same_doc & torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()).unsqueeze(1)
+            pos, mask = doc_positions_and_mask(doc_ids)
         return self.lm_head(self.trunk(tokens, pos, mask))
 
     # --- KV cache: allocated for generation only, never while training
@@ -451,23 +373,22 @@ class Llama(nn.Module):
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(f"{max_seq_len} tokens exceed max_seq_len {self.args.max_seq_len}")
         w = self.lm_head.weight
-        # on a CPU, attention runs in fp32 (see Attention): an fp32 cache spares converting all of it every step
-        dtype = torch.float32 if w.is_cpu else w.dtype
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
-                                            dtype, w.device)
+                                            w.dtype, w.device)
 
     def clear_cache(self):
         for layer in self.model.layers:
             layer.self_attn.cache = None
 
-    def forward_cached(self, tokens, input_pos, pad):
-        """Run tokens (B, T) into cache slots input_pos (T,); return the last position's logits (B, vocab).
+    def forward_cached(self, tokens, input_pos, pad=None):
+        """Run tokens (B, T) in cache slots input_pos (T,); return the last position's logits (B, vocab).
 
-        pad (B,): left padding of each row. A row's RoPE position is its slot minus its padding. Attention
-        reads the whole preallocated cache, as gpt-fast: shapes never change, so a compiled decode step is
-        reused every step; the mask hides padding and slots not yet written.
+        pad (B,), None for none: left padding of each row. A row's RoPE position is its slot minus its padding.
+        Unlike smollm2.py, attention reads the whole preallocated cache, as gpt-fast: shapes never change, so a
+        compiled decode step is reused every step; the mask hides padding and slots not yet written.
         """
+        pad = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device) if pad is None else pad
         slots = torch.arange(self.model.layers[0].self_attn.cache.k.size(2), device=tokens.device)  # (S,)
         pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
         mask = (slots <= input_pos[:, None]) & (slots >= pad[:, None, None])  # (B, T, S)
@@ -488,12 +409,12 @@ class Llama(nn.Module):
         ckpt_dir, device = Path(ckpt_dir), torch.device(device or "cpu")
         fmt, files = checkpoint_files(ckpt_dir)
         if fmt == "hf":
-            args = ModelArgs.from_hf_config(json.loads((ckpt_dir / "config.json").read_text()))
+            args = read_json(ckpt_dir / "config.json", ModelArgs.from_hf_config)
             gen = ckpt_dir / "generation_config.json"  # HF generate stops at its eos ids: so do we
-            if gen.is_file() and "eos_token_id" in (gen_cfg := json.loads(gen.read_text())):
+            if gen.is_file() and "eos_token_id" in (gen_cfg := read_json(gen)):
                 args.stop_tokens = token_ids(gen_cfg["eos_token_id"])
         else:
-            args = ModelArgs.from_meta_params(json.loads((ckpt_dir / "params.json").read_text()))
+            args = read_json(ckpt_dir / "params.json", ModelArgs.from_meta_params)
             if "instruct" in ckpt_dir.name.lower():  # params.json does not say; Meta's folder names do
                 args.stop_tokens = (END_OF_TEXT, EOM, EOT)
         args.max_seq_len = max_seq_len or min(8192, args.context_len)
@@ -503,18 +424,10 @@ class Llama(nn.Module):
         # memory-mapped checkpoint tensors become the weights when device and dtype already match.
         with torch.device("meta"):
             model = cls(args)
-        state = load_hf(files, device, dtype) if fmt == "hf" else load_meta(files, args, device, dtype)
-        if args.tie_embeddings:  # the one key a tied checkpoint may lack (or hold a redundant copy of)
-            state["lm_head.weight"] = state.get("model.embed_tokens.weight")
-        expected = model.state_dict()
-        missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-        if missing or unexpected:
-            raise ValueError(f"{ckpt_dir} does not match its config: missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}")
-        for name, p in expected.items():
-            if getattr(state[name], "shape", None) != p.shape:
-                raise ValueError(f"{ckpt_dir}: {name} has shape {tuple(getattr(state[name], 'shape', ()))} "
-                                 f"but the config gives {tuple(p.shape)}")
+        state = load_safetensors(ckpt_dir, device, dtype) if fmt == "hf" else load_meta(files, args, device, dtype)
+        if args.tie_embeddings and "model.embed_tokens.weight" in state:  # the embedding wins over a stored copy
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        check_state(model, state, ckpt_dir)
         model.load_state_dict(state, strict=True, assign=True)
         if args.tie_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight  # assign=True made two Parameters: re-tie
@@ -555,9 +468,7 @@ class Llama(nn.Module):
             self.setup_cache(B, total)
         out, done = [[] for _ in range(B)], [False] * B
         try:
-            DECODING.on = False  # the prefill checks the reordered weights, even in another generate's stream
             logits = self.forward_cached(tokens, torch.arange(longest, device=device), pad)  # prefill
-            DECODING.on = True  # so the decode steps need not
             for step in range(max_new_tokens):
                 next_tok = sample(logits, temperature, top_k, top_p, generator)  # (B,)
                 for b, t in enumerate(next_tok.tolist()):
@@ -570,7 +481,6 @@ class Llama(nn.Module):
                     break
                 logits = self.forward_cached(next_tok[:, None], torch.tensor([longest + step], device=device), pad)
         finally:
-            DECODING.on = False
             if own_cache:
                 self.clear_cache()
         return out
@@ -591,7 +501,7 @@ def checkpoint_files(ckpt_dir: Path) -> tuple[str, list[Path]]:
     fix = f"run `{download_hint(ckpt_dir)}`"
     if (ckpt_dir / "config.json").is_file():
         index = ckpt_dir / "model.safetensors.index.json"
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+        names = sorted(set(read_json(index).get("weight_map", {}).values())) if index.is_file() \
             else ["model.safetensors"]
         fmt, files = "hf", [ckpt_dir / n for n in names]
     elif (ckpt_dir / "params.json").is_file():
@@ -605,21 +515,51 @@ def checkpoint_files(ckpt_dir: Path) -> tuple[str, list[Path]]:
     return fmt, files
 
 
-def load_hf(files: list[Path], device, dtype) -> dict:
-    """HF safetensors shards -> state dict with the HF names this model uses."""
+# Same as smollm2.py: read_json
+def read_json(path: Path, parse=dict):
+    """parse(the JSON object in path): one clear error naming the file where it is not JSON or lacks an entry."""
+    try:
+        return parse(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); download or save the checkpoint again") from None
+    except KeyError as e:
+        raise ValueError(f"{path} has no entry {e}: it is not a checkpoint this file reads") from None
+
+
+# Same as smollm2.py: load_safetensors
+def load_safetensors(ckpt_dir: Path, device, dtype) -> dict:
+    """Every tensor of a HF checkpoint folder (model.safetensors, or the shards model.safetensors.index.json
+    lists) on device, in dtype (None: as stored); a missing or damaged file is one clear error."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    index = ckpt_dir / "model.safetensors.index.json"
+    names = sorted(set(read_json(index).get("weight_map", {}).values())) if index.is_file() else ["model.safetensors"]
     state = {}
-    for f in files:
+    for f in (ckpt_dir / name for name in names):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing: the download is incomplete; fetch the checkpoint again")
         try:
             shard = load_file(f)  # memory-mapped: bytes are read when a tensor is first used
         except SafetensorError as e:
-            raise ValueError(f"{f} is truncated or corrupt ({e}); download it again") from e
-        # same device and dtype: .to() returns the mapped tensor itself, one copy; otherwise the shard's pages
-        # stay mapped until the next shard replaces it, so the CPU briefly holds one file next to the result
+            raise ValueError(f"{f} is truncated or corrupt ({e}); download it again") from None
+        # same device and dtype: .to() returns the mapped tensor itself, one copy in memory
         state.update({k: v.to(device=device, dtype=dtype or v.dtype) for k, v in shard.items()})
     return state
+
+
+# Same as smollm2.py: check_state
+def check_state(model: nn.Module, state: dict, ckpt_dir):
+    """One clear error where the checkpoint's tensors are not those of the model its config describes (what a
+    strict load_state_dict checks, said in one line)."""
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{ckpt_dir} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, p in expected.items():
+        if state[name].shape != p.shape:
+            raise ValueError(f"{ckpt_dir}: {name} has shape {tuple(state[name].shape)} but the config gives "
+                             f"{tuple(p.shape)}")
 
 
 # Meta name -> (HF name, dim along which model-parallel shards split it; None: replicated in every shard).
@@ -659,10 +599,13 @@ def load_meta(files: list[Path], args: ModelArgs, device, dtype) -> dict:
     if n > args.n_kv_heads:  # then Meta's layers replicate each KV head over several shards (405B MP16)
         raise NotImplementedError(f"{n} shards for {args.n_kv_heads} KV heads: use the HF checkpoint instead")
     for i, f in enumerate(files):
-        try:
+        try:  # weights_only: tensors and plain containers only, so a crafted pickle cannot run code
             shard = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+        except pickle.UnpicklingError:
+            raise ValueError(f"{f} holds objects other than tensors: refused, since unpickling it could run code; "
+                             f"use a checkpoint from Meta or download.py") from None
         except RuntimeError as e:
-            raise ValueError(f"{f} is truncated or corrupt ({e}); download it again") from e
+            raise ValueError(f"{f} is truncated or corrupt ({str(e).splitlines()[0]}); download it again") from None
         rows = shard["tok_embeddings.weight"].size(0)  # each shard holds vocab_size / n embedding rows
         if i == 0 and rows * n < args.vocab_size and args.vocab_size % rows == 0:
             raise FileNotFoundError(f"{f.parent} has {n} of {args.vocab_size // rows} shards: "
@@ -694,25 +637,28 @@ def load_meta(files: list[Path], args: ModelArgs, device, dtype) -> dict:
 # Sampling
 
 
+# Same as smollm2.py: check_sampling
 def check_sampling(temperature, top_k, top_p):
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
 
 
+# Same as smollm2.py: logits_to_probs
 def logits_to_probs(logits, temperature: float, top_k: int | None = None, top_p: float = 1.0):
     """logits (B, vocab) -> sampling distribution (B, vocab): temperature, then top-k, then top-p, as HF's
-    logits warpers apply them."""
+    TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper apply them (tests compare every file's)."""
     logits = logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1) k-th largest logit
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th stay, as in HF
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
-        # keep the smallest set of tokens whose probability mass reaches top_p (the top token always stays)
+        # keep the smallest set of most likely tokens whose mass reaches top_p: drop a token only when the mass
+        # before it already reaches top_p, so the token that crosses the boundary stays (HF's TopP, min 1 token)
         sorted_p, order = probs.sort(dim=-1, descending=True)
         outside = sorted_p.cumsum(dim=-1) - sorted_p >= top_p
         sorted_p = sorted_p.masked_fill(outside, 0.0)
@@ -720,6 +666,7 @@ def logits_to_probs(logits, temperature: float, top_k: int | None = None, top_p:
     return probs
 
 
+# Same as smollm2.py: sample
 def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
     """logits (B, vocab) -> next token ids (B,): greedy at temperature 0, else one draw from the filtered
     distribution with `generator` (a seeded torch.Generator makes runs repeat)."""
@@ -770,8 +717,14 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, chat: bool) -> list[int]:
 # -----------------------------------------------------------------------------
 # Command line
 
+try:  # the speed module beside this file (fast_decode.py); a copy of this file alone runs plain, same tokens
+    from fast_decode import fast
+except ImportError:
+    fast = None
 
-def stream_printer(tokenizer: Tokenizer):
+
+# Same as smollm2.py: stream_printer
+def stream_printer(tokenizer):
     """A stream callback printing text as soon as it is complete UTF-8 (a character may span tokens)."""
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
@@ -781,68 +734,165 @@ def stream_printer(tokenizer: Tokenizer):
     return emit
 
 
-def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/Llama-3.1-8B-Instruct", max_new_tokens: int = 256,
-         temperature: float = 0.6, top_p: float = 0.9, top_k: int | None = None, device: str | None = None,
-         dtype: str | None = None, seed: int | None = None, chat: bool | None = None, interactive: bool = False,
-         max_seq_len: int | None = None):
-    """Generate from Llama 3.1 / 3.2. Instruct checkpoints wrap the prompt in the chat template (--chat False
-    sends it raw); base checkpoints get <|begin_of_text|> + the prompt, verbatim.
-
-    --device: cuda when available, else cpu. --dtype: the checkpoint's (bfloat16 in Meta's releases: 16 GB
-    for 8B, where float32 needs 32 GB). --max_seq_len: prompt + reply budget, 8192 by default, up to 131072.
-    temperature 0.6 and top_p 0.9 are the defaults of Meta's generation_config.json.
-    """
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    try:  # everything a user can get wrong is checked before the (slow) load, and reported in one line
-        check_sampling(temperature, top_k, top_p)
-        if max_new_tokens < 1:
-            raise ValueError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
-        if prompt is None and not interactive:
-            raise ValueError('give --prompt "..." or --interactive')
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("--device cuda was requested but no CUDA device is available; use --device cpu")
-        if dtype is not None and dtype not in dtypes:
-            raise ValueError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype}")
-        t0 = time.time()
-        model = Llama.from_pretrained(ckpt_dir, device=device, dtype=dtypes.get(dtype), max_seq_len=max_seq_len)
-        tokenizer = Tokenizer.from_file(ckpt_dir)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        raise SystemExit(f"error: {e}")
-    chat = EOT in model.args.stop_tokens if chat is None else chat  # only instruct models end turns with eot
-    print(f"loaded {ckpt_dir} ({model.lm_head.weight.dtype}, {device}) in {time.time() - t0:.1f}s", file=sys.stderr)
-    stop = [END_OF_TEXT, EOM, EOT] if chat else list(model.args.stop_tokens)
-
-    def respond(ids):
-        t0 = time.time()
+# Same as smollm2.py: converse
+def converse(model, tokenizer, encode, prompt, interactive, stop, max_new_tokens, temperature, top_k, top_p, seed):
+    """One streamed reply to prompt; with interactive, a conversation (prompt, if given, is its first turn) until
+    Ctrl-D. encode(messages) -> the ids of the conversation so far, re-encoded each turn: exact to the template."""
+    messages = []
+    while True:
+        if interactive and (prompt is None or messages):
+            try:
+                prompt = utf8(input("\n> "))
+            except (EOFError, KeyboardInterrupt):
+                return print()
+            except UnicodeError:  # bytes that are not UTF-8, read as lone surrogates or refused by the decoder
+                print("error: that line is not valid UTF-8; type it again", file=sys.stderr)
+                continue
+        elif interactive:
+            print(f"\n> {prompt}")
+        messages.append({"role": "user", "content": prompt})
+        ids, t0 = encode(messages), time.time()
         try:
             new = model.generate([ids], max_new_tokens, temperature, top_k, top_p, stop_tokens=stop, seed=seed,
                                  stream=stream_printer(tokenizer))[0]
-        except ValueError as e:  # prompt (or conversation) longer than max_seq_len
+        except ValueError as e:  # a prompt (or conversation) longer than the context
             raise SystemExit(f"\nerror: {e}")
         print()  # end the streamed line on stdout; timings go to stderr, out of the way of piped text
         print(f"[{len(ids)} prompt + {len(new)} new tokens, {len(new) / (time.time() - t0):.1f} tok/s]",
               file=sys.stderr)
-        return new
-
-    if not interactive:
-        respond(encode_prompt(tokenizer, prompt, chat))
-        return
-    if not chat:
-        raise SystemExit("error: --interactive needs an instruct (chat) checkpoint")
-    messages = []  # the whole conversation is re-encoded each turn: simple, and exact to the template
-    while True:
-        try:
-            user = input("\n> ")
-        except (EOFError, KeyboardInterrupt):
-            print()
+        if not interactive:
             return
-        messages.append({"role": "user", "content": user})
-        answer = respond(encode_chat(tokenizer, messages))
-        messages.append({"role": "assistant", "content": tokenizer.decode(answer)})
+        messages.append({"role": "assistant", "content": tokenizer.decode(new)})
+
+
+# Same as smollm2.py: check_flags
+def check_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, interactive):
+    """The CLI's flags, checked before the slow load -> (torch.device, torch dtype or None); a ValueError
+    names the flag. device None: cuda when available, else cpu."""
+    check_sampling(temperature, top_k, top_p)
+    if max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise ValueError(f"--seed must be in 0..2**64-1, got {seed}")
+    if prompt is None and not interactive:
+        raise ValueError('give --prompt "..." or --interactive')
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    count = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
+    if (dev.index or 0) >= count.get(dev.type, 0):
+        raise ValueError(f"--device {device} is not available: no CUDA device (or not that many); use --device cpu")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype is not None and dtype not in dtypes:
+        raise ValueError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype}")
+    return dev, dtypes.get(dtype)
+
+
+def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/Llama-3.1-8B-Instruct", max_new_tokens: int = 256,
+         temperature: float = 0.6, top_p: float = 0.9, top_k: int | None = None, device: str | None = None,
+         dtype: str | None = None, seed: int | None = None, chat: bool | None = None, interactive: bool = False,
+         max_seq_len: int | None = None):
+    """Generate from Llama 3.1 / 3.2. Instruct checkpoints wrap the prompt in the chat template (--chat false
+    sends it raw); base checkpoints get <|begin_of_text|> + the prompt, verbatim. The sampling defaults are
+    those of Meta's generation_config.json.
+
+    prompt: the text to continue (with --interactive, the first turn)
+    ckpt_dir: a HF checkpoint folder or Meta's (params.json + consolidated.NN.pth); download.py writes both
+    max_new_tokens: most tokens to generate per reply
+    temperature: 0 is greedy; higher is more random
+    top_p: sample from the smallest set of tokens whose probability reaches top_p
+    top_k: sample from the k most likely tokens only
+    device: cpu, cuda, cuda:1...; default cuda when available, else cpu
+    dtype: float32, bfloat16 or float16; default the checkpoint's (bfloat16 in Meta's releases: 16 GB for 8B)
+    seed: seeds sampling, so a run repeats exactly; default a different draw each run
+    chat: wrap the prompt in the chat template; default: for instruct checkpoints
+    interactive: chat turn by turn until Ctrl-D
+    max_seq_len: prompt + reply budget, which sizes the KV cache; default 8192, up to the model's context
+    """
+    try:  # everything a user can get wrong is checked before the (slow) load, and reported in one line
+        dev, dt = check_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, interactive)
+        t0 = time.time()
+        model = Llama.from_pretrained(ckpt_dir, dev, dt, max_seq_len=max_seq_len)
+        tokenizer = Tokenizer.from_file(ckpt_dir)
+        if tokenizer.special_tokens.get("<|begin_of_text|>") != BOS:  # Llama 3's special ids are assumed below
+            chatml = "<|im_start|>" in tokenizer.special_tokens  # SmolLM2's
+            raise ValueError(f"{ckpt_dir} is not a Llama 3 checkpoint: its tokenizer lacks Llama 3's special tokens"
+                             + ("; it is ChatML's, so run it with smollm2.py" if chatml else ""))
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        raise SystemExit(f"error: {e}")
+    chat = EOT in model.args.stop_tokens if chat is None else chat  # only instruct models end turns with eot
+    if interactive and not chat:
+        raise SystemExit("error: --interactive needs an instruct (chat) checkpoint")
+    if fast:
+        fast(model)
+    print(f"loaded {ckpt_dir} ({model.lm_head.weight.dtype}, {dev}) in {time.time() - t0:.1f}s", file=sys.stderr)
+    stop = [END_OF_TEXT, EOM, EOT] if chat else list(model.args.stop_tokens)
+
+    def encode(messages):  # the conversation in the chat template, or <|begin_of_text|> + the latest text
+        return encode_chat(tokenizer, messages) if chat else encode_prompt(tokenizer, messages[-1]["content"], False)
+
+    converse(model, tokenizer, encode, prompt, interactive, stop, max_new_tokens, temperature, top_k, top_p, seed)
+
+
+# Same as smollm2.py: utf8
+def utf8(s: str) -> str:
+    s.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates (PEP 383): refused here, one line
+    return s
+
+
+# Same as smollm2.py: parse_bool
+def parse_bool(s: str) -> bool:
+    if s.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    return s.lower() in ("true", "1", "yes")
+
+
+# Same as smollm2.py: cli
+def cli(fn, argv=None, prog=None):
+    """Call fn with flags parsed from the command line: one --name per parameter of fn, typed by its annotation,
+    its help the `name: text` line of fn's docstring; a *args parameter takes the positional words.
+
+    Values arrive exactly as typed: no eval, so --prompt "yes, please" or --prompt 0x10 is that string (python-fire,
+    used before, turned them into a tuple and 16). A typo gets "did you mean".
+    """
+    doc = inspect.getdoc(fn) or ""
+    helps = dict(re.findall(r"^ *(\w+): (.+)$", doc, re.M))
+    hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
+    parser = FlagParser(prog, description=doc.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False)
+    for name, p in inspect.signature(fn).parameters.items():
+        kind = [t for t in typing.get_args(hints.get(name)) if t is not type(None)] or [hints.get(name, str)]
+        kind = typing.get_origin(kind[0]) or kind[0]  # int | None -> int; list[str] -> list
+        if p.kind is p.VAR_POSITIONAL:
+            parser.add_argument(name, nargs="*", type=utf8, help=helps.get(name, ""))
+            continue
+        extra = dict(type=utf8, nargs="+", metavar="STR") if kind is list else \
+            dict(type=parse_bool, nargs="?", const=True, metavar="BOOL") if kind is bool else \
+            dict(type=utf8 if kind is str else kind, metavar=kind.__name__.upper())
+        text = f"{helps.get(name, '')} (default: {p.default!r})".replace("%", "%%")  # argparse formats help with %
+        parser.add_argument(f"--{name}", default=p.default, help=text, **extra)
+    flags, unknown = parser.parse_known_args(argv)
+    if unknown:
+        known = [f"--{name}" for name in vars(flags)]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1)
+        what = "unknown flag" if unknown[0].startswith("-") else "unexpected argument"
+        parser.error(f"{what} {unknown[0]}" + (f"; did you mean {close[0]}?" if close else ""))
+    positional = [vars(flags).pop(n) for n, p in inspect.signature(fn).parameters.items()
+                  if p.kind is p.VAR_POSITIONAL]
+    return fn(*sum(positional, []), **vars(flags))
+
+
+# Same as smollm2.py: FlagParser
+class FlagParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise SystemExit(f"error: {message} (see --help)")
+
+
+# Same as smollm2.py: HelpFormatter
+class HelpFormatter(argparse.HelpFormatter):
+    def _split_lines(self, text, width):  # wrap at spaces only: a long default is never cut mid-word
+        return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
 
 
 if __name__ == "__main__":
-    import fire
-
-    fire.Fire(main)
+    cli(main)

@@ -36,17 +36,25 @@ Departures from the official code, and choices where the paper is silent
 
 Run: python lm2.py --prompt "The capital of France is"   (add --chat for instruct models, --interactive)
 """
+import argparse
 import codecs
+import difflib
+import inspect
 import json
 import math
+import re
 import sys
+import textwrap
 import time
+import typing
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from tokenizer_bpe import Tokenizer
 
 # -----------------------------------------------------------------------------
 # config
@@ -60,11 +68,14 @@ class ModelArgs:
     n_heads: int = 9                    # query heads
     n_kv_heads: int = 3                 # key/value heads (GQA)
     head_dim: int = 64                  # per-head size
-    intermediate_size: int = 1536       # SwiGLU hidden size
+    hidden_dim: int = 1536              # SwiGLU inner width (HF intermediate_size)
     vocab_size: int = 49152
     norm_eps: float = 1e-5              # RMSNorm epsilon
     rope_theta: float = 100000.0        # RoPE base
-    rope_scaling: dict | None = None    # HF "llama3" rope scaling dict (Llama 3.1/3.2) or None
+    rope_factor: float | None = None    # llama3 scaling (Llama 3.1/3.2, as llama31.py): long wavelengths / factor
+    rope_low_freq_factor: float = 1.0   # wavelengths above original_context / low are fully stretched
+    rope_high_freq_factor: float = 4.0  # wavelengths below original_context / high are left alone
+    rope_original_context: int = 8192   # context of pretraining, before long-context training
     max_seq_len: int = 8192             # longest sequence generate() accepts
     tie_embeddings: bool = True         # lm_head shares the embedding matrix
     bos_token_id: int = 1
@@ -94,22 +105,30 @@ class ModelArgs:
             dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
             n_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
-            intermediate_size=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
+            hidden_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
             norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 1e4)),
-            rope_scaling=rope if rope_type == "llama3" else None,
+            **({} if rope_type != "llama3" else dict(
+                rope_factor=float(rope["factor"]), rope_low_freq_factor=float(rope["low_freq_factor"]),
+                rope_high_freq_factor=float(rope["high_freq_factor"]),
+                rope_original_context=rope["original_max_position_embeddings"])),
             max_seq_len=cfg.get("max_position_embeddings", 8192), tie_embeddings=cfg.get("tie_word_embeddings", False),
             bos_token_id=cfg.get("bos_token_id", 1), eos_token_ids=tuple(eos if isinstance(eos, list) else [eos]))
         return replace(args, **cfg.get("lm2", {}))
 
     def to_hf_config(self) -> dict:
         """config.json for HF `LlamaForCausalLM` (the base model) with the memory settings under "lm2"."""
-        lm2 = {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith(("mem_", "segment", "bptt", "attn"))}
+        memory_fields = ("mem_", "segment", "bptt", "attn")
+        lm2 = {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith(memory_fields)}
+        rope_scaling = None if self.rope_factor is None else {  # the llama3 entry of HF's config, as llama31.py
+            "rope_type": "llama3", "factor": self.rope_factor, "low_freq_factor": self.rope_low_freq_factor,
+            "high_freq_factor": self.rope_high_freq_factor,
+            "original_max_position_embeddings": self.rope_original_context}
         return {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
             "hidden_size": self.dim, "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
             "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
-            "intermediate_size": self.intermediate_size, "vocab_size": self.vocab_size, "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling, "max_position_embeddings": self.max_seq_len,
+            "intermediate_size": self.hidden_dim, "vocab_size": self.vocab_size, "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta, "rope_scaling": rope_scaling, "max_position_embeddings": self.max_seq_len,
             "tie_word_embeddings": self.tie_embeddings, "attention_bias": False, "mlp_bias": False,
             "bos_token_id": self.bos_token_id, "eos_token_id": list(self.eos_token_ids),
             "lm2": {k: list(v) if isinstance(v, tuple) else v for k, v in lm2.items()},
@@ -124,21 +143,20 @@ class ModelArgs:
 
 
 LLAMA32 = dict(vocab_size=128256, rope_theta=500000.0, max_seq_len=131072, bos_token_id=128000,
-               eos_token_ids=(128001, 128008, 128009), rope_scaling={  # llama3 RoPE scaling of Llama 3.2
-                   "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": 8192})
+               eos_token_ids=(128001, 128008, 128009), rope_factor=32.0)  # llama3 RoPE scaling of Llama 3.2
 PRESETS = {  # defaults only: from_pretrained always reads the checkpoint's own config.json
     "smollm2-135m": dict(),
-    "smollm2-360m": dict(dim=960, n_layers=32, n_heads=15, n_kv_heads=5, intermediate_size=2560),
-    "smollm2-1.7b": dict(dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, intermediate_size=8192, rope_theta=130000.0),
-    "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, intermediate_size=8192, **LLAMA32),
-    "llama3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, head_dim=128, intermediate_size=8192, **LLAMA32),
+    "smollm2-360m": dict(dim=960, n_layers=32, n_heads=15, n_kv_heads=5, hidden_dim=2560),
+    "smollm2-1.7b": dict(dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, hidden_dim=8192, rope_theta=130000.0),
+    "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, **LLAMA32),
+    "llama3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, head_dim=128, hidden_dim=8192, **LLAMA32),
 }
 
 # -----------------------------------------------------------------------------
 # RMSNorm
 
 
+# Same as smollm2.py: RMSNorm
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -146,39 +164,51 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # statistics in fp32 (bf16 squares lose precision), cast back before the weight, as HF LlamaRMSNorm
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        # Normalise in fp32 even for bf16 activations: the mean of squares loses too much precision otherwise.
+        # The scale is applied after casting back, in the weight's dtype, exactly as HF LlamaRMSNorm.
+        # (F.rms_norm: x * rsqrt(mean(x^2) + eps), the same operations as HF's, in one call.)
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
 # -----------------------------------------------------------------------------
 # RoPE
 
 
-def rope_cos_sin(args: ModelArgs, pos: torch.Tensor, dtype: torch.dtype):
-    """cos, sin of shape (B, T, head_dim) for integer positions pos (B, T), as HF LlamaRotaryEmbedding."""
+# Same as llama31.py: rope_inv_freq
+def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
+    """Angular frequency of each rotated pair of dimensions: (head_dim / 2,) fp32, llama3-scaled."""
     hd = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float, device=pos.device) / hd))
-    if args.rope_scaling:  # llama3: keep short wavelengths, divide long ones by factor, blend in between
-        s = args.rope_scaling
-        factor, lo, hi, ctx = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        smooth = (ctx / wavelen - lo) / (hi - lo)
-        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        scaled = torch.where(wavelen > ctx / lo, inv_freq / factor, inv_freq)
-        inv_freq = torch.where((wavelen >= ctx / hi) & (wavelen <= ctx / lo), blended, scaled)
-    freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2), fp32: positions up to 131k need it
-    emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: pair i with i + hd/2 (HF, not Meta's interleave)
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.int64).float() / hd))
+    if args.rope_factor is None:
+        return inv_freq
+    # Why llama3 scaling works, in wavelengths: pair i turns a full circle every 2*pi/inv_freq_i positions.
+    # Pairs whose wavelength is short next to the 8192 pretraining tokens (below 8192 / high_freq_factor =
+    # 2048) went round many times in pretraining and encode local order: they are kept. Pairs whose wavelength
+    # exceeds the whole pretraining context (8192 / low_freq_factor) never saw most of their angles, so their
+    # frequency is divided by `factor`: 128k positions then sweep the angles 8k positions swept before. In
+    # between, the two are blended linearly in context / wavelength. As HF `_compute_llama3_parameters`.
+    ctx, low, high = args.rope_original_context, args.rope_low_freq_factor, args.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (ctx / wavelen - low) / (high - low)  # 0 at wavelength ctx / low, 1 at ctx / high
+    blended = (1 - smooth) * inv_freq / args.rope_factor + smooth * inv_freq
+    return torch.where(wavelen < ctx / high, inv_freq,
+                       torch.where(wavelen > ctx / low, inv_freq / args.rope_factor, blended))
+
+
+# Same as llama31.py: rope_cos_sin
+def rope_cos_sin(inv_freq, pos, dtype):
+    """pos (B, T) -> cos, sin (B, 1, T, head_dim), angles in fp32 then cast, as HF LlamaRotaryEmbedding."""
+    freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
+    # rotate-half layout: frequency i drives dimensions i and i + hd/2 (HF's convention, not the interleaved
+    # pairs 2i, 2i+1 of the RoPE paper and Meta's code; see meta_to_hf_rope_rows for how Meta weights convert)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd): broadcast over heads
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def rotate_half(x):
+# Same as smollm2.py: apply_rope
+def apply_rope(x, cos, sin):
+    """x (B, n_heads, T, hd), cos and sin (B, 1, T, hd): rotate each pair (x_i, x_{i+hd/2}) by its angle."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(q, k, cos, sin):
-    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd) broadcast over heads
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin  # HF's rotate_half: (x1, x2) -> (-x2, x1)
 
 
 def attention_mask(q_idx, k_idx, window=None, q_doc=None, k_doc=None):
@@ -196,20 +226,23 @@ def attention_mask(q_idx, k_idx, window=None, q_doc=None, k_doc=None):
 # KV cache and memory state for generation
 
 
+# Same as smollm2.py: KVCache
 class KVCache(nn.Module):
-    """Preallocated keys/values written in place by position (gpt-fast): static shapes, no torch.cat growth."""
-    def __init__(self, batch_size, n_kv_heads, max_seq_len, head_dim, dtype, device):
+    """Preallocated keys and values of one layer, written in place by position (gpt-fast)."""
+
+    def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
         super().__init__()
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
-        # persistent=False: caches never enter state_dict, which must stay the HF checkpoint layout
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos, k, v):  # input_pos (T,), k/v (B, n_kv, T, hd)
-        self.k_cache[:, :, input_pos] = k
-        self.v_cache[:, :, input_pos] = v
-        n = int(input_pos[-1]) + 1  # attend to the filled part only
-        return self.k_cache[:, :, :n], self.v_cache[:, :, :n]
+    def update(self, input_pos, k, v):
+        """Write k, v (B, n_kv_heads, T, hd) into slots input_pos (T,); return slots 0..input_pos[-1], the
+        filled part (views, no copy): attention then costs what the sequence so far costs."""
+        self.k[:, :, input_pos] = k
+        self.v[:, :, input_pos] = v
+        end = int(input_pos[-1]) + 1
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class MemoryCache(nn.Module):
@@ -234,6 +267,8 @@ class MemoryCache(nn.Module):
 # attention and MLP (Llama, names as the HF checkpoint)
 
 
+# Differs from smollm2.py's Attention: the segment-wise forward also attends to the keys/values kept from earlier
+# segments, and returns its own for the next segment
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -242,7 +277,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        self.kv_cache = None
+        self.cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, past=None, input_pos=None):
         """past: (k, v) kept from earlier segments (segment-wise forward); input_pos: decoding with the cache.
@@ -251,9 +286,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, k, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, input_pos[-1] + 1, hd)
+            k, v = self.cache.update(input_pos, k, v)  # (B, Hkv, input_pos[-1] + 1, hd)
         elif past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
         new_past = (k, v)
@@ -262,12 +297,15 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), new_past
 
 
+# Same as smollm2.py: MLP
 class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -362,6 +400,8 @@ class Memory(nn.Module):
 # decoder block
 
 
+# Differs from smollm2.py's Block: the memory read joins beside attention, and the normed input is returned for the
+# memory write
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, has_memory: bool):
         super().__init__()
@@ -385,7 +425,7 @@ class Block(nn.Module):
 # model
 
 
-class Transformer(nn.Module):
+class LM2(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -427,8 +467,9 @@ class Transformer(nn.Module):
             start = torch.ones_like(doc_ids, dtype=torch.bool)
             start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
             pos = idx - torch.where(start, idx, 0).cummax(dim=1).values
+            doc_ids = start.cumsum(1)  # subtle: runs, not raw ids, so a reused id in one row is still a new document
         x = self.model.embed_tokens(tokens)  # (B, T, d)
-        cos, sin = rope_cos_sin(a, pos, x.dtype)
+        cos, sin = rope_cos_sin(rope_inv_freq(a, x.device), pos, x.dtype)  # (B, 1, T, hd)
         # Per block, the state carried from segment to segment: `past`, the keys/values later queries may
         # still attend to (all of them without a window: then segmenting changes no value, only the order
         # of work), and `mems`, the memory state (bank, K, V) left by the previous segment.
@@ -452,7 +493,7 @@ class Transformer(nn.Module):
                     read_fresh, write_fresh = seg != doc_ids[:, s0 - 1, None], last != doc_ids[:, s0 - 1]
             xs = x[:, s0:s1]  # (B, S, d): all blocks run on this segment before the next one starts
             for i, layer in enumerate(layers):
-                xs, h, past[i] = layer(xs, cos[:, s0:s1], sin[:, s0:s1], mask, past[i], mems[i], read_fresh)
+                xs, h, past[i] = layer(xs, cos[:, :, s0:s1], sin[:, :, s0:s1], mask, past[i], mems[i], read_fresh)
                 if layer.memory is not None and s1 < T:  # the last segment's write would never be read
                     mems[i] = layer.memory.write(h, mems[i], write_mask, write_fresh)
             if a.attn_window is not None:  # keep only the keys a later query can still see
@@ -465,54 +506,56 @@ class Transformer(nn.Module):
         """Generation only (training never allocates one): KV buffers, and every bank reset to M_0."""
         p = self.model.embed_tokens.weight
         for layer in self.model.layers:
-            layer.self_attn.kv_cache = KVCache(batch_size, self.args.n_kv_heads, max_seq_len, self.args.head_dim,
-                                               p.dtype, p.device)
+            layer.self_attn.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
+                                            p.dtype, p.device)
             if layer.memory is not None:
                 layer.mem_cache = MemoryCache(layer.memory.initial_state(batch_size), self.args.segment_len)
 
     def clear_cache(self):
         for layer in self.model.layers:
-            layer.self_attn.kv_cache = layer.mem_cache = None
+            layer.self_attn.cache = layer.mem_cache = None
 
-    def forward_cached(self, tokens, input_pos: int):
-        """Decode tokens (B, T) at positions input_pos..input_pos+T-1 with the caches of setup_cache. A chunk
-        stays inside one segment; when it completes the segment, every bank is written from the segment's
-        stored inputs, so the next token reads it (the same schedule as forward)."""
-        B, T = tokens.shape
-        S = self.args.segment_len
-        if input_pos % S + T > S:
+    def forward_cached(self, tokens, input_pos, pad=None):
+        """Run tokens (B, T) in cache slots input_pos (T,); return the last position's logits (B, vocab).
+
+        Unlike the other model files, rows are never padded (pad must be None): each row's segment grid starts at
+        its first token (see generate). A chunk stays inside one segment; when it completes the segment, every
+        bank is written from the segment's stored inputs, so the next token reads it (forward's schedule).
+        """
+        if pad is not None and bool(pad.any()):
+            raise ValueError("LM2 rows are not left-padded: the memory's segments start at each row's first token")
+        S, T, end = self.args.segment_len, tokens.size(1), int(input_pos[-1]) + 1
+        if (end - T) % S + T > S:
             raise ValueError("a cached chunk must not cross a segment boundary (the memory is written there)")
-        pos = torch.arange(input_pos, input_pos + T, device=tokens.device)
         x = self.model.embed_tokens(tokens)
-        cos, sin = rope_cos_sin(self.args, pos[None], x.dtype)
-        mask = attention_mask(pos, torch.arange(input_pos + T, device=pos.device), self.args.attn_window)
+        cos, sin = rope_cos_sin(rope_inv_freq(self.args, x.device), input_pos[None], x.dtype)
+        mask = attention_mask(input_pos, torch.arange(end, device=x.device), self.args.attn_window)
         for layer in self.model.layers:
             c = layer.mem_cache
-            x, h, _ = layer(x, cos, sin, mask, mem=c.state() if c is not None else None, input_pos=pos)
+            x, h, _ = layer(x, cos, sin, mask, mem=c.state() if c is not None else None, input_pos=input_pos)
             if c is not None:  # keep the block's normed inputs until the segment completes
-                c.seg_h[:, pos % S] = h
-                if (input_pos + T) % S == 0:  # tokens from the next one on read the new bank
+                c.seg_h[:, input_pos % S] = h
+                if end % S == 0:  # tokens from the next one on read the new bank
                     c.update(layer.memory.write(c.seg_h, c.state()))
-        return self.logits(x)
+        return self.logits(x[:, -1])  # only the last position is needed to pick the next token
 
     @classmethod
-    def from_pretrained(cls, ckpt_dir, device=None, dtype=None, **memory_args) -> "Transformer":
+    def from_pretrained(cls, ckpt_dir, device=None, dtype=None, **memory_args) -> "LM2":
         """Load a HF Llama-family checkpoint (config.json + safetensors). Memory weights come from the
         checkpoint if it was saved by an LM2 (config.json has "lm2"), else they start fresh; memory_args
         (mem_slots=..., segment_len=..., ...) override the memory settings."""
         ckpt = Path(ckpt_dir)
         if not (ckpt / "config.json").exists():
             raise FileNotFoundError(f"no checkpoint at {ckpt}/config.json; run `python download.py` to fetch it")
-        cfg = json.loads((ckpt / "config.json").read_text())
-        args = replace(ModelArgs.from_hf_config(cfg), **memory_args)
+        fresh_memory = "lm2" not in read_json(ckpt / "config.json")
+        args = replace(read_json(ckpt / "config.json", ModelArgs.from_hf_config), **memory_args)
         device, dtype = torch.device(device or "cpu"), dtype or torch.float32
         with torch.device("meta"):  # shapes only: the weights are assigned below, no second copy
             model = cls(args)  # (its init_weights is a no-op on meta tensors)
-        state = {k: v.to(device, dtype) for k, v in load_safetensors(ckpt).items()}
+        state = load_safetensors(ckpt, device, dtype)
+        state.pop("model.rotary_emb.inv_freq", None)  # old HF checkpoints saved this derived buffer
         if args.tie_embeddings:
             state.pop("lm_head.weight", None)  # some tied checkpoints store the duplicate
-        expected = model.state_dict()
-        fresh_memory = "lm2" not in cfg
         # The keys allowed to be absent: a base Llama checkpoint has no memory. Fresh memory weights are made
         # here, on the target device, and join the state dict, so that the load below can stay strict.
         for i, layer in enumerate(model.model.layers):
@@ -520,16 +563,10 @@ class Transformer(nn.Module):
                 with torch.device(device):
                     mem = Memory(args).to(dtype)
                 state.update({f"model.layers.{i}.memory.{k}": v for k, v in mem.state_dict().items()})
-        missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {ckpt} does not match its config: missing {sorted(missing)[:4]}, "
-                             f"unexpected {sorted(unexpected)[:4]}")
-        for k, v in state.items():
-            if v.shape != expected[k].shape:
-                raise ValueError(f"{k} has shape {tuple(v.shape)} in {ckpt}, the config implies {tuple(expected[k].shape)}")
+        check_state(model, state, ckpt)
         model.load_state_dict(state, strict=True, assign=True)
         gen_cfg = ckpt / "generation_config.json"  # instruct models list their end-of-turn tokens here
-        eos = json.loads(gen_cfg.read_text()).get("eos_token_id") if gen_cfg.exists() else None
+        eos = read_json(gen_cfg).get("eos_token_id") if gen_cfg.exists() else None
         if eos is not None:
             model.stop_tokens = eos if isinstance(eos, list) else [eos]
         return model.eval()
@@ -544,8 +581,8 @@ class Transformer(nn.Module):
         check_sampling(temperature, top_k, top_p)
         stop = set(self.stop_tokens if stop_tokens is None else stop_tokens)
         B, lens = len(prompts), [len(p) for p in prompts]
-        if B == 0 or min(lens) == 0:
-            raise ValueError("every prompt needs at least one token")
+        if max_new_tokens < 1 or B == 0 or min(lens) == 0:
+            raise ValueError("need max_new_tokens >= 1 and at least one token in every prompt")
         total = max(lens) + max_new_tokens
         if total > self.args.max_seq_len:
             raise ValueError(f"prompt + max_new_tokens = {total} exceeds the context of {self.args.max_seq_len}")
@@ -556,16 +593,16 @@ class Transformer(nn.Module):
         for b, p in enumerate(prompts):
             tokens[b, :len(p)] = torch.tensor(p, device=device)
         rng = torch.Generator(device).manual_seed(seed) if seed is not None else None
-        out, done = [[] for _ in range(B)], [max_new_tokens == 0] * B
+        out, done = [[] for _ in range(B)], [False] * B
         self.setup_cache(B, total)
         try:
             S, pos = self.args.segment_len, 0
             while pos < min(lens):  # prefill the common prefix, one segment-aligned chunk at a time
                 n = min(min(lens) - pos, S - pos % S)
-                logits = self.forward_cached(tokens[:, pos:pos + n], pos)
+                logits = self.forward_cached(tokens[:, pos:pos + n], torch.arange(pos, pos + n, device=device))
                 pos += n
             while not all(done):  # logits predict position pos for every row
-                nxt = sample(logits[:, -1], temperature, top_k, top_p, rng)
+                nxt = sample(logits, temperature, top_k, top_p, rng)
                 for b in range(B):
                     if pos < lens[b] or done[b]:  # still feeding its own prompt, or finished
                         continue
@@ -578,7 +615,7 @@ class Transformer(nn.Module):
                             stream(b, tok)
                 if all(done):
                     break
-                logits = self.forward_cached(tokens[:, pos:pos + 1], pos)
+                logits = self.forward_cached(tokens[:, pos:pos + 1], torch.tensor([pos], device=device))
                 pos += 1
         finally:
             self.clear_cache()
@@ -588,141 +625,345 @@ class Transformer(nn.Module):
 # loading
 
 
-def load_safetensors(ckpt: Path) -> dict:
-    """All tensors of a HF checkpoint folder, single file or sharded (model.safetensors.index.json)."""
+# Same as smollm2.py: read_json
+def read_json(path: Path, parse=dict):
+    """parse(the JSON object in path): one clear error naming the file where it is not JSON or lacks an entry."""
+    try:
+        return parse(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); download or save the checkpoint again") from None
+    except KeyError as e:
+        raise ValueError(f"{path} has no entry {e}: it is not a checkpoint this file reads") from None
+
+
+# Same as smollm2.py: load_safetensors
+def load_safetensors(ckpt_dir: Path, device, dtype) -> dict:
+    """Every tensor of a HF checkpoint folder (model.safetensors, or the shards model.safetensors.index.json
+    lists) on device, in dtype (None: as stored); a missing or damaged file is one clear error."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
-    index = ckpt / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+
+    index = ckpt_dir / "model.safetensors.index.json"
+    names = sorted(set(read_json(index).get("weight_map", {}).values())) if index.is_file() else ["model.safetensors"]
     state = {}
-    for f in files:
-        if not (ckpt / f).exists():
-            raise FileNotFoundError(f"missing {ckpt / f}; run `python download.py` to fetch the checkpoint")
-        state.update(load_file(ckpt / f))
-    state.pop("model.rotary_emb.inv_freq", None)  # old HF checkpoints saved this derived buffer
+    for f in (ckpt_dir / name for name in names):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing: the download is incomplete; fetch the checkpoint again")
+        try:
+            shard = load_file(f)  # memory-mapped: bytes are read when a tensor is first used
+        except SafetensorError as e:
+            raise ValueError(f"{f} is truncated or corrupt ({e}); download it again") from None
+        # same device and dtype: .to() returns the mapped tensor itself, one copy in memory
+        state.update({k: v.to(device=device, dtype=dtype or v.dtype) for k, v in shard.items()})
     return state
+
+
+# Same as smollm2.py: check_state
+def check_state(model: nn.Module, state: dict, ckpt_dir):
+    """One clear error where the checkpoint's tensors are not those of the model its config describes (what a
+    strict load_state_dict checks, said in one line)."""
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{ckpt_dir} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, p in expected.items():
+        if state[name].shape != p.shape:
+            raise ValueError(f"{ckpt_dir}: {name} has shape {tuple(state[name].shape)} but the config gives "
+                             f"{tuple(p.shape)}")
 
 # -----------------------------------------------------------------------------
 # sampling
 
 
+# Same as smollm2.py: check_sampling
 def check_sampling(temperature, top_k, top_p):
-    if temperature < 0 or not 0 < top_p <= 1 or (top_k is not None and top_k < 1):
-        raise ValueError(f"need temperature >= 0 (0 is greedy), 0 < top_p <= 1, top_k >= 1 or None; got "
-                         f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
 
 
-def logits_to_probs(logits, temperature, top_k=None, top_p=1.0):
-    """(B, vocab) logits -> sampling probabilities after temperature, top-k, then top-p (as nano-llama31)."""
-    logits = logits.float() / temperature  # fp32: bf16 logits would coarsen the distribution
+# Same as smollm2.py: logits_to_probs
+def logits_to_probs(logits, temperature: float, top_k: int | None = None, top_p: float = 1.0):
+    """logits (B, vocab) -> sampling distribution (B, vocab): temperature, then top-k, then top-p, as HF's
+    TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper apply them (tests compare every file's)."""
+    logits = logits.float() / temperature
     if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1) k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th stay, as in HF
     probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:  # nucleus: keep the smallest set of most likely tokens whose mass reaches top_p
+    if top_p < 1.0:
+        # keep the smallest set of most likely tokens whose mass reaches top_p: drop a token only when the mass
+        # before it already reaches top_p, so the token that crosses the boundary stays (HF's TopP, min 1 token)
         sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # mass *before* a token already exceeds top_p
-        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-        probs = probs / probs.sum(-1, keepdim=True)
+        outside = sorted_p.cumsum(dim=-1) - sorted_p >= top_p
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p / sorted_p.sum(-1, keepdim=True))
     return probs
 
 
+# Same as smollm2.py: sample
 def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
-    """Next token per row from logits (B, vocab); temperature 0 is greedy."""
+    """logits (B, vocab) -> next token ids (B,): greedy at temperature 0, else one draw from the filtered
+    distribution with `generator` (a seeded torch.Generator makes runs repeat)."""
     if temperature == 0:
-        return logits.argmax(-1)
-    probs = logits_to_probs(logits, temperature, top_k, top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return logits.argmax(dim=-1)
+    return torch.multinomial(logits_to_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
 
 # -----------------------------------------------------------------------------
 # chat formatting
 
 
-SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
+# Same as smollm2.py: encode_chat (with encode_chat->encode_chatml)
+def encode_chatml(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """ChatML ids exactly as SmolLM2-Instruct's chat template renders and HF tokenizes them.
+
+    The template writes `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message and puts the default
+    system prompt first when the conversation has none. The special tokens are inserted as ids and the text
+    between them encoded as plain text, so a user who types "<|im_end|>" cannot close a turn.
+    """
+    start, end = tokenizer.special_tokens["<|im_start|>"], tokenizer.special_tokens["<|im_end|>"]
+    if not messages or messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + list(messages)
+    ids = []
+    for m in messages:
+        ids += [start] + tokenizer.encode(f"{m['role']}\n{m['content']}") + [end] + tokenizer.encode("\n")
+    if add_generation_prompt:
+        ids += [start] + tokenizer.encode("assistant\n")
+    return ids
+
+
+# Same as llama31.py: encode_chat (with encode_chat->encode_llama3_chat)
+def encode_llama3_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                date_string: str = "26 Jul 2024") -> list[int]:
+    """Llama 3 instruct ids exactly as Llama 3.1's chat template renders them and HF tokenizes them.
+
+    The template always opens with a system turn, "Cutting Knowledge Date: December 2023\\nToday Date:
+    {date_string}\\n\\n" followed by the conversation's system message (if any), then writes
+    `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>` per message, contents stripped of
+    surrounding whitespace (Jinja's |trim). The special tokens go in as ids and each stretch of text between
+    two of them is encoded as one plain-text piece, which is how HF splits the rendered string: the same ids,
+    except that a user who types "<|eot_id|>" cannot end a turn. Tool calls are not rendered.
+    """
+    sp = tokenizer.special_tokens
+    start, end, eot = sp["<|start_header_id|>"], sp["<|end_header_id|>"], sp["<|eot_id|>"]
+    system = ""
+    if messages and messages[0]["role"] == "system":
+        system, messages = messages[0]["content"].strip(), messages[1:]
+    ids = [sp["<|begin_of_text|>"], start] + tokenizer.encode("system") + [end]
+    ids += tokenizer.encode(f"\n\nCutting Knowledge Date: December 2023\nToday Date: {date_string}\n\n{system}")
+    ids.append(eot)
+    for m in messages:
+        ids += [start] + tokenizer.encode(m["role"]) + [end] + tokenizer.encode("\n\n" + m["content"].strip())
+        ids.append(eot)
+    if add_generation_prompt:
+        ids += [start] + tokenizer.encode("assistant") + [end] + tokenizer.encode("\n\n")
+    return ids
+
+
+# Differs from smollm2.py's and llama31.py's encode_chat: LM2 runs on either family, so it picks the template
+# by the tokenizer's special tokens
 def encode_chat(tokenizer, messages, add_generation_prompt=True) -> list[int]:
-    """Token ids of a conversation as the checkpoint's HF chat template renders and tokenizes it, built
-    piecewise: control tokens go in as ids and the text between two of them is encoded as plain text, so a
-    user who types "<|im_end|>" cannot end a turn. ChatML (SmolLM2, which adds its default system prompt)
-    or Llama 3 headers (which always open with a dated system turn and strip message contents)."""
-    sp, enc = tokenizer.special_tokens, tokenizer.encode
-    if "<|im_start|>" in sp:
-        start, end = sp["<|im_start|>"], sp["<|im_end|>"]
-        if not messages or messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": SMOLLM2_SYSTEM}] + list(messages)
-        ids = []
-        for m in messages:
-            ids += [start] + enc(f"{m['role']}\n{m['content']}") + [end] + enc("\n")
-        return ids + ([start] + enc("assistant\n") if add_generation_prompt else [])
-    if "<|start_header_id|>" in sp:
-        start, end, eot = sp["<|start_header_id|>"], sp["<|end_header_id|>"], sp["<|eot_id|>"]
-        system = ""
-        if messages and messages[0]["role"] == "system":
-            system, messages = messages[0]["content"].strip(), messages[1:]
-        ids = [sp["<|begin_of_text|>"], start] + enc("system") + [end]
-        ids += enc(f"\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n{system}") + [eot]
-        for m in messages:
-            ids += [start] + enc(m["role"]) + [end] + enc("\n\n" + m["content"].strip()) + [eot]
-        return ids + ([start] + enc("assistant") + [end] + enc("\n\n") if add_generation_prompt else [])
-    raise ValueError("the tokenizer has neither ChatML (<|im_start|>) nor Llama 3 header tokens; use --chat False")
+    """Token ids of a conversation as the checkpoint's HF chat template renders and tokenizes it: ChatML for
+    SmolLM2 (encode_chatml), Llama 3 headers for Llama 3.x (encode_llama3_chat)."""
+    if "<|im_start|>" in tokenizer.special_tokens:
+        return encode_chatml(tokenizer, messages, add_generation_prompt)
+    if "<|start_header_id|>" in tokenizer.special_tokens:
+        return encode_llama3_chat(tokenizer, messages, add_generation_prompt)
+    raise ValueError("the tokenizer has neither ChatML (<|im_start|>) nor Llama 3 header tokens; use --chat false")
+
+
+# Same as smollm2.py: is_chat_checkpoint
+def is_chat_checkpoint(ckpt_dir) -> bool:
+    """Whether a HF checkpoint folder ships a chat template (instruct models do, base models do not):
+    transformers 5 writes it to chat_template.jinja, earlier versions into tokenizer_config.json."""
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / "chat_template.jinja").is_file():
+        return True
+    cfg = ckpt_dir / "tokenizer_config.json"
+    return cfg.is_file() and "chat_template" in read_json(cfg)
+
+
+# Same as smollm2.py: stream_printer
+def stream_printer(tokenizer):
+    """A stream callback printing text as soon as it is complete UTF-8 (a character may span tokens)."""
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def emit(_row, token):
+        print(utf8.decode(tokenizer.decode_bytes([token])), end="", flush=True)
+
+    return emit
+
+
+# Same as smollm2.py: check_flags
+def check_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, interactive):
+    """The CLI's flags, checked before the slow load -> (torch.device, torch dtype or None); a ValueError
+    names the flag. device None: cuda when available, else cpu."""
+    check_sampling(temperature, top_k, top_p)
+    if max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise ValueError(f"--seed must be in 0..2**64-1, got {seed}")
+    if prompt is None and not interactive:
+        raise ValueError('give --prompt "..." or --interactive')
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    count = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
+    if (dev.index or 0) >= count.get(dev.type, 0):
+        raise ValueError(f"--device {device} is not available: no CUDA device (or not that many); use --device cpu")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype is not None and dtype not in dtypes:
+        raise ValueError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype}")
+    return dev, dtypes.get(dtype)
+
+
+# Same as smollm2.py: converse
+def converse(model, tokenizer, encode, prompt, interactive, stop, max_new_tokens, temperature, top_k, top_p, seed):
+    """One streamed reply to prompt; with interactive, a conversation (prompt, if given, is its first turn) until
+    Ctrl-D. encode(messages) -> the ids of the conversation so far, re-encoded each turn: exact to the template."""
+    messages = []
+    while True:
+        if interactive and (prompt is None or messages):
+            try:
+                prompt = utf8(input("\n> "))
+            except (EOFError, KeyboardInterrupt):
+                return print()
+            except UnicodeError:  # bytes that are not UTF-8, read as lone surrogates or refused by the decoder
+                print("error: that line is not valid UTF-8; type it again", file=sys.stderr)
+                continue
+        elif interactive:
+            print(f"\n> {prompt}")
+        messages.append({"role": "user", "content": prompt})
+        ids, t0 = encode(messages), time.time()
+        try:
+            new = model.generate([ids], max_new_tokens, temperature, top_k, top_p, stop_tokens=stop, seed=seed,
+                                 stream=stream_printer(tokenizer))[0]
+        except ValueError as e:  # a prompt (or conversation) longer than the context
+            raise SystemExit(f"\nerror: {e}")
+        print()  # end the streamed line on stdout; timings go to stderr, out of the way of piped text
+        print(f"[{len(ids)} prompt + {len(new)} new tokens, {len(new) / (time.time() - t0):.1f} tok/s]",
+              file=sys.stderr)
+        if not interactive:
+            return
+        messages.append({"role": "assistant", "content": tokenizer.decode(new)})
+
 
 # -----------------------------------------------------------------------------
 # CLI
+
+try:  # the speed module beside this file (fast_decode.py); a copy of this file alone runs plain, same tokens
+    from fast_decode import fast
+except ImportError:
+    fast = None
 
 
 def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/SmolLM2-135M-Instruct", max_new_tokens: int = 256,
          temperature: float = 0.2, top_p: float = 0.9, top_k: int | None = None, device: str | None = None,
          dtype: str | None = None, seed: int = 1337, chat: bool | None = None, interactive: bool = False):
     """Generate with LM2 on a Llama-family checkpoint (fresh memory unless the checkpoint was saved by LM2).
-    Instruct checkpoints (a chat_template in tokenizer_config.json) get the chat format unless --chat False.
-    --device defaults to cuda when available, else cpu; --dtype to bfloat16 on cuda, float32 on cpu."""
-    from tokenizer_bpe import Tokenizer
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    try:  # user errors: one line, no traceback
-        check_sampling(temperature, top_k, top_p)
-        if max_new_tokens < 1 or (prompt is None and not interactive):
-            raise ValueError('give --prompt "..." (or --interactive) and --max_new_tokens >= 1')
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("--device cuda was requested but no CUDA device is available; use --device cpu")
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        if dtype not in dtypes:
-            raise ValueError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype}")
+    Instruct checkpoints (those with a chat template) get the chat format unless --chat false.
+
+    prompt: the text to continue (with --interactive, the first turn)
+    ckpt_dir: a HF Llama-family checkpoint folder, or one saved by LM2 (python download.py writes one)
+    max_new_tokens: most tokens to generate per reply
+    temperature: 0 is greedy; higher is more random
+    top_p: sample from the smallest set of tokens whose probability reaches top_p
+    top_k: sample from the k most likely tokens only
+    device: cpu, cuda, cuda:1...; default cuda when available, else cpu
+    dtype: float32, bfloat16 or float16; default bfloat16 on cuda, float32 on cpu
+    seed: seeds sampling, so a run repeats exactly
+    chat: wrap the prompt in the chat template; default: when the checkpoint has one
+    interactive: chat turn by turn until Ctrl-D
+    """
+    try:  # everything a user can get wrong is checked before the (slow) load, and reported in one line
+        dev, dt = check_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, interactive)
         t0 = time.time()
-        model = Transformer.from_pretrained(ckpt_dir, device=device, dtype=dtypes[dtype])
-        tok = Tokenizer.from_file(ckpt_dir)
+        model = LM2.from_pretrained(ckpt_dir, dev, dt or (torch.bfloat16 if dev.type == "cuda" else None))
+        tokenizer = Tokenizer.from_file(ckpt_dir)
+        chat = is_chat_checkpoint(ckpt_dir) if chat is None else chat
+        if chat:
+            encode_chat(tokenizer, [])  # a tokenizer without chat tokens fails here, in one line
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         raise SystemExit(f"error: {e}")
-    cfg = Path(ckpt_dir) / "tokenizer_config.json"  # instruct checkpoints ship a chat template, base ones not
-    chat = chat if chat is not None else cfg.is_file() and "chat_template" in json.loads(cfg.read_text())
     if interactive and not chat:
         raise SystemExit("error: --interactive needs an instruct (chat) checkpoint")
+    if fast:
+        fast(model)
     a = model.args
-    print(f"loaded {ckpt_dir} ({dtype}, {device}) in {time.time() - t0:.1f}s; memory in {len(a.memory_layers())} "
-          f"blocks, {a.mem_slots} slots, written every {a.segment_len} tokens", file=sys.stderr)
-    messages = []
-    while True:
-        if interactive:
-            try:
-                prompt = input("\n> ")
-            except (EOFError, KeyboardInterrupt):
-                return print()
-        messages.append({"role": "user", "content": prompt})
-        ids = encode_chat(tok, messages) if chat else tok.encode(prompt)
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
-        t0 = time.time()
-        try:
-            new = model.generate([ids], max_new_tokens, temperature, top_k, top_p, seed=seed,
-                                 stream=lambda b, t: print(utf8.decode(tok.decode_bytes([t])), end="", flush=True))[0]
-        except ValueError as e:
-            raise SystemExit(f"\nerror: {e}")
-        print(utf8.decode(b"", final=True))
-        print(f"[{len(ids)} prompt + {len(new)} new tokens, {len(new) / (time.time() - t0):.1f} tok/s]", file=sys.stderr)
-        if not interactive:
-            return
-        messages.append({"role": "assistant", "content": tok.decode(new)})
+    print(f"loaded {ckpt_dir} ({model.model.embed_tokens.weight.dtype}, {dev}) in {time.time() - t0:.1f}s; memory "
+          f"in {len(a.memory_layers())} blocks, {a.mem_slots} slots, written every {a.segment_len} tokens",
+          file=sys.stderr)
 
+    def encode(messages):  # the conversation in the chat template, or the latest text as it is
+        return encode_chat(tokenizer, messages) if chat else tokenizer.encode(messages[-1]["content"])
+
+    converse(model, tokenizer, encode, prompt, interactive, None, max_new_tokens, temperature, top_k, top_p, seed)
+
+
+# Same as smollm2.py: FlagParser
+class FlagParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise SystemExit(f"error: {message} (see --help)")
+
+
+# Same as smollm2.py: HelpFormatter
+class HelpFormatter(argparse.HelpFormatter):
+    def _split_lines(self, text, width):  # wrap at spaces only: a long default is never cut mid-word
+        return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
+
+
+# Same as smollm2.py: cli
+def cli(fn, argv=None, prog=None):
+    """Call fn with flags parsed from the command line: one --name per parameter of fn, typed by its annotation,
+    its help the `name: text` line of fn's docstring; a *args parameter takes the positional words.
+
+    Values arrive exactly as typed: no eval, so --prompt "yes, please" or --prompt 0x10 is that string (python-fire,
+    used before, turned them into a tuple and 16). A typo gets "did you mean".
+    """
+    doc = inspect.getdoc(fn) or ""
+    helps = dict(re.findall(r"^ *(\w+): (.+)$", doc, re.M))
+    hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
+    parser = FlagParser(prog, description=doc.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False)
+    for name, p in inspect.signature(fn).parameters.items():
+        kind = [t for t in typing.get_args(hints.get(name)) if t is not type(None)] or [hints.get(name, str)]
+        kind = typing.get_origin(kind[0]) or kind[0]  # int | None -> int; list[str] -> list
+        if p.kind is p.VAR_POSITIONAL:
+            parser.add_argument(name, nargs="*", type=utf8, help=helps.get(name, ""))
+            continue
+        extra = dict(type=utf8, nargs="+", metavar="STR") if kind is list else \
+            dict(type=parse_bool, nargs="?", const=True, metavar="BOOL") if kind is bool else \
+            dict(type=utf8 if kind is str else kind, metavar=kind.__name__.upper())
+        text = f"{helps.get(name, '')} (default: {p.default!r})".replace("%", "%%")  # argparse formats help with %
+        parser.add_argument(f"--{name}", default=p.default, help=text, **extra)
+    flags, unknown = parser.parse_known_args(argv)
+    if unknown:
+        known = [f"--{name}" for name in vars(flags)]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1)
+        what = "unknown flag" if unknown[0].startswith("-") else "unexpected argument"
+        parser.error(f"{what} {unknown[0]}" + (f"; did you mean {close[0]}?" if close else ""))
+    positional = [vars(flags).pop(n) for n, p in inspect.signature(fn).parameters.items()
+                  if p.kind is p.VAR_POSITIONAL]
+    return fn(*sum(positional, []), **vars(flags))
+
+
+# Same as smollm2.py: parse_bool
+def parse_bool(s: str) -> bool:
+    if s.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    return s.lower() in ("true", "1", "yes")
+
+
+# Same as smollm2.py: utf8
+def utf8(s: str) -> str:
+    s.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates (PEP 383): refused here, one line
+    return s
 
 if __name__ == "__main__":
-    import fire
-    fire.Fire(main)
+    cli(main)

@@ -28,18 +28,23 @@ Departures from DeepSeek-V3: no multi-token-prediction module (its weights are s
 
 Run:  python nanollm.py --ckpt_dir checkpoints/nanollm --prompt "Once upon a time" --temperature 0
 """
+import argparse
 import codecs
+import difflib
+import inspect
 import json
 import math
+import re
 import sys
+import textwrap
+import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-import fire
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -53,10 +58,10 @@ class ModelArgs:
     dim: residual stream width.
     n_layers: number of blocks.
     n_heads: attention heads.
-    inter_dim: hidden width of the dense SwiGLU MLP.
+    hidden_dim: SwiGLU inner width of the dense MLP (HF intermediate_size).
     moe_layers: 0-based indices of the blocks whose MLP is a MoE (see `to_hf_config` for how HF expresses it).
-    moe_inter_dim: hidden width of one expert.
-    n_shared_experts: experts every token uses, stored as one MLP of width n_shared_experts * moe_inter_dim.
+    moe_hidden_dim: SwiGLU inner width of one expert (HF moe_intermediate_size).
+    n_shared_experts: experts every token uses, stored as one MLP of width n_shared_experts * moe_hidden_dim.
     n_routed_experts: experts the router chooses from.
     n_activated_experts: routed experts per token, the k of top-k.
     n_expert_groups: routed experts are split into this many groups.
@@ -81,9 +86,9 @@ class ModelArgs:
     dim: int = 64
     n_layers: int = 4
     n_heads: int = 4
-    inter_dim: int = 128
+    hidden_dim: int = 128
     moe_layers: tuple[int, ...] = (1, 3)
-    moe_inter_dim: int = 32
+    moe_hidden_dim: int = 32
     n_shared_experts: int = 1
     n_routed_experts: int = 8
     n_activated_experts: int = 2
@@ -157,7 +162,7 @@ class ModelArgs:
 # ModelArgs field -> DeepseekV3Config key, for the fields that map one to one
 HF_KEYS = dict(
     vocab_size="vocab_size", dim="hidden_size", n_layers="num_hidden_layers", n_heads="num_attention_heads",
-    inter_dim="intermediate_size", moe_inter_dim="moe_intermediate_size", n_shared_experts="n_shared_experts",
+    hidden_dim="intermediate_size", moe_hidden_dim="moe_intermediate_size", n_shared_experts="n_shared_experts",
     n_routed_experts="n_routed_experts", n_activated_experts="num_experts_per_tok", n_expert_groups="n_group",
     n_limited_groups="topk_group", route_scale="routed_scaling_factor", norm_topk_prob="norm_topk_prob",
     aux_loss_alpha="aux_loss_alpha", q_lora_rank="q_lora_rank", kv_lora_rank="kv_lora_rank",
@@ -172,15 +177,15 @@ PRESETS = {
     # weights the expert by its (unnormalised) score, and so do we. 316.19M parameters (292.60M active per
     # token) vs nano-llm's 327.31M: its per-head RoPE key projection is 10.83M more, its Linear biases 0.30M,
     # and our latent RMSNorms add 5k (tests/test_nanollm.py checks the count against the formula)
-    "nano-327m": dict(vocab_size=50304, dim=768, n_layers=20, n_heads=12, inter_dim=3072, moe_layers=(3, 7, 11, 15, 19),
-                      moe_inter_dim=2048, n_shared_experts=2, n_routed_experts=2, n_activated_experts=1,
-                      n_expert_groups=1, n_limited_groups=1, route_scale=1.0, norm_topk_prob=False, q_lora_rank=128,
-                      kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=128,
-                      max_seq_len=2048, norm_eps=1e-5),
+    "nano-327m": dict(vocab_size=50304, dim=768, n_layers=20, n_heads=12, hidden_dim=3072,
+                      moe_layers=(3, 7, 11, 15, 19), moe_hidden_dim=2048, n_shared_experts=2, n_routed_experts=2,
+                      n_activated_experts=1, n_expert_groups=1, n_limited_groups=1, route_scale=1.0,
+                      norm_topk_prob=False, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=64,
+                      qk_rope_head_dim=64, v_head_dim=128, max_seq_len=2048, norm_eps=1e-5),
     # 8.6M parameters (5.6M active) for pretraining on a 2-core CPU; first block dense, then all MoE as in
     # DeepSeek-V3, so transformers loads the result too. Set vocab_size to the trained tokenizer's.
-    "nano-small": dict(vocab_size=4096, dim=256, n_layers=6, n_heads=4, inter_dim=768, moe_layers=(1, 2, 3, 4, 5),
-                       moe_inter_dim=256, n_shared_experts=1, n_routed_experts=4, n_activated_experts=1,
+    "nano-small": dict(vocab_size=4096, dim=256, n_layers=6, n_heads=4, hidden_dim=768, moe_layers=(1, 2, 3, 4, 5),
+                       moe_hidden_dim=256, n_shared_experts=1, n_routed_experts=4, n_activated_experts=1,
                        n_expert_groups=1, n_limited_groups=1, route_scale=1.0, norm_topk_prob=False, q_lora_rank=96,
                        kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64, max_seq_len=512,
                        norm_eps=1e-5, aux_loss_alpha=1e-4),
@@ -205,6 +210,7 @@ def cache_bytes_per_token(args: ModelArgs, bytes_per_value: int = 2) -> dict[str
 # RMSNorm
 
 
+# Same as smollm2.py: RMSNorm
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -212,9 +218,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in fp32 (bf16 squares lose precision), cast back, then scale: the order of HF `DeepseekV3RMSNorm`
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        # Normalise in fp32 even for bf16 activations: the mean of squares loses too much precision otherwise.
+        # The scale is applied after casting back, in the weight's dtype, exactly as HF LlamaRMSNorm.
+        # (F.rms_norm: x * rsqrt(mean(x^2) + eps), the same operations as HF's, in one call.)
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
 # ----------------------------------------------------------------------------------------------------------------
 # RoPE
@@ -253,6 +260,8 @@ def rope_frequencies(args: ModelArgs) -> tuple[torch.Tensor, float, float]:
     return inv_freq, attn_factor, yarn_mscale(factor, mscale_all) ** 2 if mscale_all else 1.0
 
 
+# Differs from smollm2.py's apply_rope: DeepSeek checkpoints may pair dimensions (0,1), (2,3)... and MLA passes
+# half-width tables of its own RoPE head part
 def apply_rope(x, cos, sin, interleave: bool):
     """Rotate x (..., T, d) by angles whose cos/sin are (..., T, d/2)."""
     if interleave:
@@ -347,6 +356,7 @@ class MLA(nn.Module):
 # MLP and MoE
 
 
+# Differs from smollm2.py's MLP: it takes its widths, since the experts of a MoE are narrower MLPs
 class MLP(nn.Module):
     """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
 
@@ -367,7 +377,7 @@ class Gate(nn.Module):
         super().__init__()
         self.k, self.n_groups, self.topk_groups = args.n_activated_experts, args.n_expert_groups, args.n_limited_groups
         self.route_scale, self.norm_topk_prob = args.route_scale, args.norm_topk_prob
-        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))  # init by Transformer
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))  # init by NanoLLM
         # a buffer, not a parameter: update_router_biases moves it, gradients never do; it is saved in checkpoints
         self.register_buffer("e_score_correction_bias", torch.zeros(args.n_routed_experts))
 
@@ -396,10 +406,10 @@ class MoE(nn.Module):
         self.n_experts, self.k = args.n_routed_experts, args.n_activated_experts
         self.aux_loss_alpha = args.aux_loss_alpha
         self.gate = Gate(args)
-        self.experts = nn.ModuleList(MLP(args.dim, args.moe_inter_dim) for _ in range(self.n_experts))
+        self.experts = nn.ModuleList(MLP(args.dim, args.moe_hidden_dim) for _ in range(self.n_experts))
         # n shared experts of width h are one MLP of width n*h (sum of their outputs), HF's layout
         n_shared = args.n_shared_experts
-        self.shared_experts = MLP(args.dim, args.moe_inter_dim * n_shared) if n_shared else None
+        self.shared_experts = MLP(args.dim, args.moe_hidden_dim * n_shared) if n_shared else None
         self.load = None       # (E,) tokens routed per expert in training forwards since the last bias update
         self.aux_loss = None   # this forward's sequence-wise balance loss, when training with aux_loss_alpha > 0
 
@@ -443,13 +453,14 @@ class MoE(nn.Module):
 # Block
 
 
+# Differs from smollm2.py's Block: MLA attention, and a MoE in place of the MLP in the moe_layers
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int, softmax_mscale: float):
         super().__init__()
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.self_attn = MLA(args, softmax_mscale)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
-        self.mlp = MoE(args) if layer_idx in args.moe_layers else MLP(args.dim, args.inter_dim)
+        self.mlp = MoE(args) if layer_idx in args.moe_layers else MLP(args.dim, args.hidden_dim)
 
     def forward(self, x, cos, sin, mask=None, input_pos=None, absorb=False):
         # pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))
@@ -460,18 +471,21 @@ class Block(nn.Module):
 # Model
 
 
+# Same as smollm2.py: doc_positions_and_mask
 def doc_positions_and_mask(doc_ids):
-    """Packed rows (B, T) of document ids -> RoPE positions restarting at each document (B, T) and a causal mask
-    that never crosses a document boundary (B, 1, T, T)."""
+    """Packed training rows of document ids (B, T) -> RoPE positions that restart at 0 where each document
+    starts (B, T), and a causal mask that never crosses a document boundary (B, 1, T, T), as if each document
+    were run alone. A document is a run of equal ids: an id that comes back later in the row starts a new one."""
     t = torch.arange(doc_ids.size(1), device=doc_ids.device)
-    starts = torch.cat([torch.ones_like(doc_ids[:, :1], dtype=torch.bool), doc_ids[:, 1:] != doc_ids[:, :-1]], 1)
-    segment = starts.cumsum(1)  # subtle: segments, not raw ids, so a reused id in one row is still a new document
-    first = torch.where(starts, t, 0).cummax(1).values  # index where each token's document starts
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    segment = starts.cumsum(1)  # (B, T) document number: runs, not raw ids
+    pos = t - torch.where(starts, t, 0).cummax(1).values  # distance to the own document's first token
     mask = (segment[:, :, None] == segment[:, None, :]) & (t[:, None] >= t[None, :])
-    return t - first, mask[:, None]
+    return pos, mask[:, None]
 
 
-class Transformer(nn.Module):
+class NanoLLM(nn.Module):
     """Embedding, n_layers blocks, final norm, lm_head; the HF DeepseekV3ForCausalLM state-dict layout."""
 
     def __init__(self, args: ModelArgs):
@@ -500,21 +514,22 @@ class Transformer(nn.Module):
         angles = positions[..., None].float() * self.inv_freq.to(positions.device)
         return angles.cos() * self.rope_factor, angles.sin() * self.rope_factor
 
-    def _forward(self, tokens, positions, mask, input_pos=None, absorb=False):
+    def trunk(self, tokens, positions, mask, input_pos=None, absorb=False):
+        """tokens (B, T), positions (B, T) -> final-normed hidden states (B, T, dim)."""
         x = self.model.embed_tokens(tokens)                                   # (B, T, dim)
         cos, sin = [t.to(x.dtype) for t in self.rope_cos_sin(positions)]
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, input_pos, absorb)
         # the balance loss of this forward for the training loop to add: a tensor, or 0.0 when off
         self.aux_loss = sum((m.aux_loss for _, m in self.moe_layers() if m.aux_loss is not None), 0.0)
-        return self.lm_head(self.model.norm(x))                                # (B, T, vocab)
+        return self.model.norm(x)
 
     def forward(self, tokens, doc_ids=None):
         """Logits (B, T, vocab) without a cache; doc_ids (B, T) marks packed documents, which never see each other."""
         if doc_ids is None:
             positions = torch.arange(tokens.size(1), device=tokens.device).expand_as(tokens)
-            return self._forward(tokens, positions, None)
-        return self._forward(tokens, *doc_positions_and_mask(doc_ids))
+            return self.lm_head(self.trunk(tokens, positions, None))
+        return self.lm_head(self.trunk(tokens, *doc_positions_and_mask(doc_ids)))
 
     def setup_cache(self, batch_size: int, max_seq_len: int):
         w = self.lm_head.weight
@@ -526,17 +541,21 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.cache = None
 
-    def forward_cached(self, tokens, input_pos, start=None, absorb=True):
-        """Logits (B, T, vocab) for tokens (B, T) written at cache slots input_pos (T,). start (B,) is the first
-        real slot of each left-padded row: its positions count from there and earlier slots are masked out."""
-        start = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device) if start is None else start
+    def forward_cached(self, tokens, input_pos, pad=None, absorb=True):
+        """Run tokens (B, T) in cache slots input_pos (T,); return the last position's logits (B, vocab).
+
+        pad (B,), None for none: left padding of each row, whose positions count from its first real slot.
+        absorb picks the MLA decode path (both are tested equal), the one argument the other model files lack.
+        """
+        pad = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device) if pad is None else pad
         # attend over the filled prefix only: the naive path up-projects every attended slot, so the empty tail
         # of the buffer would cost real compute
         slots = torch.arange(int(input_pos[-1]) + 1, device=tokens.device)
         # causal over slots and blind to padding; a padding query still sees itself, so no softmax row is empty
-        mask = (slots <= input_pos[:, None]) & ((slots >= start[:, None, None]) | (slots == input_pos[:, None]))
-        positions = (input_pos - start[:, None]).clamp(min=0)                 # (B, T)
-        return self._forward(tokens, positions, mask[:, None], input_pos, absorb)
+        mask = (slots <= input_pos[:, None]) & ((slots >= pad[:, None, None]) | (slots == input_pos[:, None]))
+        positions = (input_pos - pad[:, None]).clamp(min=0)                   # (B, T)
+        h = self.trunk(tokens, positions, mask[:, None], input_pos, absorb)
+        return self.lm_head(h[:, -1])  # only the last position is needed to pick the next token
 
     @torch.no_grad()
     def update_router_biases(self, rate: float = 1e-3) -> dict[int, list[float]]:
@@ -555,44 +574,29 @@ class Transformer(nn.Module):
 # Loading
 
     @classmethod
-    def from_pretrained(cls, ckpt_dir, device=None, dtype=None) -> "Transformer":
-        """Load an HF-layout DeepseekV3 checkpoint dir (config.json + model.safetensors, or sharded)."""
+    def from_pretrained(cls, ckpt_dir, device=None, dtype=None) -> "NanoLLM":
+        """An HF-layout DeepseekV3 checkpoint folder (config.json + model.safetensors, or shards with an index) on
+        device (None: cpu), in dtype (None: float32)."""
         ckpt, device = Path(ckpt_dir), torch.device(device or "cpu")
         if not (ckpt / "config.json").is_file():
             raise FileNotFoundError(f"no checkpoint in {ckpt} (config.json missing); nanollm is trained from "
                                     "scratch, there is nothing to download: train one with finetune.py")
-        args = ModelArgs.from_hf_config(json.loads((ckpt / "config.json").read_text()))
+        args = read_json(ckpt / "config.json", ModelArgs.from_hf_config)
         if (ckpt / "generation_config.json").is_file():  # its eos_token_id wins, as in HF generate
-            eos = json.loads((ckpt / "generation_config.json").read_text()).get("eos_token_id", args.eos_token_id)
+            eos = read_json(ckpt / "generation_config.json").get("eos_token_id", args.eos_token_id)
             args.eos_token_id = tuple(eos) if isinstance(eos, list) else eos
-        index = ckpt / "model.safetensors.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
-            else ["model.safetensors"]
-        state = {}
-        for f in files:
-            state.update(load_file(ckpt / f, device=str(device)))
-        # DeepSeek-V3 ships its multi-token-prediction module as extra layers n_layers...: unused here, as in HF
-        state = {k: v for k, v in state.items()
+        # the balancing bias stays fp32, as HF keeps it: bf16 cannot hold 1e-3 steps on top of ~1
+        state = {k: v if k.endswith("e_score_correction_bias") else v.to(dtype or torch.float32)
+                 for k, v in load_safetensors(ckpt, device, None).items()
+                 # DeepSeek-V3 ships its multi-token-prediction module as extra layers n_layers...: unused, as in HF
                  if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= args.n_layers)}
         # built on meta: no memory and no init for weights about to be replaced; assign=True below adopts the
         # loaded tensors as the parameters (one copy in memory, gpt-fast style)
         with torch.device("meta"):
             model = cls(args)
-        expected = model.state_dict()
-        allowed_absent = {"lm_head.weight"} if args.tie_embeddings else set()
-        missing, unexpected = expected.keys() - state.keys() - allowed_absent, state.keys() - expected.keys()
-        if missing or unexpected:
-            raise ValueError(f"{ckpt}: weights do not match config.json: missing {sorted(missing)[:4]}, "
-                             f"unexpected {sorted(unexpected)[:4]}")
-        for k, v in state.items():
-            if v.shape != expected[k].shape:
-                raise ValueError(f"{ckpt}: {k} has shape {tuple(v.shape)}, "
-                                 f"config.json implies {tuple(expected[k].shape)}")
-            # the balancing bias stays fp32, as HF keeps it: bf16 cannot hold 1e-3 steps on top of ~1
-            if dtype is not None and not k.endswith("e_score_correction_bias"):
-                state[k] = v.to(dtype)
-        if args.tie_embeddings:
+        if args.tie_embeddings and "model.embed_tokens.weight" in state:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        check_state(model, state, ckpt)
         model.load_state_dict(state, strict=True, assign=True)
         if args.tie_embeddings:  # assign=True gave each name its own Parameter: tie them again
             model.lm_head.weight = model.model.embed_tokens.weight
@@ -606,10 +610,10 @@ class Transformer(nn.Module):
                  stop_tokens=None, seed=None, stream=None, absorb=True) -> list[list[int]]:
         """New tokens per prompt, stop token excluded. Ragged prompts are left-padded; stream(row, token) is
         called for each kept token; absorb picks the MLA decode path (both are tested equal)."""
-        check_sampling_args(temperature, top_k, top_p)
+        check_sampling(temperature, top_k, top_p)
         length = max(map(len, prompts))
-        if min(map(len, prompts)) == 0:
-            raise ValueError("empty prompt: generation needs at least one token to continue")
+        if max_new_tokens < 1 or not prompts or min(map(len, prompts)) == 0:
+            raise ValueError("need max_new_tokens >= 1 and at least one token in every prompt")
         if length + max_new_tokens > self.args.max_seq_len:
             raise ValueError(f"prompt of {length} tokens + max_new_tokens {max_new_tokens} exceeds the context of "
                              f"{self.args.max_seq_len} tokens")
@@ -618,14 +622,14 @@ class Transformer(nn.Module):
         device = self.lm_head.weight.device
         generator = None if seed is None else torch.Generator(device).manual_seed(seed)
         # left padding puts every row's last prompt token in the same slot, so one step decodes all rows
-        tokens = torch.tensor([[0] * (length - len(p)) + p for p in prompts], device=device)
-        start = torch.tensor([length - len(p) for p in prompts], device=device)
+        tokens = torch.tensor([[0] * (length - len(p)) + list(p) for p in prompts], device=device)
+        pad = torch.tensor([length - len(p) for p in prompts], device=device)
         input_pos = torch.arange(length, device=device)
         out, done = [[] for _ in prompts], [False] * len(prompts)
         self.setup_cache(len(prompts), length + max_new_tokens)
         try:
             for _ in range(max_new_tokens):
-                logits = self.forward_cached(tokens, input_pos, start, absorb)[:, -1]
+                logits = self.forward_cached(tokens, input_pos, pad, absorb)
                 tokens = sample(logits, temperature, top_k, top_p, generator)[:, None]  # (B, 1)
                 for row, t in enumerate(tokens[:, 0].tolist()):
                     done[row] = done[row] or t in stop
@@ -641,36 +645,97 @@ class Transformer(nn.Module):
         return out
 
 
-def check_sampling_args(temperature, top_k, top_p):
-    if temperature < 0 or not 0 < top_p <= 1 or (top_k is not None and top_k < 1):
-        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 1 (got {temperature}, {top_p}, {top_k})")
+# Same as smollm2.py: check_sampling
+def check_sampling(temperature, top_k, top_p):
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
 
 
-def logits_to_probs(logits, temperature=1.0, top_k=None, top_p=1.0):
+# Same as smollm2.py: logits_to_probs
+def logits_to_probs(logits, temperature: float, top_k: int | None = None, top_p: float = 1.0):
+    """logits (B, vocab) -> sampling distribution (B, vocab): temperature, then top-k, then top-p, as HF's
+    TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper apply them (tests compare every file's)."""
     logits = logits.float() / temperature
     if top_k is not None:
-        kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1) k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th stay, as in HF
+    probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
-        # nucleus: keep the most likely tokens until their mass reaches top_p (the first one always stays)
-        p, i = probs.sort(-1, descending=True)
-        p = p.masked_fill(p.cumsum(-1) - p > top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, i, p)
-        probs = probs / probs.sum(-1, keepdim=True)
+        # keep the smallest set of most likely tokens whose mass reaches top_p: drop a token only when the mass
+        # before it already reaches top_p, so the token that crosses the boundary stays (HF's TopP, min 1 token)
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(dim=-1) - sorted_p >= top_p
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p / sorted_p.sum(-1, keepdim=True))
     return probs
 
 
+# Same as smollm2.py: sample
 def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
-    """(B, vocab) -> (B,) token ids; temperature 0 is greedy."""
+    """logits (B, vocab) -> next token ids (B,): greedy at temperature 0, else one draw from the filtered
+    distribution with `generator` (a seeded torch.Generator makes runs repeat)."""
     if temperature == 0:
-        return logits.argmax(-1)
-    return torch.multinomial(logits_to_probs(logits, temperature, top_k, top_p), 1, generator=generator)[:, 0]
+        return logits.argmax(dim=-1)
+    return torch.multinomial(logits_to_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
+
+
+# Same as smollm2.py: read_json
+def read_json(path: Path, parse=dict):
+    """parse(the JSON object in path): one clear error naming the file where it is not JSON or lacks an entry."""
+    try:
+        return parse(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); download or save the checkpoint again") from None
+    except KeyError as e:
+        raise ValueError(f"{path} has no entry {e}: it is not a checkpoint this file reads") from None
+
+
+# Same as smollm2.py: load_safetensors
+def load_safetensors(ckpt_dir: Path, device, dtype) -> dict:
+    """Every tensor of a HF checkpoint folder (model.safetensors, or the shards model.safetensors.index.json
+    lists) on device, in dtype (None: as stored); a missing or damaged file is one clear error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = ckpt_dir / "model.safetensors.index.json"
+    names = sorted(set(read_json(index).get("weight_map", {}).values())) if index.is_file() else ["model.safetensors"]
+    state = {}
+    for f in (ckpt_dir / name for name in names):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing: the download is incomplete; fetch the checkpoint again")
+        try:
+            shard = load_file(f)  # memory-mapped: bytes are read when a tensor is first used
+        except SafetensorError as e:
+            raise ValueError(f"{f} is truncated or corrupt ({e}); download it again") from None
+        # same device and dtype: .to() returns the mapped tensor itself, one copy in memory
+        state.update({k: v.to(device=device, dtype=dtype or v.dtype) for k, v in shard.items()})
+    return state
+
+
+# Same as smollm2.py: check_state
+def check_state(model: nn.Module, state: dict, ckpt_dir):
+    """One clear error where the checkpoint's tensors are not those of the model its config describes (what a
+    strict load_state_dict checks, said in one line)."""
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{ckpt_dir} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, p in expected.items():
+        if state[name].shape != p.shape:
+            raise ValueError(f"{ckpt_dir}: {name} has shape {tuple(state[name].shape)} but the config gives "
+                             f"{tuple(p.shape)}")
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Chat formatting
 
 
+# Differs from smollm2.py's encode_chat: no default system prompt, since nanollm's chat models learn ChatML from
+# finetune.py's data, which has none
 def encode_chat(tokenizer, messages, add_generation_prompt=True) -> list[int]:
     """ChatML (`<|im_start|>role\\ncontent<|im_end|>\\n`), the format finetune.py's chat data uses. Control tokens
     are ids and content is plain text, so user text cannot forge `<|im_end|>`."""
@@ -683,65 +748,198 @@ def encode_chat(tokenizer, messages, add_generation_prompt=True) -> list[int]:
         ids += [start, *tokenizer.encode(f"{m['role']}\n{m['content']}"), end, *newline]
     return ids + ([start, *tokenizer.encode("assistant\n")] if add_generation_prompt else [])
 
+
+# Same as smollm2.py: is_chat_checkpoint
+def is_chat_checkpoint(ckpt_dir) -> bool:
+    """Whether a HF checkpoint folder ships a chat template (instruct models do, base models do not):
+    transformers 5 writes it to chat_template.jinja, earlier versions into tokenizer_config.json."""
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / "chat_template.jinja").is_file():
+        return True
+    cfg = ckpt_dir / "tokenizer_config.json"
+    return cfg.is_file() and "chat_template" in read_json(cfg)
+
+
+# Same as smollm2.py: stream_printer
+def stream_printer(tokenizer):
+    """A stream callback printing text as soon as it is complete UTF-8 (a character may span tokens)."""
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def emit(_row, token):
+        print(utf8.decode(tokenizer.decode_bytes([token])), end="", flush=True)
+
+    return emit
+
+
+# Same as smollm2.py: check_flags
+def check_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, interactive):
+    """The CLI's flags, checked before the slow load -> (torch.device, torch dtype or None); a ValueError
+    names the flag. device None: cuda when available, else cpu."""
+    check_sampling(temperature, top_k, top_p)
+    if max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise ValueError(f"--seed must be in 0..2**64-1, got {seed}")
+    if prompt is None and not interactive:
+        raise ValueError('give --prompt "..." or --interactive')
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    count = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
+    if (dev.index or 0) >= count.get(dev.type, 0):
+        raise ValueError(f"--device {device} is not available: no CUDA device (or not that many); use --device cpu")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype is not None and dtype not in dtypes:
+        raise ValueError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype}")
+    return dev, dtypes.get(dtype)
+
+
+# Same as smollm2.py: converse
+def converse(model, tokenizer, encode, prompt, interactive, stop, max_new_tokens, temperature, top_k, top_p, seed):
+    """One streamed reply to prompt; with interactive, a conversation (prompt, if given, is its first turn) until
+    Ctrl-D. encode(messages) -> the ids of the conversation so far, re-encoded each turn: exact to the template."""
+    messages = []
+    while True:
+        if interactive and (prompt is None or messages):
+            try:
+                prompt = utf8(input("\n> "))
+            except (EOFError, KeyboardInterrupt):
+                return print()
+            except UnicodeError:  # bytes that are not UTF-8, read as lone surrogates or refused by the decoder
+                print("error: that line is not valid UTF-8; type it again", file=sys.stderr)
+                continue
+        elif interactive:
+            print(f"\n> {prompt}")
+        messages.append({"role": "user", "content": prompt})
+        ids, t0 = encode(messages), time.time()
+        try:
+            new = model.generate([ids], max_new_tokens, temperature, top_k, top_p, stop_tokens=stop, seed=seed,
+                                 stream=stream_printer(tokenizer))[0]
+        except ValueError as e:  # a prompt (or conversation) longer than the context
+            raise SystemExit(f"\nerror: {e}")
+        print()  # end the streamed line on stdout; timings go to stderr, out of the way of piped text
+        print(f"[{len(ids)} prompt + {len(new)} new tokens, {len(new) / (time.time() - t0):.1f} tok/s]",
+              file=sys.stderr)
+        if not interactive:
+            return
+        messages.append({"role": "assistant", "content": tokenizer.decode(new)})
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 
+try:  # the speed module beside this file (fast_decode.py); a copy of this file alone runs plain, same tokens
+    from fast_decode import fast
+except ImportError:
+    fast = None
+
 
 def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/nanollm", max_new_tokens: int = 200,
-         temperature: float = 0.8, top_p: float = 0.95, top_k: int | None = None, device: str = "cpu",
+         temperature: float = 0.8, top_p: float = 0.95, top_k: int | None = None, device: str | None = None,
          dtype: str | None = None, seed: int | None = None, chat: bool | None = None, interactive: bool = False):
-    """Stream a continuation of --prompt; with --chat (default: if tokenizer_config.json has a chat template) a
-    ChatML reply; with --interactive a conversation. --dtype float32 | bfloat16 | float16, default as stored."""
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    try:
-        check_sampling_args(temperature, top_k, top_p)
-        if max_new_tokens < 1 or (prompt is None and not interactive):
-            raise ValueError('give --prompt "..." (or --interactive) and --max_new_tokens >= 1')
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("--device cuda requested but CUDA is not available; use --device cpu")
-        if dtype not in (None, *dtypes):
-            raise ValueError(f"--dtype {dtype}: use one of {', '.join(dtypes)}")
-        model = Transformer.from_pretrained(ckpt_dir, device, dtypes.get(dtype))
+    """Generate from a nanollm checkpoint (trained with finetune.py); a chat model (one with a chat template)
+    wraps the prompt in ChatML unless --chat false.
+
+    prompt: the text to continue (with --interactive, the first turn)
+    ckpt_dir: a checkpoint folder written by finetune.py (config.json, model.safetensors, tokenizer.json)
+    max_new_tokens: most tokens to generate per reply
+    temperature: 0 is greedy; higher is more random
+    top_p: sample from the smallest set of tokens whose probability reaches top_p
+    top_k: sample from the k most likely tokens only
+    device: cpu, cuda, cuda:1...; default cuda when available, else cpu
+    dtype: float32, bfloat16 or float16; default float32
+    seed: seeds sampling, so a run repeats exactly; default a different draw each run
+    chat: wrap the prompt in ChatML; default: when the checkpoint has a chat template
+    interactive: chat turn by turn until Ctrl-D
+    """
+    try:  # everything a user can get wrong is checked before the (slow) load, and reported in one line
+        dev, dt = check_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, interactive)
+        t0 = time.time()
+        model = NanoLLM.from_pretrained(ckpt_dir, dev, dt)
         if not (Path(ckpt_dir) / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{ckpt_dir}/tokenizer.json missing: save the tokenizer_bpe.py one there")
         from tokenizer_bpe import Tokenizer  # only the CLI needs a tokenizer; the model, tests and training do not
-        tok = Tokenizer.from_file(str(Path(ckpt_dir) / "tokenizer.json"))
-    except (FileNotFoundError, ValueError, NotImplementedError) as e:
+        tokenizer = Tokenizer.from_file(str(Path(ckpt_dir) / "tokenizer.json"))
+        chat = is_chat_checkpoint(ckpt_dir) if chat is None else chat
+        if chat and "<|im_end|>" not in tokenizer.special_tokens:
+            raise ValueError(f"{ckpt_dir}: its tokenizer has no ChatML tokens (<|im_end|>); use --chat false")
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
         raise SystemExit(f"error: {e}")
-    if chat is None:  # a chat model (after SFT) ships a chat template; a pretrained base model does not
-        cfg = Path(ckpt_dir) / "tokenizer_config.json"
-        chat = cfg.is_file() and "chat_template" in json.loads(cfg.read_text())
+    if interactive and not chat:
+        raise SystemExit("error: --interactive needs a chat model (one whose checkpoint has a chat template)")
+    if fast:
+        fast(model)
     cache = cache_bytes_per_token(model.args, model.lm_head.weight.element_size())
-    print(f"[KV cache per token: {cache['mla']:,} B (MLA latent) vs {cache['mha']:,} B (MHA of the same width)]",
-          file=sys.stderr)
+    print(f"loaded {ckpt_dir} ({model.lm_head.weight.dtype}, {dev}) in {time.time() - t0:.1f}s; KV cache per "
+          f"token: {cache['mla']:,} B (MLA latent) vs {cache['mha']:,} B (MHA of the same width)", file=sys.stderr)
     eos = model.args.eos_token_id
     stop = list(eos) if isinstance(eos, tuple) else [] if eos is None else [eos]
-    if chat and "<|im_end|>" in tok.special_tokens:
-        stop.append(tok.special_tokens["<|im_end|>"])
+    stop += [tokenizer.special_tokens["<|im_end|>"]] if chat else []
 
-    def respond(ids):
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
-        new = model.generate([ids], max_new_tokens, temperature, top_k, top_p, stop_tokens=stop, seed=seed,
-                             stream=lambda _, t: print(decoder.decode(tok.decode_bytes([t])), end="", flush=True))
-        print(decoder.decode(b"", final=True))
-        return new
+    def encode(messages):  # the conversation in ChatML, or the latest text as it is
+        return encode_chat(tokenizer, messages) if chat else tokenizer.encode(messages[-1]["content"])
 
-    try:  # ValueError: an empty or too long prompt, or a tokenizer without ChatML tokens
-        if not interactive:
-            respond(encode_chat(tok, [{"role": "user", "content": prompt}]) if chat else tok.encode(prompt))
-            return
-        if not chat:
-            raise ValueError("--interactive needs a chat model (a chat_template in tokenizer_config.json)")
-        messages = []
-        while True:
-            try:
-                messages.append({"role": "user", "content": input("\n> ")})
-            except (EOFError, KeyboardInterrupt):
-                return
-            messages.append({"role": "assistant", "content": tok.decode(respond(encode_chat(tok, messages)))})
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+    converse(model, tokenizer, encode, prompt, interactive, stop, max_new_tokens, temperature, top_k, top_p, seed)
 
+
+# Same as smollm2.py: FlagParser
+class FlagParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise SystemExit(f"error: {message} (see --help)")
+
+
+# Same as smollm2.py: HelpFormatter
+class HelpFormatter(argparse.HelpFormatter):
+    def _split_lines(self, text, width):  # wrap at spaces only: a long default is never cut mid-word
+        return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
+
+
+# Same as smollm2.py: cli
+def cli(fn, argv=None, prog=None):
+    """Call fn with flags parsed from the command line: one --name per parameter of fn, typed by its annotation,
+    its help the `name: text` line of fn's docstring; a *args parameter takes the positional words.
+
+    Values arrive exactly as typed: no eval, so --prompt "yes, please" or --prompt 0x10 is that string (python-fire,
+    used before, turned them into a tuple and 16). A typo gets "did you mean".
+    """
+    doc = inspect.getdoc(fn) or ""
+    helps = dict(re.findall(r"^ *(\w+): (.+)$", doc, re.M))
+    hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
+    parser = FlagParser(prog, description=doc.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False)
+    for name, p in inspect.signature(fn).parameters.items():
+        kind = [t for t in typing.get_args(hints.get(name)) if t is not type(None)] or [hints.get(name, str)]
+        kind = typing.get_origin(kind[0]) or kind[0]  # int | None -> int; list[str] -> list
+        if p.kind is p.VAR_POSITIONAL:
+            parser.add_argument(name, nargs="*", type=utf8, help=helps.get(name, ""))
+            continue
+        extra = dict(type=utf8, nargs="+", metavar="STR") if kind is list else \
+            dict(type=parse_bool, nargs="?", const=True, metavar="BOOL") if kind is bool else \
+            dict(type=utf8 if kind is str else kind, metavar=kind.__name__.upper())
+        text = f"{helps.get(name, '')} (default: {p.default!r})".replace("%", "%%")  # argparse formats help with %
+        parser.add_argument(f"--{name}", default=p.default, help=text, **extra)
+    flags, unknown = parser.parse_known_args(argv)
+    if unknown:
+        known = [f"--{name}" for name in vars(flags)]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1)
+        what = "unknown flag" if unknown[0].startswith("-") else "unexpected argument"
+        parser.error(f"{what} {unknown[0]}" + (f"; did you mean {close[0]}?" if close else ""))
+    positional = [vars(flags).pop(n) for n, p in inspect.signature(fn).parameters.items()
+                  if p.kind is p.VAR_POSITIONAL]
+    return fn(*sum(positional, []), **vars(flags))
+
+
+# Same as smollm2.py: parse_bool
+def parse_bool(s: str) -> bool:
+    if s.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    return s.lower() in ("true", "1", "yes")
+
+
+# Same as smollm2.py: utf8
+def utf8(s: str) -> str:
+    s.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates (PEP 383): refused here, one line
+    return s
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    cli(main)

@@ -14,9 +14,6 @@ Departures from the reference, all deliberate:
   prompt yields exactly the tokens it yields alone (HF's padded `generate` shifts positions unless the caller
   passes them);
 - during prefill only the last position goes through the 49152-wide output head;
-- on a CPU, bf16 attention runs in fp32 and is rounded back (PyTorch's bf16 CPU kernel is 2-9x slower), so
-  bf16 logits differ from HF's by rounding, and are on average no further from fp32 ones (tested); the KV
-  cache is then kept in fp32 (the same bf16 values, twice the memory) so that no step converts all of it.
 
 Usage:
     python download.py                                  # SmolLM2-135M-Instruct into checkpoints/
@@ -30,15 +27,12 @@ import codecs
 import difflib
 import inspect
 import json
-import os
-import platform
+import math
 import re
 import sys
 import textwrap
-import threading
 import time
 import typing
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,44 +86,22 @@ class ModelArgs:
         if cfg.get("attention_bias") or cfg.get("mlp_bias"):
             raise NotImplementedError("biases in attention or MLP are not part of SmolLM2")
         eos = cfg.get("eos_token_id", 2)
-        return cls(
-            dim=dim,
-            n_layers=cfg["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            hidden_dim=cfg["intermediate_size"],
-            vocab_size=cfg["vocab_size"],
-            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-            norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            max_seq_len=cfg.get("max_position_embeddings", 8192),
-            tie_embeddings=cfg.get("tie_word_embeddings", True),
-            bos_id=cfg.get("bos_token_id", 1),
-            eos_id=eos[0] if isinstance(eos, list) else eos,
-        )
+        return cls(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+                   n_kv_heads=cfg.get("num_key_value_heads") or n_heads, hidden_dim=cfg["intermediate_size"],
+                   vocab_size=cfg["vocab_size"], rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 1e4))),
+                   norm_eps=cfg.get("rms_norm_eps", 1e-5), max_seq_len=cfg.get("max_position_embeddings", 8192),
+                   tie_embeddings=cfg.get("tie_word_embeddings", True), bos_id=cfg.get("bos_token_id", 1),
+                   eos_id=eos[0] if isinstance(eos, list) else eos)
 
     def to_hf_config(self) -> dict:
         """A config.json that both this file and transformers' LlamaForCausalLM load."""
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_size": self.dim,
-            "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.head_dim,
-            "intermediate_size": self.hidden_dim,
-            "vocab_size": self.vocab_size,
-            "rope_theta": self.rope_theta,
-            "rms_norm_eps": self.norm_eps,
-            "max_position_embeddings": self.max_seq_len,
-            "tie_word_embeddings": self.tie_embeddings,
-            "bos_token_id": self.bos_id,
-            "eos_token_id": self.eos_id,
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
-            "torch_dtype": "float32",
-        }
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.dim,
+                "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
+                "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
+                "intermediate_size": self.hidden_dim, "vocab_size": self.vocab_size, "rope_theta": self.rope_theta,
+                "rms_norm_eps": self.norm_eps, "max_position_embeddings": self.max_seq_len,
+                "tie_word_embeddings": self.tie_embeddings, "bos_token_id": self.bos_id, "eos_token_id": self.eos_id,
+                "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32"}
 
 
 # Published sizes (HuggingFaceTB/SmolLM2-*). Public copies disagree on RoPE theta and context of the larger
@@ -142,91 +114,6 @@ PRESETS = {
 
 # -----------------------------------------------------------------------------
 # Building blocks
-
-
-# Decoding multiplies one row by every weight matrix, so on a CPU its speed is the speed of streaming weights
-# from memory, and two PyTorch kernels leave much of that unused (benchmarks/bench_cpu_kernels.py):
-# - fp32: the one-row product runs on one thread, whatever the thread count. Linear splits it by threads.
-# - bf16: F.linear reorders the weight into oneDNN's blocked layout on every call. Inference keeps a reordered
-#   copy instead (remade when the weight changes; kept while it fits in half the free memory), stacked for the
-#   layers that share an input (q, k, v; gate, up), since fewer, larger products stream faster. The same
-#   products, faster (figures in README.md).
-# (x86 only: the path is measured and tested there; oneDNN's ARM builds are a different library underneath)
-BF16_ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-               and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-# owner module -> (its weights' versions, their reordered copy or None): a cache beside the modules, so
-# copying or saving a module never meets the opaque oneDNN tensor
-PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-# Checking a copy against its weights costs 3-5% of a small model's decode step, and no weight may change within
-# one generate call (stream callbacks included): its prefill checks every copy, and its decode steps, run with
-# this thread's DECODING.on set, skip the check.
-DECODING = threading.local()
-
-
-def free_memory() -> int:
-    """Bytes the OS can hand out: Linux's MemAvailable (free pages + reclaimable file cache, which a freshly read
-    checkpoint fills), else the free pages, else 0 where it cannot tell (then no reordered copies are kept)."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return 0
-
-
-def onednn_weight(owner: nn.Module, layers) -> torch.Tensor | None:
-    """The layers' weights, stacked, in oneDNN's bf16 layout, cached beside owner; None where not kept."""
-    entry = PACKED.get(owner)
-    if entry is not None and getattr(DECODING, "on", False):
-        return entry[1]
-    ws = [layer.weight for layer in layers]
-    key = [(w.data_ptr(), None if w.is_inference() else w._version) for w in ws]  # a new tensor or an update
-    if entry is None or entry[0] != key:
-        PACKED.pop(owner, None)  # free a stale copy before deciding on a new one
-        # (bf16 weights only: under autocast, bf16 activations meet fp32 weights, which F.linear casts)
-        packed = None
-        if all(w.dtype == torch.bfloat16 for w in ws) and 2 * sum(w.nbytes for w in ws) < free_memory():
-            stacked = torch.cat(ws) if len(ws) > 1 else ws[0]  # (cat copies: only for a copy that is kept)
-            packed = torch.ops.mkldnn._reorder_linear_weight(stacked.detach(), 1)
-        entry = PACKED[owner] = (key, packed)
-    return entry[1]
-
-
-def onednn_path(x) -> bool:
-    """Whether a product with input x takes the reordered bf16 weights: CPU inference (torch.compile traces
-    F.linear instead: inductor picks, and with freezing reorders for, its own kernels)."""
-    return (BF16_ONEDNN and x.is_cpu and x.dtype == torch.bfloat16 and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling())
-
-
-def project(owner: nn.Module, x, layers) -> list[torch.Tensor]:
-    """x through each of layers (bias-free Linears sharing x as input): one product over their stacked weights on
-    the bf16 CPU inference path, else each layer's own forward (so a wrapper such as LoRA still runs)."""
-    if onednn_path(x) and all(type(layer) is Linear for layer in layers):
-        w = onednn_weight(owner, layers)
-        if w is not None:
-            y = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-            return y.split([layer.out_features for layer in layers], dim=-1)
-    return [layer(x) for layer in layers]
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameter, same name) with the CPU decoding paths above."""
-
-    def forward(self, x):
-        if onednn_path(x) and (w := onednn_weight(self, [self])) is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
-        one_row = (x.numel() == self.in_features and x.is_cpu and x.dtype == torch.float32
-                   and self.bias is None and not torch.compiler.is_compiling())
-        n = torch.get_num_threads() if one_row else 1
-        if n == 1 or self.out_features % n:
-            return F.linear(x, self.weight, self.bias)
-        # one block of output rows per thread: a batched matmul whose blocks run in parallel
-        w = self.weight.view(n, self.out_features // n, self.in_features)  # (n, out/n, in): a view, no copy
-        return torch.bmm(x.reshape(1, 1, -1).expand(n, 1, -1), w.transpose(1, 2)).view(x.shape[:-1] + (-1,))
 
 
 class RMSNorm(nn.Module):
@@ -254,18 +141,14 @@ def rope_tables(args: ModelArgs, device=None) -> tuple[torch.Tensor, torch.Tenso
     return emb.cos(), emb.sin()
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x, cos, sin):
-    """x: (B, n_heads, T, hd); cos, sin: (B, 1, T, hd) for each token's own position."""
-    return x * cos + rotate_half(x) * sin
+    """x (B, n_heads, T, hd), cos and sin (B, 1, T, hd): rotate each pair (x_i, x_{i+hd/2}) by its angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin  # HF's rotate_half: (x1, x2) -> (-x2, x1)
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values of one layer, written in place at the given positions (gpt-fast)."""
+    """Preallocated keys and values of one layer, written in place by position (gpt-fast)."""
 
     def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
         super().__init__()
@@ -273,41 +156,37 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k, v):
-        """Write k, v (B, n_kv_heads, T, hd) at columns start..start+T-1; return the filled part."""
-        end = start + k.size(2)
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]  # views, no copy
+    def update(self, input_pos, k, v):
+        """Write k, v (B, n_kv_heads, T, hd) into slots input_pos (T,); return slots 0..input_pos[-1], the
+        filled part (views, no copy): attention then costs what the sequence so far costs."""
+        self.k[:, :, input_pos] = k
+        self.v[:, :, input_pos] = v
+        end = int(input_pos[-1]) + 1
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.q_proj = Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.k_proj = Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.q_proj = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, cache_start=None):
+    def forward(self, x, cos, sin, mask, input_pos=None):
         B, T, _ = x.shape
-        q, k, v = project(self, x, (self.q_proj, self.k_proj, self.v_proj))
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache_start is not None:
-            k, v = self.cache.update(cache_start, k, v)  # (B, nkv, S, hd), S = cached + T
+        if input_pos is not None:
+            k, v = self.cache.update(input_pos, k, v)  # (B, nkv, S, hd): what the cache lets the queries see
         # enable_gqa lets query head h read kv head h // (nh / nkv) without materialising the repeat: the
         # same grouping as HF's repeat_kv (repeat_interleave on the head axis). mask None means plain causal.
-        # On a CPU, PyTorch's bf16 attention kernel is 2-9x slower than its fp32 one (one query, 40-1000
-        # keys), so bf16 attention runs in fp32 there and is rounded back: never less exact than bf16.
-        dt = torch.float32 if x.is_cpu else x.dtype
-        y = F.scaled_dot_product_attention(q.to(dt), k.to(dt), v.to(dt), attn_mask=mask,
-                                           is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_heads != self.n_kv_heads).to(x.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -316,13 +195,12 @@ class MLP(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = Linear(args.dim, args.hidden_dim, bias=False)
-        self.up_proj = Linear(args.dim, args.hidden_dim, bias=False)
-        self.down_proj = Linear(args.hidden_dim, args.dim, bias=False)
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
 
     def forward(self, x):
-        gate, up = project(self, x, (self.gate_proj, self.up_proj))
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -333,9 +211,22 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, mask, cache_start=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_start)
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def doc_positions_and_mask(doc_ids):
+    """Packed training rows of document ids (B, T) -> RoPE positions that restart at 0 where each document
+    starts (B, T), and a causal mask that never crosses a document boundary (B, 1, T, T), as if each document
+    were run alone. A document is a run of equal ids: an id that comes back later in the row starts a new one."""
+    t = torch.arange(doc_ids.size(1), device=doc_ids.device)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    segment = starts.cumsum(1)  # (B, T) document number: runs, not raw ids
+    pos = t - torch.where(starts, t, 0).cummax(1).values  # distance to the own document's first token
+    mask = (segment[:, :, None] == segment[:, None, :]) & (t[:, None] >= t[None, :])
+    return pos, mask[:, None]
 
 
 # -----------------------------------------------------------------------------
@@ -357,7 +248,7 @@ class SmolLM2(nn.Module):
         super().__init__()
         self.args = args
         self.model = Decoder(args)
-        self.lm_head = Linear(args.dim, args.vocab_size, bias=False)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.init_rope()
@@ -368,33 +259,25 @@ class SmolLM2(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def trunk(self, tokens, pos, mask, cache_start=None):
+    def trunk(self, tokens, pos, mask, input_pos=None):
         """tokens (B, T), pos (B, T) RoPE positions -> final-normed hidden states (B, T, dim)."""
         x = self.model.embed_tokens(tokens)
         cos = self.rope_cos[pos].to(x.dtype).unsqueeze(1)  # (B, 1, T, hd): broadcast over heads
         sin = self.rope_sin[pos].to(x.dtype).unsqueeze(1)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache_start)
+            x = layer(x, cos, sin, mask, input_pos)
         return self.model.norm(x)
 
     def forward(self, tokens, doc_ids=None):
-        """tokens (B, T) -> logits (B, T, vocab). No cache: the training and parity-test path.
-
-        doc_ids (B, T), for packed training rows: a token attends only to earlier tokens of its own document,
-        and RoPE positions restart at 0 where each document starts, as if each were run alone.
-        """
+        """tokens (B, T) -> logits (B, T, vocab). No cache: the training and parity-test path. doc_ids (B, T)
+        marks packed documents, which never see each other (doc_positions_and_mask)."""
         B, T = tokens.shape
         if T > self.args.max_seq_len:
             raise ValueError(f"{T} tokens do not fit the context of {self.args.max_seq_len}")
-        idx = torch.arange(T, device=tokens.device).expand(B, T)
         if doc_ids is None:
-            pos, mask = idx, None
+            pos, mask = torch.arange(T, device=tokens.device).expand(B, T), None  # None: SDPA's causal kernel
         else:
-            starts = torch.ones_like(doc_ids, dtype=torch.bool)
-            starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-            pos = idx - torch.where(starts, idx, 0).cummax(dim=1).values  # distance to own document start
-            same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
-            mask = (same_doc & torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()).unsqueeze(1)
+            pos, mask = doc_positions_and_mask(doc_ids)
         return self.lm_head(self.trunk(tokens, pos, mask))
 
     # --- KV cache: allocated for generation only, never while training
@@ -403,32 +286,32 @@ class SmolLM2(nn.Module):
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(f"{max_seq_len} tokens do not fit the context of {self.args.max_seq_len}")
         w = self.lm_head.weight
-        # on a CPU, attention runs in fp32 (see Attention): an fp32 cache spares converting all of it every step
-        dtype = torch.float32 if w.is_cpu else w.dtype
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
-                                            dtype, w.device)
+                                            w.dtype, w.device)
 
     def clear_cache(self):
         for layer in self.model.layers:
             layer.self_attn.cache = None
 
-    def forward_cached(self, tokens, start: int, pad: torch.Tensor):
-        """Run tokens (B, T) occupying cache columns start..start+T-1; return last-position logits (B, vocab).
+    def forward_cached(self, tokens, input_pos, pad=None):
+        """Run tokens (B, T) in cache slots input_pos (T,); return the last position's logits (B, vocab).
 
-        pad (B,): left-padding of each row. A row's RoPE position is its column minus its padding, and no
-        query may attend to a padding column or a later column.
+        pad (B,), None for none: left padding of each row. A row's RoPE position is its slot minus its padding,
+        and no query attends to a padding slot or a later slot.
         """
         B, T = tokens.shape
-        cols = torch.arange(start, start + T, device=tokens.device)  # (T,) cache columns being written
-        pos = (cols[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
+        pad = torch.zeros(B, dtype=torch.long, device=tokens.device) if pad is None else pad
+        pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
         if T == 1 and not pad.any():
-            mask = None  # one new token may read every filled column: no mask at all (fastest SDPA path)
+            mask = None  # one new token may read every filled slot: no mask at all (fastest SDPA path)
         else:
-            keys = torch.arange(start + T, device=tokens.device)  # (S,)
-            mask = (keys[None, None, :] <= cols[None, :, None]) & (keys[None, None, :] >= pad[:, None, None])
+            slots = torch.arange(int(input_pos[-1]) + 1, device=tokens.device)  # (S,) the filled part
+            # subtle: a padding query sees no key of its row; let it see itself, since a softmax over nothing is
+            # NaN on some kernels, and a NaN written into the cache would poison the sums of the real rows too
+            mask = (slots <= input_pos[:, None]) & ((slots >= pad[:, None, None]) | (slots == input_pos[:, None]))
             mask = mask.unsqueeze(1)  # (B, 1, T, S)
-        h = self.trunk(tokens, pos, mask, cache_start=start)
+        h = self.trunk(tokens, pos, mask, input_pos)
         return self.lm_head(h[:, -1])  # only the last position is needed to pick the next token
 
     # -------------------------------------------------------------------------
@@ -436,45 +319,24 @@ class SmolLM2(nn.Module):
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, device=None, dtype=None) -> "SmolLM2":
-        """Load a HF checkpoint folder (config.json + model.safetensors, or sharded with an index)."""
-        from safetensors import safe_open
-
+        """A HF checkpoint folder (config.json + model.safetensors, or shards with an index) on device (None:
+        cpu), in dtype (None: float32)."""
         ckpt_dir = Path(ckpt_dir)
         if not (ckpt_dir / "config.json").is_file():
             raise FileNotFoundError(f"no checkpoint at {ckpt_dir}: run `python download.py` "
                                     f"(or `python download.py NAME --out DIR` for another size)")
-        args = ModelArgs.from_hf_config(json.loads((ckpt_dir / "config.json").read_text()))
-        index = ckpt_dir / "model.safetensors.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
-            else ["model.safetensors"]
-        for f in files:
-            if not (ckpt_dir / f).is_file():
-                raise FileNotFoundError(f"{ckpt_dir / f} is missing: the download is incomplete, run download.py again")
-        device = torch.device(device or "cpu")
-        dtype = dtype or torch.float32
+        args = read_json(ckpt_dir / "config.json", ModelArgs.from_hf_config)
         # Build on the meta device (shapes only, no memory), then assign each loaded tensor into place:
         # the weights exist once in memory, already in their final dtype and device.
         with torch.device("meta"):
             model = cls(args)
-        state = {}
-        for f in files:
-            with safe_open(ckpt_dir / f, framework="pt") as sf:  # memory-mapped: tensors are read one at a time
-                for name in sf.keys():
-                    state[name] = sf.get_tensor(name).to(device=device, dtype=dtype)
+        state = load_safetensors(ckpt_dir, device or "cpu", dtype or torch.float32)
+        if args.tie_embeddings and "model.embed_tokens.weight" in state:  # the embedding wins over a stored copy
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        check_state(model, state, ckpt_dir)
+        model.load_state_dict(state, strict=True, assign=True)
         if args.tie_embeddings:
-            state.pop("lm_head.weight", None)  # a tied checkpoint may still store a copy; the embedding wins
-        expected = model.state_dict().keys()
-        missing = [k for k in expected if k not in state and not (args.tie_embeddings and k == "lm_head.weight")]
-        unexpected = [k for k in state if k not in expected]
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {ckpt_dir} does not match its config: missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]}")
-        for name, p in model.state_dict().items():
-            if name in state and state[name].shape != p.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(state[name].shape)} != model {tuple(p.shape)}")
-        model.load_state_dict(state, strict=False, assign=True)  # strictness checked above, tied head excepted
-        if args.tie_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the shared Parameter
+            model.lm_head.weight = model.model.embed_tokens.weight  # assign=True made two Parameters: re-tie
         model.init_rope(device)
         return model.eval()
 
@@ -491,73 +353,123 @@ class SmolLM2(nn.Module):
         stream(row, token) is called for every returned token as soon as it is sampled.
         """
         check_sampling(temperature, top_k, top_p)
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+        if max_new_tokens < 1 or not prompts or not all(prompts):
+            raise ValueError("need max_new_tokens >= 1 and at least one token in every prompt")
         stop = {self.args.eos_id} if stop_tokens is None else set(stop_tokens)
         B, longest = len(prompts), max(len(p) for p in prompts)
-        total = longest + max_new_tokens
-        if total > self.args.max_seq_len:
+        if longest + max_new_tokens > self.args.max_seq_len:
             raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                              f"context of {self.args.max_seq_len} tokens")
         device = self.lm_head.weight.device
-        # Left-pad so every row's last prompt token sits in the same column: one decode step serves all rows.
+        # Left-pad so every row's last prompt token sits in the same slot: one decode step serves all rows.
         pad = torch.tensor([longest - len(p) for p in prompts], device=device)
-        tokens = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=device).manual_seed(seed)
-        self.setup_cache(B, total)
-        out = [[] for _ in range(B)]
-        done = [False] * B
+        tokens = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
+        generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        self.setup_cache(B, longest + max_new_tokens)
+        out, done = [[] for _ in range(B)], [False] * B
         try:
-            DECODING.on = False  # the prefill checks the reordered weights, even in another generate's stream
-            logits = self.forward_cached(tokens, 0, pad)
-            DECODING.on = True  # so the decode steps need not
+            logits = self.forward_cached(tokens, torch.arange(longest, device=device), pad)  # prefill
             for step in range(max_new_tokens):
                 next_tok = sample(logits, temperature, top_k, top_p, generator)  # (B,)
                 for b, t in enumerate(next_tok.tolist()):
-                    if done[b]:
-                        continue
-                    if t in stop:
-                        done[b] = True
-                        continue
-                    out[b].append(t)
-                    if stream is not None:
-                        stream(b, t)
+                    done[b] = done[b] or t in stop  # a finished row keeps decoding (batch shape) but is ignored
+                    if not done[b]:
+                        out[b].append(t)
+                        if stream is not None:
+                            stream(b, t)
                 if all(done) or step == max_new_tokens - 1:
                     break
-                logits = self.forward_cached(next_tok[:, None], longest + step, pad)
+                logits = self.forward_cached(next_tok[:, None], torch.tensor([longest + step], device=device), pad)
         finally:
-            DECODING.on = False
             self.clear_cache()
         return out
 
 
+# -----------------------------------------------------------------------------
+# Checkpoint files
+
+
+def read_json(path: Path, parse=dict):
+    """parse(the JSON object in path): one clear error naming the file where it is not JSON or lacks an entry."""
+    try:
+        return parse(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); download or save the checkpoint again") from None
+    except KeyError as e:
+        raise ValueError(f"{path} has no entry {e}: it is not a checkpoint this file reads") from None
+
+
+def load_safetensors(ckpt_dir: Path, device, dtype) -> dict:
+    """Every tensor of a HF checkpoint folder (model.safetensors, or the shards model.safetensors.index.json
+    lists) on device, in dtype (None: as stored); a missing or damaged file is one clear error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = ckpt_dir / "model.safetensors.index.json"
+    names = sorted(set(read_json(index).get("weight_map", {}).values())) if index.is_file() else ["model.safetensors"]
+    state = {}
+    for f in (ckpt_dir / name for name in names):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing: the download is incomplete; fetch the checkpoint again")
+        try:
+            shard = load_file(f)  # memory-mapped: bytes are read when a tensor is first used
+        except SafetensorError as e:
+            raise ValueError(f"{f} is truncated or corrupt ({e}); download it again") from None
+        # same device and dtype: .to() returns the mapped tensor itself, one copy in memory
+        state.update({k: v.to(device=device, dtype=dtype or v.dtype) for k, v in shard.items()})
+    return state
+
+
+def check_state(model: nn.Module, state: dict, ckpt_dir):
+    """One clear error where the checkpoint's tensors are not those of the model its config describes (what a
+    strict load_state_dict checks, said in one line)."""
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{ckpt_dir} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, p in expected.items():
+        if state[name].shape != p.shape:
+            raise ValueError(f"{ckpt_dir}: {name} has shape {tuple(state[name].shape)} but the config gives "
+                             f"{tuple(p.shape)}")
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
 def check_sampling(temperature, top_k, top_p):
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
 
 
-def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
-    """logits (B, vocab) -> next token ids (B,): greedy, or temperature, top-k and top-p (nucleus) sampling."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
+def logits_to_probs(logits, temperature: float, top_k: int | None = None, top_p: float = 1.0):
+    """logits (B, vocab) -> sampling distribution (B, vocab): temperature, then top-k, then top-p, as HF's
+    TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper apply them (tests compare every file's)."""
     logits = logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1) k-th largest logit
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th stay, as in HF
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
-        # keep the smallest set of tokens whose probability mass reaches top_p (the top token always stays)
+        # keep the smallest set of most likely tokens whose mass reaches top_p: drop a token only when the mass
+        # before it already reaches top_p, so the token that crosses the boundary stays (HF's TopP, min 1 token)
         sorted_p, order = probs.sort(dim=-1, descending=True)
         outside = sorted_p.cumsum(dim=-1) - sorted_p >= top_p
         sorted_p = sorted_p.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p / sorted_p.sum(-1, keepdim=True))
+    return probs
+
+
+def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
+    """logits (B, vocab) -> next token ids (B,): greedy at temperature 0, else one draw from the filtered
+    distribution with `generator` (a seeded torch.Generator makes runs repeat)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(logits_to_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
 
 
 # -----------------------------------------------------------------------------
@@ -585,11 +497,26 @@ def encode_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_promp
     return ids
 
 
+def is_chat_checkpoint(ckpt_dir) -> bool:
+    """Whether a HF checkpoint folder ships a chat template (instruct models do, base models do not):
+    transformers 5 writes it to chat_template.jinja, earlier versions into tokenizer_config.json."""
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / "chat_template.jinja").is_file():
+        return True
+    cfg = ckpt_dir / "tokenizer_config.json"
+    return cfg.is_file() and "chat_template" in read_json(cfg)
+
+
 # -----------------------------------------------------------------------------
 # Command line
 
+try:  # the speed module beside this file (fast_decode.py); a copy of this file alone runs plain, same tokens
+    from fast_decode import fast
+except ImportError:
+    fast = None
 
-def stream_printer(tokenizer: Tokenizer):
+
+def stream_printer(tokenizer):
     """A stream callback printing text as soon as it is complete UTF-8 (a character may span tokens)."""
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
@@ -597,6 +524,59 @@ def stream_printer(tokenizer: Tokenizer):
         print(utf8.decode(tokenizer.decode_bytes([token])), end="", flush=True)
 
     return emit
+
+
+def check_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, interactive):
+    """The CLI's flags, checked before the slow load -> (torch.device, torch dtype or None); a ValueError
+    names the flag. device None: cuda when available, else cpu."""
+    check_sampling(temperature, top_k, top_p)
+    if max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise ValueError(f"--seed must be in 0..2**64-1, got {seed}")
+    if prompt is None and not interactive:
+        raise ValueError('give --prompt "..." or --interactive')
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    count = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
+    if (dev.index or 0) >= count.get(dev.type, 0):
+        raise ValueError(f"--device {device} is not available: no CUDA device (or not that many); use --device cpu")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype is not None and dtype not in dtypes:
+        raise ValueError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype}")
+    return dev, dtypes.get(dtype)
+
+
+def converse(model, tokenizer, encode, prompt, interactive, stop, max_new_tokens, temperature, top_k, top_p, seed):
+    """One streamed reply to prompt; with interactive, a conversation (prompt, if given, is its first turn) until
+    Ctrl-D. encode(messages) -> the ids of the conversation so far, re-encoded each turn: exact to the template."""
+    messages = []
+    while True:
+        if interactive and (prompt is None or messages):
+            try:
+                prompt = utf8(input("\n> "))
+            except (EOFError, KeyboardInterrupt):
+                return print()
+            except UnicodeError:  # bytes that are not UTF-8, read as lone surrogates or refused by the decoder
+                print("error: that line is not valid UTF-8; type it again", file=sys.stderr)
+                continue
+        elif interactive:
+            print(f"\n> {prompt}")
+        messages.append({"role": "user", "content": prompt})
+        ids, t0 = encode(messages), time.time()
+        try:
+            new = model.generate([ids], max_new_tokens, temperature, top_k, top_p, stop_tokens=stop, seed=seed,
+                                 stream=stream_printer(tokenizer))[0]
+        except ValueError as e:  # a prompt (or conversation) longer than the context
+            raise SystemExit(f"\nerror: {e}")
+        print()  # end the streamed line on stdout; timings go to stderr, out of the way of piped text
+        print(f"[{len(ids)} prompt + {len(new)} new tokens, {len(new) / (time.time() - t0):.1f} tok/s]",
+              file=sys.stderr)
+        if not interactive:
+            return
+        messages.append({"role": "assistant", "content": tokenizer.decode(new)})
 
 
 def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/SmolLM2-135M-Instruct", max_new_tokens: int = 256,
@@ -616,58 +596,27 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/SmolLM2-135M-In
     chat: wrap the prompt in the chat template; default: when the checkpoint has one
     interactive: chat turn by turn until Ctrl-D
     """
-    try:
-        check_sampling(temperature, top_k, top_p)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if prompt is None and not interactive:
-            raise ValueError('give --prompt "..." or --interactive')
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError("--device cuda was requested but no CUDA device is available; use --device cpu")
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-        if dtype not in dtypes:
-            raise ValueError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype}")
+    try:  # everything a user can get wrong is checked before the (slow) load, and reported in one line
+        dev, dt = check_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, interactive)
         t0 = time.time()
-        model = SmolLM2.from_pretrained(ckpt_dir, device=device, dtype=dtypes[dtype])
+        model = SmolLM2.from_pretrained(ckpt_dir, dev, dt or (torch.bfloat16 if dev.type == "cuda" else None))
         tokenizer = Tokenizer.from_file(ckpt_dir)
+        chat = is_chat_checkpoint(ckpt_dir) if chat is None else chat
+        if chat and "<|im_end|>" not in tokenizer.special_tokens:
+            raise ValueError(f"{ckpt_dir}: its tokenizer has no ChatML tokens (<|im_end|>); use --chat false")
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         raise SystemExit(f"error: {e}")
-    if chat is None:  # instruct checkpoints ship a chat template; base ones do not
-        cfg = Path(ckpt_dir) / "tokenizer_config.json"
-        chat = cfg.is_file() and "chat_template" in json.loads(cfg.read_text())
-    print(f"loaded {ckpt_dir} ({dtype}, {device}) in {time.time() - t0:.1f}s", file=sys.stderr)
-    stop = [model.args.eos_id]
-    if chat:
-        stop.append(tokenizer.special_tokens["<|im_end|>"])
-
-    def respond(ids):
-        t0 = time.time()
-        try:
-            new = model.generate([ids], max_new_tokens, temperature, top_k, top_p, stop_tokens=stop, seed=seed,
-                                 stream=stream_printer(tokenizer))[0]
-        except ValueError as e:
-            raise SystemExit(f"\nerror: {e}")
-        dt = time.time() - t0
-        print(f"\n[{len(ids)} prompt + {len(new)} new tokens, {len(new) / dt:.1f} tok/s]", file=sys.stderr)
-        return new
-
-    if not interactive:
-        respond(encode_chat(tokenizer, [{"role": "user", "content": prompt}]) if chat else tokenizer.encode(prompt))
-        return
-    if not chat:
+    if interactive and not chat:
         raise SystemExit("error: --interactive needs an instruct (chat) checkpoint")
-    messages = []
-    while True:
-        try:
-            user = input("\n> ")
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return
-        messages.append({"role": "user", "content": user})
-        answer = respond(encode_chat(tokenizer, messages))
-        messages.append({"role": "assistant", "content": tokenizer.decode(answer)})
+    if fast:
+        fast(model)
+    print(f"loaded {ckpt_dir} ({model.lm_head.weight.dtype}, {dev}) in {time.time() - t0:.1f}s", file=sys.stderr)
+    stop = [model.args.eos_id] + ([tokenizer.special_tokens["<|im_end|>"]] if chat else [])
+
+    def encode(messages):  # the conversation in the chat template, or the latest text as it is
+        return encode_chat(tokenizer, messages) if chat else tokenizer.encode(messages[-1]["content"])
+
+    converse(model, tokenizer, encode, prompt, interactive, stop, max_new_tokens, temperature, top_k, top_p, seed)
 
 
 class FlagParser(argparse.ArgumentParser):

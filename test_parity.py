@@ -99,10 +99,10 @@ def assert_close(actual, expected, tol):
     torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
 
 
-def assert_bf16_as_close_to_fp32_as_hf(hf, ours, vocab_size: int, cached):
-    """In bf16 (on a CPU: oneDNN-reordered weights, attention in fp32), ours' full and cached logits are on average
-    no further from HF's fp32 logits than HF's bf16 logits are (1.1x; the worst of 20 token draws was 1.04x).
-    cached(model, tokens, start, pad) runs tokens into the cache from column start: the last position's logits."""
+def assert_bf16_as_close_to_fp32_as_hf(hf, ours, vocab_size: int):
+    """In bf16, ours' full and cached logits are on average no further from HF's fp32 logits than HF's bf16 logits
+    are (1.1x; the worst of 20 token draws was 1.04x).
+    Cached: the model's forward_cached(tokens, input_pos, pad), prefill then one token at a time."""
     tokens = torch.randint(0, vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = hf(tokens).logits
@@ -111,19 +111,10 @@ def assert_bf16_as_close_to_fp32_as_hf(hf, ours, vocab_size: int, cached):
         assert (ours16(tokens).float() - want).abs().mean() <= 1.1 * hf_err.mean()
         pad = torch.zeros(2, dtype=torch.long)
 
-        def decode(bf16_cache=False):  # prefill 8 tokens, then one at a time: logits (2, 33, vocab)
-            ours16.setup_cache(2, 40)
-            for layer in ours16.model.layers:
-                cache = layer.self_attn.cache
-                assert cache.k.dtype == cache.v.dtype == torch.float32  # on a CPU, as attention runs there
-                if bf16_cache:
-                    cache.k, cache.v = cache.k.bfloat16(), cache.v.bfloat16()
-            steps = [cached(ours16, tokens[:, :8], 0, pad)]
-            steps += [cached(ours16, tokens[:, t:t + 1], t, pad) for t in range(8, 40)]
-            return torch.stack(steps, dim=1)
-
-        logits = decode()
-        assert torch.equal(logits, decode(bf16_cache=True))  # it holds bf16 values: fp32 only spares conversions
+        ours16.setup_cache(2, 40)  # prefill 8 tokens, then one at a time: logits (2, 33, vocab)
+        steps = [ours16.forward_cached(tokens[:, :8], torch.arange(8), pad)]
+        steps += [ours16.forward_cached(tokens[:, t:t + 1], torch.tensor([t]), pad) for t in range(8, 40)]
+        logits = torch.stack(steps, dim=1)
     assert (logits.float() - want[:, 7:]).abs().mean() <= 1.1 * hf_err[:, 7:].mean()
 
 
@@ -196,113 +187,6 @@ def test_smollm2_rmsnorm(tiny_pair, dtype):
     ref.float(), mine.float()
 
 
-@pytest.mark.parametrize("mod", [smollm2, llama31])
-@pytest.mark.parametrize("threads", [2, 3])
-def test_one_row_linear_split_across_threads(mod, threads):
-    """The decode fast path (one row, a block of output rows per thread, bmm) computes F.linear's product."""
-    layer = mod.Linear(48, 96, bias=False)
-    torch.set_num_threads(threads)
-    try:
-        for x in (torch.randn(48), torch.randn(1, 1, 48), torch.randn(3, 5, 48)):  # fast path, fast path, plain
-            y = layer(x)
-            assert y.shape == x.shape[:-1] + (96,)
-            assert_close(y, F.linear(x, layer.weight), 1e-6)
-    finally:
-        torch.set_num_threads(1)  # as the module-wide one_thread fixture has it
-
-
-@pytest.mark.parametrize("mod", [smollm2, llama31])
-def test_bf16_linear_keeps_a_onednn_weight_for_inference(mod, monkeypatch):
-    """The bf16 inference path (the weight reordered once into oneDNN's layout) computes F.linear's product, is
-    remade when the weight changes, is not used with autograd on, for fp32 weights (autocast) or without memory
-    for it, and stays out of copies of the module."""
-    if not mod.BF16_ONEDNN:
-        pytest.skip("this CPU has no oneDNN bf16 kernels: Linear uses F.linear")
-    layer = mod.Linear(64, 96, bias=False).to(torch.bfloat16)
-    xs = [torch.randn(shape + (64,), dtype=torch.bfloat16) for shape in [(1,), (1, 1), (3, 5)]]
-    bf16_close = lambda m, x: torch.testing.assert_close(m(x), F.linear(x, m.weight))  # bf16 tolerances
-    with torch.no_grad():
-        for x in xs:
-            bf16_close(layer, x)
-        packed = mod.PACKED[layer][1]
-        assert packed is not None and packed.is_mkldnn
-        layer.weight.mul_(-2)  # an in-place update
-        bf16_close(layer, xs[2])
-        layer.load_state_dict({"weight": torch.randn(96, 64)})  # a copy into the same tensor
-        bf16_close(layer, xs[2])
-        assert mod.PACKED[layer][1] is not packed
-    assert layer(xs[0]).requires_grad  # training takes F.linear
-    clone = copy.deepcopy(layer)  # an mkldnn tensor held by the module itself would make this raise
-    assert layer in mod.PACKED and clone not in mod.PACKED
-    fp32 = mod.Linear(64, 96, bias=False)  # autocast evaluation: bf16 activations, fp32 weights
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        torch.testing.assert_close(fp32(xs[2]), F.linear(xs[2], fp32.weight))
-        assert mod.PACKED[fp32][1] is None
-    monkeypatch.setattr(mod, "free_memory", lambda: 0)  # no room for a second copy: plain F.linear
-    with torch.no_grad():
-        bf16_close(clone, xs[1])
-        assert mod.PACKED[clone][1] is None
-
-
-@pytest.mark.parametrize("mod", [smollm2, llama31])
-def test_bf16_projections_share_one_stacked_product(mod):
-    """project(): layers sharing an input run as one product over their stacked weights on the bf16 inference
-    path, and a layer of another type (a LoRA wrapper, say) makes each run its own forward."""
-    if not mod.BF16_ONEDNN:
-        pytest.skip("this CPU has no oneDNN bf16 kernels: project() calls each layer")
-    owner = torch.nn.Module()
-    owner.a, owner.b = mod.Linear(64, 96, bias=False), mod.Linear(64, 32, bias=False)
-    owner.to(torch.bfloat16)
-    x = torch.randn(2, 3, 64, dtype=torch.bfloat16)
-    with torch.no_grad():
-        ya, yb = mod.project(owner, x, (owner.a, owner.b))
-        torch.testing.assert_close(ya, F.linear(x, owner.a.weight))
-        torch.testing.assert_close(yb, F.linear(x, owner.b.weight))
-        assert mod.PACKED[owner][1].size(0) == 96 + 32 and owner.a not in mod.PACKED
-
-        class Wrapped(torch.nn.Module):
-            def __init__(self, base):
-                super().__init__()
-                self.base = base
-
-            def forward(self, x):
-                return 2 * self.base(x)
-
-        ya2, yb2 = mod.project(owner, x, (Wrapped(owner.a), owner.b))
-        torch.testing.assert_close(ya2, 2 * ya)
-        torch.testing.assert_close(yb2, yb)
-
-
-@pytest.mark.parametrize("mod", [smollm2, llama31])
-def test_bf16_generate_checks_reordered_weights_at_each_call(mod):
-    """generate's decode steps skip checking the reordered weights (its prefill checked them): a weight updated
-    between two calls is still used by the next one, also after a call that ended in an error, and also when the
-    next one runs inside another generate's stream callback."""
-    if not mod.BF16_ONEDNN:
-        pytest.skip("this CPU has no oneDNN bf16 kernels: no reordered weights")
-    shape = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160, vocab_size=300, max_seq_len=64)
-    torch.manual_seed(0)
-    model = (mod.SmolLM2 if mod is smollm2 else mod.Llama)(mod.ModelArgs(**shape)).to(torch.bfloat16).eval()
-    prompt = [[5, 7, 11, 13, 17]]
-    first = model.generate(prompt, 8, stop_tokens=[])
-
-    def fail(row, token):
-        raise RuntimeError("a stream callback failed")
-
-    with pytest.raises(RuntimeError):
-        model.generate(prompt, 8, stop_tokens=[], stream=fail)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) / p.size(-1) ** 0.5)  # in place: the copies' data pointers stay valid
-    fresh = copy.deepcopy(model)  # no reordered copies yet
-    want = fresh.generate(prompt, 8, stop_tokens=[])
-    nested = []
-    fresh.generate(prompt, 2, stop_tokens=[], stream=lambda row, token: nested.append(
-        model.generate(prompt, 8, stop_tokens=[])))  # run while fresh's decode steps skip their checks
-    assert nested[0] == want and want != first
-    assert model.generate(prompt, 8, stop_tokens=[]) == want
-
-
 def test_smollm2_attention_mlp_and_layer(tiny_pair):
     hf, ours = tiny_pair
     B, T = 2, 12
@@ -328,9 +212,9 @@ def test_smollm2_attention_with_cache(tiny_pair):
     attn = ours.model.layers[0].self_attn
     attn.cache = smollm2.KVCache(1, T, ours.args.n_kv_heads, ours.args.head_dim, torch.float32, "cpu")
     c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-    outs = [attn(x[:, :P], c[:, :, :P], s[:, :, :P], None, cache_start=0)]
+    outs = [attn(x[:, :P], c[:, :, :P], s[:, :, :P], None, input_pos=torch.arange(P))]
     for t in range(P, T):
-        outs.append(attn(x[:, t:t + 1], c[:, :, t:t + 1], s[:, :, t:t + 1], None, cache_start=t))
+        outs.append(attn(x[:, t:t + 1], c[:, :, t:t + 1], s[:, :, t:t + 1], None, input_pos=torch.tensor([t])))
     attn.cache = None
     assert_close(torch.cat(outs, dim=1), ref, 1e-5)
 
@@ -362,15 +246,15 @@ def test_smollm2_cached_decoding_equals_recomputation(tiny_pair):
         full = ours(tokens)
         ours.setup_cache(2, 20)
         pad = torch.zeros(2, dtype=torch.long)
-        steps = [ours.forward_cached(tokens[:, :8], 0, pad)]
-        steps += [ours.forward_cached(tokens[:, t:t + 1], t, pad) for t in range(8, 20)]
+        steps = [ours.forward_cached(tokens[:, :8], torch.arange(8), pad)]
+        steps += [ours.forward_cached(tokens[:, t:t + 1], torch.tensor([t]), pad) for t in range(8, 20)]
         ours.clear_cache()
     assert_close(torch.stack(steps, dim=1), full[:, 7:], 1e-5)
 
 
 def test_smollm2_bf16_is_as_close_to_fp32_as_hf(tiny_pair):
     hf, ours = tiny_pair
-    assert_bf16_as_close_to_fp32_as_hf(hf, ours, 300, smollm2.SmolLM2.forward_cached)  # (model, tokens, start, pad)
+    assert_bf16_as_close_to_fp32_as_hf(hf, ours, 300)
 
 
 def test_smollm2_greedy_generation_matches_hf(tiny_pair):
@@ -991,8 +875,7 @@ def test_llama31_full_logits(llama_tiny_pair):
 
 def test_llama31_bf16_is_as_close_to_fp32_as_hf(llama_tiny_pair):
     hf, ours = llama_tiny_pair
-    assert_bf16_as_close_to_fp32_as_hf(hf, ours, 320, lambda m, tokens, start, pad: m.forward_cached(
-        tokens, torch.arange(start, start + tokens.size(1)), pad))
+    assert_bf16_as_close_to_fp32_as_hf(hf, ours, 320)
 
 
 def test_llama31_packed_documents_match_separate_runs(llama_tiny_pair):
@@ -1179,16 +1062,33 @@ def test_llama31_sampling_is_seeded(llama_tiny_pair):
     assert ours.generate([[3, 4, 5]], 30, temperature=2.0, top_k=1, seed=3, stop_tokens=[]) == greedy
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, None, 1.0), (1.0, 20, 1.0), (1.3, None, 0.8),
-                                                     (0.9, 50, 0.6)])
-def test_llama31_sampling_distribution_matches_hf_warpers(temperature, top_k, top_p):
-    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(0)) * 3
+@pytest.mark.parametrize("mod", [smollm2, llama31, N, lm2], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("temperature,top_k,top_p,ties", [
+    (0.7, None, 1.0, False), (1.0, 20, 1.0, False), (1.3, None, 0.8, False), (0.9, 50, 0.6, False),
+    (1.0, 5, 1.0, True), (0.8, 30, 1.0, True)])
+def test_sampling_distribution_matches_hf_warpers(mod, temperature, top_k, top_p, ties):
+    """Every model file's filters give HF's distribution (TemperatureLogitsWarper, then TopK, then TopP): top-k keeps
+    every token tied with the k-th, top-p keeps the token whose mass crosses top_p. ties: integer logits, so many
+    tokens tie at the top-k boundary."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(-4, 5, (4, 300), generator=g).float() if ties else torch.randn(4, 300, generator=g) * 3
     ref = TemperatureLogitsWarper(temperature)(None, logits.clone())
     if top_k is not None:
         ref = TopKLogitsWarper(top_k)(None, ref)
     if top_p < 1.0:
         ref = TopPLogitsWarper(top_p)(None, ref)
-    assert_close(llama31.logits_to_probs(logits, temperature, top_k, top_p), ref.softmax(-1), 1e-6)
+    assert_close(mod.logits_to_probs(logits, temperature, top_k, top_p), ref.softmax(-1), 1e-6)
+
+
+def test_top_p_keeps_the_token_that_crosses_the_boundary():
+    """Mass 0.5, 0.25, 0.125, ...: with top_p = 0.75 the mass before the third token is exactly top_p, so it is
+    dropped, and a smaller top_p keeps the second token, whose mass crosses it (HF's TopPLogitsWarper alike)."""
+    logits = torch.tensor([[-1.0, -2.0, -3.0, -4.0, -4.0]]) * math.log(2)  # probabilities 8:4:2:1:1 / 16
+    for mod in (smollm2, llama31, N, lm2):
+        assert (mod.logits_to_probs(logits, 1.0, top_p=0.75)[0] > 0).tolist() == [True, True, False, False, False]
+        assert (mod.logits_to_probs(logits, 1.0, top_p=0.6)[0] > 0).tolist() == [True, True, False, False, False]
+        ref = TopPLogitsWarper(0.6)(None, logits.clone()).softmax(-1)
+        assert_close(mod.logits_to_probs(logits, 1.0, top_p=0.6), ref, 1e-6)
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0),
@@ -1264,7 +1164,7 @@ def test_llama31_base_prompt_is_bos_plus_text_verbatim(llama_tokenizers, text):
 #
 # Module by module on tiny random configs (every code path: q compression on/off, interleaved and rotate-half RoPE,
 # yarn, group-limited top-k, normalised and raw expert weights, tied embeddings), then the whole model saved by HF
-# `save_pretrained` and loaded by `Transformer.from_pretrained`, then our fast paths against their plain paths:
+# `save_pretrained` and loaded by `NanoLLM.from_pretrained`, then our fast paths against their plain paths:
 # cached decoding (naive and absorbed MLA) vs recomputation, dispatched MoE vs a dense reference, bias balancing,
 # packed documents vs separate runs. fp32 throughout; tolerances are stated where used.
 
@@ -1309,7 +1209,7 @@ def randomize(model, seed=0):
 
 def ours(variant, seed=0):
     cfg = dsv3_hf_config(variant)
-    return randomize(N.Transformer(N.ModelArgs.from_hf_config(cfg.to_dict())), seed).eval(), cfg
+    return randomize(N.NanoLLM(N.ModelArgs.from_hf_config(cfg.to_dict())), seed).eval(), cfg
 
 
 def hf_moe_state(moe: N.MoE) -> dict:
@@ -1392,7 +1292,7 @@ def saved_hf(request, tmp_path_factory):
 
 def test_nanollm_full_logits_match_hf(saved_hf):
     ref, path = saved_hf
-    model = N.Transformer.from_pretrained(path)
+    model = N.NanoLLM.from_pretrained(path)
     tokens = torch.randint(0, ref.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(model(tokens), ref(tokens).logits, **DSV3_TOL)
     if ref.config.tie_word_embeddings:
@@ -1402,7 +1302,7 @@ def test_nanollm_full_logits_match_hf(saved_hf):
 @pytest.mark.parametrize("absorb", [False, True])
 def test_nanollm_greedy_generation_matches_hf(saved_hf, absorb):
     ref, path = saved_hf
-    model = N.Transformer.from_pretrained(path)
+    model = N.NanoLLM.from_pretrained(path)
     prompt = [5, 17, 42, 8, 77]
     expected = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
                             pad_token_id=0, use_cache=True)[0, len(prompt):].tolist()
@@ -1419,7 +1319,8 @@ def test_nanollm_cached_decoding_equals_full_recompute(absorb):
         # prefill 8 tokens, a chunk of 4, then one token at a time: every step reads what the earlier ones wrote
         steps = [torch.arange(8), torch.arange(8, 12)] + [torch.tensor([t]) for t in range(12, 20)]
         for pos in steps:
-            torch.testing.assert_close(model.forward_cached(tokens[:, pos], pos, absorb=absorb), full[:, pos], **DSV3_TOL)
+            torch.testing.assert_close(model.forward_cached(tokens[:, pos], pos, absorb=absorb), full[:, pos[-1]],
+                                       **DSV3_TOL)
     model.clear_cache()
 
 
@@ -1475,7 +1376,7 @@ def test_nanollm_doc_ids_equal_separate_documents():
 
 def test_nanollm_our_checkpoint_loads_in_transformers(tmp_path):
     """The other direction: state_dict + to_hf_config, as finetune.py saves them, read by DeepseekV3ForCausalLM."""
-    model = randomize(N.Transformer(N.ModelArgs(moe_layers=(1, 2, 3), rope_interleave=False)), seed=7).eval()
+    model = randomize(N.NanoLLM(N.ModelArgs(moe_layers=(1, 2, 3), rope_interleave=False)), seed=7).eval()
     save_file(model.state_dict(), tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps(model.args.to_hf_config()))
     ref = DeepseekV3ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
@@ -1561,10 +1462,11 @@ def test_lm2_rope(rope):
     pos = torch.arange(200)[None].repeat(2, 1)
     q, k = torch.randn(2, 4, 200, 16), torch.randn(2, 2, 200, 16)
     cos_ref, sin_ref = modeling_llama.LlamaRotaryEmbedding(cfg)(q, pos)
-    cos, sin = lm2.rope_cos_sin(lm2.ModelArgs.from_hf_config(cfg.to_dict()), pos, torch.float32)
-    torch.testing.assert_close(cos, cos_ref, atol=1e-6, rtol=0)
-    torch.testing.assert_close(sin, sin_ref, atol=1e-6, rtol=0)
-    for a, b in zip(lm2.apply_rope(q, k, cos, sin), modeling_llama.apply_rotary_pos_emb(q, k, cos_ref, sin_ref)):
+    cos, sin = lm2.rope_cos_sin(lm2.rope_inv_freq(lm2.ModelArgs.from_hf_config(cfg.to_dict())), pos, torch.float32)
+    torch.testing.assert_close(cos[:, 0], cos_ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(sin[:, 0], sin_ref, atol=1e-6, rtol=0)
+    ours = lm2.apply_rope(q, cos, sin), lm2.apply_rope(k, cos, sin)
+    for a, b in zip(ours, modeling_llama.apply_rotary_pos_emb(q, k, cos_ref, sin_ref)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
@@ -1582,16 +1484,17 @@ def test_lm2_attention_mlp_layer():
     mask = lm2.attention_mask(torch.arange(T), torch.arange(T))
     h = layer_ref.input_layernorm(x)
     att_ref, _ = layer_ref.self_attn(h, position_embeddings=(cos, sin), attention_mask=causal_additive_mask(T))
-    torch.testing.assert_close(layer.self_attn(h, cos, sin, mask)[0], att_ref, **LM2_TOL)
+    c, s = cos[:, None], sin[:, None]  # ours broadcast over heads: (B, 1, T, hd)
+    torch.testing.assert_close(layer.self_attn(h, c, s, mask)[0], att_ref, **LM2_TOL)
     torch.testing.assert_close(layer.mlp(h), layer_ref.mlp(h), **LM2_TOL)
     out_ref = layer_ref(x, attention_mask=causal_additive_mask(T), position_embeddings=(cos, sin))
-    torch.testing.assert_close(layer(x, cos, sin, mask)[0], out_ref, **LM2_TOL)
+    torch.testing.assert_close(layer(x, c, s, mask)[0], out_ref, **LM2_TOL)
 
 
 @pytest.mark.parametrize("tie,rope", [(False, None), (True, LM2_LLAMA3_ROPE)])
 def test_lm2_logits_memory_off(tmp_path, tie, rope):
     ref = lm2_hf_model(lm2_hf_config(tie=tie, rope=rope))
-    ours = lm2.Transformer.from_pretrained(lm2_save_hf(ref, tmp_path), mem_layers=(), segment_len=16)
+    ours = lm2.LM2.from_pretrained(lm2_save_hf(ref, tmp_path), mem_layers=(), segment_len=16)
     assert ("lm_head.weight" in ours.state_dict()) == (not tie)
     x = lm2_tokens(2, 50)  # several segments: the segment loop must not change plain attention
     with torch.no_grad():
@@ -1603,7 +1506,7 @@ def test_lm2_sliding_window_matches_mistral(tmp_path):
     cfg._attn_implementation = "eager"
     ref = lm2_hf_model(cfg, cls=MistralForCausalLM)  # Mistral = Llama + sliding window, same weight names
     ref.save_pretrained(tmp_path)
-    ours = lm2.Transformer.from_pretrained(tmp_path, mem_layers=(), attn_window=6, segment_len=4)
+    ours = lm2.LM2.from_pretrained(tmp_path, mem_layers=(), attn_window=6, segment_len=4)
     x = lm2_tokens(2, 30)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x).logits, **LM2_TOL)
@@ -1615,7 +1518,7 @@ def test_lm2_sliding_window_matches_mistral(tmp_path):
 
 def test_lm2_fresh_memory_equals_base(tmp_path):
     ref = lm2_hf_model(lm2_hf_config(tie=True))
-    ours = lm2.Transformer.from_pretrained(lm2_save_hf(ref, tmp_path), segment_len=8, mem_slots=5)
+    ours = lm2.LM2.from_pretrained(lm2_save_hf(ref, tmp_path), segment_len=8, mem_slots=5)
     assert all(layer.memory is not None for layer in ours.model.layers)
     x = lm2_tokens(2, 40)
     with torch.no_grad():
@@ -1625,7 +1528,7 @@ def test_lm2_fresh_memory_equals_base(tmp_path):
 
 def test_lm2_save_reload_and_hf_loads_base(tmp_path):
     ref = lm2_hf_model(lm2_hf_config())
-    ours = lm2.Transformer.from_pretrained(lm2_save_hf(ref, tmp_path / "base"), segment_len=8, mem_slots=5)
+    ours = lm2.LM2.from_pretrained(lm2_save_hf(ref, tmp_path / "base"), segment_len=8, mem_slots=5)
     out = tmp_path / "lm2"
     out.mkdir()
     (out / "config.json").write_text(json.dumps(ours.args.to_hf_config()))
@@ -1636,7 +1539,7 @@ def test_lm2_save_reload_and_hf_loads_base(tmp_path):
         torch.testing.assert_close(base(x).logits, ours(x), **LM2_TOL)
         randomize_memory(ours)
         save_file(ours.state_dict(), out / "model.safetensors")
-        again = lm2.Transformer.from_pretrained(out)
+        again = lm2.LM2.from_pretrained(out)
         assert again.args == ours.args
         torch.testing.assert_close(again(x), ours(x), atol=0, rtol=0)
 
@@ -1645,13 +1548,13 @@ def test_lm2_config_round_trip_and_errors(tmp_path):
     args = lm2.ModelArgs.from_name("llama3.2-1b")
     assert lm2.ModelArgs.from_hf_config(args.to_hf_config()) == args
     with pytest.raises(FileNotFoundError, match="download.py"):
-        lm2.Transformer.from_pretrained(tmp_path / "nothing")
+        lm2.LM2.from_pretrained(tmp_path / "nothing")
     ref = lm2_hf_model(lm2_hf_config())
     lm2_save_hf(ref, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
-    with pytest.raises(ValueError, match="mlp.down_proj.weight has shape"):
-        lm2.Transformer.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="mlp.gate_proj.weight has shape"):
+        lm2.LM2.from_pretrained(tmp_path)
 
 
 # -----------------------------------------------------------------------------
@@ -1733,7 +1636,7 @@ def test_lm2_gates_in_range_and_memory_bounded():
 def lm2_tiny(seed=0, **kw):
     torch.manual_seed(seed)
     args = lm2_args_tiny(**{"mem_slots": 6, "segment_len": 8, "tie_embeddings": False, **kw})
-    return randomize_memory(lm2.Transformer(args).eval(), seed + 1)
+    return randomize_memory(lm2.LM2(args).eval(), seed + 1)
 
 
 @pytest.mark.parametrize("window", [None, 3])
@@ -1790,7 +1693,7 @@ def test_lm2_packed_documents(tmp_path):
         one, two = model(torch.cat([c, b], 1), docs), model(torch.cat([c2, b], 1), docs)
         torch.testing.assert_close(one[:, 11:], two[:, 11:], **LM2_TOL)
         ref = lm2_hf_model(lm2_hf_config())  # memory off: each packed document equals HF run on it alone
-        ours = lm2.Transformer.from_pretrained(lm2_save_hf(ref, tmp_path), mem_layers=(), segment_len=8)
+        ours = lm2.LM2.from_pretrained(lm2_save_hf(ref, tmp_path), mem_layers=(), segment_len=8)
         packed = ours(torch.cat([c, b], 1), docs)
         torch.testing.assert_close(packed[:, :11], ref(c).logits, **LM2_TOL)
         torch.testing.assert_close(packed[:, 11:], ref(b).logits, **LM2_TOL)
@@ -1823,13 +1726,14 @@ def test_lm2_cached_forward_equals_full(window):
     with torch.no_grad():
         full = model(x)
         model.setup_cache(2, 32)
-        pieces = [model.forward_cached(x[:, p:q], p) for p, q in ((0, 5), (5, 8), (8, 16))]
-        pieces += [model.forward_cached(x[:, p:p + 1], p) for p in range(16, 29)]
+        # chunks, then one token at a time: each returns its last position's logits
+        chunks = [(0, 5), (5, 8), (8, 16)] + [(p, p + 1) for p in range(16, 29)]
+        last = torch.stack([model.forward_cached(x[:, p:q], torch.arange(p, q)) for p, q in chunks], 1)
         model.clear_cache()
-    torch.testing.assert_close(torch.cat(pieces, 1), full, **LM2_TOL)
+    torch.testing.assert_close(last, full[:, [q - 1 for _, q in chunks]], **LM2_TOL)
     with pytest.raises(ValueError, match="segment boundary"):
         model.setup_cache(1, 32)
-        model.forward_cached(x[:1, :10], 0)
+        model.forward_cached(x[:1, :10], torch.arange(10))
     model.clear_cache()
 
 
@@ -1865,7 +1769,7 @@ def test_lm2_sampling():
 
 def test_lm2_real_smollm2_fresh_memory_equals_base(smollm2_dir):
     ref = LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    ours = lm2.Transformer.from_pretrained(smollm2_dir)  # fresh memory in all 30 blocks, segment_len 512
+    ours = lm2.LM2.from_pretrained(smollm2_dir)  # fresh memory in all 30 blocks, segment_len 512
     ours.args = dataclasses.replace(ours.args, segment_len=16)  # several segments within the prompt
     x = lm2_tokens(1, 40, high=49152)
     with torch.no_grad():

@@ -62,7 +62,7 @@ SEQ_LEN = 128  # tokens per example = per training row
 
 def model_args(vocab_size: int, memory: bool) -> lm2.ModelArgs:
     """The two models: the same Llama part and attention window; memory in every block, or none."""
-    return lm2.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, intermediate_size=192,
+    return lm2.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, hidden_dim=192,
                          vocab_size=vocab_size, rope_theta=10000.0, max_seq_len=SEQ_LEN, bos_token_id=0,
                          eos_token_ids=(vocab_size - 1,), mem_slots=8, mem_heads=4,
                          mem_layers=None if memory else (), segment_len=16, attn_window=24)
@@ -107,7 +107,7 @@ def prepare(out_dir: str = "runs/lm2_recall", n_train: int = 40000, n_val: int =
 
 def parameter_counts(args: lm2.ModelArgs) -> dict:
     with torch.device("meta"):
-        model = lm2.Transformer(args)
+        model = lm2.LM2(args)
     n = {"total": 0, "memory": 0, "embedding": 0}
     for name, p in model.named_parameters():
         n["total"] += p.numel()
@@ -120,7 +120,7 @@ def parameter_counts(args: lm2.ModelArgs) -> dict:
 def evaluate(model_dir: str, data: str, batch_size: int = 100) -> dict:
     """Exact match on held-out examples, teacher-forced (argmax at every answer position; the same as greedy
     decoding when all are right): the share of answer tokens (digits) right and of whole answers right."""
-    model = lm2.Transformer.from_pretrained(model_dir)
+    model = lm2.LM2.from_pretrained(model_dir)
     tok = Tokenizer.from_file(model_dir)
     rows, starts, n_ans = [], [], 0
     for line in open(data):

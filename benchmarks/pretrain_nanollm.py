@@ -79,8 +79,8 @@ def model_config(tok: Tokenizer, path: Path) -> nanollm.ModelArgs:
 def param_counts(args: nanollm.ModelArgs) -> tuple[int, int]:
     """(total, active per token): a token runs n_activated of the n_routed experts of each MoE block."""
     with torch.device("meta"):  # shapes only: no memory, no init cost
-        total = sum(p.numel() for p in nanollm.Transformer(args).parameters())
-    one_expert = 3 * args.dim * args.moe_inter_dim  # gate, up, down projections
+        total = sum(p.numel() for p in nanollm.NanoLLM(args).parameters())
+    one_expert = 3 * args.dim * args.moe_hidden_dim  # gate, up, down projections
     return total, total - len(args.moe_layers) * (args.n_routed_experts - args.n_activated_experts) * one_expert
 
 

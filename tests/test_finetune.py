@@ -199,8 +199,8 @@ def test_lora_merged_weights_reproduce_the_adapted_model():
 def test_lora_on_lm2_trains_the_new_memory_in_full():
     """LM2's memory is randomly initialised on a pretrained Llama: no adapters, every parameter trains."""
     import lm2
-    model = lm2.Transformer(lm2.ModelArgs(**{k: v for k, v in TINY.items() if k != "hidden_dim"}, head_dim=8,
-                                          intermediate_size=64, mem_slots=8, segment_len=16))
+    model = lm2.LM2(lm2.ModelArgs(**{k: v for k, v in TINY.items() if k != "hidden_dim"}, head_dim=8,
+                                  hidden_dim=64, mem_slots=8, segment_len=16))
     ft.set_trainable(model, ft.TrainConfig(model="lm2", mode="lora"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     memory = {n for n, _ in model.named_parameters() if ".memory." in n}

@@ -39,7 +39,7 @@ def test_finetune_from_scratch_saves_memory(tmp_path):
                         "--save_dtype", "float32", "--out_dir", str(tmp_path / "out")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    model = lm2.Transformer.from_pretrained(tmp_path / "out")
+    model = lm2.LM2.from_pretrained(tmp_path / "out")
     assert model.args.attn_window == 24 and len(model.args.memory_layers()) == 2
     assert model.model.layers[0].memory.v_proj.weight.abs().max() > 0  # trained, not the fresh W_V = 0
     result = lm2_recall.evaluate(str(tmp_path / "out"), str(tmp_path / "test.jsonl"))

@@ -26,7 +26,7 @@ def one_thread():
 
 def tiny(seed=0, **overrides):
     torch.manual_seed(seed)
-    return N.Transformer(N.ModelArgs(**overrides)).eval()
+    return N.NanoLLM(N.ModelArgs(**overrides)).eval()
 
 
 def params_by_formula(a: N.ModelArgs) -> int:
@@ -36,8 +36,8 @@ def params_by_formula(a: N.ModelArgs) -> int:
     q = a.dim * r + r + r * a.n_heads * qk if r else a.dim * a.n_heads * qk
     attn = q + a.dim * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank \
         + a.kv_lora_rank * a.n_heads * (a.qk_nope_head_dim + a.v_head_dim) + a.n_heads * a.v_head_dim * a.dim
-    moe = 3 * a.dim * a.moe_inter_dim * (a.n_shared_experts + a.n_routed_experts) + a.n_routed_experts * a.dim
-    mlps = len(a.moe_layers) * moe + (a.n_layers - len(a.moe_layers)) * 3 * a.dim * a.inter_dim
+    moe = 3 * a.dim * a.moe_hidden_dim * (a.n_shared_experts + a.n_routed_experts) + a.n_routed_experts * a.dim
+    mlps = len(a.moe_layers) * moe + (a.n_layers - len(a.moe_layers)) * 3 * a.dim * a.hidden_dim
     embeddings = a.vocab_size * a.dim * (1 if a.tie_embeddings else 2)
     return embeddings + a.n_layers * (attn + 2 * a.dim) + mlps + a.dim
 
@@ -46,9 +46,9 @@ def params_by_formula(a: N.ModelArgs) -> int:
 def test_parameter_count(preset):
     args = N.ModelArgs.from_name(preset)
     with torch.device("meta"):
-        model = N.Transformer(args)
+        model = N.NanoLLM(args)
     total = sum(p.numel() for p in model.parameters())
-    one_expert = 3 * args.dim * args.moe_inter_dim
+    one_expert = 3 * args.dim * args.moe_hidden_dim
     active = total - len(args.moe_layers) * (args.n_routed_experts - args.n_activated_experts) * one_expert
     print(f"\n{preset}: {total:,} parameters, {active:,} active per token")
     assert total == params_by_formula(args)
@@ -102,7 +102,7 @@ def test_hub_style_config_with_yarn_matches_hf():
     torch.testing.assert_close(inv_freq, rope.inv_freq)
     assert factor == pytest.approx(rope.attention_scaling)
     qk = args.qk_nope_head_dim + args.qk_rope_head_dim
-    assert N.Transformer(args).model.layers[0].self_attn.scale == pytest.approx(
+    assert N.NanoLLM(args).model.layers[0].self_attn.scale == pytest.approx(
         yarn_apply_mscale(hf_cfg.rope_parameters, qk ** -0.5))
 
 
@@ -179,7 +179,7 @@ def test_stop_tokens_and_sampling():
     a, b, c = (model.generate([[1, 2, 3]], 12, temperature=1.5, stop_tokens=[], seed=s)[0] for s in (7, 7, 8))
     assert a == b and a != c
     # softmax = 0.609, 0.224, 0.136, 0.030: the first two reach 0.8, so nucleus 0.8 keeps them, renormalised
-    probs = N.logits_to_probs(torch.tensor([[2.0, 1.0, 0.5, -1.0]]), top_p=0.8)
+    probs = N.logits_to_probs(torch.tensor([[2.0, 1.0, 0.5, -1.0]]), 1.0, top_p=0.8)
     torch.testing.assert_close(probs[0], torch.cat([F.softmax(torch.tensor([2.0, 1.0]), -1), torch.zeros(2)]))
     with pytest.raises(ValueError):
         model.generate([[1]], 4, top_p=0.0)
@@ -200,10 +200,10 @@ def test_save_and_load_round_trip(tmp_path, tied):
     with torch.no_grad():
         model.moe_layers()[0][1].gate.e_score_correction_bias.normal_()  # the trained bias travels in the checkpoint
     save(model, tmp_path)
-    loaded = N.Transformer.from_pretrained(tmp_path)
+    loaded = N.NanoLLM.from_pretrained(tmp_path)
     tokens = torch.randint(0, 256, (2, 9))
     torch.testing.assert_close(loaded(tokens), model(tokens), atol=0, rtol=0)
-    bf16 = N.Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    bf16 = N.NanoLLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert bf16.lm_head.weight.dtype == torch.bfloat16
     assert bf16.moe_layers()[0][1].gate.e_score_correction_bias.dtype == torch.float32
     assert bf16.generate([[5, 6, 7]], 4, stop_tokens=[]) is not None
@@ -211,19 +211,19 @@ def test_save_and_load_round_trip(tmp_path, tied):
 
 def test_load_errors_are_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="finetune.py"):
-        N.Transformer.from_pretrained(tmp_path / "missing")
+        N.NanoLLM.from_pretrained(tmp_path / "missing")
     save(tiny(), tmp_path / "bad", intermediate_size=100)
-    with pytest.raises(ValueError, match=r"down_proj.weight has shape \(64, 128\), config.json implies \(64, 100\)"):
-        N.Transformer.from_pretrained(tmp_path / "bad")
+    with pytest.raises(ValueError, match=r"gate_proj.weight has shape \(128, 64\) but the config gives \(100, 64\)"):
+        N.NanoLLM.from_pretrained(tmp_path / "bad")
 
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(ckpt_dir="/nonexistent/nanollm"), "error: no checkpoint in /nonexistent/nanollm"),
-    (dict(temperature=-1.0), "error: need temperature >= 0"),
-    (dict(top_p=1.5), "error: need temperature >= 0"),
-    (dict(dtype="float8"), "error: --dtype float8"),
+    (dict(temperature=-1.0), "error: temperature must be"),
+    (dict(top_p=1.5), "error: top_p must be"),
+    (dict(dtype="float8"), "error: --dtype must be"),
     (dict(prompt=None), "error: give --prompt"),
-    (dict(max_new_tokens=0), "error: give --prompt"),
+    (dict(max_new_tokens=0), "error: --max_new_tokens must be"),
 ])
 def test_cli_user_errors(kwargs, message):
     with pytest.raises(SystemExit) as e:
