@@ -13,9 +13,9 @@ run repeats or skips no batch). Departures from nano-llama31's fine-tuning, whos
 - the loss is a sum over the kept targets divided by their count in the whole global batch, so gradient
   accumulation and any number of processes give the same update as one big batch.
 
-A model file is a module with `ModelArgs`, `encode_chat` and a model class (the one with `from_pretrained`). What a
-model family needs beyond a plain Llama, its model class says through these optional methods, found by
-`model_hooks` (finetune.py looks nothing else up about a family):
+A model file is a module with `ModelArgs`, `encode_chat` and a model class: the one with `from_pretrained`, whose
+blocks are `.model.layers` (HF's layout). What a model family needs beyond a plain Llama, its model class says
+through these optional methods, found by `model_hooks` (finetune.py looks nothing else up about a family):
     init_weights()                   from scratch: the family's init (default: HF Llama's normal(0, 0.02))
     lora_train_whole() -> str        --mode lora: parameters whose name contains it train in full, without adapters
                                      (lm2: ".memory.", new and random on a pretrained Llama)
@@ -956,8 +956,8 @@ def start(cfg: TrainConfig) -> Run:
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(cfg.seed)  # the same initial weights and adapters on every process
-    return Run(rank, max(world, 1), device, getattr(torch, cfg.dtype or ("bfloat16" if device.type == "cuda"
-                                                                         else "float32")))
+    dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    return Run(rank, max(world, 1), device, dtype)
 
 
 def count_steps(cfg: TrainConfig, run: Run, hf_config: dict, train_rows: PackedRows) -> int:
