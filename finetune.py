@@ -13,6 +13,17 @@ run repeats or skips no batch). Departures from nano-llama31's fine-tuning, whos
 - the loss is a sum over the kept targets divided by their count in the whole global batch, so gradient
   accumulation and any number of processes give the same update as one big batch.
 
+A model file is a module with `ModelArgs`, `encode_chat` and a model class: the one with `from_pretrained`, whose
+blocks are `.model.layers` (HF's layout). What a model family needs beyond a plain Llama, its model class says
+through these optional methods, found by `model_hooks` (finetune.py looks nothing else up about a family):
+    init_weights()                   from scratch: the family's init (default: HF Llama's normal(0, 0.02))
+    lora_train_whole() -> str        --mode lora: parameters whose name contains it train in full, without adapters
+                                     (lm2: ".memory.", new and random on a pretrained Llama)
+    extra_loss() -> tensor or 0.0    after each training forward: a term added to its loss (nanollm: MoE balance)
+    after_optimizer_step(all_sum, router_bias_rate) -> dict
+                                     after each update; all_sum(t) sums t over processes in place; the dict goes
+                                     to metrics.jsonl (nanollm: moves the router biases, logs the expert load)
+
 Usage:
     python download.py                                          # checkpoints/SmolLM2-135M-Instruct
     # LoRA on chat data, JSONL lines {"messages": [{"role": "user", "content": ...}, ...]}; loss on replies only
@@ -61,6 +72,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+# what other files (grpo.py, benchmarks, tests) use; the rest may change
+__all__ = ["TrainConfig", "main", "cli", "prepare", "read_shard", "write_shard", "PackedRows", "IGNORE", "load_data",
+           "render_chat", "tokenize_files", "LoRALinear", "apply_lora", "merge_lora_state_dict", "set_trainable",
+           "model_hooks", "init_weights", "build_optimizer", "build_scheduler", "loss_sum", "evaluate",
+           "checkpoint_keys", "save_checkpoint", "load_checkpoint", "export_hf", "load_model", "open_model",
+           "MetricsLog", "nonfinite_count", "at_least", "one_of", "check_values", "check_device", "check_out_dir"]
 # -----------------------------------------------------------------------------
 # Config: every field is a command-line flag (--name value; --flag alone means --flag true)
 
@@ -434,12 +451,64 @@ def merge_lora_state_dict(state: dict, scale: float) -> dict:
 
 def set_trainable(model: nn.Module, cfg: TrainConfig):
     """Choose what trains. For tied embeddings the one shared matrix appears once, as embed_tokens."""
-    if cfg.mode == "lora":  # LM2's memory (lm2.py `Memory`) is new, randomly initialised on a Llama: it trains whole
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets.split(","), ".memory.")
+    if cfg.mode == "lora":  # a family's parameters that no pretrained checkpoint holds (LM2's memory) train whole
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets.split(","),
+                   model_hooks(model).lora_train_whole())
         return
     for n, p in model.named_parameters():
         p.requires_grad = {"full": True, "norm": "norm" in n,
                            "frozen_embed": "embed_tokens" not in n and "lm_head" not in n}[cfg.mode]
+
+
+# -----------------------------------------------------------------------------
+# Model-family hooks: what a family needs that differs is asked of the model (the module docstring lists them)
+
+
+class Hooks(typing.NamedTuple):
+    init_weights: typing.Callable[[], None]
+    lora_train_whole: typing.Callable[[], str | None]
+    extra_loss: typing.Callable[[], torch.Tensor | float]
+    after_optimizer_step: typing.Callable[[typing.Callable, float], dict]
+
+
+def model_hooks(model: nn.Module) -> Hooks:
+    """The model's hooks: each method of those names its model file defines, else the plain Llama's default."""
+    defaults = Hooks(init_weights=functools.partial(llama_init, model), lora_train_whole=lambda: None,
+                     extra_loss=lambda: 0.0, after_optimizer_step=lambda all_sum, router_bias_rate: {})
+    legacy = legacy_hooks(model)
+    return Hooks(*(getattr(model, name, None) or legacy.get(name) or default
+                   for name, default in zip(Hooks._fields, defaults)))
+
+
+def llama_init(model: nn.Module, std: float = 0.02):
+    """The default `init_weights`, HF Llama's: normal(0, 0.02) for matrices, zero biases, norms left at one.
+    PyTorch's default N(0, 1) embedding would start the loss far above ln(vocab)."""
+    for n, p in model.named_parameters():
+        if p.dim() >= 2:
+            nn.init.normal_(p, std=std)
+        elif n.endswith(".bias"):
+            nn.init.zeros_(p)
+
+
+def init_weights(model: nn.Module):
+    """From scratch: the model's `init_weights` hook."""
+    model_hooks(model).init_weights()
+
+
+# LEGACY ADAPTER: today's nanollm.py and lm2.py predate the hook names. Delete this function and its call in
+# model_hooks once the changes of MODEL_HOOKS.patch.md are in those files (they define the hooks themselves).
+def legacy_hooks(model: nn.Module) -> dict:
+    """The hooks nanollm (MoE balance loss, router biases) and lm2 (memory) need, under their names of today."""
+    if hasattr(model, "update_router_biases"):  # nanollm
+        def after_optimizer_step(all_sum, router_bias_rate: float) -> dict:
+            for _, moe in model.moe_layers():  # the expert loads of all processes, so every router bias moves alike
+                if moe.load is not None:
+                    all_sum(moe.load)
+            return {"expert_load": model.update_router_biases(router_bias_rate)}  # {layer: token shares}
+        return {"extra_loss": lambda: model.aux_loss, "after_optimizer_step": after_optimizer_step}
+    if type(model).__module__ == "lm2":
+        return {"lora_train_whole": lambda: ".memory."}
+    return {}
 
 
 # -----------------------------------------------------------------------------
@@ -615,19 +684,7 @@ def export_hf(model, out_dir: str, hf_config: dict, tokenizer_path: str, lora_sc
 
 
 # -----------------------------------------------------------------------------
-# Training: set-up helpers, then the loop
-
-
-def init_weights(model: nn.Module, std: float = 0.02):
-    """From scratch: the model file's own init if it has one, else HF Llama's (normal(0, 0.02) for matrices,
-    zero biases, norms left at one). PyTorch's default N(0, 1) embedding would start the loss far above ln(vocab)."""
-    if hasattr(model, "init_weights"):
-        return model.init_weights()
-    for n, p in model.named_parameters():
-        if p.dim() >= 2:
-            nn.init.normal_(p, std=std)
-        elif n.endswith(".bias"):
-            nn.init.zeros_(p)
+# Loading a model file and its tokenizer
 
 
 def read_json(path) -> dict:
@@ -660,29 +717,37 @@ def model_args(mod, config_path):
 
 
 def load_model(cfg: TrainConfig, device, dtype=torch.float32):
-    """-> (model module, model, hf config dict, tokenizer, tokenizer path). Imports the model file by name."""
-    if cfg.model not in MODELS:
-        raise SystemExit(f"error: unknown --model {cfg.model!r}; choose one of {', '.join(MODELS)}")
-    mod = importlib.import_module(cfg.model)
+    """-> (model module, model, hf config dict, tokenizer, tokenizer path) as --model, --ckpt_dir or --preset and
+    --tokenizer say."""
+    return open_model(cfg.model, device, dtype, ckpt_dir=cfg.ckpt_dir, preset=cfg.preset, tokenizer=cfg.tokenizer)
+
+
+def open_model(name: str, device, dtype=torch.float32, ckpt_dir: str = "", preset: str = "", tokenizer: str = ""):
+    """Import the model file `name`; load the checkpoint ckpt_dir, or build `preset` (a ModelArgs preset name or a
+    config.json) from scratch; read the tokenizer (default: ckpt_dir's).
+    -> (model module, model in training mode, hf config dict, tokenizer, tokenizer path)."""
+    if name not in MODELS:
+        raise SystemExit(f"error: unknown --model {name!r}; choose one of {', '.join(MODELS)}")
+    mod = importlib.import_module(name)
     # the model class is the one with from_pretrained (SmolLM2, Llama, ...: each file names its own)
     Model = next(v for v in vars(mod).values()
                  if isinstance(v, type) and issubclass(v, nn.Module) and "from_pretrained" in vars(v))
-    if cfg.ckpt_dir:
-        if not os.path.isfile(os.path.join(cfg.ckpt_dir, "config.json")):
-            raise SystemExit(f"error: no checkpoint at {cfg.ckpt_dir}: run `python download.py`")
-        args = model_args(mod, os.path.join(cfg.ckpt_dir, "config.json"))
+    if ckpt_dir:
+        if not os.path.isfile(os.path.join(ckpt_dir, "config.json")):
+            raise SystemExit(f"error: no checkpoint at {ckpt_dir}: run `python download.py`")
+        args = model_args(mod, os.path.join(ckpt_dir, "config.json"))
         try:
-            model = Model.from_pretrained(cfg.ckpt_dir, device=device, dtype=dtype)
+            model = Model.from_pretrained(ckpt_dir, device=device, dtype=dtype)
         except Exception as e:  # a truncated or foreign model.safetensors: safetensors and torch raise many kinds
             reason = " ".join(str(e).split())[:300]
-            raise SystemExit(f"error: cannot load {cfg.ckpt_dir}: {type(e).__name__}: {reason}; download it again "
+            raise SystemExit(f"error: cannot load {ckpt_dir}: {type(e).__name__}: {reason}; download it again "
                              f"(python download.py)") from None
-    elif cfg.preset:
-        if cfg.preset.endswith(".json"):
-            args = model_args(mod, cfg.preset)
+    elif preset:
+        if preset.endswith(".json"):
+            args = model_args(mod, preset)
         else:
             try:
-                args = mod.ModelArgs.from_name(cfg.preset)
+                args = mod.ModelArgs.from_name(preset)
             except (KeyError, ValueError) as e:
                 raise SystemExit(f"error: --preset: {e}") from None
         with torch.device(device):
@@ -690,7 +755,7 @@ def load_model(cfg: TrainConfig, device, dtype=torch.float32):
         init_weights(model)
     else:
         raise SystemExit("error: give --ckpt_dir (fine-tune) or --preset with --tokenizer (from scratch)")
-    tok_path = cfg.tokenizer or cfg.ckpt_dir
+    tok_path = tokenizer or ckpt_dir
     if not tok_path or not os.path.exists(tok_path):
         raise SystemExit(f"error: tokenizer not found: {tok_path or '(none)'}; pass --tokenizer PATH")
     tok, hf_config = load_tokenizer(tok_path), args.to_hf_config()
@@ -859,11 +924,31 @@ def nonfinite_count(raw) -> int:
     return int(all_sum(torch.tensor(bad, device=next(raw.parameters()).device)).item())
 
 
-def train(cfg: TrainConfig):
-    # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python finetune.py` is rank 0 of 1
+# -----------------------------------------------------------------------------
+# Training: the phases (set-up, model, resume, one step's gradients, evaluation, saving, export), then the loop
+
+
+@dataclass
+class Run:
+    """This process's place in the run. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; `python finetune.py` is rank
+    0 of 1. dtype is the autocast dtype (float32: autocast off)."""
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+
+def start(cfg: TrainConfig) -> Run:
+    """One device per process, the process group under torchrun, the seed."""
     rank, world, local = (int(os.environ.get(k, 0)) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    world, master = max(world, 1), rank == 0
-    check_config(cfg)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(f"cuda:{local}" if device.startswith("cuda") else device)
     if device.type == "cuda":
@@ -872,21 +957,23 @@ def train(cfg: TrainConfig):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(cfg.seed)  # the same initial weights and adapters on every process
     dtype = getattr(torch, cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    return Run(rank, max(world, 1), device, dtype)
 
-    # lora / norm runs keep frozen weights in the autocast dtype (half the memory, as torchtune); what trains is fp32
-    weights_dtype = dtype if cfg.mode in ("lora", "norm") else torch.float32
-    mod, raw, hf_config, tok, tok_path = load_model(cfg, device, weights_dtype)
+
+def count_steps(cfg: TrainConfig, run: Run, hf_config: dict, train_rows: PackedRows) -> int:
+    """-> the number of optimizer steps, after checking that a row and a batch fit."""
     if cfg.seq_len > hf_config["max_position_embeddings"]:
         raise SystemExit(f"error: --seq_len {cfg.seq_len} exceeds the model's context of "
                          f"{hf_config['max_position_embeddings']} tokens")
-    train_rows, val_rows = load_data(cfg, tok, getattr(mod, "encode_chat", None))
-    rows_per_step = cfg.batch_size * world * cfg.grad_accum
-    if len(train_rows) < cfg.batch_size * world:
-        raise SystemExit(f"error: a batch of {cfg.batch_size} x {world} rows does not fit in the {len(train_rows)} "
-                         f"training rows of {cfg.seq_len} tokens; lower --batch_size or --seq_len")
-    max_steps = cfg.max_steps or max(1, len(train_rows) // rows_per_step)
+    if len(train_rows) < cfg.batch_size * run.world:
+        raise SystemExit(f"error: a batch of {cfg.batch_size} x {run.world} rows does not fit in the "
+                         f"{len(train_rows)} training rows of {cfg.seq_len} tokens; lower --batch_size or --seq_len")
+    return cfg.max_steps or max(1, len(train_rows) // (cfg.batch_size * run.world * cfg.grad_accum))
 
+
+def wrap_model(raw: nn.Module, cfg: TrainConfig, run: Run) -> tuple[nn.Module, set[str]]:
+    """What trains (in fp32), gradient checkpointing, and DDP or FSDP2 over processes; -> (the model to call, the
+    names a checkpoint holds)."""
     set_trainable(raw, cfg)
     for p in raw.parameters():
         if p.requires_grad:
@@ -895,125 +982,169 @@ def train(cfg: TrainConfig):
     if cfg.grad_checkpointing:  # keep only each block's input; recompute its activations during backward
         for block in raw.model.layers:
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-    model = raw
-    if world > 1 and cfg.fsdp:
+    if run.world > 1 and cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
         for block in raw.model.layers:  # one all-gather per block: only one block's full weights at a time
             fully_shard(block)
         fully_shard(raw)
-    elif world > 1:  # broadcast_buffers off: buffers (RoPE tables) are identical everywhere, no sync per forward
-        model = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None,
-                                                    broadcast_buffers=False)
-    optimizer = build_optimizer(raw, cfg.lr, cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.warmup_steps, max_steps, cfg.min_lr_frac)
+    elif run.world > 1:  # broadcast_buffers off: buffers (RoPE tables) are identical everywhere, no sync per forward
+        device_ids = [run.device.index] if run.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(raw, device_ids=device_ids, broadcast_buffers=False), ckpt_keys
+    return raw, ckpt_keys
 
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
-    step, rows_seen, good_ckpt = 0, 0, None
-    if cfg.resume:
-        meta = load_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys, asdict(cfg), RESUMABLE_CHANGES)
-        if meta.get("train_rows", len(train_rows)) != len(train_rows):
-            raise SystemExit(f"error: --resume, but --data now gives {len(train_rows)} training rows where "
-                             f"{ckpt_path} was saved with {meta['train_rows']}; the data changed")
-        step, rows_seen, good_ckpt = meta["step"], meta["rows_seen"], ckpt_path
-        before = meta.get("config", {}).get("max_steps", cfg.max_steps)
-        if master and before != cfg.max_steps:  # the schedule's length is max_steps
-            print(f"note: --max_steps {cfg.max_steps} (the checkpoint's run had {before}): the learning-rate "
-                  f"schedule continues as one of the new length")
-    metrics = MetricsLog(metrics_path, keep_until=step if cfg.resume else None, enabled=master)
-    if master:
-        print(f"{cfg.model}: {len(train_rows)} train / {len(val_rows)} val rows of {cfg.seq_len} tokens, "
-              f"{rows_per_step} rows per step, {max_steps} steps, mode {cfg.mode}, {world} process(es), {device}")
 
-    def log(record: dict, message: str = ""):
-        metrics.write(record)
-        if master and message:
-            tqdm.write(message)
+def resume(cfg: TrainConfig, run: Run, ckpt_path: str, model, optimizer, scheduler, ckpt_keys: set[str],
+           n_train_rows: int) -> tuple[int, int]:
+    """--resume: restore ckpt_path, refused if the data gives other rows now; -> (step, rows seen)."""
+    meta = load_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys, asdict(cfg), RESUMABLE_CHANGES)
+    if meta.get("train_rows", n_train_rows) != n_train_rows:
+        raise SystemExit(f"error: --resume, but --data now gives {n_train_rows} training rows where "
+                         f"{ckpt_path} was saved with {meta['train_rows']}; the data changed")
+    before = meta.get("config", {}).get("max_steps", cfg.max_steps)
+    if run.master and before != cfg.max_steps:  # the schedule's length is max_steps
+        print(f"note: --max_steps {cfg.max_steps} (the checkpoint's run had {before}): the learning-rate "
+              f"schedule continues as one of the new length")
+    return meta["step"], meta["rows_seen"]
 
-    def validate(label: str) -> float:
-        val_loss = evaluate(model, val_rows, cfg.eval_rows, cfg.batch_size, device, autocast, rank, world)
-        log({"step": step, "val_loss": val_loss}, f"{label}: val loss {val_loss:.4f}")
-        return val_loss
 
-    if step == 0:
-        validate("before training")
-    bar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)  # shows the ETA
-    t0 = time.time()
+def micro_batches(rows: PackedRows, cfg: TrainConfig, run: Run, rows_seen: int) -> list[tuple]:
+    """This process's grad_accum micro-batches of the next optimizer step, which reads batch_size x world x
+    grad_accum rows at the data position rows_seen."""
+    indices = rows_at(len(rows), cfg.seed, rows_seen, cfg.batch_size * run.world * cfg.grad_accum)
+    return [rows.batch(indices[(m * run.world + run.rank) * cfg.batch_size:][:cfg.batch_size])
+            for m in range(cfg.grad_accum)]
+
+
+def accumulate_gradients(model, hooks: "Hooks", micro: list[tuple], run: Run) -> float:
+    """Forward and backward over one step's micro-batches; -> the step's loss, summed over processes. Each micro
+    loss is divided by the count of kept targets in the whole global batch, counted first: the sum of the micro
+    losses is then the loss of one big batch, whatever grad_accum and the number of processes."""
+    n_targets = all_sum(torch.tensor(sum(int((y != IGNORE).sum()) for _, y, _ in micro), device=run.device))
+    step_loss = torch.zeros((), device=run.device)
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    for m, (x, y, d) in enumerate(micro):
+        x, y, d = x.to(run.device), y.to(run.device), d.to(run.device) if d is not None else None
+        # DDP all-reduces gradients only after the last micro-batch
+        sync = model.no_sync() if ddp and m < len(micro) - 1 else contextlib.nullcontext()
+        with sync, run.autocast:
+            loss = loss_sum(model, x, y, d) / n_targets.clamp(min=1)
+            # DDP and FSDP average gradients over processes: hence the `* world`. The family's extra loss of this
+            # forward (nanollm's MoE balance loss) comes once per micro-batch: hence the `/ len(micro)`
+            total = loss * run.world + hooks.extra_loss() / len(micro)
+        total.backward()
+        step_loss += loss.detach()
+    return all_sum(step_loss).item()
+
+
+def validate(model, rows: PackedRows, cfg: TrainConfig, run: Run, metrics: "MetricsLog", step: int,
+             label: str) -> float:
+    """The validation loss, logged to metrics.jsonl and the console."""
+    val_loss = evaluate(model, rows, cfg.eval_rows, cfg.batch_size, run.device, run.autocast, run.rank, run.world)
+    metrics.write({"step": step, "val_loss": val_loss})
+    if run.master:
+        tqdm.write(f"{label}: val loss {val_loss:.4f}")
+    return val_loss
+
+
+def check_usable(raw, step: int, val_loss: float, good_ckpt: str | None):
+    """Only weights that are finite and give a finite loss are saved (and exported): an update can overflow into
+    huge but finite weights, whose loss is only seen at the next forward pass."""
+    bad = nonfinite_count(raw)
+    if bad or not math.isfinite(val_loss):
+        raise SystemExit(f"error: weights became unusable at step {step} ({bad} non-finite values, validation "
+                         f"loss {val_loss}); stopped without saving. Last good checkpoint: {good_ckpt or 'none yet'} "
+                         f"(lower --lr)")
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(cfg: TrainConfig):
+    """A batch too large for the memory ends the run in one line naming the flags that shrink it."""
     try:
-        while step < max_steps:
-            # One optimizer step = grad_accum micro-batches on each of `world` processes, read at the data position.
-            # Count the kept targets of the whole global batch first: every micro loss is divided by that count.
-            indices = rows_at(len(train_rows), cfg.seed, rows_seen, rows_per_step)
-            micro = [train_rows.batch(indices[(m * world + rank) * cfg.batch_size:][:cfg.batch_size])
-                     for m in range(cfg.grad_accum)]
-            n_targets = all_sum(torch.tensor(sum(int((y != IGNORE).sum()) for _, y, _ in micro), device=device))
-            step_loss = torch.zeros((), device=device)
-            for m, (x, y, d) in enumerate(micro):
-                x, y, d = x.to(device), y.to(device), d.to(device) if d is not None else None
-                # DDP all-reduces gradients only after the last micro-batch
-                sync = model.no_sync() if world > 1 and not cfg.fsdp and m < cfg.grad_accum - 1 \
-                    else contextlib.nullcontext()
-                with sync, autocast:
-                    loss = loss_sum(model, x, y, d) / n_targets.clamp(min=1)
-                    aux = getattr(raw, "aux_loss", None)  # e.g. nanollm's MoE balance loss of this forward
-                    total = loss * world + (aux / cfg.grad_accum if torch.is_tensor(aux) else 0)
-                total.backward()  # DDP and FSDP average gradients over processes: hence the `* world`
-                step_loss += loss.detach()
-            step_loss = all_sum(step_loss).item()
-            if not math.isfinite(step_loss):  # checked before the update: the weights are still the last good ones
-                raise SystemExit(f"error: loss is {step_loss} at step {step + 1}; stopped without updating. "
-                                 f"Last good checkpoint: {good_ckpt or 'none yet'} (lower --lr or --grad_clip)")
-            grad_norm = nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step, rows_seen = step + 1, rows_seen + rows_per_step
-            record = {"step": step, "loss": step_loss, "lr": lr, "tokens": rows_seen * cfg.seq_len,
-                      "tok_per_s": rows_per_step * cfg.seq_len / (time.time() - t0)}
-            if grad_norm is not None:  # under FSDP a DTensor
-                record["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-            if hasattr(raw, "update_router_biases"):  # nanollm's aux-loss-free MoE balancing (DeepSeek-V3)
-                for m in raw.modules():  # sum the expert loads of all processes, so every router bias moves alike
-                    if torch.is_tensor(getattr(m, "load", None)):
-                        all_sum(m.load)
-                record["expert_load"] = raw.update_router_biases(cfg.router_bias_rate)  # {layer: token shares}
-            log(record, memory_report(raw, optimizer, device) if step == 1 else "")
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{record['tok_per_s']:.0f}")
-            bar.update(1)
-
-            saving = step % cfg.ckpt_every == 0 or step == max_steps
-            if step % cfg.eval_every == 0 or saving:
-                val_loss = validate(f"step {step}")
-            if saving:
-                # Only weights that are finite and give a finite loss are saved (and exported): an update can
-                # overflow into huge but finite weights, whose loss is only seen at the next forward pass.
-                bad = nonfinite_count(raw)
-                if bad or not math.isfinite(val_loss):
-                    raise SystemExit(f"error: weights became unusable at step {step} ({bad} non-finite values, "
-                                     f"validation loss {val_loss}); stopped without saving. Last good checkpoint: "
-                                     f"{good_ckpt or 'none yet'} (lower --lr)")
-                save_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys, step=step, rows_seen=rows_seen,
-                                train_rows=len(train_rows), config=asdict(cfg))
-                metrics.commit()
-                good_ckpt = ckpt_path
-            t0 = time.time()  # after evaluating and saving: tok/s measures training only
+        yield
     except RuntimeError as e:  # CUDA's OutOfMemoryError is one; the CPU allocator raises a plain one
         if "out of memory" not in str(e) and "can't allocate memory" not in str(e):
             raise
         raise SystemExit(f"error: a batch of {cfg.batch_size} x {cfg.seq_len} tokens does not fit in memory; "
                          f"lower --batch_size and raise --grad_accum, or use --grad_checkpointing / --mode lora") \
             from None
-    bar.close()
 
+
+def finish(model, raw, optimizer, cfg: TrainConfig, run: Run, hf_config: dict, tok_path: str, metrics: "MetricsLog"):
+    """Export the model in HF layout, plot the losses, leave the process group."""
     export_hf(model, cfg.out_dir, hf_config, tok_path, cfg.lora_alpha / cfg.lora_rank, cfg.save_dtype, cfg.ckpt_dir)
     metrics.commit()  # (a resumed run that had nothing left to do)
-    if master:
-        plot_losses(metrics_path, os.path.join(cfg.out_dir, "loss.png"))
-        tqdm.write(f"{memory_report(raw, optimizer, device)}\nsaved {cfg.out_dir}/model.safetensors "
+    if run.master:
+        plot_losses(metrics.path, os.path.join(cfg.out_dir, "loss.png"))
+        tqdm.write(f"{memory_report(raw, optimizer, run.device)}\nsaved {cfg.out_dir}/model.safetensors "
                    f"(+ config.json, tokenizer files, ckpt.pt, metrics.jsonl)")
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def train(cfg: TrainConfig):
+    check_config(cfg)
+    run = start(cfg)
+    # lora / norm runs keep frozen weights in the autocast dtype (half the memory, as torchtune); what trains is fp32
+    mod, raw, hf_config, tok, tok_path = load_model(cfg, run.device,
+                                                    run.dtype if cfg.mode in ("lora", "norm") else torch.float32)
+    hooks = model_hooks(raw)
+    train_rows, val_rows = load_data(cfg, tok, mod.encode_chat)
+    max_steps = count_steps(cfg, run, hf_config, train_rows)
+    rows_per_step = cfg.batch_size * run.world * cfg.grad_accum
+    model, ckpt_keys = wrap_model(raw, cfg, run)
+    optimizer = build_optimizer(raw, cfg.lr, cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.warmup_steps, max_steps, cfg.min_lr_frac)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    step, rows_seen, good_ckpt = 0, 0, None
+    if cfg.resume:
+        step, rows_seen = resume(cfg, run, ckpt_path, model, optimizer, scheduler, ckpt_keys, len(train_rows))
+        good_ckpt = ckpt_path
+    metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), keep_until=step if cfg.resume else None,
+                         enabled=run.master)
+    if run.master:
+        print(f"{cfg.model}: {len(train_rows)} train / {len(val_rows)} val rows of {cfg.seq_len} tokens, "
+              f"{rows_per_step} rows per step, {max_steps} steps, mode {cfg.mode}, {run.world} process(es), "
+              f"{run.device}")
+    if step == 0:
+        validate(model, val_rows, cfg, run, metrics, step, "before training")
+    bar = tqdm(total=max_steps, initial=step, disable=not run.master, dynamic_ncols=True)  # shows the ETA
+    t0 = time.time()
+    with out_of_memory_hint(cfg):
+        while step < max_steps:
+            loss = accumulate_gradients(model, hooks, micro_batches(train_rows, cfg, run, rows_seen), run)
+            if not math.isfinite(loss):  # checked before the update: the weights are still the last good ones
+                raise SystemExit(f"error: loss is {loss} at step {step + 1}; stopped without updating. "
+                                 f"Last good checkpoint: {good_ckpt or 'none yet'} (lower --lr or --grad_clip)")
+            grad_norm = nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            family_record = hooks.after_optimizer_step(all_sum, cfg.router_bias_rate)  # e.g. MoE router biases
+            step, rows_seen = step + 1, rows_seen + rows_per_step
+            record = {"step": step, "loss": loss, "lr": lr, "tokens": rows_seen * cfg.seq_len,
+                      "tok_per_s": rows_per_step * cfg.seq_len / (time.time() - t0)}
+            if grad_norm is not None:  # under FSDP a DTensor
+                record["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            metrics.write(record | family_record)
+            if step == 1 and run.master:
+                tqdm.write(memory_report(raw, optimizer, run.device))
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tok_per_s']:.0f}")
+            bar.update(1)
+
+            saving = step % cfg.ckpt_every == 0 or step == max_steps
+            if step % cfg.eval_every == 0 or saving:
+                val_loss = validate(model, val_rows, cfg, run, metrics, step, f"step {step}")
+            if saving:
+                check_usable(raw, step, val_loss, good_ckpt)
+                save_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys, step=step, rows_seen=rows_seen,
+                                train_rows=len(train_rows), config=asdict(cfg))
+                metrics.commit()
+                good_ckpt = ckpt_path
+            t0 = time.time()  # after evaluating and saving: tok/s measures training only
+    bar.close()
+    finish(model, raw, optimizer, cfg, run, hf_config, tok_path, metrics)
 
 
 # -----------------------------------------------------------------------------

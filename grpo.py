@@ -55,10 +55,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-# LoRA, the optimizer and its schedule, checkpoints, export and the checks of flags are shared with finetune.py
-from finetune import (LoRALinear, MetricsLog, TrainConfig, apply_lora, at_least, build_optimizer, build_scheduler,
-                      check_device, check_out_dir, check_values, checkpoint_keys, export_hf,
-                      load_checkpoint, load_model, nonfinite_count, one_of, save_checkpoint)
+# LoRA, the optimizer and its schedule, checkpoints, export and the checks of flags: finetune.py's public
+# functions (its __all__)
+from finetune import (LoRALinear, MetricsLog, apply_lora, at_least, build_optimizer, build_scheduler, check_device,
+                      check_out_dir, check_values, checkpoint_keys, export_hf, load_checkpoint, nonfinite_count,
+                      one_of, open_model, save_checkpoint)
 
 # -----------------------------------------------------------------------------
 # Config: every field is a command-line flag (python grpo.py --name value)
@@ -441,6 +442,138 @@ def adapters_off(model):
             m.scale = s
 
 
+def policy_and_reference(model, cfg: GRPOConfig):
+    """Make the policy trainable; -> the reference policy pi_ref: under LoRA the model itself, whose adapters
+    `adapters_off` switches off; with full training a frozen copy taken before any update (and before a resume
+    loads trained weights), or none when beta = 0 (no KL term)."""
+    if cfg.mode == "lora":
+        # no dropout: the policy that samples (eval mode) must be the one whose log-probs are trained
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, 0.0, list(LORA_TARGETS))
+        return model
+    model.requires_grad_(True)
+    return copy.deepcopy(model).requires_grad_(False) if cfg.beta > 0 else None
+
+
+def resume(cfg: GRPOConfig, ckpt_path: str, model, optimizer, scheduler, ckpt_keys: set[str]) -> int:
+    """--resume: restore ckpt_path (refused if the task, model or schedule flags changed); -> its step."""
+    meta = load_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys, asdict(cfg), RESUMABLE_CHANGES)
+    before = meta.get("config", {}).get("steps", cfg.steps)
+    if before != cfg.steps:
+        print(f"note: --steps {cfg.steps} (the checkpoint's run had {before}): the learning-rate schedule "
+              f"continues as one of the new length")
+    return meta["step"]
+
+
+def evaluate_and_log(model, mod, tok, held_out, cfg: GRPOConfig, eot: int, metrics: MetricsLog, step: int):
+    """Held-out accuracy and format rate, to metrics.jsonl and the console."""
+    t = time.time()
+    res = evaluate(model, mod, tok, held_out, cfg, eot)
+    metrics.write({"step": step, "eval_accuracy": res["accuracy"], "eval_format": res["format"]})
+    tqdm.write(f"step {step}: held-out accuracy {res['accuracy']:.3f} ({len(held_out)} problems, greedy), "
+               f"format {res['format']:.2f}, {time.time() - t:.0f}s; e.g. {res['samples'][:2]}")
+
+
+@dataclass
+class Batch:
+    """One generation batch: G completions of each prompt, prompt-major, with their rewards and advantages."""
+    prompts: list[list[int]]  # the prompt of each completion (each prompt G times)
+    completions: list[list[int]]
+    texts: list[str]  # the completions decoded, as the reward functions read them
+    rewards: torch.Tensor  # (N,) weighted sum over the reward functions
+    per_fn: torch.Tensor  # (N, n_fns) each function's reward, NaN where it raised
+    advantages: torch.Tensor  # (N,)
+
+    def rows(self, idx: list[int]) -> tuple[list, list]:
+        return [self.prompts[i] for i in idx], [self.completions[i] for i in idx]
+
+
+def sample_batch(model, mod, tok, examples, cfg: GRPOConfig, eot: int, step: int, reward_fns, weights) -> Batch:
+    """Rollout: G samples of each prompt from the current policy (also pi_old of Algorithm 1), scored, and their
+    advantages. The sampling seed is a function of (seed, step): a resumed run redoes exactly the same batch."""
+    G, prompts = cfg.num_generations, encode_prompts(mod, tok, examples)
+    model.eval()  # (no dropout anywhere; eval/train only mark the two phases)
+    with token_bar(len(prompts) * G, cfg.max_new_tokens, f"step {step + 1}/{cfg.steps}: sampling") as bar:
+        completions = rollout(model, prompts, G, cfg.max_new_tokens, cfg.temperature, eot,
+                              cfg.seed * 10**6 + step, stream=lambda _row, _token: bar.update())
+    prompts, examples = [p for p in prompts for _ in range(G)], [e for e in examples for _ in range(G)]
+    texts = [tok.decode([t for t in c if t != eot]) for c in completions]  # rewards read text, not ids
+    rewards, per_fn = score(reward_fns, weights, [e["question"] for e in examples], texts, examples)
+    check_rewards(per_fn, reward_fns, step + 1)
+    advantages = group_advantages(rewards, G, cfg.scale_rewards).to(next(model.parameters()).device)
+    return Batch(prompts, completions, texts, rewards, per_fn, advantages)
+
+
+def update_policy(model, ref_model, optimizer, scheduler, batch: Batch, cfg: GRPOConfig, step: int,
+                  good_ckpt: str | None) -> tuple[torch.Tensor, float, float]:
+    """num_iterations clipped-ratio updates on one batch, each accumulated over micro-batches; -> (the last
+    update's loss, KL sum, low- and high-clipped token counts; its gradient norm; its learning rate)."""
+    eps_high = cfg.epsilon_high or cfg.epsilon
+    n_seqs, n_tokens = len(batch.completions), sum(len(c) for c in batch.completions)
+    # Only rows with a non-zero advantage carry gradient when beta = 0 (departure 5); the normalisers count all
+    rows = [i for i in range(n_seqs) if cfg.beta > 0 or batch.advantages[i] != 0]
+    micro = [rows[i:i + cfg.micro_batch] for i in range(0, len(rows), cfg.micro_batch)]
+    ref_logps = None
+    if cfg.beta > 0:  # pi_ref's log-probs are fixed for the whole batch: one no-grad pass, before any update
+        with torch.no_grad(), adapters_off(ref_model):  # (a frozen full copy has no adapters to switch off)
+            ref_logps = [completion_logprobs(ref_model, *batch.rows(idx), cfg.temperature)[0] for idx in micro]
+    model.train()
+    old_logps = [None] * len(micro)
+    for it in range(cfg.num_iterations):
+        stats = torch.zeros(4)  # loss, kl sum, low-clipped tokens, high-clipped tokens
+        for m, idx in enumerate(micro):
+            logp, mask = completion_logprobs(model, *batch.rows(idx), cfg.temperature)  # (b, C)
+            if it == 0:  # pi_old is the policy that sampled: pi_theta itself until the first update
+                old_logps[m] = logp.detach()
+            adv = batch.advantages[idx]  # one advantage per completion, shared by all its tokens (outcome reward)
+            per_token = clipped_surrogate(logp, old_logps[m], adv, cfg.epsilon, eps_high)
+            if cfg.beta > 0:
+                kl = k3_kl(logp, ref_logps[m])
+                per_token = per_token + cfg.beta * kl
+                stats[1] += (kl * mask).sum().item()
+            loss = aggregate(per_token, mask, cfg.loss_type, n_seqs, n_tokens, cfg.max_new_tokens)
+            loss.backward()  # micro-batch shares add up to the batch loss, so gradients accumulate exactly
+            ratio = torch.exp(logp - old_logps[m]).detach()  # TRL's clip metrics: clipped where it matters
+            stats[0] += loss.item()
+            stats[2] += ((ratio < 1 - cfg.epsilon) & (adv[:, None] < 0) & mask).sum().item()
+            stats[3] += ((ratio > 1 + eps_high) & (adv[:, None] > 0) & mask).sum().item()
+        if not math.isfinite(stats[0].item()):  # checked before the update: the weights are still good
+            raise SystemExit(f"error: loss is {stats[0].item()} at step {step + 1}; stopped without updating. "
+                             f"Last good checkpoint: {good_ckpt or 'none yet'} (lower --lr)")
+        grad_norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                             cfg.grad_clip or float("inf"))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()  # parameters without a gradient (no rows this step) are left untouched
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return stats, grad_norm.item(), lr
+
+
+def step_record(step: int, batch: Batch, stats: torch.Tensor, reward_fns, G: int, eot: int) -> dict:
+    """A step's line of metrics.jsonl: rewards and their spread, lengths, the loss terms of the last update."""
+    n_seqs, n_tokens = len(batch.completions), sum(len(c) for c in batch.completions)
+    groups = batch.rewards.view(-1, G)
+    return {"step": step, "reward": batch.rewards.mean().item(),
+            **{fn.__name__: batch.per_fn[:, j].nanmean().item() for j, fn in enumerate(reward_fns)},
+            "reward_errors": int(batch.per_fn.isnan().sum()), "reward_std": groups.std(dim=1).mean().item(),
+            "equal_groups": int((groups.max(dim=1).values == groups.min(dim=1).values).sum()),
+            "completion_len": n_tokens / n_seqs,
+            "stopped": sum(c[-1] == eot for c in batch.completions) / n_seqs, "loss": stats[0].item(),
+            "kl": stats[1].item() / n_tokens, "clip_low": stats[2].item() / n_tokens,
+            "clip_high": stats[3].item() / n_tokens}
+
+
+def finish(model, mod, tok, held_out, cfg: GRPOConfig, eot: int, metrics: MetricsLog, step: int, hf_config: dict,
+           tok_path: str):
+    """The last evaluation; the model exported with its adapters merged (`python smollm2.py --ckpt_dir OUT_DIR`
+    chats with it); the reward plot."""
+    evaluate_and_log(model, mod, tok, held_out, cfg, eot, metrics, step)
+    export_hf(model, cfg.out_dir, hf_config, tok_path, cfg.lora_alpha / cfg.lora_rank, "float32", cfg.ckpt_dir)
+    plot_rewards(metrics.path, os.path.join(cfg.out_dir, "rewards.png"))
+    evals = [r for r in (json.loads(line) for line in open(metrics.path)) if "eval_accuracy" in r]
+    print(f"held-out accuracy {evals[0]['eval_accuracy']:.3f} at step {evals[0]['step']} -> "
+          f"{evals[-1]['eval_accuracy']:.3f} at step {step}; model in {cfg.out_dir}/model.safetensors")
+
+
 def train(cfg: GRPOConfig, reward_fns=REWARDS):
     """GRPO-train cfg.model on cfg.task; reward_fns are weighted by cfg.reward_weights."""
     weights = check_config(cfg, reward_fns)
@@ -450,149 +583,53 @@ def train(cfg: GRPOConfig, reward_fns=REWARDS):
         torch.set_num_threads(cfg.threads)
     sample_examples, held_out = task_data(cfg)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    mod, model, hf_config, tok, tok_path = load_model(TrainConfig(model=cfg.model, ckpt_dir=cfg.ckpt_dir), device)
+    mod, model, hf_config, tok, tok_path = open_model(cfg.model, device, ckpt_dir=cfg.ckpt_dir)
     eot = end_of_turn_id(tok)
-    G, eps_high = cfg.num_generations, cfg.epsilon_high or cfg.epsilon
-
-    # What trains, and the reference policy: none when beta = 0, the adapters switched off under LoRA, else a
-    # frozen copy taken before any update (and before a resume loads trained weights).
-    if cfg.mode == "lora":
-        # no dropout: the policy that samples (eval mode) must be the one whose log-probs are trained
-        apply_lora(model, cfg.lora_rank, cfg.lora_alpha, 0.0, list(LORA_TARGETS))
-        ref_model, ref_ctx = model, adapters_off
-    else:
-        model.requires_grad_(True)
-        ref_model = copy.deepcopy(model).requires_grad_(False) if cfg.beta > 0 else None
-        ref_ctx = lambda _: contextlib.nullcontext()  # noqa: E731
+    ref_model = policy_and_reference(model, cfg)
     ckpt_keys = checkpoint_keys(model, everything=False)  # trainable tensors only: the rest is the checkpoint
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     # the schedule counts optimizer updates: num_iterations of them per generation batch
     scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps * cfg.num_iterations, cfg.min_lr_frac)
-
     os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_path, metrics_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "metrics.jsonl")
-    step, good_ckpt = 0, None
-    if cfg.resume:
-        meta = load_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys, asdict(cfg), RESUMABLE_CHANGES)
-        step, good_ckpt = meta["step"], ckpt_path
-        before = meta.get("config", {}).get("steps", cfg.steps)
-        if before != cfg.steps:
-            print(f"note: --steps {cfg.steps} (the checkpoint's run had {before}): the learning-rate schedule "
-                  f"continues as one of the new length")
-    metrics = MetricsLog(metrics_path, keep_until=step if cfg.resume else None)
-
-    def run_eval():
-        t = time.time()
-        res = evaluate(model, mod, tok, held_out, cfg, eot)
-        metrics.write({"step": step, "eval_accuracy": res["accuracy"], "eval_format": res["format"]})
-        tqdm.write(f"step {step}: held-out accuracy {res['accuracy']:.3f} ({len(held_out)} problems, greedy), "
-                   f"format {res['format']:.2f}, {time.time() - t:.0f}s; e.g. {res['samples'][:2]}")
-        return res
-
-    print(f"{cfg.model} {cfg.ckpt_dir}: task {cfg.task}, {cfg.prompts_per_step} prompts x {G} completions per "
-          f"step, {cfg.steps} steps, {cfg.mode}, loss {cfg.loss_type}, beta {cfg.beta}, {device}")
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    step = resume(cfg, ckpt_path, model, optimizer, scheduler, ckpt_keys) if cfg.resume else 0
+    good_ckpt = ckpt_path if cfg.resume else None
+    metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), keep_until=step if cfg.resume else None)
+    print(f"{cfg.model} {cfg.ckpt_dir}: task {cfg.task}, {cfg.prompts_per_step} prompts x {cfg.num_generations} "
+          f"completions per step, {cfg.steps} steps, {cfg.mode}, loss {cfg.loss_type}, beta {cfg.beta}, {device}")
     if step == 0:
-        run_eval()
+        evaluate_and_log(model, mod, tok, held_out, cfg, eot, metrics, step)
     t_start = time.time()
     while step < cfg.steps:
-        # 1. Rollout: G samples of each prompt from the current policy, which is also pi_old of Algorithm 1.
         t0 = time.time()
-        # prompts and sampling seeds are functions of (seed, step): a resumed run redoes exactly the same batch
+        # the prompts are a function of (seed, step), as the sampling: a resumed run redoes exactly the same batch
         examples = sample_examples(random.Random(f"{cfg.seed}-{step}"), cfg.prompts_per_step)
-        prompts = encode_prompts(mod, tok, examples)
-        model.eval()  # (no dropout anywhere; eval/train only mark the two phases)
-        with token_bar(len(prompts) * G, cfg.max_new_tokens, f"step {step + 1}/{cfg.steps}: sampling") as bar:
-            completions = rollout(model, prompts, G, cfg.max_new_tokens, cfg.temperature, eot,
-                                  cfg.seed * 10**6 + step, stream=lambda _row, _token: bar.update())
-        prompts, examples = [p for p in prompts for _ in range(G)], [e for e in examples for _ in range(G)]
-        texts = [tok.decode([t for t in c if t != eot]) for c in completions]  # rewards read text, not ids
-        rewards, per_fn = score(reward_fns, weights, [e["question"] for e in examples], texts, examples)
-        check_rewards(per_fn, reward_fns, step + 1)
-        advantages = group_advantages(rewards, G, cfg.scale_rewards).to(device)
+        batch = sample_batch(model, mod, tok, examples, cfg, eot, step, reward_fns, weights)
         t_gen = time.time() - t0
-
-        # 2. Only rows with a non-zero advantage carry gradient when beta = 0 (departure 5); normalisers count all.
-        rows = [i for i in range(len(completions)) if cfg.beta > 0 or advantages[i] != 0]
-        micro = [rows[i:i + cfg.micro_batch] for i in range(0, len(rows), cfg.micro_batch)]
-        n_seqs, n_tokens = len(completions), sum(len(c) for c in completions)
-
-        def batch(idx):
-            return [prompts[i] for i in idx], [completions[i] for i in idx]
-        # pi_ref's log-probs are fixed for the whole batch: one no-grad pass, before any update
-        ref_logps = None
-        if cfg.beta > 0:
-            with torch.no_grad(), ref_ctx(ref_model):
-                ref_logps = [completion_logprobs(ref_model, *batch(idx), cfg.temperature)[0] for idx in micro]
-
-        # 3. num_iterations policy updates on this batch, each accumulated over the micro-batches.
-        model.train()
-        old_logps = [None] * len(micro)
-        for it in range(cfg.num_iterations):
-            stats = torch.zeros(4)  # loss, kl sum, low-clipped tokens, high-clipped tokens
-            for m, idx in enumerate(micro):
-                logp, mask = completion_logprobs(model, *batch(idx), cfg.temperature)  # (b, C)
-                if it == 0:  # pi_old is the policy that sampled: pi_theta itself until the first update
-                    old_logps[m] = logp.detach()
-                old_logp = old_logps[m]
-                adv = advantages[idx]  # one advantage per completion, shared by all its tokens (outcome reward)
-                per_token = clipped_surrogate(logp, old_logp, adv, cfg.epsilon, eps_high)
-                if cfg.beta > 0:
-                    kl = k3_kl(logp, ref_logps[m])
-                    per_token = per_token + cfg.beta * kl
-                    stats[1] += (kl * mask).sum().item()
-                loss = aggregate(per_token, mask, cfg.loss_type, n_seqs, n_tokens, cfg.max_new_tokens)
-                loss.backward()  # micro-batch shares add up to the batch loss, so gradients accumulate exactly
-                ratio = torch.exp(logp - old_logp).detach()  # TRL's clip metrics: clipped where it matters
-                stats[0] += loss.item()
-                stats[2] += ((ratio < 1 - cfg.epsilon) & (adv[:, None] < 0) & mask).sum().item()
-                stats[3] += ((ratio > 1 + eps_high) & (adv[:, None] > 0) & mask).sum().item()
-            if not math.isfinite(stats[0].item()):  # checked before the update: the weights are still good
-                raise SystemExit(f"error: loss is {stats[0].item()} at step {step + 1}; stopped without updating. "
-                                 f"Last good checkpoint: {good_ckpt or 'none yet'} (lower --lr)")
-            grad_norm = nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                 cfg.grad_clip or float("inf"))
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()  # parameters without a gradient (no rows this step) are left untouched
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        stats, grad_norm, lr = update_policy(model, ref_model, optimizer, scheduler, batch, cfg, step, good_ckpt)
         step += 1
-
-        # 4. Log: rewards and their spread, lengths, the loss terms of the last update, time.
-        groups = rewards.view(-1, G)
-        record = {"step": step, "reward": rewards.mean().item(),
-                  **{fn.__name__: per_fn[:, j].nanmean().item() for j, fn in enumerate(reward_fns)},
-                  "reward_errors": int(per_fn.isnan().sum()), "reward_std": groups.std(dim=1).mean().item(),
-                  "equal_groups": int((groups.max(dim=1).values == groups.min(dim=1).values).sum()),
-                  "completion_len": n_tokens / n_seqs, "stopped": sum(c[-1] == eot for c in completions) / n_seqs,
-                  "loss": stats[0].item(), "kl": stats[1].item() / n_tokens, "clip_low": stats[2].item() / n_tokens,
-                  "clip_high": stats[3].item() / n_tokens, "grad_norm": grad_norm.item(), "lr": lr,
-                  "gen_s": t_gen, "step_s": time.time() - t0, "elapsed_s": time.time() - t_start}
+        record = step_record(step, batch, stats, reward_fns, cfg.num_generations, eot) | {
+            "grad_norm": grad_norm, "lr": lr, "gen_s": t_gen, "step_s": time.time() - t0,
+            "elapsed_s": time.time() - t_start}
         metrics.write(record)
         tqdm.write(f"step {step}/{cfg.steps} | reward {record['reward']:.3f} ("
                    + " ".join(f"{fn.__name__} {record[fn.__name__]:.2f}" for fn in reward_fns)
                    + f") len {record['completion_len']:.1f} | loss {record['loss']:+.4f} kl {record['kl']:.4f} | "
-                   f"{record['step_s']:.0f}s (generation {t_gen:.0f}s) | e.g. {texts[0]!r}")
+                   f"{record['step_s']:.0f}s (generation {t_gen:.0f}s) | e.g. {batch.texts[0]!r}")
         out_of_time = cfg.time_limit and time.time() - t_start > 60 * cfg.time_limit
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and not out_of_time:
-            run_eval()  # (the last evaluation comes after the loop)
+            evaluate_and_log(model, mod, tok, held_out, cfg, eot, metrics, step)  # (the last one: in finish)
         if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
-            check_usable(model, step, prompts, completions, cfg.temperature, good_ckpt)
+            check_usable(model, step, batch.prompts, batch.completions, cfg.temperature, good_ckpt)
             save_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys, step=step, config=asdict(cfg))
             metrics.commit()
             good_ckpt = ckpt_path
         if out_of_time:
             print(f"stopping after {step} steps: the time limit of {cfg.time_limit} minutes is reached")
             break
-
     metrics.commit()  # an evaluation-only run (--steps 0), or a resume with nothing left to do
     if cfg.steps > 0:
-        run_eval()
-        # adapters merged into the weights: `python smollm2.py --ckpt_dir OUT_DIR` chats with the trained model
-        export_hf(model, cfg.out_dir, hf_config, tok_path, cfg.lora_alpha / cfg.lora_rank, "float32", cfg.ckpt_dir)
-        plot_rewards(metrics_path, os.path.join(cfg.out_dir, "rewards.png"))
-        evals = [r for r in (json.loads(line) for line in open(metrics_path)) if "eval_accuracy" in r]
-        print(f"held-out accuracy {evals[0]['eval_accuracy']:.3f} at step {evals[0]['step']} -> "
-              f"{evals[-1]['eval_accuracy']:.3f} at step {step}; model in {cfg.out_dir}/model.safetensors")
+        finish(model, mod, tok, held_out, cfg, eot, metrics, step, hf_config, tok_path)
 
 
 def plot_rewards(metrics_path: str, png_path: str):
