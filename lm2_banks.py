@@ -80,12 +80,20 @@ class BankedMemory(Memory):
         """Routing scores r (B, T, K) of memory queries q = h W_Q (B, T, d)."""
         return q @ self.bank_keys.t() / math.sqrt(q.shape[-1])
 
+    def state(self, bank):
+        bank, k, v = super().state(bank)
+        if self.top == self.n_banks:
+            return bank, k, v
+        # subtle: _heads gives transposed views; a routed read would copy the whole bank (all K banks) to
+        # gather from them, on every read. Made contiguous here, once per write, the gather touches m*S slots.
+        return bank, k.contiguous(), v.contiguous()
+
     def _gather(self, x, top):
         """Slots of the chosen banks per token: x (B, heads, K*S, hd), top (B, T, m) -> (B, heads, T, m*S, hd).
         A gather, so the other banks are neither touched nor given a gradient."""
         B, H, _, hd = x.shape
         T, m = top.shape[1:]
-        banks = x.reshape(B, H, self.n_banks, self.bank_slots * hd)
+        banks = x.view(B, H, self.n_banks, self.bank_slots * hd)  # a view: x is contiguous (see state)
         idx = top.reshape(B, 1, T * m, 1).expand(B, H, T * m, self.bank_slots * hd)
         return banks.gather(2, idx).view(B, H, T, m * self.bank_slots, hd)
 
