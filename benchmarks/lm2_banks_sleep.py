@@ -171,8 +171,10 @@ def test_episodes(rng, n_facts: int, n: int, pool=ENTITIES):
 
 @torch.no_grad()
 def routing(model, episodes):
-    """Routing precision (question's top bank == the bank its fact's value token was written to) and domain
-    purity (share of fact writes in their domain's most used bank), from the memory block's routing scores."""
+    """Routing precision (question's top bank == the bank its fact's value token was written to), domain
+    purity (share of fact writes in their domain's most used bank) and the banks used: exp(entropy) of the
+    share of fact writes per bank (K if spread evenly, 1 if every fact goes to one bank: then precision and
+    purity are 1 and say nothing), from the memory block's routing scores."""
     x, pos, _ = batch(episodes)
     _, traced = lm2_banks.trace_memory(model, x)
     (mem, segs), = traced
@@ -188,8 +190,11 @@ def routing(model, episodes):
             e = (toks[p - 1] - DOM0, toks[p] - KEY0)
             hits += int(top[b, p] == top[b, where[e]])
             total += 1
+    writes = sum(by_domain.values(), [])
     pure = sum(max(map(banks.count, set(banks))) for banks in by_domain.values())
-    return hits / total, pure / sum(map(len, by_domain.values()))
+    share = torch.bincount(torch.tensor(writes), minlength=mem.n_banks).float() / len(writes)
+    used = math.exp(-float((share * share.clamp_min(1e-12).log()).sum()))
+    return hits / total, pure / len(writes), used
 
 
 def time_read(args: BankArgs, rows: int, repeats: int) -> float:
@@ -333,7 +338,7 @@ def main(out_dir: str = "runs/lm2_banks", steps: int = 600, batch_size: int = 32
             r["read_us"] = time_read(args, SEG, repeats) * 1e6
             r["read_us_decode"] = time_read(args, 1, repeats) * 1e6
         if args.mem_top < args.mem_banks:
-            r["routing_precision"], r["domain_purity"] = routing(model, test_episodes(random.Random(seed), 8, n_eval))
+            r["routing_precision"], r["domain_purity"], r["banks_used"] = routing(model, test_episodes(random.Random(seed), 8, n_eval))
         results["a"][name] = r
         log(f"{name}: " + json.dumps(r))
         save()
@@ -367,7 +372,8 @@ def report(results, out, log):
     log(f"\n(a) memory banks ({results['config']['steps']} steps x {results['config']['batch_size']} episodes each;"
         f" recall = answer accuracy on {results['config']['n_eval']} held-out episodes x 8 questions)")
     log(f"{'memory':8} {'slots':>5} {'params':>7} {'recall F=8':>10} {'vs dense':>8} {'read FLOPs':>10} "
-        f"{'x fewer':>7} {'us/tok seg':>10} {'us/tok dec':>10} {'routing':>7} {'domain':>6} {'F held >=0.9':>12}")
+        f"{'x fewer':>7} {'us/tok seg':>10} {'us/tok dec':>10} {'routing':>7} {'domain':>6} {'banks used':>10} "
+        f"{'F held >=0.9':>12}")
     for name, r in a.items():
         args = model_args(name)
         slots = 0 if name == "none" else args.mem_banks * args.mem_slots
@@ -376,7 +382,8 @@ def report(results, out, log):
         log(f"{name:8} {slots:5d} {r['params']:7,d} {r['recall'][8]:10.3f} "
             f"{(r['recall'][8] - dense['recall'][8]) * 100:+7.1f}p "
             f"{flops or 0:10,d} {(dense['read_flops'] / flops) if flops else 0:7.1f} {r.get('read_us', 0):10.3f} {r.get('read_us_decode', 0):10.3f} "
-            f"{r.get('routing_precision', float('nan')):7.3f} {r.get('domain_purity', float('nan')):6.3f} {held:12d}")
+            f"{r.get('routing_precision', float('nan')):7.3f} {r.get('domain_purity', float('nan')):6.3f} "
+            f"{r.get('banks_used', float('nan')):10.2f} {held:12d}")
     log("recall by facts per episode F: " + "; ".join(
         f"{name}: " + " ".join(f"{f}:{v:.3f}" for f, v in r["recall"].items()) for name, r in a.items()))
     k8, k32 = a["K8 m1"], a["K32 m1"]
