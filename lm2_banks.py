@@ -21,7 +21,9 @@ which would also scale the output by ~1/K at the start). Reading all banks (m = 
 lm2.py, and one bank (K = 1, m = 1) is exactly lm2.py's memory.
 Departures and limits: the write computes the masked scores of all K S slots against the segment's tokens
 (4 K S d FLOPs per token once per segment, as the dense write) instead of grouping tokens by bank; the
-issue's optional progressive read (add banks while the best attention is below a threshold) is not built.
+issue's optional progressive read (add banks while the best attention is below a threshold) is not built;
+there is no load-balancing loss, and in benchmarks/lm2_banks_sleep.py the router collapsed onto 1-2 banks
+(docs/lm2_banks_results.md): the next thing this needs.
 
 Sleep (`sleep`): freeze the model, add LoRA adapters (finetune.py's `apply_lora`), and train them so that
 the model on a "student" input (the episode with the facts to consolidate removed: the memory never holds
