@@ -1,0 +1,489 @@
+"""
+Test bed of lm2_banks.py (issue 19): (a) memory banks read by relevance against lm2.py's dense bank, and
+(b) a sleep phase that consolidates recurring facts from the memory into LoRA weights. Small models trained
+from scratch on a synthetic recall task whose answers are known; everything runs on a 2-core CPU.
+
+Task (token ids, no tokenizer; one episode = 128 tokens = 4 segments of 32):
+    segments 0-1  F facts "D k v" (domain D of 32, key k of 16, value v of 10; the entity is (D, k)), then filler
+    segment  2    filler
+    segment  3    8 questions "? D k v": the model predicts v at the k position (loss and accuracy only there)
+Facts are fresh in every episode (random entities, random values), so weights cannot hold them. Attention is a
+sliding window of 16 tokens in 2 blocks, so a question sees at most 30 tokens back: a fact stated in
+segment 1 (or 0) is two or more segments before its question and only the memory (carried across segments)
+can bring it. Memory sits in block 1 only: block 0's normed input is the bare token embedding, which knows
+no domain to route by.
+
+Models (dim 64, 2 blocks, 4 heads, memory 4 heads; the same Llama part for all):
+    none       no memory (chance: 0.1)
+    dense      lm2.py's single bank, N = 128 slots (lm2_banks with K=1, m=1, which is lm2.py exactly)
+    K8 m1      8 banks x 16 slots = 128, each token reads its top bank
+    K32 m1     32 banks x 16 slots = 512, top bank (scaling)
+Training episodes have F = 8..16 facts (at least one per question: an entity asked twice could be answered
+by copying the first answer). (a) recall at F = 8, 12, 16, 21 (21: beyond training;
+the largest F with recall >= 0.9 is "F held"), read FLOPs per token (counted) and read time per
+token (timed, one segment of 32 rows, median of repeats), routing precision: the share of questions whose top
+bank is the bank the fact's value token was written to, and domain purity: the share of fact writes that go to
+their domain's most used bank.
+(b) on the trained K8 m1 model: 16 "frequent" entities with fixed values recur across 256 wake episodes (2 per
+episode, with 6 fresh facts). Entities are ranked by lm2_banks.token_access (the read attention their slots
+received), the top 16 are consolidated by lm2_banks.sleep (LoRA rank 8 on the MLP and attention output;
+half the batches consolidate: the student sees the wake episode without the chosen facts, the teacher with
+them and its memory; half replay fresh episodes with memory on); the same with 16 entities chosen at random
+from those seen. Measured: recall of the frequent facts with the memory reset (facts not stated), fresh-episode
+recall with memory on, held-out answer loss, each before and after.
+
+Run:  OMP_NUM_THREADS=1 python benchmarks/lm2_banks_sleep.py --out_dir runs/lm2_banks
+(prints both tables; writes results.json, log lines and lm2_banks_scaling.png into --out_dir)
+"""
+import argparse
+import difflib
+import inspect
+import json
+import math
+import random
+import re
+import statistics
+import sys
+import time
+import typing
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import lm2_banks  # noqa: E402
+from lm2_banks import BankArgs, BankLM2, BankedMemory  # noqa: E402
+
+SEG, N_SEG, WINDOW = 32, 4, 16
+T = SEG * N_SEG
+N_FILL, N_DOM, N_KEY, N_VAL = 4, 32, 16, 10
+QMARK = N_FILL
+DOM0 = QMARK + 1
+KEY0 = DOM0 + N_DOM
+VAL0 = KEY0 + N_KEY
+VOCAB = VAL0 + N_VAL
+FACT_END, Q_START, N_Q = 2 * SEG, 3 * SEG, 8  # facts in segments 0-1, questions fill segment 3
+MAX_F = FACT_END // 3
+ENTITIES = [(d, k) for d in range(N_DOM) for k in range(N_KEY)]
+
+
+def model_args(memory: str) -> BankArgs:
+    banks = {"none": (1, 1, 1), "dense": (1, 128, 1), "K8 m1": (8, 16, 1), "K32 m1": (32, 16, 1)}[memory]
+    return BankArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, intermediate_size=128,
+                    vocab_size=VOCAB, rope_theta=10000.0, max_seq_len=T, bos_token_id=0, eos_token_ids=(0,),
+                    mem_banks=banks[0], mem_slots=banks[1], mem_top=banks[2], mem_heads=4,
+                    mem_layers=() if memory == "none" else (1,), segment_len=SEG, attn_window=WINDOW)
+
+# -----------------------------------------------------------------------------
+# episodes
+
+
+def render(rng, facts: dict, asked: list, hidden=()):
+    """Tokens (T,) and the question positions (N_Q,) (where v is predicted) of an episode; facts {entity: value}
+    are stated in order (those in hidden are not: filler takes their place), asked is the question list."""
+    toks = [rng.randrange(N_FILL) for _ in range(T)]
+    for i, (e, v) in enumerate(facts.items()):
+        if e not in hidden:
+            toks[3 * i:3 * i + 3] = [DOM0 + e[0], KEY0 + e[1], VAL0 + v]
+    pos = []
+    for j, e in enumerate(asked):
+        p = Q_START + 4 * j
+        toks[p:p + 4] = [QMARK, DOM0 + e[0], KEY0 + e[1], VAL0 + facts[e]]
+        pos.append(p + 2)
+    return toks, pos
+
+
+def fresh_facts(rng, n: int, pool=ENTITIES) -> dict:
+    return {e: rng.randrange(N_VAL) for e in rng.sample(pool, n)}
+
+
+def ask(rng, facts, n=N_Q):
+    """n distinct entities of facts: never one twice, whose second answer could be copied from the first
+    through attention (needs len(facts) >= n)."""
+    return rng.sample(list(facts), n)
+
+
+def batch(episodes):
+    """[(tokens, positions)] -> tokens (B, T), positions (B, N_Q), answers (B, N_Q)."""
+    x = torch.tensor([e[0] for e in episodes])
+    pos = torch.tensor([e[1] for e in episodes])
+    return x, pos, x.gather(1, pos + 1) - VAL0
+
+
+def answer_logits(model, x, pos):
+    logits = model(x)  # (B, T, vocab); logits[:, p] predicts token p + 1
+    return logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))[..., VAL0:VAL0 + N_VAL]
+
+
+@torch.no_grad()
+def evaluate(model, episodes, batch_size=64):
+    """Answer accuracy and mean answer cross-entropy over episodes."""
+    right = loss = n = 0
+    for i in range(0, len(episodes), batch_size):
+        x, pos, ans = batch(episodes[i:i + batch_size])
+        lg = answer_logits(model, x, pos)
+        right += int((lg.argmax(-1) == ans).sum())
+        loss += float(F.cross_entropy(lg.flatten(0, 1), ans.flatten(), reduction="sum"))
+        n += ans.numel()
+    return right / n, loss / n
+
+# -----------------------------------------------------------------------------
+# (a) training and measurements
+
+
+def train(memory: str, steps: int, batch_size: int, lr: float, seed: int, log):
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model = BankLM2(model_args(memory))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup = 20
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
+    t0, recent = time.time(), []
+    for step in range(steps):
+        eps = []
+        for _ in range(batch_size):
+            facts = fresh_facts(rng, rng.randint(N_Q, 16))  # F = 21 in the evaluation is beyond training
+            eps.append(render(rng, facts, ask(rng, facts)))
+        x, pos, ans = batch(eps)
+        loss = F.cross_entropy(answer_logits(model, x, pos).flatten(0, 1), ans.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        recent.append(loss.item())
+        if (step + 1) % max(1, steps // 10) == 0:
+            log(f"  {memory} step {step + 1}/{steps} loss {statistics.mean(recent):.3f} "
+                f"({(time.time() - t0) / (step + 1):.2f} s/step)")
+            recent = []
+    return model.eval(), (time.time() - t0) / 60
+
+
+def test_episodes(rng, n_facts: int, n: int, pool=ENTITIES):
+    out = []
+    for _ in range(n):
+        facts = fresh_facts(rng, n_facts, pool)
+        out.append(render(rng, facts, ask(rng, facts)) + (facts,))
+    return out
+
+
+@torch.no_grad()
+def routing(model, episodes):
+    """Routing precision (question's top bank == the bank its fact's value token was written to), domain
+    purity (share of fact writes in their domain's most used bank) and the banks used: exp(entropy) of the
+    share of fact writes per bank (K if spread evenly, 1 if every fact goes to one bank: then precision and
+    purity are 1 and say nothing), from the memory block's routing scores."""
+    x, pos, _ = batch(episodes)
+    _, traced = lm2_banks.trace_memory(model, x)
+    (mem, segs), = traced
+    h = torch.cat([h for h, _ in segs], dim=1)  # (B, T, d)
+    top = mem.bank_scores(mem.q_proj(h)).argmax(-1)  # (B, T)
+    hits = total = 0
+    by_domain = {}
+    for b, (toks, qpos, facts) in enumerate(episodes):
+        where = {e: 3 * i + 2 for i, e in enumerate(facts)}  # value token of each fact
+        for e, p in where.items():
+            by_domain.setdefault(e[0], []).append(int(top[b, p]))
+        for p in qpos:
+            e = (toks[p - 1] - DOM0, toks[p] - KEY0)
+            hits += int(top[b, p] == top[b, where[e]])
+            total += 1
+    writes = sum(by_domain.values(), [])
+    pure = sum(max(map(banks.count, set(banks))) for banks in by_domain.values())
+    share = torch.bincount(torch.tensor(writes), minlength=mem.n_banks).float() / len(writes)
+    used = math.exp(-float((share * share.clamp_min(1e-12).log()).sum()))
+    return hits / total, pure / len(writes), used
+
+
+def time_read(args: BankArgs, rows: int, repeats: int) -> float:
+    """Seconds per token of one block's memory read (BankedMemory.read, projections included) for 32 sequences
+    of `rows` tokens each against filled banks (rows = 32: a segment, as in training and prefill; rows = 1:
+    one decoding step); median of repeats."""
+    torch.manual_seed(0)
+    mem = BankedMemory(args)
+    h = torch.randn(32, rows, args.dim)
+    with torch.no_grad():
+        state = mem.state(torch.randn(32, args.mem_banks * args.mem_slots, args.dim))
+        for _ in range(3):
+            mem.read(h, state)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            mem.read(h, state)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) / h.shape[0] / h.shape[1]
+
+# -----------------------------------------------------------------------------
+# (b) sleep
+
+
+def wake_world(seed: int, n_frequent=16, n_wake=256, per_episode=2, n_facts=8):
+    """The frequent entities with their fixed values, and wake episodes (facts dicts, question lists)."""
+    rng = random.Random(seed)
+    frequent = {e: rng.randrange(N_VAL) for e in rng.sample(ENTITIES, n_frequent)}
+    others = [e for e in ENTITIES if e not in frequent]
+    wake = []
+    for _ in range(n_wake):
+        facts = {e: frequent[e] for e in rng.sample(list(frequent), per_episode)}
+        facts.update(fresh_facts(rng, n_facts - per_episode, others))
+        facts = dict(rng.sample(list(facts.items()), len(facts)))  # frequent facts anywhere in the list
+        wake.append((facts, ask(rng, facts)))
+    return frequent, others, wake
+
+
+@torch.no_grad()
+def rank_by_access(model, wake, seed: int):
+    """Summed token_access at the three tokens of each stated fact, over all wake episodes."""
+    rng = random.Random(seed)
+    mass = {}
+    for i in range(0, len(wake), 64):
+        chunk = wake[i:i + 64]
+        x = torch.tensor([render(rng, f, q)[0] for f, q in chunk])
+        acc = lm2_banks.token_access(model, x)
+        for b, (facts, _) in enumerate(chunk):
+            for j, e in enumerate(facts):
+                mass[e] = mass.get(e, 0.0) + float(acc[b, 3 * j:3 * j + 3].sum())
+    return sorted(mass, key=mass.get, reverse=True)
+
+
+def sleep_batches(chosen, wake, others, seed: int, batch_size: int):
+    """Alternating (student, teacher, positions): consolidation (a wake episode with chosen facts, asked about
+    them; the student's copy omits them) and replay (a fresh episode, memory on for both)."""
+    rng = random.Random(seed)
+    with_chosen = [(f, [e for e in f if e in chosen]) for f, _ in wake if any(e in chosen for e in f)]
+    step = 0
+    while True:
+        rows_s, rows_t, masks = [], [], []
+        for _ in range(batch_size):
+            if step % 2 == 0:
+                facts, mine = rng.choice(with_chosen)
+                asked = mine + [e for e in ask(rng, facts) if e not in mine]  # chosen facts first, all distinct
+                seed_tok = rng.random()
+                teacher, pos = render(random.Random(seed_tok), facts, asked)
+                student, _ = render(random.Random(seed_tok), facts, asked, hidden=set(mine))
+                keep = [p for p, e in zip(pos, asked) if e in chosen]
+            else:
+                facts = fresh_facts(rng, 8, others)
+                teacher, pos = render(rng, facts, ask(rng, facts))
+                student, keep = teacher, pos
+            m = torch.zeros(T, dtype=torch.bool)
+            m[keep] = True
+            rows_s.append(student)
+            rows_t.append(teacher)
+            masks.append(m)
+        step += 1
+        yield torch.tensor(rows_s), torch.tensor(rows_t), torch.stack(masks)
+
+
+def sleep_eval(model, frequent, others, seed: int, n=256):
+    """recall of the frequent facts with memory reset (not stated; 4 questions each among 4 fresh ones),
+    fresh-episode recall (memory on) and held-out answer loss."""
+    rng = random.Random(seed)
+    reset = []
+    for _ in range(n):
+        facts = fresh_facts(rng, 8, others)
+        asked_f = rng.sample(list(frequent), 4)
+        toks, pos = render(rng, {**facts, **frequent}, asked_f + rng.sample(list(facts), 4), hidden=set(frequent))
+        reset.append((toks, pos[:4]))
+    consolidated, _ = evaluate(model, reset)
+    fresh_acc, fresh_loss = evaluate(model, [e[:2] for e in test_episodes(rng, 8, n, others)])
+    return consolidated, fresh_acc, fresh_loss
+
+# -----------------------------------------------------------------------------
+# the run
+
+
+def main(out_dir: str = "runs/lm2_banks", steps: int = 600, batch_size: int = 32, lr: float = 3e-3,
+         sleep_steps: int = 200, n_eval: int = 256, repeats: int = 50, seed: int = 1337):
+    """Train the four models, measure (a) and (b), print both tables, write results.json and the plot.
+    out_dir: folder for results.json, log.txt and lm2_banks_scaling.png (created; nothing else is written)
+    steps: training steps of every model (batches of batch_size episodes)
+    sleep_steps: steps of each sleep phase (half consolidation, half replay batches)
+    n_eval: held-out episodes per measurement (8 answers each)
+    repeats: timed repeats of one read
+    seed: seed of the weights, the data and the choices"""
+    if steps < 10 or sleep_steps < 10 or n_eval < 8:
+        raise SystemExit("error: need --steps >= 10, --sleep_steps >= 10 and --n_eval >= 8")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    logf = open(out / "log.txt", "a")
+
+    def log(line):
+        print(line, flush=True)
+        logf.write(line + "\n")
+        logf.flush()
+
+    results = {"config": dict(steps=steps, batch_size=batch_size, lr=lr, sleep_steps=sleep_steps, n_eval=n_eval,
+                              seed=seed), "a": {}, "b": {}}
+
+    def save():  # incrementally: a run cut short keeps what it measured (a new file, then a rename)
+        (out / "results.json.tmp").write_text(json.dumps(results, indent=1))
+        (out / "results.json.tmp").replace(out / "results.json")
+
+    f_grid = [8, 12, 16, MAX_F]
+    models = {}
+    for name in ("none", "dense", "K8 m1", "K32 m1"):
+        model, minutes = train(name, steps, batch_size, lr, seed, log)
+        models[name] = model
+        args = model_args(name)
+        r = {"train_min": minutes, "params": sum(p.numel() for p in model.parameters()), "recall": {}}
+        for nf in f_grid:
+            acc, loss = evaluate(model, [e[:2] for e in test_episodes(random.Random(seed + nf), nf, n_eval)])
+            r["recall"][nf] = acc
+            r.setdefault("loss", {})[nf] = loss
+        if name != "none":
+            r["read_flops"] = lm2_banks.read_flops_per_token(args)
+            r["read_us"] = time_read(args, SEG, repeats) * 1e6
+            r["read_us_decode"] = time_read(args, 1, repeats) * 1e6
+        if args.mem_top < args.mem_banks:
+            r["routing_precision"], r["domain_purity"], r["banks_used"] = routing(model, test_episodes(random.Random(seed), 8, n_eval))
+        results["a"][name] = r
+        log(f"{name}: " + json.dumps(r))
+        save()
+
+    # (b) sleep on the K8 m1 model
+    base = models["K8 m1"]
+    frequent, others, wake = wake_world(seed)
+    ranked = rank_by_access(base, wake, seed)
+    picks = {"frequency": ranked[:len(frequent)],
+             "random": random.Random(seed + 1).sample(sorted(ranked), len(frequent))}
+    before = sleep_eval(base, frequent, others, seed + 7, n_eval)
+    results["b"]["before"] = dict(zip(("consolidated", "fresh_recall", "heldout_loss"), before))
+    log(f"sleep before: {results['b']['before']}")
+    for how, chosen in picks.items():
+        model = BankLM2(model_args("K8 m1"))
+        model.load_state_dict(base.state_dict())
+        t0 = time.time()
+        first, last = lm2_banks.sleep(model, sleep_batches(set(chosen), wake, others, seed, batch_size), sleep_steps)
+        after = sleep_eval(model.eval(), frequent, others, seed + 7, n_eval)
+        results["b"][how] = dict(zip(("consolidated", "fresh_recall", "heldout_loss"), after),
+                                 overlap=len(set(chosen) & set(frequent)), kl_first=first, kl_last=last,
+                                 sleep_min=(time.time() - t0) / 60)
+        log(f"sleep {how}: {results['b'][how]}")
+        save()
+    report(results, out, log)
+
+
+def report(results, out, log):
+    a, b = results["a"], results["b"]
+    dense = a["dense"]
+    log(f"\n(a) memory banks ({results['config']['steps']} steps x {results['config']['batch_size']} episodes each;"
+        f" recall = answer accuracy on {results['config']['n_eval']} held-out episodes x 8 questions)")
+    log(f"{'memory':8} {'slots':>5} {'params':>7} {'recall F=8':>10} {'vs dense':>8} {'read FLOPs':>10} "
+        f"{'x fewer':>7} {'us/tok seg':>10} {'us/tok dec':>10} {'routing':>7} {'domain':>6} {'banks used':>10} "
+        f"{'F held >=0.9':>12}")
+    for name, r in a.items():
+        args = model_args(name)
+        slots = 0 if name == "none" else args.mem_banks * args.mem_slots
+        held = max([int(f) for f, v in r["recall"].items() if v >= 0.9], default=0)
+        flops = r.get("read_flops")
+        log(f"{name:8} {slots:5d} {r['params']:7,d} {r['recall'][8]:10.3f} "
+            f"{(r['recall'][8] - dense['recall'][8]) * 100:+7.1f}p "
+            f"{flops or 0:10,d} {(dense['read_flops'] / flops) if flops else 0:7.1f} {r.get('read_us', 0):10.3f} {r.get('read_us_decode', 0):10.3f} "
+            f"{r.get('routing_precision', float('nan')):7.3f} {r.get('domain_purity', float('nan')):6.3f} "
+            f"{r.get('banks_used', float('nan')):10.2f} {held:12d}")
+    log("recall by facts per episode F: " + "; ".join(
+        f"{name}: " + " ".join(f"{f}:{v:.3f}" for f, v in r["recall"].items()) for name, r in a.items()))
+    k8, k32 = a["K8 m1"], a["K32 m1"]
+    log(f"K8 -> K32 at m=1: read time x{k32['read_us'] / k8['read_us']:.2f} (segment), "
+        f"x{k32['read_us_decode'] / k8['read_us_decode']:.2f} (decode), read FLOPs "
+        f"x{k32['read_flops'] / k8['read_flops']:.2f}")
+    log(f"\n(b) sleep on K8 m1 ({results['config']['sleep_steps']} steps, LoRA rank 8): "
+        f"16 frequent entities, 256 wake episodes")
+    log(f"{'':16} {'frequent recall, memory reset':>29} {'fresh recall, memory on':>23} {'held-out loss':>13} "
+        f"{'chosen = frequent':>17}")
+    log(f"{'before':16} {b['before']['consolidated']:29.3f} {b['before']['fresh_recall']:23.3f} "
+        f"{b['before']['heldout_loss']:13.4f} {'':>17}")
+    for how in ("frequency", "random"):
+        if how in b:
+            r = b[how]
+            log(f"{'after ' + how:16} {r['consolidated']:29.3f} {r['fresh_recall']:23.3f} "
+                f"{r['heldout_loss']:13.4f} {r['overlap']:14d}/16")
+    plot(results, out)
+
+
+def plot(results, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    a = results["a"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, r in a.items():
+        ax1.plot([int(f) for f in r["recall"]], list(r["recall"].values()), marker="o", label=name)
+    ax1.axhline(0.9, color="gray", ls="--", lw=0.8)
+    ax1.set(xlabel="facts per episode F", ylabel="recall (answer accuracy)", title="recall vs memory load", ylim=(0, 1))
+    ax1.legend()
+    names = [n for n in a if n != "none"]
+    xs = range(len(names))
+    ax2.bar([i - 0.2 for i in xs], [a[n]["read_us"] for n in names], 0.4, label="segment of 32 rows")
+    ax2.bar([i + 0.2 for i in xs], [a[n]["read_us_decode"] for n in names], 0.4, label="decode step (1 row)")
+    ax2.set_xticks(list(xs), names)
+    ax2.legend(loc="upper left")
+    ax2.set(ylabel="read time per token (us)", title="memory read cost per token")
+    twin = ax2.twinx()
+    twin.plot(names, [a[n]["read_flops"] for n in names], color="tab:red", marker="s", label="FLOPs (counted)")
+    twin.set_ylabel("read FLOPs per token", color="tab:red")
+    fig.tight_layout()
+    fig.savefig(out / "lm2_banks_scaling.png", dpi=110)
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+# Same as smollm2.py: FlagParser
+class FlagParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise SystemExit(f"error: {message} (see --help)")
+
+
+# Same as smollm2.py: cli
+def cli(fn, argv=None):
+    """Call fn with flags parsed from the command line: one --name per parameter of fn, typed by its annotation,
+    its help the `name: text` line of fn's docstring; a *args parameter takes the positional words.
+
+    Values arrive exactly as typed: no eval, so --prompt "yes, please" or --prompt 0x10 is that string (python-fire,
+    used before, turned them into a tuple and 16). A typo gets "did you mean".
+    """
+    doc = inspect.getdoc(fn) or ""
+    helps = dict(re.findall(r"^ *(\w+): (.+)$", doc, re.M))
+    hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
+    parser = FlagParser(description=doc.split("\n\n")[0], allow_abbrev=False)
+    for name, p in inspect.signature(fn).parameters.items():
+        kind = [t for t in typing.get_args(hints.get(name)) if t is not type(None)] or [hints.get(name, str)]
+        kind = typing.get_origin(kind[0]) or kind[0]  # int | None -> int; list[str] -> list
+        if p.kind is p.VAR_POSITIONAL:
+            parser.add_argument(name, nargs="*", type=utf8, help=helps.get(name, ""))
+            continue
+        extra = dict(type=utf8, nargs="+", metavar="STR") if kind is list else \
+            dict(type=parse_bool, nargs="?", const=True, metavar="BOOL") if kind is bool else \
+            dict(type=utf8 if kind is str else kind, metavar=kind.__name__.upper())
+        text = f"{helps.get(name, '')} (default: {p.default!r})".replace("%", "%%")  # argparse formats help with %
+        parser.add_argument(f"--{name}", default=p.default, help=text, **extra)
+    flags, unknown = parser.parse_known_args(argv)
+    if unknown:
+        known = [f"--{name}" for name in vars(flags)]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1)
+        what = "unknown flag" if unknown[0].startswith("-") else "unexpected argument"
+        parser.error(f"{what} {unknown[0]}" + (f"; did you mean {close[0]}?" if close else ""))
+    positional = [vars(flags).pop(n) for n, p in inspect.signature(fn).parameters.items()
+                  if p.kind is p.VAR_POSITIONAL]
+    return fn(*sum(positional, []), **vars(flags))
+
+
+# Same as smollm2.py: parse_bool
+def parse_bool(s: str) -> bool:
+    if s.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    return s.lower() in ("true", "1", "yes")
+
+
+# Same as smollm2.py: utf8
+def utf8(s: str) -> str:
+    s.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates (PEP 383): refused here, one line
+    return s
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,220 @@
+"""
+LM2 extended: memory banks that a token activates by relevance, and a sleep phase that moves what the memory
+holds into the weights (LoRA). Built on lm2.py, whose single dense bank per block stays the paper-faithful
+default; this file subclasses its `Memory` and model and changes nothing there.
+
+The two ideas come from the LM2 fork this collection descends from (hierarchical / multiple memory modules,
+and a sleep phase beside short-term memory (the context) and long-term memory (the weights)); issue 19
+specifies them and benchmarks/lm2_banks_sleep.py measures them.
+
+Banks (`BankedMemory`): the block's N = K * S slots are K banks of S slots. Each bank has a learned key
+b_k (d). A token's memory query q_t = h_t W_Q scores the banks, r[t, k] = q_t . b_k / sqrt(d), and
+- reads only the slots of its top-m banks (the paper's read restricted to m * S slots, one softmax over them),
+  so a read costs 4 m S d + 2 K d FLOPs instead of 4 K S d (scores and weighted sum, plus routing);
+- is written, at the end of the segment, only into its top bank: slot i of bank k attends over the tokens
+  routed to k (the slot-indexed write of lm2.py with a mask). A bank no token was routed to keeps its state,
+  so it does not decay while other banks are written.
+Routing is a hard top-m, so the read's output is multiplied by p / stopgrad(p) (p the softmax of r over the
+banks, summed over the chosen ones): its value is exactly 1, its gradient d log p moves the bank keys
+towards banks whose read lowered the loss (a straight-through gate; Switch Transformer multiplies by p itself,
+which would also scale the output by ~1/K at the start). Reading all banks (m = K) is the dense read of
+lm2.py, and one bank (K = 1, m = 1) is exactly lm2.py's memory.
+Departures and limits: the write computes the masked scores of all K S slots against the segment's tokens
+(4 K S d FLOPs per token once per segment, as the dense write) instead of grouping tokens by bank; the
+issue's optional progressive read (add banks while the best attention is below a threshold) is not built;
+there is no load-balancing loss, and in benchmarks/lm2_banks_sleep.py the router collapsed onto 1-2 banks
+(docs/lm2_banks_results.md): the next thing this needs.
+
+Sleep (`sleep`): freeze the model, add LoRA adapters (finetune.py's `apply_lora`), and train them so that
+the model on a "student" input (the episode with the facts to consolidate removed: the memory never holds
+them) reproduces, at the given positions, what a frozen copy of the model answered on the full episode
+with its memory (KL divergence on the output distributions). The caller interleaves replay batches (student
+input = teacher input, memory on), so that what the memory does on ordinary episodes is kept.
+What to consolidate is chosen by `token_access`: how much read attention the slots a token wrote to
+received later in the sequence (the read and write share one score, so a slot's content is attributed to
+the tokens of the segment by the write's softmax; the later rewrites of a slot are ignored).
+
+Run: python benchmarks/lm2_banks_sleep.py  (trains small models from scratch; prints both tables)
+"""
+import copy
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from finetune import apply_lora
+from lm2 import Memory, ModelArgs
+from lm2 import Transformer as LM2Model  # the one place that names lm2.py's model class
+
+
+@dataclass
+class BankArgs(ModelArgs):
+    """lm2.ModelArgs plus banks; mem_slots is the number of slots per bank (S), so a block has K * S."""
+    mem_banks: int = 1                  # K banks per memory block
+    mem_top: int = 1                    # m: a token reads its m most relevant banks (m = K: the dense read)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 1 <= self.mem_top <= self.mem_banks:
+            raise ValueError(f"need 1 <= mem_top <= mem_banks, got mem_top={self.mem_top}, mem_banks={self.mem_banks}")
+
+
+def read_flops_per_token(args: BankArgs) -> int:
+    """Multiply-adds x 2 of one token's memory read in one block, past the projections every variant shares
+    (W_Q on the token, the output gate): scores and weighted sum over the slots read, plus routing."""
+    slots = args.mem_top * args.mem_slots
+    routing = 2 * args.mem_banks * args.dim if args.mem_top < args.mem_banks else 0
+    return 4 * slots * args.dim + routing
+
+
+class BankedMemory(Memory):
+    """lm2.Memory whose K * S slots form K banks; a token reads its top-m banks and writes to its top bank."""
+    def __init__(self, args: BankArgs):
+        super().__init__(replace(args, mem_slots=args.mem_banks * args.mem_slots))
+        self.n_banks, self.bank_slots, self.top = args.mem_banks, args.mem_slots, args.mem_top
+        self.bank_keys = nn.Parameter(torch.empty(args.mem_banks, args.dim))
+        # unit-scale keys: distinct tokens spread over the banks from the start (0.02 would leave p ~ 1/K flat)
+        nn.init.normal_(self.bank_keys)
+
+    def bank_scores(self, q):
+        """Routing scores r (B, T, K) of memory queries q = h W_Q (B, T, d)."""
+        return q @ self.bank_keys.t() / math.sqrt(q.shape[-1])
+
+    def state(self, bank):
+        bank, k, v = super().state(bank)
+        if self.top == self.n_banks:
+            return bank, k, v
+        # subtle: _heads gives transposed views; a routed read would copy the whole bank (all K banks) to
+        # gather from them, on every read. Made contiguous here, once per write, the gather touches m*S slots.
+        return bank, k.contiguous(), v.contiguous()
+
+    def _gather(self, x, top):
+        """Slots of the chosen banks per token: x (B, heads, K*S, hd), top (B, T, m) -> (B, heads, T, m*S, hd).
+        A gather, so the other banks are neither touched nor given a gradient."""
+        B, H, _, hd = x.shape
+        T, m = top.shape[1:]
+        banks = x.view(B, H, self.n_banks, self.bank_slots * hd)  # a view: x is contiguous (see state)
+        idx = top.reshape(B, 1, T * m, 1).expand(B, H, T * m, self.bank_slots * hd)
+        return banks.gather(2, idx).view(B, H, T, m * self.bank_slots, hd)
+
+    def read(self, h, state, fresh=None):
+        if self.top == self.n_banks:  # every bank is read: lm2.py's dense read, no routing
+            return super().read(h, state, fresh)
+        qd = self.q_proj(h)
+        p_top, top = self.bank_scores(qd).softmax(-1).topk(self.top, dim=-1)  # (B, T, m)
+        q = self._heads(qd).unsqueeze(3)  # (B, heads, T, 1, hd): one query row per token, its own slots
+
+        def attend(k, v):
+            e = F.scaled_dot_product_attention(q, self._gather(k, top), self._gather(v, top)).squeeze(3)
+            e = self._merge(e)  # (B, T, d), softmax over the m*S slots read
+            return torch.sigmoid(self.out_gate(e)) * e
+
+        out = attend(*state[1:])
+        if fresh is not None:
+            out = torch.where(fresh[..., None], attend(*self.initial_state(h.shape[0])[1:]), out)
+        gate = (p_top / p_top.detach()).mean(-1, keepdim=True)  # value exactly 1, gradient to the bank keys
+        return out * gate
+
+    def write(self, h, state, token_mask=None, fresh=None):
+        if self.n_banks == 1:  # every token's top bank is the only one: lm2.py's write
+            return super().write(h, state, token_mask, fresh)
+        if fresh is not None:
+            state = [torch.where(fresh.view(-1, *[1] * (t.dim() - 1)), t0, t)
+                     for t0, t in zip(self.initial_state(h.shape[0]), state)]
+        mem, k = state[0], state[1]
+        qd = self.q_proj(h)
+        slot_bank = torch.arange(mem.shape[1], device=h.device) // self.bank_slots  # (N,)
+        allowed = self.bank_scores(qd).argmax(-1)[:, None, :] == slot_bank[None, :, None]  # (B, N, T)
+        if token_mask is not None:
+            allowed = allowed & token_mask[:, None, :]
+        # subtle: a finite bias, not -inf: a bank no token chose has rows with every token masked, whose
+        # softmax would be NaN (and its gradient too, even where torch.where drops the row below)
+        bias = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill(~allowed, -1e9)
+        e = self._merge(F.scaled_dot_product_attention(k, self._heads(qd), self._heads(h), attn_mask=bias[:, None]))
+        new = torch.sigmoid(self.in_gate(e)) * torch.tanh(e) + torch.sigmoid(self.forget_gate(e)) * mem
+        return self.state(torch.where(allowed.any(-1, keepdim=True), new, mem))
+
+    @torch.no_grad()
+    def slot_weights(self, h, state):
+        """For analysis: (read, write), head-averaged. read (B, T, N): each token's attention over the slots
+        (zero outside its banks); write (B, N, T): each token's share of each slot's write."""
+        qd = self.q_proj(h)
+        s = self._heads(qd) @ state[1].transpose(-1, -2) / math.sqrt(state[1].shape[-1])  # (B, heads, T, N)
+        r = self.bank_scores(qd)
+        slot_bank = torch.arange(s.shape[-1], device=h.device) // self.bank_slots
+        read_ok = (r.topk(self.top, dim=-1).indices[..., None] == slot_bank).any(-2)  # (B, T, N)
+        write_ok = r.argmax(-1)[..., None] == slot_bank
+        read = s.masked_fill(~read_ok[:, None], -torch.inf).softmax(-1).mean(1)
+        write = s.masked_fill(~write_ok[:, None], -torch.inf).softmax(-2).nan_to_num(0.0).mean(1)
+        return read, write.transpose(1, 2)
+
+
+class BankLM2(LM2Model):
+    """lm2.py's model with a BankedMemory in every memory block (K = 1, m = 1: exactly lm2.py's)."""
+    def __init__(self, args: BankArgs):
+        super().__init__(args)
+        for layer in self.model.layers:
+            if layer.memory is not None:
+                layer.memory = BankedMemory(args)
+
+
+def trace_memory(model, tokens):
+    """Run the model on tokens (B, T) and return its logits and, per memory block, the (h, state) of every
+    segment's read, in order: the block's normed inputs and the memory state the segment read."""
+    reads = {}
+    mems = [l.memory for l in model.model.layers if l.memory is not None]
+    for i, mem in enumerate(mems):
+        def spy(h, state, fresh=None, _i=i, _read=mem.read):
+            reads.setdefault(_i, []).append((h.detach(), tuple(t.detach() for t in state)))
+            return _read(h, state, fresh)
+        mem.read = spy  # instance attribute: shadows the method for this run only
+    try:
+        with torch.no_grad():
+            logits = model(tokens)
+    finally:
+        for mem in mems:
+            del mem.read
+    return logits, [(mem, reads[i]) for i, mem in enumerate(mems)]
+
+
+def token_access(model, tokens):
+    """(B, T): for every token, the read attention that the slots it wrote to received from the tokens of
+    all later segments, summed over memory blocks (a slot's content is shared among its writers by the write
+    softmax; later rewrites of the slot are not followed)."""
+    _, traced = trace_memory(model, tokens)
+    S = model.args.segment_len
+    access = torch.zeros(tokens.shape, dtype=torch.float)
+    for mem, segs in traced:
+        weights = [mem.slot_weights(h, state) for h, state in segs]
+        for s, (_, write) in enumerate(weights[:-1]):  # the last segment is never written
+            later = torch.cat([read for read, _ in weights[s + 1:]], dim=1).sum(1)  # (B, N) attention received
+            access[:, s * S:s * S + write.shape[2]] += torch.einsum("bn,bnt->bt", later, write).float()
+    return access
+
+
+def sleep(model, batches, steps: int, rank: int = 8, alpha: float = 16.0, lr: float = 3e-3,
+          targets=("gate_proj", "up_proj", "down_proj", "o_proj")):
+    """Consolidate into LoRA adapters: freeze the model, add adapters to the linears named in targets (the
+    defaults exclude the memory's own q/k/v projections), and train them for `steps` batches so that the model
+    on the student tokens matches a frozen copy of itself on the teacher tokens at the positions given:
+    KL(teacher || student) over the output distribution. batches yields (student, teacher, positions):
+    token tensors (B, T) and a bool mask (B, T). Returns the mean loss of the first and last 10 steps."""
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    apply_lora(model, rank, alpha, 0.0, list(targets))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        student, teacher_in, pos = next(batches)
+        with torch.no_grad():
+            target = teacher(teacher_in)[pos].log_softmax(-1)
+        loss = F.kl_div(model(student)[pos].log_softmax(-1), target, log_target=True, reduction="batchmean")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return sum(losses[:10]) / len(losses[:10]), sum(losses[-10:]) / len(losses[-10:])

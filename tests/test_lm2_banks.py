@@ -1,0 +1,137 @@
+"""lm2_banks.py: one bank is lm2.py's memory; routed reads touch only the chosen banks; sleep trains only LoRA."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lm2  # noqa: E402
+import lm2_banks  # noqa: E402
+from lm2_banks import BankArgs, BankLM2, BankedMemory  # noqa: E402
+
+
+def tiny(**kw) -> BankArgs:
+    return BankArgs(**{**dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, intermediate_size=64,
+                              vocab_size=50, max_seq_len=64, mem_slots=4, mem_heads=4, segment_len=8,
+                              attn_window=6), **kw})
+
+
+def trained_like(model):
+    """Random weights everywhere (fresh memory has W_V = 0, which would make any read output zero)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def test_one_bank_equals_dense_memory():
+    args = tiny(mem_banks=1, mem_top=1)
+    bank = trained_like(BankLM2(args)).eval()
+    dense_args = lm2.ModelArgs(**{f: getattr(args, f) for f in lm2.ModelArgs.__dataclass_fields__})
+    dense = lm2.Transformer(dense_args).eval()
+    state = {k: v for k, v in bank.state_dict().items() if not k.endswith("bank_keys")}
+    dense.load_state_dict(state, strict=True)
+    tokens = torch.randint(0, 50, (3, 40))
+    assert torch.equal(bank(tokens), dense(tokens))
+
+
+def routed_setup(K=4, S=3, m=1, T=5):
+    args = tiny(mem_banks=K, mem_slots=S, mem_top=m)
+    torch.manual_seed(0)
+    mem = trained_like(BankedMemory(args))
+    bank0 = torch.randn(2, K * S, 32, requires_grad=True)
+    h = torch.randn(2, T, 32)
+    return mem, h, bank0
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_routed_read_touches_only_chosen_banks(m, monkeypatch):
+    K, S, T = 6, 3, 2  # two tokens reach at most 2 m < K banks of a row
+    mem, h, bank0 = routed_setup(K, S, m, T)
+    chosen = mem.bank_scores(mem.q_proj(h)).topk(m, dim=-1).indices  # (B, T, m)
+    seen = []
+    real = lm2_banks.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((k.shape, k.detach().clone()))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(lm2_banks.F, "scaled_dot_product_attention", spy)
+    out = mem.read(h, mem.state(bank0))
+    # compute: the attention's keys are m*S slots per token, not K*S, and they are the chosen banks' keys
+    (shape, keys), = seen
+    assert shape == (2, 4, T, m * S, 8)
+    _, k_all, _ = mem.state(bank0)
+    for b in range(2):
+        for t in range(T):
+            want = torch.cat([k_all[b, :, j * S:(j + 1) * S] for j in chosen[b, t].tolist()], dim=1)
+            assert torch.equal(keys[b, :, t], want)
+    # gradient: only the chosen banks' slots receive one (per row: each row has its own bank state)
+    out.square().sum().backward()
+    for b in range(2):
+        used = set(chosen[b].flatten().tolist())
+        assert len(used) < K
+        for j in range(K):
+            assert (bank0.grad[b, j * S:(j + 1) * S].abs().sum() > 0) == (j in used), (b, j)
+
+
+def test_routed_read_equals_masked_dense_read():
+    mem, h, bank0 = routed_setup(4, 3, 2)
+    state = mem.state(bank0)
+    read, _ = mem.slot_weights(h, state)  # nonzero exactly on the chosen banks' slots
+    qd = mem.q_proj(h)
+    s = mem._heads(qd) @ state[1].transpose(-1, -2) / 8 ** 0.5
+    mask = read > 0
+    p = s.masked_fill(~mask[:, None], -torch.inf).softmax(-1)
+    e = mem._merge(p @ state[2])
+    ref = torch.sigmoid(mem.out_gate(e)) * e
+    torch.testing.assert_close(mem.read(h, state), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_write_goes_to_top_bank_only():
+    mem, h, bank0 = routed_setup(4, 3, 1)
+    new = mem.write(h, mem.state(bank0))[0]
+    top = mem.bank_scores(mem.q_proj(h)).argmax(-1)  # (B, T)
+    for b in range(2):
+        for j in range(4):
+            same = torch.equal(new[b, j * 3:(j + 1) * 3], bank0[b, j * 3:(j + 1) * 3])
+            assert same == (j not in top[b].tolist()), (b, j)
+
+
+def test_all_banks_read_is_dense_read():
+    mem, h, bank0 = routed_setup(4, 3, 4)
+    state = mem.state(bank0)
+    assert torch.equal(mem.read(h, state), lm2.Memory.read(mem, h, state))
+
+
+def test_sleep_changes_only_lora():
+    model = trained_like(BankLM2(tiny(mem_banks=2, mem_slots=2, mem_top=1)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = torch.randint(0, 50, (2, 24))
+    pos = torch.zeros(2, 24, dtype=torch.bool)
+    pos[:, -4:] = True
+    student = tokens.clone()
+    student[:, :8] = 0
+    lm2_banks.sleep(model, iter([(student, tokens, pos)] * 3), steps=3, rank=2)
+    after = model.state_dict()
+    lora = [k for k in after if ".lora_" in k]
+    assert lora and all(".memory." not in k for k in lora)
+    assert set(after) - set(lora) == set(before)
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    assert any(not torch.equal(after[k], torch.zeros_like(after[k])) for k in lora if k.endswith("lora_B"))
+
+
+def test_token_access_shape_and_segments():
+    model = trained_like(BankLM2(tiny(mem_banks=2, mem_slots=2, mem_top=1))).eval()
+    tokens = torch.randint(0, 50, (2, 24))
+    access = lm2_banks.token_access(model, tokens)
+    assert access.shape == (2, 24)
+    assert (access[:, :16] > 0).any() and (access[:, 16:] == 0).all()  # the last segment is never read back
+
+
+def test_bad_top_is_one_line_error():
+    with pytest.raises(ValueError, match="mem_top"):
+        BankArgs(mem_banks=2, mem_top=3)
