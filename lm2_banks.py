@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from finetune import apply_lora
 from lm2 import Memory, ModelArgs
-from lm2 import Transformer as LM2Model  # the one place that names lm2.py's model class
+from lm2 import LM2 as LM2Model  # the one place that names lm2.py's model class
 
 
 @dataclass

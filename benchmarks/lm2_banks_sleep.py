@@ -44,6 +44,7 @@ import random
 import re
 import statistics
 import sys
+import textwrap
 import time
 import typing
 from pathlib import Path
@@ -71,7 +72,7 @@ ENTITIES = [(d, k) for d in range(N_DOM) for k in range(N_KEY)]
 
 def model_args(memory: str) -> BankArgs:
     banks = {"none": (1, 1, 1), "dense": (1, 128, 1), "K8 m1": (8, 16, 1), "K32 m1": (32, 16, 1)}[memory]
-    return BankArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, intermediate_size=128,
+    return BankArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, hidden_dim=128,
                     vocab_size=VOCAB, rope_theta=10000.0, max_seq_len=T, bos_token_id=0, eos_token_ids=(0,),
                     mem_banks=banks[0], mem_slots=banks[1], mem_top=banks[2], mem_heads=4,
                     mem_layers=() if memory == "none" else (1,), segment_len=SEG, attn_window=WINDOW)
@@ -438,8 +439,14 @@ class FlagParser(argparse.ArgumentParser):
         raise SystemExit(f"error: {message} (see --help)")
 
 
+# Same as smollm2.py: HelpFormatter
+class HelpFormatter(argparse.HelpFormatter):
+    def _split_lines(self, text, width):  # wrap at spaces only: a long default is never cut mid-word
+        return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
+
+
 # Same as smollm2.py: cli
-def cli(fn, argv=None):
+def cli(fn, argv=None, prog=None):
     """Call fn with flags parsed from the command line: one --name per parameter of fn, typed by its annotation,
     its help the `name: text` line of fn's docstring; a *args parameter takes the positional words.
 
@@ -449,7 +456,7 @@ def cli(fn, argv=None):
     doc = inspect.getdoc(fn) or ""
     helps = dict(re.findall(r"^ *(\w+): (.+)$", doc, re.M))
     hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
-    parser = FlagParser(description=doc.split("\n\n")[0], allow_abbrev=False)
+    parser = FlagParser(prog, description=doc.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False)
     for name, p in inspect.signature(fn).parameters.items():
         kind = [t for t in typing.get_args(hints.get(name)) if t is not type(None)] or [hints.get(name, str)]
         kind = typing.get_origin(kind[0]) or kind[0]  # int | None -> int; list[str] -> list

@@ -12,7 +12,7 @@ from lm2_banks import BankArgs, BankLM2, BankedMemory  # noqa: E402
 
 
 def tiny(**kw) -> BankArgs:
-    return BankArgs(**{**dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, intermediate_size=64,
+    return BankArgs(**{**dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64,
                               vocab_size=50, max_seq_len=64, mem_slots=4, mem_heads=4, segment_len=8,
                               attn_window=6), **kw})
 
@@ -30,7 +30,7 @@ def test_one_bank_equals_dense_memory():
     args = tiny(mem_banks=1, mem_top=1)
     bank = trained_like(BankLM2(args)).eval()
     dense_args = lm2.ModelArgs(**{f: getattr(args, f) for f in lm2.ModelArgs.__dataclass_fields__})
-    dense = lm2.Transformer(dense_args).eval()
+    dense = lm2.LM2(dense_args).eval()
     state = {k: v for k, v in bank.state_dict().items() if not k.endswith("bank_keys")}
     dense.load_state_dict(state, strict=True)
     tokens = torch.randint(0, 50, (3, 40))
