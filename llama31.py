@@ -31,18 +31,13 @@ Usage:
     python llama31.py --ckpt_dir checkpoints/Llama-3.1-8B-Instruct-meta --prompt "Why is the sky blue?"
 """
 
-import argparse
 import codecs
-import difflib
-import inspect
 import json
 import math
 import pickle
 import re
 import sys
-import textwrap
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer_bpe import Tokenizer
+from tokenizer_bpe import Tokenizer, cli, utf8
 
 # -----------------------------------------------------------------------------
 # Config
@@ -833,65 +828,6 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/Llama-3.1-8B-In
         return encode_chat(tokenizer, messages) if chat else encode_prompt(tokenizer, messages[-1]["content"], False)
 
     converse(model, tokenizer, encode, prompt, interactive, stop, max_new_tokens, temperature, top_k, top_p, seed)
-
-
-# Same as smollm2.py: utf8
-def utf8(s: str) -> str:
-    s.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates (PEP 383): refused here, one line
-    return s
-
-
-# Same as smollm2.py: parse_bool
-def parse_bool(s: str) -> bool:
-    if s.lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-    return s.lower() in ("true", "1", "yes")
-
-
-# Same as smollm2.py: cli
-def cli(fn, argv=None, prog=None):
-    """Call fn with flags parsed from the command line: one --name per parameter of fn, typed by its annotation,
-    its help the `name: text` line of fn's docstring; a *args parameter takes the positional words.
-
-    Values arrive exactly as typed: no eval, so --prompt "yes, please" or --prompt 0x10 is that string (python-fire,
-    used before, turned them into a tuple and 16). A typo gets "did you mean".
-    """
-    doc = inspect.getdoc(fn) or ""
-    helps = dict(re.findall(r"^ *(\w+): (.+)$", doc, re.M))
-    hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
-    parser = FlagParser(prog, description=doc.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False)
-    for name, p in inspect.signature(fn).parameters.items():
-        kind = [t for t in typing.get_args(hints.get(name)) if t is not type(None)] or [hints.get(name, str)]
-        kind = typing.get_origin(kind[0]) or kind[0]  # int | None -> int; list[str] -> list
-        if p.kind is p.VAR_POSITIONAL:
-            parser.add_argument(name, nargs="*", type=utf8, help=helps.get(name, ""))
-            continue
-        extra = dict(type=utf8, nargs="+", metavar="STR") if kind is list else \
-            dict(type=parse_bool, nargs="?", const=True, metavar="BOOL") if kind is bool else \
-            dict(type=utf8 if kind is str else kind, metavar=kind.__name__.upper())
-        text = f"{helps.get(name, '')} (default: {p.default!r})".replace("%", "%%")  # argparse formats help with %
-        parser.add_argument(f"--{name}", default=p.default, help=text, **extra)
-    flags, unknown = parser.parse_known_args(argv)
-    if unknown:
-        known = [f"--{name}" for name in vars(flags)]
-        close = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1)
-        what = "unknown flag" if unknown[0].startswith("-") else "unexpected argument"
-        parser.error(f"{what} {unknown[0]}" + (f"; did you mean {close[0]}?" if close else ""))
-    positional = [vars(flags).pop(n) for n, p in inspect.signature(fn).parameters.items()
-                  if p.kind is p.VAR_POSITIONAL]
-    return fn(*sum(positional, []), **vars(flags))
-
-
-# Same as smollm2.py: FlagParser
-class FlagParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        raise SystemExit(f"error: {message} (see --help)")
-
-
-# Same as smollm2.py: HelpFormatter
-class HelpFormatter(argparse.HelpFormatter):
-    def _split_lines(self, text, width):  # wrap at spaces only: a long default is never cut mid-word
-        return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
 
 
 if __name__ == "__main__":

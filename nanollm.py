@@ -28,17 +28,11 @@ Departures from DeepSeek-V3: no multi-token-prediction module (its weights are s
 
 Run:  python nanollm.py --ckpt_dir checkpoints/nanollm --prompt "Once upon a time" --temperature 0
 """
-import argparse
 import codecs
-import difflib
-import inspect
 import json
 import math
-import re
 import sys
-import textwrap
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,69 +40,43 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tokenizer_bpe import Tokenizer, cli, utf8
+
 # ----------------------------------------------------------------------------------------------------------------
 # Config
 
 
 @dataclass
 class ModelArgs:
-    """One line per field; HF_KEYS below gives the DeepseekV3Config name of each.
+    """Hyper-parameters, one comment per field; HF_KEYS below gives the DeepseekV3Config name of each."""
 
-    vocab_size: token vocabulary size.
-    dim: residual stream width.
-    n_layers: number of blocks.
-    n_heads: attention heads.
-    hidden_dim: SwiGLU inner width of the dense MLP (HF intermediate_size).
-    moe_layers: 0-based indices of the blocks whose MLP is a MoE (see `to_hf_config` for how HF expresses it).
-    moe_hidden_dim: SwiGLU inner width of one expert (HF moe_intermediate_size).
-    n_shared_experts: experts every token uses, stored as one MLP of width n_shared_experts * moe_hidden_dim.
-    n_routed_experts: experts the router chooses from.
-    n_activated_experts: routed experts per token, the k of top-k.
-    n_expert_groups: routed experts are split into this many groups.
-    n_limited_groups: each token picks its experts inside this many best groups.
-    route_scale: multiplies the routed experts' weights.
-    norm_topk_prob: normalise the chosen experts' sigmoid scores to sum to 1 before route_scale.
-    aux_loss_alpha: weight of the sequence-wise balance loss (DeepSeek-V3 eq. 17); 0 turns it off.
-    q_lora_rank: rank of the query latent; 0 = no query compression (a plain q_proj).
-    kv_lora_rank: rank of the joint key-value latent, the part of each token that is cached.
-    qk_nope_head_dim: per-head query/key dims without position, rebuilt from the latent.
-    qk_rope_head_dim: query/key dims that carry RoPE; the key part is one vector shared by all heads.
-    v_head_dim: per-head value dims.
-    rope_theta: RoPE base.
-    rope_interleave: RoPE rotates pairs (0,1), (2,3)... (DeepSeek checkpoints) instead of (i, i + d/2).
-    rope_scaling: None, or HF's yarn `rope_parameters` without rope_theta (rope_type, factor, ...).
-    max_seq_len: longest sequence, prompt plus generation.
-    norm_eps: RMSNorm epsilon of the block and final norms.
-    tie_embeddings: lm_head shares the embedding matrix.
-    eos_token_id: token(s) that end generation by default.
-    """
-    vocab_size: int = 256
-    dim: int = 64
-    n_layers: int = 4
-    n_heads: int = 4
-    hidden_dim: int = 128
-    moe_layers: tuple[int, ...] = (1, 3)
-    moe_hidden_dim: int = 32
-    n_shared_experts: int = 1
-    n_routed_experts: int = 8
-    n_activated_experts: int = 2
-    n_expert_groups: int = 2
-    n_limited_groups: int = 1
-    route_scale: float = 2.5
-    norm_topk_prob: bool = True
-    aux_loss_alpha: float = 0.0
-    q_lora_rank: int = 32
-    kv_lora_rank: int = 24
-    qk_nope_head_dim: int = 8
-    qk_rope_head_dim: int = 8
-    v_head_dim: int = 16
-    rope_theta: float = 10000.0
-    rope_interleave: bool = True
-    rope_scaling: dict | None = None
-    max_seq_len: int = 256
-    norm_eps: float = 1e-6
-    tie_embeddings: bool = False
-    eos_token_id: int | tuple[int, ...] | None = None
+    vocab_size: int = 256  # token vocabulary size
+    dim: int = 64  # residual stream width
+    n_layers: int = 4  # number of blocks
+    n_heads: int = 4  # attention heads
+    hidden_dim: int = 128  # SwiGLU inner width of the dense MLP (HF intermediate_size)
+    moe_layers: tuple[int, ...] = (1, 3)  # 0-based indices of the MoE blocks (how HF says it: see to_hf_config)
+    moe_hidden_dim: int = 32  # SwiGLU inner width of one expert (HF moe_intermediate_size)
+    n_shared_experts: int = 1  # experts every token uses, stored as one MLP of width n_shared_experts * moe_hidden_dim
+    n_routed_experts: int = 8  # experts the router chooses from
+    n_activated_experts: int = 2  # routed experts per token, the k of top-k
+    n_expert_groups: int = 2  # routed experts are split into this many groups
+    n_limited_groups: int = 1  # each token picks its experts inside this many best groups
+    route_scale: float = 2.5  # multiplies the routed experts' weights
+    norm_topk_prob: bool = True  # normalise the chosen experts' sigmoid scores to sum to 1 before route_scale
+    aux_loss_alpha: float = 0.0  # weight of the sequence-wise balance loss (DeepSeek-V3 eq. 17); 0 turns it off
+    q_lora_rank: int = 32  # rank of the query latent; 0 = no query compression (a plain q_proj)
+    kv_lora_rank: int = 24  # rank of the joint key-value latent, the part of each token that is cached
+    qk_nope_head_dim: int = 8  # per-head query/key dims without position, rebuilt from the latent
+    qk_rope_head_dim: int = 8  # query/key dims that carry RoPE; the key part is one vector shared by all heads
+    v_head_dim: int = 16  # per-head value dims
+    rope_theta: float = 10000.0  # RoPE base
+    rope_interleave: bool = True  # RoPE rotates pairs (0,1), (2,3)... (DeepSeek checkpoints) instead of (i, i + d/2)
+    rope_scaling: dict | None = None  # None, or HF's yarn `rope_parameters` without rope_theta (rope_type, factor, ...)
+    max_seq_len: int = 256  # longest sequence, prompt plus generation
+    norm_eps: float = 1e-6  # RMSNorm epsilon of the block and final norms
+    tie_embeddings: bool = False  # lm_head shares the embedding matrix
+    eos_token_id: int | tuple[int, ...] | None = None  # token(s) that end generation by default
 
     @classmethod
     def from_name(cls, name: str) -> "ModelArgs":
@@ -463,7 +431,6 @@ class Block(nn.Module):
         self.mlp = MoE(args) if layer_idx in args.moe_layers else MLP(args.dim, args.hidden_dim)
 
     def forward(self, x, cos, sin, mask=None, input_pos=None, absorb=False):
-        # pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, absorb)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -859,7 +826,6 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/nanollm", max_n
         model = NanoLLM.from_pretrained(ckpt_dir, dev, dt)
         if not (Path(ckpt_dir) / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{ckpt_dir}/tokenizer.json missing: save the tokenizer_bpe.py one there")
-        from tokenizer_bpe import Tokenizer  # only the CLI needs a tokenizer; the model, tests and training do not
         tokenizer = Tokenizer.from_file(str(Path(ckpt_dir) / "tokenizer.json"))
         chat = is_chat_checkpoint(ckpt_dir) if chat is None else chat
         if chat and "<|im_end|>" not in tokenizer.special_tokens:
@@ -882,64 +848,6 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/nanollm", max_n
 
     converse(model, tokenizer, encode, prompt, interactive, stop, max_new_tokens, temperature, top_k, top_p, seed)
 
-
-# Same as smollm2.py: FlagParser
-class FlagParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        raise SystemExit(f"error: {message} (see --help)")
-
-
-# Same as smollm2.py: HelpFormatter
-class HelpFormatter(argparse.HelpFormatter):
-    def _split_lines(self, text, width):  # wrap at spaces only: a long default is never cut mid-word
-        return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
-
-
-# Same as smollm2.py: cli
-def cli(fn, argv=None, prog=None):
-    """Call fn with flags parsed from the command line: one --name per parameter of fn, typed by its annotation,
-    its help the `name: text` line of fn's docstring; a *args parameter takes the positional words.
-
-    Values arrive exactly as typed: no eval, so --prompt "yes, please" or --prompt 0x10 is that string (python-fire,
-    used before, turned them into a tuple and 16). A typo gets "did you mean".
-    """
-    doc = inspect.getdoc(fn) or ""
-    helps = dict(re.findall(r"^ *(\w+): (.+)$", doc, re.M))
-    hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
-    parser = FlagParser(prog, description=doc.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False)
-    for name, p in inspect.signature(fn).parameters.items():
-        kind = [t for t in typing.get_args(hints.get(name)) if t is not type(None)] or [hints.get(name, str)]
-        kind = typing.get_origin(kind[0]) or kind[0]  # int | None -> int; list[str] -> list
-        if p.kind is p.VAR_POSITIONAL:
-            parser.add_argument(name, nargs="*", type=utf8, help=helps.get(name, ""))
-            continue
-        extra = dict(type=utf8, nargs="+", metavar="STR") if kind is list else \
-            dict(type=parse_bool, nargs="?", const=True, metavar="BOOL") if kind is bool else \
-            dict(type=utf8 if kind is str else kind, metavar=kind.__name__.upper())
-        text = f"{helps.get(name, '')} (default: {p.default!r})".replace("%", "%%")  # argparse formats help with %
-        parser.add_argument(f"--{name}", default=p.default, help=text, **extra)
-    flags, unknown = parser.parse_known_args(argv)
-    if unknown:
-        known = [f"--{name}" for name in vars(flags)]
-        close = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1)
-        what = "unknown flag" if unknown[0].startswith("-") else "unexpected argument"
-        parser.error(f"{what} {unknown[0]}" + (f"; did you mean {close[0]}?" if close else ""))
-    positional = [vars(flags).pop(n) for n, p in inspect.signature(fn).parameters.items()
-                  if p.kind is p.VAR_POSITIONAL]
-    return fn(*sum(positional, []), **vars(flags))
-
-
-# Same as smollm2.py: parse_bool
-def parse_bool(s: str) -> bool:
-    if s.lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-    return s.lower() in ("true", "1", "yes")
-
-
-# Same as smollm2.py: utf8
-def utf8(s: str) -> str:
-    s.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates (PEP 383): refused here, one line
-    return s
 
 if __name__ == "__main__":
     cli(main)

@@ -547,19 +547,19 @@ def main(path: str = "checkpoints/Llama-3.2-tokenizer", text: str = "Hello world
     print([tok.decode_bytes([i]) for i in ids])
 
 
-# Same as smollm2.py: FlagParser
+# The flag parser of every CLI in the repo (STYLE.md section 8). The model files import it from here, the file a
+# reader copies along with any of them; finetune.py, grpo.py and download.py keep marked copies (download.py's
+# --help must answer before numpy, which this file imports, is loaded).
 class FlagParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         raise SystemExit(f"error: {message} (see --help)")
 
 
-# Same as smollm2.py: HelpFormatter
 class HelpFormatter(argparse.HelpFormatter):
     def _split_lines(self, text, width):  # wrap at spaces only: a long default is never cut mid-word
         return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
 
 
-# Same as smollm2.py: cli
 def cli(fn, argv=None, prog=None):
     """Call fn with flags parsed from the command line: one --name per parameter of fn, typed by its annotation,
     its help the `name: text` line of fn's docstring; a *args parameter takes the positional words.
@@ -593,14 +593,12 @@ def cli(fn, argv=None, prog=None):
     return fn(*sum(positional, []), **vars(flags))
 
 
-# Same as smollm2.py: parse_bool
 def parse_bool(s: str) -> bool:
     if s.lower() not in ("true", "false", "1", "0", "yes", "no"):
         raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
     return s.lower() in ("true", "1", "yes")
 
 
-# Same as smollm2.py: utf8
 def utf8(s: str) -> str:
     s.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates (PEP 383): refused here, one line
     return s
