@@ -433,19 +433,19 @@ def plot(results, out):
 # CLI
 
 
-# Same as smollm2.py: FlagParser
+# Same as tokenizer_bpe.py: FlagParser
 class FlagParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         raise SystemExit(f"error: {message} (see --help)")
 
 
-# Same as smollm2.py: HelpFormatter
+# Same as tokenizer_bpe.py: HelpFormatter
 class HelpFormatter(argparse.HelpFormatter):
     def _split_lines(self, text, width):  # wrap at spaces only: a long default is never cut mid-word
         return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
 
 
-# Same as smollm2.py: cli
+# Same as tokenizer_bpe.py: cli
 def cli(fn, argv=None, prog=None):
     """Call fn with flags parsed from the command line: one --name per parameter of fn, typed by its annotation,
     its help the `name: text` line of fn's docstring; a *args parameter takes the positional words.
@@ -479,14 +479,14 @@ def cli(fn, argv=None, prog=None):
     return fn(*sum(positional, []), **vars(flags))
 
 
-# Same as smollm2.py: parse_bool
+# Same as tokenizer_bpe.py: parse_bool
 def parse_bool(s: str) -> bool:
     if s.lower() not in ("true", "false", "1", "0", "yes", "no"):
         raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
     return s.lower() in ("true", "1", "yes")
 
 
-# Same as smollm2.py: utf8
+# Same as tokenizer_bpe.py: utf8
 def utf8(s: str) -> str:
     s.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates (PEP 383): refused here, one line
     return s

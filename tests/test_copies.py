@@ -41,7 +41,7 @@ def renamed(text: str, renames: str | None) -> str:
 def copy_problems(root: Path) -> list[str]:
     """One line per marked copy that differs from its source, or whose marker is wrong; [] when all agree."""
     problems, cache = [], {}
-    for path in sorted(root.glob("*.py")):
+    for path in sorted([*root.glob("*.py"), *root.glob("benchmarks/*.py")]):  # scripts copy the CLI blocks too
         lines = path.read_text(encoding="utf-8").splitlines()
         here = {first: name for name, (first, _) in blocks(path).items()}
         for i, line in enumerate(lines, start=1):
@@ -124,7 +124,7 @@ def test_the_flag_parser_has_one_source():
     tokenizer_bpe.py's, so test_marked_copies_match_their_source compares it."""
     assert set(FLAG_PARSER) <= set(blocks(ROOT / "tokenizer_bpe.py"))
     wrong = []
-    for path in sorted(ROOT.glob("*.py")):
+    for path in sorted([*ROOT.glob("*.py"), *ROOT.glob("benchmarks/*.py")]):
         if path.name == "tokenizer_bpe.py":
             continue
         lines = path.read_text(encoding="utf-8").splitlines()
