@@ -475,9 +475,7 @@ def model_hooks(model: nn.Module) -> Hooks:
     """The model's hooks: each method of those names its model file defines, else the plain Llama's default."""
     defaults = Hooks(init_weights=functools.partial(llama_init, model), lora_train_whole=lambda: None,
                      extra_loss=lambda: 0.0, after_optimizer_step=lambda all_sum, router_bias_rate: {})
-    legacy = legacy_hooks(model)
-    return Hooks(*(getattr(model, name, None) or legacy.get(name) or default
-                   for name, default in zip(Hooks._fields, defaults)))
+    return Hooks(*(getattr(model, name, None) or default for name, default in zip(Hooks._fields, defaults)))
 
 
 def llama_init(model: nn.Module, std: float = 0.02):
@@ -493,22 +491,6 @@ def llama_init(model: nn.Module, std: float = 0.02):
 def init_weights(model: nn.Module):
     """From scratch: the model's `init_weights` hook."""
     model_hooks(model).init_weights()
-
-
-# LEGACY ADAPTER: today's nanollm.py and lm2.py predate the hook names. Delete this function and its call in
-# model_hooks once the changes of MODEL_HOOKS.patch.md are in those files (they define the hooks themselves).
-def legacy_hooks(model: nn.Module) -> dict:
-    """The hooks nanollm (MoE balance loss, router biases) and lm2 (memory) need, under their names of today."""
-    if hasattr(model, "update_router_biases"):  # nanollm
-        def after_optimizer_step(all_sum, router_bias_rate: float) -> dict:
-            for _, moe in model.moe_layers():  # the expert loads of all processes, so every router bias moves alike
-                if moe.load is not None:
-                    all_sum(moe.load)
-            return {"expert_load": model.update_router_biases(router_bias_rate)}  # {layer: token shares}
-        return {"extra_loss": lambda: model.aux_loss, "after_optimizer_step": after_optimizer_step}
-    if type(model).__module__ == "lm2":
-        return {"lora_train_whole": lambda: ".memory."}
-    return {}
 
 
 # -----------------------------------------------------------------------------

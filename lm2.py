@@ -442,6 +442,11 @@ class LM2(nn.Module):
             if layer.memory is not None:
                 layer.memory.reset_parameters()
 
+    def lora_train_whole(self) -> str:
+        """finetune.py's hook for --mode lora: parameters whose name contains this train in full, without adapters.
+        The memory is new (randomly initialised on a pretrained Llama): there is no pretrained weight to adapt."""
+        return ".memory."
+
     def logits(self, x):
         x = self.model.norm(x)
         return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.model.embed_tokens.weight)

@@ -533,6 +533,20 @@ class NanoLLM(nn.Module):
             moe.update_bias(rate)
         return load
 
+    def extra_loss(self):
+        """finetune.py's hook: the term a training loop adds to the loss of the last forward, its MoE balance loss
+        (0.0 when off)."""
+        return self.aux_loss
+
+    @torch.no_grad()
+    def after_optimizer_step(self, all_sum, router_bias_rate: float) -> dict:
+        """finetune.py's hook, after each optimizer step: sum the expert loads over processes with all_sum (in
+        place), so every router bias moves alike, then update_router_biases; -> {"expert_load": that load}."""
+        for _, moe in self.moe_layers():
+            if moe.load is not None:
+                all_sum(moe.load)
+        return {"expert_load": self.update_router_biases(router_bias_rate)}
+
     def expert_load(self) -> dict[int, list[float]]:
         """{layer: fraction of routed tokens per expert} since the last update_router_biases (training mode only)."""
         return {i: (m.load / m.load.sum()).tolist() for i, m in self.moe_layers() if m.load is not None}
