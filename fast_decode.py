@@ -41,6 +41,7 @@ Departures that were measured and left out (README.md has the figures):
 import os
 import platform
 import time
+import weakref
 
 import torch
 import torch.nn as nn
@@ -68,13 +69,15 @@ def free_memory() -> int:
 
 
 class Reordered:
-    """A FastLinear's reordered bf16 weight and the (data pointer, version) of the weight it was made from.
+    """A FastLinear's reordered bf16 weight, and what it was made from: the weight tensor (a weak reference, so a
+    new tensor that the allocator puts at the old one's address is still new), its data pointer (`.data =`
+    swaps storage under the same Parameter) and its version (bumped by every in-place update).
 
     subtle: a oneDNN tensor is opaque (no storage): deepcopy, pickle or torch.save of a module holding one
     raises. Copies of this holder come out empty, so a copied or saved model remakes its own at first use."""
 
     def __init__(self):
-        self.key, self.weight = None, None
+        self.source, self.key, self.weight = None, None, None
 
     def __deepcopy__(self, memo):
         return Reordered()
@@ -103,16 +106,17 @@ class FastLinear(nn.Linear):
 
     def reordered_weight(self) -> torch.Tensor | None:
         """The weight in oneDNN's bf16 layout, remade when the weight changed; None where none is kept."""
-        w, held = self.weight, self.__dict__["reordered"]
-        # a new tensor (load_state_dict with assign, .to()) changes the pointer, an in-place update the version
+        w, held = self.weight, self.__dict__.get("reordered")
+        if held is None:
+            held = self.reordered = Reordered()
         # (inference tensors, made under torch.inference_mode, have no version and cannot be updated in place)
         key = (w.data_ptr(), None if w.is_inference() else w._version)
-        if held.key != key:
+        if held.key != key or held.source() is not w:
             held.weight = None  # free a stale copy before deciding on a new one
             # bf16 weights only: under autocast, bf16 activations meet fp32 weights, which F.linear casts
             if w.dtype == torch.bfloat16 and 2 * w.nbytes < free_memory():
                 held.weight = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
-            held.key = key
+            held.source, held.key = weakref.ref(w), key
         return held.weight
 
 
@@ -124,7 +128,6 @@ def fast(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = FastLinear
-            module.reordered = Reordered()
     return model
 
 

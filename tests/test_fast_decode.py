@@ -179,7 +179,7 @@ def test_fast_bf16_is_as_close_to_fp32_as_plain_bf16(name, checkpoints):
         plain_err = (plain(tokens).float() - ref).abs().mean()
         assert (quick(tokens).float() - ref).abs().mean() <= 1.1 * plain_err
         torch.testing.assert_close(quick(tokens).float(), plain(tokens).float(), rtol=0.05, atol=0.05)
-    assert any(type(m) is FastLinear and m.reordered.weight is not None for m in quick.modules())
+    assert any("reordered" in vars(m) and m.reordered.weight is not None for m in quick.modules())
 
 
 def test_real_smollm2_fast_greedy_tokens_match_plain():
