@@ -33,12 +33,19 @@ needs_onednn = pytest.mark.skipif(not fast_decode.BF16_ONEDNN, reason="this CPU 
 
 
 @pytest.fixture(autouse=True)
-def threads():
-    """Two threads, so the fp32 split runs (restored after each test; other tests run on one)."""
+def one_thread():
+    """One thread unless a test asks for two: on a busy shared machine, OpenMP threads that wait on each other
+    make every small op many times slower (see fast_decode.decode_threads)."""
     n = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def two_threads(one_thread):
+    """Two threads, so that the fp32 one-row split runs (it needs more than one)."""
+    torch.set_num_threads(2)
 
 
 def model_class(mod):
@@ -150,7 +157,7 @@ def test_fast_keeps_parameters_names_and_state_dict(name, checkpoints):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_fast_fp32_generates_the_plain_tokens(name, checkpoints):
+def test_fast_fp32_generates_the_plain_tokens(name, checkpoints, two_threads):
     """fp32: logits within 1e-5 of the plain model's (the split sums in another order) and the same greedy
     tokens, batched and ragged, with and without a stream."""
     plain = load(name, checkpoints)
@@ -182,7 +189,7 @@ def test_fast_bf16_is_as_close_to_fp32_as_plain_bf16(name, checkpoints):
     assert any("reordered" in vars(m) and m.reordered.weight is not None for m in quick.modules())
 
 
-def test_real_smollm2_fast_greedy_tokens_match_plain():
+def test_real_smollm2_fast_greedy_tokens_match_plain(two_threads):
     """Real SmolLM2-135M-Instruct weights, fp32: 32 greedy tokens of a chat prompt, fast = plain."""
     ckpt = ROOT / "checkpoints" / "SmolLM2-135M-Instruct"
     if not (ckpt / "model.safetensors").is_file():
@@ -220,7 +227,7 @@ def test_generate_uses_weights_updated_between_calls(checkpoints):
 
 
 @pytest.mark.parametrize("order", ["fast, then LoRA", "LoRA, then fast"])
-def test_training_and_lora_are_those_of_the_plain_model(order, checkpoints):
+def test_training_and_lora_are_those_of_the_plain_model(order, checkpoints, two_threads):
     """finetune.py's apply_lora before or after fast(): the same wrapped layers, the same loss and gradients as
     on the plain model, and the same generations afterwards (fp32)."""
     def build(use_fast):
