@@ -137,10 +137,13 @@ def fast(model: nn.Module) -> nn.Module:
 # A parallel region of PyTorch's OpenMP runtime ends when every one of its threads has finished its part, and
 # a waiting thread spins (OMP_WAIT_POLICY=active, libgomp's default while threads <= cores). With another job
 # on the cores, a thread of ours is descheduled for a time slice while its partner spins on the other core,
-# taking that core from the very job that pushed ours off: a decode step is ~200 such regions, so the step
-# waits on the scheduler rather than on memory. Measured with SmolLM2-135M fp32 on 2 busy cores (README.md):
-# 2 threads 0.8-2.7 tok/s, 1 thread 7-13 tok/s; with OMP_WAIT_POLICY=passive (set before torch is imported)
-# 2 threads recovered to 5.4-6.9. Hence: as many threads as there are cores that other jobs leave idle.
+# taking that core from the very job that pushed ours off. A decode step is dozens (plain: attention, the
+# output head) to hundreds (fast fp32: every product) of such regions, so it waits on the scheduler rather
+# than on memory. Measured with SmolLM2-135M fp32 on the 2 development cores under other developers' jobs:
+# 2 threads 0.8-2.7 tok/s plain or fast, 1 thread 7-13 tok/s; with OMP_WAIT_POLICY=passive (which only works
+# when set before torch is imported) 2 threads gave 5.4-6.9 tok/s. The split is not the cause (plain
+# collapses alike); the waiting is. Hence: one thread per core that other jobs leave idle (README.md has the
+# busy-machine rows of the decode benchmarks).
 
 MAX_THREADS = torch.get_num_threads()  # torch's own choice (OMP_NUM_THREADS, else one per core), read at import
 

@@ -7,10 +7,10 @@ random weights, same run; then the same on a busy machine (one competing CPU-bou
     python benchmarks/bench_llama31.py --device cuda --model llama3.1-8b --dtypes bf16 --compile
 
 The weights are random (a preset's shapes; no download needed) and shared by all three models: HF's parameters
-are assigned into llama31's (a plain copy of the module tree and a fast one), so memory holds them once. Batch 1, greedy, a fixed number of new tokens (no
-early stop). Decode tokens/s is timed from the first generated token to the last, so prefill is excluded for
-both. Decoding at batch 1 is memory-bound: every token reads every weight once (a tied embedding is read as
-the output head) plus the KV cache, so the roofline is (read bandwidth) / (bytes per token); the read
+are assigned into llama31's (a plain copy of the module tree and a fast one), so memory holds them once.
+Batch 1, greedy, a fixed number of new tokens (no early stop). Decode tokens/s is timed from the first
+generated token to the last, so prefill is excluded for all. Decoding at batch 1 is memory-bound: every token
+reads every weight once (a tied embedding is read as the output head) plus the KV cache, so the roofline is (read bandwidth) / (bytes per token); the read
 bandwidth is measured here too. --compile also times llama31 with its decode step under torch.compile
 ("reduce-overhead", i.e. CUDA graphs, on GPU; inductor's weight freezing on CPU), on a KV cache set up once
 so every step has the same shapes. The busy rows (CPU) run with a Python busy loop beside them: HF and
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import llama31  # noqa: E402
-from decode_timing import (competing_process, hf_decode_tps, num_threads, ours_decode_tps,  # noqa: E402
+from decode_timing import (competing_process, hf_decode_tps, load_average, num_threads, ours_decode_tps,  # noqa: E402
                            read_bandwidth_gbs)
 from fast_decode import decode_threads, fast  # noqa: E402
 from smollm2 import cli  # noqa: E402
@@ -91,11 +91,13 @@ def main(model: str = "llama3.2-1b", dtypes: str = "fp32,bf16", max_new_tokens: 
         raise SystemExit("error: --device cuda was requested but no CUDA device is available")
     args = llama31.ModelArgs.from_name(model)
     args.max_seq_len = prompt_len + max_new_tokens
-    ids = torch.randint(0, min(args.vocab_size, 128000), (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    ids = torch.randint(0, min(args.vocab_size, 128000), (prompt_len,),
+                        generator=torch.Generator().manual_seed(0)).tolist()
     bw = read_bandwidth_gbs(device)
     n_threads = torch.get_num_threads()
     where = torch.cuda.get_device_name() if device.startswith("cuda") else f"{n_threads} CPU threads"
-    print(f"machine: {where}, read bandwidth {bw:.1f} GB/s, torch {torch.__version__}", file=sys.stderr)
+    print(f"machine: {where}, read bandwidth {bw:.1f} GB/s, torch {torch.__version__}, {load_average()}",
+          file=sys.stderr)
     rows, busy_rows = [], []
     for name in dtypes.split(","):
         dtype = DTYPES[name]
@@ -143,7 +145,8 @@ def main(model: str = "llama3.2-1b", dtypes: str = "fp32,bf16", max_new_tokens: 
         r["frac"] = r["tps"] / r["roofline"]
     cmd = " ".join(["python benchmarks/bench_llama31.py"] + sys.argv[1:])
     print(f"\n`{cmd}`: {model} random weights, {where}, batch 1, greedy, {prompt_len}-token prompt, "
-          f"{max_new_tokens} new tokens, best of {repeats}, best read bandwidth {bw:.1f} GB/s\n")
+          f"{max_new_tokens} new tokens, best of {repeats}, best read bandwidth {bw:.1f} GB/s, "
+          f"{load_average()} at the end\n")
     print("| implementation | dtype | decode tok/s | vs HF generate | vs plain | MB/token | roofline tok/s "
           "| of roofline |")
     print("|---|---|---|---|---|---|---|---|")

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 import lm2  # noqa: E402
 import smollm2  # noqa: E402
-from decode_timing import interleaved_best, ours_decode_tps, read_bandwidth_gbs, shared_copy  # noqa: E402
+from decode_timing import interleaved_best, load_average, ours_decode_tps, read_bandwidth_gbs, shared_copy  # noqa: E402
 from fast_decode import fast  # noqa: E402
 from smollm2 import cli  # noqa: E402
 from tokenizer_bpe import Tokenizer  # noqa: E402
@@ -41,7 +41,8 @@ def main(ckpt_dir: str = str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"), dt
     ids = smollm2.encode_chat(Tokenizer.from_file(ckpt_dir),
                               [{"role": "user", "content": "Write a short story about a lighthouse keeper."}])
     bw = read_bandwidth_gbs()
-    print(f"machine: {torch.get_num_threads()} threads, read bandwidth {bw:.1f} GB/s, torch {torch.__version__}",
+    print(f"machine: {torch.get_num_threads()} threads, read bandwidth {bw:.1f} GB/s, torch {torch.__version__}, "
+          f"{load_average()}",
           file=sys.stderr)
     rows = []
     for name in dtypes.split(","):
@@ -56,7 +57,7 @@ def main(ckpt_dir: str = str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"), dt
         del plain, quick
     cmd = " ".join(["python benchmarks/bench_lm2.py"] + sys.argv[1:])
     print(f"\n`{cmd}`: SmolLM2-135M-Instruct + LM2 memory, {torch.get_num_threads()} threads, batch 1, greedy, "
-          f"{len(ids)}-token prompt, {max_new_tokens} new tokens, best of {repeats}\n")
+          f"{len(ids)}-token prompt, {max_new_tokens} new tokens, best of {repeats}, {load_average()} at the end\n")
     print("| dtype | parameters (M) | lm2.py + fast tok/s | lm2.py plain tok/s | fast vs plain |")
     print("|---|---|---|---|---|")
     for r in rows:

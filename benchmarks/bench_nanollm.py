@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import nanollm  # noqa: E402
-from decode_timing import hf_decode_tps, interleaved_best, ours_decode_tps, read_bandwidth_gbs, shared_copy  # noqa: E402
+from decode_timing import (hf_decode_tps, interleaved_best, load_average, ours_decode_tps,  # noqa: E402
+                           read_bandwidth_gbs, shared_copy)
 from fast_decode import fast  # noqa: E402
 from smollm2 import cli  # noqa: E402
 
@@ -57,13 +58,15 @@ def main(preset: str = "nano-327m", dtypes: str = "fp32,bf16", max_new_tokens: i
     repeats: interleaved timed runs per implementation (the best counts)
     """
     bw = read_bandwidth_gbs()
-    print(f"machine: {torch.get_num_threads()} threads, read bandwidth {bw:.1f} GB/s, torch {torch.__version__}",
+    print(f"machine: {torch.get_num_threads()} threads, read bandwidth {bw:.1f} GB/s, torch {torch.__version__}, "
+          f"{load_average()}",
           file=sys.stderr)
     rows = []
     for name in dtypes.split(","):
         dtype = DTYPES[name]
         hf, plain, quick = build(preset, dtype)
-        ids = torch.randint(0, plain.args.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+        ids = torch.randint(0, plain.args.vocab_size, (prompt_len,),
+                            generator=torch.Generator().manual_seed(0)).tolist()
         n_params = sum(p.numel() for p in plain.parameters())
         best = interleaved_best({"nanollm.py + fast": lambda n: ours_decode_tps(quick, ids, n),
                                  "nanollm.py plain": lambda n: ours_decode_tps(plain, ids, n),
@@ -76,7 +79,7 @@ def main(preset: str = "nano-327m", dtypes: str = "fp32,bf16", max_new_tokens: i
     cmd = " ".join(["python benchmarks/bench_nanollm.py"] + sys.argv[1:])
     print(f"\n`{cmd}`: {preset} widths, random weights, {torch.get_num_threads()} threads, batch 1, greedy, "
           f"{prompt_len}-token prompt, {max_new_tokens} new tokens, best of {repeats}, best read bandwidth "
-          f"{bw:.1f} GB/s\n")
+          f"{bw:.1f} GB/s, {load_average()} at the end\n")
     print("| implementation | dtype | parameters (M, all experts) | decode tok/s | vs HF generate | vs plain |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import smollm2  # noqa: E402
-from decode_timing import (competing_process, hf_decode_tps, num_threads, ours_decode_tps,  # noqa: E402
+from decode_timing import (competing_process, hf_decode_tps, load_average, num_threads, ours_decode_tps,  # noqa: E402
                            read_bandwidth_gbs)
 from fast_decode import decode_threads, fast  # noqa: E402
 from tokenizer_bpe import Tokenizer  # noqa: E402
@@ -72,7 +72,7 @@ def main(ckpt_dir: str = str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"), ne
     ids = smollm2.encode_chat(tok, [{"role": "user", "content": "Write a short story about a lighthouse keeper."}])
     bw = read_bandwidth_gbs()
     n_threads = torch.get_num_threads()
-    print(f"machine: {n_threads} threads, read bandwidth {bw:.1f} GB/s, torch {torch.__version__}")
+    print(f"machine: {n_threads} threads, read bandwidth {bw:.1f} GB/s, torch {torch.__version__}, {load_average()}")
     rows, busy_rows = [], []
     for name in dtypes.split(","):
         dtype = DTYPES[name]
@@ -119,7 +119,7 @@ def main(ckpt_dir: str = str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"), ne
         r["frac"] = r["fast"] / r["roofline"]
     cmd = " ".join(["python benchmarks/bench_smollm2.py"] + sys.argv[1:])
     print(f"\n`{cmd}`: SmolLM2-135M-Instruct, batch 1, greedy, {len(ids)}-token prompt, {new_tokens} new tokens, "
-          f"{n_threads} threads, best of {repeats}, best read bandwidth {bw:.1f} GB/s\n")
+          f"{n_threads} threads, best of {repeats}, best read bandwidth {bw:.1f} GB/s, {load_average()} at the end\n")
     print("| dtype | smollm2.py + fast tok/s | smollm2.py plain tok/s | HF generate tok/s | fast vs HF | fast vs plain "
           "| MB/token | roofline tok/s | of roofline | load s | peak RSS above torch, GiB (weights GiB) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

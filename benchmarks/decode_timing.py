@@ -3,11 +3,17 @@
 bounds batch-1 decoding, and a competing CPU-bound process for the "busy machine" rows (issue #13)."""
 
 import contextlib
+import os
 import subprocess
 import sys
 import time
 
 import torch
+
+
+def load_average() -> str:
+    """The 1-minute load average: how busy the machine was (2 on 2 cores means both were taken)."""
+    return f"load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "load average unknown"
 
 
 def timed(fn) -> float:
