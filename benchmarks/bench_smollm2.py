@@ -41,7 +41,9 @@ def load_stats(ckpt_dir, dtype) -> dict:
 import sys, time, torch; sys.path.insert(0, {str(ROOT)!r}); import smollm2
 hwm = lambda: int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) * 1024
 base = hwm()
-t0 = time.perf_counter(); m = smollm2.SmolLM2.from_pretrained({str(ckpt_dir)!r}, dtype=torch.{dtype}); dt = time.perf_counter() - t0
+t0 = time.perf_counter()
+m = smollm2.SmolLM2.from_pretrained({str(ckpt_dir)!r}, dtype=torch.{dtype})
+dt = time.perf_counter() - t0
 for p in m.parameters(): p.sum()
 print(dt, hwm() - base, sum(p.numel() * p.element_size() for p in m.parameters()))
 """
