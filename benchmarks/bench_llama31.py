@@ -13,8 +13,9 @@ generated token to the last, so prefill is excluded for all. Decoding at batch 1
 reads every weight once (a tied embedding is read as the output head) plus the KV cache, so the roofline is
 (read bandwidth) / (bytes per token); the read bandwidth is measured here too. --compile also times plain
 llama31 with its decode step under torch.compile ("reduce-overhead", i.e. CUDA graphs, on GPU; inductor's
-weight freezing on CPU), on a KV cache set up once so every step has the same shapes. The busy rows (CPU) run with a Python busy loop beside them: HF and
-llama31.py with torch's default threads, and llama31.py with fast_decode.decode_threads(), the CLI's choice.
+weight freezing on CPU), on a KV cache set up once so every step has the same shapes. The busy rows (CPU)
+run with a Python busy loop beside them: HF and llama31.py with torch's default threads, and llama31.py with
+fast_decode.decode_threads(), the CLI's choice.
 """
 
 import json
