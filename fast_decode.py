@@ -6,8 +6,8 @@ fast_decode: faster batch-1 decoding on a CPU for the collection's four model fi
     torch.set_num_threads(fast_decode.decode_threads())   # what the CLIs do: fewer threads on a busy machine
 
 The model files stay plain (`nn.Linear`, each projection called directly), as gpt-fast keeps `model.py` plain and
-puts its speed beside it: `fast(model)` works on `smollm2.SmolLM2`, `llama31.Llama`, `nanollm.Transformer` and
-`lm2.Transformer` alike, because all it touches is their `nn.Linear` modules. A model file copied alone runs
+puts its speed beside it: `fast(model)` works on the models of smollm2.py, llama31.py, nanollm.py and lm2.py
+alike, because all it touches is their `nn.Linear` modules. A model file copied alone runs
 plain, and gives the same tokens.
 
 Where the speed comes from. Decoding one token multiplies one row by every weight matrix, so on a CPU its speed

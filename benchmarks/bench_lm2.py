@@ -21,7 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 import lm2  # noqa: E402
 import smollm2  # noqa: E402
-from decode_timing import interleaved_best, load_average, ours_decode_tps, read_bandwidth_gbs, shared_copy  # noqa: E402
+from decode_timing import (interleaved_best, load_average, model_class, ours_decode_tps,  # noqa: E402
+                           read_bandwidth_gbs, shared_copy)
 from fast_decode import fast  # noqa: E402
 from smollm2 import cli  # noqa: E402
 from tokenizer_bpe import Tokenizer  # noqa: E402
@@ -47,7 +48,7 @@ def main(ckpt_dir: str = str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"), dt
     rows = []
     for name in dtypes.split(","):
         torch.manual_seed(0)  # the fresh memory's initial weights
-        plain = lm2.Transformer.from_pretrained(ckpt_dir, dtype=DTYPES[name])
+        plain = model_class(lm2).from_pretrained(ckpt_dir, dtype=DTYPES[name])
         quick = fast(shared_copy(plain))
         best = interleaved_best({"lm2.py + fast": lambda n: ours_decode_tps(quick, ids, n),
                                  "lm2.py plain": lambda n: ours_decode_tps(plain, ids, n)}, max_new_tokens, repeats)

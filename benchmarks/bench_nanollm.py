@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import nanollm  # noqa: E402
 from decode_timing import (hf_decode_tps, interleaved_best, load_average, ours_decode_tps,  # noqa: E402
-                           read_bandwidth_gbs, shared_copy)
+                           model_class, read_bandwidth_gbs, shared_copy)
 from fast_decode import fast  # noqa: E402
 from smollm2 import cli  # noqa: E402
 
@@ -43,7 +43,7 @@ def build(preset: str, dtype):
     hf = DeepseekV3ForCausalLM._from_config(DeepseekV3Config(**args.to_hf_config()), dtype=dtype).eval()
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
-        plain = nanollm.Transformer.from_pretrained(tmp, dtype=dtype)
+        plain = model_class(nanollm).from_pretrained(tmp, dtype=dtype)
     return hf, plain, fast(shared_copy(plain))
 
 

@@ -50,6 +50,13 @@ def interleaved_best(runs: dict, n: int, repeats: int) -> dict:
     return {k: max(v) for k, v in results.items()}
 
 
+def model_class(module):
+    """A model file's model class: the one with from_pretrained and generate (SmolLM2, Llama, ...), found by what
+    it offers rather than by a name."""
+    return next(v for v in vars(module).values() if isinstance(v, type) and issubclass(v, torch.nn.Module)
+                and hasattr(v, "from_pretrained") and hasattr(v, "generate"))
+
+
 def shared_copy(model):
     """A second module tree of model's class holding the very same parameter and buffer tensors (no memory)."""
     with torch.device("meta"):
