@@ -1,15 +1,18 @@
 """
-The CPU kernels behind batch-1 decoding, alone: what the model files' fast paths buy, and why.
+The CPU kernels behind batch-1 decoding, alone: what fast_decode.py's paths buy, what it leaves out, and why.
 
     python benchmarks/bench_cpu_kernels.py                # SmolLM2-135M and Llama 3.2 1B layer shapes
     python benchmarks/bench_cpu_kernels.py --layers 8     # fewer layers (less memory, more cache effects)
 
 1. One-row products (a decode step's matmuls) through every layer's weights, random, as many distinct weights
-   as the model has so that they stream from memory and not from cache: PyTorch's F.linear against smollm2.py's
-   `Linear` / `project` (fp32: the product split across threads; bf16: weights kept in oneDNN's layout, q/k/v
-   and gate/up stacked). GB/s is weight bytes over time.
+   as the model has so that they stream from memory and not from cache: PyTorch's F.linear against
+   fast_decode's `FastLinear` (fp32: the product split across threads; bf16: the weight kept in oneDNN's
+   layout), and, for bf16, the same reordered products with q/k/v and gate/up stacked into one weight each
+   (what the model files did before fast_decode; left out of it unless this column shows a gain).
+   GB/s is weight bytes over time.
 2. Attention of one query over S cached keys (SmolLM2-135M heads: 9 query, 3 key/value, head_dim 64): bf16
-   F.scaled_dot_product_attention against the model files' CPU path (fp32, on an fp32 cache).
+   F.scaled_dot_product_attention against fp32 attention on an fp32 cache with the result rounded back (what
+   the model files did for bf16 models on a CPU before fast_decode; left out of it unless this shows a gain).
 """
 
 import sys
@@ -21,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import smollm2  # noqa: E402
+import fast_decode  # noqa: E402
+from smollm2 import cli  # noqa: E402
 
 # (dim, hidden_dim, n_heads, n_kv_heads, n_layers) of each model; head_dim 64 for both
 SHAPES = {"SmolLM2-135M": (576, 1536, 9, 3, 30), "Llama-3.2-1B": (2048, 8192, 32, 8, 16)}
@@ -37,46 +41,55 @@ def best_time(fn, repeats=5) -> float:
     return min(times)
 
 
-def layer_modules(dim, hidden, nh, nkv, dtype):
-    """One layer's projections as smollm2.py builds them (Attention and MLP own q/k/v and gate/up)."""
-    attn, mlp = nn.Module(), nn.Module()
-    attn.q_proj, attn.k_proj = smollm2.Linear(dim, nh * 64, bias=False), smollm2.Linear(dim, nkv * 64, bias=False)
-    attn.v_proj, attn.o_proj = smollm2.Linear(dim, nkv * 64, bias=False), smollm2.Linear(nh * 64, dim, bias=False)
-    mlp.gate_proj, mlp.up_proj = smollm2.Linear(dim, hidden, bias=False), smollm2.Linear(dim, hidden, bias=False)
-    mlp.down_proj = smollm2.Linear(hidden, dim, bias=False)
-    return attn.to(dtype), mlp.to(dtype)
+def layer_linears(dim, hidden, nh, nkv, dtype) -> list[nn.Linear]:
+    """One layer's projections, in the order a decode step runs them: q, k, v, o, gate, up, down."""
+    shapes = [(dim, nh * 64), (dim, nkv * 64), (dim, nkv * 64), (nh * 64, dim), (dim, hidden), (dim, hidden),
+              (hidden, dim)]
+    return [nn.Linear(i, o, bias=False).to(dtype) for i, o in shapes]
 
 
 def products(name, dtype, n_layers):
     dim, hidden, nh, nkv, depth = SHAPES[name]
-    layers = [layer_modules(dim, hidden, nh, nkv, dtype) for _ in range(n_layers or depth)]
+    layers = [layer_linears(dim, hidden, nh, nkv, dtype) for _ in range(n_layers or depth)]
     x, h = torch.randn(1, dim, dtype=dtype), torch.randn(1, hidden, dtype=dtype)
-    nbytes = sum(p.nbytes for attn, mlp in layers for p in [*attn.parameters(), *mlp.parameters()])
+    inputs = [x, x, x, x, x, x, h]  # (o_proj's input has width dim too: n_heads * 64 = dim in both shapes)
+    nbytes = sum(lin.weight.nbytes for lins in layers for lin in lins)
+    fast = [fast_decode.fast(nn.ModuleList(lins)) for lins in layers]  # the same weights, as FastLinear
 
     def plain():
-        for attn, mlp in layers:
-            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj):
-                F.linear(x, lin.weight)
-            F.linear(h, mlp.down_proj.weight)
+        for lins in layers:
+            for lin, inp in zip(lins, inputs):
+                F.linear(inp, lin.weight)
 
     def ours():
-        for attn, mlp in layers:
-            smollm2.project(attn, x, (attn.q_proj, attn.k_proj, attn.v_proj))
-            attn.o_proj(x)
-            smollm2.project(mlp, x, (mlp.gate_proj, mlp.up_proj))
-            mlp.down_proj(h)
+        for lins in fast:
+            for lin, inp in zip(lins, inputs):
+                lin(inp)
 
+    run = {"plain": plain, "fast": ours}
+    if dtype == torch.bfloat16 and fast_decode.BF16_ONEDNN:
+        reorder = lambda ws: torch.ops.mkldnn._reorder_linear_weight(torch.cat(ws), 1)  # noqa: E731
+        stacked = [[reorder([lin.weight for lin in lins[:3]]), reorder([lins[3].weight]),
+                    reorder([lin.weight for lin in lins[4:6]]), reorder([lins[6].weight])] for lins in layers]
+
+        def ours_stacked():
+            for qkv, o, gate_up, down in stacked:
+                for w, inp in ((qkv, x), (o, x), (gate_up, x), (down, h)):
+                    torch.ops.mkldnn._linear_pointwise(inp, w, None, "none", [], "")
+
+        run["stacked"] = ours_stacked
     with torch.inference_mode():
-        t_plain, t_ours = best_time(plain), best_time(ours)
+        t = {k: best_time(fn) for k, fn in run.items()}
     dt = str(dtype).removeprefix("torch.")
-    print(f"| {name} | {dt} | {len(layers)} | {nbytes / 1e6:.0f} | {nbytes / t_plain / 1e9:.1f} "
-          f"| {nbytes / t_ours / 1e9:.1f} | {t_plain / t_ours:.2f}x |")
+    stacked = f"{nbytes / t['stacked'] / 1e9:.1f}" if "stacked" in t else "-"
+    print(f"| {name} | {dt} | {len(layers)} | {nbytes / 1e6:.0f} | {nbytes / t['plain'] / 1e9:.1f} "
+          f"| {nbytes / t['fast'] / 1e9:.1f} | {t['plain'] / t['fast']:.2f}x | {stacked} |")
 
 
 def attention(S):
     q = torch.randn(1, 9, 1, 64, dtype=torch.bfloat16)  # a bf16 model's query, keys and values
     k, v = torch.randn(1, 3, S, 64, dtype=torch.bfloat16), torch.randn(1, 3, S, 64, dtype=torch.bfloat16)
-    kf, vf = k.float(), v.float()  # the model files' fp32 cache on a CPU: the same values
+    kf, vf = k.float(), v.float()  # an fp32 cache holding the same values
     sdpa = F.scaled_dot_product_attention
     run = {torch.bfloat16: lambda: [sdpa(q, k, v, enable_gqa=True) for _ in range(100)],
            torch.float32: lambda: [sdpa(q.float(), kf, vf, enable_gqa=True).bfloat16() for _ in range(100)]}
@@ -87,17 +100,21 @@ def attention(S):
 
 
 def main(layers: int | None = None):
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, oneDNN bf16 path: {smollm2.BF16_ONEDNN}\n")
+    """Time the decode kernels alone.
+
+    layers: layers per shape (default: the model's own count)
+    """
+    print(f"`python benchmarks/bench_cpu_kernels.py {' '.join(sys.argv[1:])}`: torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"oneDNN bf16 kernels: {fast_decode.BF16_ONEDNN}\n")
     print("One-row products through every layer's projections (best of 5):\n")
-    print("| shapes | dtype | layers | MB | F.linear GB/s | smollm2.py GB/s | speed-up |")
-    print("|---|---|---|---|---|---|---|")
+    print("| shapes | dtype | layers | MB | F.linear GB/s | FastLinear GB/s | speed-up | stacked q/k/v, gate/up GB/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in SHAPES:
         for dtype in (torch.float32, torch.bfloat16):
             products(name, dtype, layers)
     print("\nAttention of one query (9 query heads, 3 key/value heads, head_dim 64), us per call (best of 5 x 100;"
-          " fp32: the bf16 query converted, keys and values from an fp32 cache, the result rounded back, as the"
-          " model files do):\n")
+          " fp32: the bf16 query converted, keys and values from an fp32 cache, the result rounded back):\n")
     print("| keys | bf16 us | fp32 us | bf16 / fp32 |")
     print("|---|---|---|---|")
     for S in (40, 120, 1000):
@@ -105,6 +122,4 @@ def main(layers: int | None = None):
 
 
 if __name__ == "__main__":
-    import fire
-
-    fire.Fire(main)
+    cli(main)

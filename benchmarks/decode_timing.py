@@ -1,10 +1,19 @@
-"""Decode timing shared by bench_smollm2.py and bench_llama31.py: tokens/s of a model file's generate and of HF
-`generate`, each timed from its first new token to its last (prefill excluded), and the memory read bandwidth
-that bounds batch-1 decoding."""
+"""Decode timing shared by the bench_*.py decode benchmarks: tokens/s of a model file's generate and of HF
+`generate`, each timed from its first new token to its last (prefill excluded), the memory read bandwidth that
+bounds batch-1 decoding, and a competing CPU-bound process for the "busy machine" rows (issue #13)."""
 
+import contextlib
+import os
+import subprocess
+import sys
 import time
 
 import torch
+
+
+def load_average() -> str:
+    """The 1-minute load average: how busy the machine was (2 on 2 cores means both were taken)."""
+    return f"load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "load average unknown"
 
 
 def timed(fn) -> float:
@@ -29,6 +38,43 @@ def ours_decode_tps(model, ids, n) -> float:
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
+def interleaved_best(runs: dict, n: int, repeats: int) -> dict:
+    """Best tokens/s of each run(n) over `repeats` rounds, the runs interleaved so that a change in machine
+    load hits all alike (after one short warm-up run each)."""
+    for run in runs.values():
+        run(4)
+    results = {k: [] for k in runs}
+    for _ in range(repeats):
+        for k, run in runs.items():
+            results[k].append(run(n))
+    return {k: max(v) for k, v in results.items()}
+
+
+def model_class(module):
+    """A model file's model class: the one with from_pretrained and generate (SmolLM2, Llama, ...), found by what
+    it offers rather than by a name."""
+    return next(v for v in vars(module).values() if isinstance(v, type) and issubclass(v, torch.nn.Module)
+                and hasattr(v, "from_pretrained") and hasattr(v, "generate"))
+
+
+def shared_copy(model):
+    """A second module tree of model's class holding the very same parameter and buffer tensors (no memory)."""
+    with torch.device("meta"):
+        twin = type(model)(model.args)
+    state = model.state_dict()
+    twin.load_state_dict(state, strict=True, assign=True)
+    for name, buf in model.named_buffers():  # non-persistent buffers (RoPE tables) are not in the state_dict
+        if name not in state:
+            owner, _, leaf = name.rpartition(".")
+            twin.get_submodule(owner).register_buffer(leaf, buf, persistent=False)
+    for (name, p), (_, q) in zip(model.named_parameters(remove_duplicate=False),
+                                 twin.named_parameters(remove_duplicate=False)):
+        if p is not q:  # a tied matrix: assign=True gave each name its own Parameter
+            owner, _, leaf = name.rpartition(".")
+            setattr(twin.get_submodule(owner), leaf, p)
+    return twin.eval()
+
+
 def hf_decode_tps(model, ids, n) -> float:
     """HF generate, greedy, exactly n new tokens, stamped by a streamer."""
     from transformers.generation.streamers import BaseStreamer
@@ -49,3 +95,27 @@ def hf_decode_tps(model, ids, n) -> float:
     model.generate(torch.tensor([ids], device=device), max_new_tokens=n, do_sample=False, pad_token_id=0, streamer=s)
     t = s.t[1:]
     return (len(t) - 1) / (t[-1] - t[0])
+
+
+@contextlib.contextmanager
+def competing_process():
+    """One CPU-bound job on the machine while the block runs (a Python busy loop, not pinned: the scheduler
+    places it as it would a user's other work), as a laptop running something else besides the chat."""
+    job = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # let it start spinning
+        yield
+    finally:
+        job.kill()
+        job.wait()
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    """torch.set_num_threads(n) for the block only."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

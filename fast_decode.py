@@ -1,0 +1,173 @@
+"""
+fast_decode: faster batch-1 decoding on a CPU for the collection's four model files, applied from outside.
+
+    import smollm2, fast_decode
+    model = fast_decode.fast(smollm2.SmolLM2.from_pretrained("checkpoints/SmolLM2-135M-Instruct"))
+    torch.set_num_threads(fast_decode.decode_threads())   # what the CLIs do: fewer threads on a busy machine
+
+The model files stay plain (`nn.Linear`, each projection called directly), as gpt-fast keeps `model.py` plain and
+puts its speed beside it: `fast(model)` works on the models of smollm2.py, llama31.py, nanollm.py and lm2.py
+alike, because all it touches is their `nn.Linear` modules. A model file copied alone runs
+plain, and gives the same tokens.
+
+Where the speed comes from. Decoding one token multiplies one row by every weight matrix, so on a CPU its speed
+is the speed of streaming the weights from memory, and two PyTorch kernels leave much of that unused
+(`python benchmarks/bench_cpu_kernels.py` times each kernel alone; figures in README.md):
+- fp32: the one-row product (MKL's matrix-vector kernel) runs on one thread whatever `torch.get_num_threads()`
+  says. `FastLinear` views the output rows as one block per thread and runs the blocks as one `bmm`, whose
+  batch PyTorch spreads over the threads: the same product on every core.
+- bf16 (where oneDNN has bf16 kernels): `F.linear` reorders the weight into oneDNN's blocked layout on every
+  call. `FastLinear` keeps a reordered copy (made at the first inference call, remade when the weight changes,
+  kept only while it fits in half the free memory) and multiplies with it directly.
+Everything else (norms, RoPE, the cache, attention) is the model file's own code, unchanged.
+
+How it is applied: each `nn.Linear` of the model becomes a `FastLinear` by a class swap
+(`module.__class__ = FastLinear`), the way gpt-fast's quantize.py swaps linear layers, except that the module
+object stays: same parameters (a tied output head stays tied), same names, same `state_dict()`, and an
+optimizer or a LoRA wrapper holding the parameter still holds it. Training, autograd and torch.compile take
+`nn.Linear`'s own path (`F.linear`), so gradients are those of the plain model; finetune.py's `apply_lora`
+wraps a `FastLinear` as it wraps an `nn.Linear` (the wrapped layer then runs `F.linear` plus its adapter), and
+`fast` leaves a `LoRALinear` alone, so either order works.
+
+Departures that were measured and left out (README.md has the figures):
+- q/k/v and gate/up stacked into one product: no faster here (one row: the stacked bf16 product streamed at
+  the speed of the separate ones), and it needs either a hook in each model's attention or a stash shared
+  between sibling layers;
+- attention in fp32 on an fp32 KV cache for bf16 models (the model files did this before): on this AMX
+  machine PyTorch's bf16 attention kernel is as fast as its fp32 one, and swapping it in from outside means
+  copying each model's attention forward.
+"""
+
+import os
+import platform
+import time
+import weakref
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# oneDNN's bf16 matmul kernels exist where the CPU has AVX-512 (BF16 or AMX for full speed); on an AVX2-only CPU
+# this is False and bf16 products stay with F.linear. x86 only: the path is measured and tested there, and
+# oneDNN's ARM builds are a different library underneath.
+BF16_ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+               and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def free_memory() -> int:
+    """Bytes the OS can hand out: Linux's MemAvailable (free pages + reclaimable file cache, which a freshly read
+    checkpoint fills), else the free pages, else 0 where it cannot tell (then no reordered copies are kept)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+class Reordered:
+    """A FastLinear's reordered bf16 weight, and what it was made from: the weight tensor (a weak reference, so a
+    new tensor that the allocator puts at the old one's address is still new), its data pointer (`.data =`
+    swaps storage under the same Parameter) and its version (bumped by every in-place update).
+
+    subtle: a oneDNN tensor is opaque (no storage): deepcopy, pickle or torch.save of a module holding one
+    raises. Copies of this holder come out empty, so a copied or saved model remakes its own at first use."""
+
+    def __init__(self):
+        self.source, self.key, self.weight = None, None, None
+
+    def __deepcopy__(self, memo):
+        return Reordered()
+
+    def __reduce__(self):
+        return Reordered, ()
+
+
+class FastLinear(nn.Linear):
+    """nn.Linear (same parameters, same names) whose CPU inference products take the faster kernels above."""
+
+    def forward(self, x):
+        if x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            if x.dtype == torch.bfloat16 and BF16_ONEDNN:
+                w = self.reordered_weight()
+                if w is not None:
+                    return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
+            elif x.dtype == torch.float32 and x.numel() == self.in_features and self.bias is None:
+                n = torch.get_num_threads()
+                if n > 1 and self.out_features % n == 0:
+                    # one block of output rows per thread: a batched matmul whose blocks run in parallel
+                    w = self.weight.view(n, self.out_features // n, self.in_features)  # a view, no copy
+                    y = torch.bmm(x.reshape(1, 1, -1).expand(n, 1, -1), w.transpose(1, 2))  # (n, 1, out/n)
+                    return y.view(x.shape[:-1] + (self.out_features,))
+        return F.linear(x, self.weight, self.bias)
+
+    def reordered_weight(self) -> torch.Tensor | None:
+        """The weight in oneDNN's bf16 layout, remade when the weight changed; None where none is kept."""
+        w, held = self.weight, self.__dict__.get("reordered")
+        if held is None:
+            held = self.reordered = Reordered()
+        # (inference tensors, made under torch.inference_mode, have no version and cannot be updated in place)
+        key = (w.data_ptr(), None if w.is_inference() else w._version)
+        if held.key != key or held.source() is not w:
+            held.weight = None  # free a stale copy before deciding on a new one
+            # bf16 weights only: under autocast, bf16 activations meet fp32 weights, which F.linear casts
+            if w.dtype == torch.bfloat16 and 2 * w.nbytes < free_memory():
+                held.weight = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+            held.source, held.key = weakref.ref(w), key
+        return held.weight
+
+
+def fast(model: nn.Module) -> nn.Module:
+    """Make model decode faster on a CPU, in place (and return it): every plain nn.Linear becomes a FastLinear.
+
+    Parameters, names, state_dict(), tied weights and training behaviour are unchanged; subclasses of nn.Linear
+    (finetune.py's LoRALinear) are left as they are. Calling it twice is harmless."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = FastLinear
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Threads on a busy machine (issue #13)
+#
+# A parallel region of PyTorch's OpenMP runtime ends when every one of its threads has finished its part, and
+# a waiting thread spins (OMP_WAIT_POLICY=active, libgomp's default while threads <= cores). With another job
+# on the cores, a thread of ours is descheduled for a time slice while its partner spins on the other core,
+# taking that core from the very job that pushed ours off. A decode step is dozens (plain: attention, the
+# output head) to hundreds (fast fp32: every product) of such regions, so it waits on the scheduler rather
+# than on memory. Measured with SmolLM2-135M fp32 on the 2 development cores under other developers' jobs:
+# 2 threads 0.8-2.7 tok/s plain or fast, 1 thread 7-13 tok/s; with OMP_WAIT_POLICY=passive (which only works
+# when set before torch is imported) 2 threads gave 5.4-6.9 tok/s. The split is not the cause (plain
+# collapses alike); the waiting is. Hence: one thread per core that other jobs leave idle (README.md has the
+# busy-machine rows of the decode benchmarks).
+
+MAX_THREADS = torch.get_num_threads()  # torch's own choice (OMP_NUM_THREADS, else one per core), read at import
+
+
+def busy_cpus(seconds: float = 0.1) -> float:
+    """How many CPUs other processes keep busy, from /proc/stat over a short sample while this process waits
+    (0 where there is no /proc/stat)."""
+    def times():
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]  # the "cpu" line: all CPUs, in clock ticks
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = times()
+        time.sleep(seconds)
+        total1, idle1 = times()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    cpus = os.cpu_count() or 1
+    return cpus * (1 - (idle1 - idle0) / max(total1 - total0, 1))
+
+
+def decode_threads() -> int:
+    """Threads for decoding now: one per core that other jobs leave idle, at least one, at most torch's default.
+    The CLIs call torch.set_num_threads(decode_threads()) before generating."""
+    cores = min(MAX_THREADS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else MAX_THREADS)
+    return max(1, min(cores, round(cores - busy_cpus())))
