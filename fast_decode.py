@@ -2,8 +2,8 @@
 fast_decode: faster batch-1 decoding on a CPU for the collection's four model files, applied from outside.
 
     import smollm2, fast_decode
-    model = fast_decode.fast(smollm2.SmolLM2.from_pretrained("checkpoints/SmolLM2-135M-Instruct"))
-    torch.set_num_threads(fast_decode.decode_threads())   # what the CLIs do: fewer threads on a busy machine
+    model = smollm2.SmolLM2.from_pretrained("checkpoints/SmolLM2-135M-Instruct")
+    fast_decode.fast(model, threads=True)   # in place; threads=True, as the CLIs pass, also picks the thread count
 
 The model files stay plain (`nn.Linear`, each projection called directly), as gpt-fast keeps `model.py` plain and
 puts its speed beside it: `fast(model)` works on the models of smollm2.py, llama31.py, nanollm.py and lm2.py
@@ -120,14 +120,17 @@ class FastLinear(nn.Linear):
         return held.weight
 
 
-def fast(model: nn.Module) -> nn.Module:
+def fast(model: nn.Module, threads: bool = False) -> nn.Module:
     """Make model decode faster on a CPU, in place (and return it): every plain nn.Linear becomes a FastLinear.
 
     Parameters, names, state_dict(), tied weights and training behaviour are unchanged; subclasses of nn.Linear
-    (finetune.py's LoRALinear) are left as they are. Calling it twice is harmless."""
+    (finetune.py's LoRALinear) are left as they are. Calling it twice is harmless. threads=True (what the model
+    files' command lines pass) also sets torch's thread count for decoding now: decode_threads(), below."""
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = FastLinear
+    if threads:
+        torch.set_num_threads(decode_threads())
     return model
 
 
@@ -168,6 +171,6 @@ def busy_cpus(seconds: float = 0.1) -> float:
 
 def decode_threads() -> int:
     """Threads for decoding now: one per core that other jobs leave idle, at least one, at most torch's default.
-    The CLIs call torch.set_num_threads(decode_threads()) before generating."""
+    The CLIs set it through fast(model, threads=True) before generating."""
     cores = min(MAX_THREADS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else MAX_THREADS)
     return max(1, min(cores, round(cores - busy_cpus())))

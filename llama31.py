@@ -820,7 +820,7 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/Llama-3.1-8B-In
     if interactive and not chat:
         raise SystemExit("error: --interactive needs an instruct (chat) checkpoint")
     if fast:
-        fast(model)
+        fast(model, threads=True)  # and threads for a busy machine (fast_decode.decode_threads)
     print(f"loaded {ckpt_dir} ({model.lm_head.weight.dtype}, {dev}) in {time.time() - t0:.1f}s", file=sys.stderr)
     stop = [END_OF_TEXT, EOM, EOT] if chat else list(model.args.stop_tokens)
 

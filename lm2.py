@@ -894,7 +894,7 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/SmolLM2-135M-In
     if interactive and not chat:
         raise SystemExit("error: --interactive needs an instruct (chat) checkpoint")
     if fast:
-        fast(model)
+        fast(model, threads=True)  # and threads for a busy machine (fast_decode.decode_threads)
     a = model.args
     print(f"loaded {ckpt_dir} ({model.model.embed_tokens.weight.dtype}, {dev}) in {time.time() - t0:.1f}s; memory "
           f"in {len(a.memory_layers())} blocks, {a.mem_slots} slots, written every {a.segment_len} tokens",

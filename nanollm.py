@@ -849,7 +849,7 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/nanollm", max_n
     if interactive and not chat:
         raise SystemExit("error: --interactive needs a chat model (one whose checkpoint has a chat template)")
     if fast:
-        fast(model)
+        fast(model, threads=True)  # and threads for a busy machine (fast_decode.decode_threads)
     cache = cache_bytes_per_token(model.args, model.lm_head.weight.element_size())
     print(f"loaded {ckpt_dir} ({model.lm_head.weight.dtype}, {dev}) in {time.time() - t0:.1f}s; KV cache per "
           f"token: {cache['mla']:,} B (MLA latent) vs {cache['mha']:,} B (MHA of the same width)", file=sys.stderr)

@@ -603,7 +603,7 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/SmolLM2-135M-In
     if interactive and not chat:
         raise SystemExit("error: --interactive needs an instruct (chat) checkpoint")
     if fast:
-        fast(model)
+        fast(model, threads=True)  # and threads for a busy machine (fast_decode.decode_threads)
     print(f"loaded {ckpt_dir} ({model.lm_head.weight.dtype}, {dev}) in {time.time() - t0:.1f}s", file=sys.stderr)
     stop = [model.args.eos_id] + ([tokenizer.special_tokens["<|im_end|>"]] if chat else [])
 

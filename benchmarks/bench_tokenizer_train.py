@@ -13,7 +13,7 @@ import time
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tokenizer_bpe import LLAMA3_PATTERN, train  # noqa: E402
+from tokenizer_bpe import LLAMA3_PATTERN, cli, train  # noqa: E402
 
 
 def stdlib_texts(mb: float) -> list[str]:
@@ -62,5 +62,4 @@ def main(mb: float = 2.0, vocab_size: int = 4096, repeats: int = 3):
 
 
 if __name__ == "__main__":
-    import fire
-    fire.Fire(main)
+    cli(main)

@@ -53,7 +53,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import lm2  # noqa: E402
-from tokenizer_bpe import Tokenizer, train as train_tokenizer  # noqa: E402
+from tokenizer_bpe import Tokenizer, cli, train as train_tokenizer  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # finetune.py ends documents with the first
 KEYS, VALUES, FILLER = "abcdefghijklmnopqrstuvwxyz", "0123456789", "ABCDEFGHIJKLMNOPQRSTUVWXYZ    "
@@ -155,7 +155,7 @@ def run(out_dir: str = "runs/lm2_recall", steps: int = 1200, batch_size: int = 3
                str(batch_size), "--max_steps", str(steps), "--lr", str(lr), "--warmup_steps", "20",
                "--weight_decay", "0", "--val_frac", str(n_val / (n_train + n_val)),  # = the last n_val examples
                "--eval_every", str(steps // 5), "--ckpt_every", str(steps), "--save_dtype", "float32",
-               "--out_dir", f"{out}/{name}"]
+               "--out_dir", f"{out}/{name}", "--overwrite"]  # this benchmark's own folder: a rerun replaces it
         print(f"OMP_NUM_THREADS={threads} python " + " ".join(cmd), flush=True)
         t0 = time.time()
         subprocess.run([sys.executable] + cmd, cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
@@ -174,6 +174,10 @@ def run(out_dir: str = "runs/lm2_recall", steps: int = 1200, batch_size: int = 3
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
 
+COMMANDS = {"prepare": prepare, "evaluate": evaluate, "run": run}
+
 if __name__ == "__main__":
-    import fire
-    fire.Fire({"prepare": prepare, "evaluate": evaluate, "run": run})
+    if sys.argv[1:2] and sys.argv[1] in COMMANDS:
+        cli(COMMANDS[sys.argv[1]], sys.argv[2:], prog=f"lm2_recall.py {sys.argv[1]}")
+    else:
+        raise SystemExit(f"usage: python benchmarks/lm2_recall.py {{{','.join(COMMANDS)}}} [--flag value ...] (--help after one)")

@@ -45,14 +45,13 @@ import sysconfig
 import time
 from pathlib import Path
 
-import fire
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import nanollm  # noqa: E402
 from finetune import read_shard  # noqa: E402
-from tokenizer_bpe import Tokenizer, train as train_tokenizer  # noqa: E402
+from tokenizer_bpe import Tokenizer, cli, train as train_tokenizer  # noqa: E402
 
 EOT = "<|endoftext|>"  # finetune.py separates documents with it
 
@@ -187,7 +186,8 @@ def main(out_dir: str = "runs/pretrain_nanollm", steps: int = 100, batch_size: i
     cfg = dict(model="nanollm", preset=str(out / "nano-small.json"), tokenizer=str(out / "tokenizer.json"),
                data=str(out / "data"), out_dir=str(out / "model"), mode="full", seq_len=seq_len,
                batch_size=batch_size, max_steps=steps, lr=lr, warmup_steps=warmup_steps, weight_decay=0.1,
-               eval_every=eval_every, eval_rows=32, ckpt_every=steps, save_dtype="float32", seed=seed)
+               eval_every=eval_every, eval_rows=32, ckpt_every=steps, save_dtype="float32", seed=seed,
+               overwrite=True)  # out_dir is this benchmark's own: a rerun replaces its model
     times["train"], _ = run("finetune.py", [f"--{k}={v}" for k, v in cfg.items()], threads)
 
     # 4. a sampled continuation, from the exported checkpoint by the model file's own CLI
@@ -204,4 +204,4 @@ def main(out_dir: str = "runs/pretrain_nanollm", steps: int = 100, batch_size: i
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    cli(main)

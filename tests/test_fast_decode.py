@@ -272,3 +272,17 @@ def test_decode_threads_leaves_busy_cores_to_their_jobs(monkeypatch):
         monkeypatch.setattr(fast_decode, "busy_cpus", lambda seconds=0.1, busy=busy: busy)
         assert fast_decode.decode_threads() == want
     assert 0 <= fast_decode.busy_cpus(0.05)  # a real sample of /proc/stat (0 where there is none)
+
+
+def test_fast_sets_decode_threads_only_when_asked(monkeypatch):
+    """fast(model) leaves torch's thread count alone; fast(model, threads=True), as the CLIs call it, sets it."""
+    monkeypatch.setattr(fast_decode, "decode_threads", lambda: 1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        fast_decode.fast(nn.Sequential(nn.Linear(4, 4)))
+        assert torch.get_num_threads() == 2
+        fast_decode.fast(nn.Sequential(nn.Linear(4, 4)), threads=True)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
