@@ -17,8 +17,10 @@ tool's answer or the re-inserted <assistant>: finetune.py's `render_chat` builds
 Deliberate departures from the reference:
 - our own name, city and occupation lists (syllables joined, so 128 x 128 = 16384 distinct names); the people
   never seen in training (out-of-distribution recall) are new first/last-name pairs, not new names;
-- a CPU budget: the grid trains for a few thousand steps (the reference: 100k steps of batch 128, 10 seeds),
-  one seed, and scores a fixed sample of at most 500 questions per run (seen and unseen);
+- a CPU budget: the grid trains for a few thousand steps of batch 64 (the reference: 100k steps of batch 128,
+  10 seeds), one seed, and scores a fixed sample of at most 500 questions per run (seen and unseen);
+- lr 3e-3, not 1e-3, for that short budget: a pilot (in-tool, d=32, 1024 people, 1500 steps) reached recall
+  0.27 (unseen people 0.24) at 1e-3 and 0.89 (0.78) at 3e-3;
 - a reply is right when it ends with " {value}." (space included): "12/3/1975." also ends with "2/3/1975.";
 - training rows are single dialogs padded to the batch's longest (no packing: dialogs are 60-150 bytes), and
   the generation loop is batched: a row that calls the tool is fed the answer one token per step while the
@@ -174,7 +176,7 @@ def to_rows(dialogs: list[tuple[list[int], list[int]]]):
     return x, y, torch.tensor([len(ids) - 1 for ids, _ in dialogs])
 
 
-def train(setting: str, d: int, n_people: int, steps: int, batch_size: int = 64, lr: float = 1e-3,
+def train(setting: str, d: int, n_people: int, steps: int, batch_size: int = 64, lr: float = 3e-3,
           warmup: int = 100, seed: int = 0, n_eval: int = 500, log_every: int = 500) -> dict:
     """Train one model on the 4N facts of the first n_people people; score it; return one results row."""
     t0 = time.time()
@@ -186,7 +188,7 @@ def train(setting: str, d: int, n_people: int, steps: int, batch_size: int = 64,
     facts = [(p, a) for p in people for a in QA]
     x_all, y_all, lengths = to_rows([render_chat(None, encode_chat, dialog(p, a, tool)) for p, a in facts])
     model = make_model(d, seed)
-    # finetune.py's AdamW (decay on matrices only) and warmup + cosine schedule, with the paper's settings. Its
+    # finetune.py's AdamW (decay on matrices only) and warmup + cosine schedule, the paper's settings but lr. Its
     # train() loop is not reused: it reads files through a model file's tokenizer, we sample facts in memory.
     optimizer = build_optimizer(model, lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     scheduler = build_scheduler(optimizer, warmup_steps=warmup, max_steps=steps, min_lr_frac=0.1)
@@ -278,12 +280,12 @@ def recall(model, questions: list[tuple[dict, str]], tool: bool, db: Database, b
 FIELDS = ["setting", "d", "params", "people", "facts", "steps", "recall", "ood_recall", "loss", "seconds"]
 
 
-def grid(out: str, runs: list[str], people: list[int], steps: int, batch_size: int, seed: int):
+def grid(out: str, runs: list[str], people: list[int], steps: int, batch_size: int, lr: float, seed: int):
     """Each run ("in_weight:16") at each N, one row appended to `out` as soon as it finishes."""
     for run in runs:
         setting, d = run.split(":")
         for n in people:
-            row = train(setting, int(d), n, steps, batch_size=batch_size, seed=seed)
+            row = train(setting, int(d), n, steps, batch_size=batch_size, lr=lr, seed=seed)
             print(row, flush=True)
             new = not Path(out).exists()
             with open(out, "a", newline="") as f:
@@ -327,14 +329,15 @@ def main():
     p.add_argument("--people", type=int, default=256, help="N people, 4N facts")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("grid", help="sweep runs x people, appending one CSV row per run")
     p.add_argument("--out", default="results.csv")
-    p.add_argument("--runs", nargs="+", default=["in_weight:16", "in_weight:32", "in_tool:32"], help="SETTING:D")
+    p.add_argument("--runs", nargs="+", default=["in_tool:32", "in_weight:16", "in_weight:32"], help="SETTING:D")
     p.add_argument("--people", type=int, nargs="+", default=[64, 256, 1024, 4096])
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("plot", help="recall against facts from a grid's CSV (needs matplotlib)")
     p.add_argument("--csv", default="results.csv")
@@ -346,7 +349,7 @@ def main():
         for run in args.runs:
             if not re.fullmatch(r"in_(weight|tool):\d+", run):
                 raise SystemExit(f"error: a run is SETTING:D, e.g. in_tool:32, not {run!r}")
-        grid(args.out, args.runs, args.people, args.steps, args.batch_size, args.seed)
+        grid(args.out, args.runs, args.people, args.steps, args.batch_size, args.lr, args.seed)
     else:
         if not Path(args.csv).is_file():
             raise SystemExit(f"error: no {args.csv}: run the grid first")
