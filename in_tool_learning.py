@@ -124,8 +124,9 @@ def encode_chat(_tok, messages: list[dict], add_generation_prompt: bool = True) 
 
 
 def decode(ids: list[int]) -> str:
-    return "".join(SPECIAL[t] if t in SPECIAL else bytes([t]).decode("latin-1") for t in ids) \
-        .encode("latin-1", errors="replace").decode("utf-8", errors="replace")
+    """Token ids -> text, special tokens spelled out; bytes that are not UTF-8 become U+FFFD."""
+    # chr(byte) is latin-1's character for that byte, so encoding as latin-1 gives back the bytes exactly
+    return "".join(SPECIAL.get(t) or chr(t) for t in ids).encode("latin-1").decode("utf-8", errors="replace")
 
 
 # -----------------------------------------------------------------------------
@@ -180,6 +181,8 @@ def train(setting: str, d: int, n_people: int, steps: int, batch_size: int = 64,
           warmup: int = 100, seed: int = 0, n_eval: int = 500, log_every: int = 500) -> dict:
     """Train one model on the 4N facts of the first n_people people; score it; return one results row."""
     t0 = time.time()
+    if d < 4 or d % 4 or n_people < 1 or steps < 1:
+        raise SystemExit("error: need d a multiple of 4 (2 heads whose RoPE turns pairs), people >= 1, steps >= 1")
     tool = setting == "in_tool"
     everyone = make_people(seed)
     if n_people + n_eval > len(everyone):
@@ -302,7 +305,8 @@ def plot(csv_path: str, png_path: str):
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("error: the plot needs matplotlib: pip install matplotlib")
-    rows = list(csv.DictReader(open(csv_path)))
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key in dict.fromkeys((r["setting"], r["d"]) for r in rows):
         rs = sorted((r for r in rows if (r["setting"], r["d"]) == key), key=lambda r: int(r["facts"]))

@@ -140,4 +140,6 @@ def test_train_returns_a_scored_row_and_tiny_models_have_the_papers_size():
     row = itl.train("in_tool", 16, n_people=8, steps=3, batch_size=8, n_eval=4, log_every=0)
     assert list(row) == itl.FIELDS and row["facts"] == 32 and 0 <= row["recall"] <= 1 and row["loss"] > 0
     with pytest.raises(SystemExit):
-        itl.train("in_weight", 16, n_people=128 * 128, steps=1)
+        itl.train("in_weight", 16, n_people=128 * 128, steps=1)  # no unseen people would be left
+    with pytest.raises(SystemExit):
+        itl.train("in_weight", 18, n_people=8, steps=1)  # 2 heads of 9: RoPE needs even head widths
