@@ -157,6 +157,8 @@ class Database:
 
 def make_model(d: int, seed: int, max_seq_len: int = 256) -> Llama:
     """The paper's tiny Llama: 2 layers, 2 heads, SwiGLU hidden 4d, untied embeddings; P = 32d^2 + 525d."""
+    # Untied: P counts both 260 x d matrices (525d = 2 * 260d + five RMSNorm gains). Plain RoPE (rope_factor
+    # None): llama3's stretching is for contexts past 8k, our dialogs are under 256 tokens.
     args = ModelArgs(dim=d, n_layers=2, n_heads=2, n_kv_heads=2, hidden_dim=4 * d, vocab_size=VOCAB,
                      rope_theta=10000.0, rope_factor=None, context_len=max_seq_len, max_seq_len=max_seq_len,
                      tie_embeddings=False, stop_tokens=(EOD,))
@@ -214,7 +216,7 @@ def train(setting: str, d: int, n_people: int, steps: int, batch_size: int = 64,
             print(f"{setting} d={d} N={n_people} step {step}: loss {loss.item():.4f} ({time.time() - t0:.0f}s)",
                   flush=True)
     model.eval()
-    rng = random.Random(seed + 1)
+    rng = random.Random(seed + 1)  # the same questions for every setting and width at a given N
     seen = rng.sample(facts, min(n_eval, len(facts)))
     unseen = [(p, rng.choice(list(QA))) for p in everyone[-n_eval:]]
     db = Database(everyone)  # the tool knows everyone, also the people the model never saw
@@ -242,6 +244,8 @@ def chat_with_tool(model, prompts: list[list[int]], db: Database, max_new_tokens
         logits = model.forward_cached(tokens, torch.arange(longest), pad)  # (B, vocab)
         for step in range(max_new_tokens):
             nxt = logits.argmax(-1).tolist()
+            # A tool answer goes in one token per step rather than as one prefill: every row then stays at the
+            # same cache slot, so one batched step serves all rows, as in llama31's generate.
             for b in range(B):
                 if forced[b]:
                     nxt[b] = forced[b].pop(0)
