@@ -321,10 +321,21 @@ def plot(csv_path: str, png_path: str):
                     label=f"{key[0]} d={key[1]}, unseen people")
     ax.set(xscale="log", xlabel="facts (4 per person)", ylabel="recall", ylim=(-0.02, 1.02),
            title="In-weight vs in-tool factual recall")
+    ticks = sorted({int(r["facts"]) for r in rows})
+    ax.set_xticks(ticks, [str(t) for t in ticks])  # the grid's sizes, not powers of ten
+    ax.minorticks_off()
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
+    for key in dict.fromkeys((r["setting"], r["d"]) for r in rows if r["setting"] == "in_weight"):
+        held = [r for r in rows if (r["setting"], r["d"]) == key and float(r["recall"]) >= 0.95]
+        if held:  # the bits of attribute entropy stored per parameter, at the largest N still recalled
+            r = max(held, key=lambda r: int(r["people"]))
+            print(f"in_weight d={key[1]}: recall >= 0.95 up to {r['people']} people, "
+                  f"{int(r['people']) * BITS_PER_PERSON / int(r['params']):.3f} bits per parameter")
+        else:
+            print(f"in_weight d={key[1]}: recall below 0.95 at every N")
 
 
 def main():
