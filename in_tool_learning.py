@@ -28,7 +28,7 @@ Deliberate departures from the reference:
 
 Usage:
     python in_tool_learning.py train --setting in_tool --d 32 --people 1024 --steps 3000
-    python in_tool_learning.py grid --out docs/in_tool_results.csv        # the sweep in README.md (CPU, ~90 min)
+    python in_tool_learning.py grid --out docs/in_tool_results.csv   # the sweep in README.md (68 min on one core)
     python in_tool_learning.py plot --csv docs/in_tool_results.csv --png docs/in_tool_recall.png  # matplotlib
 """
 
