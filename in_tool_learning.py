@@ -32,12 +32,12 @@ Usage:
     python in_tool_learning.py plot --csv docs/in_tool_results.csv --png docs/in_tool_recall.png  # matplotlib
 """
 
-import argparse
 import csv
 import math
 import random
 import re
 import sqlite3
+import sys
 import time
 from pathlib import Path
 
@@ -45,6 +45,7 @@ import torch
 
 from finetune import IGNORE, build_optimizer, build_scheduler, init_weights, loss_sum, render_chat
 from llama31 import Llama, ModelArgs
+from tokenizer_bpe import cli
 
 # -----------------------------------------------------------------------------
 # Tokens and facts
@@ -338,42 +339,58 @@ def plot(csv_path: str, png_path: str):
             print(f"in_weight d={key[1]}: recall below 0.95 at every N")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train and score one model")
-    p.add_argument("--setting", choices=["in_weight", "in_tool"], default="in_tool")
-    p.add_argument("--d", type=int, default=32, help="model width")
-    p.add_argument("--people", type=int, default=256, help="N people, 4N facts")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("grid", help="sweep runs x people, appending one CSV row per run")
-    p.add_argument("--out", default="results.csv")
-    p.add_argument("--runs", nargs="+", default=["in_tool:32", "in_weight:16", "in_weight:32"], help="SETTING:D")
-    p.add_argument("--people", type=int, nargs="+", default=[64, 256, 1024, 4096])
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("plot", help="recall against facts from a grid's CSV (needs matplotlib)")
-    p.add_argument("--csv", default="results.csv")
-    p.add_argument("--png", default="docs/in_tool_recall.png")
-    args = parser.parse_args()
-    if args.command == "train":
-        print(train(args.setting, args.d, args.people, args.steps, args.batch_size, args.lr, seed=args.seed))
-    elif args.command == "grid":
-        for run in args.runs:
-            if not re.fullmatch(r"in_(weight|tool):\d+", run):
-                raise SystemExit(f"error: a run is SETTING:D, e.g. in_tool:32, not {run!r}")
-        grid(args.out, args.runs, args.people, args.steps, args.batch_size, args.lr, args.seed)
-    else:
-        if not Path(args.csv).is_file():
-            raise SystemExit(f"error: no {args.csv}: run the grid first")
-        plot(args.csv, args.png)
+def train_command(setting: str = "in_tool", d: int = 32, people: int = 256, steps: int = 3000,
+                  batch_size: int = 64, lr: float = 3e-3, seed: int = 0):
+    """Train and score one model.
 
+    setting: in_weight (answer from the weights) or in_tool (query the database)
+    d: model width
+    people: N people, 4N facts
+    steps: optimizer steps
+    batch_size: dialogs per step
+    lr: peak learning rate
+    seed: seeds the people, the data order and the initial weights
+    """
+    if setting not in ("in_weight", "in_tool"):
+        raise SystemExit(f"error: --setting is in_weight or in_tool, not {setting!r}")
+    print(train(setting, d, people, steps, batch_size, lr, seed=seed))
+
+
+def grid_command(out: str = "results.csv", runs: list[str] = ("in_tool:32", "in_weight:16", "in_weight:32"),
+                 people: list[int] = (64, 256, 1024, 4096), steps: int = 3000, batch_size: int = 64,
+                 lr: float = 3e-3, seed: int = 0):
+    """Sweep runs x people, appending one CSV row per finished run.
+
+    out: the CSV that rows are appended to
+    runs: SETTING:D pairs, e.g. in_tool:32 in_weight:16
+    people: the numbers of people (4 facts each)
+    steps: optimizer steps of every run
+    batch_size: dialogs per step
+    lr: peak learning rate
+    seed: seeds every run alike
+    """
+    for run in runs:
+        if not re.fullmatch(r"in_(weight|tool):\d+", run):
+            raise SystemExit(f"error: a run is SETTING:D, e.g. in_tool:32, not {run!r}")
+    grid(out, list(runs), list(people), steps, batch_size, lr, seed)
+
+
+def plot_command(csv: str = "results.csv", png: str = "docs/in_tool_recall.png"):
+    """Recall against facts from a grid's CSV (needs matplotlib); prints bits per parameter.
+
+    csv: the grid's results
+    png: where the plot goes
+    """
+    if not Path(csv).is_file():
+        raise SystemExit(f"error: no {csv}: run the grid first")
+    plot(csv, png)
+
+
+COMMANDS = {"train": train_command, "grid": grid_command, "plot": plot_command}
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] and sys.argv[1] in COMMANDS:
+        cli(COMMANDS[sys.argv[1]], sys.argv[2:], prog=f"in_tool_learning.py {sys.argv[1]}")
+    else:
+        raise SystemExit(f"{__doc__.split(chr(10) * 2)[0].strip()}\n\nusage: python in_tool_learning.py "
+                         f"{{{','.join(COMMANDS)}}} [--flag value ...]  (--help after a command lists its flags)")

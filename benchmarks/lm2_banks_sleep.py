@@ -46,6 +46,7 @@ import statistics
 import sys
 import textwrap
 import time
+import types
 import typing
 from pathlib import Path
 
@@ -458,12 +459,14 @@ def cli(fn, argv=None, prog=None):
     hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
     parser = FlagParser(prog, description=doc.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False)
     for name, p in inspect.signature(fn).parameters.items():
-        kind = [t for t in typing.get_args(hints.get(name)) if t is not type(None)] or [hints.get(name, str)]
-        kind = typing.get_origin(kind[0]) or kind[0]  # int | None -> int; list[str] -> list
+        hint = hints.get(name, str)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # int | None -> int
+            hint = next(t for t in typing.get_args(hint) if t is not type(None))
+        kind, item = typing.get_origin(hint) or hint, (typing.get_args(hint) or [str])[0]  # list[int] -> list, int
         if p.kind is p.VAR_POSITIONAL:
             parser.add_argument(name, nargs="*", type=utf8, help=helps.get(name, ""))
             continue
-        extra = dict(type=utf8, nargs="+", metavar="STR") if kind is list else \
+        extra = dict(type=utf8 if item is str else item, nargs="+", metavar=item.__name__.upper()) if kind is list else \
             dict(type=parse_bool, nargs="?", const=True, metavar="BOOL") if kind is bool else \
             dict(type=utf8 if kind is str else kind, metavar=kind.__name__.upper())
         text = f"{helps.get(name, '')} (default: {p.default!r})".replace("%", "%%")  # argparse formats help with %
