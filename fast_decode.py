@@ -15,7 +15,9 @@ is the speed of streaming the weights from memory, and two PyTorch kernels leave
 (`python benchmarks/bench_cpu_kernels.py` times each kernel alone; figures in README.md):
 - fp32: the one-row product (MKL's matrix-vector kernel) runs on one thread whatever `torch.get_num_threads()`
   says. `FastLinear` views the output rows as one block per thread and runs the blocks as one `bmm`, whose
-  batch PyTorch spreads over the threads: the same product on every core.
+  batch PyTorch spreads over the threads: the same product on every core. This paid 1.54-1.60x on the AMD
+  EPYC development machine, where one thread streamed a fraction of the bandwidth; on the 2-vCPU Xeon (AMX)
+  one thread already streams 19-25 of its 23-28 GB/s, and the split measured 0.81-0.96x (README.md).
 - bf16 (where oneDNN has bf16 kernels): `F.linear` reorders the weight into oneDNN's blocked layout on every
   call. `FastLinear` keeps a reordered copy (made at the first inference call, remade when the weight changes,
   kept only while it fits in half the free memory) and multiplies with it directly.
@@ -29,13 +31,13 @@ optimizer or a LoRA wrapper holding the parameter still holds it. Training, auto
 wraps a `FastLinear` as it wraps an `nn.Linear` (the wrapped layer then runs `F.linear` plus its adapter), and
 `fast` leaves a `LoRALinear` alone, so either order works.
 
-Departures that were measured and left out (README.md has the figures):
-- q/k/v and gate/up stacked into one product: no faster here (one row: the stacked bf16 product streamed at
-  the speed of the separate ones), and it needs either a hook in each model's attention or a stash shared
-  between sibling layers;
-- attention in fp32 on an fp32 KV cache for bf16 models (the model files did this before): on this AMX
-  machine PyTorch's bf16 attention kernel is as fast as its fp32 one, and swapping it in from outside means
-  copying each model's attention forward.
+What the model files did before and this module does not (README.md has the figures):
+- q/k/v and gate/up stacked into one bf16 product: not done yet. A measurement under other jobs' load showed
+  no gain; the final idle one shows one (12.0 against 8.4 GB/s on SmolLM2's matrices, 20.3 against 18.4 on
+  Llama 3.2 1B's), so it is the next step, as a stacked reordered copy kept beside the sibling layers;
+- attention in fp32 on an fp32 KV cache for bf16 models: on the Xeon (AMX) PyTorch's bf16 attention takes
+  0.55-0.73x the time of the fp32 one (it was 2.2-8.5x slower on the EPYC machine), and swapping it in from
+  outside would mean copying each model's attention forward.
 """
 
 import os
