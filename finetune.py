@@ -428,7 +428,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target
     """Swap every nn.Linear whose last name part is in targets for a LoRALinear; freeze all but the adapters and
     the parameters whose name contains train_whole (if given): those train in full, without adapters."""
     whole = lambda name: train_whole is not None and train_whole in name  # noqa: E731
-    # any nn.Linear (the model files subclass it for fast decoding) but a LoRALinear: never wrapped twice
+    # any nn.Linear (fast_decode.FastLinear subclasses it) but a LoRALinear: never wrapped twice
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)
              and n.rsplit(".", 1)[-1] in targets and not whole(n)]
     if not names:
