@@ -444,7 +444,7 @@ def cli(fn, argv=None, prog=None):
         parser.add_argument(f"--{name}", default=p.default, help=text, **extra)
     flags, unknown = parser.parse_known_args(argv)
     if unknown:
-        known = [f"--{name}" for name in vars(flags)]
+        known = ["--help", *(f"--{name}" for name in vars(flags))]
         close = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1)
         what = "unknown flag" if unknown[0].startswith("-") else "unexpected argument"
         parser.error(f"{what} {unknown[0]}" + (f"; did you mean {close[0]}?" if close else ""))
