@@ -28,3 +28,15 @@ def pytest_sessionstart(session):
     if not ok or not all(ASSETS[name].is_dir() for name in missing):
         raise pytest.UsageError(f"test assets {', '.join(missing)} could not be fetched: "
                                 f"run `python download.py {' '.join(missing)}` and see its message")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct checkpoint folder (fetched at session start)."""
+    return ASSETS["smollm2-135m-instruct"]
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer_dir() -> Path:
+    """The real Llama 3.2 tokenizer folder (fetched at session start)."""
+    return ASSETS["llama3.2-tokenizer"]

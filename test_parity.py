@@ -32,7 +32,6 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -64,25 +63,6 @@ from tokenizer_bpe import LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, Tokenizer  # no
 
 SMOLLM2_DIR = ROOT / "checkpoints" / "SmolLM2-135M-Instruct"
 LLAMA_TOKENIZER_DIR = ROOT / "checkpoints" / "Llama-3.2-tokenizer"
-
-
-def ensure_asset(path: Path, name: str) -> Path:
-    """Fetch a real test asset once with download.py; a missing asset fails the test, it never skips it."""
-    if not path.is_dir():
-        cmd = [sys.executable, str(ROOT / "download.py"), name]
-        if subprocess.run(cmd).returncode != 0 or not path.is_dir():
-            pytest.fail(f"test asset {path} is missing and `{' '.join(cmd[1:])}` could not fetch it")
-    return path
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir():
-    return ensure_asset(SMOLLM2_DIR, "smollm2-135m-instruct")
-
-
-@pytest.fixture(scope="session")
-def llama_tokenizer_dir():
-    return ensure_asset(LLAMA_TOKENIZER_DIR, "llama3.2-tokenizer")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -374,7 +354,7 @@ def test_smollm2_user_text_cannot_forge_control_tokens(real_smollm2):
 
 # Parity of tokenizer_bpe.py with HF `tokenizers` and tiktoken on the real SmolLM2 and Llama 3 vocabularies.
 #
-# Needs: python download.py smollm2-135m-instruct llama3.2-tokenizer
+# The real files: conftest.py fetches them (python download.py smollm2-135m-instruct llama3.2-tokenizer).
 
 SMOL = os.path.join(ROOT, "checkpoints", "SmolLM2-135M-Instruct")
 LLAMA = os.path.join(ROOT, "checkpoints", "Llama-3.2-tokenizer")
@@ -1110,11 +1090,9 @@ def test_llama31_prompt_longer_than_max_seq_len_raises(llama_tiny_pair):
 
 
 @pytest.fixture(scope="module")
-def llama_tokenizers():
-    """(ours, HF's) on checkpoints/Llama-3.2-tokenizer, fetched once with download.py if absent."""
-    d = LLAMA_TOKENIZER_DIR
-    if not (d / "tokenizer.model").is_file():
-        subprocess.run([sys.executable, str(ROOT / "download.py"), "llama3.2-tokenizer"], cwd=ROOT)
+def llama_tokenizers(llama_tokenizer_dir):
+    """(ours, HF's) on checkpoints/Llama-3.2-tokenizer (conftest.py fetches it)."""
+    d = llama_tokenizer_dir
     config = d / "tokenizer_config.json"
     if not config.is_file() or "chat_template" not in json.loads(config.read_text()):
         pytest.fail(f"{d} is missing or has no chat template: run `python download.py llama3.2-tokenizer`")

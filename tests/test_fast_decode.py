@@ -190,11 +190,9 @@ def test_fast_bf16_is_as_close_to_fp32_as_plain_bf16(name, checkpoints):
     assert any("reordered" in vars(m) and m.reordered.weight is not None for m in quick.modules())
 
 
-def test_real_smollm2_fast_greedy_tokens_match_plain(two_threads):
+def test_real_smollm2_fast_greedy_tokens_match_plain(two_threads, smollm2_dir):
     """Real SmolLM2-135M-Instruct weights, fp32: 32 greedy tokens of a chat prompt, fast = plain."""
-    ckpt = ROOT / "checkpoints" / "SmolLM2-135M-Instruct"
-    if not (ckpt / "model.safetensors").is_file():
-        pytest.skip("no SmolLM2 checkpoint: python download.py")  # test_parity.py fetches it; this file does not
+    ckpt = smollm2_dir
     from tokenizer_bpe import Tokenizer
     ids = smollm2.encode_chat(Tokenizer.from_file(ckpt), [{"role": "user", "content": "What is gravity?"}])
     plain = smollm2.SmolLM2.from_pretrained(ckpt)
