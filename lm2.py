@@ -193,7 +193,7 @@ def rope_cos_sin(inv_freq, pos, dtype):
     """pos (B, T) -> cos, sin (B, 1, T, head_dim), angles in fp32 then cast, as HF LlamaRotaryEmbedding."""
     freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
     # rotate-half layout: frequency i drives dimensions i and i + hd/2 (HF's convention, not the interleaved
-    # pairs 2i, 2i+1 of the RoPE paper and Meta's code; see meta_to_hf_rope_rows for how Meta weights convert)
+    # pairs 2i, 2i+1 of the RoPE paper and Meta's code; meta_convert.py reorders Meta's q/k rows to match)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd): broadcast over heads
     return emb.cos().to(dtype), emb.sin().to(dtype)
 

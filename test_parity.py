@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 
 import llama31  # noqa: E402
 import lm2  # noqa: E402
+import meta_convert  # noqa: E402
 import nanollm as N  # noqa: E402
 import smollm2  # noqa: E402
 import tokenizer_bpe  # noqa: E402
@@ -924,7 +925,7 @@ def hf_to_meta(hf: LlamaForCausalLM, out: Path, n_shards: int, params: dict):
     """Write Meta's layout from an HF model: the inverse of HF's q/k permutation, Meta names, n shards."""
     cfg = hf.config
     hd = cfg.hidden_size // cfg.num_attention_heads
-    names = {v[0]: (k, v[1]) for k, v in llama31.META_NAMES.items()}
+    names = {v[0]: (k, v[1]) for k, v in meta_convert.META_NAMES.items()}
     shards = [{} for _ in range(n_shards)]
     for name, w in hf.state_dict().items():
         short = name.split(".", 3)[3] if name.startswith("model.layers.") else name
@@ -941,6 +942,7 @@ def hf_to_meta(hf: LlamaForCausalLM, out: Path, n_shards: int, params: dict):
     for i, shard in enumerate(shards):
         torch.save(shard, out / f"consolidated.{i:02d}.pth")
     (out / "params.json").write_text(json.dumps(params))
+    (out / "tokenizer.model").write_text("")
 
 
 @pytest.fixture(scope="module")
@@ -964,7 +966,8 @@ def test_llama31_hf_and_meta_checkpoints_load_to_the_same_logits(both_formats):
     hf, root = both_formats
     assert len(list((root / "hf").glob("*.safetensors"))) > 1
     from_hf = llama31.Llama.from_pretrained(root / "hf")
-    from_meta = llama31.Llama.from_pretrained(root / "meta")
+    meta_convert.meta_to_hf(root / "meta", root / "meta-hf")  # download.py's conversion
+    from_meta = llama31.Llama.from_pretrained(root / "meta-hf")
     # the same shapes and RoPE; only the stop tokens differ (config.json's eos 1 vs Meta's <|end_of_text|>)
     assert dataclasses.replace(from_hf.args, stop_tokens=()) == dataclasses.replace(from_meta.args, stop_tokens=())
     tokens = torch.randint(0, 256, (2, 100))

@@ -17,8 +17,10 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import download  # noqa: E402
 import llama31  # noqa: E402
 import lm2  # noqa: E402
+import meta_convert  # noqa: E402
 import nanollm  # noqa: E402
 import smollm2  # noqa: E402
 
@@ -208,11 +210,13 @@ def test_meta_checkpoint_with_a_malicious_pickle_is_refused_and_runs_nothing(tmp
     ckpt.mkdir()
     (ckpt / "params.json").write_text(json.dumps(dict(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, multiple_of=32,
                                                       vocab_size=64, norm_eps=1e-5, rope_theta=500000.0)))
+    (ckpt / "tokenizer.model").write_text("")
     write_pickle_bomb(ckpt / "consolidated.00.pth", marker)
-    with pytest.raises(ValueError, match="refused") as e:
-        llama31.Llama.from_pretrained(ckpt)
+    with pytest.raises(ValueError, match="refused") as e:  # Meta's files are read once, by the converter
+        meta_convert.meta_to_hf(ckpt, tmp_path / "out")
     assert "\n" not in str(e.value) and not marker.exists()
-    assert "refused" in one_line_error(llama31, "--prompt", "hi", "--ckpt_dir", str(ckpt))
+    assert "refused" in one_line_error(download, "--meta_dir", str(ckpt), "--out", str(tmp_path / "ckpts"))
+    assert "python download.py --meta_dir" in one_line_error(llama31, "--prompt", "hi", "--ckpt_dir", str(ckpt))
     assert not marker.exists()
 
 

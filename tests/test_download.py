@@ -330,13 +330,25 @@ def fake_hub(source_dir, calls):
     return snapshot_download
 
 
+def write_tiny_meta(folder: Path):
+    """Meta's original layout with tiny random weights: params.json, one consolidated shard, tokenizer.model."""
+    folder.mkdir(parents=True)
+    (folder / "params.json").write_text(json.dumps(dict(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64,
+                                                        multiple_of=32, norm_eps=1e-5, rope_theta=500000.0)))
+    layer = {"attention.wq": (32, 32), "attention.wk": (16, 32), "attention.wv": (16, 32), "attention.wo": (32, 32),
+             "feed_forward.w1": (96, 32), "feed_forward.w3": (96, 32), "feed_forward.w2": (32, 96),
+             "attention_norm": (32,), "ffn_norm": (32,)}  # hidden 96: Meta's rule for dim 32, multiple_of 32
+    shapes = {"tok_embeddings": (64, 32), "norm": (32,), "output": (64, 32),
+              **{f"layers.0.{k}": v for k, v in layer.items()}}
+    torch.save({f"{k}.weight": torch.randn(v) for k, v in shapes.items()}, folder / "consolidated.00.pth")
+    (folder / "tokenizer.model").write_text("{}")
+
+
 def test_hub_download_path(tmp_path, monkeypatch, tiny_gguf):
     import huggingface_hub
     repo = tmp_path / "repo"  # a Hub repo: HF files, Meta's original/ folder, and files we must skip
     gguf_convert.gguf_to_hf(tiny_gguf, repo)
-    (repo / "original").mkdir()
-    for f in ["consolidated.00.pth", "params.json", "tokenizer.model"]:
-        (repo / "original" / f).write_text("{}")
+    write_tiny_meta(repo / "original")
     (repo / "README.md").write_text("skip me")
     calls = []
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_hub(repo, calls))
@@ -353,8 +365,8 @@ def test_hub_download_path(tmp_path, monkeypatch, tiny_gguf):
         "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
     config = json.loads((out / "Llama-3.2-tokenizer" / "tokenizer_config.json").read_text())
     assert config["chat_template"] == download.LLAMA31_CHAT_TEMPLATE.read_text(encoding="utf-8")
-    assert sorted(p.name for p in (out / "Llama-3.2-1B-Instruct-meta").iterdir()) == [
-        "consolidated.00.pth", "params.json", "tokenizer.model"]
+    assert sorted(p.name for p in (out / "Llama-3.2-1B-Instruct-meta").iterdir()) == [  # converted for llama31.py
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.model"]
 
 
 def test_pip_failures(tmp_path, monkeypatch):

@@ -1,18 +1,23 @@
 """
-llama31.py's command line and loader: what a user sees, and what loading costs in memory.
+llama31.py's command line and loader, and the conversion of Meta's checkpoints (meta_convert.py): what a user
+sees, and what loading and converting cost in memory.
 
     python -m pytest tests/test_llama31_cli.py -q
 
 - The CLI on tiny random checkpoints with the real Llama 3 tokenizer: base prompts verbatim, instruct prompts
   through the chat template, --interactive, streamed output equal to generate()'s tokens.
+- Meta's consolidated.*.pth, converted by `download.py --meta_dir`, generates what the same weights saved by HF do.
 - Every user error ends in one line starting "error:" that names the fix, never a traceback: a missing or
-  partial checkpoint (which download to run, which shard is missing), a truncated shard, weights whose shapes
-  do not match the config, a prompt beyond --max_seq_len, bad sampling arguments, CUDA without a GPU.
+  partial checkpoint (which download to run, which shard is missing), Meta's format given to llama31.py, a
+  truncated shard, weights whose shapes do not match the config, a prompt beyond --max_seq_len, bad sampling
+  arguments, CUDA without a GPU.
 - Peak CPU memory while loading a ~300 MB bf16 checkpoint, measured in a fresh process from /proc/self/status
   (VmHWM counts memory-mapped file pages too, which tracemalloc would miss): within 1.2x the weight bytes for
-  HF safetensors (sharded) and a single Meta shard; (1 + 1/n) x + 0.1 for n Meta shards, which must be merged.
+  HF safetensors (sharded), and while converting a single Meta shard; (1 + 1/n) x + 0.1 while converting n
+  Meta shards, which must be merged.
 """
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -25,7 +30,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import download  # noqa: E402
 import llama31  # noqa: E402
+import meta_convert  # noqa: E402
 from tokenizer_bpe import Tokenizer  # noqa: E402
 
 TOKENIZER_MODEL = ROOT / "checkpoints" / "Llama-3.2-tokenizer" / "tokenizer.model"
@@ -68,7 +75,7 @@ def save_hf(args: llama31.ModelArgs, path: Path, seed=0, dtype=torch.float32, n_
 def save_meta(model: llama31.Llama, path: Path, n_shards: int):
     """The same weights in Meta's layout: Meta names, interleaved q/k rows, n model-parallel shards."""
     hd = model.args.head_dim
-    names = {hf: (meta, split) for meta, (hf, split) in llama31.META_NAMES.items()}
+    names = {hf: (meta, split) for meta, (hf, split) in meta_convert.META_NAMES.items()}
     shards = [{} for _ in range(n_shards)]
     for name, w in model.state_dict().items():
         parts = name.split(".")
@@ -153,6 +160,23 @@ def test_interactive_keeps_the_conversation(ckpts, capsys, monkeypatch):
     assert out == first + "\n" + second + "\n\n"
 
 
+def test_meta_checkpoint_converted_by_download_generates_as_hf(ckpts, tmp_path, capsys):
+    hf_dir, meta_dir = ckpts / "Llama-3.2-1B-Instruct", tmp_path / "meta" / "Llama3.2-1B-Instruct"
+    model = llama31.Llama.from_pretrained(hf_dir)
+    save_meta(model, meta_dir, 2)
+    shutil.copy(TOKENIZER_MODEL, meta_dir / "tokenizer.model")
+    download.main(meta_dir=str(meta_dir), out=str(tmp_path / "ckpts"))
+    converted = llama31.Llama.from_pretrained(tmp_path / "ckpts" / meta_dir.name)
+    # params.json has no context length: Llama 3's 128k. The rest, instruct stop tokens included, as HF's config
+    assert dataclasses.replace(converted.args, context_len=4096, max_seq_len=4096) == model.args
+    tokens = torch.randint(0, TINY.vocab_size, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(converted(tokens), model(tokens), rtol=0, atol=0)
+    capsys.readouterr()
+    assert run_main(capsys, prompt="Hi", ckpt_dir=str(tmp_path / "ckpts" / meta_dir.name)) == \
+        run_main(capsys, prompt="Hi", ckpt_dir=str(hf_dir))
+
+
 def test_command_line_entry_point(ckpts):
     cmd = [sys.executable, str(ROOT / "llama31.py"), "--ckpt_dir", str(ckpts / "Llama-3.2-1B"), "--prompt", "Hi",
            "--max_new_tokens", "3", "--temperature", "0", "--device", "cpu"]
@@ -189,13 +213,23 @@ def test_missing_or_truncated_hf_shard(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("drop", ["consolidated.00.pth", "consolidated.01.pth"])
-def test_missing_meta_shard(tmp_path, capsys, drop):
-    d = tmp_path / "Llama-3.2-1B-meta"
-    model = llama31.Llama(TINY)
-    save_meta(model, d, 2)
+def test_missing_meta_shard(tmp_path, drop):
+    d = tmp_path / "Llama3.2-1B"
+    save_meta(llama31.Llama(TINY), d, 2)
+    (d / "tokenizer.model").write_text("")
     (d / drop).unlink()
-    expect_error(capsys, "consolidated.00.pth is missing" if drop.endswith("00.pth") else "has 1 of 2 shards",
-                 ckpt_dir=str(d))
+    with pytest.raises(SystemExit) as e:
+        download.main(meta_dir=str(d), out=str(tmp_path / "ckpts"))
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    assert ("consolidated.00.pth is missing" if drop.endswith("00.pth") else "has 1 of 2 shards") in msg, msg
+    assert not (tmp_path / "ckpts" / d.name).exists()
+
+
+def test_meta_folder_given_to_llama31_names_the_conversion(tmp_path, capsys):
+    d = tmp_path / "Llama3.2-1B"
+    save_meta(llama31.Llama(TINY), d, 1)
+    expect_error(capsys, f"convert it once with `python download.py --meta_dir {d}`", ckpt_dir=str(d))
 
 
 def test_shapes_that_do_not_match_the_config(tmp_path, capsys):
@@ -229,28 +263,33 @@ def test_error_exit_from_the_shell_has_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "llama31.py"), "--ckpt_dir", str(tmp_path / "Llama-3.2-1B"),
                         "--prompt", "Hi"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == [f"error: no checkpoint at {tmp_path / 'Llama-3.2-1B'} (no config.json "
-                                             f"or params.json): run `python download.py llama3.2-1b`"]
+    assert r.stderr.strip().splitlines() == [f"error: no checkpoint at {tmp_path / 'Llama-3.2-1B'} (no config.json): "
+                                             f"run `python download.py llama3.2-1b`"]
 
 
 # -----------------------------------------------------------------------------
 # one copy of the weights: peak memory while loading
 
 MEASURE = """
-import sys, torch, safetensors.torch
+import pathlib, sys, torch, safetensors.torch
 sys.path.insert(0, {root!r})
-import llama31
+import llama31, meta_convert
 with torch.device("meta"):  # the first meta-device build imports torch's Python meta kernels (~80 MB of modules):
     llama31.Llama(llama31.ModelArgs(dim=64, n_layers=1, n_heads=4, hidden_dim=64, vocab_size=64))  # not loading
 def status(field):
     return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
 before = status("VmRSS")
-model = llama31.Llama.from_pretrained({path!r})
-weights = sum(p.numel() * p.element_size() for p in model.parameters())
-for p in model.parameters():  # memory-mapped weights are read on first use: use them all, as a forward would
-    p.sum()
-print((status("VmHWM") - before) / weights, weights)
+if {convert!r}:  # Meta's shards -> safetensors; the output file's pages are page cache, not this process's
+    meta_convert.meta_to_hf({path!r}, {path!r} + "-hf")
+else:
+    model = llama31.Llama.from_pretrained({path!r})
+    for p in model.parameters():  # memory-mapped weights are read on first use: use them all, as a forward would
+        p.sum()
+peak = status("VmHWM") - before
+weights = sum(t.numel() * t.element_size() for f in sorted(pathlib.Path({hf!r}).glob("*.safetensors"))
+              for t in safetensors.torch.load_file(f).values())
+print(peak / weights, weights)
 """
 
 
@@ -262,14 +301,17 @@ def medium(tmp_path_factory):
     model = save_hf(args, root / "hf", dtype=torch.bfloat16, n_files=3)
     save_meta(model, root / "meta1", 1)
     save_meta(model, root / "meta4", 4)
+    for d in ("meta1", "meta4"):
+        (root / d / "tokenizer.model").write_text("")
     return root
 
 
 @pytest.mark.parametrize("fmt,bound", [("hf", 1.2), ("meta1", 1.2), ("meta4", 1 + 1 / 4 + 0.1)])
-def test_peak_memory_while_loading(medium, fmt, bound):
-    code = MEASURE.format(root=str(ROOT), path=str(medium / fmt))
+def test_peak_memory_while_loading_or_converting(medium, fmt, bound):
+    code = MEASURE.format(root=str(ROOT), path=str(medium / fmt), convert=fmt != "hf",
+                          hf=str(medium / "hf"))
     ratio, weights = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                    check=True).stdout.split()
+                                    check=True).stdout.splitlines()[-1].split()  # after the converter's log
     assert int(weights) > 250e6
-    print(f"{fmt}: peak RSS while loading = {float(ratio):.3f} x the weights")
-    assert float(ratio) <= bound, f"{fmt}: peak RSS while loading = {float(ratio):.2f} x the weights"
+    print(f"{fmt}: peak RSS while loading or converting = {float(ratio):.3f} x the weights")
+    assert float(ratio) <= bound, f"{fmt}: peak RSS while loading or converting = {float(ratio):.2f} x the weights"
