@@ -154,8 +154,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # Normalise in fp32 even for bf16 activations: the mean of squares loses too much precision otherwise.
-        # The scale is applied after casting back, in the weight's dtype, exactly as HF LlamaRMSNorm.
-        # (F.rms_norm: x * rsqrt(mean(x^2) + eps), the same operations as HF's, in one call.)
+        # Then scale in the weight's dtype, after casting back, as HF LlamaRMSNorm (F.rms_norm is x * rsqrt(...)).
         return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
 
@@ -284,22 +283,14 @@ def doc_positions_and_mask(doc_ids):
 # The model
 
 
-# Same as smollm2.py: Decoder (with SmolLM2->Llama)
-class Decoder(nn.Module):
-    """The trunk, named `model` inside Llama so parameter names match HF's `model.layers.N...`."""
-
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-
-
 class Llama(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.model = Decoder(args)
+        self.model = nn.ModuleDict(dict(  # the trunk, named as HF's, so parameters are `model.layers.N...`
+            embed_tokens=nn.Embedding(args.vocab_size, args.dim),
+            layers=nn.ModuleList(Block(args) for _ in range(args.n_layers)),
+            norm=RMSNorm(args.dim, args.norm_eps)))
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -595,11 +586,7 @@ except ImportError:
 def stream_printer(tokenizer):
     """A stream callback printing text as soon as it is complete UTF-8 (a character may span tokens)."""
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def emit(_row, token):
-        print(utf8.decode(tokenizer.decode_bytes([token])), end="", flush=True)
-
-    return emit
+    return lambda _row, token: print(utf8.decode(tokenizer.decode_bytes([token])), end="", flush=True)
 
 
 # Same as smollm2.py: converse

@@ -187,8 +187,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # Normalise in fp32 even for bf16 activations: the mean of squares loses too much precision otherwise.
-        # The scale is applied after casting back, in the weight's dtype, exactly as HF LlamaRMSNorm.
-        # (F.rms_norm: x * rsqrt(mean(x^2) + eps), the same operations as HF's, in one call.)
+        # Then scale in the weight's dtype, after casting back, as HF LlamaRMSNorm (F.rms_norm is x * rsqrt(...)).
         return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -734,22 +733,15 @@ def encode_chat(tokenizer, messages, add_generation_prompt=True) -> list[int]:
 def is_chat_checkpoint(ckpt_dir) -> bool:
     """Whether a HF checkpoint folder ships a chat template (instruct models do, base models do not):
     transformers 5 writes it to chat_template.jinja, earlier versions into tokenizer_config.json."""
-    ckpt_dir = Path(ckpt_dir)
-    if (ckpt_dir / "chat_template.jinja").is_file():
-        return True
-    cfg = ckpt_dir / "tokenizer_config.json"
-    return cfg.is_file() and "chat_template" in read_json(cfg)
+    cfg = Path(ckpt_dir) / "tokenizer_config.json"
+    return (Path(ckpt_dir) / "chat_template.jinja").is_file() or (cfg.is_file() and "chat_template" in read_json(cfg))
 
 
 # Same as smollm2.py: stream_printer
 def stream_printer(tokenizer):
     """A stream callback printing text as soon as it is complete UTF-8 (a character may span tokens)."""
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def emit(_row, token):
-        print(utf8.decode(tokenizer.decode_bytes([token])), end="", flush=True)
-
-    return emit
+    return lambda _row, token: print(utf8.decode(tokenizer.decode_bytes([token])), end="", flush=True)
 
 
 # Same as smollm2.py: check_flags
