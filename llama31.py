@@ -540,15 +540,10 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
 
 def encode_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
                 date_string: str = "26 Jul 2024") -> list[int]:
-    """Llama 3 instruct ids exactly as Llama 3.1's chat template renders them and HF tokenizes them.
-
-    The template always opens with a system turn, "Cutting Knowledge Date: December 2023\\nToday Date:
-    {date_string}\\n\\n" followed by the conversation's system message (if any), then writes
-    `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>` per message, contents stripped of
-    surrounding whitespace (Jinja's |trim). The special tokens go in as ids and each stretch of text between
-    two of them is encoded as one plain-text piece, which is how HF splits the rendered string: the same ids,
-    except that a user who types "<|eot_id|>" cannot end a turn. Tool calls are not rendered.
-    """
+    """Llama 3 instruct ids exactly as Llama 3.1's chat template renders them and HF tokenizes them: a system turn
+    with the knowledge-cutoff date always comes first, and contents are stripped (Jinja's |trim). The special tokens
+    go in as ids and each stretch of text between two of them is encoded as one plain-text piece, as HF splits the
+    rendered string, so a user who types "<|eot_id|>" cannot end a turn. Tool calls are not rendered."""
     sp = tokenizer.special_tokens
     start, end, eot = sp["<|start_header_id|>"], sp["<|end_header_id|>"], sp["<|eot_id|>"]
     system = ""

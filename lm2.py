@@ -719,12 +719,9 @@ DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Huggin
 
 # Same as smollm2.py: encode_chat (with encode_chat->encode_chatml)
 def encode_chatml(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """ChatML ids exactly as SmolLM2-Instruct's chat template renders and HF tokenizes them.
-
-    The template writes `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message and puts the default
+    """ChatML ids exactly as SmolLM2-Instruct's chat template renders and HF tokenizes them, with the default
     system prompt first when the conversation has none. The special tokens are inserted as ids and the text
-    between them encoded as plain text, so a user who types "<|im_end|>" cannot close a turn.
-    """
+    between them encoded as plain text, so a user who types "<|im_end|>" cannot close a turn."""
     start, end = tokenizer.special_tokens["<|im_start|>"], tokenizer.special_tokens["<|im_end|>"]
     if not messages or messages[0]["role"] != "system":
         messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + list(messages)
@@ -739,15 +736,10 @@ def encode_chatml(tokenizer: Tokenizer, messages: list[dict], add_generation_pro
 # Same as llama31.py: encode_chat (with encode_chat->encode_llama3_chat)
 def encode_llama3_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
                 date_string: str = "26 Jul 2024") -> list[int]:
-    """Llama 3 instruct ids exactly as Llama 3.1's chat template renders them and HF tokenizes them.
-
-    The template always opens with a system turn, "Cutting Knowledge Date: December 2023\\nToday Date:
-    {date_string}\\n\\n" followed by the conversation's system message (if any), then writes
-    `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>` per message, contents stripped of
-    surrounding whitespace (Jinja's |trim). The special tokens go in as ids and each stretch of text between
-    two of them is encoded as one plain-text piece, which is how HF splits the rendered string: the same ids,
-    except that a user who types "<|eot_id|>" cannot end a turn. Tool calls are not rendered.
-    """
+    """Llama 3 instruct ids exactly as Llama 3.1's chat template renders them and HF tokenizes them: a system turn
+    with the knowledge-cutoff date always comes first, and contents are stripped (Jinja's |trim). The special tokens
+    go in as ids and each stretch of text between two of them is encoded as one plain-text piece, as HF splits the
+    rendered string, so a user who types "<|eot_id|>" cannot end a turn. Tool calls are not rendered."""
     sp = tokenizer.special_tokens
     start, end, eot = sp["<|start_header_id|>"], sp["<|end_header_id|>"], sp["<|eot_id|>"]
     system = ""

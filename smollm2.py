@@ -466,12 +466,9 @@ DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Huggin
 
 
 def encode_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """ChatML ids exactly as SmolLM2-Instruct's chat template renders and HF tokenizes them.
-
-    The template writes `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message and puts the default
+    """ChatML ids exactly as SmolLM2-Instruct's chat template renders and HF tokenizes them, with the default
     system prompt first when the conversation has none. The special tokens are inserted as ids and the text
-    between them encoded as plain text, so a user who types "<|im_end|>" cannot close a turn.
-    """
+    between them encoded as plain text, so a user who types "<|im_end|>" cannot close a turn."""
     start, end = tokenizer.special_tokens["<|im_start|>"], tokenizer.special_tokens["<|im_end|>"]
     if not messages or messages[0]["role"] != "system":
         messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + list(messages)
