@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from tokenizer_bpe import Tokenizer, cli, utf8
 
 # -----------------------------------------------------------------------------
-# config
+# Config
 
 
 @dataclass
@@ -147,7 +147,7 @@ PRESETS = {  # defaults only: from_pretrained always reads the checkpoint's own 
 }
 
 # -----------------------------------------------------------------------------
-# RMSNorm
+# Building blocks
 
 
 # Same as smollm2.py: RMSNorm
@@ -161,9 +161,6 @@ class RMSNorm(nn.Module):
         # Normalise in fp32 even for bf16 activations: the mean of squares loses too much precision otherwise.
         # Then scale in the weight's dtype, after casting back, as HF LlamaRMSNorm (F.rms_norm is x * rsqrt(...)).
         return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
-
-# -----------------------------------------------------------------------------
-# RoPE
 
 
 # Same as llama31.py: rope_inv_freq
@@ -215,9 +212,6 @@ def attention_mask(q_idx, k_idx, window=None, q_doc=None, k_doc=None):
         m = m & (q_doc[:, None, :, None] == k_doc[:, None, None, :])
     return m
 
-# -----------------------------------------------------------------------------
-# KV cache and memory state for generation
-
 
 # Same as smollm2.py: KVCache
 class KVCache(nn.Module):
@@ -255,9 +249,6 @@ class MemoryCache(nn.Module):
     def update(self, state):
         for buf, t in zip(self.state(), state):
             buf.copy_(t)
-
-# -----------------------------------------------------------------------------
-# attention and MLP (Llama, names as the HF checkpoint)
 
 
 # Differs from smollm2.py's Attention: the segment-wise forward also attends to the keys/values kept from earlier
@@ -389,9 +380,6 @@ class Memory(nn.Module):
         # e: (B, N, d) = E~
         return self.state(torch.sigmoid(self.in_gate(e)) * torch.tanh(e) + torch.sigmoid(self.forget_gate(e)) * mem)
 
-# -----------------------------------------------------------------------------
-# decoder block
-
 
 # Differs from smollm2.py's Block: the memory read joins beside attention, and the normed input is returned for the
 # memory write
@@ -415,7 +403,7 @@ class Block(nn.Module):
         return x, h, past
 
 # -----------------------------------------------------------------------------
-# model
+# The model
 
 
 class LM2(nn.Module):
@@ -620,7 +608,7 @@ class LM2(nn.Module):
         return out
 
 # -----------------------------------------------------------------------------
-# loading
+# Checkpoint files
 
 
 # Same as smollm2.py: read_json
@@ -670,7 +658,7 @@ def check_state(model: nn.Module, state: dict, ckpt_dir):
                              f"{tuple(p.shape)}")
 
 # -----------------------------------------------------------------------------
-# sampling
+# Sampling
 
 
 # Same as smollm2.py: check_sampling
@@ -711,7 +699,7 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
     return torch.multinomial(logits_to_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
 
 # -----------------------------------------------------------------------------
-# chat formatting
+# Chat formatting
 
 
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -839,7 +827,7 @@ def converse(model, tokenizer, encode, prompt, interactive, stop, max_new_tokens
 
 
 # -----------------------------------------------------------------------------
-# CLI
+# Command line
 
 try:  # the speed module beside this file (fast_decode.py); a copy of this file alone runs plain, same tokens
     from fast_decode import fast

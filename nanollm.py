@@ -22,8 +22,6 @@ Departures from nano-llm's `src/model.py`, each fixed here and tested:
 - it has no load balancing: ours adds DeepSeek-V3's bias balancing and optional sequence-wise balance loss.
 - its per-head RoPE key (a 768x768 projection per block), Linear biases, missing latent norms and averaged shared
   experts become DeepSeek's single 64-wide RoPE key, no biases, RMSNorm on both latents and summed shared experts.
-- its learning-rate schedule (CosineAnnealingLR with T_max = epochs, stepped per batch, so it oscillates) belongs
-  to the training loop: finetune.py owns ours.
 Departures from DeepSeek-V3: no multi-token-prediction module (its weights are skipped on load, as HF does), no FP8.
 
 Run:  python nanollm.py --ckpt_dir checkpoints/nanollm --prompt "Once upon a time" --temperature 0
@@ -175,7 +173,7 @@ def cache_bytes_per_token(args: ModelArgs, bytes_per_value: int = 2) -> dict[str
     return {k: args.n_layers * v * bytes_per_value for k, v in per_layer.items()}
 
 # ----------------------------------------------------------------------------------------------------------------
-# RMSNorm
+# Building blocks
 
 
 # Same as smollm2.py: RMSNorm
@@ -189,9 +187,6 @@ class RMSNorm(nn.Module):
         # Normalise in fp32 even for bf16 activations: the mean of squares loses too much precision otherwise.
         # Then scale in the weight's dtype, after casting back, as HF LlamaRMSNorm (F.rms_norm is x * rsqrt(...)).
         return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
-
-# ----------------------------------------------------------------------------------------------------------------
-# RoPE
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -238,9 +233,6 @@ def apply_rope(x, cos, sin, interleave: bool):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
-# ----------------------------------------------------------------------------------------------------------------
-# KV cache
-
 
 class MLACache(nn.Module):
     """Preallocated buffers of what MLA rebuilds keys and values from, written by position (gpt-fast style): the
@@ -257,9 +249,6 @@ class MLACache(nn.Module):
         self.kv[:, input_pos] = kv
         self.pe[:, input_pos] = pe
         return self.kv[:, :length], self.pe[:, :length]  # only the filled prefix, not the whole buffer
-
-# ----------------------------------------------------------------------------------------------------------------
-# Attention
 
 
 class MLA(nn.Module):
@@ -318,9 +307,6 @@ class MLA(nn.Module):
             y = F.scaled_dot_product_attention(q, k, kv[:, None], attn_mask=mask, scale=self.scale)
             y = torch.einsum("bhtc,hvc->bhtv", y.view(B, H, T, -1), w[:, self.nope:])  # (B, H, T, v_head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_dim))
-
-# ----------------------------------------------------------------------------------------------------------------
-# MLP and MoE
 
 
 # Differs from smollm2.py's MLP: it takes its widths, since the experts of a MoE are narrower MLPs
@@ -409,16 +395,6 @@ class MoE(nn.Module):
                 self.aux_loss = self.aux_loss_alpha * (f * p).sum(-1).mean()
         return y.view(B, T, D)
 
-    @torch.no_grad()
-    def update_bias(self, rate: float):
-        # DeepSeek-V3 §2.1.2: lower the bias of overloaded experts by `rate`, raise it for underloaded ones
-        if self.load is not None:
-            self.gate.e_score_correction_bias += rate * torch.sign(self.load.float().mean() - self.load)
-            self.load = None
-
-# ----------------------------------------------------------------------------------------------------------------
-# Block
-
 
 # Differs from smollm2.py's Block: MLA attention, and a MoE in place of the MLP in the moe_layers
 class Block(nn.Module):
@@ -434,7 +410,7 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 # ----------------------------------------------------------------------------------------------------------------
-# Model
+# The model
 
 
 # Same as smollm2.py: doc_positions_and_mask
@@ -526,10 +502,13 @@ class NanoLLM(nn.Module):
     @torch.no_grad()
     def update_router_biases(self, rate: float = 1e-3) -> dict[int, list[float]]:
         """Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2; gamma = 0.001 there): call after each optimizer step.
-        Uses the tokens counted by training-mode forwards since the last call and returns that load."""
+        Each router's bias falls by `rate` for the experts that got more than the mean load since the last call
+        (tokens counted by training-mode forwards) and rises for the others. Returns that load."""
         load = self.expert_load()
         for _, moe in self.moe_layers():
-            moe.update_bias(rate)
+            if moe.load is not None:
+                moe.gate.e_score_correction_bias += rate * torch.sign(moe.load.float().mean() - moe.load)
+                moe.load = None
         return load
 
     def extra_loss(self):
@@ -550,8 +529,8 @@ class NanoLLM(nn.Module):
         """{layer: fraction of routed tokens per expert} since the last update_router_biases (training mode only)."""
         return {i: (m.load / m.load.sum()).tolist() for i, m in self.moe_layers() if m.load is not None}
 
-# ----------------------------------------------------------------------------------------------------------------
-# Loading
+    # ------------------------------------------------------------------------------------------------------------
+    # Loading
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, device=None, dtype=None) -> "NanoLLM":
@@ -582,8 +561,8 @@ class NanoLLM(nn.Module):
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.eval()
 
-# ----------------------------------------------------------------------------------------------------------------
-# Sampling and generation
+    # ------------------------------------------------------------------------------------------------------------
+    # Generation
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature=0.0, top_k=None, top_p=1.0,
@@ -624,6 +603,9 @@ class NanoLLM(nn.Module):
             self.clear_cache()
         return out
 
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling
+
 
 # Same as smollm2.py: check_sampling
 def check_sampling(temperature, top_k, top_p):
@@ -661,6 +643,9 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
     if temperature == 0:
         return logits.argmax(dim=-1)
     return torch.multinomial(logits_to_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoint files
 
 
 # Same as smollm2.py: read_json
@@ -800,7 +785,7 @@ def converse(model, tokenizer, encode, prompt, interactive, stop, max_new_tokens
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CLI
+# Command line
 
 try:  # the speed module beside this file (fast_decode.py); a copy of this file alone runs plain, same tokens
     from fast_decode import fast
@@ -830,9 +815,7 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/nanollm", max_n
         dev, dt = check_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, interactive)
         t0 = time.time()
         model = NanoLLM.from_pretrained(ckpt_dir, dev, dt)
-        if not (Path(ckpt_dir) / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{ckpt_dir}/tokenizer.json missing: save the tokenizer_bpe.py one there")
-        tokenizer = Tokenizer.from_file(str(Path(ckpt_dir) / "tokenizer.json"))
+        tokenizer = Tokenizer.from_file(ckpt_dir)  # finetune.py saves the tokenizer_bpe.py one beside the weights
         chat = is_chat_checkpoint(ckpt_dir) if chat is None else chat
         if chat and "<|im_end|>" not in tokenizer.special_tokens:
             raise ValueError(f"{ckpt_dir}: its tokenizer has no ChatML tokens (<|im_end|>); use --chat false")
