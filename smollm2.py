@@ -72,13 +72,11 @@ class ModelArgs:
         """From a HF `config.json` of a Llama-architecture model with plain (unscaled) RoPE."""
         # transformers >= 5 nests rope settings in `rope_parameters`; older files use rope_theta/rope_scaling
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise NotImplementedError(f"RoPE scaling {rope} is not used by SmolLM2; use llama31.py")
         dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-        if cfg.get("head_dim", dim // n_heads) != dim // n_heads:
-            raise NotImplementedError("head_dim != hidden_size / num_attention_heads is not a SmolLM2 shape")
-        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise NotImplementedError("biases in attention or MLP are not part of SmolLM2")
+        if rope.get("rope_type", rope.get("type", "default")) != "default" or cfg.get("attention_bias") \
+                or cfg.get("mlp_bias") or cfg.get("head_dim", dim // n_heads) != dim // n_heads:
+            raise NotImplementedError("RoPE scaling, biases and head_dim != hidden_size / num_attention_heads are "
+                                      "not part of SmolLM2 (llama31.py reads Llama 3's scaled RoPE)")
         eos = cfg.get("eos_token_id", 2)
         return cls(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
                    n_kv_heads=cfg.get("num_key_value_heads") or n_heads, hidden_dim=cfg["intermediate_size"],
@@ -281,11 +279,9 @@ class SmolLM2(nn.Module):
             layer.self_attn.cache = None
 
     def forward_cached(self, tokens, input_pos, pad=None):
-        """Run tokens (B, T) in cache slots input_pos (T,); return the last position's logits (B, vocab).
-
-        pad (B,), None for none: left padding of each row. A row's RoPE position is its slot minus its padding,
-        and no query attends to a padding slot or a later slot.
-        """
+        """Run tokens (B, T) in cache slots input_pos (T,); return the last position's logits (B, vocab). pad (B,),
+        None for none: left padding of each row. A row's RoPE position is its slot minus its padding, and no query
+        attends to a padding slot or a later slot."""
         B, T = tokens.shape
         pad = torch.zeros(B, dtype=torch.long, device=tokens.device) if pad is None else pad
         pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
@@ -334,10 +330,8 @@ class SmolLM2(nn.Module):
                  top_k: int | None = None, top_p: float = 1.0, stop_tokens=None, seed: int | None = None,
                  stream=None) -> list[list[int]]:
         """Continue each prompt; return the new tokens of each (a stop token ends a row and is not returned).
-
-        temperature 0 is greedy. stop_tokens None stops at the model's end-of-turn token, [] never early.
-        stream(row, token) is called for every returned token as soon as it is sampled.
-        """
+        temperature 0 is greedy; stop_tokens None stops at the model's end-of-turn token, [] never early;
+        stream(row, token) is called for every returned token as soon as it is sampled."""
         check_sampling(temperature, top_k, top_p)
         if max_new_tokens < 1 or not prompts or not all(prompts):
             raise ValueError("need max_new_tokens >= 1 and at least one token in every prompt")
