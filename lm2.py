@@ -20,17 +20,16 @@ and so only defined when the sequence length equals the number of slots; see dep
 Departures from the official code, and choices where the paper is silent
 1. Any sequence length and batch size. The official module resamples the token stream to N rows and raises
    unless T == N (2048). Here each slot i attends over the tokens of a finished segment with the read score
-   normalised over tokens instead of slots, giving the slot-indexed view E~_i, which takes the place of E and
-   E_mem in the update:  M_next = sigmoid(E~ W_in) * tanh(E~) + sigmoid(E~ W_forget) * M.
+   normalised over tokens instead of slots, giving a slot-indexed view E~_i that takes the place of E and E_mem
+   in the update (Memory's docstring has the formulas).
 2. The output gate is the paper's; the official code has none and adds the memory output ungated.
 3. Memory is per sequence: each sequence starts from the learned initial bank M_0 (identity-initialised as
    in the paper) and the bank is carried from segment to segment, never across batches as the official code
    does. A token reads the bank written by earlier completed segments only, never by itself or later tokens.
    Truncated BPTT: every `bptt_segments` segments the carried state (banks and the attention keys/values
    kept from earlier segments, as Transformer-XL's stop-gradient) is detached; values are unchanged.
-4. Pretrained start: the memory value projection W_V starts at zero, so E_mem = 0 and a fresh LM2 computes
-   exactly its base checkpoint (see Memory.reset_parameters for why this, not a closed gate). The forget
-   gate's bias starts at 3, not the official 1, so that memory outlives a few segments from the start.
+4. Pretrained start: W_V starts at zero, so a fresh LM2 computes exactly its base checkpoint, and the forget
+   gate's bias starts at 3, not the official 1 (Memory.reset_parameters says why).
 5. Optional `attn_window` (sliding window, as HF Mistral) so that, in experiments, only the memory can carry
    information further back than n_layers * (attn_window - 1) tokens.
 
