@@ -102,7 +102,7 @@ def load_meta(files: list[Path], args, hint: str) -> dict:
         rows = shard["tok_embeddings.weight"].size(0)  # each shard holds vocab_size / n embedding rows
         if i == 0 and rows * n < args.vocab_size and args.vocab_size % rows == 0:
             raise ValueError(f"{f.parent} has {n} of {args.vocab_size // rows} shards: "
-                                    f"consolidated.{n:02d}.pth is missing; {hint}")
+                             f"consolidated.{n:02d}.pth is missing; {hint}")
         for key, w in shard.items():
             layer, short = re.fullmatch(r"(?:layers\.(\d+)\.)?(.+)", key).groups()  # "layers.3.ffn_norm.weight"
             if short not in META_NAMES:

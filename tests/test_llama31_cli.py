@@ -160,12 +160,14 @@ def test_interactive_keeps_the_conversation(ckpts, capsys, monkeypatch):
     assert out == first + "\n" + second + "\n\n"
 
 
-def test_meta_checkpoint_converted_by_download_generates_as_hf(ckpts, tmp_path, capsys):
+def test_meta_checkpoint_converted_by_download_generates_as_hf(ckpts, tmp_path, capsys, monkeypatch):
     hf_dir, meta_dir = ckpts / "Llama-3.2-1B-Instruct", tmp_path / "meta" / "Llama3.2-1B-Instruct"
     model = llama31.Llama.from_pretrained(hf_dir)
     save_meta(model, meta_dir, 2)
     shutil.copy(TOKENIZER_MODEL, meta_dir / "tokenizer.model")
+    monkeypatch.setattr(meta_convert, "SHARD_BYTES", 4 << 20)  # ~17 MB of weights: several files and an index
     download.main(meta_dir=str(meta_dir), out=str(tmp_path / "ckpts"))
+    assert len(list((tmp_path / "ckpts" / meta_dir.name).glob("model-*-of-*.safetensors"))) > 1
     converted = llama31.Llama.from_pretrained(tmp_path / "ckpts" / meta_dir.name)
     # params.json has no context length: Llama 3's 128k. The rest, instruct stop tokens included, as HF's config
     assert dataclasses.replace(converted.args, context_len=4096, max_seq_len=4096) == model.args
