@@ -228,11 +228,11 @@ def bpe_long(data: bytes, table: MergeTable) -> list[bytes]:
     """bpe() of the single bytes of `data`, for long pieces (a megabyte of one letter, of spaces or of random
     letters is one piece): minbpe's loop run on numpy arrays, many merges in one vectorized pass. `table`
     holds every token that can form from `data`. Each round merges pairs that bpe() is sure to merge as they
-    stand:
+    stand, of two kinds:
     - every pair of the lowest rank present, left to right: bpe()'s next merges, one by one, provided no pair
-      they create ranks at or below them (true of trained vocabularies, not of every file: checked).
-    When these are too few to pay for a pass over all parts (random letters, not runs of one), also
-    - every pair whose (rank, position) is the lowest within `longest` pairs on either side, `longest` being
+      they create ranks at or below them (true of trained vocabularies, not of every file: checked);
+    - when those are too few to pay for a pass over all parts (random letters, not runs of one letter), also
+      every pair whose (rank, position) is the lowest within `longest` pairs on either side, `longest` being
       the length of the longest token that occurs in `data`. Only a merge with a neighbour can stop bpe()
       from merging it, and the neighbour would have to be a token built by earlier merges, that is of pairs
       of lower (rank, position) inside the token's span, which lies in the window. Merging it ahead of its
