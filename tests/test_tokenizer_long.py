@@ -95,6 +95,20 @@ def test_bpe_long_hands_over_when_a_created_pair_ranks_lower():
             == [b"ab a", b"b"]
 
 
+def test_window_reaches_as_far_as_the_longest_token():
+    """In 'thers', (r, s) ranks lowest within 2 pairs on either side, but bpe() merges 'th', 'the', 'ther' first
+    and takes its 'r': the window must span the longest token that occurs ('ther', 4 pairs) to see (t, h)."""
+    merges = {(b"t", b"h"): 0, (b"th", b"e"): 1, (b"the", b"r"): 2, (b"r", b"s"): 3}
+    rank = lambda a, b: merges.get((a, b))  # noqa: E731
+    table = MergeTable.of([bytes([c]) for c in b"thers "] + [a + b for a, b in merges], rank)
+    data = b"thers " * 3
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in ROUNDS["windows every round"].items():
+            patch.setattr(tokenizer_bpe, name, value)
+        assert bpe_long(data, table) == bpe([data[i:i + 1] for i in range(len(data))], rank) == \
+            [b"ther", b"s", b" "] * 3
+
+
 @pytest.fixture(scope="module")
 def vocabularies(smollm2_dir, llama_tokenizer_dir):
     """(name, ours, HF tokenizers, tiktoken or None) for SmolLM2's tokenizer.json and Llama 3's tokenizer.model."""
