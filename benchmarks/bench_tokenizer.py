@@ -3,14 +3,18 @@
 Text: the Python stdlib sources (Lib/*.py), concatenated, first `mb` MB. Each encoder gets a warm-up call,
 then the best of `repeats` timed single calls. Ours is also timed with a cold cache and with a cache warmed
 on other Python source (Lib/*/*.py), see `report`.
-Worst case: one piece of 1 MB (`worst_mb`) of one letter, and of spaces: the whole text goes through one
-merge loop (ours: bpe_long's numpy rounds), with the cache emptied before each call; see `worst_case`.
+Worst case: one piece of 1 MB (`worst_mb`) of one letter, of spaces and of random lowercase letters: the whole
+text goes through one merge loop (ours: bpe_long's numpy rounds), with the cache emptied before each call, ours
+and HF's calls interleaved; see `worst_case`.
 tiktoken cannot run SmolLM2's vocabulary (its pre-tokenizer splits digits first, its merges follow the
 `merges` list and 21 byte values have no token), so that row has HF only.
-Run: python benchmarks/bench_tokenizer.py [--mb 4 --repeats 5 --worst_mb 1]
+Run: python benchmarks/bench_tokenizer.py [--mb 4 --repeats 5 --worst_mb 1]   (--long: the worst cases only)
 Needs: python download.py smollm2-135m-instruct llama3.2-tokenizer
 """
 import os
+import random
+import statistics
+import string
 import sys
 import sysconfig
 import time
@@ -72,31 +76,42 @@ def report(name: str, text: str, other: str, ours: Tokenizer, hf: HFTokenizer, t
 
 
 def worst_case(name: str, mb: float, ours: Tokenizer, hf: HFTokenizer, tik, repeats: int):
-    """One long piece, best of `repeats` (each call takes a second or so); ids checked against HF's and
-    tiktoken's. tiktoken only on the letter: on 1 MB of spaces its regex (`\\s+(?!\\S)`, backtracking)
-    overflows its stack and panics, as tiktoken 0.14 does from about 0.5 MB on."""
+    """One long piece: ours and HF's calls interleaved, `repeats` rounds (each call takes up to a second or so),
+    best and median CPU seconds; ids checked against HF's and tiktoken's. tiktoken only on the letters: on 1 MB
+    of spaces its regex (`\\s+(?!\\S)`, backtracking) overflows its stack and panics, as tiktoken 0.14 does from
+    about 0.5 MB on."""
     n = int(mb * 1e6)
-    for what, text in [("one letter", "a" * n), ("spaces", " " * n)]:
-        rows = {"ours": mb_per_s(lambda: ours.encode(text), n, repeats, before=ours.cache.clear),
-                "HF tokenizers": mb_per_s(lambda: hf.encode(text, add_special_tokens=False), n, repeats)}
+    rng = random.Random(0)
+    for what, text in [("one letter", "a" * n), ("spaces", " " * n),
+                       ("random letters", "".join(rng.choice(string.ascii_lowercase) for _ in range(n)))]:
+        runs = {"ours": lambda: (ours.cache.clear(), ours.encode(text)),
+                "HF tokenizers": lambda: hf.encode(text, add_special_tokens=False)}
+        if tik is not None and what != "spaces":
+            runs["tiktoken"] = lambda: tik.encode_ordinary(text)
+        for fn in runs.values():  # warm-up: our merge table for these bytes, HF's and tiktoken's first call
+            fn()
+        cpu = {row: [] for row in runs}
+        for _ in range(repeats):
+            for row, fn in runs.items():
+                c0 = time.process_time()
+                fn()
+                cpu[row].append(time.process_time() - c0)
         same = {"HF": ours.encode(text) == hf.encode(text, add_special_tokens=False).ids}
-        if tik is not None and what == "one letter":
-            rows["tiktoken"] = mb_per_s(lambda: tik.encode_ordinary(text), n, repeats)
+        if "tiktoken" in runs:
             same["tiktoken"] = ours.encode(text) == tik.encode_ordinary(text)
-        line = "  ".join(f"{row} {n / 1e6 / wall:.2f}s ({n / 1e6 / cpu:.2f}s CPU)"
-                         for row, (wall, cpu) in rows.items())
-        ratio = rows["HF tokenizers"][0] / rows["ours"][0]
-        print(f"{name}, {mb:g} MB of {what}: {line}; ours / HF time {ratio:.2f}; ids identical: {same}")
+        line = "  ".join(f"{row} {min(t):.2f}s (median {statistics.median(t):.2f}s)" for row, t in cpu.items())
+        ratio = statistics.median(cpu["ours"]) / statistics.median(cpu["HF tokenizers"])
+        print(f"{name}, {mb:g} MB of {what}, CPU: {line}; ours / HF median time {ratio:.2f}; ids identical: {same}")
 
 
-def main(mb: float = 4.0, repeats: int = 5, worst_mb: float = 1.0):
+def main(mb: float = 4.0, repeats: int = 5, worst_mb: float = 1.0, long: bool = False):
     """Encode throughput of tokenizer_bpe against HF tokenizers and tiktoken.
 
     mb: megabytes of Python source to encode
     repeats: timed calls per row (the best counts)
-    worst_mb: megabytes of the one-piece worst cases (one letter, spaces)
+    worst_mb: megabytes of the one-piece worst cases (one letter, spaces, random letters)
+    long: run only the one-piece worst cases
     """
-    text, other = stdlib_text(mb), stdlib_text(mb, pattern="*/*.py")
     llama = os.path.join(ROOT, "checkpoints", "Llama-3.2-tokenizer")
     smol = os.path.join(ROOT, "checkpoints", "SmolLM2-135M-Instruct")
     if not (os.path.isdir(llama) and os.path.isdir(smol)):
@@ -104,12 +119,14 @@ def main(mb: float = 4.0, repeats: int = 5, worst_mb: float = 1.0):
     ranks = load_tiktoken_bpe(os.path.join(llama, "tokenizer.model"))
     tik = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
                             special_tokens={s: len(ranks) + i for i, s in enumerate(LLAMA3_SPECIAL_TOKENS)})
-    report("Llama 3 (tokenizer.model; HF from tokenizer.json)", text, other,
-           Tokenizer.from_file(os.path.join(llama, "tokenizer.model")),
-           HFTokenizer.from_file(os.path.join(llama, "tokenizer.json")), tik, repeats)
-    report("SmolLM2 (tokenizer.json)", text, other, Tokenizer.from_file(smol),
-           HFTokenizer.from_file(os.path.join(smol, "tokenizer.json")), None, repeats)
-    worst_repeats = min(repeats, 3)
+    if not long:
+        text, other = stdlib_text(mb), stdlib_text(mb, pattern="*/*.py")
+        report("Llama 3 (tokenizer.model; HF from tokenizer.json)", text, other,
+               Tokenizer.from_file(os.path.join(llama, "tokenizer.model")),
+               HFTokenizer.from_file(os.path.join(llama, "tokenizer.json")), tik, repeats)
+        report("SmolLM2 (tokenizer.json)", text, other, Tokenizer.from_file(smol),
+               HFTokenizer.from_file(os.path.join(smol, "tokenizer.json")), None, repeats)
+    worst_repeats = repeats if long else min(repeats, 3)
     worst_case("Llama 3", worst_mb, Tokenizer.from_file(os.path.join(llama, "tokenizer.model")),
                HFTokenizer.from_file(os.path.join(llama, "tokenizer.json")), tik, worst_repeats)
     worst_case("SmolLM2", worst_mb, Tokenizer.from_file(smol),

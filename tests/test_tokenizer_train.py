@@ -1,17 +1,12 @@
 """BPE training in tokenizer_bpe.py: the saved tokenizer.json loads in HF `tokenizers` and encodes identically,
 the incremental pair counts learn exactly what a full recount (minbpe's way) learns, ties are deterministic.
-And the merge of long pieces (bpe_long, numpy rounds) against bpe() and against HF `tokenizers` / tiktoken on
-the real vocabularies (needs: python download.py smollm2-135m-instruct llama3.2-tokenizer).
 
 Run: python -m pytest tests/test_tokenizer_train.py -q
 """
-import math
 import os
-import random
 import sys
 import sysconfig
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import regex
@@ -20,9 +15,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import tokenizer_bpe  # noqa: E402
-from tokenizer_bpe import (LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, Tokenizer, bpe, bpe_long, get_stats,  # noqa: E402
-                           merge, train)
+from tokenizer_bpe import LLAMA3_PATTERN, Tokenizer, get_stats, merge, train  # noqa: E402
 
 FILES = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
 TRAIN = [p.read_text(encoding="utf-8")[:20000] for p in FILES[10:16]]  # ~120 KB of Python source
@@ -125,98 +118,3 @@ def test_ties_go_to_the_smallest_pair():
     # every pair occurs once: the first merge is the smallest (left id, right id), here (' ', 'c')
     tok = train(["ab cd"], vocab_size=257)
     assert list(tok.merges) == [(b" ", b"c")]
-
-
-# -----------------------------------------------------------------------------
-# long pieces: bpe_long (numpy rounds) must give exactly bpe()'s parts
-
-
-@st.composite
-def rank_tables(draw):
-    """A random rank function over a 3-letter alphabet: HF style (a list of merges, in any order, so a merge
-    may rank below the merges that make its parts) or tiktoken style (a pair ranks as its merged bytes' id)."""
-    tokens = [b"a", b"b", b" "]
-    pairs = []
-    for _ in range(draw(st.integers(1, 25))):
-        pair = (draw(st.sampled_from(tokens)), draw(st.sampled_from(tokens)))
-        if pair not in pairs:
-            pairs.append(pair)
-            tokens.append(pair[0] + pair[1])
-    order = draw(st.permutations(range(len(pairs))))
-    if draw(st.booleans()):
-        merges = dict(zip(pairs, order))
-        return lambda a, b: merges.get((a, b))
-    vocab = {t: i for i, t in zip(order, dict.fromkeys(t for p in pairs for t in [p[0] + p[1]]))}
-    return lambda a, b: vocab.get(a + b)
-
-
-@settings(max_examples=300, deadline=None)
-@given(rank_tables(), st.text(alphabet="ab ", max_size=300))
-def test_bpe_long_equals_bpe_on_random_vocabularies(rank, text):
-    data = text.encode()
-    # every round runs (none is handed to bpe() for merging too little), so the rounds are what is checked
-    with mock.patch.object(tokenizer_bpe, "MIN_ROUND_SHARE", math.inf):
-        assert bpe_long(data, rank) == bpe([data[i:i + 1] for i in range(len(data))], rank)
-
-
-def test_bpe_long_hands_over_when_a_created_pair_ranks_lower():
-    """' ab ab' with (a, b) first in the round, but the pairs its product makes merge before the round's next
-    (a, b): bpe() merges ' ', 'ab', then ' ab', ' ', then ' ab ', 'a', taking the second pair's 'a'. A round
-    merging both (a, b) pairs would give [' ab', ' ab']; bpe_long must see that and hand over."""
-    merges = {(b"a", b"b"): 5, (b" ", b"ab"): 1, (b" ab", b" "): 2, (b" ab ", b"a"): 3}
-    rank = lambda a, b: merges.get((a, b))  # noqa: E731
-    assert bpe([bytes([c]) for c in b" ab ab"], rank) == [b" ab a", b"b"]
-    with mock.patch.object(tokenizer_bpe, "MIN_ROUND_SHARE", math.inf):
-        assert bpe_long(b" ab ab", rank) == [b" ab a", b"b"]
-        # the mirror image: the product's right neighbour starts the chain, which runs into the next pair
-        merges = {(b"a", b"b"): 5, (b"ab", b" "): 1, (b"ab ", b"a"): 2}
-        assert bpe_long(b"ab ab", rank) == bpe([bytes([c]) for c in b"ab ab"], rank) == [b"ab a", b"b"]
-
-
-def need(path):
-    if not os.path.exists(path):
-        pytest.fail(f"{path} missing: run `python download.py smollm2-135m-instruct llama3.2-tokenizer`")
-    return path
-
-
-CKPT = Path(__file__).resolve().parents[1] / "checkpoints"
-
-
-@pytest.fixture(scope="module")
-def vocabularies():
-    """(name, ours, HF tokenizers, tiktoken or None) for SmolLM2's tokenizer.json and Llama 3's tokenizer.model."""
-    import tiktoken
-    from tiktoken.load import load_tiktoken_bpe
-    smol, llama = CKPT / "SmolLM2-135M-Instruct" / "tokenizer.json", CKPT / "Llama-3.2-tokenizer"
-    ranks = load_tiktoken_bpe(need(str(llama / "tokenizer.model")))
-    tik = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
-                            special_tokens={s: len(ranks) + i for i, s in enumerate(LLAMA3_SPECIAL_TOKENS)})
-    return [("smollm2", Tokenizer.from_file(need(str(smol))), HFTokenizer.from_file(str(smol)), None),
-            ("llama3", Tokenizer.from_file(str(llama / "tokenizer.model")),
-             HFTokenizer.from_file(need(str(llama / "tokenizer.json"))), tik)]
-
-
-def test_long_pieces_match_hf_and_tiktoken(vocabularies):
-    """Long runs and random long words from small alphabets, each one piece of the pre-tokenizer."""
-    rng = random.Random(0)
-    texts = ["a" * 200_000, " " * 100_000, "=" * 50_000, "ab" * 30_000, "\n" * 20_000 + "x",
-             *("".join(rng.choice(alphabet) for _ in range(rng.randrange(1000, 20_000)))
-               for alphabet in ["ab", "aab", "xyz", "    \t", "=-", "ééa"] for _ in range(2))]
-    for name, ours, hf, tik in vocabularies:
-        for text in texts:
-            ids = ours.encode(text)
-            assert ids == hf.encode(text, add_special_tokens=False).ids, (name, text[:20])
-            if tik is not None:  # tiktoken's regex overflows its stack on 1 MB of spaces, not on these
-                assert ids == tik.encode_ordinary(text), (name, text[:20])
-
-
-def test_runs_merge_in_rounds(vocabularies, monkeypatch):
-    """The rounds do the merging of a long run: bpe() gets at most a short remainder, else the fast path
-    would silently be the heap."""
-    handed = []
-    monkeypatch.setattr(tokenizer_bpe, "bpe", lambda parts, rank: handed.append(len(parts)) or bpe(parts, rank))
-    for name, ours, _, _ in vocabularies:
-        for text in ["a" * 100_000, " " * 100_000]:
-            data = text.encode()
-            assert bpe_long(data, ours.rank) == bpe([data[i:i + 1] for i in range(len(data))], ours.rank)
-    assert max(handed, default=0) < 100_000 // 8, handed
