@@ -122,7 +122,7 @@ def test_string_flags_arrive_byte_for_byte(mod, monkeypatch):
     def capture(prompt, *args):
         raise Seen(prompt, args)
 
-    monkeypatch.setattr(mod, "check_flags", capture)  # main's first step: it sees the flags as parsed
+    monkeypatch.setattr(mod, "check_generation_flags", capture)  # main's first check: the flags as parsed
     for text in PROMPTS:
         with pytest.raises(Seen) as e:
             mod.cli(mod.main, argv=["--prompt", text, "--device", text, "--dtype", text])
@@ -131,7 +131,8 @@ def test_string_flags_arrive_byte_for_byte(mod, monkeypatch):
 
 
 def test_string_flags_arrive_byte_for_byte_from_a_real_command_line():
-    code = ("import sys, smollm2; smollm2.check_flags = lambda p, *a: sys.exit(repr(p)); smollm2.cli(smollm2.main)")
+    code = ("import sys, smollm2; smollm2.check_generation_flags = lambda p, *a: sys.exit(repr(p)); "
+            "smollm2.cli(smollm2.main)")
     for text in ["yes, please", "0x10", "[1, 2]", '"q"']:
         run = subprocess.run([sys.executable, "-c", code, "--prompt", text], cwd=ROOT, capture_output=True, text=True)
         assert run.returncode == 1 and run.stderr.strip() == repr(text), run.stderr
