@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer_bpe import Tokenizer, check_generation_flags, cli, converse
+from tokenizer_bpe import Tokenizer, check_generation_flags, cli, converse, is_chat_checkpoint
 
 # -----------------------------------------------------------------------------
 # Config
@@ -752,15 +752,6 @@ def encode_chat(tokenizer, messages, add_generation_prompt=True) -> list[int]:
     if "<|start_header_id|>" in tokenizer.special_tokens:
         return encode_llama3_chat(tokenizer, messages, add_generation_prompt)
     raise ValueError("the tokenizer has neither ChatML (<|im_start|>) nor Llama 3 header tokens; use --chat false")
-
-
-# Same as smollm2.py: is_chat_checkpoint
-def is_chat_checkpoint(ckpt_dir) -> bool:
-    """Whether a HF checkpoint folder ships a chat template (instruct models do, base models do not):
-    transformers 5 writes it to chat_template.jinja, earlier versions into tokenizer_config.json."""
-    cfg = Path(ckpt_dir) / "tokenizer_config.json"
-    return (Path(ckpt_dir) / "chat_template.jinja").is_file() or (cfg.is_file() and "chat_template" in read_json(cfg))
-
 
 # -----------------------------------------------------------------------------
 # Command line

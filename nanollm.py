@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer_bpe import Tokenizer, check_generation_flags, cli, converse
+from tokenizer_bpe import Tokenizer, check_generation_flags, cli, converse, is_chat_checkpoint
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -159,18 +159,6 @@ PRESETS = {
 }
 
 
-def cache_bytes_per_token(args: ModelArgs, bytes_per_value: int = 2) -> dict[str, int]:
-    """Decoding cache per token, all layers, vs multi-head attention of the same width.
-
-    mla: the latent and shared RoPE key; mha: K and V of n_heads x (dim / n_heads); mha_mla_heads: K and V at
-    MLA's decompressed head sizes (qk_nope + qk_rope, v_head), what MLA would cache without its latent.
-    nano-327m in bf16: mla 20 x (128 + 64) x 2 = 7,680 B; mha 20 x 2 x 768 x 2 = 61,440 B (8x);
-    mha_mla_heads 20 x 12 x (128 + 128) x 2 = 122,880 B (16x).
-    """
-    per_layer = dict(mla=args.kv_lora_rank + args.qk_rope_head_dim, mha=2 * args.dim,
-                     mha_mla_heads=args.n_heads * (args.qk_nope_head_dim + args.qk_rope_head_dim + args.v_head_dim))
-    return {k: args.n_layers * v * bytes_per_value for k, v in per_layer.items()}
-
 # ----------------------------------------------------------------------------------------------------------------
 # Building blocks
 
@@ -235,7 +223,9 @@ def apply_rope(x, cos, sin, interleave: bool):
 
 class MLACache(nn.Module):
     """Preallocated buffers of what MLA rebuilds keys and values from, written by position (gpt-fast style): the
-    normalised latent c_KV and the rotated shared RoPE key, kv_lora_rank + qk_rope_head_dim values per token."""
+    normalised latent c_KV and the rotated shared RoPE key, kv_lora_rank + qk_rope_head_dim values per token. For
+    nano-327m in bf16: 20 layers x (128 + 64) x 2 B = 7,680 B per token, where multi-head attention of the same
+    width caches 20 x 2 x 768 x 2 B = 61,440 B (8x), and at MLA's own head sizes 122,880 B (16x)."""
 
     def __init__(self, batch_size, max_seq_len, kv_lora_rank, rope_dim, dtype, device):
         super().__init__()
@@ -712,15 +702,6 @@ def encode_chat(tokenizer, messages, add_generation_prompt=True) -> list[int]:
         ids += [start, *tokenizer.encode(f"{m['role']}\n{m['content']}"), end, *newline]
     return ids + ([start, *tokenizer.encode("assistant\n")] if add_generation_prompt else [])
 
-
-# Same as smollm2.py: is_chat_checkpoint
-def is_chat_checkpoint(ckpt_dir) -> bool:
-    """Whether a HF checkpoint folder ships a chat template (instruct models do, base models do not):
-    transformers 5 writes it to chat_template.jinja, earlier versions into tokenizer_config.json."""
-    cfg = Path(ckpt_dir) / "tokenizer_config.json"
-    return (Path(ckpt_dir) / "chat_template.jinja").is_file() or (cfg.is_file() and "chat_template" in read_json(cfg))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -763,9 +744,10 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/nanollm", max_n
         raise SystemExit("error: --interactive needs a chat model (one whose checkpoint has a chat template)")
     if fast:
         fast(model, threads=True)  # and threads for a busy machine (fast_decode.decode_threads)
-    cache = cache_bytes_per_token(model.args, model.lm_head.weight.element_size())
-    print(f"loaded {ckpt_dir} ({model.lm_head.weight.dtype}, {dev}) in {time.time() - t0:.1f}s; KV cache per "
-          f"token: {cache['mla']:,} B (MLA latent) vs {cache['mha']:,} B (MHA of the same width)", file=sys.stderr)
+    a, size = model.args, model.lm_head.weight.element_size()
+    print(f"loaded {ckpt_dir} ({model.lm_head.weight.dtype}, {dev}) in {time.time() - t0:.1f}s; KV cache per token: "
+          f"{a.n_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * size:,} B (MLA latent) vs "
+          f"{a.n_layers * 2 * a.dim * size:,} B (MHA of the same width)", file=sys.stderr)
     eos = model.args.eos_token_id
     stop = list(eos) if isinstance(eos, tuple) else [] if eos is None else [eos]
     stop += [tokenizer.special_tokens["<|im_end|>"]] if chat else []

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer_bpe import Tokenizer, check_generation_flags, cli, converse
+from tokenizer_bpe import Tokenizer, check_generation_flags, cli, converse, is_chat_checkpoint
 
 # -----------------------------------------------------------------------------
 # Config
@@ -471,13 +471,6 @@ def encode_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_promp
     if add_generation_prompt:
         ids += [start] + tokenizer.encode("assistant\n")
     return ids
-
-
-def is_chat_checkpoint(ckpt_dir) -> bool:
-    """Whether a HF checkpoint folder ships a chat template (instruct models do, base models do not):
-    transformers 5 writes it to chat_template.jinja, earlier versions into tokenizer_config.json."""
-    cfg = Path(ckpt_dir) / "tokenizer_config.json"
-    return (Path(ckpt_dir) / "chat_template.jinja").is_file() or (cfg.is_file() and "chat_template" in read_json(cfg))
 
 
 # -----------------------------------------------------------------------------

@@ -638,6 +638,15 @@ def check_generation_flags(prompt, max_new_tokens, seed, device, dtype, interact
     return dev, dtypes.get(dtype)
 
 
+def is_chat_checkpoint(ckpt_dir) -> bool:
+    """Whether a HF checkpoint folder ships a chat template (instruct models do, base models do not), which is
+    --chat's default: transformers 5 writes it to chat_template.jinja, earlier versions into tokenizer_config.json."""
+    if os.path.isfile(os.path.join(ckpt_dir, "chat_template.jinja")):
+        return True
+    cfg = os.path.join(ckpt_dir, "tokenizer_config.json")
+    return os.path.isfile(cfg) and "chat_template" in read_json(cfg)
+
+
 def stream_printer(tokenizer):
     """A generate(stream=...) callback printing text as soon as it is complete UTF-8 (a character may span
     tokens)."""

@@ -23,6 +23,7 @@ import lm2  # noqa: E402
 import meta_convert  # noqa: E402
 import nanollm  # noqa: E402
 import smollm2  # noqa: E402
+from tokenizer_bpe import is_chat_checkpoint  # noqa: E402
 
 MODS = [smollm2, llama31, nanollm, lm2]
 SMOLLM2_DIR = ROOT / "checkpoints" / "SmolLM2-135M-Instruct"
@@ -225,16 +226,17 @@ def test_meta_checkpoint_with_a_malicious_pickle_is_refused_and_runs_nothing(tmp
 # Chat detection, the first interactive turn, and llama31.py on a non-Llama-3 checkpoint
 
 
-@pytest.mark.parametrize("mod", [smollm2, nanollm, lm2], ids=lambda m: m.__name__)
-def test_chat_template_jinja_marks_a_chat_model(mod, tmp_path):
-    """transformers 5 writes the template to chat_template.jinja, not into tokenizer_config.json."""
+def test_chat_template_jinja_marks_a_chat_model(tmp_path):
+    """transformers 5 writes the template to chat_template.jinja, not into tokenizer_config.json (smollm2.py,
+    nanollm.py and lm2.py decide --chat's default with tokenizer_bpe.py's is_chat_checkpoint)."""
     (tmp_path / "tokenizer_config.json").write_text("{}")
-    assert not mod.is_chat_checkpoint(tmp_path)
+    assert not is_chat_checkpoint(tmp_path)
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
-    assert mod.is_chat_checkpoint(tmp_path)
+    assert is_chat_checkpoint(tmp_path)
     (tmp_path / "chat_template.jinja").unlink()
     (tmp_path / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
-    assert mod.is_chat_checkpoint(tmp_path)
+    assert is_chat_checkpoint(tmp_path)
+    assert not is_chat_checkpoint(tmp_path / "nonexistent")
 
 
 @pytest.mark.parametrize("mod", MODS, ids=lambda m: m.__name__)

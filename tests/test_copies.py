@@ -89,7 +89,7 @@ def test_marked_copies_match_their_source():
 SHARED = {
     "smollm2.py": ["RMSNorm", "apply_rope", "KVCache", "Attention", "MLP", "Block", "doc_positions_and_mask",
                    "read_json", "load_safetensors", "check_state", "check_sampling", "logits_to_probs", "sample",
-                   "encode_chat", "is_chat_checkpoint"],
+                   "encode_chat"],
     "llama31.py": ["rope_inv_freq", "rope_cos_sin", "encode_chat"],
 }
 MODEL_FILES = ["smollm2.py", "llama31.py", "nanollm.py", "lm2.py"]
@@ -118,7 +118,7 @@ def test_every_intended_repetition_is_marked():
 # file a reader copies along with any of them); scripts that must answer --help before numpy loads (download.py)
 # keep marked copies.
 CLI_BLOCKS = ["FlagParser", "HelpFormatter", "cli", "parse_bool", "utf8",
-               "check_generation_flags", "stream_printer", "converse"]
+               "check_generation_flags", "is_chat_checkpoint", "stream_printer", "converse"]
 
 
 def test_the_command_line_has_one_source():
