@@ -273,10 +273,9 @@ class Attention(nn.Module):
             k, v = self.cache.update(input_pos, k, v)  # (B, Hkv, input_pos[-1] + 1, hd)
         elif past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        new_past = (k, v)
         rep = self.n_heads // self.n_kv_heads  # GQA: query head j uses kv head j // rep, as HF repeat_kv
         y = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), new_past
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), (k, v)
 
 
 # Same as smollm2.py: MLP

@@ -104,13 +104,10 @@ class ModelArgs:
         return cls(**kw, moe_layers=tuple(cfg.get("moe_layers", moe)))
 
     def to_hf_config(self) -> dict:
-        """A config.json that both this file and transformers' DeepseekV3Config load.
-
-        HF can only say "the first k blocks are dense, all later ones MoE" (first_k_dense_replace). Where
-        moe_layers is another pattern (nano-327m: blocks 3, 7, 11, 15, 19), the dict also carries `moe_layers`:
-        this file reads it and transformers keeps it as an unused attribute, so DeepseekV3ForCausalLM would build
-        a MoE on every block from moe_layers[0] on and report the dense blocks' weights as missing/unexpected.
-        """
+        """A config.json that both this file and transformers' DeepseekV3Config load. HF can only say "the first
+        k blocks are dense, all later ones MoE" (first_k_dense_replace); another pattern (nano-327m: blocks 3, 7,
+        11, 15, 19) is also written as `moe_layers`, which this file reads but transformers ignores: its
+        DeepseekV3ForCausalLM would put a MoE on every block from moe_layers[0] on, not matching the weights."""
         first_dense = self.moe_layers[0] if self.moe_layers else self.n_layers
         cfg = {key: getattr(self, field) for field, key in HF_KEYS.items()}
         cfg.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", hidden_act="silu",
@@ -417,8 +414,6 @@ def doc_positions_and_mask(doc_ids):
 
 
 class NanoLLM(nn.Module):
-    """Embedding, n_layers blocks, final norm, lm_head; the HF DeepseekV3ForCausalLM state-dict layout."""
-
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -501,8 +496,7 @@ class NanoLLM(nn.Module):
         return load
 
     def extra_loss(self):
-        """finetune.py's hook: the term a training loop adds to the loss of the last forward, its MoE balance loss
-        (0.0 when off)."""
+        """finetune.py's hook: the MoE balance loss of the last forward, which training adds (0.0 when off)."""
         return self.aux_loss
 
     @torch.no_grad()
