@@ -611,7 +611,8 @@ def utf8(s: str) -> str:
 
 
 # The chat loop of the four model files' command lines, here for the same reason as the flag parser. Each main
-# checks its flags (check_generation_flags, and its own check_sampling), loads, then calls converse.
+# checks its flags (check_generation_flags, and its own check_sampling), loads, picks --chat's default
+# (is_chat_checkpoint), then calls converse.
 
 
 def check_generation_flags(prompt, max_new_tokens, seed, device, dtype, interactive):
