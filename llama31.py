@@ -31,7 +31,6 @@ Usage:
     python llama31.py --ckpt_dir checkpoints/Llama3.1-8B-Instruct --prompt "Why is the sky blue?"
 """
 
-import codecs
 import json
 import math
 import sys
@@ -43,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer_bpe import Tokenizer, cli, utf8
+from tokenizer_bpe import Tokenizer, check_generation_flags, cli, converse
 
 # -----------------------------------------------------------------------------
 # Config
@@ -577,68 +576,6 @@ except ImportError:
     fast = None
 
 
-# Same as smollm2.py: stream_printer
-def stream_printer(tokenizer):
-    """A stream callback printing text as soon as it is complete UTF-8 (a character may span tokens)."""
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    return lambda _row, token: print(utf8.decode(tokenizer.decode_bytes([token])), end="", flush=True)
-
-
-# Same as smollm2.py: converse
-def converse(model, tokenizer, encode, prompt, interactive, stop, max_new_tokens, temperature, top_k, top_p, seed):
-    """One streamed reply to prompt; with interactive, a conversation (prompt, if given, is its first turn) until
-    Ctrl-D. encode(messages) -> the ids of the conversation so far, re-encoded each turn: exact to the template."""
-    messages = []
-    while True:
-        if interactive and (prompt is None or messages):
-            try:
-                prompt = utf8(input("\n> "))
-            except (EOFError, KeyboardInterrupt):
-                return print()
-            except UnicodeError:  # bytes that are not UTF-8, read as lone surrogates or refused by the decoder
-                print("error: that line is not valid UTF-8; type it again", file=sys.stderr)
-                continue
-        elif interactive:
-            print(f"\n> {prompt}")
-        messages.append({"role": "user", "content": prompt})
-        ids, t0 = encode(messages), time.time()
-        try:
-            new = model.generate([ids], max_new_tokens, temperature, top_k, top_p, stop_tokens=stop, seed=seed,
-                                 stream=stream_printer(tokenizer))[0]
-        except ValueError as e:  # a prompt (or conversation) longer than the context
-            raise SystemExit(f"\nerror: {e}")
-        print()  # end the streamed line on stdout; timings go to stderr, out of the way of piped text
-        print(f"[{len(ids)} prompt + {len(new)} new tokens, {len(new) / (time.time() - t0):.1f} tok/s]",
-              file=sys.stderr)
-        if not interactive:
-            return
-        messages.append({"role": "assistant", "content": tokenizer.decode(new)})
-
-
-# Same as smollm2.py: check_flags
-def check_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, interactive):
-    """The CLI's flags, checked before the slow load -> (torch.device, torch dtype or None); a ValueError
-    names the flag. device None: cuda when available, else cpu."""
-    check_sampling(temperature, top_k, top_p)
-    if max_new_tokens < 1:
-        raise ValueError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
-    if seed is not None and not 0 <= seed < 2**64:
-        raise ValueError(f"--seed must be in 0..2**64-1, got {seed}")
-    if prompt is None and not interactive:
-        raise ValueError('give --prompt "..." or --interactive')
-    try:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
-    count = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
-    if (dev.index or 0) >= count.get(dev.type, 0):
-        raise ValueError(f"--device {device} is not available: no CUDA device (or not that many); use --device cpu")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype is not None and dtype not in dtypes:
-        raise ValueError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype}")
-    return dev, dtypes.get(dtype)
-
-
 def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/Llama-3.1-8B-Instruct", max_new_tokens: int = 256,
          temperature: float = 0.6, top_p: float = 0.9, top_k: int | None = None, device: str | None = None,
          dtype: str | None = None, seed: int | None = None, chat: bool | None = None, interactive: bool = False,
@@ -661,7 +598,8 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/Llama-3.1-8B-In
     max_seq_len: prompt + reply budget, which sizes the KV cache; default 8192, up to the model's context
     """
     try:  # everything a user can get wrong is checked before the (slow) load, and reported in one line
-        dev, dt = check_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, interactive)
+        check_sampling(temperature, top_k, top_p)
+        dev, dt = check_generation_flags(prompt, max_new_tokens, seed, device, dtype, interactive)
         t0 = time.time()
         model = Llama.from_pretrained(ckpt_dir, dev, dt, max_seq_len=max_seq_len)
         tokenizer = Tokenizer.from_file(ckpt_dir)

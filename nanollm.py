@@ -26,7 +26,6 @@ Departures from DeepSeek-V3: no multi-token-prediction module (its weights are s
 
 Run:  python nanollm.py --ckpt_dir checkpoints/nanollm --prompt "Once upon a time" --temperature 0
 """
-import codecs
 import json
 import math
 import sys
@@ -38,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer_bpe import Tokenizer, cli, utf8
+from tokenizer_bpe import Tokenizer, check_generation_flags, cli, converse, is_chat_checkpoint
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -105,13 +104,10 @@ class ModelArgs:
         return cls(**kw, moe_layers=tuple(cfg.get("moe_layers", moe)))
 
     def to_hf_config(self) -> dict:
-        """A config.json that both this file and transformers' DeepseekV3Config load.
-
-        HF can only say "the first k blocks are dense, all later ones MoE" (first_k_dense_replace). Where
-        moe_layers is another pattern (nano-327m: blocks 3, 7, 11, 15, 19), the dict also carries `moe_layers`:
-        this file reads it and transformers keeps it as an unused attribute, so DeepseekV3ForCausalLM would build
-        a MoE on every block from moe_layers[0] on and report the dense blocks' weights as missing/unexpected.
-        """
+        """A config.json that both this file and transformers' DeepseekV3Config load. HF can only say "the first
+        k blocks are dense, all later ones MoE" (first_k_dense_replace); another pattern (nano-327m: blocks 3, 7,
+        11, 15, 19) is also written as `moe_layers`, which this file reads but transformers ignores: its
+        DeepseekV3ForCausalLM would put a MoE on every block from moe_layers[0] on, not matching the weights."""
         first_dense = self.moe_layers[0] if self.moe_layers else self.n_layers
         cfg = {key: getattr(self, field) for field, key in HF_KEYS.items()}
         cfg.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", hidden_act="silu",
@@ -159,18 +155,6 @@ PRESETS = {
     "nano-tiny": dict(),
 }
 
-
-def cache_bytes_per_token(args: ModelArgs, bytes_per_value: int = 2) -> dict[str, int]:
-    """Decoding cache per token, all layers, vs multi-head attention of the same width.
-
-    mla: the latent and shared RoPE key; mha: K and V of n_heads x (dim / n_heads); mha_mla_heads: K and V at
-    MLA's decompressed head sizes (qk_nope + qk_rope, v_head), what MLA would cache without its latent.
-    nano-327m in bf16: mla 20 x (128 + 64) x 2 = 7,680 B; mha 20 x 2 x 768 x 2 = 61,440 B (8x);
-    mha_mla_heads 20 x 12 x (128 + 128) x 2 = 122,880 B (16x).
-    """
-    per_layer = dict(mla=args.kv_lora_rank + args.qk_rope_head_dim, mha=2 * args.dim,
-                     mha_mla_heads=args.n_heads * (args.qk_nope_head_dim + args.qk_rope_head_dim + args.v_head_dim))
-    return {k: args.n_layers * v * bytes_per_value for k, v in per_layer.items()}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Building blocks
@@ -236,7 +220,9 @@ def apply_rope(x, cos, sin, interleave: bool):
 
 class MLACache(nn.Module):
     """Preallocated buffers of what MLA rebuilds keys and values from, written by position (gpt-fast style): the
-    normalised latent c_KV and the rotated shared RoPE key, kv_lora_rank + qk_rope_head_dim values per token."""
+    normalised latent c_KV and the rotated shared RoPE key, kv_lora_rank + qk_rope_head_dim values per token. For
+    nano-327m in bf16: 20 layers x (128 + 64) x 2 B = 7,680 B per token, where multi-head attention of the same
+    width caches 20 x 2 x 768 x 2 B = 61,440 B (8x), and at MLA's own head sizes 122,880 B (16x)."""
 
     def __init__(self, batch_size, max_seq_len, kv_lora_rank, rope_dim, dtype, device):
         super().__init__()
@@ -428,8 +414,6 @@ def doc_positions_and_mask(doc_ids):
 
 
 class NanoLLM(nn.Module):
-    """Embedding, n_layers blocks, final norm, lm_head; the HF DeepseekV3ForCausalLM state-dict layout."""
-
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -512,8 +496,7 @@ class NanoLLM(nn.Module):
         return load
 
     def extra_loss(self):
-        """finetune.py's hook: the term a training loop adds to the loss of the last forward, its MoE balance loss
-        (0.0 when off)."""
+        """finetune.py's hook: the MoE balance loss of the last forward, which training adds (0.0 when off)."""
         return self.aux_loss
 
     @torch.no_grad()
@@ -713,77 +696,6 @@ def encode_chat(tokenizer, messages, add_generation_prompt=True) -> list[int]:
         ids += [start, *tokenizer.encode(f"{m['role']}\n{m['content']}"), end, *newline]
     return ids + ([start, *tokenizer.encode("assistant\n")] if add_generation_prompt else [])
 
-
-# Same as smollm2.py: is_chat_checkpoint
-def is_chat_checkpoint(ckpt_dir) -> bool:
-    """Whether a HF checkpoint folder ships a chat template (instruct models do, base models do not):
-    transformers 5 writes it to chat_template.jinja, earlier versions into tokenizer_config.json."""
-    cfg = Path(ckpt_dir) / "tokenizer_config.json"
-    return (Path(ckpt_dir) / "chat_template.jinja").is_file() or (cfg.is_file() and "chat_template" in read_json(cfg))
-
-
-# Same as smollm2.py: stream_printer
-def stream_printer(tokenizer):
-    """A stream callback printing text as soon as it is complete UTF-8 (a character may span tokens)."""
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    return lambda _row, token: print(utf8.decode(tokenizer.decode_bytes([token])), end="", flush=True)
-
-
-# Same as smollm2.py: check_flags
-def check_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, interactive):
-    """The CLI's flags, checked before the slow load -> (torch.device, torch dtype or None); a ValueError
-    names the flag. device None: cuda when available, else cpu."""
-    check_sampling(temperature, top_k, top_p)
-    if max_new_tokens < 1:
-        raise ValueError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
-    if seed is not None and not 0 <= seed < 2**64:
-        raise ValueError(f"--seed must be in 0..2**64-1, got {seed}")
-    if prompt is None and not interactive:
-        raise ValueError('give --prompt "..." or --interactive')
-    try:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
-    count = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
-    if (dev.index or 0) >= count.get(dev.type, 0):
-        raise ValueError(f"--device {device} is not available: no CUDA device (or not that many); use --device cpu")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype is not None and dtype not in dtypes:
-        raise ValueError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype}")
-    return dev, dtypes.get(dtype)
-
-
-# Same as smollm2.py: converse
-def converse(model, tokenizer, encode, prompt, interactive, stop, max_new_tokens, temperature, top_k, top_p, seed):
-    """One streamed reply to prompt; with interactive, a conversation (prompt, if given, is its first turn) until
-    Ctrl-D. encode(messages) -> the ids of the conversation so far, re-encoded each turn: exact to the template."""
-    messages = []
-    while True:
-        if interactive and (prompt is None or messages):
-            try:
-                prompt = utf8(input("\n> "))
-            except (EOFError, KeyboardInterrupt):
-                return print()
-            except UnicodeError:  # bytes that are not UTF-8, read as lone surrogates or refused by the decoder
-                print("error: that line is not valid UTF-8; type it again", file=sys.stderr)
-                continue
-        elif interactive:
-            print(f"\n> {prompt}")
-        messages.append({"role": "user", "content": prompt})
-        ids, t0 = encode(messages), time.time()
-        try:
-            new = model.generate([ids], max_new_tokens, temperature, top_k, top_p, stop_tokens=stop, seed=seed,
-                                 stream=stream_printer(tokenizer))[0]
-        except ValueError as e:  # a prompt (or conversation) longer than the context
-            raise SystemExit(f"\nerror: {e}")
-        print()  # end the streamed line on stdout; timings go to stderr, out of the way of piped text
-        print(f"[{len(ids)} prompt + {len(new)} new tokens, {len(new) / (time.time() - t0):.1f} tok/s]",
-              file=sys.stderr)
-        if not interactive:
-            return
-        messages.append({"role": "assistant", "content": tokenizer.decode(new)})
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -812,7 +724,8 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/nanollm", max_n
     interactive: chat turn by turn until Ctrl-D
     """
     try:  # everything a user can get wrong is checked before the (slow) load, and reported in one line
-        dev, dt = check_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, interactive)
+        check_sampling(temperature, top_k, top_p)
+        dev, dt = check_generation_flags(prompt, max_new_tokens, seed, device, dtype, interactive)
         t0 = time.time()
         model = NanoLLM.from_pretrained(ckpt_dir, dev, dt)
         tokenizer = Tokenizer.from_file(ckpt_dir)  # finetune.py saves the tokenizer_bpe.py one beside the weights
@@ -825,9 +738,10 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/nanollm", max_n
         raise SystemExit("error: --interactive needs a chat model (one whose checkpoint has a chat template)")
     if fast:
         fast(model, threads=True)  # and threads for a busy machine (fast_decode.decode_threads)
-    cache = cache_bytes_per_token(model.args, model.lm_head.weight.element_size())
-    print(f"loaded {ckpt_dir} ({model.lm_head.weight.dtype}, {dev}) in {time.time() - t0:.1f}s; KV cache per "
-          f"token: {cache['mla']:,} B (MLA latent) vs {cache['mha']:,} B (MHA of the same width)", file=sys.stderr)
+    a, size = model.args, model.lm_head.weight.element_size()
+    print(f"loaded {ckpt_dir} ({model.lm_head.weight.dtype}, {dev}) in {time.time() - t0:.1f}s; KV cache per token: "
+          f"{a.n_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * size:,} B (MLA latent) vs "
+          f"{a.n_layers * 2 * a.dim * size:,} B (MHA of the same width)", file=sys.stderr)
     eos = model.args.eos_token_id
     stop = list(eos) if isinstance(eos, tuple) else [] if eos is None else [eos]
     stop += [tokenizer.special_tokens["<|im_end|>"]] if chat else []

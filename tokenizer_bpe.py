@@ -40,13 +40,16 @@ Usage:
 """
 import argparse
 import base64
+import codecs
 import difflib
 import heapq
 import inspect
 import json
 import os
 import re
+import sys
 import textwrap
+import time
 import types
 import typing
 from collections import Counter, defaultdict
@@ -718,6 +721,80 @@ def utf8(s: str) -> str:
     s.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates (PEP 383): refused here, one line
     return s
 
+
+# The chat loop of the four model files' command lines, here for the same reason as the flag parser. Each main
+# checks its flags (check_generation_flags, and its own check_sampling), loads, picks --chat's default
+# (is_chat_checkpoint), then calls converse.
+
+
+def check_generation_flags(prompt, max_new_tokens, seed, device, dtype, interactive):
+    """A model CLI's flags that every model file shares, checked before the slow load -> (torch.device, torch dtype
+    or None); a ValueError names the flag. device None: cuda when available, else cpu."""
+    import torch  # here, not at the top: the tokenizer itself never needs it
+
+    if max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise ValueError(f"--seed must be in 0..2**64-1, got {seed}")
+    if prompt is None and not interactive:
+        raise ValueError('give --prompt "..." or --interactive')
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    count = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
+    if (dev.index or 0) >= count.get(dev.type, 0):
+        raise ValueError(f"--device {device} is not available: no CUDA device (or not that many); use --device cpu")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype is not None and dtype not in dtypes:
+        raise ValueError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype}")
+    return dev, dtypes.get(dtype)
+
+
+def is_chat_checkpoint(ckpt_dir) -> bool:
+    """Whether a HF checkpoint folder ships a chat template (instruct models do, base models do not), which is
+    --chat's default: transformers 5 writes it to chat_template.jinja, earlier versions into tokenizer_config.json."""
+    if os.path.isfile(os.path.join(ckpt_dir, "chat_template.jinja")):
+        return True
+    cfg = os.path.join(ckpt_dir, "tokenizer_config.json")
+    return os.path.isfile(cfg) and "chat_template" in read_json(cfg)
+
+
+def stream_printer(tokenizer):
+    """A generate(stream=...) callback printing text as soon as it is complete UTF-8 (a character may span
+    tokens)."""
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    return lambda _row, token: print(utf8.decode(tokenizer.decode_bytes([token])), end="", flush=True)
+
+
+def converse(model, tokenizer, encode, prompt, interactive, stop, max_new_tokens, temperature, top_k, top_p, seed):
+    """One streamed reply to prompt; with interactive, a conversation (prompt, if given, is its first turn) until
+    Ctrl-D. encode(messages) -> the ids of the conversation so far, re-encoded each turn: exact to the template."""
+    messages = []
+    while True:
+        if interactive and (prompt is None or messages):
+            try:
+                prompt = utf8(input("\n> "))
+            except (EOFError, KeyboardInterrupt):
+                return print()
+            except UnicodeError:  # bytes that are not UTF-8, read as lone surrogates or refused by the decoder
+                print("error: that line is not valid UTF-8; type it again", file=sys.stderr)
+                continue
+        elif interactive:
+            print(f"\n> {prompt}")
+        messages.append({"role": "user", "content": prompt})
+        ids, t0 = encode(messages), time.time()
+        try:
+            new = model.generate([ids], max_new_tokens, temperature, top_k, top_p, stop_tokens=stop, seed=seed,
+                                 stream=stream_printer(tokenizer))[0]
+        except ValueError as e:  # a prompt (or conversation) longer than the context
+            raise SystemExit(f"\nerror: {e}")
+        print()  # end the streamed line on stdout; timings go to stderr, out of the way of piped text
+        print(f"[{len(ids)} prompt + {len(new)} new tokens, {len(new) / (time.time() - t0):.1f} tok/s]",
+              file=sys.stderr)
+        if not interactive:
+            return
+        messages.append({"role": "assistant", "content": tokenizer.decode(new)})
 
 
 if __name__ == "__main__":

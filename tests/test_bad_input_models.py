@@ -23,6 +23,7 @@ import lm2  # noqa: E402
 import meta_convert  # noqa: E402
 import nanollm  # noqa: E402
 import smollm2  # noqa: E402
+from tokenizer_bpe import is_chat_checkpoint  # noqa: E402
 
 MODS = [smollm2, llama31, nanollm, lm2]
 SMOLLM2_DIR = ROOT / "checkpoints" / "SmolLM2-135M-Instruct"
@@ -122,7 +123,7 @@ def test_string_flags_arrive_byte_for_byte(mod, monkeypatch):
     def capture(prompt, *args):
         raise Seen(prompt, args)
 
-    monkeypatch.setattr(mod, "check_flags", capture)  # main's first step: it sees the flags as parsed
+    monkeypatch.setattr(mod, "check_generation_flags", capture)  # main's first check: the flags as parsed
     for text in PROMPTS:
         with pytest.raises(Seen) as e:
             mod.cli(mod.main, argv=["--prompt", text, "--device", text, "--dtype", text])
@@ -131,7 +132,8 @@ def test_string_flags_arrive_byte_for_byte(mod, monkeypatch):
 
 
 def test_string_flags_arrive_byte_for_byte_from_a_real_command_line():
-    code = ("import sys, smollm2; smollm2.check_flags = lambda p, *a: sys.exit(repr(p)); smollm2.cli(smollm2.main)")
+    code = ("import sys, smollm2; smollm2.check_generation_flags = lambda p, *a: sys.exit(repr(p)); "
+            "smollm2.cli(smollm2.main)")
     for text in ["yes, please", "0x10", "[1, 2]", '"q"']:
         run = subprocess.run([sys.executable, "-c", code, "--prompt", text], cwd=ROOT, capture_output=True, text=True)
         assert run.returncode == 1 and run.stderr.strip() == repr(text), run.stderr
@@ -224,16 +226,17 @@ def test_meta_checkpoint_with_a_malicious_pickle_is_refused_and_runs_nothing(tmp
 # Chat detection, the first interactive turn, and llama31.py on a non-Llama-3 checkpoint
 
 
-@pytest.mark.parametrize("mod", [smollm2, nanollm, lm2], ids=lambda m: m.__name__)
-def test_chat_template_jinja_marks_a_chat_model(mod, tmp_path):
-    """transformers 5 writes the template to chat_template.jinja, not into tokenizer_config.json."""
+def test_chat_template_jinja_marks_a_chat_model(tmp_path):
+    """transformers 5 writes the template to chat_template.jinja, not into tokenizer_config.json (smollm2.py,
+    nanollm.py and lm2.py decide --chat's default with tokenizer_bpe.py's is_chat_checkpoint)."""
     (tmp_path / "tokenizer_config.json").write_text("{}")
-    assert not mod.is_chat_checkpoint(tmp_path)
+    assert not is_chat_checkpoint(tmp_path)
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
-    assert mod.is_chat_checkpoint(tmp_path)
+    assert is_chat_checkpoint(tmp_path)
     (tmp_path / "chat_template.jinja").unlink()
     (tmp_path / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
-    assert mod.is_chat_checkpoint(tmp_path)
+    assert is_chat_checkpoint(tmp_path)
+    assert not is_chat_checkpoint(tmp_path / "nonexistent")
 
 
 @pytest.mark.parametrize("mod", MODS, ids=lambda m: m.__name__)

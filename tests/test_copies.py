@@ -89,7 +89,7 @@ def test_marked_copies_match_their_source():
 SHARED = {
     "smollm2.py": ["RMSNorm", "apply_rope", "KVCache", "Attention", "MLP", "Block", "doc_positions_and_mask",
                    "read_json", "load_safetensors", "check_state", "check_sampling", "logits_to_probs", "sample",
-                   "encode_chat", "is_chat_checkpoint", "stream_printer", "check_flags", "converse"],
+                   "encode_chat"],
     "llama31.py": ["rope_inv_freq", "rope_cos_sin", "encode_chat"],
 }
 MODEL_FILES = ["smollm2.py", "llama31.py", "nanollm.py", "lm2.py"]
@@ -114,15 +114,17 @@ def test_every_intended_repetition_is_marked():
     assert not unmarked, f"shared blocks without a marker or a note on how they differ: {unmarked}"
 
 
-# The flag parser's one source: the model files import it from tokenizer_bpe.py (the file a reader copies along
-# with any of them); scripts that must answer --help before numpy loads (download.py) keep marked copies.
-FLAG_PARSER = ["FlagParser", "HelpFormatter", "cli", "parse_bool", "utf8"]
+# The command line's one source: the model files import the flag parser and the chat loop from tokenizer_bpe.py (the
+# file a reader copies along with any of them); scripts that must answer --help before numpy loads (download.py)
+# keep marked copies.
+CLI_BLOCKS = ["FlagParser", "HelpFormatter", "cli", "parse_bool", "utf8",
+               "check_generation_flags", "is_chat_checkpoint", "stream_printer", "converse"]
 
 
-def test_the_flag_parser_has_one_source():
-    """No model file defines its own flag parser, and every other file that does marks each block as a copy of
-    tokenizer_bpe.py's, so test_marked_copies_match_their_source compares it."""
-    assert set(FLAG_PARSER) <= set(blocks(ROOT / "tokenizer_bpe.py"))
+def test_the_command_line_has_one_source():
+    """No model file defines its own flag parser or chat loop, and every other file that does marks each block as a
+    copy of tokenizer_bpe.py's, so test_marked_copies_match_their_source compares it."""
+    assert set(CLI_BLOCKS) <= set(blocks(ROOT / "tokenizer_bpe.py"))
     wrong = []
     for path in sorted([*ROOT.glob("*.py"), *ROOT.glob("benchmarks/*.py")]):
         if path.name == "tokenizer_bpe.py":
@@ -130,7 +132,7 @@ def test_the_flag_parser_has_one_source():
         lines = path.read_text(encoding="utf-8").splitlines()
         for name, (first, _) in blocks(path).items():
             marked = first >= 2 and lines[first - 2] == f"# Same as tokenizer_bpe.py: {name}"
-            if name in FLAG_PARSER and (path.name in MODEL_FILES or not marked):
+            if name in CLI_BLOCKS and (path.name in MODEL_FILES or not marked):
                 wrong.append(f"{path.name}: {name}")
     assert not wrong, f"flag-parser blocks that are not an import or a marked copy of tokenizer_bpe.py's: {wrong}"
 

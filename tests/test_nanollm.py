@@ -42,6 +42,15 @@ def params_by_formula(a: N.ModelArgs) -> int:
     return embeddings + a.n_layers * (attn + 2 * a.dim) + mlps + a.dim
 
 
+def cache_bytes_per_token(a: N.ModelArgs, bytes_per_value: int = 2) -> dict[str, int]:
+    """Decoding cache per token, all layers, from the config alone: mla, the latent and shared RoPE key; mha, K and
+    V of n_heads x (dim / n_heads); mha_mla_heads, K and V at MLA's decompressed head sizes (qk_nope + qk_rope,
+    v_head), what MLA would cache without its latent."""
+    per_layer = dict(mla=a.kv_lora_rank + a.qk_rope_head_dim, mha=2 * a.dim,
+                     mha_mla_heads=a.n_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim))
+    return {k: a.n_layers * v * bytes_per_value for k, v in per_layer.items()}
+
+
 @pytest.mark.parametrize("preset", N.PRESETS)
 def test_parameter_count(preset):
     args = N.ModelArgs.from_name(preset)
@@ -58,10 +67,11 @@ def test_cache_bytes_match_the_allocated_cache():
     model = tiny().to(torch.bfloat16)
     model.setup_cache(batch_size=3, max_seq_len=10)
     allocated = sum(b.numel() * b.element_size() for b in model.buffers() if b.dim() == 3)  # the cache buffers
-    assert allocated / (3 * 10) == N.cache_bytes_per_token(model.args)["mla"]
+    assert allocated / (3 * 10) == cache_bytes_per_token(model.args)["mla"]
     model.clear_cache()
     assert not any(b.dim() == 3 for b in model.buffers())
-    c = N.cache_bytes_per_token(N.ModelArgs.from_name("nano-327m"))
+    c = cache_bytes_per_token(N.ModelArgs.from_name("nano-327m"))
+    assert (c["mla"], c["mha"], c["mha_mla_heads"]) == (7680, 61440, 122880)  # the figures MLACache's docstring gives
     print(f"\nnano-327m bf16 cache per token: MLA {c['mla']:,} B, MHA same width {c['mha']:,} B "
           f"({c['mha'] / c['mla']:.0f}x), MHA at MLA's head sizes {c['mha_mla_heads']:,} B "
           f"({c['mha_mla_heads'] / c['mla']:.0f}x)")
