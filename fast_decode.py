@@ -147,7 +147,11 @@ class Int8Linear(FastLinear):
             if "int8" not in self.__dict__:
                 self.int8 = Derived()
             q, scale = self.int8.get(self.weight, quantize_int8)
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).bfloat16(), q, scale)
+            x2 = x.reshape(-1, self.in_features).bfloat16()
+            if self.in_features % 16 == 0:
+                y = torch.ops.aten._weight_int8pack_mm(x2, q, scale)
+            else:  # subtle: the kernel reads past the row (wrong sums, or a crash) unless 16 divides it
+                y = (F.linear(x2.float(), q.float()) * scale.float()).bfloat16()  # the kernel's sums, slowly
             y = y.view(x.shape[:-1] + (self.out_features,)).to(x.dtype)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
