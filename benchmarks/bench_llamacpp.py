@@ -20,7 +20,7 @@ threads (torch's default, one per core; `-t` for llama-bench), best of --repeats
 MB/token is what one decode step reads: every weight the products stream once (a tied embedding is the
 output head; for int8 the int8 copy and its scales, not the float table, of which one row is read) plus the
 KV cache filled so far (on average prompt + N/2 positions; llama.cpp keeps its cache in f16, ours in the
-model's dtype). The roofline is the best read bandwidth measured in the run (a 1 GiB sum, as the other decode
+model's dtype; llama31.py reads its whole preallocated cache, prompt + N positions, a fixed shape as gpt-fast). The roofline is the best read bandwidth measured in the run (a 1 GiB sum, as the other decode
 benchmarks) over MB/token. Memory: ours, the bytes of every tensor the model holds (parameters, plus the bf16
 reordered or int8 copies fast_decode keeps beside them); llama.cpp, llama-bench's peak resident memory (its
 mapped GGUF, KV cache and buffers).
@@ -132,11 +132,17 @@ def random_llama_checkpoint(out_dir: Path, tokenizer_dir: Path) -> Path:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
-        config = LlamaConfig(**llama31.ModelArgs.from_name("llama3.2-1b").to_hf_config())
-        LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).save_pretrained(ckpt)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if (tokenizer_dir / name).is_file():
-                shutil.copy(tokenizer_dir / name, ckpt / name)
+        args = llama31.ModelArgs.from_name("llama3.2-1b")
+        LlamaForCausalLM._from_config(LlamaConfig(**args.to_hf_config()), dtype=torch.bfloat16).save_pretrained(ckpt)
+        # subtle: the Llama 3.2 tokenizer may carry the vision models' <|image|> (id 128256), one past the text
+        # models' vocabulary, which convert_hf_to_gguf.py rejects: keep the ids the model has rows for
+        tok = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+        tok["added_tokens"] = [t for t in tok["added_tokens"] if t["id"] < args.vocab_size]
+        (ckpt / "tokenizer.json").write_text(json.dumps(tok))
+        cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+        cfg["added_tokens_decoder"] = {k: v for k, v in cfg.get("added_tokens_decoder", {}).items()
+                                       if int(k) < args.vocab_size}
+        (ckpt / "tokenizer_config.json").write_text(json.dumps(cfg))
     return ckpt
 
 
@@ -171,7 +177,7 @@ def load_ours(name: str, ckpt: Path, dtype, weights):
 
 
 def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models: str = ",".join(MODELS),
-         precisions: str = ",".join(PRECISIONS), new_tokens: int = 128, repeats: int = 3,
+         precisions: str = ",".join(PRECISIONS), new_tokens: int = 128, repeats: int = 3, threads: int | None = None,
          smollm2_dir: str = str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"),
          tokenizer_dir: str = str(ROOT / "checkpoints" / "Llama-3.2-tokenizer"),
          out_dir: str = str(ROOT / "runs" / "bench_llamacpp")):
@@ -183,6 +189,7 @@ def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models:
     precisions: comma-separated: fp32, bf16, int8 (llama.cpp: f32, bf16, Q8_0)
     new_tokens: tokens generated per timed run
     repeats: interleaved timed runs per engine (the best counts)
+    threads: threads for both engines (default: torch's own choice, one per core)
     smollm2_dir: the SmolLM2-135M-Instruct checkpoint
     tokenizer_dir: the Llama 3 tokenizer, for the random 1B checkpoint's GGUF
     out_dir: GGUF files and the random checkpoint (made once, reused)
@@ -194,6 +201,8 @@ def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models:
     script = find_convert_script(bin_dir, llama_cpp_src)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if threads:
+        torch.set_num_threads(threads)
     threads = torch.get_num_threads()
     bw = read_bandwidth_gbs()
     print(f"machine: {threads} threads, read bandwidth {bw:.1f} GB/s, torch {torch.__version__}, llama.cpp "
@@ -216,10 +225,13 @@ def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models:
             gguf = to_gguf(script, ckpt, outtype, out / f"{name}-{outtype}.gguf")
             model = load_ours(name, ckpt, dtype, weights)
             args = model.args
-            kv_positions = 2 * args.n_layers * args.n_kv_heads * args.head_dim * (len(ids) + new_tokens / 2)
-            ours_mb = (streamed_bytes(model) + kv_positions * dtype.itemsize) / 1e6
+            per_position = 2 * args.n_layers * args.n_kv_heads * args.head_dim  # a key and a value per layer
+            filled = len(ids) + new_tokens / 2  # on average over the run
+            # (llama31.py attends over its whole preallocated cache, as gpt-fast: fixed shapes)
+            ours_kv = per_position * (len(ids) + new_tokens if name == "llama3.2-1b" else filled)
+            ours_mb = (streamed_bytes(model) + ours_kv * dtype.itemsize) / 1e6
             # llama.cpp streams its tensor data (the GGUF less its header and vocabulary, ~1%) and an f16 cache
-            theirs_mb = (gguf.stat().st_size + kv_positions * 2) / 1e6
+            theirs_mb = (gguf.stat().st_size + per_position * filled * 2) / 1e6
             ours_decode_tps(model, ids, 4)  # warm-up (and the one-time reorder of bf16 weights)
             llama_bench(bin_dir, gguf, threads, 4, len(ids))
             ours, theirs, rss = [], [], 0
