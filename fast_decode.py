@@ -4,6 +4,7 @@ fast_decode: faster batch-1 decoding on a CPU for the collection's four model fi
     import smollm2, fast_decode
     model = smollm2.SmolLM2.from_pretrained("checkpoints/SmolLM2-135M-Instruct")
     fast_decode.fast(model, threads=True)   # in place; threads=True, as the CLIs pass, also picks the thread count
+    fast_decode.fast(model, weights="int8") # or: int8 weight-only products (a quarter of fp32's bytes per token)
 
 The model files stay plain (`nn.Linear`, each projection called directly), as gpt-fast keeps `model.py` plain and
 puts its speed beside it: `fast(model)` works on the models of smollm2.py, llama31.py, nanollm.py and lm2.py
@@ -21,6 +22,12 @@ is the speed of streaming the weights from memory, and two PyTorch kernels leave
 - bf16 (where oneDNN has bf16 kernels): `F.linear` reorders the weight into oneDNN's blocked layout on every
   call. `FastLinear` keeps a reordered copy (made at the first inference call, remade when the weight changes,
   kept only while it fits in half the free memory) and multiplies with it directly.
+- int8 (`weights="int8"`, opt-in: it changes the numbers): each layer becomes an `Int8Linear` holding an int8
+  copy of its weight with one bf16 scale per output row (symmetric, absmax / 127), multiplied by PyTorch's
+  weight-only int8 kernel (`aten._weight_int8pack_mm`, the one gpt-fast's int8 path uses) with the activation
+  row in bf16: 1 byte per weight streamed instead of 4 (fp32) or 2 (bf16). `python
+  benchmarks/bench_int8_kernels.py` times every route PyTorch offers; README.md has the figures and the
+  exactness (`benchmarks/bench_int8_quality.py`: perplexity, logits, greedy tokens against fp32).
 Everything else (norms, RoPE, the cache, attention) is the model file's own code, unchanged.
 
 How it is applied: each `nn.Linear` of the model becomes a `FastLinear` by a class swap
@@ -30,6 +37,16 @@ optimizer or a LoRA wrapper holding the parameter still holds it. Training, auto
 `nn.Linear`'s own path (`F.linear`), so gradients are those of the plain model; finetune.py's `apply_lora`
 wraps a `FastLinear` as it wraps an `nn.Linear` (the wrapped layer then runs `F.linear` plus its adapter), and
 `fast` leaves a `LoRALinear` alone, so either order works.
+
+What holds for int8, and what does not. The float weight stays the parameter: names, `state_dict()` (the float
+weights; the int8 copies are not in it, and `fast(model, weights="int8")` after loading it remakes them
+exactly), ties, training and LoRA are as above, and an in-place update of a weight remakes its int8 copy at the
+next product. So int8 saves bytes per token, not memory: the int8 copy (1 byte per weight, plus a scale per row)
+comes on top of the float weights. They cannot simply go, because the model files read them directly: the tied
+embedding looks rows up in the head's matrix, `setup_cache` takes the KV cache's dtype from `lm_head.weight`,
+and nanollm's absorbed MLA decode multiplies with `kv_b_proj.weight` itself (that one product stays float;
+`absorb=False` decodes through the int8 layer). lm2.py's tied head is `F.linear` on the embedding, no module, so
+it stays float too.
 
 What the model files did before and this module does not (README.md has the figures):
 - q/k/v and gate/up stacked into one bf16 product: not done yet. A measurement under other jobs' load showed

@@ -14,7 +14,8 @@ the activation row to int8 (A8W8, as llama.cpp's Q8_0 product does, which rounds
   rounds the row to uint8 per tensor;
 - `_int_mm`: the row rounded to int8 (one scale), an int8 x int8 -> int32 product, then both scales;
 - `oneDNN qlinear`: oneDNN's int8 Linear (`onednn.qlinear_pointwise`, weight prepacked once, VNNI/AMX where the
-  CPU has them), the row rounded to uint8 with one scale and zero point, output straight to fp32;
+  CPU has them), the row rounded to uint8 with one scale and zero point, output straight to fp32; `s8`: the row
+  rounded symmetrically to int8 (no zero point), the scale passed as a tensor (no sync to read it);
 - `dequantize blocks`: the int8 weight turned to bf16 a block of rows at a time (small enough to stay in
   cache) and multiplied there; one Python loop step per block.
 GB/s counts the int8 weight bytes (scales are 1/K of them) over the time of all layers' products; "ms/token"
@@ -82,6 +83,13 @@ def routes():
         return torch.ops.onednn.qlinear_pointwise(qx, s, z, packed, scale, zp, None, 1.0, 0, torch.float32,
                                                   "none", [], "")
 
+    def onednn_s8_product(x, st):  # the row rounded symmetrically to int8: no zero point, scales as tensors
+        packed, scale, zp = st
+        s = x.abs().amax().clamp(min=1e-12) / 127
+        qx = (x / s).round_().to(torch.int8)
+        return torch.ops.onednn.qlinear_pointwise.tensor(qx, s, zp[:1], packed, scale, zp, None, 1.0, 0,
+                                                         torch.float32, "none", [], "")
+
     def ao_prepare(w):
         q, scale = quantize(w)
         qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
@@ -98,6 +106,7 @@ def routes():
         "_int_mm (A8W8)": ((lambda w: (lambda q, s: (q.t().contiguous(), s))(*quantize(w))),
                            lambda x, st: (lambda qx, sx: torch._int_mm(qx, st[0]) * (sx * st[1]))(*row_int8(x))),
         "oneDNN qlinear (A8W8)": (onednn_prepare, onednn_product),
+        "oneDNN qlinear s8 (A8W8)": (onednn_prepare, onednn_s8_product),
         "dequantize blocks bf16": (quantize, block_dequant),
     }
 
@@ -112,6 +121,7 @@ def products(name, n_layers, bw):
     inputs = [x, x, x, x, x, x, h]
     n_int8 = sum(w.numel() for ws in weights for w in ws)
     for route, (prepare, product) in routes().items():
+        states = None  # free the last route's copies before making this one's
         try:
             states = [[prepare(w) for w in ws] for ws in weights]
         except (RuntimeError, NotImplementedError) as e:
@@ -130,7 +140,6 @@ def products(name, n_layers, bw):
         per_weight = 4 if route.startswith("fp32") else 2 if route.startswith("bf16") else 1
         print(f"| {name} | {route} | {n_int8 * per_weight / t / 1e9:.1f} | {t * 1e3:.1f} "
               f"| {n_int8 * per_weight / bw / 1e6:.1f} | {err:.1e} |")
-        del states
 
 
 def main(layers: int | None = None):

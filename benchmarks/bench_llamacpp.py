@@ -13,15 +13,18 @@ tokenizer from checkpoints/Llama-3.2-tokenizer; run by llama31.py), each at
 - bf16: fast(model) on a bf16 model, against `--outtype bf16`;
 - int8: fast(model, weights="int8") on a bf16 model (int8 weights, one bf16 scale per row), against llama.cpp's
   Q8_0 (`--outtype q8_0`: int8 weights with one fp16 scale per 32).
-Ours: the model file's generate, batch 1, greedy, a prompt (SmolLM2: a 39-token chat prompt; 1B: 64 random
-tokens), tokens/s from the first new token to the last. llama.cpp: `llama-bench -p 0 -n N -d P` (N new tokens
-after a context of the same P prompt tokens, its own timing of the generation only). Both use the same
-threads (torch's default, one per core; `-t` for llama-bench), best of --repeats for each.
+Both engines decode N tokens from an empty context: llama.cpp with `llama-bench -p 0 -n N` (its own timing of
+the generation), ours with the model file's generate from a one-token prompt (the model's BOS), batch 1,
+greedy, tokens/s from the first new token to the last. (subtle: a context before the timed tokens, `-d`, would
+be closer to a chat, but on this CPU llama.cpp's Q8_0 then crashes: its AMX-repacked Q8_0 product for more than
+one row executes AMX tile instructions that this virtual machine forbids; `--repack 0` avoids it at two thirds
+its decode speed.) Both use the same threads (torch's default, one per core; `-t` for llama-bench), best of
+--repeats for each.
 MB/token is what one decode step reads: every weight the products stream once (a tied embedding is the
 output head; for int8 the int8 copy and its scales, not the float table, of which one row is read) plus the
-KV cache filled so far (on average prompt + N/2 positions; llama.cpp keeps its cache in f16, ours in the
-model's dtype; llama31.py reads its whole preallocated cache, prompt + N positions, a fixed shape as gpt-fast). The roofline is the best read bandwidth measured in the run (a 1 GiB sum, as the other decode
-benchmarks) over MB/token. Memory: ours, the bytes of every tensor the model holds (parameters, plus the bf16
+KV cache filled so far (on average N/2 positions; llama.cpp keeps its cache in f16, ours in the model's dtype;
+llama31.py reads its whole preallocated cache, 1 + N positions, a fixed shape as gpt-fast). The roofline is the
+best read bandwidth measured in the run (a 1 GiB sum, as the other decode benchmarks) over MB/token. Memory: ours, the bytes of every tensor the model holds (parameters, plus the bf16
 reordered or int8 copies fast_decode keeps beside them); llama.cpp, llama-bench's peak resident memory (its
 mapped GGUF, KV cache and buffers).
 
@@ -46,7 +49,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -58,7 +60,6 @@ import llama31  # noqa: E402
 import smollm2  # noqa: E402
 from decode_timing import load_average, ours_decode_tps, read_bandwidth_gbs  # noqa: E402
 from fast_decode import Int8Linear, fast  # noqa: E402
-from tokenizer_bpe import Tokenizer  # noqa: E402
 
 MODELS = ("smollm2-135m", "llama3.2-1b")
 PRECISIONS = {"fp32": (torch.float32, None, "f32"), "bf16": (torch.bfloat16, None, "bf16"),
@@ -107,11 +108,11 @@ def to_gguf(script: Path, ckpt: Path, outtype: str, out: Path) -> Path:
     return out
 
 
-def llama_bench(bin_dir: Path, gguf: Path, threads: int, new_tokens: int, depth: int) -> tuple[float, int]:
-    """llama-bench's decode tokens/s for new_tokens after a context of depth tokens, one repetition, and its
-    peak resident memory in bytes."""
+def llama_bench(bin_dir: Path, gguf: Path, threads: int, new_tokens: int) -> tuple[float, int]:
+    """llama-bench's decode tokens/s for new_tokens from an empty context, one repetition, and its peak resident
+    memory in bytes."""
     cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", "0", "-n", str(new_tokens),
-           "-d", str(depth), "-r", "1", "-o", "json"]
+           "-r", "1", "-o", "json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS (getrusage would give all children's)
@@ -210,12 +211,9 @@ def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models:
     rows = []
     for name in models.split(","):
         if name == "smollm2-135m":
-            ckpt = Path(smollm2_dir)
-            ids = smollm2.encode_chat(Tokenizer.from_file(ckpt), [{"role": "user", "content": "Write a short story "
-                                                                  "about a lighthouse keeper."}])
+            ckpt, ids = Path(smollm2_dir), [smollm2.ModelArgs.bos_id]
         elif name == "llama3.2-1b":
-            ckpt = random_llama_checkpoint(out, Path(tokenizer_dir))
-            ids = torch.randint(0, 128000, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+            ckpt, ids = random_llama_checkpoint(out, Path(tokenizer_dir)), [llama31.BOS]
         else:
             raise SystemExit(f"error: unknown model {name!r}: use {', '.join(MODELS)}")
         for precision in precisions.split(","):
@@ -226,18 +224,18 @@ def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models:
             model = load_ours(name, ckpt, dtype, weights)
             args = model.args
             per_position = 2 * args.n_layers * args.n_kv_heads * args.head_dim  # a key and a value per layer
-            filled = len(ids) + new_tokens / 2  # on average over the run
+            filled = len(ids) + new_tokens / 2  # on average over the run (ids: the one BOS token)
             # (llama31.py attends over its whole preallocated cache, as gpt-fast: fixed shapes)
             ours_kv = per_position * (len(ids) + new_tokens if name == "llama3.2-1b" else filled)
             ours_mb = (streamed_bytes(model) + ours_kv * dtype.itemsize) / 1e6
             # llama.cpp streams its tensor data (the GGUF less its header and vocabulary, ~1%) and an f16 cache
             theirs_mb = (gguf.stat().st_size + per_position * filled * 2) / 1e6
             ours_decode_tps(model, ids, 4)  # warm-up (and the one-time reorder of bf16 weights)
-            llama_bench(bin_dir, gguf, threads, 4, len(ids))
+            llama_bench(bin_dir, gguf, threads, 4)
             ours, theirs, rss = [], [], 0
             for _ in range(repeats):
                 ours.append(ours_decode_tps(model, ids, new_tokens))
-                tps, peak = llama_bench(bin_dir, gguf, threads, new_tokens, len(ids))
+                tps, peak = llama_bench(bin_dir, gguf, threads, new_tokens)
                 theirs.append(tps)
                 rss = max(rss, peak)
                 bw = max(bw, read_bandwidth_gbs())
