@@ -24,9 +24,9 @@ MB/token is what one decode step reads: every weight the products stream once (a
 output head; for int8 the int8 copy and its scales, not the float table, of which one row is read) plus the
 KV cache filled so far (on average N/2 positions; llama.cpp keeps its cache in f16, ours in the model's dtype;
 llama31.py reads its whole preallocated cache, 1 + N positions, a fixed shape as gpt-fast). The roofline is the
-best read bandwidth measured in the run (a 1 GiB sum, as the other decode benchmarks) over MB/token. Memory: ours, the bytes of every tensor the model holds (parameters, plus the bf16
-reordered or int8 copies fast_decode keeps beside them); llama.cpp, llama-bench's peak resident memory (its
-mapped GGUF, KV cache and buffers).
+best read bandwidth measured in the run (a 1 GiB sum, as the other decode benchmarks) over MB/token. Memory:
+ours, the bytes of every tensor the model holds (parameters, plus the bf16 reordered or int8 copies fast_decode
+keeps beside them); llama.cpp, llama-bench's peak resident memory (its mapped GGUF, KV cache and buffers).
 
 Getting llama.cpp (optional: without it this script prints one line and stops; no test needs it). The
 llama-cpp-python sdist on PyPI vendors llama.cpp's source and convert_hf_to_gguf.py:
