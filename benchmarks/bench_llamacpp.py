@@ -49,6 +49,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -114,12 +115,20 @@ def llama_bench(bin_dir: Path, gguf: Path, threads: int, new_tokens: int) -> tup
     cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", "0", "-n", str(new_tokens),
            "-r", "1", "-o", "json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    # subtle: its peak RSS is read from /proc while it runs: the rusage of a child counts the memory of this
+    # (large) process it was forked from, before it exec'd llama-bench
+    peak = 0
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                peak = max(peak, next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")))
+        except (OSError, StopIteration):
+            pass
+        time.sleep(0.05)
     out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS (getrusage would give all children's)
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit(f"error: {' '.join(cmd)} failed with exit code {proc.returncode}")
-    return json.loads(out)[0]["avg_ts"], usage.ru_maxrss * 1024
+    return json.loads(out)[0]["avg_ts"], peak
 
 
 # -----------------------------------------------------------------------------

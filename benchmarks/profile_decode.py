@@ -32,7 +32,7 @@ from tokenizer_bpe import Tokenizer  # noqa: E402
 
 # the ops that multiply by a weight matrix (fp32 F.linear -> addmm/mm; the fast fp32 split -> bmm; bf16 ->
 # oneDNN's linear; int8 -> the int8 kernel)
-PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "mkldnn::_linear_pointwise",
+PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise",
             "aten::_weight_int8pack_mm"}
 
 
