@@ -4,6 +4,7 @@ fast_decode: faster batch-1 decoding on a CPU for the collection's four model fi
     import smollm2, fast_decode
     model = smollm2.SmolLM2.from_pretrained("checkpoints/SmolLM2-135M-Instruct")
     fast_decode.fast(model, threads=True)   # in place; threads=True, as the CLIs pass, also picks the thread count
+    fast_decode.fast(model, weights="int8") # or: int8 weight-only products (a quarter of fp32's bytes per token)
 
 The model files stay plain (`nn.Linear`, each projection called directly), as gpt-fast keeps `model.py` plain and
 puts its speed beside it: `fast(model)` works on the models of smollm2.py, llama31.py, nanollm.py and lm2.py
@@ -21,6 +22,12 @@ is the speed of streaming the weights from memory, and two PyTorch kernels leave
 - bf16 (where oneDNN has bf16 kernels): `F.linear` reorders the weight into oneDNN's blocked layout on every
   call. `FastLinear` keeps a reordered copy (made at the first inference call, remade when the weight changes,
   kept only while it fits in half the free memory) and multiplies with it directly.
+- int8 (`weights="int8"`, opt-in: it changes the numbers): each layer becomes an `Int8Linear` holding an int8
+  copy of its weight with one bf16 scale per output row (symmetric, absmax / 127), multiplied by PyTorch's
+  weight-only int8 kernel (`aten._weight_int8pack_mm`, the one gpt-fast's int8 path uses) with the activation
+  row in bf16: 1 byte per weight streamed instead of 4 (fp32) or 2 (bf16). `python
+  benchmarks/bench_int8_kernels.py` times every route PyTorch offers; README.md has the figures and the
+  exactness (`benchmarks/bench_int8_quality.py`: perplexity, logits, greedy tokens against fp32).
 Everything else (norms, RoPE, the cache, attention) is the model file's own code, unchanged.
 
 How it is applied: each `nn.Linear` of the model becomes a `FastLinear` by a class swap
@@ -30,6 +37,16 @@ optimizer or a LoRA wrapper holding the parameter still holds it. Training, auto
 `nn.Linear`'s own path (`F.linear`), so gradients are those of the plain model; finetune.py's `apply_lora`
 wraps a `FastLinear` as it wraps an `nn.Linear` (the wrapped layer then runs `F.linear` plus its adapter), and
 `fast` leaves a `LoRALinear` alone, so either order works.
+
+What holds for int8, and what does not. The float weight stays the parameter: names, `state_dict()` (the float
+weights; the int8 copies are not in it, and `fast(model, weights="int8")` after loading it remakes them
+exactly), ties, training and LoRA are as above, and an in-place update of a weight remakes its int8 copy at the
+next product. So int8 saves bytes per token, not memory: the int8 copy (1 byte per weight, plus a scale per row)
+comes on top of the float weights. They cannot simply go, because the model files read them directly: the tied
+embedding looks rows up in the head's matrix, `setup_cache` takes the KV cache's dtype from `lm_head.weight`,
+and nanollm's absorbed MLA decode multiplies with `kv_b_proj.weight` itself (that one product stays float;
+`absorb=False` decodes through the int8 layer). lm2.py's tied head is `F.linear` on the embedding, no module, so
+it stays float too.
 
 What the model files did before and this module does not (README.md has the figures):
 - q/k/v and gate/up stacked into one bf16 product: not done yet. A measurement under other jobs' load showed
@@ -70,10 +87,11 @@ def free_memory() -> int:
         return 0
 
 
-class Reordered:
-    """A FastLinear's reordered bf16 weight, and what it was made from: the weight tensor (a weak reference, so a
-    new tensor that the allocator puts at the old one's address is still new), its data pointer (`.data =`
-    swaps storage under the same Parameter) and its version (bumped by every in-place update).
+class Derived:
+    """A weight kept in another form beside a FastLinear's parameter (oneDNN's bf16 layout, or int8 with its
+    scales), and what it was made from: the weight tensor (a weak reference, so a new tensor that the allocator
+    puts at the old one's address is still new), its data pointer (`.data =` swaps storage under the same
+    Parameter) and its version (bumped by every in-place update).
 
     subtle: a oneDNN tensor is opaque (no storage): deepcopy, pickle or torch.save of a module holding one
     raises. Copies of this holder come out empty, so a copied or saved model remakes its own at first use."""
@@ -82,10 +100,20 @@ class Reordered:
         self.source, self.key, self.weight = None, None, None
 
     def __deepcopy__(self, memo):
-        return Reordered()
+        return Derived()
 
     def __reduce__(self):
-        return Reordered, ()
+        return Derived, ()
+
+    def get(self, w: torch.Tensor, make):
+        """The held form of weight w, remade by make(w) (which may return None: keep none) when w changed."""
+        # (inference tensors, made under torch.inference_mode, have no version and cannot be updated in place)
+        key = (w.data_ptr(), None if w.is_inference() else w._version)
+        if self.key != key or self.source() is not w:
+            self.weight = None  # free a stale copy before deciding on a new one
+            self.weight = make(w.detach())
+            self.source, self.key = weakref.ref(w), key
+        return self.weight
 
 
 class FastLinear(nn.Linear):
@@ -108,29 +136,66 @@ class FastLinear(nn.Linear):
 
     def reordered_weight(self) -> torch.Tensor | None:
         """The weight in oneDNN's bf16 layout, remade when the weight changed; None where none is kept."""
-        w, held = self.weight, self.__dict__.get("reordered")
-        if held is None:
-            held = self.reordered = Reordered()
-        # (inference tensors, made under torch.inference_mode, have no version and cannot be updated in place)
-        key = (w.data_ptr(), None if w.is_inference() else w._version)
-        if held.key != key or held.source() is not w:
-            held.weight = None  # free a stale copy before deciding on a new one
-            # bf16 weights only: under autocast, bf16 activations meet fp32 weights, which F.linear casts
-            if w.dtype == torch.bfloat16 and 2 * w.nbytes < free_memory():
-                held.weight = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
-            held.source, held.key = weakref.ref(w), key
-        return held.weight
+        if "reordered" not in self.__dict__:
+            self.reordered = Derived()
+        # bf16 weights only: under autocast, bf16 activations meet fp32 weights, which F.linear casts
+        return self.reordered.get(self.weight, lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 1)
+                                  if w.dtype == torch.bfloat16 and 2 * w.nbytes < free_memory() else None)
 
 
-def fast(model: nn.Module, threads: bool = False) -> nn.Module:
-    """Make model decode faster on a CPU, in place (and return it): every plain nn.Linear becomes a FastLinear.
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one bf16 scale per output row: w ~= q * scale[:, None], |q| <= 127.
+
+    The scale is rounded to bf16 (the kernel's scale dtype) before q is computed from it, so that q is rounded
+    against the very scale the kernel multiplies by; where the scale rounded down, a row's largest weight clips
+    by at most 1/256 of itself."""
+    scale = (w.float().abs().amax(1) / 127).clamp(min=torch.finfo(torch.bfloat16).tiny).bfloat16()
+    q = (w.float() / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(FastLinear):
+    """A FastLinear whose CPU inference products read an int8 copy of the weight (one bf16 scale per output row;
+    see quantize_int8) through PyTorch's weight-only int8 kernel, with bf16 activations: a quarter of the fp32
+    bytes per token. The float parameter stays as it is (names, state_dict, ties, training: those of nn.Linear)."""
+
+    def forward(self, x):
+        if x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            if "int8" not in self.__dict__:
+                self.int8 = Derived()
+            q, scale = self.int8.get(self.weight, quantize_int8)
+            x2 = x.reshape(-1, self.in_features).bfloat16()
+            if self.in_features % 16 == 0:
+                y = torch.ops.aten._weight_int8pack_mm(x2, q, scale)
+            else:  # subtle: the kernel reads past the row (wrong sums, or a crash) unless 16 divides it
+                y = (F.linear(x2.float(), q.float()) * scale.float()).bfloat16()  # the kernel's sums, slowly
+            y = y.view(x.shape[:-1] + (self.out_features,)).to(x.dtype)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+
+WEIGHTS = {None: FastLinear, "int8": Int8Linear}
+
+
+def fast(model: nn.Module, threads: bool = False, weights: str | None = None) -> nn.Module:
+    """Make model decode faster on a CPU, in place (and return it): every plain nn.Linear becomes a FastLinear,
+    or with weights="int8" an Int8Linear.
 
     Parameters, names, state_dict(), tied weights and training behaviour are unchanged; subclasses of nn.Linear
-    (finetune.py's LoRALinear) are left as they are. Calling it twice is harmless. threads=True (what the model
-    files' command lines pass) also sets torch's thread count for decoding now: decode_threads(), below."""
+    (finetune.py's LoRALinear) are left as they are. Calling it again is harmless, and the last call's weights
+    decide. threads=True (what the model files' command lines pass) also sets torch's thread count for decoding
+    now: decode_threads(), below. weights="int8" quantizes every weight now (not at the first token), and
+    holds the int8 copy beside the float weight: see Int8Linear."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: use None (the model's own) or 'int8'")
+    cls = WEIGHTS[weights]
     for module in model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = FastLinear
+        if type(module) in (nn.Linear, FastLinear, Int8Linear):
+            module.__class__ = cls
+            module.__dict__.pop("reordered" if cls is Int8Linear else "int8", None)  # the other kind's copy
+            if cls is Int8Linear:
+                module.int8 = Derived()
+                module.int8.get(module.weight, quantize_int8)
     if threads:
         torch.set_num_threads(decode_threads())
     return model

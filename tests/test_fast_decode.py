@@ -1,5 +1,6 @@
 """fast_decode.py against the plain model files: every fast path computes what nn.Linear computes (fp32 within
-1e-6 per product and identical greedy tokens; bf16 within bf16 rounding and as close to fp32 as plain bf16),
+1e-6 per product and identical greedy tokens; bf16 within bf16 rounding and as close to fp32 as plain bf16;
+int8 what the same model computes with its weights rounded to int8, within bf16 rounding of the activations),
 and `fast(model)` keeps names, state_dict, tied weights, copies, saving, training and LoRA as they were.
 
     python -m pytest -q tests/test_fast_decode.py
@@ -25,7 +26,7 @@ import llama31  # noqa: E402
 import lm2  # noqa: E402
 import nanollm  # noqa: E402
 import smollm2  # noqa: E402
-from fast_decode import FastLinear, fast  # noqa: E402
+from fast_decode import FastLinear, Int8Linear, fast, quantize_int8  # noqa: E402
 
 MODELS = {"smollm2": smollm2, "llama31": llama31, "nanollm": nanollm, "lm2": lm2}
 needs_onednn = pytest.mark.skipif(not fast_decode.BF16_ONEDNN, reason="this CPU has no oneDNN bf16 kernels: "
@@ -138,6 +139,41 @@ def test_bf16_product_keeps_a_reordered_weight(monkeypatch):
         assert clone.reordered.weight is None
 
 
+def test_int8_quantization_and_product():
+    """quantize_int8 rounds each row to its nearest step of a bf16 scale; Int8Linear's product is the fp32 product
+    of the bf16-rounded input with those int8 weights, rounded to bf16, for one row and for many, with a bias;
+    the int8 copy is remade when the weight changes, stays out of deep copies, and training takes F.linear."""
+    torch.manual_seed(0)
+    w = torch.randn(96, 64)
+    w[3] = 0  # an all-zero row must not divide by zero
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.dtype == torch.bfloat16 and q.abs().max() <= 127
+    step = scale.float()[:, None]
+    assert ((q * step - w).abs() <= step / 2 + w.abs() / 256).all()  # half a step (a clipped maximum: 1/256)
+    assert (q[3] == 0).all() and (q.abs().amax(1)[torch.arange(96) != 3] >= 126).all()  # each row uses its range
+    layer = fast(nn.Sequential(nn.Linear(64, 96)), weights="int8")[0]
+    assert type(layer) is Int8Linear
+    with torch.no_grad():
+        for x in (torch.randn(64), torch.randn(1, 1, 64), torch.randn(3, 5, 64)):
+            q, scale = quantize_int8(layer.weight)
+            want = (F.linear(x.bfloat16().float(), q.float()) * scale.float()).bfloat16().float() + layer.bias
+            y = layer(x)
+            assert y.shape == x.shape[:-1] + (96,) and y.dtype == x.dtype
+            torch.testing.assert_close(y, want, rtol=2 ** -8, atol=1e-5)
+        held = layer.int8.weight
+        layer.weight.mul_(-1)  # an in-place update: the copy follows
+        torch.testing.assert_close(layer(x), -want + 2 * layer.bias, rtol=2 ** -8, atol=1e-5)
+        assert layer.int8.weight is not held
+    assert copy.deepcopy(layer).int8.weight is None  # remade at first use
+    x = torch.randn(2, 64, requires_grad=True)
+    layer(x).sum().backward()  # with autograd on: nn.Linear's own product, gradients to weight and input
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand(2, -1))
+    assert layer.weight.grad is not None
+    with pytest.raises(ValueError, match="int8"):
+        fast(nn.Sequential(nn.Linear(4, 4)), weights="int4")
+
+
+
 # -----------------------------------------------------------------------------
 # fast(model) on each model file
 
@@ -188,6 +224,43 @@ def test_fast_bf16_is_as_close_to_fp32_as_plain_bf16(name, checkpoints):
         assert (quick(tokens).float() - ref).abs().mean() <= 1.1 * plain_err
         torch.testing.assert_close(quick(tokens).float(), plain(tokens).float(), rtol=0.05, atol=0.05)
     assert any("reordered" in vars(m) and m.reordered.weight is not None for m in quick.modules())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fast_int8_keeps_parameters_and_computes_the_rounded_model(name, checkpoints):
+    """weights="int8": the same parameters, names and state_dict (the float weights stay; the int8 copies are
+    not in it), every linear layer an Int8Linear; logits within bf16 rounding of the plain fp32 model whose
+    weights are replaced by their int8 roundings, and greedy tokens that model would pick. fast(model) again
+    goes back to FastLinear and drops the int8 copies."""
+    model = load(name, checkpoints)
+    rounded = copy.deepcopy(model)
+    state = model.state_dict()
+    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    fast(model, weights="int8")
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert [n for n, m in model.named_modules() if type(m) is Int8Linear] == linears and linears
+    with torch.no_grad():
+        for m in rounded.modules():
+            if type(m) is nn.Linear:
+                q, scale = quantize_int8(m.weight)
+                m.weight.copy_(q * scale.float()[:, None])
+    tokens = torch.tensor([[5, 7, 11, 13, 17, 19, 23]])
+    with torch.no_grad():
+        want, got = rounded(tokens), model(tokens)
+    torch.testing.assert_close(got, want, rtol=0.02, atol=0.02 * want.abs().max().item())
+    # greedy: every token the int8 model picks is, on the same prefix, the rounded model's best token or within
+    # twice the largest difference seen above of it (a near tie, which bf16 activations may break either way)
+    tol = (got - want).abs().max().item()
+    prompt = [5, 7, 11, 13, 17, 19, 23]
+    # (nanollm's absorbed MLA decode multiplies with kv_b_proj.weight itself, the float weight: decode naively)
+    picked = model.generate([prompt], 16, stop_tokens=[], **({"absorb": False} if name == "nanollm" else {}))[0]
+    with torch.no_grad():
+        logits = rounded(torch.tensor([prompt + picked]))[0, len(prompt) - 1:-1]  # (16, vocab): each step's
+    chosen = logits.gather(1, torch.tensor(picked)[:, None])[:, 0]
+    assert (chosen >= logits.max(1).values - 2 * tol).all()
+    fast(model)
+    assert not any(type(m) is Int8Linear or "int8" in vars(m) for m in model.modules())
 
 
 def test_real_smollm2_fast_greedy_tokens_match_plain(two_threads, smollm2_dir):

@@ -1,0 +1,126 @@
+"""
+Where one decode step's time goes: a per-op profile of batch-1 decoding with fast_decode, split into the weight
+products (which stream the weights: bandwidth-bound) and everything else (norms, RoPE, cache writes, attention,
+views: a fixed cost per op), against the bound each part meets.
+
+    python benchmarks/profile_decode.py --model smollm2-135m --precision fp32
+    python benchmarks/profile_decode.py --model llama3.2-1b --precision int8   # the checkpoint bench_llamacpp.py made
+
+The same models and checkpoints as bench_llamacpp.py. After a prompt (SmolLM2: its 39-token chat prompt; 1B: 64
+random tokens) the model's own forward_cached runs --steps decode steps (greedy), first timed plainly (wall ms per
+token), then under torch.profiler (which adds a few microseconds to every op; the split is read from it and
+scaled to the plain wall time). Printed: the ops by self time per token, and a summary: the products' time
+against the bandwidth floor (weight bytes / read bandwidth, the least any engine can take for them), and the
+rest, ops per token and their mean cost.
+"""
+
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import smollm2  # noqa: E402
+from bench_llamacpp import PRECISIONS, load_ours, random_llama_checkpoint, streamed_bytes  # noqa: E402
+from decode_timing import load_average, read_bandwidth_gbs  # noqa: E402
+from tokenizer_bpe import Tokenizer  # noqa: E402
+
+# the ops that multiply by a weight matrix (fp32 F.linear -> addmm/mm; the fast fp32 split -> bmm; bf16 ->
+# oneDNN's linear; int8 -> the int8 kernel)
+PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise",
+            "aten::_weight_int8pack_mm"}
+
+
+def decode_steps(model, ids, steps):
+    """Prefill ids, then `steps` greedy decode steps through the model's forward_cached; returns a function that
+    reruns the decode steps from the same state (the cache slots are simply rewritten)."""
+    model.setup_cache(1, len(ids) + steps + 1)
+    with torch.no_grad():
+        logits = model.forward_cached(torch.tensor([ids]), torch.arange(len(ids)))
+    first = logits.argmax(-1, keepdim=True)  # (1, 1)
+
+    @torch.no_grad()
+    def run():
+        tok = first
+        for i in range(steps):
+            tok = model.forward_cached(tok, torch.tensor([len(ids) + i])).argmax(-1, keepdim=True)
+    return run
+
+
+def main(model: str = "smollm2-135m", precision: str = "fp32", steps: int = 32, top: int = 15,
+         threads: int | None = None,
+         smollm2_dir: str = str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"),
+         tokenizer_dir: str = str(ROOT / "checkpoints" / "Llama-3.2-tokenizer"),
+         out_dir: str = str(ROOT / "runs" / "bench_llamacpp")):
+    """Per-op profile of batch-1 decoding with fast_decode.
+
+    model: smollm2-135m or llama3.2-1b
+    precision: fp32, bf16 or int8 (as bench_llamacpp.py)
+    steps: decode steps profiled
+    top: ops listed
+    threads: torch threads (default: torch's own choice, one per core)
+    smollm2_dir: the SmolLM2-135M-Instruct checkpoint
+    tokenizer_dir: the Llama 3 tokenizer (for making the random 1B checkpoint, if bench_llamacpp.py has not)
+    out_dir: where bench_llamacpp.py keeps the random 1B checkpoint
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    if precision not in PRECISIONS:
+        raise SystemExit(f"error: unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
+    dtype, weights, _ = PRECISIONS[precision]
+    if model == "smollm2-135m":
+        ckpt = Path(smollm2_dir)
+        ids = smollm2.encode_chat(Tokenizer.from_file(ckpt), [{"role": "user", "content": "Write a short story "
+                                                              "about a lighthouse keeper."}])
+    elif model == "llama3.2-1b":
+        ckpt = random_llama_checkpoint(Path(out_dir), Path(tokenizer_dir))
+        ids = torch.randint(0, 128000, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    else:
+        raise SystemExit(f"error: unknown model {model!r}: use smollm2-135m or llama3.2-1b")
+    m = load_ours(model, ckpt, dtype, weights)
+    bw = read_bandwidth_gbs()
+    run = decode_steps(m, ids, steps)
+    run()  # warm-up (and the bf16 reorder)
+    wall = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        run()
+        wall.append((time.perf_counter() - t0) / steps)
+        bw = max(bw, read_bandwidth_gbs())
+    wall_ms = min(wall) * 1e3
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    per_op = defaultdict(lambda: [0, 0.0])  # name -> [calls, self us]
+    for e in prof.key_averages():
+        per_op[e.key][0] += e.count
+        per_op[e.key][1] += e.self_cpu_time_total
+    total_us = sum(us for _, us in per_op.values())
+    scale = wall_ms * 1e3 * steps / total_us  # profiled time -> plain wall time
+    product_us = sum(us for k, (_, us) in per_op.items() if k in PRODUCTS) * scale / steps
+    other_us = wall_ms * 1e3 - product_us
+    n_other = sum(c for k, (c, _) in per_op.items() if k not in PRODUCTS) / steps
+    n_products = sum(c for k, (c, _) in per_op.items() if k in PRODUCTS) / steps
+    weight_mb = streamed_bytes(m) / 1e6
+    floor_ms = weight_mb / 1e3 / bw * 1e3
+    cmd = " ".join(["python benchmarks/profile_decode.py"] + sys.argv[1:])
+    print(f"`{cmd}`: {model} {precision}, {steps} decode steps, {torch.get_num_threads()} threads, read bandwidth "
+          f"{bw:.1f} GB/s, {load_average()}\n")
+    print("| op | calls/token | ms/token (self, scaled to wall) | share |")
+    print("|---|---|---|---|")
+    for k, (c, us) in sorted(per_op.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"| {k}{' (product)' if k in PRODUCTS else ''} | {c / steps:.0f} | {us * scale / steps / 1e3:.3f} "
+              f"| {us / total_us:.0%} |")
+    print(f"\nwall {wall_ms:.2f} ms/token ({1e3 / wall_ms:.1f} tok/s). Weight products: {product_us / 1e3:.2f} ms "
+          f"({n_products:.0f} calls) for {weight_mb:.0f} MB of weights = {weight_mb / product_us * 1e3:.1f} GB/s, "
+          f"against a bandwidth floor of {floor_ms:.2f} ms ({floor_ms / (product_us / 1e3):.0%} of the read "
+          f"bandwidth). Everything else: {other_us / 1e3:.2f} ms in {n_other:.0f} ops = {other_us / n_other:.1f} us "
+          f"per op ({other_us / (wall_ms * 1e3):.0%} of the step). Roofline (floor alone): {1e3 / floor_ms:.1f} tok/s.")
+
+
+if __name__ == "__main__":
+    smollm2.cli(main)
