@@ -3,7 +3,7 @@ What int8 weights cost in exactness on the real SmolLM2-135M-Instruct: fast(mode
 fp32 model, and perplexity on a held-out text beside llama.cpp's own f32 / bf16 / Q8_0 on the same text.
 
     python benchmarks/bench_int8_quality.py                                   # ours only
-    python benchmarks/bench_int8_quality.py --llama_cpp /work/llamacpp-build/build   # and llama-perplexity
+    python benchmarks/bench_int8_quality.py --llama_cpp ~/llama.cpp-build   # and llama-perplexity
 
 Variants of ours (--variants): fp32 (the reference, always run), bf16 (fast), int8 on an fp32 model, int8 on a
 bf16 model (what bench_llamacpp.py times), and two routes fast_decode.py does not take although their kernels

@@ -3,7 +3,7 @@ Decode speed of the model files (with fast_decode.fast) against llama.cpp, the e
 with on a CPU: the same weights converted to GGUF at the same precision, both engines timed in one run,
 interleaved (ours, llama.cpp, ours, llama.cpp, ...), so that a change in machine load hits both alike.
 
-    python benchmarks/bench_llamacpp.py --llama_cpp /work/llamacpp-build/build
+    python benchmarks/bench_llamacpp.py --llama_cpp ~/llama.cpp-build
     python benchmarks/bench_llamacpp.py --models smollm2-135m --precisions int8 --repeats 2   # one row
 
 Rows: SmolLM2-135M-Instruct (real weights: checkpoints/SmolLM2-135M-Instruct, run by smollm2.py) and a
@@ -35,8 +35,8 @@ llama-cpp-python sdist on PyPI vendors llama.cpp's source and convert_hf_to_gguf
     pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz
     cd llama_cpp_python-*/vendor/llama.cpp && rm .git   # a submodule pointer to a missing gitdir: ninja
                                                         # would re-run cmake forever
-    cmake -B /work/llamacpp-build/build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
-    cmake --build /work/llamacpp-build/build --target llama-bench llama-perplexity -j2   # ~10+ min on 2 cores
+    cmake -B ~/llama.cpp-build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
+    cmake --build ~/llama.cpp-build --target llama-bench llama-perplexity -j2   # ~10+ min on 2 cores
 
 llama.cpp is found at --llama_cpp (a build folder, or the folder holding llama-bench), else $LLAMA_CPP_DIR,
 else llama-bench on PATH; convert_hf_to_gguf.py in the source folder that the build folder's CMakeCache.txt
