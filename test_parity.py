@@ -2,7 +2,7 @@
 The parity suite: every file of the collection against its Hugging Face reference, module by module.
 
     pip install -r requirements-test.txt && python test_parity.py     # runs this file and tests/ with pytest
-    python test_parity.py -k llama31          # one family: smollm2, tokenizer, llama31, nanollm or lm2
+    python test_parity.py -k llama31     # one family: smollm2, tokenizer, llama31, nanollm or "lm2 and not smollm2"
 
 One harness serves every model file. Each family declares its tiny random HF configs (they reach every code path:
 GQA and MQA, tied and untied heads, llama3 and yarn RoPE scaling, q compression on and off, grouped top-k
@@ -13,7 +13,8 @@ HF `generate`. What only one family has follows, family by family: real SmolLM2-
 tokenizer on the real SmolLM2 and Llama 3 vocabularies, Meta's sharded checkpoints, MoE routing and balancing,
 LM2's memory equations. Everything runs in fp32 with the tolerances stated in the family table or at the test;
 greedy generations are compared token for token. The real assets come from
-`python download.py smollm2-135m-instruct llama3.2-tokenizer`; conftest.py fetches the missing ones.
+`python download.py smollm2-135m-instruct llama3.2-tokenizer`; conftest.py fetches the missing ones. The non-parity
+tests (download, finetune, grpo, the command lines, bad input) are in tests/.
 """
 
 if __name__ == "__main__":
@@ -127,7 +128,7 @@ def tokens(B, T, high, seed=0, low=0):
 # the families: tiny random HF configs, how our file loads them, RoPE layout, tolerances
 
 
-def hf_config(cls, base: dict, **overrides):
+def tiny_config(cls, base: dict, **overrides):
     cfg = cls(**{**base, **overrides})
     cfg._attn_implementation = "eager"  # the plainest reference: explicit matmul + additive mask + fp32 softmax
     return cfg
@@ -145,9 +146,8 @@ SMOL_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num
 # 16 and 64 the llama3 scaling keeps one frequency, blends one, and stretches the other six.
 LLAMA_TINY = dict(SMOL_TINY, vocab_size=320, max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=0,
                   eos_token_id=1, rope_parameters=llama3_rope(8.0, 64))
-LM2_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, vocab_size=97, max_position_embeddings=256, rms_norm_eps=1e-5,
-                rope_theta=10000.0)
+LM2_TINY = dict(SMOL_TINY, intermediate_size=128, vocab_size=97, max_position_embeddings=256, rope_theta=10000.0,
+                tie_word_embeddings=False)
 LM2_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                    "original_max_position_embeddings": 32}  # short original context: all three bands occur below 200
 DSV3_TINY = dict(vocab_size=96, hidden_size=48, intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=3,
@@ -160,6 +160,7 @@ DSV3_TOL = (1e-5, 1e-4)  # fp32, different summation orders (einsum/SDPA vs eage
 
 @dataclasses.dataclass
 class Family:
+    """What the shared tests need to know of a model file and its HF reference."""
     mod: object  # the model file
     config: Callable  # **variant overrides -> tiny HF config
     variants: dict[str, dict]
@@ -170,10 +171,11 @@ class Family:
     logits_tol: float | tuple  # whole models against HF
     T: int  # sequence length of the module and logits tests: past the original context of llama3 / yarn scaling
     hf_class: type = LlamaForCausalLM
-    std: float | None = None  # random_hf's std for the matrices (None: HF's init)
+    std: float = 0.15  # random_hf's matrices: larger than HF's init, so that greedy text is varied
     none_is_causal: bool = True  # mask None means a causal forward (lm2 takes its boolean mask always)
     cache_returns_all_slots: bool = False  # the KV cache hands attention the whole buffer, not the filled prefix
     paths: dict = dataclasses.field(default_factory=lambda: {"plain": {}})  # decode paths: kwargs of each
+    greedy_tokens: int = 40  # generated and compared with HF generate
 
 
 def rotate_half_rope(mod):
@@ -181,17 +183,18 @@ def rotate_half_rope(mod):
 
 
 FAMILIES = {
-    "smollm2": Family(smollm2, functools.partial(hf_config, LlamaConfig, SMOL_TINY),
+    "smollm2": Family(smollm2, functools.partial(tiny_config, LlamaConfig, SMOL_TINY),
                       {"gqa-tied": {}, "mha-untied": dict(num_key_value_heads=4, tie_word_embeddings=False)},
-                      smollm2.SmolLM2.from_pretrained, lambda m, pos: (m.rope_cos[pos][:, None], m.rope_sin[pos][:, None]),
-                      lambda c: c[:, 0], tol=1e-5, logits_tol=1e-5, T=100, std=0.15),
-    "llama31": Family(llama31, functools.partial(hf_config, LlamaConfig, LLAMA_TINY),
+                      smollm2.SmolLM2.from_pretrained,
+                      lambda m, pos: (m.rope_cos[pos][:, None], m.rope_sin[pos][:, None]), lambda c: c[:, 0],
+                      tol=1e-5, logits_tol=1e-5, T=100),
+    "llama31": Family(llama31, functools.partial(tiny_config, LlamaConfig, LLAMA_TINY),
                       {"gqa2-llama3x8-untied": {},
                        "mqa-llama3x32-tied": dict(num_key_value_heads=1, tie_word_embeddings=True,
                                                   rope_parameters=llama3_rope(32.0, 64))},
                       llama31.Llama.from_pretrained, rotate_half_rope(llama31),
-                      lambda c: c[:, 0], tol=1e-5, logits_tol=1e-4, T=150, std=0.15, cache_returns_all_slots=True),
-    "nanollm": Family(N, functools.partial(hf_config, DeepseekV3Config, DSV3_TINY),
+                      lambda c: c[:, 0], tol=1e-5, logits_tol=1e-4, T=150, cache_returns_all_slots=True),
+    "nanollm": Family(N, functools.partial(tiny_config, DeepseekV3Config, DSV3_TINY),
                       {"grouped_top2_interleaved": {},
                        "no_q_lora_rotate_half_tied": dict(q_lora_rank=None, rope_interleave=False,
                                                           tie_word_embeddings=True),
@@ -204,13 +207,14 @@ FAMILIES = {
                            routed_scaling_factor=1.0)},
                       N.NanoLLM.from_pretrained, lambda m, pos: m.rope_cos_sin(pos),
                       lambda c: torch.cat([c, c], -1),  # HF stores cat(freqs, freqs): both halves equal ours
-                      tol=DSV3_TOL, logits_tol=DSV3_TOL, T=40, hf_class=DeepseekV3ForCausalLM, std=0.15,
-                      paths={"naive": dict(absorb=False), "absorb": dict(absorb=True)}),
+                      tol=DSV3_TOL, logits_tol=DSV3_TOL, T=24, hf_class=DeepseekV3ForCausalLM,
+                      paths={"naive": dict(absorb=False), "absorb": dict(absorb=True)},
+                      greedy_tokens=12),  # the slowest to decode: its MoE dispatch runs in Python
     # memory off: exactly HF Llama; segment_len 16 so that the segment loop runs within every test
-    "lm2": Family(lm2, functools.partial(hf_config, LlamaConfig, LM2_TINY),
+    "lm2": Family(lm2, functools.partial(tiny_config, LlamaConfig, LM2_TINY),
                   {"untied": {}, "tied-llama3": dict(tie_word_embeddings=True, rope_scaling=LM2_LLAMA3_ROPE)},
                   lambda path: lm2.LM2.from_pretrained(path, mem_layers=(), segment_len=16), rotate_half_rope(lm2),
-                  lambda c: c[:, 0], tol=1e-5, logits_tol=1e-5, T=200, std=0.15, none_is_causal=False),
+                  lambda c: c[:, 0], tol=1e-5, logits_tol=1e-5, T=200, none_is_causal=False),
 }
 
 
@@ -233,13 +237,16 @@ def pair(pairs, family, variant):
     return FAMILIES[family], *pairs(family, variant)
 
 
-def over_pairs(*families):
-    return pytest.mark.parametrize("family,variant", [pytest.param(f, v, id=f"{f}-{v}") for f in families or FAMILIES
-                                                      for v in FAMILIES[f].variants])
-
-
-over_paths = pytest.mark.parametrize("family,variant,path", [
-    pytest.param(f, v, p, id=f"{f}-{v}-{p}") for f, fam in FAMILIES.items() for v in fam.variants for p in fam.paths])
+def over_pairs(*families, paths=False, loop=False):
+    """Parametrise a test over the (family, variant) pairs, and with paths over each decode path as well. loop: the
+    test checks generate's bookkeeping (ragged rows, stop tokens, streaming, seeds), which no config changes; nanollm
+    and lm2, whose generation loops also have tests of their own (tests/test_nanollm.py, lm2's memory section), run
+    it on their first variant only."""
+    cases = [(f, v, p) for f in families or FAMILIES
+             for v in list(FAMILIES[f].variants)[:1 if loop and f in ("nanollm", "lm2") else None]
+             for p in (FAMILIES[f].paths if paths else [None])]
+    return pytest.mark.parametrize("family,variant,path" if paths else "family,variant",
+                                   [pytest.param(*c[:3 if paths else 2], id="-".join(filter(None, c))) for c in cases])
 
 
 # =============================================================================
@@ -282,7 +289,7 @@ def hf_and_our_rope(fam, hf, ours, x, pos):
     return hf.model.rotary_emb(x, pos), fam.rope(ours, pos)
 
 
-@over_paths
+@over_pairs(paths=True)
 def test_attention(pair, path):
     fam, hf, ours = pair
     T = fam.T
@@ -294,7 +301,7 @@ def test_attention(pair, path):
         assert_close(first(layer.self_attn(x, c, s, mask, **fam.paths[path])), ref, fam.tol)
 
 
-@over_paths
+@over_pairs(paths=True)
 def test_attention_with_cache(pair, path):
     """Prefill, then decode 12 tokens one at a time through the KV cache: each output equals HF's attention over the
     whole sequence at that position (positions cross the original context of llama3 and yarn scaling)."""
@@ -360,17 +367,18 @@ def test_packed_documents_match_separate_runs(pair):
         assert_close(packed, torch.cat([hf(d).logits for d in docs], dim=1), fam.logits_tol)
 
 
-@over_paths
+@over_pairs(paths=True)
 def test_cached_decoding_equals_recomputation(pair, path):
     """Prefill 8 tokens, a chunk of 4, then one token at a time: every step reads what the earlier ones wrote."""
     fam, hf, ours = pair
-    x = tokens(2, 40, hf.config.vocab_size, seed=2)
+    T = min(fam.T, 40)
+    x = tokens(2, T, hf.config.vocab_size, seed=2)
     pad = torch.zeros(2, dtype=torch.long)
     with torch.no_grad():
         full = ours(x)
-        ours.setup_cache(2, 40)
+        ours.setup_cache(2, T)
         try:
-            steps = [(0, 8), (8, 12)] + [(t, t + 1) for t in range(12, 40)]
+            steps = [(0, 8), (8, 12)] + [(t, t + 1) for t in range(12, T)]
             last = [ours.forward_cached(x[:, lo:hi], torch.arange(lo, hi), pad, **fam.paths[path]) for lo, hi in steps]
         finally:
             ours.clear_cache()
@@ -395,16 +403,16 @@ def test_bf16_is_as_close_to_fp32_as_hf(pair):
     assert (torch.stack(steps, dim=1).float() - want[:, 7:]).abs().mean() <= 1.1 * hf_err[:, 7:].mean()
 
 
-@over_paths
+@over_pairs(paths=True)
 def test_greedy_generation_matches_hf(pair, path):
     fam, hf, ours = pair
     prompt = tokens(1, 12, hf.config.vocab_size, seed=3, low=2)[0].tolist()
-    ref = hf_greedy(hf, prompt, 40)
+    ref = hf_greedy(hf, prompt, fam.greedy_tokens)
     assert len(set(ref)) > 5  # a varied continuation, not one repeated token
-    assert ours.generate([prompt], 40, stop_tokens=[], **fam.paths[path])[0] == ref
+    assert ours.generate([prompt], fam.greedy_tokens, stop_tokens=[], **fam.paths[path])[0] == ref
 
 
-@over_paths
+@over_pairs(paths=True, loop=True)
 def test_ragged_batch_equals_one_at_a_time(pair, path):
     fam, hf, ours = pair
     prompts = [tokens(1, n, hf.config.vocab_size, seed=n, low=2)[0].tolist() for n in (3, 17, 9, 1)]
@@ -413,17 +421,19 @@ def test_ragged_batch_equals_one_at_a_time(pair, path):
     assert all(layer.self_attn.cache is None for layer in ours.model.layers)  # generate frees the cache it made
 
 
-@over_pairs()
+@over_pairs(loop=True)
 def test_stop_tokens_end_rows_and_are_not_returned(pair):
-    _, _, ours = pair
+    _, hf, ours = pair
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
     free = ours.generate(prompts, 20, stop_tokens=[])
     stop = free[0][6]
     for full, cut in zip(free, ours.generate(prompts, 20, stop_tokens=[stop])):
         assert cut == (full[:full.index(stop)] if stop in full else full)
+    eos = hf.config.eos_token_id  # stop_tokens None: the checkpoint's own
+    assert ours.generate(prompts, 20) == [f[:f.index(eos)] if eos in f else f for f in free]
 
 
-@over_pairs()
+@over_pairs(loop=True)
 def test_stream_sees_every_returned_token(pair):
     _, _, ours = pair
     seen = [[], []]
@@ -431,7 +441,7 @@ def test_stream_sees_every_returned_token(pair):
     assert seen == out
 
 
-@over_pairs()
+@over_pairs(loop=True)
 def test_sampling_is_seeded(pair):
     _, _, ours = pair
     kw = dict(temperature=1.5, top_p=0.95, stop_tokens=[])
@@ -440,10 +450,9 @@ def test_sampling_is_seeded(pair):
     assert a != ours.generate([[3, 4, 5], [6]], 30, seed=2, **kw)
     greedy = ours.generate([[3, 4, 5]], 30, stop_tokens=[])
     assert ours.generate([[3, 4, 5]], 30, temperature=2.0, top_k=1, seed=3, stop_tokens=[]) == greedy
-    assert ours.generate([[3, 4, 5]], 30, temperature=1.0, top_p=1e-6, seed=3, stop_tokens=[]) == greedy
 
 
-@over_pairs()
+@over_pairs(loop=True)
 @pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0),
                                  dict(max_new_tokens=0), dict(prompts=[list(range(1000))])])
 def test_bad_generation_arguments_raise(pair, bad):
@@ -592,10 +601,16 @@ def test_smollm2_user_text_cannot_forge_control_tokens(real_smollm2):
 
 # the 21 byte values SmolLM2's vocabulary has no token for (HF drops them when encoding)
 SMOL_MISSING = {0x04, 0x06, 0x13, 0x14, 0x16, 0x1D, 0xC0, 0xC1, 0xF1, 0xF2, *range(0xF5, 0x100)}
-# Digits new in Unicode 16/17: \p{N} for the `regex` module, unassigned for tiktoken's and HF's regex engines,
-# so Llama 3's pattern cuts text around them differently (an exhaustive check of every code point in ten
-# contexts found no other difference). Left out of the random-text parity tests.
-NEWER_DIGITS = [chr(c) for c in [*range(0x11DE0, 0x11DEA), *range(0x16FF4, 0x16FF7)]]
+# Letters and digits new in Unicode 17 (CJK Extension J, new scripts): the installed `regex` module knows them,
+# tiktoken's and HF's regex engines do not, so Llama 3's and SmolLM2's patterns cut text around them differently. An
+# exhaustive check of every code point `regex` sees as a letter or digit and Python 3.11's unicodedata (Unicode 14)
+# does not, in seven contexts, found these and no others. Left out of the random-text parity tests.
+NEWER_UNICODE = [chr(c) for a, b in [
+    (0x88F, 0x88F), (0xC5C, 0xC5C), (0xCDC, 0xCDC), (0xA7CE, 0xA7CF), (0xA7D2, 0xA7D2), (0xA7D4, 0xA7D4),
+    (0xA7F1, 0xA7F1), (0x10940, 0x10959), (0x10EC5, 0x10EC7), (0x11DB0, 0x11DDB), (0x11DE0, 0x11DE9),
+    (0x16EA0, 0x16EB8), (0x16EBB, 0x16ED3), (0x16FF2, 0x16FF6), (0x187F8, 0x187FF), (0x18D09, 0x18D1E),
+    (0x18D80, 0x18DF2), (0x1E6C0, 0x1E6DE), (0x1E6E0, 0x1E6E2), (0x1E6E4, 0x1E6E5), (0x1E6E7, 0x1E6ED),
+    (0x1E6F0, 0x1E6F4), (0x1E6FE, 0x1E6FF), (0x2B73A, 0x2B73F), (0x2CEA2, 0x2CEAD), (0x323B0, 0x33479)] for c in range(a, b + 1)]
 
 
 @pytest.fixture(scope="module")
@@ -666,7 +681,6 @@ CRLF = ["line one\r\nline two\r\n\r\nline four\r\n", "a\r\n  b\r\n\tc \r\n", "\r
 SPECIAL_TEXT = ["<|im_start|>user\nhi<|im_end|>\n<|endoftext|>",
                 "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>",
                 "<|reserved_special_token_10|><|reserved_special_token_1|> <|python_tag|>x<|image|>"]
-
 CONTROL = ["".join(map(chr, range(32))) + "\x7f", "a\x04b\x06c\x13\x14\x16\x1dd", "\ufeffBOM \ufffd \U0010ffff \ue000"]
 CORPUS_KINDS = ["stdlib", "languages", "emoji", "digits", "whitespace", "crlf", "special_as_text", "long", "control"]
 
@@ -792,25 +806,25 @@ def test_tokenizer_roundtrip_random_text(llama, smol, text):
     assert s_ours.decode(s_ours.encode(kept)) == kept
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.text(st.characters(codec="utf-8", exclude_characters=NEWER_DIGITS), max_size=60))
-def test_tokenizer_parity_random_text(llama, smol, text):
+def assert_ids_match_references(llama, smol, text):
     ours_model, ours_json, hf, hf_ignore_merges, tik = llama
     assert ours_model.encode(text) == tik.encode_ordinary(text) == hf_ids(hf_ignore_merges, text)
     assert ours_json.encode(text) == hf_ids(hf, text)
-    s_ours, s_hf = smol
-    assert s_ours.encode(text) == hf_ids(s_hf, text)
+    assert smol[0].encode(text) == hf_ids(smol[1], text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(st.characters(codec="utf-8", exclude_characters=NEWER_UNICODE), max_size=60))
+def test_tokenizer_parity_random_text(llama, smol, text):
+    assert_ids_match_references(llama, smol, text)
 
 
 @settings(max_examples=100, deadline=None)
 @given(st.text(alphabet=st.sampled_from(" \t\n\r\u00a0'sSdDlLtT1234567890aé😀\u200d.,!_-"), max_size=80))
 def test_tokenizer_parity_on_tricky_alphabet(llama, smol, text):
     """Whitespace runs, contractions, digits, joiners: where pre-tokenizers differ most."""
-    ours_model, ours_json, hf, hf_ignore_merges, tik = llama
-    assert ours_model.encode(text) == tik.encode_ordinary(text) == hf_ids(hf_ignore_merges, text)
-    assert ours_json.encode(text) == hf_ids(hf, text)
-    s_ours, s_hf = smol
-    assert s_ours.encode(text) == hf_ids(s_hf, text)
+    assert_ids_match_references(llama, smol, text)
+
 
 # -----------------------------------------------------------------------------
 # file formats and pre-tokenizer options
@@ -1026,13 +1040,15 @@ def test_llama31_hf_and_meta_checkpoints_load_to_the_same_logits(both_formats):
         assert_close(a, b, 0)  # the same weights after the permutation: bit-equal
         assert_close(a, hf(x).logits, 1e-4)
 
-def test_llama31_stop_tokens_come_from_config(pairs):
-    _, ours = pairs("llama31", "gqa2-llama3x8-untied")
+@over_pairs("llama31")
+def test_llama31_stop_tokens_come_from_config(pair):
+    _, _, ours = pair
     assert ours.args.stop_tokens == (1,)  # from config.json's eos_token_id
 
 
-def test_llama31_prompt_longer_than_max_seq_len_raises(pairs):
-    _, ours = pairs("llama31", "gqa2-llama3x8-untied")
+@over_pairs("llama31")
+def test_llama31_prompt_longer_than_max_seq_len_raises(pair):
+    _, _, ours = pair
     with pytest.raises(ValueError, match="max_seq_len"):
         ours.generate([list(range(500))], 20)
 
@@ -1165,7 +1181,7 @@ def test_nanollm_presets_round_trip_through_transformers(preset):
     assert N.ModelArgs.from_hf_config(cfg) == args
     with torch.device("meta"):
         ref, ours = DeepseekV3ForCausalLM(DeepseekV3Config(**cfg)), N.NanoLLM(args)
-    hf_moe = [i for i, layer in enumerate(ref.model.layers) if isinstance(layer.mlp, modeling_deepseek_v3.DeepseekV3MoE)]
+    hf_moe = [i for i, b in enumerate(ref.model.layers) if isinstance(b.mlp, modeling_deepseek_v3.DeepseekV3MoE)]
     if "moe_layers" in cfg:  # interleaved (nano-327m, nano-tiny): HF puts a MoE on every block from the first
         assert hf_moe == list(range(args.moe_layers[0], args.n_layers)) != list(args.moe_layers)
     else:
@@ -1227,7 +1243,7 @@ def lm2_tokens(B, T, seed=0, high=97):
 
 
 def test_lm2_sliding_window_matches_mistral(tmp_path):
-    cfg = hf_config(MistralConfig, LM2_TINY, sliding_window=6, tie_word_embeddings=False)
+    cfg = tiny_config(MistralConfig, LM2_TINY, sliding_window=6)
     ref = random_hf(cfg, MistralForCausalLM)  # Mistral = Llama + sliding window, same weight names
     ref.save_pretrained(tmp_path)
     ours = lm2.LM2.from_pretrained(tmp_path, mem_layers=(), attn_window=6, segment_len=4)
@@ -1437,7 +1453,7 @@ def test_lm2_truncated_bptt():
         assert_close(logits[bptt], logits[None], 0)  # values never change
     assert grads[None] > 0
     assert grads[1] == 0 and grads[4] == 0  # a boundary at segment 4 cuts every path to segment 0
-    assert_close(grads[5], grads[None], (1e-5, 1.3e-6))  # torch's float32 default  # one chunk holds all 5 segments: untruncated
+    assert_close(grads[5], grads[None], (1e-5, 1.3e-6))  # one chunk holds all 5 segments: untruncated
 
 
 # -----------------------------------------------------------------------------
@@ -1484,22 +1500,22 @@ def test_lm2_sampling():
     probs = lm2.logits_to_probs(logits, 1.0, top_p=0.5)  # the top token alone has mass 0.61 > 0.5
     assert probs[0].tolist() == [0.0, 0.0, 1.0, 0.0]
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-    assert lm2.sample(logits.repeat(8, 1), 1.0, generator=g1).tolist() == lm2.sample(logits.repeat(8, 1), 1.0, generator=g2).tolist()
+    assert lm2.sample(logits.repeat(8, 1), 1.0, generator=g1).tolist() == \
+        lm2.sample(logits.repeat(8, 1), 1.0, generator=g2).tolist()
 
 
 # -----------------------------------------------------------------------------
 # real weights
 
 
-def test_lm2_real_smollm2_fresh_memory_equals_base(smollm2_dir):
-    ref = LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+def test_lm2_real_smollm2_fresh_memory_equals_base(real_smollm2, smollm2_dir):
+    ref = real_smollm2[0]
     ours = lm2.LM2.from_pretrained(smollm2_dir)  # fresh memory in all 30 blocks, segment_len 512
     ours.args = dataclasses.replace(ours.args, segment_len=16)  # several segments within the prompt
     x = lm2_tokens(1, 40, high=49152)
     with torch.no_grad():
         assert_close(ours(x), ref(x).logits, 1e-4)
-        want = ref.generate(x, max_new_tokens=8, do_sample=False)[0, 40:].tolist()
-    assert ours.generate([x[0].tolist()], 8, stop_tokens=[]) == [want]
+    assert ours.generate([x[0].tolist()], 8, stop_tokens=[]) == [hf_greedy(ref, x[0].tolist(), 8)]
 
 
 @pytest.mark.parametrize("asset", ["smollm2_dir", "llama_tokenizer_dir"])
