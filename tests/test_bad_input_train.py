@@ -27,7 +27,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import finetune as ft  # noqa: E402
 import grpo  # noqa: E402
-from test_finetune import assets, flags, losses, one_thread  # noqa: E402,F401  (fixtures: a tiny model and data)
+from test_finetune import assets, flags, losses  # noqa: E402,F401  (fixtures: a tiny model and data)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMOL_TOKENIZER = ROOT / "checkpoints" / "SmolLM2-135M-Instruct" / "tokenizer.json"
 needs_smol_tokenizer = pytest.mark.skipif(not SMOL_TOKENIZER.is_file(),

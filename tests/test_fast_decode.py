@@ -33,14 +33,7 @@ needs_onednn = pytest.mark.skipif(not fast_decode.BF16_ONEDNN, reason="this CPU 
                                   "bf16 products stay with F.linear")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread unless a test asks for two: on a busy shared machine, OpenMP threads that wait on each other
-    make every small op many times slower (see fast_decode.decode_threads)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # unless a test asks for two (see fast_decode.decode_threads)
 
 
 @pytest.fixture

@@ -38,12 +38,7 @@ from tokenizer_bpe import Tokenizer  # noqa: E402
 TOKENIZER_MODEL = ROOT / "checkpoints" / "Llama-3.2-tokenizer" / "tokenizer.model"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add waiting on a shared machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_hf(args: llama31.ModelArgs, path: Path, seed=0, dtype=torch.float32, n_files=1):

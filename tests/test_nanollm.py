@@ -1,5 +1,6 @@
-"""Non-parity tests of nanollm.py: sizes, config round trips, training hooks (router bias, aux loss, expert load),
-generation (ragged batches, stop tokens, sampling), saving/loading and one-line CLI errors.
+"""Non-parity tests of nanollm.py: sizes, training hooks (router bias, aux loss, expert load), generation (stop
+tokens, sampling), saving/loading and one-line CLI errors. Its parity with HF DeepseekV3 (modules, configs both ways,
+ragged batches and every decode path) is in test_parity.py.
 Run: python -m pytest -q -s tests/test_nanollm.py   (-s shows the parameter and cache figures)
 """
 import json
@@ -15,13 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nanollm as N  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices gain nothing from a second thread, which spin-waits on a busy shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(seed=0, **overrides):
@@ -75,45 +70,6 @@ def test_cache_bytes_match_the_allocated_cache():
     print(f"\nnano-327m bf16 cache per token: MLA {c['mla']:,} B, MHA same width {c['mha']:,} B "
           f"({c['mha'] / c['mla']:.0f}x), MHA at MLA's head sizes {c['mha_mla_heads']:,} B "
           f"({c['mha_mla_heads'] / c['mla']:.0f}x)")
-
-
-@pytest.mark.parametrize("preset", N.PRESETS)
-def test_hf_config_round_trip(preset):
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
-
-    args = N.ModelArgs.from_name(preset)
-    cfg = json.loads(json.dumps(args.to_hf_config()))  # through JSON, as config.json
-    assert N.ModelArgs.from_hf_config(cfg) == args
-    with torch.device("meta"):
-        ref = DeepseekV3ForCausalLM(DeepseekV3Config(**cfg))
-    hf_moe = [i for i, layer in enumerate(ref.model.layers) if isinstance(layer.mlp, DeepseekV3MoE)]
-    if "moe_layers" in cfg:  # interleaved (nano-327m, nano-tiny): HF puts a MoE on every block from the first
-        assert hf_moe == list(range(args.moe_layers[0], args.n_layers)) != list(args.moe_layers)
-    else:
-        assert hf_moe == list(args.moe_layers)
-        assert sum(p.numel() for p in ref.parameters()) == params_by_formula(args)
-
-
-def test_hub_style_config_with_yarn_matches_hf():
-    """DeepSeek-V3's own config.json keeps `rope_theta` + `rope_scaling` (type yarn, factor 40) and moe_layer_freq."""
-    from transformers import DeepseekV3Config
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding, yarn_apply_mscale
-
-    cfg = N.ModelArgs().to_hf_config()
-    del cfg["rope_parameters"]
-    cfg.update(rope_theta=10000.0, moe_layer_freq=1, max_position_embeddings=4096 * 40,
-               rope_scaling=dict(type="yarn", factor=40, beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0,
-                                 original_max_position_embeddings=4096))
-    args = N.ModelArgs.from_hf_config(cfg)
-    hf_cfg = DeepseekV3Config(**cfg)
-    rope = DeepseekV3RotaryEmbedding(hf_cfg)
-    inv_freq, factor, softmax_mscale = N.rope_frequencies(args)
-    torch.testing.assert_close(inv_freq, rope.inv_freq)
-    assert factor == pytest.approx(rope.attention_scaling)
-    qk = args.qk_nope_head_dim + args.qk_rope_head_dim
-    assert N.NanoLLM(args).model.layers[0].self_attn.scale == pytest.approx(
-        yarn_apply_mscale(hf_cfg.rope_parameters, qk ** -0.5))
 
 
 def test_training_hooks_and_gradients():
@@ -170,14 +126,6 @@ def test_top1_with_normalised_weights_gives_the_router_no_gradient():
         model(torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))).square().mean().backward()
         grads[norm] = model.moe_layers()[0][1].gate.weight.grad.abs().max().item()
     assert 0 < grads[False] and grads[True] < 1e-5 * grads[False], grads  # w / (w + 1e-20): 0 up to rounding
-
-
-@pytest.mark.parametrize("absorb", [False, True])
-def test_ragged_batch_equals_one_at_a_time(absorb):
-    model = tiny(seed=4)
-    prompts = [[3, 14, 15, 92, 65, 35], [8, 9], [27, 18, 28, 18]]
-    alone = [model.generate([p], 10, stop_tokens=[], absorb=absorb)[0] for p in prompts]
-    assert model.generate(prompts, 10, stop_tokens=[], absorb=absorb) == alone
 
 
 def test_stop_tokens_and_sampling():
