@@ -54,6 +54,7 @@ class BankArgs(ModelArgs):
     """lm2.ModelArgs plus banks; mem_slots is the number of slots per bank (S), so a block has K * S."""
     mem_banks: int = 1                  # K banks per memory block
     mem_top: int = 1                    # m: a token reads its m most relevant banks (m = K: the dense read)
+    mem_aux_alpha: float = 0.0          # weight of the routing balance loss (Switch / DeepSeek-V3 eq. 17); 0: off
 
     def __post_init__(self):
         super().__post_init__()
@@ -77,10 +78,22 @@ class BankedMemory(Memory):
         self.bank_keys = nn.Parameter(torch.empty(args.mem_banks, args.dim))
         # unit-scale keys: distinct tokens spread over the banks from the start (0.02 would leave p ~ 1/K flat)
         nn.init.normal_(self.bank_keys)
+        # a buffer, not a parameter (as nanollm.py's e_score_correction_bias): update_bias moves it towards
+        # underloaded banks, gradients never do; it only picks the banks, never weighs them
+        self.register_buffer("bank_bias", torch.zeros(args.mem_banks))
+        self.aux_alpha = args.mem_aux_alpha
+        self.load = None       # (K,) tokens whose top bank was k, in training reads since the last update_bias
+        self.aux_losses = []   # the balance loss of each training read since the model's forward began
 
     def bank_scores(self, q):
         """Routing scores r (B, T, K) of memory queries q = h W_Q (B, T, d)."""
         return q @ self.bank_keys.t() / math.sqrt(q.shape[-1])
+
+    def route(self, qd):
+        """Bank probabilities p (B, T, K), the softmax of the scores, and the m banks each token reads (B, T, m),
+        best first: the first is the bank it writes to. Chosen by score + bank_bias (DeepSeek-V3 §2.1.2)."""
+        r = self.bank_scores(qd)
+        return r.softmax(-1), (r + self.bank_bias).topk(self.top, dim=-1).indices
 
     def state(self, bank):
         bank, k, v = super().state(bank)
@@ -103,7 +116,9 @@ class BankedMemory(Memory):
         if self.top == self.n_banks:  # every bank is read: lm2.py's dense read, no routing
             return super().read(h, state, fresh)
         qd = self.q_proj(h)
-        p_top, top = self.bank_scores(qd).softmax(-1).topk(self.top, dim=-1)  # (B, T, m)
+        p, top = self.route(qd)  # (B, T, K), (B, T, m)
+        if self.training:
+            self.count(p, top)
         q = self._heads(qd).unsqueeze(3)  # (B, heads, T, 1, hd): one query row per token, its own slots
 
         def attend(k, v):
@@ -114,8 +129,28 @@ class BankedMemory(Memory):
         out = attend(*state[1:])
         if fresh is not None:
             out = torch.where(fresh[..., None], attend(*self.initial_state(h.shape[0])[1:]), out)
+        p_top = p.gather(-1, top)
         gate = (p_top / p_top.detach()).mean(-1, keepdim=True)  # value exactly 1, gradient to the bank keys
         return out * gate
+
+    def count(self, p, top):
+        """Training reads: add each token's top bank to the load, and this read's balance loss (DeepSeek-V3
+        eqs. 17-20 per sequence and segment: f_k = K / (m T) * #tokens reading k, P_k = mean over t of p_k,
+        alpha * sum_k f_k P_k, averaged over the batch; it is 1 * alpha when balanced, K * alpha collapsed)."""
+        with torch.no_grad():
+            load = torch.bincount(top[..., 0].flatten(), minlength=self.n_banks)
+            self.load = load if self.load is None else self.load + load
+        if self.aux_alpha > 0:
+            B, T, K = p.shape
+            f = torch.zeros_like(p).scatter(-1, top, 1.0).sum(1) * K / (self.top * T)  # (B, K)
+            self.aux_losses.append(self.aux_alpha * (f * p.mean(1)).sum(-1).mean())
+
+    @torch.no_grad()
+    def update_bias(self, rate: float):
+        """DeepSeek-V3 §2.1.2: lower the bias of overloaded banks by rate, raise it for underloaded ones."""
+        if self.load is not None:
+            self.bank_bias += rate * torch.sign(self.load.float().mean() - self.load)
+            self.load = None
 
     def write(self, h, state, token_mask=None, fresh=None):
         if self.n_banks == 1:  # every token's top bank is the only one: lm2.py's write
@@ -126,7 +161,7 @@ class BankedMemory(Memory):
         mem, k = state[0], state[1]
         qd = self.q_proj(h)
         slot_bank = torch.arange(mem.shape[1], device=h.device) // self.bank_slots  # (N,)
-        allowed = self.bank_scores(qd).argmax(-1)[:, None, :] == slot_bank[None, :, None]  # (B, N, T)
+        allowed = self.route(qd)[1][:, None, :, 0] == slot_bank[None, :, None]  # (B, N, T)
         if token_mask is not None:
             allowed = allowed & token_mask[:, None, :]
         # subtle: a finite bias, not -inf: a bank no token chose has rows with every token masked, whose
@@ -142,10 +177,10 @@ class BankedMemory(Memory):
         (zero outside its banks); write (B, N, T): each token's share of each slot's write."""
         qd = self.q_proj(h)
         s = self._heads(qd) @ state[1].transpose(-1, -2) / math.sqrt(state[1].shape[-1])  # (B, heads, T, N)
-        r = self.bank_scores(qd)
+        top = self.route(qd)[1]
         slot_bank = torch.arange(s.shape[-1], device=h.device) // self.bank_slots
-        read_ok = (r.topk(self.top, dim=-1).indices[..., None] == slot_bank).any(-2)  # (B, T, N)
-        write_ok = r.argmax(-1)[..., None] == slot_bank
+        read_ok = (top[..., None] == slot_bank).any(-2)  # (B, T, N)
+        write_ok = top[..., :1] == slot_bank
         read = s.masked_fill(~read_ok[:, None], -torch.inf).softmax(-1).mean(1)
         write = s.masked_fill(~write_ok[:, None], -torch.inf).softmax(-2).nan_to_num(0.0).mean(1)
         return read, write.transpose(1, 2)
@@ -158,6 +193,29 @@ class BankLM2(LM2Model):
         for layer in self.model.layers:
             if layer.memory is not None:
                 layer.memory = BankedMemory(args)
+
+    def banked(self):
+        return [l.memory for l in self.model.layers if isinstance(l.memory, BankedMemory)]
+
+    def forward(self, tokens, doc_ids=None):
+        for mem in self.banked():
+            mem.aux_losses = []
+        return super().forward(tokens, doc_ids)
+
+    def extra_loss(self):
+        """finetune.py's hook: the routing balance loss of the last training forward, mean over its reads and
+        memory blocks (0.0 when off)."""
+        losses = [l for mem in self.banked() for l in mem.aux_losses]
+        return torch.stack(losses).mean() if losses else 0.0
+
+    @torch.no_grad()
+    def update_router_biases(self, rate: float = 1e-3) -> list[list[float]]:
+        """Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2), as nanollm.py's: call after each optimizer step.
+        Returns, per memory block, the share of tokens whose top bank was each bank since the last call."""
+        load = [(mem.load / mem.load.sum()).tolist() for mem in self.banked() if mem.load is not None]
+        for mem in self.banked():
+            mem.update_bias(rate)
+        return load
 
 
 def trace_memory(model, tokens):
@@ -195,7 +253,7 @@ def token_access(model, tokens):
 
 
 def sleep(model, batches, steps: int, rank: int = 8, alpha: float = 16.0, lr: float = 3e-3,
-          targets=("gate_proj", "up_proj", "down_proj", "o_proj")):
+          targets=("gate_proj", "up_proj", "down_proj", "o_proj"), hard: bool = False):
     """Consolidate into LoRA adapters: freeze the model, add adapters to the linears named in targets (the
     defaults exclude the memory's own q/k/v projections), and train them for `steps` batches so that the model
     on the student tokens matches a frozen copy of itself on the teacher tokens at the positions given:
@@ -211,7 +269,10 @@ def sleep(model, batches, steps: int, rank: int = 8, alpha: float = 16.0, lr: fl
         student, teacher_in, pos = next(batches)
         with torch.no_grad():
             target = teacher(teacher_in)[pos].log_softmax(-1)
-        loss = F.kl_div(model(student)[pos].log_softmax(-1), target, log_target=True, reduction="batchmean")
+        if hard:
+            loss = F.cross_entropy(model(student)[pos], target.argmax(-1))
+        else:
+            loss = F.kl_div(model(student)[pos].log_softmax(-1), target, log_target=True, reduction="batchmean")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -41,6 +41,7 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -129,10 +130,11 @@ def evaluate(model, episodes, batch_size=64):
 # (a) training and measurements
 
 
-def train(memory: str, steps: int, batch_size: int, lr: float, seed: int, log):
+def train(memory: str, steps: int, batch_size: int, lr: float, seed: int, log, bias_rate: float = 0.0,
+          aux_alpha: float = 0.0):
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    model = BankLM2(model_args(memory))
+    model = BankLM2(replace(model_args(memory), mem_aux_alpha=aux_alpha))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     warmup = 20
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
@@ -145,10 +147,11 @@ def train(memory: str, steps: int, batch_size: int, lr: float, seed: int, log):
         x, pos, ans = batch(eps)
         loss = F.cross_entropy(answer_logits(model, x, pos).flatten(0, 1), ans.flatten())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + model.extra_loss()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        model.update_router_biases(bias_rate)
         recent.append(loss.item())
         if (step + 1) % max(1, steps // 10) == 0:
             log(f"  {memory} step {step + 1}/{steps} loss {statistics.mean(recent):.3f} "
@@ -274,18 +277,25 @@ def sleep_batches(chosen, wake, others, seed: int, batch_size: int):
 
 
 def sleep_eval(model, frequent, others, seed: int, n=256):
-    """recall of the frequent facts with memory reset (not stated; 4 questions each among 4 fresh ones),
-    fresh-episode recall (memory on) and held-out answer loss."""
+    """Recall of 4 frequent facts per episode (among 4 fresh ones asked) with the memory on (the frequent facts
+    stated with 8 fresh ones: what the teacher knows) and with it reset (the same episode, the frequent facts
+    not stated); fresh-episode recall (memory on) and held-out answer loss."""
     rng = random.Random(seed)
-    reset = []
+    stated, reset = [], []
     for _ in range(n):
-        facts = fresh_facts(rng, 8, others)
-        asked_f = rng.sample(list(frequent), 4)
-        toks, pos = render(rng, {**facts, **frequent}, asked_f + rng.sample(list(facts), 4), hidden=set(frequent))
-        reset.append((toks, pos[:4]))
+        facts = {e: frequent[e] for e in rng.sample(list(frequent), 4)}
+        asked = list(facts)
+        facts.update(fresh_facts(rng, 8, others))
+        asked += rng.sample(list(facts)[4:], 4)
+        facts = dict(rng.sample(list(facts.items()), len(facts)))
+        tok_seed = rng.random()
+        for out, hidden in ((stated, ()), (reset, set(frequent))):
+            toks, pos = render(random.Random(tok_seed), facts, asked, hidden)
+            out.append((toks, pos[:4]))
+    memory_on, _ = evaluate(model, stated)
     consolidated, _ = evaluate(model, reset)
     fresh_acc, fresh_loss = evaluate(model, [e[:2] for e in test_episodes(rng, 8, n, others)])
-    return consolidated, fresh_acc, fresh_loss
+    return consolidated, fresh_acc, fresh_loss, memory_on
 
 # -----------------------------------------------------------------------------
 # the run
@@ -346,7 +356,7 @@ def main(out_dir: str = "runs/lm2_banks", steps: int = 600, batch_size: int = 32
     picks = {"frequency": ranked[:len(frequent)],
              "random": random.Random(seed + 1).sample(sorted(ranked), len(frequent))}
     before = sleep_eval(base, frequent, others, seed + 7, n_eval)
-    results["b"]["before"] = dict(zip(("consolidated", "fresh_recall", "heldout_loss"), before))
+    results["b"]["before"] = dict(zip(("consolidated", "fresh_recall", "heldout_loss", "frequent_memory_on"), before))
     log(f"sleep before: {results['b']['before']}")
     for how, chosen in picks.items():
         model = BankLM2(model_args("K8 m1"))
@@ -354,7 +364,7 @@ def main(out_dir: str = "runs/lm2_banks", steps: int = 600, batch_size: int = 32
         t0 = time.time()
         first, last = lm2_banks.sleep(model, sleep_batches(set(chosen), wake, others, seed, batch_size), sleep_steps)
         after = sleep_eval(model.eval(), frequent, others, seed + 7, n_eval)
-        results["b"][how] = dict(zip(("consolidated", "fresh_recall", "heldout_loss"), after),
+        results["b"][how] = dict(zip(("consolidated", "fresh_recall", "heldout_loss", "frequent_memory_on"), after),
                                  overlap=len(set(chosen) & set(frequent)), kl_first=first, kl_last=last,
                                  sleep_min=(time.time() - t0) / 60)
         log(f"sleep {how}: {results['b'][how]}")

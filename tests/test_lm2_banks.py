@@ -31,7 +31,7 @@ def test_one_bank_equals_dense_memory():
     bank = trained_like(BankLM2(args)).eval()
     dense_args = lm2.ModelArgs(**{f: getattr(args, f) for f in lm2.ModelArgs.__dataclass_fields__})
     dense = lm2.LM2(dense_args).eval()
-    state = {k: v for k, v in bank.state_dict().items() if not k.endswith("bank_keys")}
+    state = {k: v for k, v in bank.state_dict().items() if not k.endswith(("bank_keys", "bank_bias"))}
     dense.load_state_dict(state, strict=True)
     tokens = torch.randint(0, 50, (3, 40))
     assert torch.equal(bank(tokens), dense(tokens))
@@ -135,3 +135,46 @@ def test_token_access_shape_and_segments():
 def test_bad_top_is_one_line_error():
     with pytest.raises(ValueError, match="mem_top"):
         BankArgs(mem_banks=2, mem_top=3)
+
+
+def test_bias_balancing_picks_banks_and_moves_towards_underloaded():
+    mem, h, bank0 = routed_setup(4, 3, 1)
+    p, top = mem.route(mem.q_proj(h))
+    mem.bank_bias[2] = 100.0  # picks bank 2 for every token, without changing the weights p
+    p2, top2 = mem.route(mem.q_proj(h))
+    assert (top2 == 2).all() and torch.equal(p, p2)
+    new = mem.write(h, mem.state(bank0))[0]
+    for j in range(4):
+        assert torch.equal(new[:, j * 3:(j + 1) * 3], bank0[:, j * 3:(j + 1) * 3]) == (j != 2)
+    mem.eval()
+    mem.read(h, mem.state(bank0))
+    assert mem.load is None  # evaluation never moves the biases
+    mem.train()
+    mem.read(h, mem.state(bank0))
+    assert mem.load.tolist() == [0, 0, 10, 0]
+    mem.update_bias(0.5)
+    assert mem.bank_bias.tolist() == [0.5, 0.5, 99.5, 0.5] and mem.load is None
+
+
+def test_balance_loss_is_deepseek_sequence_wise_loss():
+    model = trained_like(BankLM2(tiny(mem_banks=4, mem_slots=2, mem_top=2, mem_aux_alpha=0.1, mem_layers=(1,))))
+    tokens = torch.randint(0, 50, (2, 24))
+    model.eval()
+    model(tokens)
+    assert model.extra_loss() == 0.0  # evaluation adds no loss
+    model.train()
+    model(tokens)
+    mem, = model.banked()
+    assert len(mem.aux_losses) == 3  # one per segment read
+    _, traced = lm2_banks.trace_memory(model.eval(), tokens)
+    want = []
+    for h, _ in traced[0][1]:
+        p, top = mem.route(mem.q_proj(h))
+        f = torch.stack([(top == k).any(-1).float().mean(1) * 4 / 2 for k in range(4)], -1)  # (B, K)
+        want.append(0.1 * (f * p.mean(1)).sum(-1).mean())
+    model.train()
+    model(tokens)
+    loss = model.extra_loss()
+    torch.testing.assert_close(loss, torch.stack(want).mean())
+    loss.backward()
+    assert mem.bank_keys.grad.abs().sum() > 0
