@@ -35,6 +35,7 @@ recall with memory on, held-out answer loss, each before and after.
 Run:  OMP_NUM_THREADS=1 python benchmarks/lm2_banks_sleep.py --out_dir runs/lm2_banks
 (prints both tables; writes results.json, log lines and lm2_banks_scaling.png into --out_dir)
 """
+import copy
 import json
 import math
 import random
@@ -109,9 +110,15 @@ def batch(episodes):
     return x, pos, x.gather(1, pos + 1) - VAL0
 
 
-def answer_logits(model, x, pos):
+def question_logits(model, x, pos):
+    """(B, N_Q, vocab): the logits at the question positions, which predict the answers."""
     logits = model(x)  # (B, T, vocab); logits[:, p] predicts token p + 1
-    return logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))[..., VAL0:VAL0 + N_VAL]
+    return logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
+
+
+def answer_logits(model, x, pos):
+    """(B, N_Q, N_VAL): the logits of the ten values, among which recall picks."""
+    return question_logits(model, x, pos)[..., VAL0:VAL0 + N_VAL]
 
 
 @torch.no_grad()
@@ -145,7 +152,8 @@ def train(memory: str, steps: int, batch_size: int, lr: float, seed: int, log, b
             facts = fresh_facts(rng, rng.randint(N_Q, 16))  # F = 21 in the evaluation is beyond training
             eps.append(render(rng, facts, ask(rng, facts)))
         x, pos, ans = batch(eps)
-        loss = F.cross_entropy(answer_logits(model, x, pos).flatten(0, 1), ans.flatten())
+        # over the whole vocabulary, as a language model: sleep copies the full output distribution
+        loss = F.cross_entropy(question_logits(model, x, pos).flatten(0, 1), ans.flatten() + VAL0)
         opt.zero_grad(set_to_none=True)
         (loss + model.extra_loss()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -177,8 +185,7 @@ def routing(model, episodes):
     x, pos, _ = batch(episodes)
     _, traced = lm2_banks.trace_memory(model, x)
     (mem, segs), = traced
-    h = torch.cat([h for h, _ in segs], dim=1)  # (B, T, d)
-    top = mem.bank_scores(mem.q_proj(h)).argmax(-1)  # (B, T)
+    top = torch.cat([mem.route(mem.q_proj(h), state)[1][..., 0] for h, state in segs], dim=1)  # (B, T)
     hits = total = 0
     by_domain = {}
     for b, (toks, qpos, facts) in enumerate(episodes):
@@ -247,33 +254,55 @@ def rank_by_access(model, wake, seed: int):
     return sorted(mass, key=mass.get, reverse=True)
 
 
-def sleep_batches(chosen, wake, others, seed: int, batch_size: int):
-    """Alternating (student, teacher, positions): consolidation (a wake episode with chosen facts, asked about
-    them; the student's copy omits them) and replay (a fresh episode, memory on for both)."""
+@torch.no_grad()
+def consensus(teacher, wake, chosen, seed: int):
+    """{entity: answer token} for the chosen entities: the memory model's most probable answer averaged over
+    every wake episode that states and asks it (what the memory says about it most often)."""
     rng = random.Random(seed)
-    with_chosen = [(f, [e for e in f if e in chosen]) for f, _ in wake if any(e in chosen for e in f)]
+    mass = {}
+    for i in range(0, len(wake), 64):
+        chunk = [(f, q) for f, q in wake[i:i + 64]]
+        eps = [render(rng, f, q) for f, q in chunk]
+        x, pos, _ = batch(eps)
+        probs = question_logits(teacher, x, pos).softmax(-1)  # (B, N_Q, vocab)
+        for b, (_, asked) in enumerate(chunk):
+            for j, e in enumerate(asked):
+                if e in chosen:
+                    mass[e] = mass.get(e, 0) + probs[b, j]
+    return {e: int(m.argmax()) for e, m in mass.items()}
+
+
+def sleep_batches(teacher, answers, wake, others, seed: int, batch_size: int):
+    """Alternating (tokens, positions, target) batches. Consolidation: wake episodes that state chosen facts,
+    with those facts omitted, asked about them; target: the consensus answer (cross-entropy). Replay: fresh
+    episodes, memory on; target: the teacher's output distribution (KL)."""
+    rng = random.Random(seed)
+    with_chosen = [(f, [e for e in f if e in answers]) for f, _ in wake if any(e in answers for e in f)]
     step = 0
     while True:
-        rows_s, rows_t, masks = [], [], []
+        rows, masks, targets = [], [], []
         for _ in range(batch_size):
             if step % 2 == 0:
                 facts, mine = rng.choice(with_chosen)
                 asked = mine + [e for e in ask(rng, facts) if e not in mine]  # chosen facts first, all distinct
-                seed_tok = rng.random()
-                teacher, pos = render(random.Random(seed_tok), facts, asked)
-                student, _ = render(random.Random(seed_tok), facts, asked, hidden=set(mine))
-                keep = [p for p, e in zip(pos, asked) if e in chosen]
+                toks, pos = render(rng, facts, asked, hidden=set(mine))
+                keep = pos[:len(mine)]
+                targets += [answers[e] for e in mine]
             else:
                 facts = fresh_facts(rng, 8, others)
-                teacher, pos = render(rng, facts, ask(rng, facts))
-                student, keep = teacher, pos
+                toks, keep = render(rng, facts, ask(rng, facts))
             m = torch.zeros(T, dtype=torch.bool)
             m[keep] = True
-            rows_s.append(student)
-            rows_t.append(teacher)
+            rows.append(toks)
             masks.append(m)
+        x, pos = torch.tensor(rows), torch.stack(masks)
+        if step % 2 == 0:
+            target = torch.tensor(targets)
+        else:
+            with torch.no_grad():  # subtle: not around the yield, which would run the consumer without grad
+                target = teacher(x)[pos].log_softmax(-1)
         step += 1
-        yield torch.tensor(rows_s), torch.tensor(rows_t), torch.stack(masks)
+        yield x, pos, target
 
 
 def sleep_eval(model, frequent, others, seed: int, n=256):
@@ -302,11 +331,12 @@ def sleep_eval(model, frequent, others, seed: int, n=256):
 
 
 def main(out_dir: str = "runs/lm2_banks", steps: int = 600, batch_size: int = 32, lr: float = 3e-3,
-         sleep_steps: int = 200, n_eval: int = 256, repeats: int = 50, seed: int = 1337):
+         sleep_steps: int = 200, sleep_rank: int = 8, sleep_lr: float = 3e-3, n_eval: int = 256, repeats: int = 50, seed: int = 1337):
     """Train the four models, measure (a) and (b), print both tables, write results.json and the plot.
     out_dir: folder for results.json, log.txt and lm2_banks_scaling.png (created; nothing else is written)
     steps: training steps of every model (batches of batch_size episodes)
     sleep_steps: steps of each sleep phase (half consolidation, half replay batches)
+    sleep_rank, sleep_lr: LoRA rank and learning rate of the sleep phases
     n_eval: held-out episodes per measurement (8 answers each)
     repeats: timed repeats of one read
     seed: seed of the weights, the data and the choices"""
@@ -321,7 +351,8 @@ def main(out_dir: str = "runs/lm2_banks", steps: int = 600, batch_size: int = 32
         logf.write(line + "\n")
         logf.flush()
 
-    results = {"config": dict(steps=steps, batch_size=batch_size, lr=lr, sleep_steps=sleep_steps, n_eval=n_eval,
+    results = {"config": dict(steps=steps, batch_size=batch_size, lr=lr, sleep_steps=sleep_steps,
+                              sleep_rank=sleep_rank, sleep_lr=sleep_lr, n_eval=n_eval,
                               seed=seed), "a": {}, "b": {}}
 
     def save():  # incrementally: a run cut short keeps what it measured (a new file, then a rename)
@@ -358,15 +389,19 @@ def main(out_dir: str = "runs/lm2_banks", steps: int = 600, batch_size: int = 32
     before = sleep_eval(base, frequent, others, seed + 7, n_eval)
     results["b"]["before"] = dict(zip(("consolidated", "fresh_recall", "heldout_loss", "frequent_memory_on"), before))
     log(f"sleep before: {results['b']['before']}")
+    teacher = copy.deepcopy(base)  # sleep trains adapters into its model in place
     for how, chosen in picks.items():
+        answers = consensus(teacher, wake, set(chosen), seed)
         model = BankLM2(model_args("K8 m1"))
         model.load_state_dict(base.state_dict())
         t0 = time.time()
-        first, last = lm2_banks.sleep(model, sleep_batches(set(chosen), wake, others, seed, batch_size), sleep_steps)
+        first, last = lm2_banks.sleep(model, sleep_batches(teacher, answers, wake, others, seed, batch_size),
+                                      sleep_steps, rank=sleep_rank, lr=sleep_lr)
         after = sleep_eval(model.eval(), frequent, others, seed + 7, n_eval)
+        right = sum(answers[e] == VAL0 + frequent[e] for e in answers if e in frequent)
         results["b"][how] = dict(zip(("consolidated", "fresh_recall", "heldout_loss", "frequent_memory_on"), after),
-                                 overlap=len(set(chosen) & set(frequent)), kl_first=first, kl_last=last,
-                                 sleep_min=(time.time() - t0) / 60)
+                                 overlap=len(set(chosen) & set(frequent)), consensus_right=right,
+                                 loss_first=first, loss_last=last, sleep_min=(time.time() - t0) / 60)
         log(f"sleep {how}: {results['b'][how]}")
         save()
     report(results, out, log)
@@ -396,17 +431,19 @@ def report(results, out, log):
     log(f"K8 -> K32 at m=1: read time x{k32['read_us'] / k8['read_us']:.2f} (segment), "
         f"x{k32['read_us_decode'] / k8['read_us_decode']:.2f} (decode), read FLOPs "
         f"x{k32['read_flops'] / k8['read_flops']:.2f}")
-    log(f"\n(b) sleep on K8 m1 ({results['config']['sleep_steps']} steps, LoRA rank 8): "
+    c = results["config"]
+    log(f"\n(b) sleep on K8 m1 ({c['sleep_steps']} steps, LoRA rank {c['sleep_rank']}, lr {c['sleep_lr']}): "
         f"16 frequent entities, 256 wake episodes")
-    log(f"{'':16} {'frequent recall, memory reset':>29} {'fresh recall, memory on':>23} {'held-out loss':>13} "
-        f"{'chosen = frequent':>17}")
-    log(f"{'before':16} {b['before']['consolidated']:29.3f} {b['before']['fresh_recall']:23.3f} "
-        f"{b['before']['heldout_loss']:13.4f} {'':>17}")
-    for how in ("frequency", "random"):
+    log(f"{'':16} {'frequent recall, memory reset':>29} {'frequent recall, memory on':>26} "
+        f"{'fresh recall, memory on':>23} {'held-out loss':>13} {'chosen = frequent':>17} {'consensus right':>15}")
+    for how in ("before", "frequency", "random"):
         if how in b:
             r = b[how]
-            log(f"{'after ' + how:16} {r['consolidated']:29.3f} {r['fresh_recall']:23.3f} "
-                f"{r['heldout_loss']:13.4f} {r['overlap']:14d}/16")
+            chosen = f"{r['overlap']:14d}/16" if "overlap" in r else ""
+            right = f"{r['consensus_right']:12d}/{r['overlap']}" if "overlap" in r else ""
+            log(f"{'after ' + how if how != 'before' else how:16} {r['consolidated']:29.3f} "
+                f"{r['frequent_memory_on']:26.3f} {r['fresh_recall']:23.3f} {r['heldout_loss']:13.4f} "
+                f"{chosen:>17} {right:>15}")
     plot(results, out)
 
 

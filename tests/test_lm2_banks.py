@@ -50,7 +50,7 @@ def routed_setup(K=4, S=3, m=1, T=5):
 def test_routed_read_touches_only_chosen_banks(m, monkeypatch):
     K, S, T = 6, 3, 2  # two tokens reach at most 2 m < K banks of a row
     mem, h, bank0 = routed_setup(K, S, m, T)
-    chosen = mem.bank_scores(mem.q_proj(h)).topk(m, dim=-1).indices  # (B, T, m)
+    chosen = mem.route(mem.q_proj(h), mem.state(bank0))[1]  # (B, T, m)
     seen = []
     real = lm2_banks.F.scaled_dot_product_attention
 
@@ -93,7 +93,7 @@ def test_routed_read_equals_masked_dense_read():
 def test_write_goes_to_top_bank_only():
     mem, h, bank0 = routed_setup(4, 3, 1)
     new = mem.write(h, mem.state(bank0))[0]
-    top = mem.bank_scores(mem.q_proj(h)).argmax(-1)  # (B, T)
+    top = mem.route(mem.q_proj(h), mem.state(bank0))[1][..., 0]  # (B, T)
     for b in range(2):
         for j in range(4):
             same = torch.equal(new[b, j * 3:(j + 1) * 3], bank0[b, j * 3:(j + 1) * 3])
@@ -114,7 +114,10 @@ def test_sleep_changes_only_lora():
     pos[:, -4:] = True
     student = tokens.clone()
     student[:, :8] = 0
-    lm2_banks.sleep(model, iter([(student, tokens, pos)] * 3), steps=3, rank=2)
+    with torch.no_grad():
+        teacher = model(tokens)[pos].log_softmax(-1)
+    batches = iter([(student, pos, teacher), (tokens, pos, teacher.argmax(-1))] * 2)  # KL and cross-entropy
+    lm2_banks.sleep(model, batches, steps=4, rank=2)
     after = model.state_dict()
     lora = [k for k in after if ".lora_" in k]
     assert lora and all(".memory." not in k for k in lora)
@@ -139,9 +142,9 @@ def test_bad_top_is_one_line_error():
 
 def test_bias_balancing_picks_banks_and_moves_towards_underloaded():
     mem, h, bank0 = routed_setup(4, 3, 1)
-    p, top = mem.route(mem.q_proj(h))
+    p, top = mem.route(mem.q_proj(h), mem.state(bank0))
     mem.bank_bias[2] = 100.0  # picks bank 2 for every token, without changing the weights p
-    p2, top2 = mem.route(mem.q_proj(h))
+    p2, top2 = mem.route(mem.q_proj(h), mem.state(bank0))
     assert (top2 == 2).all() and torch.equal(p, p2)
     new = mem.write(h, mem.state(bank0))[0]
     for j in range(4):
@@ -168,8 +171,8 @@ def test_balance_loss_is_deepseek_sequence_wise_loss():
     assert len(mem.aux_losses) == 3  # one per segment read
     _, traced = lm2_banks.trace_memory(model.eval(), tokens)
     want = []
-    for h, _ in traced[0][1]:
-        p, top = mem.route(mem.q_proj(h))
+    for h, state in traced[0][1]:
+        p, top = mem.route(mem.q_proj(h), state)
         f = torch.stack([(top == k).any(-1).float().mean(1) * 4 / 2 for k in range(4)], -1)  # (B, K)
         want.append(0.1 * (f * p.mean(1)).sum(-1).mean())
     model.train()
