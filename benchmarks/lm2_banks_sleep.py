@@ -42,7 +42,6 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -67,11 +66,12 @@ MAX_F = FACT_END // 3
 ENTITIES = [(d, k) for d in range(N_DOM) for k in range(N_KEY)]
 
 
-def model_args(memory: str) -> BankArgs:
+def model_args(memory: str, bank_keys: str = "mean", aux_alpha: float = 0.0, route_distill: float = 0.0) -> BankArgs:
     banks = {"none": (1, 1, 1), "dense": (1, 128, 1), "K8 m1": (8, 16, 1), "K32 m1": (32, 16, 1)}[memory]
     return BankArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, hidden_dim=128,
                     vocab_size=VOCAB, rope_theta=10000.0, max_seq_len=T, bos_token_id=0, eos_token_ids=(0,),
-                    mem_banks=banks[0], mem_slots=banks[1], mem_top=banks[2], mem_heads=4,
+                    mem_banks=banks[0], mem_slots=banks[1], mem_top=banks[2], mem_heads=4, mem_bank_keys=bank_keys,
+                    mem_aux_alpha=aux_alpha, mem_route_distill=route_distill,
                     mem_layers=() if memory == "none" else (1,), segment_len=SEG, attn_window=WINDOW)
 
 # -----------------------------------------------------------------------------
@@ -137,11 +137,10 @@ def evaluate(model, episodes, batch_size=64):
 # (a) training and measurements
 
 
-def train(memory: str, steps: int, batch_size: int, lr: float, seed: int, log, bias_rate: float = 0.0,
-          aux_alpha: float = 0.0):
+def train(args: BankArgs, name: str, steps: int, batch_size: int, lr: float, seed: int, log, bias_rate: float = 0.0):
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    model = BankLM2(replace(model_args(memory), mem_aux_alpha=aux_alpha))
+    model = BankLM2(args)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     warmup = 20
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
@@ -152,8 +151,7 @@ def train(memory: str, steps: int, batch_size: int, lr: float, seed: int, log, b
             facts = fresh_facts(rng, rng.randint(N_Q, 16))  # F = 21 in the evaluation is beyond training
             eps.append(render(rng, facts, ask(rng, facts)))
         x, pos, ans = batch(eps)
-        # over the whole vocabulary, as a language model: sleep copies the full output distribution
-        loss = F.cross_entropy(question_logits(model, x, pos).flatten(0, 1), ans.flatten() + VAL0)
+        loss = F.cross_entropy(answer_logits(model, x, pos).flatten(0, 1), ans.flatten())
         opt.zero_grad(set_to_none=True)
         (loss + model.extra_loss()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -162,7 +160,7 @@ def train(memory: str, steps: int, batch_size: int, lr: float, seed: int, log, b
         model.update_router_biases(bias_rate)
         recent.append(loss.item())
         if (step + 1) % max(1, steps // 10) == 0:
-            log(f"  {memory} step {step + 1}/{steps} loss {statistics.mean(recent):.3f} "
+            log(f"  {name} step {step + 1}/{steps} loss {statistics.mean(recent):.3f} "
                 f"({(time.time() - t0) / (step + 1):.2f} s/step)")
             recent = []
     return model.eval(), (time.time() - t0) / 60
@@ -330,13 +328,20 @@ def sleep_eval(model, frequent, others, seed: int, n=256):
 # the run
 
 
-def main(out_dir: str = "runs/lm2_banks", steps: int = 600, batch_size: int = 32, lr: float = 3e-3,
-         sleep_steps: int = 200, sleep_rank: int = 8, sleep_lr: float = 3e-3, n_eval: int = 256, repeats: int = 50, seed: int = 1337):
+def main(out_dir: str = "runs/lm2_banks", steps: int = 700, batch_size: int = 32, lr: float = 3e-3,
+         bank_keys: str = "mean", bias_rate: float = 0.0, aux_alpha: float = 0.0, route_distill: float = 0.0,
+         sleep_steps: int = 300, sleep_rank: int = 8, sleep_lr: float = 1e-2, n_eval: int = 256, repeats: int = 50,
+         seed: int = 1337):
     """Train the four models, measure (a) and (b), print both tables, write results.json and the plot.
     out_dir: folder for results.json, log.txt and lm2_banks_scaling.png (created; nothing else is written)
     steps: training steps of every model (batches of batch_size episodes)
+    bank_keys: "mean" (mean of each bank's slot keys) or "learned" bank keys (lm2_banks.BankArgs.mem_bank_keys)
+    bias_rate: router bias step per optimizer step (DeepSeek-V3's gamma; 0: off)
+    aux_alpha: weight of the router's balance loss (0: off)
+    route_distill: weight of the router's distillation towards the dense read's mass per bank (0: off)
     sleep_steps: steps of each sleep phase (half consolidation, half replay batches)
-    sleep_rank, sleep_lr: LoRA rank and learning rate of the sleep phases
+    sleep_rank: LoRA rank of the sleep phases
+    sleep_lr: learning rate of the sleep phases
     n_eval: held-out episodes per measurement (8 answers each)
     repeats: timed repeats of one read
     seed: seed of the weights, the data and the choices"""
@@ -351,7 +356,8 @@ def main(out_dir: str = "runs/lm2_banks", steps: int = 600, batch_size: int = 32
         logf.write(line + "\n")
         logf.flush()
 
-    results = {"config": dict(steps=steps, batch_size=batch_size, lr=lr, sleep_steps=sleep_steps,
+    results = {"config": dict(steps=steps, batch_size=batch_size, lr=lr, bank_keys=bank_keys, bias_rate=bias_rate,
+                              aux_alpha=aux_alpha, route_distill=route_distill, sleep_steps=sleep_steps,
                               sleep_rank=sleep_rank, sleep_lr=sleep_lr, n_eval=n_eval,
                               seed=seed), "a": {}, "b": {}}
 
@@ -362,9 +368,9 @@ def main(out_dir: str = "runs/lm2_banks", steps: int = 600, batch_size: int = 32
     f_grid = [8, 12, 16, MAX_F]
     models = {}
     for name in ("none", "dense", "K8 m1", "K32 m1"):
-        model, minutes = train(name, steps, batch_size, lr, seed, log)
+        args = model_args(name, bank_keys, aux_alpha, route_distill)
+        model, minutes = train(args, name, steps, batch_size, lr, seed, log, bias_rate)
         models[name] = model
-        args = model_args(name)
         r = {"train_min": minutes, "params": sum(p.numel() for p in model.parameters()), "recall": {}}
         for nf in f_grid:
             acc, loss = evaluate(model, [e[:2] for e in test_episodes(random.Random(seed + nf), nf, n_eval)])
@@ -392,7 +398,7 @@ def main(out_dir: str = "runs/lm2_banks", steps: int = 600, batch_size: int = 32
     teacher = copy.deepcopy(base)  # sleep trains adapters into its model in place
     for how, chosen in picks.items():
         answers = consensus(teacher, wake, set(chosen), seed)
-        model = BankLM2(model_args("K8 m1"))
+        model = BankLM2(model_args("K8 m1", bank_keys, aux_alpha, route_distill))
         model.load_state_dict(base.state_dict())
         t0 = time.time()
         first, last = lm2_banks.sleep(model, sleep_batches(teacher, answers, wake, others, seed, batch_size),
