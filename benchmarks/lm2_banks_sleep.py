@@ -328,12 +328,17 @@ def sleep_eval(model, frequent, others, seed: int, n=256):
 # the run
 
 
-def main(out_dir: str = "runs/lm2_banks", steps: int = 700, batch_size: int = 32, lr: float = 3e-3,
+MODELS = ("none", "dense", "K8 m1", "K32 m1")
+
+
+def main(out_dir: str = "runs/lm2_banks", models: str = ",".join(MODELS), steps: int = 700, batch_size: int = 32,
+         lr: float = 3e-3,
          bank_keys: str = "mean", bias_rate: float = 0.0, aux_alpha: float = 0.0, route_distill: float = 0.0,
          sleep_steps: int = 300, sleep_rank: int = 8, sleep_lr: float = 1e-2, n_eval: int = 256, repeats: int = 50,
          seed: int = 1337):
     """Train the four models, measure (a) and (b), print both tables, write results.json and the plot.
     out_dir: folder for results.json, log.txt and lm2_banks_scaling.png (created; nothing else is written)
+    models: comma-separated subset of the four models to train (pilots); (b) runs when K8 m1 is among them
     steps: training steps of every model (batches of batch_size episodes)
     bank_keys: "mean" (mean of each bank's slot keys) or "learned" bank keys (lm2_banks.BankArgs.mem_bank_keys)
     bias_rate: router bias step per optimizer step (DeepSeek-V3's gamma; 0: off)
@@ -347,6 +352,9 @@ def main(out_dir: str = "runs/lm2_banks", steps: int = 700, batch_size: int = 32
     seed: seed of the weights, the data and the choices"""
     if steps < 10 or sleep_steps < 10 or n_eval < 8:
         raise SystemExit("error: need --steps >= 10, --sleep_steps >= 10 and --n_eval >= 8")
+    names = [m.strip() for m in models.split(",")]
+    if not names or not set(names) <= set(MODELS):
+        raise SystemExit(f"error: --models takes a comma-separated subset of {','.join(MODELS)}, got {models!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     logf = open(out / "log.txt", "a")
@@ -356,7 +364,7 @@ def main(out_dir: str = "runs/lm2_banks", steps: int = 700, batch_size: int = 32
         logf.write(line + "\n")
         logf.flush()
 
-    results = {"config": dict(steps=steps, batch_size=batch_size, lr=lr, bank_keys=bank_keys, bias_rate=bias_rate,
+    results = {"config": dict(models=names, steps=steps, batch_size=batch_size, lr=lr, bank_keys=bank_keys, bias_rate=bias_rate,
                               aux_alpha=aux_alpha, route_distill=route_distill, sleep_steps=sleep_steps,
                               sleep_rank=sleep_rank, sleep_lr=sleep_lr, n_eval=n_eval,
                               seed=seed), "a": {}, "b": {}}
@@ -366,11 +374,11 @@ def main(out_dir: str = "runs/lm2_banks", steps: int = 700, batch_size: int = 32
         (out / "results.json.tmp").replace(out / "results.json")
 
     f_grid = [8, 12, 16, MAX_F]
-    models = {}
-    for name in ("none", "dense", "K8 m1", "K32 m1"):
+    trained = {}
+    for name in [m for m in MODELS if m in names]:
         args = model_args(name, bank_keys, aux_alpha, route_distill)
         model, minutes = train(args, name, steps, batch_size, lr, seed, log, bias_rate)
-        models[name] = model
+        trained[name] = model
         r = {"train_min": minutes, "params": sum(p.numel() for p in model.parameters()), "recall": {}}
         for nf in f_grid:
             acc, loss = evaluate(model, [e[:2] for e in test_episodes(random.Random(seed + nf), nf, n_eval)])
@@ -386,8 +394,10 @@ def main(out_dir: str = "runs/lm2_banks", steps: int = 700, batch_size: int = 32
         log(f"{name}: " + json.dumps(r))
         save()
 
+    if "K8 m1" not in trained:
+        return report(results, out, log)
     # (b) sleep on the K8 m1 model
-    base = models["K8 m1"]
+    base = trained["K8 m1"]
     frequent, others, wake = wake_world(seed)
     ranked = rank_by_access(base, wake, seed)
     picks = {"frequency": ranked[:len(frequent)],
@@ -415,7 +425,8 @@ def main(out_dir: str = "runs/lm2_banks", steps: int = 700, batch_size: int = 32
 
 def report(results, out, log):
     a, b = results["a"], results["b"]
-    dense = a["dense"]
+    dense_recall = a["dense"]["recall"][8] if "dense" in a else float("nan")
+    dense_flops = lm2_banks.read_flops_per_token(model_args("dense"))
     log(f"\n(a) memory banks ({results['config']['steps']} steps x {results['config']['batch_size']} episodes each;"
         f" recall = answer accuracy on {results['config']['n_eval']} held-out episodes x 8 questions)")
     log(f"{'memory':8} {'slots':>5} {'params':>7} {'recall F=8':>10} {'vs dense':>8} {'read FLOPs':>10} "
@@ -427,16 +438,20 @@ def report(results, out, log):
         held = max([int(f) for f, v in r["recall"].items() if v >= 0.9], default=0)
         flops = r.get("read_flops")
         log(f"{name:8} {slots:5d} {r['params']:7,d} {r['recall'][8]:10.3f} "
-            f"{(r['recall'][8] - dense['recall'][8]) * 100:+7.1f}p "
-            f"{flops or 0:10,d} {(dense['read_flops'] / flops) if flops else 0:7.1f} {r.get('read_us', 0):10.3f} {r.get('read_us_decode', 0):10.3f} "
+            f"{(r['recall'][8] - dense_recall) * 100:+7.1f}p "
+            f"{flops or 0:10,d} {(dense_flops / flops) if flops else 0:7.1f} {r.get('read_us', 0):10.3f} "
+            f"{r.get('read_us_decode', 0):10.3f} "
             f"{r.get('routing_precision', float('nan')):7.3f} {r.get('domain_purity', float('nan')):6.3f} "
             f"{r.get('banks_used', float('nan')):10.2f} {held:12d}")
     log("recall by facts per episode F: " + "; ".join(
         f"{name}: " + " ".join(f"{f}:{v:.3f}" for f, v in r["recall"].items()) for name, r in a.items()))
-    k8, k32 = a["K8 m1"], a["K32 m1"]
-    log(f"K8 -> K32 at m=1: read time x{k32['read_us'] / k8['read_us']:.2f} (segment), "
-        f"x{k32['read_us_decode'] / k8['read_us_decode']:.2f} (decode), read FLOPs "
-        f"x{k32['read_flops'] / k8['read_flops']:.2f}")
+    if "K8 m1" in a and "K32 m1" in a:
+        k8, k32 = a["K8 m1"], a["K32 m1"]
+        log(f"K8 -> K32 at m=1: read time x{k32['read_us'] / k8['read_us']:.2f} (segment), "
+            f"x{k32['read_us_decode'] / k8['read_us_decode']:.2f} (decode), read FLOPs "
+            f"x{k32['read_flops'] / k8['read_flops']:.2f}")
+    if "before" not in b:
+        return plot(results, out)
     c = results["config"]
     log(f"\n(b) sleep on K8 m1 ({c['sleep_steps']} steps, LoRA rank {c['sleep_rank']}, lr {c['sleep_lr']}): "
         f"16 frequent entities, 256 wake episodes")
