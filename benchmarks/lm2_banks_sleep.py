@@ -18,6 +18,9 @@ Models (dim 64, 2 blocks, 4 heads, memory 4 heads; the same Llama part for all):
     dense      lm2.py's single bank, N = 128 slots (lm2_banks with K=1, m=1, which is lm2.py exactly)
     K8 m1      8 banks x 16 slots = 128, each token reads its top bank
     K32 m1     32 banks x 16 slots = 512, top bank (scaling)
+The banks' keys are the mean of their slot keys (--bank_keys mean; "learned" is the other choice), and the
+router's balancing bias, balance loss and distillation are off unless their flags are given (pilots in
+docs/lm2_banks_results.md: each of them lowered recall here).
 Training episodes have F = 8..16 facts (at least one per question: an entity asked twice could be answered
 by copying the first answer). (a) recall at F = 8, 12, 16, 21 (21: beyond training;
 the largest F with recall >= 0.9 is "F held"), read FLOPs per token (counted) and read time per
@@ -26,13 +29,16 @@ bank is the bank the fact's value token was written to, and domain purity: the s
 their domain's most used bank.
 (b) on the trained K8 m1 model: 16 "frequent" entities with fixed values recur across 256 wake episodes (2 per
 episode, with 6 fresh facts). Entities are ranked by lm2_banks.token_access (the read attention their slots
-received), the top 16 are consolidated by lm2_banks.sleep (LoRA rank 8 on the MLP and attention output;
-half the batches consolidate: the student sees the wake episode without the chosen facts, the teacher with
-them and its memory; half replay fresh episodes with memory on); the same with 16 entities chosen at random
-from those seen. Measured: recall of the frequent facts with the memory reset (facts not stated), fresh-episode
-recall with memory on, held-out answer loss, each before and after.
+received), the top 16 are consolidated by lm2_banks.sleep (LoRA on the MLP and attention output). Half the
+batches consolidate: the student sees a wake episode without the chosen facts and learns, by cross-entropy,
+the memory model's consensus answer for each (its answer distribution with the facts stated, averaged over
+all wake episodes that state the entity, then its most probable token); half replay fresh episodes with
+memory on (KL to the frozen model). The same with 16 entities chosen at random from those seen. Measured:
+recall of the frequent facts with the memory on (the teacher) and reset (facts not stated), fresh-episode
+recall with memory on, held-out answer loss, each before and after, and how many consensus answers are right.
 
 Run:  OMP_NUM_THREADS=1 python benchmarks/lm2_banks_sleep.py --out_dir runs/lm2_banks
+Pilot: ... --models "K8 m1" --steps 300 --n_eval 128 --bank_keys learned --aux_alpha 0.01
 (prints both tables; writes results.json, log lines and lm2_banks_scaling.png into --out_dir)
 """
 import copy
