@@ -340,7 +340,7 @@ MODELS = ("none", "dense", "K8 m1", "K32 m1")
 def main(out_dir: str = "runs/lm2_banks", models: str = ",".join(MODELS), steps: int = 700, batch_size: int = 32,
          lr: float = 3e-3,
          bank_keys: str = "mean", bias_rate: float = 0.0, aux_alpha: float = 0.0, route_distill: float = 0.0,
-         sleep_steps: int = 300, sleep_rank: int = 8, sleep_lr: float = 1e-2, n_eval: int = 256, repeats: int = 50,
+         sleep_steps: int = 300, sleep_rank: int = 8, sleep_lr: float = 3e-3, n_eval: int = 256, repeats: int = 50,
          seed: int = 1337):
     """Train the four models, measure (a) and (b), print both tables, write results.json and the plot.
     out_dir: folder for results.json, log.txt and lm2_banks_scaling.png (created; nothing else is written)
