@@ -18,9 +18,9 @@ Models (dim 64, 2 blocks, 4 heads, memory 4 heads; the same Llama part for all):
     dense      lm2.py's single bank, N = 128 slots (lm2_banks with K=1, m=1, which is lm2.py exactly)
     K8 m1      8 banks x 16 slots = 128, each token reads its top bank
     K32 m1     32 banks x 16 slots = 512, top bank (scaling)
-The banks' keys are the mean of their slot keys (--bank_keys mean; "learned" is the other choice), and the
-router's balancing bias, balance loss and distillation are off unless their flags are given (pilots in
-docs/lm2_banks_results.md: each of them lowered recall here).
+The banks' keys are learned (--bank_keys mean: the mean of their slot keys), and the router's balancing bias,
+balance loss and distillation are off unless their flags are given (docs/lm2_banks_results.md: each of them,
+and mean keys at 700 steps, lowered recall here).
 Training episodes have F = 8..16 facts (at least one per question: an entity asked twice could be answered
 by copying the first answer). (a) recall at F = 8, 12, 16, 21 (21: beyond training;
 the largest F with recall >= 0.9 is "F held"), read FLOPs per token (counted) and read time per
@@ -72,7 +72,7 @@ MAX_F = FACT_END // 3
 ENTITIES = [(d, k) for d in range(N_DOM) for k in range(N_KEY)]
 
 
-def model_args(memory: str, bank_keys: str = "mean", aux_alpha: float = 0.0, route_distill: float = 0.0) -> BankArgs:
+def model_args(memory: str, bank_keys: str = "learned", aux_alpha: float = 0.0, route_distill: float = 0.0) -> BankArgs:
     banks = {"none": (1, 1, 1), "dense": (1, 128, 1), "K8 m1": (8, 16, 1), "K32 m1": (32, 16, 1)}[memory]
     return BankArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, hidden_dim=128,
                     vocab_size=VOCAB, rope_theta=10000.0, max_seq_len=T, bos_token_id=0, eos_token_ids=(0,),
@@ -339,7 +339,7 @@ MODELS = ("none", "dense", "K8 m1", "K32 m1")
 
 def main(out_dir: str = "runs/lm2_banks", models: str = ",".join(MODELS), steps: int = 700, batch_size: int = 32,
          lr: float = 3e-3,
-         bank_keys: str = "mean", bias_rate: float = 0.0, aux_alpha: float = 0.0, route_distill: float = 0.0,
+         bank_keys: str = "learned", bias_rate: float = 0.0, aux_alpha: float = 0.0, route_distill: float = 0.0,
          sleep_steps: int = 300, sleep_rank: int = 8, sleep_lr: float = 3e-3, n_eval: int = 256, repeats: int = 50,
          seed: int = 1337):
     """Train the four models, measure (a) and (b), print both tables, write results.json and the plot.
