@@ -268,12 +268,14 @@ def consensus(teacher, wake, chosen, seed: int):
         chunk = [(f, q) for f, q in wake[i:i + 64]]
         eps = [render(rng, f, q) for f, q in chunk]
         x, pos, _ = batch(eps)
-        probs = question_logits(teacher, x, pos).softmax(-1)  # (B, N_Q, vocab)
+        # subtle: over the ten values, as recall: the models train on those logits only, so the argmax over the
+        # whole vocabulary can be a token the question never takes
+        probs = answer_logits(teacher, x, pos).softmax(-1)  # (B, N_Q, N_VAL)
         for b, (_, asked) in enumerate(chunk):
             for j, e in enumerate(asked):
                 if e in chosen:
                     mass[e] = mass.get(e, 0) + probs[b, j]
-    return {e: int(m.argmax()) for e, m in mass.items()}
+    return {e: VAL0 + int(m.argmax()) for e, m in mass.items()}
 
 
 def sleep_batches(teacher, answers, wake, others, seed: int, batch_size: int):
