@@ -100,12 +100,12 @@ class BankedMemory(Memory):
         self.register_buffer("bank_bias", torch.zeros(args.mem_banks))
         self.aux_alpha, self.distill = args.mem_aux_alpha, args.mem_route_distill
         self.load = None       # (K,) tokens whose top bank was k, in training reads since the last update_bias
-        self.aux_losses = []   # the balance loss of each training read since the model's forward began
+        self.aux_losses = []   # the routing losses of each training read since the model's forward began
 
     def bank_scores(self, q, state):
         """Routing scores r (B, T, K) of memory queries q = h W_Q (B, T, d) against the bank keys: learned, or
-        the mean of each bank's slot keys in state (content-addressed: r is then the mean over the bank's slots
-        of the read's own score, summed over heads, so training the read trains the routing)."""
+        the mean of each bank's slot keys in state (content-addressed: r is then, up to a constant, the mean over
+        the bank's slots of the read's own scores summed over heads, so training the read trains the routing)."""
         if self.mean_keys:
             k = state[1]  # (B, heads, N, hd)
             B, H, _, hd = k.shape

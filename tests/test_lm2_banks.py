@@ -181,3 +181,33 @@ def test_balance_loss_is_deepseek_sequence_wise_loss():
     torch.testing.assert_close(loss, torch.stack(want).mean())
     loss.backward()
     assert mem.bank_keys.grad.abs().sum() > 0
+
+
+def test_mean_keys_route_by_the_reads_own_scores():
+    args = tiny(mem_banks=4, mem_slots=3, mem_top=1, mem_bank_keys="mean")
+    torch.manual_seed(0)
+    mem = trained_like(BankedMemory(args))
+    assert not hasattr(mem, "bank_keys")
+    h, bank0 = torch.randn(2, 5, 32), torch.randn(2, 12, 32)
+    state = mem.state(bank0)
+    qd = mem.q_proj(h)
+    s = (mem._heads(qd) @ state[1].transpose(-1, -2)).sum(1)  # (B, T, N) read scores summed over heads, unscaled
+    want = s.view(2, 5, 4, 3).mean(-1) / 32 ** 0.5
+    torch.testing.assert_close(mem.bank_scores(qd, state), want, rtol=1e-5, atol=1e-5)
+
+
+def test_route_distillation_targets_the_dense_mass_per_bank():
+    args = tiny(mem_banks=4, mem_slots=3, mem_top=1, mem_route_distill=1.0)
+    _, h, bank0 = routed_setup(4, 3, 1)
+    mem = trained_like(BankedMemory(args)).train()
+    state = mem.state(bank0)
+    q = mem._heads(mem.q_proj(h)).unsqueeze(3)
+    mass = mem.bank_mass(q, state[1])
+    dense = (q.squeeze(3) @ state[1].transpose(-1, -2) / 8 ** 0.5).softmax(-1).mean(1)  # (B, T, N)
+    torch.testing.assert_close(mass, dense.view(2, 5, 4, 3).sum(-1))
+    mem.read(h, state)
+    (loss,) = mem.aux_losses
+    p, _ = mem.route(mem.q_proj(h), state)
+    torch.testing.assert_close(loss, -(mass * p.log()).sum(-1).mean())
+    loss.backward()
+    assert mem.bank_keys.grad.abs().sum() > 0
