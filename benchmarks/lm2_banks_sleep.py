@@ -265,7 +265,7 @@ def consensus(teacher, wake, chosen, seed: int):
     rng = random.Random(seed)
     mass = {}
     for i in range(0, len(wake), 64):
-        chunk = [(f, q) for f, q in wake[i:i + 64]]
+        chunk = wake[i:i + 64]
         eps = [render(rng, f, q) for f, q in chunk]
         x, pos, _ = batch(eps)
         # subtle: over the ten values, as recall: the models train on those logits only, so the argmax over the
