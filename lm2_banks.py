@@ -7,8 +7,10 @@ The two ideas come from the LM2 fork this collection descends from (hierarchical
 and a sleep phase beside short-term memory (the context) and long-term memory (the weights)); issue 19
 specifies them and benchmarks/lm2_banks_sleep.py measures them.
 
-Banks (`BankedMemory`): the block's N = K * S slots are K banks of S slots. Each bank has a learned key
-b_k (d). A token's memory query q_t = h_t W_Q scores the banks, r[t, k] = q_t . b_k / sqrt(d), and
+Banks (`BankedMemory`): the block's N = K * S slots are K banks of S slots. Each bank has a key b_k (d):
+learned, or the mean of its slots' keys W_K M_i in the current state (mem_bank_keys = "mean": content-addressed,
+the issue's second option). A token's memory query q_t = h_t W_Q scores the banks, r[t, k] = q_t . b_k / sqrt(d),
+and
 - reads only the slots of its top-m banks (the paper's read restricted to m * S slots, one softmax over them),
   so a read costs 4 m S d + 2 K d FLOPs instead of 4 K S d (scores and weighted sum, plus routing);
 - is written, at the end of the segment, only into its top bank: slot i of bank k attends over the tokens
@@ -19,24 +21,33 @@ banks, summed over the chosen ones): its value is exactly 1, its gradient d log 
 towards banks whose read lowered the loss (a straight-through gate; Switch Transformer multiplies by p itself,
 which would also scale the output by ~1/K at the start). Reading all banks (m = K) is the dense read of
 lm2.py, and one bank (K = 1, m = 1) is exactly lm2.py's memory.
+That gate only reinforces banks already chosen, and the router collapses onto one or two banks. Three remedies,
+each optional and measured in benchmarks/lm2_banks_sleep.py (docs/lm2_banks_results.md): DeepSeek-V3's
+bias balancing as nanollm.py does it (a bias buffer that picks banks but never weighs them, moved after each
+optimizer step towards underloaded banks: `update_router_biases`); its sequence-wise balance loss
+(mem_aux_alpha, through `extra_loss`, finetune.py's hook); and a distillation loss (mem_route_distill) that
+trains p towards the dense read's attention mass per bank, the one signal that names the bank holding the
+matching slot (it costs the dense scores, in training only).
 Departures and limits: the write computes the masked scores of all K S slots against the segment's tokens
-(4 K S d FLOPs per token once per segment, as the dense write) instead of grouping tokens by bank; the
-issue's optional progressive read (add banks while the best attention is below a threshold) is not built;
-there is no load-balancing loss, and in benchmarks/lm2_banks_sleep.py the router collapsed onto 1-2 banks
-(docs/lm2_banks_results.md): the next thing this needs.
+(4 K S d FLOPs per token once per segment, as the dense write) instead of grouping tokens by bank; mean bank
+keys are recomputed at every read (N d FLOPs per read call: per token when decoding; lm2.py's MemoryCache
+keeps three tensors per block, so keeping them beside the bank's keys would need a change there); with mean
+keys the routing softmax sends gradient to every bank's slots, not only the chosen ones; the issue's optional
+progressive read (add banks while the best attention is below a threshold) is not built.
 
 Sleep (`sleep`): freeze the model, add LoRA adapters (finetune.py's `apply_lora`), and train them so that
 the model on a "student" input (the episode with the facts to consolidate removed: the memory never holds
-them) reproduces, at the given positions, what a frozen copy of the model answered on the full episode
-with its memory (KL divergence on the output distributions). The caller interleaves replay batches (student
-input = teacher input, memory on), so that what the memory does on ordinary episodes is kept.
-What to consolidate is chosen by `token_access`: how much read attention the slots a token wrote to
-received later in the sequence (the read and write share one score, so a slot's content is attributed to
-the tokens of the segment by the write's softmax; the later rewrites of a slot are ignored).
+them) gives, at the given positions, what the model with its memory answered: a KL divergence to the full
+output distribution of a frozen copy, or a cross-entropy on an answer token (benchmarks/lm2_banks_sleep.py
+takes the memory's consensus answer per entity, its most probable answer averaged over the episodes that
+state it: one episode's answer of a memory that recalls a third of its facts is mostly noise). The caller
+interleaves replay batches (student input = teacher input, memory on), so that what the memory does on
+ordinary episodes is kept. What to consolidate is chosen by `token_access`: how much read attention the slots
+a token wrote to received later in the sequence (the read and write share one score, so a slot's content is
+attributed to the tokens of the segment by the write's softmax; the later rewrites of a slot are ignored).
 
 Run: python benchmarks/lm2_banks_sleep.py  (trains small models from scratch; prints both tables)
 """
-import copy
 import math
 from dataclasses import dataclass, replace
 
@@ -54,11 +65,16 @@ class BankArgs(ModelArgs):
     """lm2.ModelArgs plus banks; mem_slots is the number of slots per bank (S), so a block has K * S."""
     mem_banks: int = 1                  # K banks per memory block
     mem_top: int = 1                    # m: a token reads its m most relevant banks (m = K: the dense read)
+    mem_bank_keys: str = "learned"      # "learned": a key per bank; "mean": the mean of its slots' keys W_K M_i
+    mem_route_distill: float = 0.0      # weight of the router's loss towards the dense read's mass per bank
+    mem_aux_alpha: float = 0.0          # weight of the routing balance loss (Switch / DeepSeek-V3 eq. 17); 0: off
 
     def __post_init__(self):
         super().__post_init__()
         if not 1 <= self.mem_top <= self.mem_banks:
             raise ValueError(f"need 1 <= mem_top <= mem_banks, got mem_top={self.mem_top}, mem_banks={self.mem_banks}")
+        if self.mem_bank_keys not in ("learned", "mean"):
+            raise ValueError(f"mem_bank_keys must be 'learned' or 'mean', got {self.mem_bank_keys!r}")
 
 
 def read_flops_per_token(args: BankArgs) -> int:
@@ -74,13 +90,35 @@ class BankedMemory(Memory):
     def __init__(self, args: BankArgs):
         super().__init__(replace(args, mem_slots=args.mem_banks * args.mem_slots))
         self.n_banks, self.bank_slots, self.top = args.mem_banks, args.mem_slots, args.mem_top
-        self.bank_keys = nn.Parameter(torch.empty(args.mem_banks, args.dim))
-        # unit-scale keys: distinct tokens spread over the banks from the start (0.02 would leave p ~ 1/K flat)
-        nn.init.normal_(self.bank_keys)
+        self.mean_keys = args.mem_bank_keys == "mean"
+        if not self.mean_keys:
+            self.bank_keys = nn.Parameter(torch.empty(args.mem_banks, args.dim))
+            # unit-scale keys: distinct tokens spread over the banks from the start (0.02 would leave p ~ 1/K flat)
+            nn.init.normal_(self.bank_keys)
+        # a buffer, not a parameter (as nanollm.py's e_score_correction_bias): update_bias moves it towards
+        # underloaded banks, gradients never do; it only picks the banks, never weighs them
+        self.register_buffer("bank_bias", torch.zeros(args.mem_banks))
+        self.aux_alpha, self.distill = args.mem_aux_alpha, args.mem_route_distill
+        self.load = None       # (K,) tokens whose top bank was k, in training reads since the last update_bias
+        self.aux_losses = []   # the routing losses of each training read since the model's forward began
 
-    def bank_scores(self, q):
-        """Routing scores r (B, T, K) of memory queries q = h W_Q (B, T, d)."""
-        return q @ self.bank_keys.t() / math.sqrt(q.shape[-1])
+    def bank_scores(self, q, state):
+        """Routing scores r (B, T, K) of memory queries q = h W_Q (B, T, d) against the bank keys: learned, or
+        the mean of each bank's slot keys in state (content-addressed: r is then, up to a constant, the mean over
+        the bank's slots of the read's own scores summed over heads, so training the read trains the routing)."""
+        if self.mean_keys:
+            k = state[1]  # (B, heads, N, hd)
+            B, H, _, hd = k.shape
+            keys = k.reshape(B, H, self.n_banks, self.bank_slots, hd).mean(3).transpose(1, 2).reshape(B, self.n_banks, -1)
+        else:
+            keys = self.bank_keys  # (K, d)
+        return q @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1])
+
+    def route(self, qd, state):
+        """Bank probabilities p (B, T, K), the softmax of the scores, and the m banks each token reads (B, T, m),
+        best first: the first is the bank it writes to. Chosen by score + bank_bias (DeepSeek-V3 §2.1.2)."""
+        r = self.bank_scores(qd, state)
+        return r.softmax(-1), (r + self.bank_bias).topk(self.top, dim=-1).indices
 
     def state(self, bank):
         bank, k, v = super().state(bank)
@@ -103,8 +141,13 @@ class BankedMemory(Memory):
         if self.top == self.n_banks:  # every bank is read: lm2.py's dense read, no routing
             return super().read(h, state, fresh)
         qd = self.q_proj(h)
-        p_top, top = self.bank_scores(qd).softmax(-1).topk(self.top, dim=-1)  # (B, T, m)
+        p, top = self.route(qd, state)  # (B, T, K), (B, T, m)
         q = self._heads(qd).unsqueeze(3)  # (B, heads, T, 1, hd): one query row per token, its own slots
+        if fresh is not None and self.mean_keys:  # fresh tokens read the initial bank: route by its keys
+            p0, top0 = self.route(qd, self.initial_state(h.shape[0]))
+            p, top = torch.where(fresh[..., None], p0, p), torch.where(fresh[..., None], top0, top)
+        if self.training:
+            self.count(p, top, q, state, fresh)
 
         def attend(k, v):
             e = F.scaled_dot_product_attention(q, self._gather(k, top), self._gather(v, top)).squeeze(3)
@@ -114,8 +157,47 @@ class BankedMemory(Memory):
         out = attend(*state[1:])
         if fresh is not None:
             out = torch.where(fresh[..., None], attend(*self.initial_state(h.shape[0])[1:]), out)
+        p_top = p.gather(-1, top)
         gate = (p_top / p_top.detach()).mean(-1, keepdim=True)  # value exactly 1, gradient to the bank keys
         return out * gate
+
+    def bank_mass(self, q, k):
+        """The dense read's attention mass on each bank (B, T, K), head-averaged, for queries q (B, heads, T, 1,
+        hd) against all K * S slot keys k (B, heads, N, hd): what a router that reads one bank should pick."""
+        a = (q.squeeze(3) @ k.transpose(-1, -2) / math.sqrt(k.shape[-1])).softmax(-1).mean(1)  # (B, T, N)
+        return a.view(*a.shape[:2], self.n_banks, self.bank_slots).sum(-1)
+
+    def count(self, p, top, q, state, fresh):
+        """Training reads: add each token's top bank to the load, and this read's routing losses:
+        - balance (aux_alpha; DeepSeek-V3 eqs. 17-20 per sequence and segment): f_k = K / (m T) * #tokens
+          reading k, P_k = mean over t of p_k, alpha * sum_k f_k P_k averaged over the batch (alpha when
+          balanced, K alpha when collapsed);
+        - distillation (distill): cross-entropy of p against the dense read's mass per bank, which puts the
+          question on the bank holding the slot that matches it (the read's gate alone only reinforces the
+          banks already chosen). It costs the dense read's scores, in training only."""
+        with torch.no_grad():
+            load = torch.bincount(top[..., 0].flatten(), minlength=self.n_banks)
+            self.load = load if self.load is None else self.load + load
+        loss = 0.0
+        if self.aux_alpha > 0:
+            B, T, K = p.shape
+            f = torch.zeros_like(p).scatter(-1, top, 1.0).sum(1) * K / (self.top * T)  # (B, K)
+            loss = loss + self.aux_alpha * (f * p.mean(1)).sum(-1).mean()
+        if self.distill > 0:
+            with torch.no_grad():
+                target = self.bank_mass(q, state[1])
+                if fresh is not None:
+                    target = torch.where(fresh[..., None], self.bank_mass(q, self.initial_state(q.shape[0])[1]), target)
+            loss = loss - self.distill * (target * p.clamp_min(1e-9).log()).sum(-1).mean()
+        if torch.is_tensor(loss):
+            self.aux_losses.append(loss)
+
+    @torch.no_grad()
+    def update_bias(self, rate: float):
+        """DeepSeek-V3 §2.1.2: lower the bias of overloaded banks by rate, raise it for underloaded ones."""
+        if self.load is not None:
+            self.bank_bias += rate * torch.sign(self.load.float().mean() - self.load)
+            self.load = None
 
     def write(self, h, state, token_mask=None, fresh=None):
         if self.n_banks == 1:  # every token's top bank is the only one: lm2.py's write
@@ -126,7 +208,7 @@ class BankedMemory(Memory):
         mem, k = state[0], state[1]
         qd = self.q_proj(h)
         slot_bank = torch.arange(mem.shape[1], device=h.device) // self.bank_slots  # (N,)
-        allowed = self.bank_scores(qd).argmax(-1)[:, None, :] == slot_bank[None, :, None]  # (B, N, T)
+        allowed = self.route(qd, state)[1][:, None, :, 0] == slot_bank[None, :, None]  # (B, N, T)
         if token_mask is not None:
             allowed = allowed & token_mask[:, None, :]
         # subtle: a finite bias, not -inf: a bank no token chose has rows with every token masked, whose
@@ -142,10 +224,10 @@ class BankedMemory(Memory):
         (zero outside its banks); write (B, N, T): each token's share of each slot's write."""
         qd = self.q_proj(h)
         s = self._heads(qd) @ state[1].transpose(-1, -2) / math.sqrt(state[1].shape[-1])  # (B, heads, T, N)
-        r = self.bank_scores(qd)
+        top = self.route(qd, state)[1]
         slot_bank = torch.arange(s.shape[-1], device=h.device) // self.bank_slots
-        read_ok = (r.topk(self.top, dim=-1).indices[..., None] == slot_bank).any(-2)  # (B, T, N)
-        write_ok = r.argmax(-1)[..., None] == slot_bank
+        read_ok = (top[..., None] == slot_bank).any(-2)  # (B, T, N)
+        write_ok = top[..., :1] == slot_bank
         read = s.masked_fill(~read_ok[:, None], -torch.inf).softmax(-1).mean(1)
         write = s.masked_fill(~write_ok[:, None], -torch.inf).softmax(-2).nan_to_num(0.0).mean(1)
         return read, write.transpose(1, 2)
@@ -158,6 +240,29 @@ class BankLM2(LM2Model):
         for layer in self.model.layers:
             if layer.memory is not None:
                 layer.memory = BankedMemory(args)
+
+    def banked(self):
+        return [l.memory for l in self.model.layers if isinstance(l.memory, BankedMemory)]
+
+    def forward(self, tokens, doc_ids=None):
+        for mem in self.banked():
+            mem.aux_losses = []
+        return super().forward(tokens, doc_ids)
+
+    def extra_loss(self):
+        """finetune.py's hook: the routing balance loss of the last training forward, mean over its reads and
+        memory blocks (0.0 when off)."""
+        losses = [l for mem in self.banked() for l in mem.aux_losses]
+        return torch.stack(losses).mean() if losses else 0.0
+
+    @torch.no_grad()
+    def update_router_biases(self, rate: float = 1e-3) -> list[list[float]]:
+        """Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2), as nanollm.py's: call after each optimizer step.
+        Returns, per memory block, the share of tokens whose top bank was each bank since the last call."""
+        load = [(mem.load / mem.load.sum()).tolist() for mem in self.banked() if mem.load is not None]
+        for mem in self.banked():
+            mem.update_bias(rate)
+        return load
 
 
 def trace_memory(model, tokens):
@@ -197,21 +302,23 @@ def token_access(model, tokens):
 def sleep(model, batches, steps: int, rank: int = 8, alpha: float = 16.0, lr: float = 3e-3,
           targets=("gate_proj", "up_proj", "down_proj", "o_proj")):
     """Consolidate into LoRA adapters: freeze the model, add adapters to the linears named in targets (the
-    defaults exclude the memory's own q/k/v projections), and train them for `steps` batches so that the model
-    on the student tokens matches a frozen copy of itself on the teacher tokens at the positions given:
-    KL(teacher || student) over the output distribution. batches yields (student, teacher, positions):
-    token tensors (B, T) and a bool mask (B, T). Returns the mean loss of the first and last 10 steps."""
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    defaults exclude the memory's own q/k/v projections), and train them for `steps` batches. batches yields
+    (tokens, positions, target): the student's tokens (B, T), a bool mask (B, T), and the target at the n
+    masked positions: log-probabilities (n, vocab) of what a frozen copy of the model with its memory
+    answered, matched by KL(target || model), or answer token ids (n,), by cross-entropy. Returns the mean
+    loss of the first and last 10 steps."""
     apply_lora(model, rank, alpha, 0.0, list(targets))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
     losses = []
     for _ in range(steps):
-        student, teacher_in, pos = next(batches)
-        with torch.no_grad():
-            target = teacher(teacher_in)[pos].log_softmax(-1)
-        loss = F.kl_div(model(student)[pos].log_softmax(-1), target, log_target=True, reduction="batchmean")
+        tokens, pos, target = next(batches)
+        logits = model(tokens)[pos]  # (n, vocab)
+        if target.is_floating_point():
+            loss = F.kl_div(logits.log_softmax(-1), target, log_target=True, reduction="batchmean")
+        else:
+            loss = F.cross_entropy(logits, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

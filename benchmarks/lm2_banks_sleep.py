@@ -18,6 +18,9 @@ Models (dim 64, 2 blocks, 4 heads, memory 4 heads; the same Llama part for all):
     dense      lm2.py's single bank, N = 128 slots (lm2_banks with K=1, m=1, which is lm2.py exactly)
     K8 m1      8 banks x 16 slots = 128, each token reads its top bank
     K32 m1     32 banks x 16 slots = 512, top bank (scaling)
+The banks' keys are learned (--bank_keys mean: the mean of their slot keys), and the router's balancing bias,
+balance loss and distillation are off unless their flags are given (docs/lm2_banks_results.md: each of them,
+and mean keys at 700 steps, lowered recall here).
 Training episodes have F = 8..16 facts (at least one per question: an entity asked twice could be answered
 by copying the first answer). (a) recall at F = 8, 12, 16, 21 (21: beyond training;
 the largest F with recall >= 0.9 is "F held"), read FLOPs per token (counted) and read time per
@@ -26,15 +29,19 @@ bank is the bank the fact's value token was written to, and domain purity: the s
 their domain's most used bank.
 (b) on the trained K8 m1 model: 16 "frequent" entities with fixed values recur across 256 wake episodes (2 per
 episode, with 6 fresh facts). Entities are ranked by lm2_banks.token_access (the read attention their slots
-received), the top 16 are consolidated by lm2_banks.sleep (LoRA rank 8 on the MLP and attention output;
-half the batches consolidate: the student sees the wake episode without the chosen facts, the teacher with
-them and its memory; half replay fresh episodes with memory on); the same with 16 entities chosen at random
-from those seen. Measured: recall of the frequent facts with the memory reset (facts not stated), fresh-episode
-recall with memory on, held-out answer loss, each before and after.
+received), the top 16 are consolidated by lm2_banks.sleep (LoRA on the MLP and attention output). Half the
+batches consolidate: the student sees a wake episode without the chosen facts and learns, by cross-entropy,
+the memory model's consensus answer for each (its answer distribution with the facts stated, averaged over
+all wake episodes that state the entity, then its most probable token); half replay fresh episodes with
+memory on (KL to the frozen model). The same with 16 entities chosen at random from those seen. Measured:
+recall of the frequent facts with the memory on (the teacher) and reset (facts not stated), fresh-episode
+recall with memory on, held-out answer loss, each before and after, and how many consensus answers are right.
 
 Run:  OMP_NUM_THREADS=1 python benchmarks/lm2_banks_sleep.py --out_dir runs/lm2_banks
+Pilot: ... --models "K8 m1" --steps 300 --n_eval 128 --bank_keys learned --aux_alpha 0.01
 (prints both tables; writes results.json, log lines and lm2_banks_scaling.png into --out_dir)
 """
+import copy
 import json
 import math
 import random
@@ -65,11 +72,12 @@ MAX_F = FACT_END // 3
 ENTITIES = [(d, k) for d in range(N_DOM) for k in range(N_KEY)]
 
 
-def model_args(memory: str) -> BankArgs:
+def model_args(memory: str, bank_keys: str = "learned", aux_alpha: float = 0.0, route_distill: float = 0.0) -> BankArgs:
     banks = {"none": (1, 1, 1), "dense": (1, 128, 1), "K8 m1": (8, 16, 1), "K32 m1": (32, 16, 1)}[memory]
     return BankArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, hidden_dim=128,
                     vocab_size=VOCAB, rope_theta=10000.0, max_seq_len=T, bos_token_id=0, eos_token_ids=(0,),
-                    mem_banks=banks[0], mem_slots=banks[1], mem_top=banks[2], mem_heads=4,
+                    mem_banks=banks[0], mem_slots=banks[1], mem_top=banks[2], mem_heads=4, mem_bank_keys=bank_keys,
+                    mem_aux_alpha=aux_alpha, mem_route_distill=route_distill,
                     mem_layers=() if memory == "none" else (1,), segment_len=SEG, attn_window=WINDOW)
 
 # -----------------------------------------------------------------------------
@@ -108,9 +116,15 @@ def batch(episodes):
     return x, pos, x.gather(1, pos + 1) - VAL0
 
 
-def answer_logits(model, x, pos):
+def question_logits(model, x, pos):
+    """(B, N_Q, vocab): the logits at the question positions, which predict the answers."""
     logits = model(x)  # (B, T, vocab); logits[:, p] predicts token p + 1
-    return logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))[..., VAL0:VAL0 + N_VAL]
+    return logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
+
+
+def answer_logits(model, x, pos):
+    """(B, N_Q, N_VAL): the logits of the ten values, among which recall picks."""
+    return question_logits(model, x, pos)[..., VAL0:VAL0 + N_VAL]
 
 
 @torch.no_grad()
@@ -129,10 +143,10 @@ def evaluate(model, episodes, batch_size=64):
 # (a) training and measurements
 
 
-def train(memory: str, steps: int, batch_size: int, lr: float, seed: int, log):
+def train(args: BankArgs, name: str, steps: int, batch_size: int, lr: float, seed: int, log, bias_rate: float = 0.0):
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    model = BankLM2(model_args(memory))
+    model = BankLM2(args)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     warmup = 20
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
@@ -145,13 +159,14 @@ def train(memory: str, steps: int, batch_size: int, lr: float, seed: int, log):
         x, pos, ans = batch(eps)
         loss = F.cross_entropy(answer_logits(model, x, pos).flatten(0, 1), ans.flatten())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + model.extra_loss()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        model.update_router_biases(bias_rate)
         recent.append(loss.item())
         if (step + 1) % max(1, steps // 10) == 0:
-            log(f"  {memory} step {step + 1}/{steps} loss {statistics.mean(recent):.3f} "
+            log(f"  {name} step {step + 1}/{steps} loss {statistics.mean(recent):.3f} "
                 f"({(time.time() - t0) / (step + 1):.2f} s/step)")
             recent = []
     return model.eval(), (time.time() - t0) / 60
@@ -174,8 +189,7 @@ def routing(model, episodes):
     x, pos, _ = batch(episodes)
     _, traced = lm2_banks.trace_memory(model, x)
     (mem, segs), = traced
-    h = torch.cat([h for h, _ in segs], dim=1)  # (B, T, d)
-    top = mem.bank_scores(mem.q_proj(h)).argmax(-1)  # (B, T)
+    top = torch.cat([mem.route(mem.q_proj(h), state)[1][..., 0] for h, state in segs], dim=1)  # (B, T)
     hits = total = 0
     by_domain = {}
     for b, (toks, qpos, facts) in enumerate(episodes):
@@ -244,64 +258,111 @@ def rank_by_access(model, wake, seed: int):
     return sorted(mass, key=mass.get, reverse=True)
 
 
-def sleep_batches(chosen, wake, others, seed: int, batch_size: int):
-    """Alternating (student, teacher, positions): consolidation (a wake episode with chosen facts, asked about
-    them; the student's copy omits them) and replay (a fresh episode, memory on for both)."""
+@torch.no_grad()
+def consensus(teacher, wake, chosen, seed: int):
+    """{entity: answer token} for the chosen entities: the memory model's most probable answer averaged over
+    every wake episode that states and asks it (what the memory says about it most often)."""
     rng = random.Random(seed)
-    with_chosen = [(f, [e for e in f if e in chosen]) for f, _ in wake if any(e in chosen for e in f)]
+    mass = {}
+    for i in range(0, len(wake), 64):
+        chunk = wake[i:i + 64]
+        eps = [render(rng, f, q) for f, q in chunk]
+        x, pos, _ = batch(eps)
+        # subtle: over the ten values, as recall: the models train on those logits only, so the argmax over the
+        # whole vocabulary can be a token the question never takes
+        probs = answer_logits(teacher, x, pos).softmax(-1)  # (B, N_Q, N_VAL)
+        for b, (_, asked) in enumerate(chunk):
+            for j, e in enumerate(asked):
+                if e in chosen:
+                    mass[e] = mass.get(e, 0) + probs[b, j]
+    return {e: VAL0 + int(m.argmax()) for e, m in mass.items()}
+
+
+def sleep_batches(teacher, answers, wake, others, seed: int, batch_size: int):
+    """Alternating (tokens, positions, target) batches. Consolidation: wake episodes that state chosen facts,
+    with those facts omitted, asked about them; target: the consensus answer (cross-entropy). Replay: fresh
+    episodes, memory on; target: the teacher's output distribution (KL)."""
+    rng = random.Random(seed)
+    with_chosen = [(f, [e for e in f if e in answers]) for f, _ in wake if any(e in answers for e in f)]
     step = 0
     while True:
-        rows_s, rows_t, masks = [], [], []
+        rows, masks, targets = [], [], []
         for _ in range(batch_size):
             if step % 2 == 0:
                 facts, mine = rng.choice(with_chosen)
                 asked = mine + [e for e in ask(rng, facts) if e not in mine]  # chosen facts first, all distinct
-                seed_tok = rng.random()
-                teacher, pos = render(random.Random(seed_tok), facts, asked)
-                student, _ = render(random.Random(seed_tok), facts, asked, hidden=set(mine))
-                keep = [p for p, e in zip(pos, asked) if e in chosen]
+                toks, pos = render(rng, facts, asked, hidden=set(mine))
+                keep = pos[:len(mine)]
+                targets += [answers[e] for e in mine]
             else:
                 facts = fresh_facts(rng, 8, others)
-                teacher, pos = render(rng, facts, ask(rng, facts))
-                student, keep = teacher, pos
+                toks, keep = render(rng, facts, ask(rng, facts))
             m = torch.zeros(T, dtype=torch.bool)
             m[keep] = True
-            rows_s.append(student)
-            rows_t.append(teacher)
+            rows.append(toks)
             masks.append(m)
+        x, pos = torch.tensor(rows), torch.stack(masks)
+        if step % 2 == 0:
+            target = torch.tensor(targets)
+        else:
+            with torch.no_grad():  # subtle: not around the yield, which would run the consumer without grad
+                target = teacher(x)[pos].log_softmax(-1)
         step += 1
-        yield torch.tensor(rows_s), torch.tensor(rows_t), torch.stack(masks)
+        yield x, pos, target
 
 
 def sleep_eval(model, frequent, others, seed: int, n=256):
-    """recall of the frequent facts with memory reset (not stated; 4 questions each among 4 fresh ones),
-    fresh-episode recall (memory on) and held-out answer loss."""
+    """Recall of 4 frequent facts per episode (among 4 fresh ones asked) with the memory on (the frequent facts
+    stated with 8 fresh ones: what the teacher knows) and with it reset (the same episode, the frequent facts
+    not stated); fresh-episode recall (memory on) and held-out answer loss."""
     rng = random.Random(seed)
-    reset = []
+    stated, reset = [], []
     for _ in range(n):
-        facts = fresh_facts(rng, 8, others)
-        asked_f = rng.sample(list(frequent), 4)
-        toks, pos = render(rng, {**facts, **frequent}, asked_f + rng.sample(list(facts), 4), hidden=set(frequent))
-        reset.append((toks, pos[:4]))
+        facts = {e: frequent[e] for e in rng.sample(list(frequent), 4)}
+        asked = list(facts)
+        facts.update(fresh_facts(rng, 8, others))
+        asked += rng.sample(list(facts)[4:], 4)
+        facts = dict(rng.sample(list(facts.items()), len(facts)))
+        tok_seed = rng.random()
+        for out, hidden in ((stated, ()), (reset, set(frequent))):
+            toks, pos = render(random.Random(tok_seed), facts, asked, hidden)
+            out.append((toks, pos[:4]))
+    memory_on, _ = evaluate(model, stated)
     consolidated, _ = evaluate(model, reset)
     fresh_acc, fresh_loss = evaluate(model, [e[:2] for e in test_episodes(rng, 8, n, others)])
-    return consolidated, fresh_acc, fresh_loss
+    return consolidated, fresh_acc, fresh_loss, memory_on
 
 # -----------------------------------------------------------------------------
 # the run
 
 
-def main(out_dir: str = "runs/lm2_banks", steps: int = 600, batch_size: int = 32, lr: float = 3e-3,
-         sleep_steps: int = 200, n_eval: int = 256, repeats: int = 50, seed: int = 1337):
+MODELS = ("none", "dense", "K8 m1", "K32 m1")
+
+
+def main(out_dir: str = "runs/lm2_banks", models: str = ",".join(MODELS), steps: int = 700, batch_size: int = 32,
+         lr: float = 3e-3,
+         bank_keys: str = "learned", bias_rate: float = 0.0, aux_alpha: float = 0.0, route_distill: float = 0.0,
+         sleep_steps: int = 300, sleep_rank: int = 8, sleep_lr: float = 3e-3, n_eval: int = 256, repeats: int = 50,
+         seed: int = 1337):
     """Train the four models, measure (a) and (b), print both tables, write results.json and the plot.
     out_dir: folder for results.json, log.txt and lm2_banks_scaling.png (created; nothing else is written)
+    models: comma-separated subset of the four models to train (pilots); (b) runs when K8 m1 is among them
     steps: training steps of every model (batches of batch_size episodes)
+    bank_keys: "mean" (mean of each bank's slot keys) or "learned" bank keys (lm2_banks.BankArgs.mem_bank_keys)
+    bias_rate: router bias step per optimizer step (DeepSeek-V3's gamma; 0: off)
+    aux_alpha: weight of the router's balance loss (0: off)
+    route_distill: weight of the router's distillation towards the dense read's mass per bank (0: off)
     sleep_steps: steps of each sleep phase (half consolidation, half replay batches)
+    sleep_rank: LoRA rank of the sleep phases
+    sleep_lr: learning rate of the sleep phases
     n_eval: held-out episodes per measurement (8 answers each)
     repeats: timed repeats of one read
     seed: seed of the weights, the data and the choices"""
     if steps < 10 or sleep_steps < 10 or n_eval < 8:
         raise SystemExit("error: need --steps >= 10, --sleep_steps >= 10 and --n_eval >= 8")
+    names = [m.strip() for m in models.split(",")]
+    if not names or not set(names) <= set(MODELS):
+        raise SystemExit(f"error: --models takes a comma-separated subset of {','.join(MODELS)}, got {models!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     logf = open(out / "log.txt", "a")
@@ -311,7 +372,9 @@ def main(out_dir: str = "runs/lm2_banks", steps: int = 600, batch_size: int = 32
         logf.write(line + "\n")
         logf.flush()
 
-    results = {"config": dict(steps=steps, batch_size=batch_size, lr=lr, sleep_steps=sleep_steps, n_eval=n_eval,
+    results = {"config": dict(models=names, steps=steps, batch_size=batch_size, lr=lr, bank_keys=bank_keys, bias_rate=bias_rate,
+                              aux_alpha=aux_alpha, route_distill=route_distill, sleep_steps=sleep_steps,
+                              sleep_rank=sleep_rank, sleep_lr=sleep_lr, n_eval=n_eval,
                               seed=seed), "a": {}, "b": {}}
 
     def save():  # incrementally: a run cut short keeps what it measured (a new file, then a rename)
@@ -319,11 +382,11 @@ def main(out_dir: str = "runs/lm2_banks", steps: int = 600, batch_size: int = 32
         (out / "results.json.tmp").replace(out / "results.json")
 
     f_grid = [8, 12, 16, MAX_F]
-    models = {}
-    for name in ("none", "dense", "K8 m1", "K32 m1"):
-        model, minutes = train(name, steps, batch_size, lr, seed, log)
-        models[name] = model
-        args = model_args(name)
+    trained = {}
+    for name in [m for m in MODELS if m in names]:
+        args = model_args(name, bank_keys, aux_alpha, route_distill)
+        model, minutes = train(args, name, steps, batch_size, lr, seed, log, bias_rate)
+        trained[name] = model
         r = {"train_min": minutes, "params": sum(p.numel() for p in model.parameters()), "recall": {}}
         for nf in f_grid:
             acc, loss = evaluate(model, [e[:2] for e in test_episodes(random.Random(seed + nf), nf, n_eval)])
@@ -339,24 +402,30 @@ def main(out_dir: str = "runs/lm2_banks", steps: int = 600, batch_size: int = 32
         log(f"{name}: " + json.dumps(r))
         save()
 
+    if "K8 m1" not in trained:
+        return report(results, out, log)
     # (b) sleep on the K8 m1 model
-    base = models["K8 m1"]
+    base = trained["K8 m1"]
     frequent, others, wake = wake_world(seed)
     ranked = rank_by_access(base, wake, seed)
     picks = {"frequency": ranked[:len(frequent)],
              "random": random.Random(seed + 1).sample(sorted(ranked), len(frequent))}
     before = sleep_eval(base, frequent, others, seed + 7, n_eval)
-    results["b"]["before"] = dict(zip(("consolidated", "fresh_recall", "heldout_loss"), before))
+    results["b"]["before"] = dict(zip(("consolidated", "fresh_recall", "heldout_loss", "frequent_memory_on"), before))
     log(f"sleep before: {results['b']['before']}")
+    teacher = copy.deepcopy(base)  # sleep trains adapters into its model in place
     for how, chosen in picks.items():
-        model = BankLM2(model_args("K8 m1"))
+        answers = consensus(teacher, wake, set(chosen), seed)
+        model = BankLM2(model_args("K8 m1", bank_keys, aux_alpha, route_distill))
         model.load_state_dict(base.state_dict())
         t0 = time.time()
-        first, last = lm2_banks.sleep(model, sleep_batches(set(chosen), wake, others, seed, batch_size), sleep_steps)
+        first, last = lm2_banks.sleep(model, sleep_batches(teacher, answers, wake, others, seed, batch_size),
+                                      sleep_steps, rank=sleep_rank, lr=sleep_lr)
         after = sleep_eval(model.eval(), frequent, others, seed + 7, n_eval)
-        results["b"][how] = dict(zip(("consolidated", "fresh_recall", "heldout_loss"), after),
-                                 overlap=len(set(chosen) & set(frequent)), kl_first=first, kl_last=last,
-                                 sleep_min=(time.time() - t0) / 60)
+        right = sum(answers[e] == VAL0 + frequent[e] for e in answers if e in frequent)
+        results["b"][how] = dict(zip(("consolidated", "fresh_recall", "heldout_loss", "frequent_memory_on"), after),
+                                 overlap=len(set(chosen) & set(frequent)), consensus_right=right,
+                                 loss_first=first, loss_last=last, sleep_min=(time.time() - t0) / 60)
         log(f"sleep {how}: {results['b'][how]}")
         save()
     report(results, out, log)
@@ -364,7 +433,8 @@ def main(out_dir: str = "runs/lm2_banks", steps: int = 600, batch_size: int = 32
 
 def report(results, out, log):
     a, b = results["a"], results["b"]
-    dense = a["dense"]
+    dense_recall = a["dense"]["recall"][8] if "dense" in a else float("nan")
+    dense_flops = lm2_banks.read_flops_per_token(model_args("dense"))
     log(f"\n(a) memory banks ({results['config']['steps']} steps x {results['config']['batch_size']} episodes each;"
         f" recall = answer accuracy on {results['config']['n_eval']} held-out episodes x 8 questions)")
     log(f"{'memory':8} {'slots':>5} {'params':>7} {'recall F=8':>10} {'vs dense':>8} {'read FLOPs':>10} "
@@ -376,27 +446,33 @@ def report(results, out, log):
         held = max([int(f) for f, v in r["recall"].items() if v >= 0.9], default=0)
         flops = r.get("read_flops")
         log(f"{name:8} {slots:5d} {r['params']:7,d} {r['recall'][8]:10.3f} "
-            f"{(r['recall'][8] - dense['recall'][8]) * 100:+7.1f}p "
-            f"{flops or 0:10,d} {(dense['read_flops'] / flops) if flops else 0:7.1f} {r.get('read_us', 0):10.3f} {r.get('read_us_decode', 0):10.3f} "
+            f"{(r['recall'][8] - dense_recall) * 100:+7.1f}p "
+            f"{flops or 0:10,d} {(dense_flops / flops) if flops else 0:7.1f} {r.get('read_us', 0):10.3f} "
+            f"{r.get('read_us_decode', 0):10.3f} "
             f"{r.get('routing_precision', float('nan')):7.3f} {r.get('domain_purity', float('nan')):6.3f} "
             f"{r.get('banks_used', float('nan')):10.2f} {held:12d}")
     log("recall by facts per episode F: " + "; ".join(
         f"{name}: " + " ".join(f"{f}:{v:.3f}" for f, v in r["recall"].items()) for name, r in a.items()))
-    k8, k32 = a["K8 m1"], a["K32 m1"]
-    log(f"K8 -> K32 at m=1: read time x{k32['read_us'] / k8['read_us']:.2f} (segment), "
-        f"x{k32['read_us_decode'] / k8['read_us_decode']:.2f} (decode), read FLOPs "
-        f"x{k32['read_flops'] / k8['read_flops']:.2f}")
-    log(f"\n(b) sleep on K8 m1 ({results['config']['sleep_steps']} steps, LoRA rank 8): "
+    if "K8 m1" in a and "K32 m1" in a:
+        k8, k32 = a["K8 m1"], a["K32 m1"]
+        log(f"K8 -> K32 at m=1: read time x{k32['read_us'] / k8['read_us']:.2f} (segment), "
+            f"x{k32['read_us_decode'] / k8['read_us_decode']:.2f} (decode), read FLOPs "
+            f"x{k32['read_flops'] / k8['read_flops']:.2f}")
+    if "before" not in b:
+        return plot(results, out)
+    c = results["config"]
+    log(f"\n(b) sleep on K8 m1 ({c['sleep_steps']} steps, LoRA rank {c['sleep_rank']}, lr {c['sleep_lr']}): "
         f"16 frequent entities, 256 wake episodes")
-    log(f"{'':16} {'frequent recall, memory reset':>29} {'fresh recall, memory on':>23} {'held-out loss':>13} "
-        f"{'chosen = frequent':>17}")
-    log(f"{'before':16} {b['before']['consolidated']:29.3f} {b['before']['fresh_recall']:23.3f} "
-        f"{b['before']['heldout_loss']:13.4f} {'':>17}")
-    for how in ("frequency", "random"):
+    log(f"{'':16} {'frequent recall, memory reset':>29} {'frequent recall, memory on':>26} "
+        f"{'fresh recall, memory on':>23} {'held-out loss':>13} {'chosen = frequent':>17} {'consensus right':>15}")
+    for how in ("before", "frequency", "random"):
         if how in b:
             r = b[how]
-            log(f"{'after ' + how:16} {r['consolidated']:29.3f} {r['fresh_recall']:23.3f} "
-                f"{r['heldout_loss']:13.4f} {r['overlap']:14d}/16")
+            chosen = f"{r['overlap']:14d}/16" if "overlap" in r else ""
+            right = f"{r['consensus_right']:12d}/{r['overlap']}" if "overlap" in r else ""
+            log(f"{'after ' + how if how != 'before' else how:16} {r['consolidated']:29.3f} "
+                f"{r['frequent_memory_on']:26.3f} {r['fresh_recall']:23.3f} {r['heldout_loss']:13.4f} "
+                f"{chosen:>17} {right:>15}")
     plot(results, out)
 
 

@@ -31,7 +31,7 @@ def test_one_bank_equals_dense_memory():
     bank = trained_like(BankLM2(args)).eval()
     dense_args = lm2.ModelArgs(**{f: getattr(args, f) for f in lm2.ModelArgs.__dataclass_fields__})
     dense = lm2.LM2(dense_args).eval()
-    state = {k: v for k, v in bank.state_dict().items() if not k.endswith("bank_keys")}
+    state = {k: v for k, v in bank.state_dict().items() if not k.endswith(("bank_keys", "bank_bias"))}
     dense.load_state_dict(state, strict=True)
     tokens = torch.randint(0, 50, (3, 40))
     assert torch.equal(bank(tokens), dense(tokens))
@@ -50,7 +50,7 @@ def routed_setup(K=4, S=3, m=1, T=5):
 def test_routed_read_touches_only_chosen_banks(m, monkeypatch):
     K, S, T = 6, 3, 2  # two tokens reach at most 2 m < K banks of a row
     mem, h, bank0 = routed_setup(K, S, m, T)
-    chosen = mem.bank_scores(mem.q_proj(h)).topk(m, dim=-1).indices  # (B, T, m)
+    chosen = mem.route(mem.q_proj(h), mem.state(bank0))[1]  # (B, T, m)
     seen = []
     real = lm2_banks.F.scaled_dot_product_attention
 
@@ -93,7 +93,7 @@ def test_routed_read_equals_masked_dense_read():
 def test_write_goes_to_top_bank_only():
     mem, h, bank0 = routed_setup(4, 3, 1)
     new = mem.write(h, mem.state(bank0))[0]
-    top = mem.bank_scores(mem.q_proj(h)).argmax(-1)  # (B, T)
+    top = mem.route(mem.q_proj(h), mem.state(bank0))[1][..., 0]  # (B, T)
     for b in range(2):
         for j in range(4):
             same = torch.equal(new[b, j * 3:(j + 1) * 3], bank0[b, j * 3:(j + 1) * 3])
@@ -114,7 +114,10 @@ def test_sleep_changes_only_lora():
     pos[:, -4:] = True
     student = tokens.clone()
     student[:, :8] = 0
-    lm2_banks.sleep(model, iter([(student, tokens, pos)] * 3), steps=3, rank=2)
+    with torch.no_grad():
+        teacher = model(tokens)[pos].log_softmax(-1)
+    batches = iter([(student, pos, teacher), (tokens, pos, teacher.argmax(-1))] * 2)  # KL and cross-entropy
+    lm2_banks.sleep(model, batches, steps=4, rank=2)
     after = model.state_dict()
     lora = [k for k in after if ".lora_" in k]
     assert lora and all(".memory." not in k for k in lora)
@@ -135,3 +138,76 @@ def test_token_access_shape_and_segments():
 def test_bad_top_is_one_line_error():
     with pytest.raises(ValueError, match="mem_top"):
         BankArgs(mem_banks=2, mem_top=3)
+
+
+def test_bias_balancing_picks_banks_and_moves_towards_underloaded():
+    mem, h, bank0 = routed_setup(4, 3, 1)
+    p, top = mem.route(mem.q_proj(h), mem.state(bank0))
+    mem.bank_bias[2] = 100.0  # picks bank 2 for every token, without changing the weights p
+    p2, top2 = mem.route(mem.q_proj(h), mem.state(bank0))
+    assert (top2 == 2).all() and torch.equal(p, p2)
+    new = mem.write(h, mem.state(bank0))[0]
+    for j in range(4):
+        assert torch.equal(new[:, j * 3:(j + 1) * 3], bank0[:, j * 3:(j + 1) * 3]) == (j != 2)
+    mem.eval()
+    mem.read(h, mem.state(bank0))
+    assert mem.load is None  # evaluation never moves the biases
+    mem.train()
+    mem.read(h, mem.state(bank0))
+    assert mem.load.tolist() == [0, 0, 10, 0]
+    mem.update_bias(0.5)
+    assert mem.bank_bias.tolist() == [0.5, 0.5, 99.5, 0.5] and mem.load is None
+
+
+def test_balance_loss_is_deepseek_sequence_wise_loss():
+    model = trained_like(BankLM2(tiny(mem_banks=4, mem_slots=2, mem_top=2, mem_aux_alpha=0.1, mem_layers=(1,))))
+    tokens = torch.randint(0, 50, (2, 24))
+    model.eval()
+    model(tokens)
+    assert model.extra_loss() == 0.0  # evaluation adds no loss
+    model.train()
+    model(tokens)
+    mem, = model.banked()
+    assert len(mem.aux_losses) == 3  # one per segment read
+    _, traced = lm2_banks.trace_memory(model.eval(), tokens)
+    want = []
+    for h, state in traced[0][1]:
+        p, top = mem.route(mem.q_proj(h), state)
+        f = torch.stack([(top == k).any(-1).float().mean(1) * 4 / 2 for k in range(4)], -1)  # (B, K)
+        want.append(0.1 * (f * p.mean(1)).sum(-1).mean())
+    model.train()
+    model(tokens)
+    loss = model.extra_loss()
+    torch.testing.assert_close(loss, torch.stack(want).mean())
+    loss.backward()
+    assert mem.bank_keys.grad.abs().sum() > 0
+
+
+def test_mean_keys_route_by_the_reads_own_scores():
+    args = tiny(mem_banks=4, mem_slots=3, mem_top=1, mem_bank_keys="mean")
+    torch.manual_seed(0)
+    mem = trained_like(BankedMemory(args))
+    assert not hasattr(mem, "bank_keys")
+    h, bank0 = torch.randn(2, 5, 32), torch.randn(2, 12, 32)
+    state = mem.state(bank0)
+    qd = mem.q_proj(h)
+    s = (mem._heads(qd) @ state[1].transpose(-1, -2)).sum(1)  # (B, T, N) read scores summed over heads, unscaled
+    want = s.view(2, 5, 4, 3).mean(-1) / 32 ** 0.5
+    torch.testing.assert_close(mem.bank_scores(qd, state), want, rtol=1e-5, atol=1e-5)
+
+
+def test_route_distillation_targets_the_dense_mass_per_bank():
+    args = tiny(mem_banks=4, mem_slots=3, mem_top=1, mem_route_distill=1.0)
+    _, h, bank0 = routed_setup(4, 3, 1)
+    mem = trained_like(BankedMemory(args)).train()
+    state = mem.state(bank0)
+    q = mem._heads(mem.q_proj(h)).unsqueeze(3)
+    mass = mem.bank_mass(q, state[1])
+    dense = (q.squeeze(3) @ state[1].transpose(-1, -2) / 8 ** 0.5).softmax(-1).mean(1)  # (B, T, N)
+    torch.testing.assert_close(mass, dense.view(2, 5, 4, 3).sum(-1))
+    mem.read(h, state)
+    (loss,) = mem.aux_losses
+    p, _ = mem.route(mem.q_proj(h), state)
+    torch.testing.assert_close(loss, -(mass * p.log()).sum(-1).mean())
+    loss.backward()
+    assert mem.bank_keys.grad.abs().sum() > 0
