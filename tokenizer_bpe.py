@@ -29,9 +29,10 @@ Departures, on purpose:
   `tokenizers`.
 - Only byte-level BPE is supported; any other normalizer, pre-tokenizer or model option raises
   NotImplementedError naming it, rather than tokenizing subtly wrong.
-- Unicode version: the `regex` module knows 13 digits added in Unicode 16/17 (U+11DE0-11DE9,
-  U+16FF4-16FF6) that tiktoken's and HF's regex engines see as unassigned, so Llama 3's pattern cuts
-  text around them differently. Checking every code point in ten contexts found no other difference.
+- Unicode version: the installed `regex` module knows the letters and digits new in Unicode 17 (4,657 code
+  points: CJK Extension J, new scripts; test_parity.py's NEWER_UNICODE lists them) that tiktoken's and HF's regex
+  engines see as unassigned, so Llama 3's and SmolLM2's patterns cut text around them differently. An exhaustive
+  check of every other code point found no difference.
 
 Usage:
     python tokenizer_bpe.py --path checkpoints/Llama-3.2-tokenizer --text "Hello world"   (--help: the flags)
