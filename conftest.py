@@ -1,16 +1,18 @@
-"""Shared pytest set-up for test_parity.py and tests/: the real test assets, fetched once before any test runs, and
-the one_thread fixture.
+"""Shared pytest set-up for test_parity.py and tests/: the real test assets, fetched once before any test runs, the
+one_thread fixture, and write_meta (a checkpoint in Meta's original layout, for the conversion tests).
 
 The suite needs the real SmolLM2-135M-Instruct checkpoint and the Llama 3.2 tokenizer. A newcomer who ran only
 `python download.py` has the first; the second is fetched here, with a visible line, so no test ever meets a
 missing asset (and none is skipped for want of one).
 """
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent
 ASSETS = {"smollm2-135m-instruct": ROOT / "checkpoints" / "SmolLM2-135M-Instruct",
@@ -54,3 +56,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def write_meta(state: dict, head_dim: int, out: Path, n_shards: int, params: dict):
+    """An HF-layout state dict in Meta's original layout, what meta_convert.py reads: Meta's names, q/k rows back
+    in interleaved pairs (the inverse of HF's permutation), n model-parallel consolidated.NN.pth shards,
+    params.json. Callers add tokenizer.model."""
+    import meta_convert
+
+    names = {hf: (meta, split) for meta, (hf, split) in meta_convert.META_NAMES.items()}
+    shards = [{} for _ in range(n_shards)]
+    for name, w in state.items():
+        parts = name.split(".")
+        layer = parts[2] if name.startswith("model.layers.") else None
+        meta, split = names[".".join(parts[3:]) if layer else name]
+        meta = f"layers.{layer}.{meta}" if layer else meta
+        if "q_proj" in name or "k_proj" in name:  # HF rotate-half rows back to Meta's interleaved pairs
+            w = w.view(-1, 2, head_dim // 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
+        for shard, part in zip(shards, [w] * n_shards if split is None else w.chunk(n_shards, dim=split)):
+            shard[meta] = part.clone()
+    out.mkdir(parents=True)
+    for i, shard in enumerate(shards):
+        torch.save(shard, out / f"consolidated.{i:02d}.pth")
+    (out / "params.json").write_text(json.dumps(params))

@@ -59,6 +59,7 @@ from transformers.models.llama import modeling_llama
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import llama31  # noqa: E402
+from conftest import write_meta  # noqa: E402
 import lm2  # noqa: E402
 import meta_convert  # noqa: E402
 import nanollm as N  # noqa: E402
@@ -611,7 +612,8 @@ NEWER_UNICODE = [chr(c) for a, b in [
     (0xA7F1, 0xA7F1), (0x10940, 0x10959), (0x10EC5, 0x10EC7), (0x11DB0, 0x11DDB), (0x11DE0, 0x11DE9),
     (0x16EA0, 0x16EB8), (0x16EBB, 0x16ED3), (0x16FF2, 0x16FF6), (0x187F8, 0x187FF), (0x18D09, 0x18D1E),
     (0x18D80, 0x18DF2), (0x1E6C0, 0x1E6DE), (0x1E6E0, 0x1E6E2), (0x1E6E4, 0x1E6E5), (0x1E6E7, 0x1E6ED),
-    (0x1E6F0, 0x1E6F4), (0x1E6FE, 0x1E6FF), (0x2B73A, 0x2B73F), (0x2CEA2, 0x2CEAD), (0x323B0, 0x33479)] for c in range(a, b + 1)]
+    (0x1E6F0, 0x1E6F4), (0x1E6FE, 0x1E6FF), (0x2B73A, 0x2B73F), (0x2CEA2, 0x2CEAD), (0x323B0, 0x33479)]
+    for c in range(a, b + 1)]
 
 
 @pytest.fixture(scope="module")
@@ -991,29 +993,6 @@ def test_llama31_presets_match_published_configs(name):
 # both checkpoint formats
 
 
-def hf_to_meta(hf: LlamaForCausalLM, out: Path, n_shards: int, params: dict):
-    """Write Meta's layout from an HF model: the inverse of HF's q/k permutation, Meta names, n shards."""
-    hd = hf.config.hidden_size // hf.config.num_attention_heads
-    names = {v[0]: (k, v[1]) for k, v in meta_convert.META_NAMES.items()}
-    shards = [{} for _ in range(n_shards)]
-    for name, w in hf.state_dict().items():
-        short = name.split(".", 3)[3] if name.startswith("model.layers.") else name
-        meta, split = names[short]
-        if short != name:
-            meta = f"layers.{name.split('.')[2]}.{meta}"
-        if "q_proj" in name or "k_proj" in name:  # HF rotate-half rows back to Meta's interleaved pairs
-            rows = w.shape[0]
-            w = w.view(rows // hd, 2, hd // 2, -1).transpose(1, 2).reshape(rows, -1)
-        parts = [w] * n_shards if split is None else w.chunk(n_shards, dim=split)
-        for shard, part in zip(shards, parts):
-            shard[meta] = part.clone()
-    out.mkdir(parents=True)
-    for i, shard in enumerate(shards):
-        torch.save(shard, out / f"consolidated.{i:02d}.pth")
-    (out / "params.json").write_text(json.dumps(params))
-    (out / "tokenizer.model").write_text("")
-
-
 @pytest.fixture(scope="module")
 def both_formats(tmp_path_factory):
     # Meta's params.json has no scaling fields beyond use_scaled_rope: llama-models' fixed 8192 / 1 / 4, and
@@ -1025,7 +1004,8 @@ def both_formats(tmp_path_factory):
     hf.save_pretrained(root / "hf", max_shard_size="100KB")  # several safetensors files + index
     params = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32,
                   ffn_dim_multiplier=1.5, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)
-    hf_to_meta(hf, root / "meta", 2, params)
+    write_meta(hf.state_dict(), cfg.hidden_size // cfg.num_attention_heads, root / "meta", 2, params)
+    (root / "meta" / "tokenizer.model").write_text("")
     return hf, root
 
 

@@ -256,7 +256,7 @@ def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models:
                   f"({load_average()})", file=sys.stderr)
             del model
     cmd = " ".join(["python benchmarks/bench_llamacpp.py"] + sys.argv[1:])
-    print(f"\n`{cmd}`: batch 1, greedy, {new_tokens} new tokens after the prompt, {threads} threads, best of "
+    print(f"\n`{cmd}`: batch 1, greedy, {new_tokens} new tokens from an empty context, {threads} threads, best of "
           f"{repeats} interleaved runs, best read bandwidth {bw:.1f} GB/s, {load_average()} at the end\n")
     print("| model | precision | engine | decode tok/s | vs llama.cpp | MB/token | of roofline | memory GiB |")
     print("|---|---|---|---|---|---|---|---|")

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import download  # noqa: E402
 import llama31  # noqa: E402
 import meta_convert  # noqa: E402
+from conftest import write_meta  # noqa: E402
 from tokenizer_bpe import Tokenizer  # noqa: E402
 
 TOKENIZER_MODEL = ROOT / "checkpoints" / "Llama-3.2-tokenizer" / "tokenizer.model"
@@ -68,27 +69,12 @@ def save_hf(args: llama31.ModelArgs, path: Path, seed=0, dtype=torch.float32, n_
 
 
 def save_meta(model: llama31.Llama, path: Path, n_shards: int):
-    """The same weights in Meta's layout: Meta names, interleaved q/k rows, n model-parallel shards."""
-    hd = model.args.head_dim
-    names = {hf: (meta, split) for meta, (hf, split) in meta_convert.META_NAMES.items()}
-    shards = [{} for _ in range(n_shards)]
-    for name, w in model.state_dict().items():
-        parts = name.split(".")
-        layer = parts[2] if name.startswith("model.layers.") else None
-        meta, split = names[".".join(parts[3:]) if layer else name]
-        meta = f"layers.{layer}.{meta}" if layer else meta
-        if "q_proj" in name or "k_proj" in name:  # HF rotate-half rows back to interleaved pairs
-            w = w.view(-1, 2, hd // 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
-        for shard, part in zip(shards, [w] * n_shards if split is None else w.chunk(n_shards, dim=split)):
-            shard[meta] = part.clone()
-    path.mkdir(parents=True)
-    for i, shard in enumerate(shards):
-        torch.save(shard, path / f"consolidated.{i:02d}.pth")
+    """The same weights in Meta's layout (conftest.write_meta), with the params.json that sizes them back."""
     a = model.args
-    (path / "params.json").write_text(json.dumps(dict(
+    write_meta(model.state_dict(), a.head_dim, path, n_shards, dict(
         dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, vocab_size=a.vocab_size,
         multiple_of=a.hidden_dim, ffn_dim_multiplier=None, norm_eps=a.norm_eps, rope_theta=a.rope_theta,
-        use_scaled_rope=True)))
+        use_scaled_rope=True))
 
 
 # Real vocabulary size, so the real tokenizer's ids fit; tiny otherwise. With multiple_of = hidden_dim >= 8 dim / 3
