@@ -24,28 +24,15 @@ from the fp32 product with the unrounded weights, relative to that product's lar
 """
 
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_cpu_kernels import SHAPES, best_time  # noqa: E402  (the same layer shapes and timer)
 from decode_timing import load_average, read_bandwidth_gbs  # noqa: E402
 from smollm2 import cli  # noqa: E402
-
-# (dim, hidden_dim, n_heads, n_kv_heads, n_layers) of each model; head_dim 64 for both
-SHAPES = {"SmolLM2-135M": (576, 1536, 9, 3, 30), "Llama-3.2-1B": (2048, 8192, 32, 8, 16)}
-
-
-def best_time(fn, repeats=5) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def quantize(w):
