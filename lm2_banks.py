@@ -32,8 +32,12 @@ Departures and limits: the write computes the masked scores of all K S slots aga
 (4 K S d FLOPs per token once per segment, as the dense write) instead of grouping tokens by bank; mean bank
 keys are recomputed at every read (N d FLOPs per read call: per token when decoding; lm2.py's MemoryCache
 keeps three tensors per block, so keeping them beside the bank's keys would need a change there); with mean
-keys the routing softmax sends gradient to every bank's slots, not only the chosen ones; the issue's optional
-progressive read (add banks while the best attention is below a threshold) is not built.
+keys the routing softmax sends gradient to every bank's slots, not only the chosen ones.
+Progressive read (mem_progressive_threshold, the issue's option; off by default): a token reads its top bank,
+and adds its next bank, up to mem_top, only while its best read attention (its largest softmax weight over
+the slots read so far, head-averaged) is below the threshold: a confident read stops after one bank, an
+unsure one looks deeper. Threshold 0 is the m = 1 read, above 1 the top-m read. The stop is not
+differentiable (the threshold is a fixed knob); the balance loss counts all mem_top banks as read.
 
 Sleep (`sleep`): freeze the model, add LoRA adapters (finetune.py's `apply_lora`), and train them so that
 the model on a "student" input (the episode with the facts to consolidate removed: the memory never holds
@@ -68,6 +72,7 @@ class BankArgs(ModelArgs):
     mem_bank_keys: str = "learned"      # "learned": a key per bank; "mean": the mean of its slots' keys W_K M_i
     mem_route_distill: float = 0.0      # weight of the router's loss towards the dense read's mass per bank
     mem_aux_alpha: float = 0.0          # weight of the routing balance loss (Switch / DeepSeek-V3 eq. 17); 0: off
+    mem_progressive_threshold: float | None = None  # read banks 1..mem_top while best attention < this; None: off
 
     def __post_init__(self):
         super().__post_init__()
@@ -75,14 +80,18 @@ class BankArgs(ModelArgs):
             raise ValueError(f"need 1 <= mem_top <= mem_banks, got mem_top={self.mem_top}, mem_banks={self.mem_banks}")
         if self.mem_bank_keys not in ("learned", "mean"):
             raise ValueError(f"mem_bank_keys must be 'learned' or 'mean', got {self.mem_bank_keys!r}")
+        if self.mem_progressive_threshold is not None and self.mem_top < 2:
+            raise ValueError("a progressive read needs mem_top >= 2 (the most banks a token may read), got mem_top=1")
 
 
-def read_flops_per_token(args: BankArgs) -> int:
+def read_flops_per_token(args: BankArgs, banks_read: float | None = None) -> float:
     """Multiply-adds x 2 of one token's memory read in one block, past the projections every variant shares
-    (W_Q on the token, the output gate): scores and weighted sum over the slots read, plus routing."""
-    slots = args.mem_top * args.mem_slots
-    routing = 2 * args.mem_banks * args.dim if args.mem_top < args.mem_banks else 0
-    return 4 * slots * args.dim + routing
+    (W_Q on the token, the output gate): scores and weighted sum over the slots read, plus routing.
+    banks_read: the mean number of banks a token read (a progressive read's, measured: BankedMemory.banks_read);
+    None: mem_top."""
+    slots = (args.mem_top if banks_read is None else banks_read) * args.mem_slots
+    routed = args.mem_top < args.mem_banks or args.mem_progressive_threshold is not None
+    return 4 * slots * args.dim + (2 * args.mem_banks * args.dim if routed else 0)
 
 
 class BankedMemory(Memory):
@@ -90,6 +99,9 @@ class BankedMemory(Memory):
     def __init__(self, args: BankArgs):
         super().__init__(replace(args, mem_slots=args.mem_banks * args.mem_slots))
         self.n_banks, self.bank_slots, self.top = args.mem_banks, args.mem_slots, args.mem_top
+        self.threshold = args.mem_progressive_threshold
+        self.dense = self.top == self.n_banks and self.threshold is None  # every bank read: lm2.py's read
+        self.reads = torch.zeros(2)  # progressive reads since reset: banks read, tokens (see banks_read)
         self.mean_keys = args.mem_bank_keys == "mean"
         if not self.mean_keys:
             self.bank_keys = nn.Parameter(torch.empty(args.mem_banks, args.dim))
@@ -122,7 +134,7 @@ class BankedMemory(Memory):
 
     def state(self, bank):
         bank, k, v = super().state(bank)
-        if self.top == self.n_banks:
+        if self.dense:
             return bank, k, v
         # subtle: _heads gives transposed views; a routed read would copy the whole bank (all K banks) to
         # gather from them, on every read. Made contiguous here, once per write, the gather touches m*S slots.
@@ -138,7 +150,7 @@ class BankedMemory(Memory):
         return banks.gather(2, idx).view(B, H, T, m * self.bank_slots, hd)
 
     def read(self, h, state, fresh=None):
-        if self.top == self.n_banks:  # every bank is read: lm2.py's dense read, no routing
+        if self.dense:  # every bank is read: lm2.py's dense read, no routing
             return super().read(h, state, fresh)
         qd = self.q_proj(h)
         p, top = self.route(qd, state)  # (B, T, K), (B, T, m)
@@ -150,16 +162,65 @@ class BankedMemory(Memory):
             self.count(p, top, q, state, fresh)
 
         def attend(k, v):
-            e = F.scaled_dot_product_attention(q, self._gather(k, top), self._gather(v, top)).squeeze(3)
-            e = self._merge(e)  # (B, T, d), softmax over the m*S slots read
-            return torch.sigmoid(self.out_gate(e)) * e
+            if self.threshold is not None:
+                e, n_read = self.progressive(q, k, v, top)
+            else:
+                e = self._merge(F.scaled_dot_product_attention(q, self._gather(k, top), self._gather(v, top)).squeeze(3))
+                n_read = torch.full(top.shape[:2], self.top, device=h.device)
+            # e: (B, T, d), one softmax over the slots read
+            return torch.sigmoid(self.out_gate(e)) * e, n_read
 
-        out = attend(*state[1:])
+        out, n_read = attend(*state[1:])
         if fresh is not None:
-            out = torch.where(fresh[..., None], attend(*self.initial_state(h.shape[0])[1:]), out)
+            out0, n_read0 = attend(*self.initial_state(h.shape[0])[1:])
+            out, n_read = torch.where(fresh[..., None], out0, out), torch.where(fresh, n_read0, n_read)
+        if self.threshold is not None:
+            self.reads += torch.tensor([n_read.sum().item(), n_read.numel()])
+        # the gate averages over the banks read: value exactly 1, gradient to the bank keys
         p_top = p.gather(-1, top)
-        gate = (p_top / p_top.detach()).mean(-1, keepdim=True)  # value exactly 1, gradient to the bank keys
+        was_read = torch.arange(self.top, device=h.device) < n_read[..., None]  # (B, T, m)
+        gate = ((p_top / p_top.detach()) * was_read).sum(-1, keepdim=True) / n_read[..., None]
         return out * gate
+
+    def progressive(self, q, k, v, top):
+        """The progressive read: q (B, heads, T, 1, hd), the state's keys and values k, v (B, heads, N, hd), the
+        banks top (B, T, m) best first. Round j reads bank j for the tokens still unsure, and folds it into one
+        softmax over all the slots they read, incrementally (flash attention's running max and sum), so a
+        bank costs 4 S d FLOPs once. A token's largest weight in head h is exp(max - max) / sum = 1 / sum.
+        Returns the read (B, T, d), as the top-j read, and the banks each token read (B, T). Only the read
+        banks are indexed: the others cost nothing and receive no gradient."""
+        B, H, T, _, hd = q.shape
+        q = q.squeeze(3).transpose(1, 2).reshape(B * T, H, hd)  # one row per token
+        k, v = k.unflatten(2, (self.n_banks, self.bank_slots)), v.unflatten(2, (self.n_banks, self.bank_slots))
+        top = top.reshape(B * T, self.top)
+        row_batch = torch.arange(B * T, device=q.device) // T
+        run_max = q.new_full((B * T, H), -torch.inf)
+        run_sum = q.new_zeros(B * T, H)
+        acc = q.new_zeros(B * T, H, hd)  # sum of exp(score - run_max) * value
+        n_read = torch.zeros(B * T, dtype=torch.long, device=q.device)
+        rows = torch.arange(B * T, device=q.device)  # tokens still reading
+        for j in range(self.top):
+            bank = top[rows, j]
+            kj, vj = k[row_batch[rows], :, bank], v[row_batch[rows], :, bank]  # (n, heads, S, hd)
+            s = (kj @ q[rows, :, :, None]).squeeze(-1) / math.sqrt(hd)  # (n, heads, S)
+            new_max = torch.maximum(run_max[rows], s.amax(-1))
+            w, old = (s - new_max[..., None]).exp(), (run_max[rows] - new_max).exp()
+            run_max = run_max.index_put((rows,), new_max)
+            run_sum = run_sum.index_put((rows,), old * run_sum[rows] + w.sum(-1))
+            acc = acc.index_put((rows,), old[..., None] * acc[rows] + (w[:, :, None] @ vj).squeeze(2))
+            n_read = n_read.index_put((rows,), n_read[rows] + 1)
+            best = (1 / run_sum[rows]).mean(-1)  # head-averaged largest attention weight
+            rows = rows[best.detach() < self.threshold]
+            if len(rows) == 0:
+                break
+        e = (acc / run_sum[..., None]).reshape(B, T, H * hd)  # as _merge: heads side by side
+        return e, n_read.view(B, T)
+
+    def banks_read(self) -> float:
+        """Mean banks a token read in the progressive reads since the last call (resets the count)."""
+        mean = (self.reads[0] / self.reads[1]).item()
+        self.reads.zero_()
+        return mean
 
     def bank_mass(self, q, k):
         """The dense read's attention mass on each bank (B, T, K), head-averaged, for queries q (B, heads, T, 1,

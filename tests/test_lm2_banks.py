@@ -211,3 +211,74 @@ def test_route_distillation_targets_the_dense_mass_per_bank():
     torch.testing.assert_close(loss, -(mass * p.log()).sum(-1).mean())
     loss.backward()
     assert mem.bank_keys.grad.abs().sum() > 0
+
+
+def progressive_pair(K, S, m, threshold, T=5):
+    """A progressive memory (mem_top = m, threshold) and the plain routed top-m memory, with the same weights."""
+    mem, h, bank0 = routed_setup(K, S, m, T)
+    prog = BankedMemory(tiny(mem_banks=K, mem_slots=S, mem_top=m, mem_progressive_threshold=threshold))
+    prog.load_state_dict(mem.state_dict())
+    return prog, mem, h, bank0
+
+
+def test_progressive_threshold_zero_is_top_one_read():
+    prog, _, h, bank0 = progressive_pair(4, 3, 3, 0.0)
+    one = BankedMemory(tiny(mem_banks=4, mem_slots=3, mem_top=1))
+    one.load_state_dict(prog.state_dict())
+    torch.testing.assert_close(prog.read(h, prog.state(bank0)), one.read(h, one.state(bank0)), rtol=1e-5, atol=1e-6)
+    assert prog.banks_read() == 1.0
+    assert lm2_banks.read_flops_per_token(prog_args := tiny(mem_banks=4, mem_slots=3, mem_top=3,
+                                          mem_progressive_threshold=0.0), 1.0) == 4 * 3 * 32 + 2 * 4 * 32
+    assert lm2_banks.read_flops_per_token(prog_args) == 4 * 9 * 32 + 2 * 4 * 32
+
+
+@pytest.mark.parametrize("K", [4, 3])  # K = m: progressive still routes (the plain m = K read is the dense one)
+def test_progressive_threshold_above_one_is_top_m_read(K):
+    prog, plain, h, bank0 = progressive_pair(K, 3, 3, 1.5)
+    b1 = bank0.detach().clone().requires_grad_()
+    out = prog.read(h, prog.state(bank0))
+    want = plain.read(h, plain.state(b1))
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    assert prog.banks_read() == 3.0
+    out.square().sum().backward()
+    want.square().sum().backward()
+    torch.testing.assert_close(bank0.grad, b1.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_progressive_read_stops_confident_tokens():
+    K, S, T = 8, 3, 3  # three tokens reach at most 6 < K banks of a row
+    one, h, bank0 = routed_setup(K, S, 1, T)
+    two = BankedMemory(tiny(mem_banks=K, mem_slots=S, mem_top=2))
+    two.load_state_dict(one.state_dict())
+    state = one.state(bank0)
+    # each token's largest attention weight per head over its top bank's slots, head-averaged
+    qd = one.q_proj(h)
+    top = one.route(qd, state)[1]  # (B, T, 1)
+    s = one._heads(qd) @ state[1].transpose(-1, -2) / 8 ** 0.5  # (B, heads, T, N)
+    in_top = (torch.arange(K * S) // S == top)[:, None]  # (B, 1, T, N)
+    best = s.masked_fill(~in_top, -torch.inf).softmax(-1).amax(-1).mean(1)  # (B, T)
+    low = best.flatten().sort().values
+    threshold = (low[0] + low[1]).item() / 2  # the least confident token reads deeper
+    deeper = best < threshold  # (B, T): these read a second bank
+    assert deeper.sum() == 1
+    prog = BankedMemory(tiny(mem_banks=K, mem_slots=S, mem_top=2, mem_progressive_threshold=threshold))
+    prog.load_state_dict(one.state_dict())
+    out = prog.read(h, prog.state(bank0))
+    want = torch.where(deeper[..., None], two.read(h, two.state(bank0)), one.read(h, state))
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    assert prog.banks_read() == pytest.approx(1 + deeper.float().mean().item())
+    # gradient: only the banks actually read receive one; a stopped token's second bank is not read
+    banks2 = two.route(qd, state)[1]  # (B, T, 2)
+    out.square().sum().backward()
+    skipped = 0
+    for b in range(2):
+        used = {banks2[b, t, j].item() for t in range(T) for j in range(1 + int(deeper[b, t]))}
+        skipped += len({banks2[b, t, 1].item() for t in range(T) if not deeper[b, t]} - used)
+        for j in range(K):
+            assert (bank0.grad[b, j * S:(j + 1) * S].abs().sum() > 0) == (j in used), (b, j)
+    assert skipped > 0  # the test sees a bank that only a stopped token would have read
+
+
+def test_progressive_needs_room_to_grow():
+    with pytest.raises(ValueError, match="mem_top >= 2"):
+        BankArgs(mem_banks=4, mem_top=1, mem_progressive_threshold=0.5)
