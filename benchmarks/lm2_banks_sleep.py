@@ -18,6 +18,10 @@ Models (dim 64, 2 blocks, 4 heads, memory 4 heads; the same Llama part for all):
     dense      lm2.py's single bank, N = 128 slots (lm2_banks with K=1, m=1, which is lm2.py exactly)
     K8 m1      8 banks x 16 slots = 128, each token reads its top bank
     K32 m1     32 banks x 16 slots = 512, top bank (scaling)
+    K8 prog    8 banks x 16 slots, progressive read: the top bank, and the second while the best read attention
+               is below --progressive_threshold (optional: not in the default --models; its read FLOPs are
+               counted from the banks its tokens read on the held-out episodes; its read time is timed as
+               the others', on untrained weights, so with however many banks those read)
 The banks' keys are learned (--bank_keys mean: the mean of their slot keys), and the router's balancing bias,
 balance loss and distillation are off unless their flags are given (docs/lm2_banks_results.md: each of them,
 and mean keys at 700 steps, lowered recall here).
@@ -72,12 +76,15 @@ MAX_F = FACT_END // 3
 ENTITIES = [(d, k) for d in range(N_DOM) for k in range(N_KEY)]
 
 
-def model_args(memory: str, bank_keys: str = "learned", aux_alpha: float = 0.0, route_distill: float = 0.0) -> BankArgs:
-    banks = {"none": (1, 1, 1), "dense": (1, 128, 1), "K8 m1": (8, 16, 1), "K32 m1": (32, 16, 1)}[memory]
+def model_args(memory: str, bank_keys: str = "learned", aux_alpha: float = 0.0, route_distill: float = 0.0,
+               progressive_threshold: float = 0.5) -> BankArgs:
+    banks = {"none": (1, 1, 1), "dense": (1, 128, 1), "K8 m1": (8, 16, 1), "K32 m1": (32, 16, 1),
+             "K8 prog": (8, 16, 2)}[memory]
     return BankArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, hidden_dim=128,
                     vocab_size=VOCAB, rope_theta=10000.0, max_seq_len=T, bos_token_id=0, eos_token_ids=(0,),
                     mem_banks=banks[0], mem_slots=banks[1], mem_top=banks[2], mem_heads=4, mem_bank_keys=bank_keys,
                     mem_aux_alpha=aux_alpha, mem_route_distill=route_distill,
+                    mem_progressive_threshold=progressive_threshold if memory == "K8 prog" else None,
                     mem_layers=() if memory == "none" else (1,), segment_len=SEG, attn_window=WINDOW)
 
 # -----------------------------------------------------------------------------
@@ -337,21 +344,24 @@ def sleep_eval(model, frequent, others, seed: int, n=256):
 
 
 MODELS = ("none", "dense", "K8 m1", "K32 m1")
+OPTIONAL = ("K8 prog",)
 
 
 def main(out_dir: str = "runs/lm2_banks", models: str = ",".join(MODELS), steps: int = 700, batch_size: int = 32,
          lr: float = 3e-3,
          bank_keys: str = "learned", bias_rate: float = 0.0, aux_alpha: float = 0.0, route_distill: float = 0.0,
+         progressive_threshold: float = 0.5,
          sleep_steps: int = 300, sleep_rank: int = 8, sleep_lr: float = 3e-3, n_eval: int = 256, repeats: int = 50,
          seed: int = 1337):
     """Train the four models, measure (a) and (b), print both tables, write results.json and the plot.
     out_dir: folder for results.json, log.txt and lm2_banks_scaling.png (created; nothing else is written)
-    models: comma-separated subset of the four models to train (pilots); (b) runs when K8 m1 is among them
+    models: comma-separated subset of the four models, or "K8 prog", to train; (b) runs when K8 m1 is among them
     steps: training steps of every model (batches of batch_size episodes)
     bank_keys: "mean" (mean of each bank's slot keys) or "learned" bank keys (lm2_banks.BankArgs.mem_bank_keys)
     bias_rate: router bias step per optimizer step (DeepSeek-V3's gamma; 0: off)
     aux_alpha: weight of the router's balance loss (0: off)
     route_distill: weight of the router's distillation towards the dense read's mass per bank (0: off)
+    progressive_threshold: K8 prog reads its second bank while its best read attention is below this
     sleep_steps: steps of each sleep phase (half consolidation, half replay batches)
     sleep_rank: LoRA rank of the sleep phases
     sleep_lr: learning rate of the sleep phases
@@ -361,8 +371,8 @@ def main(out_dir: str = "runs/lm2_banks", models: str = ",".join(MODELS), steps:
     if steps < 10 or sleep_steps < 10 or n_eval < 8:
         raise SystemExit("error: need --steps >= 10, --sleep_steps >= 10 and --n_eval >= 8")
     names = [m.strip() for m in models.split(",")]
-    if not names or not set(names) <= set(MODELS):
-        raise SystemExit(f"error: --models takes a comma-separated subset of {','.join(MODELS)}, got {models!r}")
+    if not names or not set(names) <= set(MODELS + OPTIONAL):
+        raise SystemExit(f"error: --models takes a comma-separated subset of {','.join(MODELS + OPTIONAL)}, got {models!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     logf = open(out / "log.txt", "a")
@@ -373,7 +383,8 @@ def main(out_dir: str = "runs/lm2_banks", models: str = ",".join(MODELS), steps:
         logf.flush()
 
     results = {"config": dict(models=names, steps=steps, batch_size=batch_size, lr=lr, bank_keys=bank_keys, bias_rate=bias_rate,
-                              aux_alpha=aux_alpha, route_distill=route_distill, sleep_steps=sleep_steps,
+                              aux_alpha=aux_alpha, route_distill=route_distill,
+                              progressive_threshold=progressive_threshold, sleep_steps=sleep_steps,
                               sleep_rank=sleep_rank, sleep_lr=sleep_lr, n_eval=n_eval,
                               seed=seed), "a": {}, "b": {}}
 
@@ -383,17 +394,21 @@ def main(out_dir: str = "runs/lm2_banks", models: str = ",".join(MODELS), steps:
 
     f_grid = [8, 12, 16, MAX_F]
     trained = {}
-    for name in [m for m in MODELS if m in names]:
-        args = model_args(name, bank_keys, aux_alpha, route_distill)
+    for name in [m for m in MODELS + OPTIONAL if m in names]:
+        args = model_args(name, bank_keys, aux_alpha, route_distill, progressive_threshold)
         model, minutes = train(args, name, steps, batch_size, lr, seed, log, bias_rate)
         trained[name] = model
         r = {"train_min": minutes, "params": sum(p.numel() for p in model.parameters()), "recall": {}}
+        progressive = args.mem_progressive_threshold is not None
+        if progressive:
+            model.banked()[0].banks_read()  # count the held-out reads only
         for nf in f_grid:
             acc, loss = evaluate(model, [e[:2] for e in test_episodes(random.Random(seed + nf), nf, n_eval)])
             r["recall"][nf] = acc
             r.setdefault("loss", {})[nf] = loss
         if name != "none":
-            r["read_flops"] = lm2_banks.read_flops_per_token(args)
+            r["banks_read"] = model.banked()[0].banks_read() if progressive else args.mem_top
+            r["read_flops"] = lm2_banks.read_flops_per_token(args, r["banks_read"])
             r["read_us"] = time_read(args, SEG, repeats) * 1e6
             r["read_us_decode"] = time_read(args, 1, repeats) * 1e6
         if args.mem_top < args.mem_banks:
@@ -447,10 +462,14 @@ def report(results, out, log):
         flops = r.get("read_flops")
         log(f"{name:8} {slots:5d} {r['params']:7,d} {r['recall'][8]:10.3f} "
             f"{(r['recall'][8] - dense_recall) * 100:+7.1f}p "
-            f"{flops or 0:10,d} {(dense_flops / flops) if flops else 0:7.1f} {r.get('read_us', 0):10.3f} "
+            f"{flops or 0:10,.0f} {(dense_flops / flops) if flops else 0:7.1f} {r.get('read_us', 0):10.3f} "
             f"{r.get('read_us_decode', 0):10.3f} "
             f"{r.get('routing_precision', float('nan')):7.3f} {r.get('domain_purity', float('nan')):6.3f} "
             f"{r.get('banks_used', float('nan')):10.2f} {held:12d}")
+    for name, r in a.items():
+        if model_args(name).mem_progressive_threshold is not None:
+            log(f"{name}: threshold {results['config']['progressive_threshold']}, a token read "
+                f"{r['banks_read']:.2f} banks on average (held-out episodes)")
     log("recall by facts per episode F: " + "; ".join(
         f"{name}: " + " ".join(f"{f}:{v:.3f}" for f, v in r["recall"].items()) for name, r in a.items()))
     if "K8 m1" in a and "K32 m1" in a:
