@@ -101,7 +101,7 @@ class BankedMemory(Memory):
         self.n_banks, self.bank_slots, self.top = args.mem_banks, args.mem_slots, args.mem_top
         self.threshold = args.mem_progressive_threshold
         self.dense = self.top == self.n_banks and self.threshold is None  # every bank read: lm2.py's read
-        self.reads = torch.zeros(2)  # progressive reads since reset: banks read, tokens (see banks_read)
+        self.reads = [0, 0]  # progressive reads since banks_read last reset them: banks read, tokens
         self.mean_keys = args.mem_bank_keys == "mean"
         if not self.mean_keys:
             self.bank_keys = nn.Parameter(torch.empty(args.mem_banks, args.dim))
@@ -175,7 +175,7 @@ class BankedMemory(Memory):
             out0, n_read0 = attend(*self.initial_state(h.shape[0])[1:])
             out, n_read = torch.where(fresh[..., None], out0, out), torch.where(fresh, n_read0, n_read)
         if self.threshold is not None:
-            self.reads += torch.tensor([n_read.sum().item(), n_read.numel()])
+            self.reads = [self.reads[0] + n_read.sum().item(), self.reads[1] + n_read.numel()]
         # the gate averages over the banks read: value exactly 1, gradient to the bank keys
         p_top = p.gather(-1, top)
         was_read = torch.arange(self.top, device=h.device) < n_read[..., None]  # (B, T, m)
@@ -218,8 +218,8 @@ class BankedMemory(Memory):
 
     def banks_read(self) -> float:
         """Mean banks a token read in the progressive reads since the last call (resets the count)."""
-        mean = (self.reads[0] / self.reads[1]).item()
-        self.reads.zero_()
+        mean = self.reads[0] / self.reads[1]
+        self.reads = [0, 0]
         return mean
 
     def bank_mass(self, q, k):

@@ -227,9 +227,9 @@ def test_progressive_threshold_zero_is_top_one_read():
     one.load_state_dict(prog.state_dict())
     torch.testing.assert_close(prog.read(h, prog.state(bank0)), one.read(h, one.state(bank0)), rtol=1e-5, atol=1e-6)
     assert prog.banks_read() == 1.0
-    assert lm2_banks.read_flops_per_token(prog_args := tiny(mem_banks=4, mem_slots=3, mem_top=3,
-                                          mem_progressive_threshold=0.0), 1.0) == 4 * 3 * 32 + 2 * 4 * 32
-    assert lm2_banks.read_flops_per_token(prog_args) == 4 * 9 * 32 + 2 * 4 * 32
+    args = tiny(mem_banks=4, mem_slots=3, mem_top=3, mem_progressive_threshold=0.0)
+    assert lm2_banks.read_flops_per_token(args, 1.0) == 4 * 3 * 32 + 2 * 4 * 32  # one bank of S d-vectors, routing
+    assert lm2_banks.read_flops_per_token(args) == 4 * 9 * 32 + 2 * 4 * 32  # unmeasured: all mem_top banks
 
 
 @pytest.mark.parametrize("K", [4, 3])  # K = m: progressive still routes (the plain m = K read is the dense one)
