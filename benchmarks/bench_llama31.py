@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import llama31  # noqa: E402
-from decode_timing import (competing_process, hf_decode_tps, load_average, num_threads, ours_decode_tps,  # noqa: E402
-                           read_bandwidth_gbs)
+from decode_timing import (competing_process, hf_decode_tps, load_average, machine_line, num_threads,  # noqa: E402
+                          ours_decode_tps, read_bandwidth_gbs)
 from fast_decode import decode_threads, fast  # noqa: E402
 from smollm2 import cli  # noqa: E402
 
@@ -97,8 +97,7 @@ def main(model: str = "llama3.2-1b", dtypes: str = "fp32,bf16", max_new_tokens: 
     bw = read_bandwidth_gbs(device)
     n_threads = torch.get_num_threads()
     where = torch.cuda.get_device_name() if device.startswith("cuda") else f"{n_threads} CPU threads"
-    print(f"machine: {where}, read bandwidth {bw:.1f} GB/s, torch {torch.__version__}, {load_average()}",
-          file=sys.stderr)
+    print(machine_line(where, bw), file=sys.stderr)
     rows, busy_rows = [], []
     for name in dtypes.split(","):
         dtype = DTYPES[name]

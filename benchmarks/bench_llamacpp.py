@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 import llama31  # noqa: E402
 import smollm2  # noqa: E402
-from decode_timing import load_average, ours_decode_tps, read_bandwidth_gbs  # noqa: E402
+from decode_timing import load_average, machine_line, ours_decode_tps, read_bandwidth_gbs  # noqa: E402
 from fast_decode import Int8Linear, fast  # noqa: E402
 
 MODELS = ("smollm2-135m", "llama3.2-1b")
@@ -215,8 +215,7 @@ def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
     bw = read_bandwidth_gbs()
-    print(f"machine: {threads} threads, read bandwidth {bw:.1f} GB/s, torch {torch.__version__}, llama.cpp "
-          f"{bin_dir}, {load_average()}", file=sys.stderr)
+    print(machine_line(f"{threads} threads", bw, f"llama.cpp {bin_dir}, "), file=sys.stderr)
     rows = []
     for name in models.split(","):
         if name == "smollm2-135m":

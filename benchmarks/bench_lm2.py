@@ -21,8 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 import lm2  # noqa: E402
 import smollm2  # noqa: E402
-from decode_timing import (interleaved_best, load_average, model_class, ours_decode_tps,  # noqa: E402
-                           read_bandwidth_gbs, shared_copy)
+from decode_timing import (interleaved_best, load_average, machine_line, model_class, ours_decode_tps,  # noqa: E402
+                          read_bandwidth_gbs, shared_copy)
 from fast_decode import fast  # noqa: E402
 from smollm2 import cli  # noqa: E402
 from tokenizer_bpe import Tokenizer  # noqa: E402
@@ -42,9 +42,7 @@ def main(ckpt_dir: str = str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"), dt
     ids = smollm2.encode_chat(Tokenizer.from_file(ckpt_dir),
                               [{"role": "user", "content": "Write a short story about a lighthouse keeper."}])
     bw = read_bandwidth_gbs()
-    print(f"machine: {torch.get_num_threads()} threads, read bandwidth {bw:.1f} GB/s, torch {torch.__version__}, "
-          f"{load_average()}",
-          file=sys.stderr)
+    print(machine_line(f"{torch.get_num_threads()} threads", bw), file=sys.stderr)
     rows = []
     for name in dtypes.split(","):
         torch.manual_seed(0)  # the fresh memory's initial weights

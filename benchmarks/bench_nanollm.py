@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import nanollm  # noqa: E402
-from decode_timing import (hf_decode_tps, interleaved_best, load_average, ours_decode_tps,  # noqa: E402
-                           model_class, read_bandwidth_gbs, shared_copy)
+from decode_timing import (hf_decode_tps, interleaved_best, load_average, machine_line, model_class,  # noqa: E402
+                          ours_decode_tps, read_bandwidth_gbs, shared_copy)
 from fast_decode import fast  # noqa: E402
 from smollm2 import cli  # noqa: E402
 
@@ -58,9 +58,7 @@ def main(preset: str = "nano-327m", dtypes: str = "fp32,bf16", max_new_tokens: i
     repeats: interleaved timed runs per implementation (the best counts)
     """
     bw = read_bandwidth_gbs()
-    print(f"machine: {torch.get_num_threads()} threads, read bandwidth {bw:.1f} GB/s, torch {torch.__version__}, "
-          f"{load_average()}",
-          file=sys.stderr)
+    print(machine_line(f"{torch.get_num_threads()} threads", bw), file=sys.stderr)
     rows = []
     for name in dtypes.split(","):
         dtype = DTYPES[name]

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import smollm2  # noqa: E402
-from decode_timing import (competing_process, hf_decode_tps, load_average, num_threads, ours_decode_tps,  # noqa: E402
-                           read_bandwidth_gbs)
+from decode_timing import (competing_process, hf_decode_tps, load_average, machine_line, num_threads,  # noqa: E402
+                          ours_decode_tps, read_bandwidth_gbs)
 from fast_decode import decode_threads, fast  # noqa: E402
 from tokenizer_bpe import Tokenizer  # noqa: E402
 
@@ -74,7 +74,7 @@ def main(ckpt_dir: str = str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"), ne
     ids = smollm2.encode_chat(tok, [{"role": "user", "content": "Write a short story about a lighthouse keeper."}])
     bw = read_bandwidth_gbs()
     n_threads = torch.get_num_threads()
-    print(f"machine: {n_threads} threads, read bandwidth {bw:.1f} GB/s, torch {torch.__version__}, {load_average()}")
+    print(machine_line(f"{n_threads} threads", bw))
     rows, busy_rows = [], []
     for name in dtypes.split(","):
         dtype = DTYPES[name]

@@ -16,6 +16,11 @@ def load_average() -> str:
     return f"load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "load average unknown"
 
 
+def machine_line(where: str, bw: float, extra: str = "") -> str:
+    """The header every decode benchmark prints: where it ran, the measured read bandwidth, torch, the load."""
+    return f"machine: {where}, read bandwidth {bw:.1f} GB/s, torch {torch.__version__}, {extra}{load_average()}"
+
+
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
