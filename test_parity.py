@@ -287,16 +287,17 @@ def test_rmsnorm(pair, dtype):
     assert_close(mine(x), ref(x), 0)  # the same operations in the same order: identical bits, in bf16 too
 
 
-def hf_and_our_rope(fam, hf, ours, x, pos):
-    return hf.model.rotary_emb(x, pos), fam.rope(ours, pos)
+def layer_inputs(fam, hf, ours):
+    """A random (2, T, dim) input, HF's RoPE tables for it, and ours (cos, sin) for the same positions."""
+    x, pos = torch.randn(2, fam.T, hf.config.hidden_size), torch.arange(fam.T).expand(2, fam.T)
+    return x, hf.model.rotary_emb(x, pos), fam.rope(ours, pos)
 
 
 @over_pairs(paths=True)
 def test_attention(pair, path):
     fam, hf, ours = pair
     T = fam.T
-    x, pos = torch.randn(2, T, hf.config.hidden_size), torch.arange(T).expand(2, T)
-    ref_rope, (c, s) = hf_and_our_rope(fam, hf, ours, x, pos)
+    x, ref_rope, (c, s) = layer_inputs(fam, hf, ours)
     mask = None if fam.none_is_causal else causal_mask(0, T, T)
     for ref_layer, layer in zip(hf.model.layers, ours.model.layers):
         ref = ref_layer.self_attn(x, position_embeddings=ref_rope, attention_mask=causal_additive_mask(T))[0]
@@ -309,8 +310,7 @@ def test_attention_with_cache(pair, path):
     whole sequence at that position (positions cross the original context of llama3 and yarn scaling)."""
     fam, hf, ours = pair
     T, P = fam.T, fam.T - 12
-    x, pos = torch.randn(2, T, hf.config.hidden_size), torch.arange(T).expand(2, T)
-    ref_rope, (c, s) = hf_and_our_rope(fam, hf, ours, x, pos)
+    x, ref_rope, (c, s) = layer_inputs(fam, hf, ours)
     ours.setup_cache(2, T)
     try:
         for ref_layer, layer in zip(hf.model.layers, ours.model.layers):
@@ -337,8 +337,7 @@ def test_mlp(pair):
 def test_decoder_layer(pair):
     fam, hf, ours = pair
     T = fam.T
-    x, pos = torch.randn(2, T, hf.config.hidden_size), torch.arange(T).expand(2, T)
-    ref_rope, (c, s) = hf_and_our_rope(fam, hf, ours, x, pos)
+    x, ref_rope, (c, s) = layer_inputs(fam, hf, ours)
     mask = None if fam.none_is_causal else causal_mask(0, T, T)
     for ref_layer, layer in zip(hf.model.layers, ours.model.layers):
         ref = ref_layer(x, attention_mask=causal_additive_mask(T), position_embeddings=ref_rope)
