@@ -482,7 +482,10 @@ def test_config_round_trip_through_transformers(pair, tmp_path):
     assert sum(p.numel() for p in ref.parameters()) == sum(p.numel() for p in ours.parameters())
 
 
-@pytest.mark.parametrize("mod", [smollm2, llama31, N, lm2], ids=lambda m: m.__name__)
+over_files = pytest.mark.parametrize("mod", [fam.mod for fam in FAMILIES.values()], ids=lambda m: m.__name__)
+
+
+@over_files
 @pytest.mark.parametrize("temperature,top_k,top_p,ties", [
     (0.7, None, 1.0, False), (1.0, 20, 1.0, False), (1.3, None, 0.8, False), (0.9, 50, 0.6, False),
     (1.0, 5, 1.0, True), (0.8, 30, 1.0, True)])
@@ -500,7 +503,7 @@ def test_sampling_distribution_matches_hf_warpers(mod, temperature, top_k, top_p
     assert_close(mod.logits_to_probs(logits, temperature, top_k, top_p), ref.softmax(-1), 1e-6)
 
 
-@pytest.mark.parametrize("mod", [smollm2, llama31, N, lm2], ids=lambda m: m.__name__)
+@over_files
 def test_top_p_keeps_the_token_that_crosses_the_boundary(mod):
     """Mass 0.5, 0.25, 0.125, ...: with top_p = 0.75 the mass before the third token is exactly top_p, so it is
     dropped, and a smaller top_p keeps the second token, whose mass crosses it (HF's TopPLogitsWarper alike)."""
@@ -509,33 +512,41 @@ def test_top_p_keeps_the_token_that_crosses_the_boundary(mod):
     assert (mod.logits_to_probs(logits, 1.0, top_p=0.6)[0] > 0).tolist() == [True, True, False, False, False]
     ref = TopPLogitsWarper(0.6)(None, logits.clone()).softmax(-1)
     assert_close(mod.logits_to_probs(logits, 1.0, top_p=0.6), ref, 1e-6)
+    probs = mod.logits_to_probs(torch.tensor([[1.0, 2.0, 3.0, 0.5]]), 1.0, top_p=0.5)  # the top token alone: 0.61
+    assert probs[0].tolist() == [0.0, 0.0, 1.0, 0.0]
 
 
-# =============================================================================
-# smollm2.py: sampling helpers, then the real SmolLM2-135M-Instruct weights
-
-
-def test_smollm2_sampling_functions():
+@over_files
+def test_sample_draws_from_the_filtered_distribution(mod):
+    """top_k=1 and a tiny top_p are greedy; a seeded generator repeats its draws; top-k draws stay among the k best
+    (renormalised over them), top-p draws within the smallest prefix of the sorted distribution reaching p;
+    check_sampling refuses a negative temperature and top_p 0."""
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
     greedy = logits.argmax(-1)
-    assert torch.equal(smollm2.sample(logits, 1.0, top_k=1), greedy)
-    assert torch.equal(smollm2.sample(logits, 1.0, top_p=1e-6), greedy)
+    assert torch.equal(mod.sample(logits, 1.0, top_k=1), greedy)
+    assert torch.equal(mod.sample(logits, 1.0, top_p=1e-6), greedy)
     g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
-    assert torch.equal(smollm2.sample(logits, 0.8, 10, 0.9, g()), smollm2.sample(logits, 0.8, 10, 0.9, g()))
-    # top-k keeps exactly the k best; top-p the smallest prefix of the sorted distribution reaching p
-    draws = torch.stack([smollm2.sample(logits, 1.0, top_k=3) for _ in range(200)])  # (200, B)
+    for kw in (dict(temperature=1.0), dict(temperature=0.8, top_k=10, top_p=0.9)):
+        assert torch.equal(mod.sample(logits, **kw, generator=g()), mod.sample(logits, **kw, generator=g()))
+    draws = torch.stack([mod.sample(logits, 1.0, top_k=3) for _ in range(200)])  # (200, B)
     top3 = logits.topk(3).indices
     assert all(torch.isin(draws[:, b], top3[b]).all() for b in range(4))
-    probs = torch.softmax(logits, -1)
-    sorted_p, order = probs.sort(-1, descending=True)
+    sorted_p, order = torch.softmax(logits, -1).sort(-1, descending=True)
     n_keep = (sorted_p.cumsum(-1) - sorted_p < 0.5).sum(-1)
-    draws = torch.stack([smollm2.sample(logits, 1.0, top_p=0.5) for _ in range(200)])
+    draws = torch.stack([mod.sample(logits, 1.0, top_p=0.5) for _ in range(200)])
     assert all(torch.isin(draws[:, b], order[b, :n_keep[b]]).all() for b in range(4))
+    probs = mod.logits_to_probs(torch.tensor([[1.0, 2.0, 3.0, 0.5]]), 1.0, top_k=2)
+    assert probs[0, 0] == 0 and probs[0, 3] == 0
+    assert_close(probs[0, 1:3], torch.softmax(torch.tensor([2.0, 3.0]), 0), (1e-5, 1.3e-6))
     with pytest.raises(ValueError):
-        smollm2.check_sampling(-0.1, None, 1.0)
+        mod.check_sampling(-0.1, None, 1.0)
     with pytest.raises(ValueError):
-        smollm2.check_sampling(1.0, None, 0.0)
+        mod.check_sampling(1.0, None, 0.0)
+
+
+# =============================================================================
+# smollm2.py: the real SmolLM2-135M-Instruct weights
 
 
 @pytest.fixture(scope="session")
@@ -1473,18 +1484,6 @@ def test_lm2_generate_greedy_equals_recompute_and_batching():
             assert model.generate([p], max_new_tokens=20, stop_tokens=[]) == [o]  # alone == batched
     stop = out[1][3]
     assert model.generate(prompts[1:], 20, stop_tokens=[stop])[0] == out[1][:out[1].index(stop)]
-
-
-def test_lm2_sampling():
-    logits = torch.tensor([[1.0, 2.0, 3.0, 0.5]])
-    probs = lm2.logits_to_probs(logits, 1.0, top_k=2)
-    assert probs[0, 0] == 0 and probs[0, 3] == 0
-    assert_close(probs[0, 1:3], torch.softmax(torch.tensor([2.0, 3.0]), 0), (1e-5, 1.3e-6))
-    probs = lm2.logits_to_probs(logits, 1.0, top_p=0.5)  # the top token alone has mass 0.61 > 0.5
-    assert probs[0].tolist() == [0.0, 0.0, 1.0, 0.0]
-    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-    assert lm2.sample(logits.repeat(8, 1), 1.0, generator=g1).tolist() == \
-        lm2.sample(logits.repeat(8, 1), 1.0, generator=g2).tolist()
 
 
 # -----------------------------------------------------------------------------
