@@ -32,9 +32,11 @@ import copy
 import dataclasses
 import functools
 import glob
+import itertools
 import json
 import math
 import random
+import shutil
 import string
 import sys
 import sysconfig
@@ -124,6 +126,18 @@ def hf_greedy(hf, ids: list[int], n: int) -> list[int]:
 
 def tokens(B, T, high, seed=0, low=0):
     return torch.randint(low, high, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def decode_in_chunks(model, x, ends, cache_len=None, **kw):
+    """x (B, T) through the KV cache in chunks ending at `ends` (the first starts at 0), each reading what the earlier
+    ones wrote: the logits at each chunk's last position, (B, len(ends), vocab)."""
+    model.setup_cache(len(x), cache_len or x.shape[1])
+    try:
+        with torch.no_grad():
+            return torch.stack([model.forward_cached(x[:, lo:hi], torch.arange(lo, hi), **kw)
+                                for lo, hi in itertools.pairwise([0, *ends])], dim=1)
+    finally:
+        model.clear_cache()
 
 
 # =============================================================================
@@ -222,21 +236,21 @@ FAMILIES = {
 
 @pytest.fixture(scope="session")
 def pairs(tmp_path_factory):
-    """pairs(family, variant) -> (HF model, ours): random HF weights written by save_pretrained and read by our
-    file's from_pretrained. Built once per session; tests that change a model work on a copy."""
+    """pairs(family, variant) -> (HF model, ours, folder): random HF weights written by save_pretrained to folder
+    and read by our file's from_pretrained. Built once per session; tests that change a model or folder use a copy."""
     @functools.cache
     def build(family, variant):
         fam = FAMILIES[family]
         hf = random_hf(fam.config(**fam.variants[variant]), fam.hf_class, std=fam.std)
         path = tmp_path_factory.mktemp(f"{family}-{variant}")
         hf.save_pretrained(path)
-        return hf, fam.load(path).eval()
+        return hf, fam.load(path).eval(), path
     return build
 
 
 @pytest.fixture
 def pair(pairs, family, variant):
-    return FAMILIES[family], *pairs(family, variant)
+    return FAMILIES[family], *pairs(family, variant)[:2]
 
 
 def over_pairs(*families, paths=False, loop=False):
@@ -288,19 +302,19 @@ def test_rmsnorm(pair, dtype):
 
 
 def layer_inputs(fam, hf, ours):
-    """A random (2, T, dim) input, HF's RoPE tables for it, and ours (cos, sin) for the same positions."""
+    """A random (2, T, dim) input; HF's keyword arguments for it (RoPE tables, additive causal mask); our (cos, sin)
+    for the same positions and our causal mask."""
     x, pos = torch.randn(2, fam.T, hf.config.hidden_size), torch.arange(fam.T).expand(2, fam.T)
-    return x, hf.model.rotary_emb(x, pos), fam.rope(ours, pos)
+    ref_kw = dict(position_embeddings=hf.model.rotary_emb(x, pos), attention_mask=causal_additive_mask(fam.T))
+    return x, ref_kw, fam.rope(ours, pos), None if fam.none_is_causal else causal_mask(0, fam.T, fam.T)
 
 
 @over_pairs(paths=True)
 def test_attention(pair, path):
     fam, hf, ours = pair
-    T = fam.T
-    x, ref_rope, (c, s) = layer_inputs(fam, hf, ours)
-    mask = None if fam.none_is_causal else causal_mask(0, T, T)
+    x, ref_kw, (c, s), mask = layer_inputs(fam, hf, ours)
     for ref_layer, layer in zip(hf.model.layers, ours.model.layers):
-        ref = ref_layer.self_attn(x, position_embeddings=ref_rope, attention_mask=causal_additive_mask(T))[0]
+        ref = ref_layer.self_attn(x, **ref_kw)[0]
         assert_close(first(layer.self_attn(x, c, s, mask, **fam.paths[path])), ref, fam.tol)
 
 
@@ -310,11 +324,11 @@ def test_attention_with_cache(pair, path):
     whole sequence at that position (positions cross the original context of llama3 and yarn scaling)."""
     fam, hf, ours = pair
     T, P = fam.T, fam.T - 12
-    x, ref_rope, (c, s) = layer_inputs(fam, hf, ours)
+    x, ref_kw, (c, s), _ = layer_inputs(fam, hf, ours)
     ours.setup_cache(2, T)
     try:
         for ref_layer, layer in zip(hf.model.layers, ours.model.layers):
-            ref = ref_layer.self_attn(x, position_embeddings=ref_rope, attention_mask=causal_additive_mask(T))[0]
+            ref = ref_layer.self_attn(x, **ref_kw)[0]
             outs = []
             for lo, hi in [(0, P)] + [(t, t + 1) for t in range(P, T)]:
                 mask = causal_mask(lo, hi, T if fam.cache_returns_all_slots else hi)
@@ -336,12 +350,9 @@ def test_mlp(pair):
 @over_pairs()
 def test_decoder_layer(pair):
     fam, hf, ours = pair
-    T = fam.T
-    x, ref_rope, (c, s) = layer_inputs(fam, hf, ours)
-    mask = None if fam.none_is_causal else causal_mask(0, T, T)
+    x, ref_kw, (c, s), mask = layer_inputs(fam, hf, ours)
     for ref_layer, layer in zip(hf.model.layers, ours.model.layers):
-        ref = ref_layer(x, attention_mask=causal_additive_mask(T), position_embeddings=ref_rope)
-        assert_close(first(layer(x, c, s, mask)), ref, fam.tol)
+        assert_close(first(layer(x, c, s, mask)), ref_layer(x, **ref_kw), fam.tol)
 
 
 @over_pairs()
@@ -374,16 +385,11 @@ def test_cached_decoding_equals_recomputation(pair, path):
     fam, hf, ours = pair
     T = min(fam.T, 40)
     x = tokens(2, T, hf.config.vocab_size, seed=2)
-    pad = torch.zeros(2, dtype=torch.long)
     with torch.no_grad():
         full = ours(x)
-        ours.setup_cache(2, T)
-        try:
-            steps = [(0, 8), (8, 12)] + [(t, t + 1) for t in range(12, T)]
-            last = [ours.forward_cached(x[:, lo:hi], torch.arange(lo, hi), pad, **fam.paths[path]) for lo, hi in steps]
-        finally:
-            ours.clear_cache()
-    assert_close(torch.stack(last, dim=1), full[:, [hi - 1 for _, hi in steps]], fam.tol)
+    ends = [8, 12, *range(13, T + 1)]
+    last = decode_in_chunks(ours, x, ends, pad=torch.zeros(2, dtype=torch.long), **fam.paths[path])
+    assert_close(last, full[:, [e - 1 for e in ends]], fam.tol)
 
 
 @over_pairs("smollm2", "llama31", "lm2")  # nanollm's bf16 logits are not (1.26x HF's error on these configs)
@@ -397,11 +403,8 @@ def test_bf16_is_as_close_to_fp32_as_hf(pair):
         hf16, ours16 = copy.deepcopy(hf).to(torch.bfloat16), copy.deepcopy(ours).to(torch.bfloat16)
         hf_err = (hf16(x).logits.float() - want).abs()  # (2, 40, vocab)
         assert (ours16(x).float() - want).abs().mean() <= 1.1 * hf_err.mean()
-        pad = torch.zeros(2, dtype=torch.long)
-        ours16.setup_cache(2, 40)
-        steps = [ours16.forward_cached(x[:, :8], torch.arange(8), pad)]
-        steps += [ours16.forward_cached(x[:, t:t + 1], torch.tensor([t]), pad) for t in range(8, 40)]
-    assert (torch.stack(steps, dim=1).float() - want[:, 7:]).abs().mean() <= 1.1 * hf_err[:, 7:].mean()
+    cached = decode_in_chunks(ours16, x, range(8, 41), pad=torch.zeros(2, dtype=torch.long))
+    assert (cached.float() - want[:, 7:]).abs().mean() <= 1.1 * hf_err[:, 7:].mean()
 
 
 @over_pairs(paths=True)
@@ -1209,15 +1212,6 @@ def test_nanollm_hub_style_config_with_yarn_matches_hf():
 LM2_TOL = 1e-5  # fp32, tiny models: differences are summation order only
 
 
-def lm2_hf(seed=0, **overrides):
-    return random_hf(FAMILIES["lm2"].config(**overrides), seed=seed)
-
-
-def saved(model, path):
-    model.save_pretrained(path)
-    return path
-
-
 def lm2_args_tiny(**kw):
     return dataclasses.replace(lm2.ModelArgs.from_hf_config(FAMILIES["lm2"].config().to_dict()), **kw)
 
@@ -1250,9 +1244,9 @@ def test_lm2_sliding_window_matches_mistral(tmp_path):
 # pretrained start, saving
 
 
-def test_lm2_fresh_memory_equals_base(tmp_path):
-    ref = lm2_hf(tie_word_embeddings=True)
-    ours = lm2.LM2.from_pretrained(saved(ref, tmp_path), segment_len=8, mem_slots=5)
+def test_lm2_fresh_memory_equals_base(pairs):
+    ref, _, path = pairs("lm2", "tied-llama3")
+    ours = lm2.LM2.from_pretrained(path, segment_len=8, mem_slots=5)
     assert all(layer.memory is not None for layer in ours.model.layers)
     x = lm2_tokens(2, 40)
     with torch.no_grad():
@@ -1260,32 +1254,29 @@ def test_lm2_fresh_memory_equals_base(tmp_path):
         assert_close(ours(x), ref(x).logits, LM2_TOL)
 
 
-def test_lm2_save_reload_and_hf_loads_base(tmp_path):
-    ref = lm2_hf()
-    ours = lm2.LM2.from_pretrained(saved(ref, tmp_path / "base"), segment_len=8, mem_slots=5)
-    out = tmp_path / "lm2"
-    out.mkdir()
-    (out / "config.json").write_text(json.dumps(ours.args.to_hf_config()))
-    save_file(ours.state_dict(), out / "model.safetensors")
+def test_lm2_save_reload_and_hf_loads_base(pairs, tmp_path):
+    ours = lm2.LM2.from_pretrained(pairs("lm2", "untied")[2], segment_len=8, mem_slots=5)
+    (tmp_path / "config.json").write_text(json.dumps(ours.args.to_hf_config()))
+    save_file(ours.state_dict(), tmp_path / "model.safetensors")
     x = lm2_tokens(1, 30)
     with torch.no_grad():
-        base = LlamaForCausalLM.from_pretrained(out).eval()  # the memory keys are extra to transformers
+        base = LlamaForCausalLM.from_pretrained(tmp_path).eval()  # the memory keys are extra to transformers
         assert_close(base(x).logits, ours(x), LM2_TOL)
         randomize_memory(ours)
-        save_file(ours.state_dict(), out / "model.safetensors")
-        again = lm2.LM2.from_pretrained(out)
+        save_file(ours.state_dict(), tmp_path / "model.safetensors")
+        again = lm2.LM2.from_pretrained(tmp_path)
         assert again.args == ours.args
         assert_close(again(x), ours(x), 0)
 
 
-def test_lm2_config_round_trip_and_errors(tmp_path):
+def test_lm2_config_round_trip_and_errors(pairs, tmp_path):
     args = lm2.ModelArgs.from_name("llama3.2-1b")
     assert lm2.ModelArgs.from_hf_config(args.to_hf_config()) == args
     with pytest.raises(FileNotFoundError, match="download.py"):
         lm2.LM2.from_pretrained(tmp_path / "nothing")
-    ref = lm2_hf()
-    saved(ref, tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
+    folder = pairs("lm2", "untied")[2]
+    shutil.copy(folder / "model.safetensors", tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
     with pytest.raises(ValueError, match="mlp.gate_proj.weight has shape"):
         lm2.LM2.from_pretrained(tmp_path)
@@ -1413,7 +1404,8 @@ def test_lm2_segmentwise_equals_one_pass():
         assert not torch.allclose(full[:, :8], lm2_tiny(mem_layers=(), attn_window=5)(x)[:, :8])
 
 
-def test_lm2_packed_documents(tmp_path):
+def test_lm2_packed_documents():
+    """Memory on (memory off, against HF: test_packed_documents_match_separate_runs[lm2])."""
     model = lm2_tiny()
     a, b = lm2_tokens(1, 16, seed=1), lm2_tokens(1, 21, seed=2)  # a spans exactly two segments
     docs = torch.tensor([[0] * 16 + [1] * 21])
@@ -1426,11 +1418,6 @@ def test_lm2_packed_documents(tmp_path):
         docs = torch.tensor([[0] * 11 + [1] * 21])
         one, two = model(torch.cat([c, b], 1), docs), model(torch.cat([c2, b], 1), docs)
         assert_close(one[:, 11:], two[:, 11:], LM2_TOL)
-        ref = lm2_hf()  # memory off: each packed document equals HF run on it alone
-        ours = lm2.LM2.from_pretrained(saved(ref, tmp_path), mem_layers=(), segment_len=8)
-        packed = ours(torch.cat([c, b], 1), docs)
-        assert_close(packed[:, :11], ref(c).logits, LM2_TOL)
-        assert_close(packed[:, 11:], ref(b).logits, LM2_TOL)
 
 
 def test_lm2_truncated_bptt():
@@ -1459,12 +1446,8 @@ def test_lm2_cached_forward_equals_full(window):
     model, x = lm2_tiny(attn_window=window), lm2_tokens(2, 29)
     with torch.no_grad():
         full = model(x)
-        model.setup_cache(2, 32)
-        # chunks, then one token at a time: each returns its last position's logits
-        chunks = [(0, 5), (5, 8), (8, 16)] + [(p, p + 1) for p in range(16, 29)]
-        last = torch.stack([model.forward_cached(x[:, p:q], torch.arange(p, q)) for p, q in chunks], 1)
-        model.clear_cache()
-    assert_close(last, full[:, [q - 1 for _, q in chunks]], LM2_TOL)
+    ends = [5, 8, 16, *range(17, 30)]  # chunks within segments of 8, then one token at a time
+    assert_close(decode_in_chunks(model, x, ends, cache_len=32), full[:, [e - 1 for e in ends]], LM2_TOL)
     with pytest.raises(ValueError, match="segment boundary"):
         model.setup_cache(1, 32)
         model.forward_cached(x[:1, :10], torch.arange(10))
