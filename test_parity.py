@@ -718,21 +718,19 @@ def corpus() -> dict[str, list[str]]:
 # ids identical to the references
 
 
-@pytest.mark.parametrize("kind", CORPUS_KINDS)
-def test_tokenizer_llama3_matches_tiktoken_and_hf(llama, kind):
+def assert_ids_match_references(llama, smol, text):
+    """Llama 3: ours from tokenizer.model = tiktoken = HF with ignore_merges (the references agree), ours from
+    tokenizer.json = HF on it. SmolLM2: ours = HF."""
     ours_model, ours_json, hf, hf_ignore_merges, tik = llama
-    for text in corpus()[kind]:
-        expected = tik.encode_ordinary(text)
-        assert ours_model.encode(text) == expected, text[:80]
-        assert hf_ids(hf_ignore_merges, text) == expected, text[:80]  # the references agree on the corpus
-        assert ours_json.encode(text) == hf_ids(hf, text), text[:80]
+    assert ours_model.encode(text) == tik.encode_ordinary(text) == hf_ids(hf_ignore_merges, text), text[:80]
+    assert ours_json.encode(text) == hf_ids(hf, text), text[:80]
+    assert smol[0].encode(text) == hf_ids(smol[1], text), text[:80]
 
 
 @pytest.mark.parametrize("kind", CORPUS_KINDS)
-def test_tokenizer_smollm2_matches_hf(smol, kind):
-    ours, hf = smol
+def test_tokenizer_corpus_matches_references(llama, smol, kind):
     for text in corpus()[kind]:
-        assert ours.encode(text) == hf_ids(hf, text), text[:80]
+        assert_ids_match_references(llama, smol, text)
 
 
 def test_tokenizer_digits_split_one_by_one(smol):
@@ -820,13 +818,6 @@ def test_tokenizer_roundtrip_random_text(llama, smol, text):
     s_ours = smol[0]
     kept = "".join(c for c in text if not SMOL_MISSING & set(c.encode()))  # SmolLM2 drops the rest, as HF
     assert s_ours.decode(s_ours.encode(kept)) == kept
-
-
-def assert_ids_match_references(llama, smol, text):
-    ours_model, ours_json, hf, hf_ignore_merges, tik = llama
-    assert ours_model.encode(text) == tik.encode_ordinary(text) == hf_ids(hf_ignore_merges, text)
-    assert ours_json.encode(text) == hf_ids(hf, text)
-    assert smol[0].encode(text) == hf_ids(smol[1], text)
 
 
 @settings(max_examples=300, deadline=None)
@@ -970,31 +961,21 @@ def test_llama31_rope_without_scaling():
     assert args.rope_factor is None
     assert_close(llama31.rope_inv_freq(args), hf.model.rotary_emb.inv_freq, 1e-7)
 
-# The published config.json numbers of meta-llama/Llama-3.1-8B ... Llama-3.2-3B on the HF Hub.
-HF_PUBLISHED = {
-    "llama3.1-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=14336,
-                        tie_word_embeddings=False, factor=8.0),
-    "llama3.1-70b": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, intermediate_size=28672,
-                         tie_word_embeddings=False, factor=8.0),
-    "llama3.1-405b": dict(hidden_size=16384, num_hidden_layers=126, num_attention_heads=128,
-                          intermediate_size=53248, tie_word_embeddings=False, factor=8.0),
-    "llama3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, intermediate_size=8192,
-                        tie_word_embeddings=True, factor=32.0),
-    "llama3.2-3b": dict(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, intermediate_size=8192,
-                        tie_word_embeddings=True, factor=32.0),
-}
+# The published config.json numbers of meta-llama/Llama-3.1-8B ... Llama-3.2-3B on the HF Hub: hidden_size,
+# num_hidden_layers, num_attention_heads, intermediate_size, tie_word_embeddings and the llama3 RoPE factor.
+HF_PUBLISHED = {"llama3.1-8b": (4096, 32, 32, 14336, False, 8.0), "llama3.1-70b": (8192, 80, 64, 28672, False, 8.0),
+                "llama3.1-405b": (16384, 126, 128, 53248, False, 8.0), "llama3.2-1b": (2048, 16, 32, 8192, True, 32.0),
+                "llama3.2-3b": (3072, 28, 24, 8192, True, 32.0)}
 
 
 @pytest.mark.parametrize("name", list(HF_PUBLISHED))
 def test_llama31_presets_match_published_configs(name):
     """Meta's params.json sizing rule gives HF's intermediate_size, and the parameter counts agree."""
-    pub = dict(HF_PUBLISHED[name])
-    factor = pub.pop("factor")
-    cfg = LlamaConfig(**pub, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
-                      rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001,
-                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": factor,
-                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                       "original_max_position_embeddings": 8192})
+    dim, layers, heads, hidden, tied, factor = HF_PUBLISHED[name]
+    cfg = LlamaConfig(hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=hidden,
+                      tie_word_embeddings=tied, num_key_value_heads=8, vocab_size=128256,
+                      max_position_embeddings=131072, rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001,
+                      rope_parameters=llama3_rope(factor, 8192))
     args = llama31.ModelArgs.from_name(name)
     assert llama31.ModelArgs.from_hf_config(cfg.to_dict()) == args
     with torch.device("meta"):
@@ -1002,32 +983,21 @@ def test_llama31_presets_match_published_configs(name):
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
 
 
-# -----------------------------------------------------------------------------
-# both checkpoint formats
-
-
-@pytest.fixture(scope="module")
-def both_formats(tmp_path_factory):
+def test_llama31_hf_and_meta_checkpoints_load_to_the_same_logits(tmp_path):
     # Meta's params.json has no scaling fields beyond use_scaled_rope: llama-models' fixed 8192 / 1 / 4, and
     # factor 8 for every width but 3.2's. dim 64 with multiple_of 32 and multiplier 1.5 gives hidden 256.
     cfg = FAMILIES["llama31"].config(intermediate_size=256, vocab_size=256, max_position_embeddings=131072,
                                      rope_parameters=llama3_rope(8.0, 8192))
     hf = random_hf(cfg, seed=1, std=0.15)
-    root = tmp_path_factory.mktemp("formats")
-    hf.save_pretrained(root / "hf", max_shard_size="100KB")  # several safetensors files + index
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB")  # several safetensors files + index
     params = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32,
                   ffn_dim_multiplier=1.5, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)
-    write_meta(hf.state_dict(), cfg.hidden_size // cfg.num_attention_heads, root / "meta", 2, params)
-    (root / "meta" / "tokenizer.model").write_text("")
-    return hf, root
-
-
-def test_llama31_hf_and_meta_checkpoints_load_to_the_same_logits(both_formats):
-    hf, root = both_formats
-    assert len(list((root / "hf").glob("*.safetensors"))) > 1
-    from_hf = llama31.Llama.from_pretrained(root / "hf")
-    meta_convert.meta_to_hf(root / "meta", root / "meta-hf")  # download.py's conversion
-    from_meta = llama31.Llama.from_pretrained(root / "meta-hf")
+    write_meta(hf.state_dict(), cfg.hidden_size // cfg.num_attention_heads, tmp_path / "meta", 2, params)
+    (tmp_path / "meta" / "tokenizer.model").write_text("")
+    assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 1
+    from_hf = llama31.Llama.from_pretrained(tmp_path / "hf")
+    meta_convert.meta_to_hf(tmp_path / "meta", tmp_path / "meta-hf")  # download.py's conversion
+    from_meta = llama31.Llama.from_pretrained(tmp_path / "meta-hf")
     # the same shapes and RoPE; only the stop tokens differ (config.json's eos 1 vs Meta's <|end_of_text|>)
     assert dataclasses.replace(from_hf.args, stop_tokens=()) == dataclasses.replace(from_meta.args, stop_tokens=())
     x = tokens(2, 100, 256)
