@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tokenizer_bpe import Tokenizer, check_generation_flags, cli, converse
+from tokenizer_bpe import apply_chat_template as encode_chat
 
 # -----------------------------------------------------------------------------
 # Config
@@ -537,26 +538,8 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
 # Chat formatting
 
 
-def encode_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
-                date_string: str = "26 Jul 2024") -> list[int]:
-    """Llama 3 instruct ids exactly as Llama 3.1's chat template renders them and HF tokenizes them: a system turn
-    with the knowledge-cutoff date always comes first, and contents are stripped (Jinja's |trim). The special tokens
-    go in as ids and each stretch of text between two of them is encoded as one plain-text piece, as HF splits the
-    rendered string, so a user who types "<|eot_id|>" cannot end a turn. Tool calls are not rendered."""
-    sp = tokenizer.special_tokens
-    start, end, eot = sp["<|start_header_id|>"], sp["<|end_header_id|>"], sp["<|eot_id|>"]
-    system = ""
-    if messages and messages[0]["role"] == "system":
-        system, messages = messages[0]["content"].strip(), messages[1:]
-    ids = [sp["<|begin_of_text|>"], start] + tokenizer.encode("system") + [end]
-    ids += tokenizer.encode(f"\n\nCutting Knowledge Date: December 2023\nToday Date: {date_string}\n\n{system}")
-    ids.append(eot)
-    for m in messages:
-        ids += [start] + tokenizer.encode(m["role"]) + [end] + tokenizer.encode("\n\n" + m["content"].strip())
-        ids.append(eot)
-    if add_generation_prompt:
-        ids += [start] + tokenizer.encode("assistant") + [end] + tokenizer.encode("\n\n")
-    return ids
+# encode_chat(tokenizer, messages, add_generation_prompt=True, date_string="26 Jul 2024") is
+# tokenizer_bpe.apply_chat_template (imported above), which writes Llama 3.1's headers for a Llama 3 tokenizer
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, chat: bool) -> list[int]:

@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer_bpe import Tokenizer, check_generation_flags, cli, converse, is_chat_checkpoint
+from tokenizer_bpe import Tokenizer, apply_chat_template, check_generation_flags, cli, converse, is_chat_checkpoint
 
 # -----------------------------------------------------------------------------
 # Config
@@ -702,55 +702,12 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
-# Same as smollm2.py: encode_chat (with encode_chat->encode_chatml)
-def encode_chatml(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """ChatML ids exactly as SmolLM2-Instruct's chat template renders and HF tokenizes them, with the default
-    system prompt first when the conversation has none. The special tokens are inserted as ids and the text
-    between them encoded as plain text, so a user who types "<|im_end|>" cannot close a turn."""
-    start, end = tokenizer.special_tokens["<|im_start|>"], tokenizer.special_tokens["<|im_end|>"]
-    if not messages or messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + list(messages)
-    ids = []
-    for m in messages:
-        ids += [start] + tokenizer.encode(f"{m['role']}\n{m['content']}") + [end] + tokenizer.encode("\n")
-    if add_generation_prompt:
-        ids += [start] + tokenizer.encode("assistant\n")
-    return ids
-
-
-# Same as llama31.py: encode_chat (with encode_chat->encode_llama3_chat)
-def encode_llama3_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
-                date_string: str = "26 Jul 2024") -> list[int]:
-    """Llama 3 instruct ids exactly as Llama 3.1's chat template renders them and HF tokenizes them: a system turn
-    with the knowledge-cutoff date always comes first, and contents are stripped (Jinja's |trim). The special tokens
-    go in as ids and each stretch of text between two of them is encoded as one plain-text piece, as HF splits the
-    rendered string, so a user who types "<|eot_id|>" cannot end a turn. Tool calls are not rendered."""
-    sp = tokenizer.special_tokens
-    start, end, eot = sp["<|start_header_id|>"], sp["<|end_header_id|>"], sp["<|eot_id|>"]
-    system = ""
-    if messages and messages[0]["role"] == "system":
-        system, messages = messages[0]["content"].strip(), messages[1:]
-    ids = [sp["<|begin_of_text|>"], start] + tokenizer.encode("system") + [end]
-    ids += tokenizer.encode(f"\n\nCutting Knowledge Date: December 2023\nToday Date: {date_string}\n\n{system}")
-    ids.append(eot)
-    for m in messages:
-        ids += [start] + tokenizer.encode(m["role"]) + [end] + tokenizer.encode("\n\n" + m["content"].strip())
-        ids.append(eot)
-    if add_generation_prompt:
-        ids += [start] + tokenizer.encode("assistant") + [end] + tokenizer.encode("\n\n")
-    return ids
-
-
-# Differs from smollm2.py's and llama31.py's encode_chat: LM2 runs on either family, so it picks the template
-# by the tokenizer's special tokens
-def encode_chat(tokenizer, messages, add_generation_prompt=True) -> list[int]:
-    """Token ids of a conversation as the checkpoint's HF chat template renders and tokenizes it: ChatML for
-    SmolLM2 (encode_chatml), Llama 3 headers for Llama 3.x (encode_llama3_chat)."""
-    if "<|im_start|>" in tokenizer.special_tokens:
-        return encode_chatml(tokenizer, messages, add_generation_prompt)
-    if "<|start_header_id|>" in tokenizer.special_tokens:
-        return encode_llama3_chat(tokenizer, messages, add_generation_prompt)
-    raise ValueError("the tokenizer has neither ChatML (<|im_start|>) nor Llama 3 header tokens; use --chat false")
+# Same as smollm2.py: encode_chat
+def encode_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """The conversation's ids as the checkpoint's HF chat template gives them (tokenizer_bpe.apply_chat_template picks
+    ChatML or Llama 3 by the tokenizer's special tokens), with SmolLM2-Instruct's default system prompt first when a
+    ChatML conversation has none."""
+    return apply_chat_template(tokenizer, messages, add_generation_prompt, default_system=DEFAULT_SYSTEM)
 
 # -----------------------------------------------------------------------------
 # Command line

@@ -38,6 +38,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tokenizer_bpe import Tokenizer, check_generation_flags, cli, converse, is_chat_checkpoint
+# encode_chat(tokenizer, messages, add_generation_prompt=True): the chat format, ChatML with no default system prompt,
+# since nanollm's chat models learn it from finetune.py's data, which has none
+from tokenizer_bpe import apply_chat_template as encode_chat
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -677,24 +680,6 @@ def check_state(model: nn.Module, state: dict, ckpt_dir):
             raise ValueError(f"{ckpt_dir}: {name} has shape {tuple(state[name].shape)} but the config gives "
                              f"{tuple(p.shape)}")
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Chat formatting
-
-
-# Differs from smollm2.py's encode_chat: no default system prompt, since nanollm's chat models learn ChatML from
-# finetune.py's data, which has none
-def encode_chat(tokenizer, messages, add_generation_prompt=True) -> list[int]:
-    """ChatML (`<|im_start|>role\\ncontent<|im_end|>\\n`), the format finetune.py's chat data uses. Control tokens
-    are ids and content is plain text, so user text cannot forge `<|im_end|>`."""
-    special = tokenizer.special_tokens
-    if "<|im_start|>" not in special or "<|im_end|>" not in special:
-        raise ValueError("this tokenizer has no <|im_start|>/<|im_end|> tokens, so the checkpoint has no chat format")
-    start, end, newline = special["<|im_start|>"], special["<|im_end|>"], tokenizer.encode("\n")
-    ids = []
-    for m in messages:
-        ids += [start, *tokenizer.encode(f"{m['role']}\n{m['content']}"), end, *newline]
-    return ids + ([start, *tokenizer.encode("assistant\n")] if add_generation_prompt else [])
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer_bpe import Tokenizer, check_generation_flags, cli, converse, is_chat_checkpoint
+from tokenizer_bpe import Tokenizer, apply_chat_template, check_generation_flags, cli, converse, is_chat_checkpoint
 
 # -----------------------------------------------------------------------------
 # Config
@@ -459,18 +459,10 @@ DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Huggin
 
 
 def encode_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """ChatML ids exactly as SmolLM2-Instruct's chat template renders and HF tokenizes them, with the default
-    system prompt first when the conversation has none. The special tokens are inserted as ids and the text
-    between them encoded as plain text, so a user who types "<|im_end|>" cannot close a turn."""
-    start, end = tokenizer.special_tokens["<|im_start|>"], tokenizer.special_tokens["<|im_end|>"]
-    if not messages or messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + list(messages)
-    ids = []
-    for m in messages:
-        ids += [start] + tokenizer.encode(f"{m['role']}\n{m['content']}") + [end] + tokenizer.encode("\n")
-    if add_generation_prompt:
-        ids += [start] + tokenizer.encode("assistant\n")
-    return ids
+    """The conversation's ids as the checkpoint's HF chat template gives them (tokenizer_bpe.apply_chat_template picks
+    ChatML or Llama 3 by the tokenizer's special tokens), with SmolLM2-Instruct's default system prompt first when a
+    ChatML conversation has none."""
+    return apply_chat_template(tokenizer, messages, add_generation_prompt, default_system=DEFAULT_SYSTEM)
 
 
 # -----------------------------------------------------------------------------

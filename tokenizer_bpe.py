@@ -38,6 +38,7 @@ Usage:
     python tokenizer_bpe.py --path checkpoints/Llama-3.2-tokenizer --text "Hello world"   (--help: the flags)
     tok = Tokenizer.from_file("checkpoints/SmolLM2-135M-Instruct"); tok.encode("Hi"); tok.decode(ids)
     tok = train(texts, vocab_size=4096, special_tokens=["<|endoftext|>"]); tok.save("out/tokenizer.json")
+    ids = apply_chat_template(tok, [{"role": "user", "content": "Hi"}])   (ChatML or Llama 3, as the tokens say)
 """
 import argparse
 import base64
@@ -640,6 +641,51 @@ def train(texts, vocab_size: int, pattern: str = LLAMA3_PATTERN, special_tokens=
     special = {s: len(vocab) + i for i, s in enumerate(special_tokens)}  # after the merges, as Llama 3
     byte_merges = {(vocab[a], vocab[b]): rank for rank, (a, b) in enumerate(merges)}
     return Tokenizer({b: i for i, b in enumerate(vocab)}, byte_merges, pre, special)
+
+# -----------------------------------------------------------------------------
+# chat templates: the two formats of the checkpoints here, as HF's tokenizer.apply_chat_template gives them
+
+
+def apply_chat_template(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                        default_system: str | None = None, date_string: str = "26 Jul 2024") -> list[int]:
+    """A conversation's ids exactly as the checkpoint's HF chat template renders them and HF tokenizes them, in the
+    format the tokenizer's special tokens name: ChatML (SmolLM2, nanollm) or Llama 3.1's headers. The special
+    tokens go in as ids and each stretch of text between two of them is encoded as one plain-text piece, as HF
+    splits the rendered string, so a user who types "<|im_end|>" or "<|eot_id|>" cannot end a turn.
+
+    default_system: ChatML's first turn when the conversation has no system turn (SmolLM2-Instruct's template has
+        one; nanollm's chat data has none). Llama 3 always opens with its own system turn and ignores it.
+    date_string: Llama 3.1's "Today Date" line (its template's default)
+    """
+    sp = tokenizer.special_tokens
+    if "<|im_start|>" in sp and "<|im_end|>" in sp:  # <|im_start|>role\ncontent<|im_end|>\n
+        start, end = sp["<|im_start|>"], sp["<|im_end|>"]
+        if default_system is not None and (not messages or messages[0]["role"] != "system"):
+            messages = [{"role": "system", "content": default_system}] + list(messages)
+        ids = []
+        for m in messages:
+            ids += [start] + tokenizer.encode(f"{m['role']}\n{m['content']}") + [end] + tokenizer.encode("\n")
+        if add_generation_prompt:
+            ids += [start] + tokenizer.encode("assistant\n")
+        return ids
+    if "<|start_header_id|>" in sp:
+        # a system turn with the knowledge-cutoff date always comes first, and contents are stripped (Jinja's
+        # |trim); tool calls are not rendered
+        start, end, eot = sp["<|start_header_id|>"], sp["<|end_header_id|>"], sp["<|eot_id|>"]
+        system = ""
+        if messages and messages[0]["role"] == "system":
+            system, messages = messages[0]["content"].strip(), messages[1:]
+        ids = [sp["<|begin_of_text|>"], start] + tokenizer.encode("system") + [end]
+        ids += tokenizer.encode(f"\n\nCutting Knowledge Date: December 2023\nToday Date: {date_string}\n\n{system}")
+        ids.append(eot)
+        for m in messages:
+            ids += [start] + tokenizer.encode(m["role"]) + [end] + tokenizer.encode("\n\n" + m["content"].strip())
+            ids.append(eot)
+        if add_generation_prompt:
+            ids += [start] + tokenizer.encode("assistant") + [end] + tokenizer.encode("\n\n")
+        return ids
+    raise ValueError("the tokenizer has neither ChatML (<|im_start|>, <|im_end|>) nor Llama 3 header tokens, so the "
+                     "checkpoint has no chat format; use --chat false")
 
 # -----------------------------------------------------------------------------
 

@@ -90,7 +90,7 @@ SHARED = {
     "smollm2.py": ["RMSNorm", "apply_rope", "KVCache", "Attention", "MLP", "Block", "doc_positions_and_mask",
                    "read_json", "load_safetensors", "check_state", "check_sampling", "logits_to_probs", "sample",
                    "encode_chat"],
-    "llama31.py": ["rope_inv_freq", "rope_cos_sin", "encode_chat"],
+    "llama31.py": ["rope_inv_freq", "rope_cos_sin"],
 }
 MODEL_FILES = ["smollm2.py", "llama31.py", "nanollm.py", "lm2.py"]
 
