@@ -34,6 +34,10 @@ Departures, on purpose:
   engines see as unassigned, so Llama 3's and SmolLM2's patterns cut text around them differently. An exhaustive
   check of every other code point found no difference.
 
+Beside the tokenizer, this file holds what the four model files share outside the model itself, since a reader
+copies it along with any of them: the chat templates, the readers of a checkpoint's safetensors weights, and the
+command line (flag parser and chat loop).
+
 Usage:
     python tokenizer_bpe.py --path checkpoints/Llama-3.2-tokenizer --text "Hello world"   (--help: the flags)
     tok = Tokenizer.from_file("checkpoints/SmolLM2-135M-Instruct"); tok.encode("Hi"); tok.decode(ids)
@@ -56,6 +60,7 @@ import types
 import typing
 from collections import Counter, defaultdict
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import regex
@@ -686,6 +691,46 @@ def apply_chat_template(tokenizer: Tokenizer, messages: list[dict], add_generati
         return ids
     raise ValueError("the tokenizer has neither ChatML (<|im_start|>, <|im_end|>) nor Llama 3 header tokens, so the "
                      "checkpoint has no chat format; use --chat false")
+
+# -----------------------------------------------------------------------------
+# checkpoint weights: what the four model files' from_pretrained reads, here for the same reason as the chat
+# templates (one copy, in the file a reader copies along with any of them). Each model file maps names and shapes;
+# these read the safetensors files and say in one line where they do not fit.
+
+
+def load_safetensors(ckpt_dir, device, dtype) -> dict:
+    """Every tensor of a HF checkpoint folder (model.safetensors, or the shards model.safetensors.index.json
+    lists) on device, in dtype (None: as stored); a missing or damaged file is one clear error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    ckpt_dir = Path(ckpt_dir)
+    index = ckpt_dir / "model.safetensors.index.json"
+    names = sorted(set(read_json(index).get("weight_map", {}).values())) if index.is_file() else ["model.safetensors"]
+    state = {}
+    for f in (ckpt_dir / name for name in names):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing: the download is incomplete; fetch the checkpoint again")
+        try:
+            shard = load_file(f)  # memory-mapped: bytes are read when a tensor is first used
+        except SafetensorError as e:
+            raise ValueError(f"{f} is truncated or corrupt ({e}); download it again") from None
+        # same device and dtype: .to() returns the mapped tensor itself, one copy in memory
+        state.update({k: v.to(device=device, dtype=dtype or v.dtype) for k, v in shard.items()})
+    return state
+
+
+def check_state(model, state: dict, ckpt_dir):
+    """One clear error where the checkpoint's tensors are not those of the model its config describes (what a
+    strict load_state_dict checks, said in one line)."""
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{ckpt_dir} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, p in expected.items():
+        if state[name].shape != p.shape:
+            raise ValueError(f"{ckpt_dir}: {name} has shape {tuple(state[name].shape)} but the config gives "
+                             f"{tuple(p.shape)}")
 
 # -----------------------------------------------------------------------------
 
