@@ -564,7 +564,7 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/Llama-3.1-8B-In
     print(f"loaded {ckpt_dir} ({model.lm_head.weight.dtype}, {dev}) in {time.time() - t0:.1f}s", file=sys.stderr)
     stop = [END_OF_TEXT, EOM, EOT] if chat else list(model.args.stop_tokens)
 
-    def encode(messages):  # the conversation in the chat template, or <|begin_of_text|> + the latest text
+    def encode(tokenizer, messages):  # the conversation in the chat template, or <|begin_of_text|> + the latest text
         return encode_chat(tokenizer, messages) if chat else encode_prompt(tokenizer, messages[-1]["content"], False)
 
     converse(model, tokenizer, encode, prompt, interactive, stop, max_new_tokens, temperature, top_k, top_p, seed)

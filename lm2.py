@@ -712,19 +712,14 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/SmolLM2-135M-In
             encode_chat(tokenizer, [])  # a tokenizer without chat tokens fails here, in one line
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         raise SystemExit(f"error: {e}")
-    if interactive and not chat:
-        raise SystemExit("error: --interactive needs an instruct (chat) checkpoint")
     if fast:
         fast(model, threads=True)  # and threads for a busy machine (fast_decode.decode_threads)
     a = model.args
     print(f"loaded {ckpt_dir} ({model.model.embed_tokens.weight.dtype}, {dev}) in {time.time() - t0:.1f}s; memory "
           f"in {len(a.memory_layers())} blocks, {a.mem_slots} slots, written every {a.segment_len} tokens",
           file=sys.stderr)
-
-    def encode(messages):  # the conversation in the chat template, or the latest text as it is
-        return encode_chat(tokenizer, messages) if chat else tokenizer.encode(messages[-1]["content"])
-
-    converse(model, tokenizer, encode, prompt, interactive, None, max_new_tokens, temperature, top_k, top_p, seed)
+    converse(model, tokenizer, encode_chat if chat else None, prompt, interactive, None, max_new_tokens, temperature,
+             top_k, top_p, seed)
 
 
 if __name__ == "__main__":

@@ -488,33 +488,32 @@ class NanoLLM(nn.Module):
         return self.lm_head(h[:, -1])  # only the last position is needed to pick the next token
 
     @torch.no_grad()
-    def update_router_biases(self, rate: float = 1e-3) -> dict[int, list[float]]:
+    def update_router_biases(self, rate: float = 1e-3, all_sum=None) -> dict[int, list[float]]:
         """Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2; gamma = 0.001 there): call after each optimizer step.
         Each router's bias falls by `rate` for the experts that got more than the mean load since the last call
-        (tokens counted by training-mode forwards) and rises for the others. Returns that load."""
-        load = self.expert_load()
-        for _, moe in self.moe_layers():
-            if moe.load is not None:
-                moe.gate.e_score_correction_bias += rate * torch.sign(moe.load.float().mean() - moe.load)
-                moe.load = None
-        return load
-
-    def extra_loss(self):
-        """finetune.py's hook: the MoE balance loss of the last forward, which training adds (0.0 when off)."""
-        return self.aux_loss
-
-    @torch.no_grad()
-    def after_optimizer_step(self, all_sum, router_bias_rate: float) -> dict:
-        """finetune.py's hook, after each optimizer step: sum the expert loads over processes with all_sum (in
-        place), so every router bias moves alike, then update_router_biases; -> {"expert_load": that load}."""
-        for _, moe in self.moe_layers():
-            if moe.load is not None:
+        (tokens counted by training-mode forwards) and rises for the others. all_sum, given, first sums the loads
+        over processes (in place), so every router bias moves alike. Returns that load (see expert_load)."""
+        counted = [moe for _, moe in self.moe_layers() if moe.load is not None]
+        if all_sum is not None:
+            for moe in counted:
                 all_sum(moe.load)
-        return {"expert_load": self.update_router_biases(router_bias_rate)}
+        load = self.expert_load()
+        for moe in counted:
+            moe.gate.e_score_correction_bias += rate * torch.sign(moe.load.float().mean() - moe.load)
+            moe.load = None
+        return load
 
     def expert_load(self) -> dict[int, list[float]]:
         """{layer: fraction of routed tokens per expert} since the last update_router_biases (training mode only)."""
         return {i: (m.load / m.load.sum()).tolist() for i, m in self.moe_layers() if m.load is not None}
+
+    # finetune.py's hooks: the MoE balance loss of the last forward, which training adds (0.0 when off), and the
+    # router bias update after each optimizer step, with the loads of all processes
+    def extra_loss(self):
+        return self.aux_loss
+
+    def after_optimizer_step(self, all_sum, router_bias_rate: float) -> dict:
+        return {"expert_load": self.update_router_biases(router_bias_rate, all_sum)}
 
     # ------------------------------------------------------------------------------------------------------------
     # Loading
@@ -684,8 +683,6 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/nanollm", max_n
             raise ValueError(f"{ckpt_dir}: its tokenizer has no ChatML tokens (<|im_end|>); use --chat false")
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         raise SystemExit(f"error: {e}")
-    if interactive and not chat:
-        raise SystemExit("error: --interactive needs a chat model (one whose checkpoint has a chat template)")
     if fast:
         fast(model, threads=True)  # and threads for a busy machine (fast_decode.decode_threads)
     a, size = model.args, model.lm_head.weight.element_size()
@@ -695,11 +692,8 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/nanollm", max_n
     eos = model.args.eos_token_id
     stop = list(eos) if isinstance(eos, tuple) else [] if eos is None else [eos]
     stop += [tokenizer.special_tokens["<|im_end|>"]] if chat else []
-
-    def encode(messages):  # the conversation in ChatML, or the latest text as it is
-        return encode_chat(tokenizer, messages) if chat else tokenizer.encode(messages[-1]["content"])
-
-    converse(model, tokenizer, encode, prompt, interactive, stop, max_new_tokens, temperature, top_k, top_p, seed)
+    converse(model, tokenizer, encode_chat if chat else None, prompt, interactive, stop, max_new_tokens, temperature,
+             top_k, top_p, seed)
 
 
 if __name__ == "__main__":

@@ -816,7 +816,7 @@ def utf8(s: str) -> str:
 
 # The chat loop of the four model files' command lines, here for the same reason as the flag parser. Each main
 # checks its flags (check_generation_flags, and its own check_sampling), loads, picks --chat's default
-# (is_chat_checkpoint), then calls converse.
+# (is_chat_checkpoint), then calls converse with its encode_chat, or None for plain text.
 
 
 def check_generation_flags(prompt, max_new_tokens, seed, device, dtype, interactive):
@@ -861,7 +861,11 @@ def stream_printer(tokenizer):
 
 def converse(model, tokenizer, encode, prompt, interactive, stop, max_new_tokens, temperature, top_k, top_p, seed):
     """One streamed reply to prompt; with interactive, a conversation (prompt, if given, is its first turn) until
-    Ctrl-D. encode(messages) -> the ids of the conversation so far, re-encoded each turn: exact to the template."""
+    Ctrl-D. encode(tokenizer, messages) -> the ids of the conversation so far (a model file's encode_chat),
+    re-encoded each turn: exact to the template; None: no chat, the text is encoded as it is (and a conversation
+    is refused)."""
+    if interactive and encode is None:
+        raise SystemExit("error: --interactive needs a chat model (a checkpoint with a chat template)")
     messages = []
     while True:
         if interactive and (prompt is None or messages):
@@ -875,7 +879,7 @@ def converse(model, tokenizer, encode, prompt, interactive, stop, max_new_tokens
         elif interactive:
             print(f"\n> {prompt}")
         messages.append({"role": "user", "content": prompt})
-        ids, t0 = encode(messages), time.time()
+        ids, t0 = encode(tokenizer, messages) if encode else tokenizer.encode(prompt), time.time()
         try:
             new = model.generate([ids], max_new_tokens, temperature, top_k, top_p, stop_tokens=stop, seed=seed,
                                  stream=stream_printer(tokenizer))[0]
