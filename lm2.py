@@ -46,8 +46,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer_bpe import (Tokenizer, apply_chat_template, check_generation_flags, check_state, cli, converse,
-                           is_chat_checkpoint, load_safetensors)
+from tokenizer_bpe import (Tokenizer, apply_chat_template, check_generation_flags, check_sampling, check_state, cli,
+                           converse, is_chat_checkpoint, load_safetensors)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -621,16 +621,6 @@ def read_json(path: Path, parse=dict):
 
 # -----------------------------------------------------------------------------
 # Sampling
-
-
-# Same as smollm2.py: check_sampling
-def check_sampling(temperature, top_k, top_p):
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
 
 
 # Same as smollm2.py: logits_to_probs

@@ -37,8 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer_bpe import (Tokenizer, check_generation_flags, check_state, cli, converse, is_chat_checkpoint,
-                           load_safetensors)
+from tokenizer_bpe import (Tokenizer, check_generation_flags, check_sampling, check_state, cli, converse,
+                           is_chat_checkpoint, load_safetensors)
 # encode_chat(tokenizer, messages, add_generation_prompt=True): the chat format, ChatML with no default system prompt,
 # since nanollm's chat models learn it from finetune.py's data, which has none
 from tokenizer_bpe import apply_chat_template as encode_chat
@@ -591,16 +591,6 @@ class NanoLLM(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling
-
-
-# Same as smollm2.py: check_sampling
-def check_sampling(temperature, top_k, top_p):
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
 
 
 # Same as smollm2.py: logits_to_probs

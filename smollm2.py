@@ -23,7 +23,6 @@ Usage:
 """
 
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -33,8 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer_bpe import (Tokenizer, apply_chat_template, check_generation_flags, check_state, cli, converse,
-                           is_chat_checkpoint, load_safetensors)
+from tokenizer_bpe import (Tokenizer, apply_chat_template, check_generation_flags, check_sampling, check_state, cli,
+                           converse, is_chat_checkpoint, load_safetensors)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -381,15 +380,6 @@ def read_json(path: Path, parse=dict):
 
 # -----------------------------------------------------------------------------
 # Sampling
-
-
-def check_sampling(temperature, top_k, top_p):
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
 
 
 def logits_to_probs(logits, temperature: float, top_k: int | None = None, top_p: float = 1.0):

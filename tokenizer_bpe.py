@@ -51,6 +51,7 @@ import difflib
 import heapq
 import inspect
 import json
+import math
 import os
 import re
 import sys
@@ -815,8 +816,19 @@ def utf8(s: str) -> str:
 
 
 # The chat loop of the four model files' command lines, here for the same reason as the flag parser. Each main
-# checks its flags (check_generation_flags, and its own check_sampling), loads, picks --chat's default
-# (is_chat_checkpoint), then calls converse with its encode_chat, or None for plain text.
+# checks its flags (check_sampling, check_generation_flags), loads, picks --chat's default (is_chat_checkpoint),
+# then calls converse with its encode_chat, or None for plain text.
+
+
+def check_sampling(temperature, top_k, top_p):
+    """The sampling settings of generate() and of the --temperature, --top_k, --top_p flags; a ValueError names
+    the one out of range."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
 
 
 def check_generation_flags(prompt, max_new_tokens, seed, device, dtype, interactive):
