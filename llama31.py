@@ -42,8 +42,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer_bpe import (Tokenizer, check_generation_flags, check_sampling, check_state, cli, converse,
-                           load_safetensors)
+from tokenizer_bpe import (Tokenizer, check_generate, check_generation_flags, check_sampling, check_state, cli,
+                           converse, load_safetensors)
 from tokenizer_bpe import apply_chat_template as encode_chat
 
 # -----------------------------------------------------------------------------
@@ -404,15 +404,9 @@ class Llama(nn.Module):
         allocated here, as long as this call needs, and freed after, unless the caller set up one large
         enough (benchmarks do, so that a compiled decode step always sees the same buffers).
         """
-        check_sampling(temperature, top_k, top_p)
-        if max_new_tokens < 1 or not prompts or not all(prompts):
-            raise ValueError("need max_new_tokens >= 1 and at least one token in every prompt")
+        longest = check_generate(prompts, max_new_tokens, self.args.max_seq_len, temperature, top_k, top_p)
         stop = set(self.args.stop_tokens if stop_tokens is None else stop_tokens)
-        B, longest = len(prompts), max(len(p) for p in prompts)
-        total = longest + max_new_tokens
-        if total > self.args.max_seq_len:
-            raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                             f"max_seq_len {self.args.max_seq_len}")
+        B, total = len(prompts), longest + max_new_tokens
         device = self.lm_head.weight.device
         # Left-pad so every row's last prompt token sits in the same slot: one decode step serves all rows.
         pad = torch.tensor([longest - len(p) for p in prompts], device=device)

@@ -9,13 +9,7 @@ References
 - Official code: github.com/convergence-ai/lm2 (`src/memory.py`, `src/model.py`).
 - Llama decoder numerics: HF transformers `modeling_llama.py` (checked module by module in test_parity.py).
 
-The paper's equations (per block; E = the block's token stream, M = the memory bank):
-    read    E_mem = softmax(Q K^T / sqrt(d)) V,  Q = E W_Q, K = M W_K, V = M W_V
-            g_out = sigmoid(E_mem W_out),   E_next = E_attn + g_out * E_mem
-    write   g_in = sigmoid(E W_in),  g_forget = sigmoid(E_mem W_forget)
-            M_next = g_in * tanh(E_mem) + g_forget * M
-The read is implemented as written. The write is token-indexed in the paper (row t of E_mem updates slot t)
-and so only defined when the sequence length equals the number of slots; see departure 1.
+The paper's equations, and the slot-indexed write used here, are in Memory's docstring.
 
 Departures from the official code, and choices where the paper is silent
 1. Any sequence length and batch size. The official module resamples the token stream to N rows and raises
@@ -46,8 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer_bpe import (Tokenizer, apply_chat_template, check_generation_flags, check_sampling, check_state, cli,
-                           converse, is_chat_checkpoint, load_safetensors)
+from tokenizer_bpe import (Tokenizer, apply_chat_template, check_generate, check_generation_flags, check_sampling,
+                           check_state, cli, converse, is_chat_checkpoint, load_safetensors)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -200,15 +194,16 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin  # HF's rotate_half: (x1, x2) -> (-x2, x1)
 
 
-def attention_mask(q_idx, k_idx, window=None, q_doc=None, k_doc=None):
+def attention_mask(q_idx, k_idx, window=None, docs=None):
     """Boolean (B|1, 1, Tq, Tk) mask: causal, within the sliding window, same document. Indices are row
-    positions (not RoPE positions, which restart per document)."""
+    positions (not RoPE positions, which restart per document); docs (B, Tk): the keys' documents, the queries
+    being the last Tq keys."""
     m = k_idx[None, :] <= q_idx[:, None]
     if window is not None:
         m = m & (k_idx[None, :] > q_idx[:, None] - window)
     m = m[None, None]
-    if q_doc is not None:
-        m = m & (q_doc[:, None, :, None] == k_doc[:, None, None, :])
+    if docs is not None:
+        m = m & (docs[:, None, -len(q_idx):, None] == docs[:, None, None, :])
     return m
 
 
@@ -299,10 +294,12 @@ class MLP(nn.Module):
 class Memory(nn.Module):
     """The memory bank of one block: read by every token, written once per completed segment.
 
-    Read (paper Sec. 2.1), h = the block's normed token stream (B, T, d), M = the bank (B, N, d):
+    Read (paper Sec. 2.1, as written), h = the block's normed token stream (B, T, d), M = the bank (B, N, d):
         s[t, i] = (h_t W_Q) . (M_i W_K) / sqrt(d_head)       per memory head
         E_mem_t = sum_i softmax_i(s[t, :]) M_i W_V,   out_t = sigmoid(E_mem_t W_out) * E_mem_t
-    Write (paper Sec. 2.2 made slot-indexed), over the T tokens of a finished segment:
+    The paper's write (Sec. 2.2), M_t <- sigmoid(h_t W_in) * tanh(E_mem_t) + sigmoid(E_mem_t W_forget) * M_t, is
+    token-indexed (row t updates slot t), so only defined when T = N. Here it is slot-indexed (departure 1), over
+    the T tokens of a finished segment:
         E~_i = sum_t softmax_t(s[:, i]) h_t                   slot i's view of the segment (same score s)
         M_i <- sigmoid(E~_i W_in + b_in) * tanh(E~_i) + sigmoid(E~_i W_forget + b_forget) * M_i
     Gates are per slot and per channel. Sharing s makes the bank content-addressed: a slot is written by
@@ -466,9 +463,7 @@ class LM2(nn.Module):
                 mems = [m if m is None else tuple(t.detach() for t in m) for m in mems]  # crosses it, neither
                 past = [(k.detach(), v.detach()) for k, v in past]  # through the banks nor the kept keys
             # explicit mask, not is_causal: the queries are the last s1 - s0 rows of s1 - k0 keys
-            docs = doc_ids[:, k0:s1] if doc_ids is not None else None
-            mask = attention_mask(idx[s0:s1], idx[k0:s1], a.attn_window,
-                                  docs[:, s0 - k0:] if docs is not None else None, docs)
+            mask = attention_mask(idx[s0:s1], idx[k0:s1], a.attn_window, None if doc_ids is None else doc_ids[:, k0:s1])
             read_fresh = write_mask = write_fresh = None
             if doc_ids is not None:
                 seg, last = doc_ids[:, s0:s1], doc_ids[:, s1 - 1]
@@ -562,20 +557,13 @@ class LM2(nn.Module):
         longer prompts are fed their own prompt tokens while shorter ones already generate (Llama 1's
         reference scheme), so every row runs on its own segment grid from position 0, exactly as alone.
         stream(row, token) is called for every new token."""
-        check_sampling(temperature, top_k, top_p)
+        longest = check_generate(prompts, max_new_tokens, self.args.max_seq_len, temperature, top_k, top_p)
         stop = set(self.stop_tokens if stop_tokens is None else stop_tokens)
-        B, lens = len(prompts), [len(p) for p in prompts]
-        if max_new_tokens < 1 or B == 0 or min(lens) == 0:
-            raise ValueError("need max_new_tokens >= 1 and at least one token in every prompt")
-        total = max(lens) + max_new_tokens
-        if total > self.args.max_seq_len:
-            raise ValueError(f"prompt + max_new_tokens = {total} exceeds the context of {self.args.max_seq_len}")
+        B, lens, total = len(prompts), [len(p) for p in prompts], longest + max_new_tokens
         device = self.model.embed_tokens.weight.device
         # subtle: no left padding (as smollm2.py does) because the memory's segment grid must start at each
         # row's first token; a row's not-yet-fed prompt tokens sit in `tokens` and overwrite the samples
-        tokens = torch.zeros(B, total, dtype=torch.long, device=device)
-        for b, p in enumerate(prompts):
-            tokens[b, :len(p)] = torch.tensor(p, device=device)
+        tokens = torch.tensor([list(p) + [0] * (total - len(p)) for p in prompts], device=device)
         rng = torch.Generator(device).manual_seed(seed) if seed is not None else None
         out, done = [[] for _ in range(B)], [False] * B
         self.setup_cache(B, total)

@@ -37,8 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer_bpe import (Tokenizer, check_generation_flags, check_sampling, check_state, cli, converse,
-                           is_chat_checkpoint, load_safetensors)
+from tokenizer_bpe import (Tokenizer, check_generate, check_generation_flags, check_sampling, check_state, cli,
+                           converse, is_chat_checkpoint, load_safetensors)
 # encode_chat(tokenizer, messages, add_generation_prompt=True): the chat format, ChatML with no default system prompt,
 # since nanollm's chat models learn it from finetune.py's data, which has none
 from tokenizer_bpe import apply_chat_template as encode_chat
@@ -555,13 +555,7 @@ class NanoLLM(nn.Module):
                  stop_tokens=None, seed=None, stream=None, absorb=True) -> list[list[int]]:
         """New tokens per prompt, stop token excluded. Ragged prompts are left-padded; stream(row, token) is
         called for each kept token; absorb picks the MLA decode path (both are tested equal)."""
-        check_sampling(temperature, top_k, top_p)
-        length = max(map(len, prompts))
-        if max_new_tokens < 1 or not prompts or min(map(len, prompts)) == 0:
-            raise ValueError("need max_new_tokens >= 1 and at least one token in every prompt")
-        if length + max_new_tokens > self.args.max_seq_len:
-            raise ValueError(f"prompt of {length} tokens + max_new_tokens {max_new_tokens} exceeds the context of "
-                             f"{self.args.max_seq_len} tokens")
+        length = check_generate(prompts, max_new_tokens, self.args.max_seq_len, temperature, top_k, top_p)
         eos = self.args.eos_token_id
         stop = set((eos if isinstance(eos, tuple) else (eos,)) if stop_tokens is None else stop_tokens) - {None}
         device = self.lm_head.weight.device

@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer_bpe import (Tokenizer, apply_chat_template, check_generation_flags, check_sampling, check_state, cli,
-                           converse, is_chat_checkpoint, load_safetensors)
+from tokenizer_bpe import (Tokenizer, apply_chat_template, check_generate, check_generation_flags, check_sampling,
+                           check_state, cli, converse, is_chat_checkpoint, load_safetensors)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -331,14 +331,9 @@ class SmolLM2(nn.Module):
         """Continue each prompt; return the new tokens of each (a stop token ends a row and is not returned).
         temperature 0 is greedy; stop_tokens None stops at the model's end-of-turn token, [] never early;
         stream(row, token) is called for every returned token as soon as it is sampled."""
-        check_sampling(temperature, top_k, top_p)
-        if max_new_tokens < 1 or not prompts or not all(prompts):
-            raise ValueError("need max_new_tokens >= 1 and at least one token in every prompt")
+        longest = check_generate(prompts, max_new_tokens, self.args.max_seq_len, temperature, top_k, top_p)
         stop = {self.args.eos_id} if stop_tokens is None else set(stop_tokens)
-        B, longest = len(prompts), max(len(p) for p in prompts)
-        if longest + max_new_tokens > self.args.max_seq_len:
-            raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                             f"context of {self.args.max_seq_len} tokens")
+        B = len(prompts)
         device = self.lm_head.weight.device
         # Left-pad so every row's last prompt token sits in the same slot: one decode step serves all rows.
         pad = torch.tensor([longest - len(p) for p in prompts], device=device)

@@ -831,6 +831,19 @@ def check_sampling(temperature, top_k, top_p):
         raise ValueError(f"top_k must be >= 1, got {top_k}")
 
 
+def check_generate(prompts, max_new_tokens, max_seq_len, temperature, top_k, top_p) -> int:
+    """A model's generate() arguments, checked before any work -> the longest prompt's length; a ValueError names
+    the problem. max_seq_len: the context that the prompt and the new tokens must fit in."""
+    check_sampling(temperature, top_k, top_p)
+    if max_new_tokens < 1 or not prompts or not all(prompts):
+        raise ValueError("need max_new_tokens >= 1 and at least one token in every prompt")
+    longest = max(map(len, prompts))
+    if longest + max_new_tokens > max_seq_len:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len "
+                         f"{max_seq_len} (the context)")
+    return longest
+
+
 def check_generation_flags(prompt, max_new_tokens, seed, device, dtype, interactive):
     """A model CLI's flags that every model file shares, checked before the slow load -> (torch.device, torch dtype
     or None); a ValueError names the flag. device None: cuda when available, else cpu."""

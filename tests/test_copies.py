@@ -118,7 +118,8 @@ def test_every_intended_repetition_is_marked():
 # scripts that must answer --help before numpy loads (download.py) keep marked copies.
 CLI_BLOCKS = ["FlagParser", "HelpFormatter", "cli", "parse_bool", "utf8",
                "check_generation_flags", "is_chat_checkpoint", "stream_printer", "converse",
-               "apply_chat_template", "load_safetensors", "check_state", "check_sampling"]
+               "apply_chat_template", "load_safetensors", "check_state", "check_sampling",
+               "check_generate"]
 
 
 def test_the_command_line_has_one_source():
