@@ -31,7 +31,6 @@ Usage:
     python llama31.py --ckpt_dir checkpoints/Llama3.1-8B-Instruct --prompt "Why is the sky blue?"
 """
 
-import json
 import math
 import sys
 import time
@@ -43,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tokenizer_bpe import (Tokenizer, check_generate, check_generation_flags, check_sampling, check_state, cli,
-                           converse, load_safetensors)
+                           converse, load_safetensors, read_json)
 from tokenizer_bpe import apply_chat_template as encode_chat
 
 # -----------------------------------------------------------------------------
@@ -434,21 +433,6 @@ class Llama(nn.Module):
             if own_cache:
                 self.clear_cache()
         return out
-
-
-# -----------------------------------------------------------------------------
-# Checkpoint files
-
-
-# Same as smollm2.py: read_json
-def read_json(path: Path, parse=dict):
-    """parse(the JSON object in path): one clear error naming the file where it is not JSON or lacks an entry."""
-    try:
-        return parse(json.loads(Path(path).read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); download or save the checkpoint again") from None
-    except KeyError as e:
-        raise ValueError(f"{path} has no entry {e}: it is not a checkpoint this file reads") from None
 
 
 # -----------------------------------------------------------------------------

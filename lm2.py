@@ -29,7 +29,6 @@ Departures from the official code, and choices where the paper is silent
 
 Run: python lm2.py --prompt "The capital of France is"   (add --chat for instruct models, --interactive)
 """
-import json
 import math
 import sys
 import time
@@ -41,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tokenizer_bpe import (Tokenizer, apply_chat_template, check_generate, check_generation_flags, check_sampling,
-                           check_state, cli, converse, is_chat_checkpoint, load_safetensors)
+                           check_state, cli, converse, is_chat_checkpoint, load_safetensors, read_json)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -592,20 +591,6 @@ class LM2(nn.Module):
         finally:
             self.clear_cache()
         return out
-
-# -----------------------------------------------------------------------------
-# Checkpoint files
-
-
-# Same as smollm2.py: read_json
-def read_json(path: Path, parse=dict):
-    """parse(the JSON object in path): one clear error naming the file where it is not JSON or lacks an entry."""
-    try:
-        return parse(json.loads(Path(path).read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); download or save the checkpoint again") from None
-    except KeyError as e:
-        raise ValueError(f"{path} has no entry {e}: it is not a checkpoint this file reads") from None
 
 # -----------------------------------------------------------------------------
 # Sampling

@@ -26,7 +26,6 @@ Departures from DeepSeek-V3: no multi-token-prediction module (its weights are s
 
 Run:  python nanollm.py --ckpt_dir checkpoints/nanollm --prompt "Once upon a time" --temperature 0
 """
-import json
 import math
 import sys
 import time
@@ -38,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tokenizer_bpe import (Tokenizer, check_generate, check_generation_flags, check_sampling, check_state, cli,
-                           converse, is_chat_checkpoint, load_safetensors)
+                           converse, is_chat_checkpoint, load_safetensors, read_json)
 # encode_chat(tokenizer, messages, add_generation_prompt=True): the chat format, ChatML with no default system prompt,
 # since nanollm's chat models learn it from finetune.py's data, which has none
 from tokenizer_bpe import apply_chat_template as encode_chat
@@ -613,21 +612,6 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
     if temperature == 0:
         return logits.argmax(dim=-1)
     return torch.multinomial(logits_to_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoint files
-
-
-# Same as smollm2.py: read_json
-def read_json(path: Path, parse=dict):
-    """parse(the JSON object in path): one clear error naming the file where it is not JSON or lacks an entry."""
-    try:
-        return parse(json.loads(Path(path).read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); download or save the checkpoint again") from None
-    except KeyError as e:
-        raise ValueError(f"{path} has no entry {e}: it is not a checkpoint this file reads") from None
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line

@@ -22,7 +22,6 @@ Usage:
     python smollm2.py --ckpt_dir checkpoints/SmolLM2-135M --prompt "Once upon a time" --temperature 0.8
 """
 
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tokenizer_bpe import (Tokenizer, apply_chat_template, check_generate, check_generation_flags, check_sampling,
-                           check_state, cli, converse, is_chat_checkpoint, load_safetensors)
+                           check_state, cli, converse, is_chat_checkpoint, load_safetensors, read_json)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -357,20 +356,6 @@ class SmolLM2(nn.Module):
         finally:
             self.clear_cache()
         return out
-
-
-# -----------------------------------------------------------------------------
-# Checkpoint files
-
-
-def read_json(path: Path, parse=dict):
-    """parse(the JSON object in path): one clear error naming the file where it is not JSON or lacks an entry."""
-    try:
-        return parse(json.loads(Path(path).read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); download or save the checkpoint again") from None
-    except KeyError as e:
-        raise ValueError(f"{path} has no entry {e}: it is not a checkpoint this file reads") from None
 
 
 # -----------------------------------------------------------------------------

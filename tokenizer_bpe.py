@@ -35,8 +35,9 @@ Departures, on purpose:
   check of every other code point found no difference.
 
 Beside the tokenizer, this file holds what the four model files share outside the model itself, since a reader
-copies it along with any of them: the chat templates, the readers of a checkpoint's safetensors weights, and the
-command line (flag parser and chat loop).
+copies it along with any of them: the chat templates, the readers of a checkpoint's files (read_json,
+load_safetensors, check_state), the checks of generate()'s arguments, and the command line (flag parser, chat
+loop).
 
 Usage:
     python tokenizer_bpe.py --path checkpoints/Llama-3.2-tokenizer --text "Hello world"   (--help: the flags)
@@ -349,14 +350,18 @@ def compile_pre_tokenizer(cfg: dict | None) -> list[regex.Pattern]:
     return compiled
 
 
-def read_json(path: str):
-    """A JSON file's contents. json's own errors do not name the file, so a corrupt one raises a ValueError
-    that does."""
+def read_json(path, parse=lambda data: data):
+    """parse(a JSON file's contents). json's own errors do not name the file, so a corrupt one raises a ValueError
+    that does, and so does one that lacks an entry parse needs (a KeyError; the model files parse config.json)."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            data = json.load(f)
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise ValueError(f"{path} is not valid JSON ({e}); download it again") from None
+    try:
+        return parse(data)
+    except KeyError as e:
+        raise ValueError(f"{path} has no entry {e}: it is not a checkpoint this file reads") from None
 
 
 @lru_cache(maxsize=64)  # chat formatting encodes many short texts with the same few special tokens

@@ -88,7 +88,7 @@ def test_marked_copies_match_their_source():
 # Blocks repeated on purpose across the model files (README "How to read the code"); each must be marked.
 SHARED = {
     "smollm2.py": ["RMSNorm", "apply_rope", "KVCache", "Attention", "MLP", "Block", "doc_positions_and_mask",
-                   "read_json", "logits_to_probs", "sample", "encode_chat"],
+                   "logits_to_probs", "sample", "encode_chat"],
     "llama31.py": ["rope_inv_freq", "rope_cos_sin"],
 }
 MODEL_FILES = ["smollm2.py", "llama31.py", "nanollm.py", "lm2.py"]
