@@ -31,7 +31,6 @@ Usage:
     python llama31.py --ckpt_dir checkpoints/Llama3.1-8B-Instruct --prompt "Why is the sky blue?"
 """
 
-import json
 import math
 import sys
 import time
@@ -42,7 +41,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer_bpe import Tokenizer, check_generation_flags, cli, converse
+from tokenizer_bpe import (Tokenizer, check_generate, check_generation_flags, check_sampling, check_state, cli,
+                           converse, load_safetensors, read_json)
+from tokenizer_bpe import apply_chat_template as encode_chat
 
 # -----------------------------------------------------------------------------
 # Config
@@ -402,15 +403,9 @@ class Llama(nn.Module):
         allocated here, as long as this call needs, and freed after, unless the caller set up one large
         enough (benchmarks do, so that a compiled decode step always sees the same buffers).
         """
-        check_sampling(temperature, top_k, top_p)
-        if max_new_tokens < 1 or not prompts or not all(prompts):
-            raise ValueError("need max_new_tokens >= 1 and at least one token in every prompt")
+        longest = check_generate(prompts, max_new_tokens, self.args.max_seq_len, temperature, top_k, top_p)
         stop = set(self.args.stop_tokens if stop_tokens is None else stop_tokens)
-        B, longest = len(prompts), max(len(p) for p in prompts)
-        total = longest + max_new_tokens
-        if total > self.args.max_seq_len:
-            raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                             f"max_seq_len {self.args.max_seq_len}")
+        B, total = len(prompts), longest + max_new_tokens
         device = self.lm_head.weight.device
         # Left-pad so every row's last prompt token sits in the same slot: one decode step serves all rows.
         pad = torch.tensor([longest - len(p) for p in prompts], device=device)
@@ -441,68 +436,7 @@ class Llama(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoint files
-
-
-# Same as smollm2.py: read_json
-def read_json(path: Path, parse=dict):
-    """parse(the JSON object in path): one clear error naming the file where it is not JSON or lacks an entry."""
-    try:
-        return parse(json.loads(Path(path).read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); download or save the checkpoint again") from None
-    except KeyError as e:
-        raise ValueError(f"{path} has no entry {e}: it is not a checkpoint this file reads") from None
-
-
-# Same as smollm2.py: load_safetensors
-def load_safetensors(ckpt_dir: Path, device, dtype) -> dict:
-    """Every tensor of a HF checkpoint folder (model.safetensors, or the shards model.safetensors.index.json
-    lists) on device, in dtype (None: as stored); a missing or damaged file is one clear error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    index = ckpt_dir / "model.safetensors.index.json"
-    names = sorted(set(read_json(index).get("weight_map", {}).values())) if index.is_file() else ["model.safetensors"]
-    state = {}
-    for f in (ckpt_dir / name for name in names):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} is missing: the download is incomplete; fetch the checkpoint again")
-        try:
-            shard = load_file(f)  # memory-mapped: bytes are read when a tensor is first used
-        except SafetensorError as e:
-            raise ValueError(f"{f} is truncated or corrupt ({e}); download it again") from None
-        # same device and dtype: .to() returns the mapped tensor itself, one copy in memory
-        state.update({k: v.to(device=device, dtype=dtype or v.dtype) for k, v in shard.items()})
-    return state
-
-
-# Same as smollm2.py: check_state
-def check_state(model: nn.Module, state: dict, ckpt_dir):
-    """One clear error where the checkpoint's tensors are not those of the model its config describes (what a
-    strict load_state_dict checks, said in one line)."""
-    expected = model.state_dict()
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"{ckpt_dir} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for name, p in expected.items():
-        if state[name].shape != p.shape:
-            raise ValueError(f"{ckpt_dir}: {name} has shape {tuple(state[name].shape)} but the config gives "
-                             f"{tuple(p.shape)}")
-
-
-# -----------------------------------------------------------------------------
 # Sampling
-
-
-# Same as smollm2.py: check_sampling
-def check_sampling(temperature, top_k, top_p):
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
 
 
 # Same as smollm2.py: logits_to_probs
@@ -537,26 +471,8 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
 # Chat formatting
 
 
-def encode_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
-                date_string: str = "26 Jul 2024") -> list[int]:
-    """Llama 3 instruct ids exactly as Llama 3.1's chat template renders them and HF tokenizes them: a system turn
-    with the knowledge-cutoff date always comes first, and contents are stripped (Jinja's |trim). The special tokens
-    go in as ids and each stretch of text between two of them is encoded as one plain-text piece, as HF splits the
-    rendered string, so a user who types "<|eot_id|>" cannot end a turn. Tool calls are not rendered."""
-    sp = tokenizer.special_tokens
-    start, end, eot = sp["<|start_header_id|>"], sp["<|end_header_id|>"], sp["<|eot_id|>"]
-    system = ""
-    if messages and messages[0]["role"] == "system":
-        system, messages = messages[0]["content"].strip(), messages[1:]
-    ids = [sp["<|begin_of_text|>"], start] + tokenizer.encode("system") + [end]
-    ids += tokenizer.encode(f"\n\nCutting Knowledge Date: December 2023\nToday Date: {date_string}\n\n{system}")
-    ids.append(eot)
-    for m in messages:
-        ids += [start] + tokenizer.encode(m["role"]) + [end] + tokenizer.encode("\n\n" + m["content"].strip())
-        ids.append(eot)
-    if add_generation_prompt:
-        ids += [start] + tokenizer.encode("assistant") + [end] + tokenizer.encode("\n\n")
-    return ids
+# encode_chat(tokenizer, messages, add_generation_prompt=True, date_string="26 Jul 2024") is
+# tokenizer_bpe.apply_chat_template (imported above), which writes Llama 3.1's headers for a Llama 3 tokenizer
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, chat: bool) -> list[int]:
@@ -617,7 +533,7 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/Llama-3.1-8B-In
     print(f"loaded {ckpt_dir} ({model.lm_head.weight.dtype}, {dev}) in {time.time() - t0:.1f}s", file=sys.stderr)
     stop = [END_OF_TEXT, EOM, EOT] if chat else list(model.args.stop_tokens)
 
-    def encode(messages):  # the conversation in the chat template, or <|begin_of_text|> + the latest text
+    def encode(tokenizer, messages):  # the conversation in the chat template, or <|begin_of_text|> + the latest text
         return encode_chat(tokenizer, messages) if chat else encode_prompt(tokenizer, messages[-1]["content"], False)
 
     converse(model, tokenizer, encode, prompt, interactive, stop, max_new_tokens, temperature, top_k, top_p, seed)

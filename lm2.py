@@ -9,13 +9,7 @@ References
 - Official code: github.com/convergence-ai/lm2 (`src/memory.py`, `src/model.py`).
 - Llama decoder numerics: HF transformers `modeling_llama.py` (checked module by module in test_parity.py).
 
-The paper's equations (per block; E = the block's token stream, M = the memory bank):
-    read    E_mem = softmax(Q K^T / sqrt(d)) V,  Q = E W_Q, K = M W_K, V = M W_V
-            g_out = sigmoid(E_mem W_out),   E_next = E_attn + g_out * E_mem
-    write   g_in = sigmoid(E W_in),  g_forget = sigmoid(E_mem W_forget)
-            M_next = g_in * tanh(E_mem) + g_forget * M
-The read is implemented as written. The write is token-indexed in the paper (row t of E_mem updates slot t)
-and so only defined when the sequence length equals the number of slots; see departure 1.
+The paper's equations, and the slot-indexed write used here, are in Memory's docstring.
 
 Departures from the official code, and choices where the paper is silent
 1. Any sequence length and batch size. The official module resamples the token stream to N rows and raises
@@ -35,7 +29,6 @@ Departures from the official code, and choices where the paper is silent
 
 Run: python lm2.py --prompt "The capital of France is"   (add --chat for instruct models, --interactive)
 """
-import json
 import math
 import sys
 import time
@@ -46,7 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer_bpe import Tokenizer, check_generation_flags, cli, converse, is_chat_checkpoint
+from tokenizer_bpe import (Tokenizer, apply_chat_template, check_generate, check_generation_flags, check_sampling,
+                           check_state, cli, converse, is_chat_checkpoint, load_safetensors, read_json)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -199,15 +193,16 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin  # HF's rotate_half: (x1, x2) -> (-x2, x1)
 
 
-def attention_mask(q_idx, k_idx, window=None, q_doc=None, k_doc=None):
+def attention_mask(q_idx, k_idx, window=None, docs=None):
     """Boolean (B|1, 1, Tq, Tk) mask: causal, within the sliding window, same document. Indices are row
-    positions (not RoPE positions, which restart per document)."""
+    positions (not RoPE positions, which restart per document); docs (B, Tk): the keys' documents, the queries
+    being the last Tq keys."""
     m = k_idx[None, :] <= q_idx[:, None]
     if window is not None:
         m = m & (k_idx[None, :] > q_idx[:, None] - window)
     m = m[None, None]
-    if q_doc is not None:
-        m = m & (q_doc[:, None, :, None] == k_doc[:, None, None, :])
+    if docs is not None:
+        m = m & (docs[:, None, -len(q_idx):, None] == docs[:, None, None, :])
     return m
 
 
@@ -298,10 +293,12 @@ class MLP(nn.Module):
 class Memory(nn.Module):
     """The memory bank of one block: read by every token, written once per completed segment.
 
-    Read (paper Sec. 2.1), h = the block's normed token stream (B, T, d), M = the bank (B, N, d):
+    Read (paper Sec. 2.1, as written), h = the block's normed token stream (B, T, d), M = the bank (B, N, d):
         s[t, i] = (h_t W_Q) . (M_i W_K) / sqrt(d_head)       per memory head
         E_mem_t = sum_i softmax_i(s[t, :]) M_i W_V,   out_t = sigmoid(E_mem_t W_out) * E_mem_t
-    Write (paper Sec. 2.2 made slot-indexed), over the T tokens of a finished segment:
+    The paper's write (Sec. 2.2), M_t <- sigmoid(h_t W_in) * tanh(E_mem_t) + sigmoid(E_mem_t W_forget) * M_t, is
+    token-indexed (row t updates slot t), so only defined when T = N. Here it is slot-indexed (departure 1), over
+    the T tokens of a finished segment:
         E~_i = sum_t softmax_t(s[:, i]) h_t                   slot i's view of the segment (same score s)
         M_i <- sigmoid(E~_i W_in + b_in) * tanh(E~_i) + sigmoid(E~_i W_forget + b_forget) * M_i
     Gates are per slot and per channel. Sharing s makes the bank content-addressed: a slot is written by
@@ -465,9 +462,7 @@ class LM2(nn.Module):
                 mems = [m if m is None else tuple(t.detach() for t in m) for m in mems]  # crosses it, neither
                 past = [(k.detach(), v.detach()) for k, v in past]  # through the banks nor the kept keys
             # explicit mask, not is_causal: the queries are the last s1 - s0 rows of s1 - k0 keys
-            docs = doc_ids[:, k0:s1] if doc_ids is not None else None
-            mask = attention_mask(idx[s0:s1], idx[k0:s1], a.attn_window,
-                                  docs[:, s0 - k0:] if docs is not None else None, docs)
+            mask = attention_mask(idx[s0:s1], idx[k0:s1], a.attn_window, None if doc_ids is None else doc_ids[:, k0:s1])
             read_fresh = write_mask = write_fresh = None
             if doc_ids is not None:
                 seg, last = doc_ids[:, s0:s1], doc_ids[:, s1 - 1]
@@ -561,20 +556,13 @@ class LM2(nn.Module):
         longer prompts are fed their own prompt tokens while shorter ones already generate (Llama 1's
         reference scheme), so every row runs on its own segment grid from position 0, exactly as alone.
         stream(row, token) is called for every new token."""
-        check_sampling(temperature, top_k, top_p)
+        longest = check_generate(prompts, max_new_tokens, self.args.max_seq_len, temperature, top_k, top_p)
         stop = set(self.stop_tokens if stop_tokens is None else stop_tokens)
-        B, lens = len(prompts), [len(p) for p in prompts]
-        if max_new_tokens < 1 or B == 0 or min(lens) == 0:
-            raise ValueError("need max_new_tokens >= 1 and at least one token in every prompt")
-        total = max(lens) + max_new_tokens
-        if total > self.args.max_seq_len:
-            raise ValueError(f"prompt + max_new_tokens = {total} exceeds the context of {self.args.max_seq_len}")
+        B, lens, total = len(prompts), [len(p) for p in prompts], longest + max_new_tokens
         device = self.model.embed_tokens.weight.device
         # subtle: no left padding (as smollm2.py does) because the memory's segment grid must start at each
         # row's first token; a row's not-yet-fed prompt tokens sit in `tokens` and overwrite the samples
-        tokens = torch.zeros(B, total, dtype=torch.long, device=device)
-        for b, p in enumerate(prompts):
-            tokens[b, :len(p)] = torch.tensor(p, device=device)
+        tokens = torch.tensor([list(p) + [0] * (total - len(p)) for p in prompts], device=device)
         rng = torch.Generator(device).manual_seed(seed) if seed is not None else None
         out, done = [[] for _ in range(B)], [False] * B
         self.setup_cache(B, total)
@@ -605,67 +593,7 @@ class LM2(nn.Module):
         return out
 
 # -----------------------------------------------------------------------------
-# Checkpoint files
-
-
-# Same as smollm2.py: read_json
-def read_json(path: Path, parse=dict):
-    """parse(the JSON object in path): one clear error naming the file where it is not JSON or lacks an entry."""
-    try:
-        return parse(json.loads(Path(path).read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); download or save the checkpoint again") from None
-    except KeyError as e:
-        raise ValueError(f"{path} has no entry {e}: it is not a checkpoint this file reads") from None
-
-
-# Same as smollm2.py: load_safetensors
-def load_safetensors(ckpt_dir: Path, device, dtype) -> dict:
-    """Every tensor of a HF checkpoint folder (model.safetensors, or the shards model.safetensors.index.json
-    lists) on device, in dtype (None: as stored); a missing or damaged file is one clear error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    index = ckpt_dir / "model.safetensors.index.json"
-    names = sorted(set(read_json(index).get("weight_map", {}).values())) if index.is_file() else ["model.safetensors"]
-    state = {}
-    for f in (ckpt_dir / name for name in names):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} is missing: the download is incomplete; fetch the checkpoint again")
-        try:
-            shard = load_file(f)  # memory-mapped: bytes are read when a tensor is first used
-        except SafetensorError as e:
-            raise ValueError(f"{f} is truncated or corrupt ({e}); download it again") from None
-        # same device and dtype: .to() returns the mapped tensor itself, one copy in memory
-        state.update({k: v.to(device=device, dtype=dtype or v.dtype) for k, v in shard.items()})
-    return state
-
-
-# Same as smollm2.py: check_state
-def check_state(model: nn.Module, state: dict, ckpt_dir):
-    """One clear error where the checkpoint's tensors are not those of the model its config describes (what a
-    strict load_state_dict checks, said in one line)."""
-    expected = model.state_dict()
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"{ckpt_dir} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for name, p in expected.items():
-        if state[name].shape != p.shape:
-            raise ValueError(f"{ckpt_dir}: {name} has shape {tuple(state[name].shape)} but the config gives "
-                             f"{tuple(p.shape)}")
-
-# -----------------------------------------------------------------------------
 # Sampling
-
-
-# Same as smollm2.py: check_sampling
-def check_sampling(temperature, top_k, top_p):
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
 
 
 # Same as smollm2.py: logits_to_probs
@@ -702,55 +630,12 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
-# Same as smollm2.py: encode_chat (with encode_chat->encode_chatml)
-def encode_chatml(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """ChatML ids exactly as SmolLM2-Instruct's chat template renders and HF tokenizes them, with the default
-    system prompt first when the conversation has none. The special tokens are inserted as ids and the text
-    between them encoded as plain text, so a user who types "<|im_end|>" cannot close a turn."""
-    start, end = tokenizer.special_tokens["<|im_start|>"], tokenizer.special_tokens["<|im_end|>"]
-    if not messages or messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + list(messages)
-    ids = []
-    for m in messages:
-        ids += [start] + tokenizer.encode(f"{m['role']}\n{m['content']}") + [end] + tokenizer.encode("\n")
-    if add_generation_prompt:
-        ids += [start] + tokenizer.encode("assistant\n")
-    return ids
-
-
-# Same as llama31.py: encode_chat (with encode_chat->encode_llama3_chat)
-def encode_llama3_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
-                date_string: str = "26 Jul 2024") -> list[int]:
-    """Llama 3 instruct ids exactly as Llama 3.1's chat template renders them and HF tokenizes them: a system turn
-    with the knowledge-cutoff date always comes first, and contents are stripped (Jinja's |trim). The special tokens
-    go in as ids and each stretch of text between two of them is encoded as one plain-text piece, as HF splits the
-    rendered string, so a user who types "<|eot_id|>" cannot end a turn. Tool calls are not rendered."""
-    sp = tokenizer.special_tokens
-    start, end, eot = sp["<|start_header_id|>"], sp["<|end_header_id|>"], sp["<|eot_id|>"]
-    system = ""
-    if messages and messages[0]["role"] == "system":
-        system, messages = messages[0]["content"].strip(), messages[1:]
-    ids = [sp["<|begin_of_text|>"], start] + tokenizer.encode("system") + [end]
-    ids += tokenizer.encode(f"\n\nCutting Knowledge Date: December 2023\nToday Date: {date_string}\n\n{system}")
-    ids.append(eot)
-    for m in messages:
-        ids += [start] + tokenizer.encode(m["role"]) + [end] + tokenizer.encode("\n\n" + m["content"].strip())
-        ids.append(eot)
-    if add_generation_prompt:
-        ids += [start] + tokenizer.encode("assistant") + [end] + tokenizer.encode("\n\n")
-    return ids
-
-
-# Differs from smollm2.py's and llama31.py's encode_chat: LM2 runs on either family, so it picks the template
-# by the tokenizer's special tokens
-def encode_chat(tokenizer, messages, add_generation_prompt=True) -> list[int]:
-    """Token ids of a conversation as the checkpoint's HF chat template renders and tokenizes it: ChatML for
-    SmolLM2 (encode_chatml), Llama 3 headers for Llama 3.x (encode_llama3_chat)."""
-    if "<|im_start|>" in tokenizer.special_tokens:
-        return encode_chatml(tokenizer, messages, add_generation_prompt)
-    if "<|start_header_id|>" in tokenizer.special_tokens:
-        return encode_llama3_chat(tokenizer, messages, add_generation_prompt)
-    raise ValueError("the tokenizer has neither ChatML (<|im_start|>) nor Llama 3 header tokens; use --chat false")
+# Same as smollm2.py: encode_chat
+def encode_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """The conversation's ids as the checkpoint's HF chat template gives them (tokenizer_bpe.apply_chat_template picks
+    ChatML or Llama 3 by the tokenizer's special tokens), with SmolLM2-Instruct's default system prompt first when a
+    ChatML conversation has none."""
+    return apply_chat_template(tokenizer, messages, add_generation_prompt, default_system=DEFAULT_SYSTEM)
 
 # -----------------------------------------------------------------------------
 # Command line
@@ -790,19 +675,14 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/SmolLM2-135M-In
             encode_chat(tokenizer, [])  # a tokenizer without chat tokens fails here, in one line
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         raise SystemExit(f"error: {e}")
-    if interactive and not chat:
-        raise SystemExit("error: --interactive needs an instruct (chat) checkpoint")
     if fast:
         fast(model, threads=True)  # and threads for a busy machine (fast_decode.decode_threads)
     a = model.args
     print(f"loaded {ckpt_dir} ({model.model.embed_tokens.weight.dtype}, {dev}) in {time.time() - t0:.1f}s; memory "
           f"in {len(a.memory_layers())} blocks, {a.mem_slots} slots, written every {a.segment_len} tokens",
           file=sys.stderr)
-
-    def encode(messages):  # the conversation in the chat template, or the latest text as it is
-        return encode_chat(tokenizer, messages) if chat else tokenizer.encode(messages[-1]["content"])
-
-    converse(model, tokenizer, encode, prompt, interactive, None, max_new_tokens, temperature, top_k, top_p, seed)
+    converse(model, tokenizer, encode_chat if chat else None, prompt, interactive, None, max_new_tokens, temperature,
+             top_k, top_p, seed)
 
 
 if __name__ == "__main__":

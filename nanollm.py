@@ -26,7 +26,6 @@ Departures from DeepSeek-V3: no multi-token-prediction module (its weights are s
 
 Run:  python nanollm.py --ckpt_dir checkpoints/nanollm --prompt "Once upon a time" --temperature 0
 """
-import json
 import math
 import sys
 import time
@@ -37,7 +36,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer_bpe import Tokenizer, check_generation_flags, cli, converse, is_chat_checkpoint
+from tokenizer_bpe import (Tokenizer, check_generate, check_generation_flags, check_sampling, check_state, cli,
+                           converse, is_chat_checkpoint, load_safetensors, read_json)
+# encode_chat(tokenizer, messages, add_generation_prompt=True): the chat format, ChatML with no default system prompt,
+# since nanollm's chat models learn it from finetune.py's data, which has none
+from tokenizer_bpe import apply_chat_template as encode_chat
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config
@@ -484,33 +487,32 @@ class NanoLLM(nn.Module):
         return self.lm_head(h[:, -1])  # only the last position is needed to pick the next token
 
     @torch.no_grad()
-    def update_router_biases(self, rate: float = 1e-3) -> dict[int, list[float]]:
+    def update_router_biases(self, rate: float = 1e-3, all_sum=None) -> dict[int, list[float]]:
         """Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2; gamma = 0.001 there): call after each optimizer step.
         Each router's bias falls by `rate` for the experts that got more than the mean load since the last call
-        (tokens counted by training-mode forwards) and rises for the others. Returns that load."""
-        load = self.expert_load()
-        for _, moe in self.moe_layers():
-            if moe.load is not None:
-                moe.gate.e_score_correction_bias += rate * torch.sign(moe.load.float().mean() - moe.load)
-                moe.load = None
-        return load
-
-    def extra_loss(self):
-        """finetune.py's hook: the MoE balance loss of the last forward, which training adds (0.0 when off)."""
-        return self.aux_loss
-
-    @torch.no_grad()
-    def after_optimizer_step(self, all_sum, router_bias_rate: float) -> dict:
-        """finetune.py's hook, after each optimizer step: sum the expert loads over processes with all_sum (in
-        place), so every router bias moves alike, then update_router_biases; -> {"expert_load": that load}."""
-        for _, moe in self.moe_layers():
-            if moe.load is not None:
+        (tokens counted by training-mode forwards) and rises for the others. all_sum, given, first sums the loads
+        over processes (in place), so every router bias moves alike. Returns that load (see expert_load)."""
+        counted = [moe for _, moe in self.moe_layers() if moe.load is not None]
+        if all_sum is not None:
+            for moe in counted:
                 all_sum(moe.load)
-        return {"expert_load": self.update_router_biases(router_bias_rate)}
+        load = self.expert_load()
+        for moe in counted:
+            moe.gate.e_score_correction_bias += rate * torch.sign(moe.load.float().mean() - moe.load)
+            moe.load = None
+        return load
 
     def expert_load(self) -> dict[int, list[float]]:
         """{layer: fraction of routed tokens per expert} since the last update_router_biases (training mode only)."""
         return {i: (m.load / m.load.sum()).tolist() for i, m in self.moe_layers() if m.load is not None}
+
+    # finetune.py's hooks: the MoE balance loss of the last forward, which training adds (0.0 when off), and the
+    # router bias update after each optimizer step, with the loads of all processes
+    def extra_loss(self):
+        return self.aux_loss
+
+    def after_optimizer_step(self, all_sum, router_bias_rate: float) -> dict:
+        return {"expert_load": self.update_router_biases(router_bias_rate, all_sum)}
 
     # ------------------------------------------------------------------------------------------------------------
     # Loading
@@ -552,13 +554,7 @@ class NanoLLM(nn.Module):
                  stop_tokens=None, seed=None, stream=None, absorb=True) -> list[list[int]]:
         """New tokens per prompt, stop token excluded. Ragged prompts are left-padded; stream(row, token) is
         called for each kept token; absorb picks the MLA decode path (both are tested equal)."""
-        check_sampling(temperature, top_k, top_p)
-        length = max(map(len, prompts))
-        if max_new_tokens < 1 or not prompts or min(map(len, prompts)) == 0:
-            raise ValueError("need max_new_tokens >= 1 and at least one token in every prompt")
-        if length + max_new_tokens > self.args.max_seq_len:
-            raise ValueError(f"prompt of {length} tokens + max_new_tokens {max_new_tokens} exceeds the context of "
-                             f"{self.args.max_seq_len} tokens")
+        length = check_generate(prompts, max_new_tokens, self.args.max_seq_len, temperature, top_k, top_p)
         eos = self.args.eos_token_id
         stop = set((eos if isinstance(eos, tuple) else (eos,)) if stop_tokens is None else stop_tokens) - {None}
         device = self.lm_head.weight.device
@@ -590,16 +586,6 @@ class NanoLLM(nn.Module):
 # Sampling
 
 
-# Same as smollm2.py: check_sampling
-def check_sampling(temperature, top_k, top_p):
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-
-
 # Same as smollm2.py: logits_to_probs
 def logits_to_probs(logits, temperature: float, top_k: int | None = None, top_p: float = 1.0):
     """logits (B, vocab) -> sampling distribution (B, vocab): temperature, then top-k, then top-p, as HF's
@@ -626,75 +612,6 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
     if temperature == 0:
         return logits.argmax(dim=-1)
     return torch.multinomial(logits_to_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoint files
-
-
-# Same as smollm2.py: read_json
-def read_json(path: Path, parse=dict):
-    """parse(the JSON object in path): one clear error naming the file where it is not JSON or lacks an entry."""
-    try:
-        return parse(json.loads(Path(path).read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); download or save the checkpoint again") from None
-    except KeyError as e:
-        raise ValueError(f"{path} has no entry {e}: it is not a checkpoint this file reads") from None
-
-
-# Same as smollm2.py: load_safetensors
-def load_safetensors(ckpt_dir: Path, device, dtype) -> dict:
-    """Every tensor of a HF checkpoint folder (model.safetensors, or the shards model.safetensors.index.json
-    lists) on device, in dtype (None: as stored); a missing or damaged file is one clear error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    index = ckpt_dir / "model.safetensors.index.json"
-    names = sorted(set(read_json(index).get("weight_map", {}).values())) if index.is_file() else ["model.safetensors"]
-    state = {}
-    for f in (ckpt_dir / name for name in names):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} is missing: the download is incomplete; fetch the checkpoint again")
-        try:
-            shard = load_file(f)  # memory-mapped: bytes are read when a tensor is first used
-        except SafetensorError as e:
-            raise ValueError(f"{f} is truncated or corrupt ({e}); download it again") from None
-        # same device and dtype: .to() returns the mapped tensor itself, one copy in memory
-        state.update({k: v.to(device=device, dtype=dtype or v.dtype) for k, v in shard.items()})
-    return state
-
-
-# Same as smollm2.py: check_state
-def check_state(model: nn.Module, state: dict, ckpt_dir):
-    """One clear error where the checkpoint's tensors are not those of the model its config describes (what a
-    strict load_state_dict checks, said in one line)."""
-    expected = model.state_dict()
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"{ckpt_dir} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for name, p in expected.items():
-        if state[name].shape != p.shape:
-            raise ValueError(f"{ckpt_dir}: {name} has shape {tuple(state[name].shape)} but the config gives "
-                             f"{tuple(p.shape)}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Chat formatting
-
-
-# Differs from smollm2.py's encode_chat: no default system prompt, since nanollm's chat models learn ChatML from
-# finetune.py's data, which has none
-def encode_chat(tokenizer, messages, add_generation_prompt=True) -> list[int]:
-    """ChatML (`<|im_start|>role\\ncontent<|im_end|>\\n`), the format finetune.py's chat data uses. Control tokens
-    are ids and content is plain text, so user text cannot forge `<|im_end|>`."""
-    special = tokenizer.special_tokens
-    if "<|im_start|>" not in special or "<|im_end|>" not in special:
-        raise ValueError("this tokenizer has no <|im_start|>/<|im_end|> tokens, so the checkpoint has no chat format")
-    start, end, newline = special["<|im_start|>"], special["<|im_end|>"], tokenizer.encode("\n")
-    ids = []
-    for m in messages:
-        ids += [start, *tokenizer.encode(f"{m['role']}\n{m['content']}"), end, *newline]
-    return ids + ([start, *tokenizer.encode("assistant\n")] if add_generation_prompt else [])
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
@@ -734,8 +651,6 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/nanollm", max_n
             raise ValueError(f"{ckpt_dir}: its tokenizer has no ChatML tokens (<|im_end|>); use --chat false")
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         raise SystemExit(f"error: {e}")
-    if interactive and not chat:
-        raise SystemExit("error: --interactive needs a chat model (one whose checkpoint has a chat template)")
     if fast:
         fast(model, threads=True)  # and threads for a busy machine (fast_decode.decode_threads)
     a, size = model.args, model.lm_head.weight.element_size()
@@ -745,11 +660,8 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/nanollm", max_n
     eos = model.args.eos_token_id
     stop = list(eos) if isinstance(eos, tuple) else [] if eos is None else [eos]
     stop += [tokenizer.special_tokens["<|im_end|>"]] if chat else []
-
-    def encode(messages):  # the conversation in ChatML, or the latest text as it is
-        return encode_chat(tokenizer, messages) if chat else tokenizer.encode(messages[-1]["content"])
-
-    converse(model, tokenizer, encode, prompt, interactive, stop, max_new_tokens, temperature, top_k, top_p, seed)
+    converse(model, tokenizer, encode_chat if chat else None, prompt, interactive, stop, max_new_tokens, temperature,
+             top_k, top_p, seed)
 
 
 if __name__ == "__main__":

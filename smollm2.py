@@ -22,8 +22,6 @@ Usage:
     python smollm2.py --ckpt_dir checkpoints/SmolLM2-135M --prompt "Once upon a time" --temperature 0.8
 """
 
-import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -33,7 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer_bpe import Tokenizer, check_generation_flags, cli, converse, is_chat_checkpoint
+from tokenizer_bpe import (Tokenizer, apply_chat_template, check_generate, check_generation_flags, check_sampling,
+                           check_state, cli, converse, is_chat_checkpoint, load_safetensors, read_json)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -331,14 +330,9 @@ class SmolLM2(nn.Module):
         """Continue each prompt; return the new tokens of each (a stop token ends a row and is not returned).
         temperature 0 is greedy; stop_tokens None stops at the model's end-of-turn token, [] never early;
         stream(row, token) is called for every returned token as soon as it is sampled."""
-        check_sampling(temperature, top_k, top_p)
-        if max_new_tokens < 1 or not prompts or not all(prompts):
-            raise ValueError("need max_new_tokens >= 1 and at least one token in every prompt")
+        longest = check_generate(prompts, max_new_tokens, self.args.max_seq_len, temperature, top_k, top_p)
         stop = {self.args.eos_id} if stop_tokens is None else set(stop_tokens)
-        B, longest = len(prompts), max(len(p) for p in prompts)
-        if longest + max_new_tokens > self.args.max_seq_len:
-            raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                             f"context of {self.args.max_seq_len} tokens")
+        B = len(prompts)
         device = self.lm_head.weight.device
         # Left-pad so every row's last prompt token sits in the same slot: one decode step serves all rows.
         pad = torch.tensor([longest - len(p) for p in prompts], device=device)
@@ -365,64 +359,7 @@ class SmolLM2(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoint files
-
-
-def read_json(path: Path, parse=dict):
-    """parse(the JSON object in path): one clear error naming the file where it is not JSON or lacks an entry."""
-    try:
-        return parse(json.loads(Path(path).read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); download or save the checkpoint again") from None
-    except KeyError as e:
-        raise ValueError(f"{path} has no entry {e}: it is not a checkpoint this file reads") from None
-
-
-def load_safetensors(ckpt_dir: Path, device, dtype) -> dict:
-    """Every tensor of a HF checkpoint folder (model.safetensors, or the shards model.safetensors.index.json
-    lists) on device, in dtype (None: as stored); a missing or damaged file is one clear error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    index = ckpt_dir / "model.safetensors.index.json"
-    names = sorted(set(read_json(index).get("weight_map", {}).values())) if index.is_file() else ["model.safetensors"]
-    state = {}
-    for f in (ckpt_dir / name for name in names):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} is missing: the download is incomplete; fetch the checkpoint again")
-        try:
-            shard = load_file(f)  # memory-mapped: bytes are read when a tensor is first used
-        except SafetensorError as e:
-            raise ValueError(f"{f} is truncated or corrupt ({e}); download it again") from None
-        # same device and dtype: .to() returns the mapped tensor itself, one copy in memory
-        state.update({k: v.to(device=device, dtype=dtype or v.dtype) for k, v in shard.items()})
-    return state
-
-
-def check_state(model: nn.Module, state: dict, ckpt_dir):
-    """One clear error where the checkpoint's tensors are not those of the model its config describes (what a
-    strict load_state_dict checks, said in one line)."""
-    expected = model.state_dict()
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"{ckpt_dir} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for name, p in expected.items():
-        if state[name].shape != p.shape:
-            raise ValueError(f"{ckpt_dir}: {name} has shape {tuple(state[name].shape)} but the config gives "
-                             f"{tuple(p.shape)}")
-
-
-# -----------------------------------------------------------------------------
 # Sampling
-
-
-def check_sampling(temperature, top_k, top_p):
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
 
 
 def logits_to_probs(logits, temperature: float, top_k: int | None = None, top_p: float = 1.0):
@@ -459,18 +396,10 @@ DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Huggin
 
 
 def encode_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """ChatML ids exactly as SmolLM2-Instruct's chat template renders and HF tokenizes them, with the default
-    system prompt first when the conversation has none. The special tokens are inserted as ids and the text
-    between them encoded as plain text, so a user who types "<|im_end|>" cannot close a turn."""
-    start, end = tokenizer.special_tokens["<|im_start|>"], tokenizer.special_tokens["<|im_end|>"]
-    if not messages or messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + list(messages)
-    ids = []
-    for m in messages:
-        ids += [start] + tokenizer.encode(f"{m['role']}\n{m['content']}") + [end] + tokenizer.encode("\n")
-    if add_generation_prompt:
-        ids += [start] + tokenizer.encode("assistant\n")
-    return ids
+    """The conversation's ids as the checkpoint's HF chat template gives them (tokenizer_bpe.apply_chat_template picks
+    ChatML or Llama 3 by the tokenizer's special tokens), with SmolLM2-Instruct's default system prompt first when a
+    ChatML conversation has none."""
+    return apply_chat_template(tokenizer, messages, add_generation_prompt, default_system=DEFAULT_SYSTEM)
 
 
 # -----------------------------------------------------------------------------
@@ -510,17 +439,12 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/SmolLM2-135M-In
             raise ValueError(f"{ckpt_dir}: its tokenizer has no ChatML tokens (<|im_end|>); use --chat false")
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         raise SystemExit(f"error: {e}")
-    if interactive and not chat:
-        raise SystemExit("error: --interactive needs an instruct (chat) checkpoint")
     if fast:
         fast(model, threads=True)  # and threads for a busy machine (fast_decode.decode_threads)
     print(f"loaded {ckpt_dir} ({model.lm_head.weight.dtype}, {dev}) in {time.time() - t0:.1f}s", file=sys.stderr)
     stop = [model.args.eos_id] + ([tokenizer.special_tokens["<|im_end|>"]] if chat else [])
-
-    def encode(messages):  # the conversation in the chat template, or the latest text as it is
-        return encode_chat(tokenizer, messages) if chat else tokenizer.encode(messages[-1]["content"])
-
-    converse(model, tokenizer, encode, prompt, interactive, stop, max_new_tokens, temperature, top_k, top_p, seed)
+    converse(model, tokenizer, encode_chat if chat else None, prompt, interactive, stop, max_new_tokens, temperature,
+             top_k, top_p, seed)
 
 
 if __name__ == "__main__":

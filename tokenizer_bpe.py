@@ -34,10 +34,16 @@ Departures, on purpose:
   engines see as unassigned, so Llama 3's and SmolLM2's patterns cut text around them differently. An exhaustive
   check of every other code point found no difference.
 
+Beside the tokenizer, this file holds what the four model files share outside the model itself, since a reader
+copies it along with any of them: the chat templates, the readers of a checkpoint's files (read_json,
+load_safetensors, check_state), the checks of generate()'s arguments, and the command line (flag parser, chat
+loop).
+
 Usage:
     python tokenizer_bpe.py --path checkpoints/Llama-3.2-tokenizer --text "Hello world"   (--help: the flags)
     tok = Tokenizer.from_file("checkpoints/SmolLM2-135M-Instruct"); tok.encode("Hi"); tok.decode(ids)
     tok = train(texts, vocab_size=4096, special_tokens=["<|endoftext|>"]); tok.save("out/tokenizer.json")
+    ids = apply_chat_template(tok, [{"role": "user", "content": "Hi"}])   (ChatML or Llama 3, as the tokens say)
 """
 import argparse
 import base64
@@ -46,6 +52,7 @@ import difflib
 import heapq
 import inspect
 import json
+import math
 import os
 import re
 import sys
@@ -55,6 +62,7 @@ import types
 import typing
 from collections import Counter, defaultdict
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import regex
@@ -342,14 +350,18 @@ def compile_pre_tokenizer(cfg: dict | None) -> list[regex.Pattern]:
     return compiled
 
 
-def read_json(path: str):
-    """A JSON file's contents. json's own errors do not name the file, so a corrupt one raises a ValueError
-    that does."""
+def read_json(path, parse=lambda data: data):
+    """parse(a JSON file's contents). json's own errors do not name the file, so a corrupt one raises a ValueError
+    that does, and so does one that lacks an entry parse needs (a KeyError; the model files parse config.json)."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            data = json.load(f)
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise ValueError(f"{path} is not valid JSON ({e}); download it again") from None
+    try:
+        return parse(data)
+    except KeyError as e:
+        raise ValueError(f"{path} has no entry {e}: it is not a checkpoint this file reads") from None
 
 
 @lru_cache(maxsize=64)  # chat formatting encodes many short texts with the same few special tokens
@@ -642,6 +654,91 @@ def train(texts, vocab_size: int, pattern: str = LLAMA3_PATTERN, special_tokens=
     return Tokenizer({b: i for i, b in enumerate(vocab)}, byte_merges, pre, special)
 
 # -----------------------------------------------------------------------------
+# chat templates: the two formats of the checkpoints here, as HF's tokenizer.apply_chat_template gives them
+
+
+def apply_chat_template(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                        default_system: str | None = None, date_string: str = "26 Jul 2024") -> list[int]:
+    """A conversation's ids exactly as the checkpoint's HF chat template renders them and HF tokenizes them, in the
+    format the tokenizer's special tokens name: ChatML (SmolLM2, nanollm) or Llama 3.1's headers. The special
+    tokens go in as ids and each stretch of text between two of them is encoded as one plain-text piece, as HF
+    splits the rendered string, so a user who types "<|im_end|>" or "<|eot_id|>" cannot end a turn.
+
+    default_system: ChatML's first turn when the conversation has no system turn (SmolLM2-Instruct's template has
+        one; nanollm's chat data has none). Llama 3 always opens with its own system turn and ignores it.
+    date_string: Llama 3.1's "Today Date" line (its template's default)
+    """
+    sp = tokenizer.special_tokens
+    if "<|im_start|>" in sp and "<|im_end|>" in sp:  # <|im_start|>role\ncontent<|im_end|>\n
+        start, end = sp["<|im_start|>"], sp["<|im_end|>"]
+        if default_system is not None and (not messages or messages[0]["role"] != "system"):
+            messages = [{"role": "system", "content": default_system}] + list(messages)
+        ids = []
+        for m in messages:
+            ids += [start] + tokenizer.encode(f"{m['role']}\n{m['content']}") + [end] + tokenizer.encode("\n")
+        if add_generation_prompt:
+            ids += [start] + tokenizer.encode("assistant\n")
+        return ids
+    if "<|start_header_id|>" in sp:
+        # a system turn with the knowledge-cutoff date always comes first, and contents are stripped (Jinja's
+        # |trim); tool calls are not rendered
+        start, end, eot = sp["<|start_header_id|>"], sp["<|end_header_id|>"], sp["<|eot_id|>"]
+        system = ""
+        if messages and messages[0]["role"] == "system":
+            system, messages = messages[0]["content"].strip(), messages[1:]
+        ids = [sp["<|begin_of_text|>"], start] + tokenizer.encode("system") + [end]
+        ids += tokenizer.encode(f"\n\nCutting Knowledge Date: December 2023\nToday Date: {date_string}\n\n{system}")
+        ids.append(eot)
+        for m in messages:
+            ids += [start] + tokenizer.encode(m["role"]) + [end] + tokenizer.encode("\n\n" + m["content"].strip())
+            ids.append(eot)
+        if add_generation_prompt:
+            ids += [start] + tokenizer.encode("assistant") + [end] + tokenizer.encode("\n\n")
+        return ids
+    raise ValueError("the tokenizer has neither ChatML (<|im_start|>, <|im_end|>) nor Llama 3 header tokens, so the "
+                     "checkpoint has no chat format; use --chat false")
+
+# -----------------------------------------------------------------------------
+# checkpoint weights: what the four model files' from_pretrained reads, here for the same reason as the chat
+# templates (one copy, in the file a reader copies along with any of them). Each model file maps names and shapes;
+# these read the safetensors files and say in one line where they do not fit.
+
+
+def load_safetensors(ckpt_dir, device, dtype) -> dict:
+    """Every tensor of a HF checkpoint folder (model.safetensors, or the shards model.safetensors.index.json
+    lists) on device, in dtype (None: as stored); a missing or damaged file is one clear error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    ckpt_dir = Path(ckpt_dir)
+    index = ckpt_dir / "model.safetensors.index.json"
+    names = sorted(set(read_json(index).get("weight_map", {}).values())) if index.is_file() else ["model.safetensors"]
+    state = {}
+    for f in (ckpt_dir / name for name in names):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing: the download is incomplete; fetch the checkpoint again")
+        try:
+            shard = load_file(f)  # memory-mapped: bytes are read when a tensor is first used
+        except SafetensorError as e:
+            raise ValueError(f"{f} is truncated or corrupt ({e}); download it again") from None
+        # same device and dtype: .to() returns the mapped tensor itself, one copy in memory
+        state.update({k: v.to(device=device, dtype=dtype or v.dtype) for k, v in shard.items()})
+    return state
+
+
+def check_state(model, state: dict, ckpt_dir):
+    """One clear error where the checkpoint's tensors are not those of the model its config describes (what a
+    strict load_state_dict checks, said in one line)."""
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{ckpt_dir} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, p in expected.items():
+        if state[name].shape != p.shape:
+            raise ValueError(f"{ckpt_dir}: {name} has shape {tuple(state[name].shape)} but the config gives "
+                             f"{tuple(p.shape)}")
+
+# -----------------------------------------------------------------------------
 
 
 def main(path: str = "checkpoints/Llama-3.2-tokenizer", text: str = "Hello world! 12345 <|eot_id|>",
@@ -724,8 +821,32 @@ def utf8(s: str) -> str:
 
 
 # The chat loop of the four model files' command lines, here for the same reason as the flag parser. Each main
-# checks its flags (check_generation_flags, and its own check_sampling), loads, picks --chat's default
-# (is_chat_checkpoint), then calls converse.
+# checks its flags (check_sampling, check_generation_flags), loads, picks --chat's default (is_chat_checkpoint),
+# then calls converse with its encode_chat, or None for plain text.
+
+
+def check_sampling(temperature, top_k, top_p):
+    """The sampling settings of generate() and of the --temperature, --top_k, --top_p flags; a ValueError names
+    the one out of range."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+
+
+def check_generate(prompts, max_new_tokens, max_seq_len, temperature, top_k, top_p) -> int:
+    """A model's generate() arguments, checked before any work -> the longest prompt's length; a ValueError names
+    the problem. max_seq_len: the context that the prompt and the new tokens must fit in."""
+    check_sampling(temperature, top_k, top_p)
+    if max_new_tokens < 1 or not prompts or not all(prompts):
+        raise ValueError("need max_new_tokens >= 1 and at least one token in every prompt")
+    longest = max(map(len, prompts))
+    if longest + max_new_tokens > max_seq_len:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len "
+                         f"{max_seq_len} (the context)")
+    return longest
 
 
 def check_generation_flags(prompt, max_new_tokens, seed, device, dtype, interactive):
@@ -770,7 +891,11 @@ def stream_printer(tokenizer):
 
 def converse(model, tokenizer, encode, prompt, interactive, stop, max_new_tokens, temperature, top_k, top_p, seed):
     """One streamed reply to prompt; with interactive, a conversation (prompt, if given, is its first turn) until
-    Ctrl-D. encode(messages) -> the ids of the conversation so far, re-encoded each turn: exact to the template."""
+    Ctrl-D. encode(tokenizer, messages) -> the ids of the conversation so far (a model file's encode_chat),
+    re-encoded each turn: exact to the template; None: no chat, the text is encoded as it is (and a conversation
+    is refused)."""
+    if interactive and encode is None:
+        raise SystemExit("error: --interactive needs a chat model (a checkpoint with a chat template)")
     messages = []
     while True:
         if interactive and (prompt is None or messages):
@@ -784,7 +909,7 @@ def converse(model, tokenizer, encode, prompt, interactive, stop, max_new_tokens
         elif interactive:
             print(f"\n> {prompt}")
         messages.append({"role": "user", "content": prompt})
-        ids, t0 = encode(messages), time.time()
+        ids, t0 = encode(tokenizer, messages) if encode else tokenizer.encode(prompt), time.time()
         try:
             new = model.generate([ids], max_new_tokens, temperature, top_k, top_p, stop_tokens=stop, seed=seed,
                                  stream=stream_printer(tokenizer))[0]

@@ -271,6 +271,19 @@ def test_prompt_is_the_first_interactive_turn(mod, tmp_path, monkeypatch, capsys
     assert "> first turn" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("mod", MODS, ids=lambda m: m.__name__)
+def test_interactive_needs_a_chat_model(mod, tmp_path):
+    """A base checkpoint (no chat template; for llama31, no end-of-turn stop token) cannot hold a conversation:
+    --interactive is refused in one line rather than fed raw text turn after turn."""
+    tok_dir = LLAMA_TOKENIZER_DIR if mod is llama31 else SMOLLM2_DIR
+    if not (tok_dir / "tokenizer.json").is_file():
+        pytest.fail(f"test asset {tok_dir} missing: run python download.py")
+    ckpt = save(tiny(mod, vocab_size=128256 if mod is llama31 else 49152), tmp_path / "base", tokenizer_from=tok_dir)
+    (ckpt / "tokenizer_config.json").unlink(missing_ok=True)  # SmolLM2-Instruct's carries its chat template
+    msg = one_line_error(mod, "--interactive", "--ckpt_dir", str(ckpt), "--dtype", "float32", "--device", "cpu")
+    assert "--interactive needs" in msg and "chat" in msg, msg
+
+
 def test_llama31_refuses_a_smollm2_checkpoint_in_one_line():
     if not (SMOLLM2_DIR / "config.json").is_file():
         pytest.fail(f"test asset {SMOLLM2_DIR} missing: run python download.py")

@@ -88,9 +88,8 @@ def test_marked_copies_match_their_source():
 # Blocks repeated on purpose across the model files (README "How to read the code"); each must be marked.
 SHARED = {
     "smollm2.py": ["RMSNorm", "apply_rope", "KVCache", "Attention", "MLP", "Block", "doc_positions_and_mask",
-                   "read_json", "load_safetensors", "check_state", "check_sampling", "logits_to_probs", "sample",
-                   "encode_chat"],
-    "llama31.py": ["rope_inv_freq", "rope_cos_sin", "encode_chat"],
+                   "logits_to_probs", "sample", "encode_chat"],
+    "llama31.py": ["rope_inv_freq", "rope_cos_sin"],
 }
 MODEL_FILES = ["smollm2.py", "llama31.py", "nanollm.py", "lm2.py"]
 
@@ -115,10 +114,12 @@ def test_every_intended_repetition_is_marked():
 
 
 # The command line's one source: the model files import the flag parser and the chat loop from tokenizer_bpe.py (the
-# file a reader copies along with any of them); scripts that must answer --help before numpy loads (download.py)
-# keep marked copies.
+# file a reader copies along with any of them), and with them the chat templates and the checkpoint-weight readers;
+# scripts that must answer --help before numpy loads (download.py) keep marked copies.
 CLI_BLOCKS = ["FlagParser", "HelpFormatter", "cli", "parse_bool", "utf8",
-               "check_generation_flags", "is_chat_checkpoint", "stream_printer", "converse"]
+               "check_generation_flags", "is_chat_checkpoint", "stream_printer", "converse",
+               "apply_chat_template", "load_safetensors", "check_state", "check_sampling",
+               "check_generate"]
 
 
 def test_the_command_line_has_one_source():
