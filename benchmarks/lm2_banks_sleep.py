@@ -22,21 +22,24 @@ Models (dim 64, 2 blocks, 4 heads, memory 4 heads; the same Llama part for all):
                is below --progressive_threshold (optional: not in the default --models; its read FLOPs are
                counted from the banks its tokens read on the held-out episodes; its read time is timed as
                the others', on untrained weights, so with however many banks those read)
-The banks' keys are learned (--bank_keys mean: the mean of their slot keys), and the router's balancing bias,
-balance loss and distillation are off unless their flags are given (docs/lm2_banks_results.md: each of them,
-and mean keys at 700 steps, lowered recall here).
+The banks' keys are learned (--bank_keys mean: the mean of their slot keys; cluster: centroids moved by balanced
+k-means, --centroid_decay 1 keeps them random), and the router's balancing bias, balance loss, distillation and
+the write shift (--write_shift: a token is written to the bank its predecessor reads) are off unless their flags
+are given (docs/lm2_banks_results.md: the shift raised recall above the dense bank's; the balancing, mean keys
+and the cluster router lowered it).
 Training episodes have F = 8..16 facts (at least one per question: an entity asked twice could be answered
 by copying the first answer). (a) recall at F = 8, 12, 16, 21 (21: beyond training;
 the largest F with recall >= 0.9 is "F held"), read FLOPs per token (counted) and read time per
 token (timed, one segment of 32 rows, median of repeats), routing precision: the share of questions whose top
 bank is the bank the fact's value token was written to, and domain purity: the share of fact writes that go to
-their domain's most used bank.
+their domain's most used bank; closeness: whether a question's key token lies near its own fact's tokens at
+the memory block (cosine in h, q and the read's score space), and how much of its read reaches its own fact.
 (b) on the trained K8 m1 model: 16 "frequent" entities with fixed values recur across 256 wake episodes (2 per
 episode, with 6 fresh facts). Entities are ranked by lm2_banks.token_access (the read attention their slots
 received), the top 16 are consolidated by lm2_banks.sleep (LoRA on the MLP and attention output). Half the
-batches consolidate: the student sees a wake episode without the chosen facts and learns, by cross-entropy,
+batches (one in 1 + --sleep_replay) consolidate: the student sees a wake episode without the chosen facts and learns, by cross-entropy,
 the memory model's consensus answer for each (its answer distribution with the facts stated, averaged over
-all wake episodes that state the entity, then its most probable token); half replay fresh episodes with
+all wake episodes that state the entity, then its most probable token); the others replay fresh episodes with
 memory on (KL to the frozen model). The same with 16 entities chosen at random from those seen. Measured:
 recall of the frequent facts with the memory on (the teacher) and reset (facts not stated), fresh-episode
 recall with memory on, held-out answer loss, each before and after, and how many consensus answers are right.
@@ -336,8 +339,9 @@ def consensus(teacher, wake, chosen, seed: int):
     return {e: VAL0 + int(m.argmax()) for e, m in mass.items()}
 
 
-def sleep_batches(teacher, answers, wake, others, seed: int, batch_size: int):
-    """Alternating (tokens, positions, target) batches. Consolidation: wake episodes that state chosen facts,
+def sleep_batches(teacher, answers, wake, others, seed: int, batch_size: int, replay: int = 1):
+    """(tokens, positions, target) batches, one consolidation batch then `replay` replay batches, repeated.
+    Consolidation: wake episodes that state chosen facts,
     with those facts omitted, asked about them; target: the consensus answer (cross-entropy). Replay: fresh
     episodes, memory on; target: the teacher's output distribution (KL)."""
     rng = random.Random(seed)
@@ -346,7 +350,7 @@ def sleep_batches(teacher, answers, wake, others, seed: int, batch_size: int):
     while True:
         rows, masks, targets = [], [], []
         for _ in range(batch_size):
-            if step % 2 == 0:
+            if step % (1 + replay) == 0:
                 facts, mine = rng.choice(with_chosen)
                 asked = mine + [e for e in ask(rng, facts) if e not in mine]  # chosen facts first, all distinct
                 toks, pos = render(rng, facts, asked, hidden=set(mine))
@@ -360,7 +364,7 @@ def sleep_batches(teacher, answers, wake, others, seed: int, batch_size: int):
             rows.append(toks)
             masks.append(m)
         x, pos = torch.tensor(rows), torch.stack(masks)
-        if step % 2 == 0:
+        if step % (1 + replay) == 0:
             target = torch.tensor(targets)
         else:
             with torch.no_grad():  # subtle: not around the yield, which would run the consumer without grad
@@ -403,7 +407,7 @@ def main(out_dir: str = "runs/lm2_banks", models: str = ",".join(MODELS), steps:
          bank_keys: str = "learned", bias_rate: float = 0.0, aux_alpha: float = 0.0, route_distill: float = 0.0,
          centroid_decay: float = 0.9, write_shift: bool = False,
          progressive_threshold: float = 0.5,
-         sleep_steps: int = 300, sleep_rank: int = 8, sleep_lr: float = 3e-3, n_eval: int = 256, repeats: int = 50,
+         sleep_steps: int = 300, sleep_rank: int = 8, sleep_lr: float = 3e-3, sleep_replay: int = 1, n_eval: int = 256, repeats: int = 50,
          seed: int = 1337):
     """Train the four models, measure (a) and (b), print both tables, write results.json and the plot.
     out_dir: folder for results.json, log.txt and lm2_banks_scaling.png (created; nothing else is written)
@@ -417,14 +421,15 @@ def main(out_dir: str = "runs/lm2_banks", models: str = ",".join(MODELS), steps:
     aux_alpha: weight of the router's balance loss (0: off)
     route_distill: weight of the router's distillation towards the dense read's mass per bank (0: off)
     progressive_threshold: K8 prog reads its second bank while its best read attention is below this
-    sleep_steps: steps of each sleep phase (half consolidation, half replay batches)
+    sleep_steps: steps of each sleep phase (consolidation and replay batches, see sleep_replay)
     sleep_rank: LoRA rank of the sleep phases
     sleep_lr: learning rate of the sleep phases
+    sleep_replay: replay batches per consolidation batch in the sleep phases
     n_eval: held-out episodes per measurement (8 answers each)
     repeats: timed repeats of one read
     seed: seed of the weights, the data and the choices"""
-    if steps < 10 or sleep_steps < 10 or n_eval < 8:
-        raise SystemExit("error: need --steps >= 10, --sleep_steps >= 10 and --n_eval >= 8")
+    if steps < 10 or sleep_steps < 10 or n_eval < 8 or sleep_replay < 0:
+        raise SystemExit("error: need --steps >= 10, --sleep_steps >= 10, --n_eval >= 8 and --sleep_replay >= 0")
     names = [m.strip() for m in models.split(",")]
     if not names or not set(names) <= set(MODELS + OPTIONAL):
         raise SystemExit(f"error: --models takes a comma-separated subset of {','.join(MODELS + OPTIONAL)}, got {models!r}")
@@ -441,7 +446,7 @@ def main(out_dir: str = "runs/lm2_banks", models: str = ",".join(MODELS), steps:
                               aux_alpha=aux_alpha, route_distill=route_distill, centroid_decay=centroid_decay,
                               write_shift=write_shift,
                               progressive_threshold=progressive_threshold, sleep_steps=sleep_steps,
-                              sleep_rank=sleep_rank, sleep_lr=sleep_lr, n_eval=n_eval,
+                              sleep_rank=sleep_rank, sleep_lr=sleep_lr, sleep_replay=sleep_replay, n_eval=n_eval,
                               seed=seed), "a": {}, "b": {}}
 
     def save():  # incrementally: a run cut short keeps what it measured (a new file, then a rename)
@@ -492,7 +497,7 @@ def main(out_dir: str = "runs/lm2_banks", models: str = ",".join(MODELS), steps:
         model = BankLM2(model_args("K8 m1", bank_keys, aux_alpha, route_distill, write_shift=write_shift))
         model.load_state_dict(base.state_dict())
         t0 = time.time()
-        first, last = lm2_banks.sleep(model, sleep_batches(teacher, answers, wake, others, seed, batch_size),
+        first, last = lm2_banks.sleep(model, sleep_batches(teacher, answers, wake, others, seed, batch_size, sleep_replay),
                                       sleep_steps, rank=sleep_rank, lr=sleep_lr)
         after = sleep_eval(model.eval(), frequent, others, seed + 7, n_eval)
         right = sum(answers[e] == VAL0 + frequent[e] for e in answers if e in frequent)
@@ -549,7 +554,8 @@ def report(results, out, log):
     if "before" not in b:
         return plot(results, out)
     c = results["config"]
-    log(f"\n(b) sleep on K8 m1 ({c['sleep_steps']} steps, LoRA rank {c['sleep_rank']}, lr {c['sleep_lr']}): "
+    log(f"\n(b) sleep on K8 m1 ({c['sleep_steps']} steps, LoRA rank {c['sleep_rank']}, lr {c['sleep_lr']}, "
+        f"{c.get('sleep_replay', 1)} replay per consolidation batch): "
         f"16 frequent entities, 256 wake episodes")
     log(f"{'':16} {'frequent recall, memory reset':>29} {'frequent recall, memory on':>26} "
         f"{'fresh recall, memory on':>23} {'held-out loss':>13} {'chosen = frequent':>17} {'consensus right':>15}")
