@@ -28,7 +28,7 @@ optimizer step towards underloaded banks: `update_router_biases`); its sequence-
 (mem_aux_alpha, through `extra_loss`, finetune.py's hook); and a distillation loss (mem_route_distill) that
 trains p towards the dense read's attention mass per bank, the one signal that names the bank holding the
 matching slot (it costs the dense scores, in training only).
-A fourth router has no weights and cannot collapse (mem_bank_keys = "cluster", after the Routing Transformer,
+A third kind of bank key has no weights and cannot collapse (mem_bank_keys = "cluster", after the Routing Transformer,
 Roy et al. 2021): the bank keys are K unit centroids c_k, a token goes to the bank whose centroid is nearest its
 normalised query q_t / |q_t| (cosine), for the read and the write alike, and after each optimizer step
 (`update_centroids`) the centroids move towards the queries of the training reads, shared among the banks by a
@@ -37,12 +37,14 @@ stay equally used. The centroids are fixed during a forward, so the same query r
 the memory holds (mean keys move with every write). Nothing trains the route: it follows the geometry of
 W_Q that the read learns, and needs the question and its fact's tokens to lie near each other there
 (benchmarks/lm2_banks_sleep.py measures whether they do). Without update_centroids the centroids stay random:
-an angular LSH of q (a token goes to the nearest of K random directions).
+an angular LSH of q (a token goes to the nearest of K random directions). In the benchmark both spread the
+writes and routed a question to its fact's bank at chance (docs/lm2_banks_results.md, round 3).
 Write shift (mem_write_shift, off by default): token t is written to the bank that token t - 1 reads, the one
 its predecessor's query, which predicts t, looks in; the read is unchanged. A question "D k ?" then reads the
 bank its position routes to, and the fact's value v was stored where the fact's own "D k" position routed: two
 tokens of the same kind in the same role, where without the shift a key token's query must find the bank
 chosen by a value token's (kNN-LM, Khandelwal et al. 2020, keys a stored token by the context before it too).
+In the benchmark it made the learned router consistent and the banked memory recall more than the dense bank.
 Departures and limits: the write computes the masked scores of all K S slots against the segment's tokens
 (4 K S d FLOPs per token once per segment, as the dense write) instead of grouping tokens by bank; mean bank
 keys are recomputed at every read (N d FLOPs per read call: per token when decoding; lm2.py's MemoryCache
@@ -117,8 +119,9 @@ def read_flops_per_token(args: BankArgs, banks_read: float | None = None) -> flo
 def balanced_assignment(scores, eps: float = 0.05, iters: int = 10):
     """Sinkhorn-Knopp as SwAV (Caron et al. 2020) uses it: a soft assignment (n, K) of n queries to K banks, close
     to softmax(scores / eps) per query, rescaled in turn so that every bank receives n / K and every query gives
-    1 (SwAV's 3 rounds leave banks 10-30% off their share at these sizes; 10 rounds, about 1%). Balancing the k-means (BASE layers, Lewis et al. 2021, balance the assignment itself) keeps the centroids
-    spread over the queries; a plain k-means step gives the nearest centroid everything and the rest die."""
+    1 (SwAV's 3 rounds leave banks 10-30% off their share at these sizes; 10 rounds, about 1%). Balancing the
+    k-means (BASE layers, Lewis et al. 2021, balance their assignment too) keeps every centroid among the
+    queries; in a plain k-means step a centroid that no query is nearest to never moves."""
     a = ((scores - scores.max()) / eps).exp()
     for _ in range(iters):
         a = a / a.sum(0, keepdim=True) * (a.shape[0] / a.shape[1])  # every bank receives n / K

@@ -37,8 +37,8 @@ the memory block (cosine in h, q and the read's score space), and how much of it
 (b) on the trained K8 m1 model: 16 "frequent" entities with fixed values recur across 256 wake episodes (2 per
 episode, with 6 fresh facts). Entities are ranked by lm2_banks.token_access (the read attention their slots
 received), the top 16 are consolidated by lm2_banks.sleep (LoRA on the MLP and attention output). Half the
-batches (one in 1 + --sleep_replay) consolidate: the student sees a wake episode without the chosen facts and learns, by cross-entropy,
-the memory model's consensus answer for each (its answer distribution with the facts stated, averaged over
+batches (one in 1 + --sleep_replay) consolidate: the student sees a wake episode without the chosen facts and
+learns, by cross-entropy, the memory model's consensus answer for each (its answer distribution with the facts stated, averaged over
 all wake episodes that state the entity, then its most probable token); the others replay fresh episodes with
 memory on (KL to the frozen model). The same with 16 entities chosen at random from those seen. Measured:
 recall of the frequent facts with the memory on (the teacher) and reset (facts not stated), fresh-episode
@@ -407,7 +407,8 @@ def main(out_dir: str = "runs/lm2_banks", models: str = ",".join(MODELS), steps:
          bank_keys: str = "learned", bias_rate: float = 0.0, aux_alpha: float = 0.0, route_distill: float = 0.0,
          centroid_decay: float = 0.9, write_shift: bool = False,
          progressive_threshold: float = 0.5,
-         sleep_steps: int = 300, sleep_rank: int = 8, sleep_lr: float = 3e-3, sleep_replay: int = 1, n_eval: int = 256, repeats: int = 50,
+         sleep_steps: int = 300, sleep_rank: int = 8, sleep_lr: float = 3e-3, sleep_replay: int = 1,
+         n_eval: int = 256, repeats: int = 50,
          seed: int = 1337):
     """Train the four models, measure (a) and (b), print both tables, write results.json and the plot.
     out_dir: folder for results.json, log.txt and lm2_banks_scaling.png (created; nothing else is written)
@@ -497,8 +498,8 @@ def main(out_dir: str = "runs/lm2_banks", models: str = ",".join(MODELS), steps:
         model = BankLM2(model_args("K8 m1", bank_keys, aux_alpha, route_distill, write_shift=write_shift))
         model.load_state_dict(base.state_dict())
         t0 = time.time()
-        first, last = lm2_banks.sleep(model, sleep_batches(teacher, answers, wake, others, seed, batch_size, sleep_replay),
-                                      sleep_steps, rank=sleep_rank, lr=sleep_lr)
+        batches = sleep_batches(teacher, answers, wake, others, seed, batch_size, sleep_replay)
+        first, last = lm2_banks.sleep(model, batches, sleep_steps, rank=sleep_rank, lr=sleep_lr)
         after = sleep_eval(model.eval(), frequent, others, seed + 7, n_eval)
         right = sum(answers[e] == VAL0 + frequent[e] for e in answers if e in frequent)
         results["b"][how] = dict(zip(("consolidated", "fresh_recall", "heldout_loss", "frequent_memory_on"), after),
