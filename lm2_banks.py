@@ -28,6 +28,23 @@ optimizer step towards underloaded banks: `update_router_biases`); its sequence-
 (mem_aux_alpha, through `extra_loss`, finetune.py's hook); and a distillation loss (mem_route_distill) that
 trains p towards the dense read's attention mass per bank, the one signal that names the bank holding the
 matching slot (it costs the dense scores, in training only).
+A third kind of bank key has no weights and cannot collapse (mem_bank_keys = "cluster", after the Routing Transformer,
+Roy et al. 2021): the bank keys are K unit centroids c_k, a token goes to the bank whose centroid is nearest its
+normalised query q_t / |q_t| (cosine), for the read and the write alike, and after each optimizer step
+(`update_centroids`) the centroids move towards the queries of the training reads, shared among the banks by a
+balanced assignment (Sinkhorn-Knopp, as SwAV; BASE layers balance their assignment the same way), so the banks
+stay equally used. The centroids are fixed during a forward, so the same query reaches the same bank whatever
+the memory holds (mean keys move with every write). Nothing trains the route: it follows the geometry of
+W_Q that the read learns, and needs the question and its fact's tokens to lie near each other there
+(benchmarks/lm2_banks_sleep.py measures whether they do). Without update_centroids the centroids stay random:
+an angular LSH of q (a token goes to the nearest of K random directions). In the benchmark both spread the
+writes and routed a question to its fact's bank at chance (docs/lm2_banks_results.md, round 3).
+Write shift (mem_write_shift, off by default): token t is written to the bank that token t - 1 reads, the one
+its predecessor's query, which predicts t, looks in; the read is unchanged. A question "D k ?" then reads the
+bank its position routes to, and the fact's value v was stored where the fact's own "D k" position routed: two
+tokens of the same kind in the same role, where without the shift a key token's query must find the bank
+chosen by a value token's (kNN-LM, Khandelwal et al. 2020, keys a stored token by the context before it too).
+In the benchmark it made the learned router consistent and the banked memory recall more than the dense bank.
 Departures and limits: the write computes the masked scores of all K S slots against the segment's tokens
 (4 K S d FLOPs per token once per segment, as the dense write) instead of grouping tokens by bank; mean bank
 keys are recomputed at every read (N d FLOPs per read call: per token when decoding; lm2.py's MemoryCache
@@ -69,17 +86,22 @@ class BankArgs(ModelArgs):
     """lm2.ModelArgs plus banks; mem_slots is the number of slots per bank (S), so a block has K * S."""
     mem_banks: int = 1                  # K banks per memory block
     mem_top: int = 1                    # m: a token reads its m most relevant banks (m = K: the dense read)
-    mem_bank_keys: str = "learned"      # "learned": a key per bank; "mean": the mean of its slots' keys W_K M_i
+    mem_bank_keys: str = "learned"      # "learned": a key per bank; "mean": the mean of its slots' keys W_K M_i;
+                                        # "cluster": unit centroids moved by balanced k-means (update_centroids)
     mem_route_distill: float = 0.0      # weight of the router's loss towards the dense read's mass per bank
     mem_aux_alpha: float = 0.0          # weight of the routing balance loss (Switch / DeepSeek-V3 eq. 17); 0: off
     mem_progressive_threshold: float | None = None  # read banks 1..mem_top while best attention < this; None: off
+    mem_write_shift: bool = False       # write token t to the top bank of token t - 1 (the query that predicted t)
 
     def __post_init__(self):
         super().__post_init__()
         if not 1 <= self.mem_top <= self.mem_banks:
             raise ValueError(f"need 1 <= mem_top <= mem_banks, got mem_top={self.mem_top}, mem_banks={self.mem_banks}")
-        if self.mem_bank_keys not in ("learned", "mean"):
-            raise ValueError(f"mem_bank_keys must be 'learned' or 'mean', got {self.mem_bank_keys!r}")
+        if self.mem_bank_keys not in ("learned", "mean", "cluster"):
+            raise ValueError(f"mem_bank_keys must be 'learned', 'mean' or 'cluster', got {self.mem_bank_keys!r}")
+        if self.mem_bank_keys == "cluster" and (self.mem_aux_alpha or self.mem_route_distill):
+            raise ValueError("the cluster router has no weights for a routing loss to train: set mem_aux_alpha and "
+                             "mem_route_distill to 0, or use learned or mean bank keys")
         if self.mem_progressive_threshold is not None and self.mem_top < 2:
             raise ValueError("a progressive read needs mem_top >= 2 (the most banks a token may read), got mem_top=1")
 
@@ -94,16 +116,33 @@ def read_flops_per_token(args: BankArgs, banks_read: float | None = None) -> flo
     return 4 * slots * args.dim + (2 * args.mem_banks * args.dim if routed else 0)
 
 
+def balanced_assignment(scores, eps: float = 0.05, iters: int = 10):
+    """Sinkhorn-Knopp as SwAV (Caron et al. 2020) uses it: a soft assignment (n, K) of n queries to K banks, close
+    to softmax(scores / eps) per query, rescaled in turn so that every bank receives n / K and every query gives
+    1 (SwAV's 3 rounds leave banks 10-30% off their share at these sizes; 10 rounds, about 1%). Balancing the
+    k-means (BASE layers, Lewis et al. 2021, balance their assignment too) keeps every centroid among the
+    queries; in a plain k-means step a centroid that no query is nearest to never moves."""
+    a = ((scores - scores.max()) / eps).exp()
+    for _ in range(iters):
+        a = a / a.sum(0, keepdim=True) * (a.shape[0] / a.shape[1])  # every bank receives n / K
+        a = a / a.sum(1, keepdim=True)  # every query gives 1
+    return a
+
+
 class BankedMemory(Memory):
     """lm2.Memory whose K * S slots form K banks; a token reads its top-m banks and writes to its top bank."""
     def __init__(self, args: BankArgs):
         super().__init__(replace(args, mem_slots=args.mem_banks * args.mem_slots))
         self.n_banks, self.bank_slots, self.top = args.mem_banks, args.mem_slots, args.mem_top
-        self.threshold = args.mem_progressive_threshold
+        self.threshold, self.write_shift = args.mem_progressive_threshold, args.mem_write_shift
         self.dense = self.top == self.n_banks and self.threshold is None  # every bank read: lm2.py's read
         self.reads = [0, 0]  # progressive reads since banks_read last reset them: banks read, tokens
-        self.mean_keys = args.mem_bank_keys == "mean"
-        if not self.mean_keys:
+        self.mean_keys, self.cluster = args.mem_bank_keys == "mean", args.mem_bank_keys == "cluster"
+        if self.cluster:
+            # a buffer, not a parameter: update_centroids moves it (balanced k-means), gradients never do
+            self.register_buffer("centroids", F.normalize(torch.randn(args.mem_banks, args.dim), dim=-1))
+            self.centroid_sum = None  # (K, d) balanced sums of the training reads' queries since update_centroids
+        elif not self.mean_keys:
             self.bank_keys = nn.Parameter(torch.empty(args.mem_banks, args.dim))
             # unit-scale keys: distinct tokens spread over the banks from the start (0.02 would leave p ~ 1/K flat)
             nn.init.normal_(self.bank_keys)
@@ -117,7 +156,10 @@ class BankedMemory(Memory):
     def bank_scores(self, q, state):
         """Routing scores r (B, T, K) of memory queries q = h W_Q (B, T, d) against the bank keys: learned, or
         the mean of each bank's slot keys in state (content-addressed: r is then, up to a constant, the mean over
-        the bank's slots of the read's own scores summed over heads, so training the read trains the routing)."""
+        the bank's slots of the read's own scores summed over heads, so training the read trains the routing), or
+        cluster centroids c_k (cosine: normalised q . c_k)."""
+        if self.cluster:
+            return F.normalize(q, dim=-1) @ self.centroids.T
         if self.mean_keys:
             k = state[1]  # (B, heads, N, hd)
             B, H, _, hd = k.shape
@@ -131,6 +173,12 @@ class BankedMemory(Memory):
         best first: the first is the bank it writes to. Chosen by score + bank_bias (DeepSeek-V3 §2.1.2)."""
         r = self.bank_scores(qd, state)
         return r.softmax(-1), (r + self.bank_bias).topk(self.top, dim=-1).indices
+
+    def write_banks(self, qd, state):
+        """The bank each token is written to (B, T): its top bank, or with mem_write_shift its predecessor's (a
+        segment's first token keeps its own: the previous segment's queries are gone)."""
+        top = self.route(qd, state)[1][..., 0]
+        return torch.cat([top[:, :1], top[:, :-1]], dim=1) if self.write_shift else top
 
     def state(self, bank):
         bank, k, v = super().state(bank)
@@ -160,6 +208,8 @@ class BankedMemory(Memory):
             p, top = torch.where(fresh[..., None], p0, p), torch.where(fresh[..., None], top0, top)
         if self.training:
             self.count(p, top, q, state, fresh)
+            if self.cluster:
+                self.assign(qd)
 
         def attend(k, v):
             if self.threshold is not None:
@@ -176,6 +226,8 @@ class BankedMemory(Memory):
             out, n_read = torch.where(fresh[..., None], out0, out), torch.where(fresh, n_read0, n_read)
         if self.threshold is not None:
             self.reads = [self.reads[0] + n_read.sum().item(), self.reads[1] + n_read.numel()]
+        if self.cluster:  # the routing has no weights: no gate to train
+            return out
         # the gate averages over the banks read: value exactly 1, gradient to the bank keys
         p_top = p.gather(-1, top)
         was_read = torch.arange(self.top, device=h.device) < n_read[..., None]  # (B, T, m)
@@ -254,6 +306,23 @@ class BankedMemory(Memory):
             self.aux_losses.append(loss)
 
     @torch.no_grad()
+    def assign(self, qd):
+        """Cluster router, training reads: add the memory queries qd (B, T, d), normalised, to the centroid sums,
+        each query shared among the banks by a balanced assignment (every bank gets the same share)."""
+        x = F.normalize(qd.flatten(0, 1), dim=-1)  # (n, d)
+        s = balanced_assignment(x @ self.centroids.T).T @ x  # (K, d)
+        self.centroid_sum = s if self.centroid_sum is None else self.centroid_sum + s
+
+    @torch.no_grad()
+    def update_centroids(self, decay: float):
+        """Online k-means (Routing Transformer's): c_k <- normalise(decay c_k + (1 - decay) mean_k), mean_k the
+        normalised mean of the queries assigned to bank k since the last call."""
+        if self.centroid_sum is not None:
+            mean = F.normalize(self.centroid_sum, dim=-1)
+            self.centroids.copy_(F.normalize(decay * self.centroids + (1 - decay) * mean, dim=-1))
+            self.centroid_sum = None
+
+    @torch.no_grad()
     def update_bias(self, rate: float):
         """DeepSeek-V3 §2.1.2: lower the bias of overloaded banks by rate, raise it for underloaded ones."""
         if self.load is not None:
@@ -269,7 +338,7 @@ class BankedMemory(Memory):
         mem, k = state[0], state[1]
         qd = self.q_proj(h)
         slot_bank = torch.arange(mem.shape[1], device=h.device) // self.bank_slots  # (N,)
-        allowed = self.route(qd, state)[1][:, None, :, 0] == slot_bank[None, :, None]  # (B, N, T)
+        allowed = self.write_banks(qd, state)[:, None, :] == slot_bank[None, :, None]  # (B, N, T)
         if token_mask is not None:
             allowed = allowed & token_mask[:, None, :]
         # subtle: a finite bias, not -inf: a bank no token chose has rows with every token masked, whose
@@ -288,7 +357,7 @@ class BankedMemory(Memory):
         top = self.route(qd, state)[1]
         slot_bank = torch.arange(s.shape[-1], device=h.device) // self.bank_slots
         read_ok = (top[..., None] == slot_bank).any(-2)  # (B, T, N)
-        write_ok = top[..., :1] == slot_bank
+        write_ok = self.write_banks(qd, state)[..., None] == slot_bank
         read = s.masked_fill(~read_ok[:, None], -torch.inf).softmax(-1).mean(1)
         write = s.masked_fill(~write_ok[:, None], -torch.inf).softmax(-2).nan_to_num(0.0).mean(1)
         return read, write.transpose(1, 2)
@@ -324,6 +393,14 @@ class BankLM2(LM2Model):
         for mem in self.banked():
             mem.update_bias(rate)
         return load
+
+    @torch.no_grad()
+    def update_centroids(self, decay: float = 0.9):
+        """The cluster router's k-means step (mem_bank_keys = "cluster"): call after each optimizer step;
+        decay = 1 keeps the random centroids (angular LSH: a token goes to the nearest of K random directions)."""
+        for mem in self.banked():
+            if mem.cluster:
+                mem.update_centroids(decay)
 
 
 def trace_memory(model, tokens):

@@ -22,21 +22,24 @@ Models (dim 64, 2 blocks, 4 heads, memory 4 heads; the same Llama part for all):
                is below --progressive_threshold (optional: not in the default --models; its read FLOPs are
                counted from the banks its tokens read on the held-out episodes; its read time is timed as
                the others', on untrained weights, so with however many banks those read)
-The banks' keys are learned (--bank_keys mean: the mean of their slot keys), and the router's balancing bias,
-balance loss and distillation are off unless their flags are given (docs/lm2_banks_results.md: each of them,
-and mean keys at 700 steps, lowered recall here).
+The banks' keys are learned (--bank_keys mean: the mean of their slot keys; cluster: centroids moved by balanced
+k-means, --centroid_decay 1 keeps them random), and the router's balancing bias, balance loss, distillation and
+the write shift (--write_shift: a token is written to the bank its predecessor reads) are off unless their flags
+are given (docs/lm2_banks_results.md: the shift raised recall above the dense bank's; the balancing, mean keys
+and the cluster router lowered it).
 Training episodes have F = 8..16 facts (at least one per question: an entity asked twice could be answered
 by copying the first answer). (a) recall at F = 8, 12, 16, 21 (21: beyond training;
 the largest F with recall >= 0.9 is "F held"), read FLOPs per token (counted) and read time per
 token (timed, one segment of 32 rows, median of repeats), routing precision: the share of questions whose top
 bank is the bank the fact's value token was written to, and domain purity: the share of fact writes that go to
-their domain's most used bank.
+their domain's most used bank; closeness: whether a question's key token lies near its own fact's tokens at
+the memory block (cosine in h, q and the read's score space), and how much of its read reaches its own fact.
 (b) on the trained K8 m1 model: 16 "frequent" entities with fixed values recur across 256 wake episodes (2 per
 episode, with 6 fresh facts). Entities are ranked by lm2_banks.token_access (the read attention their slots
 received), the top 16 are consolidated by lm2_banks.sleep (LoRA on the MLP and attention output). Half the
-batches consolidate: the student sees a wake episode without the chosen facts and learns, by cross-entropy,
-the memory model's consensus answer for each (its answer distribution with the facts stated, averaged over
-all wake episodes that state the entity, then its most probable token); half replay fresh episodes with
+batches (one in 1 + --sleep_replay) consolidate: the student sees a wake episode without the chosen facts and
+learns, by cross-entropy, the memory model's consensus answer for each (its answer distribution with the facts stated, averaged over
+all wake episodes that state the entity, then its most probable token); the others replay fresh episodes with
 memory on (KL to the frozen model). The same with 16 entities chosen at random from those seen. Measured:
 recall of the frequent facts with the memory on (the teacher) and reset (facts not stated), fresh-episode
 recall with memory on, held-out answer loss, each before and after, and how many consensus answers are right.
@@ -77,7 +80,7 @@ ENTITIES = [(d, k) for d in range(N_DOM) for k in range(N_KEY)]
 
 
 def model_args(memory: str, bank_keys: str = "learned", aux_alpha: float = 0.0, route_distill: float = 0.0,
-               progressive_threshold: float = 0.5) -> BankArgs:
+               progressive_threshold: float = 0.5, write_shift: bool = False) -> BankArgs:
     banks = {"none": (1, 1, 1), "dense": (1, 128, 1), "K8 m1": (8, 16, 1), "K32 m1": (32, 16, 1),
              "K8 prog": (8, 16, 2)}[memory]
     return BankArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, hidden_dim=128,
@@ -85,6 +88,7 @@ def model_args(memory: str, bank_keys: str = "learned", aux_alpha: float = 0.0, 
                     mem_banks=banks[0], mem_slots=banks[1], mem_top=banks[2], mem_heads=4, mem_bank_keys=bank_keys,
                     mem_aux_alpha=aux_alpha, mem_route_distill=route_distill,
                     mem_progressive_threshold=progressive_threshold if memory == "K8 prog" else None,
+                    mem_write_shift=write_shift,
                     mem_layers=() if memory == "none" else (1,), segment_len=SEG, attn_window=WINDOW)
 
 # -----------------------------------------------------------------------------
@@ -150,7 +154,8 @@ def evaluate(model, episodes, batch_size=64):
 # (a) training and measurements
 
 
-def train(args: BankArgs, name: str, steps: int, batch_size: int, lr: float, seed: int, log, bias_rate: float = 0.0):
+def train(args: BankArgs, name: str, steps: int, batch_size: int, lr: float, seed: int, log, bias_rate: float = 0.0,
+          centroid_decay: float = 0.9):
     torch.manual_seed(seed)
     rng = random.Random(seed)
     model = BankLM2(args)
@@ -171,6 +176,7 @@ def train(args: BankArgs, name: str, steps: int, batch_size: int, lr: float, see
         opt.step()
         sched.step()
         model.update_router_biases(bias_rate)
+        model.update_centroids(centroid_decay)
         recent.append(loss.item())
         if (step + 1) % max(1, steps // 10) == 0:
             log(f"  {name} step {step + 1}/{steps} loss {statistics.mean(recent):.3f} "
@@ -196,22 +202,70 @@ def routing(model, episodes):
     x, pos, _ = batch(episodes)
     _, traced = lm2_banks.trace_memory(model, x)
     (mem, segs), = traced
-    top = torch.cat([mem.route(mem.q_proj(h), state)[1][..., 0] for h, state in segs], dim=1)  # (B, T)
+    top = torch.cat([mem.route(mem.q_proj(h), state)[1][..., 0] for h, state in segs], dim=1)  # (B, T): read
+    wrote = torch.cat([mem.write_banks(mem.q_proj(h), state) for h, state in segs], dim=1)  # (B, T): written to
     hits = total = 0
     by_domain = {}
     for b, (toks, qpos, facts) in enumerate(episodes):
         where = {e: 3 * i + 2 for i, e in enumerate(facts)}  # value token of each fact
         for e, p in where.items():
-            by_domain.setdefault(e[0], []).append(int(top[b, p]))
+            by_domain.setdefault(e[0], []).append(int(wrote[b, p]))
         for p in qpos:
             e = (toks[p - 1] - DOM0, toks[p] - KEY0)
-            hits += int(top[b, p] == top[b, where[e]])
+            hits += int(top[b, p] == wrote[b, where[e]])
             total += 1
     writes = sum(by_domain.values(), [])
     pure = sum(max(map(banks.count, set(banks))) for banks in by_domain.values())
     share = torch.bincount(torch.tensor(writes), minlength=mem.n_banks).float() / len(writes)
     used = math.exp(-float((share * share.clamp_min(1e-12).log()).sum()))
     return hits / total, pure / len(writes), used
+
+
+@torch.no_grad()
+def closeness(model, episodes):
+    """Can any router be consistent, and is the read content-addressed? At the memory block, for each question's
+    reading token (its key k, which predicts v) and the episode's facts "D k v":
+    - cosine to each fact token (D, k, v), in three spaces: the block's normed input h; the memory query q = h W_Q,
+      on which the routers here route both the read and the write; and the read's score space (q of the question
+      against W_K h of the fact token). {"h" | "q" | "q.k": {"D" | "k" | "v": (own, other, closest)}}: mean cosine
+      to its own fact's token, to the other facts' same token, and the share of questions whose own fact's token
+      is the closest (1/F by chance);
+    - "read": the question's read mass that reaches each fact's three tokens, through the slots' write shares
+      (lm2_banks.token_access's attribution: later rewrites of a slot are not followed): (own, other, closest) as
+      above, mass per fact instead of cosine."""
+    x, pos, _ = batch(episodes)
+    _, traced = lm2_banks.trace_memory(model, x)
+    (mem, segs), = traced
+    h = torch.cat([h for h, _ in segs], dim=1)  # (B, T, d)
+    q, k = mem.q_proj(h), mem.k_proj(h)
+    weights = [mem.slot_weights(h_s, state) for h_s, state in segs]  # per segment: read (B, S, N), write (B, N, S)
+    read = weights[-1][0]  # the questions' segment
+    written = torch.cat([write for _, write in weights[:-1]], dim=2)  # (B, N, T - S): the segments written
+    mass = (read @ written).unflatten(2, (-1, 3))[:, :, :MAX_F].sum(-1)  # (B, S, MAX_F): read mass per fact slot
+
+    def own_other(sim, own_index):  # sim (questions, F) -> (own, mean other, own is the largest)
+        other = (sim.sum() - sim[own_index]) / (len(sim) - 1)
+        return float(sim[own_index]), float(other), int(sim.argmax() == own_index)
+
+    spaces = {"h": (h, h), "q": (q, q), "q.k": (q, k)}
+    sums = {(sp, t): [0.0, 0.0, 0] for sp in spaces for t in "Dkv"} | {("read", ""): [0.0, 0.0, 0]}
+    n = 0
+    for i, (toks, qpos, facts) in enumerate(episodes):
+        fact_of = {e: j for j, e in enumerate(facts)}
+        for p in qpos:
+            j = fact_of[(toks[p - 1] - DOM0, toks[p] - KEY0)]
+            rows = [((sp, t), F.normalize(b[i, off:3 * len(facts):3], dim=-1) @ F.normalize(a[i, p], dim=-1))
+                    for sp, (a, b) in spaces.items() for off, t in enumerate("Dkv")]
+            rows.append((("read", ""), mass[i, p - Q_START, :len(facts)]))
+            for key, sim in rows:
+                for m, v in enumerate(own_other(sim, j)):
+                    sums[key][m] += v
+            n += 1
+    out = {}
+    for (sp, t), vals in sums.items():
+        out.setdefault(sp, {})[t] = tuple(v / n for v in vals)
+    out["read"] = out["read"][""]
+    return out
 
 
 def time_read(args: BankArgs, rows: int, repeats: int) -> float:
@@ -285,8 +339,9 @@ def consensus(teacher, wake, chosen, seed: int):
     return {e: VAL0 + int(m.argmax()) for e, m in mass.items()}
 
 
-def sleep_batches(teacher, answers, wake, others, seed: int, batch_size: int):
-    """Alternating (tokens, positions, target) batches. Consolidation: wake episodes that state chosen facts,
+def sleep_batches(teacher, answers, wake, others, seed: int, batch_size: int, replay: int = 1):
+    """(tokens, positions, target) batches, one consolidation batch then `replay` replay batches, repeated.
+    Consolidation: wake episodes that state chosen facts,
     with those facts omitted, asked about them; target: the consensus answer (cross-entropy). Replay: fresh
     episodes, memory on; target: the teacher's output distribution (KL)."""
     rng = random.Random(seed)
@@ -295,7 +350,7 @@ def sleep_batches(teacher, answers, wake, others, seed: int, batch_size: int):
     while True:
         rows, masks, targets = [], [], []
         for _ in range(batch_size):
-            if step % 2 == 0:
+            if step % (1 + replay) == 0:
                 facts, mine = rng.choice(with_chosen)
                 asked = mine + [e for e in ask(rng, facts) if e not in mine]  # chosen facts first, all distinct
                 toks, pos = render(rng, facts, asked, hidden=set(mine))
@@ -309,7 +364,7 @@ def sleep_batches(teacher, answers, wake, others, seed: int, batch_size: int):
             rows.append(toks)
             masks.append(m)
         x, pos = torch.tensor(rows), torch.stack(masks)
-        if step % 2 == 0:
+        if step % (1 + replay) == 0:
             target = torch.tensor(targets)
         else:
             with torch.no_grad():  # subtle: not around the yield, which would run the consumer without grad
@@ -350,26 +405,32 @@ OPTIONAL = ("K8 prog",)
 def main(out_dir: str = "runs/lm2_banks", models: str = ",".join(MODELS), steps: int = 700, batch_size: int = 32,
          lr: float = 3e-3,
          bank_keys: str = "learned", bias_rate: float = 0.0, aux_alpha: float = 0.0, route_distill: float = 0.0,
+         centroid_decay: float = 0.9, write_shift: bool = False,
          progressive_threshold: float = 0.5,
-         sleep_steps: int = 300, sleep_rank: int = 8, sleep_lr: float = 3e-3, n_eval: int = 256, repeats: int = 50,
+         sleep_steps: int = 300, sleep_rank: int = 8, sleep_lr: float = 3e-3, sleep_replay: int = 1,
+         n_eval: int = 256, repeats: int = 50,
          seed: int = 1337):
     """Train the four models, measure (a) and (b), print both tables, write results.json and the plot.
     out_dir: folder for results.json, log.txt and lm2_banks_scaling.png (created; nothing else is written)
     models: comma-separated subset of the four models, or "K8 prog", to train; (b) runs when K8 m1 is among them
     steps: training steps of every model (batches of batch_size episodes)
-    bank_keys: "mean" (mean of each bank's slot keys) or "learned" bank keys (lm2_banks.BankArgs.mem_bank_keys)
+    bank_keys: "learned" bank keys, "mean" (mean of each bank's slot keys) or "cluster" (centroids moved by balanced
+        k-means; lm2_banks.BankArgs.mem_bank_keys)
+    centroid_decay: the cluster router's k-means decay per optimizer step (1: fixed random centroids, an LSH)
+    write_shift: write each token to the bank its predecessor reads (lm2_banks.BankArgs.mem_write_shift)
     bias_rate: router bias step per optimizer step (DeepSeek-V3's gamma; 0: off)
     aux_alpha: weight of the router's balance loss (0: off)
     route_distill: weight of the router's distillation towards the dense read's mass per bank (0: off)
     progressive_threshold: K8 prog reads its second bank while its best read attention is below this
-    sleep_steps: steps of each sleep phase (half consolidation, half replay batches)
+    sleep_steps: steps of each sleep phase (consolidation and replay batches, see sleep_replay)
     sleep_rank: LoRA rank of the sleep phases
     sleep_lr: learning rate of the sleep phases
+    sleep_replay: replay batches per consolidation batch in the sleep phases
     n_eval: held-out episodes per measurement (8 answers each)
     repeats: timed repeats of one read
     seed: seed of the weights, the data and the choices"""
-    if steps < 10 or sleep_steps < 10 or n_eval < 8:
-        raise SystemExit("error: need --steps >= 10, --sleep_steps >= 10 and --n_eval >= 8")
+    if steps < 10 or sleep_steps < 10 or n_eval < 8 or sleep_replay < 0:
+        raise SystemExit("error: need --steps >= 10, --sleep_steps >= 10, --n_eval >= 8 and --sleep_replay >= 0")
     names = [m.strip() for m in models.split(",")]
     if not names or not set(names) <= set(MODELS + OPTIONAL):
         raise SystemExit(f"error: --models takes a comma-separated subset of {','.join(MODELS + OPTIONAL)}, got {models!r}")
@@ -383,9 +444,10 @@ def main(out_dir: str = "runs/lm2_banks", models: str = ",".join(MODELS), steps:
         logf.flush()
 
     results = {"config": dict(models=names, steps=steps, batch_size=batch_size, lr=lr, bank_keys=bank_keys, bias_rate=bias_rate,
-                              aux_alpha=aux_alpha, route_distill=route_distill,
+                              aux_alpha=aux_alpha, route_distill=route_distill, centroid_decay=centroid_decay,
+                              write_shift=write_shift,
                               progressive_threshold=progressive_threshold, sleep_steps=sleep_steps,
-                              sleep_rank=sleep_rank, sleep_lr=sleep_lr, n_eval=n_eval,
+                              sleep_rank=sleep_rank, sleep_lr=sleep_lr, sleep_replay=sleep_replay, n_eval=n_eval,
                               seed=seed), "a": {}, "b": {}}
 
     def save():  # incrementally: a run cut short keeps what it measured (a new file, then a rename)
@@ -395,8 +457,8 @@ def main(out_dir: str = "runs/lm2_banks", models: str = ",".join(MODELS), steps:
     f_grid = [8, 12, 16, MAX_F]
     trained = {}
     for name in [m for m in MODELS + OPTIONAL if m in names]:
-        args = model_args(name, bank_keys, aux_alpha, route_distill, progressive_threshold)
-        model, minutes = train(args, name, steps, batch_size, lr, seed, log, bias_rate)
+        args = model_args(name, bank_keys, aux_alpha, route_distill, progressive_threshold, write_shift)
+        model, minutes = train(args, name, steps, batch_size, lr, seed, log, bias_rate, centroid_decay)
         trained[name] = model
         r = {"train_min": minutes, "params": sum(p.numel() for p in model.parameters()), "recall": {}}
         progressive = args.mem_progressive_threshold is not None
@@ -411,6 +473,8 @@ def main(out_dir: str = "runs/lm2_banks", models: str = ",".join(MODELS), steps:
             r["read_flops"] = lm2_banks.read_flops_per_token(args, r["banks_read"])
             r["read_us"] = time_read(args, SEG, repeats) * 1e6
             r["read_us_decode"] = time_read(args, 1, repeats) * 1e6
+        if name != "none":
+            r["closeness"] = closeness(model, test_episodes(random.Random(seed), 8, n_eval))
         if args.mem_top < args.mem_banks:
             r["routing_precision"], r["domain_purity"], r["banks_used"] = routing(model, test_episodes(random.Random(seed), 8, n_eval))
         results["a"][name] = r
@@ -431,11 +495,11 @@ def main(out_dir: str = "runs/lm2_banks", models: str = ",".join(MODELS), steps:
     teacher = copy.deepcopy(base)  # sleep trains adapters into its model in place
     for how, chosen in picks.items():
         answers = consensus(teacher, wake, set(chosen), seed)
-        model = BankLM2(model_args("K8 m1", bank_keys, aux_alpha, route_distill))
+        model = BankLM2(model_args("K8 m1", bank_keys, aux_alpha, route_distill, write_shift=write_shift))
         model.load_state_dict(base.state_dict())
         t0 = time.time()
-        first, last = lm2_banks.sleep(model, sleep_batches(teacher, answers, wake, others, seed, batch_size),
-                                      sleep_steps, rank=sleep_rank, lr=sleep_lr)
+        batches = sleep_batches(teacher, answers, wake, others, seed, batch_size, sleep_replay)
+        first, last = lm2_banks.sleep(model, batches, sleep_steps, rank=sleep_rank, lr=sleep_lr)
         after = sleep_eval(model.eval(), frequent, others, seed + 7, n_eval)
         right = sum(answers[e] == VAL0 + frequent[e] for e in answers if e in frequent)
         results["b"][how] = dict(zip(("consolidated", "fresh_recall", "heldout_loss", "frequent_memory_on"), after),
@@ -472,6 +536,17 @@ def report(results, out, log):
                 f"{r['banks_read']:.2f} banks on average (held-out episodes)")
     log("recall by facts per episode F: " + "; ".join(
         f"{name}: " + " ".join(f"{f}:{v:.3f}" for f, v in r["recall"].items()) for name, r in a.items()))
+    log("closeness at the memory block, F = 8 (benchmark's closeness): a question's key token against each token"
+        " of its own fact / of the other facts: mean cosine, and the share of questions whose own fact is the"
+        " closest (chance 0.125); read: the question's read mass reaching its own fact's tokens / another fact's")
+    for name, r in a.items():
+        if "closeness" in r:
+            c = r["closeness"]
+            own, other, top1 = c["read"]
+            log(f"  {name:8} read mass {own:.4f} / {other:.4f}, own fact the most read {top1:.3f}")
+            for space in ("h", "q", "q.k"):
+                log(f"  {'':8} {space:3} " + "   ".join(f"{t}: {own:+.3f} / {other:+.3f}, closest {top1:.3f}"
+                                                     for t, (own, other, top1) in c[space].items()))
     if "K8 m1" in a and "K32 m1" in a:
         k8, k32 = a["K8 m1"], a["K32 m1"]
         log(f"K8 -> K32 at m=1: read time x{k32['read_us'] / k8['read_us']:.2f} (segment), "
@@ -480,7 +555,8 @@ def report(results, out, log):
     if "before" not in b:
         return plot(results, out)
     c = results["config"]
-    log(f"\n(b) sleep on K8 m1 ({c['sleep_steps']} steps, LoRA rank {c['sleep_rank']}, lr {c['sleep_lr']}): "
+    log(f"\n(b) sleep on K8 m1 ({c['sleep_steps']} steps, LoRA rank {c['sleep_rank']}, lr {c['sleep_lr']}, "
+        f"{c.get('sleep_replay', 1)} replay per consolidation batch): "
         f"16 frequent entities, 256 wake episodes")
     log(f"{'':16} {'frequent recall, memory reset':>29} {'frequent recall, memory on':>26} "
         f"{'fresh recall, memory on':>23} {'held-out loss':>13} {'chosen = frequent':>17} {'consensus right':>15}")

@@ -2,8 +2,11 @@
 import sys
 from pathlib import Path
 
+from dataclasses import replace
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lm2  # noqa: E402
@@ -26,19 +29,20 @@ def trained_like(model):
     return model
 
 
-def test_one_bank_equals_dense_memory():
-    args = tiny(mem_banks=1, mem_top=1)
+@pytest.mark.parametrize("keys", ["learned", "cluster"])
+def test_one_bank_equals_dense_memory(keys):
+    args = tiny(mem_banks=1, mem_top=1, mem_bank_keys=keys)
     bank = trained_like(BankLM2(args)).eval()
     dense_args = lm2.ModelArgs(**{f: getattr(args, f) for f in lm2.ModelArgs.__dataclass_fields__})
     dense = lm2.LM2(dense_args).eval()
-    state = {k: v for k, v in bank.state_dict().items() if not k.endswith(("bank_keys", "bank_bias"))}
+    state = {k: v for k, v in bank.state_dict().items() if not k.endswith(("bank_keys", "bank_bias", "centroids"))}
     dense.load_state_dict(state, strict=True)
     tokens = torch.randint(0, 50, (3, 40))
     assert torch.equal(bank(tokens), dense(tokens))
 
 
-def routed_setup(K=4, S=3, m=1, T=5):
-    args = tiny(mem_banks=K, mem_slots=S, mem_top=m)
+def routed_setup(K=4, S=3, m=1, T=5, keys="learned"):
+    args = tiny(mem_banks=K, mem_slots=S, mem_top=m, mem_bank_keys=keys)
     torch.manual_seed(0)
     mem = trained_like(BankedMemory(args))
     bank0 = torch.randn(2, K * S, 32, requires_grad=True)
@@ -46,10 +50,10 @@ def routed_setup(K=4, S=3, m=1, T=5):
     return mem, h, bank0
 
 
-@pytest.mark.parametrize("m", [1, 2])
-def test_routed_read_touches_only_chosen_banks(m, monkeypatch):
+@pytest.mark.parametrize("m, keys", [(1, "learned"), (2, "learned"), (1, "cluster"), (2, "cluster")])
+def test_routed_read_touches_only_chosen_banks(m, keys, monkeypatch):
     K, S, T = 6, 3, 2  # two tokens reach at most 2 m < K banks of a row
-    mem, h, bank0 = routed_setup(K, S, m, T)
+    mem, h, bank0 = routed_setup(K, S, m, T, keys)
     chosen = mem.route(mem.q_proj(h), mem.state(bank0))[1]  # (B, T, m)
     seen = []
     real = lm2_banks.F.scaled_dot_product_attention
@@ -106,8 +110,9 @@ def test_all_banks_read_is_dense_read():
     assert torch.equal(mem.read(h, state), lm2.Memory.read(mem, h, state))
 
 
-def test_sleep_changes_only_lora():
-    model = trained_like(BankLM2(tiny(mem_banks=2, mem_slots=2, mem_top=1)))
+@pytest.mark.parametrize("keys", ["learned", "cluster"])
+def test_sleep_changes_only_lora(keys):
+    model = trained_like(BankLM2(tiny(mem_banks=2, mem_slots=2, mem_top=1, mem_bank_keys=keys)))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tokens = torch.randint(0, 50, (2, 24))
     pos = torch.zeros(2, 24, dtype=torch.bool)
@@ -282,3 +287,81 @@ def test_progressive_read_stops_confident_tokens():
 def test_progressive_needs_room_to_grow():
     with pytest.raises(ValueError, match="mem_top >= 2"):
         BankArgs(mem_banks=4, mem_top=1, mem_progressive_threshold=0.5)
+
+
+def test_cluster_router_is_the_nearest_centroid_whatever_the_memory_holds():
+    mem, h, bank0 = routed_setup(4, 3, 1, keys="cluster")
+    assert not hasattr(mem, "bank_keys") and "centroids" in dict(mem.named_buffers())
+    qd = mem.q_proj(h)
+    want = (F.normalize(qd, dim=-1) @ mem.centroids.T).argmax(-1)  # (B, T): the nearest centroid by cosine
+    for state in (mem.state(bank0), mem.initial_state(2), mem.write(h, mem.state(bank0))):
+        assert torch.equal(mem.route(qd, state)[1][..., 0], want)  # a write does not move a later read's bank
+    new = mem.write(h, mem.state(bank0))[0]
+    for b in range(2):
+        for j in range(4):
+            assert torch.equal(new[b, j * 3:(j + 1) * 3], bank0[b, j * 3:(j + 1) * 3]) == (j not in want[b].tolist())
+    out = mem.read(h, mem.state(bank0))
+    out.sum().backward()
+    assert mem.q_proj.weight.grad is not None and not any(b.requires_grad for b in mem.buffers())
+
+
+def test_cluster_router_error_names_the_fix():
+    with pytest.raises(ValueError, match="mem_aux_alpha and mem_route_distill"):
+        BankArgs(mem_banks=4, mem_bank_keys="cluster", mem_aux_alpha=0.01)
+
+
+def test_balanced_assignment_gives_every_bank_its_share():
+    torch.manual_seed(0)
+    scores = 0.2 * torch.randn(64, 4) + torch.tensor([0.5, 0.0, 0.0, 0.0])  # cosines; most queries prefer bank 0
+    assert (scores.argmax(1) == 0).sum() > 48
+    a = lm2_banks.balanced_assignment(scores)
+    torch.testing.assert_close(a.sum(1), torch.ones(64))
+    torch.testing.assert_close(a.sum(0), torch.full((4,), 16.0), rtol=0.02, atol=0.0)
+    assert (a.argmax(1) == 0).sum() < 24
+
+
+def test_update_centroids_spreads_the_banks_over_the_queries():
+    """Two groups of queries, both centroids start near the first group: the k-means steps give each group its
+    own bank, and keep the centroids on the unit sphere."""
+    args = tiny(mem_banks=2, mem_slots=3, mem_top=1, mem_bank_keys="cluster")
+    model = BankLM2(replace(args, mem_layers=(1,)))
+    mem, = model.banked()
+    torch.manual_seed(0)
+    a, b = F.normalize(torch.randn(2, 32), dim=-1)
+    groups = torch.stack([a + 0.05 * torch.randn(20, 32), b + 0.05 * torch.randn(20, 32)])  # (2, 20, d)
+    with torch.no_grad():
+        mem.q_proj.weight.copy_(torch.eye(32))  # queries = the inputs
+        mem.centroids.copy_(F.normalize(torch.stack([a + 0.1 * b, a - 0.1 * b]), dim=-1))
+
+    def separated():
+        top = mem.route(groups, None)[1][..., 0]  # (2, 20)
+        return bool((top[0] == top[0, 0]).all() and (top[1] == top[1, 0]).all() and top[0, 0] != top[1, 0])
+
+    assert not separated()
+    mem.train()
+    for _ in range(20):
+        mem.assign(groups.reshape(1, 40, 32))
+        model.update_centroids(0.5)
+    torch.testing.assert_close(mem.centroids.norm(dim=-1), torch.ones(2))
+    assert separated()
+    model.update_centroids(0.5)  # nothing read since: the centroids stay
+    assert mem.centroid_sum is None
+
+
+def test_write_shift_stores_a_token_where_its_predecessor_reads():
+    mem, h, bank0 = routed_setup(4, 3, 1, T=6)
+    shifted = BankedMemory(tiny(mem_banks=4, mem_slots=3, mem_top=1, mem_write_shift=True))
+    shifted.load_state_dict(mem.state_dict())
+    state = mem.state(bank0)
+    top = mem.route(mem.q_proj(h), state)[1][..., 0]  # (B, T): the bank each token reads
+    want = torch.cat([top[:, :1], top[:, :-1]], dim=1)  # token t goes where t - 1 reads; the first keeps its own
+    assert not torch.equal(want, top)  # the test sees a token whose write moves
+    assert torch.equal(shifted.write_banks(shifted.q_proj(h), state), want)
+    new = shifted.write(h, state)[0]
+    for b in range(2):
+        for j in range(4):
+            assert torch.equal(new[b, j * 3:(j + 1) * 3], bank0[b, j * 3:(j + 1) * 3]) == (j not in want[b].tolist())
+    # the write's attention: each token's share goes only to the slots of the bank it is written to
+    write = shifted.slot_weights(h, state)[1]  # (B, N, T)
+    assert torch.equal(write > 0, (torch.arange(12) // 3)[None, :, None] == want[:, None, :])
+    torch.testing.assert_close(shifted.read(h, state), mem.read(h, state))  # the read is unchanged
