@@ -24,9 +24,9 @@ is the speed of streaming the weights from memory, and two PyTorch kernels leave
 - bf16 (where oneDNN has bf16 kernels): `F.linear` reorders the weight into oneDNN's blocked layout on every
   call. `FastLinear` keeps a reordered copy (made at the first inference call, remade when the weight changes,
   kept only while it fits in half the free memory) and multiplies with it directly. Each oneDNN call also
-  costs 25-40 us whatever its size, so the sibling layers a model calls on one input (q/k/v, gate/up) share
-  one stacked reordered copy and one call, and hand each other their slices of it (Siblings): 4 calls a layer
-  instead of 7.
+  costs 25-40 us whatever its size (a 64 x 64 product: 2 us through F.linear, on the Xeon under load), so the
+  sibling layers a model calls on one input (q/k/v, gate/up) share one stacked reordered copy and one call,
+  and hand each other their slices of it (Siblings): 4 calls a layer instead of 7.
 - int8 (`weights="int8"`, opt-in: it changes the numbers): each layer becomes an `Int8Linear` holding an int8
   copy of its weight with one bf16 scale per output row (symmetric, absmax / 127), multiplied by PyTorch's
   weight-only int8 kernel (`aten._weight_int8pack_mm`, the one gpt-fast's int8 path uses) with the activation
@@ -235,7 +235,10 @@ class Siblings:
         """Off, nothing seen, nothing held."""
         self.weight, self.keys, self.sources = None, None, None  # the stacked copy, and what it was made from
         self.on, self.seen, self.last = False, set(), None  # observation: members seen with input `last`
-        self.out, self.input, self.left = None, None, set()  # the pending stacked product, its input, who is due
+        # the last stacked product: (its input, the input's version key, the product, the weights' version keys),
+        # one tuple so that a model used by two threads at once never pairs one call's input with another's
+        # product; and the members that have not taken their slice of it
+        self.pending, self.left = None, set()
 
     # deep copies and pickles start observing afresh (a oneDNN tensor cannot be copied); subtle: in a deep copy
     # of a model the members are still being built when this runs, so it reads nothing of theirs
@@ -246,33 +249,30 @@ class Siblings:
         self.members, self.bounds = state["members"], state["bounds"]
         self.reset()
 
-    def same_input(self, ref, x) -> bool:
-        return ref is not None and ref[0]() is x and ref[1] == version_key(x)
-
     def product(self, member: FastLinear, x: torch.Tensor) -> torch.Tensor | None:
         """member's product of x (one row), sliced from the stacked product; None: take member's own product."""
         i = self.members.index(member)
-        if self.same_input(self.input, x):
-            if version_key(member.weight) != self.keys[i]:
+        pending = self.pending
+        if pending is not None and pending[0]() is x and pending[1] == version_key(x):
+            if version_key(member.weight) != pending[3][i]:
                 return None
             self.left.discard(i)
-            return self.out[..., self.bounds[i]:self.bounds[i + 1]]
-        if self.left:  # the pending product was not taken whole: these layers are not called together
+            return pending[2][..., self.bounds[i]:self.bounds[i + 1]]
+        if self.left:  # the last stacked product was not taken whole: these layers are not called together
             self.reset()
         if not self.on:
-            if not self.same_input(self.last, x):
+            if self.last is None or self.last[0]() is not x or self.last[1] != version_key(x):
                 self.seen, self.last = set(), (weakref.ref(x), version_key(x))
             self.seen.add(i)
-            if len(self.seen) < len(self.members):
-                return None
-            self.on = True
+            self.on = len(self.seen) == len(self.members)
             return None
         w = self.stacked_weight()
         if w is None:
             return None
-        self.out = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-        self.input, self.left = (weakref.ref(x), version_key(x)), set(range(len(self.members))) - {i}
-        return self.out[..., self.bounds[i]:self.bounds[i + 1]]
+        out = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        self.pending = (weakref.ref(x), version_key(x), out, self.keys)
+        self.left = set(range(len(self.members))) - {i}
+        return out[..., self.bounds[i]:self.bounds[i + 1]]
 
     def stacked_weight(self) -> torch.Tensor | None:
         """The members' weights stacked in oneDNN's bf16 layout, remade when one changed; None where none is kept

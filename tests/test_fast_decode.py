@@ -224,7 +224,7 @@ def test_bf16_siblings_share_one_stacked_product():
         assert model.o_proj.reordered_weight() is not None  # a lone layer keeps its own
         x = torch.randn(1, 64, dtype=torch.bfloat16)
         q = model.q_proj(x)
-        assert qkv.out is not None and qkv.left == {1, 2}
+        assert qkv.pending[0]() is x and qkv.left == {1, 2}
         assert torch.equal(model.q_proj(x), q)  # called twice: its slice again
         model.k_proj.weight.mul_(2)  # updated in place between two siblings' calls: k's own product
         torch.testing.assert_close(model.k_proj(x), F.linear(x, model.k_proj.weight))
