@@ -133,20 +133,20 @@ class FastLinear(nn.Linear):
     """nn.Linear (same parameters, same names) whose CPU inference products take the faster kernels above."""
 
     def forward(self, x):
-        if x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            one_row = x.numel() == self.in_features
+        # (the checks run on every product: the cheapest and the most often decisive come first)
+        if not torch.is_grad_enabled() and x.is_cpu and not torch.compiler.is_compiling():
             if x.dtype == torch.bfloat16 and BF16_ONEDNN:
                 siblings = self.__dict__.get("siblings")
-                if one_row and siblings is not None:
+                if siblings is not None and x.numel() == self.in_features:
                     y = siblings.product(self, x)
                     if y is not None:
                         return y
                 w = self.reordered_weight()
                 if w is not None:
                     return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
-            elif x.dtype == torch.float32 and one_row and self.bias is None:
+            elif x.dtype == torch.float32:
                 n = torch.get_num_threads()
-                if n > 1 and self.out_features % n == 0:
+                if n > 1 and x.numel() == self.in_features and self.out_features % n == 0 and self.bias is None:
                     return split_or_linear(self, x, n)
         return F.linear(x, self.weight, self.bias)
 
