@@ -55,8 +55,8 @@ it stays float too.
 
 What the model files did before and this module does not (README.md has the figures):
 - q/k/v and gate/up stacked in fp32: it would need a stacked copy of two thirds of the weights beside them (the
-  bf16 stack replaces the layers' own reordered copies; fp32 has none), for a gain that one-row fp32 products
-  do not show here (`benchmarks/bench_cpu_kernels.py`, its stacked column);
+  bf16 stack replaces the layers' own reordered copies; fp32 has none), for the 0-5% that one-row fp32 products
+  gained from it on the Xeon, one thread, under load (`benchmarks/bench_cpu_kernels.py`, its stacked column);
 - attention in fp32 on an fp32 KV cache for bf16 models: on the Xeon (AMX) PyTorch's bf16 attention takes
   0.55-0.73x the time of the fp32 one (it was 2.2-8.5x slower on the EPYC machine), and swapping it in from
   outside would mean copying each model's attention forward.
