@@ -15,13 +15,18 @@ Where the speed comes from. Decoding one token multiplies one row by every weigh
 is the speed of streaming the weights from memory, and two PyTorch kernels leave much of that unused
 (`python benchmarks/bench_cpu_kernels.py` times each kernel alone; figures in README.md):
 - fp32: the one-row product (MKL's matrix-vector kernel) runs on one thread whatever `torch.get_num_threads()`
-  says. `FastLinear` views the output rows as one block per thread and runs the blocks as one `bmm`, whose
+  says. `FastLinear` can view the output rows as one block per thread and run the blocks as one `bmm`, whose
   batch PyTorch spreads over the threads: the same product on every core. This paid 1.54-1.60x on the AMD
   EPYC development machine, where one thread streamed a fraction of the bandwidth; on the 2-vCPU Xeon (AMX)
-  one thread already streams 19-25 of its 23-28 GB/s, and the split measured 0.81-0.96x (README.md).
+  one thread already streams 19-25 of its 23-28 GB/s, and the split measured 0.81-0.96x (README.md). So it is
+  a measured choice: the first calls of each shape time both routes, and the faster one stays
+  (split_or_linear).
 - bf16 (where oneDNN has bf16 kernels): `F.linear` reorders the weight into oneDNN's blocked layout on every
   call. `FastLinear` keeps a reordered copy (made at the first inference call, remade when the weight changes,
-  kept only while it fits in half the free memory) and multiplies with it directly.
+  kept only while it fits in half the free memory) and multiplies with it directly. Each oneDNN call also
+  costs 25-40 us whatever its size (a 64 x 64 product: 2 us through F.linear, on the Xeon under load), so the
+  sibling layers a model calls on one input (q/k/v, gate/up) share one stacked reordered copy and one call,
+  and hand each other their slices of it (Siblings): 4 calls a layer instead of 7.
 - int8 (`weights="int8"`, opt-in: it changes the numbers): each layer becomes an `Int8Linear` holding an int8
   copy of its weight with one bf16 scale per output row (symmetric, absmax / 127), multiplied by PyTorch's
   weight-only int8 kernel (`aten._weight_int8pack_mm`, the one gpt-fast's int8 path uses) with the activation
@@ -49,9 +54,9 @@ and nanollm's absorbed MLA decode multiplies with `kv_b_proj.weight` itself (tha
 it stays float too.
 
 What the model files did before and this module does not (README.md has the figures):
-- q/k/v and gate/up stacked into one bf16 product: not done yet. A measurement under other jobs' load showed
-  no gain; the final idle one shows one (12.0 against 8.4 GB/s on SmolLM2's matrices, 20.3 against 18.4 on
-  Llama 3.2 1B's), so it is the next step, as a stacked reordered copy kept beside the sibling layers;
+- q/k/v and gate/up stacked in fp32: it would need a stacked copy of two thirds of the weights beside them (the
+  bf16 stack replaces the layers' own reordered copies; fp32 has none), for the 0-5% that one-row fp32 products
+  gained from it on the Xeon, one thread, under load (`benchmarks/bench_cpu_kernels.py`, its stacked column);
 - attention in fp32 on an fp32 KV cache for bf16 models: on the Xeon (AMX) PyTorch's bf16 attention takes
   0.55-0.73x the time of the fp32 one (it was 2.2-8.5x slower on the EPYC machine), and swapping it in from
   outside would mean copying each model's attention forward.
@@ -59,6 +64,7 @@ What the model files did before and this module does not (README.md has the figu
 
 import os
 import platform
+import statistics
 import time
 import weakref
 
@@ -87,6 +93,14 @@ def free_memory() -> int:
         return 0
 
 
+def version_key(t: torch.Tensor) -> tuple:
+    """What changes when tensor t's values may have: its data pointer (`.data =` swaps storage under the same
+    Parameter) and its version (bumped by every in-place update). subtle: inference tensors (made under
+    torch.inference_mode) have no version; they cannot be updated in place outside inference mode, but inside it
+    they can, unseen."""
+    return t.data_ptr(), None if t.is_inference() else t._version
+
+
 class Derived:
     """A weight kept in another form beside a FastLinear's parameter (oneDNN's bf16 layout, or int8 with its
     scales), and what it was made from: the weight tensor (a weak reference, so a new tensor that the allocator
@@ -107,8 +121,7 @@ class Derived:
 
     def get(self, w: torch.Tensor, make):
         """The held form of weight w, remade by make(w) (which may return None: keep none) when w changed."""
-        # (inference tensors, made under torch.inference_mode, have no version and cannot be updated in place)
-        key = (w.data_ptr(), None if w.is_inference() else w._version)
+        key = version_key(w)
         if self.key != key or self.source() is not w:
             self.weight = None  # free a stale copy before deciding on a new one
             self.weight = make(w.detach())
@@ -120,27 +133,176 @@ class FastLinear(nn.Linear):
     """nn.Linear (same parameters, same names) whose CPU inference products take the faster kernels above."""
 
     def forward(self, x):
-        if x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # (the checks run on every product: the cheapest and the most often decisive come first)
+        if not torch.is_grad_enabled() and x.is_cpu and not torch.compiler.is_compiling():
             if x.dtype == torch.bfloat16 and BF16_ONEDNN:
+                siblings = self.__dict__.get("siblings")
+                if siblings is not None and x.numel() == self.in_features:
+                    y = siblings.product(self, x)
+                    if y is not None:
+                        return y
                 w = self.reordered_weight()
                 if w is not None:
                     return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
-            elif x.dtype == torch.float32 and x.numel() == self.in_features and self.bias is None:
+            elif x.dtype == torch.float32:
                 n = torch.get_num_threads()
-                if n > 1 and self.out_features % n == 0:
-                    # one block of output rows per thread: a batched matmul whose blocks run in parallel
-                    w = self.weight.view(n, self.out_features // n, self.in_features)  # a view, no copy
-                    y = torch.bmm(x.reshape(1, 1, -1).expand(n, 1, -1), w.transpose(1, 2))  # (n, 1, out/n)
-                    return y.view(x.shape[:-1] + (self.out_features,))
+                if n > 1 and x.numel() == self.in_features and self.out_features % n == 0 and self.bias is None:
+                    return split_or_linear(self, x, n)
         return F.linear(x, self.weight, self.bias)
+
+    def split_product(self, x, n):
+        """The one-row product with one block of output rows per thread: a batched matmul whose blocks run in
+        parallel."""
+        w = self.weight.view(n, self.out_features // n, self.in_features)  # a view, no copy
+        y = torch.bmm(x.reshape(1, 1, -1).expand(n, 1, -1), w.transpose(1, 2))  # (n, 1, out/n)
+        return y.view(x.shape[:-1] + (self.out_features,))
 
     def reordered_weight(self) -> torch.Tensor | None:
         """The weight in oneDNN's bf16 layout, remade when the weight changed; None where none is kept."""
         if "reordered" not in self.__dict__:
             self.reordered = Derived()
-        # bf16 weights only: under autocast, bf16 activations meet fp32 weights, which F.linear casts
-        return self.reordered.get(self.weight, lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 1)
-                                  if w.dtype == torch.bfloat16 and 2 * w.nbytes < free_memory() else None)
+        return self.reordered.get(self.weight, reorder_bf16)
+
+
+def reorder_bf16(w: torch.Tensor) -> torch.Tensor | None:
+    """w in oneDNN's blocked bf16 layout, if w is bf16 and the copy fits in half the free memory; else None.
+    (bf16 weights only: under autocast, bf16 activations meet fp32 weights, which F.linear casts.)"""
+    ok = w.dtype == torch.bfloat16 and 2 * w.nbytes < free_memory()
+    return torch.ops.mkldnn._reorder_linear_weight(w, 1) if ok else None
+
+
+# fp32, one row, more than one thread: the split or F.linear, whichever measured faster here for this shape and
+# thread count. The first TRIAL_CALLS calls of each route (alternating, on whatever layers of that shape come
+# next: the weights stream from memory as they will later) are timed, and the lower median wins for the rest of
+# the process. It is a measurement, not a rule, because the answer is the machine's: the split paid 1.54-1.60x
+# on the EPYC machine and cost 0.81-0.96x on the Xeon (README.md).
+TRIAL_CALLS = 8
+SPLIT_WINS: dict[tuple[int, int, int], bool] = {}  # (out_features, in_features, threads) -> split is faster
+TRIALS: dict[tuple[int, int, int], tuple[list, list]] = {}  # shapes still on trial -> (F.linear, split) times
+clock = time.perf_counter  # (a test replaces it with a clock it controls)
+
+
+def split_or_linear(layer: FastLinear, x: torch.Tensor, n: int) -> torch.Tensor:
+    key = (layer.out_features, layer.in_features, n)
+    wins = SPLIT_WINS.get(key)
+    if wins is not None:
+        return layer.split_product(x, n) if wins else F.linear(x, layer.weight)
+    times = TRIALS.setdefault(key, ([], []))
+    split = len(times[1]) < len(times[0])  # alternate, F.linear first
+    t0 = clock()
+    y = layer.split_product(x, n) if split else F.linear(x, layer.weight)
+    times[split].append(clock() - t0)
+    if len(times[1]) == TRIAL_CALLS:
+        SPLIT_WINS[key] = statistics.median(times[1]) < statistics.median(times[0])
+        del TRIALS[key]
+    return y
+
+
+# Sibling layers: the projections a model file calls one after another on the same input. One bf16 product
+# through their weights stacked (one reordered copy, in place of each layer's own) streams them as one matrix,
+# in one oneDNN call instead of three or two, each of which costs 25-40 us here whatever its size.
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class Siblings:
+    """FastLinear layers of one parent module, named as in SIBLINGS, with the same input width and no bias: their
+    one-row bf16 products can come from one stacked product, handed out by slices.
+
+    How it stays what the plain model computes, whatever calls the layers:
+    - It is off until it has seen every member called with the same input tensor (the same object, unchanged),
+      one after another. Until then, and whenever it is off, each layer takes its own product.
+    - On, the first member called with a new input computes the stacked product and keeps it with that input (a
+      weak reference, and its version key); a member called with that same input takes its slice (a member called
+      twice takes it again). The product (one row) is kept until the next one.
+    - A member called with another input while some member has not yet taken its slice turns stacking off (until
+      a full round is seen again): the layers are not being called together (lm2.py's memory reads tokens with
+      q_proj and its bank with k_proj and v_proj; a layer that finetune.py's apply_lora replaced after fast() is
+      never called again), and off, a wasted stacked product costs no more than once per round seen.
+    - The stacked copy is remade when any member's weight changed (version_key), like a layer's own copy; a
+      handed-out slice is checked against its own layer's weight too.
+    subtle: under torch.inference_mode inputs have no version: an input changed in place between two siblings'
+    calls would be handed the product of its old values. The model files never do that (the input is a norm's
+    fresh output)."""
+
+    def __init__(self, members: list[FastLinear]):
+        self.members = members
+        self.bounds = [0]  # member i's rows of the stacked weight: bounds[i]:bounds[i + 1]
+        for m in members:
+            self.bounds.append(self.bounds[-1] + m.out_features)
+        self.reset()
+
+    def reset(self):
+        """Off, nothing seen, nothing held."""
+        self.weight, self.keys, self.sources = None, None, None  # the stacked copy, and what it was made from
+        self.on, self.seen, self.last = False, set(), None  # observation: members seen with input `last`
+        # the last stacked product: (its input, the input's version key, the product, the weights' version keys),
+        # one tuple so that a model used by two threads at once never pairs one call's input with another's
+        # product; and the members that have not taken their slice of it
+        self.pending, self.left = None, set()
+
+    # deep copies and pickles start observing afresh (a oneDNN tensor cannot be copied); subtle: in a deep copy
+    # of a model the members are still being built when this runs, so it reads nothing of theirs
+    def __getstate__(self):
+        return {"members": self.members, "bounds": self.bounds}
+
+    def __setstate__(self, state):
+        self.members, self.bounds = state["members"], state["bounds"]
+        self.reset()
+
+    def product(self, member: FastLinear, x: torch.Tensor) -> torch.Tensor | None:
+        """member's product of x (one row), sliced from the stacked product; None: take member's own product."""
+        i = self.members.index(member)
+        pending = self.pending
+        if pending is not None and pending[0]() is x and pending[1] == version_key(x):
+            if version_key(member.weight) != pending[3][i]:
+                return None
+            self.left.discard(i)
+            return pending[2][..., self.bounds[i]:self.bounds[i + 1]]
+        if self.left:  # the last stacked product was not taken whole: these layers are not called together
+            self.reset()
+        if not self.on:
+            if self.last is None or self.last[0]() is not x or self.last[1] != version_key(x):
+                self.seen, self.last = set(), (weakref.ref(x), version_key(x))
+            self.seen.add(i)
+            self.on = len(self.seen) == len(self.members)
+            return None
+        w = self.stacked_weight()
+        if w is None:
+            return None
+        out = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        self.pending = (weakref.ref(x), version_key(x), out, self.keys)
+        self.left = set(range(len(self.members))) - {i}
+        return out[..., self.bounds[i]:self.bounds[i + 1]]
+
+    def stacked_weight(self) -> torch.Tensor | None:
+        """The members' weights stacked in oneDNN's bf16 layout, remade when one changed; None where none is kept
+        (weights not all bf16, or no room)."""
+        ws = [m.weight for m in self.members]
+        keys = [version_key(w) for w in ws]
+        if keys != self.keys or any(s() is not w for s, w in zip(self.sources, ws)):
+            self.weight = None  # free a stale copy first
+            same = all(w.dtype == torch.bfloat16 and w.device == ws[0].device for w in ws)
+            self.weight = reorder_bf16(torch.cat([w.detach() for w in ws])) if same else None
+            self.keys, self.sources = keys, [weakref.ref(w) for w in ws]
+            if self.weight is not None:
+                for m in self.members:
+                    m.reordered = Derived()  # their own copies go: the stacked one replaces them
+        return self.weight
+
+
+def stack_siblings(model: nn.Module):
+    """Group each parent's sibling FastLinear layers (SIBLINGS) into a Siblings, afresh."""
+    for module in model.modules():
+        module.__dict__.pop("siblings", None)
+    for parent in model.modules():
+        for names in SIBLINGS:
+            members = [m for m in (getattr(parent, n, None) for n in names)
+                       if isinstance(m, FastLinear) and m.bias is None]
+            members = [m for m in members if m.in_features == members[0].in_features]
+            if len(members) > 1:
+                siblings = Siblings(members)
+                for m in members:
+                    m.siblings = siblings
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +347,8 @@ def fast(model: nn.Module, threads: bool = False, weights: str | None = None) ->
     (finetune.py's LoRALinear) are left as they are. Calling it again is harmless, and the last call's weights
     decide. threads=True (what the model files' command lines pass) also sets torch's thread count for decoding
     now: decode_threads(), below. weights="int8" quantizes every weight now (not at the first token), and
-    holds the int8 copy beside the float weight: see Int8Linear."""
+    holds the int8 copy beside the float weight: see Int8Linear. Sibling layers (q/k/v, gate/up) are grouped
+    for stacked bf16 products: see Siblings."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r}: use None (the model's own) or 'int8'")
     cls = WEIGHTS[weights]
@@ -196,6 +359,7 @@ def fast(model: nn.Module, threads: bool = False, weights: str | None = None) ->
             if cls is Int8Linear:
                 module.int8 = Derived()
                 module.int8.get(module.weight, quantize_int8)
+    stack_siblings(model)
     if threads:
         torch.set_num_threads(decode_threads())
     return model

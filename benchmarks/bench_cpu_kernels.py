@@ -6,10 +6,10 @@ The CPU kernels behind batch-1 decoding, alone: what fast_decode.py's paths buy,
 
 1. One-row products (a decode step's matmuls) through every layer's weights, random, as many distinct weights
    as the model has so that they stream from memory and not from cache: PyTorch's F.linear against
-   fast_decode's `FastLinear` (fp32: the product split across threads; bf16: the weight kept in oneDNN's
-   layout), and, for bf16, the same reordered products with q/k/v and gate/up stacked into one weight each
-   (what the model files did before fast_decode; left out of it unless this column shows a gain).
-   GB/s is weight bytes over time.
+   fast_decode's `FastLinear` (fp32: the product split across threads, and FastLinear's choice between the two,
+   made by timing both in the warm-up; bf16: the weight kept in oneDNN's layout), and the same products with
+   q/k/v and gate/up stacked into one weight each (bf16: one reordered copy each, as fast_decode's Siblings
+   keep; fp32: F.linear on stacked copies, which fast_decode does not make). GB/s is weight bytes over time.
 2. Attention of one query over S cached keys (SmolLM2-135M heads: 9 query, 3 key/value, head_dim 64): bf16
    F.scaled_dot_product_attention against fp32 attention on an fp32 cache with the result rounded back (what
    the model files did for bf16 models on a CPU before fast_decode; left out of it unless this shows a gain).
@@ -67,6 +67,25 @@ def products(name, dtype, n_layers):
                 lin(inp)
 
     run = {"plain": plain, "fast": ours}
+    if dtype == torch.float32:
+        n = torch.get_num_threads()
+
+        def split():
+            for lins in fast:
+                for lin, inp in zip(lins, inputs):
+                    lin.split_product(inp, n)
+
+        stacked = [[torch.cat([lin.weight for lin in lins[:3]]), lins[3].weight,
+                    torch.cat([lin.weight for lin in lins[4:6]]), lins[6].weight] for lins in layers]
+
+        def plain_stacked():
+            for qkv, o, gate_up, down in stacked:
+                for w, inp in ((qkv, x), (o, x), (gate_up, x), (down, h)):
+                    F.linear(inp, w)
+
+        if n > 1:
+            run["split"] = split
+        run["stacked"] = plain_stacked
     if dtype == torch.bfloat16 and fast_decode.BF16_ONEDNN:
         reorder = lambda ws: torch.ops.mkldnn._reorder_linear_weight(torch.cat(ws), 1)  # noqa: E731
         stacked = [[reorder([lin.weight for lin in lins[:3]]), reorder([lins[3].weight]),
@@ -81,9 +100,9 @@ def products(name, dtype, n_layers):
     with torch.inference_mode():
         t = {k: best_time(fn) for k, fn in run.items()}
     dt = str(dtype).removeprefix("torch.")
-    stacked = f"{nbytes / t['stacked'] / 1e9:.1f}" if "stacked" in t else "-"
-    print(f"| {name} | {dt} | {len(layers)} | {nbytes / 1e6:.0f} | {nbytes / t['plain'] / 1e9:.1f} "
-          f"| {nbytes / t['fast'] / 1e9:.1f} | {t['plain'] / t['fast']:.2f}x | {stacked} |")
+    gbs = lambda k: f"{nbytes / t[k] / 1e9:.1f}" if k in t else "-"  # noqa: E731
+    print(f"| {name} | {dt} | {len(layers)} | {nbytes / 1e6:.0f} | {gbs('plain')} | {gbs('split')} | {gbs('fast')} "
+          f"| {t['plain'] / t['fast']:.2f}x | {gbs('stacked')} |")
 
 
 def attention(S):
@@ -108,8 +127,9 @@ def main(layers: int | None = None):
           f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"oneDNN bf16 kernels: {fast_decode.BF16_ONEDNN}\n")
     print("One-row products through every layer's projections (best of 5):\n")
-    print("| shapes | dtype | layers | MB | F.linear GB/s | FastLinear GB/s | speed-up | stacked q/k/v, gate/up GB/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shapes | dtype | layers | MB | F.linear GB/s | split GB/s | FastLinear GB/s | speed-up "
+          "| stacked q/k/v, gate/up GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in SHAPES:
         for dtype in (torch.float32, torch.bfloat16):
             products(name, dtype, layers)

@@ -159,13 +159,15 @@ def random_llama_checkpoint(out_dir: Path, tokenizer_dir: Path) -> Path:
 def held_bytes(model) -> int:
     """Bytes of every tensor the model holds: parameters and fast_decode's copies beside them."""
     total = sum(p.nbytes for p in model.parameters())
-    for m in model.modules():
-        for held in (m.__dict__.get("reordered"), m.__dict__.get("int8")):
-            w = held.weight if held is not None else None
-            if isinstance(w, tuple):
-                total += sum(t.nbytes for t in w)
-            elif w is not None:
-                total += w.nbytes if not w.is_mkldnn else w.numel() * w.element_size()
+    holders = [h for m in model.modules() for h in (m.__dict__.get("reordered"), m.__dict__.get("int8"))]
+    # (a Siblings, shared by its members, holds their stacked copy)
+    holders += {id(m.siblings): m.siblings for m in model.modules() if "siblings" in m.__dict__}.values()
+    for held in holders:
+        w = held.weight if held is not None else None
+        if isinstance(w, tuple):
+            total += sum(t.nbytes for t in w)
+        elif w is not None:
+            total += w.nbytes if not w.is_mkldnn else w.numel() * w.element_size()
     return total
 
 

@@ -132,6 +132,161 @@ def test_bf16_product_keeps_a_reordered_weight(monkeypatch):
         assert clone.reordered.weight is None
 
 
+@pytest.mark.parametrize("slow", ["split", "F.linear"])
+def test_fp32_route_is_the_one_measured_faster(slow, monkeypatch):
+    """fp32 one-row products on more than one thread: the first calls of a shape alternate between the split and
+    F.linear, timed; the faster route takes every later call of that shape (and thread count). Each route
+    computes F.linear's product. (A clock that the routes advance, 1 s for the slow one, 1 ms for the other: on
+    a busy machine a real one may rank them either way.)"""
+    torch.set_num_threads(2)
+    monkeypatch.setattr(fast_decode, "SPLIT_WINS", {})
+    monkeypatch.setattr(fast_decode, "TRIALS", {})
+    now = [0.0]
+    monkeypatch.setattr(fast_decode, "clock", lambda: now[0])
+    calls = {"split": 0, "F.linear": 0}
+    split, linear = FastLinear.split_product, F.linear
+
+    def counted(route, fn):
+        def run(*args):
+            calls[route] += 1
+            now[0] += 1.0 if route == slow else 1e-3
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(FastLinear, "split_product", counted("split", split))
+    monkeypatch.setattr(fast_decode.F, "linear", counted("F.linear", linear))
+    layers = fast(nn.Sequential(nn.Linear(48, 96, bias=False), nn.Linear(48, 96, bias=False)))
+    x = torch.randn(1, 1, 48)
+    with torch.no_grad():
+        for i in range(2 * fast_decode.TRIAL_CALLS):  # the trial, on both layers of the shape
+            assert not fast_decode.SPLIT_WINS
+            torch.testing.assert_close(layers[i % 2](x), linear(x, layers[i % 2].weight), rtol=1e-6, atol=1e-6)
+        assert calls == {"split": fast_decode.TRIAL_CALLS, "F.linear": fast_decode.TRIAL_CALLS}
+        assert fast_decode.SPLIT_WINS == {(96, 48, 2): slow == "F.linear"}
+        for i in range(4):
+            torch.testing.assert_close(layers[i % 2](x), linear(x, layers[i % 2].weight), rtol=1e-6, atol=1e-6)
+    fast_route = "split" if slow == "F.linear" else "F.linear"
+    assert calls[fast_route] == fast_decode.TRIAL_CALLS + 4 and calls[slow] == fast_decode.TRIAL_CALLS
+
+
+class SiblingsParent(nn.Module):
+    """An attention's q/k/v and an MLP's gate/up, as the model files name them, and a lone o_proj."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(64, 96, bias=False), nn.Linear(64, 32, bias=False), \
+            nn.Linear(64, 32, bias=False)
+        self.o_proj = nn.Linear(96, 64, bias=False)
+        self.gate_proj, self.up_proj = nn.Linear(64, 160, bias=False), nn.Linear(64, 160, bias=False)
+
+    def forward(self, x):  # the call order of the model files: q, k, v on one input; gate, up on one input
+        return [getattr(self, n)(x) for n in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")]
+
+
+def test_siblings_are_grouped_by_name():
+    """fast() groups q/k/v and gate/up of one parent (FastLinear, no bias, one input width); a lone layer, a
+    biased one or a LoRALinear stays out; applying fast again regroups."""
+    outer = fast(nn.Sequential(SiblingsParent()))  # (apply_lora wraps layers below a parent module)
+    model = outer[0]
+    qkv, gate_up = model.q_proj.siblings, model.gate_proj.siblings
+    assert qkv.members == [model.q_proj, model.k_proj, model.v_proj] and qkv.bounds == [0, 96, 128, 160]
+    assert gate_up.members == [model.gate_proj, model.up_proj] and model.up_proj.siblings is gate_up
+    assert "siblings" not in vars(model.o_proj)
+    model.v_proj.bias = nn.Parameter(torch.zeros(32))
+    finetune.apply_lora(outer, 4, 8.0, 0.0, ["k_proj"])
+    fast(outer)
+    assert not any("siblings" in vars(getattr(model, n)) for n in ("q_proj", "k_proj", "v_proj"))
+    assert model.up_proj.siblings is not gate_up and model.up_proj.siblings.members == [model.gate_proj,
+                                                                                        model.up_proj]
+
+
+@needs_onednn
+def test_bf16_siblings_share_one_stacked_product():
+    """bf16, one row: once q/k/v (gate/up) were seen called with one input, the first of them computes one product
+    through a stacked reordered copy of their weights and the others take their slices; the products are
+    F.linear's; the layers' own reordered copies go; a weight updated in place (an optimizer step) remakes the
+    stacked copy; copies, saving and the state_dict are as before; with autograd on, F.linear."""
+    torch.manual_seed(0)
+    model = fast(SiblingsParent()).to(torch.bfloat16)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    names = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+
+    def check(x):
+        for n, y in zip(names, model(x)):
+            torch.testing.assert_close(y, F.linear(x, getattr(model, n).weight))
+
+    with torch.no_grad():
+        for _ in range(3):  # the first round is seen, then stacked
+            check(torch.randn(1, 1, 64, dtype=torch.bfloat16))
+        qkv, gate_up = model.q_proj.siblings, model.gate_proj.siblings
+        assert qkv.on and gate_up.on and qkv.weight.is_mkldnn and gate_up.weight.is_mkldnn
+        assert all(m.reordered.weight is None for m in qkv.members + gate_up.members)
+        assert model.o_proj.reordered_weight() is not None  # a lone layer keeps its own
+        x = torch.randn(1, 64, dtype=torch.bfloat16)
+        q = model.q_proj(x)
+        assert qkv.pending[0]() is x and qkv.left == {1, 2}
+        assert torch.equal(model.q_proj(x), q)  # called twice: its slice again
+        model.k_proj.weight.mul_(2)  # updated in place between two siblings' calls: k's own product
+        torch.testing.assert_close(model.k_proj(x), F.linear(x, model.k_proj.weight))
+        check(x)
+        check(torch.randn(64, dtype=torch.bfloat16))
+        check(torch.randn(3, 64, dtype=torch.bfloat16))  # more than one row: each layer's own product
+        assert qkv.on
+    held = qkv.weight
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    ys = model(x)
+    assert all(y.requires_grad for y in ys)  # autograd on: F.linear
+    sum(y.float().sum() for y in ys).backward()
+    opt.step()  # every weight updated in place
+    with torch.no_grad():
+        check(torch.randn(1, 1, 64, dtype=torch.bfloat16))
+    assert qkv.weight is not held and qkv.on
+    assert model.state_dict().keys() == state.keys()
+    clone = copy.deepcopy(model)  # the stacked oneDNN copy stays behind: the clone observes afresh
+    assert not clone.q_proj.siblings.on and clone.q_proj.siblings.members[0] is clone.q_proj
+    torch.save(model, io.BytesIO())
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+            for n, y, want in zip(names, clone(x), model(x)):
+                assert torch.equal(y, want)
+
+
+@needs_onednn
+def test_bf16_siblings_called_apart_take_their_own_products():
+    """Stacking turns off, and every product stays right, when the members are not called with one input: a layer
+    called alone with another input (lm2.py's memory: q_proj reads tokens, k_proj and v_proj its bank), or a
+    member that a LoRA wrapper replaced after fast() (never called again)."""
+    torch.manual_seed(0)
+    outer = fast(nn.Sequential(SiblingsParent())).to(torch.bfloat16)
+    model = outer[0]
+    qkv = model.q_proj.siblings
+    xs = [torch.randn(1, 64, dtype=torch.bfloat16) for _ in range(8)]
+    with torch.no_grad():
+        for x in xs[:2]:
+            model(x)
+        assert qkv.on
+        model.q_proj(xs[2])  # a stacked product, then k and v are called with other inputs
+        for x in xs[3:5]:
+            for n in ("k_proj", "v_proj"):
+                torch.testing.assert_close(getattr(model, n)(x), F.linear(x, getattr(model, n).weight))
+        assert not qkv.on and qkv.weight is None
+        for x in xs[5:]:  # q on one input, k and v on another: never seen together, never stacked
+            torch.testing.assert_close(model.q_proj(x), F.linear(x, model.q_proj.weight))
+            for n in ("k_proj", "v_proj"):
+                torch.testing.assert_close(getattr(model, n)(xs[0]), F.linear(xs[0], getattr(model, n).weight))
+        assert not qkv.on
+    finetune.apply_lora(outer, 4, 8.0, 0.0, ["v_proj"])  # after fast(): the old v_proj is no longer called
+    outer.to(torch.bfloat16)
+    with torch.no_grad():
+        for x in xs:
+            for n, y in zip(("q_proj", "k_proj", "v_proj"), model(x)):
+                lora = getattr(model, n)
+                torch.testing.assert_close(y, lora(x) if n == "v_proj" else F.linear(x, lora.weight))
+    assert not qkv.on
+
+
 def test_int8_quantization_and_product():
     """quantize_int8 rounds each row to its nearest step of a bf16 scale; Int8Linear's product is the fp32 product
     of the bf16-rounded input with those int8 weights, rounded to bf16, for one row and for many, with a bias;
@@ -217,6 +372,26 @@ def test_fast_bf16_is_as_close_to_fp32_as_plain_bf16(name, checkpoints):
         assert (quick(tokens).float() - ref).abs().mean() <= 1.1 * plain_err
         torch.testing.assert_close(quick(tokens).float(), plain(tokens).float(), rtol=0.05, atol=0.05)
     assert any("reordered" in vars(m) and m.reordered.weight is not None for m in quick.modules())
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", MODELS)
+def test_fast_bf16_decodes_with_stacked_siblings(name, checkpoints, monkeypatch):
+    """bf16 decoding: q/k/v and gate/up take stacked products (nanollm's MLA has no k_proj/v_proj: its MLPs do),
+    and give the tokens of the same fast model with every layer on its own product; the state_dict is the
+    plain model's."""
+    plain = load(name, checkpoints, torch.bfloat16)
+    state = plain.state_dict()
+    stacked = fast(copy.deepcopy(plain))
+    monkeypatch.setattr(fast_decode, "SIBLINGS", ())
+    alone = fast(copy.deepcopy(plain))
+    prompt = [[5, 7, 11, 13, 17, 19, 23]]
+    assert stacked.generate(prompt, 16, stop_tokens=[]) == alone.generate(prompt, 16, stop_tokens=[])
+    groups = {id(m.siblings): m.siblings for m in stacked.modules() if "siblings" in vars(m)}
+    used = [g for g in groups.values() if g.weight is not None]
+    assert used and {len(g.members) for g in used} == ({2} if name == "nanollm" else {2, 3})
+    assert stacked.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in stacked.state_dict().items())
 
 
 @pytest.mark.parametrize("name", MODELS)
