@@ -60,6 +60,7 @@ What the model files did before and this module does not (README.md has the figu
 import os
 import platform
 import time
+import warnings
 import weakref
 
 import torch
@@ -161,9 +162,7 @@ class Int8Linear(FastLinear):
 
     def forward(self, x):
         if x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            if "int8" not in self.__dict__:
-                self.int8 = Derived()
-            q, scale = self.int8.get(self.weight, quantize_int8)
+            q, scale = self.int8_weight()
             x2 = x.reshape(-1, self.in_features).bfloat16()
             if self.in_features % 16 == 0:
                 y = torch.ops.aten._weight_int8pack_mm(x2, q, scale)
@@ -173,29 +172,137 @@ class Int8Linear(FastLinear):
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
+    def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int8 weight and its scales (quantize_int8), remade when the weight changed."""
+        if "int8" not in self.__dict__:
+            self.int8 = Derived()
+        return self.int8.get(self.weight, quantize_int8)
 
-WEIGHTS = {None: FastLinear, "int8": Int8Linear}
+
+# The A8W8 product rounds each activation row to 8 bits with one scale for the row, and a row of a transformer's
+# activations has outlier channels up to 20x its median (SmolLM2's q/k/v and down_proj inputs): one scale for
+# all of them leaves few steps for the rest (+4% perplexity on SmolLM2, +64% where torch.ao's kernel takes one
+# scale for a whole 512-token window). SmoothQuant (Xiao et al. 2023, arXiv 2211.10438) divides input channel j
+# by s_j = max|X_j|^a / max|W_j|^(1 - a), measured on calibration text, and multiplies weight column j by it:
+# the product is unchanged and the rounding error shared between activations and weights. a = 0.65 measured
+# best on SmolLM2-135M (0.5, the paper's default, and 0.8 lost more; benchmarks/bench_int8_quality.py).
+SMOOTH_ALPHA = 0.65
 
 
-def fast(model: nn.Module, threads: bool = False, weights: str | None = None) -> nn.Module:
+def quantize_a8w8(w: torch.Tensor, act_absmax: torch.Tensor):
+    """SmoothQuant's weight for the A8W8 product: w's columns multiplied by s (see SMOOTH_ALPHA), rounded to int8
+    with one fp32 scale per output row and packed for fbgemm's dynamic int8 kernel; and 1/s, by which the
+    activation row is multiplied before the product."""
+    inf = float("inf")  # (norms of order inf: largest |value| in one pass, no |w| copy: the 1B has 1.2e9 weights)
+    col_absmax = torch.linalg.vector_norm(w, inf, 0, dtype=torch.float32)
+    s = act_absmax.clamp(min=1e-5) ** SMOOTH_ALPHA / col_absmax.clamp(min=1e-5) ** (1 - SMOOTH_ALPHA)
+    w = w.float() * s  # a new tensor: the parameter stays as it is
+    scale = (torch.linalg.vector_norm(w, inf, 1) / 127).clamp(min=1e-12)
+    q = w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    with warnings.catch_warnings():  # quantized tensors are deprecated in PyTorch, fbgemm's kernel still takes one
+        warnings.simplefilter("ignore")
+        qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(len(q), dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(qw, None), 1 / s
+
+
+def rowwise_a8w8(x: torch.Tensor, packed, block: int = 4096) -> torch.Tensor:
+    """What fbgemm's dynamic int8 kernel computes for each row of x (M, K) alone: the row rounded to uint8 with its
+    own scale and zero point (its min and max, 0 included), times the int8 weight, times both scales. The kernel
+    itself takes one scale for all rows of a call, so several rows go through a float product of the same
+    integers (exact up to fp32 summation), a block of weight rows at a time to bound the float copy."""
+    lo, hi = x.amin(1, keepdim=True).clamp(max=0), x.amax(1, keepdim=True).clamp(min=0)
+    sx = ((hi - lo) / 255).clamp(min=1e-12)
+    zero = (-lo / sx).round()
+    xq = ((x / sx).round() + zero).clamp(0, 255) - zero  # (M, K), integers in [-255, 255]
+    qw = torch.ops.quantized.linear_unpack(packed)[0]
+    q, scale = qw.int_repr(), qw.q_per_channel_scales().float()
+    y = torch.cat([F.linear(xq, q[i:i + block].float()) for i in range(0, len(q), block)], 1)
+    return y * sx * scale
+
+
+class A8W8Linear(FastLinear):
+    """A FastLinear whose CPU inference products round the activation row to 8 bits too (one scale and zero point
+    per row, as fbgemm's dynamic int8 kernel, `quantized.linear_dynamic`, does), after SmoothQuant's smoothing
+    (SMOOTH_ALPHA): int8 weights with one fp32 scale per output row, int8 x uint8 products on VNNI/AMX-era x86.
+    It needs each layer's input range per channel, `act_absmax`, measured by fast(..., calibration=tokens). The
+    float parameter stays as it is (names, state_dict, ties, training: those of nn.Linear); act_absmax is a plain
+    attribute, not in state_dict."""
+
+    def forward(self, x):
+        if x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            packed, inv_s = self.int8_weight()
+            x2 = torch.mul(x.reshape(-1, self.in_features), inv_s)  # fp32 (inv_s is): x / s, one op on the row
+            if len(x2) == 1:
+                y = torch.ops.quantized.linear_dynamic(x2, packed, False)  # False: full 8 bits, not 7
+            else:
+                y = rowwise_a8w8(x2, packed)
+            y = y.view(x.shape[:-1] + (self.out_features,)).to(x.dtype)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+    def int8_weight(self):
+        """The packed int8 weight and 1/s (quantize_a8w8), remade when the weight changed."""
+        if "a8w8" not in self.__dict__:
+            self.a8w8 = Derived()
+        return self.a8w8.get(self.weight, lambda w: quantize_a8w8(w, self.act_absmax))
+
+
+WEIGHTS = {None: FastLinear, "int8": Int8Linear, "a8w8": A8W8Linear}
+COPIES = {FastLinear: "reordered", Int8Linear: "int8", A8W8Linear: "a8w8"}  # what each class keeps beside the weight
+
+
+@torch.no_grad()
+def input_absmax(model: nn.Module, layers: list[nn.Linear], tokens: torch.Tensor) -> dict:
+    """The largest |input| per input channel that each layer sees while model runs on tokens (fp32); a layer
+    the tokens never reach (an expert no token is routed to) is absent."""
+    found = {}
+
+    def record(layer, args):
+        a = args[0].detach().reshape(-1, layer.in_features).abs().amax(0).float()
+        found[layer] = torch.maximum(found[layer], a) if layer in found else a
+
+    hooks = [layer.register_forward_pre_hook(record) for layer in layers]
+    try:
+        model(tokens)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def fast(model: nn.Module, threads: bool = False, weights: str | None = None,
+         calibration: torch.Tensor | None = None) -> nn.Module:
     """Make model decode faster on a CPU, in place (and return it): every plain nn.Linear becomes a FastLinear,
-    or with weights="int8" an Int8Linear.
+    or with weights="int8" an Int8Linear, or with weights="a8w8" an A8W8Linear.
 
     Parameters, names, state_dict(), tied weights and training behaviour are unchanged; subclasses of nn.Linear
     (finetune.py's LoRALinear) are left as they are. Calling it again is harmless, and the last call's weights
     decide. threads=True (what the model files' command lines pass) also sets torch's thread count for decoding
     now: decode_threads(), below. weights="int8" quantizes every weight now (not at the first token), and
-    holds the int8 copy beside the float weight: see Int8Linear."""
+    holds the int8 copy beside the float weight: see Int8Linear. weights="a8w8" needs calibration, token ids
+    (batch, T) of ordinary text (a few hundred tokens), which the model runs once, with float products, to
+    measure each layer's input range; a layer they never reach takes Int8Linear's weight-only product."""
     if weights not in WEIGHTS:
-        raise ValueError(f"weights={weights!r}: use None (the model's own) or 'int8'")
+        raise ValueError(f"weights={weights!r}: use None (the model's own), 'int8' or 'a8w8'")
+    if (weights == "a8w8") != (calibration is not None):
+        raise ValueError("weights='a8w8' needs calibration=token ids (batch, T) of some text, and only it uses them")
     cls = WEIGHTS[weights]
-    for module in model.modules():
-        if type(module) in (nn.Linear, FastLinear, Int8Linear):
+    layers = [m for m in model.modules() if type(m) in (nn.Linear, *COPIES)]
+    for module in layers:
+        module.__class__ = nn.Linear  # plain float products while calibrating (no reordered copies)
+        for name in COPIES.values():
+            if name != COPIES[cls]:
+                module.__dict__.pop(name, None)  # the other kinds' copies
+        module.__dict__.pop("act_absmax", None)
+    absmax = input_absmax(model, layers, calibration) if cls is A8W8Linear else {}
+    for module in layers:
+        if cls is A8W8Linear:
+            module.__class__ = A8W8Linear if module in absmax else Int8Linear
+            module.act_absmax = absmax.get(module)
+        else:
             module.__class__ = cls
-            module.__dict__.pop("reordered" if cls is Int8Linear else "int8", None)  # the other kind's copy
-            if cls is Int8Linear:
-                module.int8 = Derived()
-                module.int8.get(module.weight, quantize_int8)
+        if cls is not FastLinear:
+            module.int8_weight()  # quantize now, not at the first token
     if threads:
         torch.set_num_threads(decode_threads())
     return model
