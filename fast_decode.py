@@ -5,6 +5,7 @@ fast_decode: faster batch-1 decoding on a CPU for the collection's four model fi
     model = smollm2.SmolLM2.from_pretrained("checkpoints/SmolLM2-135M-Instruct")
     fast_decode.fast(model, threads=True)   # in place; threads=True, as the CLIs pass, also picks the thread count
     fast_decode.fast(model, weights="int8") # or: int8 weight-only products (a quarter of fp32's bytes per token)
+    fast_decode.fast(model, weights="a8w8", calibration=ids)  # or: int8 activations too (ids: (1, T) of text)
 
 The model files stay plain (`nn.Linear`, each projection called directly), as gpt-fast keeps `model.py` plain and
 puts its speed beside it: `fast(model)` works on the models of smollm2.py, llama31.py, nanollm.py and lm2.py
@@ -28,6 +29,13 @@ is the speed of streaming the weights from memory, and two PyTorch kernels leave
   row in bf16: 1 byte per weight streamed instead of 4 (fp32) or 2 (bf16). `python
   benchmarks/bench_int8_kernels.py` times every route PyTorch offers; README.md has the figures and the
   exactness (`benchmarks/bench_int8_quality.py`: perplexity, logits, greedy tokens against fp32).
+- a8w8 (`weights="a8w8"`, opt-in, calibrated on a few hundred tokens of text): the same int8 bytes per token,
+  but the activation row is rounded to 8 bits too (one scale and zero point per row), so the product runs on
+  fbgemm's int8 kernel (`quantized.linear_dynamic`, torch.ao's dynamic Linear), which multiplies int8 by uint8
+  in integer registers and streamed the 1B's weights faster than the weight-only kernel, which widens every
+  weight to bf16 first (1.3-1.5x its speed here, 1 thread, on a loaded machine). One scale per row alone cost
+  SmolLM2 +4% perplexity (outlier channels); SmoothQuant's smoothing and eight outlier channels kept in float
+  (A8W8Linear) bring it to the weight-only kernel's exactness (figures beside quantize_a8w8).
 Everything else (norms, RoPE, the cache, attention) is the model file's own code, unchanged.
 
 How it is applied: each `nn.Linear` of the model becomes a `FastLinear` by a class swap
@@ -38,11 +46,12 @@ optimizer or a LoRA wrapper holding the parameter still holds it. Training, auto
 wraps a `FastLinear` as it wraps an `nn.Linear` (the wrapped layer then runs `F.linear` plus its adapter), and
 `fast` leaves a `LoRALinear` alone, so either order works.
 
-What holds for int8, and what does not. The float weight stays the parameter: names, `state_dict()` (the float
-weights; the int8 copies are not in it, and `fast(model, weights="int8")` after loading it remakes them
-exactly), ties, training and LoRA are as above, and an in-place update of a weight remakes its int8 copy at the
-next product. So int8 saves bytes per token, not memory: the int8 copy (1 byte per weight, plus a scale per row)
-comes on top of the float weights. They cannot simply go, because the model files read them directly: the tied
+What holds for int8 (and a8w8), and what does not. The float weight stays the parameter: names, `state_dict()`
+(the float weights; the int8 copies are not in it, and `fast(model, weights="int8")` after loading it remakes
+them exactly; a8w8's calibrated input ranges are plain attributes, not in it either: calibrate again), ties,
+training and LoRA are as above, and an in-place update of a weight remakes its int8 copy at the next product.
+So int8 saves bytes per token, not memory: the int8 copy (1 byte per weight, plus a scale per row) comes on top
+of the float weights. They cannot simply go, because the model files read them directly: the tied
 embedding looks rows up in the head's matrix, `setup_cache` takes the KV cache's dtype from `lm_head.weight`,
 and nanollm's absorbed MLA decode multiplies with `kv_b_proj.weight` itself (that one product stays float;
 `absorb=False` decodes through the int8 layer). lm2.py's tied head is `F.linear` on the embedding, no module, so
@@ -182,27 +191,35 @@ class Int8Linear(FastLinear):
 # The A8W8 product rounds each activation row to 8 bits with one scale for the row, and a row of a transformer's
 # activations has outlier channels up to 20x its median (SmolLM2's q/k/v and down_proj inputs): one scale for
 # all of them leaves few steps for the rest (+4% perplexity on SmolLM2, +64% where torch.ao's kernel takes one
-# scale for a whole 512-token window). SmoothQuant (Xiao et al. 2023, arXiv 2211.10438) divides input channel j
-# by s_j = max|X_j|^a / max|W_j|^(1 - a), measured on calibration text, and multiplies weight column j by it:
-# the product is unchanged and the rounding error shared between activations and weights. a = 0.65 measured
-# best on SmolLM2-135M (0.5, the paper's default, and 0.8 lost more; benchmarks/bench_int8_quality.py).
-SMOOTH_ALPHA = 0.65
+# scale for a whole 512-token window). Two known cures, both applied, each measured to help on SmolLM2-135M
+# (benchmarks/bench_int8_quality.py; mean |logit difference| from fp32 0.19 with both, 0.35 with smoothing alone):
+# - SmoothQuant (Xiao et al. 2023, arXiv 2211.10438): input channel j divided by s_j = max|X_j|^a / max|W_j|^(1-a)
+#   (X measured on calibration text), weight column j multiplied by it: the product is unchanged and the rounding
+#   error shared between activations and weights. a = 0.5, the paper's default (0.65 and 0.8 measured worse);
+# - LLM.int8()'s decomposition (Dettmers et al. 2022, arXiv 2208.07339): the OUTLIERS channels of largest
+#   calibrated range leave the int8 product and are multiplied in float, a (1, 8) x (8, out) product.
+SMOOTH_ALPHA = 0.5
+OUTLIERS = 8
 
 
 def quantize_a8w8(w: torch.Tensor, act_absmax: torch.Tensor):
-    """SmoothQuant's weight for the A8W8 product: w's columns multiplied by s (see SMOOTH_ALPHA), rounded to int8
-    with one fp32 scale per output row and packed for fbgemm's dynamic int8 kernel; and 1/s, by which the
-    activation row is multiplied before the product."""
+    """The A8W8 form of weight w (out, in), given its layer's largest |input| per channel: (packed, inv_s, idx,
+    w_out). packed: w's columns times s (SMOOTH_ALPHA), those of the OUTLIERS channels idx zeroed, rounded to int8
+    with one fp32 scale per output row and packed for fbgemm's dynamic int8 kernel; inv_s: 1/s, 0 at idx, by which
+    the activation row is multiplied before that product; w_out: w's columns idx, transposed (k, out)."""
+    idx = act_absmax.topk(min(OUTLIERS, w.size(1))).indices
     inf = float("inf")  # (norms of order inf: largest |value| in one pass, no |w| copy: the 1B has 1.2e9 weights)
     col_absmax = torch.linalg.vector_norm(w, inf, 0, dtype=torch.float32)
     s = act_absmax.clamp(min=1e-5) ** SMOOTH_ALPHA / col_absmax.clamp(min=1e-5) ** (1 - SMOOTH_ALPHA)
-    w = w.float() * s  # a new tensor: the parameter stays as it is
+    w_out = w[:, idx].t().contiguous()  # (in the weight's dtype, the activations' own)
+    w = (w.float() * s).index_fill_(1, idx, 0)  # a new tensor: the parameter stays as it is
     scale = (torch.linalg.vector_norm(w, inf, 1) / 127).clamp(min=1e-12)
     q = w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
     with warnings.catch_warnings():  # quantized tensors are deprecated in PyTorch, fbgemm's kernel still takes one
         warnings.simplefilter("ignore")
         qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(len(q), dtype=torch.long), 0)
-        return torch.ops.quantized.linear_prepack(qw, None), 1 / s
+        packed = torch.ops.quantized.linear_prepack(qw, None)
+    return packed, (1 / s).index_fill_(0, idx, 0), idx, w_out
 
 
 def rowwise_a8w8(x: torch.Tensor, packed, block: int = 4096) -> torch.Tensor:
@@ -222,26 +239,29 @@ def rowwise_a8w8(x: torch.Tensor, packed, block: int = 4096) -> torch.Tensor:
 
 class A8W8Linear(FastLinear):
     """A FastLinear whose CPU inference products round the activation row to 8 bits too (one scale and zero point
-    per row, as fbgemm's dynamic int8 kernel, `quantized.linear_dynamic`, does), after SmoothQuant's smoothing
-    (SMOOTH_ALPHA): int8 weights with one fp32 scale per output row, int8 x uint8 products on VNNI/AMX-era x86.
+    per row, as fbgemm's dynamic int8 kernel, `quantized.linear_dynamic`, does), after SmoothQuant's smoothing and
+    with the OUTLIERS channels in float (see quantize_a8w8): int8 weights with one fp32 scale per output row.
     It needs each layer's input range per channel, `act_absmax`, measured by fast(..., calibration=tokens). The
     float parameter stays as it is (names, state_dict, ties, training: those of nn.Linear); act_absmax is a plain
     attribute, not in state_dict."""
 
     def forward(self, x):
         if x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            packed, inv_s = self.int8_weight()
-            x2 = torch.mul(x.reshape(-1, self.in_features), inv_s)  # fp32 (inv_s is): x / s, one op on the row
-            if len(x2) == 1:
-                y = torch.ops.quantized.linear_dynamic(x2, packed, False)  # False: full 8 bits, not 7
+            packed, inv_s, idx, w_out = self.int8_weight()
+            x2 = x.reshape(-1, self.in_features)
+            xs = torch.mul(x2, inv_s)  # fp32 (inv_s is): x / s, one op on the row; 0 in the outlier channels
+            if len(xs) == 1:
+                y = torch.ops.quantized.linear_dynamic(xs, packed, False)  # False: full 8 bits, not 7
             else:
-                y = rowwise_a8w8(x2, packed)
+                y = rowwise_a8w8(xs, packed)
+            # + the outlier channels' float product, in the weight's dtype (the .to()s are no-ops where x has it)
+            y = torch.addmm(y.to(w_out.dtype), x2.index_select(1, idx).to(w_out.dtype), w_out)
             y = y.view(x.shape[:-1] + (self.out_features,)).to(x.dtype)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
     def int8_weight(self):
-        """The packed int8 weight and 1/s (quantize_a8w8), remade when the weight changed."""
+        """The A8W8 form of the weight (quantize_a8w8), remade when the weight changed."""
         if "a8w8" not in self.__dict__:
             self.a8w8 = Derived()
         return self.a8w8.get(self.weight, lambda w: quantize_a8w8(w, self.act_absmax))
@@ -258,6 +278,8 @@ def input_absmax(model: nn.Module, layers: list[nn.Linear], tokens: torch.Tensor
     found = {}
 
     def record(layer, args):
+        if args[0].numel() == 0:  # (an expert's call with no tokens)
+            return
         a = args[0].detach().reshape(-1, layer.in_features).abs().amax(0).float()
         found[layer] = torch.maximum(found[layer], a) if layer in found else a
 
