@@ -1,7 +1,9 @@
 """
 Which int8 kernel makes batch-1 decoding fastest on this CPU: every route PyTorch offers for a one-row product
 with an int8 weight, timed through every layer's projections, against the fp32 and bf16 products fast_decode.py
-already uses. fast_decode.py's `weights="int8"` takes the route that wins here (its docstring says which).
+already uses, and fast_decode.py's own int8 layers: `weights="int8"` (weight-only, bf16 activations) and
+`weights="a8w8"` (int8 activations too, on the A8W8 kernel that times fastest here; its docstring says why that
+needs calibration).
 
     python benchmarks/bench_int8_kernels.py                 # SmolLM2-135M and Llama 3.2 1B layer shapes
     python benchmarks/bench_int8_kernels.py --layers 4      # fewer layers (quicker; more of it fits in cache)

@@ -6,10 +6,12 @@ fp32 model, and perplexity on a held-out text beside llama.cpp's own f32 / bf16 
     python benchmarks/bench_int8_quality.py --llama_cpp ~/llama.cpp-build   # and llama-perplexity
 
 Variants of ours (--variants): fp32 (the reference, always run), bf16 (fast), int8 on an fp32 model, int8 on a
-bf16 model (what bench_llamacpp.py times), and two routes fast_decode.py does not take although their kernels
-time faster here (benchmarks/bench_int8_kernels.py): torch.ao's dynamic int8 Linear (fbgemm), which rounds each
-activation row to 8 bits with one scale for the whole row, with and without its reduce_range (7-bit
-activations). For each, over the text:
+bf16 model (what bench_llamacpp.py times), a8w8 on an fp32 and on a bf16 model (fast_decode's weights="a8w8":
+SmoothQuant and float outlier channels, calibrated on the first --calibration_windows windows of
+--calibration_text, the Apache License 2.0 by default, not the scored text), and the plain torch.ao dynamic int8
+Linear (fbgemm) that a8w8 builds on, without its cures: one scale for the whole input of a call (a 512-token
+window here, where a8w8 takes one per row), with and without its reduce_range (7-bit activations). For each, over
+the text:
 - logits against fp32 at every scored position: max and mean |difference|, and how often the top token agrees;
 - perplexity as llama-perplexity computes it: the text cut into windows of --ctx tokens, each window run alone,
   the second half of each scored (every scored token then sees at least ctx/2 tokens of context);
