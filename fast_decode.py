@@ -5,6 +5,7 @@ fast_decode: faster batch-1 decoding on a CPU for the collection's four model fi
     model = smollm2.SmolLM2.from_pretrained("checkpoints/SmolLM2-135M-Instruct")
     fast_decode.fast(model, threads=True)   # in place; threads=True, as the CLIs pass, also picks the thread count
     fast_decode.fast(model, weights="int8") # or: int8 weight-only products (a quarter of fp32's bytes per token)
+    fast_decode.fast(model, weights="a8w8", calibration=ids)  # or: int8 activations too (ids: (1, T) of text)
 
 The model files stay plain (`nn.Linear`, each projection called directly), as gpt-fast keeps `model.py` plain and
 puts its speed beside it: `fast(model)` works on the models of smollm2.py, llama31.py, nanollm.py and lm2.py
@@ -33,6 +34,16 @@ is the speed of streaming the weights from memory, and two PyTorch kernels leave
   row in bf16: 1 byte per weight streamed instead of 4 (fp32) or 2 (bf16). `python
   benchmarks/bench_int8_kernels.py` times every route PyTorch offers; README.md has the figures and the
   exactness (`benchmarks/bench_int8_quality.py`: perplexity, logits, greedy tokens against fp32).
+- a8w8 (`weights="a8w8"`, opt-in, calibrated on a few hundred tokens of text): the same int8 bytes per token,
+  but the activation row is rounded to 8 bits too (one scale and zero point per row), so the product runs on
+  fbgemm's int8 kernel (`quantized.linear_dynamic`, torch.ao's dynamic Linear), which multiplies int8 by uint8
+  in integer registers and streams large weights faster than the weight-only kernel, which widens every weight
+  to bf16 first. End to end on the idle 2-vCPU Xeon, 2 threads, bf16 models: Llama 3.2 1B's shape 12.7-12.9
+  tok/s against int8's 9.8-9.9 (llama.cpp Q8_0 20.6-20.9); but SmolLM2-135M 34 against 48-49: its small
+  matrices leave the product's extra ops (smoothing, outlier channels) and the kernel's own per-call cost
+  dominant, so a8w8 is for the larger models. One scale per row alone cost
+  SmolLM2 +4% perplexity (outlier channels); SmoothQuant's smoothing and 16 outlier channels kept in float
+  (A8W8Linear) bring it to the weight-only kernel's exactness (figures beside quantize_a8w8).
 Everything else (norms, RoPE, the cache, attention) is the model file's own code, unchanged.
 
 How it is applied: each `nn.Linear` of the model becomes a `FastLinear` by a class swap
@@ -43,11 +54,12 @@ optimizer or a LoRA wrapper holding the parameter still holds it. Training, auto
 wraps a `FastLinear` as it wraps an `nn.Linear` (the wrapped layer then runs `F.linear` plus its adapter), and
 `fast` leaves a `LoRALinear` alone, so either order works.
 
-What holds for int8, and what does not. The float weight stays the parameter: names, `state_dict()` (the float
-weights; the int8 copies are not in it, and `fast(model, weights="int8")` after loading it remakes them
-exactly), ties, training and LoRA are as above, and an in-place update of a weight remakes its int8 copy at the
-next product. So int8 saves bytes per token, not memory: the int8 copy (1 byte per weight, plus a scale per row)
-comes on top of the float weights. They cannot simply go, because the model files read them directly: the tied
+What holds for int8 (and a8w8), and what does not. The float weight stays the parameter: names, `state_dict()`
+(the float weights; the int8 copies are not in it, and `fast(model, weights="int8")` after loading it remakes
+them exactly; a8w8's calibrated input ranges are plain attributes, not in it either: calibrate again), ties,
+training and LoRA are as above, and an in-place update of a weight remakes its int8 copy at the next product.
+So int8 saves bytes per token, not memory: the int8 copy (1 byte per weight, plus a scale per row) comes on top
+of the float weights. They cannot simply go, because the model files read them directly: the tied
 embedding looks rows up in the head's matrix, `setup_cache` takes the KV cache's dtype from `lm_head.weight`,
 and nanollm's absorbed MLA decode multiplies with `kv_b_proj.weight` itself (that one product stays float;
 `absorb=False` decodes through the int8 layer). lm2.py's tied head is `F.linear` on the embedding, no module, so
@@ -66,6 +78,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 import weakref
 
 import torch
@@ -323,9 +336,7 @@ class Int8Linear(FastLinear):
 
     def forward(self, x):
         if x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            if "int8" not in self.__dict__:
-                self.int8 = Derived()
-            q, scale = self.int8.get(self.weight, quantize_int8)
+            q, scale = self.int8_weight()
             x2 = x.reshape(-1, self.in_features).bfloat16()
             if self.in_features % 16 == 0:
                 y = torch.ops.aten._weight_int8pack_mm(x2, q, scale)
@@ -335,30 +346,155 @@ class Int8Linear(FastLinear):
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
+    def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int8 weight and its scales (quantize_int8), remade when the weight changed."""
+        if "int8" not in self.__dict__:
+            self.int8 = Derived()
+        return self.int8.get(self.weight, quantize_int8)
 
-WEIGHTS = {None: FastLinear, "int8": Int8Linear}
+
+# The A8W8 product rounds each activation row to 8 bits with one scale for the row, and a row of a transformer's
+# activations has outlier channels up to 20x its median (SmolLM2's q/k/v and down_proj inputs): one scale for
+# all of them leaves few steps for the rest (+4% perplexity on SmolLM2, +64% where torch.ao's kernel takes one
+# scale for a whole 512-token window). Two known cures, both applied, each measured to help on SmolLM2-135M
+# (`python benchmarks/bench_int8_quality.py --variants int8-fp32,int8-bf16,a8w8-fp32,a8w8-bf16`, 14 windows of
+# 512 tokens of the GPL v3, calibrated on 1024 tokens of the Apache License 2.0; perplexity against fp32's, fp32
+# model / bf16 model: smoothing alone +1.24% / +1.59%, with 8 float channels +0.73% / +1.05%, with 16 +0.55% /
+# +0.78%; the weight-only int8 kernel +0.56% / +0.89%; llama.cpp's Q8_0 +0.28% against its own F32):
+# - SmoothQuant (Xiao et al. 2023, arXiv 2211.10438): input channel j divided by s_j = max|X_j|^a / max|W_j|^(1-a)
+#   (X measured on calibration text), weight column j multiplied by it: the product is unchanged and the rounding
+#   error shared between activations and weights. a = 0.5, the paper's default (0.65 and 0.8 measured worse);
+# - LLM.int8()'s decomposition (Dettmers et al. 2022, arXiv 2208.07339): the OUTLIERS channels of largest
+#   calibrated range leave the int8 product and are multiplied in the weight's dtype, a (1, 16) x (16, out)
+#   product (16 columns of each weight: 1.3% more bytes per token on Llama 3.2 1B's shapes).
+SMOOTH_ALPHA = 0.5
+OUTLIERS = 16
 
 
-def fast(model: nn.Module, threads: bool = False, weights: str | None = None) -> nn.Module:
+def quantize_a8w8(w: torch.Tensor, act_absmax: torch.Tensor):
+    """The A8W8 form of weight w (out, in), given its layer's largest |input| per channel: (packed, inv_s, idx,
+    w_out). packed: w's columns times s (SMOOTH_ALPHA), those of the OUTLIERS channels idx zeroed, rounded to int8
+    with one fp32 scale per output row and packed for fbgemm's dynamic int8 kernel; inv_s: 1/s, 0 at idx, by which
+    the activation row is multiplied before that product; w_out: w's columns idx, transposed (k, out)."""
+    idx = act_absmax.topk(min(OUTLIERS, w.size(1))).indices
+    inf = float("inf")  # (norms of order inf: largest |value| in one pass, no |w| copy: the 1B has 1.2e9 weights)
+    col_absmax = torch.linalg.vector_norm(w, inf, 0, dtype=torch.float32)
+    s = act_absmax.clamp(min=1e-5) ** SMOOTH_ALPHA / col_absmax.clamp(min=1e-5) ** (1 - SMOOTH_ALPHA)
+    w_out = w[:, idx].t().contiguous()  # (in the weight's dtype, the activations' own)
+    w = (w.float() * s).index_fill_(1, idx, 0)  # a new tensor: the parameter stays as it is
+    scale = (torch.linalg.vector_norm(w, inf, 1) / 127).clamp(min=1e-12)
+    q = w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    with warnings.catch_warnings():  # quantized tensors are deprecated in PyTorch, fbgemm's kernel still takes one
+        warnings.simplefilter("ignore")
+        qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(len(q), dtype=torch.long), 0)
+        packed = torch.ops.quantized.linear_prepack(qw, None)
+    return packed, (1 / s).index_fill_(0, idx, 0), idx, w_out
+
+
+def rowwise_a8w8(x: torch.Tensor, packed, block: int = 4096) -> torch.Tensor:
+    """What fbgemm's dynamic int8 kernel computes for each row of x (M, K) alone: the row rounded to uint8 with its
+    own scale and zero point (its min and max, 0 included), times the int8 weight, times both scales. The kernel
+    itself takes one scale for all rows of a call, so several rows go through a float product of the same
+    integers (exact up to fp32 summation), a block of weight rows at a time to bound the float copy."""
+    lo, hi = x.amin(1, keepdim=True).clamp(max=0), x.amax(1, keepdim=True).clamp(min=0)
+    sx = ((hi - lo) / 255).clamp(min=1e-12)
+    zero = (-lo / sx).round()
+    xq = ((x / sx).round() + zero).clamp(0, 255) - zero  # (M, K), integers in [-255, 255]
+    qw = torch.ops.quantized.linear_unpack(packed)[0]
+    q, scale = qw.int_repr(), qw.q_per_channel_scales().float()
+    y = torch.cat([F.linear(xq, q[i:i + block].float()) for i in range(0, len(q), block)], 1)
+    return y * sx * scale
+
+
+class A8W8Linear(FastLinear):
+    """A FastLinear whose CPU inference products round the activation row to 8 bits too (one scale and zero point
+    per row, as fbgemm's dynamic int8 kernel, `quantized.linear_dynamic`, does), after SmoothQuant's smoothing and
+    with the OUTLIERS channels in float (see quantize_a8w8): int8 weights with one fp32 scale per output row.
+    It needs each layer's input range per channel, `act_absmax`, measured by fast(..., calibration=tokens). The
+    float parameter stays as it is (names, state_dict, ties, training: those of nn.Linear); act_absmax is a plain
+    attribute, not in state_dict."""
+
+    def forward(self, x):
+        if x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            packed, inv_s, idx, w_out = self.int8_weight()
+            x2 = x.reshape(-1, self.in_features)
+            xs = torch.mul(x2, inv_s)  # fp32 (inv_s is): x / s, one op on the row; 0 in the outlier channels
+            if len(xs) == 1:
+                y = torch.ops.quantized.linear_dynamic(xs, packed, False)  # False: full 8 bits, not 7
+            else:
+                y = rowwise_a8w8(xs, packed)
+            # + the outlier channels' float product, in the weight's dtype (the .to()s are no-ops where x has it)
+            y = torch.addmm(y.to(w_out.dtype), x2.index_select(1, idx).to(w_out.dtype), w_out)
+            y = y.view(x.shape[:-1] + (self.out_features,)).to(x.dtype)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+    def int8_weight(self):
+        """The A8W8 form of the weight (quantize_a8w8), remade when the weight changed."""
+        if "a8w8" not in self.__dict__:
+            self.a8w8 = Derived()
+        return self.a8w8.get(self.weight, lambda w: quantize_a8w8(w, self.act_absmax))
+
+
+WEIGHTS = {None: FastLinear, "int8": Int8Linear, "a8w8": A8W8Linear}
+COPIES = {FastLinear: "reordered", Int8Linear: "int8", A8W8Linear: "a8w8"}  # what each class keeps beside the weight
+
+
+@torch.no_grad()
+def input_absmax(model: nn.Module, layers: list[nn.Linear], tokens: torch.Tensor) -> dict:
+    """The largest |input| per input channel that each layer sees while model runs on tokens (fp32); a layer
+    the tokens never reach (an expert no token is routed to) is absent."""
+    found = {}
+
+    def record(layer, args):
+        if args[0].numel() == 0:  # (an expert's call with no tokens)
+            return
+        a = args[0].detach().reshape(-1, layer.in_features).abs().amax(0).float()
+        found[layer] = torch.maximum(found[layer], a) if layer in found else a
+
+    hooks = [layer.register_forward_pre_hook(record) for layer in layers]
+    try:
+        model(tokens)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def fast(model: nn.Module, threads: bool = False, weights: str | None = None,
+         calibration: torch.Tensor | None = None) -> nn.Module:
     """Make model decode faster on a CPU, in place (and return it): every plain nn.Linear becomes a FastLinear,
-    or with weights="int8" an Int8Linear.
+    or with weights="int8" an Int8Linear, or with weights="a8w8" an A8W8Linear.
 
     Parameters, names, state_dict(), tied weights and training behaviour are unchanged; subclasses of nn.Linear
     (finetune.py's LoRALinear) are left as they are. Calling it again is harmless, and the last call's weights
     decide. threads=True (what the model files' command lines pass) also sets torch's thread count for decoding
     now: decode_threads(), below. weights="int8" quantizes every weight now (not at the first token), and
-    holds the int8 copy beside the float weight: see Int8Linear. Sibling layers (q/k/v, gate/up) are grouped
-    for stacked bf16 products: see Siblings."""
+    holds the int8 copy beside the float weight: see Int8Linear. weights="a8w8" needs calibration, token ids
+    (batch, T) of ordinary text (a few hundred tokens), which the model runs once, with float products, to
+    measure each layer's input range; a layer they never reach takes Int8Linear's weight-only product. Sibling
+    layers (q/k/v, gate/up) are grouped for stacked bf16 products: see Siblings."""
     if weights not in WEIGHTS:
-        raise ValueError(f"weights={weights!r}: use None (the model's own) or 'int8'")
+        raise ValueError(f"weights={weights!r}: use None (the model's own), 'int8' or 'a8w8'")
+    if (weights == "a8w8") != (calibration is not None):
+        raise ValueError("weights='a8w8' needs calibration=token ids (batch, T) of some text, and only it uses them")
     cls = WEIGHTS[weights]
-    for module in model.modules():
-        if type(module) in (nn.Linear, FastLinear, Int8Linear):
+    layers = [m for m in model.modules() if type(m) in (nn.Linear, *COPIES)]
+    for module in layers:
+        module.__class__ = nn.Linear  # plain float products while calibrating (no reordered copies)
+        for name in COPIES.values():
+            if name != COPIES[cls]:
+                module.__dict__.pop(name, None)  # the other kinds' copies
+        module.__dict__.pop("act_absmax", None)
+    absmax = input_absmax(model, layers, calibration) if cls is A8W8Linear else {}
+    for module in layers:
+        if cls is A8W8Linear:
+            module.__class__ = A8W8Linear if module in absmax else Int8Linear
+            module.act_absmax = absmax.get(module)
+        else:
             module.__class__ = cls
-            module.__dict__.pop("reordered" if cls is Int8Linear else "int8", None)  # the other kind's copy
-            if cls is Int8Linear:
-                module.int8 = Derived()
-                module.int8.get(module.weight, quantize_int8)
+        if cls is not FastLinear:
+            module.int8_weight()  # quantize now, not at the first token
     stack_siblings(model)
     if threads:
         torch.set_num_threads(decode_threads())

@@ -1,7 +1,9 @@
 """
 Which int8 kernel makes batch-1 decoding fastest on this CPU: every route PyTorch offers for a one-row product
 with an int8 weight, timed through every layer's projections, against the fp32 and bf16 products fast_decode.py
-already uses. fast_decode.py's `weights="int8"` takes the route that wins here (its docstring says which).
+already uses, and fast_decode.py's own int8 layers: `weights="int8"` (weight-only, bf16 activations) and
+`weights="a8w8"` (int8 activations too, on the A8W8 kernel that times fastest here; its docstring says why that
+needs calibration).
 
     python benchmarks/bench_int8_kernels.py                 # SmolLM2-135M and Llama 3.2 1B layer shapes
     python benchmarks/bench_int8_kernels.py --layers 4      # fewer layers (quicker; more of it fits in cache)
@@ -17,7 +19,10 @@ the activation row to int8 (A8W8, as llama.cpp's Q8_0 product does, which rounds
   CPU has them), the row rounded to uint8 with one scale and zero point, output straight to fp32; `s8`: the row
   rounded symmetrically to int8 (no zero point), the scale passed as a tensor (no sync to read it);
 - `dequantize blocks`: the int8 weight turned to bf16 a block of rows at a time (small enough to stay in
-  cache) and multiplied there; one Python loop step per block.
+  cache) and multiplied there; one Python loop step per block;
+- `fast_decode int8` and `fast_decode a8w8`: fast_decode.py's own layers (`weights="int8"`: Int8Linear, the
+  weight-only kernel; `weights="a8w8"`: A8W8Linear, SmoothQuant's smoothing multiply and then torch.ao's fbgemm
+  kernel) on bf16 weights, each a whole module call with its casts, as a decode step makes it.
 GB/s counts the int8 weight bytes (scales are 1/K of them) over the time of all layers' products; "ms/token"
 is that time, i.e. the floor the products alone put under one decode step; "max err" is the largest difference
 from the fp32 product with the unrounded weights, relative to that product's largest value.
@@ -27,11 +32,13 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_cpu_kernels import SHAPES, best_time  # noqa: E402  (the same layer shapes and timer)
 from decode_timing import load_average, read_bandwidth_gbs  # noqa: E402
+from fast_decode import fast  # noqa: E402
 from smollm2 import cli  # noqa: E402
 
 
@@ -77,6 +84,13 @@ def routes():
         return torch.ops.onednn.qlinear_pointwise.tensor(qx, s, zp[:1], packed, scale, zp, None, 1.0, 0,
                                                          torch.float32, "none", [], "")
 
+    def layer(w, weights):  # fast_decode's own layer on a bf16 model (as bench_llamacpp.py times), whole forward
+        m = nn.Linear(w.size(1), w.size(0), bias=False, dtype=torch.bfloat16)
+        m.weight.data.copy_(w)
+        # (a8w8's calibration: random rows, without outlier channels; the time does not depend on it)
+        calibration = torch.randn(4, w.size(1), dtype=torch.bfloat16) if weights == "a8w8" else None
+        return fast(nn.Sequential(m), weights=weights, calibration=calibration)[0]
+
     def ao_prepare(w):
         q, scale = quantize(w)
         qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
@@ -95,6 +109,8 @@ def routes():
         "oneDNN qlinear (A8W8)": (onednn_prepare, onednn_product),
         "oneDNN qlinear s8 (A8W8)": (onednn_prepare, onednn_s8_product),
         "dequantize blocks bf16": (quantize, block_dequant),
+        "fast_decode int8 (Int8Linear, bf16 row)": (lambda w: layer(w, "int8"), lambda x, m: m(x.bfloat16())),
+        "fast_decode a8w8 (A8W8Linear, bf16 row)": (lambda w: layer(w, "a8w8"), lambda x, m: m(x.bfloat16())),
     }
 
 

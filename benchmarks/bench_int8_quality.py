@@ -6,10 +6,12 @@ fp32 model, and perplexity on a held-out text beside llama.cpp's own f32 / bf16 
     python benchmarks/bench_int8_quality.py --llama_cpp ~/llama.cpp-build   # and llama-perplexity
 
 Variants of ours (--variants): fp32 (the reference, always run), bf16 (fast), int8 on an fp32 model, int8 on a
-bf16 model (what bench_llamacpp.py times), and two routes fast_decode.py does not take although their kernels
-time faster here (benchmarks/bench_int8_kernels.py): torch.ao's dynamic int8 Linear (fbgemm), which rounds each
-activation row to 8 bits with one scale for the whole row, with and without its reduce_range (7-bit
-activations). For each, over the text:
+bf16 model (what bench_llamacpp.py times), a8w8 on an fp32 and on a bf16 model (fast_decode's weights="a8w8":
+SmoothQuant and float outlier channels, calibrated on the first --calibration_windows windows of
+--calibration_text, the Apache License 2.0 by default, not the scored text), and the plain torch.ao dynamic int8
+Linear (fbgemm) that a8w8 builds on, without its cures: one scale for the whole input of a call (a 512-token
+window here, where a8w8 takes one per row), with and without its reduce_range (7-bit activations). For each, over
+the text:
 - logits against fp32 at every scored position: max and mean |difference|, and how often the top token agrees;
 - perplexity as llama-perplexity computes it: the text cut into windows of --ctx tokens, each window run alone,
   the second half of each scored (every scored token then sees at least ctx/2 tokens of context);
@@ -70,10 +72,13 @@ def dynamic_int8(model, reduce_range: bool):
     return model
 
 
-VARIANTS = {"bf16": lambda m: fast(m.to(torch.bfloat16)), "int8-fp32": lambda m: fast(m, weights="int8"),
-            "int8-bf16": lambda m: fast(m.to(torch.bfloat16), weights="int8"),
-            "a8w8-dynamic": lambda m: dynamic_int8(m, False),
-            "a8w8-dynamic-reduce-range": lambda m: dynamic_int8(m, True)}
+VARIANTS = {"bf16": lambda m, cal: fast(m.to(torch.bfloat16)),
+            "int8-fp32": lambda m, cal: fast(m, weights="int8"),
+            "int8-bf16": lambda m, cal: fast(m.to(torch.bfloat16), weights="int8"),
+            "a8w8-fp32": lambda m, cal: fast(m, weights="a8w8", calibration=cal),
+            "a8w8-bf16": lambda m, cal: fast(m.to(torch.bfloat16), weights="a8w8", calibration=cal),
+            "a8w8-dynamic": lambda m, cal: dynamic_int8(m, False),
+            "a8w8-dynamic-reduce-range": lambda m, cal: dynamic_int8(m, True)}
 
 
 def windows(ids: list[int], ctx: int) -> torch.Tensor:
@@ -103,7 +108,9 @@ def llama_perplexity(bin_dir: Path, gguf: Path, text: Path, ctx: int) -> float:
 
 def main(ckpt_dir: str = str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"),
          text: str = "/usr/share/common-licenses/GPL-3", ctx: int = 512, max_windows: int = 16,
-         new_tokens: int = 64, variants: str = ",".join(VARIANTS), llama_cpp: str | None = None,
+         new_tokens: int = 64, variants: str = ",".join(VARIANTS),
+         calibration_text: str = "/usr/share/common-licenses/Apache-2.0", calibration_windows: int = 2,
+         llama_cpp: str | None = None,
          llama_cpp_src: str | None = None,
          out_dir: str = str(ROOT / "runs" / "bench_llamacpp")):
     """int8 exactness and perplexity of SmolLM2-135M-Instruct, against fp32 and llama.cpp.
@@ -114,6 +121,8 @@ def main(ckpt_dir: str = str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"),
     max_windows: windows scored at most (from the start of the text)
     new_tokens: greedy tokens per chat prompt
     variants: comma-separated variants of ours besides fp32 (empty: fp32 only)
+    calibration_text: the text whose first windows the a8w8 variants calibrate on (not the scored text)
+    calibration_windows: how many windows of ctx tokens of it
     llama_cpp: llama.cpp's build folder, as in bench_llamacpp.py (default $LLAMA_CPP_DIR, then PATH)
     llama_cpp_src: llama.cpp's source folder (default: the one the build names)
     out_dir: where GGUF conversions are kept (shared with bench_llamacpp.py)
@@ -127,7 +136,8 @@ def main(ckpt_dir: str = str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"),
     unknown = set(chosen) - set(VARIANTS)
     if unknown:
         raise SystemExit(f"error: unknown variants {sorted(unknown)}: use {', '.join(VARIANTS)}")
-    models = {"fp32": fp32} | {v: VARIANTS[v](copy.deepcopy(fp32)) for v in chosen}
+    cal = windows(tok.encode(Path(calibration_text).read_text()), ctx)[:calibration_windows]
+    models = {"fp32": fp32} | {v: VARIANTS[v](copy.deepcopy(fp32), cal) for v in chosen}
     prompts = [smollm2.encode_chat(tok, [{"role": "user", "content": p}]) for p in PROMPTS]
     ref_logits, ref_ppl = score(fp32, chunks)
     ref_tokens = [fp32.generate([p], new_tokens, stop_tokens=[])[0] for p in prompts]
