@@ -12,7 +12,9 @@ tokenizer from checkpoints/Llama-3.2-tokenizer; run by llama31.py), each at
 - fp32: fast(model) on an fp32 model, against a GGUF converted with `--outtype f32`;
 - bf16: fast(model) on a bf16 model, against `--outtype bf16`;
 - int8: fast(model, weights="int8") on a bf16 model (int8 weights, one bf16 scale per row), against llama.cpp's
-  Q8_0 (`--outtype q8_0`: int8 weights with one fp16 scale per 32).
+  Q8_0 (`--outtype q8_0`: int8 weights with one fp16 scale per 32);
+- a8w8: fast(model, weights="a8w8") on a bf16 model (int8 activations too, SmoothQuant-smoothed, outlier channels
+  in bf16; calibrated on 512 tokens of the Apache License 2.0), against the same Q8_0.
 Both engines decode N tokens from an empty context: llama.cpp with `llama-bench -p 0 -n N` (its own timing of
 the generation), ours with the model file's generate from a one-token prompt (the model's BOS), batch 1,
 greedy, tokens/s from the first new token to the last. (subtle: a context before the timed tokens, `-d`, would
@@ -21,7 +23,7 @@ one row executes AMX tile instructions that this virtual machine forbids; `--rep
 its decode speed.) Both use the same threads (torch's default, one per core; `-t` for llama-bench), best of
 --repeats for each.
 MB/token is what one decode step reads: every weight the products stream once (a tied embedding is the
-output head; for int8 the int8 copy and its scales, not the float table, of which one row is read) plus the
+output head; for int8 and a8w8 the int8 copy and its scales, not the float table, of which one row is read) plus the
 KV cache filled so far (on average N/2 positions; llama.cpp keeps its cache in f16, ours in the model's dtype;
 llama31.py reads its whole preallocated cache, 1 + N positions, a fixed shape as gpt-fast). The roofline is the
 best read bandwidth measured in the run (a 1 GiB sum, as the other decode benchmarks) over MB/token. Memory:
@@ -60,11 +62,14 @@ sys.path.insert(0, str(ROOT))
 import llama31  # noqa: E402
 import smollm2  # noqa: E402
 from decode_timing import load_average, machine_line, ours_decode_tps, read_bandwidth_gbs  # noqa: E402
-from fast_decode import Int8Linear, fast  # noqa: E402
+from fast_decode import A8W8Linear, Int8Linear, fast  # noqa: E402
+from tokenizer_bpe import Tokenizer  # noqa: E402
 
 MODELS = ("smollm2-135m", "llama3.2-1b")
+# precision -> ours: (dtype, fast's weights); llama.cpp: the GGUF outtype
 PRECISIONS = {"fp32": (torch.float32, None, "f32"), "bf16": (torch.bfloat16, None, "bf16"),
-              "int8": (torch.bfloat16, "int8", "q8_0")}  # ours: (dtype, fast's weights); llama.cpp: outtype
+              "int8": (torch.bfloat16, "int8", "q8_0"), "a8w8": (torch.bfloat16, "a8w8", "q8_0")}
+CALIBRATION_TEXT = "/usr/share/common-licenses/Apache-2.0"  # what a8w8 calibrates on (not the text it is scored on)
 
 
 # -----------------------------------------------------------------------------
@@ -156,9 +161,16 @@ def random_llama_checkpoint(out_dir: Path, tokenizer_dir: Path) -> Path:
     return ckpt
 
 
+def a8w8_bytes(m) -> int:
+    """Bytes of an A8W8Linear's A8W8 form: the packed int8 weight and its row scales, 1/s, the outlier columns."""
+    _, inv_s, idx, w_out = m.int8_weight()
+    return m.out_features * (m.in_features + 4) + inv_s.nbytes + idx.nbytes + w_out.nbytes
+
+
 def held_bytes(model) -> int:
     """Bytes of every tensor the model holds: parameters and fast_decode's copies beside them."""
     total = sum(p.nbytes for p in model.parameters())
+    total += sum(a8w8_bytes(m) for m in model.modules() if type(m) is A8W8Linear)
     holders = [h for m in model.modules() for h in (m.__dict__.get("reordered"), m.__dict__.get("int8"))]
     # (a Siblings, shared by its members, holds their stacked copy)
     holders += {id(m.siblings): m.siblings for m in model.modules() if "siblings" in m.__dict__}.values()
@@ -178,14 +190,22 @@ def streamed_bytes(model) -> int:
     seen = {id(m.weight) for m in linears}
     total = 0
     for m in {id(m.weight): m for m in linears}.values():  # a tied weight counts once
-        total += sum(t.nbytes for t in m.int8.weight) if type(m) is Int8Linear else m.weight.nbytes
+        total += (sum(t.nbytes for t in m.int8.weight) if type(m) is Int8Linear else
+                  a8w8_bytes(m) if type(m) is A8W8Linear else m.weight.nbytes)
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     return total + sum(p.nbytes for p in model.parameters() if id(p) not in seen and id(p) not in embeddings)
 
 
 def load_ours(name: str, ckpt: Path, dtype, weights):
+    """The model with fast_decode applied; a8w8 calibrates on 512 tokens of the Apache License 2.0 (as
+    bench_int8_quality.py does), tokenized by the checkpoint's own tokenizer."""
     cls = smollm2.SmolLM2 if name == "smollm2-135m" else llama31.Llama
-    return fast(cls.from_pretrained(str(ckpt), dtype=dtype), weights=weights).eval()
+    model = cls.from_pretrained(str(ckpt), dtype=dtype)
+    calibration = None
+    if weights == "a8w8":
+        text = Path(CALIBRATION_TEXT).read_text(encoding="utf-8")
+        calibration = torch.tensor([Tokenizer.from_file(str(ckpt)).encode(text)[:512]])
+    return fast(model, weights=weights, calibration=calibration).eval()
 
 
 def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models: str = ",".join(MODELS),
@@ -198,7 +218,7 @@ def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models:
     llama_cpp: llama.cpp's build folder (or the folder holding llama-bench); default $LLAMA_CPP_DIR, then PATH
     llama_cpp_src: llama.cpp's source folder (for convert_hf_to_gguf.py); default: the one the build names
     models: comma-separated: smollm2-135m, llama3.2-1b
-    precisions: comma-separated: fp32, bf16, int8 (llama.cpp: f32, bf16, Q8_0)
+    precisions: comma-separated: fp32, bf16, int8, a8w8 (llama.cpp: f32, bf16, Q8_0, Q8_0)
     new_tokens: tokens generated per timed run
     repeats: interleaved timed runs per engine (the best counts)
     threads: threads for both engines (default: torch's own choice, one per core)
