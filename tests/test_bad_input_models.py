@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import download  # noqa: E402
+import fast_decode  # noqa: E402
 import llama31  # noqa: E402
 import lm2  # noqa: E402
 import meta_convert  # noqa: E402
@@ -75,7 +76,7 @@ def save(model, path: Path, tokenizer_from: Path | None = None) -> Path:
 
 WRONG_TYPE = [("--max_new_tokens", "2.5"), ("--temperature", "hot"), ("--top_p", "most"), ("--top_k", "1.5"),
               ("--seed", "abc"), ("--chat", "maybe"), ("--interactive", "perhaps"), ("--prompt", "bad \udcff utf-8"),
-              ("--ckpt_dir", "\udcff"), ("--device", "\udcff"), ("--dtype", "\udcff")]
+              ("--ckpt_dir", "\udcff"), ("--device", "\udcff"), ("--dtype", "\udcff"), ("--int8", "perhaps")]
 OUT_OF_RANGE = [("--max_new_tokens", "0"), ("--max_new_tokens", "-3"), ("--temperature", "-1"),
                 ("--temperature", "nan"), ("--temperature", "inf"), ("--top_p", "0"), ("--top_p", "1.5"),
                 ("--top_p", "nan"), ("--top_k", "0"), ("--seed", "-1"), ("--seed", str(2**64)),
@@ -282,6 +283,32 @@ def test_interactive_needs_a_chat_model(mod, tmp_path):
     (ckpt / "tokenizer_config.json").unlink(missing_ok=True)  # SmolLM2-Instruct's carries its chat template
     msg = one_line_error(mod, "--interactive", "--ckpt_dir", str(ckpt), "--dtype", "float32", "--device", "cpu")
     assert "--interactive needs" in msg and "chat" in msg, msg
+
+
+@pytest.mark.parametrize("mod", MODS, ids=lambda m: m.__name__)
+def test_int8_flag_quantizes_or_says_why_not(mod, tmp_path, monkeypatch, capsys):
+    """--int8 runs the model through fast_decode's int8 products; without fast_decode.py (a model file copied
+    alone) it is refused in one line instead of silently decoding in float."""
+    tok_dir = LLAMA_TOKENIZER_DIR if mod is llama31 else SMOLLM2_DIR
+    if not (tok_dir / "tokenizer.json").is_file():
+        pytest.fail(f"test asset {tok_dir} missing: run python download.py")
+    ckpt = save(tiny(mod, vocab_size=128256 if mod is llama31 else 49152), tmp_path / "m", tokenizer_from=tok_dir)
+    argv = ["--prompt", "hi", "--ckpt_dir", str(ckpt), "--max_new_tokens", "2", "--temperature", "0",
+            "--dtype", "float32", "--device", "cpu", "--chat", "false", "--int8"]
+    applied = []
+
+    def recording_fast(model, **kw):
+        applied.append(kw.get("weights"))
+        applied.append(sorted({type(m).__name__ for m in fast_decode.fast(model, **kw).modules()
+                               if isinstance(m, torch.nn.Linear)}))
+        return model
+
+    monkeypatch.setattr(mod, "fast", recording_fast)
+    mod.cli(mod.main, argv=argv)
+    assert applied == ["int8", ["Int8Linear"]]
+    capsys.readouterr()
+    monkeypatch.setattr(mod, "fast", None)
+    assert "fast_decode.py" in one_line_error(mod, *argv)
 
 
 def test_llama31_refuses_a_smollm2_checkpoint_in_one_line():
