@@ -197,6 +197,32 @@ class BankedMemory(Memory):
         idx = top.reshape(B, 1, T * m, 1).expand(B, H, T * m, self.bank_slots * hd)
         return banks.gather(2, idx).view(B, H, T, m * self.bank_slots, hd)
 
+    def _grouped(self, q, k, v, top):
+        """The m = 1 read grouped by bank, as nanollm.py's MoE dispatch groups tokens by expert: the tokens of a
+        row that chose the same bank form a group, and one attention (batched over the groups, each padded to the
+        largest) reads each group's queries against its bank's S slots. q (B, heads, T, hd), k, v (B, heads, N,
+        hd), top (B, T, 1) -> (B, T, d). A chosen bank is copied once, not once per token; the others are not
+        touched. Padding rows (zero queries) are computed and dropped: the cost grows with the fullest group."""
+        B, H, T, hd = q.shape
+        pair = torch.arange(B, device=q.device)[:, None] * self.n_banks + top[..., 0]  # (B, T): (row, bank) id
+        ids, group, size = pair.flatten().unique(return_inverse=True, return_counts=True)  # the chosen pairs (G,)
+        # a token's place in its group: its rank among the group's tokens (a stable sort keeps them in order)
+        order = group.argsort(stable=True)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(B * T, device=q.device) - (size.cumsum(0) - size)[group[order]]
+        cap = int(size.max())
+        row = group * cap + rank  # (B*T,): each token's row among the G * cap padded query rows
+        queries = q.new_zeros(len(ids) * cap, H, hd).index_copy(0, row, q.transpose(1, 2).reshape(B * T, H, hd))
+        # the chosen banks' (row, head, bank) indices into the state's B * heads * K banks (contiguous: see state)
+        b, bank = (ids // self.n_banks)[:, None], (ids % self.n_banks)[:, None]
+        idx = ((b * H + torch.arange(H, device=q.device)) * self.n_banks + bank).flatten()  # (G * heads,)
+        k, v = (x.reshape(B * H * self.n_banks, -1).index_select(0, idx).view(len(ids), H, self.bank_slots, hd)
+                for x in (k, v))  # (G, heads, S, hd)
+        s = queries.view(-1, cap, H, hd).transpose(1, 2) @ k.transpose(-1, -2) / math.sqrt(hd)  # (G, heads, cap, S)
+        e = s.softmax(-1) @ v  # (G, heads, cap, hd)
+        # back in token order, heads side by side as _merge
+        return e.transpose(1, 2).reshape(-1, H * hd).index_select(0, row).view(B, T, H * hd)
+
     def read(self, h, state, fresh=None):
         if self.dense:  # every bank is read: lm2.py's dense read, no routing
             return super().read(h, state, fresh)
@@ -214,6 +240,11 @@ class BankedMemory(Memory):
         def attend(k, v):
             if self.threshold is not None:
                 e, n_read = self.progressive(q, k, v, top)
+            elif self.top == 1 and q.shape[2] >= self.n_banks:
+                # a segment of at least K tokens: the gather would copy each bank about T / K times per row,
+                # and attend with one query per matrix (decoding, one token, keeps the gather: no bank repeats)
+                e = self._grouped(q.squeeze(3), k, v, top)
+                n_read = torch.full(top.shape[:2], self.top, device=h.device)
             else:
                 e = self._merge(F.scaled_dot_product_attention(q, self._gather(k, top), self._gather(v, top)).squeeze(3))
                 n_read = torch.full(top.shape[:2], self.top, device=h.device)
