@@ -428,8 +428,7 @@ def main(out_dir: str = "runs/lm2_banks", models: str = ",".join(MODELS), steps:
     sleep_replay: replay batches per consolidation batch in the sleep phases
     n_eval: held-out episodes per measurement (8 answers each)
     repeats: timed repeats of one read
-    read_times_only: only time the reads of the models (untrained: the timing does not depend on the weights),
-        print them and stop; nothing is written
+    read_times_only: only time the models' reads and print them (untrained weights); trains and writes nothing
     seed: seed of the weights, the data and the choices"""
     if steps < 10 or sleep_steps < 10 or n_eval < 8 or sleep_replay < 0:
         raise SystemExit("error: need --steps >= 10, --sleep_steps >= 10, --n_eval >= 8 and --sleep_replay >= 0")
