@@ -14,7 +14,8 @@ and
 - reads only the slots of its top-m banks (the paper's read restricted to m * S slots, one softmax over them),
   so a read costs 4 m S d + 2 K d FLOPs instead of 4 K S d (scores and weighted sum, plus routing). A segment
   of T >= K tokens at m = 1 is read grouped by bank (`_grouped`: one batched attention over the (row, bank)
-  groups, padded), not gathered per token, which was 10x slower than the dense read in time;
+  groups, padded to the fullest; the padding also scores unchosen banks, which get no gradient), not gathered
+  per token: about 3x the dense read's time per token at d = 64 instead of 10x (docs/lm2_banks_results.md);
 - is written, at the end of the segment, only into its top bank: slot i of bank k attends over the tokens
   routed to k (the slot-indexed write of lm2.py with a mask). A bank no token was routed to keeps its state,
   so it does not decay while other banks are written.
@@ -242,14 +243,16 @@ class BankedMemory(Memory):
         def attend(k, v):
             if self.threshold is not None:
                 e, n_read = self.progressive(q, k, v, top)
-            elif self.top == 1 and q.shape[2] >= self.n_banks:
+            else:
                 # a segment of at least K tokens: the gather would copy each bank about T / K times per row and
                 # attend with one query per matrix; with fewer tokens (decoding: one) the grouped read would be
-                # mostly padding, computing every bank, so they keep the gather
-                e = self._grouped(q.squeeze(3), k, v, top)
-                n_read = torch.full(top.shape[:2], self.top, device=h.device)
-            else:
-                e = self._merge(F.scaled_dot_product_attention(q, self._gather(k, top), self._gather(v, top)).squeeze(3))
+                # mostly padding, computing every bank, so they keep the gather (and m > 1, one softmax over
+                # the union of its banks)
+                if self.top == 1 and q.shape[2] >= self.n_banks:
+                    e = self._grouped(q.squeeze(3), k, v, top)
+                else:
+                    e = F.scaled_dot_product_attention(q, self._gather(k, top), self._gather(v, top))
+                    e = self._merge(e.squeeze(3))
                 n_read = torch.full(top.shape[:2], self.top, device=h.device)
             # e: (B, T, d), one softmax over the slots read
             return torch.sigmoid(self.out_gate(e)) * e, n_read
