@@ -12,7 +12,10 @@ learned, or the mean of its slots' keys W_K M_i in the current state (mem_bank_k
 the issue's second option). A token's memory query q_t = h_t W_Q scores the banks, r[t, k] = q_t . b_k / sqrt(d),
 and
 - reads only the slots of its top-m banks (the paper's read restricted to m * S slots, one softmax over them),
-  so a read costs 4 m S d + 2 K d FLOPs instead of 4 K S d (scores and weighted sum, plus routing);
+  so a read costs 4 m S d + 2 K d FLOPs instead of 4 K S d (scores and weighted sum, plus routing). A segment
+  of T >= K tokens at m = 1 is read grouped by bank (`_grouped`: one batched attention over the (row, bank)
+  groups, padded to the fullest; the padding also scores unchosen banks, which get no gradient), not gathered
+  per token: about 3x the dense read's time per token at d = 64 instead of 10x (docs/lm2_banks_results.md);
 - is written, at the end of the segment, only into its top bank: slot i of bank k attends over the tokens
   routed to k (the slot-indexed write of lm2.py with a mask). A bank no token was routed to keeps its state,
   so it does not decay while other banks are written.
@@ -197,6 +200,32 @@ class BankedMemory(Memory):
         idx = top.reshape(B, 1, T * m, 1).expand(B, H, T * m, self.bank_slots * hd)
         return banks.gather(2, idx).view(B, H, T, m * self.bank_slots, hd)
 
+    def _grouped(self, q, k, v, top):
+        """The m = 1 read grouped by bank, as nanollm.py's MoE dispatch groups tokens by expert: the tokens of a
+        row that chose the same bank form a group, padded to the fullest group's size (cap), and one batched
+        attention reads every group's queries against its bank's S slots, seen in place (no copy of any bank).
+        q (B, heads, T, hd), k, v (B, heads, N, hd), top (B, T, 1) -> (B, T, d), as the gather's read.
+        subtle: the padding rows are zero queries; they cost 4 S d FLOPs each (K * cap rows per row of the
+        batch, against T tokens: ~2.5x the tokens' own work for random routes at K = 8, T = 32, more if the
+        routes crowd one bank) and are dropped, so a bank no token chose is computed but gets no gradient."""
+        B, H, T, hd = q.shape
+        K, S = self.n_banks, self.bank_slots
+        group = (torch.arange(B, device=q.device)[:, None] * K + top[..., 0]).flatten()  # (B*T,): (row, bank)
+        size = torch.bincount(group, minlength=B * K)
+        # a token's place in its group: its rank among the group's tokens (a stable sort keeps them in order)
+        order = group.argsort(stable=True)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(B * T, device=q.device) - (size.cumsum(0) - size)[group[order]]
+        cap = int(size.max())
+        row = group * cap + rank  # (B*T,): each token's row among the B * K * cap padded query rows
+        queries = q.new_zeros(B * K * cap, H, hd).index_copy(0, row, q.transpose(1, 2).reshape(B * T, H, hd))
+        queries = queries.view(B, K, cap, H, hd).permute(0, 3, 1, 2, 4)  # (B, heads, K, cap, hd)
+        k, v = k.view(B, H, K, S, hd), v.view(B, H, K, S, hd)  # views: k, v are contiguous (see state)
+        s = queries @ k.transpose(-1, -2) / math.sqrt(hd)  # (B, heads, K, cap, S)
+        e = (s.softmax(-1) @ v).permute(0, 2, 3, 1, 4)  # (B, K, cap, heads, hd)
+        # back in token order, heads side by side as _merge
+        return e.reshape(B * K * cap, H * hd).index_select(0, row).view(B, T, H * hd)
+
     def read(self, h, state, fresh=None):
         if self.dense:  # every bank is read: lm2.py's dense read, no routing
             return super().read(h, state, fresh)
@@ -215,7 +244,15 @@ class BankedMemory(Memory):
             if self.threshold is not None:
                 e, n_read = self.progressive(q, k, v, top)
             else:
-                e = self._merge(F.scaled_dot_product_attention(q, self._gather(k, top), self._gather(v, top)).squeeze(3))
+                # a segment of at least K tokens: the gather would copy each bank about T / K times per row and
+                # attend with one query per matrix; with fewer tokens (decoding: one) the grouped read would be
+                # mostly padding, computing every bank, so they keep the gather (and m > 1, one softmax over
+                # the union of its banks)
+                if self.top == 1 and q.shape[2] >= self.n_banks:
+                    e = self._grouped(q.squeeze(3), k, v, top)
+                else:
+                    e = F.scaled_dot_product_attention(q, self._gather(k, top), self._gather(v, top))
+                    e = self._merge(e.squeeze(3))
                 n_read = torch.full(top.shape[:2], self.top, device=h.device)
             # e: (B, T, d), one softmax over the slots read
             return torch.sigmoid(self.out_gate(e)) * e, n_read

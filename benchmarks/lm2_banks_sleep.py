@@ -408,7 +408,7 @@ def main(out_dir: str = "runs/lm2_banks", models: str = ",".join(MODELS), steps:
          centroid_decay: float = 0.9, write_shift: bool = False,
          progressive_threshold: float = 0.5,
          sleep_steps: int = 300, sleep_rank: int = 8, sleep_lr: float = 3e-3, sleep_replay: int = 1,
-         n_eval: int = 256, repeats: int = 50,
+         n_eval: int = 256, repeats: int = 50, read_times_only: bool = False,
          seed: int = 1337):
     """Train the four models, measure (a) and (b), print both tables, write results.json and the plot.
     out_dir: folder for results.json, log.txt and lm2_banks_scaling.png (created; nothing else is written)
@@ -428,12 +428,15 @@ def main(out_dir: str = "runs/lm2_banks", models: str = ",".join(MODELS), steps:
     sleep_replay: replay batches per consolidation batch in the sleep phases
     n_eval: held-out episodes per measurement (8 answers each)
     repeats: timed repeats of one read
+    read_times_only: only time the models' reads and print them (untrained weights); trains and writes nothing
     seed: seed of the weights, the data and the choices"""
     if steps < 10 or sleep_steps < 10 or n_eval < 8 or sleep_replay < 0:
         raise SystemExit("error: need --steps >= 10, --sleep_steps >= 10, --n_eval >= 8 and --sleep_replay >= 0")
     names = [m.strip() for m in models.split(",")]
     if not names or not set(names) <= set(MODELS + OPTIONAL):
         raise SystemExit(f"error: --models takes a comma-separated subset of {','.join(MODELS + OPTIONAL)}, got {models!r}")
+    if read_times_only:
+        return print_read_times([m for m in MODELS + OPTIONAL if m in names and m != "none"], repeats)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     logf = open(out / "log.txt", "a")
@@ -508,6 +511,18 @@ def main(out_dir: str = "runs/lm2_banks", models: str = ",".join(MODELS), steps:
         log(f"sleep {how}: {results['b'][how]}")
         save()
     report(results, out, log)
+
+
+def print_read_times(names, repeats):
+    """The read columns of table (a) alone: us per token for a segment and a decoding step, and K8 -> K32."""
+    us = {name: (time_read(model_args(name), SEG, repeats) * 1e6, time_read(model_args(name), 1, repeats) * 1e6)
+          for name in names}
+    print(f"{'memory':8} {'us/tok seg':>10} {'us/tok dec':>10}")
+    for name, (seg, dec) in us.items():
+        print(f"{name:8} {seg:10.3f} {dec:10.3f}")
+    if "K8 m1" in us and "K32 m1" in us:
+        print(f"K8 -> K32 at m=1: read time x{us['K32 m1'][0] / us['K8 m1'][0]:.2f} (segment), "
+              f"x{us['K32 m1'][1] / us['K8 m1'][1]:.2f} (decode)")
 
 
 def report(results, out, log):

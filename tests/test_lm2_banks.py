@@ -94,6 +94,36 @@ def test_routed_read_equals_masked_dense_read():
     torch.testing.assert_close(mem.read(h, state), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("K, T", [(4, 9), (3, 40)])
+def test_grouped_read_equals_gathered_read(K, T):
+    """A segment of T >= K tokens at m = 1 is read grouped by bank (BankedMemory._grouped): the same values and
+    gradients as the per-token gather, with groups of unequal sizes (padding rows) in every row."""
+    mem, h, bank0 = routed_setup(K, 3, 1, T)
+    h.requires_grad_(True)
+    results = []
+    for grouped in (True, False):
+        state = mem.state(bank0)
+        q = mem._heads(mem.q_proj(h))
+        top = mem.route(mem.q_proj(h), state)[1]
+        if grouped:
+            e = mem._grouped(q, state[1], state[2], top)
+        else:
+            e = mem._merge(F.scaled_dot_product_attention(q.unsqueeze(3), mem._gather(state[1], top),
+                                                          mem._gather(state[2], top)).squeeze(3))
+        h.grad = bank0.grad = None
+        e.square().sum().backward()
+        results.append((e.detach(), h.grad.clone(), bank0.grad.clone()))
+    for b in range(2):
+        sizes = torch.bincount(top[b, :, 0], minlength=K)
+        assert sizes.min() < sizes.max()
+    for new, old in zip(*results):
+        torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-5)
+    # and read() takes this path: it equals the masked dense read (test above) through the grouped one
+    state = mem.state(bank0)
+    e = mem._grouped(mem._heads(mem.q_proj(h)), state[1], state[2], mem.route(mem.q_proj(h), state)[1])
+    assert torch.equal(mem.read(h, state), torch.sigmoid(mem.out_gate(e)) * e)
+
+
 def test_write_goes_to_top_bank_only():
     mem, h, bank0 = routed_setup(4, 3, 1)
     new = mem.write(h, mem.state(bank0))[0]
