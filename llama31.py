@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer_bpe import (Tokenizer, check_generate, check_generation_flags, check_sampling, check_state, cli,
+from tokenizer_bpe import (Tokenizer, check_generate, check_generation_flags, check_state, cli,
                            converse, load_safetensors, read_json)
 from tokenizer_bpe import apply_chat_template as encode_chat
 
@@ -516,10 +516,8 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/Llama-3.1-8B-In
         +0.6-0.9% perplexity on SmolLM2)
     """
     try:  # everything a user can get wrong is checked before the (slow) load, and reported in one line
-        check_sampling(temperature, top_k, top_p)
-        dev, dt = check_generation_flags(prompt, max_new_tokens, seed, device, dtype, interactive)
-        if int8 and (fast is None or dev.type != "cpu"):
-            raise ValueError("--int8 is fast_decode.py's CPU path: keep fast_decode.py beside this file, on a cpu")
+        dev, dt = check_generation_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
+                                         interactive, int8=int8, fast=fast)
         t0 = time.time()
         model = Llama.from_pretrained(ckpt_dir, dev, dt, max_seq_len=max_seq_len)
         tokenizer = Tokenizer.from_file(ckpt_dir)

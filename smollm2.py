@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer_bpe import (Tokenizer, apply_chat_template, check_generate, check_generation_flags, check_sampling,
+from tokenizer_bpe import (Tokenizer, apply_chat_template, check_generate, check_generation_flags,
                            check_state, cli, converse, is_chat_checkpoint, load_safetensors, read_json)
 
 # -----------------------------------------------------------------------------
@@ -432,10 +432,8 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/SmolLM2-135M-In
         +0.6-0.9% perplexity on SmolLM2)
     """
     try:  # everything a user can get wrong is checked before the (slow) load, and reported in one line
-        check_sampling(temperature, top_k, top_p)
-        dev, dt = check_generation_flags(prompt, max_new_tokens, seed, device, dtype, interactive)
-        if int8 and (fast is None or dev.type != "cpu"):
-            raise ValueError("--int8 is fast_decode.py's CPU path: keep fast_decode.py beside this file, on a cpu")
+        dev, dt = check_generation_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
+                                         interactive, int8=int8, fast=fast)
         t0 = time.time()
         model = SmolLM2.from_pretrained(ckpt_dir, dev, dt or (torch.bfloat16 if dev.type == "cuda" else None))
         tokenizer = Tokenizer.from_file(ckpt_dir)

@@ -543,9 +543,9 @@ def test_sample_draws_from_the_filtered_distribution(mod):
     assert probs[0, 0] == 0 and probs[0, 3] == 0
     assert_close(probs[0, 1:3], torch.softmax(torch.tensor([2.0, 3.0]), 0), (1e-5, 1.3e-6))
     with pytest.raises(ValueError):
-        mod.check_sampling(-0.1, None, 1.0)
+        tokenizer_bpe.check_sampling(-0.1, None, 1.0)  # (the one check every file calls)
     with pytest.raises(ValueError):
-        mod.check_sampling(1.0, None, 0.0)
+        tokenizer_bpe.check_sampling(1.0, None, 0.0)
 
 
 # =============================================================================

@@ -821,7 +821,7 @@ def utf8(s: str) -> str:
 
 
 # The chat loop of the four model files' command lines, here for the same reason as the flag parser. Each main
-# checks its flags (check_sampling, check_generation_flags), loads, picks --chat's default (is_chat_checkpoint),
+# checks its flags (check_generation_flags), loads, picks --chat's default (is_chat_checkpoint),
 # then calls converse with its encode_chat, or None for plain text.
 
 
@@ -849,11 +849,14 @@ def check_generate(prompts, max_new_tokens, max_seq_len, temperature, top_k, top
     return longest
 
 
-def check_generation_flags(prompt, max_new_tokens, seed, device, dtype, interactive):
+def check_generation_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, interactive,
+                           int8=False, fast=None):
     """A model CLI's flags that every model file shares, checked before the slow load -> (torch.device, torch dtype
-    or None); a ValueError names the flag. device None: cuda when available, else cpu."""
+    or None); a ValueError names the flag. device None: cuda when available, else cpu. fast: the model file's
+    fast_decode.fast, None where fast_decode.py is not beside it (then --int8 cannot be honoured)."""
     import torch  # here, not at the top: the tokenizer itself never needs it
 
+    check_sampling(temperature, top_k, top_p)
     if max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
     if seed is not None and not 0 <= seed < 2**64:
@@ -870,6 +873,8 @@ def check_generation_flags(prompt, max_new_tokens, seed, device, dtype, interact
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype is not None and dtype not in dtypes:
         raise ValueError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype}")
+    if int8 and (fast is None or dev.type != "cpu"):
+        raise ValueError("--int8 is fast_decode.py's CPU path: keep fast_decode.py beside this file, on a cpu")
     return dev, dtypes.get(dtype)
 
 

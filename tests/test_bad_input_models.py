@@ -121,7 +121,7 @@ class Seen(Exception):
 
 @pytest.mark.parametrize("mod", MODS, ids=lambda m: m.__name__)
 def test_string_flags_arrive_byte_for_byte(mod, monkeypatch):
-    def capture(prompt, *args):
+    def capture(prompt, *args, **kwargs):
         raise Seen(prompt, args)
 
     monkeypatch.setattr(mod, "check_generation_flags", capture)  # main's first check: the flags as parsed
@@ -133,7 +133,7 @@ def test_string_flags_arrive_byte_for_byte(mod, monkeypatch):
 
 
 def test_string_flags_arrive_byte_for_byte_from_a_real_command_line():
-    code = ("import sys, smollm2; smollm2.check_generation_flags = lambda p, *a: sys.exit(repr(p)); "
+    code = ("import sys, smollm2; smollm2.check_generation_flags = lambda p, *a, **k: sys.exit(repr(p)); "
             "smollm2.cli(smollm2.main)")
     for text in ["yes, please", "0x10", "[1, 2]", '"q"']:
         run = subprocess.run([sys.executable, "-c", code, "--prompt", text], cwd=ROOT, capture_output=True, text=True)
