@@ -142,12 +142,18 @@ class Derived:
         return self.weight
 
 
+def cpu_inference(x: torch.Tensor) -> bool:
+    """Whether a product of x may take this module's kernels: on the CPU, without autograd, not being compiled
+    (training, autograd and torch.compile take nn.Linear's own F.linear). It runs on every product: the cheapest
+    and the most often decisive check comes first."""
+    return not torch.is_grad_enabled() and x.is_cpu and not torch.compiler.is_compiling()
+
+
 class FastLinear(nn.Linear):
     """nn.Linear (same parameters, same names) whose CPU inference products take the faster kernels above."""
 
     def forward(self, x):
-        # (the checks run on every product: the cheapest and the most often decisive come first)
-        if not torch.is_grad_enabled() and x.is_cpu and not torch.compiler.is_compiling():
+        if cpu_inference(x):
             if x.dtype == torch.bfloat16 and BF16_ONEDNN:
                 siblings = self.__dict__.get("siblings")
                 if siblings is not None and x.numel() == self.in_features:
@@ -304,13 +310,14 @@ class Siblings:
 
 
 def stack_siblings(model: nn.Module):
-    """Group each parent's sibling FastLinear layers (SIBLINGS) into a Siblings, afresh."""
+    """Group each parent's sibling FastLinear layers (SIBLINGS) into a Siblings, afresh; Int8Linear and A8W8Linear
+    layers are not grouped (their products do not read it)."""
     for module in model.modules():
         module.__dict__.pop("siblings", None)
     for parent in model.modules():
         for names in SIBLINGS:
-            members = [m for m in (getattr(parent, n, None) for n in names)
-                       if isinstance(m, FastLinear) and m.bias is None]
+            members = [m for m in (getattr(parent, n, None) for n in names)  # (int8 layers have their own path)
+                       if type(m) is FastLinear and m.bias is None]
             members = [m for m in members if m.in_features == members[0].in_features]
             if len(members) > 1:
                 siblings = Siblings(members)
@@ -335,7 +342,7 @@ class Int8Linear(FastLinear):
     bytes per token. The float parameter stays as it is (names, state_dict, ties, training: those of nn.Linear)."""
 
     def forward(self, x):
-        if x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if cpu_inference(x):
             q, scale = self.int8_weight()
             x2 = x.reshape(-1, self.in_features).bfloat16()
             if self.in_features % 16 == 0:
@@ -359,8 +366,9 @@ class Int8Linear(FastLinear):
 # scale for a whole 512-token window). Two known cures, both applied, each measured to help on SmolLM2-135M
 # (`python benchmarks/bench_int8_quality.py --variants int8-fp32,int8-bf16,a8w8-fp32,a8w8-bf16`, 14 windows of
 # 512 tokens of the GPL v3, calibrated on 1024 tokens of the Apache License 2.0; perplexity against fp32's, fp32
-# model / bf16 model: smoothing alone +1.24% / +1.59%, with 8 float channels +0.73% / +1.05%, with 16 +0.55% /
-# +0.78%; the weight-only int8 kernel +0.56% / +0.89%; llama.cpp's Q8_0 +0.28% against its own F32):
+# model / bf16 model: as committed (16 float channels) +0.55% / +0.85%; with OUTLIERS set to 8, +0.73% / +1.05%,
+# and to 0 (smoothing alone) +1.24% / +1.59%; the weight-only int8 kernel +0.56% / +0.89%; llama.cpp's Q8_0
+# +0.28% against its own F32):
 # - SmoothQuant (Xiao et al. 2023, arXiv 2211.10438): input channel j divided by s_j = max|X_j|^a / max|W_j|^(1-a)
 #   (X measured on calibration text), weight column j multiplied by it: the product is unchanged and the rounding
 #   error shared between activations and weights. a = 0.5, the paper's default (0.65 and 0.8 measured worse);
@@ -415,7 +423,7 @@ class A8W8Linear(FastLinear):
     attribute, not in state_dict."""
 
     def forward(self, x):
-        if x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if cpu_inference(x):
             packed, inv_s, idx, w_out = self.int8_weight()
             x2 = x.reshape(-1, self.in_features)
             xs = torch.mul(x2, inv_s)  # fp32 (inv_s is): x / s, one op on the row; 0 in the outlier channels
@@ -483,8 +491,9 @@ def fast(model: nn.Module, threads: bool = False, weights: str | None = None,
     for module in layers:
         module.__class__ = nn.Linear  # plain float products while calibrating (no reordered copies)
         for name in COPIES.values():
-            if name != COPIES[cls]:
-                module.__dict__.pop(name, None)  # the other kinds' copies
+            # the other kinds' copies, and a8w8's own: it is made from the calibration, which may be new
+            if name != COPIES[cls] or cls is A8W8Linear:
+                module.__dict__.pop(name, None)
         module.__dict__.pop("act_absmax", None)
     absmax = input_absmax(model, layers, calibration) if cls is A8W8Linear else {}
     for module in layers:

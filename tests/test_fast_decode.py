@@ -565,6 +565,11 @@ def test_a8w8_calibration_and_product():
     xg = torch.randn(2, 64, requires_grad=True)
     layer(xg).sum().backward()
     torch.testing.assert_close(xg.grad, layer.weight.sum(0).expand(2, -1))
+    fresh = nn.Sequential(nn.Linear(64, 96))
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():  # a new calibration remakes the A8W8 copy: as on a model never calibrated before
+        again = fast(model, weights="a8w8", calibration=cal * 3)[0](x)
+        assert torch.equal(again, fast(fresh, weights="a8w8", calibration=cal * 3)[0](x))
     with pytest.raises(ValueError, match="calibration"):
         fast(nn.Sequential(nn.Linear(4, 4)), weights="a8w8")
     with pytest.raises(ValueError, match="calibration"):
