@@ -176,11 +176,13 @@ def check_destination(final, force):
     """True when final/ already holds a complete checkout to keep. False when final/ is free to be written: absent,
     or (with --force) a checkout that download.py wrote and nothing else. Anything else is refused here, before any
     download, and nothing in it is touched."""
-    if final.is_symlink() or (final.exists() and not final.is_dir()):
-        kind = "a symbolic link" if final.is_symlink() else "a file"
-        raise DownloadError(f"{final} is {kind}, not a checkout download.py made: move it away or give another --out")
+    if final.exists() and not final.is_dir():
+        raise DownloadError(f"{final} is a file, not a checkout: move it away or give another --out")
     if not final.exists():
         return False
+    if force and final.is_symlink():  # a link the user made (to a folder elsewhere): read it, never replace it
+        raise DownloadError(f"--force replaces only a checkout download.py made, and {final} is a symbolic link: "
+                            "remove the link yourself (or give another --out) and rerun; nothing was changed")
     manifest, foreign = read_manifest(final), foreign_entries(final)
     if not force:
         try:

@@ -101,8 +101,8 @@ def check_gguf(meta, tensors):
     integer(meta, "llama.context_length", 2**24)  # no tensor is sized by it; 2^24 is past every released model
     head_dim = integer(meta, "llama.attention.key_length", 2**16, default=hidden // n_head)
     if n_head % n_kv or head_dim % 2 or meta.get("llama.attention.value_length", head_dim) != head_dim:
-        raise ValueError(f"{n_head} heads, {n_kv} KV heads, head size {head_dim}: not a Llama attention (the heads "
-                         "must split evenly into KV groups, the head size must be even and match the values')")
+        raise ValueError(f"{n_head} heads, {n_kv} KV heads, head size {head_dim}: not a Llama attention (the query "
+                         "heads must split evenly over the KV heads; the head size must be even, and equal for values)")
     positive_float(meta, "llama.rope.freq_base", default=10000.0)
     positive_float(meta, "llama.attention.layer_norm_rms_epsilon", below=1.0)
     tokens, types = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.token_type")
@@ -148,7 +148,7 @@ def check_gguf(meta, tensors):
             raise ValueError(f"tensor {name} is of integer type {kind}, not weights")
         seen.add(name)
     if missing := [n for n in expected if n not in seen]:
-        raise ValueError(f"{len(missing)} tensors missing, the first {missing[0]}")
+        raise ValueError(f"tensors missing ({len(missing)}), the first {missing[0]}")
 
 
 def gguf_state_dict(reader, meta, dtype):

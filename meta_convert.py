@@ -192,7 +192,7 @@ def load_meta(files: list[Path], args, hint: str) -> dict:
     needed = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if args.tie_embeddings else ["lm_head.weight"]) \
         + [f"model.layers.{i}.{name}" for i in range(args.n_layers) for name in layer_names]
     if missing := [name for name in needed if name not in state]:
-        raise ValueError(f"{files[0].parent}: {len(missing)} tensors missing, the first {missing[0]}; {hint}")
+        raise ValueError(f"{files[0].parent}: tensors missing ({len(missing)}), the first {missing[0]}; {hint}")
     return state
 
 
