@@ -284,7 +284,7 @@ def hub_info(repo_id):
     except HfHubHTTPError as e:  # an answer, so the Hub (or whatever HF_ENDPOINT names) is reachable
         status = getattr(e.response, "status_code", "?")
         raise DownloadError(f"{endpoint} answered HTTP {status} to the Hub API's request for {repo_id}: if "
-                            f"HF_ENDPOINT is set, check that it names a Hugging Face Hub (or mirror); else retry "
+                            "HF_ENDPOINT is set, check that it names a Hugging Face Hub (or mirror); else retry "
                             "later") from e
     except (ValueError, KeyError, TypeError) as e:  # an answer that is not the Hub API's JSON
         raise DownloadError(f"{endpoint} did not answer as a Hugging Face Hub does ({first_cause(e)}): if "
@@ -473,7 +473,7 @@ def finalise(partial, final, source, expected_tensors=None):
     the checkout it replaces (checked before the run, and again here) is removed only once the new one is in place."""
     verify(partial, expected_tensors)
     shutil.rmtree(partial / ".cache", ignore_errors=True)  # huggingface_hub's download metadata
-    files = {p.name: p.stat().st_size for p in sorted(partial.iterdir()) if p.name != MANIFEST}
+    files = {p.name: p.stat().st_size for p in sorted(partial.iterdir()) if p.is_file() and p.name != MANIFEST}
     write_manifest(partial, source, files)
     # Files get the mode the user's umask gives a new file (the manifest's, just created by open()): safetensors
     # writes 0600, which would keep a shared checkout from the other users of a machine.
@@ -544,7 +544,7 @@ def fetch_from_hub(name, final, meta):
             from meta_convert import meta_to_hf
             expected = meta_to_hf(partial / "original", partial, instruct=name.endswith("-instruct"))
             shutil.rmtree(partial / "original")
-    except BaseException:
+    except Exception:  # not on Ctrl-C: huggingface_hub's threads may still be writing there
         discard_if_empty(partial)  # a failed first attempt leaves nothing; one that got files keeps them to resume
         raise
     finalise(partial, final, f"{endpoint}/{repo_id} at commit {sha}", expected)

@@ -10,7 +10,9 @@ Tests for download.py's conversions and checkouts, and gguf_convert.py.
 """
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -238,6 +240,10 @@ def test_gguf_folders_keep_the_whole_file_name(tmp_path, tiny_gguf):
 
 def test_existing_checkout_is_kept_unless_forced_and_corruption_is_caught(tmp_path, capsys, tiny_gguf):
     final = download.convert_local(tiny_gguf, tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in final.iterdir():  # the mode a new file gets (safetensors itself writes 0600)
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p
     stamp = (final / "model.safetensors").stat().st_mtime_ns
     download.convert_local(tiny_gguf, tmp_path)
     assert "already complete" in capsys.readouterr().out

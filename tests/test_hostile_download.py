@@ -137,7 +137,7 @@ def complete_user_folder(folder):
     download.verify(folder)
 
 
-def test_force_never_replaces_what_download_py_did_not_write(tmp_path, gguf_file):
+def test_force_never_replaces_what_download_py_did_not_write(tmp_path, gguf_file, monkeypatch):
     out = tmp_path / "ckpt"
     final = download.convert_local(gguf_file, out)  # out/tiny, written by download.py
     (out / "notes.txt").write_text("mine")
@@ -176,7 +176,12 @@ def test_force_never_replaces_what_download_py_did_not_write(tmp_path, gguf_file
     assert attempt("tiny.gguf") is None
     download.verify(final)
     assert (out / "notes.txt").read_text() == "mine" and (out / "tiny.old" / "keep.txt").read_text() == "mine"
-    assert sorted(p.name for p in out.iterdir()) == ["my-export", "notes.txt", "tiny", "tiny.old"]
+    # `--meta_dir .` from inside Meta's folder converts into a folder of that name, again with --force
+    monkeypatch.chdir(src)
+    for force in [False, True]:
+        assert one_line(lambda: download.main(meta_dir=".", out=str(out), force=force)) is None
+        download.verify(out / "meta")
+    assert sorted(p.name for p in out.iterdir()) == ["meta", "my-export", "notes.txt", "tiny", "tiny.old"]
 
 
 def test_an_incomplete_folder_of_someone_elses_is_described_not_forced(tmp_path, gguf_file):
