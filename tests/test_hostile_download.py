@@ -167,9 +167,9 @@ def test_force_never_replaces_what_download_py_did_not_write(tmp_path, gguf_file
                                     "not write (my-notes.md): move them out of it and rerun; nothing in it was changed")
     # a complete folder download.py did not make: kept as it is, and --force does not replace it
     assert attempt("my-export.gguf", force=False) is None
-    assert attempt("my-export.gguf") == (f"error: --force replaces only a checkout download.py made, and {out / 'my-export'} "
-                                         f"has no {download.MANIFEST}: move it away (or give another --out) and "
-                                         "rerun; nothing in it was changed")
+    assert attempt("my-export.gguf") == (f"error: --force replaces only a checkout download.py made, and "
+                                         f"{out / 'my-export'} has no {download.MANIFEST}: move it away (or give "
+                                         "another --out) and rerun; nothing in it was changed")
     assert snapshot(tmp_path, skip=[tmp_path / "src", tmp_path / "meta"]) == before
     # with the user's file moved out, --force replaces download.py's checkout, and nothing beside it
     (final / "my-notes.md").rename(tmp_path / "my-notes.md")
@@ -293,10 +293,13 @@ def duplicate_token(meta, tensors):
 GGUF_LIES = {  # name -> edit; each must be refused in one line naming the file (none converts into garbage)
     "a million layers": lie("llama.block_count", 10**6), "no layers": lie("llama.block_count", 0),
     "3 layers, tensors of 2": lie("llama.block_count", 3), "layers as text": lie("llama.block_count", "2", T.STRING),
-    "layers as a float": lie("llama.block_count", 2.0, T.FLOAT32), "layers as a bool": lie("llama.block_count", True, T.BOOL),
-    "width 10^12": lie("llama.embedding_length", 10**12, T.UINT64), "width disagrees": lie("llama.embedding_length", 64),
+    "layers as a float": lie("llama.block_count", 2.0, T.FLOAT32),
+    "layers as a bool": lie("llama.block_count", True, T.BOOL),
+    "width 10^12": lie("llama.embedding_length", 10**12, T.UINT64),
+    "width disagrees": lie("llama.embedding_length", 64),
     "no heads": lie("llama.attention.head_count", 0), "heads do not group": lie("llama.attention.head_count_kv", 3),
-    "odd head size": lie("llama.attention.key_length", 7), "context 10^12": lie("llama.context_length", 10**12, T.UINT64),
+    "odd head size": lie("llama.attention.key_length", 7),
+    "context 10^12": lie("llama.context_length", 10**12, T.UINT64),
     "context negative": lie("llama.context_length", -1, T.INT32), "theta nan": lie("llama.rope.freq_base", math.nan),
     "theta inf": lie("llama.rope.freq_base", math.inf), "theta negative": lie("llama.rope.freq_base", -1.0),
     "eps nan": lie("llama.attention.layer_norm_rms_epsilon", math.nan),
