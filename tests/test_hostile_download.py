@@ -19,15 +19,18 @@ import json
 import math
 import os
 import random
+import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import download
-from hub_standin import Hub
-from test_download import byte_chars, write_tiny_meta
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import download  # noqa: E402
+from hub_standin import Hub  # noqa: E402
+from test_download import byte_chars, write_tiny_meta  # noqa: E402
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGUFValueType as T  # noqa: E402
