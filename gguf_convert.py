@@ -20,6 +20,8 @@ Departures, on purpose:
   with, the originals. float32 (the default) holds exactly what llama.cpp's dequantization computes.
 - Only plain Llama tensors and byte-level BPE tokenizers of pre-type `smollm` or `llama-bpe`; anything else
   (biases, experts, other scalings or tokenizers) raises ValueError naming it rather than converting wrong.
+- The gguf reader trusts the file; we do not: every hyper-parameter is checked (type, range, finite) and every
+  tensor's name, shape and type against them before anything is built, so a file that lies is one ValueError.
 
 Usage:
     python download.py --gguf model.Q8_0.gguf          # -> checkpoints/model.Q8_0/

@@ -15,7 +15,8 @@ Departures, on purpose:
   which llama-models#241 reports breaks those models past ~80k tokens;
 - params.json does not say whether a model is instruct-tuned; Meta's folder names do ("...-Instruct"), and an
   instruct model also stops at <|eom_id|> and <|eot_id|>;
-- every .pth is read with weights_only=True: a crafted pickle is refused, never run.
+- every .pth is read with weights_only=True: a crafted pickle is refused, never run; params.json is checked (type,
+  range, finite) and every tensor of every shard against it before anything is merged or written.
 
 Usage:
     python download.py llama3.1-8b-instruct --meta                  # -> checkpoints/Llama-3.1-8B-Instruct-meta/
@@ -230,6 +231,8 @@ def meta_to_hf(meta_dir, out_dir, instruct: bool | None = None) -> int:
         if number is None:
             raise ValueError(f"{p}: not a shard name of Meta's (consolidated.00.pth, consolidated.01.pth, ...): "
                              "rename or remove it")
+        if int(number[1]) in shards:
+            raise ValueError(f"{src}: {shards[int(number[1])].name} and {p.name} are both shard {int(number[1])}")
         shards[int(number[1])] = p
     # the shard count is the number of files, never a number read from a name
     gap = next((i for i in range(len(shards) + 1) if i not in shards), len(shards))

@@ -436,6 +436,9 @@ def test_shard_names_and_contents(tmp_path):
     (folder / "consolidated.99999999.pth").write_bytes(b"")  # never a count of 10^8 shards
     assert convert().startswith(f"error: {folder / 'consolidated.99999999.pth'}: not a shard name of Meta's")
     (folder / "consolidated.99999999.pth").unlink()
+    (folder / "consolidated.0.pth").write_bytes(b"")
+    assert convert().startswith(f"error: {folder}: consolidated.0") and "are both shard 0" in convert()
+    (folder / "consolidated.0.pth").unlink()
     shard.rename(folder / "consolidated.01.pth")
     assert convert() == f"error: {folder} is incomplete: consolidated.00.pth is missing; download it again " \
                         "(python download.py --meta, or from llama.com)"
