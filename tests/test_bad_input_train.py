@@ -37,9 +37,11 @@ needs_smol_tokenizer = pytest.mark.skipif(not SMOL_TOKENIZER.is_file(),
 
 
 def snapshot(root: Path, skip: Path) -> dict:
-    """Every file under root but those under skip (the new run's folder) -> its bytes' hash and mtime."""
+    """Every file under root but those under skip (the new run's folder) -> its bytes' hash and mtime. A run
+    folder's .lock is not compared: it holds the pid of the last process that held the folder, which every run
+    (even one refused after taking the lock, e.g. a resume with changed flags) writes."""
     return {p: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in root.rglob("*")
-            if p.is_file() and skip not in p.parents}
+            if p.is_file() and skip not in p.parents and p.name != ".lock"}
 
 
 def one_line_error(run, argv, match: str, root: Path, out: Path):
@@ -393,6 +395,7 @@ GRPO_RANGE = {
     "resume": [("true", "no checkpoint at")],
     "device": [("gpu", "--device must be cpu, cuda or cuda:N")]
     + ([] if torch.cuda.is_available() else [("cuda", "no CUDA device")]),
+    "save_dtype": [("int8", "--save_dtype must be one of")],
     "threads": [("-1", "--threads must be >= 0")],
     "seed": [("-5", "--seed must be in")],
 }
