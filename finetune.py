@@ -40,10 +40,8 @@ Usage:
     python finetune.py ... --resume      |      torchrun --nproc_per_node 2 finetune.py ... [--fsdp]
 
 --out_dir receives model.safetensors + config.json + tokenizer files (loaded by the model file and by
-transformers), ckpt.pt (the resume state), metrics.jsonl and loss.png (if matplotlib is installed). A run holds its
-folder for its whole life (a second run into it is refused) and marks it as a finetune.py run; a new run needs an
-empty or new --out_dir, or --overwrite to replace an earlier finetune.py run (whose files stay until the new run
-saves its first checkpoint). Only weights that are finite and give a finite validation loss are ever saved.
+transformers), ckpt.pt (the resume state), metrics.jsonl and loss.png (if matplotlib is installed): run_folder.py
+says how a run holds, marks and writes its folder. Only finite weights with a finite validation loss are saved.
 """
 
 import contextlib
@@ -54,9 +52,9 @@ import math
 import os
 import re
 import resource
-import shutil
 import sys
 import time
+import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -69,7 +67,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from run_folder import (TOKENIZER_FILES, MetricsLog, RunFolder, checkpoint_keys, export_hf, export_sources,
-                        load_checkpoint, merge_lora_state_dict, one_line, plot, save_atomic, save_checkpoint)
+                        load_checkpoint, nonfinite_count, one_line, plot, save_atomic, save_checkpoint)
 from tokenizer_bpe import cli
 
 # -----------------------------------------------------------------------------
@@ -161,8 +159,7 @@ SHARD_MAGIC, HEADER_INTS = 20240520, 256  # llm.c's .bin layout: 256 int32 heade
 
 
 def check_flags(cfg, rules: dict[str, tuple[bool, str]]):
-    """rules: flag -> (its value is valid, what it must be). The first invalid flag ends the run in one line; a
-    float flag must also be finite (float() takes 'nan' and 'inf')."""
+    """rules: flag -> (valid, what it must be); the first invalid flag (or non-finite float) ends the run."""
     for name, (ok, need) in rules.items():
         value = getattr(cfg, name)
         if not ok or (isinstance(value, float) and not math.isfinite(value)):
@@ -318,28 +315,9 @@ def read_shard(path: str) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_INTS * 4, shape=(int(header[2]),))
 
 
-def prepare(tokenizer: str, out_dir: str, files: list[str], val_frac: float = 0.01, shard_tokens: int = 10**8):
-    """Tokenize text files into out_dir/{train,val}_NNNNNN.bin; each document is preceded by end-of-text (llm.c)."""
-    tok = load_tokenizer(tokenizer)
-    eot, _ = special_ids(tok)
-    docs = [doc for path in files for kind, doc in read_documents(path) if kind == "text"]
-    stream = np.array([t for doc in tqdm(docs, desc="tokenizing", unit="doc", leave=False)
-                       for t in [eot] + tok.encode(doc)], dtype=np.uint32)
-    if len(stream) == len(docs):
-        raise SystemExit("error: empty dataset: no text documents to prepare")
-    cut = val_start(np.flatnonzero(stream == eot)[1:], len(stream), val_frac)  # a document starts at its eot
-    os.makedirs(out_dir, exist_ok=True)
-    for split, part in (("train", stream[:cut]), ("val", stream[cut:])):
-        for i, start in enumerate(range(0, len(part), shard_tokens)):
-            write_shard(os.path.join(out_dir, f"{split}_{i:06d}.bin"), part[start:start + shard_tokens],
-                        tok.vocab_size)
-    print(f"{len(docs)} documents, {cut} train + {len(stream) - cut} val tokens -> {out_dir}")
-
-
-def prepare_main(*files: str, tokenizer: str = "", out_dir: str = "", val_frac: float = 0.01,
-                 shard_tokens: int = 10**8):
+def prepare(*files: str, tokenizer: str = "", out_dir: str = "", val_frac: float = 0.01, shard_tokens: int = 10**8):
     """Tokenize text files (.txt: one document each; .jsonl: one {"text": ...} per line) into llm.c-style shards
-    OUT_DIR/{train,val}_NNNNNN.bin for `finetune.py --data OUT_DIR`.
+    OUT_DIR/{train,val}_NNNNNN.bin for `finetune.py --data OUT_DIR`; each document is preceded by end-of-text.
 
     files: the .txt / .jsonl files to tokenize
     tokenizer: tokenizer file or folder (required)
@@ -356,7 +334,23 @@ def prepare_main(*files: str, tokenizer: str = "", out_dir: str = "", val_frac: 
         raise SystemExit(f"error: not found: {missing[0]}")
     if os.path.isfile(out_dir):
         raise SystemExit(f"error: --out_dir {out_dir} is a file; give a folder")
-    prepare(tokenizer, out_dir, list(files), val_frac, shard_tokens)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:  # a read-only mount, no permission: said before tokenizing, not after
+        raise SystemExit(f"error: cannot write in --out_dir {out_dir} ({e.strerror})") from None
+    tok = load_tokenizer(tokenizer)
+    eot, _ = special_ids(tok)
+    docs = [doc for path in files for kind, doc in read_documents(path) if kind == "text"]
+    stream = np.array([t for doc in tqdm(docs, desc="tokenizing", unit="doc", leave=False)
+                       for t in [eot] + tok.encode(doc)], dtype=np.uint32)
+    if len(stream) == len(docs):
+        raise SystemExit("error: empty dataset: no text documents to prepare")
+    cut = val_start(np.flatnonzero(stream == eot)[1:], len(stream), val_frac)  # a document starts at its eot
+    for split, part in (("train", stream[:cut]), ("val", stream[cut:])):
+        for i, start in enumerate(range(0, len(part), shard_tokens)):
+            write_shard(os.path.join(out_dir, f"{split}_{i:06d}.bin"), part[start:start + shard_tokens],
+                        tok.vocab_size)
+    print(f"{len(docs)} documents, {cut} train + {len(stream) - cut} val tokens -> {out_dir}")
 
 
 class PackedRows:
@@ -447,12 +441,6 @@ def load_tokenizer(path: str):
         raise SystemExit(f"error: cannot read the tokenizer {path}: {type(e).__name__}: {one_line(e)}") from None
 
 
-def load_model(cfg: TrainConfig, device, dtype=torch.float32):
-    """-> (model module, model, hf config dict, tokenizer, tokenizer path) as --model, --ckpt_dir or --preset and
-    --tokenizer say."""
-    return open_model(cfg.model, device, dtype, ckpt_dir=cfg.ckpt_dir, preset=cfg.preset, tokenizer=cfg.tokenizer)
-
-
 def open_model(name: str, device, dtype=torch.float32, ckpt_dir: str = "", preset: str = "", tokenizer: str = ""):
     """Import the model file `name`; load the checkpoint ckpt_dir, or build `preset` (a ModelArgs preset name or a
     config.json) from scratch; read the tokenizer (default: ckpt_dir's). A config whose values no model of the
@@ -471,10 +459,14 @@ def open_model(name: str, device, dtype=torch.float32, ckpt_dir: str = "", prese
         raise SystemExit("error: give --ckpt_dir (fine-tune) or --preset with --tokenizer (from scratch)")
     try:
         args = mod.ModelArgs.from_hf_config(read_json(config)) if config else mod.ModelArgs.from_name(preset)
+        for key, kind in typing.get_type_hints(type(args)).items():  # "64" heads, 2.5 layers, an "x" or nan eps
+            value = getattr(args, key)
+            number = type(value) in ((int, float) if kind is float else (int,)) and math.isfinite(value) and value >= 0
+            if kind is bool and type(value) is not bool or kind in (int, float) and not number:
+                need = {bool: "true or false", int: "a whole number >= 0", float: "a finite number >= 0"}[kind]
+                raise ValueError(f"{key} is {value!r}, where {need} is needed")
         with torch.device("meta" if ckpt_dir else device):  # (meta: shapes only, a bad value fails here already)
             model = Model(args)
-    except SystemExit:
-        raise
     except Exception as e:  # a wrong type, a zero, a missing key ...: the model file raises what it meets
         raise SystemExit(f"error: {config or '--preset ' + preset} is not a usable {name} config "
                          f"({type(e).__name__}: {one_line(e)})") from None
@@ -498,9 +490,8 @@ def open_model(name: str, device, dtype=torch.float32, ckpt_dir: str = "", prese
 
 
 class LoRALinear(nn.Linear):
-    """nn.Linear plus a low-rank adapter, W x + (alpha / r) B A dropout(x), A (r, in) and B (out, r) trained and W
-    frozen. Subclassing keeps the name `...q_proj.weight`, so the checkpoint layout is unchanged and the adapter adds
-    only `lora_A` and `lora_B` beside it."""
+    """nn.Linear plus a low-rank adapter: W x + (alpha / r) B A dropout(x), A (r, in) and B (out, r) trained, W frozen.
+    A subclass keeps the name `...q_proj.weight`: the checkpoint layout gains only `lora_A` and `lora_B`."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
         with torch.device("meta"):  # no new weight memory: the base parameters are reused below
@@ -611,13 +602,6 @@ def evaluate(model, rows: PackedRows, n_rows: int, batch_size: int, device, auto
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def nonfinite_count(raw) -> int:
-    """Non-finite values in the trainable weights, summed over processes (FSDP shards are DTensors)."""
-    bad = sum(int((~torch.isfinite(p.to_local() if hasattr(p, "to_local") else p)).sum())
-              for p in raw.parameters() if p.requires_grad)
-    return int(all_sum(torch.tensor(bad, device=next(raw.parameters()).device)).item())
-
-
 def memory_report(model, optimizer, device) -> str:
     """What each mode costs: bytes of weights, gradients and AdamW state, and the peak so far."""
     mib = lambda ts: sum(t.numel() * t.element_size() for t in ts) / 2**20  # noqa: E731
@@ -644,7 +628,8 @@ def train(cfg: TrainConfig):
     rank, world, local = (int(os.environ.get(k, 0)) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     world, master = max(world, 1), rank == 0
     inputs = [cfg.ckpt_dir, cfg.tokenizer, cfg.preset, *cfg.data.split(",")]
-    with RunFolder(cfg, "finetune.py", inputs, OUTPUTS, master) as folder, out_of_memory_hint(cfg):
+    memory_fix = "lower --batch_size and raise --grad_accum, or use --grad_checkpointing / --mode lora"
+    with RunFolder(cfg, "finetune.py", inputs, OUTPUTS, memory_fix, master) as folder:
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         device = torch.device(f"cuda:{local}" if device.startswith("cuda") else device)
         if device.type == "cuda":
@@ -656,8 +641,8 @@ def train(cfg: TrainConfig):
         autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
         # model and data; lora / norm runs keep frozen weights in the autocast dtype (half the memory, as torchtune)
-        mod, raw, hf_config, tok, tok_path = load_model(cfg, device,
-                                                        dtype if cfg.mode in ("lora", "norm") else torch.float32)
+        mod, raw, hf_config, tok, tok_path = open_model(cfg.model, device, dtype if cfg.mode in ("lora", "norm")
+                                                        else torch.float32, cfg.ckpt_dir, cfg.preset, cfg.tokenizer)
         train_rows, val_rows = load_data(cfg, tok, mod.encode_chat)
         if cfg.seq_len > hf_config["max_position_embeddings"]:
             raise SystemExit(f"error: --seq_len {cfg.seq_len} exceeds the model's context of "
@@ -675,15 +660,14 @@ def train(cfg: TrainConfig):
         if cfg.grad_checkpointing:  # keep only each block's input; recompute its activations during backward
             for block in raw.model.layers:
                 block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-        model = raw
         if world > 1 and cfg.fsdp:
             from torch.distributed.fsdp import fully_shard
             for block in raw.model.layers:  # one all-gather per block: only one block's full weights at a time
                 fully_shard(block)
             fully_shard(raw)
-        elif world > 1:  # no broadcast_buffers: buffers (RoPE tables) are identical everywhere, no sync per forward
-            model = nn.parallel.DistributedDataParallel(raw, device_ids=[local] if device.type == "cuda" else None,
-                                                        broadcast_buffers=False)
+        # DDP without broadcast_buffers: buffers (RoPE tables) are identical everywhere, no sync per forward needed
+        model = nn.parallel.DistributedDataParallel(raw, device_ids=[local] if device.type == "cuda" else None,
+                                                    broadcast_buffers=False) if world > 1 and not cfg.fsdp else raw
         optimizer = build_optimizer(raw, cfg.lr, cfg.weight_decay)
         scheduler = build_scheduler(optimizer, cfg.warmup_steps, max_steps, cfg.min_lr_frac)
         extra_loss = getattr(raw, "extra_loss", lambda: 0.0)  # the family's hooks (see the module docstring)
@@ -716,7 +700,7 @@ def train(cfg: TrainConfig):
 
         if step == 0:
             validate("before training")
-        bar = tqdm(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)  # shows the ETA
+        bar = folder.progress(total=max_steps, initial=step, disable=not master, dynamic_ncols=True)  # the ETA
         t0 = time.time()
         while step < max_steps:
             # this process's grad_accum micro-batches, of the batch_size x world x grad_accum rows the step reads
@@ -776,7 +760,6 @@ def train(cfg: TrainConfig):
                 metrics.commit()
                 folder.saved(ckpt_path, step)
             t0 = time.time()  # after evaluating and saving: tok/s measures training only
-        bar.close()
 
         written = export_hf(model, cfg.out_dir, hf_config, tok_path, cfg.lora_alpha / cfg.lora_rank, cfg.save_dtype,
                             cfg.ckpt_dir)
@@ -790,19 +773,6 @@ def train(cfg: TrainConfig):
         dist.destroy_process_group()
 
 
-@contextlib.contextmanager
-def out_of_memory_hint(cfg: TrainConfig):
-    """A batch too large for the memory ends the run in one line naming the flags that shrink it."""
-    try:
-        yield
-    except RuntimeError as e:  # CUDA's OutOfMemoryError is one; the CPU allocator raises a plain one
-        if "out of memory" not in str(e) and "can't allocate memory" not in str(e):
-            raise
-        raise SystemExit(f"error: a batch of {cfg.batch_size} x {cfg.seq_len} tokens does not fit in memory; "
-                         f"lower --batch_size and raise --grad_accum, or use --grad_checkpointing / --mode lora") \
-            from None
-
-
 # -----------------------------------------------------------------------------
 # Command line: `finetune.py [--flag value ...]` trains; `finetune.py prepare FILES ...` writes shards
 
@@ -813,7 +783,7 @@ def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["prepare"]:
-            return cli(prepare_main, argv[1:], prog="finetune.py prepare")
+            return cli(prepare, argv[1:], prog="finetune.py prepare")
         train(cli(TrainConfig, argv))
     except KeyboardInterrupt:  # (during training the run's folder answers it, naming the checkpoint to resume)
         print("interrupted", file=sys.stderr)

@@ -53,10 +53,9 @@ from tqdm import tqdm
 
 # LoRA, the optimizer and its schedule, loading a model file and the flag checks are finetune.py's; the run's folder
 # (lock, marker, checkpoints, export, metrics) is run_folder.py's, as for finetune.py
-from finetune import (LoRALinear, apply_lora, build_optimizer, build_scheduler, check_device, check_flags,
-                      nonfinite_count, open_model)
+from finetune import LoRALinear, apply_lora, build_optimizer, build_scheduler, check_device, check_flags, open_model
 from run_folder import (TOKENIZER_FILES, MetricsLog, RunFolder, checkpoint_keys, export_hf, export_sources,
-                        load_checkpoint, save_checkpoint)
+                        load_checkpoint, nonfinite_count, save_checkpoint)
 from tokenizer_bpe import cli
 
 # -----------------------------------------------------------------------------
@@ -582,7 +581,8 @@ def train(cfg: GRPOConfig, reward_fns=REWARDS):
     """GRPO-train cfg.model on cfg.task; reward_fns are weighted by cfg.reward_weights."""
     weights = check_config(cfg, reward_fns)
     task_files = [cfg.task if cfg.task not in TASKS else "", cfg.eval_file]
-    with RunFolder(cfg, "grpo.py", [cfg.ckpt_dir, *task_files], OUTPUTS) as folder:
+    memory_fix = "lower --micro_batch, --prompts_per_step x --num_generations or --max_new_tokens, or use --mode lora"
+    with RunFolder(cfg, "grpo.py", [cfg.ckpt_dir, *task_files], OUTPUTS, memory_fix) as folder:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         if cfg.threads:
@@ -684,7 +684,8 @@ def check_config(c: GRPOConfig, reward_fns) -> list[float]:
         "epsilon": (0 <= c.epsilon < 1, "in [0, 1)"), "epsilon_high": (c.epsilon_high >= 0, ">= 0"),
         "beta": (c.beta >= 0, ">= 0"),
         "scale_rewards": (c.scale_rewards in ("group", "batch", "none"), "one of 'group', 'batch', 'none'"),
-        "num_iterations": (c.num_iterations >= 1, ">= 1"), "mode": (c.mode in ("lora", "full"), "one of 'lora', 'full'"),
+        "num_iterations": (c.num_iterations >= 1, ">= 1"),
+        "mode": (c.mode in ("lora", "full"), "one of 'lora', 'full'"),
         "lora_rank": (c.lora_rank >= 1, ">= 1"), "lora_alpha": (c.lora_alpha > 0, "> 0"), "lr": (c.lr > 0, "> 0"),
         "warmup_steps": (c.warmup_steps >= 0, ">= 0"), "min_lr_frac": (0 <= c.min_lr_frac <= 1, "in [0, 1]"),
         "weight_decay": (c.weight_decay >= 0, ">= 0"), "grad_clip": (c.grad_clip >= 0, ">= 0"),

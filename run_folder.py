@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 # transformers 5 writes the chat template to chat_template.jinja instead of inside tokenizer_config.json
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "tokenizer.model",
@@ -81,15 +82,18 @@ def lock(out: Path):
 
 
 class RunFolder:
-    """`with RunFolder(...) as folder:` around a whole run. On entry: out_dir must not be (or hold) one of the
+    """`with RunFolder(...) as folder:` around a whole run. On entry: cfg.out_dir must not be (or hold) one of the
     run's inputs, which the export would overwrite; a new run needs it empty, or --overwrite and an earlier run of
-    this same script there (its marker); it must be writable; then it is locked (under torchrun by rank 0, the one
-    process that writes). On Ctrl-C: one line naming the last checkpoint (`folder.saved(path, step)` records it) and
-    the command that resumes from it, exit status 130."""
+    this same script there (its marker); what the run writes (outputs) must be regular files or absent; the folder
+    must be writable; then it is locked (under torchrun by rank 0, the one process that writes). On Ctrl-C: one line
+    naming the last checkpoint (`folder.saved(path, step)` records it) and the command that resumes from it, exit
+    status 130. Out of memory: one line naming memory_fix."""
 
-    def __init__(self, cfg, script: str, inputs: list[str], outputs: tuple[str, ...], master: bool = True):
+    def __init__(self, cfg, script: str, inputs: list[str], outputs: tuple[str, ...], memory_fix: str,
+                 master: bool = True):
         self.cfg, self.script, self.master, self.out = cfg, script, master, Path(cfg.out_dir)
-        self.inputs, self.outputs, self.held, self.last = [p for p in inputs if p], outputs, None, None
+        self.inputs, self.outputs, self.memory_fix = [p for p in inputs if p], outputs, memory_fix
+        self.held, self.last, self.bar = None, None, None
 
     def __enter__(self):
         out, cfg, script = self.out, self.cfg, self.script
@@ -111,11 +115,11 @@ class RunFolder:
         try:
             marker = read_marker(out)
             files = sorted(p.name for p in out.iterdir() if p.name not in (LOCK, MARKER)) if out.is_dir() else []
-            if cfg.resume and not (out / "ckpt.pt").is_file():
-                raise SystemExit(f"error: --resume but no checkpoint at {out / 'ckpt.pt'}")
             if marker and marker.get("script") != script and (cfg.resume or cfg.overwrite):
                 raise SystemExit(f"error: --out_dir {out} holds a {marker.get('script')} run, which {script} does "
                                  f"not continue or replace; choose another --out_dir")
+            if cfg.resume and not (out / "ckpt.pt").is_file():
+                raise SystemExit(f"error: --resume but no checkpoint at {out / 'ckpt.pt'}")
             if files and not cfg.resume and not cfg.overwrite:
                 raise SystemExit(f"error: --out_dir {out} already holds files (another run?); pass --resume to "
                                  f"continue that run, --overwrite to replace it, or choose another --out_dir")
@@ -139,6 +143,11 @@ class RunFolder:
     def saved(self, path: str, step: int):
         self.last = (path, step)
 
+    def progress(self, **kw) -> tqdm:
+        """The run's progress bar, closed when the run ends however: a last line (an error) gets a line of its own."""
+        self.bar = tqdm(**kw)
+        return self.bar
+
     def release(self):
         if self.held:
             self.held.close()
@@ -146,14 +155,18 @@ class RunFolder:
 
     def __exit__(self, kind, exc, tb):
         self.release()
+        if self.bar is not None:
+            self.bar.close()
+        # CUDA's OutOfMemoryError is a RuntimeError; the CPU allocator raises a plain one
+        if kind is not None and issubclass(kind, RuntimeError) and ("out of memory" in str(exc)
+                                                                   or "can't allocate memory" in str(exc)):
+            raise SystemExit(f"error: the run does not fit in memory ({one_line(exc)[:120]}); {self.memory_fix}") \
+                from None
         if kind is KeyboardInterrupt:
-            if not self.master:
-                raise SystemExit(130) from None
-            if self.last:
-                print(f"interrupted; the last checkpoint is {self.last[0]} (step {self.last[1]}); continue with: "
-                      f"{self.resume_command()}", file=sys.stderr)
-            else:
-                print("interrupted before the first checkpoint: nothing to resume", file=sys.stderr)
+            if self.master:
+                line = (f"interrupted; the last checkpoint is {self.last[0]} (step {self.last[1]}); continue with: "
+                        f"{self.resume_command()}" if self.last else "interrupted before the first checkpoint")
+                tqdm.write(line, file=sys.stderr)  # (on a line of its own, below the progress bar)
             raise SystemExit(130) from None
 
     def resume_command(self) -> str:
@@ -341,6 +354,16 @@ def checkpoint_keys(model, everything: bool) -> set[str]:
     param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     return {n for n, p in model.named_parameters() if p.requires_grad or everything} \
         | {n for n in model.state_dict() if n not in param_names}
+
+
+def nonfinite_count(raw) -> int:
+    """Non-finite values in the trainable weights, summed over processes (FSDP shards are DTensors): a run saves
+    only weights without any."""
+    bad = torch.tensor(sum(int((~torch.isfinite(p.to_local() if hasattr(p, "to_local") else p)).sum())
+                           for p in raw.parameters() if p.requires_grad), device=next(raw.parameters()).device)
+    if dist.is_initialized():
+        dist.all_reduce(bad)
+    return int(bad.item())
 
 
 def save_checkpoint(path: str, model, optimizer, scheduler, keys: set[str], **meta):

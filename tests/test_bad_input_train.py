@@ -230,7 +230,8 @@ def test_broken_checkpoint_files(ft_case, damage, match):
 
 def test_broken_shards(ft_case, assets):
     argv, _, root = ft_case
-    ft.prepare(str(assets / "base"), str(root / "shards"), [str(assets / "text.jsonl")], val_frac=0.2)
+    ft.prepare(str(assets / "text.jsonl"), tokenizer=str(assets / "base"), out_dir=str(root / "shards"),
+               val_frac=0.2)
     shard = root / "shards" / "train_000000.bin"
     shard.write_bytes(shard.read_bytes()[:2000])
     one_line_error(ft.main, with_flag(argv, "data", str(root / "shards")), "is truncated", root, root / "run")
@@ -353,7 +354,7 @@ def test_export_copies_chat_template_jinja(assets, tmp_path):
     (tok / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     out = tmp_path / "out"
     out.mkdir()
-    model = ft.load_model(ft.TrainConfig(ckpt_dir=str(assets / "base")), torch.device("cpu"))[1]
+    model = ft.open_model("smollm2", torch.device("cpu"), ckpt_dir=str(assets / "base"))[1]
     ft.export_hf(model, str(out), json.loads((assets / "base/config.json").read_text()), str(tok), 1.0, "float32")
     assert (out / "chat_template.jinja").read_text() == (tok / "chat_template.jinja").read_text()
 
