@@ -165,17 +165,18 @@ class RunFolder:
         if kind is KeyboardInterrupt:
             if self.master:
                 line = (f"interrupted; the last checkpoint is {self.last[0]} (step {self.last[1]}); continue with: "
-                        f"{self.resume_command()}" if self.last else "interrupted before the first checkpoint")
+                        f"{self.command('--resume')}" if self.last else "interrupted before the first checkpoint; "
+                        f"start again with: {self.command('--overwrite')}")
                 tqdm.write(line, file=sys.stderr)  # (on a line of its own, below the progress bar)
             raise SystemExit(130) from None
 
-    def resume_command(self) -> str:
-        """The command that continues this run: its flags that differ from the defaults, plus --resume."""
+    def command(self, flag: str) -> str:
+        """This run's command: the flags that differ from their defaults, then flag (--resume or --overwrite)."""
         cfg, world = self.cfg, int(os.environ.get("WORLD_SIZE", 1))
         argv = [f"--{f.name}={getattr(cfg, f.name)}" for f in fields(cfg)
                 if getattr(cfg, f.name) != f.default and f.name not in ("resume", "overwrite")]
         launch = ["torchrun", f"--nproc_per_node={world}"] if world > 1 else ["python"]
-        return shlex.join([*launch, self.script, *argv, "--resume"])
+        return shlex.join([*launch, self.script, *argv, flag])
 
     def mark_written(self, written: list[str]):
         """Record what the run exported; remove what an earlier run of the script exported and this one did not

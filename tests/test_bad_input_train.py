@@ -11,6 +11,7 @@ cases run the scripts as subprocesses.
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -540,18 +541,39 @@ def run_script(*args):
     return p, time.time() - t0
 
 
+def flag_help(doc: str) -> dict[str, str]:
+    """name -> its whole help in a docstring's `name: text` entries, continuation lines (indented deeper) included."""
+    helps, name, indent = {}, None, 0
+    for line in doc.splitlines():
+        entry = re.match(r"^( *)(\w+): (.+)$", line)
+        if name and line.strip() and len(line) - len(line.lstrip()) > indent:
+            helps[name] += " " + line.strip()
+        elif entry:
+            name, indent = entry.group(2), len(entry.group(1))
+            helps[name] = entry.group(3)
+        else:
+            name = None
+    return helps
+
+
 @pytest.mark.parametrize("script, config", [("finetune.py", ft.TrainConfig), ("grpo.py", grpo.GRPOConfig)])
 def test_help_lists_every_flag_with_its_default(script, config):
+    """Exit 0, every flag with its default and its whole help (a help of several lines is not cut to its first)."""
     for flag in ("--help", "-h"):
         p, _ = run_script(script, flag)
         assert p.returncode == 0 and not p.stderr
         text = "".join(p.stdout.split())  # argparse wraps lines (and a long default)
+        helps = flag_help(config.__doc__)
         for f in fields(config):
             assert f"--{f.name}" in text and f"(default:{f.default!r})".replace(" ", "") in text, f.name
+            assert "".join(helps[f.name].split()) in text, f.name
     if script == "finetune.py":
         assert "finetune.pypreparefiles..." in text.lower()
         p, _ = run_script(script, "prepare", "--help")
+        text = "".join(p.stdout.split())
         assert p.returncode == 0 and "--shard_tokens" in p.stdout
+        for name, help_text in flag_help(ft.prepare.__doc__).items():
+            assert "".join(help_text.split()) in text, name
 
 
 def test_cli_errors_are_one_line_on_stderr(tmp_path):

@@ -258,8 +258,11 @@ def test_train_export_loads_in_smollm2_and_transformers(assets, tmp_path):
                   "--save_dtype", "float32"))
     vals = val_losses(out)
     assert len(vals) == 3 and vals[-1] < vals[0] - 0.5
+    umask = os.umask(0)
+    os.umask(umask)
     for name in ("model.safetensors", "config.json", "tokenizer.json", "ckpt.pt", "metrics.jsonl"):
-        assert (out / name).is_file()
+        # every file as the umask makes it (0644 under the usual 022): safetensors alone would write 0600
+        assert (out / name).is_file() and (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     ours = smollm2.SmolLM2.from_pretrained(out)
     hf = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     x = torch.randint(0, TINY["vocab_size"], (2, 20))

@@ -296,6 +296,12 @@ def test_train_and_resume_tiny(tmp_path, capsys):
                 assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
     assert (tmp_path / "a" / "model.safetensors").is_file()
     assert "held-out accuracy" in capsys.readouterr().out
+    # as finetune.py: saved in --save_dtype (bfloat16 unless told), readable by all as the umask allows
+    from safetensors.torch import load_file
+    assert {v.dtype for v in load_file(tmp_path / "a" / "model.safetensors").values()} == {torch.bfloat16}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(TOKENIZER_DIR, "tokenizer.json")),
@@ -305,12 +311,30 @@ def test_full_update_with_reference_copy(tmp_path):
     ckpt = write_tiny_checkpoint(tmp_path)
     cfg = grpo.GRPOConfig(ckpt_dir=str(ckpt), out_dir=str(tmp_path / "full"), mode="full", beta=0.1, steps=2,
                           prompts_per_step=2, num_generations=3, max_new_tokens=4, eval_n=2, lr=1e-2,
-                          loss_type="grpo", threads=1)
+                          loss_type="grpo", threads=1, save_dtype="float32")
     grpo.train(cfg, [length_reward, grpo.format_reward])
+    from safetensors.torch import load_file
+    assert {v.dtype for v in load_file(tmp_path / "full" / "model.safetensors").values()} == {torch.float32}
     steps = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
     steps = [r for r in steps if "reward" in r]
     assert steps[0]["kl"] > 0 and steps[1]["kl"] > 0  # second update of step 1, then step 2: moved off the copy
     assert steps[0]["grad_norm"] > 0
+
+
+def test_device_default_is_cuda_when_available(tmp_path, monkeypatch):
+    """--device '' (the default) is cuda where a GPU is, as the help says, else cpu; --device cpu is the CPU."""
+    ckpt, seen = write_tiny_checkpoint(tmp_path), []
+
+    def stop(name, device, **kw):
+        seen.append(device)
+        raise SystemExit("stop")
+    monkeypatch.setattr(grpo, "open_model", stop)
+    for i, (available, device) in enumerate([(True, ""), (False, ""), (True, "cpu")]):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        with pytest.raises(SystemExit, match="stop"):
+            grpo.train(grpo.GRPOConfig(ckpt_dir=str(ckpt), out_dir=str(tmp_path / f"run{i}"), device=device))
+    assert seen == [torch.device("cuda"), torch.device("cpu"), torch.device("cpu")]
+    assert grpo.GRPOConfig().device == "" and "empty = cuda if available, else cpu" in grpo.GRPOConfig.__doc__
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(LLAMA_TOKENIZER_DIR, "tokenizer.model")),

@@ -423,13 +423,15 @@ def test_ctrl_c_during_a_save_keeps_the_previous_checkpoint(assets, tmp_path):
             ".lock", ".run.json", "ckpt.pt", "metrics.jsonl"]
 
 
-def test_ctrl_c_in_grpo_names_the_checkpoint(grpo_ckpt, tmp_path, monkeypatch, capsys):
-    """A real SIGINT to this process during grpo's second step (its first is checkpointed)."""
+@pytest.mark.parametrize("at_step", [1, 2])
+def test_ctrl_c_in_grpo_names_the_checkpoint(grpo_ckpt, tmp_path, monkeypatch, capsys, at_step):
+    """A real SIGINT to this process during grpo's step at_step (each step is checkpointed): before the first
+    checkpoint the line gives the command that starts again, after it the one that resumes."""
     sample_batch, calls = grpo.sample_batch, []
 
     def interrupted(*args, **kw):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == at_step:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(5)  # the KeyboardInterrupt is raised here
         return sample_batch(*args, **kw)
@@ -439,10 +441,11 @@ def test_ctrl_c_in_grpo_names_the_checkpoint(grpo_ckpt, tmp_path, monkeypatch, c
         grpo.main(grpo_argv(grpo_ckpt, out, "--steps", "3", "--ckpt_every", "1"))
     assert e.value.code == 130
     said = [line for line in lines(capsys.readouterr().err) if "interrupt" in line]
-    assert len(said) == 1 and said[0].startswith(f"interrupted; the last checkpoint is {out / 'ckpt.pt'} (step 1); "
-                                                 f"continue with: python grpo.py --ckpt_dir=")
-    assert said[0].endswith(f" --out_dir={out} --eval_n=1 --steps=3 --prompts_per_step=2 --num_generations=2 "
-                            "--max_new_tokens=2 --ckpt_every=1 --threads=1 --resume")
+    command = (f"python grpo.py --ckpt_dir={grpo_ckpt} --out_dir={out} --eval_n=1 --steps=3 --prompts_per_step=2 "
+               f"--num_generations=2 --max_new_tokens=2 --ckpt_every=1 --threads=1")
+    assert said == ([f"interrupted before the first checkpoint; start again with: {command} --overwrite"]
+                    if at_step == 1 else
+                    [f"interrupted; the last checkpoint is {out / 'ckpt.pt'} (step 1); continue with: {command} --resume"])
 
 
 # -----------------------------------------------------------------------------
