@@ -443,9 +443,11 @@ def test_ctrl_c_in_grpo_names_the_checkpoint(grpo_ckpt, tmp_path, monkeypatch, c
     said = [line for line in lines(capsys.readouterr().err) if "interrupt" in line]
     command = (f"python grpo.py --ckpt_dir={grpo_ckpt} --out_dir={out} --eval_n=1 --steps=3 --prompts_per_step=2 "
                f"--num_generations=2 --max_new_tokens=2 --ckpt_every=1 --threads=1")
-    assert said == ([f"interrupted before the first checkpoint; start again with: {command} --overwrite"]
-                    if at_step == 1 else
-                    [f"interrupted; the last checkpoint is {out / 'ckpt.pt'} (step 1); continue with: {command} --resume"])
+    if at_step == 1:
+        assert said == [f"interrupted before the first checkpoint; start again with: {command} --overwrite"]
+    else:
+        assert said == [f"interrupted; the last checkpoint is {out / 'ckpt.pt'} (step 1); continue with: {command} "
+                        f"--resume"]
 
 
 # -----------------------------------------------------------------------------
