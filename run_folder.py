@@ -163,11 +163,12 @@ class RunFolder:
             raise SystemExit(f"error: the run does not fit in memory ({one_line(exc)[:120]}); {self.memory_fix}") \
                 from None
         if kind is KeyboardInterrupt:
-            if self.master:
-                line = (f"interrupted; the last checkpoint is {self.last[0]} (step {self.last[1]}); continue with: "
-                        f"{self.command('--resume')}" if self.last else "interrupted before the first checkpoint; "
-                        f"start again with: {self.command('--overwrite')}")
-                tqdm.write(line, file=sys.stderr)  # (on a line of its own, below the progress bar)
+            if self.master and self.last:
+                tqdm.write(f"interrupted; the last checkpoint is {self.last[0]} (step {self.last[1]}); continue "
+                           f"with: {self.command('--resume')}", file=sys.stderr)  # (tqdm: below the progress bar)
+            elif self.master:
+                tqdm.write(f"interrupted before the first checkpoint; start again with: "
+                           f"{self.command('--overwrite')}", file=sys.stderr)
             raise SystemExit(130) from None
 
     def command(self, flag: str) -> str:
@@ -217,7 +218,9 @@ def save_atomic(path: str, write):
         if not isinstance(e, Exception):
             raise
         code = getattr(cause, "errno", None) or int((re.findall(r"os error (\d+)", str(e)) or [0])[0])
-        reason = f"{os.strerror(code)}; {WRITE_FIXES.get(code, 'fix that')}" if code else one_line(e)
+        reason = one_line(e)
+        if code:
+            reason = os.strerror(code) + (f"; {WRITE_FIXES[code]}" if code in WRITE_FIXES else "")
         raise SystemExit(f"error: could not write {path} ({reason}); the previous file, if any, is unchanged. "
                          f"--resume continues from the last checkpoint") from None
 
@@ -305,8 +308,9 @@ class MetricsLog:
             with open(self.file, mode) as f:
                 f.writelines(json.dumps(r) + "\n" for r in records)
         except OSError as e:
-            raise SystemExit(f"error: could not write {self.file} ({e.strerror}); "
-                             f"{WRITE_FIXES.get(e.errno, 'fix that')}, then run again with --resume") from None
+            fix = f"; {WRITE_FIXES[e.errno]}" if e.errno in WRITE_FIXES else ""
+            raise SystemExit(f"error: could not write {self.file} ({e.strerror}{fix}); run again with --resume once "
+                             f"it can be written") from None
 
     def write(self, record: dict):
         if self.enabled:
@@ -402,7 +406,8 @@ def load_checkpoint(path: str, model, optimizer, scheduler, keys: set[str], conf
     except Exception as e:  # a refused pickle, a truncated zip, ...: torch raises several kinds
         raise SystemExit(f"error: {path} is not a checkpoint this script wrote ({type(e).__name__}: "
                          f"{one_line(e)})") from None
-    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "rng", "meta"} <= set(state):
+    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "rng", "meta"} <= set(state) \
+            or not isinstance(state["meta"], dict):
         raise SystemExit(f"error: {path} is not a checkpoint this script wrote (missing entries)")
     saved = state["meta"].get("config", {})
     changed = [k for k in config if k not in may_change and k in saved and saved[k] != config[k]]
