@@ -242,8 +242,10 @@ def jsonl_document(line: str, where: str):
     """One JSONL line -> ("chat", messages) or ("text", str); a malformed one ends the run naming file:line."""
     try:
         row = json.loads(line)
-    except (json.JSONDecodeError, RecursionError) as e:  # (RecursionError: a line nested thousands deep)
-        raise SystemExit(f"error: {where}: not valid JSON ({getattr(e, 'msg', 'nested too deep')})") from None
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise SystemExit(f"error: {where}: not valid JSON (nested too deep)") from None
     if isinstance(row, dict) and isinstance(row.get("text"), str) and "messages" not in row:
         return "text", row["text"]
     messages = row.get("messages") if isinstance(row, dict) else None

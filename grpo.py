@@ -210,6 +210,8 @@ def task_row(line: str, where: str) -> dict:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise SystemExit(f"error: {where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise SystemExit(f"error: {where}: not valid JSON (nested too deep)") from None
     if not isinstance(row, dict) or not isinstance(row.get("question"), str) or "answer" not in row:
         raise SystemExit(f"error: {where} needs 'question' and 'answer' fields")
     row["answer"] = parse_number(str(row["answer"]).split("####")[-1])

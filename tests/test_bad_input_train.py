@@ -201,6 +201,8 @@ def test_finetune_typo_and_prepare_flags(ft_case):
     ('{"messages": "hi"}\n', "bad.jsonl:1 needs"),
     ('{"prompt": "hi"}\n', "bad.jsonl:1 needs"),
     ('[1, 2]\n', "bad.jsonl:1 needs"),
+    pytest.param('{"text": "a"}\n' + "[" * 100_000 + "\n", "bad.jsonl:2: not valid JSON (nested too deep)",
+                 id="nested-too-deep"),
 ])
 def test_malformed_jsonl_names_the_line(ft_case, content, match):
     argv, _, root = ft_case
@@ -453,6 +455,7 @@ def test_grpo_string_flags(grpo_case):
     ('{"question": "q", "answer": "four"}\n', "task.jsonl:1: the answer has no number"),
     ('{"question": "q"}\n', "task.jsonl:1 needs 'question' and 'answer'"),
     ('\n\n', "holds no problems"),
+    pytest.param("[" * 100_000 + "\n", r"task.jsonl:1: not valid JSON \(nested too deep\)", id="nested-too-deep"),
 ])
 def test_grpo_malformed_task_file(tmp_path, content, match):
     (tmp_path / "task.jsonl").write_text(content)
