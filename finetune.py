@@ -727,8 +727,7 @@ def train(cfg: TrainConfig):
             loss = all_sum(loss).item()
             if not math.isfinite(loss):  # checked before the update: the weights are still the last good ones
                 raise SystemExit(f"error: loss is {loss} at step {step + 1}; stopped without updating. Last good "
-                                 f"checkpoint: {folder.last and folder.last[0] or 'none yet'} (lower --lr or "
-                                 f"--grad_clip)")
+                                 f"checkpoint: {folder.checkpoint or 'none yet'} (lower --lr or --grad_clip)")
             grad_norm = nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -756,7 +755,7 @@ def train(cfg: TrainConfig):
                 if bad or not math.isfinite(val_loss):
                     raise SystemExit(f"error: weights became unusable at step {step} ({bad} non-finite values, "
                                      f"validation loss {val_loss}); stopped without saving. Last good checkpoint: "
-                                     f"{folder.last and folder.last[0] or 'none yet'} (lower --lr)")
+                                     f"{folder.checkpoint or 'none yet'} (lower --lr)")
                 save_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys, step=step, rows_seen=rows_seen,
                                 train_rows=len(train_rows), config=asdict(cfg))
                 metrics.commit()
@@ -768,7 +767,7 @@ def train(cfg: TrainConfig):
         metrics.commit()  # (a resumed run that had nothing left to do)
         if master:
             png = plot(metrics.path, os.path.join(cfg.out_dir, "loss.png"), {"loss": "-", "val_loss": "o-"})
-            folder.mark_written(written + ["loss.png"] * png)
+            folder.mark_written(written + (["loss.png"] if png else []))
             tqdm.write(f"{memory_report(raw, optimizer, device)}\nsaved {cfg.out_dir}/model.safetensors "
                        f"(+ config.json, tokenizer files, ckpt.pt, metrics.jsonl)")
     if dist.is_initialized():

@@ -574,7 +574,7 @@ def finish(model, mod, tok, held_out, cfg: GRPOConfig, eot: int, metrics: Metric
     written = export_hf(model, cfg.out_dir, hf_config, tok_path, cfg.lora_alpha / cfg.lora_rank, cfg.save_dtype,
                         cfg.ckpt_dir)
     png = plot_rewards(metrics.path, os.path.join(cfg.out_dir, "rewards.png"))
-    folder.mark_written(written + ["rewards.png"] * png)
+    folder.mark_written(written + (["rewards.png"] if png else []))
     evals = [r for r in (json.loads(line) for line in open(metrics.path)) if "eval_accuracy" in r]
     print(f"held-out accuracy {evals[0]['eval_accuracy']:.3f} at step {evals[0]['step']} -> "
           f"{evals[-1]['eval_accuracy']:.3f} at step {step}; model in {cfg.out_dir}/model.safetensors")
@@ -615,8 +615,8 @@ def train(cfg: GRPOConfig, reward_fns=REWARDS):
             examples = sample_examples(random.Random(f"{cfg.seed}-{step}"), cfg.prompts_per_step)
             batch = sample_batch(model, mod, tok, examples, cfg, eot, step, reward_fns, weights)
             t_gen = time.time() - t0
-            good_ckpt = folder.last and folder.last[0]
-            stats, grad_norm, lr = update_policy(model, ref_model, optimizer, scheduler, batch, cfg, step, good_ckpt)
+            stats, grad_norm, lr = update_policy(model, ref_model, optimizer, scheduler, batch, cfg, step,
+                                                 folder.checkpoint)
             step += 1
             record = step_record(step, batch, stats, reward_fns, cfg.num_generations, eot) | {
                 "grad_norm": grad_norm, "lr": lr, "gen_s": t_gen, "step_s": time.time() - t0,
@@ -630,7 +630,7 @@ def train(cfg: GRPOConfig, reward_fns=REWARDS):
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and not out_of_time:
                 evaluate_and_log(model, mod, tok, held_out, cfg, eot, metrics, step)  # (the last one: in finish)
             if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
-                check_usable(model, step, batch.prompts, batch.completions, cfg.temperature, good_ckpt)
+                check_usable(model, step, batch.prompts, batch.completions, cfg.temperature, folder.checkpoint)
                 save_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys, step=step, config=asdict(cfg))
                 metrics.commit()
                 folder.saved(ckpt_path, step)

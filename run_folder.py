@@ -93,7 +93,8 @@ class RunFolder:
                  master: bool = True):
         self.cfg, self.script, self.master, self.out = cfg, script, master, Path(cfg.out_dir)
         self.inputs, self.outputs, self.memory_fix = [p for p in inputs if p], outputs, memory_fix
-        self.held, self.last, self.bar = None, None, None
+        self.held, self.bar = None, None
+        self.checkpoint, self.checkpoint_step = None, 0  # the last checkpoint saved (or resumed from)
 
     def __enter__(self):
         out, cfg, script = self.out, self.cfg, self.script
@@ -141,7 +142,7 @@ class RunFolder:
         return self
 
     def saved(self, path: str, step: int):
-        self.last = (path, step)
+        self.checkpoint, self.checkpoint_step = path, step
 
     def progress(self, **kw) -> tqdm:
         """The run's progress bar, closed when the run ends however: a last line (an error) gets a line of its own."""
@@ -163,9 +164,9 @@ class RunFolder:
             raise SystemExit(f"error: the run does not fit in memory ({one_line(exc)[:120]}); {self.memory_fix}") \
                 from None
         if kind is KeyboardInterrupt:
-            if self.master and self.last:
-                tqdm.write(f"interrupted; the last checkpoint is {self.last[0]} (step {self.last[1]}); continue "
-                           f"with: {self.command('--resume')}", file=sys.stderr)  # (tqdm: below the progress bar)
+            if self.master and self.checkpoint:
+                tqdm.write(f"interrupted; the last checkpoint is {self.checkpoint} (step {self.checkpoint_step}); "
+                           f"continue with: {self.command('--resume')}", file=sys.stderr)  # (below the progress bar)
             elif self.master:
                 tqdm.write(f"interrupted before the first checkpoint; start again with: "
                            f"{self.command('--overwrite')}", file=sys.stderr)
