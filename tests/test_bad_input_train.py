@@ -32,10 +32,6 @@ from test_finetune import assets, flags, losses  # noqa: E402,F401  (fixtures: a
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SMOL_TOKENIZER = ROOT / "checkpoints" / "SmolLM2-135M-Instruct" / "tokenizer.json"
-needs_smol_tokenizer = pytest.mark.skipif(not SMOL_TOKENIZER.is_file(),
-                                          reason="needs checkpoints/SmolLM2-135M-Instruct (python download.py)")
-
 
 def snapshot(root: Path, skip: Path) -> dict:
     """Every file under root but those under skip (the new run's folder) -> its bytes' hash and mtime. A run
@@ -482,10 +478,9 @@ def test_reward_function_raising_on_a_whole_batch_stops():
         grpo.check_rewards(per_fn, [grpo.correct_reward, grpo.format_reward], 3)
 
 
-@needs_smol_tokenizer
-def test_grpo_runs_refuse_to_destroy_files_and_run_no_pickle(tmp_path):
+def test_grpo_runs_refuse_to_destroy_files_and_run_no_pickle(tmp_path, smollm2_dir):
     from test_grpo import length_reward, write_tiny_checkpoint
-    ckpt = write_tiny_checkpoint(tmp_path)
+    ckpt = write_tiny_checkpoint(tmp_path, smollm2_dir)
     common = dict(ckpt_dir=str(ckpt), task="add", prompts_per_step=2, num_generations=3, max_new_tokens=4,
                   eval_n=2, micro_batch=4, threads=1)
     done = tmp_path / "done"
@@ -520,10 +515,9 @@ def test_grpo_runs_refuse_to_destroy_files_and_run_no_pickle(tmp_path):
     assert not marker.exists()
 
 
-@needs_smol_tokenizer
-def test_grpo_loss_nan_stops_before_the_update(tmp_path, monkeypatch):
+def test_grpo_loss_nan_stops_before_the_update(tmp_path, monkeypatch, smollm2_dir):
     from test_grpo import length_reward, write_tiny_checkpoint
-    ckpt = write_tiny_checkpoint(tmp_path)
+    ckpt = write_tiny_checkpoint(tmp_path, smollm2_dir)
     monkeypatch.setattr(grpo, "aggregate", lambda per_token, *a: per_token.sum() * float("nan"))
     cfg = grpo.GRPOConfig(ckpt_dir=str(ckpt), out_dir=str(tmp_path / "run"), task="add", steps=1, prompts_per_step=2,
                           num_generations=3, max_new_tokens=4, eval_n=2, threads=1)

@@ -44,7 +44,6 @@ from test_finetune import assets, flags, losses  # noqa: E402,F401  (the fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SMOL = ROOT / "checkpoints" / "SmolLM2-135M-Instruct"
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 # Runs finetune.main(argv) in a process of its own (once the file HOSTILE_START exists, if that is set: the process
@@ -127,10 +126,10 @@ def copy_checkpoint(assets, tmp_path, name="ckpt") -> Path:
 
 
 @pytest.fixture(scope="module")
-def grpo_ckpt(tmp_path_factory) -> Path:
+def grpo_ckpt(tmp_path_factory, smollm2_dir) -> Path:
     """A tiny random SmolLM2 with the real tokenizer, as test_grpo's end-to-end runs use."""
     from test_grpo import write_tiny_checkpoint
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("grpo"))
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("grpo"), smollm2_dir)
 
 
 def grpo_argv(ckpt, out, *extra):
