@@ -42,6 +42,7 @@ import math
 import os
 import random
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -50,11 +51,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-# LoRA, the optimizer and its schedule, checkpoints, export and the checks of flags: finetune.py's public
-# functions (its __all__)
-from finetune import (LoRALinear, MetricsLog, apply_lora, at_least, build_optimizer, build_scheduler, check_device,
-                      check_out_dir, check_values, checkpoint_keys, export_hf, load_checkpoint, nonfinite_count,
-                      one_of, open_model, save_checkpoint)
+# LoRA, the optimizer and its schedule, loading a model file and the flag checks are finetune.py's; the run's folder
+# (lock, marker, checkpoints, export, metrics) is run_folder.py's, as for finetune.py
+from finetune import LoRALinear, apply_lora, build_optimizer, build_scheduler, check_device, check_flags, open_model
+from run_folder import (TOKENIZER_FILES, MetricsLog, RunFolder, checkpoint_keys, export_hf, export_sources,
+                        load_checkpoint, nonfinite_count, save_checkpoint)
 from tokenizer_bpe import cli
 
 # -----------------------------------------------------------------------------
@@ -98,6 +99,7 @@ class GRPOConfig:
     ckpt_every: steps between checkpoints (and one at the end)
     resume: continue the run in --out_dir from its ckpt.pt, with the same task and schedule flags
     device: cpu, cuda or cuda:N; empty = cuda if available, else cpu
+    save_dtype: dtype of the exported model.safetensors: bfloat16, float16 or float32
     threads: torch CPU threads, 0 = torch's default
     seed: seeds the prompts drawn and the sampling
     """
@@ -113,7 +115,8 @@ class GRPOConfig:
     prompts_per_step: int = 4
     num_generations: int = 6
     max_new_tokens: int = 32
-    # at TRL's 1.0 SmolLM2-135M answered 0 of 48 samples right where it gets 22% at 0.7
+    # below TRL's 1.0: at 1.0 a 135M model's samples of these problems are rarely right, and a group whose
+    # rewards are all 0 has no advantage to learn from
     temperature: float = 0.7
     loss_type: str = "dapo"
     epsilon: float = 0.2
@@ -136,7 +139,8 @@ class GRPOConfig:
     eval_every: int = 10
     ckpt_every: int = 20
     resume: bool = False
-    device: str = "cpu"
+    device: str = ""
+    save_dtype: str = "bfloat16"
     threads: int = 0
     seed: int = 1337
 
@@ -145,7 +149,9 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # flags a resume may change: how often to evaluate and save, where to run, and how long (the schedule is recomputed);
 # the others fix the task, the prompts drawn, the model and the optimisation, which the checkpoint continues
 RESUMABLE_CHANGES = {"out_dir", "resume", "overwrite", "steps", "time_limit", "eval_every", "ckpt_every", "device",
-                     "threads"}
+                     "save_dtype", "threads"}
+OUTPUTS = ("ckpt.pt", "metrics.jsonl", "model.safetensors", "config.json", "generation_config.json", "rewards.png",
+           *TOKENIZER_FILES)  # what a run writes into --out_dir (and the lock and the marker: run_folder.py)
 
 # -----------------------------------------------------------------------------
 # Tasks and rewards. An example is a dict with a "question" and an "answer"; reward functions are called as
@@ -204,6 +210,8 @@ def task_row(line: str, where: str) -> dict:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise SystemExit(f"error: {where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise SystemExit(f"error: {where}: not valid JSON (nested too deep)") from None
     if not isinstance(row, dict) or not isinstance(row.get("question"), str) or "answer" not in row:
         raise SystemExit(f"error: {where} needs 'question' and 'answer' fields")
     row["answer"] = parse_number(str(row["answer"]).split("####")[-1])
@@ -559,12 +567,14 @@ def step_record(step: int, batch: Batch, stats: torch.Tensor, reward_fns, G: int
 
 
 def finish(model, mod, tok, held_out, cfg: GRPOConfig, eot: int, metrics: MetricsLog, step: int, hf_config: dict,
-           tok_path: str):
+           tok_path: str, folder: RunFolder):
     """The last evaluation; the model exported with its adapters merged (`python smollm2.py --ckpt_dir OUT_DIR`
     chats with it); the reward plot."""
     evaluate_and_log(model, mod, tok, held_out, cfg, eot, metrics, step)
-    export_hf(model, cfg.out_dir, hf_config, tok_path, cfg.lora_alpha / cfg.lora_rank, "float32", cfg.ckpt_dir)
-    plot_rewards(metrics.path, os.path.join(cfg.out_dir, "rewards.png"))
+    written = export_hf(model, cfg.out_dir, hf_config, tok_path, cfg.lora_alpha / cfg.lora_rank, cfg.save_dtype,
+                        cfg.ckpt_dir)
+    png = plot_rewards(metrics.path, os.path.join(cfg.out_dir, "rewards.png"))
+    folder.mark_written(written + (["rewards.png"] if png else []))
     evals = [r for r in (json.loads(line) for line in open(metrics.path)) if "eval_accuracy" in r]
     print(f"held-out accuracy {evals[0]['eval_accuracy']:.3f} at step {evals[0]['step']} -> "
           f"{evals[-1]['eval_accuracy']:.3f} at step {step}; model in {cfg.out_dir}/model.safetensors")
@@ -573,70 +583,75 @@ def finish(model, mod, tok, held_out, cfg: GRPOConfig, eot: int, metrics: Metric
 def train(cfg: GRPOConfig, reward_fns=REWARDS):
     """GRPO-train cfg.model on cfg.task; reward_fns are weighted by cfg.reward_weights."""
     weights = check_config(cfg, reward_fns)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    sample_examples, held_out = task_data(cfg)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    mod, model, hf_config, tok, tok_path = open_model(cfg.model, device, ckpt_dir=cfg.ckpt_dir)
-    eot = end_of_turn_id(tok)
-    ref_model = policy_and_reference(model, cfg)
-    ckpt_keys = checkpoint_keys(model, everything=False)  # trainable tensors only: the rest is the checkpoint
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    # the schedule counts optimizer updates: num_iterations of them per generation batch
-    scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps * cfg.num_iterations, cfg.min_lr_frac)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    step = resume(cfg, ckpt_path, model, optimizer, scheduler, ckpt_keys) if cfg.resume else 0
-    good_ckpt = ckpt_path if cfg.resume else None
-    metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), keep_until=step if cfg.resume else None)
-    print(f"{cfg.model} {cfg.ckpt_dir}: task {cfg.task}, {cfg.prompts_per_step} prompts x {cfg.num_generations} "
-          f"completions per step, {cfg.steps} steps, {cfg.mode}, loss {cfg.loss_type}, beta {cfg.beta}, {device}")
-    if step == 0:
-        evaluate_and_log(model, mod, tok, held_out, cfg, eot, metrics, step)
-    t_start = time.time()
-    while step < cfg.steps:
-        t0 = time.time()
-        # the prompts are a function of (seed, step), as the sampling: a resumed run redoes exactly the same batch
-        examples = sample_examples(random.Random(f"{cfg.seed}-{step}"), cfg.prompts_per_step)
-        batch = sample_batch(model, mod, tok, examples, cfg, eot, step, reward_fns, weights)
-        t_gen = time.time() - t0
-        stats, grad_norm, lr = update_policy(model, ref_model, optimizer, scheduler, batch, cfg, step, good_ckpt)
-        step += 1
-        record = step_record(step, batch, stats, reward_fns, cfg.num_generations, eot) | {
-            "grad_norm": grad_norm, "lr": lr, "gen_s": t_gen, "step_s": time.time() - t0,
-            "elapsed_s": time.time() - t_start}
-        metrics.write(record)
-        tqdm.write(f"step {step}/{cfg.steps} | reward {record['reward']:.3f} ("
-                   + " ".join(f"{fn.__name__} {record[fn.__name__]:.2f}" for fn in reward_fns)
-                   + f") len {record['completion_len']:.1f} | loss {record['loss']:+.4f} kl {record['kl']:.4f} | "
-                   f"{record['step_s']:.0f}s (generation {t_gen:.0f}s) | e.g. {batch.texts[0]!r}")
-        out_of_time = cfg.time_limit and time.time() - t_start > 60 * cfg.time_limit
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and not out_of_time:
-            evaluate_and_log(model, mod, tok, held_out, cfg, eot, metrics, step)  # (the last one: in finish)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
-            check_usable(model, step, batch.prompts, batch.completions, cfg.temperature, good_ckpt)
-            save_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys, step=step, config=asdict(cfg))
-            metrics.commit()
-            good_ckpt = ckpt_path
-        if out_of_time:
-            print(f"stopping after {step} steps: the time limit of {cfg.time_limit} minutes is reached")
-            break
-    metrics.commit()  # an evaluation-only run (--steps 0), or a resume with nothing left to do
-    if cfg.steps > 0:
-        finish(model, mod, tok, held_out, cfg, eot, metrics, step, hf_config, tok_path)
+    task_files = [cfg.task if cfg.task not in TASKS else "", cfg.eval_file]
+    memory_fix = "lower --micro_batch, --prompts_per_step x --num_generations or --max_new_tokens, or use --mode lora"
+    with RunFolder(cfg, "grpo.py", [cfg.ckpt_dir, *task_files], OUTPUTS, memory_fix) as folder:
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        sample_examples, held_out = task_data(cfg)
+        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        mod, model, hf_config, tok, tok_path = open_model(cfg.model, device, ckpt_dir=cfg.ckpt_dir)
+        eot = end_of_turn_id(tok)
+        ref_model = policy_and_reference(model, cfg)
+        ckpt_keys = checkpoint_keys(model, everything=False)  # trainable tensors only: the rest is the checkpoint
+        optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+        # the schedule counts optimizer updates: num_iterations of them per generation batch
+        scheduler = build_scheduler(optimizer, cfg.warmup_steps, cfg.steps * cfg.num_iterations, cfg.min_lr_frac)
+        ckpt_path, step = os.path.join(cfg.out_dir, "ckpt.pt"), 0
+        if cfg.resume:
+            step = resume(cfg, ckpt_path, model, optimizer, scheduler, ckpt_keys)
+            folder.saved(ckpt_path, step)
+        metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), keep_until=step if cfg.resume else None)
+        print(f"{cfg.model} {cfg.ckpt_dir}: task {cfg.task}, {cfg.prompts_per_step} prompts x {cfg.num_generations} "
+              f"completions per step, {cfg.steps} steps, {cfg.mode}, loss {cfg.loss_type}, beta {cfg.beta}, {device}")
+        if step == 0:
+            evaluate_and_log(model, mod, tok, held_out, cfg, eot, metrics, step)
+        t_start = time.time()
+        while step < cfg.steps:
+            t0 = time.time()
+            # the prompts are a function of (seed, step), as the sampling: a resumed run redoes exactly the same batch
+            examples = sample_examples(random.Random(f"{cfg.seed}-{step}"), cfg.prompts_per_step)
+            batch = sample_batch(model, mod, tok, examples, cfg, eot, step, reward_fns, weights)
+            t_gen = time.time() - t0
+            stats, grad_norm, lr = update_policy(model, ref_model, optimizer, scheduler, batch, cfg, step,
+                                                 folder.checkpoint)
+            step += 1
+            record = step_record(step, batch, stats, reward_fns, cfg.num_generations, eot) | {
+                "grad_norm": grad_norm, "lr": lr, "gen_s": t_gen, "step_s": time.time() - t0,
+                "elapsed_s": time.time() - t_start}
+            metrics.write(record)
+            tqdm.write(f"step {step}/{cfg.steps} | reward {record['reward']:.3f} ("
+                       + " ".join(f"{fn.__name__} {record[fn.__name__]:.2f}" for fn in reward_fns)
+                       + f") len {record['completion_len']:.1f} | loss {record['loss']:+.4f} kl {record['kl']:.4f} | "
+                       f"{record['step_s']:.0f}s (generation {t_gen:.0f}s) | e.g. {batch.texts[0]!r}")
+            out_of_time = cfg.time_limit and time.time() - t_start > 60 * cfg.time_limit
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and not out_of_time:
+                evaluate_and_log(model, mod, tok, held_out, cfg, eot, metrics, step)  # (the last one: in finish)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
+                check_usable(model, step, batch.prompts, batch.completions, cfg.temperature, folder.checkpoint)
+                save_checkpoint(ckpt_path, model, optimizer, scheduler, ckpt_keys, step=step, config=asdict(cfg))
+                metrics.commit()
+                folder.saved(ckpt_path, step)
+            if out_of_time:
+                print(f"stopping after {step} steps: the time limit of {cfg.time_limit} minutes is reached")
+                break
+        metrics.commit()  # an evaluation-only run (--steps 0), or a resume with nothing left to do
+        if cfg.steps > 0:
+            finish(model, mod, tok, held_out, cfg, eot, metrics, step, hf_config, tok_path, folder)
 
 
-def plot_rewards(metrics_path: str, png_path: str):
-    """Training reward per step (and its 5-step mean) with the held-out accuracy, if matplotlib is installed."""
+def plot_rewards(metrics_path: str, png_path: str) -> bool:
+    """Training reward per step (and its 5-step mean) with the held-out accuracy, if matplotlib is installed;
+    -> whether it was written."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print(f"matplotlib is not installed: no plot; the curves are in {metrics_path}")
-        return
+        return False
     recs = [json.loads(line) for line in open(metrics_path)]
     steps, rewards = zip(*[(r["step"], r["reward"]) for r in recs if "reward" in r])
     smooth = [sum(rewards[max(0, i - 4):i + 1]) / len(rewards[max(0, i - 4):i + 1]) for i in range(len(rewards))]
@@ -648,50 +663,59 @@ def plot_rewards(metrics_path: str, png_path: str):
     plt.xlabel("step"), plt.legend(), plt.grid(alpha=0.3)
     try:
         plt.savefig(png_path, dpi=120, bbox_inches="tight")
+        return True
     except OSError as e:  # the model is saved by now: the plot is optional, the run still succeeded
         print(f"warning: could not write {png_path} ({e}); the curves are in {metrics_path}")
-    plt.close()
+        return False
+    finally:
+        plt.close()
 
 
 # -----------------------------------------------------------------------------
 # Command line
 
 
-def check_config(cfg: GRPOConfig, reward_fns) -> list[float]:
+def check_config(c: GRPOConfig, reward_fns) -> list[float]:
     """User errors end in one line naming the fix, before anything is loaded; -> the reward weights."""
-    check_values(cfg, {
-        "model": one_of("smollm2", "llama31"), "eval_n": at_least(1), "steps": at_least(0),
-        "time_limit": at_least(0), "prompts_per_step": at_least(1),
-        "num_generations": (lambda v: v >= 2, ">= 2: advantages compare completions of one prompt"),
-        "max_new_tokens": at_least(1), "temperature": (lambda v: v > 0, "> 0"),
-        "loss_type": one_of("grpo", "dr_grpo", "dapo"), "epsilon": (lambda v: 0 <= v < 1, "in [0, 1)"),
-        "epsilon_high": at_least(0), "beta": at_least(0), "scale_rewards": one_of("group", "batch", "none"),
-        "num_iterations": at_least(1), "mode": one_of("lora", "full"), "lora_rank": at_least(1),
-        "lora_alpha": (lambda v: v > 0, "> 0"), "lr": (lambda v: v > 0, "> 0"), "warmup_steps": at_least(0),
-        "min_lr_frac": (lambda v: 0 <= v <= 1, "in [0, 1]"), "weight_decay": at_least(0), "grad_clip": at_least(0),
-        "micro_batch": at_least(1), "eval_every": at_least(0), "ckpt_every": at_least(1), "threads": at_least(0),
-        "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)")})
-    check_device(cfg.device)
+    check_flags(c, {
+        "model": (c.model in ("smollm2", "llama31"), "one of 'smollm2', 'llama31'"), "eval_n": (c.eval_n >= 1, ">= 1"),
+        "steps": (c.steps >= 0, ">= 0"), "time_limit": (c.time_limit >= 0, ">= 0"),
+        "prompts_per_step": (c.prompts_per_step >= 1, ">= 1"),
+        "num_generations": (c.num_generations >= 2, ">= 2: advantages compare completions of one prompt"),
+        "max_new_tokens": (c.max_new_tokens >= 1, ">= 1"), "temperature": (c.temperature > 0, "> 0"),
+        "loss_type": (c.loss_type in ("grpo", "dr_grpo", "dapo"), "one of 'grpo', 'dr_grpo', 'dapo'"),
+        "epsilon": (0 <= c.epsilon < 1, "in [0, 1)"), "epsilon_high": (c.epsilon_high >= 0, ">= 0"),
+        "beta": (c.beta >= 0, ">= 0"),
+        "scale_rewards": (c.scale_rewards in ("group", "batch", "none"), "one of 'group', 'batch', 'none'"),
+        "num_iterations": (c.num_iterations >= 1, ">= 1"),
+        "mode": (c.mode in ("lora", "full"), "one of 'lora', 'full'"),
+        "lora_rank": (c.lora_rank >= 1, ">= 1"), "lora_alpha": (c.lora_alpha > 0, "> 0"), "lr": (c.lr > 0, "> 0"),
+        "warmup_steps": (c.warmup_steps >= 0, ">= 0"), "min_lr_frac": (0 <= c.min_lr_frac <= 1, "in [0, 1]"),
+        "weight_decay": (c.weight_decay >= 0, ">= 0"), "grad_clip": (c.grad_clip >= 0, ">= 0"),
+        "micro_batch": (c.micro_batch >= 1, ">= 1"), "eval_every": (c.eval_every >= 0, ">= 0"),
+        "ckpt_every": (c.ckpt_every >= 1, ">= 1"), "threads": (c.threads >= 0, ">= 0"),
+        "save_dtype": (c.save_dtype in ("float32", "bfloat16", "float16"), "one of 'float32', 'bfloat16', 'float16'"),
+        "seed": (0 <= c.seed < 2**32, "in [0, 2**32)")})
+    check_device(c.device)
     try:
-        weights = [float(w) for w in cfg.reward_weights.split(",")]
+        weights = [float(w) for w in c.reward_weights.split(",")]
     except ValueError:
         weights = []
     if len(weights) != len(reward_fns) or not all(map(math.isfinite, weights)):
         raise SystemExit(f"error: --reward_weights needs {len(reward_fns)} comma-separated numbers, one per reward "
-                         f"function ({', '.join(fn.__name__ for fn in reward_fns)}), got {cfg.reward_weights!r}")
+                         f"function ({', '.join(fn.__name__ for fn in reward_fns)}), got {c.reward_weights!r}")
     names = [fn.__name__ for fn in reward_fns]
     clash = next((n for i, n in enumerate(names) if n in names[:i] or n in RECORD_KEYS), None)
     if clash:
         raise SystemExit(f"error: two reward functions, or a reward and a logged value, are named {clash!r}: "
                          f"their columns in metrics.jsonl would overwrite each other; rename one")
-    if cfg.task not in TASKS and not os.path.isfile(cfg.task):
-        raise SystemExit(f"error: --task {cfg.task!r} is neither a built-in task ({', '.join(TASKS)}) nor a file")
-    if cfg.eval_file and not os.path.isfile(cfg.eval_file):
-        raise SystemExit(f"error: --eval_file {cfg.eval_file} not found")
-    if not os.path.isfile(os.path.join(cfg.ckpt_dir, "config.json")):
-        raise SystemExit(f"error: no checkpoint at {cfg.ckpt_dir}: run `python download.py`")
-    task_files = [cfg.task if cfg.task not in TASKS else "", cfg.eval_file]
-    check_out_dir(cfg.out_dir, [cfg.ckpt_dir, *task_files], cfg.resume, cfg.overwrite)
+    if c.task not in TASKS and not os.path.isfile(c.task):
+        raise SystemExit(f"error: --task {c.task!r} is neither a built-in task ({', '.join(TASKS)}) nor a file")
+    if c.eval_file and not os.path.isfile(c.eval_file):
+        raise SystemExit(f"error: --eval_file {c.eval_file} not found")
+    if not os.path.isfile(os.path.join(c.ckpt_dir, "config.json")):
+        raise SystemExit(f"error: no checkpoint at {c.ckpt_dir}: run `python download.py`")
+    export_sources(c.ckpt_dir, c.ckpt_dir)  # a file the export could not copy: refused now, not at the end
     return weights
 
 
@@ -709,7 +733,11 @@ def check_usable(model, step: int, prompts, completions, temperature: float, goo
 
 def main(argv: list[str] | None = None):
     """GRPO-train a chat model on a verifiable task (--steps 0: only evaluate it). Flags: the GRPOConfig fields."""
-    train(cli(GRPOConfig, argv))
+    try:
+        train(cli(GRPOConfig, argv))
+    except KeyboardInterrupt:  # (during training the run's folder answers it, naming the checkpoint to resume)
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ cases run the scripts as subprocesses.
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,15 +32,13 @@ from test_finetune import assets, flags, losses  # noqa: E402,F401  (fixtures: a
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SMOL_TOKENIZER = ROOT / "checkpoints" / "SmolLM2-135M-Instruct" / "tokenizer.json"
-needs_smol_tokenizer = pytest.mark.skipif(not SMOL_TOKENIZER.is_file(),
-                                          reason="needs checkpoints/SmolLM2-135M-Instruct (python download.py)")
-
 
 def snapshot(root: Path, skip: Path) -> dict:
-    """Every file under root but those under skip (the new run's folder) -> its bytes' hash and mtime."""
+    """Every file under root but those under skip (the new run's folder) -> its bytes' hash and mtime. A run
+    folder's .lock is not compared: it holds the pid of the last process that held the folder, which every run
+    (even one refused after taking the lock, e.g. a resume with changed flags) writes."""
     return {p: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in root.rglob("*")
-            if p.is_file() and skip not in p.parents}
+            if p.is_file() and skip not in p.parents and p.name != ".lock"}
 
 
 def one_line_error(run, argv, match: str, root: Path, out: Path):
@@ -198,6 +197,8 @@ def test_finetune_typo_and_prepare_flags(ft_case):
     ('{"messages": "hi"}\n', "bad.jsonl:1 needs"),
     ('{"prompt": "hi"}\n', "bad.jsonl:1 needs"),
     ('[1, 2]\n', "bad.jsonl:1 needs"),
+    pytest.param('{"text": "a"}\n' + "[" * 100_000 + "\n", "bad.jsonl:2: not valid JSON (nested too deep)",
+                 id="nested-too-deep"),
 ])
 def test_malformed_jsonl_names_the_line(ft_case, content, match):
     argv, _, root = ft_case
@@ -228,7 +229,8 @@ def test_broken_checkpoint_files(ft_case, damage, match):
 
 def test_broken_shards(ft_case, assets):
     argv, _, root = ft_case
-    ft.prepare(str(assets / "base"), str(root / "shards"), [str(assets / "text.jsonl")], val_frac=0.2)
+    ft.prepare(str(assets / "text.jsonl"), tokenizer=str(assets / "base"), out_dir=str(root / "shards"),
+               val_frac=0.2)
     shard = root / "shards" / "train_000000.bin"
     shard.write_bytes(shard.read_bytes()[:2000])
     one_line_error(ft.main, with_flag(argv, "data", str(root / "shards")), "is truncated", root, root / "run")
@@ -351,7 +353,7 @@ def test_export_copies_chat_template_jinja(assets, tmp_path):
     (tok / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     out = tmp_path / "out"
     out.mkdir()
-    model = ft.load_model(ft.TrainConfig(ckpt_dir=str(assets / "base")), torch.device("cpu"))[1]
+    model = ft.open_model("smollm2", torch.device("cpu"), ckpt_dir=str(assets / "base"))[1]
     ft.export_hf(model, str(out), json.loads((assets / "base/config.json").read_text()), str(tok), 1.0, "float32")
     assert (out / "chat_template.jinja").read_text() == (tok / "chat_template.jinja").read_text()
 
@@ -393,6 +395,7 @@ GRPO_RANGE = {
     "resume": [("true", "no checkpoint at")],
     "device": [("gpu", "--device must be cpu, cuda or cuda:N")]
     + ([] if torch.cuda.is_available() else [("cuda", "no CUDA device")]),
+    "save_dtype": [("int8", "--save_dtype must be one of")],
     "threads": [("-1", "--threads must be >= 0")],
     "seed": [("-5", "--seed must be in")],
 }
@@ -448,6 +451,7 @@ def test_grpo_string_flags(grpo_case):
     ('{"question": "q", "answer": "four"}\n', "task.jsonl:1: the answer has no number"),
     ('{"question": "q"}\n', "task.jsonl:1 needs 'question' and 'answer'"),
     ('\n\n', "holds no problems"),
+    pytest.param("[" * 100_000 + "\n", r"task.jsonl:1: not valid JSON \(nested too deep\)", id="nested-too-deep"),
 ])
 def test_grpo_malformed_task_file(tmp_path, content, match):
     (tmp_path / "task.jsonl").write_text(content)
@@ -474,10 +478,9 @@ def test_reward_function_raising_on_a_whole_batch_stops():
         grpo.check_rewards(per_fn, [grpo.correct_reward, grpo.format_reward], 3)
 
 
-@needs_smol_tokenizer
-def test_grpo_runs_refuse_to_destroy_files_and_run_no_pickle(tmp_path):
+def test_grpo_runs_refuse_to_destroy_files_and_run_no_pickle(tmp_path, smollm2_dir):
     from test_grpo import length_reward, write_tiny_checkpoint
-    ckpt = write_tiny_checkpoint(tmp_path)
+    ckpt = write_tiny_checkpoint(tmp_path, smollm2_dir)
     common = dict(ckpt_dir=str(ckpt), task="add", prompts_per_step=2, num_generations=3, max_new_tokens=4,
                   eval_n=2, micro_batch=4, threads=1)
     done = tmp_path / "done"
@@ -512,10 +515,9 @@ def test_grpo_runs_refuse_to_destroy_files_and_run_no_pickle(tmp_path):
     assert not marker.exists()
 
 
-@needs_smol_tokenizer
-def test_grpo_loss_nan_stops_before_the_update(tmp_path, monkeypatch):
+def test_grpo_loss_nan_stops_before_the_update(tmp_path, monkeypatch, smollm2_dir):
     from test_grpo import length_reward, write_tiny_checkpoint
-    ckpt = write_tiny_checkpoint(tmp_path)
+    ckpt = write_tiny_checkpoint(tmp_path, smollm2_dir)
     monkeypatch.setattr(grpo, "aggregate", lambda per_token, *a: per_token.sum() * float("nan"))
     cfg = grpo.GRPOConfig(ckpt_dir=str(ckpt), out_dir=str(tmp_path / "run"), task="add", steps=1, prompts_per_step=2,
                           num_generations=3, max_new_tokens=4, eval_n=2, threads=1)
@@ -536,18 +538,39 @@ def run_script(*args):
     return p, time.time() - t0
 
 
+def flag_help(doc: str) -> dict[str, str]:
+    """name -> its whole help in a docstring's `name: text` entries, continuation lines (indented deeper) included."""
+    helps, name, indent = {}, None, 0
+    for line in doc.splitlines():
+        entry = re.match(r"^( *)(\w+): (.+)$", line)
+        if name and line.strip() and len(line) - len(line.lstrip()) > indent:
+            helps[name] += " " + line.strip()
+        elif entry:
+            name, indent = entry.group(2), len(entry.group(1))
+            helps[name] = entry.group(3)
+        else:
+            name = None
+    return helps
+
+
 @pytest.mark.parametrize("script, config", [("finetune.py", ft.TrainConfig), ("grpo.py", grpo.GRPOConfig)])
 def test_help_lists_every_flag_with_its_default(script, config):
+    """Exit 0, every flag with its default and its whole help (a help of several lines is not cut to its first)."""
     for flag in ("--help", "-h"):
         p, _ = run_script(script, flag)
         assert p.returncode == 0 and not p.stderr
         text = "".join(p.stdout.split())  # argparse wraps lines (and a long default)
+        helps = flag_help(config.__doc__)
         for f in fields(config):
             assert f"--{f.name}" in text and f"(default:{f.default!r})".replace(" ", "") in text, f.name
+            assert "".join(helps[f.name].split()) in text, f.name
     if script == "finetune.py":
         assert "finetune.pypreparefiles..." in text.lower()
         p, _ = run_script(script, "prepare", "--help")
+        text = "".join(p.stdout.split())
         assert p.returncode == 0 and "--shard_tokens" in p.stdout
+        for name, help_text in flag_help(ft.prepare.__doc__).items():
+            assert "".join(help_text.split()) in text, name
 
 
 def test_cli_errors_are_one_line_on_stderr(tmp_path):

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import finetune as ft  # noqa: E402
+import run_folder  # noqa: E402
 import smollm2  # noqa: E402
 from tokenizer_bpe import Tokenizer  # noqa: E402
 
@@ -146,7 +147,8 @@ def test_shards_roundtrip_and_prepare(assets, tmp_path):
         np.testing.assert_array_equal(ft.read_shard(path), tokens)
 
     docs = [json.loads(line)["text"] for line in open(assets / "text.jsonl")]
-    ft.prepare(str(assets / "base"), str(tmp_path / "shards"), [str(assets / "text.jsonl")], val_frac=0.1)
+    ft.prepare(str(assets / "text.jsonl"), tokenizer=str(assets / "base"), out_dir=str(tmp_path / "shards"),
+               val_frac=0.1)
     tok = Tokenizer.from_file(assets / "base")
     expected = [t for doc in docs for t in [0] + tok.encode(doc)]  # llm.c: end-of-text before each document
     train, val = (ft.read_shard(str(tmp_path / f"shards/{split}_000000.bin")) for split in ("train", "val"))
@@ -161,7 +163,8 @@ def test_validation_holds_out_whole_documents(assets, tmp_path):
     cfg = ft.TrainConfig(data=str(assets / "text.jsonl"), seq_len=32, val_frac=0.1)
     train, val = (rows.streams[0][rows.masks[0]] for rows in ft.load_data(cfg, tok, None))  # padding dropped
     assert train[-1] == eot and len(train) + len(val) == n and 0.05 < len(val) / n < 0.15
-    ft.prepare(str(assets / "base"), str(tmp_path / "shards"), [str(assets / "text.jsonl")], val_frac=0.1)
+    ft.prepare(str(assets / "text.jsonl"), tokenizer=str(assets / "base"), out_dir=str(tmp_path / "shards"),
+               val_frac=0.1)
     assert ft.read_shard(str(tmp_path / "shards/val_000000.bin"))[0] == eot  # llm.c: a document starts with it
     (tmp_path / "book.txt").write_text(" ".join(sentences(np.random.default_rng(1), 40)))
     train, val = (rows.streams[0][rows.masks[0]]
@@ -184,7 +187,7 @@ def test_lora_merged_weights_reproduce_the_adapted_model():
     model.eval()
     x = torch.randint(0, TINY["vocab_size"], (2, 16))
     merged = smollm2.SmolLM2(smollm2.ModelArgs(**TINY)).eval()
-    merged.load_state_dict(ft.merge_lora_state_dict(model.state_dict(), 8.0 / 4), strict=True)
+    merged.load_state_dict(run_folder.merge_lora_state_dict(model.state_dict(), 8.0 / 4), strict=True)
     with torch.no_grad():
         torch.testing.assert_close(merged(x), model(x), atol=1e-5, rtol=1e-5)
         assert not torch.allclose(merged(x), tiny_model().eval()(x), atol=1e-3)  # the adapters did change it
@@ -255,8 +258,11 @@ def test_train_export_loads_in_smollm2_and_transformers(assets, tmp_path):
                   "--save_dtype", "float32"))
     vals = val_losses(out)
     assert len(vals) == 3 and vals[-1] < vals[0] - 0.5
+    umask = os.umask(0)
+    os.umask(umask)
     for name in ("model.safetensors", "config.json", "tokenizer.json", "ckpt.pt", "metrics.jsonl"):
-        assert (out / name).is_file()
+        # every file as the umask makes it (0644 under the usual 022): safetensors alone would write 0600
+        assert (out / name).is_file() and (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     ours = smollm2.SmolLM2.from_pretrained(out)
     hf = LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     x = torch.randint(0, TINY["vocab_size"], (2, 20))
@@ -295,7 +301,8 @@ def test_pretrain_moe_from_shards_balances_experts(assets, tmp_path):
     import nanollm
     config = {**nanollm.ModelArgs.from_name("nano-tiny").to_hf_config(), "vocab_size": TINY["vocab_size"]}
     (tmp_path / "nano.json").write_text(json.dumps(config))
-    ft.prepare(str(assets / "base"), str(tmp_path / "shards"), [str(assets / "text.jsonl")], val_frac=0.2)
+    ft.prepare(str(assets / "text.jsonl"), tokenizer=str(assets / "base"), out_dir=str(tmp_path / "shards"),
+               val_frac=0.2)
     out = tmp_path / "nano"
     ft.main(["--model", "nanollm", "--preset", str(tmp_path / "nano.json"), "--tokenizer", str(assets / "base"),
              "--data", str(tmp_path / "shards"), "--out_dir", str(out), "--mode", "full", "--seq_len", "32",
@@ -324,8 +331,8 @@ def test_from_scratch_config_stops_at_the_tokenizers_end_of_text(assets, tmp_pat
     """nanollm presets leave eos to the tokenizer: the exported config.json takes its end-of-text id."""
     import nanollm
     (tmp_path / "nano.json").write_text(json.dumps(nanollm.ModelArgs(vocab_size=TINY["vocab_size"]).to_hf_config()))
-    cfg = ft.TrainConfig(model="nanollm", preset=str(tmp_path / "nano.json"), tokenizer=str(assets / "base"))
-    *_, hf_config, tok, _ = ft.load_model(cfg, torch.device("cpu"))
+    *_, hf_config, tok, _ = ft.open_model("nanollm", torch.device("cpu"), preset=str(tmp_path / "nano.json"),
+                                          tokenizer=str(assets / "base"))
     assert hf_config["eos_token_id"] == tok.special_tokens["<|endoftext|>"]
 
 

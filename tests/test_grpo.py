@@ -19,8 +19,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import grpo  # noqa: E402
 import smollm2  # noqa: E402
 
-TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "..", "checkpoints", "SmolLM2-135M-Instruct")
-LLAMA_TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "..", "checkpoints", "Llama-3.2-tokenizer")
 
 
 # -----------------------------------------------------------------------------
@@ -256,15 +254,15 @@ def test_adapters_off_is_the_base_model():
 # A tiny end-to-end run: two steps straight equal one step, a resume, and one more step
 
 
-def write_tiny_checkpoint(tmp_path):
-    """A tiny random SmolLM2 in the HF layout, with the real tokenizer (49152 tokens)."""
+def write_tiny_checkpoint(tmp_path, tokenizer_dir):
+    """A tiny random SmolLM2 in the HF layout, with the real tokenizer of tokenizer_dir (49152 tokens)."""
     from safetensors.torch import save_file
     ckpt = tmp_path / "tiny"
     ckpt.mkdir()
     model = tiny_model(vocab_size=49152, dim=32, hidden_dim=64)
     save_file({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, str(ckpt / "model.safetensors"))
     (ckpt / "config.json").write_text(json.dumps(model.args.to_hf_config()))
-    shutil.copy(os.path.join(TOKENIZER_DIR, "tokenizer.json"), ckpt / "tokenizer.json")
+    shutil.copy(os.path.join(tokenizer_dir, "tokenizer.json"), ckpt / "tokenizer.json")
     return ckpt
 
 
@@ -273,10 +271,8 @@ def length_reward(prompt, completion, **_):
     return float(len(completion) % 3)
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(TOKENIZER_DIR, "tokenizer.json")),
-                    reason="needs checkpoints/SmolLM2-135M-Instruct (python download.py) for its tokenizer")
-def test_train_and_resume_tiny(tmp_path, capsys):
-    ckpt = write_tiny_checkpoint(tmp_path)
+def test_train_and_resume_tiny(tmp_path, capsys, smollm2_dir):
+    ckpt = write_tiny_checkpoint(tmp_path, smollm2_dir)
     common = dict(ckpt_dir=str(ckpt), task="add", steps=2, prompts_per_step=2, num_generations=3,
                   max_new_tokens=4, eval_n=2, ckpt_every=1, micro_batch=4, beta=0.04, num_iterations=2,
                   lr=1e-2, threads=1)
@@ -296,26 +292,46 @@ def test_train_and_resume_tiny(tmp_path, capsys):
                 assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
     assert (tmp_path / "a" / "model.safetensors").is_file()
     assert "held-out accuracy" in capsys.readouterr().out
+    # as finetune.py: saved in --save_dtype (bfloat16 unless told), readable by all as the umask allows
+    from safetensors.torch import load_file
+    assert {v.dtype for v in load_file(tmp_path / "a" / "model.safetensors").values()} == {torch.bfloat16}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(TOKENIZER_DIR, "tokenizer.json")),
-                    reason="needs checkpoints/SmolLM2-135M-Instruct (python download.py) for its tokenizer")
-def test_full_update_with_reference_copy(tmp_path):
+def test_full_update_with_reference_copy(tmp_path, smollm2_dir):
     """mode full with beta > 0 keeps a frozen copy as reference: its KL is 0 before the first update only."""
-    ckpt = write_tiny_checkpoint(tmp_path)
+    ckpt = write_tiny_checkpoint(tmp_path, smollm2_dir)
     cfg = grpo.GRPOConfig(ckpt_dir=str(ckpt), out_dir=str(tmp_path / "full"), mode="full", beta=0.1, steps=2,
                           prompts_per_step=2, num_generations=3, max_new_tokens=4, eval_n=2, lr=1e-2,
-                          loss_type="grpo", threads=1)
+                          loss_type="grpo", threads=1, save_dtype="float32")
     grpo.train(cfg, [length_reward, grpo.format_reward])
+    from safetensors.torch import load_file
+    assert {v.dtype for v in load_file(tmp_path / "full" / "model.safetensors").values()} == {torch.float32}
     steps = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
     steps = [r for r in steps if "reward" in r]
     assert steps[0]["kl"] > 0 and steps[1]["kl"] > 0  # second update of step 1, then step 2: moved off the copy
     assert steps[0]["grad_norm"] > 0
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(LLAMA_TOKENIZER_DIR, "tokenizer.model")),
-                    reason="needs checkpoints/Llama-3.2-tokenizer (python download.py llama3.2-tokenizer)")
-def test_llama31_one_step(tmp_path):
+def test_device_default_is_cuda_when_available(tmp_path, monkeypatch, smollm2_dir):
+    """--device '' (the default) is cuda where a GPU is, as the help says, else cpu; --device cpu is the CPU."""
+    ckpt, seen = write_tiny_checkpoint(tmp_path, smollm2_dir), []
+
+    def stop(name, device, **kw):
+        seen.append(device)
+        raise SystemExit("stop")
+    monkeypatch.setattr(grpo, "open_model", stop)
+    for i, (available, device) in enumerate([(True, ""), (False, ""), (True, "cpu")]):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        with pytest.raises(SystemExit, match="stop"):
+            grpo.train(grpo.GRPOConfig(ckpt_dir=str(ckpt), out_dir=str(tmp_path / f"run{i}"), device=device))
+    assert seen == [torch.device("cuda"), torch.device("cpu"), torch.device("cpu")]
+    assert grpo.GRPOConfig().device == "" and "empty = cuda if available, else cpu" in grpo.GRPOConfig.__doc__
+
+
+def test_llama31_one_step(tmp_path, llama_tokenizer_dir):
     """grpo.py drives llama31.py too: Llama 3 chat prompts, <|eot_id|> ends a turn, the trained model exports."""
     import llama31
     from safetensors.torch import save_file
@@ -330,7 +346,7 @@ def test_llama31_one_step(tmp_path):
     save_file({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, str(ckpt / "model.safetensors"))
     (ckpt / "config.json").write_text(json.dumps(args.to_hf_config()))
     # tokenizer.model: the 128256-token text vocabulary (the wheel's tokenizer.json is the Vision one, 128257)
-    shutil.copy(os.path.join(LLAMA_TOKENIZER_DIR, "tokenizer.model"), ckpt / "tokenizer.model")
+    shutil.copy(os.path.join(llama_tokenizer_dir, "tokenizer.model"), ckpt / "tokenizer.model")
     cfg = grpo.GRPOConfig(model="llama31", ckpt_dir=str(ckpt), out_dir=str(tmp_path / "out"), steps=1,
                           prompts_per_step=2, num_generations=3, max_new_tokens=4, eval_n=2, lr=1e-2, threads=1)
     grpo.train(cfg, [length_reward, grpo.format_reward])
