@@ -132,20 +132,21 @@ PRESETS = {  # defaults only: from_pretrained always reads the checkpoint's own 
 # Same as smollm2.py: config_get
 def config_get(cfg: dict, key: str, kind=int, default=..., low=None):
     """cfg[key] of a config.json (default where absent or null; none: required) if it is what its field needs: an int
-    (not a bool, "64" or 2.5) or a finite float, > 0 or >= low; a bool or a dict; ids (an int >= 0 or a list of them,
-    as a tuple). Else a ValueError naming the key: a config that would build a wrong model stops here."""
+    below 2^62 (not a bool, "64" or 2.5) or a finite float, > 0 or >= low; a bool or a dict; ids (an int >= 0 or a
+    list of them, as a tuple). Else a ValueError naming the key: a config that would build a wrong model stops here."""
     if not isinstance(cfg, dict):
         raise ValueError(f"a config is a JSON object, not a {type(cfg).__name__}")
     if (value := cfg.get(key)) is None and default is not ...:
         return default
     ids = value if isinstance(value, list) else [value]
-    ok = {int: type(value) is int, float: type(value) in (int, float) and math.isfinite(value),
+    ok = {int: type(value) is int and value < 2**62, float: type(value) in (int, float) and math.isfinite(value),
           bool: type(value) is bool, dict: type(value) is dict, tuple: all(type(i) is int and i >= 0 for i in ids)}
     if not ok[kind] or kind in (int, float) and not (value > 0 if low is None else value >= low):
-        want = {int: "an integer", float: "a finite number", tuple: "an integer >= 0 or a list of them"}.get(kind, kind)
-        bound = f" >= {low}" if low is not None else " > 0" if kind in (int, float) else ""
+        lo = "> 0" if low is None else f">= {low}"
+        want = {int: f"an integer {lo}, < 2^62", float: f"a finite number {lo}", bool: "true or false",
+                dict: "an object", tuple: "an id >= 0 or a list of them"}[kind]
         raise ValueError(f"no {key!r} entry: it is not a checkpoint this file reads" if value is None else
-                         f"{key} must be {getattr(want, '__name__', want)}{bound}, got {value!r:.60}")
+                         f"{key} must be {want}, got {value!r:.60}")
     return tuple(ids) if kind is tuple else float(value) if kind is float else value
 
 
@@ -538,7 +539,9 @@ class LM2(nn.Module):
             layer.self_attn.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
                                             p.dtype, p.device)
             if layer.memory is not None:
-                layer.mem_cache = MemoryCache(layer.memory.initial_state(batch_size), self.args.segment_len)
+                # a segment in progress never holds more than the request: segment_len alone (config.json's) may not
+                layer.mem_cache = MemoryCache(layer.memory.initial_state(batch_size),
+                                              min(self.args.segment_len, max_seq_len))
 
     def clear_cache(self):
         for layer in self.model.layers:
@@ -579,8 +582,7 @@ class LM2(nn.Module):
         fresh = "lm2" not in read_json(ckpt_dir / "config.json")  # a base Llama checkpoint: no memory yet
         header = read_header(ckpt_dir, layers=args.n_layers)
         header.pop("model.rotary_emb.inv_freq", None)  # old HF checkpoints saved this derived buffer
-        with torch.device("meta"):  # shapes only: the weights are assigned below, no second copy
-            model = cls(args)  # (its init_weights is a no-op on meta tensors)
+        model = build(cls, args, ckpt_dir)  # shapes only (init_weights is a no-op on meta tensors): no second copy
         absent = [k for k in model.state_dict() if fresh and ".memory." in k]  # a base Llama has no memory
         state = load_weights(model, header, ckpt_dir, device or "cpu", dtype, absent)
         # fresh memory weights are made here, on the weights' device and dtype, so the load below stays strict
@@ -674,6 +676,17 @@ def read_config(ckpt_dir: Path) -> ModelArgs:
     except ValueError as e:  # config_get's message names the key
         raise ValueError(f"{ckpt_dir}: {e}") from None
     return args
+
+
+# Same as smollm2.py: build
+def build(cls, args, ckpt_dir: Path):
+    """cls(args) on the meta device: shapes only, no memory (the checkpoint's tensors become its weights). A config
+    whose shapes torch cannot hold (an element count beyond int64) is a ValueError."""
+    try:
+        with torch.device("meta"):
+            return cls(args)
+    except (RuntimeError, TypeError, OverflowError) as e:
+        raise ValueError(f"{ckpt_dir}/config.json gives shapes torch cannot build ({type(e).__name__})") from None
 
 
 # Same as smollm2.py: read_header

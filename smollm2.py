@@ -100,20 +100,21 @@ PRESETS = {
 
 def config_get(cfg: dict, key: str, kind=int, default=..., low=None):
     """cfg[key] of a config.json (default where absent or null; none: required) if it is what its field needs: an int
-    (not a bool, "64" or 2.5) or a finite float, > 0 or >= low; a bool or a dict; ids (an int >= 0 or a list of them,
-    as a tuple). Else a ValueError naming the key: a config that would build a wrong model stops here."""
+    below 2^62 (not a bool, "64" or 2.5) or a finite float, > 0 or >= low; a bool or a dict; ids (an int >= 0 or a
+    list of them, as a tuple). Else a ValueError naming the key: a config that would build a wrong model stops here."""
     if not isinstance(cfg, dict):
         raise ValueError(f"a config is a JSON object, not a {type(cfg).__name__}")
     if (value := cfg.get(key)) is None and default is not ...:
         return default
     ids = value if isinstance(value, list) else [value]
-    ok = {int: type(value) is int, float: type(value) in (int, float) and math.isfinite(value),
+    ok = {int: type(value) is int and value < 2**62, float: type(value) in (int, float) and math.isfinite(value),
           bool: type(value) is bool, dict: type(value) is dict, tuple: all(type(i) is int and i >= 0 for i in ids)}
     if not ok[kind] or kind in (int, float) and not (value > 0 if low is None else value >= low):
-        want = {int: "an integer", float: "a finite number", tuple: "an integer >= 0 or a list of them"}.get(kind, kind)
-        bound = f" >= {low}" if low is not None else " > 0" if kind in (int, float) else ""
+        lo = "> 0" if low is None else f">= {low}"
+        want = {int: f"an integer {lo}, < 2^62", float: f"a finite number {lo}", bool: "true or false",
+                dict: "an object", tuple: "an id >= 0 or a list of them"}[kind]
         raise ValueError(f"no {key!r} entry: it is not a checkpoint this file reads" if value is None else
-                         f"{key} must be {getattr(want, '__name__', want)}{bound}, got {value!r:.60}")
+                         f"{key} must be {want}, got {value!r:.60}")
     return tuple(ids) if kind is tuple else float(value) if kind is float else value
 
 
@@ -356,8 +357,7 @@ class SmolLM2(nn.Module):
         header = read_header(ckpt_dir, layers=args.n_layers)
         # Build on the meta device (shapes only, no memory), then assign each loaded tensor into place:
         # the weights exist once in memory, already in their final dtype and device.
-        with torch.device("meta"):
-            model = cls(args)
+        model = build(cls, args, ckpt_dir)
         model.load_state_dict(load_weights(model, header, ckpt_dir, device or "cpu", dtype), strict=True, assign=True)
         if args.tie_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight  # assign=True made two Parameters: re-tie
@@ -441,6 +441,16 @@ def read_config(ckpt_dir: Path) -> ModelArgs:
     except ValueError as e:  # config_get's message names the key
         raise ValueError(f"{ckpt_dir}: {e}") from None
     return args
+
+
+def build(cls, args, ckpt_dir: Path):
+    """cls(args) on the meta device: shapes only, no memory (the checkpoint's tensors become its weights). A config
+    whose shapes torch cannot hold (an element count beyond int64) is a ValueError."""
+    try:
+        with torch.device("meta"):
+            return cls(args)
+    except (RuntimeError, TypeError, OverflowError) as e:
+        raise ValueError(f"{ckpt_dir}/config.json gives shapes torch cannot build ({type(e).__name__})") from None
 
 
 def read_header(ckpt_dir: Path, **counts: int) -> dict:

@@ -312,7 +312,7 @@ def test_int8_flag_quantizes_or_says_why_not(mod, tmp_path, monkeypatch, capsys)
     assert applied == ["int8", ["Int8Linear"]]
     assert "--int8: int8 copies of the torch.float32 weights made in" in capsys.readouterr().err
     find_spec = cli.importlib.util.find_spec  # a model file copied without fast_decode.py beside it
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None if name == "fast_decode" else find_spec(name))
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda n: None if n == "fast_decode" else find_spec(n))
     assert "fast_decode.py" in one_line_error(mod, *argv)
 
 

@@ -162,7 +162,8 @@ def test_unmarked_repetition_stays_small(name):
 
 def test_unmarked_shared_lines_counts_what_is_not_marked(tmp_path):
     """The measure itself: a pasted method counts until it is marked; separators and short lines never do."""
-    body = '''class A:\n    def f(self, first_argument, second_argument):\n        return first_argument + second_argument\n'''
+    body = ("class A:\n    def f(self, first_argument, second_argument):\n"
+            "        return first_argument + second_argument\n")
     (tmp_path / "src.py").write_text(f"# ---------------------------------\n{body}")
     (tmp_path / "copy.py").write_text(f"# ---------------------------------\n{body.replace('class A', 'class B')}")
     assert unmarked_shared_lines(tmp_path / "copy.py", tmp_path / "src.py") == [
@@ -213,7 +214,8 @@ def test_the_tokenizer_file_holds_the_tokenizer_only():
 def test_a_drifted_or_dangling_copy_is_reported(tmp_path, change):
     """The check itself can fail: one edited copy, a marker naming a block or file that does not exist, a marker
     above nothing, a rename that is not OLD->NEW, an edited method copy."""
-    (tmp_path / "a.py").write_text("def sample(x):\n    return x + 1\n\n\nclass A:\n    def f(self):\n        return 1\n")
+    (tmp_path / "a.py").write_text("def sample(x):\n    return x + 1\n\n\n"
+                                   "class A:\n    def f(self):\n        return 1\n")
     copy = {"edit": "# Same as a.py: sample\ndef sample(x):\n    return x + 2\n",
             "missing_source": "# Same as a.py: nothing\ndef nothing():\n    pass\n",
             "missing_file": "# Same as z.py: sample\ndef sample(x):\n    return x + 1\n",
