@@ -181,7 +181,7 @@ def is_chat_checkpoint(ckpt_dir) -> bool:
     return isinstance(cfg, dict) and "chat_template" in cfg
 
 
-def speed_up(model, ckpt_dir, device, int8: bool, load_seconds: float, note: str = ""):
+def speed_up(model, ckpt_dir, device, int8: bool, load_seconds: float):
     """fast_decode.py's products for decoding on a CPU, where it is beside the model file (a model file copied alone
     decodes plain, the same tokens); then one line on stderr: what was loaded, how, and where the time went."""
     w = model.lm_head.weight
@@ -193,7 +193,7 @@ def speed_up(model, ckpt_dir, device, int8: bool, load_seconds: float, note: str
         fast(model, threads=True, weights="int8" if int8 else None)  # threads: fast_decode.decode_threads
         if int8:
             line += f"; --int8: int8 copies of the {w.dtype} weights made in {time.time() - t0:.1f}s (fast_decode.py)"
-    print(line + note, file=sys.stderr)
+    print(line, file=sys.stderr)
 
 
 def chat_main(Model, encode_chat, prompt, ckpt_dir, max_new_tokens, temperature, top_p, top_k, device, dtype, seed,

@@ -295,6 +295,19 @@ def bpe_long(data: bytes, table: MergeTable) -> list[bytes]:
     return [table.tokens[k] for k in c[np.argsort(start)].tolist()]
 
 
+def with_gaps(pattern: str) -> str:
+    # subtle: HF keeps the text between matches as pieces too, findall drops it. A second alternative that consumes
+    # characters while the pattern does not match turns those gaps into matches (the known patterns match
+    # everywhere, so it never runs for them).
+    return "(?:{0})|(?:(?!(?:{0}))[\\s\\S])+".format(pattern)
+
+
+# the patterns this file ships, GPT-2's, Llama 3's and the digit split: their matching time is known (linear; see
+# benchmarks/bench_tokenizer.py's worst cases), so pre_tokenize runs them without the time bound, which makes the
+# regex module ~3x slower
+LINEAR_PATTERNS = {with_gaps(GPT2_PATTERN), with_gaps(LLAMA3_PATTERN), r"\p{N}|\P{N}+", r"\p{N}+|\P{N}+"}
+
+
 def compile_pre_tokenizer(cfg: dict | None) -> list[regex.Pattern]:
     """An HF pre_tokenizer config -> the regexes that cut text into pieces, applied one after the other.
     Split(Isolated) keeps matches and the gaps between them as pieces; Digits is a Split on \\p{N}
@@ -304,10 +317,6 @@ def compile_pre_tokenizer(cfg: dict | None) -> list[regex.Pattern]:
     # without ByteLevel the vocabulary is not byte-level (SentencePiece-style '▁' words): not ours to guess
     if not steps[-1] or steps[-1]["type"] != "ByteLevel" or any(s["type"] == "ByteLevel" for s in steps[:-1]):
         raise NotImplementedError(f"only byte-level BPE (ByteLevel last in the pre_tokenizer) is supported: {cfg}")
-    # subtle: HF keeps the text between matches as pieces too, findall drops it. A second alternative
-    # that consumes characters while the pattern does not match turns those gaps into matches (the
-    # known patterns match everywhere, so it never runs for them).
-    with_gaps = "(?:{0})|(?:(?!(?:{0}))[\\s\\S])+".format
     patterns = []
     for s in steps:
         if s["type"] == "Split" and s["behavior"] == "Isolated" and not s["invert"]:
@@ -354,15 +363,18 @@ def pre_tokenize(text: str, patterns: list[regex.Pattern]) -> list[str]:
 
     The patterns come from a file, and one that backtracks catastrophically (`(?:\\w|\\w)*!` on a long word) would
     run for hours: all of them together get PATTERN_SECONDS plus one per 10,000 characters (the known patterns need
-    a thousandth of that), then a ValueError ends the call."""
+    a thousandth of that), then a ValueError ends the call. The patterns this file ships (LINEAR_PATTERNS) run
+    unbounded, whichever file names them."""
     budget = PATTERN_SECONDS + len(text) / 10_000
     deadline, pieces = time.monotonic() + budget, [text]
     try:
         for pattern in patterns:
-            # as HF: a later step only cuts the pieces of the earlier ones, never joins across them. subtle: the
-            # regex module reads a negative timeout as none at all, so a spent budget is 0
-            pieces = [p for chunk in pieces
-                      for p in pattern.findall(chunk, timeout=max(deadline - time.monotonic(), 0.0))]
+            # as HF: a later step only cuts the pieces of the earlier ones, never joins across them
+            if pattern.pattern in LINEAR_PATTERNS:  # a timeout makes the regex module ~3x slower: only where needed
+                pieces = [p for chunk in pieces for p in pattern.findall(chunk)]
+            else:  # subtle: the regex module reads a negative timeout as none at all, so a spent budget is 0
+                pieces = [p for chunk in pieces
+                          for p in pattern.findall(chunk, timeout=max(deadline - time.monotonic(), 0.0))]
     except TimeoutError:
         raise ValueError(f"pre-tokenizing {len(text):,} characters took over {budget:.0f}s: a pre-tokenizer pattern "
                          "of this tokenizer.json backtracks catastrophically; use another tokenizer") from None
