@@ -88,7 +88,8 @@ class ModelArgs:
         if rope_type not in ("default", "llama3"):
             raise NotImplementedError(f"rope type {rope_type!r} is not implemented (only default and llama3)")
         llama3 = {} if rope_type == "default" else dict(
-            rope_factor=config_get(rope, "factor", float), rope_low_freq_factor=config_get(rope, "low_freq_factor", float),
+            rope_factor=config_get(rope, "factor", float),
+            rope_low_freq_factor=config_get(rope, "low_freq_factor", float),
             rope_high_freq_factor=config_get(rope, "high_freq_factor", float),
             rope_original_context=config_get(rope, "original_max_position_embeddings"))
         memory = config_get(cfg, "lm2", dict, {})
@@ -590,7 +591,8 @@ class LM2(nn.Module):
         for i, layer in enumerate(model.model.layers):
             if layer.memory is not None and fresh:
                 with torch.device(w.device):
-                    state |= {f"model.layers.{i}.memory.{k}": v for k, v in Memory(args).to(w.dtype).state_dict().items()}
+                    memory = Memory(args).to(w.dtype).state_dict()
+                state |= {f"model.layers.{i}.memory.{k}": v for k, v in memory.items()}
         model.load_state_dict(state, strict=True, assign=True)
         if args.tie_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight  # assign=True made two Parameters: re-tie
@@ -726,9 +728,11 @@ def load_weights(model, header: dict, ckpt_dir: Path, device, dtype, absent=()) 
     want = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied | set(absent)}
     have = {k: v for k, v in header.items() if k not in tied}
     wrong = [f"{k} is missing" for k in want.keys() - have.keys()] + [f"{k} is extra" for k in have.keys() - want]
-    wrong += [f"{k} has shape {tuple(shape)} but the config gives {want[k]}" if k in want and tuple(shape) != want[k] else
-              f"{k} is stored as {kind}, where weights are floats" for k, (_, kind, shape) in have.items()
-              if k in want and (tuple(shape) != want[k] or kind not in ("F16", "BF16", "F32", "F64"))]
+    for k, (_, kind, shape) in have.items():
+        if k in want and tuple(shape) != want[k]:
+            wrong.append(f"{k} has shape {tuple(shape)} but the config gives {want[k]}")
+        elif k in want and kind not in ("F16", "BF16", "F32", "F64"):
+            wrong.append(f"{k} is stored as {kind}, where weights are floats")
     if wrong:
         raise ValueError(f"{ckpt_dir} does not match its config: {'; '.join(sorted(wrong)[:3])}")
     state = {}

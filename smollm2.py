@@ -488,9 +488,11 @@ def load_weights(model, header: dict, ckpt_dir: Path, device, dtype, absent=()) 
     want = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied | set(absent)}
     have = {k: v for k, v in header.items() if k not in tied}
     wrong = [f"{k} is missing" for k in want.keys() - have.keys()] + [f"{k} is extra" for k in have.keys() - want]
-    wrong += [f"{k} has shape {tuple(shape)} but the config gives {want[k]}" if k in want and tuple(shape) != want[k] else
-              f"{k} is stored as {kind}, where weights are floats" for k, (_, kind, shape) in have.items()
-              if k in want and (tuple(shape) != want[k] or kind not in ("F16", "BF16", "F32", "F64"))]
+    for k, (_, kind, shape) in have.items():
+        if k in want and tuple(shape) != want[k]:
+            wrong.append(f"{k} has shape {tuple(shape)} but the config gives {want[k]}")
+        elif k in want and kind not in ("F16", "BF16", "F32", "F64"):
+            wrong.append(f"{k} is stored as {kind}, where weights are floats")
     if wrong:
         raise ValueError(f"{ckpt_dir} does not match its config: {'; '.join(sorted(wrong)[:3])}")
     state = {}
