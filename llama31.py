@@ -687,5 +687,6 @@ if __name__ == "__main__":
     try:
         from cli import cli
     except ModuleNotFoundError:
-        raise SystemExit("error: llama31.py's command line needs cli.py beside it (the model, tokenizer_bpe.py only)")
+        raise SystemExit("error: llama31.py's command line needs cli.py beside it (the model itself needs only "
+                         "tokenizer_bpe.py)")
     cli(main)
