@@ -1,6 +1,7 @@
 """
 Llama 3.1 (8B / 70B / 405B) and Llama 3.2 (1B / 3B) in one readable file: loading HF checkpoints, KV-cached
-batched generation, chat, and a command line.
+batched generation and chat. What it adds to smollm2.py: Llama 3's RoPE scaling and its chat format, Meta's
+checkpoints, and a KV cache of static shapes.
 
 Llama 3 ("The Llama 3 Herd of Models", arXiv 2407.21783) is a pre-norm decoder: RMSNorm, grouped-query
 attention, a SwiGLU MLP, and rotary position embeddings with base 500000 whose low frequencies are stretched
@@ -9,30 +10,32 @@ attention, a SwiGLU MLP, and rotary position embeddings with base 500000 whose l
 HF transformers' `LlamaForCausalLM` in test_parity.py.
 
 Departures from nano-llama31 and Meta's reference, all deliberate:
-- modules carry HF checkpoint names, so HF safetensors load with no renaming; Meta's `consolidated.*.pth` is
-  converted once by download.py (meta_convert.py: a rename table, a merge of its model-parallel shards and one
-  q/k row permutation, since RoPE here rotates HF's half-split pairs instead of Meta's interleaved ones);
-- the llama3 scale factor comes from the checkpoint (32 for 3.2 1B/3B; Meta's code hard-codes 8, which
-  llama-models#241 reports breaks those models past ~80k tokens);
+- HF checkpoint names, so HF safetensors load with no renaming; download.py converts Meta's `consolidated.*.pth`
+  once (meta_convert.py: renames, a merge of model-parallel shards, and a q/k row permutation, since RoPE here
+  rotates HF's half-split pairs instead of Meta's interleaved ones);
+- the llama3 scale factor comes from the checkpoint (32 for 3.2 1B/3B; Meta's code hard-codes 8);
 - chat models: Llama 3.1's chat template (system header with the knowledge-cutoff date), and generation stops
   at <|eot_id|> or <|eom_id|>; base models stop at <|end_of_text|> and get their prompt verbatim;
-- the KV cache is sized to what a generate call needs (at most `max_seq_len`, 8192 unless asked), never 128k,
-  and ragged batches are left-padded with per-row positions, so a batch yields the tokens of one-by-one runs;
-- the model is built on the meta device and takes the memory-mapped checkpoint tensors as its weights: one
-  copy in memory; during prefill only the last position goes through the output head;
-- one device, no model parallelism.
+- the KV cache is sized to what a generate call needs, never the 128k context, and attention reads all of it
+  (the same shapes every decode step, as gpt-fast, so a compiled step is reused); ragged batches are left-padded
+  with per-row positions, so a batch yields the tokens of one-by-one runs;
+- one copy of the weights in memory (built on the meta device, memory-mapped tensors assigned); one device.
+
+Blocks marked `# Same as smollm2.py: NAME` are that file's, word for word (tests/test_copies.py); the command line
+is cli.py's; as a library this file needs only tokenizer_bpe.py.
 
 Usage:
-    python download.py llama3.1-8b-instruct
-    python llama31.py --prompt "Why is the sky blue?"
+    python download.py llama3.2-1b-instruct                # or, offline: --gguf FILE.gguf, --meta_dir DIR
+    python llama31.py --ckpt_dir checkpoints/Llama-3.2-1B-Instruct --prompt "Why is the sky blue?"
     python llama31.py --interactive --ckpt_dir checkpoints/Llama-3.2-1B-Instruct
     python llama31.py --ckpt_dir checkpoints/Llama-3.2-1B --prompt "The capital of France is" --temperature 0
-    python download.py --meta_dir ~/.llama/checkpoints/Llama3.1-8B-Instruct   # Meta's own download, converted
-    python llama31.py --ckpt_dir checkpoints/Llama3.1-8B-Instruct --prompt "Why is the sky blue?"
+    python download.py llama3.1-8b-instruct                # gated on the Hub: accept the licence, set HF_TOKEN
+    python llama31.py --prompt "Why is the sky blue?"      # checkpoints/Llama-3.1-8B-Instruct, bf16: 16 GB
 """
 
+import json
 import math
-import sys
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer_bpe import (Tokenizer, check_generate, check_generation_flags, check_state, cli,
-                           converse, load_safetensors, read_json)
+from tokenizer_bpe import Tokenizer
 from tokenizer_bpe import apply_chat_template as encode_chat
 
 # -----------------------------------------------------------------------------
@@ -67,11 +69,11 @@ class ModelArgs:
     rope_low_freq_factor: float = 1.0  # wavelengths above original_context / low are fully stretched
     rope_high_freq_factor: float = 4.0  # wavelengths below original_context / high are left alone
     rope_original_context: int = 8192  # context of pretraining, before long-context training
-    context_len: int = 131072  # longest context the model was trained for (HF max_position_embeddings)
-    max_seq_len: int = 8192  # longest prompt + generation this instance serves: bounds the KV cache
+    max_seq_len: int = 131072  # context the model was trained for (HF max_position_embeddings): prompt + generation
     tie_embeddings: bool = False  # the output head reuses the embedding matrix (3.2 1B and 3B)
     stop_tokens: tuple[int, ...] = (END_OF_TEXT,)  # instruct models also stop at <|eom_id|> and <|eot_id|>
 
+    # Same as smollm2.py: ModelArgs.head_dim
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
@@ -87,29 +89,23 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
-        """From a HF config.json of LlamaForCausalLM (plain or llama3-scaled RoPE)."""
-        # transformers >= 5 nests rope settings in `rope_parameters`; older files use rope_theta + rope_scaling
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        """From a HF config.json of LlamaForCausalLM, with plain or llama3-scaled RoPE (see llama_fields)."""
+        fields, rope = llama_fields(cfg)
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
             raise NotImplementedError(f"RoPE type {rope_type!r} is not Llama 3's (default or llama3)")
-        dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-        if cfg.get("head_dim", dim // n_heads) != dim // n_heads:
+        if cfg.get("head_dim", fields["dim"] // fields["n_heads"]) != fields["dim"] // fields["n_heads"]:
             raise NotImplementedError("head_dim != hidden_size / num_attention_heads is not a Llama 3 shape")
         if cfg.get("attention_bias") or cfg.get("mlp_bias") or cfg.get("hidden_act", "silu") != "silu":
             raise NotImplementedError("biases or a non-SiLU activation are not part of Llama 3")
-        llama3 = rope_type == "llama3"
-        return cls(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
-                   n_kv_heads=cfg.get("num_key_value_heads") or n_heads, hidden_dim=cfg["intermediate_size"],
-                   vocab_size=cfg["vocab_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),  # LlamaConfig defaults
-                   rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-                   rope_factor=float(rope["factor"]) if llama3 else None,
-                   rope_low_freq_factor=float(rope["low_freq_factor"]) if llama3 else 1.0,
-                   rope_high_freq_factor=float(rope["high_freq_factor"]) if llama3 else 4.0,
-                   rope_original_context=rope["original_max_position_embeddings"] if llama3 else 8192,
-                   context_len=cfg.get("max_position_embeddings", 2048),
-                   tie_embeddings=cfg.get("tie_word_embeddings", False),
-                   stop_tokens=token_ids(cfg.get("eos_token_id", END_OF_TEXT)))
+        if rope_type == "default":
+            return cls(**fields, rope_factor=None)
+        low, high = config_get(rope, "low_freq_factor", float), config_get(rope, "high_freq_factor", float)
+        if low >= high:
+            raise ValueError(f"RoPE low_freq_factor {low} must be below high_freq_factor {high}")
+        return cls(**fields, rope_factor=config_get(rope, "factor", float), rope_low_freq_factor=low,
+                   rope_high_freq_factor=high,
+                   rope_original_context=config_get(rope, "original_max_position_embeddings"))
 
     def to_hf_config(self) -> dict:
         """A config.json that both this file and transformers' LlamaForCausalLM load."""
@@ -117,18 +113,7 @@ class ModelArgs:
             "rope_type": "llama3", "factor": self.rope_factor, "low_freq_factor": self.rope_low_freq_factor,
             "high_freq_factor": self.rope_high_freq_factor,
             "original_max_position_embeddings": self.rope_original_context}
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.dim,
-                "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
-                "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
-                "intermediate_size": self.hidden_dim, "vocab_size": self.vocab_size, "rms_norm_eps": self.norm_eps,
-                "rope_theta": self.rope_theta, "rope_scaling": rope_scaling,
-                "max_position_embeddings": self.context_len, "tie_word_embeddings": self.tie_embeddings,
-                "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "bos_token_id": BOS,
-                "eos_token_id": list(self.stop_tokens), "torch_dtype": "bfloat16"}
-
-
-def token_ids(x) -> tuple[int, ...]:
-    return tuple(x) if isinstance(x, list) else (x,)  # HF configs give one eos id or a list
+        return {**llama_config(self), "rope_scaling": rope_scaling, "bos_token_id": BOS, "torch_dtype": "bfloat16"}
 
 
 # The published sizes, as their HF config.json files give them; the other fields are the defaults above (8 KV
@@ -141,9 +126,59 @@ PRESETS = {
     "llama3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, hidden_dim=8192, rope_factor=32.0, tie_embeddings=True),
 }
 
+# Same as smollm2.py: config_get
+def config_get(cfg: dict, key: str, kind=int, default=..., low=None):
+    """cfg[key] of a config.json (default where absent or null; none: required) if it is what its field needs: an int
+    below 2^62 (not a bool, "64" or 2.5) or a finite float, > 0 or >= low; a bool or a dict; ids (an int >= 0 or a
+    list of them, as a tuple). Else a ValueError naming the key: a config that would build a wrong model stops here."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"a config is a JSON object, not a {type(cfg).__name__}")
+    if (value := cfg.get(key)) is None and default is not ...:
+        return default
+    ids = value if isinstance(value, list) else [value]
+    ok = {int: type(value) is int and value < 2**62, float: type(value) in (int, float) and math.isfinite(value),
+          bool: type(value) is bool, dict: type(value) is dict, tuple: all(type(i) is int and i >= 0 for i in ids)}
+    if not ok[kind] or kind in (int, float) and not (value > 0 if low is None else value >= low):
+        lo = "> 0" if low is None else f">= {low}"
+        want = {int: f"an integer {lo}, < 2^62", float: f"a finite number {lo}", bool: "true or false",
+                dict: "an object", tuple: "an id >= 0 or a list of them"}[kind]
+        raise ValueError(f"no {key!r} entry: it is not a checkpoint this file reads" if value is None else
+                         f"{key} must be {want}, got {value!r:.60}")
+    return tuple(ids) if kind is tuple else float(value) if kind is float else value
+
+
+# Same as smollm2.py: llama_fields
+def llama_fields(cfg: dict) -> tuple[dict, dict]:
+    """The ModelArgs fields that every Llama-architecture config.json gives, each checked by config_get (a key it lacks
+    takes transformers' LlamaConfig default), and the RoPE settings -> (fields, rope)."""
+    dim, n_heads = config_get(cfg, "hidden_size"), config_get(cfg, "num_attention_heads")
+    n_kv_heads = config_get(cfg, "num_key_value_heads", int, n_heads)
+    if dim % n_heads or dim // n_heads % 2 or n_heads % n_kv_heads:
+        raise ValueError(f"hidden_size {dim}, num_attention_heads {n_heads} and num_key_value_heads {n_kv_heads} do "
+                         "not fit: heads of an even size must split hidden_size, KV heads the heads")
+    # transformers >= 5 nests rope settings in `rope_parameters`; older files use rope_theta + rope_scaling
+    rope = config_get(cfg, "rope_parameters", dict, None) or config_get(cfg, "rope_scaling", dict, {})
+    return dict(dim=dim, n_layers=config_get(cfg, "num_hidden_layers"), n_heads=n_heads, n_kv_heads=n_kv_heads,
+                hidden_dim=config_get(cfg, "intermediate_size"), vocab_size=config_get(cfg, "vocab_size"),
+                rope_theta=config_get(rope, "rope_theta", float, config_get(cfg, "rope_theta", float, 10000.0)),
+                norm_eps=config_get(cfg, "rms_norm_eps", float, 1e-6),
+                max_seq_len=config_get(cfg, "max_position_embeddings", int, 2048),
+                tie_embeddings=config_get(cfg, "tie_word_embeddings", bool, False),
+                stop_tokens=config_get(cfg, "eos_token_id", tuple, (2,))), rope
+
+
+# Same as smollm2.py: llama_config
+def llama_config(args) -> dict:
+    """The config.json of llama_fields' fields (each file's to_hf_config adds its own)."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "hidden_size": args.dim,
+            "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+            "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "intermediate_size": args.hidden_dim,
+            "vocab_size": args.vocab_size, "rope_theta": args.rope_theta, "rms_norm_eps": args.norm_eps,
+            "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_embeddings,
+            "eos_token_id": list(args.stop_tokens) or None, "attention_bias": False, "mlp_bias": False}
+
 # -----------------------------------------------------------------------------
 # Building blocks
-
 
 # Same as smollm2.py: RMSNorm
 class RMSNorm(nn.Module):
@@ -158,8 +193,10 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
 
+# Differs from smollm2.py's rope_inv_freq: llama3 scaling stretches the low frequencies (128k from 8k tokens)
 def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
-    """Angular frequency of each rotated pair of dimensions: (head_dim / 2,) fp32, llama3-scaled."""
+    """Angular frequency of each rotated pair of dimensions: (head_dim / 2,) fp32, llama3-scaled as HF
+    `_compute_llama3_parameters`."""
     hd = args.head_dim
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.int64).float() / hd))
     if args.rope_factor is None:
@@ -169,7 +206,7 @@ def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
     # 2048) went round many times in pretraining and encode local order: they are kept. Pairs whose wavelength
     # exceeds the whole pretraining context (8192 / low_freq_factor) never saw most of their angles, so their
     # frequency is divided by `factor`: 128k positions then sweep the angles 8k positions swept before. In
-    # between, the two are blended linearly in context / wavelength. As HF `_compute_llama3_parameters`.
+    # between, the two are blended linearly in context / wavelength.
     ctx, low, high = args.rope_original_context, args.rope_low_freq_factor, args.rope_high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     smooth = (ctx / wavelen - low) / (high - low)  # 0 at wavelength ctx / low, 1 at ctx / high
@@ -178,11 +215,13 @@ def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
                        torch.where(wavelen > ctx / low, inv_freq / args.rope_factor, blended))
 
 
+# Same as smollm2.py: rope_cos_sin
 def rope_cos_sin(inv_freq, pos, dtype):
-    """pos (B, T) -> cos, sin (B, 1, T, head_dim), angles in fp32 then cast, as HF LlamaRotaryEmbedding."""
+    """pos (B, T) -> cos, sin (B, 1, T, head_dim), angles in fp32 then cast, as HF LlamaRotaryEmbedding. Computed for
+    the positions in use at each forward: a table up to the context length would be sized by config.json alone."""
     freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
     # rotate-half layout: frequency i drives dimensions i and i + hd/2 (HF's convention, not the interleaved
-    # pairs 2i, 2i+1 of the RoPE paper and Meta's code; meta_convert.py reorders Meta's q/k rows to match)
+    # pairs 2i, 2i+1 of the RoPE paper and Meta's code); HF checkpoints' q/k rows are laid out for this
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd): broadcast over heads
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -198,8 +237,10 @@ def apply_rope(x, cos, sin):
 class KVCache(nn.Module):
     """Preallocated keys and values of one layer, written in place at the given slots (gpt-fast)."""
 
+    # Same as smollm2.py: KVCache.__init__
     def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
         super().__init__()
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len  # what generate() may reuse it for
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -284,6 +325,7 @@ def doc_positions_and_mask(doc_ids):
 
 
 class Llama(nn.Module):
+    # Same as smollm2.py: SmolLM2.__init__ (with SmolLM2->Llama)
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -296,52 +338,57 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.init_rope()
 
+    # Same as smollm2.py: SmolLM2.init_rope (with SmolLM2->Llama)
     def init_rope(self, device=None):
-        # Non-persistent: computed, never loaded. Called again after a meta-device build (see from_pretrained).
-        self.register_buffer("inv_freq", rope_inv_freq(self.args, device), persistent=False)
+        # A plain fp32 tensor, not a buffer: model.to(torch.bfloat16) must not round the frequencies. Made again on
+        # the weights' device after a meta-device build (from_pretrained); trunk follows the model if it moves.
+        self.inv_freq = rope_inv_freq(self.args, device)
 
+    # Same as smollm2.py: SmolLM2.trunk (with SmolLM2->Llama)
     def trunk(self, tokens, pos, mask, input_pos=None):
         """tokens (B, T), pos (B, T) RoPE positions -> final-normed hidden states (B, T, dim)."""
         x = self.model.embed_tokens(tokens)
-        cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)  # computed once, shared by every layer
+        cos, sin = rope_cos_sin(self.inv_freq.to(x.device), pos, x.dtype)  # once, shared by every layer
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, input_pos)
         return self.model.norm(x)
 
+    # Same as smollm2.py: SmolLM2.forward (with SmolLM2->Llama)
     def forward(self, tokens, doc_ids=None):
         """tokens (B, T) -> logits (B, T, vocab). No cache: the training and parity-test path. doc_ids (B, T)
         marks packed documents, which never see each other (doc_positions_and_mask)."""
         B, T = tokens.shape
         if T > self.args.max_seq_len:
-            raise ValueError(f"{T} tokens exceed max_seq_len {self.args.max_seq_len}")
+            raise ValueError(f"{T} tokens do not fit the context of {self.args.max_seq_len}")
         if doc_ids is None:
             pos, mask = torch.arange(T, device=tokens.device).expand(B, T), None  # None: SDPA's causal kernel
         else:
             pos, mask = doc_positions_and_mask(doc_ids)
         return self.lm_head(self.trunk(tokens, pos, mask))
 
-    # --- KV cache: allocated for generation only, never while training
-
+    # Same as smollm2.py: SmolLM2.setup_cache (with SmolLM2->Llama)
     def setup_cache(self, batch_size: int, max_seq_len: int):
-        # 2 (k, v) * n_layers * n_kv_heads * head_dim values per token: 128 KiB for 8B in bf16, so a full
-        # 131072-token context would take 16 GiB per row; hence a cache sized to the request, not the model
+        # 2 (k, v) * n_layers * n_kv_heads * head_dim values per token: sized to the request, never to the context
+        # (Llama 3.1 8B's 131072 tokens would take 16 GiB per row in bf16)
         if max_seq_len > self.args.max_seq_len:
-            raise ValueError(f"{max_seq_len} tokens exceed max_seq_len {self.args.max_seq_len}")
+            raise ValueError(f"{max_seq_len} tokens do not fit the context of {self.args.max_seq_len}")
         w = self.lm_head.weight
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
                                             w.dtype, w.device)
 
+    # Same as smollm2.py: SmolLM2.clear_cache (with SmolLM2->Llama)
     def clear_cache(self):
         for layer in self.model.layers:
             layer.self_attn.cache = None
 
+    # Differs from smollm2.py's SmolLM2.forward_cached: the mask covers the whole cache (see KVCache)
     def forward_cached(self, tokens, input_pos, pad=None):
         """Run tokens (B, T) in cache slots input_pos (T,); return the last position's logits (B, vocab).
 
         pad (B,), None for none: left padding of each row. A row's RoPE position is its slot minus its padding.
-        Unlike smollm2.py, attention reads the whole preallocated cache, as gpt-fast: shapes never change, so a
-        compiled decode step is reused every step; the mask hides padding and slots not yet written.
+        Attention reads the whole preallocated cache, as gpt-fast: shapes never change, so a compiled decode step is
+        reused every step; the mask hides padding and slots not yet written.
         """
         pad = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device) if pad is None else pad
         slots = torch.arange(self.model.layers[0].self_attn.cache.k.size(2), device=tokens.device)  # (S,)
@@ -356,34 +403,20 @@ class Llama(nn.Module):
     # -------------------------------------------------------------------------
     # Loading
 
+    # Same as smollm2.py: SmolLM2.from_pretrained (with SmolLM2->Llama)
     @classmethod
-    def from_pretrained(cls, ckpt_dir, device=None, dtype=None, max_seq_len: int | None = None) -> "Llama":
-        """An HF checkpoint folder (config.json + safetensors, sharded or not). dtype None keeps the checkpoint's
-        (bf16 in Meta's releases); max_seq_len None is 8192, or the model's context if shorter."""
-        ckpt_dir, device = Path(ckpt_dir), torch.device(device or "cpu")
-        if (ckpt_dir / "params.json").is_file() and not (ckpt_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{ckpt_dir} is Meta's original format (params.json, consolidated.*.pth): "
-                                    f"convert it once with `python download.py --meta_dir {ckpt_dir}`")
-        if not (ckpt_dir / "config.json").is_file():
-            name = ckpt_dir.name.lower().replace("llama-3", "llama3")  # download.py names folders after HF repos
-            fix = name.removesuffix("-meta") + (" --meta" if name.endswith("-meta") else "")
-            raise FileNotFoundError(f"no checkpoint at {ckpt_dir} (no config.json): run `python download.py {fix}`")
-        args = read_json(ckpt_dir / "config.json", ModelArgs.from_hf_config)
-        gen = ckpt_dir / "generation_config.json"  # HF generate stops at its eos ids: so do we
-        if gen.is_file() and "eos_token_id" in (gen_cfg := read_json(gen)):
-            args.stop_tokens = token_ids(gen_cfg["eos_token_id"])
-        args.max_seq_len = max_seq_len or min(8192, args.context_len)
-        if not 0 < args.max_seq_len <= args.context_len:
-            raise ValueError(f"max_seq_len must be in 1..{args.context_len}, got {max_seq_len}")
-        # Build on the meta device (shapes only, no memory), then assign the loaded tensors into place: the
-        # memory-mapped checkpoint tensors become the weights when device and dtype already match.
-        with torch.device("meta"):
-            model = cls(args)
-        state = load_safetensors(ckpt_dir, device, dtype)
-        if args.tie_embeddings and "model.embed_tokens.weight" in state:  # the embedding wins over a stored copy
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        check_state(model, state, ckpt_dir)
-        model.load_state_dict(state, strict=True, assign=True)
+    def from_pretrained(cls, ckpt_dir, device=None, dtype=None) -> "Llama":
+        """A HF checkpoint folder (config.json + model.safetensors, or shards with an index) on device (None: cpu),
+        in dtype (None: as stored). Every file is checked before it is used (see Loading below): a config or
+        weights that do not fit are one ValueError or FileNotFoundError naming the file, raised before any tensor
+        is read or the model is built."""
+        ckpt_dir = Path(ckpt_dir)
+        args = read_config(ckpt_dir)
+        header = read_header(ckpt_dir, layers=args.n_layers)
+        # Build on the meta device (shapes only, no memory), then assign each loaded tensor into place:
+        # the weights exist once in memory, already in their final dtype and device.
+        model = build(cls, args, ckpt_dir)
+        model.load_state_dict(load_weights(model, header, ckpt_dir, device or "cpu", dtype), strict=True, assign=True)
         if args.tie_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight  # assign=True made two Parameters: re-tie
         model.init_rope(device)
@@ -392,18 +425,16 @@ class Llama(nn.Module):
     # -------------------------------------------------------------------------
     # Generation
 
+    # Same as smollm2.py: SmolLM2.generate (with SmolLM2->Llama)
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float = 1.0, stop_tokens=None, seed: int | None = None,
                  stream=None) -> list[list[int]]:
         """Continue each prompt; return the new tokens of each (a stop token ends a row and is not returned).
-
-        temperature 0 is greedy. stop_tokens None stops at the model's own (args.stop_tokens), [] never early.
-        stream(row, token) is called for every returned token as soon as it is sampled. The KV cache is
-        allocated here, as long as this call needs, and freed after, unless the caller set up one large
-        enough (benchmarks do, so that a compiled decode step always sees the same buffers).
-        """
-        longest = check_generate(prompts, max_new_tokens, self.args.max_seq_len, temperature, top_k, top_p)
+        temperature 0 is greedy; stop_tokens None stops at args.stop_tokens, [] never early; stream(row, token) is
+        called for each returned token as soon as it is sampled. The KV cache lives for this call, unless the caller
+        set up one that fits (benchmarks do, so that a compiled decode step always sees the same buffers)."""
+        longest = check_generate(prompts, max_new_tokens, self.args, temperature, top_k, top_p)
         stop = set(self.args.stop_tokens if stop_tokens is None else stop_tokens)
         B, total = len(prompts), longest + max_new_tokens
         device = self.lm_head.weight.device
@@ -412,7 +443,7 @@ class Llama(nn.Module):
         tokens = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
         generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
         cache = self.model.layers[0].self_attn.cache
-        own_cache = cache is None or cache.k.size(0) != B or cache.k.size(2) < total
+        own_cache = cache is None or cache.batch_size != B or cache.max_seq_len < total
         if own_cache:
             self.setup_cache(B, total)
         out, done = [[] for _ in range(B)], [False] * B
@@ -434,25 +465,150 @@ class Llama(nn.Module):
                 self.clear_cache()
         return out
 
+# -----------------------------------------------------------------------------
+# Loading (the block every model file repeats; see smollm2.py)
+
+FETCH = ("fetch Llama 3.2 1B with `python download.py llama3.2-1b-instruct` and pass --ckpt_dir "
+         "checkpoints/Llama-3.2-1B-Instruct; without the Hub, convert a local copy: `python download.py --gguf FILE` "
+         "or `--meta_dir DIR` (Meta's own download); the 8B: `python download.py llama3.1-8b-instruct` (gated on the "
+         "Hub: accept the licence, set HF_TOKEN)")
+
+
+# Same as smollm2.py: read_json
+def read_json(path) -> dict:
+    """A JSON object from a file, else a ValueError naming the file (json's own errors do not)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or brackets nested 10^5 deep
+        raise ValueError(f"{path} is not valid JSON ({e}); download it again") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object but a {type(data).__name__}")
+    return data
+
+
+# Same as smollm2.py: read_config
+def read_config(ckpt_dir: Path) -> ModelArgs:
+    """ModelArgs from config.json, stopping where generation_config.json's eos ids say (as HF generate does)."""
+    path, gen = ckpt_dir / "config.json", ckpt_dir / "generation_config.json"
+    if not path.is_file():
+        fix = f"Meta's original format: convert it once with `python download.py --meta_dir {ckpt_dir}`" \
+            if (ckpt_dir / "params.json").is_file() else FETCH
+        raise FileNotFoundError(f"{ckpt_dir} is a file: give the checkpoint's folder" if ckpt_dir.is_file() else
+                                f"no checkpoint at {ckpt_dir} (no config.json): {fix}")
+    cfg, gen_cfg = read_json(path), read_json(gen) if gen.is_file() else {}
+    try:
+        args = ModelArgs.from_hf_config(cfg)
+        args.stop_tokens = config_get(gen_cfg, "eos_token_id", tuple, args.stop_tokens)
+    except ValueError as e:  # config_get's message names the key
+        raise ValueError(f"{ckpt_dir}: {e}") from None
+    return args
+
+
+# Same as smollm2.py: build
+def build(cls, args, ckpt_dir: Path):
+    """cls(args) on the meta device: shapes only, no memory (the checkpoint's tensors become its weights). A config
+    whose shapes torch cannot hold (an element count beyond int64) is a ValueError."""
+    try:
+        with torch.device("meta"):
+            return cls(args)
+    except (RuntimeError, TypeError, OverflowError) as e:
+        raise ValueError(f"{ckpt_dir}/config.json gives shapes torch cannot build ({type(e).__name__})") from None
+
+
+# Same as smollm2.py: read_header
+def read_header(ckpt_dir: Path, **counts: int) -> dict:
+    """{name: (file, dtype, shape)} of the tensors in model.safetensors or in the shards its index lists, from the
+    headers alone. counts (layers=30): modules config.json asks for, which the weights must hold before the model is
+    built (a time per module: 10^6 layers over 30 weights' would take minutes)."""
+    from safetensors import SafetensorError, safe_open
+
+    index = ckpt_dir / "model.safetensors.index.json"
+    files = read_json(index).get("weight_map") if index.is_file() else {"": "model.safetensors"}
+    if not isinstance(files, dict) or not all(isinstance(f, str) and Path(f).name == f for f in files.values()):
+        raise ValueError(f"{index}: weight_map must map tensor names to file names in the folder")
+    header = {}
+    for f in sorted({ckpt_dir / f for f in files.values()}):
+        try:
+            with safe_open(f, "pt") as st:
+                header |= {k: (f, st.get_slice(k).get_dtype(), st.get_slice(k).get_shape()) for k in st.keys()}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{f} is missing: the download is incomplete; fetch the checkpoint again") from None
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f} is truncated or corrupt ({e}); download it again") from None
+    for name, n in counts.items():
+        if n > len(held := {m[1] for k in header if (m := re.search(rf"\.{name}\.(\d+)\.", k))}):
+            raise ValueError(f"{ckpt_dir}/config.json asks for {n} {name} but the weights hold {len(held)}")
+    return header
+
+
+# Same as smollm2.py: load_weights
+def load_weights(model, header: dict, ckpt_dir: Path, device, dtype, absent=()) -> dict:
+    """The model's state dict, memory-mapped onto device in dtype (None: as stored), once the header holds exactly its
+    names (but `absent`, which the caller adds, and a tied head), shapes and float dtypes (an int label on float bytes
+    would load as garbage)."""
+    from safetensors import safe_open
+
+    tied = {"lm_head.weight"} if model.args.tie_embeddings else set()  # the embedding is the head
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied | set(absent)}
+    have = {k: v for k, v in header.items() if k not in tied}
+    wrong = [f"{k} is missing" for k in want.keys() - have.keys()] + [f"{k} is extra" for k in have.keys() - want]
+    for k, (_, kind, shape) in have.items():
+        if k in want and tuple(shape) != want[k]:
+            wrong.append(f"{k} has shape {tuple(shape)} but the config gives {want[k]}")
+        elif k in want and kind not in ("F16", "BF16", "F32", "F64"):
+            wrong.append(f"{k} is stored as {kind}, where weights are floats")
+    if wrong:
+        raise ValueError(f"{ckpt_dir} does not match its config: {'; '.join(sorted(wrong)[:3])}")
+    state = {}
+    for f in sorted({file for file, _, _ in have.values()}):
+        with safe_open(f, "pt") as st:  # .to() returns the mapped tensor itself where device and dtype are its own
+            state |= {k: st.get_tensor(k).to(device=device, dtype=dtype) for k in st.keys() if k in want}
+    return state | ({"lm_head.weight": state["model.embed_tokens.weight"]} if tied else {})
 
 # -----------------------------------------------------------------------------
 # Sampling
+
+
+# Same as smollm2.py: check_generate
+def check_generate(prompts, max_new_tokens, args: ModelArgs, temperature, top_k, top_p) -> int:
+    """generate()'s arguments, checked before any work -> the longest prompt's length; else a ValueError naming the
+    problem. Every sampling setting accepted here samples (a temperature too small for float32 is greedy)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
+    if not 0 < top_p <= 1 or top_k is not None and top_k < 1:
+        raise ValueError(f"top_p must be in (0, 1] and top_k >= 1, got top_p {top_p}, top_k {top_k}")
+    if max_new_tokens < 1 or not prompts or not all(prompts):
+        raise ValueError("need max_new_tokens >= 1 and at least one token in every prompt")
+    if not all(0 <= t < args.vocab_size for p in prompts for t in p):
+        raise ValueError(f"a prompt holds a token id outside the vocabulary (0..{args.vocab_size - 1})")
+    if (longest := max(map(len, prompts))) + max_new_tokens > args.max_seq_len:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len "
+                         f"{args.max_seq_len} (the context)")
+    return longest
 
 
 # Same as smollm2.py: logits_to_probs
 def logits_to_probs(logits, temperature: float, top_k: int | None = None, top_p: float = 1.0):
     """logits (B, vocab) -> sampling distribution (B, vocab): temperature, then top-k, then top-p, as HF's
     TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper apply them (tests compare every file's)."""
-    logits = logits.float() / temperature
+    scaled = logits.float() / temperature
+    if not scaled.isfinite().all():
+        # subtle: a temperature too small for float32 (1e-40) overflows the division, and softmax(inf - inf) is NaN;
+        # the distribution it tends to is greedy's, all mass on the largest logit
+        return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
+    logits = scaled
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1) k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th stay, as in HF
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
         # keep the smallest set of most likely tokens whose mass reaches top_p: drop a token only when the mass
-        # before it already reaches top_p, so the token that crosses the boundary stays (HF's TopP, min 1 token)
+        # before it already reaches top_p, so the token that crosses the boundary stays (HF's TopP, min 1 token;
+        # the first always stays, also where top_p is below float32's range and the comparison sees 0)
         sorted_p, order = probs.sort(dim=-1, descending=True)
         outside = sorted_p.cumsum(dim=-1) - sorted_p >= top_p
+        outside[:, 0] = False
         sorted_p = sorted_p.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p / sorted_p.sum(-1, keepdim=True))
     return probs
@@ -484,42 +640,30 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, chat: bool) -> list[int]:
 
 
 # -----------------------------------------------------------------------------
-# Command line
-
-try:  # the speed module beside this file (fast_decode.py); a copy of this file alone runs plain, same tokens
-    from fast_decode import fast
-except ImportError:
-    fast = None
+# Command line: cli.py's flags and chat loop
 
 
 def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/Llama-3.1-8B-Instruct", max_new_tokens: int = 256,
          temperature: float = 0.6, top_p: float = 0.9, top_k: int | None = None, device: str | None = None,
          dtype: str | None = None, seed: int | None = None, chat: bool | None = None, interactive: bool = False,
-         max_seq_len: int | None = None, int8: bool = False):
+         int8: bool = False):
     """Generate from Llama 3.1 / 3.2. Instruct checkpoints wrap the prompt in the chat template (--chat false
     sends it raw); base checkpoints get <|begin_of_text|> + the prompt, verbatim. The sampling defaults are
     those of Meta's generation_config.json.
 
-    prompt: the text to continue (with --interactive, the first turn)
-    ckpt_dir: a HF checkpoint folder (download.py writes one, also from Meta's consolidated.NN.pth files)
-    max_new_tokens: most tokens to generate per reply
-    temperature: 0 is greedy; higher is more random
-    top_p: sample from the smallest set of tokens whose probability reaches top_p
-    top_k: sample from the k most likely tokens only
-    device: cpu, cuda, cuda:1...; default cuda when available, else cpu
+    ckpt_dir: a HF checkpoint folder (download.py writes one, also from a GGUF file or Meta's consolidated.NN.pth)
     dtype: float32, bfloat16 or float16; default the checkpoint's (bfloat16 in Meta's releases: 16 GB for 8B)
     seed: seeds sampling, so a run repeats exactly; default a different draw each run
     chat: wrap the prompt in the chat template; default: for instruct checkpoints
-    interactive: chat turn by turn until Ctrl-D
-    max_seq_len: prompt + reply budget, which sizes the KV cache; default 8192, up to the model's context
-    int8: int8 weights on the CPU (fast_decode.py's weights="int8": a quarter of fp32's bytes per token, about
-        +0.6-0.9% perplexity on SmolLM2)
+    (--prompt, --temperature and the other flags every model file takes: python llama31.py --help)
     """
-    try:  # everything a user can get wrong is checked before the (slow) load, and reported in one line
+    from cli import check_generation_flags, converse, speed_up
+
+    try:
         dev, dt = check_generation_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
-                                         interactive, int8=int8, fast=fast)
+                                         interactive, int8)
         t0 = time.time()
-        model = Llama.from_pretrained(ckpt_dir, dev, dt, max_seq_len=max_seq_len)
+        model = Llama.from_pretrained(ckpt_dir, dev, dt)
         tokenizer = Tokenizer.from_file(ckpt_dir)
         if tokenizer.special_tokens.get("<|begin_of_text|>") != BOS:  # Llama 3's special ids are assumed below
             chatml = "<|im_start|>" in tokenizer.special_tokens  # SmolLM2's
@@ -530,9 +674,7 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/Llama-3.1-8B-In
     chat = EOT in model.args.stop_tokens if chat is None else chat  # only instruct models end turns with eot
     if interactive and not chat:
         raise SystemExit("error: --interactive needs an instruct (chat) checkpoint")
-    if fast:
-        fast(model, threads=True, weights="int8" if int8 else None)  # threads: fast_decode.decode_threads
-    print(f"loaded {ckpt_dir} ({model.lm_head.weight.dtype}, {dev}) in {time.time() - t0:.1f}s", file=sys.stderr)
+    speed_up(model, ckpt_dir, dev, int8, time.time() - t0)
     stop = [END_OF_TEXT, EOM, EOT] if chat else list(model.args.stop_tokens)
 
     def encode(tokenizer, messages):  # the conversation in the chat template, or <|begin_of_text|> + the latest text
@@ -542,4 +684,9 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/Llama-3.1-8B-In
 
 
 if __name__ == "__main__":
+    try:
+        from cli import cli
+    except ModuleNotFoundError:
+        raise SystemExit("error: llama31.py's command line needs cli.py beside it (the model itself needs only "
+                         "tokenizer_bpe.py)")
     cli(main)

@@ -4,12 +4,10 @@ slots x d that tokens read by cross-attention behind an output gate, and that is
 forget gates at the end of every segment of `segment_len` tokens and carried to the next segment. With the
 memory switched off the model is exactly HF `LlamaForCausalLM` (SmolLM2, Llama 3.x checkpoints load as is).
 
-References
-- J. Kang et al., "LM2: Large Memory Models", arXiv 2502.06049, Sec. 2 (memory read, output gate, update).
-- Official code: github.com/convergence-ai/lm2 (`src/memory.py`, `src/model.py`).
-- Llama decoder numerics: HF transformers `modeling_llama.py` (checked module by module in test_parity.py).
-
-The paper's equations, and the slot-indexed write used here, are in Memory's docstring.
+References: J. Kang et al., "LM2: Large Memory Models", arXiv 2502.06049, Sec. 2 (memory read, output gate,
+update; the equations are in Memory's docstring); the official code, github.com/convergence-ai/lm2; HF
+transformers' `modeling_llama.py` for the decoder (checked module by module in test_parity.py). What it adds to
+smollm2.py: the memory, and a forward that runs segment by segment.
 
 Departures from the official code, and choices where the paper is silent
 1. Any sequence length and batch size. The official module resamples the token stream to N rows and raises
@@ -26,11 +24,13 @@ Departures from the official code, and choices where the paper is silent
    gate's bias starts at 3, not the official 1 (Memory.reset_parameters says why).
 5. Optional `attn_window` (sliding window, as HF Mistral) so that, in experiments, only the memory can carry
    information further back than n_layers * (attn_window - 1) tokens.
+Blocks marked `# Same as smollm2.py: NAME` (or llama31.py) are that file's, word for word; cli.py runs the CLI.
 
 Run: python lm2.py --prompt "The capital of France is"   (add --chat for instruct models, --interactive)
 """
+import json
 import math
-import sys
+import re
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -39,8 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer_bpe import (Tokenizer, apply_chat_template, check_generate, check_generation_flags,
-                           check_state, cli, converse, is_chat_checkpoint, load_safetensors, read_json)
+from tokenizer_bpe import Tokenizer, apply_chat_template
 
 # -----------------------------------------------------------------------------
 # Config
@@ -62,10 +61,10 @@ class ModelArgs:
     rope_low_freq_factor: float = 1.0   # wavelengths above original_context / low are fully stretched
     rope_high_freq_factor: float = 4.0  # wavelengths below original_context / high are left alone
     rope_original_context: int = 8192   # context of pretraining, before long-context training
-    max_seq_len: int = 8192             # longest sequence generate() accepts
+    max_seq_len: int = 8192             # context the model was trained for (HF max_position_embeddings)
     tie_embeddings: bool = True         # lm_head shares the embedding matrix
     bos_token_id: int = 1
-    eos_token_ids: tuple = (2,)         # default stop tokens for generate()
+    stop_tokens: tuple[int, ...] = (2,)  # generation ends at these (HF eos_token_id)
     mem_slots: int = 64                 # N memory slots per block (the paper uses 2048)
     mem_heads: int = 4                  # heads of the memory cross-attention (official default 4)
     mem_layers: tuple | None = None     # blocks with memory: None = all (paper's best), () = none (vanilla)
@@ -73,63 +72,55 @@ class ModelArgs:
     bptt_segments: int | None = None    # no gradient crosses every this-many-th segment boundary (None: any)
     attn_window: int | None = None      # sliding attention window (keys p-W+1..p); None = full causal
 
+    # Same as smollm2.py: ModelArgs.from_name
     @classmethod
     def from_name(cls, name: str) -> "ModelArgs":
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+            raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
         return cls(**PRESETS[name])
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
-        """From a HF Llama config.json; its "lm2" entry (written by to_hf_config) holds the memory settings."""
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}  # transformers 5 / 4 spelling
+        """From a HF Llama config.json (see llama_fields); its "lm2" entry (written by to_hf_config) holds the memory
+        settings, checked as config_get checks the rest."""
+        fields_, rope = llama_fields(cfg)
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
             raise NotImplementedError(f"rope type {rope_type!r} is not implemented (only default and llama3)")
-        eos = cfg.get("eos_token_id", 2)
-        args = cls(
-            dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-            n_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
-            hidden_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
-            norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 1e4)),
-            **({} if rope_type != "llama3" else dict(
-                rope_factor=float(rope["factor"]), rope_low_freq_factor=float(rope["low_freq_factor"]),
-                rope_high_freq_factor=float(rope["high_freq_factor"]),
-                rope_original_context=rope["original_max_position_embeddings"])),
-            max_seq_len=cfg.get("max_position_embeddings", 8192), tie_embeddings=cfg.get("tie_word_embeddings", False),
-            bos_token_id=cfg.get("bos_token_id", 1), eos_token_ids=tuple(eos if isinstance(eos, list) else [eos]))
-        return replace(args, **cfg.get("lm2", {}))
+        llama3 = {} if rope_type == "default" else dict(
+            rope_factor=config_get(rope, "factor", float),
+            rope_low_freq_factor=config_get(rope, "low_freq_factor", float),
+            rope_high_freq_factor=config_get(rope, "high_freq_factor", float),
+            rope_original_context=config_get(rope, "original_max_position_embeddings"))
+        memory = config_get(cfg, "lm2", dict, {})
+        if unknown := memory.keys() - {f.name for f in fields(cls) if f.name.startswith(MEMORY_FIELDS)}:
+            raise ValueError(f"lm2 has unknown entries {sorted(unknown)}")
+        memory = {k: None if v is None and k in ("mem_layers", "bptt_segments", "attn_window") else config_get(
+            memory, k, tuple if k == "mem_layers" else int) for k, v in memory.items()}
+        return cls(**fields_, **llama3, head_dim=config_get(cfg, "head_dim", int, fields_["dim"] // fields_["n_heads"]),
+                   bos_token_id=config_get(cfg, "bos_token_id", int, 1, low=0), **memory)
 
     def to_hf_config(self) -> dict:
         """config.json for HF `LlamaForCausalLM` (the base model) with the memory settings under "lm2"."""
-        memory_fields = ("mem_", "segment", "bptt", "attn")
-        lm2 = {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith(memory_fields)}
+        lm2 = {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith(MEMORY_FIELDS)}
         rope_scaling = None if self.rope_factor is None else {  # the llama3 entry of HF's config, as llama31.py
             "rope_type": "llama3", "factor": self.rope_factor, "low_freq_factor": self.rope_low_freq_factor,
             "high_freq_factor": self.rope_high_freq_factor,
             "original_max_position_embeddings": self.rope_original_context}
-        return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-            "hidden_size": self.dim, "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
-            "intermediate_size": self.hidden_dim, "vocab_size": self.vocab_size, "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta, "rope_scaling": rope_scaling, "max_position_embeddings": self.max_seq_len,
-            "tie_word_embeddings": self.tie_embeddings, "attention_bias": False, "mlp_bias": False,
-            "bos_token_id": self.bos_token_id, "eos_token_id": list(self.eos_token_ids),
-            "lm2": {k: list(v) if isinstance(v, tuple) else v for k, v in lm2.items()},
-        }
+        return {**llama_config(self), "rope_scaling": rope_scaling, "bos_token_id": self.bos_token_id,
+                "lm2": {k: list(v) if isinstance(v, tuple) else v for k, v in lm2.items()}}
 
     def __post_init__(self):  # JSON gives lists; keep tuples so configs compare equal after a round trip
-        self.eos_token_ids = tuple(self.eos_token_ids)
+        self.stop_tokens = tuple(self.stop_tokens)
         self.mem_layers = None if self.mem_layers is None else tuple(self.mem_layers)
 
     def memory_layers(self) -> list[int]:
         return list(range(self.n_layers)) if self.mem_layers is None else sorted(self.mem_layers)
 
 
+MEMORY_FIELDS = ("mem_", "segment", "bptt", "attn")  # ModelArgs' memory settings: config.json's "lm2" entry
 LLAMA32 = dict(vocab_size=128256, rope_theta=500000.0, max_seq_len=131072, bos_token_id=128000,
-               eos_token_ids=(128001, 128008, 128009), rope_factor=32.0)  # llama3 RoPE scaling of Llama 3.2
+               stop_tokens=(128001, 128008, 128009), rope_factor=32.0)  # llama3 RoPE scaling of Llama 3.2
 PRESETS = {  # defaults only: from_pretrained always reads the checkpoint's own config.json
     "smollm2-135m": dict(),
     "smollm2-360m": dict(dim=960, n_layers=32, n_heads=15, n_kv_heads=5, hidden_dim=2560),
@@ -137,6 +128,58 @@ PRESETS = {  # defaults only: from_pretrained always reads the checkpoint's own 
     "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, **LLAMA32),
     "llama3.2-3b": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, head_dim=128, hidden_dim=8192, **LLAMA32),
 }
+
+
+# Same as smollm2.py: config_get
+def config_get(cfg: dict, key: str, kind=int, default=..., low=None):
+    """cfg[key] of a config.json (default where absent or null; none: required) if it is what its field needs: an int
+    below 2^62 (not a bool, "64" or 2.5) or a finite float, > 0 or >= low; a bool or a dict; ids (an int >= 0 or a
+    list of them, as a tuple). Else a ValueError naming the key: a config that would build a wrong model stops here."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"a config is a JSON object, not a {type(cfg).__name__}")
+    if (value := cfg.get(key)) is None and default is not ...:
+        return default
+    ids = value if isinstance(value, list) else [value]
+    ok = {int: type(value) is int and value < 2**62, float: type(value) in (int, float) and math.isfinite(value),
+          bool: type(value) is bool, dict: type(value) is dict, tuple: all(type(i) is int and i >= 0 for i in ids)}
+    if not ok[kind] or kind in (int, float) and not (value > 0 if low is None else value >= low):
+        lo = "> 0" if low is None else f">= {low}"
+        want = {int: f"an integer {lo}, < 2^62", float: f"a finite number {lo}", bool: "true or false",
+                dict: "an object", tuple: "an id >= 0 or a list of them"}[kind]
+        raise ValueError(f"no {key!r} entry: it is not a checkpoint this file reads" if value is None else
+                         f"{key} must be {want}, got {value!r:.60}")
+    return tuple(ids) if kind is tuple else float(value) if kind is float else value
+
+
+# Same as smollm2.py: llama_fields
+def llama_fields(cfg: dict) -> tuple[dict, dict]:
+    """The ModelArgs fields that every Llama-architecture config.json gives, each checked by config_get (a key it lacks
+    takes transformers' LlamaConfig default), and the RoPE settings -> (fields, rope)."""
+    dim, n_heads = config_get(cfg, "hidden_size"), config_get(cfg, "num_attention_heads")
+    n_kv_heads = config_get(cfg, "num_key_value_heads", int, n_heads)
+    if dim % n_heads or dim // n_heads % 2 or n_heads % n_kv_heads:
+        raise ValueError(f"hidden_size {dim}, num_attention_heads {n_heads} and num_key_value_heads {n_kv_heads} do "
+                         "not fit: heads of an even size must split hidden_size, KV heads the heads")
+    # transformers >= 5 nests rope settings in `rope_parameters`; older files use rope_theta + rope_scaling
+    rope = config_get(cfg, "rope_parameters", dict, None) or config_get(cfg, "rope_scaling", dict, {})
+    return dict(dim=dim, n_layers=config_get(cfg, "num_hidden_layers"), n_heads=n_heads, n_kv_heads=n_kv_heads,
+                hidden_dim=config_get(cfg, "intermediate_size"), vocab_size=config_get(cfg, "vocab_size"),
+                rope_theta=config_get(rope, "rope_theta", float, config_get(cfg, "rope_theta", float, 10000.0)),
+                norm_eps=config_get(cfg, "rms_norm_eps", float, 1e-6),
+                max_seq_len=config_get(cfg, "max_position_embeddings", int, 2048),
+                tie_embeddings=config_get(cfg, "tie_word_embeddings", bool, False),
+                stop_tokens=config_get(cfg, "eos_token_id", tuple, (2,))), rope
+
+
+# Same as smollm2.py: llama_config
+def llama_config(args) -> dict:
+    """The config.json of llama_fields' fields (each file's to_hf_config adds its own)."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "hidden_size": args.dim,
+            "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+            "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "intermediate_size": args.hidden_dim,
+            "vocab_size": args.vocab_size, "rope_theta": args.rope_theta, "rms_norm_eps": args.norm_eps,
+            "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_embeddings,
+            "eos_token_id": list(args.stop_tokens) or None, "attention_bias": False, "mlp_bias": False}
 
 # -----------------------------------------------------------------------------
 # Building blocks
@@ -157,7 +200,8 @@ class RMSNorm(nn.Module):
 
 # Same as llama31.py: rope_inv_freq
 def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
-    """Angular frequency of each rotated pair of dimensions: (head_dim / 2,) fp32, llama3-scaled."""
+    """Angular frequency of each rotated pair of dimensions: (head_dim / 2,) fp32, llama3-scaled as HF
+    `_compute_llama3_parameters`."""
     hd = args.head_dim
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.int64).float() / hd))
     if args.rope_factor is None:
@@ -167,7 +211,7 @@ def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
     # 2048) went round many times in pretraining and encode local order: they are kept. Pairs whose wavelength
     # exceeds the whole pretraining context (8192 / low_freq_factor) never saw most of their angles, so their
     # frequency is divided by `factor`: 128k positions then sweep the angles 8k positions swept before. In
-    # between, the two are blended linearly in context / wavelength. As HF `_compute_llama3_parameters`.
+    # between, the two are blended linearly in context / wavelength.
     ctx, low, high = args.rope_original_context, args.rope_low_freq_factor, args.rope_high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     smooth = (ctx / wavelen - low) / (high - low)  # 0 at wavelength ctx / low, 1 at ctx / high
@@ -176,12 +220,13 @@ def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
                        torch.where(wavelen > ctx / low, inv_freq / args.rope_factor, blended))
 
 
-# Same as llama31.py: rope_cos_sin
+# Same as smollm2.py: rope_cos_sin
 def rope_cos_sin(inv_freq, pos, dtype):
-    """pos (B, T) -> cos, sin (B, 1, T, head_dim), angles in fp32 then cast, as HF LlamaRotaryEmbedding."""
+    """pos (B, T) -> cos, sin (B, 1, T, head_dim), angles in fp32 then cast, as HF LlamaRotaryEmbedding. Computed for
+    the positions in use at each forward: a table up to the context length would be sized by config.json alone."""
     freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
     # rotate-half layout: frequency i drives dimensions i and i + hd/2 (HF's convention, not the interleaved
-    # pairs 2i, 2i+1 of the RoPE paper and Meta's code; meta_convert.py reorders Meta's q/k rows to match)
+    # pairs 2i, 2i+1 of the RoPE paper and Meta's code); HF checkpoints' q/k rows are laid out for this
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd): broadcast over heads
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -212,6 +257,7 @@ class KVCache(nn.Module):
 
     def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
         super().__init__()
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len  # what generate() may reuse it for
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -247,13 +293,14 @@ class MemoryCache(nn.Module):
 # Differs from smollm2.py's Attention: the segment-wise forward also attends to the keys/values kept from earlier
 # segments, and returns its own for the next segment
 class Attention(nn.Module):
+    # Same as smollm2.py: Attention.__init__
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.q_proj = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
         self.cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, past=None, input_pos=None):
@@ -268,8 +315,8 @@ class Attention(nn.Module):
             k, v = self.cache.update(input_pos, k, v)  # (B, Hkv, input_pos[-1] + 1, hd)
         elif past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        rep = self.n_heads // self.n_kv_heads  # GQA: query head j uses kv head j // rep, as HF repeat_kv
-        y = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask)
+        # enable_gqa: query head h reads kv head h // (nh / nkv), HF repeat_kv's grouping, without the repeat
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), (k, v)
 
 
@@ -329,8 +376,7 @@ class Memory(nn.Module):
         nn.init.zeros_(self.v_proj.weight)
         nn.init.zeros_(self.in_gate.bias)
         # chrono-style forget bias (Tallec & Ollivier 2018): sigmoid(3) = 0.95 keeps a fact for ~20 segments
-        # at the start; the official 1.0 (0.73) halves it every two segments, and recall learned ~2x slower
-        # in benchmarks/lm2_recall.py-style runs
+        # at the start, where the official 1.0 (0.73) halves it every two segments
         nn.init.constant_(self.forget_gate.bias, 3.0)
         nn.init.eye_(self.bank)  # paper: identity initialisation (rows beyond d, if N > d, start at zero)
 
@@ -409,10 +455,17 @@ class LM2(nn.Module):
             embed_tokens=nn.Embedding(args.vocab_size, args.dim),
             layers=nn.ModuleList(Block(args, i in mem_layers) for i in range(args.n_layers)),
             norm=RMSNorm(args.dim, args.norm_eps)))
-        # tied: no lm_head module at all, so state_dict() is the HF layout without the duplicate key
-        self.lm_head = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.stop_tokens = list(args.eos_token_ids)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.init_rope()
         self.init_weights()
+
+    # Same as smollm2.py: SmolLM2.init_rope
+    def init_rope(self, device=None):
+        # A plain fp32 tensor, not a buffer: model.to(torch.bfloat16) must not round the frequencies. Made again on
+        # the weights' device after a meta-device build (from_pretrained); trunk follows the model if it moves.
+        self.inv_freq = rope_inv_freq(self.args, device)
 
     def init_weights(self):
         """From scratch: HF Llama's normal(0, 0.02) matrices, norms at one; memory as Memory.reset_parameters."""
@@ -430,7 +483,7 @@ class LM2(nn.Module):
 
     def logits(self, x):
         x = self.model.norm(x)
-        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.model.embed_tokens.weight)
+        return self.lm_head(x)
 
     def forward(self, tokens, doc_ids=None):
         """tokens (B, T) -> logits (B, T, vocab). The sequence is processed segment by segment: within a
@@ -449,7 +502,7 @@ class LM2(nn.Module):
             pos = idx - torch.where(start, idx, 0).cummax(dim=1).values
             doc_ids = start.cumsum(1)  # subtle: runs, not raw ids, so a reused id in one row is still a new document
         x = self.model.embed_tokens(tokens)  # (B, T, d)
-        cos, sin = rope_cos_sin(rope_inv_freq(a, x.device), pos, x.dtype)  # (B, 1, T, hd)
+        cos, sin = rope_cos_sin(self.inv_freq.to(x.device), pos, x.dtype)  # (B, 1, T, hd)
         # Per block, the state carried from segment to segment: `past`, the keys/values later queries may
         # still attend to (all of them without a window: then segmenting changes no value, only the order
         # of work), and `mems`, the memory state (bank, K, V) left by the previous segment.
@@ -482,12 +535,14 @@ class LM2(nn.Module):
 
     def setup_cache(self, batch_size: int, max_seq_len: int):
         """Generation only (training never allocates one): KV buffers, and every bank reset to M_0."""
-        p = self.model.embed_tokens.weight
+        p = self.lm_head.weight
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
                                             p.dtype, p.device)
             if layer.memory is not None:
-                layer.mem_cache = MemoryCache(layer.memory.initial_state(batch_size), self.args.segment_len)
+                # a segment in progress never holds more than the request: segment_len alone (config.json's) may not
+                layer.mem_cache = MemoryCache(layer.memory.initial_state(batch_size),
+                                              min(self.args.segment_len, max_seq_len))
 
     def clear_cache(self):
         for layer in self.model.layers:
@@ -506,7 +561,7 @@ class LM2(nn.Module):
         if (end - T) % S + T > S:
             raise ValueError("a cached chunk must not cross a segment boundary (the memory is written there)")
         x = self.model.embed_tokens(tokens)
-        cos, sin = rope_cos_sin(rope_inv_freq(self.args, x.device), input_pos[None], x.dtype)
+        cos, sin = rope_cos_sin(self.inv_freq.to(x.device), input_pos[None], x.dtype)
         mask = attention_mask(input_pos, torch.arange(end, device=x.device), self.args.attn_window)
         for layer in self.model.layers:
             c = layer.mem_cache
@@ -519,47 +574,43 @@ class LM2(nn.Module):
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, device=None, dtype=None, **memory_args) -> "LM2":
-        """Load a HF Llama-family checkpoint (config.json + safetensors). Memory weights come from the
-        checkpoint if it was saved by an LM2 (config.json has "lm2"), else they start fresh; memory_args
-        (mem_slots=..., segment_len=..., ...) override the memory settings."""
-        ckpt = Path(ckpt_dir)
-        if not (ckpt / "config.json").exists():
-            raise FileNotFoundError(f"no checkpoint at {ckpt}/config.json; run `python download.py` to fetch it")
-        fresh_memory = "lm2" not in read_json(ckpt / "config.json")
-        args = replace(read_json(ckpt / "config.json", ModelArgs.from_hf_config), **memory_args)
-        device, dtype = torch.device(device or "cpu"), dtype or torch.float32
-        with torch.device("meta"):  # shapes only: the weights are assigned below, no second copy
-            model = cls(args)  # (its init_weights is a no-op on meta tensors)
-        state = load_safetensors(ckpt, device, dtype)
-        state.pop("model.rotary_emb.inv_freq", None)  # old HF checkpoints saved this derived buffer
-        if args.tie_embeddings:
-            state.pop("lm_head.weight", None)  # some tied checkpoints store the duplicate
-        # The keys allowed to be absent: a base Llama checkpoint has no memory. Fresh memory weights are made
-        # here, on the target device, and join the state dict, so that the load below can stay strict.
+        """A HF Llama-family checkpoint folder (config.json + safetensors) on device (None: cpu), in dtype (None: as
+        stored), each file checked before it is used (see Loading). Memory weights come from the checkpoint if an
+        LM2 saved it (config.json has "lm2"), else they start fresh; memory_args (mem_slots=..., segment_len=...)
+        override the memory settings."""
+        ckpt_dir = Path(ckpt_dir)
+        args = replace(read_config(ckpt_dir), **memory_args)
+        fresh = "lm2" not in read_json(ckpt_dir / "config.json")  # a base Llama checkpoint: no memory yet
+        header = read_header(ckpt_dir, layers=args.n_layers)
+        header.pop("model.rotary_emb.inv_freq", None)  # old HF checkpoints saved this derived buffer
+        model = build(cls, args, ckpt_dir)  # shapes only (init_weights is a no-op on meta tensors): no second copy
+        absent = [k for k in model.state_dict() if fresh and ".memory." in k]  # a base Llama has no memory
+        state = load_weights(model, header, ckpt_dir, device or "cpu", dtype, absent)
+        # fresh memory weights are made here, on the weights' device and dtype, so the load below stays strict
+        w = state["model.embed_tokens.weight"]
         for i, layer in enumerate(model.model.layers):
-            if layer.memory is not None and fresh_memory:
-                with torch.device(device):
-                    mem = Memory(args).to(dtype)
-                state.update({f"model.layers.{i}.memory.{k}": v for k, v in mem.state_dict().items()})
-        check_state(model, state, ckpt)
+            if layer.memory is not None and fresh:
+                with torch.device(w.device):
+                    memory = Memory(args).to(w.dtype).state_dict()
+                state |= {f"model.layers.{i}.memory.{k}": v for k, v in memory.items()}
         model.load_state_dict(state, strict=True, assign=True)
-        gen_cfg = ckpt / "generation_config.json"  # instruct models list their end-of-turn tokens here
-        eos = read_json(gen_cfg).get("eos_token_id") if gen_cfg.exists() else None
-        if eos is not None:
-            model.stop_tokens = eos if isinstance(eos, list) else [eos]
+        if args.tie_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight  # assign=True made two Parameters: re-tie
+        model.init_rope(device)
         return model.eval()
 
-    @torch.no_grad()
+    # Differs from smollm2.py's SmolLM2.generate: no left padding, since a row's segment grid starts at its first token
+    @torch.inference_mode()
     def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0, stop_tokens=None,
                  seed=None, stream=None):
         """New tokens for each prompt (stop token excluded). All rows share one position counter: rows with
         longer prompts are fed their own prompt tokens while shorter ones already generate (Llama 1's
         reference scheme), so every row runs on its own segment grid from position 0, exactly as alone.
         stream(row, token) is called for every new token."""
-        longest = check_generate(prompts, max_new_tokens, self.args.max_seq_len, temperature, top_k, top_p)
-        stop = set(self.stop_tokens if stop_tokens is None else stop_tokens)
+        longest = check_generate(prompts, max_new_tokens, self.args, temperature, top_k, top_p)
+        stop = set(self.args.stop_tokens if stop_tokens is None else stop_tokens)
         B, lens, total = len(prompts), [len(p) for p in prompts], longest + max_new_tokens
-        device = self.model.embed_tokens.weight.device
+        device = self.lm_head.weight.device
         # subtle: no left padding (as smollm2.py does) because the memory's segment grid must start at each
         # row's first token; a row's not-yet-fed prompt tokens sit in `tokens` and overwrite the samples
         tokens = torch.tensor([list(p) + [0] * (total - len(p)) for p in prompts], device=device)
@@ -593,23 +644,146 @@ class LM2(nn.Module):
         return out
 
 # -----------------------------------------------------------------------------
+# Loading (the block every model file repeats; see smollm2.py)
+
+FETCH = "LM2 runs on a Llama-family checkpoint: `python download.py` fetches SmolLM2-135M-Instruct"
+
+
+# Same as smollm2.py: read_json
+def read_json(path) -> dict:
+    """A JSON object from a file, else a ValueError naming the file (json's own errors do not)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or brackets nested 10^5 deep
+        raise ValueError(f"{path} is not valid JSON ({e}); download it again") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object but a {type(data).__name__}")
+    return data
+
+
+# Same as smollm2.py: read_config
+def read_config(ckpt_dir: Path) -> ModelArgs:
+    """ModelArgs from config.json, stopping where generation_config.json's eos ids say (as HF generate does)."""
+    path, gen = ckpt_dir / "config.json", ckpt_dir / "generation_config.json"
+    if not path.is_file():
+        fix = f"Meta's original format: convert it once with `python download.py --meta_dir {ckpt_dir}`" \
+            if (ckpt_dir / "params.json").is_file() else FETCH
+        raise FileNotFoundError(f"{ckpt_dir} is a file: give the checkpoint's folder" if ckpt_dir.is_file() else
+                                f"no checkpoint at {ckpt_dir} (no config.json): {fix}")
+    cfg, gen_cfg = read_json(path), read_json(gen) if gen.is_file() else {}
+    try:
+        args = ModelArgs.from_hf_config(cfg)
+        args.stop_tokens = config_get(gen_cfg, "eos_token_id", tuple, args.stop_tokens)
+    except ValueError as e:  # config_get's message names the key
+        raise ValueError(f"{ckpt_dir}: {e}") from None
+    return args
+
+
+# Same as smollm2.py: build
+def build(cls, args, ckpt_dir: Path):
+    """cls(args) on the meta device: shapes only, no memory (the checkpoint's tensors become its weights). A config
+    whose shapes torch cannot hold (an element count beyond int64) is a ValueError."""
+    try:
+        with torch.device("meta"):
+            return cls(args)
+    except (RuntimeError, TypeError, OverflowError) as e:
+        raise ValueError(f"{ckpt_dir}/config.json gives shapes torch cannot build ({type(e).__name__})") from None
+
+
+# Same as smollm2.py: read_header
+def read_header(ckpt_dir: Path, **counts: int) -> dict:
+    """{name: (file, dtype, shape)} of the tensors in model.safetensors or in the shards its index lists, from the
+    headers alone. counts (layers=30): modules config.json asks for, which the weights must hold before the model is
+    built (a time per module: 10^6 layers over 30 weights' would take minutes)."""
+    from safetensors import SafetensorError, safe_open
+
+    index = ckpt_dir / "model.safetensors.index.json"
+    files = read_json(index).get("weight_map") if index.is_file() else {"": "model.safetensors"}
+    if not isinstance(files, dict) or not all(isinstance(f, str) and Path(f).name == f for f in files.values()):
+        raise ValueError(f"{index}: weight_map must map tensor names to file names in the folder")
+    header = {}
+    for f in sorted({ckpt_dir / f for f in files.values()}):
+        try:
+            with safe_open(f, "pt") as st:
+                header |= {k: (f, st.get_slice(k).get_dtype(), st.get_slice(k).get_shape()) for k in st.keys()}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{f} is missing: the download is incomplete; fetch the checkpoint again") from None
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f} is truncated or corrupt ({e}); download it again") from None
+    for name, n in counts.items():
+        if n > len(held := {m[1] for k in header if (m := re.search(rf"\.{name}\.(\d+)\.", k))}):
+            raise ValueError(f"{ckpt_dir}/config.json asks for {n} {name} but the weights hold {len(held)}")
+    return header
+
+
+# Same as smollm2.py: load_weights
+def load_weights(model, header: dict, ckpt_dir: Path, device, dtype, absent=()) -> dict:
+    """The model's state dict, memory-mapped onto device in dtype (None: as stored), once the header holds exactly its
+    names (but `absent`, which the caller adds, and a tied head), shapes and float dtypes (an int label on float bytes
+    would load as garbage)."""
+    from safetensors import safe_open
+
+    tied = {"lm_head.weight"} if model.args.tie_embeddings else set()  # the embedding is the head
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied | set(absent)}
+    have = {k: v for k, v in header.items() if k not in tied}
+    wrong = [f"{k} is missing" for k in want.keys() - have.keys()] + [f"{k} is extra" for k in have.keys() - want]
+    for k, (_, kind, shape) in have.items():
+        if k in want and tuple(shape) != want[k]:
+            wrong.append(f"{k} has shape {tuple(shape)} but the config gives {want[k]}")
+        elif k in want and kind not in ("F16", "BF16", "F32", "F64"):
+            wrong.append(f"{k} is stored as {kind}, where weights are floats")
+    if wrong:
+        raise ValueError(f"{ckpt_dir} does not match its config: {'; '.join(sorted(wrong)[:3])}")
+    state = {}
+    for f in sorted({file for file, _, _ in have.values()}):
+        with safe_open(f, "pt") as st:  # .to() returns the mapped tensor itself where device and dtype are its own
+            state |= {k: st.get_tensor(k).to(device=device, dtype=dtype) for k in st.keys() if k in want}
+    return state | ({"lm_head.weight": state["model.embed_tokens.weight"]} if tied else {})
+
+# -----------------------------------------------------------------------------
 # Sampling
+
+
+# Same as smollm2.py: check_generate
+def check_generate(prompts, max_new_tokens, args: ModelArgs, temperature, top_k, top_p) -> int:
+    """generate()'s arguments, checked before any work -> the longest prompt's length; else a ValueError naming the
+    problem. Every sampling setting accepted here samples (a temperature too small for float32 is greedy)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
+    if not 0 < top_p <= 1 or top_k is not None and top_k < 1:
+        raise ValueError(f"top_p must be in (0, 1] and top_k >= 1, got top_p {top_p}, top_k {top_k}")
+    if max_new_tokens < 1 or not prompts or not all(prompts):
+        raise ValueError("need max_new_tokens >= 1 and at least one token in every prompt")
+    if not all(0 <= t < args.vocab_size for p in prompts for t in p):
+        raise ValueError(f"a prompt holds a token id outside the vocabulary (0..{args.vocab_size - 1})")
+    if (longest := max(map(len, prompts))) + max_new_tokens > args.max_seq_len:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len "
+                         f"{args.max_seq_len} (the context)")
+    return longest
 
 
 # Same as smollm2.py: logits_to_probs
 def logits_to_probs(logits, temperature: float, top_k: int | None = None, top_p: float = 1.0):
     """logits (B, vocab) -> sampling distribution (B, vocab): temperature, then top-k, then top-p, as HF's
     TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper apply them (tests compare every file's)."""
-    logits = logits.float() / temperature
+    scaled = logits.float() / temperature
+    if not scaled.isfinite().all():
+        # subtle: a temperature too small for float32 (1e-40) overflows the division, and softmax(inf - inf) is NaN;
+        # the distribution it tends to is greedy's, all mass on the largest logit
+        return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
+    logits = scaled
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1) k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th stay, as in HF
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
         # keep the smallest set of most likely tokens whose mass reaches top_p: drop a token only when the mass
-        # before it already reaches top_p, so the token that crosses the boundary stays (HF's TopP, min 1 token)
+        # before it already reaches top_p, so the token that crosses the boundary stays (HF's TopP, min 1 token;
+        # the first always stays, also where top_p is below float32's range and the comparison sees 0)
         sorted_p, order = probs.sort(dim=-1, descending=True)
         outside = sorted_p.cumsum(dim=-1) - sorted_p >= top_p
+        outside[:, 0] = False
         sorted_p = sorted_p.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p / sorted_p.sum(-1, keepdim=True))
     return probs
@@ -627,66 +801,39 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
 # Chat formatting
 
 
-DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-
-
 # Same as smollm2.py: encode_chat
-def encode_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+def encode_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                default_system: str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"):
     """The conversation's ids as the checkpoint's HF chat template gives them (tokenizer_bpe.apply_chat_template picks
     ChatML or Llama 3 by the tokenizer's special tokens), with SmolLM2-Instruct's default system prompt first when a
     ChatML conversation has none."""
-    return apply_chat_template(tokenizer, messages, add_generation_prompt, default_system=DEFAULT_SYSTEM)
+    return apply_chat_template(tokenizer, messages, add_generation_prompt, default_system=default_system)
 
 # -----------------------------------------------------------------------------
-# Command line
+# Command line: smollm2.py's, on LM2
 
-try:  # the speed module beside this file (fast_decode.py); a copy of this file alone runs plain, same tokens
-    from fast_decode import fast
-except ImportError:
-    fast = None
+CKPT_DIR = "checkpoints/SmolLM2-135M-Instruct"  # python download.py writes it; LM2 starts with fresh memory
 
 
-def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/SmolLM2-135M-Instruct", max_new_tokens: int = 256,
-         temperature: float = 0.2, top_p: float = 0.9, top_k: int | None = None, device: str | None = None,
-         dtype: str | None = None, seed: int = 1337, chat: bool | None = None, interactive: bool = False,
-         int8: bool = False):
-    """Generate with LM2 on a Llama-family checkpoint (fresh memory unless the checkpoint was saved by LM2).
-    Instruct checkpoints (those with a chat template) get the chat format unless --chat false.
+# Same as smollm2.py: main (with SmolLM2->LM2,smollm2.py->lm2.py)
+def main(prompt: str | None = None, ckpt_dir: str = CKPT_DIR, max_new_tokens: int = 256, temperature: float = 0.2,
+         top_p: float = 0.9, top_k: int | None = None, device: str | None = None, dtype: str | None = None,
+         seed: int = 1337, chat: bool | None = None, interactive: bool = False, int8: bool = False):
+    """Generate from LM2. Instruct checkpoints wrap the prompt in the chat template unless --chat false.
 
-    prompt: the text to continue (with --interactive, the first turn)
-    ckpt_dir: a HF Llama-family checkpoint folder, or one saved by LM2 (python download.py writes one)
-    max_new_tokens: most tokens to generate per reply
-    temperature: 0 is greedy; higher is more random
-    top_p: sample from the smallest set of tokens whose probability reaches top_p
-    top_k: sample from the k most likely tokens only
-    device: cpu, cuda, cuda:1...; default cuda when available, else cpu
-    dtype: float32, bfloat16 or float16; default bfloat16 on cuda, float32 on cpu
-    seed: seeds sampling, so a run repeats exactly
-    chat: wrap the prompt in the chat template; default: when the checkpoint has one
-    interactive: chat turn by turn until Ctrl-D
-    int8: int8 weights on the CPU (fast_decode.py's weights="int8": a quarter of fp32's bytes per token, about
-        +0.6-0.9% perplexity on SmolLM2)
+    ckpt_dir: a HF checkpoint folder (python download.py writes one)
+    (the flags every model file takes, --prompt, --temperature and the others: python lm2.py --help)
     """
-    try:  # everything a user can get wrong is checked before the (slow) load, and reported in one line
-        dev, dt = check_generation_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
-                                         interactive, int8=int8, fast=fast)
-        t0 = time.time()
-        model = LM2.from_pretrained(ckpt_dir, dev, dt or (torch.bfloat16 if dev.type == "cuda" else None))
-        tokenizer = Tokenizer.from_file(ckpt_dir)
-        chat = is_chat_checkpoint(ckpt_dir) if chat is None else chat
-        if chat:
-            encode_chat(tokenizer, [])  # a tokenizer without chat tokens fails here, in one line
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        raise SystemExit(f"error: {e}")
-    if fast:
-        fast(model, threads=True, weights="int8" if int8 else None)  # threads: fast_decode.decode_threads
-    a = model.args
-    print(f"loaded {ckpt_dir} ({model.model.embed_tokens.weight.dtype}, {dev}) in {time.time() - t0:.1f}s; memory "
-          f"in {len(a.memory_layers())} blocks, {a.mem_slots} slots, written every {a.segment_len} tokens",
-          file=sys.stderr)
-    converse(model, tokenizer, encode_chat if chat else None, prompt, interactive, None, max_new_tokens, temperature,
-             top_k, top_p, seed)
+    from cli import chat_main  # the flags checked before the slow load, the load, then one reply or a conversation
+
+    chat_main(LM2, encode_chat, prompt, ckpt_dir, max_new_tokens, temperature, top_p, top_k, device, dtype, seed,
+              chat, interactive, int8)
 
 
 if __name__ == "__main__":
+    try:
+        from cli import cli
+    except ModuleNotFoundError:
+        raise SystemExit("error: lm2.py's command line needs cli.py beside it (the model itself needs only "
+                         "tokenizer_bpe.py)")
     cli(main)

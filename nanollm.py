@@ -1,4 +1,5 @@
-"""nanollm.py: a small DeepSeek-V3-style language model in one file, after nano-llm (asoloveii/nano-llm, 327M).
+"""nanollm.py: a small DeepSeek-V3-style language model in one file, after nano-llm (asoloveii/nano-llm, 327M). What
+it adds to smollm2.py: Multi-head Latent Attention and a mixture of experts, trained from scratch here.
 
 Multi-head Latent Attention (MLA) in every block, a SwiGLU MLP in most blocks and a DeepSeekMoE layer (shared
 experts plus top-k routed experts) in the others. Module names follow HF `DeepseekV3ForCausalLM`, so
@@ -13,21 +14,22 @@ References
 - deepseek-ai/DeepSeek-V3 `inference/model.py` (naive vs absorb MLA, Gate, MoE dispatch loop) and HF transformers
   5.23 `models/deepseek_v3` (names, config, RoPE layouts; the parity reference in test_parity.py).
 
-Departures from nano-llm's `src/model.py`, each fixed here and tested:
-- its MLA cache is written but never read: ours holds only the normalised KV latent and the shared RoPE key per
-  token, is read when decoding, and decodes two ways (naive: up-project the cache; absorbed: fold W_UK into the
-  query and W_UV into the output), both equal to recomputing the whole sequence.
-- its MoE runs every routed expert on every token and masks the results: ours sorts tokens by chosen expert,
-  runs each expert on its tokens only and adds the results back with index_add.
-- it has no load balancing: ours adds DeepSeek-V3's bias balancing and optional sequence-wise balance loss.
-- its per-head RoPE key (a 768x768 projection per block), Linear biases, missing latent norms and averaged shared
-  experts become DeepSeek's single 64-wide RoPE key, no biases, RMSNorm on both latents and summed shared experts.
+What this file does, as DeepSeek-V3 does and nano-llm's `src/model.py` does not:
+- the KV cache holds only the normalised KV latent and the shared RoPE key per token (MLACache), and decoding reads
+  it two ways (`model.absorb`: naive up-projects the cache, absorbed folds W_UK into the query and W_UV into the
+  output), both tested equal to recomputing the whole sequence;
+- the MoE runs each routed expert on its own tokens only (sorted by expert, added back with index_add);
+- load balancing: DeepSeek-V3's router bias, and its optional sequence-wise balance loss;
+- one 64-wide RoPE key shared by all heads, no biases, RMSNorm on both latents, shared experts summed.
 Departures from DeepSeek-V3: no multi-token-prediction module (its weights are skipped on load, as HF does), no FP8.
+Blocks marked `# Same as smollm2.py: NAME` are that file's, word for word; the command line is cli.py's.
 
-Run:  python nanollm.py --ckpt_dir checkpoints/nanollm --prompt "Once upon a time" --temperature 0
+Run:  python benchmarks/pretrain_nanollm.py   (trains one in minutes on a CPU, then samples it with this file)
+      python nanollm.py --ckpt_dir runs/pretrain_nanollm/model --prompt "def" --temperature 0
 """
+import json
 import math
-import sys
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +38,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer_bpe import (Tokenizer, check_generate, check_generation_flags, check_state, cli,
-                           converse, is_chat_checkpoint, load_safetensors, read_json)
+from tokenizer_bpe import Tokenizer
 # encode_chat(tokenizer, messages, add_generation_prompt=True): the chat format, ChatML with no default system prompt,
 # since nanollm's chat models learn it from finetune.py's data, which has none
 from tokenizer_bpe import apply_chat_template as encode_chat
 
-# ----------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # Config
 
 
@@ -76,35 +77,54 @@ class ModelArgs:
     max_seq_len: int = 256  # longest sequence, prompt plus generation
     norm_eps: float = 1e-6  # RMSNorm epsilon of the block and final norms
     tie_embeddings: bool = False  # lm_head shares the embedding matrix
-    eos_token_id: int | tuple[int, ...] | None = None  # token(s) that end generation by default
+    stop_tokens: tuple[int, ...] = ()  # generation ends at these (HF eos_token_id); (): only at max_new_tokens
 
+    # Same as smollm2.py: ModelArgs.from_name
     @classmethod
     def from_name(cls, name: str) -> "ModelArgs":
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+            raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
         return cls(**PRESETS[name])
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
         """From a DeepseekV3 config.json, with transformers 5's `rope_parameters` or the Hub's `rope_theta` +
-        `rope_scaling`. Keys it lacks keep this class's defaults (transformers writes them all)."""
+        `rope_scaling`. A key it lacks keeps this class's default (transformers writes them all); a value of the
+        wrong kind, or shapes the router or MLA cannot run, is a ValueError naming the key."""
+        if not isinstance(cfg, dict):
+            raise ValueError(f"a config is a JSON object, not a {type(cfg).__name__}")
         if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias", False):
             raise NotImplementedError("only silu MLPs and bias-free attention, as in every DeepSeek-V3 checkpoint")
-        kw = {field: cfg[key] for field, key in HF_KEYS.items() if key in cfg}
         # HF writes null for "none": no query compression, no routed or shared experts, no expert groups
-        kw.update({f: off for f, off in (("q_lora_rank", 0), ("n_routed_experts", 0), ("n_shared_experts", 0),
-                                         ("n_expert_groups", 1), ("n_limited_groups", 1)) if f in kw and kw[f] is None})
-        if isinstance(kw.get("eos_token_id"), list):
-            kw["eos_token_id"] = tuple(kw["eos_token_id"])
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        kw["rope_theta"] = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        off = dict(q_lora_rank=0, n_routed_experts=0, n_shared_experts=0, n_expert_groups=1, n_limited_groups=1)
+        cfg = {**cfg, **{HF_KEYS[f]: v for f, v in off.items() if HF_KEYS[f] in cfg and cfg[HF_KEYS[f]] is None}}
+        zero_ok, required = {*off, "aux_loss_alpha"}, ("vocab_size", "dim", "n_layers", "n_heads")  # no default fits
+        kw = {f: config_get(cfg, key, type(getattr(cls, f)), ... if f in required else getattr(cls, f),
+                            0 if f in zero_ok else None) for f, key in HF_KEYS.items()}
+        rope = dict(config_get(cfg, "rope_parameters", dict, None) or config_get(cfg, "rope_scaling", dict, {}))
+        kw["rope_theta"] = config_get(rope, "rope_theta", float, config_get(cfg, "rope_theta", float, 10000.0))
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+        rope.pop("rope_theta", None)
+        if rope_type not in ("default", "yarn"):
+            raise NotImplementedError(f"rope_type {rope_type!r}: only default and yarn (DeepSeek-V3's) exist here")
+        for key, kind in dict(original_max_position_embeddings=int, factor=float, beta_fast=float, beta_slow=float,
+                              mscale=float, mscale_all_dim=float, attention_factor=float, truncate=bool).items():
+            config_get(rope, key, kind, None, low=0 if kind is float else None)  # what rope_frequencies reads
         kw["rope_scaling"] = None if rope_type == "default" else {"rope_type": rope_type, **rope}
         # HF puts a MoE on every block from first_k_dense_replace on; DeepSeek's own modeling code also requires
         # i % moe_layer_freq == 0; `moe_layers` is our key for layouts neither can express (see to_hf_config)
-        n, k, freq = cfg["num_hidden_layers"], cfg.get("first_k_dense_replace", 3), cfg.get("moe_layer_freq", 1)
-        moe = [i for i in range(n) if cfg.get("n_routed_experts") and i >= k and i % freq == 0]
-        return cls(**kw, moe_layers=tuple(cfg.get("moe_layers", moe)))
+        n, k = kw["n_layers"], config_get(cfg, "first_k_dense_replace", int, 3, low=0)
+        freq = config_get(cfg, "moe_layer_freq", int, 1)
+        moe = config_get(cfg, "moe_layers", tuple, tuple(
+            i for i in range(n) if cfg.get("n_routed_experts") and i >= k and i % freq == 0))
+        E, G, top_g = kw["n_routed_experts"], kw["n_expert_groups"], kw["n_limited_groups"]
+        top_k = kw["n_activated_experts"]
+        if moe and (max(moe) >= n or not E or E % G or top_g > G or G > 1 and E // G < 2 or top_k > E // G * top_g):
+            raise ValueError(f"the MoE does not fit: moe_layers {moe[:5]} of {n} layers, {E} routed experts in {G} "
+                             f"groups, {top_k} chosen in {top_g} groups")
+        if kw["qk_rope_head_dim"] % 2:
+            raise ValueError(f"qk_rope_head_dim must be even (RoPE rotates pairs), got {kw['qk_rope_head_dim']}")
+        return cls(**kw, moe_layers=moe)
 
     def to_hf_config(self) -> dict:
         """A config.json that both this file and transformers' DeepseekV3Config load. HF can only say "the first
@@ -117,8 +137,7 @@ class ModelArgs:
                    attention_bias=False, num_key_value_heads=self.n_heads, first_k_dense_replace=first_dense,
                    q_lora_rank=self.q_lora_rank or None, num_nextn_predict_layers=0,  # no multi-token prediction
                    rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default", **(self.rope_scaling or {})})
-        if isinstance(self.eos_token_id, tuple):
-            cfg["eos_token_id"] = list(self.eos_token_id)
+        cfg["eos_token_id"] = list(self.stop_tokens) or None
         if list(self.moe_layers) != list(range(first_dense, self.n_layers)):
             cfg["moe_layers"] = list(self.moe_layers)
         return cfg
@@ -133,15 +152,14 @@ HF_KEYS = dict(
     aux_loss_alpha="aux_loss_alpha", q_lora_rank="q_lora_rank", kv_lora_rank="kv_lora_rank",
     qk_nope_head_dim="qk_nope_head_dim", qk_rope_head_dim="qk_rope_head_dim", v_head_dim="v_head_dim",
     rope_interleave="rope_interleave", max_seq_len="max_position_embeddings", norm_eps="rms_norm_eps",
-    tie_embeddings="tie_word_embeddings", eos_token_id="eos_token_id")
+    tie_embeddings="tie_word_embeddings", stop_tokens="eos_token_id")
 
 PRESETS = {
     # nano-llm's config/nano_327m.yaml. Its rule `use_moe = i % 4 == 0` for blocks i = 1..20 puts MoE on 1-based
     # blocks 4, 8, 12, 16, 20, i.e. 0-based 3, 7, 11, 15, 19 (the last block is a MoE). Top-1 routing with
     # norm_topk_prob would give every token the weight exactly 1, so no gradient could reach the router: nano-llm
-    # weights the expert by its (unnormalised) score, and so do we. 316.19M parameters (292.60M active per
-    # token) vs nano-llm's 327.31M: its per-head RoPE key projection is 10.83M more, its Linear biases 0.30M,
-    # and our latent RMSNorms add 5k (tests/test_nanollm.py checks the count against the formula)
+    # weights the expert by its (unnormalised) score, and so do we. 316.19M parameters, 292.60M active per token
+    # (tests/test_nanollm.py checks the count against the formula)
     "nano-327m": dict(vocab_size=50304, dim=768, n_layers=20, n_heads=12, hidden_dim=3072,
                       moe_layers=(3, 7, 11, 15, 19), moe_hidden_dim=2048, n_shared_experts=2, n_routed_experts=2,
                       n_activated_experts=1, n_expert_groups=1, n_limited_groups=1, route_scale=1.0,
@@ -159,7 +177,28 @@ PRESETS = {
 }
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# Same as smollm2.py: config_get
+def config_get(cfg: dict, key: str, kind=int, default=..., low=None):
+    """cfg[key] of a config.json (default where absent or null; none: required) if it is what its field needs: an int
+    below 2^62 (not a bool, "64" or 2.5) or a finite float, > 0 or >= low; a bool or a dict; ids (an int >= 0 or a
+    list of them, as a tuple). Else a ValueError naming the key: a config that would build a wrong model stops here."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"a config is a JSON object, not a {type(cfg).__name__}")
+    if (value := cfg.get(key)) is None and default is not ...:
+        return default
+    ids = value if isinstance(value, list) else [value]
+    ok = {int: type(value) is int and value < 2**62, float: type(value) in (int, float) and math.isfinite(value),
+          bool: type(value) is bool, dict: type(value) is dict, tuple: all(type(i) is int and i >= 0 for i in ids)}
+    if not ok[kind] or kind in (int, float) and not (value > 0 if low is None else value >= low):
+        lo = "> 0" if low is None else f">= {low}"
+        want = {int: f"an integer {lo}, < 2^62", float: f"a finite number {lo}", bool: "true or false",
+                dict: "an object", tuple: "an id >= 0 or a list of them"}[kind]
+        raise ValueError(f"no {key!r} entry: it is not a checkpoint this file reads" if value is None else
+                         f"{key} must be {want}, got {value!r:.60}")
+    return tuple(ids) if kind is tuple else float(value) if kind is float else value
+
+
+# -----------------------------------------------------------------------------
 # Building blocks
 
 
@@ -180,11 +219,11 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def rope_frequencies(args: ModelArgs) -> tuple[torch.Tensor, float, float]:
+# Differs from smollm2.py's rope_inv_freq: RoPE on qk_rope_head_dim only, and DeepSeek-V3's YaRN scaling
+def rope_frequencies(args: ModelArgs, device=None) -> tuple[torch.Tensor, float, float]:
     """Inverse frequencies (qk_rope_head_dim / 2,), cos/sin scale, softmax-scale factor; as HF default | yarn RoPE."""
     d, base = args.qk_rope_head_dim, args.rope_theta
-    # subtle: explicit CPU, so the model built on the meta device still gets real frequencies
-    inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float32, device="cpu") / d)
+    inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)
     s = args.rope_scaling
     if not s:
         return inv_freq, 1.0, 1.0
@@ -200,13 +239,20 @@ def rope_frequencies(args: ModelArgs) -> tuple[torch.Tensor, float, float]:
     if s.get("truncate", True):
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, d - 1)
-    ramp = ((torch.arange(d // 2, dtype=torch.float32, device="cpu") - low) / max(high - low, 1e-3)).clamp(0, 1)
+    ramp = ((torch.arange(d // 2, dtype=torch.float32, device=device) - low) / max(high - low, 1e-3)).clamp(0, 1)
     inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
     mscale, mscale_all = s.get("mscale"), s.get("mscale_all_dim")
     attn_factor = s.get("attention_factor") or (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
                                                 if mscale and mscale_all else yarn_mscale(factor))
     # DeepSeek-V3 also raises the softmax temperature by mscale(factor, mscale_all_dim)^2 (HF `yarn_apply_mscale`)
     return inv_freq, attn_factor, yarn_mscale(factor, mscale_all) ** 2 if mscale_all else 1.0
+
+
+# Differs from smollm2.py's rope_cos_sin: half-width tables of MLA's RoPE part, scaled by YaRN's attention factor
+def rope_cos_sin(inv_freq, pos, dtype, factor: float):
+    """pos (B, T) -> cos, sin (B, T, qk_rope_head_dim / 2), angles in fp32 then cast, as HF."""
+    angles = pos[..., None].float() * inv_freq
+    return (angles.cos() * factor).to(dtype), (angles.sin() * factor).to(dtype)
 
 
 # Differs from smollm2.py's apply_rope: DeepSeek checkpoints may pair dimensions (0,1), (2,3)... and MLA passes
@@ -229,6 +275,7 @@ class MLACache(nn.Module):
 
     def __init__(self, batch_size, max_seq_len, kv_lora_rank, rope_dim, dtype, device):
         super().__init__()
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len  # what generate() may reuse it for
         self.register_buffer("kv", torch.zeros(batch_size, max_seq_len, kv_lora_rank, dtype=dtype, device=device),
                              persistent=False)
         self.register_buffer("pe", torch.zeros(batch_size, max_seq_len, rope_dim, dtype=dtype, device=device),
@@ -398,7 +445,7 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, absorb)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-# ----------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # The model
 
 
@@ -420,11 +467,10 @@ class NanoLLM(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        # not buffers: model.to(bfloat16) must not round them, and meta-device construction must not erase them
-        self.inv_freq, self.rope_factor, softmax_mscale = rope_frequencies(args)
+        self.init_rope()
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(args.vocab_size, args.dim),
-            layers=nn.ModuleList(Block(args, i, softmax_mscale) for i in range(args.n_layers)),
+            layers=nn.ModuleList(Block(args, i, self.softmax_mscale) for i in range(args.n_layers)),
             norm=RMSNorm(args.dim, args.norm_eps)))
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         for p in self.parameters():
@@ -435,18 +481,22 @@ class NanoLLM(nn.Module):
         if args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.aux_loss = 0.0
+        # how decoding reads the MLA cache (DeepSeek-V3's attn_impl): True folds the up-projections into the query and
+        # the output ("absorb"), False up-projects the cached latents ("naive"); tested equal
+        self.absorb = True
+
+    def init_rope(self, device=None):
+        # as smollm2.py's: plain fp32 tensors, not buffers (model.to(bfloat16) must not round them), made again on the
+        # weights' device after a meta-device build; and YaRN's two scales, plain floats
+        self.inv_freq, self.rope_factor, self.softmax_mscale = rope_frequencies(self.args, device)
 
     def moe_layers(self) -> list[tuple[int, MoE]]:
         return [(i, layer.mlp) for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, MoE)]
 
-    def rope_cos_sin(self, positions):  # (B, T) -> two (B, T, qk_rope_head_dim / 2), fp32 as HF
-        angles = positions[..., None].float() * self.inv_freq.to(positions.device)
-        return angles.cos() * self.rope_factor, angles.sin() * self.rope_factor
-
     def trunk(self, tokens, positions, mask, input_pos=None, absorb=False):
         """tokens (B, T), positions (B, T) -> final-normed hidden states (B, T, dim)."""
         x = self.model.embed_tokens(tokens)                                   # (B, T, dim)
-        cos, sin = [t.to(x.dtype) for t in self.rope_cos_sin(positions)]
+        cos, sin = rope_cos_sin(self.inv_freq.to(x.device), positions, x.dtype, self.rope_factor)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, input_pos, absorb)
         # the balance loss of this forward for the training loop to add: a tensor, or 0.0 when off
@@ -466,16 +516,15 @@ class NanoLLM(nn.Module):
             layer.self_attn.cache = MLACache(batch_size, max_seq_len, self.args.kv_lora_rank,
                                              self.args.qk_rope_head_dim, w.dtype, w.device)
 
+    # Same as smollm2.py: SmolLM2.clear_cache
     def clear_cache(self):
         for layer in self.model.layers:
             layer.self_attn.cache = None
 
-    def forward_cached(self, tokens, input_pos, pad=None, absorb=True):
-        """Run tokens (B, T) in cache slots input_pos (T,); return the last position's logits (B, vocab).
-
-        pad (B,), None for none: left padding of each row, whose positions count from its first real slot.
-        absorb picks the MLA decode path (both are tested equal), the one argument the other model files lack.
-        """
+    def forward_cached(self, tokens, input_pos, pad=None):
+        """Run tokens (B, T) in cache slots input_pos (T,); return the last position's logits (B, vocab). pad (B,),
+        None for none: left padding of each row, whose positions count from its first real slot. self.absorb picks
+        how MLA reads the cache."""
         pad = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device) if pad is None else pad
         # attend over the filled prefix only: the naive path up-projects every attended slot, so the empty tail
         # of the buffer would cost real compute
@@ -483,7 +532,7 @@ class NanoLLM(nn.Module):
         # causal over slots and blind to padding; a padding query still sees itself, so no softmax row is empty
         mask = (slots <= input_pos[:, None]) & ((slots >= pad[:, None, None]) | (slots == input_pos[:, None]))
         positions = (input_pos - pad[:, None]).clamp(min=0)                   # (B, T)
-        h = self.trunk(tokens, positions, mask[:, None], input_pos, absorb)
+        h = self.trunk(tokens, positions, mask[:, None], input_pos, self.absorb)
         return self.lm_head(h[:, -1])  # only the last position is needed to pick the next token
 
     @torch.no_grad()
@@ -520,86 +569,208 @@ class NanoLLM(nn.Module):
     @classmethod
     def from_pretrained(cls, ckpt_dir, device=None, dtype=None) -> "NanoLLM":
         """An HF-layout DeepseekV3 checkpoint folder (config.json + model.safetensors, or shards with an index) on
-        device (None: cpu), in dtype (None: float32)."""
-        ckpt, device = Path(ckpt_dir), torch.device(device or "cpu")
-        if not (ckpt / "config.json").is_file():
-            raise FileNotFoundError(f"no checkpoint in {ckpt} (config.json missing); nanollm is trained from "
-                                    "scratch, there is nothing to download: train one with finetune.py")
-        args = read_json(ckpt / "config.json", ModelArgs.from_hf_config)
-        if (ckpt / "generation_config.json").is_file():  # its eos_token_id wins, as in HF generate
-            eos = read_json(ckpt / "generation_config.json").get("eos_token_id", args.eos_token_id)
-            args.eos_token_id = tuple(eos) if isinstance(eos, list) else eos
+        device (None: cpu), in dtype (None: as stored). Every file is checked before it is used (see Loading)."""
+        ckpt_dir = Path(ckpt_dir)
+        args = read_config(ckpt_dir)
+        header = read_header(ckpt_dir, layers=args.n_layers, experts=args.n_routed_experts if args.moe_layers else 0)
+        # DeepSeek-V3 ships its multi-token-prediction module as extra layers n_layers...: unused, as in HF
+        header = {k: v for k, v in header.items()
+                  if not ((m := re.match(r"model\.layers\.(\d+)\.", k)) and int(m[1]) >= args.n_layers)}
+        model = build(cls, args, ckpt_dir)  # shapes only: the loaded tensors become the weights, one copy in memory
+        state = load_weights(model, header, ckpt_dir, device or "cpu", None)
         # the balancing bias stays fp32, as HF keeps it: bf16 cannot hold 1e-3 steps on top of ~1
-        state = {k: v if k.endswith("e_score_correction_bias") else v.to(dtype or torch.float32)
-                 for k, v in load_safetensors(ckpt, device, None).items()
-                 # DeepSeek-V3 ships its multi-token-prediction module as extra layers n_layers...: unused, as in HF
-                 if not (k.startswith("model.layers.") and int(k.split(".")[2]) >= args.n_layers)}
-        # built on meta: no memory and no init for weights about to be replaced; assign=True below adopts the
-        # loaded tensors as the parameters (one copy in memory, gpt-fast style)
-        with torch.device("meta"):
-            model = cls(args)
-        if args.tie_embeddings and "model.embed_tokens.weight" in state:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        check_state(model, state, ckpt)
-        model.load_state_dict(state, strict=True, assign=True)
+        model.load_state_dict({k: v.float() if k.endswith("e_score_correction_bias") else v.to(dtype or v.dtype)
+                               for k, v in state.items()}, strict=True, assign=True)
         if args.tie_embeddings:  # assign=True gave each name its own Parameter: tie them again
             model.lm_head.weight = model.model.embed_tokens.weight
+        model.init_rope(device)
         return model.eval()
 
-    # ------------------------------------------------------------------------------------------------------------
+    # -------------------------------------------------------------------------
     # Generation
 
+    # Same as smollm2.py: SmolLM2.generate (with SmolLM2->NanoLLM)
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature=0.0, top_k=None, top_p=1.0,
-                 stop_tokens=None, seed=None, stream=None, absorb=True) -> list[list[int]]:
-        """New tokens per prompt, stop token excluded. Ragged prompts are left-padded; stream(row, token) is
-        called for each kept token; absorb picks the MLA decode path (both are tested equal)."""
-        length = check_generate(prompts, max_new_tokens, self.args.max_seq_len, temperature, top_k, top_p)
-        eos = self.args.eos_token_id
-        stop = set((eos if isinstance(eos, tuple) else (eos,)) if stop_tokens is None else stop_tokens) - {None}
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float = 1.0, stop_tokens=None, seed: int | None = None,
+                 stream=None) -> list[list[int]]:
+        """Continue each prompt; return the new tokens of each (a stop token ends a row and is not returned).
+        temperature 0 is greedy; stop_tokens None stops at args.stop_tokens, [] never early; stream(row, token) is
+        called for each returned token as soon as it is sampled. The KV cache lives for this call, unless the caller
+        set up one that fits (benchmarks do, so that a compiled decode step always sees the same buffers)."""
+        longest = check_generate(prompts, max_new_tokens, self.args, temperature, top_k, top_p)
+        stop = set(self.args.stop_tokens if stop_tokens is None else stop_tokens)
+        B, total = len(prompts), longest + max_new_tokens
         device = self.lm_head.weight.device
-        generator = None if seed is None else torch.Generator(device).manual_seed(seed)
-        # left padding puts every row's last prompt token in the same slot, so one step decodes all rows
-        tokens = torch.tensor([[0] * (length - len(p)) + list(p) for p in prompts], device=device)
-        pad = torch.tensor([length - len(p) for p in prompts], device=device)
-        input_pos = torch.arange(length, device=device)
-        out, done = [[] for _ in prompts], [False] * len(prompts)
-        self.setup_cache(len(prompts), length + max_new_tokens)
+        # Left-pad so every row's last prompt token sits in the same slot: one decode step serves all rows.
+        pad = torch.tensor([longest - len(p) for p in prompts], device=device)
+        tokens = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
+        generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        cache = self.model.layers[0].self_attn.cache
+        own_cache = cache is None or cache.batch_size != B or cache.max_seq_len < total
+        if own_cache:
+            self.setup_cache(B, total)
+        out, done = [[] for _ in range(B)], [False] * B
         try:
-            for _ in range(max_new_tokens):
-                logits = self.forward_cached(tokens, input_pos, pad, absorb)
-                tokens = sample(logits, temperature, top_k, top_p, generator)[:, None]  # (B, 1)
-                for row, t in enumerate(tokens[:, 0].tolist()):
-                    done[row] = done[row] or t in stop
-                    if not done[row]:
-                        out[row].append(t)
+            logits = self.forward_cached(tokens, torch.arange(longest, device=device), pad)  # prefill
+            for step in range(max_new_tokens):
+                next_tok = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+                for b, t in enumerate(next_tok.tolist()):
+                    done[b] = done[b] or t in stop  # a finished row keeps decoding (batch shape) but is ignored
+                    if not done[b]:
+                        out[b].append(t)
                         if stream is not None:
-                            stream(row, t)
-                if all(done):
+                            stream(b, t)
+                if all(done) or step == max_new_tokens - 1:
                     break
-                input_pos = input_pos[-1:] + 1
+                logits = self.forward_cached(next_tok[:, None], torch.tensor([longest + step], device=device), pad)
         finally:
-            self.clear_cache()
+            if own_cache:
+                self.clear_cache()
         return out
 
-# ----------------------------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
+# Loading (the block every model file repeats; see smollm2.py)
+
+FETCH = ("nanollm is trained from scratch: `python benchmarks/pretrain_nanollm.py` trains one in about 2 minutes on a "
+         "CPU (then --ckpt_dir runs/pretrain_nanollm/model); finetune.py --preset trains others")
+
+
+# Same as smollm2.py: read_json
+def read_json(path) -> dict:
+    """A JSON object from a file, else a ValueError naming the file (json's own errors do not)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or brackets nested 10^5 deep
+        raise ValueError(f"{path} is not valid JSON ({e}); download it again") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object but a {type(data).__name__}")
+    return data
+
+
+# Same as smollm2.py: read_config
+def read_config(ckpt_dir: Path) -> ModelArgs:
+    """ModelArgs from config.json, stopping where generation_config.json's eos ids say (as HF generate does)."""
+    path, gen = ckpt_dir / "config.json", ckpt_dir / "generation_config.json"
+    if not path.is_file():
+        fix = f"Meta's original format: convert it once with `python download.py --meta_dir {ckpt_dir}`" \
+            if (ckpt_dir / "params.json").is_file() else FETCH
+        raise FileNotFoundError(f"{ckpt_dir} is a file: give the checkpoint's folder" if ckpt_dir.is_file() else
+                                f"no checkpoint at {ckpt_dir} (no config.json): {fix}")
+    cfg, gen_cfg = read_json(path), read_json(gen) if gen.is_file() else {}
+    try:
+        args = ModelArgs.from_hf_config(cfg)
+        args.stop_tokens = config_get(gen_cfg, "eos_token_id", tuple, args.stop_tokens)
+    except ValueError as e:  # config_get's message names the key
+        raise ValueError(f"{ckpt_dir}: {e}") from None
+    return args
+
+
+# Same as smollm2.py: build
+def build(cls, args, ckpt_dir: Path):
+    """cls(args) on the meta device: shapes only, no memory (the checkpoint's tensors become its weights). A config
+    whose shapes torch cannot hold (an element count beyond int64) is a ValueError."""
+    try:
+        with torch.device("meta"):
+            return cls(args)
+    except (RuntimeError, TypeError, OverflowError) as e:
+        raise ValueError(f"{ckpt_dir}/config.json gives shapes torch cannot build ({type(e).__name__})") from None
+
+
+# Same as smollm2.py: read_header
+def read_header(ckpt_dir: Path, **counts: int) -> dict:
+    """{name: (file, dtype, shape)} of the tensors in model.safetensors or in the shards its index lists, from the
+    headers alone. counts (layers=30): modules config.json asks for, which the weights must hold before the model is
+    built (a time per module: 10^6 layers over 30 weights' would take minutes)."""
+    from safetensors import SafetensorError, safe_open
+
+    index = ckpt_dir / "model.safetensors.index.json"
+    files = read_json(index).get("weight_map") if index.is_file() else {"": "model.safetensors"}
+    if not isinstance(files, dict) or not all(isinstance(f, str) and Path(f).name == f for f in files.values()):
+        raise ValueError(f"{index}: weight_map must map tensor names to file names in the folder")
+    header = {}
+    for f in sorted({ckpt_dir / f for f in files.values()}):
+        try:
+            with safe_open(f, "pt") as st:
+                header |= {k: (f, st.get_slice(k).get_dtype(), st.get_slice(k).get_shape()) for k in st.keys()}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{f} is missing: the download is incomplete; fetch the checkpoint again") from None
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f} is truncated or corrupt ({e}); download it again") from None
+    for name, n in counts.items():
+        if n > len(held := {m[1] for k in header if (m := re.search(rf"\.{name}\.(\d+)\.", k))}):
+            raise ValueError(f"{ckpt_dir}/config.json asks for {n} {name} but the weights hold {len(held)}")
+    return header
+
+
+# Same as smollm2.py: load_weights
+def load_weights(model, header: dict, ckpt_dir: Path, device, dtype, absent=()) -> dict:
+    """The model's state dict, memory-mapped onto device in dtype (None: as stored), once the header holds exactly its
+    names (but `absent`, which the caller adds, and a tied head), shapes and float dtypes (an int label on float bytes
+    would load as garbage)."""
+    from safetensors import safe_open
+
+    tied = {"lm_head.weight"} if model.args.tie_embeddings else set()  # the embedding is the head
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied | set(absent)}
+    have = {k: v for k, v in header.items() if k not in tied}
+    wrong = [f"{k} is missing" for k in want.keys() - have.keys()] + [f"{k} is extra" for k in have.keys() - want]
+    for k, (_, kind, shape) in have.items():
+        if k in want and tuple(shape) != want[k]:
+            wrong.append(f"{k} has shape {tuple(shape)} but the config gives {want[k]}")
+        elif k in want and kind not in ("F16", "BF16", "F32", "F64"):
+            wrong.append(f"{k} is stored as {kind}, where weights are floats")
+    if wrong:
+        raise ValueError(f"{ckpt_dir} does not match its config: {'; '.join(sorted(wrong)[:3])}")
+    state = {}
+    for f in sorted({file for file, _, _ in have.values()}):
+        with safe_open(f, "pt") as st:  # .to() returns the mapped tensor itself where device and dtype are its own
+            state |= {k: st.get_tensor(k).to(device=device, dtype=dtype) for k in st.keys() if k in want}
+    return state | ({"lm_head.weight": state["model.embed_tokens.weight"]} if tied else {})
+
+# -----------------------------------------------------------------------------
 # Sampling
+
+
+# Same as smollm2.py: check_generate
+def check_generate(prompts, max_new_tokens, args: ModelArgs, temperature, top_k, top_p) -> int:
+    """generate()'s arguments, checked before any work -> the longest prompt's length; else a ValueError naming the
+    problem. Every sampling setting accepted here samples (a temperature too small for float32 is greedy)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
+    if not 0 < top_p <= 1 or top_k is not None and top_k < 1:
+        raise ValueError(f"top_p must be in (0, 1] and top_k >= 1, got top_p {top_p}, top_k {top_k}")
+    if max_new_tokens < 1 or not prompts or not all(prompts):
+        raise ValueError("need max_new_tokens >= 1 and at least one token in every prompt")
+    if not all(0 <= t < args.vocab_size for p in prompts for t in p):
+        raise ValueError(f"a prompt holds a token id outside the vocabulary (0..{args.vocab_size - 1})")
+    if (longest := max(map(len, prompts))) + max_new_tokens > args.max_seq_len:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len "
+                         f"{args.max_seq_len} (the context)")
+    return longest
 
 
 # Same as smollm2.py: logits_to_probs
 def logits_to_probs(logits, temperature: float, top_k: int | None = None, top_p: float = 1.0):
     """logits (B, vocab) -> sampling distribution (B, vocab): temperature, then top-k, then top-p, as HF's
     TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper apply them (tests compare every file's)."""
-    logits = logits.float() / temperature
+    scaled = logits.float() / temperature
+    if not scaled.isfinite().all():
+        # subtle: a temperature too small for float32 (1e-40) overflows the division, and softmax(inf - inf) is NaN;
+        # the distribution it tends to is greedy's, all mass on the largest logit
+        return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
+    logits = scaled
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1) k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th stay, as in HF
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
         # keep the smallest set of most likely tokens whose mass reaches top_p: drop a token only when the mass
-        # before it already reaches top_p, so the token that crosses the boundary stays (HF's TopP, min 1 token)
+        # before it already reaches top_p, so the token that crosses the boundary stays (HF's TopP, min 1 token;
+        # the first always stays, also where top_p is below float32's range and the comparison sees 0)
         sorted_p, order = probs.sort(dim=-1, descending=True)
         outside = sorted_p.cumsum(dim=-1) - sorted_p >= top_p
+        outside[:, 0] = False
         sorted_p = sorted_p.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p / sorted_p.sum(-1, keepdim=True))
     return probs
@@ -613,59 +784,31 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
         return logits.argmax(dim=-1)
     return torch.multinomial(logits_to_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
 
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-
-try:  # the speed module beside this file (fast_decode.py); a copy of this file alone runs plain, same tokens
-    from fast_decode import fast
-except ImportError:
-    fast = None
+# -----------------------------------------------------------------------------
+# Command line: cli.py's flags and chat loop
 
 
 def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/nanollm", max_new_tokens: int = 200,
          temperature: float = 0.8, top_p: float = 0.95, top_k: int | None = None, device: str | None = None,
          dtype: str | None = None, seed: int | None = None, chat: bool | None = None, interactive: bool = False,
          int8: bool = False):
-    """Generate from a nanollm checkpoint (trained with finetune.py); a chat model (one with a chat template)
-    wraps the prompt in ChatML unless --chat false.
+    """Generate from a nanollm checkpoint (benchmarks/pretrain_nanollm.py or finetune.py trains one); a chat model
+    (one with a chat template) wraps the prompt in ChatML unless --chat false.
 
-    prompt: the text to continue (with --interactive, the first turn)
     ckpt_dir: a checkpoint folder written by finetune.py (config.json, model.safetensors, tokenizer.json)
-    max_new_tokens: most tokens to generate per reply
-    temperature: 0 is greedy; higher is more random
-    top_p: sample from the smallest set of tokens whose probability reaches top_p
-    top_k: sample from the k most likely tokens only
-    device: cpu, cuda, cuda:1...; default cuda when available, else cpu
-    dtype: float32, bfloat16 or float16; default float32
     seed: seeds sampling, so a run repeats exactly; default a different draw each run
-    chat: wrap the prompt in ChatML; default: when the checkpoint has a chat template
-    interactive: chat turn by turn until Ctrl-D
-    int8: int8 weights on the CPU (fast_decode.py's weights="int8": a quarter of fp32's bytes per token, about
-        +0.6-0.9% perplexity on SmolLM2)
+    (the flags every model file takes, --prompt, --temperature and the others: python nanollm.py --help)
     """
-    try:  # everything a user can get wrong is checked before the (slow) load, and reported in one line
-        dev, dt = check_generation_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
-                                         interactive, int8=int8, fast=fast)
-        t0 = time.time()
-        model = NanoLLM.from_pretrained(ckpt_dir, dev, dt)
-        tokenizer = Tokenizer.from_file(ckpt_dir)  # finetune.py saves the tokenizer_bpe.py one beside the weights
-        chat = is_chat_checkpoint(ckpt_dir) if chat is None else chat
-        if chat and "<|im_end|>" not in tokenizer.special_tokens:
-            raise ValueError(f"{ckpt_dir}: its tokenizer has no ChatML tokens (<|im_end|>); use --chat false")
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        raise SystemExit(f"error: {e}")
-    if fast:
-        fast(model, threads=True, weights="int8" if int8 else None)  # threads: fast_decode.decode_threads
-    a, size = model.args, model.lm_head.weight.element_size()
-    print(f"loaded {ckpt_dir} ({model.lm_head.weight.dtype}, {dev}) in {time.time() - t0:.1f}s; KV cache per token: "
-          f"{a.n_layers * (a.kv_lora_rank + a.qk_rope_head_dim) * size:,} B (MLA latent) vs "
-          f"{a.n_layers * 2 * a.dim * size:,} B (MHA of the same width)", file=sys.stderr)
-    eos = model.args.eos_token_id
-    stop = list(eos) if isinstance(eos, tuple) else [] if eos is None else [eos]
-    stop += [tokenizer.special_tokens["<|im_end|>"]] if chat else []
-    converse(model, tokenizer, encode_chat if chat else None, prompt, interactive, stop, max_new_tokens, temperature,
-             top_k, top_p, seed)
+    from cli import chat_main  # the flags checked before the slow load, the load, then one reply or a conversation
+
+    chat_main(NanoLLM, encode_chat, prompt, ckpt_dir, max_new_tokens, temperature, top_p, top_k, device, dtype, seed,
+              chat, interactive, int8)
 
 
 if __name__ == "__main__":
+    try:
+        from cli import cli
+    except ModuleNotFoundError:
+        raise SystemExit("error: nanollm.py's command line needs cli.py beside it (the model itself needs only "
+                         "tokenizer_bpe.py)")
     cli(main)

@@ -14,6 +14,13 @@ Departures from the reference, all deliberate:
   prompt yields exactly the tokens it yields alone (HF's padded `generate` shifts positions unless the caller
   passes them);
 - during prefill only the last position goes through the 49152-wide output head;
+- a checkpoint is user input: config.json is checked value by value, and against the weights' own safetensors
+  headers (names, shapes, dtypes) before anything is built or read; nothing is allocated by a size only the
+  config states (RoPE angles are computed for the positions in use, never tabled up to the context length).
+
+The other model files repeat parts of this one on purpose, each copy marked `# Same as smollm2.py: NAME` and kept
+identical by tests/test_copies.py, so each file reads alone. The command line is cli.py's (flags, chat loop);
+as a library this file needs only tokenizer_bpe.py.
 
 Usage:
     python download.py                                  # SmolLM2-135M-Instruct into checkpoints/
@@ -22,7 +29,9 @@ Usage:
     python smollm2.py --ckpt_dir checkpoints/SmolLM2-135M --prompt "Once upon a time" --temperature 0.8
 """
 
-import sys
+import json
+import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer_bpe import (Tokenizer, apply_chat_template, check_generate, check_generation_flags,
-                           check_state, cli, converse, is_chat_checkpoint, load_safetensors, read_json)
+from tokenizer_bpe import Tokenizer, apply_chat_template
 
 # -----------------------------------------------------------------------------
 # Config
@@ -50,10 +58,10 @@ class ModelArgs:
     vocab_size: int = 49152
     rope_theta: float = 100000.0  # RoPE base
     norm_eps: float = 1e-5  # RMSNorm epsilon
-    max_seq_len: int = 8192  # context length the model was trained for
+    max_seq_len: int = 8192  # context the model was trained for (HF max_position_embeddings): prompt + generation
     tie_embeddings: bool = True  # output head shares the token embedding matrix
-    bos_id: int = 1  # <|im_start|>
-    eos_id: int = 2  # <|im_end|> for instruct checkpoints, <|endoftext|> (0) for base ones
+    bos_token_id: int = 1  # <|im_start|>
+    stop_tokens: tuple[int, ...] = (2,)  # generation ends at these: <|im_end|> (instruct), <|endoftext|> 0 (base)
 
     @property
     def head_dim(self) -> int:
@@ -67,31 +75,18 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
-        """From a HF `config.json` of a Llama-architecture model with plain (unscaled) RoPE."""
-        # transformers >= 5 nests rope settings in `rope_parameters`; older files use rope_theta/rope_scaling
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        """From a HF `config.json` of a Llama-architecture model with plain (unscaled) RoPE (see llama_fields)."""
+        fields, rope = llama_fields(cfg)
+        head_dim = fields["dim"] // fields["n_heads"]
         if rope.get("rope_type", rope.get("type", "default")) != "default" or cfg.get("attention_bias") \
-                or cfg.get("mlp_bias") or cfg.get("head_dim", dim // n_heads) != dim // n_heads:
+                or cfg.get("mlp_bias") or cfg.get("head_dim", head_dim) != head_dim:
             raise NotImplementedError("RoPE scaling, biases and head_dim != hidden_size / num_attention_heads are "
                                       "not part of SmolLM2 (llama31.py reads Llama 3's scaled RoPE)")
-        eos = cfg.get("eos_token_id", 2)
-        return cls(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
-                   n_kv_heads=cfg.get("num_key_value_heads") or n_heads, hidden_dim=cfg["intermediate_size"],
-                   vocab_size=cfg["vocab_size"], rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 1e4))),
-                   norm_eps=cfg.get("rms_norm_eps", 1e-5), max_seq_len=cfg.get("max_position_embeddings", 8192),
-                   tie_embeddings=cfg.get("tie_word_embeddings", True), bos_id=cfg.get("bos_token_id", 1),
-                   eos_id=eos[0] if isinstance(eos, list) else eos)
+        return cls(**fields, bos_token_id=config_get(cfg, "bos_token_id", int, 1, low=0))
 
     def to_hf_config(self) -> dict:
         """A config.json that both this file and transformers' LlamaForCausalLM load."""
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.dim,
-                "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
-                "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
-                "intermediate_size": self.hidden_dim, "vocab_size": self.vocab_size, "rope_theta": self.rope_theta,
-                "rms_norm_eps": self.norm_eps, "max_position_embeddings": self.max_seq_len,
-                "tie_word_embeddings": self.tie_embeddings, "bos_token_id": self.bos_id, "eos_token_id": self.eos_id,
-                "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32"}
+        return {**llama_config(self), "bos_token_id": self.bos_token_id, "torch_dtype": "float32"}
 
 
 # Published sizes (HuggingFaceTB/SmolLM2-*). Public copies disagree on RoPE theta and context of the larger
@@ -101,6 +96,55 @@ PRESETS = {
     "SmolLM2-360M": dict(dim=960, n_layers=32, n_heads=15, n_kv_heads=5, hidden_dim=2560, rope_theta=100000.0),
     "SmolLM2-1.7B": dict(dim=2048, n_layers=24, n_heads=32, n_kv_heads=32, hidden_dim=8192, rope_theta=130000.0),
 }
+
+
+def config_get(cfg: dict, key: str, kind=int, default=..., low=None):
+    """cfg[key] of a config.json (default where absent or null; none: required) if it is what its field needs: an int
+    below 2^62 (not a bool, "64" or 2.5) or a finite float, > 0 or >= low; a bool or a dict; ids (an int >= 0 or a
+    list of them, as a tuple). Else a ValueError naming the key: a config that would build a wrong model stops here."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"a config is a JSON object, not a {type(cfg).__name__}")
+    if (value := cfg.get(key)) is None and default is not ...:
+        return default
+    ids = value if isinstance(value, list) else [value]
+    ok = {int: type(value) is int and value < 2**62, float: type(value) in (int, float) and math.isfinite(value),
+          bool: type(value) is bool, dict: type(value) is dict, tuple: all(type(i) is int and i >= 0 for i in ids)}
+    if not ok[kind] or kind in (int, float) and not (value > 0 if low is None else value >= low):
+        lo = "> 0" if low is None else f">= {low}"
+        want = {int: f"an integer {lo}, < 2^62", float: f"a finite number {lo}", bool: "true or false",
+                dict: "an object", tuple: "an id >= 0 or a list of them"}[kind]
+        raise ValueError(f"no {key!r} entry: it is not a checkpoint this file reads" if value is None else
+                         f"{key} must be {want}, got {value!r:.60}")
+    return tuple(ids) if kind is tuple else float(value) if kind is float else value
+
+
+def llama_fields(cfg: dict) -> tuple[dict, dict]:
+    """The ModelArgs fields that every Llama-architecture config.json gives, each checked by config_get (a key it lacks
+    takes transformers' LlamaConfig default), and the RoPE settings -> (fields, rope)."""
+    dim, n_heads = config_get(cfg, "hidden_size"), config_get(cfg, "num_attention_heads")
+    n_kv_heads = config_get(cfg, "num_key_value_heads", int, n_heads)
+    if dim % n_heads or dim // n_heads % 2 or n_heads % n_kv_heads:
+        raise ValueError(f"hidden_size {dim}, num_attention_heads {n_heads} and num_key_value_heads {n_kv_heads} do "
+                         "not fit: heads of an even size must split hidden_size, KV heads the heads")
+    # transformers >= 5 nests rope settings in `rope_parameters`; older files use rope_theta + rope_scaling
+    rope = config_get(cfg, "rope_parameters", dict, None) or config_get(cfg, "rope_scaling", dict, {})
+    return dict(dim=dim, n_layers=config_get(cfg, "num_hidden_layers"), n_heads=n_heads, n_kv_heads=n_kv_heads,
+                hidden_dim=config_get(cfg, "intermediate_size"), vocab_size=config_get(cfg, "vocab_size"),
+                rope_theta=config_get(rope, "rope_theta", float, config_get(cfg, "rope_theta", float, 10000.0)),
+                norm_eps=config_get(cfg, "rms_norm_eps", float, 1e-6),
+                max_seq_len=config_get(cfg, "max_position_embeddings", int, 2048),
+                tie_embeddings=config_get(cfg, "tie_word_embeddings", bool, False),
+                stop_tokens=config_get(cfg, "eos_token_id", tuple, (2,))), rope
+
+
+def llama_config(args) -> dict:
+    """The config.json of llama_fields' fields (each file's to_hf_config adds its own)."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "hidden_size": args.dim,
+            "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+            "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "intermediate_size": args.hidden_dim,
+            "vocab_size": args.vocab_size, "rope_theta": args.rope_theta, "rms_norm_eps": args.norm_eps,
+            "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_embeddings,
+            "eos_token_id": list(args.stop_tokens) or None, "attention_bias": False, "mlp_bias": False}
 
 # -----------------------------------------------------------------------------
 # Building blocks
@@ -118,18 +162,20 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
 
-def rope_tables(args: ModelArgs, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every (position, frequency) pair: two (max_seq_len, head_dim) fp32 tables."""
+def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
+    """Angular frequency of each rotated pair of dimensions: (head_dim / 2,) fp32, as HF LlamaRotaryEmbedding."""
     hd = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.int64).float() / hd))
-    t = torch.arange(args.max_seq_len, device=device, dtype=torch.int64).float()
-    freqs = torch.outer(t, inv_freq)  # (max_seq_len, hd/2)
-    # rotate-half convention: frequency i drives dimensions i and i + hd/2 (not the interleaved pairs
-    # 2i, 2i+1 of the RoPE paper and Meta's code); HF checkpoints' q/k rows are laid out for this.
-    emb = torch.cat((freqs, freqs), dim=-1)  # (max_seq_len, hd)
-    return emb.cos(), emb.sin()
+    return 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.int64).float() / hd))
 
 
+def rope_cos_sin(inv_freq, pos, dtype):
+    """pos (B, T) -> cos, sin (B, 1, T, head_dim), angles in fp32 then cast, as HF LlamaRotaryEmbedding. Computed for
+    the positions in use at each forward: a table up to the context length would be sized by config.json alone."""
+    freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
+    # rotate-half layout: frequency i drives dimensions i and i + hd/2 (HF's convention, not the interleaved
+    # pairs 2i, 2i+1 of the RoPE paper and Meta's code); HF checkpoints' q/k rows are laid out for this
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd): broadcast over heads
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 def apply_rope(x, cos, sin):
     """x (B, n_heads, T, hd), cos and sin (B, 1, T, hd): rotate each pair (x_i, x_{i+hd/2}) by its angle."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -141,6 +187,7 @@ class KVCache(nn.Module):
 
     def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
         super().__init__()
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len  # what generate() may reuse it for
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
@@ -218,6 +265,7 @@ def doc_positions_and_mask(doc_ids):
     return pos, mask[:, None]
 
 
+
 # -----------------------------------------------------------------------------
 # The model
 
@@ -236,16 +284,14 @@ class SmolLM2(nn.Module):
         self.init_rope()
 
     def init_rope(self, device=None):
-        # Non-persistent: recomputed, never loaded. Called again after a meta-device build (see from_pretrained).
-        cos, sin = rope_tables(self.args, device)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        # A plain fp32 tensor, not a buffer: model.to(torch.bfloat16) must not round the frequencies. Made again on
+        # the weights' device after a meta-device build (from_pretrained); trunk follows the model if it moves.
+        self.inv_freq = rope_inv_freq(self.args, device)
 
     def trunk(self, tokens, pos, mask, input_pos=None):
         """tokens (B, T), pos (B, T) RoPE positions -> final-normed hidden states (B, T, dim)."""
         x = self.model.embed_tokens(tokens)
-        cos = self.rope_cos[pos].to(x.dtype).unsqueeze(1)  # (B, 1, T, hd): broadcast over heads
-        sin = self.rope_sin[pos].to(x.dtype).unsqueeze(1)
+        cos, sin = rope_cos_sin(self.inv_freq.to(x.device), pos, x.dtype)  # once, shared by every layer
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, input_pos)
         return self.model.norm(x)
@@ -265,6 +311,8 @@ class SmolLM2(nn.Module):
     # --- KV cache: allocated for generation only, never while training
 
     def setup_cache(self, batch_size: int, max_seq_len: int):
+        # 2 (k, v) * n_layers * n_kv_heads * head_dim values per token: sized to the request, never to the context
+        # (Llama 3.1 8B's 131072 tokens would take 16 GiB per row in bf16)
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(f"{max_seq_len} tokens do not fit the context of {self.args.max_seq_len}")
         w = self.lm_head.weight
@@ -295,26 +343,22 @@ class SmolLM2(nn.Module):
         return self.lm_head(h[:, -1])  # only the last position is needed to pick the next token
 
     # -------------------------------------------------------------------------
+    # -------------------------------------------------------------------------
     # Loading
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, device=None, dtype=None) -> "SmolLM2":
-        """A HF checkpoint folder (config.json + model.safetensors, or shards with an index) on device (None:
-        cpu), in dtype (None: float32)."""
+        """A HF checkpoint folder (config.json + model.safetensors, or shards with an index) on device (None: cpu),
+        in dtype (None: as stored). Every file is checked before it is used (see Loading below): a config or
+        weights that do not fit are one ValueError or FileNotFoundError naming the file, raised before any tensor
+        is read or the model is built."""
         ckpt_dir = Path(ckpt_dir)
-        if not (ckpt_dir / "config.json").is_file():
-            raise FileNotFoundError(f"no checkpoint at {ckpt_dir}: run `python download.py` "
-                                    f"(or `python download.py NAME --out DIR` for another size)")
-        args = read_json(ckpt_dir / "config.json", ModelArgs.from_hf_config)
+        args = read_config(ckpt_dir)
+        header = read_header(ckpt_dir, layers=args.n_layers)
         # Build on the meta device (shapes only, no memory), then assign each loaded tensor into place:
         # the weights exist once in memory, already in their final dtype and device.
-        with torch.device("meta"):
-            model = cls(args)
-        state = load_safetensors(ckpt_dir, device or "cpu", dtype or torch.float32)
-        if args.tie_embeddings and "model.embed_tokens.weight" in state:  # the embedding wins over a stored copy
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        check_state(model, state, ckpt_dir)
-        model.load_state_dict(state, strict=True, assign=True)
+        model = build(cls, args, ckpt_dir)
+        model.load_state_dict(load_weights(model, header, ckpt_dir, device or "cpu", dtype), strict=True, assign=True)
         if args.tie_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight  # assign=True made two Parameters: re-tie
         model.init_rope(device)
@@ -328,17 +372,21 @@ class SmolLM2(nn.Module):
                  top_k: int | None = None, top_p: float = 1.0, stop_tokens=None, seed: int | None = None,
                  stream=None) -> list[list[int]]:
         """Continue each prompt; return the new tokens of each (a stop token ends a row and is not returned).
-        temperature 0 is greedy; stop_tokens None stops at the model's end-of-turn token, [] never early;
-        stream(row, token) is called for every returned token as soon as it is sampled."""
-        longest = check_generate(prompts, max_new_tokens, self.args.max_seq_len, temperature, top_k, top_p)
-        stop = {self.args.eos_id} if stop_tokens is None else set(stop_tokens)
-        B = len(prompts)
+        temperature 0 is greedy; stop_tokens None stops at args.stop_tokens, [] never early; stream(row, token) is
+        called for each returned token as soon as it is sampled. The KV cache lives for this call, unless the caller
+        set up one that fits (benchmarks do, so that a compiled decode step always sees the same buffers)."""
+        longest = check_generate(prompts, max_new_tokens, self.args, temperature, top_k, top_p)
+        stop = set(self.args.stop_tokens if stop_tokens is None else stop_tokens)
+        B, total = len(prompts), longest + max_new_tokens
         device = self.lm_head.weight.device
         # Left-pad so every row's last prompt token sits in the same slot: one decode step serves all rows.
         pad = torch.tensor([longest - len(p) for p in prompts], device=device)
         tokens = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
         generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-        self.setup_cache(B, longest + max_new_tokens)
+        cache = self.model.layers[0].self_attn.cache
+        own_cache = cache is None or cache.batch_size != B or cache.max_seq_len < total
+        if own_cache:
+            self.setup_cache(B, total)
         out, done = [[] for _ in range(B)], [False] * B
         try:
             logits = self.forward_cached(tokens, torch.arange(longest, device=device), pad)  # prefill
@@ -354,27 +402,146 @@ class SmolLM2(nn.Module):
                     break
                 logits = self.forward_cached(next_tok[:, None], torch.tensor([longest + step], device=device), pad)
         finally:
-            self.clear_cache()
+            if own_cache:
+                self.clear_cache()
         return out
 
+# -----------------------------------------------------------------------------
+# Loading: a checkpoint's files are user input, each checked before it is used; what does not fit is one line
+# naming the file. The same block stands in every model file (a model file and tokenizer_bpe.py are all a library
+# user copies); FETCH, how to get a checkpoint, is each file's own.
+
+FETCH = "run `python download.py` (SmolLM2-135M-Instruct; `python download.py NAME` for another size)"
+
+
+def read_json(path) -> dict:
+    """A JSON object from a file, else a ValueError naming the file (json's own errors do not)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or brackets nested 10^5 deep
+        raise ValueError(f"{path} is not valid JSON ({e}); download it again") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object but a {type(data).__name__}")
+    return data
+
+
+def read_config(ckpt_dir: Path) -> ModelArgs:
+    """ModelArgs from config.json, stopping where generation_config.json's eos ids say (as HF generate does)."""
+    path, gen = ckpt_dir / "config.json", ckpt_dir / "generation_config.json"
+    if not path.is_file():
+        fix = f"Meta's original format: convert it once with `python download.py --meta_dir {ckpt_dir}`" \
+            if (ckpt_dir / "params.json").is_file() else FETCH
+        raise FileNotFoundError(f"{ckpt_dir} is a file: give the checkpoint's folder" if ckpt_dir.is_file() else
+                                f"no checkpoint at {ckpt_dir} (no config.json): {fix}")
+    cfg, gen_cfg = read_json(path), read_json(gen) if gen.is_file() else {}
+    try:
+        args = ModelArgs.from_hf_config(cfg)
+        args.stop_tokens = config_get(gen_cfg, "eos_token_id", tuple, args.stop_tokens)
+    except ValueError as e:  # config_get's message names the key
+        raise ValueError(f"{ckpt_dir}: {e}") from None
+    return args
+
+
+def build(cls, args, ckpt_dir: Path):
+    """cls(args) on the meta device: shapes only, no memory (the checkpoint's tensors become its weights). A config
+    whose shapes torch cannot hold (an element count beyond int64) is a ValueError."""
+    try:
+        with torch.device("meta"):
+            return cls(args)
+    except (RuntimeError, TypeError, OverflowError) as e:
+        raise ValueError(f"{ckpt_dir}/config.json gives shapes torch cannot build ({type(e).__name__})") from None
+
+
+def read_header(ckpt_dir: Path, **counts: int) -> dict:
+    """{name: (file, dtype, shape)} of the tensors in model.safetensors or in the shards its index lists, from the
+    headers alone. counts (layers=30): modules config.json asks for, which the weights must hold before the model is
+    built (a time per module: 10^6 layers over 30 weights' would take minutes)."""
+    from safetensors import SafetensorError, safe_open
+
+    index = ckpt_dir / "model.safetensors.index.json"
+    files = read_json(index).get("weight_map") if index.is_file() else {"": "model.safetensors"}
+    if not isinstance(files, dict) or not all(isinstance(f, str) and Path(f).name == f for f in files.values()):
+        raise ValueError(f"{index}: weight_map must map tensor names to file names in the folder")
+    header = {}
+    for f in sorted({ckpt_dir / f for f in files.values()}):
+        try:
+            with safe_open(f, "pt") as st:
+                header |= {k: (f, st.get_slice(k).get_dtype(), st.get_slice(k).get_shape()) for k in st.keys()}
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{f} is missing: the download is incomplete; fetch the checkpoint again") from None
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f} is truncated or corrupt ({e}); download it again") from None
+    for name, n in counts.items():
+        if n > len(held := {m[1] for k in header if (m := re.search(rf"\.{name}\.(\d+)\.", k))}):
+            raise ValueError(f"{ckpt_dir}/config.json asks for {n} {name} but the weights hold {len(held)}")
+    return header
+
+
+def load_weights(model, header: dict, ckpt_dir: Path, device, dtype, absent=()) -> dict:
+    """The model's state dict, memory-mapped onto device in dtype (None: as stored), once the header holds exactly its
+    names (but `absent`, which the caller adds, and a tied head), shapes and float dtypes (an int label on float bytes
+    would load as garbage)."""
+    from safetensors import safe_open
+
+    tied = {"lm_head.weight"} if model.args.tie_embeddings else set()  # the embedding is the head
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied | set(absent)}
+    have = {k: v for k, v in header.items() if k not in tied}
+    wrong = [f"{k} is missing" for k in want.keys() - have.keys()] + [f"{k} is extra" for k in have.keys() - want]
+    for k, (_, kind, shape) in have.items():
+        if k in want and tuple(shape) != want[k]:
+            wrong.append(f"{k} has shape {tuple(shape)} but the config gives {want[k]}")
+        elif k in want and kind not in ("F16", "BF16", "F32", "F64"):
+            wrong.append(f"{k} is stored as {kind}, where weights are floats")
+    if wrong:
+        raise ValueError(f"{ckpt_dir} does not match its config: {'; '.join(sorted(wrong)[:3])}")
+    state = {}
+    for f in sorted({file for file, _, _ in have.values()}):
+        with safe_open(f, "pt") as st:  # .to() returns the mapped tensor itself where device and dtype are its own
+            state |= {k: st.get_tensor(k).to(device=device, dtype=dtype) for k in st.keys() if k in want}
+    return state | ({"lm_head.weight": state["model.embed_tokens.weight"]} if tied else {})
 
 # -----------------------------------------------------------------------------
 # Sampling
 
 
+def check_generate(prompts, max_new_tokens, args: ModelArgs, temperature, top_k, top_p) -> int:
+    """generate()'s arguments, checked before any work -> the longest prompt's length; else a ValueError naming the
+    problem. Every sampling setting accepted here samples (a temperature too small for float32 is greedy)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
+    if not 0 < top_p <= 1 or top_k is not None and top_k < 1:
+        raise ValueError(f"top_p must be in (0, 1] and top_k >= 1, got top_p {top_p}, top_k {top_k}")
+    if max_new_tokens < 1 or not prompts or not all(prompts):
+        raise ValueError("need max_new_tokens >= 1 and at least one token in every prompt")
+    if not all(0 <= t < args.vocab_size for p in prompts for t in p):
+        raise ValueError(f"a prompt holds a token id outside the vocabulary (0..{args.vocab_size - 1})")
+    if (longest := max(map(len, prompts))) + max_new_tokens > args.max_seq_len:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len "
+                         f"{args.max_seq_len} (the context)")
+    return longest
+
+
 def logits_to_probs(logits, temperature: float, top_k: int | None = None, top_p: float = 1.0):
     """logits (B, vocab) -> sampling distribution (B, vocab): temperature, then top-k, then top-p, as HF's
     TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper apply them (tests compare every file's)."""
-    logits = logits.float() / temperature
+    scaled = logits.float() / temperature
+    if not scaled.isfinite().all():
+        # subtle: a temperature too small for float32 (1e-40) overflows the division, and softmax(inf - inf) is NaN;
+        # the distribution it tends to is greedy's, all mass on the largest logit
+        return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
+    logits = scaled
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1) k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th stay, as in HF
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
         # keep the smallest set of most likely tokens whose mass reaches top_p: drop a token only when the mass
-        # before it already reaches top_p, so the token that crosses the boundary stays (HF's TopP, min 1 token)
+        # before it already reaches top_p, so the token that crosses the boundary stays (HF's TopP, min 1 token;
+        # the first always stays, also where top_p is below float32's range and the comparison sees 0)
         sorted_p, order = probs.sort(dim=-1, descending=True)
         outside = sorted_p.cumsum(dim=-1) - sorted_p >= top_p
+        outside[:, 0] = False
         sorted_p = sorted_p.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p / sorted_p.sum(-1, keepdim=True))
     return probs
@@ -392,63 +559,38 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
 # Chat formatting
 
 
-DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-
-
-def encode_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+def encode_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                default_system: str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"):
     """The conversation's ids as the checkpoint's HF chat template gives them (tokenizer_bpe.apply_chat_template picks
     ChatML or Llama 3 by the tokenizer's special tokens), with SmolLM2-Instruct's default system prompt first when a
     ChatML conversation has none."""
-    return apply_chat_template(tokenizer, messages, add_generation_prompt, default_system=DEFAULT_SYSTEM)
+    return apply_chat_template(tokenizer, messages, add_generation_prompt, default_system=default_system)
 
 
 # -----------------------------------------------------------------------------
-# Command line
+# Command line: cli.py's flags and chat loop
 
-try:  # the speed module beside this file (fast_decode.py); a copy of this file alone runs plain, same tokens
-    from fast_decode import fast
-except ImportError:
-    fast = None
+CKPT_DIR = "checkpoints/SmolLM2-135M-Instruct"  # python download.py writes it
 
 
-def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/SmolLM2-135M-Instruct", max_new_tokens: int = 256,
-         temperature: float = 0.2, top_p: float = 0.9, top_k: int | None = None, device: str | None = None,
-         dtype: str | None = None, seed: int = 1337, chat: bool | None = None, interactive: bool = False,
-         int8: bool = False):
+def main(prompt: str | None = None, ckpt_dir: str = CKPT_DIR, max_new_tokens: int = 256, temperature: float = 0.2,
+         top_p: float = 0.9, top_k: int | None = None, device: str | None = None, dtype: str | None = None,
+         seed: int = 1337, chat: bool | None = None, interactive: bool = False, int8: bool = False):
     """Generate from SmolLM2. Instruct checkpoints wrap the prompt in the chat template unless --chat false.
 
-    prompt: the text to continue (with --interactive, the first turn)
     ckpt_dir: a HF checkpoint folder (python download.py writes one)
-    max_new_tokens: most tokens to generate per reply
-    temperature: 0 is greedy; higher is more random
-    top_p: sample from the smallest set of tokens whose probability reaches top_p
-    top_k: sample from the k most likely tokens only
-    device: cpu, cuda, cuda:1...; default cuda when available, else cpu
-    dtype: float32, bfloat16 or float16; default bfloat16 on cuda, float32 on cpu
-    seed: seeds sampling, so a run repeats exactly
-    chat: wrap the prompt in the chat template; default: when the checkpoint has one
-    interactive: chat turn by turn until Ctrl-D
-    int8: int8 weights on the CPU (fast_decode.py's weights="int8": a quarter of fp32's bytes per token, about
-        +0.6-0.9% perplexity on SmolLM2)
+    (the flags every model file takes, --prompt, --temperature and the others: python smollm2.py --help)
     """
-    try:  # everything a user can get wrong is checked before the (slow) load, and reported in one line
-        dev, dt = check_generation_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
-                                         interactive, int8=int8, fast=fast)
-        t0 = time.time()
-        model = SmolLM2.from_pretrained(ckpt_dir, dev, dt or (torch.bfloat16 if dev.type == "cuda" else None))
-        tokenizer = Tokenizer.from_file(ckpt_dir)
-        chat = is_chat_checkpoint(ckpt_dir) if chat is None else chat
-        if chat and "<|im_end|>" not in tokenizer.special_tokens:
-            raise ValueError(f"{ckpt_dir}: its tokenizer has no ChatML tokens (<|im_end|>); use --chat false")
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        raise SystemExit(f"error: {e}")
-    if fast:
-        fast(model, threads=True, weights="int8" if int8 else None)  # threads: fast_decode.decode_threads
-    print(f"loaded {ckpt_dir} ({model.lm_head.weight.dtype}, {dev}) in {time.time() - t0:.1f}s", file=sys.stderr)
-    stop = [model.args.eos_id] + ([tokenizer.special_tokens["<|im_end|>"]] if chat else [])
-    converse(model, tokenizer, encode_chat if chat else None, prompt, interactive, stop, max_new_tokens, temperature,
-             top_k, top_p, seed)
+    from cli import chat_main  # the flags checked before the slow load, the load, then one reply or a conversation
+
+    chat_main(SmolLM2, encode_chat, prompt, ckpt_dir, max_new_tokens, temperature, top_p, top_k, device, dtype, seed,
+              chat, interactive, int8)
 
 
 if __name__ == "__main__":
+    try:
+        from cli import cli
+    except ModuleNotFoundError:
+        raise SystemExit("error: smollm2.py's command line needs cli.py beside it (the model itself needs only "
+                         "tokenizer_bpe.py)")
     cli(main)

@@ -28,6 +28,7 @@ if __name__ == "__main__":
     sys.exit(pytest.main([__file__, str(Path(__file__).resolve().parent / "tests"), "-q", *sys.argv[1:]]))
 
 import codecs
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -128,6 +129,17 @@ def tokens(B, T, high, seed=0, low=0):
     return torch.randint(low, high, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
+@contextlib.contextmanager
+def decode_path(model, path: dict):
+    """The model set to one decode path, as its generate() and forward_cached() read it (nanollm: model.absorb)."""
+    old = {k: getattr(model, k) for k in path}
+    model.__dict__.update(path)
+    try:
+        yield model
+    finally:
+        model.__dict__.update(old)
+
+
 def decode_in_chunks(model, x, ends, cache_len=None, **kw):
     """x (B, T) through the KV cache in chunks ending at `ends` (the first starts at 0), each reading what the earlier
     ones wrote: the logits at each chunk's last position, (B, len(ends), vocab)."""
@@ -190,7 +202,8 @@ class Family:
     std: float = 0.15  # random_hf's matrices: larger than HF's init, so that greedy text is varied
     none_is_causal: bool = True  # mask None means a causal forward (lm2 takes its boolean mask always)
     cache_returns_all_slots: bool = False  # the KV cache hands attention the whole buffer, not the filled prefix
-    paths: dict = dataclasses.field(default_factory=lambda: {"plain": {}})  # decode paths: kwargs of each
+    # decode paths: the attention modules' keyword arguments for each, and the model's attributes (decode_path)
+    paths: dict = dataclasses.field(default_factory=lambda: {"plain": {}})
     greedy_tokens: int = 40  # generated and compared with HF generate
 
 
@@ -201,8 +214,7 @@ def rotate_half_rope(mod):
 FAMILIES = {
     "smollm2": Family(smollm2, functools.partial(tiny_config, LlamaConfig, SMOL_TINY),
                       {"gqa-tied": {}, "mha-untied": dict(num_key_value_heads=4, tie_word_embeddings=False)},
-                      smollm2.SmolLM2.from_pretrained,
-                      lambda m, pos: (m.rope_cos[pos][:, None], m.rope_sin[pos][:, None]), lambda c: c[:, 0],
+                      smollm2.SmolLM2.from_pretrained, rotate_half_rope(smollm2), lambda c: c[:, 0],
                       tol=1e-5, logits_tol=1e-5, T=100),
     "llama31": Family(llama31, functools.partial(tiny_config, LlamaConfig, LLAMA_TINY),
                       {"gqa2-llama3x8-untied": {},
@@ -221,7 +233,8 @@ FAMILIES = {
                                                 mscale=1.0, mscale_all_dim=0.7),
                            norm_topk_prob=False, num_experts_per_tok=1, n_group=1, topk_group=1,
                            routed_scaling_factor=1.0)},
-                      N.NanoLLM.from_pretrained, lambda m, pos: m.rope_cos_sin(pos),
+                      N.NanoLLM.from_pretrained,
+                      lambda m, pos: N.rope_cos_sin(m.inv_freq, pos, torch.float32, m.rope_factor),
                       lambda c: torch.cat([c, c], -1),  # HF stores cat(freqs, freqs): both halves equal ours
                       tol=DSV3_TOL, logits_tol=DSV3_TOL, T=24, hf_class=DeepseekV3ForCausalLM,
                       paths={"naive": dict(absorb=False), "absorb": dict(absorb=True)},
@@ -361,7 +374,7 @@ def test_full_logits(pair):
     x = tokens(2, fam.T, hf.config.vocab_size)
     with torch.no_grad():
         assert_close(ours(x), hf(x).logits, fam.logits_tol)
-    tied = ours.lm_head is None or ours.lm_head.weight is ours.model.embed_tokens.weight  # lm2: no head when tied
+    tied = ours.lm_head.weight is ours.model.embed_tokens.weight
     assert tied == hf.config.tie_word_embeddings
 
 
@@ -388,7 +401,8 @@ def test_cached_decoding_equals_recomputation(pair, path):
     with torch.no_grad():
         full = ours(x)
     ends = [8, 12, *range(13, T + 1)]
-    last = decode_in_chunks(ours, x, ends, pad=torch.zeros(2, dtype=torch.long), **fam.paths[path])
+    with decode_path(ours, fam.paths[path]):
+        last = decode_in_chunks(ours, x, ends, pad=torch.zeros(2, dtype=torch.long))
     assert_close(last, full[:, [e - 1 for e in ends]], fam.tol)
 
 
@@ -413,15 +427,17 @@ def test_greedy_generation_matches_hf(pair, path):
     prompt = tokens(1, 12, hf.config.vocab_size, seed=3, low=2)[0].tolist()
     ref = hf_greedy(hf, prompt, fam.greedy_tokens)
     assert len(set(ref)) > 5  # a varied continuation, not one repeated token
-    assert ours.generate([prompt], fam.greedy_tokens, stop_tokens=[], **fam.paths[path])[0] == ref
+    with decode_path(ours, fam.paths[path]):
+        assert ours.generate([prompt], fam.greedy_tokens, stop_tokens=[])[0] == ref
 
 
 @over_pairs(paths=True, loop=True)
 def test_ragged_batch_equals_one_at_a_time(pair, path):
     fam, hf, ours = pair
     prompts = [tokens(1, n, hf.config.vocab_size, seed=n, low=2)[0].tolist() for n in (3, 17, 9, 1)]
-    batched = ours.generate(prompts, 24, stop_tokens=[], **fam.paths[path])
-    assert batched == [ours.generate([p], 24, stop_tokens=[], **fam.paths[path])[0] for p in prompts]
+    with decode_path(ours, fam.paths[path]):
+        batched = ours.generate(prompts, 24, stop_tokens=[])
+        assert batched == [ours.generate([p], 24, stop_tokens=[])[0] for p in prompts]
     assert all(layer.self_attn.cache is None for layer in ours.model.layers)  # generate frees the cache it made
 
 
@@ -472,8 +488,6 @@ def test_config_round_trip_through_transformers(pair, tmp_path):
     fam, hf, ours = pair
     cfg = json.loads(json.dumps(ours.args.to_hf_config()))  # through JSON, as config.json
     again = fam.mod.ModelArgs.from_hf_config(cfg)
-    if fam.mod is llama31:  # max_seq_len bounds the KV cache: from_pretrained's choice, not a config field
-        again.max_seq_len = ours.args.max_seq_len
     assert again == ours.args
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     again = transformers.AutoConfig.from_pretrained(tmp_path)
@@ -523,7 +537,7 @@ def test_top_p_keeps_the_token_that_crosses_the_boundary(mod):
 def test_sample_draws_from_the_filtered_distribution(mod):
     """top_k=1 and a tiny top_p are greedy; a seeded generator repeats its draws; top-k draws stay among the k best
     (renormalised over them), top-p draws within the smallest prefix of the sorted distribution reaching p;
-    check_sampling refuses a negative temperature and top_p 0."""
+    check_generate refuses a negative temperature and top_p 0."""
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
     greedy = logits.argmax(-1)
@@ -542,10 +556,10 @@ def test_sample_draws_from_the_filtered_distribution(mod):
     probs = mod.logits_to_probs(torch.tensor([[1.0, 2.0, 3.0, 0.5]]), 1.0, top_k=2)
     assert probs[0, 0] == 0 and probs[0, 3] == 0
     assert_close(probs[0, 1:3], torch.softmax(torch.tensor([2.0, 3.0]), 0), (1e-5, 1.3e-6))
-    with pytest.raises(ValueError):
-        tokenizer_bpe.check_sampling(-0.1, None, 1.0)  # (the one check every file calls)
-    with pytest.raises(ValueError):
-        tokenizer_bpe.check_sampling(1.0, None, 0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        mod.check_generate([[1]], 1, mod.ModelArgs(), -0.1, None, 1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        mod.check_generate([[1]], 1, mod.ModelArgs(), 1.0, None, 0.0)
 
 
 # =============================================================================
@@ -1004,7 +1018,7 @@ def test_llama31_stop_tokens_come_from_config(pair):
 def test_llama31_prompt_longer_than_max_seq_len_raises(pair):
     _, _, ours = pair
     with pytest.raises(ValueError, match="max_seq_len"):
-        ours.generate([list(range(500))], 20)
+        ours.generate([[i % 300 for i in range(500)]], 20)
 
 
 # -----------------------------------------------------------------------------

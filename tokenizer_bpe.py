@@ -1,43 +1,28 @@
 """
-Byte-level BPE tokenizer in one file: load, encode, decode, train, save.
+Byte-level BPE tokenizer in one file: load, encode, decode, train, save, and the chat formats of the checkpoints.
 
-What: the tokenizer of GPT-2, SmolLM2 and Llama 3. Text is cut into pieces by regexes (pre-tokenization),
-each piece's UTF-8 bytes are merged pairwise by learned rank until no merge applies, and the resulting
-byte strings are looked up in the vocabulary. Loads a Hugging Face `tokenizer.json` (or `vocab.json` +
-`merges.txt`) and Meta's tiktoken `tokenizer.model`; trains a new vocabulary and saves it as a
-`tokenizer.json` that HF `tokenizers` loads and encodes identically.
+The tokenizer of GPT-2, SmolLM2 and Llama 3: text is cut into pieces by regexes (pre-tokenization), each piece's
+UTF-8 bytes are merged pairwise by learned rank until no merge applies, and the byte strings are looked up in the
+vocabulary. Loads a Hugging Face `tokenizer.json` (or `vocab.json` + `merges.txt`) and Meta's tiktoken
+`tokenizer.model`; trains a new vocabulary and saves a `tokenizer.json` that HF `tokenizers` encodes identically.
 
-References:
-- minbpe (Karpathy): the algorithm in plain Python; `get_stats` / `merge` below are its helpers, and its
-  `allowed_special` convention makes special tokens opt-in.
-- tiktoken (OpenAI): the ground truth for Llama 3's `tokenizer.model`; pieces merge lowest rank first,
-  leftmost among equals, the rank of a pair being the rank of the merged bytes, and a piece that is itself
-  in the vocabulary is emitted whole.
-- HF `tokenizers`: the ground truth for `tokenizer.json`; pairs merge by their order in `merges`, the
-  pre-tokenizer pipeline (Split / Digits / ByteLevel) is read from the file, `ignore_merges` is honoured.
+References: minbpe (the algorithm in plain Python: `get_stats` / `merge` are its helpers, `allowed_special` its
+opt-in special tokens); tiktoken, the ground truth for `tokenizer.model` (lowest rank first, leftmost among equals,
+a pair ranked as its merged bytes, a piece that is in the vocabulary emitted whole); HF `tokenizers`, the ground
+truth for `tokenizer.json` (pairs ranked by their order in `merges`, the Split / Digits / ByteLevel pipeline read
+from the file, `ignore_merges`); Meta's llama3 `ChatFormat` and HF's chat templates for apply_chat_template.
 
 Departures, on purpose:
-- Special-token strings in text are plain text unless allowed (`allowed_special`, as tiktoken; "all" allows
-  every one). tiktoken raises on a disallowed one and HF always matches them; we never raise, so user
-  text can never forge a control token.
-- `encode` adds no BOS/EOS (the HF post-processor is ignored): the model files add what they need.
-- Meta's Llama 3 `tokenizer.py` cuts input at 400,000 characters and breaks runs of more than 25,000
-  whitespace / non-whitespace characters, to bound tiktoken's old quadratic merge loop. We do not: ids
-  equal tiktoken's and HF's on every text (they differ from Meta's wrapper only on such runs). Our merge
-  loop is a heap, O(n log n) in the piece length, and pieces of LONG_PIECE bytes or more merge in numpy
-  rounds (bpe_long): a megabyte of one letter, of spaces or of random letters encodes faster than in HF
-  `tokenizers`.
-- Only byte-level BPE is supported; any other normalizer, pre-tokenizer or model option raises
-  NotImplementedError naming it, rather than tokenizing subtly wrong.
-- Unicode version: the installed `regex` module knows the letters and digits new in Unicode 17 (4,657 code
-  points: CJK Extension J, new scripts; test_parity.py's NEWER_UNICODE lists them) that tiktoken's and HF's regex
-  engines see as unassigned, so Llama 3's and SmolLM2's patterns cut text around them differently. An exhaustive
-  check of every other code point found no difference.
-
-Beside the tokenizer, this file holds what the four model files share outside the model itself, since a reader
-copies it along with any of them: the chat templates, the readers of a checkpoint's files (read_json,
-load_safetensors, check_state), the checks of generate()'s arguments, and the command line (flag parser, chat
-loop).
+- Special-token strings in text are plain text unless allowed (`allowed_special`; "all" allows every one), so user
+  text never forges a control token (tiktoken raises on one, HF always matches them). `encode` adds no BOS/EOS.
+- No cut of long inputs as Meta's wrapper does (400,000 characters, runs of 25,000): the merge loop is a heap,
+  O(n log n) in the piece length, and pieces of LONG_PIECE bytes or more merge in numpy rounds (bpe_long), so ids
+  equal tiktoken's and HF's on every text, and a megabyte of one letter encodes faster than in HF `tokenizers`.
+- Only byte-level BPE: any other normalizer, pre-tokenizer or model option raises NotImplementedError naming it.
+- The installed `regex` module knows Unicode 17's new letters and digits (test_parity.py's NEWER_UNICODE), which
+  tiktoken's and HF's engines see as unassigned: pieces around those 4,657 code points differ, no others do.
+- A tokenizer.json is user input whose patterns run on every text: their time is bounded (PATTERN_SECONDS), so a
+  pattern that backtracks catastrophically is one ValueError, not a hang.
 
 Usage:
     python tokenizer_bpe.py --path checkpoints/Llama-3.2-tokenizer --text "Hello world"   (--help: the flags)
@@ -45,20 +30,11 @@ Usage:
     tok = train(texts, vocab_size=4096, special_tokens=["<|endoftext|>"]); tok.save("out/tokenizer.json")
     ids = apply_chat_template(tok, [{"role": "user", "content": "Hi"}])   (ChatML or Llama 3, as the tokens say)
 """
-import argparse
 import base64
-import codecs
-import difflib
 import heapq
-import inspect
 import json
-import math
 import os
-import re
-import sys
-import textwrap
 import time
-import types
 import typing
 from collections import Counter, defaultdict
 from functools import lru_cache
@@ -88,6 +64,7 @@ LONG_PIECE = 1000  # bytes from which a piece is merged in numpy rounds (bpe_lon
 NO_RANK = 2**31 - 1  # bpe_long's rank of a pair that does not merge; ranks of merges are below it
 MIN_ROUND_SHARE = 100  # a round of bpe_long must merge one part in this many to beat bpe() on the rest
 WINDOW_SHARE = 100  # bpe_long adds the windowed merges when the lowest rank merges fewer than one part in this many
+PATTERN_SECONDS = 1.0  # the time pre-tokenization may take on any text, plus a second per 10,000 characters
 
 # -----------------------------------------------------------------------------
 # helpers
@@ -318,6 +295,19 @@ def bpe_long(data: bytes, table: MergeTable) -> list[bytes]:
     return [table.tokens[k] for k in c[np.argsort(start)].tolist()]
 
 
+def with_gaps(pattern: str) -> str:
+    # subtle: HF keeps the text between matches as pieces too, findall drops it. A second alternative that consumes
+    # characters while the pattern does not match turns those gaps into matches (the known patterns match
+    # everywhere, so it never runs for them).
+    return "(?:{0})|(?:(?!(?:{0}))[\\s\\S])+".format(pattern)
+
+
+# the patterns this file ships, GPT-2's, Llama 3's and the digit split: their matching time is known (linear; see
+# benchmarks/bench_tokenizer.py's worst cases), so pre_tokenize runs them without the time bound, which makes the
+# regex module ~3x slower
+LINEAR_PATTERNS = {with_gaps(GPT2_PATTERN), with_gaps(LLAMA3_PATTERN), r"\p{N}|\P{N}+", r"\p{N}+|\P{N}+"}
+
+
 def compile_pre_tokenizer(cfg: dict | None) -> list[regex.Pattern]:
     """An HF pre_tokenizer config -> the regexes that cut text into pieces, applied one after the other.
     Split(Isolated) keeps matches and the gaps between them as pieces; Digits is a Split on \\p{N}
@@ -327,10 +317,6 @@ def compile_pre_tokenizer(cfg: dict | None) -> list[regex.Pattern]:
     # without ByteLevel the vocabulary is not byte-level (SentencePiece-style '▁' words): not ours to guess
     if not steps[-1] or steps[-1]["type"] != "ByteLevel" or any(s["type"] == "ByteLevel" for s in steps[:-1]):
         raise NotImplementedError(f"only byte-level BPE (ByteLevel last in the pre_tokenizer) is supported: {cfg}")
-    # subtle: HF keeps the text between matches as pieces too, findall drops it. A second alternative
-    # that consumes characters while the pattern does not match turns those gaps into matches (the
-    # known patterns match everywhere, so it never runs for them).
-    with_gaps = "(?:{0})|(?:(?!(?:{0}))[\\s\\S])+".format
     patterns = []
     for s in steps:
         if s["type"] == "Split" and s["behavior"] == "Isolated" and not s["invert"]:
@@ -343,25 +329,26 @@ def compile_pre_tokenizer(cfg: dict | None) -> list[regex.Pattern]:
             patterns += [with_gaps(GPT2_PATTERN)] if s["use_regex"] else []
         else:
             raise NotImplementedError(f"pre-tokenizer step not supported: {s}")
-    compiled = [regex.compile(p) for p in patterns]
+    try:
+        compiled = [regex.compile(p) for p in patterns]
+    except regex.error as e:
+        raise ValueError(f"a pre-tokenizer pattern is not a valid regex ({e})") from None
     # findall returns the groups instead of the whole match when a pattern has any
     if any(c.groups for c in compiled):
         raise NotImplementedError("pre-tokenizer regexes with capture groups are not supported")
     return compiled
 
 
-def read_json(path, parse=lambda data: data):
-    """parse(a JSON file's contents). json's own errors do not name the file, so a corrupt one raises a ValueError
-    that does, and so does one that lacks an entry parse needs (a KeyError; the model files parse config.json)."""
+def read_json(path) -> dict:
+    """A JSON object from a file; a ValueError naming the file where it is not one (json's own errors do not)."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; brackets nested 10^5 deep
         raise ValueError(f"{path} is not valid JSON ({e}); download it again") from None
-    try:
-        return parse(data)
-    except KeyError as e:
-        raise ValueError(f"{path} has no entry {e}: it is not a checkpoint this file reads") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object (it holds a {type(data).__name__})")
+    return data
 
 
 @lru_cache(maxsize=64)  # chat formatting encodes many short texts with the same few special tokens
@@ -372,11 +359,25 @@ def special_regex(allowed: frozenset[str]) -> regex.Pattern:
 
 
 def pre_tokenize(text: str, patterns: list[regex.Pattern]) -> list[str]:
-    """Cut text into pieces with each pattern in turn (SmolLM2: each digit alone, then GPT-2's pattern)."""
-    pieces = [text]
-    for pattern in patterns:
-        # as HF: a later step only cuts the pieces of the earlier ones, never joins across them
-        pieces = [p for chunk in pieces for p in pattern.findall(chunk)]
+    """Cut text into pieces with each pattern in turn (SmolLM2: each digit alone, then GPT-2's pattern).
+
+    The patterns come from a file, and one that backtracks catastrophically (`(?:\\w|\\w)*!` on a long word) would
+    run for hours: all of them together get PATTERN_SECONDS plus one per 10,000 characters (the known patterns need
+    a thousandth of that), then a ValueError ends the call. The patterns this file ships (LINEAR_PATTERNS) run
+    unbounded, whichever file names them."""
+    budget = PATTERN_SECONDS + len(text) / 10_000
+    deadline, pieces = time.monotonic() + budget, [text]
+    try:
+        for pattern in patterns:
+            # as HF: a later step only cuts the pieces of the earlier ones, never joins across them
+            if pattern.pattern in LINEAR_PATTERNS:  # a timeout makes the regex module ~3x slower: only where needed
+                pieces = [p for chunk in pieces for p in pattern.findall(chunk)]
+            else:  # subtle: the regex module reads a negative timeout as none at all, so a spent budget is 0
+                pieces = [p for chunk in pieces
+                          for p in pattern.findall(chunk, timeout=max(deadline - time.monotonic(), 0.0))]
+    except TimeoutError:
+        raise ValueError(f"pre-tokenizing {len(text):,} characters took over {budget:.0f}s: a pre-tokenizer pattern "
+                         "of this tokenizer.json backtracks catastrophically; use another tokenizer") from None
     return pieces
 
 # -----------------------------------------------------------------------------
@@ -409,6 +410,7 @@ class Tokenizer:
         """A tokenizer.json, a folder holding one (or vocab.json + merges.txt, or tokenizer.model), or a
         tiktoken tokenizer.model. A missing, unreadable or malformed file raises FileNotFoundError or
         ValueError with a one-line message naming it (the CLIs print it as `error: ...`)."""
+        path = os.fspath(path)
         if os.path.isdir(path):
             # tokenizer.json first: it names its own pre-tokenizer and special tokens, and HF reads it too
             for name in ("tokenizer.json", "vocab.json", "tokenizer.model"):
@@ -417,19 +419,17 @@ class Tokenizer:
             raise FileNotFoundError(f"no tokenizer.json, vocab.json or tokenizer.model in {path}")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no tokenizer file at {path}")
-        if path.endswith("vocab.json"):
-            merges = os.path.join(os.path.dirname(path), "merges.txt")
-            if not os.path.isfile(merges):
-                raise FileNotFoundError(f"{path} needs merges.txt beside it, and {merges} is missing")
-            return cls._from_vocab_merges(path, merges)
+        merges = os.path.join(os.path.dirname(path), "merges.txt")
+        if path.endswith("vocab.json") and not os.path.isfile(merges):
+            raise FileNotFoundError(f"{path} needs merges.txt beside it, and {merges} is missing")
         if path.endswith(".json"):
             data = read_json(path)
             try:
-                return cls._from_hf(data)
+                return cls._from_vocab_merges(data, merges) if path.endswith("vocab.json") else cls._from_hf(data)
             except KeyError as e:  # e.g. a config.json or tokenizer_config.json given as the tokenizer
                 raise ValueError(f"{path} is not a Hugging Face tokenizer.json: no {e.args[0]!r} entry") from None
             except (TypeError, ValueError, AttributeError) as e:  # entries of the wrong shape
-                raise ValueError(f"{path} is not a well-formed tokenizer.json ({type(e).__name__}: {e})") from None
+                raise ValueError(f"{path} is not a well-formed tokenizer file ({type(e).__name__}: {e})") from None
         return cls._from_tiktoken(path)
 
     @classmethod
@@ -459,9 +459,9 @@ class Tokenizer:
         return cls(vocab, merges, data["pre_tokenizer"], special, model.get("ignore_merges", False))
 
     @classmethod
-    def _from_vocab_merges(cls, vocab_path: str, merges_path: str) -> "Tokenizer":
-        """GPT-2's original files: the GPT-2 pattern, and <|endoftext|> as the one special token."""
-        vocab = read_json(vocab_path)
+    def _from_vocab_merges(cls, vocab: dict, merges_path: str) -> "Tokenizer":
+        """GPT-2's original files (vocab.json's contents, merges.txt): the GPT-2 pattern, <|endoftext|> as the one
+        special token."""
         with open(merges_path, encoding="utf-8") as f:
             lines = [line.split() for line in f.read().splitlines() if line and not line.startswith("#version")]
         special = {s: i for s, i in vocab.items() if s == "<|endoftext|>"}
@@ -699,46 +699,6 @@ def apply_chat_template(tokenizer: Tokenizer, messages: list[dict], add_generati
                      "checkpoint has no chat format; use --chat false")
 
 # -----------------------------------------------------------------------------
-# checkpoint weights: what the four model files' from_pretrained reads, here for the same reason as the chat
-# templates (one copy, in the file a reader copies along with any of them). Each model file maps names and shapes;
-# these read the safetensors files and say in one line where they do not fit.
-
-
-def load_safetensors(ckpt_dir, device, dtype) -> dict:
-    """Every tensor of a HF checkpoint folder (model.safetensors, or the shards model.safetensors.index.json
-    lists) on device, in dtype (None: as stored); a missing or damaged file is one clear error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    ckpt_dir = Path(ckpt_dir)
-    index = ckpt_dir / "model.safetensors.index.json"
-    names = sorted(set(read_json(index).get("weight_map", {}).values())) if index.is_file() else ["model.safetensors"]
-    state = {}
-    for f in (ckpt_dir / name for name in names):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f} is missing: the download is incomplete; fetch the checkpoint again")
-        try:
-            shard = load_file(f)  # memory-mapped: bytes are read when a tensor is first used
-        except SafetensorError as e:
-            raise ValueError(f"{f} is truncated or corrupt ({e}); download it again") from None
-        # same device and dtype: .to() returns the mapped tensor itself, one copy in memory
-        state.update({k: v.to(device=device, dtype=dtype or v.dtype) for k, v in shard.items()})
-    return state
-
-
-def check_state(model, state: dict, ckpt_dir):
-    """One clear error where the checkpoint's tensors are not those of the model its config describes (what a
-    strict load_state_dict checks, said in one line)."""
-    expected = model.state_dict()
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"{ckpt_dir} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for name, p in expected.items():
-        if state[name].shape != p.shape:
-            raise ValueError(f"{ckpt_dir}: {name} has shape {tuple(state[name].shape)} but the config gives "
-                             f"{tuple(p.shape)}")
-
-# -----------------------------------------------------------------------------
 
 
 def main(path: str = "checkpoints/Llama-3.2-tokenizer", text: str = "Hello world! 12345 <|eot_id|>",
@@ -761,172 +721,7 @@ def main(path: str = "checkpoints/Llama-3.2-tokenizer", text: str = "Hello world
     print([tok.decode_bytes([i]) for i in ids])
 
 
-# The flag parser of every CLI in the repo (STYLE.md section 8). The model files import it from here, the file a
-# reader copies along with any of them; finetune.py, grpo.py and download.py keep marked copies (download.py's
-# --help must answer before numpy, which this file imports, is loaded).
-class FlagParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        raise SystemExit(f"error: {message} (see --help)")
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    def _split_lines(self, text, width):  # wrap at spaces only: a long default is never cut mid-word
-        return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
-
-
-def cli(fn, argv=None, prog=None):
-    """Call fn with flags parsed from the command line: one --name per parameter of fn, typed by its annotation,
-    its help the `name: text` line of fn's docstring; a *args parameter takes the positional words.
-
-    Values arrive exactly as typed: no eval, so --prompt "yes, please" or --prompt 0x10 is that string (python-fire,
-    used before, turned them into a tuple and 16). A typo gets "did you mean".
-    """
-    doc = inspect.getdoc(fn) or ""
-    helps = dict(re.findall(r"^ *(\w+): (.+)$", doc, re.M))
-    hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
-    parser = FlagParser(prog, description=doc.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False)
-    for name, p in inspect.signature(fn).parameters.items():
-        hint = hints.get(name, str)
-        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # int | None -> int
-            hint = next(t for t in typing.get_args(hint) if t is not type(None))
-        kind, item = typing.get_origin(hint) or hint, (typing.get_args(hint) or [str])[0]  # list[int] -> list, int
-        if p.kind is p.VAR_POSITIONAL:
-            parser.add_argument(name, nargs="*", type=utf8, help=helps.get(name, ""))
-            continue
-        extra = dict(type=utf8 if item is str else item, nargs="+", metavar=item.__name__.upper()) if kind is list else \
-            dict(type=parse_bool, nargs="?", const=True, metavar="BOOL") if kind is bool else \
-            dict(type=utf8 if kind is str else kind, metavar=kind.__name__.upper())
-        text = f"{helps.get(name, '')} (default: {p.default!r})".replace("%", "%%")  # argparse formats help with %
-        parser.add_argument(f"--{name}", default=p.default, help=text, **extra)
-    flags, unknown = parser.parse_known_args(argv)
-    if unknown:
-        known = ["--help", *(f"--{name}" for name in vars(flags))]
-        close = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1)
-        what = "unknown flag" if unknown[0].startswith("-") else "unexpected argument"
-        parser.error(f"{what} {unknown[0]}" + (f"; did you mean {close[0]}?" if close else ""))
-    positional = [vars(flags).pop(n) for n, p in inspect.signature(fn).parameters.items()
-                  if p.kind is p.VAR_POSITIONAL]
-    return fn(*sum(positional, []), **vars(flags))
-
-
-def parse_bool(s: str) -> bool:
-    if s.lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-    return s.lower() in ("true", "1", "yes")
-
-
-def utf8(s: str) -> str:
-    s.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates (PEP 383): refused here, one line
-    return s
-
-
-# The chat loop of the four model files' command lines, here for the same reason as the flag parser. Each main
-# checks its flags (check_generation_flags), loads, picks --chat's default (is_chat_checkpoint),
-# then calls converse with its encode_chat, or None for plain text.
-
-
-def check_sampling(temperature, top_k, top_p):
-    """The sampling settings of generate() and of the --temperature, --top_k, --top_p flags; a ValueError names
-    the one out of range."""
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-
-
-def check_generate(prompts, max_new_tokens, max_seq_len, temperature, top_k, top_p) -> int:
-    """A model's generate() arguments, checked before any work -> the longest prompt's length; a ValueError names
-    the problem. max_seq_len: the context that the prompt and the new tokens must fit in."""
-    check_sampling(temperature, top_k, top_p)
-    if max_new_tokens < 1 or not prompts or not all(prompts):
-        raise ValueError("need max_new_tokens >= 1 and at least one token in every prompt")
-    longest = max(map(len, prompts))
-    if longest + max_new_tokens > max_seq_len:
-        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len "
-                         f"{max_seq_len} (the context)")
-    return longest
-
-
-def check_generation_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, interactive,
-                           int8=False, fast=None):
-    """A model CLI's flags that every model file shares, checked before the slow load -> (torch.device, torch dtype
-    or None); a ValueError names the flag. device None: cuda when available, else cpu. fast: the model file's
-    fast_decode.fast, None where fast_decode.py is not beside it (then --int8 cannot be honoured)."""
-    import torch  # here, not at the top: the tokenizer itself never needs it
-
-    check_sampling(temperature, top_k, top_p)
-    if max_new_tokens < 1:
-        raise ValueError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
-    if seed is not None and not 0 <= seed < 2**64:
-        raise ValueError(f"--seed must be in 0..2**64-1, got {seed}")
-    if prompt is None and not interactive:
-        raise ValueError('give --prompt "..." or --interactive')
-    try:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
-    count = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
-    if (dev.index or 0) >= count.get(dev.type, 0):
-        raise ValueError(f"--device {device} is not available: no CUDA device (or not that many); use --device cpu")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype is not None and dtype not in dtypes:
-        raise ValueError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype}")
-    if int8 and (fast is None or dev.type != "cpu"):
-        raise ValueError("--int8 is fast_decode.py's CPU path: keep fast_decode.py beside this file, on a cpu")
-    return dev, dtypes.get(dtype)
-
-
-def is_chat_checkpoint(ckpt_dir) -> bool:
-    """Whether a HF checkpoint folder ships a chat template (instruct models do, base models do not), which is
-    --chat's default: transformers 5 writes it to chat_template.jinja, earlier versions into tokenizer_config.json."""
-    if os.path.isfile(os.path.join(ckpt_dir, "chat_template.jinja")):
-        return True
-    cfg = os.path.join(ckpt_dir, "tokenizer_config.json")
-    return os.path.isfile(cfg) and "chat_template" in read_json(cfg)
-
-
-def stream_printer(tokenizer):
-    """A generate(stream=...) callback printing text as soon as it is complete UTF-8 (a character may span
-    tokens)."""
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    return lambda _row, token: print(utf8.decode(tokenizer.decode_bytes([token])), end="", flush=True)
-
-
-def converse(model, tokenizer, encode, prompt, interactive, stop, max_new_tokens, temperature, top_k, top_p, seed):
-    """One streamed reply to prompt; with interactive, a conversation (prompt, if given, is its first turn) until
-    Ctrl-D. encode(tokenizer, messages) -> the ids of the conversation so far (a model file's encode_chat),
-    re-encoded each turn: exact to the template; None: no chat, the text is encoded as it is (and a conversation
-    is refused)."""
-    if interactive and encode is None:
-        raise SystemExit("error: --interactive needs a chat model (a checkpoint with a chat template)")
-    messages = []
-    while True:
-        if interactive and (prompt is None or messages):
-            try:
-                prompt = utf8(input("\n> "))
-            except (EOFError, KeyboardInterrupt):
-                return print()
-            except UnicodeError:  # bytes that are not UTF-8, read as lone surrogates or refused by the decoder
-                print("error: that line is not valid UTF-8; type it again", file=sys.stderr)
-                continue
-        elif interactive:
-            print(f"\n> {prompt}")
-        messages.append({"role": "user", "content": prompt})
-        ids, t0 = encode(tokenizer, messages) if encode else tokenizer.encode(prompt), time.time()
-        try:
-            new = model.generate([ids], max_new_tokens, temperature, top_k, top_p, stop_tokens=stop, seed=seed,
-                                 stream=stream_printer(tokenizer))[0]
-        except ValueError as e:  # a prompt (or conversation) longer than the context
-            raise SystemExit(f"\nerror: {e}")
-        print()  # end the streamed line on stdout; timings go to stderr, out of the way of piped text
-        print(f"[{len(ids)} prompt + {len(new)} new tokens, {len(new) / (time.time() - t0):.1f} tok/s]",
-              file=sys.stderr)
-        if not interactive:
-            return
-        messages.append({"role": "assistant", "content": tokenizer.decode(new)})
-
-
 if __name__ == "__main__":
+    from cli import cli  # the flag parser of the repo's scripts (cli.py)
+
     cli(main)

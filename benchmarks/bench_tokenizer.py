@@ -8,9 +8,13 @@ text goes through one merge loop (ours: bpe_long's numpy rounds), with the cache
 and HF's calls interleaved; see `worst_case`.
 tiktoken cannot run SmolLM2's vocabulary (its pre-tokenizer splits digits first, its merges follow the
 `merges` list and 21 byte values have no token), so that row has HF only.
+Against an earlier tokenizer_bpe.py (`--baseline FILE`): ours and that file's encoders on the same texts, their calls
+interleaved, cold and warm cache; the ratio is ours / baseline, so a change's cost is measured in one run, on one load.
 Run: python benchmarks/bench_tokenizer.py [--mb 4 --repeats 5 --worst_mb 1]   (--long: the worst cases only)
+     git show HEAD~1:tokenizer_bpe.py > /tmp/before.py; python benchmarks/bench_tokenizer.py --baseline /tmp/before.py
 Needs: python download.py smollm2-135m-instruct llama3.2-tokenizer
 """
+import importlib.util
 import os
 import random
 import statistics
@@ -26,7 +30,8 @@ from tokenizers import Tokenizer as HFTokenizer
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 sys.path.insert(0, ROOT)
-from tokenizer_bpe import LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, Tokenizer, cli  # noqa: E402
+from cli import cli  # noqa: E402
+from tokenizer_bpe import LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, Tokenizer  # noqa: E402
 
 
 def stdlib_text(mb: float, pattern: str = "*.py") -> str:
@@ -104,18 +109,50 @@ def worst_case(name: str, mb: float, ours: Tokenizer, hf: HFTokenizer, tik, repe
         print(f"{name}, {mb:g} MB of {what}, CPU: {line}; ours / HF median time {ratio:.2f}; ids identical: {same}")
 
 
-def main(mb: float = 4.0, repeats: int = 5, worst_mb: float = 1.0, long: bool = False):
-    """Encode throughput of tokenizer_bpe against HF tokenizers and tiktoken.
+def against_baseline(path: str, files: dict[str, str], text: str, repeats: int):
+    """Ours / the baseline tokenizer_bpe.py at `path`, encoding the same text with the same tokenizer files: best of
+    `repeats` interleaved calls each (CPU time), cold cache (emptied before each call) and warm; ids compared."""
+    spec = importlib.util.spec_from_file_location("baseline_tokenizer_bpe", path)
+    baseline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(baseline)
+    for name, file in files.items():
+        tokenizers = {"ours": Tokenizer.from_file(file), "baseline": baseline.Tokenizer.from_file(file)}
+        for cache in ("cold", "warm"):
+            cpu = {row: float("inf") for row in tokenizers}
+            for tok in tokenizers.values():
+                tok.encode(text)  # warm-up
+            for _ in range(repeats):
+                for row, tok in tokenizers.items():
+                    if cache == "cold":
+                        tok.cache.clear()
+                    c0 = time.process_time()
+                    tok.encode(text)
+                    cpu[row] = min(cpu[row], time.process_time() - c0)
+            same = tokenizers["ours"].encode(text) == tokenizers["baseline"].encode(text)
+            print(f"{name}, {cache} cache: ours {cpu['ours']:.3f}s, baseline {cpu['baseline']:.3f}s CPU for "
+                  f"{len(text.encode()) / 1e6:.2f} MB: ours / baseline time {cpu['ours'] / cpu['baseline']:.3f}; "
+                  f"ids identical: {same}")
+
+
+def main(mb: float = 4.0, repeats: int = 5, worst_mb: float = 1.0, long: bool = False, baseline: str = ""):
+    """Encode throughput of tokenizer_bpe against HF tokenizers and tiktoken, or against an earlier tokenizer_bpe.py.
 
     mb: megabytes of Python source to encode
     repeats: timed calls per row (the best counts)
     worst_mb: megabytes of the one-piece worst cases (one letter, spaces, random letters)
     long: run only the one-piece worst cases
+    baseline: a tokenizer_bpe.py file to compare ours with, on the same text (then nothing else runs)
     """
     llama = os.path.join(ROOT, "checkpoints", "Llama-3.2-tokenizer")
     smol = os.path.join(ROOT, "checkpoints", "SmolLM2-135M-Instruct")
     if not (os.path.isdir(llama) and os.path.isdir(smol)):
         raise SystemExit("error: checkpoints missing: run `python download.py smollm2-135m-instruct llama3.2-tokenizer`")
+    if baseline:
+        if not os.path.isfile(baseline):
+            raise SystemExit(f"error: --baseline {baseline} is not a file")
+        return against_baseline(baseline, {"Llama 3 (tokenizer.model)": os.path.join(llama, "tokenizer.model"),
+                                           "SmolLM2 (tokenizer.json)": os.path.join(smol, "tokenizer.json")},
+                                stdlib_text(mb), repeats)
     ranks = load_tiktoken_bpe(os.path.join(llama, "tokenizer.model"))
     tik = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
                             special_tokens={s: len(ranks) + i for i, s in enumerate(LLAMA3_SPECIAL_TOKENS)})

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import download  # noqa: E402
 import tokenizer_bpe  # noqa: E402
+from cli import cli  # noqa: E402
 from tokenizer_bpe import Tokenizer  # noqa: E402
 
 HUB_INFO = download.hub_info  # before no_network replaces it
@@ -31,7 +32,7 @@ def need(path):
 def exit_message(fn, argv):
     """The SystemExit message of cli(fn, argv): the one line a user sees."""
     with pytest.raises(SystemExit) as e:
-        tokenizer_bpe.cli(fn, argv=argv)
+        cli(fn, argv=argv)
     message = str(e.value)
     assert message.startswith("error: ") and "\n" not in message, message
     return message
@@ -55,7 +56,7 @@ def tokenizer_cases(tmp):
          "is not a Hugging Face tokenizer.json: no 'model' entry")
     case("novocab/tokenizer.json", json.dumps({"model": {"type": "BPE"}, "pre_tokenizer": None}),
          "no 'vocab' entry")
-    case("list/tokenizer.json", "[1, 2]", "is not a well-formed tokenizer.json")
+    case("list/tokenizer.json", "[1, 2]", "is not a JSON object")
     case("broken/tokenizer.json", '{"model": {"type": "BPE", "vocab": {', "is not valid JSON (Expecting")
     case("binary/tokenizer.json", b"\xff\xfe\x00garbage", "is not valid JSON")
     case("empty/tokenizer.model", b"", "is empty; download it again")

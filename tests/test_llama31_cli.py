@@ -9,7 +9,7 @@ sees, and what loading and converting cost in memory.
 - Meta's consolidated.*.pth, converted by `download.py --meta_dir`, generates what the same weights saved by HF do.
 - Every user error ends in one line starting "error:" that names the fix, never a traceback: a missing or
   partial checkpoint (which download to run, which shard is missing), Meta's format given to llama31.py, a
-  truncated shard, weights whose shapes do not match the config, a prompt beyond --max_seq_len, bad sampling
+  truncated shard, weights whose shapes do not match the config, a prompt beyond the context, bad sampling
   arguments, CUDA without a GPU.
 - Peak CPU memory while loading a ~300 MB bf16 checkpoint, measured in a fresh process from /proc/self/status
   (VmHWM counts memory-mapped file pages too, which tracemalloc would miss): within 1.2x the weight bytes for
@@ -79,7 +79,7 @@ def save_meta(model: llama31.Llama, path: Path, n_shards: int):
 
 # Real vocabulary size, so the real tokenizer's ids fit; tiny otherwise. With multiple_of = hidden_dim >= 8 dim / 3
 # in params.json, Meta's sizing rule gives hidden_dim back exactly.
-TINY = llama31.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, context_len=4096)
+TINY = llama31.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, max_seq_len=4096)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_meta_checkpoint_converted_by_download_generates_as_hf(ckpts, tmp_path, 
     assert len(list((tmp_path / "ckpts" / meta_dir.name).glob("model-*-of-*.safetensors"))) > 1
     converted = llama31.Llama.from_pretrained(tmp_path / "ckpts" / meta_dir.name)
     # params.json has no context length: Llama 3's 128k. The rest, instruct stop tokens included, as HF's config
-    assert dataclasses.replace(converted.args, context_len=4096, max_seq_len=4096) == model.args
+    assert dataclasses.replace(converted.args, max_seq_len=4096) == model.args
     tokens = torch.randint(0, TINY.vocab_size, (1, 20))
     with torch.no_grad():
         torch.testing.assert_close(converted(tokens), model(tokens), rtol=0, atol=0)
@@ -179,9 +179,16 @@ def expect_error(capsys, match: str, **kwargs):
     assert msg.strip().startswith("error: ") and "\n" not in msg.strip() and match in msg, msg
 
 
-def test_missing_checkpoint_names_the_download(tmp_path, capsys):
-    expect_error(capsys, "python download.py llama3.1-8b-instruct", ckpt_dir=str(tmp_path / "Llama-3.1-8B-Instruct"))
-    expect_error(capsys, "python download.py llama3.2-3b --meta", ckpt_dir=str(tmp_path / "Llama-3.2-3B-meta"))
+def test_missing_checkpoint_names_the_1b_and_the_offline_routes_first(tmp_path, capsys):
+    """The line names the ungated-size download and the two offline conversions before the gated 8B."""
+    with pytest.raises(SystemExit) as e:
+        run_main(capsys, prompt="Hi", ckpt_dir=str(tmp_path / "Llama-3.1-8B-Instruct"))
+    msg = str(e.value.code)
+    where = [msg.find(s) for s in ("download.py llama3.2-1b-instruct", "--gguf", "--meta_dir", "llama3.1-8b-instruct")]
+    assert -1 not in where and where == sorted(where), msg
+    file = tmp_path / "config.json"
+    file.write_text("{}")
+    expect_error(capsys, "is a file: give the checkpoint's folder", ckpt_dir=str(file))
 
 
 def test_missing_or_truncated_hf_shard(tmp_path, capsys):
@@ -223,10 +230,8 @@ def test_shapes_that_do_not_match_the_config(tmp_path, capsys):
     expect_error(capsys, "gate_proj.weight has shape (96, 32) but the config gives (128, 32)", ckpt_dir=str(d))
 
 
-def test_prompt_beyond_max_seq_len(ckpts, capsys):
-    expect_error(capsys, "exceeds max_seq_len 16", ckpt_dir=str(ckpts / "Llama-3.2-1B"), max_seq_len=16,
-                 prompt="word " * 20)
-    expect_error(capsys, "max_seq_len must be in 1..4096", ckpt_dir=str(ckpts / "Llama-3.2-1B"), max_seq_len=10**6)
+def test_prompt_beyond_the_context(ckpts, capsys):
+    expect_error(capsys, "exceeds max_seq_len 4096", ckpt_dir=str(ckpts / "Llama-3.2-1B"), prompt="word " * 4100)
 
 
 @pytest.mark.parametrize("bad,match", [(dict(temperature=-0.5), "temperature"), (dict(top_p=0.0), "top_p"),
@@ -247,7 +252,7 @@ def test_error_exit_from_the_shell_has_no_traceback(tmp_path):
                         "--prompt", "Hi"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [f"error: no checkpoint at {tmp_path / 'Llama-3.2-1B'} (no config.json): "
-                                             f"run `python download.py llama3.2-1b`"]
+                                             + llama31.FETCH]
 
 
 # -----------------------------------------------------------------------------
