@@ -55,10 +55,8 @@ refused in one line, and nothing in it is deleted. A Hub download that stops kee
 start.
 """
 
-import argparse
 import difflib
 import glob
-import inspect
 import json
 import os
 import re
@@ -67,10 +65,7 @@ import stat
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
-import types
-import typing
 import zipfile
 from pathlib import Path, PurePosixPath
 
@@ -693,69 +688,9 @@ def main(*names: str, out: str = "checkpoints", source: str = "auto", gguf: str 
         raise SystemExit(130)
 
 
-# Same as tokenizer_bpe.py: FlagParser
-class FlagParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        raise SystemExit(f"error: {message} (see --help)")
-
-
-# Same as tokenizer_bpe.py: HelpFormatter
-class HelpFormatter(argparse.HelpFormatter):
-    def _split_lines(self, text, width):  # wrap at spaces only: a long default is never cut mid-word
-        return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
-
-
-# Same as tokenizer_bpe.py: cli
-def cli(fn, argv=None, prog=None):
-    """Call fn with flags parsed from the command line: one --name per parameter of fn, typed by its annotation,
-    its help the `name: text` line of fn's docstring; a *args parameter takes the positional words.
-
-    Values arrive exactly as typed: no eval, so --prompt "yes, please" or --prompt 0x10 is that string (python-fire,
-    used before, turned them into a tuple and 16). A typo gets "did you mean".
-    """
-    doc = inspect.getdoc(fn) or ""
-    helps = dict(re.findall(r"^ *(\w+): (.+)$", doc, re.M))
-    hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
-    parser = FlagParser(prog, description=doc.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False)
-    for name, p in inspect.signature(fn).parameters.items():
-        hint = hints.get(name, str)
-        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # int | None -> int
-            hint = next(t for t in typing.get_args(hint) if t is not type(None))
-        kind, item = typing.get_origin(hint) or hint, (typing.get_args(hint) or [str])[0]  # list[int] -> list, int
-        if p.kind is p.VAR_POSITIONAL:
-            parser.add_argument(name, nargs="*", type=utf8, help=helps.get(name, ""))
-            continue
-        extra = dict(type=utf8 if item is str else item, nargs="+", metavar=item.__name__.upper()) if kind is list else \
-            dict(type=parse_bool, nargs="?", const=True, metavar="BOOL") if kind is bool else \
-            dict(type=utf8 if kind is str else kind, metavar=kind.__name__.upper())
-        text = f"{helps.get(name, '')} (default: {p.default!r})".replace("%", "%%")  # argparse formats help with %
-        parser.add_argument(f"--{name}", default=p.default, help=text, **extra)
-    flags, unknown = parser.parse_known_args(argv)
-    if unknown:
-        known = ["--help", *(f"--{name}" for name in vars(flags))]
-        close = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1)
-        what = "unknown flag" if unknown[0].startswith("-") else "unexpected argument"
-        parser.error(f"{what} {unknown[0]}" + (f"; did you mean {close[0]}?" if close else ""))
-    positional = [vars(flags).pop(n) for n, p in inspect.signature(fn).parameters.items()
-                  if p.kind is p.VAR_POSITIONAL]
-    return fn(*sum(positional, []), **vars(flags))
-
-
-# Same as tokenizer_bpe.py: parse_bool
-def parse_bool(s: str) -> bool:
-    if s.lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-    return s.lower() in ("true", "1", "yes")
-
-
-# Same as tokenizer_bpe.py: utf8
-def utf8(s: str) -> str:
-    s.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates (PEP 383): refused here, one line
-    return s
-
-
-
 if __name__ == "__main__":
+    from cli import cli
+
     try:
         cli(main)
     except SystemExit as e:

@@ -68,7 +68,7 @@ from tqdm import tqdm
 
 from run_folder import (TOKENIZER_FILES, MetricsLog, RunFolder, checkpoint_keys, export_hf, export_sources,
                         load_checkpoint, nonfinite_count, one_line, plot, save_atomic, save_checkpoint)
-from tokenizer_bpe import cli
+from cli import cli
 
 # -----------------------------------------------------------------------------
 # Config: every field is a command-line flag (--name value; --flag alone means --flag true)

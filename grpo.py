@@ -56,7 +56,7 @@ from tqdm import tqdm
 from finetune import LoRALinear, apply_lora, build_optimizer, build_scheduler, check_device, check_flags, open_model
 from run_folder import (TOKENIZER_FILES, MetricsLog, RunFolder, checkpoint_keys, export_hf, export_sources,
                         load_checkpoint, nonfinite_count, save_checkpoint)
-from tokenizer_bpe import cli
+from cli import cli
 
 # -----------------------------------------------------------------------------
 # Config: every field is a command-line flag (python grpo.py --name value)

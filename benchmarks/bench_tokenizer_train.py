@@ -13,7 +13,8 @@ import time
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tokenizer_bpe import LLAMA3_PATTERN, cli, train  # noqa: E402
+from cli import cli  # noqa: E402
+from tokenizer_bpe import LLAMA3_PATTERN, train  # noqa: E402
 
 
 def stdlib_texts(mb: float) -> list[str]:

@@ -15,7 +15,7 @@ tokens seen, wall time per phase, the routed-expert load of every MoE block, and
 The corpus is the interpreter's own `Lib/*.py` (sorted, then shuffled with --seed), so it needs no download;
 it differs between Python versions, and the summary names the one used. The tokenizer sees the validation
 files too (they only shape the vocabulary, never the weights). The config is `nano-small` with its vocab_size
-set to the tokenizer's and eos_token_id to <|endoftext|>, so the sample stops where a file would end.
+set to the tokenizer's and stop_tokens to <|endoftext|>, so the sample stops where a file would end.
 The prompt is "def", not "def ": Llama 3's pre-tokenizer attaches a space to the word after it, so training text
 holds "def", " name", and a prompt ending in a lone " " token starts the model somewhere it has never been.
 Rows of 256 tokens, 4 per step: more updates in the same minutes (100 steps, about 100k tokens, fit the budget).
@@ -51,7 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import nanollm  # noqa: E402
 from finetune import read_shard  # noqa: E402
-from tokenizer_bpe import Tokenizer, cli, train as train_tokenizer  # noqa: E402
+from cli import cli  # noqa: E402
+from tokenizer_bpe import Tokenizer, train as train_tokenizer  # noqa: E402
 
 EOT = "<|endoftext|>"  # finetune.py separates documents with it
 
@@ -70,7 +71,7 @@ def corpus_files(seed: int) -> list[str]:
 def model_config(tok: Tokenizer, path: Path) -> nanollm.ModelArgs:
     """nano-small with this tokenizer's vocabulary and end-of-text id, written as the config.json finetune.py reads."""
     args = nanollm.ModelArgs.from_name("nano-small")
-    args.vocab_size, args.eos_token_id = tok.vocab_size, tok.special_tokens[EOT]
+    args.vocab_size, args.stop_tokens = tok.vocab_size, (tok.special_tokens[EOT],)
     path.write_text(json.dumps(args.to_hf_config(), indent=2))
     return args
 
