@@ -19,6 +19,9 @@ and this module swaps them for layers with faster products, so a model file copi
   a row, each with a scale and a zero, PyTorch's `_weight_int4pack_mm_for_cpu` (on CUDA `_weight_int4pack_mm`,
   written as gpt-fast uses it but never run: no GPU was at hand). The output head, and an embedding tied to
   it, stays int8 in int4 models, as llama.cpp's Q4_0 keeps its output tensor at 6-8 bits.
+- `weights="a8w8"` (with `calibration=` token ids): int8 weights and 8-bit activations on fbgemm's integer
+  kernel, faster than the weight-only int8 one on large matrices; SmoothQuant and float outlier channels keep
+  its exactness (A8W8Linear).
 - Quantized layers that a model calls one after another on one input (q/k/v, gate/up) are multiplied as one
   stacked matrix (Stack): one kernel call instead of three or two.
 - `threads=True` (what the CLIs pass) also sets the thread count: one per core other jobs leave idle.
@@ -31,7 +34,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 import weakref
 from pathlib import Path
@@ -124,10 +126,10 @@ class Reordered:
 class FastLinear(nn.Linear):
     """nn.Linear, same parameter, whose CPU inference products take faster kernels:
     - bf16: F.linear reorders the weight into oneDNN's blocked layout on every call; this keeps the reordered
-      copy (Reordered) and multiplies with it (2x on SmolLM2's small matrices).
+      copy (Reordered) and multiplies with it.
     - fp32, one row, several threads: MKL's one-row product runs on one thread; viewed as one block of rows
-      per thread, bmm runs it on every core. That paid 1.5x on an AVX2 EPYC and lost 4-19% on an AMX Xeon,
-      so fast() times both on each shape and sets `split` where it pays (time_split).
+      per thread, bmm runs it on every core. Whether that pays depends on the CPU (it did on an AVX2 EPYC, not
+      on an AMX Xeon), so fast() times both on each shape and sets `split` where it pays (time_split).
     Training, autograd and torch.compile take nn.Linear's own F.linear."""
 
     split = False
@@ -248,7 +250,20 @@ def int4_fits(in_features: int, out_features: int, group_size: int) -> bool:
     return in_features % group_size == 0 and out_features % 16 == 0
 
 
-class Int8Linear(nn.Module):
+def bf16_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x as the (rows, k) bf16 matrix the int8 and int4 kernels take (no cast where it is bf16 already)."""
+    x = x.reshape(-1, k)
+    return x if x.dtype == torch.bfloat16 else x.bfloat16()
+
+
+def output(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A kernel's (rows, n) bf16 product y, shaped and typed as x, plus the bias."""
+    y = y.view(x.shape[:-1] + y.shape[-1:])
+    y = y if y.dtype == x.dtype else y.to(x.dtype)
+    return y if bias is None else y + bias
+
+
+class Int8Linear(nn.Linear):
     """A linear layer held only as int8 weights with one bf16 scale per output row (quantize_int8), multiplied by
     PyTorch's weight-only int8 kernel: 1 byte per weight streamed instead of fp32's 4. The kernel is vectorized
     for bf16 activations only (fp32 ones run 5-8x slower), so the input is rounded to bf16 for the product and
@@ -256,20 +271,19 @@ class Int8Linear(nn.Module):
     files read a head's dtype and device from it)."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None):
-        super().__init__()
+        nn.Module.__init__(self)  # (not nn.Linear's: it would make a float weight)
         self.out_features, self.in_features = q.shape
         self.q, self.scale, self.dtype, self.bias = q, scale.bfloat16(), dtype, bias
 
     def forward(self, x):
-        x2 = x.reshape(-1, self.in_features).bfloat16()
+        x2 = bf16_rows(x, self.in_features)
         if not x2.is_cpu:  # (gpt-fast's int8 product; never run: no GPU was at hand)
             y = F.linear(x2, self.q.to(x2.dtype)) * self.scale
         elif self.in_features % 16 == 0:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale)
         else:  # subtle: the kernel reads past the row (wrong sums, or a crash) unless 16 divides it
             y = (F.linear(x2.float(), self.q.float()) * self.scale.float()).bfloat16()  # its sums, slowly
-        y = y.view(x.shape[:-1] + (self.out_features,)).to(x.dtype)
-        return y if self.bias is None else y + self.bias
+        return output(y, x, self.bias)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -282,7 +296,7 @@ class Int8Linear(nn.Module):
 def pack_int4_cpu(q: torch.Tensor, rows: int = 256) -> torch.Tensor:
     """quantize_int4's q (n, k / 2) in the CPU kernel's packed layout, `rows` rows at a time: the layout packs blocks
     of 32 (AVX2) or 64 (AVX-512) rows apart, so chunks of 256 rows pack as the whole does, and the int32 copy that
-    the packing takes stays small (a large passing copy would leave the heap fragmented: +130 MB peak on SmolLM2)."""
+    the packing takes stays small (large passing copies leave the heap fragmented: +130 MB at peak on SmolLM2)."""
     out = torch.empty_like(q)
     for i in range(0, len(q), rows):
         out[i:i + rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(q[i:i + rows]), 1)
@@ -294,7 +308,7 @@ def int4_inner_k_tiles(k: int) -> int:
     return next(t for t in (8, 4, 2) if k % (16 * t) == 0)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(nn.Linear):
     """A linear layer held only as 4-bit weights in groups of group_size along each row, each group with a bf16
     scale and zero (quantize_int4), multiplied by PyTorch's int4 kernel: 0.625 bytes per weight with group 32.
     The kernel's packed layout is the CPU's own (it differs between AVX2 and AVX-512 builds of the same
@@ -303,7 +317,7 @@ class Int4Linear(nn.Module):
 
     def __init__(self, q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, dtype: torch.dtype,
                  bias: torch.Tensor | None = None):
-        super().__init__()
+        nn.Module.__init__(self)  # (not nn.Linear's: it would make a float weight)
         self.out_features, self.in_features = q.size(0), 2 * q.size(1)
         self.group_size, self.dtype, self.bias = group_size, dtype, bias
         if q.is_cpu:
@@ -313,11 +327,9 @@ class Int4Linear(nn.Module):
         self.scales_and_zeros = scales_and_zeros.bfloat16().transpose(0, 1).contiguous()  # (k / group, n, 2)
 
     def forward(self, x):
-        x2 = x.reshape(-1, self.in_features).bfloat16()
+        x2 = bf16_rows(x, self.in_features)
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu if x2.is_cpu else torch.ops.aten._weight_int4pack_mm
-        y = mm(x2, self.packed, self.group_size, self.scales_and_zeros)
-        y = y.view(x.shape[:-1] + (self.out_features,)).to(x.dtype)
-        return y if self.bias is None else y + self.bias
+        return output(mm(x2, self.packed, self.group_size, self.scales_and_zeros), x, self.bias)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -346,6 +358,100 @@ class Int8Embedding(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         return self.head.weight
+
+
+# A8W8: int8 weights and int8 activations, on fbgemm's integer kernel (torch.ao's dynamic Linear), which
+# multiplies large matrices 1.8x faster than the weight-only int8 kernel here (docs/speed.md). It rounds the
+# activation row to 8 bits with one scale, and a transformer's rows have outlier channels up to 20x their median
+# (+4% perplexity on SmolLM2 with one scale alone), so two known cures, calibrated on a few hundred tokens:
+# - SmoothQuant (Xiao et al. 2023, arXiv 2211.10438): input channel j divided by s_j = max|X_j|^a / max|W_j|^(1-a),
+#   weight column j multiplied by it: the product is unchanged, the rounding error shared. a = 0.5, the paper's;
+# - LLM.int8()'s decomposition (Dettmers et al. 2022, arXiv 2208.07339): the OUTLIERS channels of largest range
+#   leave the int8 product and are multiplied in float (16 columns of each weight).
+SMOOTH_ALPHA = 0.5
+OUTLIERS = 16
+
+
+def quantize_a8w8(w: torch.Tensor, act_absmax: torch.Tensor):
+    """The A8W8 form of weight w (out, in), given its layer's largest |input| per channel: (packed, inv_s, idx,
+    w_out). packed: w's columns times s, those of the OUTLIERS channels idx zeroed, rounded to int8 with one fp32
+    scale per row and packed for fbgemm; inv_s: 1/s, 0 at idx, by which the activation row is multiplied first;
+    w_out: w's columns idx, transposed (k, out), in w's dtype."""
+    import warnings
+    idx = act_absmax.topk(min(OUTLIERS, w.size(1))).indices
+    col_absmax = torch.linalg.vector_norm(w, float("inf"), 0, dtype=torch.float32)
+    s = act_absmax.clamp(min=1e-5) ** SMOOTH_ALPHA / col_absmax.clamp(min=1e-5) ** (1 - SMOOTH_ALPHA)
+    w_out = w[:, idx].t().contiguous()
+    w = (w.float() * s).index_fill_(1, idx, 0)
+    scale = (torch.linalg.vector_norm(w, float("inf"), 1) / 127).clamp(min=1e-12)
+    q = w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    with warnings.catch_warnings():  # quantized tensors are deprecated in PyTorch, fbgemm's kernel still takes one
+        warnings.simplefilter("ignore")
+        qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(len(q), dtype=torch.long), 0)
+        packed = torch.ops.quantized.linear_prepack(qw, None)
+    return packed, (1 / s).index_fill_(0, idx, 0), idx, w_out
+
+
+def rowwise_a8w8(x: torch.Tensor, packed, block: int = 4096) -> torch.Tensor:
+    """What fbgemm's kernel computes for each row of x (M, K) alone: the row rounded to uint8 with its own scale and
+    zero point, times the int8 weight, times both scales. The kernel takes one scale for all rows of a call, so
+    several rows go through a float product of the same integers, a block of weight rows at a time."""
+    lo, hi = x.amin(1, keepdim=True).clamp(max=0), x.amax(1, keepdim=True).clamp(min=0)
+    sx = ((hi - lo) / 255).clamp(min=1e-12)
+    zero = (-lo / sx).round()
+    xq = ((x / sx).round() + zero).clamp(0, 255) - zero  # (M, K), integers in [-255, 255]
+    qw = torch.ops.quantized.linear_unpack(packed)[0]
+    q, scale = qw.int_repr(), qw.q_per_channel_scales().float()
+    y = torch.cat([F.linear(xq, q[i:i + block].float()) for i in range(0, len(q), block)], 1)
+    return y * sx * scale
+
+
+class A8W8Linear(nn.Linear):
+    """A linear layer held only in its A8W8 form (quantize_a8w8): int8 weights packed for fbgemm, the activation row
+    smoothed, rounded to 8 bits by the kernel, and its outlier channels multiplied in float. `weight` is the
+    dequantized weight, made when read."""
+
+    def __init__(self, packed, inv_s, idx, w_out, dtype: torch.dtype, bias: torch.Tensor | None = None):
+        nn.Module.__init__(self)  # (not nn.Linear's: it would make a float weight)
+        self.out_features, self.in_features = w_out.size(1), inv_s.size(0)
+        self.packed, self.inv_s, self.idx, self.w_out, self.dtype, self.bias = packed, inv_s, idx, w_out, dtype, bias
+
+    def forward(self, x):
+        x2 = x.reshape(-1, self.in_features)
+        xs = torch.mul(x2, self.inv_s)  # fp32: x / s, one op on the row; 0 in the outlier channels
+        y = (torch.ops.quantized.linear_dynamic(xs, self.packed, False) if len(xs) == 1  # False: full 8 bits
+             else rowwise_a8w8(xs, self.packed))
+        # + the outlier channels' float product, in the weight's dtype
+        y = torch.addmm(y.to(self.w_out.dtype), x2.index_select(1, self.idx).to(self.w_out.dtype), self.w_out)
+        return output(y, x, self.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = torch.ops.quantized.linear_unpack(self.packed)[0].dequantize() * self.inv_s
+        return w.index_copy_(1, self.idx, self.w_out.t().float()).to(self.dtype)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+@torch.no_grad()
+def input_absmax(model: nn.Module, layers: list[nn.Linear], tokens: torch.Tensor) -> dict:
+    """The largest |input| per input channel that each layer sees while model runs on tokens (fp32); a layer the
+    tokens never reach (an expert no token is routed to) is absent."""
+    found = {}
+
+    def record(layer, args):
+        if args[0].numel():  # (an expert's call with no tokens)
+            a = args[0].detach().reshape(-1, layer.in_features).abs().amax(0).float()
+            found[layer] = torch.maximum(found[layer], a) if layer in found else a
+
+    hooks = [layer.register_forward_pre_hook(record) for layer in layers]
+    try:
+        model(tokens)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
 
 
 # Layers a model file calls one after another on the same input, by their (HF) names
@@ -384,7 +490,8 @@ class Sibling(nn.Module):
         self.in_features, self.out_features = in_features, end - start
 
     def forward(self, x):
-        return self.stack(x)[..., self.start:self.end].contiguous()  # (one row: already contiguous, no copy)
+        y = self.stack(x)[..., self.start:self.end]
+        return y if y.is_contiguous() else y.contiguous()  # (one row's slice is contiguous already)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -395,22 +502,29 @@ class Sibling(nn.Module):
 
 
 def quantized_layer(kind: str, parts: list[tuple], group_size: int, dtype, bias=None) -> nn.Module:
-    """An Int8Linear or Int4Linear from the quantized forms of one or more layers (stacked by rows)."""
+    """An Int8Linear, Int4Linear or A8W8Linear from the quantized forms of one or more layers (stacked by rows)."""
+    if kind == "a8w8":
+        return A8W8Linear(*parts[0], dtype, bias)
     tensors = [torch.cat(t) for t in zip(*parts)]
     return Int8Linear(*tensors, dtype, bias) if kind == "int8" else Int4Linear(*tensors, group_size, dtype, bias)
 
 
-def quantize_layers(model: nn.Module, weights: str, group_size: int, get) -> dict:
+def quantize_layers(model: nn.Module, weights: str, group_size: int, get, bias=lambda t: t.detach(),
+                    absmax: dict | None = None) -> dict:
     """Replace every plain linear layer of model by its quantized form (siblings stacked) and every embedding tied to
     a replaced layer by an Int8Embedding, in place. get(path, layer, kind) gives a layer's quantized tensors
-    (quantized from its weight, or read from a file). Returns {path: kind} of the layers replaced.
+    (quantized from its weight, or read from a file), bias(layer.bias) its bias. Returns {path: kind}.
 
     kind: "int8" for weights="int8", and in int4 models for the output head (lm_head), a layer tied to an
-    embedding, and a shape the int4 kernel does not take; else "int4"."""
+    embedding, and a shape the int4 kernel does not take; else "int4". weights="a8w8": "a8w8" for every layer
+    absmax (input_absmax) has a range for, not stacked; a tied embedding gets an int8 copy of its own (fbgemm's
+    packed weights have no rows to look up)."""
     tied = {id(m.weight) for m in model.modules() if type(m) is nn.Embedding}
     heads, kinds = {}, {}
 
     def kind_of(name, layer):
+        if weights == "a8w8":  # (a layer the calibration never reached: weight-only int8)
+            return "a8w8" if layer in absmax else "int8"
         int8 = (weights == "int8" or name == "lm_head" or id(layer.weight) in tied
                 or not int4_fits(layer.in_features, layer.out_features, group_size))
         return "int8" if int8 else "int4"
@@ -418,15 +532,17 @@ def quantize_layers(model: nn.Module, weights: str, group_size: int, get) -> dic
     for parent_path, parent in list(model.named_modules()):
         children = {n: c for n, c in parent.named_children() if type(c) in (nn.Linear, FastLinear)}
         groups = [[n for n in names if n in children and children[n].bias is None] for names in SIBLINGS]
-        groups = [g for g in groups if len(g) > 1 and len({children[n].in_features for n in g}) == 1]
+        groups = [g for g in groups if len(g) > 1 and len({children[n].in_features for n in g}) == 1
+                  and weights != "a8w8"]
         grouped = {n for g in groups for n in g}
         for name in [n for n in children if n not in grouped]:
             layer, path = children[name], f"{parent_path}.{name}".lstrip(".")
             kinds[path] = kind_of(name, layer)
             new = quantized_layer(kinds[path], [get(path, layer, kinds[path])], group_size, layer.weight.dtype,
-                                  None if layer.bias is None else layer.bias.detach())
+                                  None if layer.bias is None else bias(layer.bias))
             if id(layer.weight) in tied:
-                heads[id(layer.weight)] = new
+                heads[id(layer.weight)] = new if type(new) is Int8Linear else Int8Linear(
+                    *quantize_int8(layer.weight), layer.weight.dtype)
             setattr(parent, name, new)
         for group in groups:
             layers, paths = [children[n] for n in group], [f"{parent_path}.{n}".lstrip(".") for n in group]
@@ -452,39 +568,52 @@ def quantize(w: torch.Tensor, kind: str, group_size: int, rounding: str = "neare
 # -----------------------------------------------------------------------------
 # fast(), and loading a quantized model without the float one
 
-WEIGHTS = (None, "int8", "int4")
+WEIGHTS = (None, "int8", "int4", "a8w8")
 
 
-def check_weights(weights, group_size, rounding):
+def check_weights(weights, group_size, rounding, calibration=None):
     if weights not in WEIGHTS:
-        raise ValueError(f"weights={weights!r}: use None (the model's own), 'int8' or 'int4'")
+        raise ValueError(f"weights={weights!r}: use None (the model's own), 'int8', 'int4' or 'a8w8'")
     if group_size not in (32, 64, 128, 256):
         raise ValueError(f"group_size={group_size}: PyTorch's int4 kernels take 32, 64, 128 or 256")
     if rounding not in ("nearest", "hqq"):
         raise ValueError(f"rounding={rounding!r}: use 'nearest' or 'hqq'")
+    if (weights == "a8w8") != (calibration is not None):
+        raise ValueError("weights='a8w8' needs calibration=token ids (batch, T) of some text, and only it uses them")
 
 
 def fast(model: nn.Module, weights: str | None = None, group_size: int = 32, rounding: str = "nearest",
-         threads: bool = False) -> nn.Module:
+         calibration: torch.Tensor | None = None, threads: bool = False) -> nn.Module:
     """Make model decode faster on a CPU, in place (and return it).
 
     weights None: every plain nn.Linear becomes a FastLinear (same parameters, names, state_dict, ties and
-    training; subclasses such as finetune.py's LoRALinear stay as they are). weights "int8" or "int4": every
-    plain nn.Linear is replaced by its quantized form (Int8Linear, Int4Linear; siblings as a Stack), the float
-    weights are dropped, and the model is for inference only; group_size and rounding ("nearest" or "hqq")
-    are int4's (quantize_int4). threads=True also sets torch's thread count for decoding now (decode_threads)."""
-    check_weights(weights, group_size, rounding)
+    training; subclasses such as finetune.py's LoRALinear stay as they are). weights "int8", "int4" or "a8w8":
+    every plain nn.Linear is replaced by its quantized form (Int8Linear, Int4Linear, A8W8Linear; siblings as a
+    Stack), the float weights are dropped, and the model is for inference only; group_size and rounding
+    ("nearest" or "hqq") are int4's (quantize_int4); a8w8 needs calibration, token ids (batch, T) of ordinary text
+    (a few hundred tokens) that the model runs once, in float, to measure each layer's input range. threads=True
+    also sets torch's thread count for decoding now (decode_threads)."""
+    check_weights(weights, group_size, rounding, calibration)
     if threads:
         torch.set_num_threads(decode_threads())
+    layers = [m for m in model.modules() if type(m) in (nn.Linear, FastLinear)]
     if weights is None:
-        layers = [m for m in model.modules() if type(m) in (nn.Linear, FastLinear)]
         for m in layers:
             m.__class__ = FastLinear
         time_split(layers)
-    else:
-        with torch.no_grad():
-            quantize_layers(model, weights, group_size, lambda path, m, kind: quantize(m.weight, kind, group_size,
-                                                                                       rounding))
+        return model
+    absmax = {}
+    if weights == "a8w8":
+        for m in layers:
+            m.__class__ = nn.Linear  # float products while calibrating (no reordered copies)
+        absmax = input_absmax(model, layers, calibration)
+
+    def get(path, m, kind):
+        return quantize_a8w8(m.weight, absmax[m]) if kind == "a8w8" else quantize(m.weight, kind, group_size,
+                                                                                   rounding)
+
+    with torch.no_grad():
+        quantize_layers(model, weights, group_size, get, absmax=absmax)
     return model
 
 
@@ -571,7 +700,7 @@ def build(cls, ckpt_dir, weights: str, group_size: int, rounding: str, device, d
         return tensors
 
     with torch.no_grad():
-        quantize_layers(model, weights, group_size, get)
+        quantize_layers(model, weights, group_size, get, lambda t: read(t).to(device=device, dtype=t.dtype))
         done = {}  # (a tensor tied under two names is read once)
         for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
             if t.is_meta and id(t) in names:
@@ -582,7 +711,8 @@ def build(cls, ckpt_dir, weights: str, group_size: int, rounding: str, device, d
                 setattr(model.get_submodule(owner), leaf, done[id(t)])
     if any(t.is_meta for t in model.buffers()) and hasattr(model, "init_rope"):
         model.init_rope(device)  # (the RoPE tables: not in a checkpoint)
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    left = [f"{n}.{k}" for n, m in model.named_modules() for k, t in list(m._parameters.items())
+            + list(m._buffers.items()) + list(vars(m).items()) if isinstance(t, torch.Tensor) and t.is_meta]
     if left:
         raise NotImplementedError(f"fast_decode.load() cannot make {left[0]} of {cls.__name__} (not in the "
                                   f"checkpoint, no init_rope): use fast(cls.from_pretrained(...), weights=...)")
@@ -605,6 +735,9 @@ def load(cls, ckpt_dir, weights: str | None = None, group_size: int = 32, roundi
     their quantized forms, read from the file `python fast_decode.py quantize` wrote (quantized_path) where there
     is one (rounding is then that file's), else quantized as each float weight is read; the other tensors (norms,
     an untied embedding) are read into place, in dtype. RoPE tables are made by the model's init_rope(device)."""
+    if weights == "a8w8":
+        raise ValueError("weights='a8w8' is calibrated on the float model: use fast(cls.from_pretrained(...), "
+                         "weights='a8w8', calibration=token_ids)")
     check_weights(weights, group_size, rounding)
     device = torch.device(device or "cpu")
     if weights is None:
@@ -630,8 +763,8 @@ def save_quantized(cls, ckpt_dir, weights: str = "int4", group_size: int = 32, r
     name first: a failed run leaves an earlier file as it was."""
     from safetensors.torch import save_file
     check_weights(weights, group_size, rounding)
-    if weights is None:
-        raise ValueError("weights=None: nothing to quantize; use 'int8' or 'int4'")
+    if weights not in ("int8", "int4"):
+        raise ValueError(f"weights={weights!r}: a quantized file holds 'int8' or 'int4'")
     kept = {}
     build(cls, ckpt_dir, weights, group_size, rounding, torch.device("cpu"), None, None, kept)
     out = quantized_path(ckpt_dir, weights, group_size)
