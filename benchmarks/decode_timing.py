@@ -71,9 +71,16 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()  # (a oneDNN tensor has no storage to ask)
 
 
+def packed_bytes(model) -> int:
+    """Bytes of fbgemm's packed int8 weights (A8W8Linear: an opaque object, no tensor): a byte a weight, a scale
+    a row."""
+    from fast_decode import A8W8Linear
+    return sum(m.out_features * (m.in_features + 4) for m in model.modules() if type(m) is A8W8Linear)
+
+
 def held_bytes(model) -> int:
     """Bytes of every tensor the model holds (a tied or stacked one once)."""
-    return sum(nbytes(t) for t in tensors(model).values())
+    return sum(nbytes(t) for t in tensors(model).values()) + packed_bytes(model)
 
 
 def streamed_bytes(model) -> int:
@@ -91,7 +98,7 @@ def streamed_bytes(model) -> int:
         held = vars(m).get("reordered")
         if held is not None and held.weight is not None:
             found.pop(id(held.weight), None)
-    return sum(nbytes(t) for t in found.values())
+    return sum(nbytes(t) for t in found.values()) + packed_bytes(model)
 
 
 def peak_rss_gib(code: str) -> float:

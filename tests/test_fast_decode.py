@@ -30,8 +30,8 @@ import llama31  # noqa: E402
 import lm2  # noqa: E402
 import nanollm  # noqa: E402
 import smollm2  # noqa: E402
-from fast_decode import (A8W8Linear, FastLinear, Int4Linear, Int8Embedding, Int8Linear, Sibling, Stack, dequantize_int4,  # noqa: E402
-                         fast, quantize_int4, quantize_int8)
+from fast_decode import (A8W8Linear, FastLinear, Int4Linear, Int8Embedding, Int8Linear, Sibling, Stack,  # noqa: E402
+                         dequantize_int4, fast, quantize_int4, quantize_int8)
 
 MODELS = {"smollm2": smollm2, "llama31": llama31, "nanollm": nanollm, "lm2": lm2}
 needs_onednn = pytest.mark.skipif(not fast_decode.BF16_ONEDNN, reason="this CPU has no oneDNN bf16 kernels: "
@@ -588,7 +588,8 @@ def test_quantize_command_says_what_is_wrong_in_one_line(checkpoints, tmp_path, 
     model file is one line and a non-zero exit; --help exits 0."""
     for argv, match in ((["quantise"], "one command is `quantize`"),
                         (["quantize", "--ckpt_dir", str(tmp_path)], "no checkpoint"),
-                        (["quantize", "--ckpt_dir", str(checkpoints["smollm2"]), "--weights", "int3"], "weights='int3'"),
+                        (["quantize", "--ckpt_dir", str(checkpoints["smollm2"]), "--weights", "int3"],
+                         "weights='int3'"),
                         (["quantize", "--ckpt_dir", str(checkpoints["smollm2"]), "--model", "gpt2"], "--model gpt2")):
         with pytest.raises(SystemExit, match=match) as e:
             fast_decode.command_line(argv)
