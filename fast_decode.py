@@ -709,8 +709,8 @@ def build(cls, ckpt_dir, weights: str, group_size: int, rounding: str, device, d
                     done[id(t)] = nn.Parameter(value, t.requires_grad) if isinstance(t, nn.Parameter) else value
                 owner, _, leaf = name.rpartition(".")
                 setattr(model.get_submodule(owner), leaf, done[id(t)])
-    if any(t.is_meta for t in model.buffers()) and hasattr(model, "init_rope"):
-        model.init_rope(device)  # (the RoPE tables: not in a checkpoint)
+    if hasattr(model, "init_rope"):
+        model.init_rope(device)  # (the RoPE tables or frequencies: not in a checkpoint, made on the meta device)
     left = [f"{n}.{k}" for n, m in model.named_modules() for k, t in list(m._parameters.items())
             + list(m._buffers.items()) + list(vars(m).items()) if isinstance(t, torch.Tensor) and t.is_meta]
     if left:
@@ -734,7 +734,7 @@ def load(cls, ckpt_dir, weights: str | None = None, group_size: int = 32, roundi
     device (the checkpoint's config and ties, no weight read) and its linear layers are replaced one by one by
     their quantized forms, read from the file `python fast_decode.py quantize` wrote (quantized_path) where there
     is one (rounding is then that file's), else quantized as each float weight is read; the other tensors (norms,
-    an untied embedding) are read into place, in dtype. RoPE tables are made by the model's init_rope(device)."""
+    an untied embedding) are read into place, in dtype. RoPE's tensors are made by the model's init_rope(device)."""
     if weights == "a8w8":
         raise ValueError("weights='a8w8' is calibrated on the float model: use fast(cls.from_pretrained(...), "
                          "weights='a8w8', calibration=token_ids)")
