@@ -1,535 +1,56 @@
 """
-fast_decode: faster batch-1 decoding on a CPU for the collection's four model files, applied from outside.
+fast_decode: faster batch-1 decoding on a CPU for the four model files, and their weights in 8 or 4 bits.
 
     import smollm2, fast_decode
     model = smollm2.SmolLM2.from_pretrained("checkpoints/SmolLM2-135M-Instruct")
-    fast_decode.fast(model, threads=True)   # in place; threads=True, as the CLIs pass, also picks the thread count
-    fast_decode.fast(model, weights="int8") # or: int8 weight-only products (a quarter of fp32's bytes per token)
-    fast_decode.fast(model, weights="a8w8", calibration=ids)  # or: int8 activations too (ids: (1, T) of text)
+    fast_decode.fast(model)                   # in place: the same numbers, faster products
+    fast_decode.fast(model, weights="int4")   # or 4-bit weights, a scale and a zero per 32 ("int8": per row)
 
-The model files stay plain (`nn.Linear`, each projection called directly), as gpt-fast keeps `model.py` plain and
-puts its speed beside it: `fast(model)` works on the models of smollm2.py, llama31.py, nanollm.py and lm2.py
-alike, because all it touches is their `nn.Linear` modules. A model file copied alone runs
-plain, and gives the same tokens.
+    # 4 bits without ever holding the float model: quantize once (a file beside model.safetensors), then load
+    python fast_decode.py quantize --ckpt_dir checkpoints/SmolLM2-135M-Instruct --weights int4
+    model = fast_decode.load(smollm2.SmolLM2, "checkpoints/SmolLM2-135M-Instruct", weights="int4")
 
-Where the speed comes from. Decoding one token multiplies one row by every weight matrix, so on a CPU its speed
-is the speed of streaming the weights from memory, and two PyTorch kernels leave much of that unused
-(`python benchmarks/bench_cpu_kernels.py` times each kernel alone; figures in README.md):
-- fp32: the one-row product (MKL's matrix-vector kernel) runs on one thread whatever `torch.get_num_threads()`
-  says. `FastLinear` can view the output rows as one block per thread and run the blocks as one `bmm`, whose
-  batch PyTorch spreads over the threads: the same product on every core. This paid 1.54-1.60x on the AMD
-  EPYC development machine, where one thread streamed a fraction of the bandwidth; on the 2-vCPU Xeon (AMX)
-  one thread already streams 19-25 of its 23-28 GB/s, and the split measured 0.81-0.96x (README.md). So it is
-  a measured choice: the first calls of each shape time both routes, and the faster one stays
-  (split_or_linear).
-- bf16 (where oneDNN has bf16 kernels): `F.linear` reorders the weight into oneDNN's blocked layout on every
-  call. `FastLinear` keeps a reordered copy (made at the first inference call, remade when the weight changes,
-  kept only while it fits in half the free memory) and multiplies with it directly. Each oneDNN call also
-  costs 25-40 us whatever its size (a 64 x 64 product: 2 us through F.linear, on the Xeon under load), so the
-  sibling layers a model calls on one input (q/k/v, gate/up) share one stacked reordered copy and one call,
-  and hand each other their slices of it (Siblings): 4 calls a layer instead of 7.
-- int8 (`weights="int8"`, opt-in: it changes the numbers): each layer becomes an `Int8Linear` holding an int8
-  copy of its weight with one bf16 scale per output row (symmetric, absmax / 127), multiplied by PyTorch's
-  weight-only int8 kernel (`aten._weight_int8pack_mm`, the one gpt-fast's int8 path uses) with the activation
-  row in bf16: 1 byte per weight streamed instead of 4 (fp32) or 2 (bf16). `python
-  benchmarks/bench_int8_kernels.py` times every route PyTorch offers; README.md has the figures and the
-  exactness (`benchmarks/bench_int8_quality.py`: perplexity, logits, greedy tokens against fp32).
-- a8w8 (`weights="a8w8"`, opt-in, calibrated on a few hundred tokens of text): the same int8 bytes per token,
-  but the activation row is rounded to 8 bits too (one scale and zero point per row), so the product runs on
-  fbgemm's int8 kernel (`quantized.linear_dynamic`, torch.ao's dynamic Linear), which multiplies int8 by uint8
-  in integer registers and streams large weights faster than the weight-only kernel, which widens every weight
-  to bf16 first. End to end on the idle 2-vCPU Xeon, 2 threads, bf16 models: Llama 3.2 1B's shape 12.7-12.9
-  tok/s against int8's 9.8-9.9 (llama.cpp Q8_0 20.6-20.9); but SmolLM2-135M 34 against 48-49: its small
-  matrices leave the product's extra ops (smoothing, outlier channels) and the kernel's own per-call cost
-  dominant, so a8w8 is for the larger models. One scale per row alone cost
-  SmolLM2 +4% perplexity (outlier channels); SmoothQuant's smoothing and 16 outlier channels kept in float
-  (A8W8Linear) bring it to the weight-only kernel's exactness (figures beside quantize_a8w8).
-Everything else (norms, RoPE, the cache, attention) is the model file's own code, unchanged.
+As gpt-fast's quantize.py does, it works from outside the model: the model files call plain `nn.Linear` layers
+and this module swaps them for layers with faster products, so a model file copied alone runs plain.
+- `fast(model)`: parameters, names, `state_dict()`, training and LoRA stay those of `nn.Linear`; only CPU
+  inference products change kernel (FastLinear).
+- `weights="int8"` / `"int4"`: the quantized weights replace the float ones (held once; inference only).
+  int8: one scale per output row, PyTorch's `_weight_int8pack_mm`. int4: groups of `group_size` weights along
+  a row, each with a scale and a zero, PyTorch's `_weight_int4pack_mm_for_cpu` (on CUDA `_weight_int4pack_mm`,
+  written as gpt-fast uses it but never run: no GPU was at hand). The output head, and an embedding tied to
+  it, stays int8 in int4 models, as llama.cpp's Q4_0 keeps its output tensor at 6-8 bits.
+- `weights="a8w8"` (with `calibration=` token ids): int8 weights and 8-bit activations on fbgemm's integer
+  kernel, faster than the weight-only int8 one on large matrices; SmoothQuant and float outlier channels keep
+  its exactness (A8W8Linear).
+- Quantized layers that a model calls one after another on one input (q/k/v, gate/up) are multiplied as one
+  stacked matrix (Stack): one kernel call instead of three or two.
+- `threads=True` (what the CLIs pass) also sets the thread count: one per core other jobs leave idle.
 
-How it is applied: each `nn.Linear` of the model becomes a `FastLinear` by a class swap
-(`module.__class__ = FastLinear`), the way gpt-fast's quantize.py swaps linear layers, except that the module
-object stays: same parameters (a tied output head stays tied), same names, same `state_dict()`, and an
-optimizer or a LoRA wrapper holding the parameter still holds it. Training, autograd and torch.compile take
-`nn.Linear`'s own path (`F.linear`), so gradients are those of the plain model; finetune.py's `apply_lora`
-wraps a `FastLinear` as it wraps an `nn.Linear` (the wrapped layer then runs `F.linear` plus its adapter), and
-`fast` leaves a `LoRALinear` alone, so either order works.
-
-What holds for int8 (and a8w8), and what does not. The float weight stays the parameter: names, `state_dict()`
-(the float weights; the int8 copies are not in it, and `fast(model, weights="int8")` after loading it remakes
-them exactly; a8w8's calibrated input ranges are plain attributes, not in it either: calibrate again), ties,
-training and LoRA are as above, and an in-place update of a weight remakes its int8 copy at the next product.
-So int8 saves bytes per token, not memory: the int8 copy (1 byte per weight, plus a scale per row) comes on top
-of the float weights. They cannot simply go, because the model files read them directly: the tied
-embedding looks rows up in the head's matrix, `setup_cache` takes the KV cache's dtype from `lm_head.weight`,
-and nanollm's absorbed MLA decode multiplies with `kv_b_proj.weight` itself (that one product stays float;
-`absorb=False` decodes through the int8 layer). lm2.py's tied head is `F.linear` on the embedding, no module, so
-it stays float too.
-
-What the model files did before and this module does not (README.md has the figures):
-- q/k/v and gate/up stacked in fp32: it would need a stacked copy of two thirds of the weights beside them (the
-  bf16 stack replaces the layers' own reordered copies; fp32 has none), for the 0-5% that one-row fp32 products
-  gained from it on the Xeon, one thread, under load (`benchmarks/bench_cpu_kernels.py`, its stacked column);
-- attention in fp32 on an fp32 KV cache for bf16 models: on the Xeon (AMX) PyTorch's bf16 attention takes
-  0.55-0.73x the time of the fp32 one (it was 2.2-8.5x slower on the EPYC machine), and swapping it in from
-  outside would mean copying each model's attention forward.
+Figures (speed, memory and perplexity against llama.cpp, per-op profiles, the machines) and how each choice
+here was measured: docs/speed.md; the commands are in benchmarks/.
 """
 
+import json
 import os
 import platform
 import statistics
 import time
-import warnings
 import weakref
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# oneDNN's bf16 matmul kernels exist where the CPU has AVX-512 (BF16 or AMX for full speed); on an AVX2-only CPU
-# this is False and bf16 products stay with F.linear. x86 only: the path is measured and tested there, and
-# oneDNN's ARM builds are a different library underneath.
-BF16_ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-               and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def free_memory() -> int:
-    """Bytes the OS can hand out: Linux's MemAvailable (free pages + reclaimable file cache, which a freshly read
-    checkpoint fills), else the free pages, else 0 where it cannot tell (then no reordered copies are kept)."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return 0
-
-
-def version_key(t: torch.Tensor) -> tuple:
-    """What changes when tensor t's values may have: its data pointer (`.data =` swaps storage under the same
-    Parameter) and its version (bumped by every in-place update). subtle: inference tensors (made under
-    torch.inference_mode) have no version; they cannot be updated in place outside inference mode, but inside it
-    they can, unseen."""
-    return t.data_ptr(), None if t.is_inference() else t._version
-
-
-class Derived:
-    """A weight kept in another form beside a FastLinear's parameter (oneDNN's bf16 layout, or int8 with its
-    scales), and what it was made from: the weight tensor (a weak reference, so a new tensor that the allocator
-    puts at the old one's address is still new), its data pointer (`.data =` swaps storage under the same
-    Parameter) and its version (bumped by every in-place update).
-
-    subtle: a oneDNN tensor is opaque (no storage): deepcopy, pickle or torch.save of a module holding one
-    raises. Copies of this holder come out empty, so a copied or saved model remakes its own at first use."""
-
-    def __init__(self):
-        self.source, self.key, self.weight = None, None, None
-
-    def __deepcopy__(self, memo):
-        return Derived()
-
-    def __reduce__(self):
-        return Derived, ()
-
-    def get(self, w: torch.Tensor, make):
-        """The held form of weight w, remade by make(w) (which may return None: keep none) when w changed."""
-        key = version_key(w)
-        if self.key != key or self.source() is not w:
-            self.weight = None  # free a stale copy before deciding on a new one
-            self.weight = make(w.detach())
-            self.source, self.key = weakref.ref(w), key
-        return self.weight
-
-
-def cpu_inference(x: torch.Tensor) -> bool:
-    """Whether a product of x may take this module's kernels: on the CPU, without autograd, not being compiled
-    (training, autograd and torch.compile take nn.Linear's own F.linear). It runs on every product: the cheapest
-    and the most often decisive check comes first."""
-    return not torch.is_grad_enabled() and x.is_cpu and not torch.compiler.is_compiling()
-
-
-class FastLinear(nn.Linear):
-    """nn.Linear (same parameters, same names) whose CPU inference products take the faster kernels above."""
-
-    def forward(self, x):
-        if cpu_inference(x):
-            if x.dtype == torch.bfloat16 and BF16_ONEDNN:
-                siblings = self.__dict__.get("siblings")
-                if siblings is not None and x.numel() == self.in_features:
-                    y = siblings.product(self, x)
-                    if y is not None:
-                        return y
-                w = self.reordered_weight()
-                if w is not None:
-                    return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
-            elif x.dtype == torch.float32:
-                n = torch.get_num_threads()
-                if n > 1 and x.numel() == self.in_features and self.out_features % n == 0 and self.bias is None:
-                    return split_or_linear(self, x, n)
-        return F.linear(x, self.weight, self.bias)
-
-    def split_product(self, x, n):
-        """The one-row product with one block of output rows per thread: a batched matmul whose blocks run in
-        parallel."""
-        w = self.weight.view(n, self.out_features // n, self.in_features)  # a view, no copy
-        y = torch.bmm(x.reshape(1, 1, -1).expand(n, 1, -1), w.transpose(1, 2))  # (n, 1, out/n)
-        return y.view(x.shape[:-1] + (self.out_features,))
-
-    def reordered_weight(self) -> torch.Tensor | None:
-        """The weight in oneDNN's bf16 layout, remade when the weight changed; None where none is kept."""
-        if "reordered" not in self.__dict__:
-            self.reordered = Derived()
-        return self.reordered.get(self.weight, reorder_bf16)
-
-
-def reorder_bf16(w: torch.Tensor) -> torch.Tensor | None:
-    """w in oneDNN's blocked bf16 layout, if w is bf16 and the copy fits in half the free memory; else None.
-    (bf16 weights only: under autocast, bf16 activations meet fp32 weights, which F.linear casts.)"""
-    ok = w.dtype == torch.bfloat16 and 2 * w.nbytes < free_memory()
-    return torch.ops.mkldnn._reorder_linear_weight(w, 1) if ok else None
-
-
-# fp32, one row, more than one thread: the split or F.linear, whichever measured faster here for this shape and
-# thread count. The first TRIAL_CALLS calls of each route (alternating, on whatever layers of that shape come
-# next: the weights stream from memory as they will later) are timed, and the lower median wins for the rest of
-# the process. It is a measurement, not a rule, because the answer is the machine's: the split paid 1.54-1.60x
-# on the EPYC machine and cost 0.81-0.96x on the Xeon (README.md).
-TRIAL_CALLS = 8
-SPLIT_WINS: dict[tuple[int, int, int], bool] = {}  # (out_features, in_features, threads) -> split is faster
-TRIALS: dict[tuple[int, int, int], tuple[list, list]] = {}  # shapes still on trial -> (F.linear, split) times
-clock = time.perf_counter  # (a test replaces it with a clock it controls)
-
-
-def split_or_linear(layer: FastLinear, x: torch.Tensor, n: int) -> torch.Tensor:
-    key = (layer.out_features, layer.in_features, n)
-    wins = SPLIT_WINS.get(key)
-    if wins is not None:
-        return layer.split_product(x, n) if wins else F.linear(x, layer.weight)
-    times = TRIALS.setdefault(key, ([], []))
-    split = len(times[1]) < len(times[0])  # alternate, F.linear first
-    t0 = clock()
-    y = layer.split_product(x, n) if split else F.linear(x, layer.weight)
-    times[split].append(clock() - t0)
-    if len(times[1]) == TRIAL_CALLS:
-        SPLIT_WINS[key] = statistics.median(times[1]) < statistics.median(times[0])
-        del TRIALS[key]
-    return y
-
-
-# Sibling layers: the projections a model file calls one after another on the same input. One bf16 product
-# through their weights stacked (one reordered copy, in place of each layer's own) streams them as one matrix,
-# in one oneDNN call instead of three or two, each of which costs 25-40 us here whatever its size.
-SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
-class Siblings:
-    """FastLinear layers of one parent module, named as in SIBLINGS, with the same input width and no bias: their
-    one-row bf16 products can come from one stacked product, handed out by slices.
-
-    How it stays what the plain model computes, whatever calls the layers:
-    - It is off until it has seen every member called with the same input tensor (the same object, unchanged),
-      one after another. Until then, and whenever it is off, each layer takes its own product.
-    - On, the first member called with a new input computes the stacked product and keeps it with that input (a
-      weak reference, and its version key); a member called with that same input takes its slice (a member called
-      twice takes it again). The product (one row) is kept until the next one.
-    - A member called with another input while some member has not yet taken its slice turns stacking off (until
-      a full round is seen again): the layers are not being called together (lm2.py's memory reads tokens with
-      q_proj and its bank with k_proj and v_proj; a layer that finetune.py's apply_lora replaced after fast() is
-      never called again), and off, a wasted stacked product costs no more than once per round seen.
-    - The stacked copy is remade when any member's weight changed (version_key), like a layer's own copy; a
-      handed-out slice is checked against its own layer's weight too.
-    subtle: under torch.inference_mode inputs have no version: an input changed in place between two siblings'
-    calls would be handed the product of its old values. The model files never do that (the input is a norm's
-    fresh output)."""
-
-    def __init__(self, members: list[FastLinear]):
-        self.members = members
-        self.bounds = [0]  # member i's rows of the stacked weight: bounds[i]:bounds[i + 1]
-        for m in members:
-            self.bounds.append(self.bounds[-1] + m.out_features)
-        self.reset()
-
-    def reset(self):
-        """Off, nothing seen, nothing held."""
-        self.weight, self.keys, self.sources = None, None, None  # the stacked copy, and what it was made from
-        self.on, self.seen, self.last = False, set(), None  # observation: members seen with input `last`
-        # the last stacked product: (its input, the input's version key, the product, the weights' version keys),
-        # one tuple so that a model used by two threads at once never pairs one call's input with another's
-        # product; and the members that have not taken their slice of it
-        self.pending, self.left = None, set()
-
-    # deep copies and pickles start observing afresh (a oneDNN tensor cannot be copied); subtle: in a deep copy
-    # of a model the members are still being built when this runs, so it reads nothing of theirs
-    def __getstate__(self):
-        return {"members": self.members, "bounds": self.bounds}
-
-    def __setstate__(self, state):
-        self.members, self.bounds = state["members"], state["bounds"]
-        self.reset()
-
-    def product(self, member: FastLinear, x: torch.Tensor) -> torch.Tensor | None:
-        """member's product of x (one row), sliced from the stacked product; None: take member's own product."""
-        i = self.members.index(member)
-        pending = self.pending
-        if pending is not None and pending[0]() is x and pending[1] == version_key(x):
-            if version_key(member.weight) != pending[3][i]:
-                return None
-            self.left.discard(i)
-            return pending[2][..., self.bounds[i]:self.bounds[i + 1]]
-        if self.left:  # the last stacked product was not taken whole: these layers are not called together
-            self.reset()
-        if not self.on:
-            if self.last is None or self.last[0]() is not x or self.last[1] != version_key(x):
-                self.seen, self.last = set(), (weakref.ref(x), version_key(x))
-            self.seen.add(i)
-            self.on = len(self.seen) == len(self.members)
-            return None
-        w = self.stacked_weight()
-        if w is None:
-            return None
-        out = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-        self.pending = (weakref.ref(x), version_key(x), out, self.keys)
-        self.left = set(range(len(self.members))) - {i}
-        return out[..., self.bounds[i]:self.bounds[i + 1]]
-
-    def stacked_weight(self) -> torch.Tensor | None:
-        """The members' weights stacked in oneDNN's bf16 layout, remade when one changed; None where none is kept
-        (weights not all bf16, or no room)."""
-        ws = [m.weight for m in self.members]
-        keys = [version_key(w) for w in ws]
-        if keys != self.keys or any(s() is not w for s, w in zip(self.sources, ws)):
-            self.weight = None  # free a stale copy first
-            same = all(w.dtype == torch.bfloat16 and w.device == ws[0].device for w in ws)
-            self.weight = reorder_bf16(torch.cat([w.detach() for w in ws])) if same else None
-            self.keys, self.sources = keys, [weakref.ref(w) for w in ws]
-            if self.weight is not None:
-                for m in self.members:
-                    m.reordered = Derived()  # their own copies go: the stacked one replaces them
-        return self.weight
-
-
-def stack_siblings(model: nn.Module):
-    """Group each parent's sibling FastLinear layers (SIBLINGS) into a Siblings, afresh; Int8Linear and A8W8Linear
-    layers are not grouped (their products do not read it)."""
-    for module in model.modules():
-        module.__dict__.pop("siblings", None)
-    for parent in model.modules():
-        for names in SIBLINGS:
-            members = [m for m in (getattr(parent, n, None) for n in names)  # (int8 layers have their own path)
-                       if type(m) is FastLinear and m.bias is None]
-            members = [m for m in members if m.in_features == members[0].in_features]
-            if len(members) > 1:
-                siblings = Siblings(members)
-                for m in members:
-                    m.siblings = siblings
-
-
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 with one bf16 scale per output row: w ~= q * scale[:, None], |q| <= 127.
-
-    The scale is rounded to bf16 (the kernel's scale dtype) before q is computed from it, so that q is rounded
-    against the very scale the kernel multiplies by; where the scale rounded down, a row's largest weight clips
-    by at most 1/256 of itself."""
-    scale = (w.float().abs().amax(1) / 127).clamp(min=torch.finfo(torch.bfloat16).tiny).bfloat16()
-    q = (w.float() / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
-    return q, scale
-
-
-class Int8Linear(FastLinear):
-    """A FastLinear whose CPU inference products read an int8 copy of the weight (one bf16 scale per output row;
-    see quantize_int8) through PyTorch's weight-only int8 kernel, with bf16 activations: a quarter of the fp32
-    bytes per token. The float parameter stays as it is (names, state_dict, ties, training: those of nn.Linear)."""
-
-    def forward(self, x):
-        if cpu_inference(x):
-            q, scale = self.int8_weight()
-            x2 = x.reshape(-1, self.in_features).bfloat16()
-            if self.in_features % 16 == 0:
-                y = torch.ops.aten._weight_int8pack_mm(x2, q, scale)
-            else:  # subtle: the kernel reads past the row (wrong sums, or a crash) unless 16 divides it
-                y = (F.linear(x2.float(), q.float()) * scale.float()).bfloat16()  # the kernel's sums, slowly
-            y = y.view(x.shape[:-1] + (self.out_features,)).to(x.dtype)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
-
-    def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The int8 weight and its scales (quantize_int8), remade when the weight changed."""
-        if "int8" not in self.__dict__:
-            self.int8 = Derived()
-        return self.int8.get(self.weight, quantize_int8)
-
-
-# The A8W8 product rounds each activation row to 8 bits with one scale for the row, and a row of a transformer's
-# activations has outlier channels up to 20x its median (SmolLM2's q/k/v and down_proj inputs): one scale for
-# all of them leaves few steps for the rest (+4% perplexity on SmolLM2, +64% where torch.ao's kernel takes one
-# scale for a whole 512-token window). Two known cures, both applied, each measured to help on SmolLM2-135M
-# (`python benchmarks/bench_int8_quality.py --variants int8-fp32,int8-bf16,a8w8-fp32,a8w8-bf16`, 14 windows of
-# 512 tokens of the GPL v3, calibrated on 1024 tokens of the Apache License 2.0; perplexity against fp32's, fp32
-# model / bf16 model: as committed (16 float channels) +0.55% / +0.85%; with OUTLIERS set to 8, +0.73% / +1.05%,
-# and to 0 (smoothing alone) +1.24% / +1.59%; the weight-only int8 kernel +0.56% / +0.89%; llama.cpp's Q8_0
-# +0.28% against its own F32):
-# - SmoothQuant (Xiao et al. 2023, arXiv 2211.10438): input channel j divided by s_j = max|X_j|^a / max|W_j|^(1-a)
-#   (X measured on calibration text), weight column j multiplied by it: the product is unchanged and the rounding
-#   error shared between activations and weights. a = 0.5, the paper's default (0.65 and 0.8 measured worse);
-# - LLM.int8()'s decomposition (Dettmers et al. 2022, arXiv 2208.07339): the OUTLIERS channels of largest
-#   calibrated range leave the int8 product and are multiplied in the weight's dtype, a (1, 16) x (16, out)
-#   product (16 columns of each weight: 1.3% more bytes per token on Llama 3.2 1B's shapes).
-SMOOTH_ALPHA = 0.5
-OUTLIERS = 16
-
-
-def quantize_a8w8(w: torch.Tensor, act_absmax: torch.Tensor):
-    """The A8W8 form of weight w (out, in), given its layer's largest |input| per channel: (packed, inv_s, idx,
-    w_out). packed: w's columns times s (SMOOTH_ALPHA), those of the OUTLIERS channels idx zeroed, rounded to int8
-    with one fp32 scale per output row and packed for fbgemm's dynamic int8 kernel; inv_s: 1/s, 0 at idx, by which
-    the activation row is multiplied before that product; w_out: w's columns idx, transposed (k, out)."""
-    idx = act_absmax.topk(min(OUTLIERS, w.size(1))).indices
-    inf = float("inf")  # (norms of order inf: largest |value| in one pass, no |w| copy: the 1B has 1.2e9 weights)
-    col_absmax = torch.linalg.vector_norm(w, inf, 0, dtype=torch.float32)
-    s = act_absmax.clamp(min=1e-5) ** SMOOTH_ALPHA / col_absmax.clamp(min=1e-5) ** (1 - SMOOTH_ALPHA)
-    w_out = w[:, idx].t().contiguous()  # (in the weight's dtype, the activations' own)
-    w = (w.float() * s).index_fill_(1, idx, 0)  # a new tensor: the parameter stays as it is
-    scale = (torch.linalg.vector_norm(w, inf, 1) / 127).clamp(min=1e-12)
-    q = w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
-    with warnings.catch_warnings():  # quantized tensors are deprecated in PyTorch, fbgemm's kernel still takes one
-        warnings.simplefilter("ignore")
-        qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(len(q), dtype=torch.long), 0)
-        packed = torch.ops.quantized.linear_prepack(qw, None)
-    return packed, (1 / s).index_fill_(0, idx, 0), idx, w_out
-
-
-def rowwise_a8w8(x: torch.Tensor, packed, block: int = 4096) -> torch.Tensor:
-    """What fbgemm's dynamic int8 kernel computes for each row of x (M, K) alone: the row rounded to uint8 with its
-    own scale and zero point (its min and max, 0 included), times the int8 weight, times both scales. The kernel
-    itself takes one scale for all rows of a call, so several rows go through a float product of the same
-    integers (exact up to fp32 summation), a block of weight rows at a time to bound the float copy."""
-    lo, hi = x.amin(1, keepdim=True).clamp(max=0), x.amax(1, keepdim=True).clamp(min=0)
-    sx = ((hi - lo) / 255).clamp(min=1e-12)
-    zero = (-lo / sx).round()
-    xq = ((x / sx).round() + zero).clamp(0, 255) - zero  # (M, K), integers in [-255, 255]
-    qw = torch.ops.quantized.linear_unpack(packed)[0]
-    q, scale = qw.int_repr(), qw.q_per_channel_scales().float()
-    y = torch.cat([F.linear(xq, q[i:i + block].float()) for i in range(0, len(q), block)], 1)
-    return y * sx * scale
-
-
-class A8W8Linear(FastLinear):
-    """A FastLinear whose CPU inference products round the activation row to 8 bits too (one scale and zero point
-    per row, as fbgemm's dynamic int8 kernel, `quantized.linear_dynamic`, does), after SmoothQuant's smoothing and
-    with the OUTLIERS channels in float (see quantize_a8w8): int8 weights with one fp32 scale per output row.
-    It needs each layer's input range per channel, `act_absmax`, measured by fast(..., calibration=tokens). The
-    float parameter stays as it is (names, state_dict, ties, training: those of nn.Linear); act_absmax is a plain
-    attribute, not in state_dict."""
-
-    def forward(self, x):
-        if cpu_inference(x):
-            packed, inv_s, idx, w_out = self.int8_weight()
-            x2 = x.reshape(-1, self.in_features)
-            xs = torch.mul(x2, inv_s)  # fp32 (inv_s is): x / s, one op on the row; 0 in the outlier channels
-            if len(xs) == 1:
-                y = torch.ops.quantized.linear_dynamic(xs, packed, False)  # False: full 8 bits, not 7
-            else:
-                y = rowwise_a8w8(xs, packed)
-            # + the outlier channels' float product, in the weight's dtype (the .to()s are no-ops where x has it)
-            y = torch.addmm(y.to(w_out.dtype), x2.index_select(1, idx).to(w_out.dtype), w_out)
-            y = y.view(x.shape[:-1] + (self.out_features,)).to(x.dtype)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
-
-    def int8_weight(self):
-        """The A8W8 form of the weight (quantize_a8w8), remade when the weight changed."""
-        if "a8w8" not in self.__dict__:
-            self.a8w8 = Derived()
-        return self.a8w8.get(self.weight, lambda w: quantize_a8w8(w, self.act_absmax))
-
-
-WEIGHTS = {None: FastLinear, "int8": Int8Linear, "a8w8": A8W8Linear}
-COPIES = {FastLinear: "reordered", Int8Linear: "int8", A8W8Linear: "a8w8"}  # what each class keeps beside the weight
-
-
-@torch.no_grad()
-def input_absmax(model: nn.Module, layers: list[nn.Linear], tokens: torch.Tensor) -> dict:
-    """The largest |input| per input channel that each layer sees while model runs on tokens (fp32); a layer
-    the tokens never reach (an expert no token is routed to) is absent."""
-    found = {}
-
-    def record(layer, args):
-        if args[0].numel() == 0:  # (an expert's call with no tokens)
-            return
-        a = args[0].detach().reshape(-1, layer.in_features).abs().amax(0).float()
-        found[layer] = torch.maximum(found[layer], a) if layer in found else a
-
-    hooks = [layer.register_forward_pre_hook(record) for layer in layers]
-    try:
-        model(tokens)
-    finally:
-        for h in hooks:
-            h.remove()
-    return found
-
-
-def fast(model: nn.Module, threads: bool = False, weights: str | None = None,
-         calibration: torch.Tensor | None = None) -> nn.Module:
-    """Make model decode faster on a CPU, in place (and return it): every plain nn.Linear becomes a FastLinear,
-    or with weights="int8" an Int8Linear, or with weights="a8w8" an A8W8Linear.
-
-    Parameters, names, state_dict(), tied weights and training behaviour are unchanged; subclasses of nn.Linear
-    (finetune.py's LoRALinear) are left as they are. Calling it again is harmless, and the last call's weights
-    decide. threads=True (what the model files' command lines pass) also sets torch's thread count for decoding
-    now: decode_threads(), below. weights="int8" quantizes every weight now (not at the first token), and
-    holds the int8 copy beside the float weight: see Int8Linear. weights="a8w8" needs calibration, token ids
-    (batch, T) of ordinary text (a few hundred tokens), which the model runs once, with float products, to
-    measure each layer's input range; a layer they never reach takes Int8Linear's weight-only product. Sibling
-    layers (q/k/v, gate/up) are grouped for stacked bf16 products: see Siblings."""
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights={weights!r}: use None (the model's own), 'int8' or 'a8w8'")
-    if (weights == "a8w8") != (calibration is not None):
-        raise ValueError("weights='a8w8' needs calibration=token ids (batch, T) of some text, and only it uses them")
-    cls = WEIGHTS[weights]
-    layers = [m for m in model.modules() if type(m) in (nn.Linear, *COPIES)]
-    for module in layers:
-        module.__class__ = nn.Linear  # plain float products while calibrating (no reordered copies)
-        for name in COPIES.values():
-            # the other kinds' copies, and a8w8's own: it is made from the calibration, which may be new
-            if name != COPIES[cls] or cls is A8W8Linear:
-                module.__dict__.pop(name, None)
-        module.__dict__.pop("act_absmax", None)
-    absmax = input_absmax(model, layers, calibration) if cls is A8W8Linear else {}
-    for module in layers:
-        if cls is A8W8Linear:
-            module.__class__ = A8W8Linear if module in absmax else Int8Linear
-            module.act_absmax = absmax.get(module)
-        else:
-            module.__class__ = cls
-        if cls is not FastLinear:
-            module.int8_weight()  # quantize now, not at the first token
-    stack_siblings(model)
-    if threads:
-        torch.set_num_threads(decode_threads())
-    return model
-
-
 # -----------------------------------------------------------------------------
-# Threads on a busy machine (issue #13)
-#
-# A parallel region of PyTorch's OpenMP runtime ends when every one of its threads has finished its part, and
-# a waiting thread spins (OMP_WAIT_POLICY=active, libgomp's default while threads <= cores). With another job
-# on the cores, a thread of ours is descheduled for a time slice while its partner spins on the other core,
-# taking that core from the very job that pushed ours off. A decode step is dozens (plain: attention, the
-# output head) to hundreds (fast fp32: every product) of such regions, so it waits on the scheduler rather
-# than on memory. Measured with SmolLM2-135M fp32 on the 2 development cores under other developers' jobs:
-# 2 threads 0.8-2.7 tok/s plain or fast, 1 thread 7-13 tok/s; with OMP_WAIT_POLICY=passive (which only works
-# when set before torch is imported) 2 threads gave 5.4-6.9 tok/s. The split is not the cause (plain
-# collapses alike); the waiting is. Hence: one thread per core that other jobs leave idle (README.md has the
-# busy-machine rows of the decode benchmarks).
+# Threads
+
 
 MAX_THREADS = torch.get_num_threads()  # torch's own choice (OMP_NUM_THREADS, else one per core), read at import
 
 
 def busy_cpus(seconds: float = 0.1) -> float:
-    """How many CPUs other processes keep busy, from /proc/stat over a short sample while this process waits
-    (0 where there is no /proc/stat)."""
+    """How many CPUs other processes keep busy, from /proc/stat over a short sample (0 where there is none)."""
     def times():
         with open("/proc/stat") as f:
             fields = [int(v) for v in f.readline().split()[1:]]  # the "cpu" line: all CPUs, in clock ticks
@@ -541,12 +62,773 @@ def busy_cpus(seconds: float = 0.1) -> float:
         total1, idle1 = times()
     except (OSError, ValueError, IndexError):
         return 0.0
-    cpus = os.cpu_count() or 1
-    return cpus * (1 - (idle1 - idle0) / max(total1 - total0, 1))
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(total1 - total0, 1))
 
 
 def decode_threads() -> int:
     """Threads for decoding now: one per core that other jobs leave idle, at least one, at most torch's default.
-    The CLIs set it through fast(model, threads=True) before generating."""
+    A waiting OpenMP thread spins, so two threads beside another job lose their time slices to each other and
+    decode 4-10x slower than one (docs/speed.md, busy machine)."""
     cores = min(MAX_THREADS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else MAX_THREADS)
     return max(1, min(cores, round(cores - busy_cpus())))
+
+
+# -----------------------------------------------------------------------------
+# Float weights: the same parameters, faster products
+
+# oneDNN's bf16 kernels exist where the CPU has AVX-512 (BF16 or AMX for full speed); x86 only, where it is tested
+BF16_ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+               and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def free_memory() -> int:
+    """Bytes the OS can hand out (Linux's MemAvailable), else the free pages, else 0."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def version(t: torch.Tensor) -> tuple:
+    """What changes when t's values may have: its storage (`.data =` swaps it) and its version (bumped by every
+    in-place update). subtle: tensors made under torch.inference_mode have no version to read."""
+    return t.data_ptr(), None if t.is_inference() else t._version
+
+
+class Reordered:
+    """A bf16 weight in oneDNN's blocked layout, and the version of the weight it was made from: remade when the
+    weight changed, kept only while it fits in half the free memory. Copies and pickles of it come out empty (a
+    oneDNN tensor has no storage to copy), so a copied model remakes its own."""
+
+    def __init__(self):
+        self.source, self.key, self.weight = None, None, None
+
+    def __deepcopy__(self, memo):
+        return Reordered()
+
+    def __reduce__(self):
+        return Reordered, ()
+
+    def get(self, w: torch.Tensor) -> torch.Tensor | None:
+        if self.key != version(w) or self.source() is not w:
+            self.weight = None  # free a stale copy before making the next
+            fits = w.dtype == torch.bfloat16 and 2 * w.nbytes < free_memory()
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1) if fits else None
+            self.source, self.key = weakref.ref(w), version(w)
+        return self.weight
+
+
+class FastLinear(nn.Linear):
+    """nn.Linear, same parameter, whose CPU inference products take faster kernels:
+    - bf16: F.linear reorders the weight into oneDNN's blocked layout on every call; this keeps the reordered
+      copy (Reordered) and multiplies with it.
+    - fp32, one row, several threads: MKL's one-row product runs on one thread; viewed as one block of rows
+      per thread, bmm runs it on every core. Whether that pays depends on the CPU (it did on an AVX2 EPYC, not
+      on an AMX Xeon), so fast() times both on each shape and sets `split` where it pays (time_split).
+    Training, autograd and torch.compile take nn.Linear's own F.linear."""
+
+    split = False
+
+    def forward(self, x):
+        if not torch.is_grad_enabled() and x.is_cpu and not torch.compiler.is_compiling():
+            if x.dtype == torch.bfloat16 and BF16_ONEDNN:
+                if "reordered" not in self.__dict__:
+                    self.reordered = Reordered()
+                w = self.reordered.get(self.weight)
+                if w is not None:
+                    return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
+            elif self.split and x.numel() == self.in_features and x.dtype == self.weight.dtype:
+                return self.split_product(x, torch.get_num_threads())
+        return F.linear(x, self.weight, self.bias)
+
+    def split_product(self, x, n):
+        """The one-row product, one block of out_features / n rows per thread, as one batched matmul."""
+        if n < 2 or self.out_features % n:
+            return F.linear(x, self.weight, self.bias)
+        w = self.weight.view(n, self.out_features // n, self.in_features)  # a view, no copy
+        y = torch.bmm(x.reshape(1, 1, -1).expand(n, 1, -1), w.transpose(1, 2)).view(x.shape[:-1] + (-1,))
+        return y if self.bias is None else y + self.bias
+
+
+@torch.no_grad()
+def time_split(layers: list[FastLinear], calls: int = 8):
+    """For each fp32 weight shape: time F.linear and the split alternately on the layers of that shape (their
+    weights stream from memory, as in decoding) and set `split` on them where its median time is lower."""
+    n = torch.get_num_threads()
+    shapes = {}
+    for m in layers:
+        m.split = False
+        if n > 1 and m.weight.dtype == torch.float32 and m.weight.is_cpu and m.out_features % n == 0:
+            shapes.setdefault(tuple(m.weight.shape), []).append(m)
+    for (out, inp), group in shapes.items():
+        x = torch.randn(1, inp)
+        times = ([], [])
+        for i in range(2 * calls):
+            m, split = group[i // 2 % len(group)], i % 2
+            t0 = time.perf_counter()
+            m.split_product(x, n) if split else F.linear(x, m.weight)
+            times[split].append(time.perf_counter() - t0)
+        for m in group:
+            m.split = statistics.median(times[1]) < statistics.median(times[0])
+
+
+# -----------------------------------------------------------------------------
+# Quantized weights, held once
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 rows: w ~= q * scale[:, None], |q| <= 127, one bf16 scale per row. q is rounded against the
+    bf16 scale the kernel multiplies by (where the scale rounded down, a row's largest weight clips by <= 1/256)."""
+    scale = (w.detach().float().abs().amax(1) / 127).clamp(min=torch.finfo(torch.bfloat16).tiny).bfloat16()
+    q = (w.detach().float() / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 32, rounding: str = "nearest"):
+    """Asymmetric 4-bit groups: each run of group_size weights along a row gets a bf16 scale and zero and each
+    weight the nearest of (q - 8) * scale + zero, q in 0..15, the form PyTorch's int4 kernels multiply. The
+    step spans the group's range (q = 0 at its minimum, 15 at its maximum); rounding="hqq" then moves each zero
+    to where the rounding errors are smaller (hqq_zeros). q is rounded against the bf16 scale and zero.
+    -> (q: uint8 (n, k / 2), two per byte, the even column's in the high nibble, as the CUDA kernel packs them;
+        scales_and_zeros: bf16 (n, k / group_size, 2))"""
+    n, k = w.shape
+    g = w.detach().float().reshape(n, k // group_size, group_size)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-10).bfloat16().float()  # (n, k / group_size)
+    zero = (lo + 8 * scale).bfloat16().float()
+    if rounding == "hqq":
+        zero = hqq_zeros(g, scale, zero).bfloat16().float()
+    elif rounding != "nearest":
+        raise ValueError(f"rounding={rounding!r}: use 'nearest' or 'hqq'")
+    q = ((g - zero[..., None]) / scale[..., None] + 8).round_().clamp_(0, 15).to(torch.uint8).view(n, k)
+    return (q[:, 0::2] << 4) | q[:, 1::2], torch.stack([scale, zero], -1).bfloat16()
+
+
+def hqq_zeros(g, scale, zero, steps: int = 20, p: float = 0.7, beta: float = 10.0, kappa: float = 1.01):
+    """Half-Quadratic Quantization's zero points (Badri & Shaji 2023, "Half-Quadratic Quantization of Large
+    Machine Learning Models", github.com/mobiusml/hqq, optimize_weights_proximal_legacy; no calibration data):
+    minimise the l_p norm (p < 1: a few large errors cost less than many small ones) of w - dequant(q) over each
+    group's zero, scale fixed, by alternating a shrinkage of the error and a closed-form zero, for at most `steps`
+    rounds while the mean |error| falls. g (n, G, group_size), scale and zero (n, G) as quantize_int4 makes them;
+    in HQQ's terms a weight is (q - z) * scale, with z = 8 - zero / scale."""
+    s, z = scale[..., None], (8 - zero / scale)[..., None]
+    best, best_z = float("inf"), z
+    for _ in range(steps):
+        q = (g / s + z).round_().clamp_(0, 15)
+        e = g - (q - z) * s
+        err = e.abs().mean().item()
+        if err >= best:
+            break
+        best, best_z = err, z
+        e = e.sign() * F.relu(e.abs() - e.abs().add(1e-8).pow(p - 1) / beta)  # the l_p proximal step
+        z = (q - (g - e) / s).mean(-1, keepdim=True)
+        beta *= kappa
+    return ((8 - best_z) * s)[..., 0]
+
+
+def unpack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(n, k / 2) uint8, two values per byte (quantize_int4's order) -> (n, k) int32, each in 0..15."""
+    return torch.stack([q >> 4, q & 15], -1).view(q.size(0), -1).int()
+
+
+def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """The fp32 weights (n, k) that quantize_int4's q and scales_and_zeros stand for."""
+    n, groups = scales_and_zeros.shape[:2]
+    v = unpack_int4(q).float().view(n, groups, -1)
+    sz = scales_and_zeros.float()
+    return ((v - 8) * sz[..., :1] + sz[..., 1:]).view(n, -1)
+
+
+def int4_fits(in_features: int, out_features: int, group_size: int) -> bool:
+    """Whether PyTorch's CPU int4 kernel takes this shape (it needs 16 | out_features); a layer that it does not
+    take is quantized to int8 instead."""
+    return in_features % group_size == 0 and out_features % 16 == 0
+
+
+def bf16_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x as the (rows, k) bf16 matrix the int8 and int4 kernels take (no cast where it is bf16 already)."""
+    x = x.reshape(-1, k)
+    return x if x.dtype == torch.bfloat16 else x.bfloat16()
+
+
+def output(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A kernel's (rows, n) bf16 product y, shaped and typed as x, plus the bias."""
+    y = y.view(x.shape[:-1] + y.shape[-1:])
+    y = y if y.dtype == x.dtype else y.to(x.dtype)
+    return y if bias is None else y + bias
+
+
+class Int8Linear(nn.Linear):
+    """A linear layer held only as int8 weights with one bf16 scale per output row (quantize_int8), multiplied by
+    PyTorch's weight-only int8 kernel: 1 byte per weight streamed instead of fp32's 4. The kernel is vectorized
+    for bf16 activations only (fp32 ones run 5-8x slower), so the input is rounded to bf16 for the product and
+    the output given back in the model's dtype. `weight` is the dequantized weight, made when read (the model
+    files read a head's dtype and device from it)."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None):
+        nn.Module.__init__(self)  # (not nn.Linear's: it would make a float weight)
+        self.out_features, self.in_features = q.shape
+        self.q, self.scale, self.dtype, self.bias = q, scale.bfloat16(), dtype, bias
+
+    def forward(self, x):
+        x2 = bf16_rows(x, self.in_features)
+        if not x2.is_cpu:  # (gpt-fast's int8 product; never run: no GPU was at hand)
+            y = F.linear(x2, self.q.to(x2.dtype)) * self.scale
+        elif self.in_features % 16 == 0:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale)
+        else:  # subtle: the kernel reads past the row (wrong sums, or a crash) unless 16 divides it
+            y = (F.linear(x2.float(), self.q.float()) * self.scale.float()).bfloat16()  # its sums, slowly
+        return output(y, x, self.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.q.to(self.dtype).mul_(self.scale.to(self.dtype)[:, None])  # (in place: one full-size copy)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def pack_int4_cpu(q: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """quantize_int4's q (n, k / 2) in the CPU kernel's packed layout, `rows` rows at a time: the layout packs blocks
+    of 32 (AVX2) or 64 (AVX-512) rows apart, so chunks of 256 rows pack as the whole does, and the int32 copy that
+    the packing takes stays small (large passing copies leave the heap fragmented: +130 MB at peak on SmolLM2)."""
+    out = torch.empty_like(q)
+    for i in range(0, len(q), rows):
+        out[i:i + rows] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(q[i:i + rows]), 1)
+    return out
+
+
+def int4_inner_k_tiles(k: int) -> int:
+    """The CUDA kernel's K tiling (16 * tiles must divide k), as gpt-fast picks it."""
+    return next(t for t in (8, 4, 2) if k % (16 * t) == 0)
+
+
+class Int4Linear(nn.Linear):
+    """A linear layer held only as 4-bit weights in groups of group_size along each row, each group with a bf16
+    scale and zero (quantize_int4), multiplied by PyTorch's int4 kernel: 0.625 bytes per weight with group 32.
+    The kernel's packed layout is the CPU's own (it differs between AVX2 and AVX-512 builds of the same
+    PyTorch), so the weights are packed here, where they run, from quantize_int4's portable form. bf16
+    activations, as Int8Linear. `weight` is the dequantized weight, made when read."""
+
+    def __init__(self, q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, dtype: torch.dtype,
+                 bias: torch.Tensor | None = None):
+        nn.Module.__init__(self)  # (not nn.Linear's: it would make a float weight)
+        self.out_features, self.in_features = q.size(0), 2 * q.size(1)
+        self.group_size, self.dtype, self.bias = group_size, dtype, bias
+        if q.is_cpu:
+            self.packed = pack_int4_cpu(q)
+        else:  # gpt-fast's WeightOnlyInt4Linear; never run: no GPU was at hand
+            self.packed = torch.ops.aten._convert_weight_to_int4pack(q, int4_inner_k_tiles(self.in_features))
+        self.scales_and_zeros = scales_and_zeros.bfloat16().transpose(0, 1).contiguous()  # (k / group, n, 2)
+
+    def forward(self, x):
+        x2 = bf16_rows(x, self.in_features)
+        mm = torch.ops.aten._weight_int4pack_mm_for_cpu if x2.is_cpu else torch.ops.aten._weight_int4pack_mm
+        return output(mm(x2, self.packed, self.group_size, self.scales_and_zeros), x, self.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weights as the kernel computes them (rounded to bf16), from its product with the identity."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.packed.device)
+        mm = torch.ops.aten._weight_int4pack_mm_for_cpu if eye.is_cpu else torch.ops.aten._weight_int4pack_mm
+        return mm(eye, self.packed, self.group_size, self.scales_and_zeros).t().to(self.dtype)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"bias={self.bias is not None}")
+
+
+class Int8Embedding(nn.Module):
+    """An embedding tied to an int8 output head: it looks its rows up in the head's int8 weights, so the matrix is
+    held once."""
+
+    def __init__(self, head: Int8Linear):
+        super().__init__()
+        self.head = head
+
+    def forward(self, ids):
+        h = self.head
+        return h.q[ids].to(h.dtype) * h.scale[ids].to(h.dtype)[..., None]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head.weight
+
+
+# A8W8: int8 weights and int8 activations, on fbgemm's integer kernel (torch.ao's dynamic Linear), which
+# multiplies large matrices 1.8x faster than the weight-only int8 kernel here (docs/speed.md). It rounds the
+# activation row to 8 bits with one scale, and a transformer's rows have outlier channels up to 20x their median
+# (+4% perplexity on SmolLM2 with one scale alone), so two known cures, calibrated on a few hundred tokens:
+# - SmoothQuant (Xiao et al. 2023, arXiv 2211.10438): input channel j divided by s_j = max|X_j|^a / max|W_j|^(1-a),
+#   weight column j multiplied by it: the product is unchanged, the rounding error shared. a = 0.5, the paper's;
+# - LLM.int8()'s decomposition (Dettmers et al. 2022, arXiv 2208.07339): the OUTLIERS channels of largest range
+#   leave the int8 product and are multiplied in float (16 columns of each weight).
+SMOOTH_ALPHA = 0.5
+OUTLIERS = 16
+
+
+def quantize_a8w8(w: torch.Tensor, act_absmax: torch.Tensor):
+    """The A8W8 form of weight w (out, in), given its layer's largest |input| per channel: (packed, inv_s, idx,
+    w_out). packed: w's columns times s, those of the OUTLIERS channels idx zeroed, rounded to int8 with one fp32
+    scale per row and packed for fbgemm; inv_s: 1/s, 0 at idx, by which the activation row is multiplied first;
+    w_out: w's columns idx, transposed (k, out), in w's dtype."""
+    import warnings
+    idx = act_absmax.topk(min(OUTLIERS, w.size(1))).indices
+    col_absmax = torch.linalg.vector_norm(w, float("inf"), 0, dtype=torch.float32)
+    s = act_absmax.clamp(min=1e-5) ** SMOOTH_ALPHA / col_absmax.clamp(min=1e-5) ** (1 - SMOOTH_ALPHA)
+    w_out = w[:, idx].t().contiguous()
+    w = (w.float() * s).index_fill_(1, idx, 0)
+    scale = (torch.linalg.vector_norm(w, float("inf"), 1) / 127).clamp(min=1e-12)
+    q = w.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    with warnings.catch_warnings():  # quantized tensors are deprecated in PyTorch, fbgemm's kernel still takes one
+        warnings.simplefilter("ignore")
+        qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(len(q), dtype=torch.long), 0)
+        packed = torch.ops.quantized.linear_prepack(qw, None)
+    return packed, (1 / s).index_fill_(0, idx, 0), idx, w_out
+
+
+def rowwise_a8w8(x: torch.Tensor, packed, block: int = 4096) -> torch.Tensor:
+    """What fbgemm's kernel computes for each row of x (M, K) alone: the row rounded to uint8 with its own scale and
+    zero point, times the int8 weight, times both scales. The kernel takes one scale for all rows of a call, so
+    several rows go through a float product of the same integers, a block of weight rows at a time."""
+    lo, hi = x.amin(1, keepdim=True).clamp(max=0), x.amax(1, keepdim=True).clamp(min=0)
+    sx = ((hi - lo) / 255).clamp(min=1e-12)
+    zero = (-lo / sx).round()
+    xq = ((x / sx).round() + zero).clamp(0, 255) - zero  # (M, K), integers in [-255, 255]
+    qw = torch.ops.quantized.linear_unpack(packed)[0]
+    q, scale = qw.int_repr(), qw.q_per_channel_scales().float()
+    y = torch.cat([F.linear(xq, q[i:i + block].float()) for i in range(0, len(q), block)], 1)
+    return y * sx * scale
+
+
+class A8W8Linear(nn.Linear):
+    """A linear layer held only in its A8W8 form (quantize_a8w8): int8 weights packed for fbgemm, the activation row
+    smoothed, rounded to 8 bits by the kernel, and its outlier channels multiplied in float. `weight` is the
+    dequantized weight, made when read."""
+
+    def __init__(self, packed, inv_s, idx, w_out, dtype: torch.dtype, bias: torch.Tensor | None = None):
+        nn.Module.__init__(self)  # (not nn.Linear's: it would make a float weight)
+        self.out_features, self.in_features = w_out.size(1), inv_s.size(0)
+        self.packed, self.inv_s, self.idx, self.w_out, self.dtype, self.bias = packed, inv_s, idx, w_out, dtype, bias
+
+    def forward(self, x):
+        x2 = x.reshape(-1, self.in_features)
+        xs = torch.mul(x2, self.inv_s)  # fp32: x / s, one op on the row; 0 in the outlier channels
+        y = (torch.ops.quantized.linear_dynamic(xs, self.packed, False) if len(xs) == 1  # False: full 8 bits
+             else rowwise_a8w8(xs, self.packed))
+        # + the outlier channels' float product, in the weight's dtype
+        y = torch.addmm(y.to(self.w_out.dtype), x2.index_select(1, self.idx).to(self.w_out.dtype), self.w_out)
+        return output(y, x, self.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = torch.ops.quantized.linear_unpack(self.packed)[0].dequantize() * self.inv_s
+        return w.index_copy_(1, self.idx, self.w_out.t().float()).to(self.dtype)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+@torch.no_grad()
+def input_absmax(model: nn.Module, layers: list[nn.Linear], tokens: torch.Tensor) -> dict:
+    """The largest |input| per input channel that each layer sees while model runs on tokens (fp32); a layer the
+    tokens never reach (an expert no token is routed to) is absent."""
+    found = {}
+
+    def record(layer, args):
+        if args[0].numel():  # (an expert's call with no tokens)
+            a = args[0].detach().reshape(-1, layer.in_features).abs().amax(0).float()
+            found[layer] = torch.maximum(found[layer], a) if layer in found else a
+
+    hooks = [layer.register_forward_pre_hook(record) for layer in layers]
+    try:
+        model(tokens)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+# Layers a model file calls one after another on the same input, by their (HF) names
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class Stack(nn.Module):
+    """Sibling layers (SIBLINGS) as one quantized layer of their stacked rows. A model calls them one after
+    another on the same input: the first call computes the product for all and each sibling takes its rows, so
+    one kernel call serves three (q/k/v) or two (gate/up), each call costing 10-30 us besides its bytes. A
+    sibling called with another input (lm2.py's memory reads tokens with q_proj, its bank with k_proj and
+    v_proj) gets the stacked product of that input: correct, at the stacked cost.
+    subtle: under inference_mode an input has no version: one changed in place between two siblings' calls
+    would get its old product. The model files never do that (the input is a norm's fresh output)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer, self.last = layer, None  # last: (the input, a weak reference; its version; its product)
+
+    def forward(self, x):
+        last = self.last
+        if last is None or last[0]() is not x or last[1] != version(x):
+            last = self.last = (weakref.ref(x), version(x), self.layer(x))
+        return last[2]
+
+    def __getstate__(self):  # copies start with nothing held (a weak reference cannot be copied)
+        return {**self.__dict__, "last": None}
+
+
+class Sibling(nn.Module):
+    """One sibling layer: rows start:end of a Stack's layer."""
+
+    def __init__(self, stack: Stack, start: int, end: int, in_features: int):
+        super().__init__()
+        self.stack, self.start, self.end = stack, start, end
+        self.in_features, self.out_features = in_features, end - start
+
+    def forward(self, x):
+        y = self.stack(x)[..., self.start:self.end]
+        return y if y.is_contiguous() else y.contiguous()  # (one row's slice is contiguous already)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.stack.layer.weight[self.start:self.end]
+
+    def extra_repr(self):
+        return f"rows {self.start}:{self.end} of the stack"
+
+
+def quantized_layer(kind: str, parts: list[tuple], group_size: int, dtype, bias=None) -> nn.Module:
+    """An Int8Linear, Int4Linear or A8W8Linear from the quantized forms of one or more layers (stacked by rows)."""
+    if kind == "a8w8":
+        return A8W8Linear(*parts[0], dtype, bias)
+    tensors = [torch.cat(t) for t in zip(*parts)]
+    return Int8Linear(*tensors, dtype, bias) if kind == "int8" else Int4Linear(*tensors, group_size, dtype, bias)
+
+
+def quantize_layers(model: nn.Module, weights: str, group_size: int, get, bias=lambda t: t.detach(),
+                    absmax: dict | None = None) -> dict:
+    """Replace every plain linear layer of model by its quantized form (siblings stacked) and every embedding tied to
+    a replaced layer by an Int8Embedding, in place. get(path, layer, kind) gives a layer's quantized tensors
+    (quantized from its weight, or read from a file), bias(layer.bias) its bias. Returns {path: kind}.
+
+    kind: "int8" for weights="int8", and in int4 models for the output head (lm_head), a layer tied to an
+    embedding, and a shape the int4 kernel does not take; else "int4". weights="a8w8": "a8w8" for every layer
+    absmax (input_absmax) has a range for, not stacked; a tied embedding gets an int8 copy of its own (fbgemm's
+    packed weights have no rows to look up)."""
+    tied = {id(m.weight) for m in model.modules() if type(m) is nn.Embedding}
+    heads, kinds = {}, {}
+
+    def kind_of(name, layer):
+        if weights == "a8w8":  # (a layer the calibration never reached: weight-only int8)
+            return "a8w8" if layer in absmax else "int8"
+        int8 = (weights == "int8" or name == "lm_head" or id(layer.weight) in tied
+                or not int4_fits(layer.in_features, layer.out_features, group_size))
+        return "int8" if int8 else "int4"
+
+    for parent_path, parent in list(model.named_modules()):
+        children = {n: c for n, c in parent.named_children() if type(c) in (nn.Linear, FastLinear)}
+        groups = [[n for n in names if n in children and children[n].bias is None] for names in SIBLINGS]
+        groups = [g for g in groups if len(g) > 1 and len({children[n].in_features for n in g}) == 1
+                  and weights != "a8w8"]
+        grouped = {n for g in groups for n in g}
+        for name in [n for n in children if n not in grouped]:
+            layer, path = children[name], f"{parent_path}.{name}".lstrip(".")
+            kinds[path] = kind_of(name, layer)
+            new = quantized_layer(kinds[path], [get(path, layer, kinds[path])], group_size, layer.weight.dtype,
+                                  None if layer.bias is None else bias(layer.bias))
+            if id(layer.weight) in tied:
+                heads[id(layer.weight)] = new if type(new) is Int8Linear else Int8Linear(
+                    *quantize_int8(layer.weight), layer.weight.dtype)
+            setattr(parent, name, new)
+        for group in groups:
+            layers, paths = [children[n] for n in group], [f"{parent_path}.{n}".lstrip(".") for n in group]
+            kind = "int8" if any(kind_of(n, m) == "int8" for n, m in zip(group, layers)) else "int4"
+            kinds.update(dict.fromkeys(paths, kind))
+            stack = Stack(quantized_layer(kind, [get(p, m, kind) for p, m in zip(paths, layers)], group_size,
+                                          layers[0].weight.dtype))
+            start = 0
+            for name, layer in zip(group, layers):
+                setattr(parent, name, Sibling(stack, start, start + layer.out_features, layer.in_features))
+                start += layer.out_features
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Embedding and id(child.weight) in heads:
+                setattr(parent, name, Int8Embedding(heads[id(child.weight)]))
+    return kinds
+
+
+def quantize(w: torch.Tensor, kind: str, group_size: int, rounding: str = "nearest") -> tuple:
+    return quantize_int8(w) if kind == "int8" else quantize_int4(w, group_size, rounding)
+
+
+# -----------------------------------------------------------------------------
+# fast(), and loading a quantized model without the float one
+
+WEIGHTS = (None, "int8", "int4", "a8w8")
+
+
+def check_weights(weights, group_size, rounding, calibration=None):
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: use None (the model's own), 'int8', 'int4' or 'a8w8'")
+    if group_size not in (32, 64, 128, 256):
+        raise ValueError(f"group_size={group_size}: PyTorch's int4 kernels take 32, 64, 128 or 256")
+    if rounding not in ("nearest", "hqq"):
+        raise ValueError(f"rounding={rounding!r}: use 'nearest' or 'hqq'")
+    if (weights == "a8w8") != (calibration is not None):
+        raise ValueError("weights='a8w8' needs calibration=token ids (batch, T) of some text, and only it uses them")
+
+
+def fast(model: nn.Module, weights: str | None = None, group_size: int = 32, rounding: str = "nearest",
+         calibration: torch.Tensor | None = None, threads: bool = False) -> nn.Module:
+    """Make model decode faster on a CPU, in place (and return it).
+
+    weights None: every plain nn.Linear becomes a FastLinear (same parameters, names, state_dict, ties and
+    training; subclasses such as finetune.py's LoRALinear stay as they are). weights "int8", "int4" or "a8w8":
+    every plain nn.Linear is replaced by its quantized form (Int8Linear, Int4Linear, A8W8Linear; siblings as a
+    Stack), the float weights are dropped, and the model is for inference only; group_size and rounding
+    ("nearest" or "hqq") are int4's (quantize_int4); a8w8 needs calibration, token ids (batch, T) of ordinary text
+    (a few hundred tokens) that the model runs once, in float, to measure each layer's input range. threads=True
+    also sets torch's thread count for decoding now (decode_threads)."""
+    check_weights(weights, group_size, rounding, calibration)
+    if threads:
+        torch.set_num_threads(decode_threads())
+    layers = [m for m in model.modules() if type(m) in (nn.Linear, FastLinear)]
+    if weights is None:
+        for m in layers:
+            m.__class__ = FastLinear
+        time_split(layers)
+        return model
+    absmax = {}
+    if weights == "a8w8":
+        for m in layers:
+            m.__class__ = nn.Linear  # float products while calibrating (no reordered copies)
+        absmax = input_absmax(model, layers, calibration)
+
+    def get(path, m, kind):
+        return quantize_a8w8(m.weight, absmax[m]) if kind == "a8w8" else quantize(m.weight, kind, group_size,
+                                                                                   rounding)
+
+    with torch.no_grad():
+        quantize_layers(model, weights, group_size, get, absmax=absmax)
+    return model
+
+
+def quantized_path(ckpt_dir, weights: str, group_size: int = 32) -> Path:
+    """Where `python fast_decode.py quantize` writes a checkpoint's quantized weights: beside model.safetensors."""
+    return Path(ckpt_dir) / (f"quantized-int4-g{group_size}.safetensors" if weights == "int4"
+                             else "quantized-int8.safetensors")
+
+
+def float_files(ckpt_dir) -> dict:
+    """{tensor name: the safetensors file holding it} of a HF checkpoint folder (one file, or shards listed by
+    model.safetensors.index.json)."""
+    ckpt_dir = Path(ckpt_dir)
+    index = ckpt_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return {k: ckpt_dir / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+    from safetensors import safe_open
+    with safe_open(ckpt_dir / "model.safetensors", "pt") as f:
+        return dict.fromkeys(f.keys(), ckpt_dir / "model.safetensors")
+
+
+def fingerprint(ckpt_dir) -> str:
+    """The float checkpoint's files, sizes and modification times: a quantized file records the fingerprint of
+    what it was made from, and load() refuses one made from other weights."""
+    files = sorted(set(float_files(ckpt_dir).values()))
+    return json.dumps([[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+
+
+class Reader:
+    """Tensors read one at a time from safetensors files. Each read maps its file anew, and the mapping goes with the
+    tensor: a weight quantized and dropped leaves nothing of the file resident (a mapping kept open would hold
+    every page read so far)."""
+
+    def __init__(self, files: dict):
+        self.files = files
+
+    def __contains__(self, name):
+        return name in self.files
+
+    def __getitem__(self, name) -> torch.Tensor:
+        from safetensors import safe_open
+        with safe_open(self.files[name], "pt") as f:
+            return f.get_tensor(name)
+
+
+def tensor_names(model: nn.Module) -> dict:
+    """{id of a parameter or persistent buffer: every state_dict name it goes by (a tied matrix has two)}"""
+    names = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(
+            remove_duplicate=False)):
+        owner, _, leaf = name.rpartition(".")
+        if leaf not in model.get_submodule(owner)._non_persistent_buffers_set:
+            names.setdefault(id(t), []).append(name)
+    return names
+
+
+def build(cls, ckpt_dir, weights: str, group_size: int, rounding: str, device, dtype, stored: Path | None,
+          kept: dict | None = None, **kwargs) -> nn.Module:
+    """load()'s quantized model: cls.from_pretrained on the meta device, each linear layer quantized from its float
+    weight as it is read (or read from `stored`, a quantized file), the other tensors read into place. kept: where
+    given, every layer's quantized tensors are also put into it, under the names a quantized file uses."""
+    model = cls.from_pretrained(ckpt_dir, "meta", dtype, **kwargs)
+    floats, names = Reader(float_files(ckpt_dir)), tensor_names(model)
+    quantized = Reader(dict.fromkeys(safe_keys(stored), stored)) if stored else None
+
+    def read(t):  # a parameter or buffer's value from the checkpoint, under any name it goes by
+        name = next((n for n in names[id(t)] if n in floats), None)
+        if name is None:
+            raise ValueError(f"{ckpt_dir} has no tensor {names[id(t)][0]}: fast_decode.load() reads every weight "
+                             f"from the checkpoint (use fast(cls.from_pretrained(...)) for a model that makes some)")
+        return floats[name]
+
+    def get(path, layer, kind):
+        keys = [f"{path}.qweight", f"{path}.scales" if kind == "int8" else f"{path}.scales_and_zeros"]
+        if quantized is None:
+            tensors = quantize(read(layer.weight).to(device), kind, group_size, rounding)
+        elif all(k in quantized for k in keys):
+            tensors = tuple(quantized[k].to(device) for k in keys)
+        else:
+            raise ValueError(f"{stored} does not hold {path} as {kind}: make it again with "
+                             f"`python fast_decode.py quantize --ckpt_dir {ckpt_dir} --weights {weights}`")
+        if kept is not None:
+            kept.update(zip(keys, tensors))
+        return tensors
+
+    with torch.no_grad():
+        quantize_layers(model, weights, group_size, get, lambda t: read(t).to(device=device, dtype=t.dtype))
+        done = {}  # (a tensor tied under two names is read once)
+        for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
+            if t.is_meta and id(t) in names:
+                if id(t) not in done:
+                    value = read(t).to(device=device, dtype=t.dtype)
+                    done[id(t)] = nn.Parameter(value, t.requires_grad) if isinstance(t, nn.Parameter) else value
+                owner, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(owner), leaf, done[id(t)])
+    if hasattr(model, "init_rope"):
+        model.init_rope(device)  # (the RoPE tables or frequencies: not in a checkpoint, made on the meta device)
+    left = [f"{n}.{k}" for n, m in model.named_modules() for k, t in list(m._parameters.items())
+            + list(m._buffers.items()) + list(vars(m).items()) if isinstance(t, torch.Tensor) and t.is_meta]
+    if left:
+        raise NotImplementedError(f"fast_decode.load() cannot make {left[0]} of {cls.__name__} (not in the "
+                                  f"checkpoint, no init_rope): use fast(cls.from_pretrained(...), weights=...)")
+    return model.eval()
+
+
+def safe_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return list(f.keys())
+
+
+def load(cls, ckpt_dir, weights: str | None = None, group_size: int = 32, rounding: str = "nearest",
+         device=None, dtype: torch.dtype | None = None, threads: bool = False, **kwargs) -> nn.Module:
+    """cls.from_pretrained(ckpt_dir, device, dtype, **kwargs) made fast (see fast()), for the model class of
+    smollm2.py, llama31.py, nanollm.py or lm2.py.
+
+    With weights "int8" or "int4" the float model is never held: cls.from_pretrained builds it on the meta
+    device (the checkpoint's config and ties, no weight read) and its linear layers are replaced one by one by
+    their quantized forms, read from the file `python fast_decode.py quantize` wrote (quantized_path) where there
+    is one (rounding is then that file's), else quantized as each float weight is read; the other tensors (norms,
+    an untied embedding) are read into place, in dtype. RoPE's tensors are made by the model's init_rope(device)."""
+    if weights == "a8w8":
+        raise ValueError("weights='a8w8' is calibrated on the float model: use fast(cls.from_pretrained(...), "
+                         "weights='a8w8', calibration=token_ids)")
+    check_weights(weights, group_size, rounding)
+    device = torch.device(device or "cpu")
+    if weights is None:
+        return fast(cls.from_pretrained(ckpt_dir, device, dtype, **kwargs), threads=threads)
+    stored = quantized_path(ckpt_dir, weights, group_size)
+    if stored.is_file():
+        from safetensors import safe_open
+        with safe_open(stored, "pt") as f:
+            made_from = (f.metadata() or {}).get("source")
+        if made_from != fingerprint(ckpt_dir):
+            raise ValueError(f"{stored} was made from other weights than {ckpt_dir}/model.safetensors: make it again "
+                             f"with `python fast_decode.py quantize --ckpt_dir {ckpt_dir} --weights {weights}`")
+    model = build(cls, ckpt_dir, weights, group_size, rounding, device, dtype, stored if stored.is_file() else None,
+                  **kwargs)
+    if threads:
+        torch.set_num_threads(decode_threads())
+    return model
+
+
+def save_quantized(cls, ckpt_dir, weights: str = "int4", group_size: int = 32, rounding: str = "nearest") -> Path:
+    """Quantize a checkpoint's linear layers one by one (the float model is never held) and write them to
+    quantized_path(ckpt_dir, ...), which load() then reads instead of quantizing again. Written to a temporary
+    name first: a failed run leaves an earlier file as it was."""
+    from safetensors.torch import save_file
+    check_weights(weights, group_size, rounding)
+    if weights not in ("int8", "int4"):
+        raise ValueError(f"weights={weights!r}: a quantized file holds 'int8' or 'int4'")
+    kept = {}
+    build(cls, ckpt_dir, weights, group_size, rounding, torch.device("cpu"), None, None, kept)
+    out = quantized_path(ckpt_dir, weights, group_size)
+    part = out.with_suffix(".part")
+    meta = {"weights": weights, "group_size": str(group_size), "rounding": rounding, "source": fingerprint(ckpt_dir)}
+    save_file({k: v.contiguous() for k, v in kept.items()}, part, metadata=meta)
+    part.replace(out)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Command line: python fast_decode.py quantize --ckpt_dir DIR --weights int4
+
+
+def model_class(ckpt_dir, name: str | None = None):
+    """The model class that reads ckpt_dir: the file named (smollm2, llama31, nanollm, lm2), else the one its
+    config.json asks for (DeepSeek-V3 layout: nanollm; an LM2's: lm2; Llama 3's scaled RoPE: llama31; any other
+    Llama: smollm2)."""
+    import importlib
+    if name is None:
+        cfg = json.loads((Path(ckpt_dir) / "config.json").read_text())
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        name = ("nanollm" if cfg.get("model_type") == "deepseek_v3" else "lm2" if "lm2" in cfg
+                else "llama31" if rope.get("rope_type", rope.get("type")) == "llama3" else "smollm2")
+    if name not in ("smollm2", "llama31", "nanollm", "lm2"):
+        raise ValueError(f"--model {name}: use smollm2, llama31, nanollm or lm2")
+    module = importlib.import_module(name)
+    return next(v for v in vars(module).values() if isinstance(v, type) and issubclass(v, nn.Module)
+                and hasattr(v, "from_pretrained") and hasattr(v, "generate"))
+
+
+def main(*command: str, ckpt_dir: str = "checkpoints/SmolLM2-135M-Instruct", weights: str = "int4",
+         group_size: int = 32, rounding: str = "nearest", model: str | None = None):
+    """Write a checkpoint's quantized weights once (`quantize`), beside its model.safetensors; the model CLIs and
+    fast_decode.load() then read them instead of quantizing at every start.
+
+    command: quantize
+    ckpt_dir: a HF checkpoint folder
+    weights: int4 or int8
+    group_size: weights per int4 scale and zero: 32, 64, 128 or 256
+    rounding: nearest (round to nearest), or hqq (Half-Quadratic Quantization's zero points)
+    model: the model file that reads the checkpoint (smollm2, llama31, nanollm, lm2); default: from its config.json
+    """
+    if list(command) != ["quantize"]:
+        raise SystemExit("error: the one command is `quantize`: python fast_decode.py quantize --ckpt_dir DIR "
+                         "--weights int4")
+    if not (Path(ckpt_dir) / "config.json").is_file():
+        raise SystemExit(f"error: no checkpoint at {ckpt_dir} (no config.json): give a HF checkpoint folder")
+    t0 = time.time()
+    try:
+        out = save_quantized(model_class(ckpt_dir, model), ckpt_dir, weights, group_size, rounding)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        raise SystemExit(f"error: {e}")
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) in {time.time() - t0:.1f}s")
+
+
+def command_line(argv: list[str] | None = None):
+    """main() with its flags from the command line, parsed as every CLI here parses them."""
+    try:
+        from cli import cli
+    except ImportError:  # (where the flag parser still lives in tokenizer_bpe.py)
+        from tokenizer_bpe import cli
+    cli(main, argv=argv)
+
+
+if __name__ == "__main__":
+    command_line()

@@ -7,9 +7,10 @@ The CPU kernels behind batch-1 decoding, alone: what fast_decode.py's paths buy,
 1. One-row products (a decode step's matmuls) through every layer's weights, random, as many distinct weights
    as the model has so that they stream from memory and not from cache: PyTorch's F.linear against
    fast_decode's `FastLinear` (fp32: the product split across threads, and FastLinear's choice between the two,
-   made by timing both in the warm-up; bf16: the weight kept in oneDNN's layout), and the same products with
-   q/k/v and gate/up stacked into one weight each (bf16: one reordered copy each, as fast_decode's Siblings
-   keep; fp32: F.linear on stacked copies, which fast_decode does not make). GB/s is weight bytes over time.
+   made by fast() timing both; bf16: the weight kept in oneDNN's layout), and the same products with q/k/v and
+   gate/up stacked into one weight each (bf16: one reordered copy each; fp32: F.linear on stacked copies), which
+   fast(model) does not make for float weights: they would be a second copy of the parameters (fast_decode
+   stacks its quantized layers, which hold no float copy). GB/s is weight bytes over time.
 2. Attention of one query over S cached keys (SmolLM2-135M heads: 9 query, 3 key/value, head_dim 64): bf16
    F.scaled_dot_product_attention against fp32 attention on an fp32 cache with the result rounded back (what
    the model files did for bf16 models on a CPU before fast_decode; left out of it unless this shows a gain).

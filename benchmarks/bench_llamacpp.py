@@ -1,44 +1,52 @@
 """
-Decode speed of the model files (with fast_decode.fast) against llama.cpp, the engine people run these models
-with on a CPU: the same weights converted to GGUF at the same precision, both engines timed in one run,
-interleaved (ours, llama.cpp, ours, llama.cpp, ...), so that a change in machine load hits both alike.
+Decode speed and memory of the model files (with fast_decode) against llama.cpp, the engine people run these models
+with on a CPU: the same weights at the same precision, both engines timed in one run, interleaved (ours,
+llama.cpp, ours, llama.cpp, ...), so that a change in machine load hits both alike.
 
-    python benchmarks/bench_llamacpp.py --llama_cpp ~/llama.cpp-build
-    python benchmarks/bench_llamacpp.py --models smollm2-135m --precisions int8 --repeats 2   # one row
+    python benchmarks/bench_llamacpp.py --llama_cpp ~/llama.cpp-build --threads 2
+    python benchmarks/bench_llamacpp.py --models smollm2-135m --precisions int4 --repeats 2   # one row
 
 Rows: SmolLM2-135M-Instruct (real weights: checkpoints/SmolLM2-135M-Instruct, run by smollm2.py) and a
-Llama-3.2-1B-shaped checkpoint of random weights (made once here with transformers, bf16, the Llama 3
-tokenizer from checkpoints/Llama-3.2-tokenizer; run by llama31.py), each at
-- fp32: fast(model) on an fp32 model, against a GGUF converted with `--outtype f32`;
-- bf16: fast(model) on a bf16 model, against `--outtype bf16`;
-- int8: fast(model, weights="int8") on a bf16 model (int8 weights, one bf16 scale per row), against llama.cpp's
-  Q8_0 (`--outtype q8_0`: int8 weights with one fp16 scale per 32);
-- a8w8: fast(model, weights="a8w8") on a bf16 model (int8 activations too, SmoothQuant-smoothed, outlier channels
-  in bf16; calibrated on 512 tokens of the Apache License 2.0), against the same Q8_0.
+Llama-3.2-1B-shaped checkpoint of random weights (made once here with transformers, bf16, the Llama 3 tokenizer
+from checkpoints/Llama-3.2-tokenizer; run by llama31.py). Both engines start from the same float weights:
+llama.cpp's own convert_hf_to_gguf.py writes them as an F32 GGUF, and its llama-quantize makes every other type
+from that file; ours reads the same checkpoint. Per precision:
+- fp32: fast(model) on an fp32 model, against F32;
+- bf16: fast(model) on a bf16 model, against BF16;
+- int8: fast_decode.load(..., weights="int8") (int8 weights, one bf16 scale per row, the float weights never
+  held), against Q8_0 (int8 with one fp16 scale per 32 weights);
+- a8w8: fast(model, weights="a8w8", calibration=...) (int8 weights and 8-bit activations on fbgemm's kernel,
+  SmoothQuant-smoothed, 16 outlier channels in float; calibrated on 512 tokens of the Apache License 2.0),
+  against the same Q8_0;
+- int4: fast_decode.load(..., weights="int4") (groups of 32 with a bf16 scale and zero; the output head int8),
+  against Q4_0 (4-bit, one fp16 scale per 32, the output head Q8_0 or Q6_K) and, as a second reference,
+  Q4_K_M (llama-quantize's mix; on SmolLM2, whose width 576 is no multiple of 256, most of its tensors fall
+  back to Q5_0 and Q8_0).
+int8 and int4 keep the rest of the model (norms, attention, the KV cache) in --quant_dtype: float32 by default,
+since on this machine PyTorch's one-query bf16 attention is several times slower than fp32's
+(bench_cpu_kernels.py), and the products take bf16 activations either way.
 Both engines decode N tokens from an empty context: llama.cpp with `llama-bench -p 0 -n N` (its own timing of
 the generation), ours with the model file's generate from a one-token prompt (the model's BOS), batch 1,
-greedy, tokens/s from the first new token to the last. (subtle: a context before the timed tokens, `-d`, would
-be closer to a chat, but on this CPU llama.cpp's Q8_0 then crashes: its AMX-repacked Q8_0 product for more than
-one row executes AMX tile instructions that this virtual machine forbids; `--repack 0` avoids it at two thirds
-its decode speed.) Both use the same threads (torch's default, one per core; `-t` for llama-bench), best of
---repeats for each.
-MB/token is what one decode step reads: every weight the products stream once (a tied embedding is the
-output head; for int8 and a8w8 the int8 copy and its scales, not the float table, of which one row is read) plus the
-KV cache filled so far (on average N/2 positions; llama.cpp keeps its cache in f16, ours in the model's dtype;
-llama31.py reads its whole preallocated cache, 1 + N positions, a fixed shape as gpt-fast). The roofline is the
-best read bandwidth measured in the run (a 1 GiB sum, as the other decode benchmarks) over MB/token. Memory:
-ours, the bytes of every tensor the model holds (parameters, plus the bf16 reordered or int8 copies fast_decode
-keeps beside them); llama.cpp, llama-bench's peak resident memory (its mapped GGUF, KV cache and buffers).
+greedy, tokens/s from the first new token to the last. Both use the same threads (torch's default, one per
+core; `-t` for llama-bench), best of --repeats for each.
+MB/token is what one decode step reads: every weight the products stream once (decode_timing.streamed_bytes:
+a tied embedding is the output head) plus the KV cache filled so far (on average N/2 positions; llama.cpp keeps
+its cache in f16, ours in the model's dtype; llama31.py reads its whole preallocated cache, 1 + N positions, a
+fixed shape as gpt-fast). The roofline is the best read bandwidth measured in the run (a 1 GiB sum, as the
+other decode benchmarks) over MB/token. Memory: peak resident memory of a fresh process that loads the model as
+the CLI does (fast_decode.load), with its tokenizer, and decodes 16 tokens; llama.cpp's, llama-bench's peak (its
+mapped GGUF, KV cache and buffers); and ours, the bytes of every tensor the model holds.
 
 Getting llama.cpp (optional: without it this script prints one line and stops; no test needs it). The
 llama-cpp-python sdist on PyPI vendors llama.cpp's source and convert_hf_to_gguf.py:
 
     pip install sentencepiece   # convert_hf_to_gguf.py imports it for every Llama checkpoint
     pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz
-    cd llama_cpp_python-*/vendor/llama.cpp && rm .git   # a submodule pointer to a missing gitdir: ninja
-                                                        # would re-run cmake forever
-    cmake -B ~/llama.cpp-build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
-    cmake --build ~/llama.cpp-build --target llama-bench llama-perplexity -j2   # ~10+ min on 2 cores
+    mv llama_cpp_python-*/vendor/llama.cpp ~/llama.cpp-src && rm ~/llama.cpp-src/.git  # a submodule pointer to a
+                                                        # missing gitdir: ninja would re-run cmake forever
+    cmake -S ~/llama.cpp-src -B ~/llama.cpp-build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+        -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
+    cmake --build ~/llama.cpp-build --target llama-bench llama-perplexity llama-quantize -j2   # ~20 min, 2 cores
 
 llama.cpp is found at --llama_cpp (a build folder, or the folder holding llama-bench), else $LLAMA_CPP_DIR,
 else llama-bench on PATH; convert_hf_to_gguf.py in the source folder that the build folder's CMakeCache.txt
@@ -59,17 +67,20 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import fast_decode  # noqa: E402
 import llama31  # noqa: E402
 import smollm2  # noqa: E402
-from decode_timing import load_average, machine_line, ours_decode_tps, read_bandwidth_gbs  # noqa: E402
-from fast_decode import A8W8Linear, Int8Linear, fast  # noqa: E402
 from tokenizer_bpe import Tokenizer  # noqa: E402
+from decode_timing import (held_bytes, load_average, machine_line, ours_decode_tps, peak_rss_gib,  # noqa: E402
+                           read_bandwidth_gbs, streamed_bytes)
 
 MODELS = ("smollm2-135m", "llama3.2-1b")
-# precision -> ours: (dtype, fast's weights); llama.cpp: the GGUF outtype
-PRECISIONS = {"fp32": (torch.float32, None, "f32"), "bf16": (torch.bfloat16, None, "bf16"),
-              "int8": (torch.bfloat16, "int8", "q8_0"), "a8w8": (torch.bfloat16, "a8w8", "q8_0")}
-CALIBRATION_TEXT = "/usr/share/common-licenses/Apache-2.0"  # what a8w8 calibrates on (not the text it is scored on)
+# precision -> ours: (dtype, fast_decode's weights); llama.cpp: the types it is timed at (the first: the ratio's)
+PRECISIONS = {"fp32": (torch.float32, None, ("F32",)), "bf16": (torch.bfloat16, None, ("BF16",)),
+              "int8": (None, "int8", ("Q8_0",)), "int4": (None, "int4", ("Q4_0", "Q4_K_M")),
+              "a8w8": (None, "a8w8", ("Q8_0",))}
+CALIBRATION_TEXT = "/usr/share/common-licenses/Apache-2.0"  # what a8w8 calibrates on (512 tokens)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 # -----------------------------------------------------------------------------
@@ -103,14 +114,21 @@ def find_convert_script(bin_dir: Path, src: str | None) -> Path:
     return script
 
 
-def to_gguf(script: Path, ckpt: Path, outtype: str, out: Path) -> Path:
-    """ckpt converted by llama.cpp's own convert_hf_to_gguf.py (once; reused while it exists)."""
-    if not out.is_file():
+def to_gguf(script: Path, bin_dir: Path, ckpt: Path, kind: str, out_dir: Path, name: str) -> Path:
+    """ckpt as a GGUF of type kind (F32, BF16, Q8_0, Q4_0, Q4_K_M, ...): convert_hf_to_gguf.py writes the F32 file,
+    llama-quantize every other type from it, as a llama.cpp user makes them (made once, reused while it exists)."""
+    out = out_dir / f"{name}-{kind.lower()}.gguf"
+    if out.is_file():
+        return out
+    part = out.with_suffix(".part")  # renamed when complete: an interrupted conversion is never reused
+    if kind == "F32":
         env = dict(os.environ, PYTHONPATH=str(script.parent / "gguf-py"))  # the gguf package of the same version
-        part = out.with_suffix(".part")  # renamed when complete: an interrupted conversion is never reused
-        subprocess.run([sys.executable, str(script), str(ckpt), "--outtype", outtype, "--outfile", str(part)],
-                       check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        part.rename(out)
+        cmd = [sys.executable, str(script), str(ckpt), "--outtype", "f32", "--outfile", str(part)]
+    else:
+        env, cmd = None, [str(bin_dir / "llama-quantize"), str(to_gguf(script, bin_dir, ckpt, "F32", out_dir, name)),
+                          str(part), kind]
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    part.rename(out)
     return out
 
 
@@ -161,67 +179,47 @@ def random_llama_checkpoint(out_dir: Path, tokenizer_dir: Path) -> Path:
     return ckpt
 
 
-def a8w8_bytes(m) -> int:
-    """Bytes of an A8W8Linear's A8W8 form: the packed int8 weight and its row scales, 1/s, the outlier columns."""
-    _, inv_s, idx, w_out = m.int8_weight()
-    return m.out_features * (m.in_features + 4) + inv_s.nbytes + idx.nbytes + w_out.nbytes
-
-
-def held_bytes(model) -> int:
-    """Bytes of every tensor the model holds: parameters and fast_decode's copies beside them."""
-    total = sum(p.nbytes for p in model.parameters())
-    total += sum(a8w8_bytes(m) for m in model.modules() if type(m) is A8W8Linear)
-    holders = [h for m in model.modules() for h in (m.__dict__.get("reordered"), m.__dict__.get("int8"))]
-    # (a Siblings, shared by its members, holds their stacked copy)
-    holders += {id(m.siblings): m.siblings for m in model.modules() if "siblings" in m.__dict__}.values()
-    for held in holders:
-        w = held.weight if held is not None else None
-        if isinstance(w, tuple):
-            total += sum(t.nbytes for t in w)
-        elif w is not None:
-            total += w.nbytes if not w.is_mkldnn else w.numel() * w.element_size()
-    return total
-
-
-def streamed_bytes(model) -> int:
-    """Weight bytes one decode step reads: each linear layer's weight (its int8 copy and scales for an
-    Int8Linear) once, every other parameter once, but of an embedding table only the row it looks up."""
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    seen = {id(m.weight) for m in linears}
-    total = 0
-    for m in {id(m.weight): m for m in linears}.values():  # a tied weight counts once
-        total += (sum(t.nbytes for t in m.int8.weight) if type(m) is Int8Linear else
-                  a8w8_bytes(m) if type(m) is A8W8Linear else m.weight.nbytes)
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    return total + sum(p.nbytes for p in model.parameters() if id(p) not in seen and id(p) not in embeddings)
+def model_file(name: str):
+    return smollm2.SmolLM2 if name == "smollm2-135m" else llama31.Llama
 
 
 def load_ours(name: str, ckpt: Path, dtype, weights):
-    """The model with fast_decode applied; a8w8 calibrates on 512 tokens of the Apache License 2.0 (as
-    bench_int8_quality.py does), tokenized by the checkpoint's own tokenizer."""
-    cls = smollm2.SmolLM2 if name == "smollm2-135m" else llama31.Llama
-    model = cls.from_pretrained(str(ckpt), dtype=dtype)
-    calibration = None
+    """The model as the CLI loads it: fast(cls.from_pretrained(...)) for float weights, fast_decode.load for
+    int8 and int4 (quantized as each layer is read, or from the file `fast_decode.py quantize` wrote); a8w8:
+    calibrated on 512 tokens of the Apache License 2.0."""
+    cls = model_file(name)
     if weights == "a8w8":
-        text = Path(CALIBRATION_TEXT).read_text(encoding="utf-8")
-        calibration = torch.tensor([Tokenizer.from_file(str(ckpt)).encode(text)[:512]])
-    return fast(model, weights=weights, calibration=calibration).eval()
+        ids = Tokenizer.from_file(str(ckpt)).encode(Path(CALIBRATION_TEXT).read_text(encoding="utf-8"))[:512]
+        return fast_decode.fast(cls.from_pretrained(ckpt, dtype=dtype), weights="a8w8", calibration=torch.tensor([ids]))
+    return fast_decode.load(cls, ckpt, weights=weights, dtype=dtype)
+
+
+def ours_peak_rss(name: str, ckpt: Path, dtype, weights) -> float:
+    """Peak resident memory (GiB) of a fresh process that loads the model as load_ours does, and its tokenizer,
+    and decodes 16 tokens."""
+    return peak_rss_gib(f"import torch, sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+                        f"from bench_llamacpp import load_ours\nfrom tokenizer_bpe import Tokenizer\n"
+                        f"m = load_ours({name!r}, {str(ckpt)!r}, {dtype}, {weights!r})\n"
+                        f"tok = Tokenizer.from_file({str(ckpt)!r})\n"
+                        f"m.generate([tok.encode('Hello')], 16, stop_tokens=[])")
 
 
 def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models: str = ",".join(MODELS),
          precisions: str = ",".join(PRECISIONS), new_tokens: int = 128, repeats: int = 3, threads: int | None = None,
+         quant_dtype: str = "float32",
          smollm2_dir: str = str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"),
          tokenizer_dir: str = str(ROOT / "checkpoints" / "Llama-3.2-tokenizer"),
          out_dir: str = str(ROOT / "runs" / "bench_llamacpp")):
-    """Decode speed of the model files + fast_decode against llama.cpp on the same weights.
+    """Decode speed and memory of the model files + fast_decode against llama.cpp on the same weights.
 
     llama_cpp: llama.cpp's build folder (or the folder holding llama-bench); default $LLAMA_CPP_DIR, then PATH
     llama_cpp_src: llama.cpp's source folder (for convert_hf_to_gguf.py); default: the one the build names
     models: comma-separated: smollm2-135m, llama3.2-1b
-    precisions: comma-separated: fp32, bf16, int8, a8w8 (llama.cpp: f32, bf16, Q8_0, Q8_0)
+    precisions: comma-separated: fp32, bf16, int8, a8w8, int4 (llama.cpp: F32, BF16, Q8_0, Q8_0, Q4_0 and Q4_K_M)
     new_tokens: tokens generated per timed run
     repeats: interleaved timed runs per engine (the best counts)
     threads: threads for both engines (default: torch's own choice, one per core)
+    quant_dtype: float32 or bfloat16: the dtype of the rest of an int8 or int4 model (norms, attention, cache)
     smollm2_dir: the SmolLM2-135M-Instruct checkpoint
     tokenizer_dir: the Llama 3 tokenizer, for the random 1B checkpoint's GGUF
     out_dir: GGUF files and the random checkpoint (made once, reused)
@@ -230,6 +228,8 @@ def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models:
     if bin_dir is None:
         print(f"skipped: llama.cpp not found ({why}); benchmarks/bench_llamacpp.py's docstring says how to build it")
         return
+    if quant_dtype not in DTYPES:
+        raise SystemExit(f"error: --quant_dtype must be float32 or bfloat16, got {quant_dtype}")
     script = find_convert_script(bin_dir, llama_cpp_src)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -249,8 +249,9 @@ def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models:
         for precision in precisions.split(","):
             if precision not in PRECISIONS:
                 raise SystemExit(f"error: unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
-            dtype, weights, outtype = PRECISIONS[precision]
-            gguf = to_gguf(script, ckpt, outtype, out / f"{name}-{outtype}.gguf")
+            dtype, weights, kinds = PRECISIONS[precision]
+            dtype = dtype or DTYPES[quant_dtype]
+            ggufs = {k: to_gguf(script, bin_dir, ckpt, k, out, name) for k in kinds}
             model = load_ours(name, ckpt, dtype, weights)
             args = model.args
             per_position = 2 * args.n_layers * args.n_kv_heads * args.head_dim  # a key and a value per layer
@@ -258,33 +259,42 @@ def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models:
             # (llama31.py attends over its whole preallocated cache, as gpt-fast: fixed shapes)
             ours_kv = per_position * (len(ids) + new_tokens if name == "llama3.2-1b" else filled)
             ours_mb = (streamed_bytes(model) + ours_kv * dtype.itemsize) / 1e6
-            # llama.cpp streams its tensor data (the GGUF less its header and vocabulary, ~1%) and an f16 cache
-            theirs_mb = (gguf.stat().st_size + per_position * filled * 2) / 1e6
             ours_decode_tps(model, ids, 4)  # warm-up (and the one-time reorder of bf16 weights)
-            llama_bench(bin_dir, gguf, threads, 4)
-            ours, theirs, rss = [], [], 0
+            for gguf in ggufs.values():
+                llama_bench(bin_dir, gguf, threads, 4)
+            ours, theirs, rss = [], {k: [] for k in kinds}, dict.fromkeys(kinds, 0)
             for _ in range(repeats):
                 ours.append(ours_decode_tps(model, ids, new_tokens))
-                tps, peak = llama_bench(bin_dir, gguf, threads, new_tokens)
-                theirs.append(tps)
-                rss = max(rss, peak)
+                for k, gguf in ggufs.items():
+                    tps, peak = llama_bench(bin_dir, gguf, threads, new_tokens)
+                    theirs[k].append(tps)
+                    rss[k] = max(rss[k], peak)
                 bw = max(bw, read_bandwidth_gbs())
-            rows.append(dict(model=name, precision=precision, engine="ours", tps=max(ours), mb=ours_mb,
-                             mem_gib=held_bytes(model) / 2**30, llama_cpp=max(theirs)))
-            rows.append(dict(model=name, precision=precision, engine=f"llama.cpp {outtype.upper()}",
-                             tps=max(theirs), mb=theirs_mb, mem_gib=rss / 2**30, llama_cpp=max(theirs)))
-            print(f"{name} {precision}: ours {max(ours):.1f} tok/s, llama.cpp {max(theirs):.1f} tok/s "
-                  f"({load_average()})", file=sys.stderr)
+            held = held_bytes(model) / 2**30
             del model
+            ref = max(theirs[kinds[0]])
+            what = f"{weights + ' ' if weights else ''}{dtype}"
+            rows.append(dict(model=name, precision=precision, engine=f"ours ({what})", tps=max(ours), mb=ours_mb,
+                             rss_gib=ours_peak_rss(name, ckpt, dtype, weights), held_gib=held, ref=ref))
+            for k, gguf in ggufs.items():
+                # llama.cpp streams its tensor data (the GGUF less its header and vocabulary, ~1%) and an f16 cache
+                rows.append(dict(model=name, precision=precision, engine=f"llama.cpp {k}", tps=max(theirs[k]),
+                                 mb=(gguf.stat().st_size + per_position * filled * 2) / 1e6,
+                                 rss_gib=rss[k] / 2**30, held_gib=None, ref=ref))
+            print(f"{name} {precision}: ours {max(ours):.1f} tok/s, llama.cpp "
+                  f"{', '.join(f'{k} {max(v):.1f}' for k, v in theirs.items())} tok/s ({load_average()})",
+                  file=sys.stderr)
     cmd = " ".join(["python benchmarks/bench_llamacpp.py"] + sys.argv[1:])
     print(f"\n`{cmd}`: batch 1, greedy, {new_tokens} new tokens from an empty context, {threads} threads, best of "
           f"{repeats} interleaved runs, best read bandwidth {bw:.1f} GB/s, {load_average()} at the end\n")
-    print("| model | precision | engine | decode tok/s | vs llama.cpp | MB/token | of roofline | memory GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | precision | engine | decode tok/s | vs llama.cpp | MB/token | of roofline | peak RSS GiB "
+          "| weights held GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         frac = r["tps"] * r["mb"] * 1e6 / (bw * 1e9)
-        print(f"| {r['model']} | {r['precision']} | {r['engine']} | {r['tps']:.1f} | {r['tps'] / r['llama_cpp']:.2f}x "
-              f"| {r['mb']:.0f} | {frac:.0%} | {r['mem_gib']:.2f} |")
+        held = "" if r["held_gib"] is None else f"{r['held_gib']:.3f}"
+        print(f"| {r['model']} | {r['precision']} | {r['engine']} | {r['tps']:.1f} | {r['tps'] / r['ref']:.2f}x "
+              f"| {r['mb']:.0f} | {frac:.0%} | {r['rss_gib']:.2f} | {held} |")
     print(json.dumps(dict(bandwidth_gbs=bw, rows=rows)), file=sys.stderr)
 
 

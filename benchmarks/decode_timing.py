@@ -1,6 +1,7 @@
 """Decode timing shared by the bench_*.py decode benchmarks: tokens/s of a model file's generate and of HF
 `generate`, each timed from its first new token to its last (prefill excluded), the memory read bandwidth that
-bounds batch-1 decoding, and a competing CPU-bound process for the "busy machine" rows (issue #13)."""
+bounds batch-1 decoding, the bytes a model holds and reads per token, peak resident memory of a fresh process,
+and a competing CPU-bound process for the "busy machine" rows."""
 
 import contextlib
 import os
@@ -53,6 +54,63 @@ def interleaved_best(runs: dict, n: int, repeats: int) -> dict:
         for k, run in runs.items():
             results[k].append(run(n))
     return {k: max(v) for k, v in results.items()}
+
+
+def tensors(model) -> dict:
+    """{id: tensor} of every tensor model holds: parameters, buffers, and fast_decode's quantized weights and
+    reordered copies (plain attributes of its modules)."""
+    found = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    for m in model.modules():
+        for v in list(vars(m).values()) + [getattr(vars(m).get("reordered"), "weight", None)]:
+            if isinstance(v, torch.Tensor):
+                found[id(v)] = v
+    return found
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()  # (a oneDNN tensor has no storage to ask)
+
+
+def packed_bytes(model) -> int:
+    """Bytes of fbgemm's packed int8 weights (A8W8Linear: an opaque object, no tensor): a byte a weight, a scale
+    a row."""
+    from fast_decode import A8W8Linear
+    return sum(m.out_features * (m.in_features + 4) for m in model.modules() if type(m) is A8W8Linear)
+
+
+def held_bytes(model) -> int:
+    """Bytes of every tensor the model holds (a tied or stacked one once)."""
+    return sum(nbytes(t) for t in tensors(model).values()) + packed_bytes(model)
+
+
+def streamed_bytes(model) -> int:
+    """Weight bytes one decode step reads: every tensor the model holds once (a tied matrix is the output head),
+    but of an embedding table only the row it looks up, and of a reordered copy's weight only one of the two."""
+    from fast_decode import Int8Embedding
+    found = tensors(model)
+    for m in model.modules():
+        if type(m) is torch.nn.Embedding and id(m.weight) not in {id(h.weight) for h in model.modules()
+                                                                if isinstance(h, torch.nn.Linear)
+                                                                and "weight" in h._parameters}:
+            found.pop(id(m.weight), None)
+        if type(m) is Int8Embedding:
+            continue
+        held = vars(m).get("reordered")
+        if held is not None and held.weight is not None:
+            found.pop(id(held.weight), None)
+    return sum(nbytes(t) for t in found.values()) + packed_bytes(model)
+
+
+def peak_rss_gib(code: str) -> float:
+    """Peak resident memory (VmHWM) of a fresh Python process that runs code from the repository root: file pages
+    mapped and read count, as they do for llama.cpp's mapped GGUF."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    probe = (f"import sys; sys.path.insert(0, {root!r})\n{code}\n"
+             "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=root)
+    if out.returncode:
+        raise SystemExit(f"error: the memory probe failed:\n{out.stderr[-2000:]}")
+    return int(out.stdout.split()[-1]) * 1024 / 2**30
 
 
 def model_class(module):

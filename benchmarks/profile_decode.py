@@ -4,9 +4,10 @@ products (which stream the weights: bandwidth-bound) and everything else (norms,
 views: a fixed cost per op), against the bound each part meets.
 
     python benchmarks/profile_decode.py --model smollm2-135m --precision fp32
-    python benchmarks/profile_decode.py --model llama3.2-1b --precision int8   # the checkpoint bench_llamacpp.py made
+    python benchmarks/profile_decode.py --model llama3.2-1b --precision int4   # the checkpoint bench_llamacpp.py made
 
-The same models and checkpoints as bench_llamacpp.py. After a prompt (SmolLM2: its 39-token chat prompt; 1B: 64
+The same models, checkpoints and precisions as bench_llamacpp.py (int8 and int4: the rest of the model in
+--quant_dtype). After a prompt (SmolLM2: its 39-token chat prompt; 1B: 64
 random tokens) the model's own forward_cached runs --steps decode steps (greedy), first timed plainly (wall ms per
 token), then under torch.profiler (which adds a few microseconds to every op; the split is read from it and
 scaled to the plain wall time). Printed: the ops by self time per token, and a summary: the products' time
@@ -26,14 +27,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import smollm2  # noqa: E402
-from bench_llamacpp import PRECISIONS, load_ours, random_llama_checkpoint, streamed_bytes  # noqa: E402
-from decode_timing import load_average, read_bandwidth_gbs  # noqa: E402
+from bench_llamacpp import DTYPES, PRECISIONS, load_ours, random_llama_checkpoint  # noqa: E402
+from decode_timing import load_average, read_bandwidth_gbs, streamed_bytes  # noqa: E402
 from tokenizer_bpe import Tokenizer  # noqa: E402
 
 # the ops that multiply by a weight matrix (fp32 F.linear -> addmm/mm; the fast fp32 split -> bmm; bf16 ->
-# oneDNN's linear; int8 -> the int8 kernel)
-PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise",
-            "aten::_weight_int8pack_mm"}
+# oneDNN's linear; int8 and int4 -> their kernels)
+PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm",
+            "aten::_weight_int4pack_mm_for_cpu"}
 
 
 def decode_steps(model, ids, steps):
@@ -53,17 +54,18 @@ def decode_steps(model, ids, steps):
 
 
 def main(model: str = "smollm2-135m", precision: str = "fp32", steps: int = 32, top: int = 15,
-         threads: int | None = None,
+         threads: int | None = None, quant_dtype: str = "float32",
          smollm2_dir: str = str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"),
          tokenizer_dir: str = str(ROOT / "checkpoints" / "Llama-3.2-tokenizer"),
          out_dir: str = str(ROOT / "runs" / "bench_llamacpp")):
     """Per-op profile of batch-1 decoding with fast_decode.
 
     model: smollm2-135m or llama3.2-1b
-    precision: fp32, bf16 or int8 (as bench_llamacpp.py)
+    precision: fp32, bf16, int8 or int4 (as bench_llamacpp.py)
     steps: decode steps profiled
     top: ops listed
     threads: torch threads (default: torch's own choice, one per core)
+    quant_dtype: float32 or bfloat16: the dtype of the rest of an int8 or int4 model
     smollm2_dir: the SmolLM2-135M-Instruct checkpoint
     tokenizer_dir: the Llama 3 tokenizer (for making the random 1B checkpoint, if bench_llamacpp.py has not)
     out_dir: where bench_llamacpp.py keeps the random 1B checkpoint
@@ -73,6 +75,7 @@ def main(model: str = "smollm2-135m", precision: str = "fp32", steps: int = 32, 
     if precision not in PRECISIONS:
         raise SystemExit(f"error: unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
     dtype, weights, _ = PRECISIONS[precision]
+    dtype = dtype or DTYPES[quant_dtype]
     if model == "smollm2-135m":
         ckpt = Path(smollm2_dir)
         ids = smollm2.encode_chat(Tokenizer.from_file(ckpt), [{"role": "user", "content": "Write a short story "

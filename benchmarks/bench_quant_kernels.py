@@ -1,14 +1,12 @@
 """
-Which int8 kernel makes batch-1 decoding fastest on this CPU: every route PyTorch offers for a one-row product
-with an int8 weight, timed through every layer's projections, against the fp32 and bf16 products fast_decode.py
-already uses, and fast_decode.py's own int8 layers: `weights="int8"` (weight-only, bf16 activations) and
-`weights="a8w8"` (int8 activations too, on the A8W8 kernel that times fastest here; its docstring says why that
-needs calibration).
+Which low-bit kernel makes batch-1 decoding fastest on this CPU: every route PyTorch offers for a one-row product
+with an int8 or int4 weight, timed through every layer's projections, against the fp32 and bf16 products, and
+fast_decode.py's own layers (`weights="int8"`, `weights="int4"`: bf16 activations, q/k/v and gate/up stacked).
 
-    python benchmarks/bench_int8_kernels.py                 # SmolLM2-135M and Llama 3.2 1B layer shapes
-    python benchmarks/bench_int8_kernels.py --layers 4      # fewer layers (quicker; more of it fits in cache)
+    python benchmarks/bench_quant_kernels.py                 # SmolLM2-135M and Llama 3.2 1B layer shapes
+    python benchmarks/bench_quant_kernels.py --layers 4      # fewer layers (quicker; more of it fits in cache)
 
-All routes hold the weight as int8 with one scale per output row (symmetric, absmax / 127); some also round
+The int8 routes hold the weight as int8 with one scale per output row (symmetric, absmax / 127); some also round
 the activation row to int8 (A8W8, as llama.cpp's Q8_0 product does, which rounds it to blocks of 32):
 - fp32 F.linear, bf16 oneDNN (reordered once): the float products, for reference (4 and 2 bytes per weight);
 - `_weight_int8pack_mm` (bf16 or fp32 row): PyTorch's weight-only int8 kernel (gpt-fast's int8 path);
@@ -20,10 +18,12 @@ the activation row to int8 (A8W8, as llama.cpp's Q8_0 product does, which rounds
   rounded symmetrically to int8 (no zero point), the scale passed as a tensor (no sync to read it);
 - `dequantize blocks`: the int8 weight turned to bf16 a block of rows at a time (small enough to stay in
   cache) and multiplied there; one Python loop step per block;
-- `fast_decode int8` and `fast_decode a8w8`: fast_decode.py's own layers (`weights="int8"`: Int8Linear, the
-  weight-only kernel; `weights="a8w8"`: A8W8Linear, SmoothQuant's smoothing multiply and then torch.ao's fbgemm
-  kernel) on bf16 weights, each a whole module call with its casts, as a decode step makes it.
-GB/s counts the int8 weight bytes (scales are 1/K of them) over the time of all layers' products; "ms/token"
+- `_weight_int4pack_mm_for_cpu bf16`: PyTorch's int4 kernel, groups of 32 with a bf16 scale and zero (the row in
+  bf16; in fp32 the kernel is not vectorized);
+- `fast_decode int8` and `fast_decode int4`: fast_decode.py's own layers on fp32 weights (Int8Linear, Int4Linear),
+  each layer alone, a whole module call with its casts (fp32 row in and out), as a decode step makes it.
+GB/s counts the weight bytes streamed (int8: a byte per weight, scales are 1/K of them; int4: 0.625, the
+4-bit weights and a bf16 scale and zero per 32) over the time of all layers' products; "ms/token"
 is that time, i.e. the floor the products alone put under one decode step; "max err" is the largest difference
 from the fp32 product with the unrounded weights, relative to that product's largest value.
 """
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_cpu_kernels import SHAPES, best_time  # noqa: E402  (the same layer shapes and timer)
 from decode_timing import load_average, read_bandwidth_gbs  # noqa: E402
-from fast_decode import fast  # noqa: E402
+from fast_decode import fast, pack_int4_cpu, quantize_int4  # noqa: E402
 from smollm2 import cli  # noqa: E402
 
 
@@ -84,12 +84,14 @@ def routes():
         return torch.ops.onednn.qlinear_pointwise.tensor(qx, s, zp[:1], packed, scale, zp, None, 1.0, 0,
                                                          torch.float32, "none", [], "")
 
-    def layer(w, weights):  # fast_decode's own layer on a bf16 model (as bench_llamacpp.py times), whole forward
-        m = nn.Linear(w.size(1), w.size(0), bias=False, dtype=torch.bfloat16)
+    def layer(w, weights):  # fast_decode's own layer on an fp32 model (as bench_llamacpp.py times), whole forward
+        m = nn.Linear(w.size(1), w.size(0), bias=False)
         m.weight.data.copy_(w)
-        # (a8w8's calibration: random rows, without outlier channels; the time does not depend on it)
-        calibration = torch.randn(4, w.size(1), dtype=torch.bfloat16) if weights == "a8w8" else None
-        return fast(nn.Sequential(m), weights=weights, calibration=calibration)[0]
+        return fast(nn.Sequential(m), weights=weights)[0]
+
+    def int4_prepare(w):
+        q, sz = quantize_int4(w)
+        return pack_int4_cpu(q), sz.transpose(0, 1).contiguous()
 
     def ao_prepare(w):
         q, scale = quantize(w)
@@ -109,8 +111,10 @@ def routes():
         "oneDNN qlinear (A8W8)": (onednn_prepare, onednn_product),
         "oneDNN qlinear s8 (A8W8)": (onednn_prepare, onednn_s8_product),
         "dequantize blocks bf16": (quantize, block_dequant),
-        "fast_decode int8 (Int8Linear, bf16 row)": (lambda w: layer(w, "int8"), lambda x, m: m(x.bfloat16())),
-        "fast_decode a8w8 (A8W8Linear, bf16 row)": (lambda w: layer(w, "a8w8"), lambda x, m: m(x.bfloat16())),
+        "_weight_int4pack_mm_for_cpu bf16": (int4_prepare, lambda x, st: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.bfloat16(), st[0], 32, st[1])),
+        "fast_decode int8 (Int8Linear)": (lambda w: layer(w, "int8"), lambda x, m: m(x)),
+        "fast_decode int4 (Int4Linear)": (lambda w: layer(w, "int4"), lambda x, m: m(x)),
     }
 
 
@@ -140,18 +144,19 @@ def products(name, n_layers, bw):
 
         with torch.inference_mode():
             t = best_time(run)
-        per_weight = 4 if route.startswith("fp32") else 2 if route.startswith("bf16") else 1
+        per_weight = (4 if route.startswith("fp32") else 2 if route.startswith("bf16") else
+                      0.625 if "int4" in route else 1)
         print(f"| {name} | {route} | {n_int8 * per_weight / t / 1e9:.1f} | {t * 1e3:.1f} "
               f"| {n_int8 * per_weight / bw / 1e6:.1f} | {err:.1e} |")
 
 
 def main(layers: int | None = None):
-    """Time every int8 route for one-row products.
+    """Time every int8 and int4 route for one-row products.
 
     layers: layers per shape (default: the model's own count)
     """
     bw = read_bandwidth_gbs()
-    print(f"`python benchmarks/bench_int8_kernels.py {' '.join(sys.argv[1:])}`: torch {torch.__version__}, "
+    print(f"`python benchmarks/bench_quant_kernels.py {' '.join(sys.argv[1:])}`: torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"read bandwidth {bw:.1f} GB/s, {load_average()}\n")
     print("| shapes | route | weight GB/s | ms/token (products) | bandwidth floor ms | max err |")
