@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import fast_decode  # noqa: E402
-from smollm2 import cli  # noqa: E402
+from cli import cli  # noqa: E402
 
 # (dim, hidden_dim, n_heads, n_kv_heads, n_layers) of each model; head_dim 64 for both
 SHAPES = {"SmolLM2-135M": (576, 1536, 9, 3, 30), "Llama-3.2-1B": (2048, 8192, 32, 8, 16)}

@@ -31,7 +31,7 @@ import llama31  # noqa: E402
 from decode_timing import (competing_process, hf_decode_tps, load_average, machine_line, num_threads,  # noqa: E402
                           ours_decode_tps, read_bandwidth_gbs)
 from fast_decode import decode_threads, fast  # noqa: E402
-from smollm2 import cli  # noqa: E402
+from cli import cli  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 

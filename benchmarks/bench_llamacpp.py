@@ -241,7 +241,7 @@ def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models:
     rows = []
     for name in models.split(","):
         if name == "smollm2-135m":
-            ckpt, ids = Path(smollm2_dir), [smollm2.ModelArgs.bos_id]
+            ckpt, ids = Path(smollm2_dir), [smollm2.ModelArgs.bos_token_id]
         elif name == "llama3.2-1b":
             ckpt, ids = random_llama_checkpoint(out, Path(tokenizer_dir)), [llama31.BOS]
         else:

@@ -24,7 +24,7 @@ import smollm2  # noqa: E402
 from decode_timing import (interleaved_best, load_average, machine_line, model_class, ours_decode_tps,  # noqa: E402
                           read_bandwidth_gbs, shared_copy)
 from fast_decode import fast  # noqa: E402
-from smollm2 import cli  # noqa: E402
+from cli import cli  # noqa: E402
 from tokenizer_bpe import Tokenizer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -27,7 +27,7 @@ import nanollm  # noqa: E402
 from decode_timing import (hf_decode_tps, interleaved_best, load_average, machine_line, model_class,  # noqa: E402
                           ours_decode_tps, read_bandwidth_gbs, shared_copy)
 from fast_decode import fast  # noqa: E402
-from smollm2 import cli  # noqa: E402
+from cli import cli  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_cpu_kernels import SHAPES, best_time  # noqa: E402  (the same layer shapes and timer)
 from decode_timing import load_average, read_bandwidth_gbs  # noqa: E402
 from fast_decode import fast, pack_int4_cpu, quantize_int4  # noqa: E402
-from smollm2 import cli  # noqa: E402
+from cli import cli  # noqa: E402
 
 
 def quantize(w):

@@ -405,12 +405,9 @@ def test_stack_hands_each_sibling_its_rows_of_one_product():
 
 
 def naive_generate(model, prompt, n):
-    """n greedy tokens; nanollm's MLA decoding naively (its `absorb` switch: an attribute of the model in nanollm.py,
-    a generate argument in its earlier form), other models as they decode."""
+    """n greedy tokens; nanollm's MLA decoding naively (its `absorb` switch), other models as they decode."""
     if type(model) is not nanollm.NanoLLM:
         return model.generate([prompt], n, stop_tokens=[])[0]
-    if not hasattr(model, "absorb"):
-        return model.generate([prompt], n, stop_tokens=[], absorb=False)[0]
     model.absorb = False
     try:
         return model.generate([prompt], n, stop_tokens=[])[0]
