@@ -177,7 +177,10 @@ def run(out_dir: str = "runs/lm2_recall", steps: int = 1200, batch_size: int = 3
 COMMANDS = {"prepare": prepare, "evaluate": evaluate, "run": run}
 
 if __name__ == "__main__":
-    if sys.argv[1:2] and sys.argv[1] in COMMANDS:
+    usage = f"usage: python benchmarks/lm2_recall.py {{{','.join(COMMANDS)}}} [--flag value ...] (--help after one)"
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print(f"{__doc__.strip()}\n\n{usage}")
+    elif sys.argv[1:2] and sys.argv[1] in COMMANDS:
         cli(COMMANDS[sys.argv[1]], sys.argv[2:], prog=f"lm2_recall.py {sys.argv[1]}")
     else:
-        raise SystemExit(f"usage: python benchmarks/lm2_recall.py {{{','.join(COMMANDS)}}} [--flag value ...] (--help after one)")
+        raise SystemExit(f"error: {'unknown command ' + repr(sys.argv[1]) if sys.argv[1:] else 'no command'}; {usage}")
