@@ -551,7 +551,7 @@ def tables(rows: list[dict], reference: Path | None):
         setting, d, n = k
         print(f"| {setting} | {d} | {n:,} | {steps[k]:,} | {len(ours[k])} | {fmt(ours[k])} | {fmt(ref.get(k, []))} "
               f"| {fmt(names.get(k, []))} | {fmt(pairs.get(k, []))} |")
-    if ood:
+    if any(k in ood for k in names):
         print("\nUnseen names (the reference's split) beside the reference's unseen-people grid "
               "(grid_ood_data_transition.csv: one seed, 40 questions; widths 24, 36, 56, 96, 128)\n")
         print("| setting | d | people | unseen names (ours) | reference (same d) |")
@@ -613,7 +613,8 @@ def plot(rows: list[dict], reference: Path | None, out_dir: Path):
         ax.axhline(TARGET, color="gray", lw=0.8, ls="--")
         ax.set(xscale="log", xlabel="people N", title=setting, ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     axes[0].set_ylabel("recall (mean +- sd over seeds)")
     fig.tight_layout()
     fig.savefig(out_dir / "in_tool_recall.png", dpi=120)

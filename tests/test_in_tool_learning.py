@@ -272,14 +272,17 @@ def run_cli(*args, cwd=ROOT):
                           cwd=cwd, timeout=120)
 
 
-def test_command_line_help_and_a_folder_as_out_answer_at_once(tmp_path):
+def test_command_line_help_and_a_folder_as_out_answer_at_once(tmp_path, capsys):
     r = run_cli("--help")
     assert r.returncode == 0 and "usage: python in_tool_learning.py" in r.stdout
     r = run_cli("grid", "--out", str(tmp_path), "--people", "4")
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "is a folder" in r.stderr
     assert list(tmp_path.iterdir()) == []
-    r = run_cli("frontier", "--help")
-    assert r.returncode == 0 and "--threads" in r.stdout
+    for command in itl.COMMANDS.values():  # each command's --help: exit 0, every flag listed
+        with pytest.raises(SystemExit) as e:
+            itl.cli(command, ["--help"])
+        assert e.value.code == 0
+    assert capsys.readouterr().out.count("torch CPU threads") == 3  # --threads of train, frontier, grid
 
 
 def test_threads_flag_sets_torch_threads_and_is_checked():
