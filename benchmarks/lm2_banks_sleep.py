@@ -690,10 +690,12 @@ def report(per_seed: dict, config: dict, out: Path):
                   f"{spread([r['heldout_loss'] for r in rs])} | {'/'.join(pick) or '-'} | "
                   f"{'/'.join(str(r['decoys_chosen']) for r in rs if 'decoys_chosen' in r) or '-'} | "
                   f"{'/'.join(str(r['consensus_right']) for r in rs if 'consensus_right' in r) or '-'} |")
-    plot(runs, names, out)
+    flags = [f"--{k}" for k in ("write_shift", "shift_slots") if config[k]] + \
+        ([f"--bank_keys {config['bank_keys']}"] if config["bank_keys"] != "learned" else [])
+    plot(runs, names, out, f"recall vs memory load ({len(runs)} seeds{', ' if flags else ''}{' '.join(flags)})")
 
 
-def plot(runs, names, out):
+def plot(runs, names, out, title):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -709,8 +711,7 @@ def plot(runs, names, out):
         ax.errorbar(fs, [statistics.mean(v) for v in vals],
                     yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in vals], marker="o", capsize=3, label=name)
     ax.axhline(0.1, color="gray", ls=":", lw=0.8)
-    ax.set(xlabel="facts per episode F", ylabel="recall (mean +- sd over seeds)", title="recall vs memory load",
-           ylim=(0, 1))
+    ax.set(xlabel="facts per episode F", ylabel="recall (mean +- sd over seeds)", title=title, ylim=(0, 1))
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "lm2_banks_scaling.png", dpi=110)
