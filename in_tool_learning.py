@@ -20,21 +20,25 @@ Deliberate departures from the reference:
   training are asked about in two splits, both answered through the tool: "unseen names", the reference's split
   (its first_names_ood.txt): the 16 first names of two syllable prefixes (Ir-, Ol-) are never given to a
   training person; and "unseen pairs": a first and a last name that each occur in training, never together;
-- a CPU budget: at most a few ten thousand steps of batch 64 (the reference: 100k steps of batch 128), 3 seeds
-  (the reference: 10), and a sample of at most 500 questions per split; `frontier` searches the widths near
-  the threshold instead of running every width (docs/in_tool_learning.md says what that leaves out);
+- a CPU budget: batch 64 for at least 3,000 steps, in-weight also for at least 300 passes over the facts
+  (19,200 steps at 1,024 people), where the reference trains 100k steps of batch 128 at every N; 3 seeds (the
+  reference: 10); a sample of at most 500 questions per split; and `frontier` searches the widths near the
+  threshold instead of running every width (docs/in_tool_learning.md says what that leaves out);
 - lr 3e-3, not 1e-3, for that short budget: a pilot (in-tool, d=32, 1024 people, 1500 steps) reached recall
-  0.27 (unseen pairs 0.24) at 1e-3 and 0.89 (0.78) at 3e-3;
+  0.27 (people never trained on: 0.24) at 1e-3 and 0.89 (0.78) at 3e-3; 1e-2 was no faster in-weight (d=32,
+  1024 people, 3000 steps: training loss 0.140 against 0.132 at 3e-3);
 - a reply is right when it ends with " {value}." (space included): "12/3/1975." also ends with "2/3/1975.";
 - training rows are single dialogs padded to the batch's longest (no packing: dialogs are 60-150 bytes), and
   the generation loop is batched: a row that calls the tool is fed the answer one token per step while the
   other rows decode, so every row stays in the same cache slot as in llama31's `generate`.
 
-Usage (every command resumes: rows already in --out are kept, a run cut short continues from its checkpoint):
+Usage (every command resumes: rows already in --out are kept, a run cut short continues from its checkpoint;
+docs/in_tool_learning.md lists the commands that made its tables):
     python in_tool_learning.py train --setting in_tool --d 32 --people 1024 --steps 3000
-    python in_tool_learning.py frontier --out runs/itl/in_weight.csv --setting in_weight --people 64 128 256 512 1024
-    python in_tool_learning.py grid --out runs/itl/grid.csv --runs in_tool:24 in_tool:32 --people 1024 --seeds 0 1 2
-    python in_tool_learning.py plot --csv runs/itl/in_weight.csv runs/itl/in_tool.csv  # figures beside the first CSV
+    python in_tool_learning.py frontier --out runs/itl/in_weight.csv --setting in_weight --people 64 128 256 512 \\
+        --widths 8 12 16 20 24 28 32 --steps 3000 --epochs 300
+    python in_tool_learning.py grid --out runs/itl/grid.csv --runs in_weight:32 --people 1024 --epochs 300
+    python in_tool_learning.py plot --csv runs/itl/in_weight.csv runs/itl/grid.csv  # figures beside the first CSV
 """
 
 import csv
