@@ -823,10 +823,7 @@ def main(*command: str, ckpt_dir: str = "checkpoints/SmolLM2-135M-Instruct", wei
 
 def command_line(argv: list[str] | None = None):
     """main() with its flags from the command line, parsed as every CLI here parses them."""
-    try:
-        from cli import cli
-    except ImportError:  # (where the flag parser still lives in tokenizer_bpe.py)
-        from tokenizer_bpe import cli
+    from cli import cli
     cli(main, argv=argv)
 
 

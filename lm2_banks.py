@@ -4,12 +4,11 @@ holds into the weights (LoRA). Built on lm2.py, whose single dense bank per bloc
 default; this file subclasses its `Memory` and model and changes nothing there.
 
 The two ideas come from the LM2 fork this collection descends from (hierarchical / multiple memory modules,
-and a sleep phase beside short-term memory (the context) and long-term memory (the weights)); issue 19
-specifies them and benchmarks/lm2_banks_sleep.py measures them.
+and a sleep phase beside short-term memory (the context) and long-term memory (the weights));
+benchmarks/lm2_banks_sleep.py measures them (docs/lm2_banks_results.md).
 
 Banks (`BankedMemory`): the block's N = K * S slots are K banks of S slots. Each bank has a key b_k (d):
-learned, or the mean of its slots' keys W_K M_i in the current state (mem_bank_keys = "mean": content-addressed,
-the issue's second option). A token's memory query q_t = h_t W_Q scores the banks, r[t, k] = q_t . b_k / sqrt(d),
+learned, or the mean of its slots' keys W_K M_i in the current state (mem_bank_keys = "mean": content-addressed). A token's memory query q_t = h_t W_Q scores the banks, r[t, k] = q_t . b_k / sqrt(d),
 and
 - reads only the slots of its top-m banks (the paper's read restricted to m * S slots, one softmax over them),
   so a read costs 4 m S d + 2 K d FLOPs instead of 4 K S d (scores and weighted sum, plus routing). A segment
@@ -48,12 +47,15 @@ bank its position routes to, and the fact's value v was stored where the fact's 
 tokens of the same kind in the same role, where without the shift a key token's query must find the bank
 chosen by a value token's (kNN-LM, Khandelwal et al. 2020, keys a stored token by the context before it too).
 In the benchmark it made the learned router consistent and the banked memory recall more than the dense bank.
+Slot shift (mem_shift_slots, off by default): within the bank, token t's write is addressed by token t - 1's
+query too (the write's scores s[t - 1, i] instead of s[t, i]). With one bank it is the only shift there is: the
+dense memory with the write shift and no banks, the control that tells the shift's gain from the banks'.
 Departures and limits: the write computes the masked scores of all K S slots against the segment's tokens
 (4 K S d FLOPs per token once per segment, as the dense write) instead of grouping tokens by bank; mean bank
 keys are recomputed at every read (N d FLOPs per read call: per token when decoding; lm2.py's MemoryCache
 keeps three tensors per block, so keeping them beside the bank's keys would need a change there); with mean
 keys the routing softmax sends gradient to every bank's slots, not only the chosen ones.
-Progressive read (mem_progressive_threshold, the issue's option; off by default): a token reads its top bank,
+Progressive read (mem_progressive_threshold, off by default): a token reads its top bank,
 and adds its next bank, up to mem_top, only while its best read attention (its largest softmax weight over
 the slots read so far, head-averaged) is below the threshold: a confident read stops after one bank, an
 unsure one looks deeper. Threshold 0 is the m = 1 read, above 1 the top-m read. The stop is not
@@ -95,6 +97,8 @@ class BankArgs(ModelArgs):
     mem_aux_alpha: float = 0.0          # weight of the routing balance loss (Switch / DeepSeek-V3 eq. 17); 0: off
     mem_progressive_threshold: float | None = None  # read banks 1..mem_top while best attention < this; None: off
     mem_write_shift: bool = False       # write token t to the top bank of token t - 1 (the query that predicted t)
+    mem_shift_slots: bool = False       # and address its slots with token t - 1's query too (with K = 1: the
+                                        # only shift a single bank has)
 
     def __post_init__(self):
         super().__post_init__()
@@ -138,6 +142,7 @@ class BankedMemory(Memory):
         super().__init__(replace(args, mem_slots=args.mem_banks * args.mem_slots))
         self.n_banks, self.bank_slots, self.top = args.mem_banks, args.mem_slots, args.mem_top
         self.threshold, self.write_shift = args.mem_progressive_threshold, args.mem_write_shift
+        self.shift_slots = args.mem_shift_slots
         self.dense = self.top == self.n_banks and self.threshold is None  # every bank read: lm2.py's read
         self.reads = [0, 0]  # progressive reads since banks_read last reset them: banks read, tokens
         self.mean_keys, self.cluster = args.mem_bank_keys == "mean", args.mem_bank_keys == "cluster"
@@ -182,6 +187,11 @@ class BankedMemory(Memory):
         segment's first token keeps its own: the previous segment's queries are gone)."""
         top = self.route(qd, state)[1][..., 0]
         return torch.cat([top[:, :1], top[:, :-1]], dim=1) if self.write_shift else top
+
+    def write_queries(self, qd):
+        """The queries (B, T, d) that address a token's write among the slots: its own, or with mem_shift_slots
+        its predecessor's (a segment's first token keeps its own)."""
+        return torch.cat([qd[:, :1], qd[:, :-1]], dim=1) if self.shift_slots else qd
 
     def state(self, bank):
         bank, k, v = super().state(bank)
@@ -367,7 +377,7 @@ class BankedMemory(Memory):
             self.load = None
 
     def write(self, h, state, token_mask=None, fresh=None):
-        if self.n_banks == 1:  # every token's top bank is the only one: lm2.py's write
+        if self.n_banks == 1 and not self.shift_slots:  # every token's top bank is the only one: lm2.py's write
             return super().write(h, state, token_mask, fresh)
         if fresh is not None:
             state = [torch.where(fresh.view(-1, *[1] * (t.dim() - 1)), t0, t)
@@ -381,7 +391,8 @@ class BankedMemory(Memory):
         # subtle: a finite bias, not -inf: a bank no token chose has rows with every token masked, whose
         # softmax would be NaN (and its gradient too, even where torch.where drops the row below)
         bias = torch.zeros(allowed.shape, dtype=h.dtype, device=h.device).masked_fill(~allowed, -1e9)
-        e = self._merge(F.scaled_dot_product_attention(k, self._heads(qd), self._heads(h), attn_mask=bias[:, None]))
+        e = self._merge(F.scaled_dot_product_attention(k, self._heads(self.write_queries(qd)), self._heads(h),
+                                                       attn_mask=bias[:, None]))
         new = torch.sigmoid(self.in_gate(e)) * torch.tanh(e) + torch.sigmoid(self.forget_gate(e)) * mem
         return self.state(torch.where(allowed.any(-1, keepdim=True), new, mem))
 
@@ -390,13 +401,15 @@ class BankedMemory(Memory):
         """For analysis: (read, write), head-averaged. read (B, T, N): each token's attention over the slots
         (zero outside its banks); write (B, N, T): each token's share of each slot's write."""
         qd = self.q_proj(h)
-        s = self._heads(qd) @ state[1].transpose(-1, -2) / math.sqrt(state[1].shape[-1])  # (B, heads, T, N)
+        scale = math.sqrt(state[1].shape[-1])
+        s = self._heads(qd) @ state[1].transpose(-1, -2) / scale  # (B, heads, T, N)
+        s_write = self._heads(self.write_queries(qd)) @ state[1].transpose(-1, -2) / scale
         top = self.route(qd, state)[1]
         slot_bank = torch.arange(s.shape[-1], device=h.device) // self.bank_slots
         read_ok = (top[..., None] == slot_bank).any(-2)  # (B, T, N)
         write_ok = self.write_banks(qd, state)[..., None] == slot_bank
         read = s.masked_fill(~read_ok[:, None], -torch.inf).softmax(-1).mean(1)
-        write = s.masked_fill(~write_ok[:, None], -torch.inf).softmax(-2).nan_to_num(0.0).mean(1)
+        write = s_write.masked_fill(~write_ok[:, None], -torch.inf).softmax(-2).nan_to_num(0.0).mean(1)
         return read, write.transpose(1, 2)
 
 

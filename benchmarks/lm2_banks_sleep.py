@@ -1,5 +1,5 @@
 """
-Test bed of lm2_banks.py (issue 19): (a) memory banks read by relevance against lm2.py's dense bank, and
+Test bed of lm2_banks.py: (a) memory banks read by relevance against lm2.py's dense bank, and
 (b) a sleep phase that consolidates recurring facts from the memory into LoRA weights. Small models trained
 from scratch on a synthetic recall task whose answers are known; everything runs on a 2-core CPU.
 
@@ -24,29 +24,35 @@ Models (dim 64, 2 blocks, 4 heads, memory 4 heads; the same Llama part for all):
                the others', on untrained weights, so with however many banks those read)
 The banks' keys are learned (--bank_keys mean: the mean of their slot keys; cluster: centroids moved by balanced
 k-means, --centroid_decay 1 keeps them random), and the router's balancing bias, balance loss, distillation and
-the write shift (--write_shift: a token is written to the bank its predecessor reads) are off unless their flags
-are given (docs/lm2_banks_results.md: the shift raised recall above the dense bank's; the balancing, mean keys
-and the cluster router lowered it).
+the write shift (--write_shift: a token is written to the bank its predecessor reads; --shift_slots: and to the
+slots its predecessor's query addresses, which with the dense bank is the shift without banks) are off unless
+their flags are given (docs/lm2_banks_results.md says what each did).
 Training episodes have F = 8..16 facts (at least one per question: an entity asked twice could be answered
 by copying the first answer). (a) recall at F = 8, 12, 16, 21 (21: beyond training;
-the largest F with recall >= 0.9 is "F held"), read FLOPs per token (counted) and read time per
+read FLOPs per token (counted) and read time per
 token (timed, one segment of 32 rows, median of repeats), routing precision: the share of questions whose top
 bank is the bank the fact's value token was written to, and domain purity: the share of fact writes that go to
 their domain's most used bank; closeness: whether a question's key token lies near its own fact's tokens at
 the memory block (cosine in h, q and the read's score space), and how much of its read reaches its own fact.
 (b) on the trained K8 m1 model: 16 "frequent" entities with fixed values recur across 256 wake episodes (2 per
 episode, with 6 fresh facts). Entities are ranked by lm2_banks.token_access (the read attention their slots
-received), the top 16 are consolidated by lm2_banks.sleep (LoRA on the MLP and attention output). Half the
+received), and the top 16 are consolidated by lm2_banks.sleep (LoRA on the MLP and attention output); so are
+the 16 most often stated (a plain count: the baseline the attention ranking must beat) and 16 chosen at random
+among those seen. The frequent entities are stated ten times as often as the others, so the count finds them
+too; --decoys N adds a second world in which N more recurring entities are stated as often but never asked
+about: only a ranking that sees what the memory is read for can tell them from the frequent ones. Half the
 batches (one in 1 + --sleep_replay) consolidate: the student sees a wake episode without the chosen facts and
 learns, by cross-entropy, the memory model's consensus answer for each (its answer distribution with the facts stated, averaged over
 all wake episodes that state the entity, then its most probable token); the others replay fresh episodes with
-memory on (KL to the frozen model). The same with 16 entities chosen at random from those seen. Measured:
+memory on (KL to the frozen model). Measured:
 recall of the frequent facts with the memory on (the teacher) and reset (facts not stated), fresh-episode
 recall with memory on, held-out answer loss, each before and after, and how many consensus answers are right.
 
-Run:  OMP_NUM_THREADS=1 python benchmarks/lm2_banks_sleep.py --out_dir runs/lm2_banks
-Pilot: ... --models "K8 m1" --steps 300 --n_eval 128 --bank_keys learned --aux_alpha 0.01
-(prints both tables; writes results.json, log lines and lm2_banks_scaling.png into --out_dir)
+Run (the tables of docs/lm2_banks_results.md; one full run per seed, each resumable):
+    OMP_NUM_THREADS=1 python benchmarks/lm2_banks_sleep.py --out_dir runs/lm2/shift --models "dense,K8 m1,K32 m1" \
+        --write_shift --decoys 16 --seeds 1337 1338 1339
+Prints both tables over the seeds (mean +- sd [min, max]); writes seed_N/results.json and log.txt, summary.json
+and, where matplotlib is installed, lm2_banks_scaling.png into --out_dir.
 """
 import copy
 import json
@@ -64,7 +70,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import lm2_banks  # noqa: E402
 from lm2_banks import BankArgs, BankLM2, BankedMemory  # noqa: E402
-from tokenizer_bpe import cli  # noqa: E402
+from cli import cli  # noqa: E402
 
 SEG, N_SEG, WINDOW = 32, 4, 16
 T = SEG * N_SEG
@@ -80,15 +86,15 @@ ENTITIES = [(d, k) for d in range(N_DOM) for k in range(N_KEY)]
 
 
 def model_args(memory: str, bank_keys: str = "learned", aux_alpha: float = 0.0, route_distill: float = 0.0,
-               progressive_threshold: float = 0.5, write_shift: bool = False) -> BankArgs:
+               progressive_threshold: float = 0.5, write_shift: bool = False, shift_slots: bool = False) -> BankArgs:
     banks = {"none": (1, 1, 1), "dense": (1, 128, 1), "K8 m1": (8, 16, 1), "K32 m1": (32, 16, 1),
              "K8 prog": (8, 16, 2)}[memory]
     return BankArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, hidden_dim=128,
-                    vocab_size=VOCAB, rope_theta=10000.0, max_seq_len=T, bos_token_id=0, eos_token_ids=(0,),
+                    vocab_size=VOCAB, rope_theta=10000.0, max_seq_len=T, bos_token_id=0, stop_tokens=(0,),
                     mem_banks=banks[0], mem_slots=banks[1], mem_top=banks[2], mem_heads=4, mem_bank_keys=bank_keys,
                     mem_aux_alpha=aux_alpha, mem_route_distill=route_distill,
                     mem_progressive_threshold=progressive_threshold if memory == "K8 prog" else None,
-                    mem_write_shift=write_shift,
+                    mem_write_shift=write_shift, mem_shift_slots=shift_slots,
                     mem_layers=() if memory == "none" else (1,), segment_len=SEG, attn_window=WINDOW)
 
 # -----------------------------------------------------------------------------
@@ -290,18 +296,27 @@ def time_read(args: BankArgs, rows: int, repeats: int) -> float:
 # (b) sleep
 
 
-def wake_world(seed: int, n_frequent=16, n_wake=256, per_episode=2, n_facts=8):
-    """The frequent entities with their fixed values, and wake episodes (facts dicts, question lists)."""
+def wake_world(seed: int, decoys: int = 0, n_frequent=16, n_wake=256, per_episode=2, n_facts=8):
+    """The frequent entities with their fixed values, the decoys, the entities left for fresh facts, and wake
+    episodes (facts dicts, question lists). Every wake episode states per_episode frequent entities among n_facts
+    and asks about all its facts; with decoys > 0 it also states per_episode of `decoys` other recurring entities
+    (fixed values too) that are never asked about: as frequent as the frequent ones, but the memory is never read
+    for them by a question."""
     rng = random.Random(seed)
     frequent = {e: rng.randrange(N_VAL) for e in rng.sample(ENTITIES, n_frequent)}
-    others = [e for e in ENTITIES if e not in frequent]
+    rest = [e for e in ENTITIES if e not in frequent]
+    decoy = {e: rng.randrange(N_VAL) for e in rng.sample(rest, decoys)}
+    others = [e for e in rest if e not in decoy]
     wake = []
     for _ in range(n_wake):
         facts = {e: frequent[e] for e in rng.sample(list(frequent), per_episode)}
         facts.update(fresh_facts(rng, n_facts - per_episode, others))
+        asked = ask(rng, facts)
+        if decoy:
+            facts.update({e: decoy[e] for e in rng.sample(list(decoy), per_episode)})
         facts = dict(rng.sample(list(facts.items()), len(facts)))  # frequent facts anywhere in the list
-        wake.append((facts, ask(rng, facts)))
-    return frequent, others, wake
+        wake.append((facts, asked))
+    return frequent, decoy, others, wake
 
 
 @torch.no_grad()
@@ -317,6 +332,18 @@ def rank_by_access(model, wake, seed: int):
             for j, e in enumerate(facts):
                 mass[e] = mass.get(e, 0.0) + float(acc[b, 3 * j:3 * j + 3].sum())
     return sorted(mass, key=mass.get, reverse=True)
+
+
+def rank_by_count(wake, seed: int):
+    """The entities of the wake episodes, most often stated first (ties in a seeded random order): the baseline
+    that a ranking by the memory's read attention has to beat."""
+    count = {}
+    for facts, _ in wake:
+        for e in facts:
+            count[e] = count.get(e, 0) + 1
+    order = sorted(count)
+    random.Random(seed + 2).shuffle(order)
+    return sorted(order, key=count.get, reverse=True)  # stable: ties keep the shuffled order
 
 
 @torch.no_grad()
@@ -352,7 +379,7 @@ def sleep_batches(teacher, answers, wake, others, seed: int, batch_size: int, re
         for _ in range(batch_size):
             if step % (1 + replay) == 0:
                 facts, mine = rng.choice(with_chosen)
-                asked = mine + [e for e in ask(rng, facts) if e not in mine]  # chosen facts first, all distinct
+                asked = (mine + [e for e in ask(rng, facts) if e not in mine])[:N_Q]  # chosen first, all distinct
                 toks, pos = render(rng, facts, asked, hidden=set(mine))
                 keep = pos[:len(mine)]
                 targets += [answers[e] for e in mine]
@@ -400,117 +427,195 @@ def sleep_eval(model, frequent, others, seed: int, n=256):
 
 MODELS = ("none", "dense", "K8 m1", "K32 m1")
 OPTIONAL = ("K8 prog",)
+# the flags a seed's saved results must share with the command that continues them
+SETTINGS = ("steps", "batch_size", "lr", "bank_keys", "bias_rate", "aux_alpha", "route_distill", "centroid_decay",
+            "write_shift", "shift_slots", "progressive_threshold", "sleep", "sleep_steps", "sleep_rank", "sleep_lr",
+            "sleep_replay", "decoys", "n_eval")
 
 
 def main(out_dir: str = "runs/lm2_banks", models: str = ",".join(MODELS), steps: int = 700, batch_size: int = 32,
          lr: float = 3e-3,
          bank_keys: str = "learned", bias_rate: float = 0.0, aux_alpha: float = 0.0, route_distill: float = 0.0,
-         centroid_decay: float = 0.9, write_shift: bool = False,
-         progressive_threshold: float = 0.5,
-         sleep_steps: int = 300, sleep_rank: int = 8, sleep_lr: float = 3e-3, sleep_replay: int = 1,
+         centroid_decay: float = 0.9, write_shift: bool = False, shift_slots: bool = False,
+         progressive_threshold: float = 0.5, sleep: bool = True,
+         sleep_steps: int = 300, sleep_rank: int = 8, sleep_lr: float = 3e-3, sleep_replay: int = 1, decoys: int = 0,
          n_eval: int = 256, repeats: int = 50, read_times_only: bool = False,
-         seed: int = 1337):
-    """Train the four models, measure (a) and (b), print both tables, write results.json and the plot.
-    out_dir: folder for results.json, log.txt and lm2_banks_scaling.png (created; nothing else is written)
+         seeds: list[int] = (1337,)):
+    """Train the models, measure (a) and (b) for every seed, print both tables over the seeds, write the results.
+    out_dir: the run's folder: seed_N/results.json and log.txt per seed, summary.json and (with matplotlib)
+        lm2_banks_scaling.png; a seed already in it is not run again, an unfinished one continues at its next model
     models: comma-separated subset of the four models, or "K8 prog", to train; (b) runs when K8 m1 is among them
     steps: training steps of every model (batches of batch_size episodes)
     bank_keys: "learned" bank keys, "mean" (mean of each bank's slot keys) or "cluster" (centroids moved by balanced
         k-means; lm2_banks.BankArgs.mem_bank_keys)
     centroid_decay: the cluster router's k-means decay per optimizer step (1: fixed random centroids, an LSH)
     write_shift: write each token to the bank its predecessor reads (lm2_banks.BankArgs.mem_write_shift)
+    shift_slots: address a token's write among the slots with its predecessor's query (mem_shift_slots; with the
+        dense bank: the write shift without banks)
     bias_rate: router bias step per optimizer step (DeepSeek-V3's gamma; 0: off)
     aux_alpha: weight of the router's balance loss (0: off)
     route_distill: weight of the router's distillation towards the dense read's mass per bank (0: off)
     progressive_threshold: K8 prog reads its second bank while its best read attention is below this
+    sleep: run (b), the sleep phases, on the trained K8 m1
     sleep_steps: steps of each sleep phase (consolidation and replay batches, see sleep_replay)
     sleep_rank: LoRA rank of the sleep phases
     sleep_lr: learning rate of the sleep phases
     sleep_replay: replay batches per consolidation batch in the sleep phases
+    decoys: also run (b) in a world with this many decoys: recurring entities stated as often as the frequent
+        ones and never asked about, so that counting cannot tell them apart (0: only the plain world)
     n_eval: held-out episodes per measurement (8 answers each)
     repeats: timed repeats of one read
     read_times_only: only time the models' reads and print them (untrained weights); trains and writes nothing
-    seed: seed of the weights, the data and the choices"""
-    if steps < 10 or sleep_steps < 10 or n_eval < 8 or sleep_replay < 0:
-        raise SystemExit("error: need --steps >= 10, --sleep_steps >= 10, --n_eval >= 8 and --sleep_replay >= 0")
+    seeds: the seeds of the weights, the data and the choices: one full run each"""
+    if steps < 10 or sleep_steps < 10 or n_eval < 8 or sleep_replay < 0 or decoys < 0 or not seeds:
+        raise SystemExit("error: need --steps >= 10, --sleep_steps >= 10, --n_eval >= 8, --sleep_replay >= 0, "
+                         "--decoys >= 0 and at least one seed")
+    if decoys > len(ENTITIES) // 2:
+        raise SystemExit(f"error: --decoys takes at most {len(ENTITIES) // 2} of the {len(ENTITIES)} entities")
     names = [m.strip() for m in models.split(",")]
     if not names or not set(names) <= set(MODELS + OPTIONAL):
         raise SystemExit(f"error: --models takes a comma-separated subset of {','.join(MODELS + OPTIONAL)}, got {models!r}")
     if read_times_only:
         return print_read_times([m for m in MODELS + OPTIONAL if m in names and m != "none"], repeats)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    logf = open(out / "log.txt", "a")
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out_dir {out_dir} is a file; give a folder")
+    config = dict(models=names, steps=steps, batch_size=batch_size, lr=lr, bank_keys=bank_keys, bias_rate=bias_rate,
+                  aux_alpha=aux_alpha, route_distill=route_distill, centroid_decay=centroid_decay,
+                  write_shift=write_shift, shift_slots=shift_slots, progressive_threshold=progressive_threshold,
+                  sleep=sleep, sleep_steps=sleep_steps, sleep_rank=sleep_rank, sleep_lr=sleep_lr,
+                  sleep_replay=sleep_replay, decoys=decoys, n_eval=n_eval, repeats=repeats)
+    for seed in seeds:  # before any work: every seed already saved must have been made with these settings
+        saved = out / f"seed_{seed}" / "results.json"
+        if saved.is_file():
+            old = json.loads(saved.read_text())["config"]
+            diff = [k for k in SETTINGS if old.get(k) != config[k]]
+            if diff:
+                raise SystemExit(f"error: {saved} was made with other settings ({', '.join(diff)}); give another "
+                                 f"--out_dir, or the same flags to continue it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: cannot create --out_dir {out_dir} ({e.strerror})")
+    per_seed = {seed: run_seed(out / f"seed_{seed}", names, config, seed, bias_rate, centroid_decay)
+                for seed in seeds}
+    summary = {"config": config, "seeds": list(seeds), "per_seed": {str(k): v for k, v in per_seed.items()}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    report(per_seed, config, out)
+
+
+def run_seed(folder: Path, names: list[str], config: dict, seed: int, bias_rate: float, centroid_decay: float):
+    """One seed's models, (a) measures and (b) sleep phases, saved to folder/results.json after every model and
+    every sleep phase; a model already in it is not trained again (K8 m1 keeps its weights for (b))."""
+    folder.mkdir(exist_ok=True)
+    path = folder / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {"a": {}, "b": {}}
+    results["config"] = dict(config, seed=seed, models=sorted(set(names) | set(results["a"])))
+    logf = open(folder / "log.txt", "a")
 
     def log(line):
         print(line, flush=True)
         logf.write(line + "\n")
         logf.flush()
 
-    results = {"config": dict(models=names, steps=steps, batch_size=batch_size, lr=lr, bank_keys=bank_keys, bias_rate=bias_rate,
-                              aux_alpha=aux_alpha, route_distill=route_distill, centroid_decay=centroid_decay,
-                              write_shift=write_shift,
-                              progressive_threshold=progressive_threshold, sleep_steps=sleep_steps,
-                              sleep_rank=sleep_rank, sleep_lr=sleep_lr, sleep_replay=sleep_replay, n_eval=n_eval,
-                              seed=seed), "a": {}, "b": {}}
+    def save():  # a new file, then a rename: a run cut short keeps what it measured
+        (folder / "results.json.tmp").write_text(json.dumps(results, indent=1))
+        (folder / "results.json.tmp").replace(path)
 
-    def save():  # incrementally: a run cut short keeps what it measured (a new file, then a rename)
-        (out / "results.json.tmp").write_text(json.dumps(results, indent=1))
-        (out / "results.json.tmp").replace(out / "results.json")
-
+    c = config
+    margs = dict(bank_keys=c["bank_keys"], aux_alpha=c["aux_alpha"], route_distill=c["route_distill"],
+                 progressive_threshold=c["progressive_threshold"], write_shift=c["write_shift"],
+                 shift_slots=c["shift_slots"])
     f_grid = [8, 12, 16, MAX_F]
-    trained = {}
+    base = None
     for name in [m for m in MODELS + OPTIONAL if m in names]:
-        args = model_args(name, bank_keys, aux_alpha, route_distill, progressive_threshold, write_shift)
-        model, minutes = train(args, name, steps, batch_size, lr, seed, log, bias_rate, centroid_decay)
-        trained[name] = model
+        args = model_args(name, **margs)
+        weights = folder / f"{name.replace(' ', '_')}.pt"
+        if name in results["a"]:
+            if name == "K8 m1" and c["sleep"] and set(results["b"]) != set(worlds(c["decoys"])):
+                base = BankLM2(args)
+                base.load_state_dict(torch.load(weights, weights_only=True))  # data only: it cannot run code
+                base.eval()
+            continue
+        log(f"seed {seed}: {name}")
+        model, minutes = train(args, name, c["steps"], c["batch_size"], c["lr"], seed, log, bias_rate, centroid_decay)
         r = {"train_min": minutes, "params": sum(p.numel() for p in model.parameters()), "recall": {}}
         progressive = args.mem_progressive_threshold is not None
         if progressive:
             model.banked()[0].banks_read()  # count the held-out reads only
         for nf in f_grid:
-            acc, loss = evaluate(model, [e[:2] for e in test_episodes(random.Random(seed + nf), nf, n_eval)])
-            r["recall"][nf] = acc
-            r.setdefault("loss", {})[nf] = loss
+            acc, loss = evaluate(model, [e[:2] for e in test_episodes(random.Random(seed + nf), nf, c["n_eval"])])
+            r["recall"][str(nf)] = acc  # str: the keys JSON gives back
+            r.setdefault("loss", {})[str(nf)] = loss
         if name != "none":
             r["banks_read"] = model.banked()[0].banks_read() if progressive else args.mem_top
             r["read_flops"] = lm2_banks.read_flops_per_token(args, r["banks_read"])
-            r["read_us"] = time_read(args, SEG, repeats) * 1e6
-            r["read_us_decode"] = time_read(args, 1, repeats) * 1e6
-        if name != "none":
-            r["closeness"] = closeness(model, test_episodes(random.Random(seed), 8, n_eval))
+            r["read_us"] = time_read(args, SEG, c["repeats"]) * 1e6
+            r["read_us_decode"] = time_read(args, 1, c["repeats"]) * 1e6
+            r["closeness"] = closeness(model, test_episodes(random.Random(seed), 8, c["n_eval"]))
         if args.mem_top < args.mem_banks:
-            r["routing_precision"], r["domain_purity"], r["banks_used"] = routing(model, test_episodes(random.Random(seed), 8, n_eval))
+            r["routing_precision"], r["domain_purity"], r["banks_used"] = routing(
+                model, test_episodes(random.Random(seed), 8, c["n_eval"]))
+        if name == "K8 m1":
+            torch.save(model.state_dict(), weights)
+            base = model
         results["a"][name] = r
         log(f"{name}: " + json.dumps(r))
         save()
+    if base is not None and c["sleep"]:
+        for world, n_decoys in worlds(c["decoys"]).items():
+            if world not in results["b"]:
+                results["b"][world] = sleep_world(base, n_decoys, c, seed, margs, log)
+                save()
+    logf.close()
+    return results
 
-    if "K8 m1" not in trained:
-        return report(results, out, log)
-    # (b) sleep on the K8 m1 model
-    base = trained["K8 m1"]
-    frequent, others, wake = wake_world(seed)
+
+def worlds(decoys: int) -> dict:
+    """The (b) worlds of a run: name -> number of decoys."""
+    return {"plain": 0} | ({"decoys": decoys} if decoys else {})
+
+
+def sleep_world(base, decoys: int, c: dict, seed: int, margs: dict, log) -> dict:
+    """(b) in one world: the 16 entities ranked first by read attention, by count and (plain world) at random are
+    each consolidated into fresh adapters on the K8 m1 model; before and after, the sleep_eval measures. A pick
+    that chose the same entities as an earlier one is that one's result (same adapters, same seed)."""
+    frequent, decoy, others, wake = wake_world(seed, decoys)
+    n = len(frequent)
     ranked = rank_by_access(base, wake, seed)
-    picks = {"frequency": ranked[:len(frequent)],
-             "random": random.Random(seed + 1).sample(sorted(ranked), len(frequent))}
-    before = sleep_eval(base, frequent, others, seed + 7, n_eval)
-    results["b"]["before"] = dict(zip(("consolidated", "fresh_recall", "heldout_loss", "frequent_memory_on"), before))
-    log(f"sleep before: {results['b']['before']}")
+    picks = {"attention": ranked[:n], "count": rank_by_count(wake, seed)[:n]}
+    if not decoys:  # among decoys a random pick is as uninformative as in the plain world
+        picks["random"] = random.Random(seed + 1).sample(sorted(ranked), n)
+    before = sleep_eval(base, frequent, others, seed + 7, c["n_eval"])
+    fields = ("consolidated", "fresh_recall", "heldout_loss", "frequent_memory_on")
+    res = {"before": dict(zip(fields, before))}
+    log(f"sleep ({decoys} decoys) before: {res['before']}")
     teacher = copy.deepcopy(base)  # sleep trains adapters into its model in place
     for how, chosen in picks.items():
-        answers = consensus(teacher, wake, set(chosen), seed)
-        model = BankLM2(model_args("K8 m1", bank_keys, aux_alpha, route_distill, write_shift=write_shift))
-        model.load_state_dict(base.state_dict())
-        t0 = time.time()
-        batches = sleep_batches(teacher, answers, wake, others, seed, batch_size, sleep_replay)
-        first, last = lm2_banks.sleep(model, batches, sleep_steps, rank=sleep_rank, lr=sleep_lr)
-        after = sleep_eval(model.eval(), frequent, others, seed + 7, n_eval)
+        same = next((h for h in picks if h in res and set(map(tuple, res[h]["chosen"])) == set(chosen)), None)
+        if same:
+            res[how] = dict(res[same], same_as=same)
+            log(f"sleep ({decoys} decoys) {how}: the same entities as {same}")
+            continue
+        answers = consensus(teacher, wake, set(chosen), seed)  # decoys are never asked: they get no answer
         right = sum(answers[e] == VAL0 + frequent[e] for e in answers if e in frequent)
-        results["b"][how] = dict(zip(("consolidated", "fresh_recall", "heldout_loss", "frequent_memory_on"), after),
-                                 overlap=len(set(chosen) & set(frequent)), consensus_right=right,
-                                 loss_first=first, loss_last=last, sleep_min=(time.time() - t0) / 60)
-        log(f"sleep {how}: {results['b'][how]}")
-        save()
-    report(results, out, log)
+        r = dict(chosen=[list(e) for e in chosen], overlap=len(set(chosen) & set(frequent)),
+                 decoys_chosen=len(set(chosen) & set(decoy)), taught=len(answers), consensus_right=right)
+        if answers:
+            model = BankLM2(model_args("K8 m1", **margs))
+            model.load_state_dict(base.state_dict())
+            t0 = time.time()
+            batches = sleep_batches(teacher, answers, wake, others, seed, c["batch_size"], c["sleep_replay"])
+            torch.manual_seed(seed)  # the adapters' initial weights: the same for every pick
+            r["loss_first"], r["loss_last"] = lm2_banks.sleep(model, batches, c["sleep_steps"], rank=c["sleep_rank"],
+                                                             lr=c["sleep_lr"])
+            r.update(zip(fields, sleep_eval(model.eval(), frequent, others, seed + 7, c["n_eval"])),
+                     sleep_min=(time.time() - t0) / 60)
+        else:  # nothing it chose was ever answered by the memory: nothing to consolidate
+            r.update(res["before"])
+        res[how] = r
+        log(f"sleep ({decoys} decoys) {how}: " + json.dumps({k: v for k, v in r.items() if k != "chosen"}))
+    return res
 
 
 def print_read_times(names, repeats):
@@ -525,90 +630,92 @@ def print_read_times(names, repeats):
               f"x{us['K32 m1'][1] / us['K8 m1'][1]:.2f} (decode)")
 
 
-def report(results, out, log):
-    a, b = results["a"], results["b"]
-    dense_recall = a["dense"]["recall"][8] if "dense" in a else float("nan")
-    dense_flops = lm2_banks.read_flops_per_token(model_args("dense"))
-    log(f"\n(a) memory banks ({results['config']['steps']} steps x {results['config']['batch_size']} episodes each;"
-        f" recall = answer accuracy on {results['config']['n_eval']} held-out episodes x 8 questions)")
-    log(f"{'memory':8} {'slots':>5} {'params':>7} {'recall F=8':>10} {'vs dense':>8} {'read FLOPs':>10} "
-        f"{'x fewer':>7} {'us/tok seg':>10} {'us/tok dec':>10} {'routing':>7} {'domain':>6} {'banks used':>10} "
-        f"{'F held >=0.9':>12}")
-    for name, r in a.items():
+def spread(values) -> str:
+    """mean +- sample standard deviation over seeds, [min, max]; the value alone for one seed."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
+
+
+def report(per_seed: dict, config: dict, out: Path):
+    """Both tables over the seeds: each figure as mean +- standard deviation [min, max] of the seeds' values."""
+    seeds = list(per_seed)
+    runs = list(per_seed.values())
+    names = [m for m in MODELS + OPTIONAL if all(m in r["a"] for r in runs)]
+    print(f"\n(a) memory banks: {config['steps']} steps x {config['batch_size']} episodes, seeds {seeds}; recall = "
+          f"answer accuracy on {config['n_eval']} held-out episodes x 8 questions; mean +- sd [min, max] over seeds")
+    print("| memory | slots | params | recall F=8 | vs dense (same seed) | F=12 | F=16 | F=21 | read FLOPs | "
+          "routing precision | domain purity | banks used | read own/other | own most read |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in names:
         args = model_args(name)
-        slots = 0 if name == "none" else args.mem_banks * args.mem_slots
-        held = max([int(f) for f, v in r["recall"].items() if v >= 0.9], default=0)
-        flops = r.get("read_flops")
-        log(f"{name:8} {slots:5d} {r['params']:7,d} {r['recall'][8]:10.3f} "
-            f"{(r['recall'][8] - dense_recall) * 100:+7.1f}p "
-            f"{flops or 0:10,.0f} {(dense_flops / flops) if flops else 0:7.1f} {r.get('read_us', 0):10.3f} "
-            f"{r.get('read_us_decode', 0):10.3f} "
-            f"{r.get('routing_precision', float('nan')):7.3f} {r.get('domain_purity', float('nan')):6.3f} "
-            f"{r.get('banks_used', float('nan')):10.2f} {held:12d}")
-    for name, r in a.items():
-        if model_args(name).mem_progressive_threshold is not None:
-            log(f"{name}: threshold {results['config']['progressive_threshold']}, a token read "
-                f"{r['banks_read']:.2f} banks on average (held-out episodes)")
-    log("recall by facts per episode F: " + "; ".join(
-        f"{name}: " + " ".join(f"{f}:{v:.3f}" for f, v in r["recall"].items()) for name, r in a.items()))
-    log("closeness at the memory block, F = 8 (benchmark's closeness): a question's key token against each token"
-        " of its own fact / of the other facts: mean cosine, and the share of questions whose own fact is the"
-        " closest (chance 0.125); read: the question's read mass reaching its own fact's tokens / another fact's")
-    for name, r in a.items():
-        if "closeness" in r:
-            c = r["closeness"]
-            own, other, top1 = c["read"]
-            log(f"  {name:8} read mass {own:.4f} / {other:.4f}, own fact the most read {top1:.3f}")
-            for space in ("h", "q", "q.k"):
-                log(f"  {'':8} {space:3} " + "   ".join(f"{t}: {own:+.3f} / {other:+.3f}, closest {top1:.3f}"
-                                                     for t, (own, other, top1) in c[space].items()))
-    if "K8 m1" in a and "K32 m1" in a:
-        k8, k32 = a["K8 m1"], a["K32 m1"]
-        log(f"K8 -> K32 at m=1: read time x{k32['read_us'] / k8['read_us']:.2f} (segment), "
-            f"x{k32['read_us_decode'] / k8['read_us_decode']:.2f} (decode), read FLOPs "
-            f"x{k32['read_flops'] / k8['read_flops']:.2f}")
-    if "before" not in b:
-        return plot(results, out)
-    c = results["config"]
-    log(f"\n(b) sleep on K8 m1 ({c['sleep_steps']} steps, LoRA rank {c['sleep_rank']}, lr {c['sleep_lr']}, "
-        f"{c.get('sleep_replay', 1)} replay per consolidation batch): "
-        f"16 frequent entities, 256 wake episodes")
-    log(f"{'':16} {'frequent recall, memory reset':>29} {'frequent recall, memory on':>26} "
-        f"{'fresh recall, memory on':>23} {'held-out loss':>13} {'chosen = frequent':>17} {'consensus right':>15}")
-    for how in ("before", "frequency", "random"):
-        if how in b:
-            r = b[how]
-            chosen = f"{r['overlap']:14d}/16" if "overlap" in r else ""
-            right = f"{r['consensus_right']:12d}/{r['overlap']}" if "overlap" in r else ""
-            log(f"{'after ' + how if how != 'before' else how:16} {r['consolidated']:29.3f} "
-                f"{r['frequent_memory_on']:26.3f} {r['fresh_recall']:23.3f} {r['heldout_loss']:13.4f} "
-                f"{chosen:>17} {right:>15}")
-    plot(results, out)
+        rs = [r["a"][name] for r in runs]
+        rec = lambda f: [r["recall"][str(f)] for r in rs]  # noqa: E731
+        vs = [x - r["a"]["dense"]["recall"]["8"] for r, x in zip(runs, rec(8))] \
+            if "dense" in names and name != "dense" else []
+        close = [r.get("closeness", {}).get("read") for r in rs]
+        print(f"| {name} | {0 if name == 'none' else args.mem_banks * args.mem_slots} | {rs[0]['params']:,} | "
+              f"{spread(rec(8))} | {spread(vs) if vs else '-'} | {spread(rec(12))} | {spread(rec(16))} | "
+              f"{spread(rec(MAX_F))} | {rs[0].get('read_flops', 0):,.0f} | "
+              f"{spread([r.get('routing_precision') for r in rs])} | {spread([r.get('domain_purity') for r in rs])} | "
+              f"{spread([r.get('banks_used') for r in rs])} | "
+              f"{spread([c[0] for c in close if c])} / {spread([c[1] for c in close if c])} | "
+              f"{spread([c[2] for c in close if c])} |")
+    timed = [n for n in names if n != "none"]
+    if timed:
+        print("read us/token per seed (segment of 32 rows; decoding step), timed during the run on a shared machine: "
+              + "; ".join(f"{n}: " + ", ".join(f"{r['a'][n]['read_us']:.2f}/{r['a'][n]['read_us_decode']:.2f}"
+                                               for r in runs) for n in timed))
+    for world in worlds(config["decoys"]) if config["sleep"] else []:
+        bs = [r["b"][world] for r in runs if world in r["b"]]
+        if not bs:
+            continue
+        print(f"\n(b) sleep on K8 m1, {world} world ({config['sleep_steps']} steps, LoRA rank {config['sleep_rank']}, "
+              f"lr {config['sleep_lr']}, {config['sleep_replay']} replay per consolidation batch; "
+              f"{len(bs)} seeds): 16 frequent entities, 256 wake episodes"
+              + (f", {config['decoys']} decoys (stated as often, never asked)" if world == "decoys" else ""))
+        print("| pick | frequent recall, memory reset | frequent recall, memory on | fresh recall, memory on | "
+              "held-out loss | chosen = frequent | decoys chosen | consensus right |")
+        print("|---|---|---|---|---|---|---|---|")
+        for how in ("before", "attention", "count", "random"):
+            rs = [b[how] for b in bs if how in b]
+            if not rs:
+                continue
+            pick = [f"{r['overlap']}" for r in rs if "overlap" in r]
+            print(f"| {how} | {spread([r['consolidated'] for r in rs])} | "
+                  f"{spread([r['frequent_memory_on'] for r in rs])} | {spread([r['fresh_recall'] for r in rs])} | "
+                  f"{spread([r['heldout_loss'] for r in rs])} | {'/'.join(pick) or '-'} | "
+                  f"{'/'.join(str(r['decoys_chosen']) for r in rs if 'decoys_chosen' in r) or '-'} | "
+                  f"{'/'.join(str(r['consensus_right']) for r in rs if 'consensus_right' in r) or '-'} |")
+    flags = [f"--{k}" for k in ("write_shift", "shift_slots") if config[k]] + \
+        ([f"--bank_keys {config['bank_keys']}"] if config["bank_keys"] != "learned" else [])
+    plot(runs, names, out, f"recall vs memory load ({len(runs)} seeds{', ' if flags else ''}{' '.join(flags)})")
 
 
-def plot(results, out):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    a = results["a"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, r in a.items():
-        ax1.plot([int(f) for f in r["recall"]], list(r["recall"].values()), marker="o", label=name)
-    ax1.axhline(0.9, color="gray", ls="--", lw=0.8)
-    ax1.set(xlabel="facts per episode F", ylabel="recall (answer accuracy)", title="recall vs memory load", ylim=(0, 1))
-    ax1.legend()
-    names = [n for n in a if n != "none"]
-    xs = range(len(names))
-    ax2.bar([i - 0.2 for i in xs], [a[n]["read_us"] for n in names], 0.4, label="segment of 32 rows")
-    ax2.bar([i + 0.2 for i in xs], [a[n]["read_us_decode"] for n in names], 0.4, label="decode step (1 row)")
-    ax2.set_xticks(list(xs), names)
-    ax2.legend(loc="upper left")
-    ax2.set(ylabel="read time per token (us)", title="memory read cost per token")
-    twin = ax2.twinx()
-    twin.plot(names, [a[n]["read_flops"] for n in names], color="tab:red", marker="s", label="FLOPs (counted)")
-    twin.set_ylabel("read FLOPs per token", color="tab:red")
+def plot(runs, names, out, title):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no lm2_banks_scaling.png (pip install matplotlib); the tables above "
+              "hold the numbers")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in names:
+        fs = sorted(int(f) for f in runs[0]["a"][name]["recall"])
+        vals = [[r["a"][name]["recall"][str(f)] for r in runs] for f in fs]
+        ax.errorbar(fs, [statistics.mean(v) for v in vals],
+                    yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in vals], marker="o", capsize=3, label=name)
+    ax.axhline(0.1, color="gray", ls=":", lw=0.8)
+    ax.set(xlabel="facts per episode F", ylabel="recall (mean +- sd over seeds)", title=title, ylim=(0, 1))
+    ax.legend()
     fig.tight_layout()
     fig.savefig(out / "lm2_banks_scaling.png", dpi=110)
+    print(f"wrote {out / 'lm2_banks_scaling.png'}")
 
 # -----------------------------------------------------------------------------
 # CLI

@@ -53,7 +53,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import lm2  # noqa: E402
-from tokenizer_bpe import Tokenizer, cli, train as train_tokenizer  # noqa: E402
+from cli import cli  # noqa: E402
+from tokenizer_bpe import Tokenizer, train as train_tokenizer  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # finetune.py ends documents with the first
 KEYS, VALUES, FILLER = "abcdefghijklmnopqrstuvwxyz", "0123456789", "ABCDEFGHIJKLMNOPQRSTUVWXYZ    "
@@ -64,7 +65,7 @@ def model_args(vocab_size: int, memory: bool) -> lm2.ModelArgs:
     """The two models: the same Llama part and attention window; memory in every block, or none."""
     return lm2.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, hidden_dim=192,
                          vocab_size=vocab_size, rope_theta=10000.0, max_seq_len=SEQ_LEN, bos_token_id=0,
-                         eos_token_ids=(vocab_size - 1,), mem_slots=8, mem_heads=4,
+                         stop_tokens=(vocab_size - 1,), mem_slots=8, mem_heads=4,
                          mem_layers=None if memory else (), segment_len=16, attn_window=24)
 
 
@@ -177,7 +178,10 @@ def run(out_dir: str = "runs/lm2_recall", steps: int = 1200, batch_size: int = 3
 COMMANDS = {"prepare": prepare, "evaluate": evaluate, "run": run}
 
 if __name__ == "__main__":
-    if sys.argv[1:2] and sys.argv[1] in COMMANDS:
+    usage = f"usage: python benchmarks/lm2_recall.py {{{','.join(COMMANDS)}}} [--flag value ...] (--help after one)"
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print(f"{__doc__.strip()}\n\n{usage}")
+    elif sys.argv[1:2] and sys.argv[1] in COMMANDS:
         cli(COMMANDS[sys.argv[1]], sys.argv[2:], prog=f"lm2_recall.py {sys.argv[1]}")
     else:
-        raise SystemExit(f"usage: python benchmarks/lm2_recall.py {{{','.join(COMMANDS)}}} [--flag value ...] (--help after one)")
+        raise SystemExit(f"error: {'unknown command ' + repr(sys.argv[1]) if sys.argv[1:] else 'no command'}; {usage}")

@@ -2,6 +2,7 @@
 import sys
 from pathlib import Path
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -395,3 +396,94 @@ def test_write_shift_stores_a_token_where_its_predecessor_reads():
     write = shifted.slot_weights(h, state)[1]  # (B, N, T)
     assert torch.equal(write > 0, (torch.arange(12) // 3)[None, :, None] == want[:, None, :])
     torch.testing.assert_close(shifted.read(h, state), mem.read(h, state))  # the read is unchanged
+
+
+def test_slot_shift_addresses_a_tokens_write_with_its_predecessors_query():
+    """With one bank the slot shift is the write shift without banks: slot i is written by softmax over tokens of
+    s[t - 1, i] (the predecessor's query against the slot's key) times h_t, the gates as lm2.py's write."""
+    args = tiny(mem_banks=1, mem_slots=4, mem_top=1, mem_shift_slots=True)
+    torch.manual_seed(0)
+    mem = trained_like(BankedMemory(args))
+    bank0, h = torch.randn(2, 4, 32), torch.randn(2, 6, 32)
+    state = mem.state(bank0)
+    qd = mem.q_proj(h)
+    prev = torch.cat([qd[:, :1], qd[:, :-1]], dim=1)
+    e = mem._merge(F.scaled_dot_product_attention(state[1], mem._heads(prev), mem._heads(h)))
+    want = torch.sigmoid(mem.in_gate(e)) * torch.tanh(e) + torch.sigmoid(mem.forget_gate(e)) * bank0
+    torch.testing.assert_close(mem.write(h, state)[0], want)
+    plain = BankedMemory(replace(args, mem_shift_slots=False))
+    plain.load_state_dict(mem.state_dict())
+    assert not torch.allclose(plain.write(h, state)[0], want)  # the shift changes the write...
+    torch.testing.assert_close(plain.write(h, state)[0], lm2.Memory.write(plain, h, state)[0])
+    torch.testing.assert_close(mem.read(h, state), plain.read(h, state))  # ...and never the read
+    # the analysis weights follow the shifted write: a slot's write shares are softmax over t of s[t - 1, i]
+    write = mem.slot_weights(h, state)[1]  # (B, N, T)
+    s = mem._heads(prev) @ state[1].transpose(-1, -2) / math.sqrt(state[1].shape[-1])  # (B, heads, T, N)
+    torch.testing.assert_close(write, s.softmax(-2).mean(1).transpose(1, 2))
+
+
+def test_slot_shift_with_banks_keeps_the_bank_choice():
+    mem, h, bank0 = routed_setup(4, 3, 1, T=6)
+    shifted = BankedMemory(tiny(mem_banks=4, mem_slots=3, mem_top=1, mem_shift_slots=True))
+    shifted.load_state_dict(mem.state_dict())
+    state = mem.state(bank0)
+    assert torch.equal(shifted.write_banks(shifted.q_proj(h), state), mem.write_banks(mem.q_proj(h), state))
+    changed = ~torch.isclose(shifted.write(h, state)[0], mem.write(h, state)[0]).all(-1)  # (B, N) slots
+    touched = (torch.arange(12) // 3)[None, :] == mem.write_banks(mem.q_proj(h), state)[:, :, None]  # (B, T, N)
+    assert changed.any() and not (changed & ~touched.any(1)).any()  # only slots of the banks written to move
+
+
+def load_benchmark():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("lm2_banks_sleep", Path(__file__).resolve().parents[1]
+                                                  / "benchmarks" / "lm2_banks_sleep.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_decoys_recur_as_often_as_the_frequent_entities_and_are_never_asked():
+    bench = load_benchmark()
+    frequent, decoy, others, wake = bench.wake_world(7, decoys=16)
+    assert len(frequent) == len(decoy) == 16 and not set(frequent) & set(decoy)
+    assert not (set(frequent) | set(decoy)) & set(others)
+    stated = lambda group: sum(e in group for facts, _ in wake for e in facts)  # noqa: E731
+    assert stated(frequent) == stated(decoy) == 2 * len(wake)
+    for facts, asked in wake:
+        assert len(asked) == bench.N_Q and set(asked) <= set(facts) and not set(asked) & set(decoy)
+        assert len(facts) == 10 and all(facts[e] == decoy[e] for e in facts if e in decoy)
+    # without decoys, every stated fact is asked; the count finds the frequent entities (2 per episode, ~32 each)
+    frequent, decoy, others, wake = bench.wake_world(7)
+    assert not decoy and all(set(asked) == set(facts) for facts, asked in wake)
+    assert set(bench.rank_by_count(wake, 7)[:16]) == set(frequent)
+
+
+def test_count_ranking_orders_by_occurrences_and_breaks_ties_by_seed():
+    bench = load_benchmark()
+    wake = [({(0, 0): 1, (0, 1): 1, (0, 2): 1}, []), ({(0, 0): 1, (0, 3): 1}, []), ({(0, 0): 1, (0, 1): 1}, [])]
+    ranks = [bench.rank_by_count(wake, seed) for seed in range(20)]
+    assert all(r[:2] == [(0, 0), (0, 1)] and set(r[2:]) == {(0, 2), (0, 3)} for r in ranks)
+    assert len({tuple(r) for r in ranks}) == 2  # the tie between (0, 2) and (0, 3) goes either way
+
+
+def test_benchmark_resumes_its_seeds_refuses_other_settings_and_needs_no_matplotlib(tmp_path, monkeypatch, capsys):
+    bench = load_benchmark()
+    real_import = __import__
+
+    def no_matplotlib(name, *args, **kw):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kw)
+
+    monkeypatch.setattr("builtins.__import__", no_matplotlib)
+    kw = dict(out_dir=str(tmp_path / "run"), models="none", steps=10, n_eval=8, seeds=[1, 2])
+    bench.main(**kw)
+    text = capsys.readouterr().out
+    assert "| none | 0 |" in text and text.strip().splitlines()[-1].startswith("matplotlib is not installed")
+    saved = {p.name for p in (tmp_path / "run").iterdir()}
+    assert saved == {"seed_1", "seed_2", "summary.json"}
+    monkeypatch.setattr(bench, "train", lambda *a, **k: pytest.fail("a finished seed was trained again"))
+    bench.main(**kw)
+    assert "| none | 0 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.main(**dict(kw, steps=11))
