@@ -132,28 +132,35 @@ PRESETS = {  # defaults only: from_pretrained always reads the checkpoint's own 
 
 # Same as smollm2.py: config_get
 def config_get(cfg: dict, key: str, kind=int, default=..., low=None):
-    """cfg[key] of a config.json (default where absent or null; none: required) if it is what its field needs: an int
-    below 2^62 (not a bool, "64" or 2.5) or a finite float, > 0 or >= low; a bool or a dict; ids (an int >= 0 or a
-    list of them, as a tuple). Else a ValueError naming the key: a config that would build a wrong model stops here."""
+    """config.json's cfg[key] if it fits a field of `kind`, else a ValueError naming the key: a config that would build
+    a wrong model stops here. `default` where the key is absent or null; without one the key is required."""
     if not isinstance(cfg, dict):
         raise ValueError(f"a config is a JSON object, not a {type(cfg).__name__}")
-    if (value := cfg.get(key)) is None and default is not ...:
+    value = cfg.get(key)
+    if value is None and default is ...:
+        raise ValueError(f"no {key!r} entry: it is not a checkpoint this file reads")
+    if value is None:
         return default
-    ids = value if isinstance(value, list) else [value]
-    ok = {int: type(value) is int and value < 2**62, float: type(value) in (int, float) and math.isfinite(value),
-          bool: type(value) is bool, dict: type(value) is dict, tuple: all(type(i) is int and i >= 0 for i in ids)}
-    if not ok[kind] or kind in (int, float) and not (value > 0 if low is None else value >= low):
+    if kind is tuple:  # token ids: one int >= 0 or a list of them
+        value = tuple(value) if isinstance(value, list) else (value,)
+        ok = all(type(i) is int and i >= 0 for i in value)
+    elif kind is float:
+        ok = type(value) in (int, float) and math.isfinite(value) and (value > 0 if low is None else value >= low)
+    elif kind is int:  # true, "64" and 2.5 are not ints
+        ok = type(value) is int and (value > 0 if low is None else value >= low) and value < 2**62
+    else:
+        ok = type(value) is kind  # bool, dict
+    if not ok:
         lo = "> 0" if low is None else f">= {low}"
         want = {int: f"an integer {lo}, < 2^62", float: f"a finite number {lo}", bool: "true or false",
                 dict: "an object", tuple: "an id >= 0 or a list of them"}[kind]
-        raise ValueError(f"no {key!r} entry: it is not a checkpoint this file reads" if value is None else
-                         f"{key} must be {want}, got {value!r:.60}")
-    return tuple(ids) if kind is tuple else float(value) if kind is float else value
+        raise ValueError(f"{key} must be {want}, got {value!r:.60}")
+    return float(value) if kind is float else value
 
 
 # Same as smollm2.py: llama_fields
 def llama_fields(cfg: dict) -> tuple[dict, dict]:
-    """The ModelArgs fields that every Llama-architecture config.json gives, each checked by config_get (a key it lacks
+    """The ModelArgs fields every Llama-architecture config.json gives, each checked by config_get (a key it lacks
     takes transformers' LlamaConfig default), and the RoPE settings -> (fields, rope)."""
     dim, n_heads = config_get(cfg, "hidden_size"), config_get(cfg, "num_attention_heads")
     n_kv_heads = config_get(cfg, "num_key_value_heads", int, n_heads)
@@ -581,11 +588,10 @@ class LM2(nn.Module):
         ckpt_dir = Path(ckpt_dir)
         args = replace(read_config(ckpt_dir), **memory_args)
         fresh = "lm2" not in read_json(ckpt_dir / "config.json")  # a base Llama checkpoint: no memory yet
-        header = read_header(ckpt_dir, layers=args.n_layers)
+        header = read_header(ckpt_dir)
         header.pop("model.rotary_emb.inv_freq", None)  # old HF checkpoints saved this derived buffer
-        model = build(cls, args, ckpt_dir)  # shapes only (init_weights is a no-op on meta tensors): no second copy
-        absent = [k for k in model.state_dict() if fresh and ".memory." in k]  # a base Llama has no memory
-        state = load_weights(model, header, ckpt_dir, device or "cpu", dtype, absent)
+        model, state = build(cls, args, header, ckpt_dir, device or "cpu", dtype, ".memory." if fresh else "",
+                             layers=args.n_layers)
         # fresh memory weights are made here, on the weights' device and dtype, so the load below stays strict
         w = state["model.embed_tokens.weight"]
         for i, layer in enumerate(model.model.layers):
@@ -666,11 +672,12 @@ def read_json(path) -> dict:
 def read_config(ckpt_dir: Path) -> ModelArgs:
     """ModelArgs from config.json, stopping where generation_config.json's eos ids say (as HF generate does)."""
     path, gen = ckpt_dir / "config.json", ckpt_dir / "generation_config.json"
+    if ckpt_dir.is_file():
+        raise FileNotFoundError(f"{ckpt_dir} is a file: give the checkpoint's folder")
     if not path.is_file():
-        fix = f"Meta's original format: convert it once with `python download.py --meta_dir {ckpt_dir}`" \
-            if (ckpt_dir / "params.json").is_file() else FETCH
-        raise FileNotFoundError(f"{ckpt_dir} is a file: give the checkpoint's folder" if ckpt_dir.is_file() else
-                                f"no checkpoint at {ckpt_dir} (no config.json): {fix}")
+        meta = f"Meta's original format: convert it once with `python download.py --meta_dir {ckpt_dir}`"
+        raise FileNotFoundError(f"no checkpoint at {ckpt_dir} (no config.json): "
+                                + (meta if (ckpt_dir / "params.json").is_file() else FETCH))
     cfg, gen_cfg = read_json(path), read_json(gen) if gen.is_file() else {}
     try:
         args = ModelArgs.from_hf_config(cfg)
@@ -680,22 +687,10 @@ def read_config(ckpt_dir: Path) -> ModelArgs:
     return args
 
 
-# Same as smollm2.py: build
-def build(cls, args, ckpt_dir: Path):
-    """cls(args) on the meta device: shapes only, no memory (the checkpoint's tensors become its weights). A config
-    whose shapes torch cannot hold (an element count beyond int64) is a ValueError."""
-    try:
-        with torch.device("meta"):
-            return cls(args)
-    except (RuntimeError, TypeError, OverflowError) as e:
-        raise ValueError(f"{ckpt_dir}/config.json gives shapes torch cannot build ({type(e).__name__})") from None
-
-
 # Same as smollm2.py: read_header
-def read_header(ckpt_dir: Path, **counts: int) -> dict:
-    """{name: (file, dtype, shape)} of the tensors in model.safetensors or in the shards its index lists, from the
-    headers alone. counts (layers=30): modules config.json asks for, which the weights must hold before the model is
-    built (a time per module: 10^6 layers over 30 weights' would take minutes)."""
+def read_header(ckpt_dir: Path) -> dict:
+    """{name: (file, dtype, shape)} of the tensors in model.safetensors, or in the shards its index names, from the
+    headers alone."""
     from safetensors import SafetensorError, safe_open
 
     index = ckpt_dir / "model.safetensors.index.json"
@@ -711,21 +706,28 @@ def read_header(ckpt_dir: Path, **counts: int) -> dict:
             raise FileNotFoundError(f"{f} is missing: the download is incomplete; fetch the checkpoint again") from None
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{f} is truncated or corrupt ({e}); download it again") from None
-    for name, n in counts.items():
-        if n > len(held := {m[1] for k in header if (m := re.search(rf"\.{name}\.(\d+)\.", k))}):
-            raise ValueError(f"{ckpt_dir}/config.json asks for {n} {name} but the weights hold {len(held)}")
     return header
 
 
-# Same as smollm2.py: load_weights
-def load_weights(model, header: dict, ckpt_dir: Path, device, dtype, absent=()) -> dict:
-    """The model's state dict, memory-mapped onto device in dtype (None: as stored), once the header holds exactly its
-    names (but `absent`, which the caller adds, and a tied head), shapes and float dtypes (an int label on float bytes
-    would load as garbage)."""
+# Same as smollm2.py: build
+def build(cls, args, header: dict, ckpt_dir: Path, device, dtype, absent="", **counts: int):
+    """(cls(args) on the meta device, the state dict that fills it, memory-mapped onto device in dtype (None: as
+    stored)), once the header holds the modules config.json asks for (counts, e.g. layers=30: building 10^6 layers
+    would take minutes), then exactly the model's names (but a tied head, and those containing `absent`, which the
+    caller adds), shapes and float dtypes (an int label on float bytes would load as garbage)."""
     from safetensors import safe_open
 
-    tied = {"lm_head.weight"} if model.args.tie_embeddings else set()  # the embedding is the head
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied | set(absent)}
+    for name, n in counts.items():
+        held = {m[1] for k in header if (m := re.search(rf"\.{name}\.(\d+)\.", k))}  # the N of each ".layers.N."
+        if n > len(held):
+            raise ValueError(f"{ckpt_dir}/config.json asks for {n} {name} but the weights hold {len(held)}")
+    try:
+        with torch.device("meta"):  # shapes only: the checkpoint's tensors become the weights, one copy in memory
+            model = cls(args)
+    except (RuntimeError, TypeError, OverflowError) as e:  # an element count beyond int64
+        raise ValueError(f"{ckpt_dir}/config.json gives shapes torch cannot build ({type(e).__name__})") from None
+    tied = {"lm_head.weight"} if args.tie_embeddings else set()  # the embedding is the head
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied and not (absent and absent in k)}
     have = {k: v for k, v in header.items() if k not in tied}
     wrong = [f"{k} is missing" for k in want.keys() - have.keys()] + [f"{k} is extra" for k in have.keys() - want]
     for k, (_, kind, shape) in have.items():
@@ -739,7 +741,7 @@ def load_weights(model, header: dict, ckpt_dir: Path, device, dtype, absent=()) 
     for f in sorted({file for file, _, _ in have.values()}):
         with safe_open(f, "pt") as st:  # .to() returns the mapped tensor itself where device and dtype are its own
             state |= {k: st.get_tensor(k).to(device=device, dtype=dtype) for k in st.keys() if k in want}
-    return state | ({"lm_head.weight": state["model.embed_tokens.weight"]} if tied else {})
+    return model, state | ({"lm_head.weight": state["model.embed_tokens.weight"]} if tied else {})
 
 # -----------------------------------------------------------------------------
 # Sampling
@@ -749,10 +751,9 @@ def load_weights(model, header: dict, ckpt_dir: Path, device, dtype, absent=()) 
 def check_generate(prompts, max_new_tokens, args: ModelArgs, temperature, top_k, top_p) -> int:
     """generate()'s arguments, checked before any work -> the longest prompt's length; else a ValueError naming the
     problem. Every sampling setting accepted here samples (a temperature too small for float32 is greedy)."""
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
-    if not 0 < top_p <= 1 or top_k is not None and top_k < 1:
-        raise ValueError(f"top_p must be in (0, 1] and top_k >= 1, got top_p {top_p}, top_k {top_k}")
+    if not (math.isfinite(temperature) and temperature >= 0 and 0 < top_p <= 1 and (top_k is None or top_k >= 1)):
+        raise ValueError(f"need temperature >= 0 (0 is greedy), top_p in (0, 1] and top_k >= 1; got temperature "
+                         f"{temperature}, top_p {top_p}, top_k {top_k}")
     if max_new_tokens < 1 or not prompts or not all(prompts):
         raise ValueError("need max_new_tokens >= 1 and at least one token in every prompt")
     if not all(0 <= t < args.vocab_size for p in prompts for t in p):
@@ -772,15 +773,13 @@ def logits_to_probs(logits, temperature: float, top_k: int | None = None, top_p:
         # subtle: a temperature too small for float32 (1e-40) overflows the division, and softmax(inf - inf) is NaN;
         # the distribution it tends to is greedy's, all mass on the largest logit
         return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
-    logits = scaled
     if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1) k-th largest logit
-        logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th stay, as in HF
-    probs = torch.softmax(logits, dim=-1)
+        kth = torch.topk(scaled, min(top_k, scaled.size(-1))).values[:, -1:]  # (B, 1) k-th largest logit
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))  # ties with the k-th stay, as in HF
+    probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:
-        # keep the smallest set of most likely tokens whose mass reaches top_p: drop a token only when the mass
-        # before it already reaches top_p, so the token that crosses the boundary stays (HF's TopP, min 1 token;
-        # the first always stays, also where top_p is below float32's range and the comparison sees 0)
+        # keep the most likely tokens until their mass reaches top_p, the token that crosses it included (HF's TopP);
+        # the first always stays, also where top_p is below float32's range and the comparison sees 0
         sorted_p, order = probs.sort(dim=-1, descending=True)
         outside = sorted_p.cumsum(dim=-1) - sorted_p >= top_p
         outside[:, 0] = False
