@@ -1,27 +1,23 @@
 """
-LM2 (Large Memory Models) on a Llama decoder, in one file: every chosen block owns a bank of N memory
-slots x d that tokens read by cross-attention behind an output gate, and that is rewritten through input and
-forget gates at the end of every segment of `segment_len` tokens and carried to the next segment. With the
-memory switched off the model is exactly HF `LlamaForCausalLM` (SmolLM2, Llama 3.x checkpoints load as is).
+LM2 (Large Memory Models) on a Llama decoder, in one file. What it adds to smollm2.py: every chosen block owns a bank
+of N memory slots x d that tokens read by cross-attention behind an output gate, rewritten through input and forget
+gates at the end of every segment of `segment_len` tokens and carried to the next one, so the forward runs segment by
+segment. With the memory off the model is exactly HF `LlamaForCausalLM` (SmolLM2, Llama 3.x checkpoints load as is).
 
-References: J. Kang et al., "LM2: Large Memory Models", arXiv 2502.06049, Sec. 2 (memory read, output gate,
-update; the equations are in Memory's docstring); the official code, github.com/convergence-ai/lm2; HF
-transformers' `modeling_llama.py` for the decoder (checked module by module in test_parity.py). What it adds to
-smollm2.py: the memory, and a forward that runs segment by segment.
+References: J. Kang et al., "LM2: Large Memory Models", arXiv 2502.06049, Sec. 2 (Memory's docstring has the
+equations); the official code, github.com/convergence-ai/lm2; HF transformers' `modeling_llama.py` for the decoder
+(checked module by module in test_parity.py).
 
 Departures from the official code, and choices where the paper is silent
-1. Any sequence length and batch size. The official module resamples the token stream to N rows and raises
-   unless T == N (2048). Here each slot i attends over the tokens of a finished segment with the read score
-   normalised over tokens instead of slots, giving a slot-indexed view E~_i that takes the place of E and E_mem
-   in the update (Memory's docstring has the formulas).
-2. The output gate is the paper's; the official code has none and adds the memory output ungated.
-3. Memory is per sequence: each sequence starts from the learned initial bank M_0 (identity-initialised as
-   in the paper) and the bank is carried from segment to segment, never across batches as the official code
-   does. A token reads the bank written by earlier completed segments only, never by itself or later tokens.
-   Truncated BPTT: every `bptt_segments` segments the carried state (banks and the attention keys/values
-   kept from earlier segments, as Transformer-XL's stop-gradient) is detached; values are unchanged.
-4. Pretrained start: W_V starts at zero, so a fresh LM2 computes exactly its base checkpoint, and the forget
-   gate's bias starts at 3, not the official 1 (Memory.reset_parameters says why).
+1. Any sequence length and batch size. The official module resamples the token stream to N rows and raises unless
+   T == N (2048); here each slot attends over the tokens of a finished segment, the read score normalised over
+   tokens instead of slots (departure 1 in Memory's docstring).
+2. The output gate is the paper's; the official code adds the memory output ungated.
+3. Memory is per sequence: each starts from the learned bank M_0 (identity-initialised, as in the paper), carried
+   from segment to segment, never across batches; a token reads what earlier segments wrote, never itself or later
+   tokens. Every `bptt_segments` segments the carried state (banks and kept keys/values) is detached: truncated BPTT.
+4. Pretrained start: W_V starts at zero, so a fresh LM2 computes exactly its base checkpoint, and the forget gate's
+   bias starts at 3, not the official 1 (Memory.reset_parameters says why).
 5. Optional `attn_window` (sliding window, as HF Mistral) so that, in experiments, only the memory can carry
    information further back than n_layers * (attn_window - 1) tokens.
 Blocks marked `# Same as smollm2.py: NAME` (or llama31.py) are that file's, word for word; cli.py runs the CLI.
@@ -31,8 +27,7 @@ Run: python lm2.py --prompt "The capital of France is"   (add --chat for instruc
 import json
 import math
 import re
-import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -81,9 +76,9 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
-        """From a HF Llama config.json (see llama_fields); its "lm2" entry (written by to_hf_config) holds the memory
-        settings, checked as config_get checks the rest."""
-        fields_, rope = llama_fields(cfg)
+        """From a HF Llama config.json (see llama_fields); its "lm2" entry, which to_hf_config writes, holds the
+        memory settings, each checked as config_get checks the rest."""
+        fields, rope = llama_fields(cfg)
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
             raise NotImplementedError(f"rope type {rope_type!r} is not implemented (only default and llama3)")
@@ -92,23 +87,23 @@ class ModelArgs:
             rope_low_freq_factor=config_get(rope, "low_freq_factor", float),
             rope_high_freq_factor=config_get(rope, "high_freq_factor", float),
             rope_original_context=config_get(rope, "original_max_position_embeddings"))
-        memory = config_get(cfg, "lm2", dict, {})
-        if unknown := memory.keys() - {f.name for f in fields(cls) if f.name.startswith(MEMORY_FIELDS)}:
+        memory = dict(config_get(cfg, "lm2", dict, {}))
+        if unknown := memory.keys() - set(MEMORY_FIELDS):
             raise ValueError(f"lm2 has unknown entries {sorted(unknown)}")
-        memory = {k: None if v is None and k in ("mem_layers", "bptt_segments", "attn_window") else config_get(
-            memory, k, tuple if k == "mem_layers" else int) for k, v in memory.items()}
-        return cls(**fields_, **llama3, head_dim=config_get(cfg, "head_dim", int, fields_["dim"] // fields_["n_heads"]),
+        for k, v in memory.items():  # None means all blocks, no truncation, no window where a field allows it
+            if v is not None or k not in ("mem_layers", "bptt_segments", "attn_window"):
+                memory[k] = config_get(memory, k, tuple if k == "mem_layers" else int)
+        return cls(**fields, **llama3, head_dim=config_get(cfg, "head_dim", int, fields["dim"] // fields["n_heads"]),
                    bos_token_id=config_get(cfg, "bos_token_id", int, 1, low=0), **memory)
 
     def to_hf_config(self) -> dict:
         """config.json for HF `LlamaForCausalLM` (the base model) with the memory settings under "lm2"."""
-        lm2 = {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith(MEMORY_FIELDS)}
         rope_scaling = None if self.rope_factor is None else {  # the llama3 entry of HF's config, as llama31.py
             "rope_type": "llama3", "factor": self.rope_factor, "low_freq_factor": self.rope_low_freq_factor,
             "high_freq_factor": self.rope_high_freq_factor,
             "original_max_position_embeddings": self.rope_original_context}
-        return {**llama_config(self), "rope_scaling": rope_scaling, "bos_token_id": self.bos_token_id,
-                "lm2": {k: list(v) if isinstance(v, tuple) else v for k, v in lm2.items()}}
+        lm2 = {f: list(v) if isinstance(v := getattr(self, f), tuple) else v for f in MEMORY_FIELDS}
+        return {**llama_config(self), "rope_scaling": rope_scaling, "bos_token_id": self.bos_token_id, "lm2": lm2}
 
     def __post_init__(self):  # JSON gives lists; keep tuples so configs compare equal after a round trip
         self.stop_tokens = tuple(self.stop_tokens)
@@ -118,7 +113,7 @@ class ModelArgs:
         return list(range(self.n_layers)) if self.mem_layers is None else sorted(self.mem_layers)
 
 
-MEMORY_FIELDS = ("mem_", "segment", "bptt", "attn")  # ModelArgs' memory settings: config.json's "lm2" entry
+MEMORY_FIELDS = ("mem_slots", "mem_heads", "mem_layers", "segment_len", "bptt_segments", "attn_window")  # "lm2"
 LLAMA32 = dict(vocab_size=128256, rope_theta=500000.0, max_seq_len=131072, bos_token_id=128000,
                stop_tokens=(128001, 128008, 128009), rope_factor=32.0)  # llama3 RoPE scaling of Llama 3.2
 PRESETS = {  # defaults only: from_pretrained always reads the checkpoint's own config.json
@@ -246,9 +241,8 @@ def apply_rope(x, cos, sin):
 
 
 def attention_mask(q_idx, k_idx, window=None, docs=None):
-    """Boolean (B|1, 1, Tq, Tk) mask: causal, within the sliding window, same document. Indices are row
-    positions (not RoPE positions, which restart per document); docs (B, Tk): the keys' documents, the queries
-    being the last Tq keys."""
+    """Boolean (B|1, 1, Tq, Tk) mask: causal, within the sliding window, same document. Indices are row positions (not
+    RoPE positions, which restart per document); docs (B, Tk): the keys' documents, the queries the last Tq keys'."""
     m = k_idx[None, :] <= q_idx[:, None]
     if window is not None:
         m = m & (k_idx[None, :] > q_idx[:, None] - window)
@@ -279,9 +273,9 @@ class KVCache(nn.Module):
 
 
 class MemoryCache(nn.Module):
-    """Decoding state of one memory block: the bank as of the last completed segment with its keys and
-    values (projected once per segment, not once per token: they are most of the read's cost), and the
-    normed inputs of the segment in progress (the write needs all of them once the segment completes)."""
+    """Decoding state of one memory block: the bank of the last completed segment with its keys and values (projected
+    once per segment, not per token: most of a read's cost), and the normed inputs of the segment in progress."""
+
     def __init__(self, state, segment_len):
         super().__init__()
         for name, t in zip(("bank", "k", "v"), state):
@@ -311,8 +305,7 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, past=None, input_pos=None):
-        """past: (k, v) kept from earlier segments (segment-wise forward); input_pos: decoding with the cache.
-        Returns the output and the keys/values the next segment may attend to."""
+        """past: (k, v) kept from earlier segments; input_pos: decoding with the cache. -> (output, keys/values)"""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -428,8 +421,7 @@ class Memory(nn.Module):
         return self.state(torch.sigmoid(self.in_gate(e)) * torch.tanh(e) + torch.sigmoid(self.forget_gate(e)) * mem)
 
 
-# Differs from smollm2.py's Block: the memory read joins beside attention, and the normed input is returned for the
-# memory write
+# Differs from smollm2.py's Block: the memory read joins beside attention; the normed input goes to the memory write
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, has_memory: bool):
         super().__init__()
@@ -484,8 +476,8 @@ class LM2(nn.Module):
                 layer.memory.reset_parameters()
 
     def lora_train_whole(self) -> str:
-        """finetune.py's hook for --mode lora: parameters whose name contains this train in full, without adapters.
-        The memory is new (randomly initialised on a pretrained Llama): there is no pretrained weight to adapt."""
+        """finetune.py's hook for --mode lora: the memory trains in full, without adapters (it has no pretrained
+        weight to adapt)."""
         return ".memory."
 
     def logits(self, x):
@@ -493,11 +485,9 @@ class LM2(nn.Module):
         return self.lm_head(x)
 
     def forward(self, tokens, doc_ids=None):
-        """tokens (B, T) -> logits (B, T, vocab). The sequence is processed segment by segment: within a
-        segment, blocks read the bank left by earlier segments; after it, each bank is written from it.
-        doc_ids (B, T): packed documents; attention, RoPE positions and memory never cross a boundary.
-        The segment grid is the row's, so a packed document equals its own run when it starts on a
-        segment boundary (a document starting mid-segment starts from M_0 but on a shifted grid)."""
+        """tokens (B, T) -> logits (B, T, vocab), segment by segment: within a segment, blocks read the banks left by
+        earlier segments; after it, each bank is written from it. doc_ids (B, T): packed documents, which attention,
+        RoPE positions and memory never cross (one starting mid-segment starts from M_0, on a shifted grid)."""
         B, T = tokens.shape
         a, layers, S = self.args, self.model.layers, self.args.segment_len
         idx = torch.arange(T, device=tokens.device)
@@ -510,17 +500,16 @@ class LM2(nn.Module):
             doc_ids = start.cumsum(1)  # subtle: runs, not raw ids, so a reused id in one row is still a new document
         x = self.model.embed_tokens(tokens)  # (B, T, d)
         cos, sin = rope_cos_sin(self.inv_freq.to(x.device), pos, x.dtype)  # (B, 1, T, hd)
-        # Per block, the state carried from segment to segment: `past`, the keys/values later queries may
-        # still attend to (all of them without a window: then segmenting changes no value, only the order
-        # of work), and `mems`, the memory state (bank, K, V) left by the previous segment.
+        # per block, carried from segment to segment: `past`, the keys/values later queries may still attend to (all
+        # of them without a window: segmenting then changes no value), and `mems`, the memory state (bank, K, V)
         past = [None] * len(layers)
         mems = [l.memory.initial_state(B) if l.memory is not None else None for l in layers]
         k0, outs = 0, []  # k0: row index of the oldest key kept in `past`
         for s0 in range(0, T, S):
             s1 = min(s0 + S, T)
-            if a.bptt_segments and s0 and (s0 // S) % a.bptt_segments == 0:  # truncated BPTT: no gradient
-                mems = [m if m is None else tuple(t.detach() for t in m) for m in mems]  # crosses it, neither
-                past = [(k.detach(), v.detach()) for k, v in past]  # through the banks nor the kept keys
+            if a.bptt_segments and s0 and (s0 // S) % a.bptt_segments == 0:  # truncated BPTT: no gradient crosses
+                mems = [m if m is None else tuple(t.detach() for t in m) for m in mems]
+                past = [(k.detach(), v.detach()) for k, v in past]
             # explicit mask, not is_causal: the queries are the last s1 - s0 rows of s1 - k0 keys
             mask = attention_mask(idx[s0:s1], idx[k0:s1], a.attn_window, None if doc_ids is None else doc_ids[:, k0:s1])
             read_fresh = write_mask = write_fresh = None
@@ -541,13 +530,13 @@ class LM2(nn.Module):
         return self.logits(torch.cat(outs, dim=1))
 
     def setup_cache(self, batch_size: int, max_seq_len: int):
-        """Generation only (training never allocates one): KV buffers, and every bank reset to M_0."""
+        """Generation only: KV buffers, and every bank at M_0 (a segment in progress never holds more than the request,
+        whatever config.json's segment_len)."""
         p = self.lm_head.weight
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
                                             p.dtype, p.device)
             if layer.memory is not None:
-                # a segment in progress never holds more than the request: segment_len alone (config.json's) may not
                 layer.mem_cache = MemoryCache(layer.memory.initial_state(batch_size),
                                               min(self.args.segment_len, max_seq_len))
 
@@ -556,12 +545,9 @@ class LM2(nn.Module):
             layer.self_attn.cache = layer.mem_cache = None
 
     def forward_cached(self, tokens, input_pos, pad=None):
-        """Run tokens (B, T) in cache slots input_pos (T,); return the last position's logits (B, vocab).
-
-        Unlike the other model files, rows are never padded (pad must be None): each row's segment grid starts at
-        its first token (see generate). A chunk stays inside one segment; when it completes the segment, every
-        bank is written from the segment's stored inputs, so the next token reads it (forward's schedule).
-        """
+        """Run tokens (B, T) in cache slots input_pos (T,); return the last position's logits (B, vocab). Rows are never
+        padded: each row's segment grid starts at its first token (see generate). A chunk stays inside one segment;
+        the chunk that completes it writes every bank, which the next token reads (forward's schedule)."""
         if pad is not None and bool(pad.any()):
             raise ValueError("LM2 rows are not left-padded: the memory's segments start at each row's first token")
         S, T, end = self.args.segment_len, tokens.size(1), int(input_pos[-1]) + 1
@@ -581,10 +567,9 @@ class LM2(nn.Module):
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, device=None, dtype=None, **memory_args) -> "LM2":
-        """A HF Llama-family checkpoint folder (config.json + safetensors) on device (None: cpu), in dtype (None: as
-        stored), each file checked before it is used (see Loading). Memory weights come from the checkpoint if an
-        LM2 saved it (config.json has "lm2"), else they start fresh; memory_args (mem_slots=..., segment_len=...)
-        override the memory settings."""
+        """A HF Llama-family checkpoint folder on device (None: cpu), in dtype (None: as stored), each file checked
+        before it is used (see Loading). Memory weights come from the checkpoint if an LM2 saved it (config.json has
+        "lm2"), else they start fresh; memory_args (mem_slots=..., segment_len=...) override its settings."""
         ckpt_dir = Path(ckpt_dir)
         args = replace(read_config(ckpt_dir), **memory_args)
         fresh = "lm2" not in read_json(ckpt_dir / "config.json")  # a base Llama checkpoint: no memory yet
@@ -609,16 +594,14 @@ class LM2(nn.Module):
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0, stop_tokens=None,
                  seed=None, stream=None):
-        """New tokens for each prompt (stop token excluded). All rows share one position counter: rows with
-        longer prompts are fed their own prompt tokens while shorter ones already generate (Llama 1's
-        reference scheme), so every row runs on its own segment grid from position 0, exactly as alone.
-        stream(row, token) is called for every new token."""
+        """New tokens for each prompt (stop token excluded); stream(row, token) is called for every new token. All rows
+        share one position counter: a longer prompt's row is still fed its prompt while shorter ones generate (Llama
+        1's reference scheme), so every row runs on its own segment grid from position 0, exactly as alone."""
         longest = check_generate(prompts, max_new_tokens, self.args, temperature, top_k, top_p)
         stop = set(self.args.stop_tokens if stop_tokens is None else stop_tokens)
         B, lens, total = len(prompts), [len(p) for p in prompts], longest + max_new_tokens
         device = self.lm_head.weight.device
-        # subtle: no left padding (as smollm2.py does) because the memory's segment grid must start at each
-        # row's first token; a row's not-yet-fed prompt tokens sit in `tokens` and overwrite the samples
+        # subtle: no left padding; a row still in its prompt is fed its own next token, and its sample is ignored
         tokens = torch.tensor([list(p) + [0] * (total - len(p)) for p in prompts], device=device)
         rng = torch.Generator(device).manual_seed(seed) if seed is not None else None
         out, done = [[] for _ in range(B)], [False] * B

@@ -1,23 +1,19 @@
 """nanollm.py: a small DeepSeek-V3-style language model in one file, after nano-llm (asoloveii/nano-llm, 327M). What
-it adds to smollm2.py: Multi-head Latent Attention and a mixture of experts, trained from scratch here.
-
-Multi-head Latent Attention (MLA) in every block, a SwiGLU MLP in most blocks and a DeepSeekMoE layer (shared
-experts plus top-k routed experts) in the others. Module names follow HF `DeepseekV3ForCausalLM`, so
-`model.state_dict()` is that safetensors layout: our checkpoints (trained from scratch with finetune.py and the
-tokenizer from tokenizer_bpe.py) load in transformers, and DeepseekV3-architecture checkpoints load here.
+it adds to smollm2.py: Multi-head Latent Attention (MLA) in every block, and a DeepSeekMoE layer (shared experts plus
+top-k routed experts) in place of the MLP in some, trained from scratch here. Module names follow HF
+`DeepseekV3ForCausalLM`, so our checkpoints load in transformers and DeepseekV3-architecture checkpoints load here.
 
 References
 - DeepSeek-V2 (arXiv 2405.04434) §2.1: MLA: low-rank query and joint key-value compression, decoupled RoPE key
   shared by all heads, cache of the latent only, absorption of the up-projections for decoding.
 - DeepSeek-V3 (arXiv 2412.19437) §2.1.2: sigmoid affinities, a per-expert bias used for selection only and nudged
   after each step (auxiliary-loss-free balancing), sequence-wise balance loss (eqs. 17-20), group-limited routing.
-- deepseek-ai/DeepSeek-V3 `inference/model.py` (naive vs absorb MLA, Gate, MoE dispatch loop) and HF transformers
-  5.23 `models/deepseek_v3` (names, config, RoPE layouts; the parity reference in test_parity.py).
+- deepseek-ai/DeepSeek-V3 `inference/model.py` (naive vs absorb MLA, Gate, MoE) and HF transformers 5.23
+  `models/deepseek_v3` (names, config, RoPE layouts; the parity reference in test_parity.py).
 
-As DeepSeek-V3 does (nano-llm's `src/model.py` does not): the KV cache holds only the normalised latent and the shared
-RoPE key per token (MLACache), read two ways (`model.absorb`, tested equal); each routed expert runs on its own tokens
-only; the router's balancing bias and optional sequence-wise balance loss. Departures from DeepSeek-V3: no
-multi-token-prediction module (its weights are skipped on load, as HF does), no FP8. Blocks marked
+As in DeepSeek-V3, and not in nano-llm's `src/model.py`: the cache holds only the latent and the shared RoPE key
+(MLACache), read two ways (`model.absorb`, tested equal), and each routed expert runs on its own tokens only. Not
+here: multi-token prediction (its weights are skipped on load, as HF does) and FP8. Blocks marked
 `# Same as smollm2.py: NAME` are that file's, word for word; the command line is cli.py's.
 
 Run:  python benchmarks/pretrain_nanollm.py   (trains one in minutes on a CPU, then samples it with this file)
@@ -82,18 +78,19 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
-        """From a DeepseekV3 config.json, with transformers 5's `rope_parameters` or the Hub's `rope_theta` +
-        `rope_scaling`. A key it lacks keeps this class's default; a value of the wrong kind, or a MoE the router
-        cannot run, is a ValueError naming the key."""
+        """From a DeepseekV3 config.json (transformers 5's `rope_parameters` or the Hub's `rope_theta` + `rope_scaling`).
+        A key it lacks keeps this class's default; a value of the wrong kind, or a MoE the router cannot run, is a
+        ValueError naming the key."""
         if not isinstance(cfg, dict):
             raise ValueError(f"a config is a JSON object, not a {type(cfg).__name__}")
         if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias", False):
             raise NotImplementedError("only silu MLPs and bias-free attention, as in every DeepSeek-V3 checkpoint")
         # HF writes null for "none": no query compression, no routed or shared experts, one expert group
         null = dict(q_lora_rank=0, n_routed_experts=0, n_shared_experts=0, n_expert_groups=1, n_limited_groups=1)
-        required, zero_ok = ("vocab_size", "dim", "n_layers", "n_heads"), (*null, "aux_loss_alpha")
+        required, zero_ok = ("vocab_size", "dim", "n_layers", "n_heads"), ("q_lora_rank", "n_routed_experts",
+                                                                            "n_shared_experts", "aux_loss_alpha")
         kw = {}
-        for f, key in HF_KEYS.items():  # each value checked as the kind of the field's default
+        for f, key in HF_KEYS.items():  # each value checked as the kind of its field's default
             default = null[f] if f in null and key in cfg else ... if f in required else getattr(cls, f)
             kw[f] = config_get(cfg, key, type(getattr(cls, f)), default, 0 if f in zero_ok else None)
         rope = dict(config_get(cfg, "rope_parameters", dict, None) or config_get(cfg, "rope_scaling", dict, {}))
@@ -106,16 +103,15 @@ class ModelArgs:
                               mscale=float, mscale_all_dim=float, attention_factor=float, truncate=bool).items():
             config_get(rope, key, kind, None, low=0 if kind is float else None)  # what rope_frequencies reads
         kw["rope_scaling"] = None if rope_type == "default" else {"rope_type": rope_type, **rope}
-        # HF puts a MoE on every block from first_k_dense_replace on, DeepSeek's code where also i % moe_layer_freq
-        # == 0; `moe_layers` is our key for layouts neither can express (see to_hf_config)
+        # a MoE on every block from first_k_dense_replace on where i % moe_layer_freq == 0 (HF, DeepSeek's code);
+        # `moe_layers`, our own key, for layouts neither can express (see to_hf_config)
         n, first = kw["n_layers"], config_get(cfg, "first_k_dense_replace", int, 3, low=0)
         freq = config_get(cfg, "moe_layer_freq", int, 1)
         moe = config_get(cfg, "moe_layers", tuple, tuple(
             i for i in range(n) if cfg.get("n_routed_experts") and i >= first and i % freq == 0))
-        E, G, top_g, top_k = (kw[f] for f in ("n_routed_experts", "n_expert_groups", "n_limited_groups",
-                                               "n_activated_experts"))
-        if moe and (max(moe) >= n or not E or not G or E % G or top_g > G or G > 1 and E // G < 2
-                    or top_k > E // G * top_g):
+        E, G, top_g = kw["n_routed_experts"], kw["n_expert_groups"], kw["n_limited_groups"]
+        top_k = kw["n_activated_experts"]
+        if moe and (max(moe) >= n or not E or E % G or top_g > G or G > 1 and E // G < 2 or top_k > E // G * top_g):
             raise ValueError(f"the MoE does not fit: moe_layers {moe[:5]} of {n} layers, {E} routed experts in {G} "
                              f"groups, {top_k} chosen in {top_g} groups")
         if kw["qk_rope_head_dim"] % 2:
