@@ -127,8 +127,8 @@ PRESETS = {  # defaults only: from_pretrained always reads the checkpoint's own 
 
 # Same as smollm2.py: config_get
 def config_get(cfg: dict, key: str, kind=int, default=..., low=None):
-    """config.json's cfg[key] if it fits a field of `kind`, else a ValueError naming the key: a config that would build
-    a wrong model stops here. `default` where the key is absent or null; without one the key is required."""
+    """config.json's cfg[key] if it fits a field of `kind`, else a ValueError naming the key; `default` where the key
+    is absent or null (no default: required). A config that would build a wrong model stops here."""
     if not isinstance(cfg, dict):
         raise ValueError(f"a config is a JSON object, not a {type(cfg).__name__}")
     value = cfg.get(key)
@@ -224,8 +224,7 @@ def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
 
 # Same as smollm2.py: rope_cos_sin
 def rope_cos_sin(inv_freq, pos, dtype):
-    """pos (B, T) -> cos, sin (B, 1, T, head_dim), angles in fp32 then cast, as HF LlamaRotaryEmbedding. Computed for
-    the positions in use at each forward: a table up to the context length would be sized by config.json alone."""
+    """pos (B, T) -> cos, sin (B, 1, T, head_dim), fp32 angles then cast, as HF, for the positions in use only."""
     freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
     # rotate-half layout: frequency i drives dimensions i and i + hd/2 (HF's convention, not the interleaved
     # pairs 2i, 2i+1 of the RoPE paper and Meta's code); HF checkpoints' q/k rows are laid out for this
@@ -264,8 +263,7 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, k, v):
-        """Write k, v (B, n_kv_heads, T, hd) into slots input_pos (T,); return slots 0..input_pos[-1], the
-        filled part (views, no copy): attention then costs what the sequence so far costs."""
+        """Write k, v (B, n_kv_heads, T, hd) into slots input_pos (T,); return the filled slots 0..input_pos[-1]."""
         self.k[:, :, input_pos] = k
         self.v[:, :, input_pos] = v
         end = int(input_pos[-1]) + 1
@@ -369,14 +367,13 @@ class Memory(nn.Module):
     def reset_parameters(self):
         for lin in (self.q_proj, self.k_proj, self.out_gate, self.in_gate, self.forget_gate):
             nn.init.normal_(lin.weight, std=0.02)  # HF Llama initializer_range
-        # subtle: W_V = 0 makes E_mem = 0 exactly, so a fresh LM2 on a pretrained checkpoint *is* that
-        # checkpoint, while sigmoid(0) = 1/2 keeps the gradient into W_V alive (as LoRA's zero B matrix).
-        # Closing the output gate instead (a large negative bias) is only approximately zero and starves
-        # its own gradient; zeroing W_out leaves the gate at 1/2, not 0.
+        # subtle: W_V = 0 makes E_mem = 0 exactly, so a fresh LM2 on a pretrained checkpoint *is* that checkpoint,
+        # while sigmoid(0) = 1/2 keeps the gradient into W_V alive (as LoRA's zero B). A closed output gate (a large
+        # negative bias) is only about zero and starves its own gradient; a zero W_out leaves the gate at 1/2.
         nn.init.zeros_(self.v_proj.weight)
         nn.init.zeros_(self.in_gate.bias)
-        # chrono-style forget bias (Tallec & Ollivier 2018): sigmoid(3) = 0.95 keeps a fact for ~20 segments
-        # at the start, where the official 1.0 (0.73) halves it every two segments
+        # chrono-style forget bias (Tallec & Ollivier 2018): sigmoid(3) = 0.95 keeps a fact ~20 segments at the start,
+        # where the official 1.0 (0.73) halves it every two segments
         nn.init.constant_(self.forget_gate.bias, 3.0)
         nn.init.eye_(self.bank)  # paper: identity initialisation (rows beyond d, if N > d, start at zero)
 
@@ -394,8 +391,8 @@ class Memory(nn.Module):
         return self.state(self.bank.expand(batch_size, -1, -1))
 
     def read(self, h, state, fresh=None):
-        """Gated memory output (B, T, d). fresh (B, T): tokens whose document began after the state's bank
-        was written read the initial bank instead (packed training rows)."""
+        """Gated memory output (B, T, d); fresh (B, T): tokens of a document begun after the bank was written (packed
+        rows) read the initial bank."""
         q = self._heads(self.q_proj(h))
 
         def attend(k, v):
@@ -408,16 +405,15 @@ class Memory(nn.Module):
         return out
 
     def write(self, h, state, token_mask=None, fresh=None):
-        """State after a segment whose normed inputs are h (B, T, d). token_mask (B, T): the tokens that may
-        be written (the document that continues); fresh (B,): that document began in this segment."""
+        """State after a segment whose normed inputs are h (B, T, d); token_mask (B, T): the tokens that may be
+        written (the document that continues); fresh (B,): that document began in this segment."""
         if fresh is not None:
             state = [torch.where(fresh.view(-1, *[1] * (t.dim() - 1)), t0, t)
                      for t0, t in zip(self.initial_state(h.shape[0]), state)]
         mem, k = state[0], state[1]
         mask = None if token_mask is None else token_mask[:, None, None, :]  # (B, 1, 1, T)
-        # the read's score with the roles swapped: slots are the queries, softmax runs over tokens
+        # the read's score with the roles swapped: slots are the queries, softmax runs over tokens; e (B, N, d) is E~
         e = self._merge(F.scaled_dot_product_attention(k, self._heads(self.q_proj(h)), self._heads(h), attn_mask=mask))
-        # e: (B, N, d) = E~
         return self.state(torch.sigmoid(self.in_gate(e)) * torch.tanh(e) + torch.sigmoid(self.forget_gate(e)) * mem)
 
 
@@ -481,8 +477,7 @@ class LM2(nn.Module):
         return ".memory."
 
     def logits(self, x):
-        x = self.model.norm(x)
-        return self.lm_head(x)
+        return self.lm_head(self.model.norm(x))
 
     def forward(self, tokens, doc_ids=None):
         """tokens (B, T) -> logits (B, T, vocab), segment by segment: within a segment, blocks read the banks left by
@@ -672,8 +667,7 @@ def read_config(ckpt_dir: Path) -> ModelArgs:
 
 # Same as smollm2.py: read_header
 def read_header(ckpt_dir: Path) -> dict:
-    """{name: (file, dtype, shape)} of the tensors in model.safetensors, or in the shards its index names, from the
-    headers alone."""
+    """{name: (file, dtype, shape)} of the tensors in model.safetensors or its shards, from the headers alone."""
     from safetensors import SafetensorError, safe_open
 
     index = ckpt_dir / "model.safetensors.index.json"
@@ -694,10 +688,9 @@ def read_header(ckpt_dir: Path) -> dict:
 
 # Same as smollm2.py: build
 def build(cls, args, header: dict, ckpt_dir: Path, device, dtype, absent="", **counts: int):
-    """(cls(args) on the meta device, the state dict that fills it, memory-mapped onto device in dtype (None: as
-    stored)), once the header holds the modules config.json asks for (counts, e.g. layers=30: building 10^6 layers
-    would take minutes), then exactly the model's names (but a tied head, and those containing `absent`, which the
-    caller adds), shapes and float dtypes (an int label on float bytes would load as garbage)."""
+    """(cls(args) on the meta device, its state dict memory-mapped onto device in dtype (None: as stored)), once the
+    header holds the modules config.json asks for (counts, e.g. layers=30: 10^6 layers take minutes to build), then
+    the model's names (but a tied head and those containing `absent`, which the caller adds), shapes, float dtypes."""
     from safetensors import safe_open
 
     for name, n in counts.items():
@@ -732,8 +725,8 @@ def build(cls, args, header: dict, ckpt_dir: Path, device, dtype, absent="", **c
 
 # Same as smollm2.py: check_generate
 def check_generate(prompts, max_new_tokens, args: ModelArgs, temperature, top_k, top_p) -> int:
-    """generate()'s arguments, checked before any work -> the longest prompt's length; else a ValueError naming the
-    problem. Every sampling setting accepted here samples (a temperature too small for float32 is greedy)."""
+    """generate()'s arguments checked before any work -> the longest prompt's length, else a ValueError. Every setting
+    accepted here samples (a temperature too small for float32 is greedy)."""
     if not (math.isfinite(temperature) and temperature >= 0 and 0 < top_p <= 1 and (top_k is None or top_k >= 1)):
         raise ValueError(f"need temperature >= 0 (0 is greedy), top_p in (0, 1] and top_k >= 1; got temperature "
                          f"{temperature}, top_p {top_p}, top_k {top_k}")
@@ -749,8 +742,7 @@ def check_generate(prompts, max_new_tokens, args: ModelArgs, temperature, top_k,
 
 # Same as smollm2.py: logits_to_probs
 def logits_to_probs(logits, temperature: float, top_k: int | None = None, top_p: float = 1.0):
-    """logits (B, vocab) -> sampling distribution (B, vocab): temperature, then top-k, then top-p, as HF's
-    TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper apply them (tests compare every file's)."""
+    """logits (B, vocab) -> sampling distribution (B, vocab): temperature, top-k, then top-p, as HF's warpers."""
     scaled = logits.float() / temperature
     if not scaled.isfinite().all():
         # subtle: a temperature too small for float32 (1e-40) overflows the division, and softmax(inf - inf) is NaN;
@@ -773,8 +765,7 @@ def logits_to_probs(logits, temperature: float, top_k: int | None = None, top_p:
 
 # Same as smollm2.py: sample
 def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
-    """logits (B, vocab) -> next token ids (B,): greedy at temperature 0, else one draw from the filtered
-    distribution with `generator` (a seeded torch.Generator makes runs repeat)."""
+    """logits (B, vocab) -> next ids (B,): greedy at temperature 0, else a draw with `generator` (seeded: repeats)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     return torch.multinomial(logits_to_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
@@ -786,9 +777,8 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
 # Same as smollm2.py: encode_chat
 def encode_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
                 default_system: str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"):
-    """The conversation's ids as the checkpoint's HF chat template gives them (tokenizer_bpe.apply_chat_template picks
-    ChatML or Llama 3 by the tokenizer's special tokens), with SmolLM2-Instruct's default system prompt first when a
-    ChatML conversation has none."""
+    """The conversation's ids as the checkpoint's HF chat template gives them (ChatML or Llama 3, by the tokenizer's
+    special tokens), with SmolLM2-Instruct's default system prompt first where a ChatML conversation has none."""
     return apply_chat_template(tokenizer, messages, add_generation_prompt, default_system=default_system)
 
 # -----------------------------------------------------------------------------

@@ -78,9 +78,8 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
-        """From a DeepseekV3 config.json (transformers 5's `rope_parameters` or the Hub's `rope_theta` + `rope_scaling`).
-        A key it lacks keeps this class's default; a value of the wrong kind, or a MoE the router cannot run, is a
-        ValueError naming the key."""
+        """From a DeepseekV3 config.json (transformers 5's `rope_parameters`, or `rope_theta` + `rope_scaling`). A key
+        it lacks keeps its default; a value of the wrong kind, or a MoE the router cannot run, is a ValueError."""
         if not isinstance(cfg, dict):
             raise ValueError(f"a config is a JSON object, not a {type(cfg).__name__}")
         if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias", False):
@@ -119,9 +118,8 @@ class ModelArgs:
         return cls(**kw, moe_layers=moe)
 
     def to_hf_config(self) -> dict:
-        """A config.json that both this file and transformers' DeepseekV3Config load. HF can only say "the first k
-        blocks are dense, all later ones MoE" (first_k_dense_replace); another layout (nano-327m's) is also written
-        as `moe_layers`, which this file reads and transformers ignores (its model would not match the weights)."""
+        """A config.json that this file and transformers' DeepseekV3Config load. HF can only say "the first k blocks
+        dense, the rest MoE"; another layout (nano-327m's) is also written as `moe_layers`, which HF ignores."""
         first_dense = self.moe_layers[0] if self.moe_layers else self.n_layers
         cfg = {key: getattr(self, field) for field, key in HF_KEYS.items()}
         cfg.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", hidden_act="silu",
@@ -146,9 +144,8 @@ HF_KEYS = dict(
     tie_embeddings="tie_word_embeddings", stop_tokens="eos_token_id")
 
 PRESETS = {
-    # nano-llm's config/nano_327m.yaml: MoE on 1-based blocks 4, 8, ..., 20 (its `i % 4 == 0`). Top-1 routing with
-    # norm_topk_prob would give every token the weight exactly 1, so no gradient could reach the router: nano-llm
-    # weights the expert by its unnormalised score, and so do we. 316.19M parameters, 292.60M active per token.
+    # nano-llm's config/nano_327m.yaml: MoE on 1-based blocks 4, 8, ..., 20. Top-1 routing with norm_topk_prob would
+    # weigh every token's expert exactly 1, so no gradient would reach the router: nano-llm weighs by the raw score
     "nano-327m": dict(vocab_size=50304, dim=768, n_layers=20, n_heads=12, hidden_dim=3072,
                       moe_layers=(3, 7, 11, 15, 19), moe_hidden_dim=2048, n_shared_experts=2, n_routed_experts=2,
                       n_activated_experts=1, n_expert_groups=1, n_limited_groups=1, route_scale=1.0,
@@ -168,8 +165,8 @@ PRESETS = {
 
 # Same as smollm2.py: config_get
 def config_get(cfg: dict, key: str, kind=int, default=..., low=None):
-    """config.json's cfg[key] if it fits a field of `kind`, else a ValueError naming the key: a config that would build
-    a wrong model stops here. `default` where the key is absent or null; without one the key is required."""
+    """config.json's cfg[key] if it fits a field of `kind`, else a ValueError naming the key; `default` where the key
+    is absent or null (no default: required). A config that would build a wrong model stops here."""
     if not isinstance(cfg, dict):
         raise ValueError(f"a config is a JSON object, not a {type(cfg).__name__}")
     value = cfg.get(key)
@@ -326,15 +323,16 @@ class MLA(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         else:
             # absorbed, DeepSeek-V3's attn_impl="absorb" (DeepSeek-V2 §2.1.2): q_nope . (W_UK c) = (W_UK^T q_nope) . c,
-            # so the scores read the cached latents and RoPE keys as they are, and W_UV is applied after the
-            # weighted sum of latents: per-head keys and values never exist
+            # so the scores read the cached latents and RoPE keys as they are (every head the same ones), and W_UV
+            # is applied after the weighted sum of latents: per-head keys and values never exist
             w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)
             q_nope = torch.einsum("bhtd,hdc->bhtc", q_nope, w[:, :self.nope])  # (B, H, T, kv_lora_rank)
-            scores = torch.einsum("bhtc,bsc->bhts", q_nope, kv) + torch.einsum("bhtr,bsr->bhts", q_pe, k_pe)
+            kv, k_pe = kv[:, None], k_pe[:, None]  # (B, 1, S, *): one for all heads
+            scores = q_nope @ kv.transpose(-1, -2) + q_pe @ k_pe.transpose(-1, -2)  # (B, H, T, S)
             if mask is None:
                 mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
             p = (scores * self.scale).masked_fill(~mask, float("-inf")).softmax(dim=-1, dtype=torch.float32)
-            y = torch.einsum("bhts,bsc->bhtc", p.to(kv.dtype), kv)  # the weighted sum of latents
+            y = p.to(kv.dtype) @ kv  # (B, H, T, kv_lora_rank): the weighted sum of latents
             y = torch.einsum("bhtc,hvc->bhtv", y, w[:, self.nope:])  # (B, H, T, v_head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
@@ -442,9 +440,8 @@ class Block(nn.Module):
 
 # Same as smollm2.py: doc_positions_and_mask
 def doc_positions_and_mask(doc_ids):
-    """Packed training rows of document ids (B, T) -> RoPE positions that restart at 0 where each document
-    starts (B, T), and a causal mask that never crosses a document boundary (B, 1, T, T), as if each document
-    were run alone. A document is a run of equal ids: an id that comes back later in the row starts a new one."""
+    """Packed training rows of document ids (B, T) -> RoPE positions restarting at each document (B, T) and a causal
+    mask that never crosses a document boundary (B, 1, T, T); a document is a run of equal ids."""
     t = torch.arange(doc_ids.size(1), device=doc_ids.device)
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
@@ -467,21 +464,16 @@ class NanoLLM(nn.Module):
             layers=nn.ModuleList(Block(args, i, self.softmax_mscale) for i in range(args.n_layers)),
             norm=RMSNorm(args.dim, args.norm_eps)))
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
-        for p in self.parameters():
-            # N(0, 0.02) for Linear, Embedding and router matrices, norms at 1: HF's initializer_range; PyTorch's
-            # N(0, 1) embedding would start the loss far above ln(vocab)
+        for p in self.parameters():  # HF's N(0, 0.02) matrices (a N(0, 1) embedding starts far above ln(vocab))
             if p.dim() == 2:
                 nn.init.normal_(p, std=0.02)
         if args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.aux_loss = 0.0
-        # how decoding reads the MLA cache (DeepSeek-V3's attn_impl): True folds the up-projections into the query and
-        # the output ("absorb"), False up-projects the cached latents ("naive"); tested equal
-        self.absorb = True
+        self.absorb = True  # how decoding reads the MLA cache, DeepSeek-V3's attn_impl: "absorb", else "naive"
 
     def init_rope(self, device=None):
-        # as smollm2.py's inv_freq (fp32, not a buffer, made again on the weights' device after a meta-device build),
-        # and YaRN's two scales, plain floats
+        # as smollm2.py's inv_freq (fp32, not a buffer), and YaRN's two scales
         self.inv_freq, self.rope_factor, self.softmax_mscale = rope_frequencies(self.args, device)
 
     def moe_layers(self) -> list[tuple[int, MoE]]:
@@ -516,13 +508,9 @@ class NanoLLM(nn.Module):
             layer.self_attn.cache = None
 
     def forward_cached(self, tokens, input_pos, pad=None):
-        """Run tokens (B, T) in cache slots input_pos (T,); return the last position's logits (B, vocab). pad (B,),
-        None for none: left padding of each row, whose positions count from its first real slot. self.absorb picks
-        how MLA reads the cache."""
+        """As smollm2.py's, with a mask always (MLA's cache reads its length from it); self.absorb picks the path."""
         pad = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device) if pad is None else pad
-        # attend over the filled prefix only: the naive path up-projects every attended slot, so the empty tail
-        # of the buffer would cost real compute
-        slots = torch.arange(int(input_pos[-1]) + 1, device=tokens.device)
+        slots = torch.arange(int(input_pos[-1]) + 1, device=tokens.device)  # the filled prefix only
         # causal over slots and blind to padding; a padding query still sees itself, so no softmax row is empty
         mask = (slots <= input_pos[:, None]) & ((slots >= pad[:, None, None]) | (slots == input_pos[:, None]))
         positions = (input_pos - pad[:, None]).clamp(min=0)                   # (B, T)
@@ -531,10 +519,9 @@ class NanoLLM(nn.Module):
 
     @torch.no_grad()
     def update_router_biases(self, rate: float = 1e-3, all_sum=None) -> dict[int, list[float]]:
-        """Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2; gamma = 0.001 there): call after each optimizer step.
-        Each router's bias falls by `rate` for the experts that got more than the mean load since the last call
-        (tokens counted by training-mode forwards) and rises for the others. all_sum, given, first sums the loads
-        over processes (in place), so every router bias moves alike. Returns that load (see expert_load)."""
+        """Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2, gamma = 0.001), after each optimizer step: each router's
+        bias falls by `rate` for the experts above the mean load since the last call (training forwards), rises for the
+        others. all_sum first sums the loads over processes (in place), so all move alike. Returns the load."""
         counted = [moe for _, moe in self.moe_layers() if moe.load is not None]
         if all_sum is not None:
             for moe in counted:
@@ -559,8 +546,8 @@ class NanoLLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, device=None, dtype=None) -> "NanoLLM":
-        """An HF-layout DeepseekV3 checkpoint folder (config.json + model.safetensors, or shards with an index) on
-        device (None: cpu), in dtype (None: as stored). Every file is checked before it is used (see Loading)."""
+        """An HF-layout DeepseekV3 checkpoint folder on device (None: cpu), in dtype (None: as stored), each file
+        checked before it is used (see Loading)."""
         ckpt_dir = Path(ckpt_dir)
         args = read_config(ckpt_dir)
         # DeepSeek-V3 ships its multi-token-prediction module as extra layers n_layers...: unused, as in HF
@@ -581,10 +568,9 @@ class NanoLLM(nn.Module):
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float = 1.0, stop_tokens=None, seed: int | None = None,
                  stream=None) -> list[list[int]]:
-        """Continue each prompt; return the new tokens of each (a stop token ends a row and is not returned).
-        temperature 0 is greedy; stop_tokens None stops at args.stop_tokens, [] never early; stream(row, token) is
-        called for each returned token as soon as it is sampled. The KV cache lives for this call, unless the caller
-        set up one that fits (benchmarks do, so that a compiled decode step always sees the same buffers)."""
+        """The new tokens of each prompt (a stop token ends a row, unreturned); temperature 0 is greedy; stop_tokens
+        None: args.stop_tokens, []: none; stream(row, token) sees each token as it comes. The KV cache lives for this
+        call, unless the caller set up one that fits (benchmarks do, so a compiled step sees the same buffers)."""
         longest = check_generate(prompts, max_new_tokens, self.args, temperature, top_k, top_p)
         stop = set(self.args.stop_tokens if stop_tokens is None else stop_tokens)
         B, total, device = len(prompts), longest + max_new_tokens, self.lm_head.weight.device
@@ -656,8 +642,7 @@ def read_config(ckpt_dir: Path) -> ModelArgs:
 
 # Same as smollm2.py: read_header
 def read_header(ckpt_dir: Path) -> dict:
-    """{name: (file, dtype, shape)} of the tensors in model.safetensors, or in the shards its index names, from the
-    headers alone."""
+    """{name: (file, dtype, shape)} of the tensors in model.safetensors or its shards, from the headers alone."""
     from safetensors import SafetensorError, safe_open
 
     index = ckpt_dir / "model.safetensors.index.json"
@@ -678,10 +663,9 @@ def read_header(ckpt_dir: Path) -> dict:
 
 # Same as smollm2.py: build
 def build(cls, args, header: dict, ckpt_dir: Path, device, dtype, absent="", **counts: int):
-    """(cls(args) on the meta device, the state dict that fills it, memory-mapped onto device in dtype (None: as
-    stored)), once the header holds the modules config.json asks for (counts, e.g. layers=30: building 10^6 layers
-    would take minutes), then exactly the model's names (but a tied head, and those containing `absent`, which the
-    caller adds), shapes and float dtypes (an int label on float bytes would load as garbage)."""
+    """(cls(args) on the meta device, its state dict memory-mapped onto device in dtype (None: as stored)), once the
+    header holds the modules config.json asks for (counts, e.g. layers=30: 10^6 layers take minutes to build), then
+    the model's names (but a tied head and those containing `absent`, which the caller adds), shapes, float dtypes."""
     from safetensors import safe_open
 
     for name, n in counts.items():
@@ -716,8 +700,8 @@ def build(cls, args, header: dict, ckpt_dir: Path, device, dtype, absent="", **c
 
 # Same as smollm2.py: check_generate
 def check_generate(prompts, max_new_tokens, args: ModelArgs, temperature, top_k, top_p) -> int:
-    """generate()'s arguments, checked before any work -> the longest prompt's length; else a ValueError naming the
-    problem. Every sampling setting accepted here samples (a temperature too small for float32 is greedy)."""
+    """generate()'s arguments checked before any work -> the longest prompt's length, else a ValueError. Every setting
+    accepted here samples (a temperature too small for float32 is greedy)."""
     if not (math.isfinite(temperature) and temperature >= 0 and 0 < top_p <= 1 and (top_k is None or top_k >= 1)):
         raise ValueError(f"need temperature >= 0 (0 is greedy), top_p in (0, 1] and top_k >= 1; got temperature "
                          f"{temperature}, top_p {top_p}, top_k {top_k}")
@@ -733,8 +717,7 @@ def check_generate(prompts, max_new_tokens, args: ModelArgs, temperature, top_k,
 
 # Same as smollm2.py: logits_to_probs
 def logits_to_probs(logits, temperature: float, top_k: int | None = None, top_p: float = 1.0):
-    """logits (B, vocab) -> sampling distribution (B, vocab): temperature, then top-k, then top-p, as HF's
-    TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper apply them (tests compare every file's)."""
+    """logits (B, vocab) -> sampling distribution (B, vocab): temperature, top-k, then top-p, as HF's warpers."""
     scaled = logits.float() / temperature
     if not scaled.isfinite().all():
         # subtle: a temperature too small for float32 (1e-40) overflows the division, and softmax(inf - inf) is NaN;
@@ -757,8 +740,7 @@ def logits_to_probs(logits, temperature: float, top_k: int | None = None, top_p:
 
 # Same as smollm2.py: sample
 def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
-    """logits (B, vocab) -> next token ids (B,): greedy at temperature 0, else one draw from the filtered
-    distribution with `generator` (a seeded torch.Generator makes runs repeat)."""
+    """logits (B, vocab) -> next ids (B,): greedy at temperature 0, else a draw with `generator` (seeded: repeats)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     return torch.multinomial(logits_to_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)

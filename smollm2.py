@@ -96,8 +96,8 @@ PRESETS = {
 
 
 def config_get(cfg: dict, key: str, kind=int, default=..., low=None):
-    """config.json's cfg[key] if it fits a field of `kind`, else a ValueError naming the key: a config that would build
-    a wrong model stops here. `default` where the key is absent or null; without one the key is required."""
+    """config.json's cfg[key] if it fits a field of `kind`, else a ValueError naming the key; `default` where the key
+    is absent or null (no default: required). A config that would build a wrong model stops here."""
     if not isinstance(cfg, dict):
         raise ValueError(f"a config is a JSON object, not a {type(cfg).__name__}")
     value = cfg.get(key)
@@ -173,8 +173,7 @@ def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq, pos, dtype):
-    """pos (B, T) -> cos, sin (B, 1, T, head_dim), angles in fp32 then cast, as HF LlamaRotaryEmbedding. Computed for
-    the positions in use at each forward: a table up to the context length would be sized by config.json alone."""
+    """pos (B, T) -> cos, sin (B, 1, T, head_dim), fp32 angles then cast, as HF, for the positions in use only."""
     freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
     # rotate-half layout: frequency i drives dimensions i and i + hd/2 (HF's convention, not the interleaved
     # pairs 2i, 2i+1 of the RoPE paper and Meta's code); HF checkpoints' q/k rows are laid out for this
@@ -199,8 +198,7 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, k, v):
-        """Write k, v (B, n_kv_heads, T, hd) into slots input_pos (T,); return slots 0..input_pos[-1], the
-        filled part (views, no copy): attention then costs what the sequence so far costs."""
+        """Write k, v (B, n_kv_heads, T, hd) into slots input_pos (T,); return the filled slots 0..input_pos[-1]."""
         self.k[:, :, input_pos] = k
         self.v[:, :, input_pos] = v
         end = int(input_pos[-1]) + 1
@@ -259,9 +257,8 @@ class Block(nn.Module):
 
 
 def doc_positions_and_mask(doc_ids):
-    """Packed training rows of document ids (B, T) -> RoPE positions that restart at 0 where each document
-    starts (B, T), and a causal mask that never crosses a document boundary (B, 1, T, T), as if each document
-    were run alone. A document is a run of equal ids: an id that comes back later in the row starts a new one."""
+    """Packed training rows of document ids (B, T) -> RoPE positions restarting at each document (B, T) and a causal
+    mask that never crosses a document boundary (B, 1, T, T); a document is a run of equal ids."""
     t = torch.arange(doc_ids.size(1), device=doc_ids.device)
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
@@ -301,8 +298,7 @@ class SmolLM2(nn.Module):
         return self.model.norm(x)
 
     def forward(self, tokens, doc_ids=None):
-        """tokens (B, T) -> logits (B, T, vocab). No cache: the training and parity-test path. doc_ids (B, T)
-        marks packed documents, which never see each other (doc_positions_and_mask)."""
+        """tokens (B, T) -> logits (B, T, vocab), without a cache; doc_ids (B, T): packed documents, kept apart."""
         B, T = tokens.shape
         if T > self.args.max_seq_len:
             raise ValueError(f"{T} tokens do not fit the context of {self.args.max_seq_len}")
@@ -326,9 +322,8 @@ class SmolLM2(nn.Module):
             layer.self_attn.cache = None
 
     def forward_cached(self, tokens, input_pos, pad=None):
-        """Run tokens (B, T) in cache slots input_pos (T,); return the last position's logits (B, vocab). pad (B,),
-        None for none: left padding of each row. A row's RoPE position is its slot minus its padding, and no query
-        attends to a padding slot or a later slot."""
+        """Run tokens (B, T) in cache slots input_pos (T,) -> the last position's logits (B, vocab). pad (B,): each
+        row's left padding; a row's RoPE position is its slot minus it, and no query sees padding or later slots."""
         B, T = tokens.shape
         pad = torch.zeros(B, dtype=torch.long, device=tokens.device) if pad is None else pad
         pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
@@ -360,10 +355,9 @@ class SmolLM2(nn.Module):
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float = 1.0, stop_tokens=None, seed: int | None = None,
                  stream=None) -> list[list[int]]:
-        """Continue each prompt; return the new tokens of each (a stop token ends a row and is not returned).
-        temperature 0 is greedy; stop_tokens None stops at args.stop_tokens, [] never early; stream(row, token) is
-        called for each returned token as soon as it is sampled. The KV cache lives for this call, unless the caller
-        set up one that fits (benchmarks do, so that a compiled decode step always sees the same buffers)."""
+        """The new tokens of each prompt (a stop token ends a row, unreturned); temperature 0 is greedy; stop_tokens
+        None: args.stop_tokens, []: none; stream(row, token) sees each token as it comes. The KV cache lives for this
+        call, unless the caller set up one that fits (benchmarks do, so a compiled step sees the same buffers)."""
         longest = check_generate(prompts, max_new_tokens, self.args, temperature, top_k, top_p)
         stop = set(self.args.stop_tokens if stop_tokens is None else stop_tokens)
         B, total, device = len(prompts), longest + max_new_tokens, self.lm_head.weight.device
@@ -433,8 +427,7 @@ def read_config(ckpt_dir: Path) -> ModelArgs:
 
 
 def read_header(ckpt_dir: Path) -> dict:
-    """{name: (file, dtype, shape)} of the tensors in model.safetensors, or in the shards its index names, from the
-    headers alone."""
+    """{name: (file, dtype, shape)} of the tensors in model.safetensors or its shards, from the headers alone."""
     from safetensors import SafetensorError, safe_open
 
     index = ckpt_dir / "model.safetensors.index.json"
@@ -454,10 +447,9 @@ def read_header(ckpt_dir: Path) -> dict:
 
 
 def build(cls, args, header: dict, ckpt_dir: Path, device, dtype, absent="", **counts: int):
-    """(cls(args) on the meta device, the state dict that fills it, memory-mapped onto device in dtype (None: as
-    stored)), once the header holds the modules config.json asks for (counts, e.g. layers=30: building 10^6 layers
-    would take minutes), then exactly the model's names (but a tied head, and those containing `absent`, which the
-    caller adds), shapes and float dtypes (an int label on float bytes would load as garbage)."""
+    """(cls(args) on the meta device, its state dict memory-mapped onto device in dtype (None: as stored)), once the
+    header holds the modules config.json asks for (counts, e.g. layers=30: 10^6 layers take minutes to build), then
+    the model's names (but a tied head and those containing `absent`, which the caller adds), shapes, float dtypes."""
     from safetensors import safe_open
 
     for name, n in counts.items():
@@ -491,8 +483,8 @@ def build(cls, args, header: dict, ckpt_dir: Path, device, dtype, absent="", **c
 
 
 def check_generate(prompts, max_new_tokens, args: ModelArgs, temperature, top_k, top_p) -> int:
-    """generate()'s arguments, checked before any work -> the longest prompt's length; else a ValueError naming the
-    problem. Every sampling setting accepted here samples (a temperature too small for float32 is greedy)."""
+    """generate()'s arguments checked before any work -> the longest prompt's length, else a ValueError. Every setting
+    accepted here samples (a temperature too small for float32 is greedy)."""
     if not (math.isfinite(temperature) and temperature >= 0 and 0 < top_p <= 1 and (top_k is None or top_k >= 1)):
         raise ValueError(f"need temperature >= 0 (0 is greedy), top_p in (0, 1] and top_k >= 1; got temperature "
                          f"{temperature}, top_p {top_p}, top_k {top_k}")
@@ -507,8 +499,7 @@ def check_generate(prompts, max_new_tokens, args: ModelArgs, temperature, top_k,
 
 
 def logits_to_probs(logits, temperature: float, top_k: int | None = None, top_p: float = 1.0):
-    """logits (B, vocab) -> sampling distribution (B, vocab): temperature, then top-k, then top-p, as HF's
-    TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper apply them (tests compare every file's)."""
+    """logits (B, vocab) -> sampling distribution (B, vocab): temperature, top-k, then top-p, as HF's warpers."""
     scaled = logits.float() / temperature
     if not scaled.isfinite().all():
         # subtle: a temperature too small for float32 (1e-40) overflows the division, and softmax(inf - inf) is NaN;
@@ -530,8 +521,7 @@ def logits_to_probs(logits, temperature: float, top_k: int | None = None, top_p:
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
-    """logits (B, vocab) -> next token ids (B,): greedy at temperature 0, else one draw from the filtered
-    distribution with `generator` (a seeded torch.Generator makes runs repeat)."""
+    """logits (B, vocab) -> next ids (B,): greedy at temperature 0, else a draw with `generator` (seeded: repeats)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     return torch.multinomial(logits_to_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
@@ -542,9 +532,8 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
 
 def encode_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
                 default_system: str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"):
-    """The conversation's ids as the checkpoint's HF chat template gives them (tokenizer_bpe.apply_chat_template picks
-    ChatML or Llama 3 by the tokenizer's special tokens), with SmolLM2-Instruct's default system prompt first when a
-    ChatML conversation has none."""
+    """The conversation's ids as the checkpoint's HF chat template gives them (ChatML or Llama 3, by the tokenizer's
+    special tokens), with SmolLM2-Instruct's default system prompt first where a ChatML conversation has none."""
     return apply_chat_template(tokenizer, messages, add_generation_prompt, default_system=default_system)
 
 
