@@ -324,15 +324,16 @@ class MLA(nn.Module):
         else:
             # absorbed, DeepSeek-V3's attn_impl="absorb" (DeepSeek-V2 §2.1.2): q_nope . (W_UK c) = (W_UK^T q_nope) . c,
             # so the scores read the cached latents and RoPE keys as they are (every head the same ones), and W_UV
-            # is applied after the weighted sum of latents: per-head keys and values never exist
+            # is applied after the weighted sum of latents: per-head keys and values never exist. Scores and sum in
+            # fp32, as the softmax: half-precision products over the whole cache are slower on CPUs, and less exact
             w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)
             q_nope = torch.einsum("bhtd,hdc->bhtc", q_nope, w[:, :self.nope])  # (B, H, T, kv_lora_rank)
-            kv, k_pe = kv[:, None], k_pe[:, None]  # (B, 1, S, *): one for all heads
-            scores = q_nope @ kv.transpose(-1, -2) + q_pe @ k_pe.transpose(-1, -2)  # (B, H, T, S)
+            kv, k_pe = kv[:, None].float(), k_pe[:, None].float()  # (B, 1, S, *)
+            scores = q_nope.float() @ kv.transpose(-1, -2) + q_pe.float() @ k_pe.transpose(-1, -2)  # (B, H, T, S)
             if mask is None:
                 mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-            p = (scores * self.scale).masked_fill(~mask, float("-inf")).softmax(dim=-1, dtype=torch.float32)
-            y = p.to(kv.dtype) @ kv  # (B, H, T, kv_lora_rank): the weighted sum of latents
+            p = (scores * self.scale).masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            y = (p @ kv).to(x.dtype)  # (B, H, T, kv_lora_rank): the weighted sum of latents
             y = torch.einsum("bhtc,hvc->bhtv", y, w[:, self.nope:])  # (B, H, T, v_head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
