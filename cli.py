@@ -96,9 +96,12 @@ def cli(fn, argv=None, prog=None):
         if p.kind is p.VAR_POSITIONAL:
             parser.add_argument(name, nargs="*", type=utf8, help=helps.get(name, ""))
             continue
-        extra = dict(type=utf8 if item is str else item, nargs="+", metavar=item.__name__.upper()) if kind is list else \
-            dict(type=parse_bool, nargs="?", const=True, metavar="BOOL") if kind is bool else \
-            dict(type=utf8 if kind is str else kind, metavar=kind.__name__.upper())
+        if kind is list:
+            extra = dict(type=utf8 if item is str else item, nargs="+", metavar=item.__name__.upper())
+        elif kind is bool:
+            extra = dict(type=parse_bool, nargs="?", const=True, metavar="BOOL")
+        else:
+            extra = dict(type=utf8 if kind is str else kind, metavar=kind.__name__.upper())
         text = f"{helps.get(name, '')} (default: {p.default!r})".replace("%", "%%")  # argparse formats help with %
         parser.add_argument(f"--{name}", default=p.default, help=text, **extra)
     flags, unknown = parser.parse_known_args(argv)

@@ -1,27 +1,23 @@
 """
-LM2 (Large Memory Models) on a Llama decoder, in one file: every chosen block owns a bank of N memory
-slots x d that tokens read by cross-attention behind an output gate, and that is rewritten through input and
-forget gates at the end of every segment of `segment_len` tokens and carried to the next segment. With the
-memory switched off the model is exactly HF `LlamaForCausalLM` (SmolLM2, Llama 3.x checkpoints load as is).
+LM2 (Large Memory Models) on a Llama decoder, in one file. What it adds to smollm2.py: every chosen block owns a bank
+of N memory slots x d that tokens read by cross-attention behind an output gate, rewritten through input and forget
+gates at the end of every segment of `segment_len` tokens and carried to the next one, so the forward runs segment by
+segment. With the memory off the model is exactly HF `LlamaForCausalLM` (SmolLM2, Llama 3.x checkpoints load as is).
 
-References: J. Kang et al., "LM2: Large Memory Models", arXiv 2502.06049, Sec. 2 (memory read, output gate,
-update; the equations are in Memory's docstring); the official code, github.com/convergence-ai/lm2; HF
-transformers' `modeling_llama.py` for the decoder (checked module by module in test_parity.py). What it adds to
-smollm2.py: the memory, and a forward that runs segment by segment.
+References: J. Kang et al., "LM2: Large Memory Models", arXiv 2502.06049, Sec. 2 (Memory's docstring has the
+equations); the official code, github.com/convergence-ai/lm2; HF transformers' `modeling_llama.py` for the decoder
+(checked module by module in test_parity.py).
 
 Departures from the official code, and choices where the paper is silent
-1. Any sequence length and batch size. The official module resamples the token stream to N rows and raises
-   unless T == N (2048). Here each slot i attends over the tokens of a finished segment with the read score
-   normalised over tokens instead of slots, giving a slot-indexed view E~_i that takes the place of E and E_mem
-   in the update (Memory's docstring has the formulas).
-2. The output gate is the paper's; the official code has none and adds the memory output ungated.
-3. Memory is per sequence: each sequence starts from the learned initial bank M_0 (identity-initialised as
-   in the paper) and the bank is carried from segment to segment, never across batches as the official code
-   does. A token reads the bank written by earlier completed segments only, never by itself or later tokens.
-   Truncated BPTT: every `bptt_segments` segments the carried state (banks and the attention keys/values
-   kept from earlier segments, as Transformer-XL's stop-gradient) is detached; values are unchanged.
-4. Pretrained start: W_V starts at zero, so a fresh LM2 computes exactly its base checkpoint, and the forget
-   gate's bias starts at 3, not the official 1 (Memory.reset_parameters says why).
+1. Any sequence length and batch size. The official module resamples the token stream to N rows and raises unless
+   T == N (2048); here each slot attends over the tokens of a finished segment, the read score normalised over
+   tokens instead of slots (departure 1 in Memory's docstring).
+2. The output gate is the paper's; the official code adds the memory output ungated.
+3. Memory is per sequence: each starts from the learned bank M_0 (identity-initialised, as in the paper), carried
+   from segment to segment, never across batches; a token reads what earlier segments wrote, never itself or later
+   tokens. Every `bptt_segments` segments the carried state (banks and kept keys/values) is detached: truncated BPTT.
+4. Pretrained start: W_V starts at zero, so a fresh LM2 computes exactly its base checkpoint, and the forget gate's
+   bias starts at 3, not the official 1 (Memory.reset_parameters says why).
 5. Optional `attn_window` (sliding window, as HF Mistral) so that, in experiments, only the memory can carry
    information further back than n_layers * (attn_window - 1) tokens.
 Blocks marked `# Same as smollm2.py: NAME` (or llama31.py) are that file's, word for word; cli.py runs the CLI.
@@ -31,8 +27,7 @@ Run: python lm2.py --prompt "The capital of France is"   (add --chat for instruc
 import json
 import math
 import re
-import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -81,9 +76,9 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
-        """From a HF Llama config.json (see llama_fields); its "lm2" entry (written by to_hf_config) holds the memory
-        settings, checked as config_get checks the rest."""
-        fields_, rope = llama_fields(cfg)
+        """From a HF Llama config.json (see llama_fields); its "lm2" entry, which to_hf_config writes, holds the
+        memory settings, each checked as config_get checks the rest."""
+        fields, rope = llama_fields(cfg)
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
             raise NotImplementedError(f"rope type {rope_type!r} is not implemented (only default and llama3)")
@@ -92,23 +87,23 @@ class ModelArgs:
             rope_low_freq_factor=config_get(rope, "low_freq_factor", float),
             rope_high_freq_factor=config_get(rope, "high_freq_factor", float),
             rope_original_context=config_get(rope, "original_max_position_embeddings"))
-        memory = config_get(cfg, "lm2", dict, {})
-        if unknown := memory.keys() - {f.name for f in fields(cls) if f.name.startswith(MEMORY_FIELDS)}:
+        memory = dict(config_get(cfg, "lm2", dict, {}))
+        if unknown := memory.keys() - set(MEMORY_FIELDS):
             raise ValueError(f"lm2 has unknown entries {sorted(unknown)}")
-        memory = {k: None if v is None and k in ("mem_layers", "bptt_segments", "attn_window") else config_get(
-            memory, k, tuple if k == "mem_layers" else int) for k, v in memory.items()}
-        return cls(**fields_, **llama3, head_dim=config_get(cfg, "head_dim", int, fields_["dim"] // fields_["n_heads"]),
+        for k, v in memory.items():  # None means all blocks, no truncation, no window where a field allows it
+            if v is not None or k not in ("mem_layers", "bptt_segments", "attn_window"):
+                memory[k] = config_get(memory, k, tuple if k == "mem_layers" else int)
+        return cls(**fields, **llama3, head_dim=config_get(cfg, "head_dim", int, fields["dim"] // fields["n_heads"]),
                    bos_token_id=config_get(cfg, "bos_token_id", int, 1, low=0), **memory)
 
     def to_hf_config(self) -> dict:
         """config.json for HF `LlamaForCausalLM` (the base model) with the memory settings under "lm2"."""
-        lm2 = {f.name: getattr(self, f.name) for f in fields(self) if f.name.startswith(MEMORY_FIELDS)}
         rope_scaling = None if self.rope_factor is None else {  # the llama3 entry of HF's config, as llama31.py
             "rope_type": "llama3", "factor": self.rope_factor, "low_freq_factor": self.rope_low_freq_factor,
             "high_freq_factor": self.rope_high_freq_factor,
             "original_max_position_embeddings": self.rope_original_context}
-        return {**llama_config(self), "rope_scaling": rope_scaling, "bos_token_id": self.bos_token_id,
-                "lm2": {k: list(v) if isinstance(v, tuple) else v for k, v in lm2.items()}}
+        lm2 = {f: list(v) if isinstance(v := getattr(self, f), tuple) else v for f in MEMORY_FIELDS}
+        return {**llama_config(self), "rope_scaling": rope_scaling, "bos_token_id": self.bos_token_id, "lm2": lm2}
 
     def __post_init__(self):  # JSON gives lists; keep tuples so configs compare equal after a round trip
         self.stop_tokens = tuple(self.stop_tokens)
@@ -118,7 +113,7 @@ class ModelArgs:
         return list(range(self.n_layers)) if self.mem_layers is None else sorted(self.mem_layers)
 
 
-MEMORY_FIELDS = ("mem_", "segment", "bptt", "attn")  # ModelArgs' memory settings: config.json's "lm2" entry
+MEMORY_FIELDS = ("mem_slots", "mem_heads", "mem_layers", "segment_len", "bptt_segments", "attn_window")  # "lm2"
 LLAMA32 = dict(vocab_size=128256, rope_theta=500000.0, max_seq_len=131072, bos_token_id=128000,
                stop_tokens=(128001, 128008, 128009), rope_factor=32.0)  # llama3 RoPE scaling of Llama 3.2
 PRESETS = {  # defaults only: from_pretrained always reads the checkpoint's own config.json
@@ -132,28 +127,35 @@ PRESETS = {  # defaults only: from_pretrained always reads the checkpoint's own 
 
 # Same as smollm2.py: config_get
 def config_get(cfg: dict, key: str, kind=int, default=..., low=None):
-    """cfg[key] of a config.json (default where absent or null; none: required) if it is what its field needs: an int
-    below 2^62 (not a bool, "64" or 2.5) or a finite float, > 0 or >= low; a bool or a dict; ids (an int >= 0 or a
-    list of them, as a tuple). Else a ValueError naming the key: a config that would build a wrong model stops here."""
+    """config.json's cfg[key] if it fits a field of `kind`, else a ValueError naming the key; `default` where the key
+    is absent or null (no default: required). A config that would build a wrong model stops here."""
     if not isinstance(cfg, dict):
         raise ValueError(f"a config is a JSON object, not a {type(cfg).__name__}")
-    if (value := cfg.get(key)) is None and default is not ...:
+    value = cfg.get(key)
+    if value is None and default is ...:
+        raise ValueError(f"no {key!r} entry: it is not a checkpoint this file reads")
+    if value is None:
         return default
-    ids = value if isinstance(value, list) else [value]
-    ok = {int: type(value) is int and value < 2**62, float: type(value) in (int, float) and math.isfinite(value),
-          bool: type(value) is bool, dict: type(value) is dict, tuple: all(type(i) is int and i >= 0 for i in ids)}
-    if not ok[kind] or kind in (int, float) and not (value > 0 if low is None else value >= low):
+    if kind is tuple:  # token ids: one int >= 0 or a list of them
+        value = tuple(value) if isinstance(value, list) else (value,)
+        ok = all(type(i) is int and i >= 0 for i in value)
+    elif kind is float:
+        ok = type(value) in (int, float) and math.isfinite(value) and (value > 0 if low is None else value >= low)
+    elif kind is int:  # true, "64" and 2.5 are not ints
+        ok = type(value) is int and (value > 0 if low is None else value >= low) and value < 2**62
+    else:
+        ok = type(value) is kind  # bool, dict
+    if not ok:
         lo = "> 0" if low is None else f">= {low}"
         want = {int: f"an integer {lo}, < 2^62", float: f"a finite number {lo}", bool: "true or false",
                 dict: "an object", tuple: "an id >= 0 or a list of them"}[kind]
-        raise ValueError(f"no {key!r} entry: it is not a checkpoint this file reads" if value is None else
-                         f"{key} must be {want}, got {value!r:.60}")
-    return tuple(ids) if kind is tuple else float(value) if kind is float else value
+        raise ValueError(f"{key} must be {want}, got {value!r:.60}")
+    return float(value) if kind is float else value
 
 
 # Same as smollm2.py: llama_fields
 def llama_fields(cfg: dict) -> tuple[dict, dict]:
-    """The ModelArgs fields that every Llama-architecture config.json gives, each checked by config_get (a key it lacks
+    """The ModelArgs fields every Llama-architecture config.json gives, each checked by config_get (a key it lacks
     takes transformers' LlamaConfig default), and the RoPE settings -> (fields, rope)."""
     dim, n_heads = config_get(cfg, "hidden_size"), config_get(cfg, "num_attention_heads")
     n_kv_heads = config_get(cfg, "num_key_value_heads", int, n_heads)
@@ -222,8 +224,7 @@ def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
 
 # Same as smollm2.py: rope_cos_sin
 def rope_cos_sin(inv_freq, pos, dtype):
-    """pos (B, T) -> cos, sin (B, 1, T, head_dim), angles in fp32 then cast, as HF LlamaRotaryEmbedding. Computed for
-    the positions in use at each forward: a table up to the context length would be sized by config.json alone."""
+    """pos (B, T) -> cos, sin (B, 1, T, head_dim), fp32 angles then cast, as HF, for the positions in use only."""
     freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
     # rotate-half layout: frequency i drives dimensions i and i + hd/2 (HF's convention, not the interleaved
     # pairs 2i, 2i+1 of the RoPE paper and Meta's code); HF checkpoints' q/k rows are laid out for this
@@ -239,9 +240,8 @@ def apply_rope(x, cos, sin):
 
 
 def attention_mask(q_idx, k_idx, window=None, docs=None):
-    """Boolean (B|1, 1, Tq, Tk) mask: causal, within the sliding window, same document. Indices are row
-    positions (not RoPE positions, which restart per document); docs (B, Tk): the keys' documents, the queries
-    being the last Tq keys."""
+    """Boolean (B|1, 1, Tq, Tk) mask: causal, within the sliding window, same document. Indices are row positions (not
+    RoPE positions, which restart per document); docs (B, Tk): the keys' documents, the queries the last Tq keys'."""
     m = k_idx[None, :] <= q_idx[:, None]
     if window is not None:
         m = m & (k_idx[None, :] > q_idx[:, None] - window)
@@ -263,8 +263,7 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, k, v):
-        """Write k, v (B, n_kv_heads, T, hd) into slots input_pos (T,); return slots 0..input_pos[-1], the
-        filled part (views, no copy): attention then costs what the sequence so far costs."""
+        """Write k, v (B, n_kv_heads, T, hd) into slots input_pos (T,); return the filled slots 0..input_pos[-1]."""
         self.k[:, :, input_pos] = k
         self.v[:, :, input_pos] = v
         end = int(input_pos[-1]) + 1
@@ -272,9 +271,9 @@ class KVCache(nn.Module):
 
 
 class MemoryCache(nn.Module):
-    """Decoding state of one memory block: the bank as of the last completed segment with its keys and
-    values (projected once per segment, not once per token: they are most of the read's cost), and the
-    normed inputs of the segment in progress (the write needs all of them once the segment completes)."""
+    """Decoding state of one memory block: the bank of the last completed segment with its keys and values (projected
+    once per segment, not per token: most of a read's cost), and the normed inputs of the segment in progress."""
+
     def __init__(self, state, segment_len):
         super().__init__()
         for name, t in zip(("bank", "k", "v"), state):
@@ -304,8 +303,7 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, past=None, input_pos=None):
-        """past: (k, v) kept from earlier segments (segment-wise forward); input_pos: decoding with the cache.
-        Returns the output and the keys/values the next segment may attend to."""
+        """past: (k, v) kept from earlier segments; input_pos: decoding with the cache. -> (output, keys/values)"""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -369,14 +367,13 @@ class Memory(nn.Module):
     def reset_parameters(self):
         for lin in (self.q_proj, self.k_proj, self.out_gate, self.in_gate, self.forget_gate):
             nn.init.normal_(lin.weight, std=0.02)  # HF Llama initializer_range
-        # subtle: W_V = 0 makes E_mem = 0 exactly, so a fresh LM2 on a pretrained checkpoint *is* that
-        # checkpoint, while sigmoid(0) = 1/2 keeps the gradient into W_V alive (as LoRA's zero B matrix).
-        # Closing the output gate instead (a large negative bias) is only approximately zero and starves
-        # its own gradient; zeroing W_out leaves the gate at 1/2, not 0.
+        # subtle: W_V = 0 makes E_mem = 0 exactly, so a fresh LM2 on a pretrained checkpoint *is* that checkpoint,
+        # while sigmoid(0) = 1/2 keeps the gradient into W_V alive (as LoRA's zero B). A closed output gate (a large
+        # negative bias) is only about zero and starves its own gradient; a zero W_out leaves the gate at 1/2.
         nn.init.zeros_(self.v_proj.weight)
         nn.init.zeros_(self.in_gate.bias)
-        # chrono-style forget bias (Tallec & Ollivier 2018): sigmoid(3) = 0.95 keeps a fact for ~20 segments
-        # at the start, where the official 1.0 (0.73) halves it every two segments
+        # chrono-style forget bias (Tallec & Ollivier 2018): sigmoid(3) = 0.95 keeps a fact ~20 segments at the start,
+        # where the official 1.0 (0.73) halves it every two segments
         nn.init.constant_(self.forget_gate.bias, 3.0)
         nn.init.eye_(self.bank)  # paper: identity initialisation (rows beyond d, if N > d, start at zero)
 
@@ -394,8 +391,8 @@ class Memory(nn.Module):
         return self.state(self.bank.expand(batch_size, -1, -1))
 
     def read(self, h, state, fresh=None):
-        """Gated memory output (B, T, d). fresh (B, T): tokens whose document began after the state's bank
-        was written read the initial bank instead (packed training rows)."""
+        """Gated memory output (B, T, d); fresh (B, T): tokens of a document begun after the bank was written (packed
+        rows) read the initial bank."""
         q = self._heads(self.q_proj(h))
 
         def attend(k, v):
@@ -408,21 +405,19 @@ class Memory(nn.Module):
         return out
 
     def write(self, h, state, token_mask=None, fresh=None):
-        """State after a segment whose normed inputs are h (B, T, d). token_mask (B, T): the tokens that may
-        be written (the document that continues); fresh (B,): that document began in this segment."""
+        """State after a segment whose normed inputs are h (B, T, d); token_mask (B, T): the tokens that may be
+        written (the document that continues); fresh (B,): that document began in this segment."""
         if fresh is not None:
             state = [torch.where(fresh.view(-1, *[1] * (t.dim() - 1)), t0, t)
                      for t0, t in zip(self.initial_state(h.shape[0]), state)]
         mem, k = state[0], state[1]
         mask = None if token_mask is None else token_mask[:, None, None, :]  # (B, 1, 1, T)
-        # the read's score with the roles swapped: slots are the queries, softmax runs over tokens
+        # the read's score with the roles swapped: slots are the queries, softmax runs over tokens; e (B, N, d) is E~
         e = self._merge(F.scaled_dot_product_attention(k, self._heads(self.q_proj(h)), self._heads(h), attn_mask=mask))
-        # e: (B, N, d) = E~
         return self.state(torch.sigmoid(self.in_gate(e)) * torch.tanh(e) + torch.sigmoid(self.forget_gate(e)) * mem)
 
 
-# Differs from smollm2.py's Block: the memory read joins beside attention, and the normed input is returned for the
-# memory write
+# Differs from smollm2.py's Block: the memory read joins beside attention; the normed input goes to the memory write
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, has_memory: bool):
         super().__init__()
@@ -477,20 +472,17 @@ class LM2(nn.Module):
                 layer.memory.reset_parameters()
 
     def lora_train_whole(self) -> str:
-        """finetune.py's hook for --mode lora: parameters whose name contains this train in full, without adapters.
-        The memory is new (randomly initialised on a pretrained Llama): there is no pretrained weight to adapt."""
+        """finetune.py's hook for --mode lora: the memory trains in full, without adapters (it has no pretrained
+        weight to adapt)."""
         return ".memory."
 
     def logits(self, x):
-        x = self.model.norm(x)
-        return self.lm_head(x)
+        return self.lm_head(self.model.norm(x))
 
     def forward(self, tokens, doc_ids=None):
-        """tokens (B, T) -> logits (B, T, vocab). The sequence is processed segment by segment: within a
-        segment, blocks read the bank left by earlier segments; after it, each bank is written from it.
-        doc_ids (B, T): packed documents; attention, RoPE positions and memory never cross a boundary.
-        The segment grid is the row's, so a packed document equals its own run when it starts on a
-        segment boundary (a document starting mid-segment starts from M_0 but on a shifted grid)."""
+        """tokens (B, T) -> logits (B, T, vocab), segment by segment: within a segment, blocks read the banks left by
+        earlier segments; after it, each bank is written from it. doc_ids (B, T): packed documents, which attention,
+        RoPE positions and memory never cross (one starting mid-segment starts from M_0, on a shifted grid)."""
         B, T = tokens.shape
         a, layers, S = self.args, self.model.layers, self.args.segment_len
         idx = torch.arange(T, device=tokens.device)
@@ -503,17 +495,16 @@ class LM2(nn.Module):
             doc_ids = start.cumsum(1)  # subtle: runs, not raw ids, so a reused id in one row is still a new document
         x = self.model.embed_tokens(tokens)  # (B, T, d)
         cos, sin = rope_cos_sin(self.inv_freq.to(x.device), pos, x.dtype)  # (B, 1, T, hd)
-        # Per block, the state carried from segment to segment: `past`, the keys/values later queries may
-        # still attend to (all of them without a window: then segmenting changes no value, only the order
-        # of work), and `mems`, the memory state (bank, K, V) left by the previous segment.
+        # per block, carried from segment to segment: `past`, the keys/values later queries may still attend to (all
+        # of them without a window: segmenting then changes no value), and `mems`, the memory state (bank, K, V)
         past = [None] * len(layers)
         mems = [l.memory.initial_state(B) if l.memory is not None else None for l in layers]
         k0, outs = 0, []  # k0: row index of the oldest key kept in `past`
         for s0 in range(0, T, S):
             s1 = min(s0 + S, T)
-            if a.bptt_segments and s0 and (s0 // S) % a.bptt_segments == 0:  # truncated BPTT: no gradient
-                mems = [m if m is None else tuple(t.detach() for t in m) for m in mems]  # crosses it, neither
-                past = [(k.detach(), v.detach()) for k, v in past]  # through the banks nor the kept keys
+            if a.bptt_segments and s0 and (s0 // S) % a.bptt_segments == 0:  # truncated BPTT: no gradient crosses
+                mems = [m if m is None else tuple(t.detach() for t in m) for m in mems]
+                past = [(k.detach(), v.detach()) for k, v in past]
             # explicit mask, not is_causal: the queries are the last s1 - s0 rows of s1 - k0 keys
             mask = attention_mask(idx[s0:s1], idx[k0:s1], a.attn_window, None if doc_ids is None else doc_ids[:, k0:s1])
             read_fresh = write_mask = write_fresh = None
@@ -534,13 +525,13 @@ class LM2(nn.Module):
         return self.logits(torch.cat(outs, dim=1))
 
     def setup_cache(self, batch_size: int, max_seq_len: int):
-        """Generation only (training never allocates one): KV buffers, and every bank reset to M_0."""
+        """Generation only: KV buffers, and every bank at M_0 (a segment in progress never holds more than the request,
+        whatever config.json's segment_len)."""
         p = self.lm_head.weight
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
                                             p.dtype, p.device)
             if layer.memory is not None:
-                # a segment in progress never holds more than the request: segment_len alone (config.json's) may not
                 layer.mem_cache = MemoryCache(layer.memory.initial_state(batch_size),
                                               min(self.args.segment_len, max_seq_len))
 
@@ -549,12 +540,9 @@ class LM2(nn.Module):
             layer.self_attn.cache = layer.mem_cache = None
 
     def forward_cached(self, tokens, input_pos, pad=None):
-        """Run tokens (B, T) in cache slots input_pos (T,); return the last position's logits (B, vocab).
-
-        Unlike the other model files, rows are never padded (pad must be None): each row's segment grid starts at
-        its first token (see generate). A chunk stays inside one segment; when it completes the segment, every
-        bank is written from the segment's stored inputs, so the next token reads it (forward's schedule).
-        """
+        """Run tokens (B, T) in cache slots input_pos (T,); return the last position's logits (B, vocab). Rows are never
+        padded: each row's segment grid starts at its first token (see generate). A chunk stays inside one segment;
+        the chunk that completes it writes every bank, which the next token reads (forward's schedule)."""
         if pad is not None and bool(pad.any()):
             raise ValueError("LM2 rows are not left-padded: the memory's segments start at each row's first token")
         S, T, end = self.args.segment_len, tokens.size(1), int(input_pos[-1]) + 1
@@ -574,18 +562,16 @@ class LM2(nn.Module):
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, device=None, dtype=None, **memory_args) -> "LM2":
-        """A HF Llama-family checkpoint folder (config.json + safetensors) on device (None: cpu), in dtype (None: as
-        stored), each file checked before it is used (see Loading). Memory weights come from the checkpoint if an
-        LM2 saved it (config.json has "lm2"), else they start fresh; memory_args (mem_slots=..., segment_len=...)
-        override the memory settings."""
+        """A HF Llama-family checkpoint folder on device (None: cpu), in dtype (None: as stored), each file checked
+        before it is used (see Loading). Memory weights come from the checkpoint if an LM2 saved it (config.json has
+        "lm2"), else they start fresh; memory_args (mem_slots=..., segment_len=...) override its settings."""
         ckpt_dir = Path(ckpt_dir)
         args = replace(read_config(ckpt_dir), **memory_args)
         fresh = "lm2" not in read_json(ckpt_dir / "config.json")  # a base Llama checkpoint: no memory yet
-        header = read_header(ckpt_dir, layers=args.n_layers)
+        header = read_header(ckpt_dir)
         header.pop("model.rotary_emb.inv_freq", None)  # old HF checkpoints saved this derived buffer
-        model = build(cls, args, ckpt_dir)  # shapes only (init_weights is a no-op on meta tensors): no second copy
-        absent = [k for k in model.state_dict() if fresh and ".memory." in k]  # a base Llama has no memory
-        state = load_weights(model, header, ckpt_dir, device or "cpu", dtype, absent)
+        model, state = build(cls, args, header, ckpt_dir, device or "cpu", dtype, ".memory." if fresh else "",
+                             layers=args.n_layers)
         # fresh memory weights are made here, on the weights' device and dtype, so the load below stays strict
         w = state["model.embed_tokens.weight"]
         for i, layer in enumerate(model.model.layers):
@@ -603,16 +589,14 @@ class LM2(nn.Module):
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0, stop_tokens=None,
                  seed=None, stream=None):
-        """New tokens for each prompt (stop token excluded). All rows share one position counter: rows with
-        longer prompts are fed their own prompt tokens while shorter ones already generate (Llama 1's
-        reference scheme), so every row runs on its own segment grid from position 0, exactly as alone.
-        stream(row, token) is called for every new token."""
+        """New tokens for each prompt (stop token excluded); stream(row, token) is called for every new token. All rows
+        share one position counter: a longer prompt's row is still fed its prompt while shorter ones generate (Llama
+        1's reference scheme), so every row runs on its own segment grid from position 0, exactly as alone."""
         longest = check_generate(prompts, max_new_tokens, self.args, temperature, top_k, top_p)
         stop = set(self.args.stop_tokens if stop_tokens is None else stop_tokens)
         B, lens, total = len(prompts), [len(p) for p in prompts], longest + max_new_tokens
         device = self.lm_head.weight.device
-        # subtle: no left padding (as smollm2.py does) because the memory's segment grid must start at each
-        # row's first token; a row's not-yet-fed prompt tokens sit in `tokens` and overwrite the samples
+        # subtle: no left padding; a row still in its prompt is fed its own next token, and its sample is ignored
         tokens = torch.tensor([list(p) + [0] * (total - len(p)) for p in prompts], device=device)
         rng = torch.Generator(device).manual_seed(seed) if seed is not None else None
         out, done = [[] for _ in range(B)], [False] * B
@@ -666,11 +650,12 @@ def read_json(path) -> dict:
 def read_config(ckpt_dir: Path) -> ModelArgs:
     """ModelArgs from config.json, stopping where generation_config.json's eos ids say (as HF generate does)."""
     path, gen = ckpt_dir / "config.json", ckpt_dir / "generation_config.json"
+    if ckpt_dir.is_file():
+        raise FileNotFoundError(f"{ckpt_dir} is a file: give the checkpoint's folder")
     if not path.is_file():
-        fix = f"Meta's original format: convert it once with `python download.py --meta_dir {ckpt_dir}`" \
-            if (ckpt_dir / "params.json").is_file() else FETCH
-        raise FileNotFoundError(f"{ckpt_dir} is a file: give the checkpoint's folder" if ckpt_dir.is_file() else
-                                f"no checkpoint at {ckpt_dir} (no config.json): {fix}")
+        meta = f"Meta's original format: convert it once with `python download.py --meta_dir {ckpt_dir}`"
+        raise FileNotFoundError(f"no checkpoint at {ckpt_dir} (no config.json): "
+                                + (meta if (ckpt_dir / "params.json").is_file() else FETCH))
     cfg, gen_cfg = read_json(path), read_json(gen) if gen.is_file() else {}
     try:
         args = ModelArgs.from_hf_config(cfg)
@@ -680,22 +665,9 @@ def read_config(ckpt_dir: Path) -> ModelArgs:
     return args
 
 
-# Same as smollm2.py: build
-def build(cls, args, ckpt_dir: Path):
-    """cls(args) on the meta device: shapes only, no memory (the checkpoint's tensors become its weights). A config
-    whose shapes torch cannot hold (an element count beyond int64) is a ValueError."""
-    try:
-        with torch.device("meta"):
-            return cls(args)
-    except (RuntimeError, TypeError, OverflowError) as e:
-        raise ValueError(f"{ckpt_dir}/config.json gives shapes torch cannot build ({type(e).__name__})") from None
-
-
 # Same as smollm2.py: read_header
-def read_header(ckpt_dir: Path, **counts: int) -> dict:
-    """{name: (file, dtype, shape)} of the tensors in model.safetensors or in the shards its index lists, from the
-    headers alone. counts (layers=30): modules config.json asks for, which the weights must hold before the model is
-    built (a time per module: 10^6 layers over 30 weights' would take minutes)."""
+def read_header(ckpt_dir: Path) -> dict:
+    """{name: (file, dtype, shape)} of the tensors in model.safetensors or its shards, from the headers alone."""
     from safetensors import SafetensorError, safe_open
 
     index = ckpt_dir / "model.safetensors.index.json"
@@ -711,21 +683,27 @@ def read_header(ckpt_dir: Path, **counts: int) -> dict:
             raise FileNotFoundError(f"{f} is missing: the download is incomplete; fetch the checkpoint again") from None
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{f} is truncated or corrupt ({e}); download it again") from None
-    for name, n in counts.items():
-        if n > len(held := {m[1] for k in header if (m := re.search(rf"\.{name}\.(\d+)\.", k))}):
-            raise ValueError(f"{ckpt_dir}/config.json asks for {n} {name} but the weights hold {len(held)}")
     return header
 
 
-# Same as smollm2.py: load_weights
-def load_weights(model, header: dict, ckpt_dir: Path, device, dtype, absent=()) -> dict:
-    """The model's state dict, memory-mapped onto device in dtype (None: as stored), once the header holds exactly its
-    names (but `absent`, which the caller adds, and a tied head), shapes and float dtypes (an int label on float bytes
-    would load as garbage)."""
+# Same as smollm2.py: build
+def build(cls, args, header: dict, ckpt_dir: Path, device, dtype, absent="", **counts: int):
+    """(cls(args) on the meta device, its state dict memory-mapped onto device in dtype (None: as stored)), once the
+    header holds the modules config.json asks for (counts, e.g. layers=30: 10^6 layers take minutes to build), then
+    the model's names (but a tied head and those containing `absent`, which the caller adds), shapes, float dtypes."""
     from safetensors import safe_open
 
-    tied = {"lm_head.weight"} if model.args.tie_embeddings else set()  # the embedding is the head
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied | set(absent)}
+    for name, n in counts.items():
+        held = {m[1] for k in header if (m := re.search(rf"\.{name}\.(\d+)\.", k))}  # the N of each ".layers.N."
+        if n > len(held):
+            raise ValueError(f"{ckpt_dir}/config.json asks for {n} {name} but the weights hold {len(held)}")
+    try:
+        with torch.device("meta"):  # shapes only: the checkpoint's tensors become the weights, one copy in memory
+            model = cls(args)
+    except (RuntimeError, TypeError, OverflowError) as e:  # an element count beyond int64
+        raise ValueError(f"{ckpt_dir}/config.json gives shapes torch cannot build ({type(e).__name__})") from None
+    tied = {"lm_head.weight"} if args.tie_embeddings else set()  # the embedding is the head
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied and not (absent and absent in k)}
     have = {k: v for k, v in header.items() if k not in tied}
     wrong = [f"{k} is missing" for k in want.keys() - have.keys()] + [f"{k} is extra" for k in have.keys() - want]
     for k, (_, kind, shape) in have.items():
@@ -739,7 +717,7 @@ def load_weights(model, header: dict, ckpt_dir: Path, device, dtype, absent=()) 
     for f in sorted({file for file, _, _ in have.values()}):
         with safe_open(f, "pt") as st:  # .to() returns the mapped tensor itself where device and dtype are its own
             state |= {k: st.get_tensor(k).to(device=device, dtype=dtype) for k in st.keys() if k in want}
-    return state | ({"lm_head.weight": state["model.embed_tokens.weight"]} if tied else {})
+    return model, state | ({"lm_head.weight": state["model.embed_tokens.weight"]} if tied else {})
 
 # -----------------------------------------------------------------------------
 # Sampling
@@ -747,12 +725,11 @@ def load_weights(model, header: dict, ckpt_dir: Path, device, dtype, absent=()) 
 
 # Same as smollm2.py: check_generate
 def check_generate(prompts, max_new_tokens, args: ModelArgs, temperature, top_k, top_p) -> int:
-    """generate()'s arguments, checked before any work -> the longest prompt's length; else a ValueError naming the
-    problem. Every sampling setting accepted here samples (a temperature too small for float32 is greedy)."""
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
-    if not 0 < top_p <= 1 or top_k is not None and top_k < 1:
-        raise ValueError(f"top_p must be in (0, 1] and top_k >= 1, got top_p {top_p}, top_k {top_k}")
+    """generate()'s arguments checked before any work -> the longest prompt's length, else a ValueError. Every setting
+    accepted here samples (a temperature too small for float32 is greedy)."""
+    if not (math.isfinite(temperature) and temperature >= 0 and 0 < top_p <= 1 and (top_k is None or top_k >= 1)):
+        raise ValueError(f"need temperature >= 0 (0 is greedy), top_p in (0, 1] and top_k >= 1; got temperature "
+                         f"{temperature}, top_p {top_p}, top_k {top_k}")
     if max_new_tokens < 1 or not prompts or not all(prompts):
         raise ValueError("need max_new_tokens >= 1 and at least one token in every prompt")
     if not all(0 <= t < args.vocab_size for p in prompts for t in p):
@@ -765,22 +742,19 @@ def check_generate(prompts, max_new_tokens, args: ModelArgs, temperature, top_k,
 
 # Same as smollm2.py: logits_to_probs
 def logits_to_probs(logits, temperature: float, top_k: int | None = None, top_p: float = 1.0):
-    """logits (B, vocab) -> sampling distribution (B, vocab): temperature, then top-k, then top-p, as HF's
-    TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper apply them (tests compare every file's)."""
+    """logits (B, vocab) -> sampling distribution (B, vocab): temperature, top-k, then top-p, as HF's warpers."""
     scaled = logits.float() / temperature
     if not scaled.isfinite().all():
         # subtle: a temperature too small for float32 (1e-40) overflows the division, and softmax(inf - inf) is NaN;
         # the distribution it tends to is greedy's, all mass on the largest logit
         return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
-    logits = scaled
     if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1) k-th largest logit
-        logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th stay, as in HF
-    probs = torch.softmax(logits, dim=-1)
+        kth = torch.topk(scaled, min(top_k, scaled.size(-1))).values[:, -1:]  # (B, 1) k-th largest logit
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))  # ties with the k-th stay, as in HF
+    probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:
-        # keep the smallest set of most likely tokens whose mass reaches top_p: drop a token only when the mass
-        # before it already reaches top_p, so the token that crosses the boundary stays (HF's TopP, min 1 token;
-        # the first always stays, also where top_p is below float32's range and the comparison sees 0)
+        # keep the most likely tokens until their mass reaches top_p, the token that crosses it included (HF's TopP);
+        # the first always stays, also where top_p is below float32's range and the comparison sees 0
         sorted_p, order = probs.sort(dim=-1, descending=True)
         outside = sorted_p.cumsum(dim=-1) - sorted_p >= top_p
         outside[:, 0] = False
@@ -791,8 +765,7 @@ def logits_to_probs(logits, temperature: float, top_k: int | None = None, top_p:
 
 # Same as smollm2.py: sample
 def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
-    """logits (B, vocab) -> next token ids (B,): greedy at temperature 0, else one draw from the filtered
-    distribution with `generator` (a seeded torch.Generator makes runs repeat)."""
+    """logits (B, vocab) -> next ids (B,): greedy at temperature 0, else a draw with `generator` (seeded: repeats)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     return torch.multinomial(logits_to_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
@@ -804,9 +777,8 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
 # Same as smollm2.py: encode_chat
 def encode_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
                 default_system: str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"):
-    """The conversation's ids as the checkpoint's HF chat template gives them (tokenizer_bpe.apply_chat_template picks
-    ChatML or Llama 3 by the tokenizer's special tokens), with SmolLM2-Instruct's default system prompt first when a
-    ChatML conversation has none."""
+    """The conversation's ids as the checkpoint's HF chat template gives them (ChatML or Llama 3, by the tokenizer's
+    special tokens), with SmolLM2-Instruct's default system prompt first where a ChatML conversation has none."""
     return apply_chat_template(tokenizer, messages, add_generation_prompt, default_system=default_system)
 
 # -----------------------------------------------------------------------------

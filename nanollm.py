@@ -1,28 +1,20 @@
 """nanollm.py: a small DeepSeek-V3-style language model in one file, after nano-llm (asoloveii/nano-llm, 327M). What
-it adds to smollm2.py: Multi-head Latent Attention and a mixture of experts, trained from scratch here.
-
-Multi-head Latent Attention (MLA) in every block, a SwiGLU MLP in most blocks and a DeepSeekMoE layer (shared
-experts plus top-k routed experts) in the others. Module names follow HF `DeepseekV3ForCausalLM`, so
-`model.state_dict()` is that safetensors layout: our checkpoints (trained from scratch with finetune.py and the
-tokenizer from tokenizer_bpe.py) load in transformers, and DeepseekV3-architecture checkpoints load here.
+it adds to smollm2.py: Multi-head Latent Attention (MLA) in every block, and a DeepSeekMoE layer (shared experts plus
+top-k routed experts) in place of the MLP in some, trained from scratch here. Module names follow HF
+`DeepseekV3ForCausalLM`, so our checkpoints load in transformers and DeepseekV3-architecture checkpoints load here.
 
 References
 - DeepSeek-V2 (arXiv 2405.04434) §2.1: MLA: low-rank query and joint key-value compression, decoupled RoPE key
   shared by all heads, cache of the latent only, absorption of the up-projections for decoding.
 - DeepSeek-V3 (arXiv 2412.19437) §2.1.2: sigmoid affinities, a per-expert bias used for selection only and nudged
   after each step (auxiliary-loss-free balancing), sequence-wise balance loss (eqs. 17-20), group-limited routing.
-- deepseek-ai/DeepSeek-V3 `inference/model.py` (naive vs absorb MLA, Gate, MoE dispatch loop) and HF transformers
-  5.23 `models/deepseek_v3` (names, config, RoPE layouts; the parity reference in test_parity.py).
+- deepseek-ai/DeepSeek-V3 `inference/model.py` (naive vs absorb MLA, Gate, MoE) and HF transformers 5.23
+  `models/deepseek_v3` (names, config, RoPE layouts; the parity reference in test_parity.py).
 
-What this file does, as DeepSeek-V3 does and nano-llm's `src/model.py` does not:
-- the KV cache holds only the normalised KV latent and the shared RoPE key per token (MLACache), and decoding reads
-  it two ways (`model.absorb`: naive up-projects the cache, absorbed folds W_UK into the query and W_UV into the
-  output), both tested equal to recomputing the whole sequence;
-- the MoE runs each routed expert on its own tokens only (sorted by expert, added back with index_add);
-- load balancing: DeepSeek-V3's router bias, and its optional sequence-wise balance loss;
-- one 64-wide RoPE key shared by all heads, no biases, RMSNorm on both latents, shared experts summed.
-Departures from DeepSeek-V3: no multi-token-prediction module (its weights are skipped on load, as HF does), no FP8.
-Blocks marked `# Same as smollm2.py: NAME` are that file's, word for word; the command line is cli.py's.
+As in DeepSeek-V3, and not in nano-llm's `src/model.py`: the cache holds only the latent and the shared RoPE key
+(MLACache), read two ways (`model.absorb`, tested equal), and each routed expert runs on its own tokens only. Not
+here: multi-token prediction (its weights are skipped on load, as HF does) and FP8. Blocks marked
+`# Same as smollm2.py: NAME` are that file's, word for word; the command line is cli.py's.
 
 Run:  python benchmarks/pretrain_nanollm.py   (trains one in minutes on a CPU, then samples it with this file)
       python nanollm.py --ckpt_dir runs/pretrain_nanollm/model --prompt "def" --temperature 0
@@ -30,7 +22,6 @@ Run:  python benchmarks/pretrain_nanollm.py   (trains one in minutes on a CPU, t
 import json
 import math
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,9 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer_bpe import Tokenizer
-# encode_chat(tokenizer, messages, add_generation_prompt=True): the chat format, ChatML with no default system prompt,
-# since nanollm's chat models learn it from finetune.py's data, which has none
+# encode_chat(tokenizer, messages, add_generation_prompt=True): ChatML with no default system prompt, since nanollm's
+# chat models learn the format from finetune.py's data, which has none
 from tokenizer_bpe import apply_chat_template as encode_chat
 
 # -----------------------------------------------------------------------------
@@ -88,19 +78,20 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
-        """From a DeepseekV3 config.json, with transformers 5's `rope_parameters` or the Hub's `rope_theta` +
-        `rope_scaling`. A key it lacks keeps this class's default (transformers writes them all); a value of the
-        wrong kind, or shapes the router or MLA cannot run, is a ValueError naming the key."""
+        """From a DeepseekV3 config.json (transformers 5's `rope_parameters`, or `rope_theta` + `rope_scaling`). A key
+        it lacks keeps its default; a value of the wrong kind, or a MoE the router cannot run, is a ValueError."""
         if not isinstance(cfg, dict):
             raise ValueError(f"a config is a JSON object, not a {type(cfg).__name__}")
         if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias", False):
             raise NotImplementedError("only silu MLPs and bias-free attention, as in every DeepSeek-V3 checkpoint")
-        # HF writes null for "none": no query compression, no routed or shared experts, no expert groups
-        off = dict(q_lora_rank=0, n_routed_experts=0, n_shared_experts=0, n_expert_groups=1, n_limited_groups=1)
-        cfg = {**cfg, **{HF_KEYS[f]: v for f, v in off.items() if HF_KEYS[f] in cfg and cfg[HF_KEYS[f]] is None}}
-        zero_ok, required = {*off, "aux_loss_alpha"}, ("vocab_size", "dim", "n_layers", "n_heads")  # no default fits
-        kw = {f: config_get(cfg, key, type(getattr(cls, f)), ... if f in required else getattr(cls, f),
-                            0 if f in zero_ok else None) for f, key in HF_KEYS.items()}
+        # HF writes null for "none": no query compression, no routed or shared experts, one expert group
+        null = dict(q_lora_rank=0, n_routed_experts=0, n_shared_experts=0, n_expert_groups=1, n_limited_groups=1)
+        required, zero_ok = ("vocab_size", "dim", "n_layers", "n_heads"), ("q_lora_rank", "n_routed_experts",
+                                                                            "n_shared_experts", "aux_loss_alpha")
+        kw = {}
+        for f, key in HF_KEYS.items():  # each value checked as the kind of its field's default
+            default = null[f] if f in null and key in cfg else ... if f in required else getattr(cls, f)
+            kw[f] = config_get(cfg, key, type(getattr(cls, f)), default, 0 if f in zero_ok else None)
         rope = dict(config_get(cfg, "rope_parameters", dict, None) or config_get(cfg, "rope_scaling", dict, {}))
         kw["rope_theta"] = config_get(rope, "rope_theta", float, config_get(cfg, "rope_theta", float, 10000.0))
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
@@ -111,12 +102,12 @@ class ModelArgs:
                               mscale=float, mscale_all_dim=float, attention_factor=float, truncate=bool).items():
             config_get(rope, key, kind, None, low=0 if kind is float else None)  # what rope_frequencies reads
         kw["rope_scaling"] = None if rope_type == "default" else {"rope_type": rope_type, **rope}
-        # HF puts a MoE on every block from first_k_dense_replace on; DeepSeek's own modeling code also requires
-        # i % moe_layer_freq == 0; `moe_layers` is our key for layouts neither can express (see to_hf_config)
-        n, k = kw["n_layers"], config_get(cfg, "first_k_dense_replace", int, 3, low=0)
+        # a MoE on every block from first_k_dense_replace on where i % moe_layer_freq == 0 (HF, DeepSeek's code);
+        # `moe_layers`, our own key, for layouts neither can express (see to_hf_config)
+        n, first = kw["n_layers"], config_get(cfg, "first_k_dense_replace", int, 3, low=0)
         freq = config_get(cfg, "moe_layer_freq", int, 1)
         moe = config_get(cfg, "moe_layers", tuple, tuple(
-            i for i in range(n) if cfg.get("n_routed_experts") and i >= k and i % freq == 0))
+            i for i in range(n) if cfg.get("n_routed_experts") and i >= first and i % freq == 0))
         E, G, top_g = kw["n_routed_experts"], kw["n_expert_groups"], kw["n_limited_groups"]
         top_k = kw["n_activated_experts"]
         if moe and (max(moe) >= n or not E or E % G or top_g > G or G > 1 and E // G < 2 or top_k > E // G * top_g):
@@ -127,17 +118,15 @@ class ModelArgs:
         return cls(**kw, moe_layers=moe)
 
     def to_hf_config(self) -> dict:
-        """A config.json that both this file and transformers' DeepseekV3Config load. HF can only say "the first
-        k blocks are dense, all later ones MoE" (first_k_dense_replace); another pattern (nano-327m: blocks 3, 7,
-        11, 15, 19) is also written as `moe_layers`, which this file reads but transformers ignores: its
-        DeepseekV3ForCausalLM would put a MoE on every block from moe_layers[0] on, not matching the weights."""
+        """A config.json that this file and transformers' DeepseekV3Config load. HF can only say "the first k blocks
+        dense, the rest MoE"; another layout (nano-327m's) is also written as `moe_layers`, which HF ignores."""
         first_dense = self.moe_layers[0] if self.moe_layers else self.n_layers
         cfg = {key: getattr(self, field) for field, key in HF_KEYS.items()}
         cfg.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", hidden_act="silu",
                    attention_bias=False, num_key_value_heads=self.n_heads, first_k_dense_replace=first_dense,
                    q_lora_rank=self.q_lora_rank or None, num_nextn_predict_layers=0,  # no multi-token prediction
-                   rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default", **(self.rope_scaling or {})})
-        cfg["eos_token_id"] = list(self.stop_tokens) or None
+                   rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default", **(self.rope_scaling or {})},
+                   eos_token_id=list(self.stop_tokens) or None)
         if list(self.moe_layers) != list(range(first_dense, self.n_layers)):
             cfg["moe_layers"] = list(self.moe_layers)
         return cfg
@@ -155,11 +144,8 @@ HF_KEYS = dict(
     tie_embeddings="tie_word_embeddings", stop_tokens="eos_token_id")
 
 PRESETS = {
-    # nano-llm's config/nano_327m.yaml. Its rule `use_moe = i % 4 == 0` for blocks i = 1..20 puts MoE on 1-based
-    # blocks 4, 8, 12, 16, 20, i.e. 0-based 3, 7, 11, 15, 19 (the last block is a MoE). Top-1 routing with
-    # norm_topk_prob would give every token the weight exactly 1, so no gradient could reach the router: nano-llm
-    # weights the expert by its (unnormalised) score, and so do we. 316.19M parameters, 292.60M active per token
-    # (tests/test_nanollm.py checks the count against the formula)
+    # nano-llm's config/nano_327m.yaml: MoE on 1-based blocks 4, 8, ..., 20. Top-1 routing with norm_topk_prob would
+    # weigh every token's expert exactly 1, so no gradient would reach the router: nano-llm weighs by the raw score
     "nano-327m": dict(vocab_size=50304, dim=768, n_layers=20, n_heads=12, hidden_dim=3072,
                       moe_layers=(3, 7, 11, 15, 19), moe_hidden_dim=2048, n_shared_experts=2, n_routed_experts=2,
                       n_activated_experts=1, n_expert_groups=1, n_limited_groups=1, route_scale=1.0,
@@ -179,24 +165,30 @@ PRESETS = {
 
 # Same as smollm2.py: config_get
 def config_get(cfg: dict, key: str, kind=int, default=..., low=None):
-    """cfg[key] of a config.json (default where absent or null; none: required) if it is what its field needs: an int
-    below 2^62 (not a bool, "64" or 2.5) or a finite float, > 0 or >= low; a bool or a dict; ids (an int >= 0 or a
-    list of them, as a tuple). Else a ValueError naming the key: a config that would build a wrong model stops here."""
+    """config.json's cfg[key] if it fits a field of `kind`, else a ValueError naming the key; `default` where the key
+    is absent or null (no default: required). A config that would build a wrong model stops here."""
     if not isinstance(cfg, dict):
         raise ValueError(f"a config is a JSON object, not a {type(cfg).__name__}")
-    if (value := cfg.get(key)) is None and default is not ...:
+    value = cfg.get(key)
+    if value is None and default is ...:
+        raise ValueError(f"no {key!r} entry: it is not a checkpoint this file reads")
+    if value is None:
         return default
-    ids = value if isinstance(value, list) else [value]
-    ok = {int: type(value) is int and value < 2**62, float: type(value) in (int, float) and math.isfinite(value),
-          bool: type(value) is bool, dict: type(value) is dict, tuple: all(type(i) is int and i >= 0 for i in ids)}
-    if not ok[kind] or kind in (int, float) and not (value > 0 if low is None else value >= low):
+    if kind is tuple:  # token ids: one int >= 0 or a list of them
+        value = tuple(value) if isinstance(value, list) else (value,)
+        ok = all(type(i) is int and i >= 0 for i in value)
+    elif kind is float:
+        ok = type(value) in (int, float) and math.isfinite(value) and (value > 0 if low is None else value >= low)
+    elif kind is int:  # true, "64" and 2.5 are not ints
+        ok = type(value) is int and (value > 0 if low is None else value >= low) and value < 2**62
+    else:
+        ok = type(value) is kind  # bool, dict
+    if not ok:
         lo = "> 0" if low is None else f">= {low}"
         want = {int: f"an integer {lo}, < 2^62", float: f"a finite number {lo}", bool: "true or false",
                 dict: "an object", tuple: "an id >= 0 or a list of them"}[kind]
-        raise ValueError(f"no {key!r} entry: it is not a checkpoint this file reads" if value is None else
-                         f"{key} must be {want}, got {value!r:.60}")
-    return tuple(ids) if kind is tuple else float(value) if kind is float else value
-
+        raise ValueError(f"{key} must be {want}, got {value!r:.60}")
+    return float(value) if kind is float else value
 
 # -----------------------------------------------------------------------------
 # Building blocks
@@ -330,18 +322,19 @@ class MLA(nn.Module):
             # no mask = a plain causal forward; cached decoding and packed documents pass one (True = attend)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         else:
-            # q_nope . (W_UK c) = (W_UK^T q_nope) . c: fold W_UK into the query and apply W_UV after the weighted
-            # sum of latents, so per-head keys and values never exist (DeepSeek-V2 §2.1.2, DeepSeek's "absorb")
+            # absorbed, DeepSeek-V3's attn_impl="absorb" (DeepSeek-V2 §2.1.2): q_nope . (W_UK c) = (W_UK^T q_nope) . c,
+            # so the scores read the cached latents and RoPE keys as they are (every head the same ones), and W_UV
+            # is applied after the weighted sum of latents: per-head keys and values never exist. Scores and sum in
+            # fp32, as the softmax: half-precision products over the whole cache are slower on CPUs, and less exact
             w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)
-            q = torch.cat([torch.einsum("bhtd,hdc->bhtc", q_nope, w[:, :self.nope]), q_pe], dim=-1)
-            # every head now reads the same key (c_KV ++ k_pe) and value (c_KV): multi-query attention, so fold
-            # the heads into the query axis and attend once, without copying the latent per head
-            q, k = q.reshape(B, 1, H * T, -1), torch.cat([kv, k_pe], dim=-1)[:, None]  # (B, 1, H*T | S, rank + rope)
+            q_nope = torch.einsum("bhtd,hdc->bhtc", q_nope, w[:, :self.nope])  # (B, H, T, kv_lora_rank)
+            kv, k_pe = kv[:, None].float(), k_pe[:, None].float()  # (B, 1, S, *)
+            scores = q_nope.float() @ kv.transpose(-1, -2) + q_pe.float() @ k_pe.transpose(-1, -2)  # (B, H, T, S)
             if mask is None:
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None, None]
-            mask = mask[:, :, None].expand(-1, -1, H, -1, -1).flatten(2, 3)          # (B | 1, 1, H*T, S)
-            y = F.scaled_dot_product_attention(q, k, kv[:, None], attn_mask=mask, scale=self.scale)
-            y = torch.einsum("bhtc,hvc->bhtv", y.view(B, H, T, -1), w[:, self.nope:])  # (B, H, T, v_head_dim)
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            p = (scores * self.scale).masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            y = (p @ kv).to(x.dtype)  # (B, H, T, kv_lora_rank): the weighted sum of latents
+            y = torch.einsum("bhtc,hvc->bhtv", y, w[:, self.nope:])  # (B, H, T, v_head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
 
@@ -445,15 +438,11 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, absorb)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-# -----------------------------------------------------------------------------
-# The model
-
 
 # Same as smollm2.py: doc_positions_and_mask
 def doc_positions_and_mask(doc_ids):
-    """Packed training rows of document ids (B, T) -> RoPE positions that restart at 0 where each document
-    starts (B, T), and a causal mask that never crosses a document boundary (B, 1, T, T), as if each document
-    were run alone. A document is a run of equal ids: an id that comes back later in the row starts a new one."""
+    """Packed training rows of document ids (B, T) -> RoPE positions restarting at each document (B, T) and a causal
+    mask that never crosses a document boundary (B, 1, T, T); a document is a run of equal ids."""
     t = torch.arange(doc_ids.size(1), device=doc_ids.device)
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
@@ -461,6 +450,9 @@ def doc_positions_and_mask(doc_ids):
     pos = t - torch.where(starts, t, 0).cummax(1).values  # distance to the own document's first token
     mask = (segment[:, :, None] == segment[:, None, :]) & (t[:, None] >= t[None, :])
     return pos, mask[:, None]
+
+# -----------------------------------------------------------------------------
+# The model
 
 
 class NanoLLM(nn.Module):
@@ -473,21 +465,16 @@ class NanoLLM(nn.Module):
             layers=nn.ModuleList(Block(args, i, self.softmax_mscale) for i in range(args.n_layers)),
             norm=RMSNorm(args.dim, args.norm_eps)))
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
-        for p in self.parameters():
-            # N(0, 0.02) for Linear, Embedding and router matrices, norms at 1: HF's initializer_range; PyTorch's
-            # N(0, 1) embedding would start the loss far above ln(vocab)
+        for p in self.parameters():  # HF's N(0, 0.02) matrices (a N(0, 1) embedding starts far above ln(vocab))
             if p.dim() == 2:
                 nn.init.normal_(p, std=0.02)
         if args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.aux_loss = 0.0
-        # how decoding reads the MLA cache (DeepSeek-V3's attn_impl): True folds the up-projections into the query and
-        # the output ("absorb"), False up-projects the cached latents ("naive"); tested equal
-        self.absorb = True
+        self.absorb = True  # how decoding reads the MLA cache, DeepSeek-V3's attn_impl: "absorb", else "naive"
 
     def init_rope(self, device=None):
-        # as smollm2.py's: plain fp32 tensors, not buffers (model.to(bfloat16) must not round them), made again on the
-        # weights' device after a meta-device build; and YaRN's two scales, plain floats
+        # as smollm2.py's inv_freq (fp32, not a buffer), and YaRN's two scales
         self.inv_freq, self.rope_factor, self.softmax_mscale = rope_frequencies(self.args, device)
 
     def moe_layers(self) -> list[tuple[int, MoE]]:
@@ -522,13 +509,9 @@ class NanoLLM(nn.Module):
             layer.self_attn.cache = None
 
     def forward_cached(self, tokens, input_pos, pad=None):
-        """Run tokens (B, T) in cache slots input_pos (T,); return the last position's logits (B, vocab). pad (B,),
-        None for none: left padding of each row, whose positions count from its first real slot. self.absorb picks
-        how MLA reads the cache."""
+        """As smollm2.py's, with a mask always (MLA's cache reads its length from it); self.absorb picks the path."""
         pad = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device) if pad is None else pad
-        # attend over the filled prefix only: the naive path up-projects every attended slot, so the empty tail
-        # of the buffer would cost real compute
-        slots = torch.arange(int(input_pos[-1]) + 1, device=tokens.device)
+        slots = torch.arange(int(input_pos[-1]) + 1, device=tokens.device)  # the filled prefix only
         # causal over slots and blind to padding; a padding query still sees itself, so no softmax row is empty
         mask = (slots <= input_pos[:, None]) & ((slots >= pad[:, None, None]) | (slots == input_pos[:, None]))
         positions = (input_pos - pad[:, None]).clamp(min=0)                   # (B, T)
@@ -537,10 +520,9 @@ class NanoLLM(nn.Module):
 
     @torch.no_grad()
     def update_router_biases(self, rate: float = 1e-3, all_sum=None) -> dict[int, list[float]]:
-        """Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2; gamma = 0.001 there): call after each optimizer step.
-        Each router's bias falls by `rate` for the experts that got more than the mean load since the last call
-        (tokens counted by training-mode forwards) and rises for the others. all_sum, given, first sums the loads
-        over processes (in place), so every router bias moves alike. Returns that load (see expert_load)."""
+        """Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2, gamma = 0.001), after each optimizer step: each router's
+        bias falls by `rate` for the experts above the mean load since the last call (training forwards), rises for the
+        others. all_sum first sums the loads over processes (in place), so all move alike. Returns the load."""
         counted = [moe for _, moe in self.moe_layers() if moe.load is not None]
         if all_sum is not None:
             for moe in counted:
@@ -563,21 +545,17 @@ class NanoLLM(nn.Module):
     def after_optimizer_step(self, all_sum, router_bias_rate: float) -> dict:
         return {"expert_load": self.update_router_biases(router_bias_rate, all_sum)}
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Loading
-
     @classmethod
     def from_pretrained(cls, ckpt_dir, device=None, dtype=None) -> "NanoLLM":
-        """An HF-layout DeepseekV3 checkpoint folder (config.json + model.safetensors, or shards with an index) on
-        device (None: cpu), in dtype (None: as stored). Every file is checked before it is used (see Loading)."""
+        """An HF-layout DeepseekV3 checkpoint folder on device (None: cpu), in dtype (None: as stored), each file
+        checked before it is used (see Loading)."""
         ckpt_dir = Path(ckpt_dir)
         args = read_config(ckpt_dir)
-        header = read_header(ckpt_dir, layers=args.n_layers, experts=args.n_routed_experts if args.moe_layers else 0)
         # DeepSeek-V3 ships its multi-token-prediction module as extra layers n_layers...: unused, as in HF
-        header = {k: v for k, v in header.items()
+        header = {k: v for k, v in read_header(ckpt_dir).items()
                   if not ((m := re.match(r"model\.layers\.(\d+)\.", k)) and int(m[1]) >= args.n_layers)}
-        model = build(cls, args, ckpt_dir)  # shapes only: the loaded tensors become the weights, one copy in memory
-        state = load_weights(model, header, ckpt_dir, device or "cpu", None)
+        model, state = build(cls, args, header, ckpt_dir, device or "cpu", None, layers=args.n_layers,
+                             experts=args.n_routed_experts if args.moe_layers else 0)
         # the balancing bias stays fp32, as HF keeps it: bf16 cannot hold 1e-3 steps on top of ~1
         model.load_state_dict({k: v.float() if k.endswith("e_score_correction_bias") else v.to(dtype or v.dtype)
                                for k, v in state.items()}, strict=True, assign=True)
@@ -586,22 +564,17 @@ class NanoLLM(nn.Module):
         model.init_rope(device)
         return model.eval()
 
-    # -------------------------------------------------------------------------
-    # Generation
-
     # Same as smollm2.py: SmolLM2.generate (with SmolLM2->NanoLLM)
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float = 1.0, stop_tokens=None, seed: int | None = None,
                  stream=None) -> list[list[int]]:
-        """Continue each prompt; return the new tokens of each (a stop token ends a row and is not returned).
-        temperature 0 is greedy; stop_tokens None stops at args.stop_tokens, [] never early; stream(row, token) is
-        called for each returned token as soon as it is sampled. The KV cache lives for this call, unless the caller
-        set up one that fits (benchmarks do, so that a compiled decode step always sees the same buffers)."""
+        """The new tokens of each prompt (a stop token ends a row, unreturned); temperature 0 is greedy; stop_tokens
+        None: args.stop_tokens, []: none; stream(row, token) sees each token as it comes. The KV cache lives for this
+        call, unless the caller set up one that fits (benchmarks do, so a compiled step sees the same buffers)."""
         longest = check_generate(prompts, max_new_tokens, self.args, temperature, top_k, top_p)
         stop = set(self.args.stop_tokens if stop_tokens is None else stop_tokens)
-        B, total = len(prompts), longest + max_new_tokens
-        device = self.lm_head.weight.device
+        B, total, device = len(prompts), longest + max_new_tokens, self.lm_head.weight.device
         # Left-pad so every row's last prompt token sits in the same slot: one decode step serves all rows.
         pad = torch.tensor([longest - len(p) for p in prompts], device=device)
         tokens = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
@@ -630,7 +603,7 @@ class NanoLLM(nn.Module):
         return out
 
 # -----------------------------------------------------------------------------
-# Loading (the block every model file repeats; see smollm2.py)
+# Loading (the block every model file holds; see smollm2.py)
 
 FETCH = ("nanollm is trained from scratch: `python benchmarks/pretrain_nanollm.py` trains one in about 2 minutes on a "
          "CPU (then --ckpt_dir runs/pretrain_nanollm/model); finetune.py --preset trains others")
@@ -653,11 +626,12 @@ def read_json(path) -> dict:
 def read_config(ckpt_dir: Path) -> ModelArgs:
     """ModelArgs from config.json, stopping where generation_config.json's eos ids say (as HF generate does)."""
     path, gen = ckpt_dir / "config.json", ckpt_dir / "generation_config.json"
+    if ckpt_dir.is_file():
+        raise FileNotFoundError(f"{ckpt_dir} is a file: give the checkpoint's folder")
     if not path.is_file():
-        fix = f"Meta's original format: convert it once with `python download.py --meta_dir {ckpt_dir}`" \
-            if (ckpt_dir / "params.json").is_file() else FETCH
-        raise FileNotFoundError(f"{ckpt_dir} is a file: give the checkpoint's folder" if ckpt_dir.is_file() else
-                                f"no checkpoint at {ckpt_dir} (no config.json): {fix}")
+        meta = f"Meta's original format: convert it once with `python download.py --meta_dir {ckpt_dir}`"
+        raise FileNotFoundError(f"no checkpoint at {ckpt_dir} (no config.json): "
+                                + (meta if (ckpt_dir / "params.json").is_file() else FETCH))
     cfg, gen_cfg = read_json(path), read_json(gen) if gen.is_file() else {}
     try:
         args = ModelArgs.from_hf_config(cfg)
@@ -667,22 +641,9 @@ def read_config(ckpt_dir: Path) -> ModelArgs:
     return args
 
 
-# Same as smollm2.py: build
-def build(cls, args, ckpt_dir: Path):
-    """cls(args) on the meta device: shapes only, no memory (the checkpoint's tensors become its weights). A config
-    whose shapes torch cannot hold (an element count beyond int64) is a ValueError."""
-    try:
-        with torch.device("meta"):
-            return cls(args)
-    except (RuntimeError, TypeError, OverflowError) as e:
-        raise ValueError(f"{ckpt_dir}/config.json gives shapes torch cannot build ({type(e).__name__})") from None
-
-
 # Same as smollm2.py: read_header
-def read_header(ckpt_dir: Path, **counts: int) -> dict:
-    """{name: (file, dtype, shape)} of the tensors in model.safetensors or in the shards its index lists, from the
-    headers alone. counts (layers=30): modules config.json asks for, which the weights must hold before the model is
-    built (a time per module: 10^6 layers over 30 weights' would take minutes)."""
+def read_header(ckpt_dir: Path) -> dict:
+    """{name: (file, dtype, shape)} of the tensors in model.safetensors or its shards, from the headers alone."""
     from safetensors import SafetensorError, safe_open
 
     index = ckpt_dir / "model.safetensors.index.json"
@@ -698,21 +659,27 @@ def read_header(ckpt_dir: Path, **counts: int) -> dict:
             raise FileNotFoundError(f"{f} is missing: the download is incomplete; fetch the checkpoint again") from None
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{f} is truncated or corrupt ({e}); download it again") from None
-    for name, n in counts.items():
-        if n > len(held := {m[1] for k in header if (m := re.search(rf"\.{name}\.(\d+)\.", k))}):
-            raise ValueError(f"{ckpt_dir}/config.json asks for {n} {name} but the weights hold {len(held)}")
     return header
 
 
-# Same as smollm2.py: load_weights
-def load_weights(model, header: dict, ckpt_dir: Path, device, dtype, absent=()) -> dict:
-    """The model's state dict, memory-mapped onto device in dtype (None: as stored), once the header holds exactly its
-    names (but `absent`, which the caller adds, and a tied head), shapes and float dtypes (an int label on float bytes
-    would load as garbage)."""
+# Same as smollm2.py: build
+def build(cls, args, header: dict, ckpt_dir: Path, device, dtype, absent="", **counts: int):
+    """(cls(args) on the meta device, its state dict memory-mapped onto device in dtype (None: as stored)), once the
+    header holds the modules config.json asks for (counts, e.g. layers=30: 10^6 layers take minutes to build), then
+    the model's names (but a tied head and those containing `absent`, which the caller adds), shapes, float dtypes."""
     from safetensors import safe_open
 
-    tied = {"lm_head.weight"} if model.args.tie_embeddings else set()  # the embedding is the head
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied | set(absent)}
+    for name, n in counts.items():
+        held = {m[1] for k in header if (m := re.search(rf"\.{name}\.(\d+)\.", k))}  # the N of each ".layers.N."
+        if n > len(held):
+            raise ValueError(f"{ckpt_dir}/config.json asks for {n} {name} but the weights hold {len(held)}")
+    try:
+        with torch.device("meta"):  # shapes only: the checkpoint's tensors become the weights, one copy in memory
+            model = cls(args)
+    except (RuntimeError, TypeError, OverflowError) as e:  # an element count beyond int64
+        raise ValueError(f"{ckpt_dir}/config.json gives shapes torch cannot build ({type(e).__name__})") from None
+    tied = {"lm_head.weight"} if args.tie_embeddings else set()  # the embedding is the head
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied and not (absent and absent in k)}
     have = {k: v for k, v in header.items() if k not in tied}
     wrong = [f"{k} is missing" for k in want.keys() - have.keys()] + [f"{k} is extra" for k in have.keys() - want]
     for k, (_, kind, shape) in have.items():
@@ -726,7 +693,7 @@ def load_weights(model, header: dict, ckpt_dir: Path, device, dtype, absent=()) 
     for f in sorted({file for file, _, _ in have.values()}):
         with safe_open(f, "pt") as st:  # .to() returns the mapped tensor itself where device and dtype are its own
             state |= {k: st.get_tensor(k).to(device=device, dtype=dtype) for k in st.keys() if k in want}
-    return state | ({"lm_head.weight": state["model.embed_tokens.weight"]} if tied else {})
+    return model, state | ({"lm_head.weight": state["model.embed_tokens.weight"]} if tied else {})
 
 # -----------------------------------------------------------------------------
 # Sampling
@@ -734,12 +701,11 @@ def load_weights(model, header: dict, ckpt_dir: Path, device, dtype, absent=()) 
 
 # Same as smollm2.py: check_generate
 def check_generate(prompts, max_new_tokens, args: ModelArgs, temperature, top_k, top_p) -> int:
-    """generate()'s arguments, checked before any work -> the longest prompt's length; else a ValueError naming the
-    problem. Every sampling setting accepted here samples (a temperature too small for float32 is greedy)."""
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
-    if not 0 < top_p <= 1 or top_k is not None and top_k < 1:
-        raise ValueError(f"top_p must be in (0, 1] and top_k >= 1, got top_p {top_p}, top_k {top_k}")
+    """generate()'s arguments checked before any work -> the longest prompt's length, else a ValueError. Every setting
+    accepted here samples (a temperature too small for float32 is greedy)."""
+    if not (math.isfinite(temperature) and temperature >= 0 and 0 < top_p <= 1 and (top_k is None or top_k >= 1)):
+        raise ValueError(f"need temperature >= 0 (0 is greedy), top_p in (0, 1] and top_k >= 1; got temperature "
+                         f"{temperature}, top_p {top_p}, top_k {top_k}")
     if max_new_tokens < 1 or not prompts or not all(prompts):
         raise ValueError("need max_new_tokens >= 1 and at least one token in every prompt")
     if not all(0 <= t < args.vocab_size for p in prompts for t in p):
@@ -752,22 +718,19 @@ def check_generate(prompts, max_new_tokens, args: ModelArgs, temperature, top_k,
 
 # Same as smollm2.py: logits_to_probs
 def logits_to_probs(logits, temperature: float, top_k: int | None = None, top_p: float = 1.0):
-    """logits (B, vocab) -> sampling distribution (B, vocab): temperature, then top-k, then top-p, as HF's
-    TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper apply them (tests compare every file's)."""
+    """logits (B, vocab) -> sampling distribution (B, vocab): temperature, top-k, then top-p, as HF's warpers."""
     scaled = logits.float() / temperature
     if not scaled.isfinite().all():
         # subtle: a temperature too small for float32 (1e-40) overflows the division, and softmax(inf - inf) is NaN;
         # the distribution it tends to is greedy's, all mass on the largest logit
         return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
-    logits = scaled
     if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1) k-th largest logit
-        logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th stay, as in HF
-    probs = torch.softmax(logits, dim=-1)
+        kth = torch.topk(scaled, min(top_k, scaled.size(-1))).values[:, -1:]  # (B, 1) k-th largest logit
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))  # ties with the k-th stay, as in HF
+    probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:
-        # keep the smallest set of most likely tokens whose mass reaches top_p: drop a token only when the mass
-        # before it already reaches top_p, so the token that crosses the boundary stays (HF's TopP, min 1 token;
-        # the first always stays, also where top_p is below float32's range and the comparison sees 0)
+        # keep the most likely tokens until their mass reaches top_p, the token that crosses it included (HF's TopP);
+        # the first always stays, also where top_p is below float32's range and the comparison sees 0
         sorted_p, order = probs.sort(dim=-1, descending=True)
         outside = sorted_p.cumsum(dim=-1) - sorted_p >= top_p
         outside[:, 0] = False
@@ -778,8 +741,7 @@ def logits_to_probs(logits, temperature: float, top_k: int | None = None, top_p:
 
 # Same as smollm2.py: sample
 def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
-    """logits (B, vocab) -> next token ids (B,): greedy at temperature 0, else one draw from the filtered
-    distribution with `generator` (a seeded torch.Generator makes runs repeat)."""
+    """logits (B, vocab) -> next ids (B,): greedy at temperature 0, else a draw with `generator` (seeded: repeats)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     return torch.multinomial(logits_to_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
@@ -809,6 +771,5 @@ if __name__ == "__main__":
     try:
         from cli import cli
     except ModuleNotFoundError:
-        raise SystemExit("error: nanollm.py's command line needs cli.py beside it (the model itself needs only "
-                         "tokenizer_bpe.py)")
+        raise SystemExit("error: nanollm.py's command line needs cli.py beside it (the model: tokenizer_bpe.py only)")
     cli(main)

@@ -4,23 +4,21 @@ SmolLM2 (135M / 360M / 1.7B) in one readable file: inference, KV-cached batched 
 SmolLM2 (Hugging Face, 2025, arXiv 2502.02737) is a Llama-architecture decoder: RMSNorm, rotary position
 embeddings in the rotate-half convention, grouped-query attention, a SwiGLU MLP and an output head tied to
 the token embedding. This file follows HF transformers' `LlamaForCausalLM` (modeling_llama.py) operation for
-operation, and is checked against it module by module in test_parity.py. Module names are HF's, so a
-`model.safetensors` from the Hub loads with no renaming and `model.state_dict()` saves in the same layout.
+operation, and test_parity.py checks it module by module. Module names are HF's, so a Hub `model.safetensors`
+loads with no renaming and `model.state_dict()` saves in the same layout.
 
 Departures from the reference, all deliberate:
 - one preallocated KV cache per layer written by position (as gpt-fast), sized to the request, instead of
   HF's growing `DynamicCache`; attention reads only the filled part of it;
 - ragged batches are left-padded and each row's RoPE positions start at its first real token, so a batched
-  prompt yields exactly the tokens it yields alone (HF's padded `generate` shifts positions unless the caller
-  passes them);
+  prompt yields exactly the tokens it yields alone;
 - during prefill only the last position goes through the 49152-wide output head;
-- a checkpoint is user input: config.json is checked value by value, and against the weights' own safetensors
-  headers (names, shapes, dtypes) before anything is built or read; nothing is allocated by a size only the
-  config states (RoPE angles are computed for the positions in use, never tabled up to the context length).
+- a checkpoint is user input: config.json is checked value by value, and against the weights' safetensors
+  headers, before anything is built; nothing is sized by the config alone (RoPE angles are computed for the
+  positions in use, the KV cache for the request).
 
-The other model files repeat parts of this one on purpose, each copy marked `# Same as smollm2.py: NAME` and kept
-identical by tests/test_copies.py, so each file reads alone. The command line is cli.py's (flags, chat loop);
-as a library this file needs only tokenizer_bpe.py.
+The other model files repeat parts of this one, each copy marked `# Same as smollm2.py: NAME` and kept identical by
+tests/test_copies.py. The command line is cli.py's; as a library this file needs only tokenizer_bpe.py.
 
 Usage:
     python download.py                                  # SmolLM2-135M-Instruct into checkpoints/
@@ -32,7 +30,6 @@ Usage:
 import json
 import math
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,27 +96,34 @@ PRESETS = {
 
 
 def config_get(cfg: dict, key: str, kind=int, default=..., low=None):
-    """cfg[key] of a config.json (default where absent or null; none: required) if it is what its field needs: an int
-    below 2^62 (not a bool, "64" or 2.5) or a finite float, > 0 or >= low; a bool or a dict; ids (an int >= 0 or a
-    list of them, as a tuple). Else a ValueError naming the key: a config that would build a wrong model stops here."""
+    """config.json's cfg[key] if it fits a field of `kind`, else a ValueError naming the key; `default` where the key
+    is absent or null (no default: required). A config that would build a wrong model stops here."""
     if not isinstance(cfg, dict):
         raise ValueError(f"a config is a JSON object, not a {type(cfg).__name__}")
-    if (value := cfg.get(key)) is None and default is not ...:
+    value = cfg.get(key)
+    if value is None and default is ...:
+        raise ValueError(f"no {key!r} entry: it is not a checkpoint this file reads")
+    if value is None:
         return default
-    ids = value if isinstance(value, list) else [value]
-    ok = {int: type(value) is int and value < 2**62, float: type(value) in (int, float) and math.isfinite(value),
-          bool: type(value) is bool, dict: type(value) is dict, tuple: all(type(i) is int and i >= 0 for i in ids)}
-    if not ok[kind] or kind in (int, float) and not (value > 0 if low is None else value >= low):
+    if kind is tuple:  # token ids: one int >= 0 or a list of them
+        value = tuple(value) if isinstance(value, list) else (value,)
+        ok = all(type(i) is int and i >= 0 for i in value)
+    elif kind is float:
+        ok = type(value) in (int, float) and math.isfinite(value) and (value > 0 if low is None else value >= low)
+    elif kind is int:  # true, "64" and 2.5 are not ints
+        ok = type(value) is int and (value > 0 if low is None else value >= low) and value < 2**62
+    else:
+        ok = type(value) is kind  # bool, dict
+    if not ok:
         lo = "> 0" if low is None else f">= {low}"
         want = {int: f"an integer {lo}, < 2^62", float: f"a finite number {lo}", bool: "true or false",
                 dict: "an object", tuple: "an id >= 0 or a list of them"}[kind]
-        raise ValueError(f"no {key!r} entry: it is not a checkpoint this file reads" if value is None else
-                         f"{key} must be {want}, got {value!r:.60}")
-    return tuple(ids) if kind is tuple else float(value) if kind is float else value
+        raise ValueError(f"{key} must be {want}, got {value!r:.60}")
+    return float(value) if kind is float else value
 
 
 def llama_fields(cfg: dict) -> tuple[dict, dict]:
-    """The ModelArgs fields that every Llama-architecture config.json gives, each checked by config_get (a key it lacks
+    """The ModelArgs fields every Llama-architecture config.json gives, each checked by config_get (a key it lacks
     takes transformers' LlamaConfig default), and the RoPE settings -> (fields, rope)."""
     dim, n_heads = config_get(cfg, "hidden_size"), config_get(cfg, "num_attention_heads")
     n_kv_heads = config_get(cfg, "num_key_value_heads", int, n_heads)
@@ -169,13 +173,14 @@ def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq, pos, dtype):
-    """pos (B, T) -> cos, sin (B, 1, T, head_dim), angles in fp32 then cast, as HF LlamaRotaryEmbedding. Computed for
-    the positions in use at each forward: a table up to the context length would be sized by config.json alone."""
+    """pos (B, T) -> cos, sin (B, 1, T, head_dim), fp32 angles then cast, as HF, for the positions in use only."""
     freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
     # rotate-half layout: frequency i drives dimensions i and i + hd/2 (HF's convention, not the interleaved
     # pairs 2i, 2i+1 of the RoPE paper and Meta's code); HF checkpoints' q/k rows are laid out for this
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd): broadcast over heads
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
 def apply_rope(x, cos, sin):
     """x (B, n_heads, T, hd), cos and sin (B, 1, T, hd): rotate each pair (x_i, x_{i+hd/2}) by its angle."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -193,8 +198,7 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, k, v):
-        """Write k, v (B, n_kv_heads, T, hd) into slots input_pos (T,); return slots 0..input_pos[-1], the
-        filled part (views, no copy): attention then costs what the sequence so far costs."""
+        """Write k, v (B, n_kv_heads, T, hd) into slots input_pos (T,); return the filled slots 0..input_pos[-1]."""
         self.k[:, :, input_pos] = k
         self.v[:, :, input_pos] = v
         end = int(input_pos[-1]) + 1
@@ -253,9 +257,8 @@ class Block(nn.Module):
 
 
 def doc_positions_and_mask(doc_ids):
-    """Packed training rows of document ids (B, T) -> RoPE positions that restart at 0 where each document
-    starts (B, T), and a causal mask that never crosses a document boundary (B, 1, T, T), as if each document
-    were run alone. A document is a run of equal ids: an id that comes back later in the row starts a new one."""
+    """Packed training rows of document ids (B, T) -> RoPE positions restarting at each document (B, T) and a causal
+    mask that never crosses a document boundary (B, 1, T, T); a document is a run of equal ids."""
     t = torch.arange(doc_ids.size(1), device=doc_ids.device)
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
@@ -263,8 +266,6 @@ def doc_positions_and_mask(doc_ids):
     pos = t - torch.where(starts, t, 0).cummax(1).values  # distance to the own document's first token
     mask = (segment[:, :, None] == segment[:, None, :]) & (t[:, None] >= t[None, :])
     return pos, mask[:, None]
-
-
 
 # -----------------------------------------------------------------------------
 # The model
@@ -297,8 +298,7 @@ class SmolLM2(nn.Module):
         return self.model.norm(x)
 
     def forward(self, tokens, doc_ids=None):
-        """tokens (B, T) -> logits (B, T, vocab). No cache: the training and parity-test path. doc_ids (B, T)
-        marks packed documents, which never see each other (doc_positions_and_mask)."""
+        """tokens (B, T) -> logits (B, T, vocab), without a cache; doc_ids (B, T): packed documents, kept apart."""
         B, T = tokens.shape
         if T > self.args.max_seq_len:
             raise ValueError(f"{T} tokens do not fit the context of {self.args.max_seq_len}")
@@ -308,11 +308,8 @@ class SmolLM2(nn.Module):
             pos, mask = doc_positions_and_mask(doc_ids)
         return self.lm_head(self.trunk(tokens, pos, mask))
 
-    # --- KV cache: allocated for generation only, never while training
-
     def setup_cache(self, batch_size: int, max_seq_len: int):
-        # 2 (k, v) * n_layers * n_kv_heads * head_dim values per token: sized to the request, never to the context
-        # (Llama 3.1 8B's 131072 tokens would take 16 GiB per row in bf16)
+        # for generation only, sized to the request, never to the context (Llama 3.1 8B's 131072 tokens: 16 GiB a row)
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(f"{max_seq_len} tokens do not fit the context of {self.args.max_seq_len}")
         w = self.lm_head.weight
@@ -325,9 +322,8 @@ class SmolLM2(nn.Module):
             layer.self_attn.cache = None
 
     def forward_cached(self, tokens, input_pos, pad=None):
-        """Run tokens (B, T) in cache slots input_pos (T,); return the last position's logits (B, vocab). pad (B,),
-        None for none: left padding of each row. A row's RoPE position is its slot minus its padding, and no query
-        attends to a padding slot or a later slot."""
+        """Run tokens (B, T) in cache slots input_pos (T,) -> the last position's logits (B, vocab). pad (B,): each
+        row's left padding; a row's RoPE position is its slot minus it, and no query sees padding or later slots."""
         B, T = tokens.shape
         pad = torch.zeros(B, dtype=torch.long, device=tokens.device) if pad is None else pad
         pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
@@ -342,43 +338,29 @@ class SmolLM2(nn.Module):
         h = self.trunk(tokens, pos, mask, input_pos)
         return self.lm_head(h[:, -1])  # only the last position is needed to pick the next token
 
-    # -------------------------------------------------------------------------
-    # -------------------------------------------------------------------------
-    # Loading
-
     @classmethod
     def from_pretrained(cls, ckpt_dir, device=None, dtype=None) -> "SmolLM2":
         """A HF checkpoint folder (config.json + model.safetensors, or shards with an index) on device (None: cpu),
-        in dtype (None: as stored). Every file is checked before it is used (see Loading below): a config or
-        weights that do not fit are one ValueError or FileNotFoundError naming the file, raised before any tensor
-        is read or the model is built."""
+        in dtype (None: as stored). Each file is checked before it is used, and before any tensor is read (Loading)."""
         ckpt_dir = Path(ckpt_dir)
         args = read_config(ckpt_dir)
-        header = read_header(ckpt_dir, layers=args.n_layers)
-        # Build on the meta device (shapes only, no memory), then assign each loaded tensor into place:
-        # the weights exist once in memory, already in their final dtype and device.
-        model = build(cls, args, ckpt_dir)
-        model.load_state_dict(load_weights(model, header, ckpt_dir, device or "cpu", dtype), strict=True, assign=True)
+        model, state = build(cls, args, read_header(ckpt_dir), ckpt_dir, device or "cpu", dtype, layers=args.n_layers)
+        model.load_state_dict(state, strict=True, assign=True)
         if args.tie_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight  # assign=True made two Parameters: re-tie
         model.init_rope(device)
         return model.eval()
 
-    # -------------------------------------------------------------------------
-    # Generation
-
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float = 1.0, stop_tokens=None, seed: int | None = None,
                  stream=None) -> list[list[int]]:
-        """Continue each prompt; return the new tokens of each (a stop token ends a row and is not returned).
-        temperature 0 is greedy; stop_tokens None stops at args.stop_tokens, [] never early; stream(row, token) is
-        called for each returned token as soon as it is sampled. The KV cache lives for this call, unless the caller
-        set up one that fits (benchmarks do, so that a compiled decode step always sees the same buffers)."""
+        """The new tokens of each prompt (a stop token ends a row, unreturned); temperature 0 is greedy; stop_tokens
+        None: args.stop_tokens, []: none; stream(row, token) sees each token as it comes. The KV cache lives for this
+        call, unless the caller set up one that fits (benchmarks do, so a compiled step sees the same buffers)."""
         longest = check_generate(prompts, max_new_tokens, self.args, temperature, top_k, top_p)
         stop = set(self.args.stop_tokens if stop_tokens is None else stop_tokens)
-        B, total = len(prompts), longest + max_new_tokens
-        device = self.lm_head.weight.device
+        B, total, device = len(prompts), longest + max_new_tokens, self.lm_head.weight.device
         # Left-pad so every row's last prompt token sits in the same slot: one decode step serves all rows.
         pad = torch.tensor([longest - len(p) for p in prompts], device=device)
         tokens = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
@@ -407,9 +389,9 @@ class SmolLM2(nn.Module):
         return out
 
 # -----------------------------------------------------------------------------
-# Loading: a checkpoint's files are user input, each checked before it is used; what does not fit is one line
-# naming the file. The same block stands in every model file (a model file and tokenizer_bpe.py are all a library
-# user copies); FETCH, how to get a checkpoint, is each file's own.
+# Loading: a checkpoint's files are user input, each checked before it is used; what does not fit is one line naming
+# the file. Every model file holds this block (a library user copies one model file and tokenizer_bpe.py); FETCH is
+# each file's own.
 
 FETCH = "run `python download.py` (SmolLM2-135M-Instruct; `python download.py NAME` for another size)"
 
@@ -429,11 +411,12 @@ def read_json(path) -> dict:
 def read_config(ckpt_dir: Path) -> ModelArgs:
     """ModelArgs from config.json, stopping where generation_config.json's eos ids say (as HF generate does)."""
     path, gen = ckpt_dir / "config.json", ckpt_dir / "generation_config.json"
+    if ckpt_dir.is_file():
+        raise FileNotFoundError(f"{ckpt_dir} is a file: give the checkpoint's folder")
     if not path.is_file():
-        fix = f"Meta's original format: convert it once with `python download.py --meta_dir {ckpt_dir}`" \
-            if (ckpt_dir / "params.json").is_file() else FETCH
-        raise FileNotFoundError(f"{ckpt_dir} is a file: give the checkpoint's folder" if ckpt_dir.is_file() else
-                                f"no checkpoint at {ckpt_dir} (no config.json): {fix}")
+        meta = f"Meta's original format: convert it once with `python download.py --meta_dir {ckpt_dir}`"
+        raise FileNotFoundError(f"no checkpoint at {ckpt_dir} (no config.json): "
+                                + (meta if (ckpt_dir / "params.json").is_file() else FETCH))
     cfg, gen_cfg = read_json(path), read_json(gen) if gen.is_file() else {}
     try:
         args = ModelArgs.from_hf_config(cfg)
@@ -443,20 +426,8 @@ def read_config(ckpt_dir: Path) -> ModelArgs:
     return args
 
 
-def build(cls, args, ckpt_dir: Path):
-    """cls(args) on the meta device: shapes only, no memory (the checkpoint's tensors become its weights). A config
-    whose shapes torch cannot hold (an element count beyond int64) is a ValueError."""
-    try:
-        with torch.device("meta"):
-            return cls(args)
-    except (RuntimeError, TypeError, OverflowError) as e:
-        raise ValueError(f"{ckpt_dir}/config.json gives shapes torch cannot build ({type(e).__name__})") from None
-
-
-def read_header(ckpt_dir: Path, **counts: int) -> dict:
-    """{name: (file, dtype, shape)} of the tensors in model.safetensors or in the shards its index lists, from the
-    headers alone. counts (layers=30): modules config.json asks for, which the weights must hold before the model is
-    built (a time per module: 10^6 layers over 30 weights' would take minutes)."""
+def read_header(ckpt_dir: Path) -> dict:
+    """{name: (file, dtype, shape)} of the tensors in model.safetensors or its shards, from the headers alone."""
     from safetensors import SafetensorError, safe_open
 
     index = ckpt_dir / "model.safetensors.index.json"
@@ -472,20 +443,26 @@ def read_header(ckpt_dir: Path, **counts: int) -> dict:
             raise FileNotFoundError(f"{f} is missing: the download is incomplete; fetch the checkpoint again") from None
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{f} is truncated or corrupt ({e}); download it again") from None
-    for name, n in counts.items():
-        if n > len(held := {m[1] for k in header if (m := re.search(rf"\.{name}\.(\d+)\.", k))}):
-            raise ValueError(f"{ckpt_dir}/config.json asks for {n} {name} but the weights hold {len(held)}")
     return header
 
 
-def load_weights(model, header: dict, ckpt_dir: Path, device, dtype, absent=()) -> dict:
-    """The model's state dict, memory-mapped onto device in dtype (None: as stored), once the header holds exactly its
-    names (but `absent`, which the caller adds, and a tied head), shapes and float dtypes (an int label on float bytes
-    would load as garbage)."""
+def build(cls, args, header: dict, ckpt_dir: Path, device, dtype, absent="", **counts: int):
+    """(cls(args) on the meta device, its state dict memory-mapped onto device in dtype (None: as stored)), once the
+    header holds the modules config.json asks for (counts, e.g. layers=30: 10^6 layers take minutes to build), then
+    the model's names (but a tied head and those containing `absent`, which the caller adds), shapes, float dtypes."""
     from safetensors import safe_open
 
-    tied = {"lm_head.weight"} if model.args.tie_embeddings else set()  # the embedding is the head
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied | set(absent)}
+    for name, n in counts.items():
+        held = {m[1] for k in header if (m := re.search(rf"\.{name}\.(\d+)\.", k))}  # the N of each ".layers.N."
+        if n > len(held):
+            raise ValueError(f"{ckpt_dir}/config.json asks for {n} {name} but the weights hold {len(held)}")
+    try:
+        with torch.device("meta"):  # shapes only: the checkpoint's tensors become the weights, one copy in memory
+            model = cls(args)
+    except (RuntimeError, TypeError, OverflowError) as e:  # an element count beyond int64
+        raise ValueError(f"{ckpt_dir}/config.json gives shapes torch cannot build ({type(e).__name__})") from None
+    tied = {"lm_head.weight"} if args.tie_embeddings else set()  # the embedding is the head
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied and not (absent and absent in k)}
     have = {k: v for k, v in header.items() if k not in tied}
     wrong = [f"{k} is missing" for k in want.keys() - have.keys()] + [f"{k} is extra" for k in have.keys() - want]
     for k, (_, kind, shape) in have.items():
@@ -499,19 +476,18 @@ def load_weights(model, header: dict, ckpt_dir: Path, device, dtype, absent=()) 
     for f in sorted({file for file, _, _ in have.values()}):
         with safe_open(f, "pt") as st:  # .to() returns the mapped tensor itself where device and dtype are its own
             state |= {k: st.get_tensor(k).to(device=device, dtype=dtype) for k in st.keys() if k in want}
-    return state | ({"lm_head.weight": state["model.embed_tokens.weight"]} if tied else {})
+    return model, state | ({"lm_head.weight": state["model.embed_tokens.weight"]} if tied else {})
 
 # -----------------------------------------------------------------------------
 # Sampling
 
 
 def check_generate(prompts, max_new_tokens, args: ModelArgs, temperature, top_k, top_p) -> int:
-    """generate()'s arguments, checked before any work -> the longest prompt's length; else a ValueError naming the
-    problem. Every sampling setting accepted here samples (a temperature too small for float32 is greedy)."""
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature}")
-    if not 0 < top_p <= 1 or top_k is not None and top_k < 1:
-        raise ValueError(f"top_p must be in (0, 1] and top_k >= 1, got top_p {top_p}, top_k {top_k}")
+    """generate()'s arguments checked before any work -> the longest prompt's length, else a ValueError. Every setting
+    accepted here samples (a temperature too small for float32 is greedy)."""
+    if not (math.isfinite(temperature) and temperature >= 0 and 0 < top_p <= 1 and (top_k is None or top_k >= 1)):
+        raise ValueError(f"need temperature >= 0 (0 is greedy), top_p in (0, 1] and top_k >= 1; got temperature "
+                         f"{temperature}, top_p {top_p}, top_k {top_k}")
     if max_new_tokens < 1 or not prompts or not all(prompts):
         raise ValueError("need max_new_tokens >= 1 and at least one token in every prompt")
     if not all(0 <= t < args.vocab_size for p in prompts for t in p):
@@ -523,22 +499,19 @@ def check_generate(prompts, max_new_tokens, args: ModelArgs, temperature, top_k,
 
 
 def logits_to_probs(logits, temperature: float, top_k: int | None = None, top_p: float = 1.0):
-    """logits (B, vocab) -> sampling distribution (B, vocab): temperature, then top-k, then top-p, as HF's
-    TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper apply them (tests compare every file's)."""
+    """logits (B, vocab) -> sampling distribution (B, vocab): temperature, top-k, then top-p, as HF's warpers."""
     scaled = logits.float() / temperature
     if not scaled.isfinite().all():
         # subtle: a temperature too small for float32 (1e-40) overflows the division, and softmax(inf - inf) is NaN;
         # the distribution it tends to is greedy's, all mass on the largest logit
         return F.one_hot(logits.argmax(dim=-1), logits.size(-1)).float()
-    logits = scaled
     if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1) k-th largest logit
-        logits = logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th stay, as in HF
-    probs = torch.softmax(logits, dim=-1)
+        kth = torch.topk(scaled, min(top_k, scaled.size(-1))).values[:, -1:]  # (B, 1) k-th largest logit
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))  # ties with the k-th stay, as in HF
+    probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:
-        # keep the smallest set of most likely tokens whose mass reaches top_p: drop a token only when the mass
-        # before it already reaches top_p, so the token that crosses the boundary stays (HF's TopP, min 1 token;
-        # the first always stays, also where top_p is below float32's range and the comparison sees 0)
+        # keep the most likely tokens until their mass reaches top_p, the token that crosses it included (HF's TopP);
+        # the first always stays, also where top_p is below float32's range and the comparison sees 0
         sorted_p, order = probs.sort(dim=-1, descending=True)
         outside = sorted_p.cumsum(dim=-1) - sorted_p >= top_p
         outside[:, 0] = False
@@ -548,27 +521,21 @@ def logits_to_probs(logits, temperature: float, top_k: int | None = None, top_p:
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
-    """logits (B, vocab) -> next token ids (B,): greedy at temperature 0, else one draw from the filtered
-    distribution with `generator` (a seeded torch.Generator makes runs repeat)."""
+    """logits (B, vocab) -> next ids (B,): greedy at temperature 0, else a draw with `generator` (seeded: repeats)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     return torch.multinomial(logits_to_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
 
-
 # -----------------------------------------------------------------------------
-# Chat formatting
+# Chat formatting and the command line (cli.py's flags and chat loop)
 
 
 def encode_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
                 default_system: str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"):
-    """The conversation's ids as the checkpoint's HF chat template gives them (tokenizer_bpe.apply_chat_template picks
-    ChatML or Llama 3 by the tokenizer's special tokens), with SmolLM2-Instruct's default system prompt first when a
-    ChatML conversation has none."""
+    """The conversation's ids as the checkpoint's HF chat template gives them (ChatML or Llama 3, by the tokenizer's
+    special tokens), with SmolLM2-Instruct's default system prompt first where a ChatML conversation has none."""
     return apply_chat_template(tokenizer, messages, add_generation_prompt, default_system=default_system)
 
-
-# -----------------------------------------------------------------------------
-# Command line: cli.py's flags and chat loop
 
 CKPT_DIR = "checkpoints/SmolLM2-135M-Instruct"  # python download.py writes it
 
@@ -591,6 +558,5 @@ if __name__ == "__main__":
     try:
         from cli import cli
     except ModuleNotFoundError:
-        raise SystemExit("error: smollm2.py's command line needs cli.py beside it (the model itself needs only "
-                         "tokenizer_bpe.py)")
+        raise SystemExit("error: smollm2.py's command line needs cli.py beside it (the model: tokenizer_bpe.py only)")
     cli(main)

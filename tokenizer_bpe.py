@@ -6,23 +6,22 @@ UTF-8 bytes are merged pairwise by learned rank until no merge applies, and the 
 vocabulary. Loads a Hugging Face `tokenizer.json` (or `vocab.json` + `merges.txt`) and Meta's tiktoken
 `tokenizer.model`; trains a new vocabulary and saves a `tokenizer.json` that HF `tokenizers` encodes identically.
 
-References: minbpe (the algorithm in plain Python: `get_stats` / `merge` are its helpers, `allowed_special` its
-opt-in special tokens); tiktoken, the ground truth for `tokenizer.model` (lowest rank first, leftmost among equals,
-a pair ranked as its merged bytes, a piece that is in the vocabulary emitted whole); HF `tokenizers`, the ground
-truth for `tokenizer.json` (pairs ranked by their order in `merges`, the Split / Digits / ByteLevel pipeline read
-from the file, `ignore_merges`); Meta's llama3 `ChatFormat` and HF's chat templates for apply_chat_template.
+References: minbpe (the algorithm in plain Python, its `get_stats` / `merge` helpers and opt-in `allowed_special`);
+tiktoken, the ground truth for `tokenizer.model` (lowest rank first, leftmost among equals, a pair ranked as its merged
+bytes, a piece in the vocabulary emitted whole); HF `tokenizers`, the ground truth for `tokenizer.json` (pairs ranked
+by their order in `merges`, the Split / Digits / ByteLevel pipeline, `ignore_merges`); Meta's llama3 `ChatFormat`
+and HF's chat templates for apply_chat_template.
 
 Departures, on purpose:
 - Special-token strings in text are plain text unless allowed (`allowed_special`; "all" allows every one), so user
   text never forges a control token (tiktoken raises on one, HF always matches them). `encode` adds no BOS/EOS.
-- No cut of long inputs as Meta's wrapper does (400,000 characters, runs of 25,000): the merge loop is a heap,
-  O(n log n) in the piece length, and pieces of LONG_PIECE bytes or more merge in numpy rounds (bpe_long), so ids
-  equal tiktoken's and HF's on every text, and a megabyte of one letter encodes faster than in HF `tokenizers`.
+- No cut of long inputs as Meta's wrapper does: the merge loop is a heap, O(n log n) in the piece length, and pieces
+  of LONG_PIECE bytes or more merge in numpy rounds (bpe_long), with the ids of tiktoken and HF on every text.
 - Only byte-level BPE: any other normalizer, pre-tokenizer or model option raises NotImplementedError naming it.
-- The installed `regex` module knows Unicode 17's new letters and digits (test_parity.py's NEWER_UNICODE), which
-  tiktoken's and HF's engines see as unassigned: pieces around those 4,657 code points differ, no others do.
-- A tokenizer.json is user input whose patterns run on every text: their time is bounded (PATTERN_SECONDS), so a
-  pattern that backtracks catastrophically is one ValueError, not a hang.
+- The `regex` module knows Unicode 17's new letters and digits, which tiktoken's and HF's engines see as unassigned:
+  pieces around those 4,657 code points differ (test_parity.py's NEWER_UNICODE), no others do.
+- Patterns read from a tokenizer.json run within a time bound (PATTERN_SECONDS): one that backtracks
+  catastrophically is one ValueError, not a hang.
 
 Usage:
     python tokenizer_bpe.py --path checkpoints/Llama-3.2-tokenizer --text "Hello world"   (--help: the flags)
@@ -38,7 +37,6 @@ import time
 import typing
 from collections import Counter, defaultdict
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import regex
@@ -59,6 +57,14 @@ LLAMA3_SPECIAL_TOKENS = [
     "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
 ] + [f"<|reserved_special_token_{i}|>" for i in range(2, 247)]
 BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+
+
+def split_then_bytes(pattern: str) -> dict:
+    """The HF pre_tokenizer config of Llama 3 and of trained tokenizers: a regex Split, then ByteLevel."""
+    split = {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}
+    return {"type": "Sequence", "pretokenizers": [split, BYTE_LEVEL]}
+
+
 CACHE_SIZE = 1 << 18  # pieces remembered by encode; cleared when full so memory stays bounded
 LONG_PIECE = 1000  # bytes from which a piece is merged in numpy rounds (bpe_long); shorter ones by bpe()
 NO_RANK = 2**31 - 1  # bpe_long's rank of a pair that does not merge; ranks of merges are below it
@@ -94,8 +100,8 @@ def token_str(data: bytes) -> str:
 
 
 def get_stats(ids: list[int], counts: dict | None = None, weight: int = 1) -> dict:
-    """Count adjacent pairs, as minbpe: [1, 2, 3, 1, 2] -> {(1, 2): 2, (2, 3): 1, (3, 1): 1}.
-    `weight` lets one unique word stand for all its occurrences during training."""
+    """Count adjacent pairs, as minbpe: [1, 2, 3, 1, 2] -> {(1, 2): 2, (2, 3): 1, (3, 1): 1}; `weight` lets one
+    distinct word stand for all its occurrences in training."""
     counts = {} if counts is None else counts
     for pair in zip(ids, ids[1:]):
         counts[pair] = counts.get(pair, 0) + weight
@@ -106,22 +112,17 @@ def merge(ids: list[int], pair: tuple[int, int], idx: int) -> list[int]:
     """Replace every occurrence of `pair`, left to right, by `idx`, as minbpe: ([1, 2, 3, 1, 2], (1, 2), 4)
     -> [4, 3, 4]."""
     out, i = [], 0
-    while i < len(ids):
-        # left to right and skipping past a match: in [a, a, a] the pair (a, a) merges once, at the left
-        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
-            out.append(idx)
-            i += 2
-        else:
-            out.append(ids[i])
-            i += 1
+    while i < len(ids):  # left to right, skipping past a match: in [a, a, a] the pair (a, a) merges once, at the left
+        match = i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]
+        out.append(idx if match else ids[i])
+        i += 2 if match else 1
     return out
 
 
 def bpe(parts: list[bytes], rank) -> list[bytes]:
-    """Merge adjacent parts, the pair of lowest `rank(a, b)` first and the leftmost among equals, until no
-    pair has a rank (None). This is tiktoken's and HF's order. minbpe rescans all pairs after each merge
-    (O(n^2)); like HF's `Word.merge_all` we keep a heap of candidate merges over a linked list, O(n log n),
-    so a 100,000-letter piece takes a moment instead of minutes."""
+    """Merge adjacent parts, the pair of lowest `rank(a, b)` first and the leftmost among equals (tiktoken's and HF's
+    order), until no pair has a rank (None). minbpe rescans all pairs after each merge, O(n^2); like HF's
+    `Word.merge_all` we keep a heap of candidate merges over a linked list, O(n log n)."""
     nxt = [*range(1, len(parts)), -1]  # linked list over start positions; merged-away parts become None
     prv = [*range(-1, len(parts) - 1)]
     # entries (rank, position, left part, right part): lowest rank first, then leftmost
@@ -147,8 +148,8 @@ def bpe(parts: list[bytes], rank) -> list[bytes]:
 
 
 class MergeTable(typing.NamedTuple):
-    """The merges among a set of tokens as sorted numpy arrays, for bpe_long. A part is a code: its index in
-    `tokens`. Built by `of`, from the tokens and the rank function."""
+    """The merges among a set of tokens as sorted numpy arrays, for bpe_long (built by `of`). A part is a code: its
+    index in `tokens`."""
     tokens: list[bytes]  # code -> token, longest first
     code: dict[bytes, int]  # token -> code
     byte_code: np.ndarray  # byte value -> the code of that byte alone (-1: not a token)
@@ -214,24 +215,20 @@ def window_min(x: np.ndarray, width: int) -> np.ndarray:
 
 
 def bpe_long(data: bytes, table: MergeTable) -> list[bytes]:
-    """bpe() of the single bytes of `data`, for long pieces (a megabyte of one letter, of spaces or of random
-    letters is one piece): minbpe's loop run on numpy arrays, many merges in one vectorized pass. `table`
-    holds every token that can form from `data`. Each round merges pairs that bpe() is sure to merge as they
-    stand, of two kinds:
-    - every pair of the lowest rank present, left to right: bpe()'s next merges, one by one, provided no pair
-      they create ranks at or below them (true of trained vocabularies, not of every file: checked);
-    - when those are too few to pay for a pass over all parts (random letters, not runs of one letter), also
-      every pair whose (rank, position) is the lowest within `longest` pairs on either side, `longest` being
-      the length of the longest token that occurs in `data`. Only a merge with a neighbour can stop bpe()
-      from merging it, and the neighbour would have to be a token built by earlier merges, that is of pairs
-      of lower (rank, position) inside the token's span, which lies in the window. Merging it ahead of its
-      turn changes nothing if the pairs it creates rank above it (checked; one that fails waits): until its
-      turn, bpe() merges only pairs that rank lower.
-    And a pair with no mergeable pair within `longest` pairs on either side is a wall that no merge will
-    cross: a later merge makes a token that holds a pair mergeable now, and a token spans at most `longest`
-    parts. Parts between two walls are finished and set aside, so rounds pass only over what can change.
-    A run of one letter takes a handful of rounds, random letters a few dozen. When a round merges too little
-    for a pass to pay, or the first kind's check fails, bpe() finishes each stretch between walls."""
+    """bpe() of the single bytes of `data`, for long pieces (a megabyte of one letter, of spaces or of random letters
+    is one piece): minbpe's loop on numpy arrays, many merges per vectorized pass. `table` holds every token that can
+    form from `data`. Each round merges pairs that bpe() is sure to merge as they stand, of two kinds:
+    - every pair of the lowest rank present, left to right: bpe()'s next merges, provided no pair they create ranks
+      at or below them (true of trained vocabularies, not of every file: checked);
+    - when those are too few to pay for a pass (random letters, not runs of one letter), also every pair whose
+      (rank, position) is the lowest within `longest` pairs on either side, `longest` being the longest token that
+      occurs in `data`: only a neighbour built by earlier merges could take one of its parts first, and such a
+      neighbour's pairs lie in the window. Merged ahead of its turn, it changes nothing if the pairs it creates rank
+      above it (checked; one that fails waits).
+    A pair with no mergeable pair within `longest` pairs on either side is a wall no merge will cross (a token spans
+    at most `longest` parts): parts between two walls are finished and set aside. A run of one letter takes a handful
+    of rounds, random letters a few dozen; when a round merges too little for a pass to pay, or the first kind's
+    check fails, bpe() finishes each stretch between walls."""
     c = table.byte_code[np.frombuffer(data, dtype=np.uint8)]  # a code per part
     start = np.arange(len(c))  # each part's first byte: where set-aside parts go back in order
     finished = []  # (start, code) arrays of the parts set aside
@@ -302,17 +299,15 @@ def with_gaps(pattern: str) -> str:
     return "(?:{0})|(?:(?!(?:{0}))[\\s\\S])+".format(pattern)
 
 
-# the patterns this file ships, GPT-2's, Llama 3's and the digit split: their matching time is known (linear; see
-# benchmarks/bench_tokenizer.py's worst cases), so pre_tokenize runs them without the time bound, which makes the
-# regex module ~3x slower
+# the patterns this file ships: linear in time (benchmarks/bench_tokenizer.py's worst cases), so pre_tokenize runs
+# them without the time bound, which makes the regex module ~3x slower
 LINEAR_PATTERNS = {with_gaps(GPT2_PATTERN), with_gaps(LLAMA3_PATTERN), r"\p{N}|\P{N}+", r"\p{N}+|\P{N}+"}
 
 
 def compile_pre_tokenizer(cfg: dict | None) -> list[regex.Pattern]:
-    """An HF pre_tokenizer config -> the regexes that cut text into pieces, applied one after the other.
-    Split(Isolated) keeps matches and the gaps between them as pieces; Digits is a Split on \\p{N}
-    (HF uses char::is_numeric, the same categories); ByteLevel(use_regex) is a Split on GPT-2's pattern and
-    must come last, because it maps bytes to characters that later steps would see."""
+    """An HF pre_tokenizer config -> the regexes that cut text into pieces, one after the other. Split(Isolated) keeps
+    matches and the gaps between them; Digits is a Split on \\p{N} (HF's char::is_numeric); ByteLevel(use_regex) is
+    a Split on GPT-2's pattern and comes last, since it maps bytes to characters later steps would see."""
     steps = cfg["pretokenizers"] if cfg and cfg["type"] == "Sequence" else [cfg]
     # without ByteLevel the vocabulary is not byte-level (SentencePiece-style '▁' words): not ours to guess
     if not steps[-1] or steps[-1]["type"] != "ByteLevel" or any(s["type"] == "ByteLevel" for s in steps[:-1]):
@@ -340,7 +335,7 @@ def compile_pre_tokenizer(cfg: dict | None) -> list[regex.Pattern]:
 
 
 def read_json(path) -> dict:
-    """A JSON object from a file; a ValueError naming the file where it is not one (json's own errors do not)."""
+    """A JSON object from a file, else a ValueError naming the file (json's own errors do not)."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -353,18 +348,15 @@ def read_json(path) -> dict:
 
 @lru_cache(maxsize=64)  # chat formatting encodes many short texts with the same few special tokens
 def special_regex(allowed: frozenset[str]) -> regex.Pattern:
-    """A regex splitting text at the allowed special tokens, keeping them (one capture group).
-    Longest first, so the alternation finds the leftmost-longest match, as HF's added-token matcher."""
+    """A regex splitting text at the allowed special tokens, keeping them; longest first, so the alternation finds
+    the leftmost-longest match, as HF's added-token matcher."""
     return regex.compile("(" + "|".join(map(regex.escape, sorted(allowed, key=len, reverse=True))) + ")")
 
 
 def pre_tokenize(text: str, patterns: list[regex.Pattern]) -> list[str]:
-    """Cut text into pieces with each pattern in turn (SmolLM2: each digit alone, then GPT-2's pattern).
-
-    The patterns come from a file, and one that backtracks catastrophically (`(?:\\w|\\w)*!` on a long word) would
-    run for hours: all of them together get PATTERN_SECONDS plus one per 10,000 characters (the known patterns need
-    a thousandth of that), then a ValueError ends the call. The patterns this file ships (LINEAR_PATTERNS) run
-    unbounded, whichever file names them."""
+    """Cut text into pieces with each pattern in turn (SmolLM2: each digit alone, then GPT-2's pattern). A pattern from
+    a file may backtrack catastrophically (`(?:\\w|\\w)*!` on a long word runs for hours): together they get
+    PATTERN_SECONDS plus one per 10,000 characters, then a ValueError; LINEAR_PATTERNS run unbounded."""
     budget = PATTERN_SECONDS + len(text) / 10_000
     deadline, pieces = time.monotonic() + budget, [text]
     try:
@@ -387,12 +379,10 @@ def pre_tokenize(text: str, patterns: list[regex.Pattern]) -> list[str]:
 class Tokenizer:
     def __init__(self, vocab: dict[bytes, int], merges: dict[tuple[bytes, bytes], int] | None,
                  pre_tokenizer: dict, special_tokens: dict[str, int], ignore_merges: bool = False):
-        """vocab: token bytes -> id. merges: (a, b) -> rank as in HF files; None means tiktoken's rule, where
-        a pair ranks as its merged bytes' id. pre_tokenizer: HF JSON config. ignore_merges: a piece found
-        whole in the vocabulary is one token (HF option; tiktoken always does this)."""
+        """vocab: token bytes -> id. merges: (a, b) -> rank, as HF files rank a pair by its line; None: tiktoken's rule,
+        a pair ranks as its merged bytes' id (the two agree on Llama 3, not in general). pre_tokenizer: HF JSON config.
+        ignore_merges: a piece found whole in the vocabulary is one token (HF's option; tiktoken always does so)."""
         self.vocab, self.merges, self.ignore_merges = vocab, merges, ignore_merges
-        # the rank of merging parts a and b: HF ranks the pair by its line in `merges`, tiktoken by the id
-        # of the merged bytes (the two agree on Llama 3 but not in general)
         self.rank = (lambda a, b: vocab.get(a + b)) if merges is None else (lambda a, b: merges.get((a, b)))
         self.pre_tokenizer, self.patterns = pre_tokenizer, compile_pre_tokenizer(pre_tokenizer)
         self.special_tokens = dict(special_tokens)
@@ -407,9 +397,8 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str) -> "Tokenizer":
-        """A tokenizer.json, a folder holding one (or vocab.json + merges.txt, or tokenizer.model), or a
-        tiktoken tokenizer.model. A missing, unreadable or malformed file raises FileNotFoundError or
-        ValueError with a one-line message naming it (the CLIs print it as `error: ...`)."""
+        """A tokenizer.json, a folder holding one (or vocab.json + merges.txt, or tokenizer.model), or a tiktoken
+        tokenizer.model. A missing, unreadable or malformed file is a FileNotFoundError or ValueError naming it."""
         path = os.fspath(path)
         if os.path.isdir(path):
             # tokenizer.json first: it names its own pre-tokenizer and special tokens, and HF reads it too
@@ -435,13 +424,12 @@ class Tokenizer:
     @classmethod
     def _from_hf(cls, data: dict) -> "Tokenizer":
         model, decoder = data["model"], data.get("decoder") or {"type": "ByteLevel"}
-        unsupported = {"normalizer": data.get("normalizer"), "model": model["type"] != "BPE" and model["type"],
-                       "decoder": decoder["type"] != "ByteLevel" and decoder,
-                       **{k: model.get(k) for k in ("dropout", "byte_fallback", "continuing_subword_prefix",
-                                                    "end_of_word_suffix")}}
-        if any(unsupported.values()):
-            raise NotImplementedError(f"unsupported tokenizer.json settings: "
-                                      f"{ {k: v for k, v in unsupported.items() if v} }")
+        unsupported = {"normalizer": data.get("normalizer"), "model": model["type"] if model["type"] != "BPE" else None,
+                       "decoder": decoder if decoder["type"] != "ByteLevel" else None}
+        unsupported |= {k: model.get(k) for k in ("dropout", "byte_fallback", "continuing_subword_prefix",
+                                                  "end_of_word_suffix")}
+        if unsupported := {k: v for k, v in unsupported.items() if v}:
+            raise NotImplementedError(f"unsupported tokenizer.json settings: {unsupported}")
         as_bytes = {t: token_bytes(t) for t in model["vocab"]}  # merges name vocabulary entries
         vocab = {as_bytes[t]: i for t, i in model["vocab"].items()}
         # with an unk_token HF would emit it for a byte the vocabulary lacks, where we drop the byte
@@ -460,8 +448,7 @@ class Tokenizer:
 
     @classmethod
     def _from_vocab_merges(cls, vocab: dict, merges_path: str) -> "Tokenizer":
-        """GPT-2's original files (vocab.json's contents, merges.txt): the GPT-2 pattern, <|endoftext|> as the one
-        special token."""
+        """GPT-2's original files (vocab.json's contents, merges.txt): GPT-2's pattern, one special <|endoftext|>."""
         with open(merges_path, encoding="utf-8") as f:
             lines = [line.split() for line in f.read().splitlines() if line and not line.startswith("#version")]
         special = {s: i for s, i in vocab.items() if s == "<|endoftext|>"}
@@ -473,8 +460,8 @@ class Tokenizer:
 
     @classmethod
     def _from_tiktoken(cls, path: str) -> "Tokenizer":
-        """Meta's Llama 3 tokenizer.model: one `base64(token) rank` line per token. The file holds neither
-        the pattern nor the special tokens; like Meta's tokenizer.py we take Llama 3's."""
+        """Meta's Llama 3 tokenizer.model: one `base64(token) rank` line per token; the pattern and the special tokens
+        are Llama 3's, as in Meta's tokenizer.py (the file holds neither)."""
         with open(path, "rb") as f:
             lines = f.read().splitlines()
         vocab = {}
@@ -491,10 +478,7 @@ class Tokenizer:
         if not vocab:
             raise ValueError(f"{path} is empty; download it again")
         special = {s: len(vocab) + i for i, s in enumerate(LLAMA3_SPECIAL_TOKENS)}
-        pre = {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
-            BYTE_LEVEL]}
-        return cls(vocab, None, pre, special, ignore_merges=True)
+        return cls(vocab, None, split_then_bytes(LLAMA3_PATTERN), special, ignore_merges=True)
 
     # ---- encoding
 
@@ -512,8 +496,8 @@ class Tokenizer:
         return [self.vocab[p] for p in parts]
 
     def _merge_table(self, data: bytes) -> MergeTable:
-        """bpe_long's merge table, of the tokens made of bytes seen in long pieces so far: listing all of
-        Llama 3's merges takes about a second, those among the lowercase letters a quarter of that."""
+        """bpe_long's merge table, of the tokens made of bytes seen in long pieces so far (all of Llama 3's merges
+        take about a second to list, those among the lowercase letters a quarter of that)."""
         alphabet = np.flatnonzero(np.bincount(np.frombuffer(data, dtype=np.uint8), minlength=256))
         alphabet = alphabet.astype(np.uint8).tobytes()
         if alphabet.translate(None, self.table_bytes):  # bytes the table lacks: grow it to all seen so far
@@ -536,8 +520,8 @@ class Tokenizer:
         return ids
 
     def encode(self, text: str, allowed_special: str | frozenset | set = frozenset()) -> list[int]:
-        """Text -> ids. Special-token strings count as special only if in `allowed_special` ("all": every
-        one); otherwise they are plain text, so user text cannot forge control tokens."""
+        """Text -> ids. Special-token strings are special only if in `allowed_special` ("all": every one), else plain
+        text, so user text cannot forge control tokens."""
         allowed = self.special_tokens.keys() if allowed_special == "all" else frozenset(allowed_special)
         if unknown := allowed - self.special_tokens.keys():
             raise ValueError(f"not special tokens of this vocabulary: {sorted(unknown)}")
@@ -553,8 +537,7 @@ class Tokenizer:
     # ---- decoding
 
     def decode_bytes(self, ids: list[int]) -> bytes:
-        """Ids -> raw bytes; a token may end inside a UTF-8 sequence, so stream through an incremental decoder."""
-        # an unknown id raises KeyError: a model emitting ids beyond the vocabulary is a bug to surface
+        """Ids -> raw bytes (a token may end inside a UTF-8 character); an unknown id is a KeyError, a bug to see."""
         return b"".join(self.decoder[i] for i in ids)
 
     def decode(self, ids: list[int]) -> str:
@@ -569,8 +552,7 @@ class Tokenizer:
             raise NotImplementedError("saving a tiktoken vocabulary needs merges derived from ranks; not supported")
         if os.path.isdir(path):
             path = os.path.join(path, "tokenizer.json")
-        # the fields HF writes itself, so tokenizers of any recent version loads the file; merges as "a b"
-        # strings (older format, still read everywhere; byte-level strings never contain a space)
+        # the fields HF writes itself, so any recent `tokenizers` loads it; merges as "a b" (read everywhere)
         flags = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
         data = {
             "version": "1.0", "truncation": None, "padding": None,
@@ -582,7 +564,8 @@ class Tokenizer:
                       "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
                       "ignore_merges": self.ignore_merges,
                       "vocab": {token_str(b): i for b, i in sorted(self.vocab.items(), key=lambda kv: kv[1])},
-                      "merges": [f"{token_str(a)} {token_str(b)}" for a, b in sorted(self.merges, key=self.merges.get)]},
+                      "merges": [f"{token_str(a)} {token_str(b)}" for a, b in sorted(self.merges,
+                                                                                   key=self.merges.get)]},
         }
         with open(path, "w", encoding="utf-8") as f:
             json.dump(data, f, ensure_ascii=False)
@@ -592,16 +575,11 @@ class Tokenizer:
 
 
 def train(texts, vocab_size: int, pattern: str = LLAMA3_PATTERN, special_tokens=()) -> Tokenizer:
-    """Learn a byte-level BPE vocabulary of `vocab_size` ids (256 bytes + merges + special tokens, which
-    come last) from an iterable of strings.
-
-    minbpe recounts all pairs of the whole text after every merge. Here the text is reduced to its unique
-    pieces with their counts, pair counts are kept in `stats` with `where` (pair -> indices of the words
-    containing it), and a merge only re-counts the words that contain the merged pair.
-    Ties: the most frequent pair wins, and among equally frequent pairs the one with the smallest
-    (left id, right id), i.e. made of the earliest tokens; so training is deterministic."""
-    pre = {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False}, BYTE_LEVEL]}
+    """Learn a byte-level BPE vocabulary of `vocab_size` ids (256 bytes + merges + special tokens, which come last)
+    from an iterable of strings. minbpe recounts all pairs of the whole text after every merge; here the text is
+    reduced to its distinct pieces with their counts, and a merge re-counts only the words holding the pair (`where`).
+    Ties: the most frequent pair wins, then the smallest (left id, right id), so training is deterministic."""
+    pre = split_then_bytes(pattern)
     patterns = compile_pre_tokenizer(pre)
     # merges never cross pieces, so only distinct pieces matter: 2 MB of code is ~430k pieces, ~21k distinct
     word_counts = Counter(piece for text in texts for piece in pre_tokenize(text, patterns))
@@ -614,9 +592,8 @@ def train(texts, vocab_size: int, pattern: str = LLAMA3_PATTERN, special_tokens=
         get_stats(word, stats, n)
         for pair in zip(word, word[1:]):
             where[pair].add(w)
-    # entries (-count, pair): most frequent first, then the smallest pair (the tie rule above). An entry
-    # may hold a count that has since dropped (a merge only lowers the counts of existing pairs), so a
-    # popped entry is checked against `stats` and re-queued with the true count if stale
+    # entries (-count, pair): most frequent first, then the smallest pair. A merge only lowers the counts of existing
+    # pairs, so a popped entry whose count has dropped is re-queued with the true one
     heap = [(-n, pair) for pair, n in stats.items()]
     heapq.heapify(heap)
     target = vocab_size - len(special_tokens)
@@ -633,8 +610,7 @@ def train(texts, vocab_size: int, pattern: str = LLAMA3_PATTERN, special_tokens=
         vocab.append(vocab[pair[0]] + vocab[pair[1]])
         merges.append(pair)
         progress.update()
-        # re-count only the words holding the pair: take their pairs out, merge, put the new pairs in.
-        # `where` may still list a word for a pair it lost; merging it again changes nothing.
+        # re-count the words holding the pair (`where` may list a word that lost it: merging changes nothing then)
         touched = set()
         for w in where.pop(pair):
             word, n = words[w], counts[w]
@@ -660,14 +636,10 @@ def train(texts, vocab_size: int, pattern: str = LLAMA3_PATTERN, special_tokens=
 def apply_chat_template(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
                         default_system: str | None = None, date_string: str = "26 Jul 2024") -> list[int]:
     """A conversation's ids exactly as the checkpoint's HF chat template renders them and HF tokenizes them, in the
-    format the tokenizer's special tokens name: ChatML (SmolLM2, nanollm) or Llama 3.1's headers. The special
-    tokens go in as ids and each stretch of text between two of them is encoded as one plain-text piece, as HF
-    splits the rendered string, so a user who types "<|im_end|>" or "<|eot_id|>" cannot end a turn.
-
-    default_system: ChatML's first turn when the conversation has no system turn (SmolLM2-Instruct's template has
-        one; nanollm's chat data has none). Llama 3 always opens with its own system turn and ignores it.
-    date_string: Llama 3.1's "Today Date" line (its template's default)
-    """
+    format the tokenizer's special tokens name: ChatML (SmolLM2, nanollm) or Llama 3.1's headers. Special tokens go
+    in as ids and the text between two of them is encoded as plain text, so typing "<|im_end|>" cannot end a turn.
+    default_system: ChatML's first turn when there is no system turn (SmolLM2-Instruct's template has one); Llama 3
+    opens with its own. date_string: Llama 3.1's "Today Date" line (its template's default)."""
     sp = tokenizer.special_tokens
     if "<|im_start|>" in sp and "<|im_end|>" in sp:  # <|im_start|>role\ncontent<|im_end|>\n
         start, end = sp["<|im_start|>"], sp["<|im_end|>"]
@@ -680,8 +652,7 @@ def apply_chat_template(tokenizer: Tokenizer, messages: list[dict], add_generati
             ids += [start] + tokenizer.encode("assistant\n")
         return ids
     if "<|start_header_id|>" in sp:
-        # a system turn with the knowledge-cutoff date always comes first, and contents are stripped (Jinja's
-        # |trim); tool calls are not rendered
+        # a system turn with the knowledge-cutoff date comes first; contents are stripped (Jinja's |trim); no tools
         start, end, eot = sp["<|start_header_id|>"], sp["<|end_header_id|>"], sp["<|eot_id|>"]
         system = ""
         if messages and messages[0]["role"] == "system":
@@ -699,6 +670,7 @@ def apply_chat_template(tokenizer: Tokenizer, messages: list[dict], add_generati
                      "checkpoint has no chat format; use --chat false")
 
 # -----------------------------------------------------------------------------
+# command line
 
 
 def main(path: str = "checkpoints/Llama-3.2-tokenizer", text: str = "Hello world! 12345 <|eot_id|>",

@@ -104,7 +104,7 @@ def test_marked_copies_match_their_source():
 SHARED = {
     "smollm2.py": ["config_get", "llama_fields", "llama_config", "RMSNorm", "rope_inv_freq", "rope_cos_sin",
                    "apply_rope", "KVCache", "Attention", "MLP", "Block", "doc_positions_and_mask", "read_json",
-                   "read_config", "read_header", "load_weights", "check_generate", "logits_to_probs", "sample",
+                   "read_config", "read_header", "build", "check_generate", "logits_to_probs", "sample",
                    "encode_chat"],
     "llama31.py": ["rope_inv_freq"],
 }
@@ -179,7 +179,7 @@ def test_unmarked_shared_lines_counts_what_is_not_marked(tmp_path):
 
 CLI_BLOCKS = ["FlagParser", "HelpFormatter", "flag_help", "cli", "parse_bool", "utf8", "check_generation_flags",
               "is_chat_checkpoint", "speed_up", "chat_main", "stream_printer", "converse"]
-LOADING_BLOCKS = ["read_json", "read_config", "read_header", "load_weights", "check_generate"]
+LOADING_BLOCKS = ["read_json", "read_config", "read_header", "build", "check_generate"]
 
 
 def test_the_command_line_has_one_source():
