@@ -62,8 +62,9 @@ MODEL_FLAGS = dict(
     seed="seeds sampling, so a run repeats exactly",
     chat="wrap the prompt in the chat template; default: when the checkpoint has one",
     interactive="chat turn by turn until Ctrl-D; Ctrl-C stops a reply",
-    int8="int8 weights on the CPU: fast_decode.py's weights=\"int8\", a quarter of fp32's bytes per token (quality "
-         "against fp32: benchmarks/bench_int8_quality.py)")
+    int8="int8 weights on the CPU (fast_decode.py's weights=\"int8\"): a quarter of fp32's bytes per token",
+    int4="4-bit weights on the CPU (fast_decode.py's weights=\"int4\", a scale and a zero per 32 weights); "
+         "python fast_decode.py quantize writes them once (quality against fp32: benchmarks/bench_quality.py)")
 
 
 def flag_help(doc: str) -> dict[str, str]:
@@ -134,7 +135,7 @@ def utf8(s: str) -> str:
 
 
 def check_generation_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, interactive,
-                           int8=False):
+                           int8=False, int4=False):
     """The flags every model file's main takes, checked before the slow load -> (torch.device, torch dtype or None);
     a ValueError names the flag. device None: cuda when available, else cpu. (generate() checks its own arguments
     again, sampling ones alike: a library call never passes here.)"""
@@ -162,9 +163,11 @@ def check_generation_flags(prompt, max_new_tokens, temperature, top_k, top_p, se
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype is not None and dtype not in dtypes:
         raise ValueError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype}")
-    if int8 and (importlib.util.find_spec("fast_decode") is None or dev.type != "cpu"):
-        raise ValueError("--int8 is fast_decode.py's CPU path: keep fast_decode.py beside the model file; "
-                         "use --device cpu")
+    if int8 and int4:
+        raise ValueError("give --int8 or --int4, not both")
+    if (int8 or int4) and (importlib.util.find_spec("fast_decode") is None or dev.type != "cpu"):
+        raise ValueError(f"--{'int8' if int8 else 'int4'} is fast_decode.py's CPU path: keep fast_decode.py beside "
+                         "the model file; use --device cpu")
     return dev, dtypes.get(dtype)
 
 
@@ -184,19 +187,26 @@ def is_chat_checkpoint(ckpt_dir) -> bool:
     return isinstance(cfg, dict) and "chat_template" in cfg
 
 
-def speed_up(model, ckpt_dir, device, int8: bool, load_seconds: float):
-    """fast_decode.py's products for decoding on a CPU, where it is beside the model file (a model file copied alone
-    decodes plain, the same tokens); then one line on stderr: what was loaded, how, and where the time went."""
-    w = model.lm_head.weight
-    line = f"loaded {ckpt_dir} ({w.dtype}, {device}) in {load_seconds:.1f}s"
-    if importlib.util.find_spec("fast_decode") is not None:
-        from fast_decode import fast
+def load_model(Model, ckpt_dir, device, dtype, int8=False, int4=False):
+    """Model.from_pretrained, made fast for decoding on a CPU by fast_decode.py where it is beside the model file (a
+    model file copied alone decodes plain, the same tokens). --int8 / --int4: the model is built without its float
+    weights and each linear layer is quantized as it is read, or read from the file `python fast_decode.py quantize`
+    wrote, so the float model is never held. One line on stderr: what was loaded, how, and in how long."""
+    t0, weights, how = time.time(), "int8" if int8 else "int4" if int4 else None, ""
+    if importlib.util.find_spec("fast_decode") is None:
+        model = Model.from_pretrained(ckpt_dir, device, dtype)
+    else:
+        from fast_decode import load, quantized_path
 
-        t0 = time.time()
-        fast(model, threads=True, weights="int8" if int8 else None)  # threads: fast_decode.decode_threads
-        if int8:
-            line += f"; --int8: int8 copies of the {w.dtype} weights made in {time.time() - t0:.1f}s (fast_decode.py)"
-    print(line, file=sys.stderr)
+        model = load(Model, ckpt_dir, weights, device=device, dtype=dtype, threads=True)
+        if weights:
+            stored = quantized_path(ckpt_dir, weights)
+            how = (f"; {weights} weights (fast_decode.py) " + (f"read from {stored.name}" if stored.is_file() else
+                   f"quantized as read (python fast_decode.py quantize --ckpt_dir {ckpt_dir} --weights {weights} "
+                   f"stores them once)"))
+    w = model.model.norm.weight  # (a quantized head makes its weight when read: a full copy)
+    print(f"loaded {ckpt_dir} ({w.dtype}, {device}) in {time.time() - t0:.1f}s{how}", file=sys.stderr)
+    return model
 
 
 def checkpoint_folder(ckpt_dir: str) -> str:
@@ -210,7 +220,7 @@ def checkpoint_folder(ckpt_dir: str) -> str:
 
 
 def chat_main(Model, encode_chat, prompt, ckpt_dir, max_new_tokens, temperature, top_p, top_k, device, dtype, seed,
-              chat, interactive, int8):
+              chat, interactive, int8, int4):
     """The command line of a model file whose checkpoints carry their tokenizer and, for chat models, a chat template
     (smollm2.py, nanollm.py, lm2.py; llama31.py's main is its own): the flags checked before the slow load, the load
     (dtype: bfloat16 on cuda, float32 on cpu unless given), --chat's default, then one reply or a conversation.
@@ -220,16 +230,16 @@ def chat_main(Model, encode_chat, prompt, ckpt_dir, max_new_tokens, temperature,
 
     try:
         dev, dt = check_generation_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
-                                         interactive, int8)
-        ckpt_dir, t0 = checkpoint_folder(ckpt_dir), time.time()
-        model = Model.from_pretrained(ckpt_dir, dev, dt or (torch.bfloat16 if dev.type == "cuda" else torch.float32))
+                                         interactive, int8, int4)
+        ckpt_dir = checkpoint_folder(ckpt_dir)
+        model = load_model(Model, ckpt_dir, dev, dt or (torch.bfloat16 if dev.type == "cuda" else torch.float32),
+                           int8, int4)
         tokenizer = Tokenizer.from_file(ckpt_dir)
         chat = is_chat_checkpoint(ckpt_dir) if chat is None else chat
         if chat:
             encode_chat(tokenizer, [])  # a tokenizer without a chat format's tokens says so here, in one line
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         raise SystemExit(f"error: {e}")
-    speed_up(model, ckpt_dir, dev, int8, time.time() - t0)
     # a chat reply also ends at the format's end-of-turn token (ChatML's, or Llama 3's where lm2 runs Llama 3.2)
     turn = [tokenizer.special_tokens[t] for t in ("<|im_end|>", "<|eot_id|>") if chat and t in tokenizer.special_tokens]
     converse(model, tokenizer, encode_chat if chat else None, prompt, interactive, [*model.args.stop_tokens, *turn],

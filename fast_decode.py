@@ -699,16 +699,21 @@ def build(cls, ckpt_dir, weights: str, group_size: int, rounding: str, device, d
             kept.update(zip(keys, tensors))
         return tensors
 
-    with torch.no_grad():
-        quantize_layers(model, weights, group_size, get, lambda t: read(t).to(device=device, dtype=t.dtype))
-        done = {}  # (a tensor tied under two names is read once)
-        for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
-            if t.is_meta and id(t) in names:
-                if id(t) not in done:
-                    value = read(t).to(device=device, dtype=t.dtype)
-                    done[id(t)] = nn.Parameter(value, t.requires_grad) if isinstance(t, nn.Parameter) else value
-                owner, _, leaf = name.rpartition(".")
-                setattr(model.get_submodule(owner), leaf, done[id(t)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # many small element-wise ops: beside a busy core two threads wait on each other (30x)
+    try:
+        with torch.no_grad():
+            quantize_layers(model, weights, group_size, get, lambda t: read(t).to(device=device, dtype=t.dtype))
+            done = {}  # (a tensor tied under two names is read once)
+            for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
+                if t.is_meta and id(t) in names:
+                    if id(t) not in done:
+                        value = read(t).to(device=device, dtype=t.dtype)
+                        done[id(t)] = nn.Parameter(value, t.requires_grad) if isinstance(t, nn.Parameter) else value
+                    owner, _, leaf = name.rpartition(".")
+                    setattr(model.get_submodule(owner), leaf, done[id(t)])
+    finally:
+        torch.set_num_threads(threads)
     if hasattr(model, "init_rope"):
         model.init_rope(device)  # (the RoPE tables or frequencies: not in a checkpoint, made on the meta device)
     left = [f"{n}.{k}" for n, m in model.named_modules() for k, t in list(m._parameters.items())

@@ -36,7 +36,6 @@ Usage:
 import json
 import math
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -376,7 +375,7 @@ class Llama(nn.Module):
         # for generation only, sized to the request, never to the context (Llama 3.1 8B's 131072 tokens: 16 GiB a row)
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(f"{max_seq_len} tokens do not fit the context of {self.args.max_seq_len}")
-        w = self.lm_head.weight
+        w = self.model.norm.weight  # the model's dtype and device, whatever form its linear layers take
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
                                             w.dtype, w.device)
@@ -434,7 +433,7 @@ class Llama(nn.Module):
         call, unless the caller set up one that fits (benchmarks do, so a compiled step sees the same buffers)."""
         longest = check_generate(prompts, max_new_tokens, self.args, temperature, top_k, top_p)
         stop = set(self.args.stop_tokens if stop_tokens is None else stop_tokens)
-        B, total, device = len(prompts), longest + max_new_tokens, self.lm_head.weight.device
+        B, total, device = len(prompts), longest + max_new_tokens, self.model.norm.weight.device
         # Left-pad so every row's last prompt token sits in the same slot: one decode step serves all rows.
         pad = torch.tensor([longest - len(p) for p in prompts], device=device)
         tokens = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
@@ -632,7 +631,7 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, chat: bool) -> list[int]:
 def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/Llama-3.1-8B-Instruct", max_new_tokens: int = 256,
          temperature: float = 0.6, top_p: float = 0.9, top_k: int | None = None, device: str | None = None,
          dtype: str | None = None, seed: int | None = None, chat: bool | None = None, interactive: bool = False,
-         int8: bool = False):
+         int8: bool = False, int4: bool = False):
     """Generate from Llama 3.1 / 3.2. Instruct checkpoints wrap the prompt in the chat template (--chat false
     sends it raw); base checkpoints get <|begin_of_text|> + the prompt, verbatim. The sampling defaults are
     those of Meta's generation_config.json.
@@ -643,13 +642,12 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/Llama-3.1-8B-In
     chat: wrap the prompt in the chat template; default: for instruct checkpoints
     (--prompt, --temperature and the other flags every model file takes: python llama31.py --help)
     """
-    from cli import check_generation_flags, converse, speed_up
+    from cli import check_generation_flags, converse, load_model
 
     try:
         dev, dt = check_generation_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
-                                         interactive, int8)
-        t0 = time.time()
-        model = Llama.from_pretrained(ckpt_dir, dev, dt)
+                                         interactive, int8, int4)
+        model = load_model(Llama, ckpt_dir, dev, dt, int8, int4)
         tokenizer = Tokenizer.from_file(ckpt_dir)
         if tokenizer.special_tokens.get("<|begin_of_text|>") != BOS:  # Llama 3's special ids are assumed below
             chatml = "<|im_start|>" in tokenizer.special_tokens  # SmolLM2's
@@ -660,7 +658,6 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/Llama-3.1-8B-In
     chat = EOT in model.args.stop_tokens if chat is None else chat  # only instruct models end turns with eot
     if interactive and not chat:
         raise SystemExit("error: --interactive needs an instruct (chat) checkpoint")
-    speed_up(model, ckpt_dir, dev, int8, time.time() - t0)
     stop = [END_OF_TEXT, EOM, EOT] if chat else list(model.args.stop_tokens)
 
     def encode(tokenizer, messages):  # the conversation in the chat template, or <|begin_of_text|> + the latest text

@@ -527,7 +527,7 @@ class LM2(nn.Module):
     def setup_cache(self, batch_size: int, max_seq_len: int):
         """Generation only: KV buffers, and every bank at M_0 (a segment in progress never holds more than the request,
         whatever config.json's segment_len)."""
-        p = self.lm_head.weight
+        p = self.model.norm.weight  # the model's dtype and device, whatever form its linear layers take
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
                                             p.dtype, p.device)
@@ -595,7 +595,7 @@ class LM2(nn.Module):
         longest = check_generate(prompts, max_new_tokens, self.args, temperature, top_k, top_p)
         stop = set(self.args.stop_tokens if stop_tokens is None else stop_tokens)
         B, lens, total = len(prompts), [len(p) for p in prompts], longest + max_new_tokens
-        device = self.lm_head.weight.device
+        device = self.model.norm.weight.device
         # subtle: no left padding; a row still in its prompt is fed its own next token, and its sample is ignored
         tokens = torch.tensor([list(p) + [0] * (total - len(p)) for p in prompts], device=device)
         rng = torch.Generator(device).manual_seed(seed) if seed is not None else None
@@ -790,7 +790,8 @@ CKPT_DIR = "checkpoints/SmolLM2-135M-Instruct"  # python download.py writes it; 
 # Same as smollm2.py: main (with SmolLM2->LM2,smollm2.py->lm2.py)
 def main(prompt: str | None = None, ckpt_dir: str = CKPT_DIR, max_new_tokens: int = 256, temperature: float = 0.2,
          top_p: float = 0.9, top_k: int | None = None, device: str | None = None, dtype: str | None = None,
-         seed: int = 1337, chat: bool | None = None, interactive: bool = False, int8: bool = False):
+         seed: int = 1337, chat: bool | None = None, interactive: bool = False, int8: bool = False,
+         int4: bool = False):
     """Generate from LM2. Instruct checkpoints wrap the prompt in the chat template unless --chat false.
 
     ckpt_dir: a HF checkpoint folder (python download.py writes one)
@@ -799,7 +800,7 @@ def main(prompt: str | None = None, ckpt_dir: str = CKPT_DIR, max_new_tokens: in
     from cli import chat_main  # the flags checked before the slow load, the load, then one reply or a conversation
 
     chat_main(LM2, encode_chat, prompt, ckpt_dir, max_new_tokens, temperature, top_p, top_k, device, dtype, seed,
-              chat, interactive, int8)
+              chat, interactive, int8, int4)
 
 
 if __name__ == "__main__":

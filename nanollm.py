@@ -498,7 +498,7 @@ class NanoLLM(nn.Module):
         return self.lm_head(self.trunk(tokens, *doc_positions_and_mask(doc_ids)))
 
     def setup_cache(self, batch_size: int, max_seq_len: int):
-        w = self.lm_head.weight
+        w = self.model.norm.weight  # the model's dtype and device, whatever form its linear layers take
         for layer in self.model.layers:
             layer.self_attn.cache = MLACache(batch_size, max_seq_len, self.args.kv_lora_rank,
                                              self.args.qk_rope_head_dim, w.dtype, w.device)
@@ -574,7 +574,7 @@ class NanoLLM(nn.Module):
         call, unless the caller set up one that fits (benchmarks do, so a compiled step sees the same buffers)."""
         longest = check_generate(prompts, max_new_tokens, self.args, temperature, top_k, top_p)
         stop = set(self.args.stop_tokens if stop_tokens is None else stop_tokens)
-        B, total, device = len(prompts), longest + max_new_tokens, self.lm_head.weight.device
+        B, total, device = len(prompts), longest + max_new_tokens, self.model.norm.weight.device
         # Left-pad so every row's last prompt token sits in the same slot: one decode step serves all rows.
         pad = torch.tensor([longest - len(p) for p in prompts], device=device)
         tokens = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
@@ -753,7 +753,7 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
 def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/nanollm", max_new_tokens: int = 200,
          temperature: float = 0.8, top_p: float = 0.95, top_k: int | None = None, device: str | None = None,
          dtype: str | None = None, seed: int | None = None, chat: bool | None = None, interactive: bool = False,
-         int8: bool = False):
+         int8: bool = False, int4: bool = False):
     """Generate from a nanollm checkpoint (benchmarks/pretrain_nanollm.py or finetune.py trains one); a chat model
     (one with a chat template) wraps the prompt in ChatML unless --chat false.
 
@@ -764,7 +764,7 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/nanollm", max_n
     from cli import chat_main  # the flags checked before the slow load, the load, then one reply or a conversation
 
     chat_main(NanoLLM, encode_chat, prompt, ckpt_dir, max_new_tokens, temperature, top_p, top_k, device, dtype, seed,
-              chat, interactive, int8)
+              chat, interactive, int8, int4)
 
 
 if __name__ == "__main__":

@@ -312,7 +312,7 @@ class SmolLM2(nn.Module):
         # for generation only, sized to the request, never to the context (Llama 3.1 8B's 131072 tokens: 16 GiB a row)
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(f"{max_seq_len} tokens do not fit the context of {self.args.max_seq_len}")
-        w = self.lm_head.weight
+        w = self.model.norm.weight  # the model's dtype and device, whatever form its linear layers take
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
                                             w.dtype, w.device)
@@ -360,7 +360,7 @@ class SmolLM2(nn.Module):
         call, unless the caller set up one that fits (benchmarks do, so a compiled step sees the same buffers)."""
         longest = check_generate(prompts, max_new_tokens, self.args, temperature, top_k, top_p)
         stop = set(self.args.stop_tokens if stop_tokens is None else stop_tokens)
-        B, total, device = len(prompts), longest + max_new_tokens, self.lm_head.weight.device
+        B, total, device = len(prompts), longest + max_new_tokens, self.model.norm.weight.device
         # Left-pad so every row's last prompt token sits in the same slot: one decode step serves all rows.
         pad = torch.tensor([longest - len(p) for p in prompts], device=device)
         tokens = torch.tensor([[0] * (longest - len(p)) + list(p) for p in prompts], device=device)
@@ -542,7 +542,8 @@ CKPT_DIR = "checkpoints/SmolLM2-135M-Instruct"  # python download.py writes it
 
 def main(prompt: str | None = None, ckpt_dir: str = CKPT_DIR, max_new_tokens: int = 256, temperature: float = 0.2,
          top_p: float = 0.9, top_k: int | None = None, device: str | None = None, dtype: str | None = None,
-         seed: int = 1337, chat: bool | None = None, interactive: bool = False, int8: bool = False):
+         seed: int = 1337, chat: bool | None = None, interactive: bool = False, int8: bool = False,
+         int4: bool = False):
     """Generate from SmolLM2. Instruct checkpoints wrap the prompt in the chat template unless --chat false.
 
     ckpt_dir: a HF checkpoint folder (python download.py writes one)
@@ -551,7 +552,7 @@ def main(prompt: str | None = None, ckpt_dir: str = CKPT_DIR, max_new_tokens: in
     from cli import chat_main  # the flags checked before the slow load, the load, then one reply or a conversation
 
     chat_main(SmolLM2, encode_chat, prompt, ckpt_dir, max_new_tokens, temperature, top_p, top_k, device, dtype, seed,
-              chat, interactive, int8)
+              chat, interactive, int8, int4)
 
 
 if __name__ == "__main__":

@@ -136,7 +136,7 @@ def test_string_flags_arrive_byte_for_byte(mod, monkeypatch):
         with pytest.raises(Seen) as e:
             cli.cli(mod.main, argv=["--prompt", text, "--device", text, "--dtype", text])
         prompt, rest = e.value.args
-        assert prompt == text and rest[-4:-2] == (text, text)
+        assert prompt == text and rest[5:7] == (text, text)  # (after max_new_tokens ... seed: device, dtype)
 
 
 def test_string_flags_arrive_byte_for_byte_from_a_real_command_line():
@@ -150,15 +150,15 @@ def test_string_flags_arrive_byte_for_byte_from_a_real_command_line():
 @pytest.mark.parametrize("mod", MODS, ids=lambda m: m.__name__)
 def test_help_lists_every_flag_with_its_whole_help(mod):
     """`python X.py --help` exits 0 (before any checkpoint is read) and shows every flag's help whole, a help that
-    spans two docstring lines (--int8's) included, then its default."""
+    spans two lines (--int4's) included, then its default."""
     run = subprocess.run([sys.executable, f"{mod.__name__}.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0 and not run.stderr, run.stderr
     words = " ".join(run.stdout.split())  # argparse wraps help text; compare with the line breaks undone
     helps = {**cli.MODEL_FLAGS, **cli.flag_help(mod.main.__doc__ or "")}
     for flag in ["prompt", "ckpt_dir", "max_new_tokens", "temperature", "top_p", "top_k", "device", "dtype", "seed",
-                 "chat", "interactive", "int8"]:
+                 "chat", "interactive", "int8", "int4"]:
         assert f"--{flag} " in run.stdout and f"{helps[flag]} (default: " in words, flag
-    assert "bench_int8_quality.py) (default: False)" in words
+    assert "benchmarks/bench_quality.py) (default: False)" in words
 
 
 # -----------------------------------------------------------------------------
@@ -289,28 +289,33 @@ def test_interactive_needs_a_chat_model(mod, tmp_path):
     assert "--interactive needs" in msg and "chat" in msg, msg
 
 
+@pytest.mark.parametrize("flag", ["--int8", "--int4"])
 @pytest.mark.parametrize("mod", MODS, ids=lambda m: m.__name__)
-def test_int8_flag_quantizes_or_says_why_not(mod, tmp_path, monkeypatch, capsys):
-    """--int8 runs the model through fast_decode's int8 products; without fast_decode.py (a model file copied
-    alone) it is refused in one line instead of silently decoding in float."""
+def test_quantized_flags_load_quantized_or_say_why_not(mod, flag, tmp_path, monkeypatch, capsys):
+    """--int8 / --int4 load the model through fast_decode.load, so every linear layer is a quantized one and the float
+    model is never held; the load line says which weights and where they came from. Both flags at once, or either
+    without fast_decode.py beside the model file (a model file copied alone), are refused in one line instead of
+    silently decoding in float."""
     tok_dir = LLAMA_TOKENIZER_DIR if mod is llama31 else SMOLLM2_DIR
     if not (tok_dir / "tokenizer.json").is_file():
         pytest.fail(f"test asset {tok_dir} missing: run python download.py")
     ckpt = save(tiny(mod, vocab_size=128256 if mod is llama31 else 49152), tmp_path / "m", tokenizer_from=tok_dir)
     argv = ["--prompt", "hi", "--ckpt_dir", str(ckpt), "--max_new_tokens", "2", "--temperature", "0",
-            "--dtype", "float32", "--device", "cpu", "--chat", "false", "--int8"]
-    applied, real_fast = [], fast_decode.fast
+            "--dtype", "float32", "--device", "cpu", "--chat", "false", flag]
+    layers, real_load = [], fast_decode.load
 
-    def recording_fast(model, **kw):
-        applied.append(kw.get("weights"))
-        applied.append(sorted({type(m).__name__ for m in real_fast(model, **kw).modules()
-                               if isinstance(m, torch.nn.Linear)}))
+    def recording_load(*args, **kw):
+        model = real_load(*args, **kw)
+        layers.extend(type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.Linear))
         return model
 
-    monkeypatch.setattr(fast_decode, "fast", recording_fast)
+    monkeypatch.setattr(fast_decode, "load", recording_load)
     cli.cli(mod.main, argv=argv)
-    assert applied == ["int8", ["Int8Linear"]]
-    assert "--int8: int8 copies of the torch.float32 weights made in" in capsys.readouterr().err
+    weights = flag[2:]
+    quantized = {"int8": {"Int8Linear"}, "int4": {"Int4Linear", "Int8Linear"}}[weights]  # (int4 keeps the head int8)
+    assert layers and set(layers) <= quantized and (weights == "int8" or "Int4Linear" in layers), layers
+    assert f"; {weights} weights (fast_decode.py) quantized as read" in capsys.readouterr().err
+    assert "not both" in one_line_error(mod, *argv, "--int8" if flag == "--int4" else "--int4")
     find_spec = cli.importlib.util.find_spec  # a model file copied without fast_decode.py beside it
     monkeypatch.setattr(cli.importlib.util, "find_spec", lambda n: None if n == "fast_decode" else find_spec(n))
     assert "fast_decode.py" in one_line_error(mod, *argv)

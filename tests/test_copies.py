@@ -178,7 +178,7 @@ def test_unmarked_shared_lines_counts_what_is_not_marked(tmp_path):
 # The command line has one home, cli.py
 
 CLI_BLOCKS = ["FlagParser", "HelpFormatter", "flag_help", "cli", "parse_bool", "utf8", "check_generation_flags",
-              "is_chat_checkpoint", "speed_up", "chat_main", "stream_printer", "converse"]
+              "is_chat_checkpoint", "load_model", "chat_main", "stream_printer", "converse"]
 LOADING_BLOCKS = ["read_json", "read_config", "read_header", "build", "check_generate"]
 
 
