@@ -25,7 +25,7 @@ Departures from the paper, as nanochat's chat_rl.py lists its own:
    one of the full batch, only cheaper).
 6. The completion's end-of-turn token is part of it (as TRL's completion mask), so stopping is learned too.
 
-Demonstration (SmolLM2-135M-Instruct, 2 CPU cores, LoRA, the defaults below; README "GRPO" has the curve):
+Demonstration (SmolLM2-135M-Instruct, 2 CPU cores, LoRA, the defaults below; docs/training.md has the curve):
     python download.py
     python grpo.py --steps 0                     # the base model on the 100 held-out problems: accuracy 0.21
     python grpo.py --out_dir out/grpo-add        # 30 steps, about 20 minutes: held-out accuracy 0.21 -> 0.87

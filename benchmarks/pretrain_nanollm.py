@@ -116,7 +116,7 @@ def expert_stats(records: list[dict], n: int) -> dict[str, tuple[list[float], fl
 def summary(cmd: str, files: list[str], tokens: dict[str, int], tok: Tokenizer, args: nanollm.ModelArgs,
             cfg: dict, metrics: list[dict], times: dict[str, float], loads: list[float], sample: str,
             window: int = 10) -> str:
-    """The markdown the README quotes."""
+    """The markdown that docs/training.md quotes."""
     total, active = param_counts(args)
     steps = [r for r in metrics if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in metrics if "val_loss" in r]
