@@ -71,6 +71,7 @@ import fast_decode  # noqa: E402
 import llama31  # noqa: E402
 import smollm2  # noqa: E402
 from tokenizer_bpe import Tokenizer  # noqa: E402
+from cli import cli  # noqa: E402
 from decode_timing import (held_bytes, load_average, machine_line, ours_decode_tps, peak_rss_gib,  # noqa: E402
                            read_bandwidth_gbs, streamed_bytes)
 
@@ -299,4 +300,4 @@ def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models:
 
 
 if __name__ == "__main__":
-    smollm2.cli(main)
+    cli(main)

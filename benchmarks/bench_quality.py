@@ -44,6 +44,7 @@ from bench_llamacpp import find_convert_script, find_llama_cpp, to_gguf  # noqa:
 from decode_timing import load_average  # noqa: E402
 from fast_decode import fast  # noqa: E402
 from tokenizer_bpe import Tokenizer  # noqa: E402
+from cli import cli  # noqa: E402
 
 PROMPTS = ["What is gravity?", "Write a haiku about the sea.", "Explain what a hash table is.",
            "Give three tips for learning a language."]
@@ -151,4 +152,4 @@ def main(ckpt_dir: str = str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"),
 
 
 if __name__ == "__main__":
-    smollm2.cli(main)
+    cli(main)

@@ -30,6 +30,7 @@ from decode_timing import (competing_process, hf_decode_tps, load_average, machi
                           ours_decode_tps, read_bandwidth_gbs)
 from fast_decode import decode_threads, fast  # noqa: E402
 from tokenizer_bpe import Tokenizer  # noqa: E402
+from cli import cli  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -142,4 +143,4 @@ def main(ckpt_dir: str = str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"), ne
 
 
 if __name__ == "__main__":
-    smollm2.cli(main)
+    cli(main)

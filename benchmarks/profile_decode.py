@@ -30,6 +30,7 @@ import smollm2  # noqa: E402
 from bench_llamacpp import DTYPES, PRECISIONS, load_ours, random_llama_checkpoint  # noqa: E402
 from decode_timing import load_average, read_bandwidth_gbs, streamed_bytes  # noqa: E402
 from tokenizer_bpe import Tokenizer  # noqa: E402
+from cli import cli  # noqa: E402
 
 # the ops that multiply by a weight matrix (fp32 F.linear -> addmm/mm; the fast fp32 split -> bmm; bf16 ->
 # oneDNN's linear; int8 and int4 -> their kernels)
@@ -126,4 +127,4 @@ def main(model: str = "smollm2-135m", precision: str = "fp32", steps: int = 32, 
 
 
 if __name__ == "__main__":
-    smollm2.cli(main)
+    cli(main)
