@@ -776,6 +776,9 @@ def save_quantized(cls, ckpt_dir, weights: str = "int4", group_size: int = 32, r
     part = out.with_suffix(".part")
     meta = {"weights": weights, "group_size": str(group_size), "rounding": rounding, "source": fingerprint(ckpt_dir)}
     save_file({k: v.contiguous() for k, v in kept.items()}, part, metadata=meta)
+    umask = os.umask(0)  # (reading the umask means setting it)
+    os.umask(umask)
+    os.chmod(part, 0o666 & ~umask)  # safetensors writes 0600; the file gets a new file's usual mode
     part.replace(out)
     return out
 

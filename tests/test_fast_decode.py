@@ -576,6 +576,9 @@ def test_load_quantizes_as_it_reads_and_from_a_quantized_file(name, weights, che
             if isinstance(t, torch.Tensor)]
     assert held and not any(t.is_meta for t in held)  # (lm2's biased gates: read too)
     fast_decode.main("quantize", ckpt_dir=str(ckpt), weights=weights, model=name)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert fast_decode.quantized_path(ckpt, weights).stat().st_mode & 0o777 == 0o666 & ~umask  # (not 0600)
     read = []
     original = fast_decode.Reader.__getitem__
     monkeypatch.setattr(fast_decode.Reader, "__getitem__", lambda self, n: read.append(n) or original(self, n))
