@@ -5,21 +5,16 @@ gates at the end of every segment of `segment_len` tokens and carried to the nex
 segment. With the memory off the model is exactly HF `LlamaForCausalLM` (SmolLM2, Llama 3.x checkpoints load as is).
 
 References: J. Kang et al., "LM2: Large Memory Models", arXiv 2502.06049, Sec. 2 (Memory's docstring has the
-equations); the official code, github.com/convergence-ai/lm2; HF transformers' `modeling_llama.py` for the decoder
-(checked module by module in test_parity.py).
+equations); the official code, github.com/convergence-ai/lm2; HF `modeling_llama.py` for the decoder.
 
-Departures from the official code, and choices where the paper is silent
-1. Any sequence length and batch size. The official module resamples the token stream to N rows and raises unless
-   T == N (2048); here each slot attends over the tokens of a finished segment, the read score normalised over
-   tokens instead of slots (departure 1 in Memory's docstring).
+Departures from the official code, and choices where the paper is silent:
+1. Any sequence length and batch size: each slot attends over the tokens of a finished segment (the official module
+   needs T == N; Memory's docstring says how the write is indexed).
 2. The output gate is the paper's; the official code adds the memory output ungated.
-3. Memory is per sequence: each starts from the learned bank M_0 (identity-initialised, as in the paper), carried
-   from segment to segment, never across batches; a token reads what earlier segments wrote, never itself or later
-   tokens. Every `bptt_segments` segments the carried state (banks and kept keys/values) is detached: truncated BPTT.
-4. Pretrained start: W_V starts at zero, so a fresh LM2 computes exactly its base checkpoint, and the forget gate's
-   bias starts at 3, not the official 1 (Memory.reset_parameters says why).
-5. Optional `attn_window` (sliding window, as HF Mistral) so that, in experiments, only the memory can carry
-   information further back than n_layers * (attn_window - 1) tokens.
+3. Memory is per sequence, from the learned bank M_0 (identity-initialised, as in the paper) and carried segment to
+   segment; a token reads what earlier segments wrote. Every `bptt_segments` segments the carried state is detached.
+4. A fresh LM2 computes exactly its base checkpoint (W_V starts at zero); the forget bias starts at 3, not 1.
+5. Optional `attn_window` (sliding window, as HF Mistral), so that only the memory reaches further back.
 Blocks marked `# Same as smollm2.py: NAME` (or llama31.py) are that file's, word for word; cli.py runs the CLI.
 
 Run: python lm2.py --prompt "The capital of France is"   (add --chat for instruct models, --interactive)
@@ -208,12 +203,10 @@ def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.int64).float() / hd))
     if args.rope_factor is None:
         return inv_freq
-    # Why llama3 scaling works, in wavelengths: pair i turns a full circle every 2*pi/inv_freq_i positions.
-    # Pairs whose wavelength is short next to the 8192 pretraining tokens (below 8192 / high_freq_factor =
-    # 2048) went round many times in pretraining and encode local order: they are kept. Pairs whose wavelength
-    # exceeds the whole pretraining context (8192 / low_freq_factor) never saw most of their angles, so their
-    # frequency is divided by `factor`: 128k positions then sweep the angles 8k positions swept before. In
-    # between, the two are blended linearly in context / wavelength.
+    # Pair i turns a full circle every 2*pi/inv_freq_i positions. Pairs of short wavelength (below ctx / high, 2048
+    # of the 8192 pretraining tokens) went round many times and encode local order: kept. Pairs longer than the whole
+    # context (ctx / low) never saw most of their angles: divided by `factor`, so 128k positions sweep the angles 8k
+    # swept before. In between, the two blend linearly in ctx / wavelength.
     ctx, low, high = args.rope_original_context, args.rope_low_freq_factor, args.rope_high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     smooth = (ctx / wavelen - low) / (high - low)  # 0 at wavelength ctx / low, 1 at ctx / high
@@ -346,9 +339,8 @@ class Memory(nn.Module):
     the T tokens of a finished segment:
         E~_i = sum_t softmax_t(s[:, i]) h_t                   slot i's view of the segment (same score s)
         M_i <- sigmoid(E~_i W_in + b_in) * tanh(E~_i) + sigmoid(E~_i W_forget + b_forget) * M_i
-    Gates are per slot and per channel. Sharing s makes the bank content-addressed: a slot is written by
-    the tokens that would read it. The bank stays in the token stream's space (it holds squashed averages of
-    h), so the identity start of the paper is a set of orthogonal one-hot states.
+    Gates are per slot and per channel. Sharing s makes the bank content-addressed: a slot is written by the tokens
+    that would read it. The bank stays in h's space, so the paper's identity start is N orthogonal one-hot states.
     """
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -368,8 +360,8 @@ class Memory(nn.Module):
         for lin in (self.q_proj, self.k_proj, self.out_gate, self.in_gate, self.forget_gate):
             nn.init.normal_(lin.weight, std=0.02)  # HF Llama initializer_range
         # subtle: W_V = 0 makes E_mem = 0 exactly, so a fresh LM2 on a pretrained checkpoint *is* that checkpoint,
-        # while sigmoid(0) = 1/2 keeps the gradient into W_V alive (as LoRA's zero B). A closed output gate (a large
-        # negative bias) is only about zero and starves its own gradient; a zero W_out leaves the gate at 1/2.
+        # while the output gate, sigmoid(0) = 1/2, keeps the gradient into W_V alive (as LoRA's zero B); a closed
+        # gate (a large negative bias) would be only about zero, and starve its own gradient
         nn.init.zeros_(self.v_proj.weight)
         nn.init.zeros_(self.in_gate.bias)
         # chrono-style forget bias (Tallec & Ollivier 2018): sigmoid(3) = 0.95 keeps a fact ~20 segments at the start,
@@ -795,7 +787,6 @@ def main(prompt: str | None = None, ckpt_dir: str = CKPT_DIR, max_new_tokens: in
     """Generate from LM2. Instruct checkpoints wrap the prompt in the chat template unless --chat false.
 
     ckpt_dir: a HF checkpoint folder (python download.py writes one)
-    (the flags every model file takes, --prompt, --temperature and the others: python lm2.py --help)
     """
     from cli import chat_main  # the flags checked before the slow load, the load, then one reply or a conversation
 
@@ -807,6 +798,5 @@ if __name__ == "__main__":
     try:
         from cli import cli
     except ModuleNotFoundError:
-        raise SystemExit("error: lm2.py's command line needs cli.py beside it (the model itself needs only "
-                         "tokenizer_bpe.py)")
+        raise SystemExit("error: lm2.py's command line needs cli.py beside it (the model: tokenizer_bpe.py only)")
     cli(main)
