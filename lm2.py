@@ -71,8 +71,7 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
-        """From a HF Llama config.json (see llama_fields); its "lm2" entry, which to_hf_config writes, holds the
-        memory settings, each checked as config_get checks the rest."""
+        """From a HF Llama config.json (see llama_fields) and its "lm2" entry of memory settings (to_hf_config's)."""
         fields, rope = llama_fields(cfg)
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
@@ -282,8 +281,7 @@ class MemoryCache(nn.Module):
             buf.copy_(t)
 
 
-# Differs from smollm2.py's Attention: the segment-wise forward also attends to the keys/values kept from earlier
-# segments, and returns its own for the next segment
+# Differs from smollm2.py's Attention: it also attends to the keys/values kept from earlier segments, and returns its own
 class Attention(nn.Module):
     # Same as smollm2.py: Attention.__init__
     def __init__(self, args: ModelArgs):
@@ -306,7 +304,6 @@ class Attention(nn.Module):
             k, v = self.cache.update(input_pos, k, v)  # (B, Hkv, input_pos[-1] + 1, hd)
         elif past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        # enable_gqa: query head h reads kv head h // (nh / nkv), HF repeat_kv's grouping, without the repeat
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), (k, v)
 
@@ -464,8 +461,7 @@ class LM2(nn.Module):
                 layer.memory.reset_parameters()
 
     def lora_train_whole(self) -> str:
-        """finetune.py's hook for --mode lora: the memory trains in full, without adapters (it has no pretrained
-        weight to adapt)."""
+        """finetune.py's hook for --mode lora: the memory trains in full (it has no pretrained weight to adapt)."""
         return ".memory."
 
     def logits(self, x):
@@ -517,8 +513,7 @@ class LM2(nn.Module):
         return self.logits(torch.cat(outs, dim=1))
 
     def setup_cache(self, batch_size: int, max_seq_len: int):
-        """Generation only: KV buffers, and every bank at M_0 (a segment in progress never holds more than the request,
-        whatever config.json's segment_len)."""
+        """Generation only: KV buffers, and every bank at M_0; the segment in progress holds at most the request."""
         p = self.model.norm.weight  # the model's dtype and device, whatever form its linear layers take
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
@@ -532,9 +527,8 @@ class LM2(nn.Module):
             layer.self_attn.cache = layer.mem_cache = None
 
     def forward_cached(self, tokens, input_pos, pad=None):
-        """Run tokens (B, T) in cache slots input_pos (T,); return the last position's logits (B, vocab). Rows are never
-        padded: each row's segment grid starts at its first token (see generate). A chunk stays inside one segment;
-        the chunk that completes it writes every bank, which the next token reads (forward's schedule)."""
+        """Run tokens (B, T) in cache slots input_pos (T,) -> the last position's logits (B, vocab). Rows are not padded
+        (see generate); a chunk stays inside one segment, and the one that completes it writes every bank."""
         if pad is not None and bool(pad.any()):
             raise ValueError("LM2 rows are not left-padded: the memory's segments start at each row's first token")
         S, T, end = self.args.segment_len, tokens.size(1), int(input_pos[-1]) + 1
@@ -581,14 +575,13 @@ class LM2(nn.Module):
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0, stop_tokens=None,
                  seed=None, stream=None):
-        """New tokens for each prompt (stop token excluded); stream(row, token) is called for every new token. All rows
-        share one position counter: a longer prompt's row is still fed its prompt while shorter ones generate (Llama
-        1's reference scheme), so every row runs on its own segment grid from position 0, exactly as alone."""
+        """As smollm2.py's, but all rows share one position counter: a longer prompt's row is still fed its prompt while
+        shorter ones generate (Llama 1's scheme), so each row runs on its own segment grid from 0, exactly as alone."""
         longest = check_generate(prompts, max_new_tokens, self.args, temperature, top_k, top_p)
         stop = set(self.args.stop_tokens if stop_tokens is None else stop_tokens)
         B, lens, total = len(prompts), [len(p) for p in prompts], longest + max_new_tokens
         device = self.model.norm.weight.device
-        # subtle: no left padding; a row still in its prompt is fed its own next token, and its sample is ignored
+        # subtle: a row still in its prompt is fed its own next token, and its sample is ignored
         tokens = torch.tensor([list(p) + [0] * (total - len(p)) for p in prompts], device=device)
         rng = torch.Generator(device).manual_seed(seed) if seed is not None else None
         out, done = [[] for _ in range(B)], [False] * B

@@ -59,7 +59,7 @@ class ModelArgs:
     rope_theta: float = 10000.0  # RoPE base
     rope_interleave: bool = True  # RoPE rotates pairs (0,1), (2,3)... (DeepSeek checkpoints) instead of (i, i + d/2)
     rope_scaling: dict | None = None  # None, or HF's yarn `rope_parameters` without rope_theta (rope_type, factor, ...)
-    max_seq_len: int = 256  # longest sequence, prompt plus generation
+    max_seq_len: int = 256  # context the model was trained for (HF max_position_embeddings): prompt + generation
     norm_eps: float = 1e-6  # RMSNorm epsilon of the block and final norms
     tie_embeddings: bool = False  # lm_head shares the embedding matrix
     stop_tokens: tuple[int, ...] = ()  # generation ends at these (HF eos_token_id); (): only at max_new_tokens
@@ -506,7 +506,7 @@ class NanoLLM(nn.Module):
         h = self.trunk(tokens, positions, mask[:, None], input_pos, self.absorb)
         return self.lm_head(h[:, -1])  # only the last position is needed to pick the next token
 
-    @torch.no_grad()
+    @torch.no_grad()  # an update between training steps, as an optimizer's; inference_mode is generation's
     def update_router_biases(self, rate: float = 1e-3, all_sum=None) -> dict[int, list[float]]:
         """Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2, gamma = 0.001), after each optimizer step: each router's
         bias falls by `rate` for the experts above the mean load since the last call (training forwards), rises for the
