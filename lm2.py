@@ -281,7 +281,7 @@ class MemoryCache(nn.Module):
             buf.copy_(t)
 
 
-# Differs from smollm2.py's Attention: it also attends to the keys/values kept from earlier segments, and returns its own
+# Differs from smollm2.py's Attention: it also attends to the keys/values kept from earlier segments and returns its own
 class Attention(nn.Module):
     # Same as smollm2.py: Attention.__init__
     def __init__(self, args: ModelArgs):

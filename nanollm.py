@@ -313,7 +313,7 @@ class MLA(nn.Module):
         else:
             # absorbed (DeepSeek-V2 §2.1.2): q_nope . (W_UK c) = (W_UK^T q_nope) . c, so the scores read the cached
             # latents and RoPE keys as they are, and W_UV comes after the weighted sum: per-head keys and values never
-            # exist. Scores and sum in fp32, as the softmax: half precision is slower on CPUs, and less exact
+            # exist. Scores and sum in fp32, as the softmax (bf16: less exact, slower on CPUs; docs/house_models.md)
             w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)
             q_nope = torch.einsum("bhtd,hdc->bhtc", q_nope, w[:, :self.nope])  # (B, H, T, kv_lora_rank)
             kv, k_pe = kv[:, None].float(), k_pe[:, None].float()  # (B, 1, S, *)
