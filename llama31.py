@@ -208,12 +208,10 @@ def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.int64).float() / hd))
     if args.rope_factor is None:
         return inv_freq
-    # Why llama3 scaling works, in wavelengths: pair i turns a full circle every 2*pi/inv_freq_i positions.
-    # Pairs whose wavelength is short next to the 8192 pretraining tokens (below 8192 / high_freq_factor =
-    # 2048) went round many times in pretraining and encode local order: they are kept. Pairs whose wavelength
-    # exceeds the whole pretraining context (8192 / low_freq_factor) never saw most of their angles, so their
-    # frequency is divided by `factor`: 128k positions then sweep the angles 8k positions swept before. In
-    # between, the two are blended linearly in context / wavelength.
+    # Pair i turns a full circle every 2*pi/inv_freq_i positions. Pairs of short wavelength (below ctx / high, 2048
+    # of the 8192 pretraining tokens) went round many times and encode local order: kept. Pairs longer than the whole
+    # context (ctx / low) never saw most of their angles: divided by `factor`, so 128k positions sweep the angles 8k
+    # swept before. In between, the two blend linearly in ctx / wavelength.
     ctx, low, high = args.rope_original_context, args.rope_low_freq_factor, args.rope_high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     smooth = (ctx / wavelen - low) / (high - low)  # 0 at wavelength ctx / low, 1 at ctx / high
@@ -640,7 +638,6 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/Llama-3.1-8B-In
     dtype: float32, bfloat16 or float16; default the checkpoint's (bfloat16 in Meta's releases: 16 GB for 8B)
     seed: seeds sampling, so a run repeats exactly; default a different draw each run
     chat: wrap the prompt in the chat template; default: for instruct checkpoints
-    (--prompt, --temperature and the other flags every model file takes: python llama31.py --help)
     """
     from cli import check_generation_flags, converse, load_model
 

@@ -5,21 +5,16 @@ gates at the end of every segment of `segment_len` tokens and carried to the nex
 segment. With the memory off the model is exactly HF `LlamaForCausalLM` (SmolLM2, Llama 3.x checkpoints load as is).
 
 References: J. Kang et al., "LM2: Large Memory Models", arXiv 2502.06049, Sec. 2 (Memory's docstring has the
-equations); the official code, github.com/convergence-ai/lm2; HF transformers' `modeling_llama.py` for the decoder
-(checked module by module in test_parity.py).
+equations); the official code, github.com/convergence-ai/lm2; HF `modeling_llama.py` for the decoder.
 
-Departures from the official code, and choices where the paper is silent
-1. Any sequence length and batch size. The official module resamples the token stream to N rows and raises unless
-   T == N (2048); here each slot attends over the tokens of a finished segment, the read score normalised over
-   tokens instead of slots (departure 1 in Memory's docstring).
+Departures from the official code, and choices where the paper is silent:
+1. Any sequence length and batch size: each slot attends over the tokens of a finished segment (the official module
+   needs T == N; Memory's docstring says how the write is indexed).
 2. The output gate is the paper's; the official code adds the memory output ungated.
-3. Memory is per sequence: each starts from the learned bank M_0 (identity-initialised, as in the paper), carried
-   from segment to segment, never across batches; a token reads what earlier segments wrote, never itself or later
-   tokens. Every `bptt_segments` segments the carried state (banks and kept keys/values) is detached: truncated BPTT.
-4. Pretrained start: W_V starts at zero, so a fresh LM2 computes exactly its base checkpoint, and the forget gate's
-   bias starts at 3, not the official 1 (Memory.reset_parameters says why).
-5. Optional `attn_window` (sliding window, as HF Mistral) so that, in experiments, only the memory can carry
-   information further back than n_layers * (attn_window - 1) tokens.
+3. Memory is per sequence, from the learned bank M_0 (identity-initialised, as in the paper) and carried segment to
+   segment; a token reads what earlier segments wrote. Every `bptt_segments` segments the carried state is detached.
+4. A fresh LM2 computes exactly its base checkpoint (W_V starts at zero); the forget bias starts at 3, not 1.
+5. Optional `attn_window` (sliding window, as HF Mistral), so that only the memory reaches further back.
 Blocks marked `# Same as smollm2.py: NAME` (or llama31.py) are that file's, word for word; cli.py runs the CLI.
 
 Run: python lm2.py --prompt "The capital of France is"   (add --chat for instruct models, --interactive)
@@ -76,8 +71,7 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
-        """From a HF Llama config.json (see llama_fields); its "lm2" entry, which to_hf_config writes, holds the
-        memory settings, each checked as config_get checks the rest."""
+        """From a HF Llama config.json (see llama_fields) and its "lm2" entry of memory settings (to_hf_config's)."""
         fields, rope = llama_fields(cfg)
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
@@ -208,12 +202,10 @@ def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.int64).float() / hd))
     if args.rope_factor is None:
         return inv_freq
-    # Why llama3 scaling works, in wavelengths: pair i turns a full circle every 2*pi/inv_freq_i positions.
-    # Pairs whose wavelength is short next to the 8192 pretraining tokens (below 8192 / high_freq_factor =
-    # 2048) went round many times in pretraining and encode local order: they are kept. Pairs whose wavelength
-    # exceeds the whole pretraining context (8192 / low_freq_factor) never saw most of their angles, so their
-    # frequency is divided by `factor`: 128k positions then sweep the angles 8k positions swept before. In
-    # between, the two are blended linearly in context / wavelength.
+    # Pair i turns a full circle every 2*pi/inv_freq_i positions. Pairs of short wavelength (below ctx / high, 2048
+    # of the 8192 pretraining tokens) went round many times and encode local order: kept. Pairs longer than the whole
+    # context (ctx / low) never saw most of their angles: divided by `factor`, so 128k positions sweep the angles 8k
+    # swept before. In between, the two blend linearly in ctx / wavelength.
     ctx, low, high = args.rope_original_context, args.rope_low_freq_factor, args.rope_high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     smooth = (ctx / wavelen - low) / (high - low)  # 0 at wavelength ctx / low, 1 at ctx / high
@@ -289,8 +281,7 @@ class MemoryCache(nn.Module):
             buf.copy_(t)
 
 
-# Differs from smollm2.py's Attention: the segment-wise forward also attends to the keys/values kept from earlier
-# segments, and returns its own for the next segment
+# Differs from smollm2.py's Attention: it also attends to the keys/values kept from earlier segments and returns its own
 class Attention(nn.Module):
     # Same as smollm2.py: Attention.__init__
     def __init__(self, args: ModelArgs):
@@ -313,7 +304,6 @@ class Attention(nn.Module):
             k, v = self.cache.update(input_pos, k, v)  # (B, Hkv, input_pos[-1] + 1, hd)
         elif past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        # enable_gqa: query head h reads kv head h // (nh / nkv), HF repeat_kv's grouping, without the repeat
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), (k, v)
 
@@ -346,9 +336,8 @@ class Memory(nn.Module):
     the T tokens of a finished segment:
         E~_i = sum_t softmax_t(s[:, i]) h_t                   slot i's view of the segment (same score s)
         M_i <- sigmoid(E~_i W_in + b_in) * tanh(E~_i) + sigmoid(E~_i W_forget + b_forget) * M_i
-    Gates are per slot and per channel. Sharing s makes the bank content-addressed: a slot is written by
-    the tokens that would read it. The bank stays in the token stream's space (it holds squashed averages of
-    h), so the identity start of the paper is a set of orthogonal one-hot states.
+    Gates are per slot and per channel. Sharing s makes the bank content-addressed: a slot is written by the tokens
+    that would read it. The bank stays in h's space, so the paper's identity start is N orthogonal one-hot states.
     """
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -368,8 +357,8 @@ class Memory(nn.Module):
         for lin in (self.q_proj, self.k_proj, self.out_gate, self.in_gate, self.forget_gate):
             nn.init.normal_(lin.weight, std=0.02)  # HF Llama initializer_range
         # subtle: W_V = 0 makes E_mem = 0 exactly, so a fresh LM2 on a pretrained checkpoint *is* that checkpoint,
-        # while sigmoid(0) = 1/2 keeps the gradient into W_V alive (as LoRA's zero B). A closed output gate (a large
-        # negative bias) is only about zero and starves its own gradient; a zero W_out leaves the gate at 1/2.
+        # while the output gate, sigmoid(0) = 1/2, keeps the gradient into W_V alive (as LoRA's zero B); a closed
+        # gate (a large negative bias) would be only about zero, and starve its own gradient
         nn.init.zeros_(self.v_proj.weight)
         nn.init.zeros_(self.in_gate.bias)
         # chrono-style forget bias (Tallec & Ollivier 2018): sigmoid(3) = 0.95 keeps a fact ~20 segments at the start,
@@ -472,8 +461,7 @@ class LM2(nn.Module):
                 layer.memory.reset_parameters()
 
     def lora_train_whole(self) -> str:
-        """finetune.py's hook for --mode lora: the memory trains in full, without adapters (it has no pretrained
-        weight to adapt)."""
+        """finetune.py's hook for --mode lora: the memory trains in full (it has no pretrained weight to adapt)."""
         return ".memory."
 
     def logits(self, x):
@@ -525,8 +513,7 @@ class LM2(nn.Module):
         return self.logits(torch.cat(outs, dim=1))
 
     def setup_cache(self, batch_size: int, max_seq_len: int):
-        """Generation only: KV buffers, and every bank at M_0 (a segment in progress never holds more than the request,
-        whatever config.json's segment_len)."""
+        """Generation only: KV buffers, and every bank at M_0; the segment in progress holds at most the request."""
         p = self.model.norm.weight  # the model's dtype and device, whatever form its linear layers take
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
@@ -540,9 +527,8 @@ class LM2(nn.Module):
             layer.self_attn.cache = layer.mem_cache = None
 
     def forward_cached(self, tokens, input_pos, pad=None):
-        """Run tokens (B, T) in cache slots input_pos (T,); return the last position's logits (B, vocab). Rows are never
-        padded: each row's segment grid starts at its first token (see generate). A chunk stays inside one segment;
-        the chunk that completes it writes every bank, which the next token reads (forward's schedule)."""
+        """Run tokens (B, T) in cache slots input_pos (T,) -> the last position's logits (B, vocab). Rows are not padded
+        (see generate); a chunk stays inside one segment, and the one that completes it writes every bank."""
         if pad is not None and bool(pad.any()):
             raise ValueError("LM2 rows are not left-padded: the memory's segments start at each row's first token")
         S, T, end = self.args.segment_len, tokens.size(1), int(input_pos[-1]) + 1
@@ -589,14 +575,13 @@ class LM2(nn.Module):
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0, stop_tokens=None,
                  seed=None, stream=None):
-        """New tokens for each prompt (stop token excluded); stream(row, token) is called for every new token. All rows
-        share one position counter: a longer prompt's row is still fed its prompt while shorter ones generate (Llama
-        1's reference scheme), so every row runs on its own segment grid from position 0, exactly as alone."""
+        """As smollm2.py's, but all rows share one position counter: a longer prompt's row is still fed its prompt while
+        shorter ones generate (Llama 1's scheme), so each row runs on its own segment grid from 0, exactly as alone."""
         longest = check_generate(prompts, max_new_tokens, self.args, temperature, top_k, top_p)
         stop = set(self.args.stop_tokens if stop_tokens is None else stop_tokens)
         B, lens, total = len(prompts), [len(p) for p in prompts], longest + max_new_tokens
         device = self.model.norm.weight.device
-        # subtle: no left padding; a row still in its prompt is fed its own next token, and its sample is ignored
+        # subtle: a row still in its prompt is fed its own next token, and its sample is ignored
         tokens = torch.tensor([list(p) + [0] * (total - len(p)) for p in prompts], device=device)
         rng = torch.Generator(device).manual_seed(seed) if seed is not None else None
         out, done = [[] for _ in range(B)], [False] * B
@@ -795,7 +780,6 @@ def main(prompt: str | None = None, ckpt_dir: str = CKPT_DIR, max_new_tokens: in
     """Generate from LM2. Instruct checkpoints wrap the prompt in the chat template unless --chat false.
 
     ckpt_dir: a HF checkpoint folder (python download.py writes one)
-    (the flags every model file takes, --prompt, --temperature and the others: python lm2.py --help)
     """
     from cli import chat_main  # the flags checked before the slow load, the load, then one reply or a conversation
 
@@ -807,6 +791,5 @@ if __name__ == "__main__":
     try:
         from cli import cli
     except ModuleNotFoundError:
-        raise SystemExit("error: lm2.py's command line needs cli.py beside it (the model itself needs only "
-                         "tokenizer_bpe.py)")
+        raise SystemExit("error: lm2.py's command line needs cli.py beside it (the model: tokenizer_bpe.py only)")
     cli(main)

@@ -3,18 +3,14 @@ it adds to smollm2.py: Multi-head Latent Attention (MLA) in every block, and a D
 top-k routed experts) in place of the MLP in some, trained from scratch here. Module names follow HF
 `DeepseekV3ForCausalLM`, so our checkpoints load in transformers and DeepseekV3-architecture checkpoints load here.
 
-References
-- DeepSeek-V2 (arXiv 2405.04434) §2.1: MLA: low-rank query and joint key-value compression, decoupled RoPE key
-  shared by all heads, cache of the latent only, absorption of the up-projections for decoding.
-- DeepSeek-V3 (arXiv 2412.19437) §2.1.2: sigmoid affinities, a per-expert bias used for selection only and nudged
-  after each step (auxiliary-loss-free balancing), sequence-wise balance loss (eqs. 17-20), group-limited routing.
-- deepseek-ai/DeepSeek-V3 `inference/model.py` (naive vs absorb MLA, Gate, MoE) and HF transformers 5.23
-  `models/deepseek_v3` (names, config, RoPE layouts; the parity reference in test_parity.py).
-
-As in DeepSeek-V3, and not in nano-llm's `src/model.py`: the cache holds only the latent and the shared RoPE key
-(MLACache), read two ways (`model.absorb`, tested equal), and each routed expert runs on its own tokens only. Not
-here: multi-token prediction (its weights are skipped on load, as HF does) and FP8. Blocks marked
-`# Same as smollm2.py: NAME` are that file's, word for word; the command line is cli.py's.
+References: DeepSeek-V2 (arXiv 2405.04434) §2.1 for MLA (low-rank query and key-value compression, a decoupled RoPE
+key shared by all heads, a cache of the latent only, absorbed up-projections); DeepSeek-V3 (arXiv 2412.19437)
+§2.1.2 for the router (sigmoid affinities, auxiliary-loss-free bias balancing, sequence-wise balance loss,
+group-limited routing); deepseek-ai/DeepSeek-V3 `inference/model.py` and HF transformers `models/deepseek_v3`
+(names, config, RoPE layouts; the parity reference in test_parity.py). As in DeepSeek-V3's code, the cache holds only
+the latent and the shared RoPE key (MLACache), read naive or absorbed (`model.absorb`, tested equal), and each routed
+expert runs on its own tokens only. Not here: multi-token prediction (its weights are skipped on load, as HF does)
+and FP8. Blocks marked `# Same as smollm2.py: NAME` are that file's, word for word; the command line is cli.py's.
 
 Run:  python benchmarks/pretrain_nanollm.py   (trains one in minutes on a CPU, then samples it with this file)
       python nanollm.py --ckpt_dir runs/pretrain_nanollm/model --prompt "def" --temperature 0
@@ -29,8 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# encode_chat(tokenizer, messages, add_generation_prompt=True): ChatML with no default system prompt, since nanollm's
-# chat models learn the format from finetune.py's data, which has none
+# ChatML with no default system prompt: nanollm's chat models learn the format from finetune.py's data, which has none
 from tokenizer_bpe import apply_chat_template as encode_chat
 
 # -----------------------------------------------------------------------------
@@ -64,7 +59,7 @@ class ModelArgs:
     rope_theta: float = 10000.0  # RoPE base
     rope_interleave: bool = True  # RoPE rotates pairs (0,1), (2,3)... (DeepSeek checkpoints) instead of (i, i + d/2)
     rope_scaling: dict | None = None  # None, or HF's yarn `rope_parameters` without rope_theta (rope_type, factor, ...)
-    max_seq_len: int = 256  # longest sequence, prompt plus generation
+    max_seq_len: int = 256  # context the model was trained for (HF max_position_embeddings): prompt + generation
     norm_eps: float = 1e-6  # RMSNorm epsilon of the block and final norms
     tie_embeddings: bool = False  # lm_head shares the embedding matrix
     stop_tokens: tuple[int, ...] = ()  # generation ends at these (HF eos_token_id); (): only at max_new_tokens
@@ -80,10 +75,6 @@ class ModelArgs:
     def from_hf_config(cls, cfg: dict) -> "ModelArgs":
         """From a DeepseekV3 config.json (transformers 5's `rope_parameters`, or `rope_theta` + `rope_scaling`). A key
         it lacks keeps its default; a value of the wrong kind, or a MoE the router cannot run, is a ValueError."""
-        if not isinstance(cfg, dict):
-            raise ValueError(f"a config is a JSON object, not a {type(cfg).__name__}")
-        if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias", False):
-            raise NotImplementedError("only silu MLPs and bias-free attention, as in every DeepSeek-V3 checkpoint")
         # HF writes null for "none": no query compression, no routed or shared experts, one expert group
         null = dict(q_lora_rank=0, n_routed_experts=0, n_shared_experts=0, n_expert_groups=1, n_limited_groups=1)
         required, zero_ok = ("vocab_size", "dim", "n_layers", "n_heads"), ("q_lora_rank", "n_routed_experts",
@@ -92,6 +83,8 @@ class ModelArgs:
         for f, key in HF_KEYS.items():  # each value checked as the kind of its field's default
             default = null[f] if f in null and key in cfg else ... if f in required else getattr(cls, f)
             kw[f] = config_get(cfg, key, type(getattr(cls, f)), default, 0 if f in zero_ok else None)
+        if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias", False):
+            raise NotImplementedError("only silu MLPs and bias-free attention, as in every DeepSeek-V3 checkpoint")
         rope = dict(config_get(cfg, "rope_parameters", dict, None) or config_get(cfg, "rope_scaling", dict, {}))
         kw["rope_theta"] = config_get(rope, "rope_theta", float, config_get(cfg, "rope_theta", float, 10000.0))
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
@@ -102,8 +95,7 @@ class ModelArgs:
                               mscale=float, mscale_all_dim=float, attention_factor=float, truncate=bool).items():
             config_get(rope, key, kind, None, low=0 if kind is float else None)  # what rope_frequencies reads
         kw["rope_scaling"] = None if rope_type == "default" else {"rope_type": rope_type, **rope}
-        # a MoE on every block from first_k_dense_replace on where i % moe_layer_freq == 0 (HF, DeepSeek's code);
-        # `moe_layers`, our own key, for layouts neither can express (see to_hf_config)
+        # MoE blocks as HF and DeepSeek say it (from first_k_dense_replace on, every moe_layer_freq-th), or moe_layers
         n, first = kw["n_layers"], config_get(cfg, "first_k_dense_replace", int, 3, low=0)
         freq = config_get(cfg, "moe_layer_freq", int, 1)
         moe = config_get(cfg, "moe_layers", tuple, tuple(
@@ -118,8 +110,8 @@ class ModelArgs:
         return cls(**kw, moe_layers=moe)
 
     def to_hf_config(self) -> dict:
-        """A config.json that this file and transformers' DeepseekV3Config load. HF can only say "the first k blocks
-        dense, the rest MoE"; another layout (nano-327m's) is also written as `moe_layers`, which HF ignores."""
+        """A config.json that this file and transformers' DeepseekV3Config load; a MoE layout other than HF's "the
+        first k blocks dense, the rest MoE" (nano-327m's) is also written as `moe_layers`, our own key."""
         first_dense = self.moe_layers[0] if self.moe_layers else self.n_layers
         cfg = {key: getattr(self, field) for field, key in HF_KEYS.items()}
         cfg.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", hidden_act="silu",
@@ -151,8 +143,7 @@ PRESETS = {
                       n_activated_experts=1, n_expert_groups=1, n_limited_groups=1, route_scale=1.0,
                       norm_topk_prob=False, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=64,
                       qk_rope_head_dim=64, v_head_dim=128, max_seq_len=2048, norm_eps=1e-5),
-    # 8.6M parameters (5.6M active) for pretraining on a 2-core CPU; first block dense, then all MoE as in
-    # DeepSeek-V3, so transformers loads the result too. Set vocab_size to the trained tokenizer's.
+    # for pretraining on a CPU (set vocab_size to the trained tokenizer's); DeepSeek-V3's layout, which HF loads
     "nano-small": dict(vocab_size=4096, dim=256, n_layers=6, n_heads=4, hidden_dim=768, moe_layers=(1, 2, 3, 4, 5),
                        moe_hidden_dim=256, n_shared_experts=1, n_routed_experts=4, n_activated_experts=1,
                        n_expert_groups=1, n_limited_groups=1, route_scale=1.0, norm_topk_prob=False, q_lora_rank=96,
@@ -247,23 +238,21 @@ def rope_cos_sin(inv_freq, pos, dtype, factor: float):
     return (angles.cos() * factor).to(dtype), (angles.sin() * factor).to(dtype)
 
 
-# Differs from smollm2.py's apply_rope: DeepSeek checkpoints may pair dimensions (0,1), (2,3)... and MLA passes
-# half-width tables of its own RoPE head part
+# Differs from smollm2.py's apply_rope: half-width tables, and DeepSeek's interleaved pairs (0,1), (2,3)...
 def apply_rope(x, cos, sin, interleave: bool):
     """Rotate x (..., T, d) by angles whose cos/sin are (..., T, d/2)."""
     if interleave:
-        # DeepSeek weights pair dims (0,1), (2,3)...; gathering evens then odds turns them into the rotate-half pairs
-        # (i, i + d/2). q and k are permuted alike, so q.k is unchanged (HF `apply_rotary_pos_emb_interleave`)
+        # gathering evens then odds turns the pairs (2i, 2i+1) into the rotate-half pairs (i, i + d/2); q and k are
+        # permuted alike, so q.k is unchanged (HF `apply_rotary_pos_emb_interleave`)
         x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 class MLACache(nn.Module):
-    """Preallocated buffers of what MLA rebuilds keys and values from, written by position (gpt-fast style): the
-    normalised latent c_KV and the rotated shared RoPE key, kv_lora_rank + qk_rope_head_dim values per token. For
-    nano-327m in bf16: 20 layers x (128 + 64) x 2 B = 7,680 B per token, where multi-head attention of the same
-    width caches 20 x 2 x 768 x 2 B = 61,440 B (8x), and at MLA's own head sizes 122,880 B (16x)."""
+    """Preallocated latents c_KV and rotated shared RoPE keys, written by position: kv_lora_rank + qk_rope_head_dim
+    values per token. nano-327m in bf16 caches 20 layers x (128 + 64) x 2 B = 7,680 B per token, where multi-head
+    attention of the same width caches 20 x 2 x 768 x 2 B = 61,440 B (8x)."""
 
     def __init__(self, batch_size, max_seq_len, kv_lora_rank, rope_dim, dtype, device):
         super().__init__()
@@ -322,10 +311,9 @@ class MLA(nn.Module):
             # no mask = a plain causal forward; cached decoding and packed documents pass one (True = attend)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         else:
-            # absorbed, DeepSeek-V3's attn_impl="absorb" (DeepSeek-V2 §2.1.2): q_nope . (W_UK c) = (W_UK^T q_nope) . c,
-            # so the scores read the cached latents and RoPE keys as they are (every head the same ones), and W_UV
-            # is applied after the weighted sum of latents: per-head keys and values never exist. Scores and sum in
-            # fp32, as the softmax: half-precision products over the whole cache are slower on CPUs, and less exact
+            # absorbed (DeepSeek-V2 §2.1.2): q_nope . (W_UK c) = (W_UK^T q_nope) . c, so the scores read the cached
+            # latents and RoPE keys as they are, and W_UV comes after the weighted sum: per-head keys and values never
+            # exist. Scores and sum in fp32, as the softmax (bf16: less exact, slower on CPUs; docs/house_models.md)
             w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)
             q_nope = torch.einsum("bhtd,hdc->bhtc", q_nope, w[:, :self.nope])  # (B, H, T, kv_lora_rank)
             kv, k_pe = kv[:, None].float(), k_pe[:, None].float()  # (B, 1, S, *)
@@ -518,7 +506,7 @@ class NanoLLM(nn.Module):
         h = self.trunk(tokens, positions, mask[:, None], input_pos, self.absorb)
         return self.lm_head(h[:, -1])  # only the last position is needed to pick the next token
 
-    @torch.no_grad()
+    @torch.no_grad()  # an update between training steps, as an optimizer's; inference_mode is generation's
     def update_router_biases(self, rate: float = 1e-3, all_sum=None) -> dict[int, list[float]]:
         """Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2, gamma = 0.001), after each optimizer step: each router's
         bias falls by `rate` for the experts above the mean load since the last call (training forwards), rises for the
@@ -759,7 +747,6 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/nanollm", max_n
 
     ckpt_dir: a checkpoint folder written by finetune.py (config.json, model.safetensors, tokenizer.json)
     seed: seeds sampling, so a run repeats exactly; default a different draw each run
-    (the flags every model file takes, --prompt, --temperature and the others: python nanollm.py --help)
     """
     from cli import chat_main  # the flags checked before the slow load, the load, then one reply or a conversation
 

@@ -547,7 +547,6 @@ def main(prompt: str | None = None, ckpt_dir: str = CKPT_DIR, max_new_tokens: in
     """Generate from SmolLM2. Instruct checkpoints wrap the prompt in the chat template unless --chat false.
 
     ckpt_dir: a HF checkpoint folder (python download.py writes one)
-    (the flags every model file takes, --prompt, --temperature and the others: python smollm2.py --help)
     """
     from cli import chat_main  # the flags checked before the slow load, the load, then one reply or a conversation
 

@@ -6,17 +6,15 @@ UTF-8 bytes are merged pairwise by learned rank until no merge applies, and the 
 vocabulary. Loads a Hugging Face `tokenizer.json` (or `vocab.json` + `merges.txt`) and Meta's tiktoken
 `tokenizer.model`; trains a new vocabulary and saves a `tokenizer.json` that HF `tokenizers` encodes identically.
 
-References: minbpe (the algorithm in plain Python, its `get_stats` / `merge` helpers and opt-in `allowed_special`);
-tiktoken, the ground truth for `tokenizer.model` (lowest rank first, leftmost among equals, a pair ranked as its merged
-bytes, a piece in the vocabulary emitted whole); HF `tokenizers`, the ground truth for `tokenizer.json` (pairs ranked
-by their order in `merges`, the Split / Digits / ByteLevel pipeline, `ignore_merges`); Meta's llama3 `ChatFormat`
-and HF's chat templates for apply_chat_template.
+References: minbpe (the algorithm in plain Python, `get_stats` / `merge`, opt-in `allowed_special`); tiktoken and HF
+`tokenizers`, the ground truth for the ids of `tokenizer.model` and `tokenizer.json`; Meta's llama3 `ChatFormat` and
+HF's chat templates for apply_chat_template.
 
 Departures, on purpose:
 - Special-token strings in text are plain text unless allowed (`allowed_special`; "all" allows every one), so user
   text never forges a control token (tiktoken raises on one, HF always matches them). `encode` adds no BOS/EOS.
-- No cut of long inputs as Meta's wrapper does: the merge loop is a heap, O(n log n) in the piece length, and pieces
-  of LONG_PIECE bytes or more merge in numpy rounds (bpe_long), with the ids of tiktoken and HF on every text.
+- Long inputs are not cut, as Meta's wrapper does: the merge loop is a heap, O(n log n), and pieces of LONG_PIECE
+  bytes or more merge in numpy rounds (bpe_long), with the same ids.
 - Only byte-level BPE: any other normalizer, pre-tokenizer or model option raises NotImplementedError naming it.
 - The `regex` module knows Unicode 17's new letters and digits, which tiktoken's and HF's engines see as unassigned:
   pieces around those 4,657 code points differ (test_parity.py's NEWER_UNICODE), no others do.
@@ -109,8 +107,7 @@ def get_stats(ids: list[int], counts: dict | None = None, weight: int = 1) -> di
 
 
 def merge(ids: list[int], pair: tuple[int, int], idx: int) -> list[int]:
-    """Replace every occurrence of `pair`, left to right, by `idx`, as minbpe: ([1, 2, 3, 1, 2], (1, 2), 4)
-    -> [4, 3, 4]."""
+    """Replace every occurrence of `pair`, left to right, by `idx`, as minbpe: [1, 2, 3, 1, 2], (1, 2) -> [4, 3, 4]."""
     out, i = [], 0
     while i < len(ids):  # left to right, skipping past a match: in [a, a, a] the pair (a, a) merges once, at the left
         match = i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]
@@ -190,9 +187,9 @@ class MergeTable(typing.NamedTuple):
         return self.merged[self.row(left, right)]
 
     def longest_in(self, data: bytes) -> int:
-        """The length of the longest token that occurs in `data` (a token of more than 8 bytes counts if its
-        first 8 occur): no merge of `data` makes a longer one. With every 8 bytes of `data` as a big-endian
-        number, sorted, the 8 bytes that start with a given token form a range: one binary search per end."""
+        """The length of the longest token that occurs in `data` (one of more than 8 bytes counts if its first 8 do): no
+        merge of `data` makes a longer one. With every 8 bytes of `data` as a big-endian number, sorted, the 8 bytes
+        that start with a given token form a range: one binary search per end."""
         if len(self.tokens[0]) <= 8:  # the longest token of the table is bound enough
             return len(self.tokens[0])
         padded = np.frombuffer(data + bytes(7), dtype=np.uint8).astype(np.uint64)
@@ -215,20 +212,16 @@ def window_min(x: np.ndarray, width: int) -> np.ndarray:
 
 
 def bpe_long(data: bytes, table: MergeTable) -> list[bytes]:
-    """bpe() of the single bytes of `data`, for long pieces (a megabyte of one letter, of spaces or of random letters
-    is one piece): minbpe's loop on numpy arrays, many merges per vectorized pass. `table` holds every token that can
-    form from `data`. Each round merges pairs that bpe() is sure to merge as they stand, of two kinds:
-    - every pair of the lowest rank present, left to right: bpe()'s next merges, provided no pair they create ranks
-      at or below them (true of trained vocabularies, not of every file: checked);
-    - when those are too few to pay for a pass (random letters, not runs of one letter), also every pair whose
-      (rank, position) is the lowest within `longest` pairs on either side, `longest` being the longest token that
-      occurs in `data`: only a neighbour built by earlier merges could take one of its parts first, and such a
-      neighbour's pairs lie in the window. Merged ahead of its turn, it changes nothing if the pairs it creates rank
-      above it (checked; one that fails waits).
-    A pair with no mergeable pair within `longest` pairs on either side is a wall no merge will cross (a token spans
-    at most `longest` parts): parts between two walls are finished and set aside. A run of one letter takes a handful
-    of rounds, random letters a few dozen; when a round merges too little for a pass to pay, or the first kind's
-    check fails, bpe() finishes each stretch between walls."""
+    """bpe() of the single bytes of `data`, for long pieces (a megabyte of one letter is one piece): minbpe's loop on
+    numpy arrays, many merges per pass. `table` holds every token that can form from `data`. A round merges the pairs
+    bpe() is sure to merge as they stand:
+    - every pair of the lowest rank present, left to right, if no pair they create ranks at or below them (checked);
+    - when those are too few to pay for a pass, also every pair whose (rank, position) is the lowest within `longest`
+      pairs on either side (`longest`: the longest token occurring in `data`), if the pairs it creates rank above it:
+      only a neighbour built by earlier merges could take one of its parts first, and its pairs lie in the window.
+    A pair with no mergeable pair within `longest` pairs on either side is a wall no merge crosses: parts between two
+    walls are finished and set aside. When a round would merge too little, or a check fails, bpe() finishes each
+    stretch between walls."""
     c = table.byte_code[np.frombuffer(data, dtype=np.uint8)]  # a code per part
     start = np.arange(len(c))  # each part's first byte: where set-aside parts go back in order
     finished = []  # (start, code) arrays of the parts set aside
@@ -293,14 +286,13 @@ def bpe_long(data: bytes, table: MergeTable) -> list[bytes]:
 
 
 def with_gaps(pattern: str) -> str:
-    # subtle: HF keeps the text between matches as pieces too, findall drops it. A second alternative that consumes
-    # characters while the pattern does not match turns those gaps into matches (the known patterns match
-    # everywhere, so it never runs for them).
+    # subtle: HF keeps the text between matches as pieces too, findall drops it; a second alternative that consumes
+    # characters while the pattern does not match turns those gaps into matches
     return "(?:{0})|(?:(?!(?:{0}))[\\s\\S])+".format(pattern)
 
 
-# the patterns this file ships: linear in time (benchmarks/bench_tokenizer.py's worst cases), so pre_tokenize runs
-# them without the time bound, which makes the regex module ~3x slower
+# the patterns this file ships, linear in time: pre_tokenize runs them without the time bound, which slows the regex
+# module down
 LINEAR_PATTERNS = {with_gaps(GPT2_PATTERN), with_gaps(LLAMA3_PATTERN), r"\p{N}|\P{N}+", r"\p{N}+|\P{N}+"}
 
 
@@ -362,7 +354,7 @@ def pre_tokenize(text: str, patterns: list[regex.Pattern]) -> list[str]:
     try:
         for pattern in patterns:
             # as HF: a later step only cuts the pieces of the earlier ones, never joins across them
-            if pattern.pattern in LINEAR_PATTERNS:  # a timeout makes the regex module ~3x slower: only where needed
+            if pattern.pattern in LINEAR_PATTERNS:
                 pieces = [p for chunk in pieces for p in pattern.findall(chunk)]
             else:  # subtle: the regex module reads a negative timeout as none at all, so a spent budget is 0
                 pieces = [p for chunk in pieces
@@ -496,8 +488,8 @@ class Tokenizer:
         return [self.vocab[p] for p in parts]
 
     def _merge_table(self, data: bytes) -> MergeTable:
-        """bpe_long's merge table, of the tokens made of bytes seen in long pieces so far (all of Llama 3's merges
-        take about a second to list, those among the lowercase letters a quarter of that)."""
+        """bpe_long's merge table, of the tokens made of bytes seen in long pieces so far, not of all the vocabulary's
+        (slow to list, for Llama 3)."""
         alphabet = np.flatnonzero(np.bincount(np.frombuffer(data, dtype=np.uint8), minlength=256))
         alphabet = alphabet.astype(np.uint8).tobytes()
         if alphabet.translate(None, self.table_bytes):  # bytes the table lacks: grow it to all seen so far
@@ -581,7 +573,7 @@ def train(texts, vocab_size: int, pattern: str = LLAMA3_PATTERN, special_tokens=
     Ties: the most frequent pair wins, then the smallest (left id, right id), so training is deterministic."""
     pre = split_then_bytes(pattern)
     patterns = compile_pre_tokenizer(pre)
-    # merges never cross pieces, so only distinct pieces matter: 2 MB of code is ~430k pieces, ~21k distinct
+    # merges never cross pieces, so only the distinct pieces and their counts matter (far fewer than all pieces)
     word_counts = Counter(piece for text in texts for piece in pre_tokenize(text, patterns))
     words = [list(w.encode("utf-8")) for w in word_counts]  # distinct pieces as byte ids
     counts = list(word_counts.values())
