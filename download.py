@@ -263,10 +263,10 @@ def hub_info(repo_id):
     """The repo's current commit and file list, in one request that also decides whether the Hub can be reached:
     raises HubUnreachable only when no answer came, DownloadError for an answer that is an error."""
     import huggingface_hub
+    from huggingface_hub.constants import ENDPOINT as endpoint  # (a submodule: not loaded by the package import)
     from huggingface_hub.utils import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled,
                                        RepositoryNotFoundError)
     huggingface_hub.utils.logging.set_verbosity_error()  # its retry warnings would bury the one line we print
-    endpoint = huggingface_hub.constants.ENDPOINT
     try:
         info = huggingface_hub.HfApi().model_info(repo_id, revision="main", timeout=HUB_TIMEOUT)
         if not info.sha or info.siblings is None:

@@ -216,7 +216,7 @@ def test_failed_runs_never_replace_a_complete_checkout(tmp_path, monkeypatch):
 
 
 def test_gated_llama_without_the_hub_names_the_routes(tmp_path, monkeypatch):
-    import huggingface_hub
+    import huggingface_hub.constants
     monkeypatch.setattr(download, "hub_info", HUB_INFO)  # the real one: its first request gets no answer
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens
     message = download_error(["llama3.2-1b-instruct", "--out", str(tmp_path)])
