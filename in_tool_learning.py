@@ -630,9 +630,9 @@ def plot(rows: list[dict], reference: Path | None, out_dir: Path):
         pts = [(n, hold, below) for n, hold, below in pts if hold]
         if pts:
             y = [n_params(h) for _, h, _ in pts]
-            low = [n_params(h) - (n_params(b) if b else 0) for _, h, b in pts]
+            low = [n_params(h) - n_params(b) if b else 0 for _, h, b in pts]  # no bar: no smaller width ran
             ax.errorbar([n for n, _, _ in pts], y, yerr=[low, [0] * len(y)], fmt="o-", capsize=3,
-                        color=colors[setting], label=f"{setting} (ours; bar down to the width below, which failed)")
+                        color=colors[setting], label=f"{setting} (ours, 3 seeds; bar down to the width below, which failed)")
         rns = sorted({n for s, _, n in ref if s == setting})
         rpts = [(n, smallest_holding(ref, setting, n)[0]) for n in rns]
         rpts = [(n, h) for n, h in rpts if h]
@@ -647,25 +647,27 @@ def plot(rows: list[dict], reference: Path | None, out_dir: Path):
                             label=f"{setting} (reference, min-max of its seeds' own smallest size)")
     ax.set(xscale="log", yscale="log", xlabel="people N (4 facts each)",
            ylabel=f"fewest parameters with mean recall >= {TARGET}",
-           title="In-weight needs parameters in proportion to N; in-tool does not")
+           title="The smallest model that recalls N people: in-weight vs in-tool")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(out_dir / "in_tool_frontier.png", dpi=120)
-    # Recall against N for every width run, mean and standard deviation over seeds; unseen names for in-tool
+    # Recall against N for every width run, mean and standard deviation over seeds; the unseen splits for in-tool
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    names = cells(rows, "unseen_names")
+    unseen = {"unseen names": (cells(rows, "unseen_names"), "s:"),
+              "unseen pairs": (cells(rows, "unseen_pairs"), "^--")}
     for ax, setting in zip(axes, ("in_weight", "in_tool")):
         for d in sorted({d for s, d, _ in ours if s == setting}):
             ks = sorted((k for k in ours if k[0] == setting and k[1] == d), key=lambda k: k[2])
             mean = [statistics.mean(ours[k]) for k in ks]
             sd = [statistics.stdev(ours[k]) if len(ours[k]) > 1 else 0 for k in ks]
             line = ax.errorbar([k[2] for k in ks], mean, yerr=sd, fmt="o-", capsize=3, label=f"d={d}")
-            kn = [k for k in ks if k in names]
-            if setting == "in_tool" and kn:
-                ax.errorbar([k[2] for k in kn], [statistics.mean(names[k]) for k in kn],
-                            yerr=[statistics.stdev(names[k]) if len(names[k]) > 1 else 0 for k in kn], fmt="s:",
-                            capsize=3, color=line[0].get_color(), alpha=0.6, label=f"d={d}, unseen names")
+            for split, (c, style) in unseen.items():
+                kn = [k for k in ks if k in c]
+                if setting == "in_tool" and kn:
+                    ax.errorbar([k[2] for k in kn], [statistics.mean(c[k]) for k in kn],
+                                yerr=[statistics.stdev(c[k]) if len(c[k]) > 1 else 0 for k in kn], fmt=style,
+                                capsize=3, color=line[0].get_color(), alpha=0.6, label=f"d={d}, {split}")
         ax.axhline(TARGET, color="gray", lw=0.8, ls="--")
         ax.set(xscale="log", xlabel="people N", title=setting, ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
