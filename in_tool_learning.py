@@ -37,8 +37,10 @@ docs/in_tool_learning.md lists the commands that made its tables):
     python in_tool_learning.py train --setting in_tool --d 32 --people 1024 --steps 3000
     python in_tool_learning.py frontier --out runs/itl/in_weight.csv --setting in_weight --people 64 128 256 512 \\
         --widths 8 12 16 20 24 28 32 --steps 3000 --epochs 300
-    python in_tool_learning.py grid --out runs/itl/grid.csv --runs in_weight:32 --people 1024 --epochs 300
-    python in_tool_learning.py plot --csv runs/itl/in_weight.csv runs/itl/grid.csv  # figures beside the first CSV
+    python in_tool_learning.py frontier --out runs/itl/in_tool.csv --setting in_tool --people 256 1024 4096 \\
+        --widths 16 20 24 28 --steps 3000 --epochs 0
+    python in_tool_learning.py grid --out runs/itl/in_tool.csv --runs in_tool:16 --people 4096 --seeds 0
+    python in_tool_learning.py plot --csv runs/itl/in_weight.csv runs/itl/in_tool.csv  # figures beside the first CSV
 """
 
 import csv
@@ -649,7 +651,7 @@ def plot(rows: list[dict], reference: Path | None, out_dir: Path):
            ylabel=f"fewest parameters with mean recall >= {TARGET}",
            title="The smallest model that recalls N people: in-weight vs in-tool")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(out_dir / "in_tool_frontier.png", dpi=120)
     # Recall against N for every width run, mean and standard deviation over seeds; the unseen splits for in-tool
