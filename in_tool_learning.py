@@ -37,8 +37,10 @@ docs/in_tool_learning.md lists the commands that made its tables):
     python in_tool_learning.py train --setting in_tool --d 32 --people 1024 --steps 3000
     python in_tool_learning.py frontier --out runs/itl/in_weight.csv --setting in_weight --people 64 128 256 512 \\
         --widths 8 12 16 20 24 28 32 --steps 3000 --epochs 300
-    python in_tool_learning.py grid --out runs/itl/grid.csv --runs in_weight:32 --people 1024 --epochs 300
-    python in_tool_learning.py plot --csv runs/itl/in_weight.csv runs/itl/grid.csv  # figures beside the first CSV
+    python in_tool_learning.py frontier --out runs/itl/in_tool.csv --setting in_tool --people 256 1024 4096 \\
+        --widths 16 20 24 28 --steps 3000 --epochs 0
+    python in_tool_learning.py grid --out runs/itl/in_tool.csv --runs in_tool:16 --people 4096 --seeds 0
+    python in_tool_learning.py plot --csv runs/itl/in_weight.csv runs/itl/in_tool.csv  # figures beside the first CSV
 """
 
 import csv
@@ -487,8 +489,8 @@ REFERENCE = Path(__file__).resolve().parent / "docs" / "in_tool_reference.csv"
 REF_KEY = {"in_weight": "qa", "in_tool": "qatool"}
 
 
-def cells(rows: list[dict], field: str = "recall") -> dict:
-    """{(setting, d, people): [values over seeds]} of the runs with the most steps at that cell."""
+def seed_cells(rows: list[dict], field: str = "recall") -> dict:
+    """{(setting, d, people): {seed: value}} of the runs with the most steps at that cell."""
     most = {}
     for r in rows:
         k = (r["setting"], int(r["d"]), int(r["people"]))
@@ -497,18 +499,56 @@ def cells(rows: list[dict], field: str = "recall") -> dict:
     for r in rows:
         k = (r["setting"], int(r["d"]), int(r["people"]))
         if int(r["steps"]) == most[k] and r[field] not in ("", "nan"):
-            out.setdefault(k, []).append(float(r[field]))
+            out.setdefault(k, {})[int(r["seed"])] = float(r[field])
+    return out
+
+
+def cells(rows: list[dict], field: str = "recall") -> dict:
+    """{(setting, d, people): [values over seeds]} of the runs with the most steps at that cell."""
+    return {k: list(v.values()) for k, v in seed_cells(rows, field).items()}
+
+
+def reference_seed_cells(path: Path, grid: str) -> dict:
+    """{(setting, d, people): {seed: accuracy}} of one of the reference's result files (docs/...)."""
+    out = {}
+    for r in read_rows([path]):
+        if r["grid"] == grid:
+            setting = {v: k for k, v in REF_KEY.items()}[r["key"]]
+            out.setdefault((setting, int(r["d"]), int(r["people"])), {})[int(r["seed"])] = float(r["accuracy"])
     return out
 
 
 def reference_cells(path: Path, grid: str) -> dict:
     """{(setting, d, people): [accuracy over seeds]} of one of the reference's result files (docs/...)."""
+    return {k: list(v.values()) for k, v in reference_seed_cells(path, grid).items()}
+
+
+def seed_frontiers(sc: dict, setting: str, n: int) -> dict:
+    """{seed: (sign, d)}: each seed's own smallest width with recall >= TARGET at N. sign "=" when that seed also
+    ran the next smaller width run at N and missed (exact), "<=" when it did not (frontier stops a hopeless width
+    after its first seeds) or no smaller width ran, ">" (d: its largest width run) when it holds at none."""
+    ds = sorted(d for (s, d, m) in sc if s == setting and m == n)
     out = {}
-    for r in read_rows([path]):
-        if r["grid"] == grid:
-            setting = {v: k for k, v in REF_KEY.items()}[r["key"]]
-            out.setdefault((setting, int(r["d"]), int(r["people"])), []).append(float(r["accuracy"]))
+    for seed in sorted({seed for d in ds for seed in sc[(setting, d, n)]}):
+        ran = [d for d in ds if seed in sc[(setting, d, n)]]
+        hold = next((d for d in ran if sc[(setting, d, n)][seed] >= TARGET), None)
+        if hold is None:
+            out[seed] = (">", ran[-1])
+            continue
+        smaller = [d for d in ds if d < hold]
+        out[seed] = ("=" if smaller and smaller[-1] in ran else "<=", hold)
     return out
+
+
+def fmt_frontiers(fr: dict) -> str:
+    """Per-seed smallest widths as parameters: mean +- sd and min-max when every seed's is exact, else the list."""
+    if not fr:
+        return "-"
+    if all(sign == "=" for sign, _ in fr.values()):
+        p = [n_params(d) for _, d in fr.values()]
+        sd = f" +- {statistics.stdev(p):,.0f}" if len(p) > 1 else ""
+        return f"{statistics.mean(p):,.0f}{sd} ({min(p):,}-{max(p):,}; {len(p)} seed{'s' * (len(p) > 1)})"
+    return ", ".join(f"{'' if sign == '=' else sign}{n_params(d):,}" for sign, d in fr.values()) + " (per seed)"
 
 
 def smallest_holding(c: dict, setting: str, n: int):
@@ -531,20 +571,27 @@ def fmt(values: list[float]) -> str:
 def tables(rows: list[dict], reference: Path | None):
     """Markdown tables: the headline (smallest width holding each N, ours and the reference's), every cell beside
     the reference's same cell, and the unseen-people splits beside the reference's unseen-names grid."""
-    ours = cells(rows)
-    ref = reference_cells(reference, "grid4") if reference else {}
+    ours, ours_seeds = cells(rows), seed_cells(rows)
+    ref_seeds = reference_seed_cells(reference, "grid4") if reference else {}
+    ref = {k: list(v.values()) for k, v in ref_seeds.items()}
     ood = reference_cells(reference, "grid_ood_data_transition") if reference else {}
-    print(f"\nSmallest width whose mean recall reaches {TARGET} (the paper's headline; parameters P = 32d^2 + 525d)\n")
-    print("| setting | people | d (ours) | parameters | width below, failed | bits/param | reference d | "
-          "reference parameters |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\nSmallest width whose mean recall reaches {TARGET} (the paper's headline; parameters P = 32d^2 + 525d), "
+          "the recall there and at the width below (mean +- sd over seeds), and each seed's own smallest width as "
+          "parameters (mean +- sd (min-max) when every seed's is exact; '<=': that seed did not run the width "
+          "below)\n")
+    print("| setting | people | d (ours) | parameters | recall at d | width below | recall below | per seed (ours) | "
+          "bits/param | reference d | reference parameters | reference per seed (10 seeds) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for setting, n in sorted({(s, n) for s, _, n in ours}):
         hold, below = smallest_holding(ours, setting, n)
         rhold, _ = smallest_holding(ref, setting, n)
         bits = f"{n * BITS_PER_PERSON / n_params(hold):.3f}" if hold and setting == "in_weight" else "-"
         print(f"| {setting} | {n:,} | {hold or f'> {below}'} | {f'{n_params(hold):,}' if hold else '-'} | "
-              f"{below if below and hold else '-'} | {bits} | {rhold or ('-' if not ref else 'none <= 128')} | "
-              f"{f'{n_params(rhold):,}' if rhold else '-'} |")
+              f"{fmt(ours[(setting, hold, n)]) if hold else '-'} | {below or '-'} | "
+              f"{fmt(ours[(setting, below, n)]) if below else '-'} | "
+              f"{fmt_frontiers(seed_frontiers(ours_seeds, setting, n))} | {bits} | "
+              f"{rhold or ('-' if not ref else 'none <= 128')} | {f'{n_params(rhold):,}' if rhold else '-'} | "
+              f"{fmt_frontiers(seed_frontiers(ref_seeds, setting, n))} |")
     print("\nEvery cell: recall over our seeds (mean +- sd) beside the reference's 10 seeds at the same setting, "
           "d and N (grid4.csv; '-': not in its grid)\n")
     print("| setting | d | people | steps | seeds | recall | reference recall | unseen names | unseen pairs |")
@@ -574,7 +621,8 @@ def plot(rows: list[dict], reference: Path | None, out_dir: Path):
         print("matplotlib is not installed: no figures (pip install matplotlib); the tables above hold the numbers")
         return
     ours = cells(rows)
-    ref = reference_cells(reference, "grid4") if reference else {}
+    ref_seeds = reference_seed_cells(reference, "grid4") if reference else {}
+    ref = {k: list(v.values()) for k, v in ref_seeds.items()}
     colors = {"in_weight": "tab:blue", "in_tool": "tab:orange"}
     # The headline: fewest parameters that hold N people
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -584,36 +632,44 @@ def plot(rows: list[dict], reference: Path | None, out_dir: Path):
         pts = [(n, hold, below) for n, hold, below in pts if hold]
         if pts:
             y = [n_params(h) for _, h, _ in pts]
-            low = [n_params(h) - (n_params(b) if b else 0) for _, h, b in pts]
+            low = [n_params(h) - n_params(b) if b else 0 for _, h, b in pts]  # no bar: no smaller width ran
             ax.errorbar([n for n, _, _ in pts], y, yerr=[low, [0] * len(y)], fmt="o-", capsize=3,
-                        color=colors[setting], label=f"{setting} (ours; bar down to the width below, which failed)")
+                        color=colors[setting], label=f"{setting} (ours, 3 seeds; bar down to the width below, which failed)")
         rns = sorted({n for s, _, n in ref if s == setting})
         rpts = [(n, smallest_holding(ref, setting, n)[0]) for n in rns]
         rpts = [(n, h) for n, h in rpts if h]
         if rpts:
             ax.plot([n for n, _ in rpts], [n_params(h) for _, h in rpts], "s--", color=colors[setting], alpha=0.5,
                     label=f"{setting} (reference, grid4.csv, 10 seeds, 100k steps)")
+            # the spread of the reference's own seeds: each seed's smallest width holding N (its grid runs every
+            # width at every seed, so each is exact)
+            spread = [[n_params(d) for _, d in seed_frontiers(ref_seeds, setting, n).values()] for n, _ in rpts]
+            ax.fill_between([n for n, _ in rpts], [min(p) for p in spread], [max(p) for p in spread],
+                            color=colors[setting], alpha=0.12, lw=0,
+                            label=f"{setting} (reference, min-max of its seeds' own smallest size)")
     ax.set(xscale="log", yscale="log", xlabel="people N (4 facts each)",
            ylabel=f"fewest parameters with mean recall >= {TARGET}",
-           title="In-weight needs parameters in proportion to N; in-tool does not")
+           title="The smallest model that recalls N people: in-weight vs in-tool")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(out_dir / "in_tool_frontier.png", dpi=120)
-    # Recall against N for every width run, mean and standard deviation over seeds; unseen names for in-tool
+    # Recall against N for every width run, mean and standard deviation over seeds; the unseen splits for in-tool
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    names = cells(rows, "unseen_names")
+    unseen = {"unseen names": (cells(rows, "unseen_names"), "s:"),
+              "unseen pairs": (cells(rows, "unseen_pairs"), "^--")}
     for ax, setting in zip(axes, ("in_weight", "in_tool")):
         for d in sorted({d for s, d, _ in ours if s == setting}):
             ks = sorted((k for k in ours if k[0] == setting and k[1] == d), key=lambda k: k[2])
             mean = [statistics.mean(ours[k]) for k in ks]
             sd = [statistics.stdev(ours[k]) if len(ours[k]) > 1 else 0 for k in ks]
             line = ax.errorbar([k[2] for k in ks], mean, yerr=sd, fmt="o-", capsize=3, label=f"d={d}")
-            kn = [k for k in ks if k in names]
-            if setting == "in_tool" and kn:
-                ax.errorbar([k[2] for k in kn], [statistics.mean(names[k]) for k in kn],
-                            yerr=[statistics.stdev(names[k]) if len(names[k]) > 1 else 0 for k in kn], fmt="s:",
-                            capsize=3, color=line[0].get_color(), alpha=0.6, label=f"d={d}, unseen names")
+            for split, (c, style) in unseen.items():
+                kn = [k for k in ks if k in c]
+                if setting == "in_tool" and kn:
+                    ax.errorbar([k[2] for k in kn], [statistics.mean(c[k]) for k in kn],
+                                yerr=[statistics.stdev(c[k]) if len(c[k]) > 1 else 0 for k in kn], fmt=style,
+                                capsize=3, color=line[0].get_color(), alpha=0.6, label=f"d={d}, {split}")
         ax.axhline(TARGET, color="gray", lw=0.8, ls="--")
         ax.set(xscale="log", xlabel="people N", title=setting, ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)

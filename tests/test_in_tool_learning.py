@@ -317,7 +317,20 @@ def test_plot_prints_the_tables_beside_the_reference_and_says_in_one_line_withou
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     itl.plot_command([str(out)], reference=str(ref))
     text = capsys.readouterr().out
-    assert "| in_weight | 64 | 16 | 16,592 | 12 | 0.120 | 16 | 16,592 |" in text
+    assert ("| in_weight | 64 | 16 | 16,592 | 1.000 +- 0.000 | 12 | 0.300 +- 0.000 | 16,592 +- 0 (16,592-16,592; "
+            "3 seeds) | 0.120 | 16 | 16,592 | 16,592 +- 0 (16,592-16,592; 10 seeds) |") in text
     assert "| in_weight | 12 | 64 | 1,200 | 3 | 0.300 +- 0.000 | 0.900 +- 0.000 |" in text
     assert text.strip().splitlines()[-1].startswith("matplotlib is not installed: no figures")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv", "ref.csv"]
+
+
+def test_each_seeds_smallest_width_is_exact_only_where_that_seed_ran_the_width_below():
+    sc = {("in_weight", 8, 64): {1: 0.1}, ("in_weight", 12, 64): {0: 0.4, 1: 0.97},
+          ("in_weight", 16, 64): {0: 1.0, 1: 1.0, 2: 0.99}, ("in_weight", 16, 128): {0: 0.5}}
+    fr = itl.seed_frontiers(sc, "in_weight", 64)
+    assert fr == {0: ("=", 16), 1: ("=", 12), 2: ("<=", 16)}  # seed 2 never ran d=12: only a bound
+    assert itl.seed_frontiers(sc, "in_weight", 128) == {0: (">", 16)}
+    assert itl.fmt_frontiers(fr) == "16,592, 10,908, <=16,592 (per seed)"
+    exact = {0: ("=", 16), 1: ("=", 12)}
+    assert itl.fmt_frontiers(exact) == "13,750 +- 4,019 (10,908-16,592; 2 seeds)"
+    assert itl.fmt_frontiers({}) == "-"
