@@ -35,7 +35,7 @@ Deliberate departures from the reference:
 Usage (every command resumes: rows already in --out are kept, a run cut short continues from its checkpoint;
 docs/in_tool_learning.md lists the commands that made its tables):
     python in_tool_learning.py train --setting in_tool --d 32 --people 1024 --steps 3000
-    python in_tool_learning.py frontier --out runs/itl/in_weight.csv --setting in_weight --people 64 128 256 512 \\
+    python in_tool_learning.py frontier --out runs/itl/in_weight.csv --setting in_weight --people 64 128 256 512 1024 \\
         --widths 8 12 16 20 24 28 32 --steps 3000 --epochs 300
     python in_tool_learning.py frontier --out runs/itl/in_tool.csv --setting in_tool --people 256 1024 4096 \\
         --widths 16 20 24 28 --steps 3000 --epochs 0
