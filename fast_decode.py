@@ -764,22 +764,19 @@ def load(cls, ckpt_dir, weights: str | None = None, group_size: int = 32, roundi
 
 def save_quantized(cls, ckpt_dir, weights: str = "int4", group_size: int = 32, rounding: str = "nearest") -> Path:
     """Quantize a checkpoint's linear layers one by one (the float model is never held) and write them to
-    quantized_path(ckpt_dir, ...), which load() then reads instead of quantizing again. Written to a temporary
-    name first: a failed run leaves an earlier file as it was."""
+    quantized_path(ckpt_dir, ...), which load() then reads instead of quantizing again. Written as finetune.py saves
+    (run_folder.save_atomic): a failed write leaves an earlier file as it was and names its cause in one line."""
     from safetensors.torch import save_file
+
+    from run_folder import save_atomic
     check_weights(weights, group_size, rounding)
     if weights not in ("int8", "int4"):
         raise ValueError(f"weights={weights!r}: a quantized file holds 'int8' or 'int4'")
     kept = {}
     build(cls, ckpt_dir, weights, group_size, rounding, torch.device("cpu"), None, None, kept)
     out = quantized_path(ckpt_dir, weights, group_size)
-    part = out.with_suffix(".part")
     meta = {"weights": weights, "group_size": str(group_size), "rounding": rounding, "source": fingerprint(ckpt_dir)}
-    save_file({k: v.contiguous() for k, v in kept.items()}, part, metadata=meta)
-    umask = os.umask(0)  # (reading the umask means setting it)
-    os.umask(umask)
-    os.chmod(part, 0o666 & ~umask)  # safetensors writes 0600; the file gets a new file's usual mode
-    part.replace(out)
+    save_atomic(str(out), lambda tmp: save_file({k: v.contiguous() for k, v in kept.items()}, tmp, metadata=meta))
     return out
 
 
