@@ -1,5 +1,5 @@
-"""Long pieces in tokenizer_bpe.py: bpe_long (numpy rounds) gives exactly bpe()'s parts on random vocabularies,
-with and without its windowed merges, and the ids of HF `tokenizers` / tiktoken on the real vocabularies for runs
+"""Long pieces (fast_bpe.py): bpe_long (numpy rounds) gives exactly tokenizer_bpe.bpe()'s parts on random
+vocabularies, with and without its windowed merges, and the ids of HF `tokenizers` / tiktoken on the real vocabularies for runs
 of one letter, of spaces and for long words of random letters (each one piece of the pre-tokenizer).
 
 Run: python -m pytest tests/test_tokenizer_long.py -q
@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import tokenizer_bpe  # noqa: E402
-from tokenizer_bpe import (LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, MergeTable, Tokenizer, bpe, bpe_long,  # noqa: E402
-                           window_min)
+import fast_bpe  # noqa: E402
+from fast_bpe import MergeTable, bpe_long, window_min  # noqa: E402
+from tokenizer_bpe import LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS, Tokenizer, bpe  # noqa: E402
 
 
 @st.composite
@@ -55,8 +55,8 @@ def test_bpe_long_equals_bpe_on_random_vocabularies(rounds, vocabulary, text):
     data = text.encode()
     with pytest.MonkeyPatch.context() as patch:
         for name, value in ROUNDS[rounds].items():
-            patch.setattr(tokenizer_bpe, name, value)
-        assert bpe_long(data, MergeTable.of(tokens, rank)) == bpe([data[i:i + 1] for i in range(len(data))], rank)
+            patch.setattr(fast_bpe, name, value)
+        assert bpe_long(data, MergeTable.of(tokens, rank), bpe) == bpe([data[i:i + 1] for i in range(len(data))], rank)
 
 
 @settings(max_examples=300, deadline=None)
@@ -86,12 +86,12 @@ def test_bpe_long_hands_over_when_a_created_pair_ranks_lower():
     tokens = [b"a", b"b", b" ", *(a + b for a, b in merges)]
     assert bpe([bytes([c]) for c in b" ab ab"], rank) == [b" ab a", b"b"]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tokenizer_bpe, "MIN_ROUND_SHARE", math.inf)
-        assert bpe_long(b" ab ab", MergeTable.of(tokens, rank)) == [b" ab a", b"b"]
+        patch.setattr(fast_bpe, "MIN_ROUND_SHARE", math.inf)
+        assert bpe_long(b" ab ab", MergeTable.of(tokens, rank), bpe) == [b" ab a", b"b"]
         # the mirror image: the product's right neighbour starts the chain, which runs into the next pair
         merges = {(b"a", b"b"): 5, (b"ab", b" "): 1, (b"ab ", b"a"): 2}
         tokens = [b"a", b"b", b" ", *(a + b for a, b in merges)]
-        assert bpe_long(b"ab ab", MergeTable.of(tokens, rank)) == bpe([bytes([c]) for c in b"ab ab"], rank) \
+        assert bpe_long(b"ab ab", MergeTable.of(tokens, rank), bpe) == bpe([bytes([c]) for c in b"ab ab"], rank) \
             == [b"ab a", b"b"]
 
 
@@ -104,8 +104,8 @@ def test_window_reaches_as_far_as_the_longest_token():
     data = b"thers " * 3
     with pytest.MonkeyPatch.context() as patch:
         for name, value in ROUNDS["windows every round"].items():
-            patch.setattr(tokenizer_bpe, name, value)
-        assert bpe_long(data, table) == bpe([data[i:i + 1] for i in range(len(data))], rank) == \
+            patch.setattr(fast_bpe, name, value)
+        assert bpe_long(data, table, bpe) == bpe([data[i:i + 1] for i in range(len(data))], rank) == \
             [b"ther", b"s", b" "] * 3
 
 
@@ -155,14 +155,30 @@ def test_long_words_of_varied_letters_match_hf(vocabularies):
                 assert ids == tik.encode_ordinary(text), (name, text[:20])
 
 
-def test_rounds_do_the_merging(vocabularies, monkeypatch):
+def test_rounds_do_the_merging(vocabularies):
     """The rounds merge long runs and long random words to the end: bpe() is never handed a stretch, else the
     fast path would silently be the heap."""
     handed = []
-    monkeypatch.setattr(tokenizer_bpe, "bpe", lambda parts, rank: handed.append(len(parts)) or bpe(parts, rank))
+    finish = lambda parts, rank: handed.append(len(parts)) or bpe(parts, rank)  # noqa: E731
     for name, ours, _, _ in vocabularies:
         for text in ["a" * 100_000, " " * 100_000, random_word("abcdefghijklmnopqrstuvwxyz", 30_000, 3)]:
             data = text.encode()
-            parts = bpe_long(data, ours._merge_table(data))
+            parts = bpe_long(data, ours.long.table_for(data), finish)
             assert not handed, (name, text[:20], handed[:10])
             assert parts == bpe([data[i:i + 1] for i in range(len(data))], ours.rank), (name, text[:20])
+
+
+def test_tokenizer_bpe_copied_alone_gives_the_same_ids(vocabularies, smollm2_dir, tmp_path):
+    """tokenizer_bpe.py uses fast_bpe.py when it sits beside it, and a copy of tokenizer_bpe.py alone (no fast_bpe.py)
+    merges long pieces with bpe() into the same ids."""
+    import shutil
+    import subprocess
+    text = "a" * 3000 + " " + random_word("abcdefghijklmnopqrstuvwxyz", 3000, 4)
+    ours = vocabularies[0][1]
+    assert isinstance(ours.long, fast_bpe.LongPieces)
+    shutil.copy(os.path.join(os.path.dirname(__file__), "..", "tokenizer_bpe.py"), tmp_path)
+    code = ("import sys, tokenizer_bpe as t; assert t.LongPieces is None; "
+            "print(t.Tokenizer.from_file(sys.argv[1]).encode(sys.argv[2]))")
+    out = subprocess.run([sys.executable, "-c", code, str(smollm2_dir), text], cwd=tmp_path, capture_output=True,
+                         text=True, check=True, env={**os.environ, "PYTHONPATH": ""})
+    assert out.stdout.strip() == str(ours.encode(text))
