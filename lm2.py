@@ -8,11 +8,9 @@ References: J. Kang et al., "LM2: Large Memory Models", arXiv 2502.06049, Sec. 2
 equations); the official code, github.com/convergence-ai/lm2; HF `modeling_llama.py` for the decoder.
 
 Departures from the official code, and choices where the paper is silent:
-1. Any sequence length and batch size: each slot attends over the tokens of a finished segment (the official module
-   needs T == N; Memory's docstring says how the write is indexed).
+1. Any sequence length and batch size: slots are written from a finished segment's tokens (official code: T == N).
 2. The output gate is the paper's; the official code adds the memory output ungated.
-3. Memory is per sequence, from the learned bank M_0 (identity-initialised, as in the paper) and carried segment to
-   segment; a token reads what earlier segments wrote. Every `bptt_segments` segments the carried state is detached.
+3. Each sequence starts from the learned bank M_0 (identity-initialised, as in the paper); optional truncated BPTT.
 4. A fresh LM2 computes exactly its base checkpoint (W_V starts at zero); the forget bias starts at 3, not 1.
 5. Optional `attn_window` (sliding window, as HF Mistral), so that only the memory reaches further back.
 Blocks marked `# Same as smollm2.py: NAME` (or llama31.py) are that file's, word for word; cli.py runs the CLI.
