@@ -381,15 +381,11 @@ class Memory(nn.Module):
         """Gated memory output (B, T, d); fresh (B, T): tokens of a document begun after the bank was written (packed
         rows) read the initial bank."""
         q = self._heads(self.q_proj(h))
-
-        def attend(k, v):
-            e = self._merge(F.scaled_dot_product_attention(q, k, v))  # softmax over slots: E_mem (B, T, d)
-            return torch.sigmoid(self.out_gate(e)) * e  # E_gated = g_out * E_mem
-
-        out = attend(*state[1:])
+        e = self._merge(F.scaled_dot_product_attention(q, *state[1:]))  # softmax over slots: E_mem (B, T, d)
         if fresh is not None:
-            out = torch.where(fresh[..., None], attend(*self.initial_state(h.shape[0])[1:]), out)
-        return out
+            e0 = self._merge(F.scaled_dot_product_attention(q, *self.initial_state(h.shape[0])[1:]))
+            e = torch.where(fresh[..., None], e0, e)
+        return torch.sigmoid(self.out_gate(e)) * e  # E_gated = g_out * E_mem
 
     def write(self, h, state, token_mask=None, fresh=None):
         """State after a segment whose normed inputs are h (B, T, d); token_mask (B, T): the tokens that may be
