@@ -260,25 +260,6 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-class MemoryCache(nn.Module):
-    """Decoding state of one memory block: the bank of the last completed segment with its keys and values (projected
-    once per segment, not per token: most of a read's cost), and the normed inputs of the segment in progress."""
-
-    def __init__(self, state, segment_len):
-        super().__init__()
-        for name, t in zip(("bank", "k", "v"), state):
-            self.register_buffer(name, t.detach().clone(), persistent=False)
-        B, _, d = self.bank.shape
-        self.register_buffer("seg_h", self.bank.new_zeros(B, segment_len, d), persistent=False)
-
-    def state(self):
-        return self.bank, self.k, self.v
-
-    def update(self, state):
-        for buf, t in zip(self.state(), state):
-            buf.copy_(t)
-
-
 # Differs from smollm2.py's Attention: it also attends to the keys/values kept from earlier segments and returns its own
 class Attention(nn.Module):
     # Same as smollm2.py: Attention.__init__
@@ -409,7 +390,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.memory = Memory(args) if has_memory else None
-        self.mem_cache = None
+        self.mem_state = self.seg_h = None  # decoding only: see LM2.setup_cache
 
     def forward(self, x, cos, sin, mask, past=None, mem=None, fresh=None, input_pos=None):
         h = self.input_layernorm(x)
@@ -450,16 +431,12 @@ class LM2(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() == 2 and ".memory." not in name:
                 nn.init.normal_(p, std=0.02)
-        for layer in self.model.layers:
-            if layer.memory is not None:
-                layer.memory.reset_parameters()
+        for memory in (layer.memory for layer in self.model.layers if layer.memory is not None):
+            memory.reset_parameters()
 
     def lora_train_whole(self) -> str:
         """finetune.py's hook for --mode lora: the memory trains in full (it has no pretrained weight to adapt)."""
         return ".memory."
-
-    def logits(self, x):
-        return self.lm_head(self.model.norm(x))
 
     def forward(self, tokens, doc_ids=None):
         """tokens (B, T) -> logits (B, T, vocab), segment by segment: within a segment, blocks read the banks left by
@@ -504,21 +481,22 @@ class LM2(nn.Module):
                 k0 = max(k0, s1 - (a.attn_window - 1))
                 past = [(k[:, :, k0 - s1 + k.shape[2]:], v[:, :, k0 - s1 + v.shape[2]:]) for k, v in past]
             outs.append(xs)
-        return self.logits(torch.cat(outs, dim=1))
+        return self.lm_head(self.model.norm(torch.cat(outs, dim=1)))
 
     def setup_cache(self, batch_size: int, max_seq_len: int):
-        """Generation only: KV buffers, and every bank at M_0; the segment in progress holds at most the request."""
-        p = self.model.norm.weight  # the model's dtype and device, whatever form its linear layers take
+        """Generation only: KV buffers; each memory block's state at M_0 (the bank with its keys and values, projected
+        once per segment, not per token: most of a read's cost), and room for the normed inputs of the segment in
+        progress (at most the request), which its last token writes into the bank."""
+        a, p = self.args, self.model.norm.weight  # p: the model's dtype and device, whatever form its linears take
         for layer in self.model.layers:
-            layer.self_attn.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
-                                            p.dtype, p.device)
+            layer.self_attn.cache = KVCache(batch_size, max_seq_len, a.n_kv_heads, a.head_dim, p.dtype, p.device)
             if layer.memory is not None:
-                layer.mem_cache = MemoryCache(layer.memory.initial_state(batch_size),
-                                              min(self.args.segment_len, max_seq_len))
+                layer.mem_state = layer.memory.initial_state(batch_size)
+                layer.seg_h = layer.mem_state[0].new_zeros(batch_size, min(a.segment_len, max_seq_len), a.dim)
 
     def clear_cache(self):
         for layer in self.model.layers:
-            layer.self_attn.cache = layer.mem_cache = None
+            layer.self_attn.cache = layer.mem_state = layer.seg_h = None
 
     def forward_cached(self, tokens, input_pos, pad=None):
         """Run tokens (B, T) in cache slots input_pos (T,) -> the last position's logits (B, vocab). Rows are not padded
@@ -532,13 +510,12 @@ class LM2(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq.to(x.device), input_pos[None], x.dtype)
         mask = attention_mask(input_pos, torch.arange(end, device=x.device), self.args.attn_window)
         for layer in self.model.layers:
-            c = layer.mem_cache
-            x, h, _ = layer(x, cos, sin, mask, mem=c.state() if c is not None else None, input_pos=input_pos)
-            if c is not None:  # keep the block's normed inputs until the segment completes
-                c.seg_h[:, input_pos % S] = h
+            x, h, _ = layer(x, cos, sin, mask, mem=layer.mem_state, input_pos=input_pos)
+            if layer.memory is not None:  # keep the block's normed inputs until the segment completes
+                layer.seg_h[:, input_pos % S] = h
                 if end % S == 0:  # tokens from the next one on read the new bank
-                    c.update(layer.memory.write(c.seg_h, c.state()))
-        return self.logits(x[:, -1])  # only the last position is needed to pick the next token
+                    layer.mem_state = layer.memory.write(layer.seg_h, layer.mem_state)
+        return self.lm_head(self.model.norm(x[:, -1]))  # only the last position is needed to pick the next token
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, device=None, dtype=None, **memory_args) -> "LM2":
