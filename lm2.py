@@ -445,9 +445,8 @@ class LM2(nn.Module):
         B, T = tokens.shape
         a, layers, S = self.args, self.model.layers, self.args.segment_len
         idx = torch.arange(T, device=tokens.device)
-        if doc_ids is None:
-            pos = idx.expand(B, T)
-        else:  # RoPE positions restart at each document start
+        pos = idx.expand(B, T)
+        if doc_ids is not None:  # RoPE positions restart at each document start
             start = torch.ones_like(doc_ids, dtype=torch.bool)
             start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
             pos = idx - torch.where(start, idx, 0).cummax(dim=1).values
@@ -529,10 +528,9 @@ class LM2(nn.Module):
         header.pop("model.rotary_emb.inv_freq", None)  # old HF checkpoints saved this derived buffer
         model, state = build(cls, args, header, ckpt_dir, device or "cpu", dtype, ".memory." if fresh else "",
                              layers=args.n_layers)
-        # fresh memory weights are made here, on the weights' device and dtype, so the load below stays strict
         w = state["model.embed_tokens.weight"]
         for i, layer in enumerate(model.model.layers):
-            if layer.memory is not None and fresh:
+            if fresh and layer.memory is not None:  # new memory weights, on w's device and dtype: the load stays strict
                 with torch.device(w.device):
                     memory = Memory(args).to(w.dtype).state_dict()
                 state |= {f"model.layers.{i}.memory.{k}": v for k, v in memory.items()}
@@ -546,39 +544,32 @@ class LM2(nn.Module):
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0, stop_tokens=None,
                  seed=None, stream=None):
-        """As smollm2.py's, but all rows share one position counter: a longer prompt's row is still fed its prompt while
-        shorter ones generate (Llama 1's scheme), so each row runs on its own segment grid from 0, exactly as alone."""
+        """As smollm2.py's, but all rows share one position counter: a longer prompt's row is still fed its prompt (its
+        samples ignored) while shorter ones generate (Llama 1's scheme), so each row runs exactly as alone."""
         longest = check_generate(prompts, max_new_tokens, self.args, temperature, top_k, top_p)
         stop = set(self.args.stop_tokens if stop_tokens is None else stop_tokens)
         B, lens, total = len(prompts), [len(p) for p in prompts], longest + max_new_tokens
-        device = self.model.norm.weight.device
-        # subtle: a row still in its prompt is fed its own next token, and its sample is ignored
+        S, common, device = self.args.segment_len, min(lens), self.model.norm.weight.device
         tokens = torch.tensor([list(p) + [0] * (total - len(p)) for p in prompts], device=device)
         rng = torch.Generator(device).manual_seed(seed) if seed is not None else None
-        out, done = [[] for _ in range(B)], [False] * B
+        out, done, pos = [[] for _ in range(B)], [False] * B, 0
         self.setup_cache(B, total)
         try:
-            S, pos = self.args.segment_len, 0
-            while pos < min(lens):  # prefill the common prefix, one segment-aligned chunk at a time
-                n = min(min(lens) - pos, S - pos % S)
+            while not all(done):  # the common prefix in segment-aligned chunks, then one position at a time
+                n = min(common - pos, S - pos % S) if pos < common else 1
                 logits = self.forward_cached(tokens[:, pos:pos + n], torch.arange(pos, pos + n, device=device))
                 pos += n
-            while not all(done):  # logits predict position pos for every row
-                nxt = sample(logits, temperature, top_k, top_p, rng)
+                if pos < common:
+                    continue
+                nxt = sample(logits, temperature, top_k, top_p, rng)  # position pos of every row
                 for b in range(B):
-                    if pos < lens[b] or done[b]:  # still feeding its own prompt, or finished
-                        continue
-                    tok = int(nxt[b])
-                    tokens[b, pos] = tok
-                    done[b] = tok in stop or len(out[b]) + 1 == max_new_tokens
-                    if tok not in stop:
-                        out[b].append(tok)
-                        if stream is not None:
-                            stream(b, tok)
-                if all(done):
-                    break
-                logits = self.forward_cached(tokens[:, pos:pos + 1], torch.tensor([pos], device=device))
-                pos += 1
+                    if lens[b] <= pos and not done[b]:  # past its own prompt, not finished
+                        tokens[b, pos] = tok = int(nxt[b])
+                        done[b] = tok in stop or len(out[b]) + 1 == max_new_tokens
+                        if tok not in stop:
+                            out[b].append(tok)
+                            if stream is not None:
+                                stream(b, tok)
         finally:
             self.clear_cache()
         return out
