@@ -483,9 +483,8 @@ class LM2(nn.Module):
         return self.lm_head(self.model.norm(torch.cat(outs, dim=1)))
 
     def setup_cache(self, batch_size: int, max_seq_len: int):
-        """Generation only: KV buffers; each memory block's state at M_0 (the bank with its keys and values, projected
-        once per segment, not per token: most of a read's cost), and room for the normed inputs of the segment in
-        progress (at most the request), which its last token writes into the bank."""
+        """Generation only: KV buffers; per memory block its state at M_0 (bank, keys and values, projected once per
+        segment, not per token: most of a read's cost) and the normed inputs of the segment in progress."""
         a, p = self.args, self.model.norm.weight  # p: the model's dtype and device, whatever form its linears take
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(batch_size, max_seq_len, a.n_kv_heads, a.head_dim, p.dtype, p.device)
