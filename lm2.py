@@ -8,11 +8,9 @@ References: J. Kang et al., "LM2: Large Memory Models", arXiv 2502.06049, Sec. 2
 equations); the official code, github.com/convergence-ai/lm2; HF `modeling_llama.py` for the decoder.
 
 Departures from the official code, and choices where the paper is silent:
-1. Any sequence length and batch size: each slot attends over the tokens of a finished segment (the official module
-   needs T == N; Memory's docstring says how the write is indexed).
+1. Any sequence length and batch size: slots are written from a finished segment's tokens (official code: T == N).
 2. The output gate is the paper's; the official code adds the memory output ungated.
-3. Memory is per sequence, from the learned bank M_0 (identity-initialised, as in the paper) and carried segment to
-   segment; a token reads what earlier segments wrote. Every `bptt_segments` segments the carried state is detached.
+3. Each sequence starts from the learned bank M_0 (identity-initialised, as in the paper); optional truncated BPTT.
 4. A fresh LM2 computes exactly its base checkpoint (W_V starts at zero); the forget bias starts at 3, not 1.
 5. Optional `attn_window` (sliding window, as HF Mistral), so that only the memory reaches further back.
 Blocks marked `# Same as smollm2.py: NAME` (or llama31.py) are that file's, word for word; cli.py runs the CLI.
@@ -262,25 +260,6 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-class MemoryCache(nn.Module):
-    """Decoding state of one memory block: the bank of the last completed segment with its keys and values (projected
-    once per segment, not per token: most of a read's cost), and the normed inputs of the segment in progress."""
-
-    def __init__(self, state, segment_len):
-        super().__init__()
-        for name, t in zip(("bank", "k", "v"), state):
-            self.register_buffer(name, t.detach().clone(), persistent=False)
-        B, _, d = self.bank.shape
-        self.register_buffer("seg_h", self.bank.new_zeros(B, segment_len, d), persistent=False)
-
-    def state(self):
-        return self.bank, self.k, self.v
-
-    def update(self, state):
-        for buf, t in zip(self.state(), state):
-            buf.copy_(t)
-
-
 # Differs from smollm2.py's Attention: it also attends to the keys/values kept from earlier segments and returns its own
 class Attention(nn.Module):
     # Same as smollm2.py: Attention.__init__
@@ -383,15 +362,11 @@ class Memory(nn.Module):
         """Gated memory output (B, T, d); fresh (B, T): tokens of a document begun after the bank was written (packed
         rows) read the initial bank."""
         q = self._heads(self.q_proj(h))
-
-        def attend(k, v):
-            e = self._merge(F.scaled_dot_product_attention(q, k, v))  # softmax over slots: E_mem (B, T, d)
-            return torch.sigmoid(self.out_gate(e)) * e  # E_gated = g_out * E_mem
-
-        out = attend(*state[1:])
+        e = self._merge(F.scaled_dot_product_attention(q, *state[1:]))  # softmax over slots: E_mem (B, T, d)
         if fresh is not None:
-            out = torch.where(fresh[..., None], attend(*self.initial_state(h.shape[0])[1:]), out)
-        return out
+            e0 = self._merge(F.scaled_dot_product_attention(q, *self.initial_state(h.shape[0])[1:]))
+            e = torch.where(fresh[..., None], e0, e)
+        return torch.sigmoid(self.out_gate(e)) * e  # E_gated = g_out * E_mem
 
     def write(self, h, state, token_mask=None, fresh=None):
         """State after a segment whose normed inputs are h (B, T, d); token_mask (B, T): the tokens that may be
@@ -415,7 +390,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.memory = Memory(args) if has_memory else None
-        self.mem_cache = None
+        self.mem_state = self.seg_h = None  # decoding only: see LM2.setup_cache
 
     def forward(self, x, cos, sin, mask, past=None, mem=None, fresh=None, input_pos=None):
         h = self.input_layernorm(x)
@@ -456,16 +431,12 @@ class LM2(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() == 2 and ".memory." not in name:
                 nn.init.normal_(p, std=0.02)
-        for layer in self.model.layers:
-            if layer.memory is not None:
-                layer.memory.reset_parameters()
+        for memory in (layer.memory for layer in self.model.layers if layer.memory is not None):
+            memory.reset_parameters()
 
     def lora_train_whole(self) -> str:
         """finetune.py's hook for --mode lora: the memory trains in full (it has no pretrained weight to adapt)."""
         return ".memory."
-
-    def logits(self, x):
-        return self.lm_head(self.model.norm(x))
 
     def forward(self, tokens, doc_ids=None):
         """tokens (B, T) -> logits (B, T, vocab), segment by segment: within a segment, blocks read the banks left by
@@ -474,9 +445,8 @@ class LM2(nn.Module):
         B, T = tokens.shape
         a, layers, S = self.args, self.model.layers, self.args.segment_len
         idx = torch.arange(T, device=tokens.device)
-        if doc_ids is None:
-            pos = idx.expand(B, T)
-        else:  # RoPE positions restart at each document start
+        pos = idx.expand(B, T)
+        if doc_ids is not None:  # RoPE positions restart at each document start
             start = torch.ones_like(doc_ids, dtype=torch.bool)
             start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
             pos = idx - torch.where(start, idx, 0).cummax(dim=1).values
@@ -510,21 +480,21 @@ class LM2(nn.Module):
                 k0 = max(k0, s1 - (a.attn_window - 1))
                 past = [(k[:, :, k0 - s1 + k.shape[2]:], v[:, :, k0 - s1 + v.shape[2]:]) for k, v in past]
             outs.append(xs)
-        return self.logits(torch.cat(outs, dim=1))
+        return self.lm_head(self.model.norm(torch.cat(outs, dim=1)))
 
     def setup_cache(self, batch_size: int, max_seq_len: int):
-        """Generation only: KV buffers, and every bank at M_0; the segment in progress holds at most the request."""
-        p = self.model.norm.weight  # the model's dtype and device, whatever form its linear layers take
+        """Generation only: KV buffers; per memory block its state at M_0 (bank, keys and values, projected once per
+        segment, not per token: most of a read's cost) and the normed inputs of the segment in progress."""
+        a, p = self.args, self.model.norm.weight  # p: the model's dtype and device, whatever form its linears take
         for layer in self.model.layers:
-            layer.self_attn.cache = KVCache(batch_size, max_seq_len, self.args.n_kv_heads, self.args.head_dim,
-                                            p.dtype, p.device)
+            layer.self_attn.cache = KVCache(batch_size, max_seq_len, a.n_kv_heads, a.head_dim, p.dtype, p.device)
             if layer.memory is not None:
-                layer.mem_cache = MemoryCache(layer.memory.initial_state(batch_size),
-                                              min(self.args.segment_len, max_seq_len))
+                layer.mem_state = layer.memory.initial_state(batch_size)
+                layer.seg_h = layer.mem_state[0].new_zeros(batch_size, min(a.segment_len, max_seq_len), a.dim)
 
     def clear_cache(self):
         for layer in self.model.layers:
-            layer.self_attn.cache = layer.mem_cache = None
+            layer.self_attn.cache = layer.mem_state = layer.seg_h = None
 
     def forward_cached(self, tokens, input_pos, pad=None):
         """Run tokens (B, T) in cache slots input_pos (T,) -> the last position's logits (B, vocab). Rows are not padded
@@ -538,13 +508,12 @@ class LM2(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq.to(x.device), input_pos[None], x.dtype)
         mask = attention_mask(input_pos, torch.arange(end, device=x.device), self.args.attn_window)
         for layer in self.model.layers:
-            c = layer.mem_cache
-            x, h, _ = layer(x, cos, sin, mask, mem=c.state() if c is not None else None, input_pos=input_pos)
-            if c is not None:  # keep the block's normed inputs until the segment completes
-                c.seg_h[:, input_pos % S] = h
+            x, h, _ = layer(x, cos, sin, mask, mem=layer.mem_state, input_pos=input_pos)
+            if layer.memory is not None:  # keep the block's normed inputs until the segment completes
+                layer.seg_h[:, input_pos % S] = h
                 if end % S == 0:  # tokens from the next one on read the new bank
-                    c.update(layer.memory.write(c.seg_h, c.state()))
-        return self.logits(x[:, -1])  # only the last position is needed to pick the next token
+                    layer.mem_state = layer.memory.write(layer.seg_h, layer.mem_state)
+        return self.lm_head(self.model.norm(x[:, -1]))  # only the last position is needed to pick the next token
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, device=None, dtype=None, **memory_args) -> "LM2":
@@ -558,10 +527,9 @@ class LM2(nn.Module):
         header.pop("model.rotary_emb.inv_freq", None)  # old HF checkpoints saved this derived buffer
         model, state = build(cls, args, header, ckpt_dir, device or "cpu", dtype, ".memory." if fresh else "",
                              layers=args.n_layers)
-        # fresh memory weights are made here, on the weights' device and dtype, so the load below stays strict
         w = state["model.embed_tokens.weight"]
         for i, layer in enumerate(model.model.layers):
-            if layer.memory is not None and fresh:
+            if fresh and layer.memory is not None:  # new memory weights, on w's device and dtype: the load stays strict
                 with torch.device(w.device):
                     memory = Memory(args).to(w.dtype).state_dict()
                 state |= {f"model.layers.{i}.memory.{k}": v for k, v in memory.items()}
@@ -575,39 +543,32 @@ class LM2(nn.Module):
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0, stop_tokens=None,
                  seed=None, stream=None):
-        """As smollm2.py's, but all rows share one position counter: a longer prompt's row is still fed its prompt while
-        shorter ones generate (Llama 1's scheme), so each row runs on its own segment grid from 0, exactly as alone."""
+        """As smollm2.py's, but all rows share one position counter: a longer prompt's row is still fed its prompt (its
+        samples ignored) while shorter ones generate (Llama 1's scheme), so each row runs exactly as alone."""
         longest = check_generate(prompts, max_new_tokens, self.args, temperature, top_k, top_p)
         stop = set(self.args.stop_tokens if stop_tokens is None else stop_tokens)
         B, lens, total = len(prompts), [len(p) for p in prompts], longest + max_new_tokens
-        device = self.model.norm.weight.device
-        # subtle: a row still in its prompt is fed its own next token, and its sample is ignored
+        S, common, device = self.args.segment_len, min(lens), self.model.norm.weight.device
         tokens = torch.tensor([list(p) + [0] * (total - len(p)) for p in prompts], device=device)
         rng = torch.Generator(device).manual_seed(seed) if seed is not None else None
-        out, done = [[] for _ in range(B)], [False] * B
+        out, done, pos = [[] for _ in range(B)], [False] * B, 0
         self.setup_cache(B, total)
         try:
-            S, pos = self.args.segment_len, 0
-            while pos < min(lens):  # prefill the common prefix, one segment-aligned chunk at a time
-                n = min(min(lens) - pos, S - pos % S)
+            while not all(done):  # the common prefix in segment-aligned chunks, then one position at a time
+                n = min(common - pos, S - pos % S) if pos < common else 1
                 logits = self.forward_cached(tokens[:, pos:pos + n], torch.arange(pos, pos + n, device=device))
                 pos += n
-            while not all(done):  # logits predict position pos for every row
-                nxt = sample(logits, temperature, top_k, top_p, rng)
+                if pos < common:
+                    continue
+                nxt = sample(logits, temperature, top_k, top_p, rng)  # position pos of every row
                 for b in range(B):
-                    if pos < lens[b] or done[b]:  # still feeding its own prompt, or finished
-                        continue
-                    tok = int(nxt[b])
-                    tokens[b, pos] = tok
-                    done[b] = tok in stop or len(out[b]) + 1 == max_new_tokens
-                    if tok not in stop:
-                        out[b].append(tok)
-                        if stream is not None:
-                            stream(b, tok)
-                if all(done):
-                    break
-                logits = self.forward_cached(tokens[:, pos:pos + 1], torch.tensor([pos], device=device))
-                pos += 1
+                    if lens[b] <= pos and not done[b]:  # past its own prompt, not finished
+                        tokens[b, pos] = tok = int(nxt[b])
+                        done[b] = tok in stop or len(out[b]) + 1 == max_new_tokens
+                        if tok not in stop:
+                            out[b].append(tok)
+                            if stream is not None:
+                                stream(b, tok)
         finally:
             self.clear_cache()
         return out
