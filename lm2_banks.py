@@ -52,8 +52,8 @@ query too (the write's scores s[t - 1, i] instead of s[t, i]). With one bank it 
 dense memory with the write shift and no banks, the control that tells the shift's gain from the banks'.
 Departures and limits: the write computes the masked scores of all K S slots against the segment's tokens
 (4 K S d FLOPs per token once per segment, as the dense write) instead of grouping tokens by bank; mean bank
-keys are recomputed at every read (N d FLOPs per read call: per token when decoding; lm2.py's MemoryCache
-keeps three tensors per block, so keeping them beside the bank's keys would need a change there); with mean
+keys are recomputed at every read (N d FLOPs per read call: per token when decoding; lm2.py keeps whatever
+Memory.write returns as a block's decoding state, so they could be kept beside the bank's keys); with mean
 keys the routing softmax sends gradient to every bank's slots, not only the chosen ones.
 Progressive read (mem_progressive_threshold, off by default): a token reads its top bank,
 and adds its next bank, up to mem_top, only while its best read attention (its largest softmax weight over
