@@ -310,12 +310,12 @@ class MLA(nn.Module):
             # exist. Scores and sum in fp32, as the softmax (bf16: less exact, slower on CPUs; docs/house_models.md)
             w = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)
             q_nope = torch.einsum("bhtd,hdc->bhtc", q_nope, w[:, :self.nope])  # (B, H, T, kv_lora_rank)
-            q_nope, q_pe, kv, k_pe = q_nope.float(), q_pe.float(), kv.float(), k_pe.float()
-            scores = torch.einsum("bhtc,bsc->bhts", q_nope, kv) + torch.einsum("bhtr,bsr->bhts", q_pe, k_pe)
+            kv, k_pe = kv[:, None].float(), k_pe[:, None].float()  # (B, 1, S, *)
+            scores = q_nope.float() @ kv.transpose(-1, -2) + q_pe.float() @ k_pe.transpose(-1, -2)  # (B, H, T, S)
             if mask is None:
                 mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
-            p = (scores * self.scale).masked_fill(~mask, float("-inf")).softmax(dim=-1)  # (B, H, T, S)
-            y = torch.einsum("bhts,bsc->bhtc", p, kv).to(x.dtype)  # (B, H, T, kv_lora_rank): weighted sum of latents
+            p = (scores * self.scale).masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            y = (p @ kv).to(x.dtype)  # (B, H, T, kv_lora_rank): the weighted sum of latents
             y = torch.einsum("bhtc,hvc->bhtv", y, w[:, self.nope:])  # (B, H, T, v_head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
