@@ -399,8 +399,7 @@ class MoE(nn.Module):
                 # DeepSeek-V3 eqs. 17-20 per sequence: f_i = E / (k T) * #tokens choosing i, P_i = mean over t of
                 # the scores normalised per token; alpha * sum_i f_i P_i, averaged over the batch
                 s = scores.view(B, T, -1)
-                chosen = torch.zeros_like(s).scatter(-1, idx.view(B, T, -1), 1.0)
-                f = chosen.sum(1) * self.n_experts / (self.k * T)
+                f = F.one_hot(idx.view(B, -1), self.n_experts).sum(1) * self.n_experts / (self.k * T)  # (B, E)
                 p = (s / s.sum(-1, keepdim=True)).mean(1)
                 self.aux_loss = self.aux_loss_alpha * (f * p).sum(-1).mean()
         return y.view(B, T, D)
