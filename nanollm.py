@@ -77,8 +77,8 @@ class ModelArgs:
         it lacks keeps its default; a value of the wrong kind, or a MoE the router cannot run, is a ValueError."""
         # HF writes null for "none": no query compression, no routed or shared experts, one expert group
         null = dict(q_lora_rank=0, n_routed_experts=0, n_shared_experts=0, n_expert_groups=1, n_limited_groups=1)
-        required, zero_ok = ("vocab_size", "dim", "n_layers", "n_heads"), ("q_lora_rank", "n_routed_experts",
-                                                                            "n_shared_experts", "aux_loss_alpha")
+        required = ("vocab_size", "dim", "n_layers", "n_heads")
+        zero_ok = ("q_lora_rank", "n_routed_experts", "n_shared_experts", "aux_loss_alpha")  # the rest must be > 0
         kw = {}
         for f, key in HF_KEYS.items():  # each value checked as the kind of its field's default
             default = null[f] if f in null and key in cfg else ... if f in required else getattr(cls, f)
@@ -198,16 +198,11 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
 
 
-def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
-
-
 # Differs from smollm2.py's rope_inv_freq: RoPE on qk_rope_head_dim only, and DeepSeek-V3's YaRN scaling
 def rope_frequencies(args: ModelArgs, device=None) -> tuple[torch.Tensor, float, float]:
     """Inverse frequencies (qk_rope_head_dim / 2,), cos/sin scale, softmax-scale factor; as HF default | yarn RoPE."""
-    d, base = args.qk_rope_head_dim, args.rope_theta
+    d, base, s = args.qk_rope_head_dim, args.rope_theta, args.rope_scaling
     inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)
-    s = args.rope_scaling
     if not s:
         return inv_freq, 1.0, 1.0
     if s["rope_type"] != "yarn":
@@ -224,11 +219,12 @@ def rope_frequencies(args: ModelArgs, device=None) -> tuple[torch.Tensor, float,
     low, high = max(low, 0), min(high, d - 1)
     ramp = ((torch.arange(d // 2, dtype=torch.float32, device=device) - low) / max(high - low, 1e-3)).clamp(0, 1)
     inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
-    mscale, mscale_all = s.get("mscale"), s.get("mscale_all_dim")
-    attn_factor = s.get("attention_factor") or (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
-                                                if mscale and mscale_all else yarn_mscale(factor))
-    # DeepSeek-V3 also raises the softmax temperature by mscale(factor, mscale_all_dim)^2 (HF `yarn_apply_mscale`)
-    return inv_freq, attn_factor, yarn_mscale(factor, mscale_all) ** 2 if mscale_all else 1.0
+    def get_mscale(m=1.0):  # as HF `get_mscale`
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+    m, m_all = s.get("mscale"), s.get("mscale_all_dim")
+    attn_factor = s.get("attention_factor") or (get_mscale(m) / get_mscale(m_all) if m and m_all else get_mscale())
+    # DeepSeek-V3 also raises the softmax temperature by get_mscale(mscale_all_dim)^2 (HF `yarn_apply_mscale`)
+    return inv_freq, attn_factor, get_mscale(m_all) ** 2 if m_all else 1.0
 
 
 # Differs from smollm2.py's rope_cos_sin: half-width tables of MLA's RoPE part, scaled by YaRN's attention factor
@@ -257,10 +253,9 @@ class MLACache(nn.Module):
     def __init__(self, batch_size, max_seq_len, kv_lora_rank, rope_dim, dtype, device):
         super().__init__()
         self.batch_size, self.max_seq_len = batch_size, max_seq_len  # what generate() may reuse it for
-        self.register_buffer("kv", torch.zeros(batch_size, max_seq_len, kv_lora_rank, dtype=dtype, device=device),
-                             persistent=False)
-        self.register_buffer("pe", torch.zeros(batch_size, max_seq_len, rope_dim, dtype=dtype, device=device),
-                             persistent=False)
+        kw = dict(dtype=dtype, device=device)
+        self.register_buffer("kv", torch.zeros(batch_size, max_seq_len, kv_lora_rank, **kw), persistent=False)
+        self.register_buffer("pe", torch.zeros(batch_size, max_seq_len, rope_dim, **kw), persistent=False)
 
     def update(self, input_pos, kv, pe, length: int):
         self.kv[:, input_pos] = kv
@@ -284,7 +279,6 @@ class MLA(nn.Module):
             self.q_b_proj = nn.Linear(self.q_lora_rank, self.n_heads * qk_dim, bias=False)
         else:
             self.q_proj = nn.Linear(args.dim, self.n_heads * qk_dim, bias=False)
-        # one down-projection gives the KV latent and the RoPE key; only these two are cached
         self.kv_a_proj_with_mqa = nn.Linear(args.dim, self.kv_lora_rank + self.rope, bias=False)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, 1e-6)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
@@ -341,7 +335,7 @@ class MLP(nn.Module):
 
 
 class Gate(nn.Module):
-    """DeepSeek-V3 router (§2.1.2): sigmoid affinities; the balancing bias only decides which experts are chosen."""
+    """DeepSeek-V3 router (§2.1.2): sigmoid affinities; the balancing bias picks the experts but never weighs them."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -353,7 +347,6 @@ class Gate(nn.Module):
 
     def forward(self, x):  # x (N, dim) -> weights, indices (N, k); scores (N, E)
         scores = F.linear(x.float(), self.weight.float()).sigmoid()  # routing in fp32, as HF and DeepSeek
-        # the bias steers which experts win (towards underloaded ones) but never how much a chosen expert counts
         biased = scores + self.e_score_correction_bias
         if self.n_groups > 1:
             # group-limited routing: rank groups by the sum of their two best biased scores, keep topk_groups
@@ -406,8 +399,7 @@ class MoE(nn.Module):
                 # DeepSeek-V3 eqs. 17-20 per sequence: f_i = E / (k T) * #tokens choosing i, P_i = mean over t of
                 # the scores normalised per token; alpha * sum_i f_i P_i, averaged over the batch
                 s = scores.view(B, T, -1)
-                chosen = torch.zeros_like(s).scatter(-1, idx.view(B, T, -1), 1.0)
-                f = chosen.sum(1) * self.n_experts / (self.k * T)
+                f = F.one_hot(idx.view(B, -1), self.n_experts).sum(1) * self.n_experts / (self.k * T)  # (B, E)
                 p = (s / s.sum(-1, keepdim=True)).mean(1)
                 self.aux_loss = self.aux_loss_alpha * (f * p).sum(-1).mean()
         return y.view(B, T, D)
@@ -525,8 +517,7 @@ class NanoLLM(nn.Module):
         """{layer: fraction of routed tokens per expert} since the last update_router_biases (training mode only)."""
         return {i: (m.load / m.load.sum()).tolist() for i, m in self.moe_layers() if m.load is not None}
 
-    # finetune.py's hooks: the MoE balance loss of the last forward, which training adds (0.0 when off), and the
-    # router bias update after each optimizer step, with the loads of all processes
+    # finetune.py's hooks: the balance loss of the last forward, and the bias update after each optimizer step
     def extra_loss(self):
         return self.aux_loss
 
