@@ -54,7 +54,7 @@ def make_model(shape, cache_len: int) -> dict:
 
 def products(m: dict, x: torch.Tensor) -> list[torch.Tensor]:
     """Every product of a step on stand-in inputs, all returned (a compiler drops the ones whose result is unused)."""
-    d, hidden, nh = m["shape"][:3]
+    _, hidden, nh = m["shape"][:3]
     out = []
     for ly in m["layers"]:
         out += [ly["qkv"](x), ly["o"](x.new_zeros(1, nh * HEAD_DIM)), ly["gate_up"](x),
