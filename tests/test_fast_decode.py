@@ -532,6 +532,22 @@ def test_fast_a8w8_holds_no_float_linear_weight_and_stays_close(name, checkpoint
     assert len(model.generate([prompt], 4, stop_tokens=[])[0]) == 4
 
 
+def test_streamed_bytes_reads_an_embedding_copy_one_row_a_token(checkpoints):
+    """The benchmarks' bytes per token (decode_timing.streamed_bytes): an int4 model's tied embedding is its int8
+    output head, read whole every token; an a8w8 model's embedding is an int8 copy of its own, of which a token
+    reads one row, so its matrix is not counted."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from decode_timing import nbytes, packed_bytes, streamed_bytes, tensors
+    held = lambda m: sum(nbytes(t) for t in tensors(m).values()) + packed_bytes(m)  # noqa: E731
+    int4 = fast(load("smollm2", checkpoints), weights="int4")
+    assert int4.model.embed_tokens.head is int4.lm_head and streamed_bytes(int4) == held(int4)
+    cal = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
+    a8w8 = fast(load("smollm2", checkpoints), weights="a8w8", calibration=cal)
+    copy_ = a8w8.model.embed_tokens.head
+    assert type(a8w8.lm_head) is A8W8Linear and streamed_bytes(a8w8) == held(a8w8) - nbytes(copy_.q) - nbytes(
+        copy_.scale)
+
+
 def test_fast_refuses_bad_weights_arguments():
     for kwargs, match in (({"weights": "int2"}, "weights"), ({"weights": "int4", "group_size": 16}, "group_size"),
                           ({"weights": "int4", "rounding": "gptq"}, "rounding")):
