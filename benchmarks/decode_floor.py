@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import fast_decode  # noqa: E402
 from cli import cli  # noqa: E402
+from smollm2 import SmolLM2, apply_rope, rope_cos_sin  # noqa: E402
 
 # (dim, hidden_dim, n_heads, n_kv_heads, n_layers, vocab_size); head_dim 64, RoPE theta 10^4 (the value is immaterial)
 SHAPES = {"smollm2-135m": (576, 1536, 9, 3, 30, 49152), "llama3.2-1b": (2048, 8192, 32, 8, 16, 128256)}
@@ -62,23 +63,16 @@ def products(m: dict, x: torch.Tensor) -> list[torch.Tensor]:
     return out + [m["head"](x)]
 
 
-def rope(x, cos, sin):
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
 def step(m: dict, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """x (1, d): the token's embedding at position pos (1,) -> logits (1, vocab)."""
     d, _, nh, nkv = m["shape"][:4]
-    freqs = pos[:, None].float() * m["inv_freq"]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = emb.cos(), emb.sin()
+    cos, sin = rope_cos_sin(m["inv_freq"], pos[None], x.dtype)  # (1, 1, 1, head_dim)
     mask = (m["slots"] <= pos)[None, None, None]  # (1, 1, 1, cache_len): the filled slots
     for ly in m["layers"]:
         q, k, v = ly["qkv"](ly["norm1"] * F.rms_norm(x, (d,), eps=1e-5)).split(
             [nh * HEAD_DIM, nkv * HEAD_DIM, nkv * HEAD_DIM], dim=-1)
-        q = rope(q.view(1, nh, 1, HEAD_DIM), cos, sin)  # one token: (1, T, h, hd) -> (1, h, T, hd) is a view
-        ly["k"].index_copy_(2, pos, rope(k.view(1, nkv, 1, HEAD_DIM), cos, sin))
+        q = apply_rope(q.view(1, nh, 1, HEAD_DIM), cos, sin)  # one token: (1, T, h, hd) -> (1, h, T, hd) is a view
+        ly["k"].index_copy_(2, pos, apply_rope(k.view(1, nkv, 1, HEAD_DIM), cos, sin))
         ly["v"].index_copy_(2, pos, v.view(1, nkv, 1, HEAD_DIM))
         y = F.scaled_dot_product_attention(q, ly["k"], ly["v"], attn_mask=mask, enable_gqa=True)
         x = x + ly["o"](y.view(1, nh * HEAD_DIM))
@@ -105,7 +99,6 @@ def best_ms(runs: dict, tokens: int, repeats: int) -> dict:
 
 
 def smollm2_step(ckpt_dir: Path, cache_len: int):
-    from smollm2 import SmolLM2
     model = fast_decode.load(SmolLM2, ckpt_dir, weights="int4")
     model.setup_cache(1, cache_len)
     token = torch.tensor([[1]])
