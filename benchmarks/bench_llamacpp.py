@@ -48,6 +48,11 @@ llama-cpp-python sdist on PyPI vendors llama.cpp's source and convert_hf_to_gguf
         -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
     cmake --build ~/llama.cpp-build --target llama-bench llama-perplexity llama-quantize -j2   # ~20 min, 2 cores
 
+Both engines held to AVX2 on a CPU that has AVX-512 (what an AVX2-only CPU's kernels do, on this one's memory):
+a second build with `-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+-DGGML_AVX512=OFF`, and this script run with `ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2` in its
+environment (fp32, int8 and int4 only: oneDNN's bf16 and fbgemm's int8 kernels follow the CPU's own flags).
+
 llama.cpp is found at --llama_cpp (a build folder, or the folder holding llama-bench), else $LLAMA_CPP_DIR,
 else llama-bench on PATH; convert_hf_to_gguf.py in the source folder that the build folder's CMakeCache.txt
 names, or at --llama_cpp_src / $LLAMA_CPP_SRC. GGUF files and the random checkpoint go to --out_dir (reused

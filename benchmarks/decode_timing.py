@@ -19,8 +19,10 @@ def load_average() -> str:
 
 
 def machine_line(where: str, bw: float, extra: str = "") -> str:
-    """The header every decode benchmark prints: where it ran, the measured read bandwidth, torch, the load."""
-    return f"machine: {where}, read bandwidth {bw:.1f} GB/s, torch {torch.__version__}, {extra}{load_average()}"
+    """The header every decode benchmark prints: where it ran, the measured read bandwidth, torch and the
+    instruction set its CPU kernels dispatch to (ATEN_CPU_CAPABILITY can lower it), the load."""
+    return (f"machine: {where}, read bandwidth {bw:.1f} GB/s, torch {torch.__version__} "
+            f"({torch.backends.cpu.get_cpu_capability()} kernels), {extra}{load_average()}")
 
 
 def timed(fn) -> float:
