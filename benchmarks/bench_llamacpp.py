@@ -21,7 +21,9 @@ from that file; ours reads the same checkpoint. Per precision:
 - int4: fast_decode.load(..., weights="int4") (groups of 32 with a bf16 scale and zero; the output head int8),
   against Q4_0 (4-bit, one fp16 scale per 32, the output head Q8_0 or Q6_K) and, as a second reference,
   Q4_K_M (llama-quantize's mix; on SmolLM2, whose width 576 is no multiple of 256, most of its tensors fall
-  back to Q5_0 and Q8_0).
+  back to Q5_0 and Q8_0);
+- int4-a8w8-head: fast(model, weights="int4", calibration=...) (the same, but the output head on fbgemm's A8W8
+  kernel, calibrated as a8w8 is; a tied embedding keeps an int8 copy of its own), against Q4_0.
 int8 and int4 keep the rest of the model (norms, attention, the KV cache) in --quant_dtype: float32 by default,
 since on this machine PyTorch's one-query bf16 attention is several times slower than fp32's
 (bench_cpu_kernels.py), and the products take bf16 activations either way.
@@ -84,8 +86,9 @@ MODELS = ("smollm2-135m", "llama3.2-1b")
 # precision -> ours: (dtype, fast_decode's weights); llama.cpp: the types it is timed at (the first: the ratio's)
 PRECISIONS = {"fp32": (torch.float32, None, ("F32",)), "bf16": (torch.bfloat16, None, ("BF16",)),
               "int8": (None, "int8", ("Q8_0",)), "int4": (None, "int4", ("Q4_0", "Q4_K_M")),
-              "a8w8": (None, "a8w8", ("Q8_0",))}
-CALIBRATION_TEXT = "/usr/share/common-licenses/Apache-2.0"  # what a8w8 calibrates on (512 tokens)
+              "a8w8": (None, "a8w8", ("Q8_0",)), "int4-a8w8-head": (None, "int4", ("Q4_0",))}
+CALIBRATED = ("a8w8", "int4-a8w8-head")  # the precisions fast() calibrates (the float model is loaded first)
+CALIBRATION_TEXT = "/usr/share/common-licenses/Apache-2.0"  # what they calibrate on (512 tokens)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -189,23 +192,23 @@ def model_file(name: str):
     return smollm2.SmolLM2 if name == "smollm2-135m" else llama31.Llama
 
 
-def load_ours(name: str, ckpt: Path, dtype, weights):
+def load_ours(name: str, ckpt: Path, dtype, precision: str):
     """The model as the CLI loads it: fast(cls.from_pretrained(...)) for float weights, fast_decode.load for
-    int8 and int4 (quantized as each layer is read, or from the file `fast_decode.py quantize` wrote); a8w8:
-    calibrated on 512 tokens of the Apache License 2.0."""
-    cls = model_file(name)
-    if weights == "a8w8":
+    int8 and int4 (quantized as each layer is read, or from the file `fast_decode.py quantize` wrote); a8w8 and
+    int4-a8w8-head: fast() calibrated on 512 tokens of the Apache License 2.0."""
+    cls, weights = model_file(name), PRECISIONS[precision][1]
+    if precision in CALIBRATED:
         ids = Tokenizer.from_file(str(ckpt)).encode(Path(CALIBRATION_TEXT).read_text(encoding="utf-8"))[:512]
-        return fast_decode.fast(cls.from_pretrained(ckpt, dtype=dtype), weights="a8w8", calibration=torch.tensor([ids]))
+        return fast_decode.fast(cls.from_pretrained(ckpt, dtype=dtype), weights=weights, calibration=torch.tensor([ids]))
     return fast_decode.load(cls, ckpt, weights=weights, dtype=dtype)
 
 
-def ours_peak_rss(name: str, ckpt: Path, dtype, weights) -> float:
+def ours_peak_rss(name: str, ckpt: Path, dtype, precision: str) -> float:
     """Peak resident memory (GiB) of a fresh process that loads the model as load_ours does, and its tokenizer,
     and decodes 16 tokens."""
     return peak_rss_gib(f"import torch, sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
                         f"from bench_llamacpp import load_ours\nfrom tokenizer_bpe import Tokenizer\n"
-                        f"m = load_ours({name!r}, {str(ckpt)!r}, {dtype}, {weights!r})\n"
+                        f"m = load_ours({name!r}, {str(ckpt)!r}, {dtype}, {precision!r})\n"
                         f"tok = Tokenizer.from_file({str(ckpt)!r})\n"
                         f"m.generate([tok.encode('Hello')], 16, stop_tokens=[])")
 
@@ -221,7 +224,8 @@ def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models:
     llama_cpp: llama.cpp's build folder (or the folder holding llama-bench); default $LLAMA_CPP_DIR, then PATH
     llama_cpp_src: llama.cpp's source folder (for convert_hf_to_gguf.py); default: the one the build names
     models: comma-separated: smollm2-135m, llama3.2-1b
-    precisions: comma-separated: fp32, bf16, int8, a8w8, int4 (llama.cpp: F32, BF16, Q8_0, Q8_0, Q4_0 and Q4_K_M)
+    precisions: comma-separated: fp32, bf16, int8, a8w8, int4, int4-a8w8-head (llama.cpp: F32, BF16, Q8_0, Q8_0,
+      Q4_0 and Q4_K_M, Q4_0)
     new_tokens: tokens generated per timed run
     repeats: interleaved timed runs per engine (the best counts)
     threads: threads for both engines (default: torch's own choice, one per core)
@@ -258,7 +262,7 @@ def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models:
             dtype, weights, kinds = PRECISIONS[precision]
             dtype = dtype or DTYPES[quant_dtype]
             ggufs = {k: to_gguf(script, bin_dir, ckpt, k, out, name) for k in kinds}
-            model = load_ours(name, ckpt, dtype, weights)
+            model = load_ours(name, ckpt, dtype, precision)
             args = model.args
             per_position = 2 * args.n_layers * args.n_kv_heads * args.head_dim  # a key and a value per layer
             filled = len(ids) + new_tokens / 2  # on average over the run (ids: the one BOS token)
@@ -281,7 +285,7 @@ def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models:
             ref = max(theirs[kinds[0]])
             what = f"{weights + ' ' if weights else ''}{dtype}"
             rows.append(dict(model=name, precision=precision, engine=f"ours ({what})", tps=max(ours), mb=ours_mb,
-                             rss_gib=ours_peak_rss(name, ckpt, dtype, weights), held_gib=held, ref=ref))
+                             rss_gib=ours_peak_rss(name, ckpt, dtype, precision), held_gib=held, ref=ref))
             for k, gguf in ggufs.items():
                 # llama.cpp streams its tensor data (the GGUF less its header and vocabulary, ~1%) and an f16 cache
                 rows.append(dict(model=name, precision=precision, engine=f"llama.cpp {k}", tps=max(theirs[k]),

@@ -14,8 +14,9 @@ like, and against Q4_0 as the format the speed targets name.
 
 Variants of ours (--variants): fp32 (the reference, always run), bf16 (fast), int8 and int4 on an fp32 model
 (int8 and int4 models keep norms, attention and the cache in the model's dtype; their products take bf16
-activations), int4 with HQQ's zeros (rounding="hqq"), int8 and int4 on a bf16 model, and a8w8 on an fp32 model
-(calibrated on the first window of the Apache License 2.0, not the scored text). For each, over the text:
+activations), int4 with HQQ's zeros (rounding="hqq"), int8 and int4 on a bf16 model, a8w8 on an fp32 model
+(calibrated on the first window of the Apache License 2.0, not the scored text), and int4 with its output head
+A8W8 (int4-a8w8-head, calibrated alike). For each, over the text:
 - logits against fp32 at every scored position: max and mean |difference|, and how often the top token agrees;
 - perplexity as llama-perplexity computes it: the text cut into windows of --ctx tokens, each window run alone,
   the second half of each scored (every scored token then sees at least ctx/2 tokens of context);
@@ -52,8 +53,9 @@ VARIANTS = {"bf16": (torch.bfloat16, {}), "int8": (torch.float32, {"weights": "i
             "int4": (torch.float32, {"weights": "int4"}),
             "int4-hqq": (torch.float32, {"weights": "int4", "rounding": "hqq"}),
             "int8-bf16": (torch.bfloat16, {"weights": "int8"}), "int4-bf16": (torch.bfloat16, {"weights": "int4"}),
-            "a8w8": (torch.float32, {"weights": "a8w8"})}
-CALIBRATION_TEXT = "/usr/share/common-licenses/Apache-2.0"  # what a8w8 calibrates on (not the text it is scored on)
+            "a8w8": (torch.float32, {"weights": "a8w8"}), "int4-a8w8-head": (torch.float32, {"weights": "int4"})}
+CALIBRATED = ("a8w8", "int4-a8w8-head")
+CALIBRATION_TEXT = "/usr/share/common-licenses/Apache-2.0"  # what they calibrate on (not the text they are scored on)
 LLAMA_CPP = ("F32", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M")
 
 
@@ -114,7 +116,7 @@ def main(ckpt_dir: str = str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"),
     del fp32
     for name in chosen:
         dtype, kwargs = VARIANTS[name]
-        if name == "a8w8":  # calibrated on the first window of another text
+        if name in CALIBRATED:  # on the first window of another text
             kwargs = dict(kwargs, calibration=windows(tok.encode(Path(CALIBRATION_TEXT).read_text()), ctx)[:1])
         model = fast(smollm2.SmolLM2.from_pretrained(ckpt_dir, dtype=dtype), **kwargs)
         logits, ppl = score(model, chunks)

@@ -33,9 +33,9 @@ from tokenizer_bpe import Tokenizer  # noqa: E402
 from cli import cli  # noqa: E402
 
 # the ops that multiply by a weight matrix (fp32 F.linear -> addmm/mm; the fast fp32 split -> bmm; bf16 ->
-# oneDNN's linear; int8 and int4 -> their kernels)
+# oneDNN's linear; int8 and int4 -> their kernels; a8w8 -> fbgemm's, and addmm for its outlier channels)
 PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm",
-            "aten::_weight_int4pack_mm_for_cpu"}
+            "aten::_weight_int4pack_mm_for_cpu", "quantized::linear_dynamic"}
 
 
 def decode_steps(model, ids, steps):
@@ -86,7 +86,7 @@ def main(model: str = "smollm2-135m", precision: str = "fp32", steps: int = 32, 
         ids = torch.randint(0, 128000, (64,), generator=torch.Generator().manual_seed(0)).tolist()
     else:
         raise SystemExit(f"error: unknown model {model!r}: use smollm2-135m or llama3.2-1b")
-    m = load_ours(model, ckpt, dtype, weights)
+    m = load_ours(model, ckpt, dtype, precision)
     bw = read_bandwidth_gbs()
     run = decode_steps(m, ids, steps)
     run()  # warm-up (and the bf16 reorder)

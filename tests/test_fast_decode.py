@@ -532,6 +532,29 @@ def test_fast_a8w8_holds_no_float_linear_weight_and_stays_close(name, checkpoint
     assert len(model.generate([prompt], 4, stop_tokens=[])[0]) == 4
 
 
+@needs_int4
+@pytest.mark.parametrize("name", MODELS)
+def test_fast_int4_with_calibration_puts_its_head_alone_on_a8w8(name, checkpoints):
+    """weights="int4" with calibration: the output head becomes an A8W8Linear and every other layer is what plain
+    int4 makes it; a tied embedding reads an int8 copy of its own (fbgemm's packed head has no rows); logits
+    within 5% of the largest fp32 logit of plain int4's (whose own distance from fp32 on these tiny random models
+    is 18-67% of it)."""
+    model = load(name, checkpoints)
+    ref, plain = copy.deepcopy(model), fast(copy.deepcopy(model), weights="int4")
+    cal = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
+    fast(model, weights="int4", calibration=cal)
+    kinds = lambda m: {n: type(x) for n, x in m.named_modules(remove_duplicate=False)  # noqa: E731
+                       if isinstance(x, (nn.Linear, Sibling))}
+    assert kinds(model) == {**kinds(plain), "lm_head": A8W8Linear} and kinds(plain)["lm_head"] is Int8Linear
+    if ref.lm_head.weight is ref.model.embed_tokens.weight:
+        assert type(model.model.embed_tokens) is Int8Embedding and model.model.embed_tokens.head is not model.lm_head
+    prompt = torch.tensor([[5, 7, 11, 13, 17, 19, 23]])
+    with torch.no_grad():
+        want, int4, got = ref(prompt), plain(prompt), model(prompt)
+    assert (got - int4).abs().max() <= 0.05 * want.abs().max()  # (the head's rounding alone: 1% here)
+    assert len(model.generate(prompt.tolist(), 4, stop_tokens=[])[0]) == 4
+
+
 def test_streamed_bytes_reads_an_embedding_copy_one_row_a_token(checkpoints):
     """The benchmarks' bytes per token (decode_timing.streamed_bytes): an int4 model's tied embedding is its int8
     output head, read whole every token; an a8w8 model's embedding is an int8 copy of its own, of which a token
