@@ -22,8 +22,9 @@ from that file; ours reads the same checkpoint. Per precision:
   against Q4_0 (4-bit, one fp16 scale per 32, the output head Q8_0 or Q6_K) and, as a second reference,
   Q4_K_M (llama-quantize's mix; on SmolLM2, whose width 576 is no multiple of 256, most of its tensors fall
   back to Q5_0 and Q8_0);
-- int4-a8w8-head: fast(model, weights="int4", calibration=...) (the same, but the output head on fbgemm's A8W8
-  kernel, calibrated as a8w8 is; a tied embedding keeps an int8 copy of its own), against Q4_0.
+- int4-a8w8-head: fast_decode.load(..., weights="int4", calibration=...) (the same, but the output head on
+  fbgemm's A8W8 kernel, calibrated on what the int4 model feeds it; a tied embedding keeps the int8 head as its own
+  copy), against Q4_0.
 int8 and int4 keep the rest of the model (norms, attention, the KV cache) in --quant_dtype: float32 by default,
 since on this machine PyTorch's one-query bf16 attention is several times slower than fp32's
 (bench_cpu_kernels.py), and the products take bf16 activations either way.
@@ -87,7 +88,7 @@ MODELS = ("smollm2-135m", "llama3.2-1b")
 PRECISIONS = {"fp32": (torch.float32, None, ("F32",)), "bf16": (torch.bfloat16, None, ("BF16",)),
               "int8": (None, "int8", ("Q8_0",)), "int4": (None, "int4", ("Q4_0", "Q4_K_M")),
               "a8w8": (None, "a8w8", ("Q8_0",)), "int4-a8w8-head": (None, "int4", ("Q4_0",))}
-CALIBRATED = ("a8w8", "int4-a8w8-head")  # the precisions fast() calibrates (the float model is loaded first)
+CALIBRATED = ("a8w8", "int4-a8w8-head")  # the precisions calibrated on a text
 CALIBRATION_TEXT = "/usr/share/common-licenses/Apache-2.0"  # what they calibrate on (512 tokens)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -194,13 +195,17 @@ def model_file(name: str):
 
 def load_ours(name: str, ckpt: Path, dtype, precision: str):
     """The model as the CLI loads it: fast(cls.from_pretrained(...)) for float weights, fast_decode.load for
-    int8 and int4 (quantized as each layer is read, or from the file `fast_decode.py quantize` wrote); a8w8 and
-    int4-a8w8-head: fast() calibrated on 512 tokens of the Apache License 2.0."""
+    int8 and int4 (quantized as each layer is read, or from the file `fast_decode.py quantize` wrote);
+    int4-a8w8-head: the same, its head calibrated on 512 tokens of the Apache License 2.0 as it loads (what
+    `quantize --calibration` stores); a8w8: fast() on the float model, calibrated alike."""
     cls, weights = model_file(name), PRECISIONS[precision][1]
+    ids = None
     if precision in CALIBRATED:
         ids = Tokenizer.from_file(str(ckpt)).encode(Path(CALIBRATION_TEXT).read_text(encoding="utf-8"))[:512]
-        return fast_decode.fast(cls.from_pretrained(ckpt, dtype=dtype), weights=weights, calibration=torch.tensor([ids]))
-    return fast_decode.load(cls, ckpt, weights=weights, dtype=dtype)
+        ids = torch.tensor([ids])
+    if weights == "a8w8":
+        return fast_decode.fast(cls.from_pretrained(ckpt, dtype=dtype), weights=weights, calibration=ids)
+    return fast_decode.load(cls, ckpt, weights=weights, dtype=dtype, calibration=ids)
 
 
 def ours_peak_rss(name: str, ckpt: Path, dtype, precision: str) -> float:

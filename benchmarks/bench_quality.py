@@ -16,7 +16,7 @@ Variants of ours (--variants): fp32 (the reference, always run), bf16 (fast), in
 (int8 and int4 models keep norms, attention and the cache in the model's dtype; their products take bf16
 activations), int4 with HQQ's zeros (rounding="hqq"), int8 and int4 on a bf16 model, a8w8 on an fp32 model
 (calibrated on the first window of the Apache License 2.0, not the scored text), and int4 with its output head
-A8W8 (int4-a8w8-head, calibrated alike). For each, over the text:
+A8W8 (int4-a8w8-head: fast_decode.load, calibrated alike on what the int4 model feeds the head). For each, over the text:
 - logits against fp32 at every scored position: max and mean |difference|, and how often the top token agrees;
 - perplexity as llama-perplexity computes it: the text cut into windows of --ctx tokens, each window run alone,
   the second half of each scored (every scored token then sees at least ctx/2 tokens of context);
@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 import smollm2  # noqa: E402
 from bench_llamacpp import find_convert_script, find_llama_cpp, to_gguf  # noqa: E402
 from decode_timing import load_average  # noqa: E402
-from fast_decode import fast  # noqa: E402
+from fast_decode import fast, load  # noqa: E402
 from tokenizer_bpe import Tokenizer  # noqa: E402
 from cli import cli  # noqa: E402
 
@@ -118,7 +118,10 @@ def main(ckpt_dir: str = str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"),
         dtype, kwargs = VARIANTS[name]
         if name in CALIBRATED:  # on the first window of another text
             kwargs = dict(kwargs, calibration=windows(tok.encode(Path(CALIBRATION_TEXT).read_text()), ctx)[:1])
-        model = fast(smollm2.SmolLM2.from_pretrained(ckpt_dir, dtype=dtype), **kwargs)
+        if name == "int4-a8w8-head":  # as the CLIs' --int4 runs it after `fast_decode.py quantize --calibration`
+            model = load(smollm2.SmolLM2, ckpt_dir, dtype=dtype, **kwargs)
+        else:
+            model = fast(smollm2.SmolLM2.from_pretrained(ckpt_dir, dtype=dtype), **kwargs)
         logits, ppl = score(model, chunks)
         diff = (logits - ref_logits).abs()
         top1 = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()

@@ -638,6 +638,54 @@ def test_load_quantizes_as_it_reads_and_from_a_quantized_file(name, weights, che
         fast_decode.load(cls, ckpt, weights=other)
 
 
+@needs_int4
+@pytest.mark.parametrize("name", ["smollm2", "nanollm"])  # a head tied to the embedding, and one of its own
+def test_load_int4_calibrates_its_head_as_it_reads_and_from_a_quantized_file(name, checkpoints, tmp_path):
+    """load(int4, calibration=ids): the output head an A8W8Linear, calibrated on the quantized model itself, every
+    other layer what plain load makes it, the tied embedding reading the int8 head as its own copy; logits within
+    5% of plain int4's largest. save_quantized(calibration=) writes that head's A8W8 tensors, and load() without
+    calibration reads them back into the same model."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for f in checkpoints[name].iterdir():
+        (ckpt / f.name).symlink_to(f)
+    cls, tokens = model_class(MODELS[name]), torch.tensor([[5, 7, 11, 13, 17, 19, 23]])
+    cal = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
+    plain, made = fast_decode.load(cls, ckpt, "int4"), fast_decode.load(cls, ckpt, "int4", calibration=cal)
+    kinds = lambda m: {n: type(x) for n, x in m.named_modules(remove_duplicate=False)  # noqa: E731
+                       if isinstance(x, (nn.Linear, Sibling))}
+    assert kinds(made) == {**kinds(plain), "lm_head": A8W8Linear} and kinds(plain)["lm_head"] is Int8Linear
+    if type(plain.model.embed_tokens) is Int8Embedding:
+        assert type(made.model.embed_tokens.head) is Int8Linear
+    with torch.no_grad():
+        want, got = plain(tokens), made(tokens)
+        assert (got - want).abs().max() <= 0.05 * want.abs().max()
+        fast_decode.save_quantized(cls, ckpt, "int4", calibration=cal)
+        keys = fast_decode.safe_keys(fast_decode.quantized_path(ckpt, "int4"))
+        tied = type(plain.model.embed_tokens) is Int8Embedding  # (its int8 head is kept only as the embedding)
+        assert "lm_head.a8w8_qweight" in keys and ("lm_head.qweight" in keys) == tied
+        stored = fast_decode.load(cls, ckpt, "int4")
+        assert kinds(stored) == kinds(made) and torch.equal(stored(tokens), got)
+    with pytest.raises(ValueError, match="calibration"):
+        fast_decode.load(cls, ckpt, "int8", calibration=cal)
+
+
+def test_quantize_command_calibrates_the_head_on_a_text(smollm2_dir, tmp_path):
+    """`python fast_decode.py quantize --calibration FILE` on the real SmolLM2: its tokenizer reads the text, the
+    file holds the head's A8W8 form, and the CLIs' load reads it; a file it cannot read is one line."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for f in smollm2_dir.iterdir():
+        (ckpt / f.name).symlink_to(f)
+    with pytest.raises(SystemExit, match="error: .*missing.txt") as e:
+        fast_decode.command_line(["quantize", "--ckpt_dir", str(ckpt), "--calibration", str(tmp_path / "missing.txt")])
+    assert "\n" not in str(e.value)
+    fast_decode.command_line(["quantize", "--ckpt_dir", str(ckpt), "--calibration", str(ROOT / "README.md")])
+    model = fast_decode.load(smollm2.SmolLM2, ckpt, "int4")
+    assert type(model.lm_head) is A8W8Linear and model.model.embed_tokens.head is not model.lm_head
+    assert len(model.generate([[1, 504, 3158]], 8, stop_tokens=[])[0]) == 8
+
+
 def test_quantize_command_says_what_is_wrong_in_one_line(checkpoints, tmp_path, capsys):
     """`python fast_decode.py quantize`: a wrong command, a folder without a checkpoint, an unknown weights kind or
     model file is one line and a non-zero exit; --help exits 0."""
