@@ -16,7 +16,8 @@ Variants of ours (--variants): fp32 (the reference, always run), bf16 (fast), in
 (int8 and int4 models keep norms, attention and the cache in the model's dtype; their products take bf16
 activations), int4 with HQQ's zeros (rounding="hqq"), int8 and int4 on a bf16 model, a8w8 on an fp32 model
 (calibrated on the first window of the Apache License 2.0, not the scored text), and int4 with its output head
-A8W8 (int4-a8w8-head: fast_decode.load, calibrated alike on what the int4 model feeds the head). For each, over the text:
+A8W8 (int4-a8w8-head: fast_decode.load, calibrated alike on what the int4 model feeds the head). For each, over
+the text:
 - logits against fp32 at every scored position: max and mean |difference|, and how often the top token agrees;
 - perplexity as llama-perplexity computes it: the text cut into windows of --ctx tokens, each window run alone,
   the second half of each scored (every scored token then sees at least ctx/2 tokens of context);
@@ -41,7 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import smollm2  # noqa: E402
-from bench_llamacpp import find_convert_script, find_llama_cpp, to_gguf  # noqa: E402
+# (CALIBRATED: the variants calibrated on CALIBRATION_TEXT, which is not the text they are scored on)
+from bench_llamacpp import CALIBRATED, CALIBRATION_TEXT, find_convert_script, find_llama_cpp, to_gguf  # noqa: E402
 from decode_timing import load_average  # noqa: E402
 from fast_decode import fast, load  # noqa: E402
 from tokenizer_bpe import Tokenizer  # noqa: E402
@@ -54,8 +56,6 @@ VARIANTS = {"bf16": (torch.bfloat16, {}), "int8": (torch.float32, {"weights": "i
             "int4-hqq": (torch.float32, {"weights": "int4", "rounding": "hqq"}),
             "int8-bf16": (torch.bfloat16, {"weights": "int8"}), "int4-bf16": (torch.bfloat16, {"weights": "int4"}),
             "a8w8": (torch.float32, {"weights": "a8w8"}), "int4-a8w8-head": (torch.float32, {"weights": "int4"})}
-CALIBRATED = ("a8w8", "int4-a8w8-head")
-CALIBRATION_TEXT = "/usr/share/common-licenses/Apache-2.0"  # what they calibrate on (not the text they are scored on)
 LLAMA_CPP = ("F32", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K_M")
 
 

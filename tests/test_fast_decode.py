@@ -81,6 +81,11 @@ def checkpoints(tmp_path_factory):
     return {k: paths["dsv3" if k == "nanollm" else "llama"] for k in MODELS}
 
 
+def linear_kinds(model) -> dict:
+    """{path: type} of every linear layer and stacked sibling, under each name it goes by (a tied head twice)."""
+    return {n: type(m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, (nn.Linear, Sibling))}
+
+
 def load(name, checkpoints, dtype=torch.float32):
     return model_class(MODELS[name]).from_pretrained(checkpoints[name], dtype=dtype)
 
@@ -543,9 +548,8 @@ def test_fast_int4_with_calibration_puts_its_head_alone_on_a8w8(name, checkpoint
     ref, plain = copy.deepcopy(model), fast(copy.deepcopy(model), weights="int4")
     cal = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
     fast(model, weights="int4", calibration=cal)
-    kinds = lambda m: {n: type(x) for n, x in m.named_modules(remove_duplicate=False)  # noqa: E731
-                       if isinstance(x, (nn.Linear, Sibling))}
-    assert kinds(model) == {**kinds(plain), "lm_head": A8W8Linear} and kinds(plain)["lm_head"] is Int8Linear
+    kinds = linear_kinds(plain)
+    assert linear_kinds(model) == {**kinds, "lm_head": A8W8Linear} and kinds["lm_head"] is Int8Linear
     if ref.lm_head.weight is ref.model.embed_tokens.weight:
         assert type(model.model.embed_tokens) is Int8Embedding and model.model.embed_tokens.head is not model.lm_head
     prompt = torch.tensor([[5, 7, 11, 13, 17, 19, 23]])
@@ -652,9 +656,8 @@ def test_load_int4_calibrates_its_head_as_it_reads_and_from_a_quantized_file(nam
     cls, tokens = model_class(MODELS[name]), torch.tensor([[5, 7, 11, 13, 17, 19, 23]])
     cal = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
     plain, made = fast_decode.load(cls, ckpt, "int4"), fast_decode.load(cls, ckpt, "int4", calibration=cal)
-    kinds = lambda m: {n: type(x) for n, x in m.named_modules(remove_duplicate=False)  # noqa: E731
-                       if isinstance(x, (nn.Linear, Sibling))}
-    assert kinds(made) == {**kinds(plain), "lm_head": A8W8Linear} and kinds(plain)["lm_head"] is Int8Linear
+    kinds = linear_kinds(plain)
+    assert linear_kinds(made) == {**kinds, "lm_head": A8W8Linear} and kinds["lm_head"] is Int8Linear
     if type(plain.model.embed_tokens) is Int8Embedding:
         assert type(made.model.embed_tokens.head) is Int8Linear
     with torch.no_grad():
@@ -665,7 +668,7 @@ def test_load_int4_calibrates_its_head_as_it_reads_and_from_a_quantized_file(nam
         tied = type(plain.model.embed_tokens) is Int8Embedding  # (its int8 head is kept only as the embedding)
         assert "lm_head.a8w8_qweight" in keys and ("lm_head.qweight" in keys) == tied
         stored = fast_decode.load(cls, ckpt, "int4")
-        assert kinds(stored) == kinds(made) and torch.equal(stored(tokens), got)
+        assert linear_kinds(stored) == linear_kinds(made) and torch.equal(stored(tokens), got)
     with pytest.raises(ValueError, match="calibration"):
         fast_decode.load(cls, ckpt, "int8", calibration=cal)
 
