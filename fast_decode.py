@@ -614,7 +614,9 @@ def fast(model: nn.Module, weights: str | None = None, group_size: int = 32, rou
     if calibration is not None:
         for m in layers:
             m.__class__ = nn.Linear  # float products while calibrating (no reordered copies)
-        absmax = input_absmax(model, layers, calibration)
+        measured = layers if weights == "a8w8" else [m for p, m in model.named_modules()  # int4: the head alone
+                                                     if p.rpartition(".")[2] == "lm_head" and m in layers]
+        absmax = input_absmax(model, measured, calibration)
 
     def get(path, m, kind):
         return quantize_a8w8(m.weight, absmax[m]) if kind == "a8w8" else quantize(m.weight, kind, group_size,

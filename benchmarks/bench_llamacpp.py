@@ -199,10 +199,8 @@ def load_ours(name: str, ckpt: Path, dtype, precision: str):
     int4-a8w8-head: the same, its head calibrated on 512 tokens of the Apache License 2.0 as it loads (what
     `quantize --calibration` stores); a8w8: fast() on the float model, calibrated alike."""
     cls, weights = model_file(name), PRECISIONS[precision][1]
-    ids = None
-    if precision in CALIBRATED:
-        ids = Tokenizer.from_file(str(ckpt)).encode(Path(CALIBRATION_TEXT).read_text(encoding="utf-8"))[:512]
-        ids = torch.tensor([ids])
+    text = Path(CALIBRATION_TEXT).read_text(encoding="utf-8") if precision in CALIBRATED else None
+    ids = torch.tensor([Tokenizer.from_file(str(ckpt)).encode(text)[:512]]) if text else None
     if weights == "a8w8":
         return fast_decode.fast(cls.from_pretrained(ckpt, dtype=dtype), weights=weights, calibration=ids)
     return fast_decode.load(cls, ckpt, weights=weights, dtype=dtype, calibration=ids)
