@@ -64,7 +64,9 @@ MODEL_FLAGS = dict(
     interactive="chat turn by turn until Ctrl-D; Ctrl-C stops a reply",
     int8="int8 weights on the CPU (fast_decode.py's weights=\"int8\"): a quarter of fp32's bytes per token",
     int4="4-bit weights on the CPU (fast_decode.py's weights=\"int4\", a scale and a zero per 32 weights); "
-         "python fast_decode.py quantize writes them once (quality against fp32: benchmarks/bench_quality.py)")
+         "python fast_decode.py quantize writes them once (quality against fp32: benchmarks/bench_quality.py)",
+    compile="compile the decode step on the CPU (fast_decode.py's compile_decode, torch.compile): fewer ops per "
+            "token, after about a minute of compiling the first time (a C++ compiler is needed)")
 
 
 def flag_help(doc: str) -> dict[str, str]:
@@ -135,7 +137,7 @@ def utf8(s: str) -> str:
 
 
 def check_generation_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype, interactive,
-                           int8=False, int4=False):
+                           int8=False, int4=False, compile=False):
     """The flags every model file's main takes, checked before the slow load -> (torch.device, torch dtype or None);
     a ValueError names the flag. device None: cuda when available, else cpu. (generate() checks its own arguments
     again, sampling ones alike: a library call never passes here.)"""
@@ -168,6 +170,9 @@ def check_generation_flags(prompt, max_new_tokens, temperature, top_k, top_p, se
     if (int8 or int4) and (importlib.util.find_spec("fast_decode") is None or dev.type != "cpu"):
         raise ValueError(f"--{'int8' if int8 else 'int4'} is fast_decode.py's CPU path: keep fast_decode.py beside "
                          "the model file; use --device cpu")
+    if compile and (importlib.util.find_spec("fast_decode") is None or dev.type != "cpu"):
+        raise ValueError("--compile is fast_decode.py's CPU path: keep fast_decode.py beside the model file; use "
+                         "--device cpu")
     return dev, dtypes.get(dtype)
 
 
@@ -187,12 +192,16 @@ def is_chat_checkpoint(ckpt_dir) -> bool:
     return isinstance(cfg, dict) and "chat_template" in cfg
 
 
-def load_model(Model, ckpt_dir, device, dtype, int8=False, int4=False):
+def load_model(Model, ckpt_dir, device, dtype, int8=False, int4=False, compile=False):
     """Model.from_pretrained, made fast for decoding on a CPU by fast_decode.py where it is beside the model file (a
     model file copied alone decodes plain, the same tokens). --int8 / --int4: the model is built without its float
     weights and each linear layer is quantized as it is read, or read from the file `python fast_decode.py quantize`
-    wrote, so the float model is never held. One line on stderr: what was loaded, how, and in how long."""
+    wrote, so the float model is never held. --compile: the decode step is compiled (fast_decode.compile_decode) when
+    it first runs. One line on stderr: what was loaded, how, and in how long."""
     t0, weights, how = time.time(), "int8" if int8 else "int4" if int4 else None, ""
+    if compile:
+        from fast_decode import check_compiled
+        check_compiled(Model)  # before the slow load
     if importlib.util.find_spec("fast_decode") is None:
         model = Model.from_pretrained(ckpt_dir, device, dtype)
     else:
@@ -204,6 +213,10 @@ def load_model(Model, ckpt_dir, device, dtype, int8=False, int4=False):
             how = (f"; {weights} weights (fast_decode.py) " + (f"read from {stored.name}" if stored.is_file() else
                    f"quantized as read (python fast_decode.py quantize --ckpt_dir {ckpt_dir} --weights {weights} "
                    f"stores them once)"))
+        if compile:
+            from fast_decode import compile_decode
+            compile_decode(model)
+            how += "; the decode step compiles as it first runs (about a minute; later runs reuse inductor's cache)"
     w = model.model.norm.weight  # (a quantized head makes its weight when read: a full copy)
     print(f"loaded {ckpt_dir} ({w.dtype}, {device}) in {time.time() - t0:.1f}s{how}", file=sys.stderr)
     return model
@@ -220,7 +233,7 @@ def checkpoint_folder(ckpt_dir: str) -> str:
 
 
 def chat_main(Model, encode_chat, prompt, ckpt_dir, max_new_tokens, temperature, top_p, top_k, device, dtype, seed,
-              chat, interactive, int8, int4):
+              chat, interactive, int8, int4, compile=False):
     """The command line of a model file whose checkpoints carry their tokenizer and, for chat models, a chat template
     (smollm2.py, nanollm.py, lm2.py; llama31.py's main is its own): the flags checked before the slow load, the load
     (dtype: bfloat16 on cuda, float32 on cpu unless given), --chat's default, then one reply or a conversation.
@@ -230,10 +243,10 @@ def chat_main(Model, encode_chat, prompt, ckpt_dir, max_new_tokens, temperature,
 
     try:
         dev, dt = check_generation_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
-                                         interactive, int8, int4)
+                                         interactive, int8, int4, compile)
         ckpt_dir = checkpoint_folder(ckpt_dir)
         model = load_model(Model, ckpt_dir, dev, dt or (torch.bfloat16 if dev.type == "cuda" else torch.float32),
-                           int8, int4)
+                           int8, int4, compile)
         tokenizer = Tokenizer.from_file(ckpt_dir)
         chat = is_chat_checkpoint(ckpt_dir) if chat is None else chat
         if chat:

@@ -27,6 +27,8 @@ and this module swaps them for layers with faster products, so a model file copi
 - Quantized layers that a model calls one after another on one input (q/k/v, gate/up) are multiplied as one
   stacked matrix (Stack): one kernel call instead of three or two.
 - `threads=True` (what the CLIs pass) also sets the thread count: one per core other jobs leave idle.
+- `compile_decode(model)` (the CLIs' `--compile`): the one-token decode step under torch.compile, which fuses the
+  thousands of small ops around the products (smollm2.py's and llama31.py's models).
 
 Figures (speed, memory and perplexity against llama.cpp, per-op profiles, the machines) and how each choice
 here was measured: docs/speed.md; the commands are in benchmarks/.
@@ -125,6 +127,11 @@ class Reordered:
         return self.weight
 
 
+@torch.compiler.assume_constant_result  # (a compiled step keeps the count it was compiled with: dynamo cannot trace it)
+def num_threads() -> int:
+    return torch.get_num_threads()
+
+
 class FastLinear(nn.Linear):
     """nn.Linear, same parameter, whose CPU inference products take faster kernels:
     - bf16: F.linear reorders the weight into oneDNN's blocked layout on every call; this keeps the reordered
@@ -132,20 +139,21 @@ class FastLinear(nn.Linear):
     - fp32, one row, several threads: MKL's one-row product runs on one thread; viewed as one block of rows
       per thread, bmm runs it on every core. Whether that pays depends on the CPU (it did on an AVX2 EPYC, not
       on an AMX Xeon), so fast() times both on each shape and sets `split` where it pays (time_split).
-    Training, autograd and torch.compile take nn.Linear's own F.linear."""
+    Training and autograd take nn.Linear's own F.linear, and so does torch.compile for bf16 (it cannot trace the
+    reordered copy's bookkeeping); a compiled decode step keeps the fp32 split (compile_decode)."""
 
     split = False
 
     def forward(self, x):
-        if not torch.is_grad_enabled() and x.is_cpu and not torch.compiler.is_compiling():
-            if x.dtype == torch.bfloat16 and BF16_ONEDNN:
+        if not torch.is_grad_enabled() and x.is_cpu:
+            if x.dtype == torch.bfloat16 and BF16_ONEDNN and not torch.compiler.is_compiling():
                 if "reordered" not in self.__dict__:
                     self.reordered = Reordered()
                 w = self.reordered.get(self.weight)
                 if w is not None:
                     return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
             elif self.split and x.numel() == self.in_features and x.dtype == self.weight.dtype:
-                return self.split_product(x, torch.get_num_threads())
+                return self.split_product(x, num_threads())
         return F.linear(x, self.weight, self.bias)
 
     def split_product(self, x, n):
@@ -468,20 +476,28 @@ class Stack(nn.Module):
     sibling called with another input (lm2.py's memory reads tokens with q_proj, its bank with k_proj and
     v_proj) gets the stacked product of that input: correct, at the stacked cost.
     subtle: under inference_mode an input has no version: one changed in place between two siblings' calls
-    would get its old product. The model files never do that (the input is a norm's fresh output)."""
+    would get its old product. The model files never do that (the input is a norm's fresh output).
+    While torch.compile traces a step (compile_decode), where neither versions nor weak references can be read,
+    the siblings share the product of the traced input by its identity (`traced`, emptied before every call, so
+    that the compiled step's guards always find it empty); a compiled graph keeps one product for all, as here."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
         self.layer, self.last = layer, None  # last: (the input, a weak reference; its version; its product)
+        self.traced = None  # (the traced input, its product) while torch.compile traces
 
     def forward(self, x):
+        if torch.compiler.is_compiling():
+            if self.traced is None or self.traced[0] is not x:
+                self.traced = (x, self.layer(x))
+            return self.traced[1]
         last = self.last
         if last is None or last[0]() is not x or last[1] != version(x):
             last = self.last = (weakref.ref(x), version(x), self.layer(x))
         return last[2]
 
     def __getstate__(self):  # copies start with nothing held (a weak reference cannot be copied)
-        return {**self.__dict__, "last": None}
+        return {**self.__dict__, "last": None, "traced": None}
 
 
 class Sibling(nn.Module):
@@ -816,6 +832,58 @@ def save_quantized(cls, ckpt_dir, weights: str = "int4", group_size: int = 32, r
     meta = {"weights": weights, "group_size": str(group_size), "rounding": rounding, "source": fingerprint(ckpt_dir)}
     save_atomic(str(out), lambda tmp: save_file({k: v.contiguous() for k, v in kept.items()}, tmp, metadata=meta))
     return out
+
+
+# -----------------------------------------------------------------------------
+# A compiled decode step
+
+
+# The model classes whose decode step compiles to one graph. nanollm.py's and lm2.py's steps read lengths from
+# tensors (the cache's filled part; nanollm's experts' token counts, which change every token), which split a
+# compiled step into pieces that compile again whenever those values change.
+COMPILED = ("SmolLM2", "Llama")
+
+
+def check_compiled(cls):
+    if cls.__name__ not in COMPILED:
+        raise ValueError(f"compiling the decode step takes smollm2.py's and llama31.py's models, not {cls.__name__}: "
+                         f"its step reads lengths from tensors, which would compile it again as they change; run "
+                         f"without --compile")
+
+
+def compile_decode(model: nn.Module) -> nn.Module:
+    """Compile model's one-token decode step with torch.compile (inductor), in place, as gpt-fast does; return model.
+
+    Eagerly a SmolLM2-135M step runs some 6,000 small ops besides its weight products (norms, RoPE, casts, cache
+    writes, views: 1-2 us each, more than half of the step), which inductor fuses into a few C++ loops around the
+    products (their kernels stay PyTorch's). smollm2.py's and llama31.py's models (COMPILED): they attend over their
+    whole preallocated KV cache through a mask, so one graph serves every step; the cache's length is marked
+    dynamic, so the cache that generate() sizes to each request compiles no second graph. The prefill (a new length
+    every request) stays eager. The first step compiles (about a minute for SmolLM2 on 2 cores; inductor
+    keeps what it built in its cache folder, so a later process takes seconds); it needs a C++ compiler, as
+    inductor does on a CPU. The compiled step's logits match the eager step's to rounding, not bit for bit:
+    its fused loops sum in another order, and a near tie may then pick another greedy token."""
+    check_compiled(type(model))
+    eager, step = model.forward_cached, torch.compile(model.forward_cached)
+    stacks = [m for m in model.modules() if isinstance(m, Stack)]
+    marked = [lambda: None]  # a weak reference to the cache whose length was last marked dynamic
+
+    def forward_cached(tokens, input_pos, pad=None):
+        if marked[0]() is not model.model.layers[0].self_attn.cache:  # generate() makes a cache for each request
+            for layer in model.model.layers:  # (B, n_kv_heads, S, hd): S changes with the next request
+                torch._dynamo.maybe_mark_dynamic(layer.self_attn.cache.k, 2)
+                torch._dynamo.maybe_mark_dynamic(layer.self_attn.cache.v, 2)
+            marked[0] = weakref.ref(model.model.layers[0].self_attn.cache)
+        if tokens.size(1) != 1:  # a prefill
+            return eager(tokens, input_pos, pad)
+        for s in stacks:
+            s.traced = None
+        # (a module's buffers are static shapes to dynamo unless this is off; the mark above then holds)
+        with torch._dynamo.config.patch(force_parameter_static_shapes=False):
+            return step(tokens, input_pos, pad)
+
+    model.forward_cached = forward_cached  # an instance attribute: generate() calls it instead of the method
+    return model
 
 
 # -----------------------------------------------------------------------------

@@ -237,11 +237,10 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin  # HF's rotate_half: (x1, x2) -> (-x2, x1)
 
 
-# Differs from smollm2.py's KVCache: update returns the whole buffers, so every decode step has the same shapes
+# Same as smollm2.py: KVCache
 class KVCache(nn.Module):
     """Preallocated keys and values of one layer, written in place at the given slots (gpt-fast)."""
 
-    # Same as smollm2.py: KVCache.__init__
     def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
         super().__init__()
         self.batch_size, self.max_seq_len = batch_size, max_seq_len  # what generate() may reuse it for
@@ -383,7 +382,7 @@ class Llama(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.cache = None
 
-    # Differs from smollm2.py's SmolLM2.forward_cached: the mask covers the whole cache (see KVCache)
+    # Same as smollm2.py: SmolLM2.forward_cached (with SmolLM2->Llama)
     def forward_cached(self, tokens, input_pos, pad=None):
         """Run tokens (B, T) in cache slots input_pos (T,); return the last position's logits (B, vocab).
 
@@ -399,7 +398,7 @@ class Llama(nn.Module):
         # SDPA return NaN, which the next layer would write into the cache, and 0 weight * NaN is still NaN.
         mask |= slots == input_pos[:, None]
         h = self.trunk(tokens, pos, mask.unsqueeze(1), input_pos)
-        return self.lm_head(h[:, -1])  # only the last position goes through the 128256-wide head
+        return self.lm_head(h[:, -1])  # only the last position is needed to pick the next token
 
     # -------------------------------------------------------------------------
     # Loading
@@ -629,7 +628,7 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, chat: bool) -> list[int]:
 def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/Llama-3.1-8B-Instruct", max_new_tokens: int = 256,
          temperature: float = 0.6, top_p: float = 0.9, top_k: int | None = None, device: str | None = None,
          dtype: str | None = None, seed: int | None = None, chat: bool | None = None, interactive: bool = False,
-         int8: bool = False, int4: bool = False):
+         int8: bool = False, int4: bool = False, compile: bool = False):
     """Generate from Llama 3.1 / 3.2. Instruct checkpoints wrap the prompt in the chat template (--chat false
     sends it raw); base checkpoints get <|begin_of_text|> + the prompt, verbatim. The sampling defaults are
     those of Meta's generation_config.json.
@@ -643,8 +642,8 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/Llama-3.1-8B-In
 
     try:
         dev, dt = check_generation_flags(prompt, max_new_tokens, temperature, top_k, top_p, seed, device, dtype,
-                                         interactive, int8, int4)
-        model = load_model(Llama, ckpt_dir, dev, dt, int8, int4)
+                                         interactive, int8, int4, compile)
+        model = load_model(Llama, ckpt_dir, dev, dt, int8, int4, compile)
         tokenizer = Tokenizer.from_file(ckpt_dir)
         if tokenizer.special_tokens.get("<|begin_of_text|>") != BOS:  # Llama 3's special ids are assumed below
             chatml = "<|im_start|>" in tokenizer.special_tokens  # SmolLM2's

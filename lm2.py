@@ -241,10 +241,11 @@ def attention_mask(q_idx, k_idx, window=None, docs=None):
     return m
 
 
-# Same as smollm2.py: KVCache
+# Differs from smollm2.py's KVCache: update returns the filled slots alone, which the attention window's mask covers
 class KVCache(nn.Module):
     """Preallocated keys and values of one layer, written in place by position (gpt-fast)."""
 
+    # Same as smollm2.py: KVCache.__init__
     def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
         super().__init__()
         self.batch_size, self.max_seq_len = batch_size, max_seq_len  # what generate() may reuse it for
@@ -737,7 +738,7 @@ CKPT_DIR = "checkpoints/SmolLM2-135M-Instruct"  # python download.py writes it; 
 def main(prompt: str | None = None, ckpt_dir: str = CKPT_DIR, max_new_tokens: int = 256, temperature: float = 0.2,
          top_p: float = 0.9, top_k: int | None = None, device: str | None = None, dtype: str | None = None,
          seed: int = 1337, chat: bool | None = None, interactive: bool = False, int8: bool = False,
-         int4: bool = False):
+         int4: bool = False, compile: bool = False):
     """Generate from LM2. Instruct checkpoints wrap the prompt in the chat template unless --chat false.
 
     ckpt_dir: a HF checkpoint folder (python download.py writes one)
@@ -745,7 +746,7 @@ def main(prompt: str | None = None, ckpt_dir: str = CKPT_DIR, max_new_tokens: in
     from cli import chat_main  # the flags checked before the slow load, the load, then one reply or a conversation
 
     chat_main(LM2, encode_chat, prompt, ckpt_dir, max_new_tokens, temperature, top_p, top_k, device, dtype, seed,
-              chat, interactive, int8, int4)
+              chat, interactive, int8, int4, compile)
 
 
 if __name__ == "__main__":

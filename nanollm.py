@@ -732,7 +732,7 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
 def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/nanollm", max_new_tokens: int = 200,
          temperature: float = 0.8, top_p: float = 0.95, top_k: int | None = None, device: str | None = None,
          dtype: str | None = None, seed: int | None = None, chat: bool | None = None, interactive: bool = False,
-         int8: bool = False, int4: bool = False):
+         int8: bool = False, int4: bool = False, compile: bool = False):
     """Generate from a nanollm checkpoint (benchmarks/pretrain_nanollm.py or finetune.py trains one); a chat model
     (one with a chat template) wraps the prompt in ChatML unless --chat false.
 
@@ -742,7 +742,7 @@ def main(prompt: str | None = None, ckpt_dir: str = "checkpoints/nanollm", max_n
     from cli import chat_main  # the flags checked before the slow load, the load, then one reply or a conversation
 
     chat_main(NanoLLM, encode_chat, prompt, ckpt_dir, max_new_tokens, temperature, top_p, top_k, device, dtype, seed,
-              chat, interactive, int8, int4)
+              chat, interactive, int8, int4, compile)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ loads with no renaming and `model.state_dict()` saves in the same layout.
 
 Departures from the reference, all deliberate:
 - one preallocated KV cache per layer written by position (as gpt-fast), sized to the request, instead of
-  HF's growing `DynamicCache`; attention reads only the filled part of it;
+  HF's growing `DynamicCache`; attention reads all of it through a mask, so every decode step has the same shapes
+  and a compiled step (`fast_decode.compile_decode`) serves them all;
 - ragged batches are left-padded and each row's RoPE positions start at its first real token, so a batched
   prompt yields exactly the tokens it yields alone;
 - during prefill only the last position goes through the 49152-wide output head;
@@ -188,7 +189,7 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values of one layer, written in place by position (gpt-fast)."""
+    """Preallocated keys and values of one layer, written in place at the given slots (gpt-fast)."""
 
     def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
         super().__init__()
@@ -198,11 +199,10 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, k, v):
-        """Write k, v (B, n_kv_heads, T, hd) into slots input_pos (T,); return the filled slots 0..input_pos[-1]."""
-        self.k[:, :, input_pos] = k
-        self.v[:, :, input_pos] = v
-        end = int(input_pos[-1]) + 1
-        return self.k[:, :, :end], self.v[:, :, :end]
+        """Write k, v (B, n_kv_heads, T, hd) into slots input_pos (T,); return the whole cache (B, nkv, S, hd)."""
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))  # in place: no growth, the same shapes every step
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
 
 
 class Attention(nn.Module):
@@ -322,20 +322,20 @@ class SmolLM2(nn.Module):
             layer.self_attn.cache = None
 
     def forward_cached(self, tokens, input_pos, pad=None):
-        """Run tokens (B, T) in cache slots input_pos (T,) -> the last position's logits (B, vocab). pad (B,): each
-        row's left padding; a row's RoPE position is its slot minus it, and no query sees padding or later slots."""
-        B, T = tokens.shape
-        pad = torch.zeros(B, dtype=torch.long, device=tokens.device) if pad is None else pad
+        """Run tokens (B, T) in cache slots input_pos (T,); return the last position's logits (B, vocab).
+
+        pad (B,), None for none: left padding of each row. A row's RoPE position is its slot minus its padding.
+        Attention reads the whole preallocated cache, as gpt-fast: shapes never change, so a compiled decode step is
+        reused every step; the mask hides padding and slots not yet written.
+        """
+        pad = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device) if pad is None else pad
+        slots = torch.arange(self.model.layers[0].self_attn.cache.k.size(2), device=tokens.device)  # (S,)
         pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
-        if T == 1 and not pad.any():
-            mask = None  # one new token may read every filled slot: no mask at all (fastest SDPA path)
-        else:
-            slots = torch.arange(int(input_pos[-1]) + 1, device=tokens.device)  # (S,) the filled part
-            # subtle: a padding query sees no key of its row; let it see itself, since a softmax over nothing is
-            # NaN on some kernels, and a NaN written into the cache would poison the sums of the real rows too
-            mask = (slots <= input_pos[:, None]) & ((slots >= pad[:, None, None]) | (slots == input_pos[:, None]))
-            mask = mask.unsqueeze(1)  # (B, 1, T, S)
-        h = self.trunk(tokens, pos, mask, input_pos)
+        mask = (slots <= input_pos[:, None]) & (slots >= pad[:, None, None])  # (B, T, S)
+        # subtle: a padding slot's query sees no key of its row. Let it see itself: an all-False mask row makes
+        # SDPA return NaN, which the next layer would write into the cache, and 0 weight * NaN is still NaN.
+        mask |= slots == input_pos[:, None]
+        h = self.trunk(tokens, pos, mask.unsqueeze(1), input_pos)
         return self.lm_head(h[:, -1])  # only the last position is needed to pick the next token
 
     @classmethod
@@ -543,7 +543,7 @@ CKPT_DIR = "checkpoints/SmolLM2-135M-Instruct"  # python download.py writes it
 def main(prompt: str | None = None, ckpt_dir: str = CKPT_DIR, max_new_tokens: int = 256, temperature: float = 0.2,
          top_p: float = 0.9, top_k: int | None = None, device: str | None = None, dtype: str | None = None,
          seed: int = 1337, chat: bool | None = None, interactive: bool = False, int8: bool = False,
-         int4: bool = False):
+         int4: bool = False, compile: bool = False):
     """Generate from SmolLM2. Instruct checkpoints wrap the prompt in the chat template unless --chat false.
 
     ckpt_dir: a HF checkpoint folder (python download.py writes one)
@@ -551,7 +551,7 @@ def main(prompt: str | None = None, ckpt_dir: str = CKPT_DIR, max_new_tokens: in
     from cli import chat_main  # the flags checked before the slow load, the load, then one reply or a conversation
 
     chat_main(SmolLM2, encode_chat, prompt, ckpt_dir, max_new_tokens, temperature, top_p, top_k, device, dtype, seed,
-              chat, interactive, int8, int4)
+              chat, interactive, int8, int4, compile)
 
 
 if __name__ == "__main__":

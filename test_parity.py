@@ -204,7 +204,7 @@ class Family:
 FAMILIES = {
     "smollm2": Family(smollm2, functools.partial(tiny_config, LlamaConfig, SMOL_TINY),
                       {"gqa-tied": {}, "mha-untied": dict(num_key_value_heads=4, tie_word_embeddings=False)},
-                      smollm2.SmolLM2.from_pretrained, tol=1e-5, logits_tol=1e-5, T=100),
+                      smollm2.SmolLM2.from_pretrained, tol=1e-5, logits_tol=1e-5, T=100, cache_returns_all_slots=True),
     "llama31": Family(llama31, functools.partial(tiny_config, LlamaConfig, LLAMA_TINY),
                       {"gqa2-llama3x8-untied": {},
                        "mqa-llama3x32-tied": dict(num_key_value_heads=1, tie_word_embeddings=True,

@@ -156,7 +156,7 @@ def test_help_lists_every_flag_with_its_whole_help(mod):
     words = " ".join(run.stdout.split())  # argparse wraps help text; compare with the line breaks undone
     helps = {**cli.MODEL_FLAGS, **cli.flag_help(mod.main.__doc__ or "")}
     for flag in ["prompt", "ckpt_dir", "max_new_tokens", "temperature", "top_p", "top_k", "device", "dtype", "seed",
-                 "chat", "interactive", "int8", "int4"]:
+                 "chat", "interactive", "int8", "int4", "compile"]:
         assert f"--{flag} " in run.stdout and f"{helps[flag]} (default: " in words, flag
     assert "benchmarks/bench_quality.py) (default: False)" in words
 
@@ -319,6 +319,32 @@ def test_quantized_flags_load_quantized_or_say_why_not(mod, flag, tmp_path, monk
     find_spec = cli.importlib.util.find_spec  # a model file copied without fast_decode.py beside it
     monkeypatch.setattr(cli.importlib.util, "find_spec", lambda n: None if n == "fast_decode" else find_spec(n))
     assert "fast_decode.py" in one_line_error(mod, *argv)
+
+
+@pytest.mark.parametrize("mod", MODS, ids=lambda m: m.__name__)
+def test_compile_flag_compiles_the_step_or_says_why_not(mod, tmp_path, monkeypatch, capsys):
+    """--compile: smollm2.py and llama31.py decode the greedy tokens they decode without it (fp32: the compiled step
+    sums in another order, within 1e-5) and the load line says the step compiles; nanollm.py and lm2.py (whose step
+    would compile again as lengths read from tensors change), and a model file without fast_decode.py beside it, are
+    refused in one line, before any checkpoint is read."""
+    tok_dir = LLAMA_TOKENIZER_DIR if mod is llama31 else SMOLLM2_DIR
+    if not (tok_dir / "tokenizer.json").is_file():
+        pytest.fail(f"test asset {tok_dir} missing: run python download.py")
+    ckpt = save(tiny(mod, vocab_size=128256 if mod is llama31 else 49152), tmp_path / "m", tokenizer_from=tok_dir)
+    argv = ["--prompt", "hi", "--ckpt_dir", str(ckpt), "--max_new_tokens", "6", "--temperature", "0",
+            "--dtype", "float32", "--device", "cpu", "--chat", "false"]
+    if mod in (smollm2, llama31):
+        cli.cli(mod.main, argv=argv)
+        plain = capsys.readouterr().out
+        cli.cli(mod.main, argv=argv + ["--compile"])
+        out = capsys.readouterr()
+        assert out.out == plain and "the decode step compiles as it first runs" in out.err
+    else:
+        assert "smollm2.py's and llama31.py's models" in one_line_error(mod, *argv[:2], "--ckpt_dir", "no/such/dir",
+                                                                          "--compile")
+    find_spec = cli.importlib.util.find_spec  # a model file copied without fast_decode.py beside it
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda n: None if n == "fast_decode" else find_spec(n))
+    assert "--compile is fast_decode.py's CPU path" in one_line_error(mod, *argv, "--compile")
 
 
 def test_llama31_refuses_a_smollm2_checkpoint_in_one_line():

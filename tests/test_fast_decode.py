@@ -725,6 +725,64 @@ def test_real_smollm2_int4_stays_close_to_fp32(smollm2_dir):
 # Threads
 
 
+# -----------------------------------------------------------------------------
+# compile_decode: the decode step under torch.compile
+
+
+def product_calls(step) -> dict:
+    """{kernel: calls} of the weight products that running step() makes, as the profiler sees them."""
+    from torch.profiler import profile
+    kernels = ("aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm", "quantized::linear_dynamic")
+    with profile() as prof:
+        step()
+    return {e.key: e.count for e in prof.key_averages() if e.key in kernels}
+
+
+@needs_int4
+@pytest.mark.parametrize("weights", [None, "int4"])
+@pytest.mark.parametrize("name", ["smollm2", "llama31"])
+def test_compile_decode_steps_as_the_eager_model(name, weights, checkpoints):
+    """compile_decode: every one-token step of the compiled model gives the eager model's logits (fp32: within
+    1e-4 of the largest; int4: 2%, the bf16 rounding of the products' input, which a fused loop's other order of
+    sums moves);
+    a stacked product runs once per step, not once per sibling, as in eager; and a second request, whose cache has
+    another length, compiles no new graph."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    eager = fast(load(name, checkpoints), weights=weights)
+    compiled = fast_decode.compile_decode(copy.deepcopy(eager))
+    with torch.inference_mode():  # (tensors made inside it, as generate() makes them: dynamo guards on the kind)
+        prompt, pad, tol = torch.tensor([[5, 7, 11, 13, 17, 19, 23]]), torch.zeros(1, dtype=torch.long), None
+        for model in (eager, compiled):
+            model.setup_cache(1, 20)
+            model.forward_cached(prompt, torch.arange(7), pad)  # the prefill, eager in both (pad: as generate())
+        for pos in range(7, 12):
+            token, slot = torch.tensor([[pos * 3 % 50 + 1]]), torch.tensor([pos])
+            want, got = eager.forward_cached(token, slot, pad), compiled.forward_cached(token, slot, pad)
+            tol = tol or (1e-4 if weights is None else 0.02) * want.abs().max().item()
+            torch.testing.assert_close(got, want, rtol=0, atol=tol)
+        step = lambda m: (lambda: m.forward_cached(token, torch.tensor([12]), pad))  # noqa: E731
+        assert product_calls(step(compiled)) == product_calls(step(eager))
+    for model in (eager, compiled):
+        model.clear_cache()
+    frames = counters["frames"]["ok"]
+    assert len(compiled.generate([[3, 4, 5]], 9, stop_tokens=[])[0]) == 9  # a cache of 12 slots, not 20
+    assert counters["frames"]["ok"] == frames
+
+
+@pytest.mark.parametrize("name", ["nanollm", "lm2"])
+def test_compile_decode_refuses_a_step_that_reads_lengths_from_tensors(name, checkpoints):
+    """nanollm.py's and lm2.py's steps would compile again whenever a length read from a tensor changes: compile_decode
+    and the CLIs' --compile say so in one line (the CLI before it loads anything) and leave the model as it was."""
+    model = load(name, checkpoints)
+    with pytest.raises(ValueError, match="smollm2.py's and llama31.py's models") as e:
+        fast_decode.compile_decode(model)
+    assert "\n" not in str(e.value) and "forward_cached" not in vars(model)
+    with pytest.raises(SystemExit, match="error: compiling the decode step") as e:
+        MODELS[name].main(prompt="hi", ckpt_dir="no/such/folder", compile=True)
+    assert "\n" not in str(e.value)
+
+
 def test_decode_threads_leaves_busy_cores_to_their_jobs(monkeypatch):
     """One thread per core that other jobs leave idle, at least one, at most what torch would use."""
     monkeypatch.setattr(fast_decode, "MAX_THREADS", 4)  # on a machine of 4 cores that this process may use
