@@ -28,13 +28,15 @@ from that file; ours reads the same checkpoint. Per precision:
 int8 and int4 keep the rest of the model (norms, attention, the KV cache) in --quant_dtype: float32 by default,
 since on this machine PyTorch's one-query bf16 attention is several times slower than fp32's
 (bench_cpu_kernels.py), and the products take bf16 activations either way.
+With --compile, ours is timed a second time, its decode step compiled (fast_decode.compile_decode: torch.compile,
+one graph for every step; the prefill eager), interleaved with the other two; the compiling happens in the warm-up.
 Both engines decode N tokens from an empty context: llama.cpp with `llama-bench -p 0 -n N` (its own timing of
 the generation), ours with the model file's generate from a one-token prompt (the model's BOS), batch 1,
 greedy, tokens/s from the first new token to the last. Both use the same threads (torch's default, one per
 core; `-t` for llama-bench), best of --repeats for each.
 MB/token is what one decode step reads: every weight the products stream once (decode_timing.streamed_bytes:
-a tied embedding is the output head) plus the KV cache filled so far (on average N/2 positions; llama.cpp keeps
-its cache in f16, ours in the model's dtype; llama31.py reads its whole preallocated cache, 1 + N positions, a
+a tied embedding is the output head) plus the KV cache: llama.cpp's filled part (on average N/2 positions, f16),
+ours whole (1 + N positions in the model's dtype: the model files attend over their whole preallocated cache, a
 fixed shape as gpt-fast). The roofline is the best read bandwidth measured in the run (a 1 GiB sum, as the
 other decode benchmarks) over MB/token. Memory: peak resident memory of a fresh process that loads the model as
 the CLI does (fast_decode.load), with its tokenizer, and decodes 16 tokens; llama.cpp's, llama-bench's peak (its
@@ -218,7 +220,7 @@ def ours_peak_rss(name: str, ckpt: Path, dtype, precision: str) -> float:
 
 def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models: str = ",".join(MODELS),
          precisions: str = ",".join(PRECISIONS), new_tokens: int = 128, repeats: int = 3, threads: int | None = None,
-         quant_dtype: str = "float32",
+         quant_dtype: str = "float32", compile: bool = False,
          smollm2_dir: str = str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"),
          tokenizer_dir: str = str(ROOT / "checkpoints" / "Llama-3.2-tokenizer"),
          out_dir: str = str(ROOT / "runs" / "bench_llamacpp")):
@@ -233,6 +235,7 @@ def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models:
     repeats: interleaved timed runs per engine (the best counts)
     threads: threads for both engines (default: torch's own choice, one per core)
     quant_dtype: float32 or bfloat16: the dtype of the rest of an int8 or int4 model (norms, attention, cache)
+    compile: also time ours with its decode step compiled (about a minute of compiling per model and precision)
     smollm2_dir: the SmolLM2-135M-Instruct checkpoint
     tokenizer_dir: the Llama 3 tokenizer, for the random 1B checkpoint's GGUF
     out_dir: GGUF files and the random checkpoint (made once, reused)
@@ -269,15 +272,22 @@ def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models:
             args = model.args
             per_position = 2 * args.n_layers * args.n_kv_heads * args.head_dim  # a key and a value per layer
             filled = len(ids) + new_tokens / 2  # on average over the run (ids: the one BOS token)
-            # (llama31.py attends over its whole preallocated cache, as gpt-fast: fixed shapes)
-            ours_kv = per_position * (len(ids) + new_tokens if name == "llama3.2-1b" else filled)
+            ours_kv = per_position * (len(ids) + new_tokens)  # the whole preallocated cache, as gpt-fast: fixed shapes
             ours_mb = (streamed_bytes(model) + ours_kv * dtype.itemsize) / 1e6
             ours_decode_tps(model, ids, 4)  # warm-up (and the one-time reorder of bf16 weights)
+            compiled = fast_decode.compile_decode(model).forward_cached if compile else None
+            if compile:
+                ours_decode_tps(model, ids, 4)  # the compiling
+                del model.forward_cached  # the eager method again; the compiled one is set for its own runs
             for gguf in ggufs.values():
                 llama_bench(bin_dir, gguf, threads, 4)
-            ours, theirs, rss = [], {k: [] for k in kinds}, dict.fromkeys(kinds, 0)
+            ours, ours_compiled, theirs, rss = [], [], {k: [] for k in kinds}, dict.fromkeys(kinds, 0)
             for _ in range(repeats):
                 ours.append(ours_decode_tps(model, ids, new_tokens))
+                if compile:
+                    model.forward_cached = compiled
+                    ours_compiled.append(ours_decode_tps(model, ids, new_tokens))
+                    del model.forward_cached
                 for k, gguf in ggufs.items():
                     tps, peak = llama_bench(bin_dir, gguf, threads, new_tokens)
                     theirs[k].append(tps)
@@ -289,12 +299,16 @@ def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models:
             what = f"{weights + ' ' if weights else ''}{dtype}"
             rows.append(dict(model=name, precision=precision, engine=f"ours ({what})", tps=max(ours), mb=ours_mb,
                              rss_gib=ours_peak_rss(name, ckpt, dtype, precision), held_gib=held, ref=ref))
+            if compile:  # (its peak memory is not measured: a fresh process would compile again)
+                rows.append(dict(model=name, precision=precision, engine=f"ours ({what}), compiled",
+                                 tps=max(ours_compiled), mb=ours_mb, rss_gib=None, held_gib=held, ref=ref))
             for k, gguf in ggufs.items():
                 # llama.cpp streams its tensor data (the GGUF less its header and vocabulary, ~1%) and an f16 cache
                 rows.append(dict(model=name, precision=precision, engine=f"llama.cpp {k}", tps=max(theirs[k]),
                                  mb=(gguf.stat().st_size + per_position * filled * 2) / 1e6,
                                  rss_gib=rss[k] / 2**30, held_gib=None, ref=ref))
-            print(f"{name} {precision}: ours {max(ours):.1f} tok/s, llama.cpp "
+            print(f"{name} {precision}: ours {max(ours):.1f}"
+                  + (f", compiled {max(ours_compiled):.1f}" if compile else "") + " tok/s, llama.cpp "
                   f"{', '.join(f'{k} {max(v):.1f}' for k, v in theirs.items())} tok/s ({load_average()})",
                   file=sys.stderr)
     cmd = " ".join(["python benchmarks/bench_llamacpp.py"] + sys.argv[1:])
@@ -306,8 +320,9 @@ def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models:
     for r in rows:
         frac = r["tps"] * r["mb"] * 1e6 / (bw * 1e9)
         held = "" if r["held_gib"] is None else f"{r['held_gib']:.3f}"
+        rss = "" if r["rss_gib"] is None else f"{r['rss_gib']:.2f}"
         print(f"| {r['model']} | {r['precision']} | {r['engine']} | {r['tps']:.1f} | {r['tps'] / r['ref']:.2f}x "
-              f"| {r['mb']:.0f} | {frac:.0%} | {r['rss_gib']:.2f} | {held} |")
+              f"| {r['mb']:.0f} | {frac:.0%} | {rss} | {held} |")
     print(json.dumps(dict(bandwidth_gbs=bw, rows=rows)), file=sys.stderr)
 
 
