@@ -866,14 +866,14 @@ def compile_decode(model: nn.Module) -> nn.Module:
     check_compiled(type(model))
     eager, step = model.forward_cached, torch.compile(model.forward_cached)
     stacks = [m for m in model.modules() if isinstance(m, Stack)]
-    marked = [lambda: None]  # a weak reference to the cache whose length was last marked dynamic
+    marked = weakref.WeakSet()  # caches whose length is marked dynamic
 
     def forward_cached(tokens, input_pos, pad=None):
-        if marked[0]() is not model.model.layers[0].self_attn.cache:  # generate() makes a cache for each request
+        if model.model.layers[0].self_attn.cache not in marked:  # generate() makes a cache for each request
             for layer in model.model.layers:  # (B, n_kv_heads, S, hd): S changes with the next request
                 torch._dynamo.maybe_mark_dynamic(layer.self_attn.cache.k, 2)
                 torch._dynamo.maybe_mark_dynamic(layer.self_attn.cache.v, 2)
-            marked[0] = weakref.ref(model.model.layers[0].self_attn.cache)
+            marked.add(model.model.layers[0].self_attn.cache)
         if tokens.size(1) != 1:  # a prefill
             return eager(tokens, input_pos, pad)
         for s in stacks:
