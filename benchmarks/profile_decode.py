@@ -5,6 +5,7 @@ views: a fixed cost per op), against the bound each part meets.
 
     python benchmarks/profile_decode.py --model smollm2-135m --precision fp32
     python benchmarks/profile_decode.py --model llama3.2-1b --precision int4   # the checkpoint bench_llamacpp.py made
+    python benchmarks/profile_decode.py --model smollm2-135m --precision int4 --compile   # the compiled step
 
 The same models, checkpoints and precisions as bench_llamacpp.py (int8 and int4: the rest of the model in
 --quant_dtype). After a prompt (SmolLM2: its 39-token chat prompt; 1B: 64
@@ -12,7 +13,10 @@ random tokens) the model's own forward_cached runs --steps decode steps (greedy)
 token), then under torch.profiler (which adds a few microseconds to every op; the split is read from it and
 scaled to the plain wall time). Printed: the ops by self time per token, and a summary: the products' time
 against the bandwidth floor (weight bytes / read bandwidth, the least any engine can take for them), and the
-rest, ops per token and their mean cost.
+rest, ops per token and their mean cost. With --compile (fast_decode.compile_decode) the step's fused loops run
+inside one profiled call a step (`## Call CompiledFxGraph ...`), beside dynamo's check of its guards (`TorchDynamo
+Cache Lookup`); the weight products stay PyTorch's kernels, each still an op of its own (an fp32 model's split
+products may be fused into the compiled code, and then count as the rest).
 """
 
 import sys
@@ -26,6 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import fast_decode  # noqa: E402
 import smollm2  # noqa: E402
 from bench_llamacpp import DTYPES, PRECISIONS, load_ours, random_llama_checkpoint  # noqa: E402
 from decode_timing import load_average, read_bandwidth_gbs, streamed_bytes  # noqa: E402
@@ -55,7 +60,7 @@ def decode_steps(model, ids, steps):
 
 
 def main(model: str = "smollm2-135m", precision: str = "fp32", steps: int = 32, top: int = 15,
-         threads: int | None = None, quant_dtype: str = "float32",
+         threads: int | None = None, quant_dtype: str = "float32", compile: bool = False,
          smollm2_dir: str = str(ROOT / "checkpoints" / "SmolLM2-135M-Instruct"),
          tokenizer_dir: str = str(ROOT / "checkpoints" / "Llama-3.2-tokenizer"),
          out_dir: str = str(ROOT / "runs" / "bench_llamacpp")):
@@ -67,6 +72,7 @@ def main(model: str = "smollm2-135m", precision: str = "fp32", steps: int = 32, 
     top: ops listed
     threads: torch threads (default: torch's own choice, one per core)
     quant_dtype: float32 or bfloat16: the dtype of the rest of an int8 or int4 model
+    compile: profile the decode step compiled (fast_decode.compile_decode; the compiling happens in the warm-up)
     smollm2_dir: the SmolLM2-135M-Instruct checkpoint
     tokenizer_dir: the Llama 3 tokenizer (for making the random 1B checkpoint, if bench_llamacpp.py has not)
     out_dir: where bench_llamacpp.py keeps the random 1B checkpoint
@@ -87,6 +93,8 @@ def main(model: str = "smollm2-135m", precision: str = "fp32", steps: int = 32, 
     else:
         raise SystemExit(f"error: unknown model {model!r}: use smollm2-135m or llama3.2-1b")
     m = load_ours(model, ckpt, dtype, precision)
+    if compile:
+        fast_decode.compile_decode(m)
     bw = read_bandwidth_gbs()
     run = decode_steps(m, ids, steps)
     run()  # warm-up (and the bf16 reorder)
@@ -112,7 +120,7 @@ def main(model: str = "smollm2-135m", precision: str = "fp32", steps: int = 32, 
     weight_mb = streamed_bytes(m) / 1e6
     floor_ms = weight_mb / 1e3 / bw * 1e3
     cmd = " ".join(["python benchmarks/profile_decode.py"] + sys.argv[1:])
-    print(f"`{cmd}`: {model} {precision}, {steps} decode steps, {torch.get_num_threads()} threads, read bandwidth "
+    print(f"`{cmd}`: {model} {precision}{', compiled' if compile else ''}, {steps} decode steps, {torch.get_num_threads()} threads, read bandwidth "
           f"{bw:.1f} GB/s, {load_average()}\n")
     print("| op | calls/token | ms/token (self, scaled to wall) | share |")
     print("|---|---|---|---|")
