@@ -862,7 +862,8 @@ def compile_decode(model: nn.Module) -> nn.Module:
     every request) stays eager. The first step compiles (about a minute for SmolLM2 on 2 cores; inductor
     keeps what it built in its cache folder, so a later process takes seconds); it needs a C++ compiler, as
     inductor does on a CPU. The compiled step's logits match the eager step's to rounding, not bit for bit:
-    its fused loops sum in another order, and a near tie may then pick another greedy token."""
+    its fused loops sum in another order, and a near tie may then pick another greedy token. Measured and tested on
+    the CPU only (the CLIs' --compile is CPU-only); on CUDA it has never run."""
     check_compiled(type(model))
     eager, step = model.forward_cached, torch.compile(model.forward_cached)
     stacks = [m for m in model.modules() if isinstance(m, Stack)]
