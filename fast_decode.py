@@ -465,6 +465,11 @@ def input_absmax(model: nn.Module, layers: list[nn.Linear], tokens: torch.Tensor
     return found
 
 
+def output_heads(model: nn.Module) -> dict:
+    """{path: layer} of the model's output head: the layer HF names lm_head (none where the model has none)."""
+    return {p: m for p, m in model.named_modules() if p.rpartition(".")[2] == "lm_head"}
+
+
 # Layers a model file calls one after another on the same input, by their (HF) names
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -630,8 +635,8 @@ def fast(model: nn.Module, weights: str | None = None, group_size: int = 32, rou
     if calibration is not None:
         for m in layers:
             m.__class__ = nn.Linear  # float products while calibrating (no reordered copies)
-        measured = layers if weights == "a8w8" else [m for p, m in model.named_modules()  # int4: the head alone
-                                                     if p.rpartition(".")[2] == "lm_head" and m in layers]
+        # a8w8: every layer; int4: the output head alone
+        measured = layers if weights == "a8w8" else [m for m in output_heads(model).values() if m in layers]
         absmax = input_absmax(model, measured, calibration)
 
     def get(path, m, kind):
@@ -708,7 +713,7 @@ def build(cls, ckpt_dir, weights: str, group_size: int, rounding: str, device, d
     calibration: token ids; an int8 output head then becomes an A8W8Linear, calibrated on what this quantized model
     feeds it there (its int8 form stays, as the tied embedding's own copy)."""
     model = cls.from_pretrained(ckpt_dir, "meta", dtype, **kwargs)
-    head_weights = {p: m.weight for p, m in model.named_modules() if p.rpartition(".")[2] == "lm_head"}
+    head_weights = {p: m.weight for p, m in output_heads(model).items()}
     floats, names = Reader(float_files(ckpt_dir)), tensor_names(model)
     quantized = Reader(dict.fromkeys(safe_keys(stored), stored)) if stored else None
 
@@ -870,11 +875,12 @@ def compile_decode(model: nn.Module) -> nn.Module:
     marked = weakref.WeakSet()  # caches whose length is marked dynamic
 
     def forward_cached(tokens, input_pos, pad=None):
-        if model.model.layers[0].self_attn.cache not in marked:  # generate() makes a cache for each request
+        cache = model.model.layers[0].self_attn.cache
+        if cache not in marked:  # generate() makes a cache for each request
             for layer in model.model.layers:  # (B, n_kv_heads, S, hd): S changes with the next request
                 torch._dynamo.maybe_mark_dynamic(layer.self_attn.cache.k, 2)
                 torch._dynamo.maybe_mark_dynamic(layer.self_attn.cache.v, 2)
-            marked.add(model.model.layers[0].self_attn.cache)
+            marked.add(cache)
         if tokens.size(1) != 1:  # a prefill
             return eager(tokens, input_pos, pad)
         for s in stacks:

@@ -275,8 +275,8 @@ def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models:
             ours_kv = per_position * (len(ids) + new_tokens)  # the whole preallocated cache, as gpt-fast: fixed shapes
             ours_mb = (streamed_bytes(model) + ours_kv * dtype.itemsize) / 1e6
             ours_decode_tps(model, ids, 4)  # warm-up (and the one-time reorder of bf16 weights)
-            compiled = fast_decode.compile_decode(model).forward_cached if compile else None
             if compile:
+                compiled = fast_decode.compile_decode(model).forward_cached
                 ours_decode_tps(model, ids, 4)  # the compiling
                 del model.forward_cached  # the eager method again; the compiled one is set for its own runs
             for gguf in ggufs.values():

@@ -120,8 +120,8 @@ def main(model: str = "smollm2-135m", precision: str = "fp32", steps: int = 32, 
     weight_mb = streamed_bytes(m) / 1e6
     floor_ms = weight_mb / 1e3 / bw * 1e3
     cmd = " ".join(["python benchmarks/profile_decode.py"] + sys.argv[1:])
-    print(f"`{cmd}`: {model} {precision}{', compiled' if compile else ''}, {steps} decode steps, {torch.get_num_threads()} threads, read bandwidth "
-          f"{bw:.1f} GB/s, {load_average()}\n")
+    print(f"`{cmd}`: {model} {precision}{', compiled' if compile else ''}, {steps} decode steps, "
+          f"{torch.get_num_threads()} threads, read bandwidth {bw:.1f} GB/s, {load_average()}\n")
     print("| op | calls/token | ms/token (self, scaled to wall) | share |")
     print("|---|---|---|---|")
     for k, (c, us) in sorted(per_op.items(), key=lambda kv: -kv[1][1])[:top]:

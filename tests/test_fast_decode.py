@@ -744,9 +744,8 @@ def product_calls(step) -> dict:
 def test_compile_decode_steps_as_the_eager_model(name, weights, checkpoints):
     """compile_decode: every one-token step of the compiled model gives the eager model's logits (fp32: within
     1e-4 of the largest; int4: 2%, the bf16 rounding of the products' input, which a fused loop's other order of
-    sums moves);
-    a stacked product runs once per step, not once per sibling, as in eager; and a second request, whose cache has
-    another length, compiles no new graph."""
+    sums moves); a stacked product runs once per step, not once per sibling, as in eager; and a second request,
+    whose cache has another length, compiles no new graph."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     eager = fast(load(name, checkpoints), weights=weights)
@@ -761,8 +760,9 @@ def test_compile_decode_steps_as_the_eager_model(name, weights, checkpoints):
             want, got = eager.forward_cached(token, slot, pad), compiled.forward_cached(token, slot, pad)
             tol = tol or (1e-4 if weights is None else 0.02) * want.abs().max().item()
             torch.testing.assert_close(got, want, rtol=0, atol=tol)
-        step = lambda m: (lambda: m.forward_cached(token, torch.tensor([12]), pad))  # noqa: E731
-        assert product_calls(step(compiled)) == product_calls(step(eager))
+        slot = torch.tensor([12])
+        assert (product_calls(lambda: compiled.forward_cached(token, slot, pad))
+                == product_calls(lambda: eager.forward_cached(token, slot, pad)))
     for model in (eager, compiled):
         model.clear_cache()
     frames = counters["frames"]["ok"]
