@@ -15,9 +15,11 @@ and this module swaps them for layers with faster products, so a model file copi
 - `fast(model)`: parameters, names, `state_dict()`, training and LoRA stay those of `nn.Linear`; only CPU
   inference products change kernel (FastLinear).
 - `weights="int8"` / `"int4"`: the quantized weights replace the float ones (held once; inference only).
-  int8: one scale per output row, PyTorch's `_weight_int8pack_mm`. int4: groups of `group_size` weights along
-  a row, each with a scale and a zero, PyTorch's `_weight_int4pack_mm_for_cpu` (on CUDA `_weight_int4pack_mm`,
-  written as gpt-fast uses it but never run: no GPU was at hand). The output head, and an embedding tied to
+  int8: one scale per output row. int4: groups of `group_size` weights along a row, each with a scale and a zero.
+  On x86 CPUs both multiply on fast_decode.cpp's integer kernels (the input rounded to int8 in blocks of 32, as
+  llama.cpp multiplies; compiled for the CPU on first use), about twice as fast as PyTorch's own; elsewhere on
+  PyTorch's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` (on CUDA `_weight_int4pack_mm`, written as
+  gpt-fast uses it but never run: no GPU was at hand). The output head, and an embedding tied to
   it, stays int8 in int4 models, as llama.cpp's Q4_0 keeps its output tensor at 6-8 bits; given `calibration=`
   token ids (or a quantized file made with `quantize --calibration FILE`), the head is A8W8 (below), whose kernel
   multiplies it 1.7x faster.
@@ -34,10 +36,13 @@ Figures (speed, memory and perplexity against llama.cpp, per-op profiles, the ma
 here was measured: docs/speed.md; the commands are in benchmarks/.
 """
 
+import functools
 import json
+import logging
 import os
 import platform
 import statistics
+import sys
 import time
 import weakref
 from pathlib import Path
@@ -260,6 +265,61 @@ def int4_fits(in_features: int, out_features: int, group_size: int) -> bool:
     return in_features % group_size == 0 and out_features % 16 == 0
 
 
+# -----------------------------------------------------------------------------
+# Integer products: fast_decode.cpp, compiled for this CPU on first use
+
+KERNELS = Path(__file__).with_name("fast_decode.cpp")
+
+
+def cpu_flags() -> set:
+    """The CPU's instruction set extensions as Linux names them (empty where /proc/cpuinfo is not there)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+@functools.cache
+def kernels() -> bool:
+    """Whether fast_decode.cpp's integer products are loaded (torch.ops.fast_decode), compiling them on the first
+    call (a few seconds; torch.utils.cpp_extension keeps the build under ~/.cache/torch_extensions, or
+    TORCH_EXTENSIONS_DIR). They multiply 4- and 8-bit weights with 8-bit activations in integer registers, about
+    twice as fast as PyTorch's own int4 and int8 CPU kernels (docs/speed.md). x86 only: AVX-512 with VNNI where
+    PyTorch itself runs AVX-512 code (so ATEN_CPU_CAPABILITY=avx2 holds both to AVX2), else AVX2. Without them
+    (another CPU, no C++ compiler) the layers use PyTorch's kernels, and say so once."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if platform.machine().lower() not in ("x86_64", "amd64") or capability not in ("AVX2", "AVX512"):
+        return False
+    wide = capability == "AVX512" and {"avx512bw", "avx512vl", "avx512_vnni"} <= cpu_flags()
+    isa = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"] if wide else []
+    builder = logging.getLogger("torch.utils.cpp_extension")
+    level = builder.level
+    builder.setLevel(logging.ERROR)  # (its warnings about the compiler: the one line below says what matters)
+    try:
+        from torch.utils.cpp_extension import load
+        load(name="fast_decode_avx512" if wide else "fast_decode_avx2", sources=[str(KERNELS)], is_python_module=False,
+             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", *isa], extra_ldflags=["-fopenmp"])
+    except Exception as e:  # (no compiler, no ninja, a missing header: each raises its own kind)
+        # the compiler's or the shell's own words, not the build's command lines
+        said = [line.strip() for line in str(e).splitlines() if line.strip() and "TORCH_EXTENSION_NAME" not in line
+                and not line.startswith(("Error building extension", "[", "FAILED", "ninja: build stopped"))]
+        print(f"fast_decode: could not compile {KERNELS.name} ({said[0] if said else type(e).__name__}); the 4- and "
+              "8-bit layers use PyTorch's slower kernels", file=sys.stderr)
+        return False
+    finally:
+        builder.setLevel(level)
+    for op in ("int4_linear", "int8_linear"):  # what torch.compile traces in the kernels' place: the output's shape
+        torch.library.register_fake(f"fast_decode::{op}")(
+            lambda x, w, *scales: x.new_empty(x.numel() // x.size(-1), w.size(0), dtype=torch.float32))
+    return True
+
+
+def integer_kernel(in_features: int, out_features: int, group_size: int = 32) -> bool:
+    """Whether fast_decode.cpp's products take a layer of this shape (64 | in_features, rows in tiles of 16)."""
+    return group_size == 32 and in_features % 64 == 0 and out_features % 16 == 0 and kernels()
+
+
 def bf16_rows(x: torch.Tensor, k: int) -> torch.Tensor:
     """x as the (rows, k) bf16 matrix the int8 and int4 kernels take (no cast where it is bf16 already)."""
     x = x.reshape(-1, k)
@@ -274,18 +334,33 @@ def output(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch
 
 
 class Int8Linear(nn.Linear):
-    """A linear layer held only as int8 weights with one bf16 scale per output row (quantize_int8), multiplied by
-    PyTorch's weight-only int8 kernel: 1 byte per weight streamed instead of fp32's 4. The kernel is vectorized
-    for bf16 activations only (fp32 ones run 5-8x slower), so the input is rounded to bf16 for the product and
-    the output given back in the model's dtype. `weight` is the dequantized weight, made when read (the model
+    """A linear layer held only as int8 weights with one bf16 scale per output row (quantize_int8): 1 byte per
+    weight streamed instead of fp32's 4. On x86 CPUs fast_decode.cpp multiplies them with the input rounded to
+    int8 in blocks of 32 (llama.cpp's Q8_0 x Q8_0); elsewhere PyTorch's weight-only int8 kernel, which is
+    vectorized for bf16 activations only (fp32 ones run 5-8x slower), so the input is rounded to bf16 for it.
+    The output comes back in the model's dtype. `weight` is the dequantized weight, made when read (the model
     files read a head's dtype and device from it)."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None):
         nn.Module.__init__(self)  # (not nn.Linear's: it would make a float weight)
-        self.out_features, self.in_features = q.shape
-        self.q, self.scale, self.dtype, self.bias = q, scale.bfloat16(), dtype, bias
+        self.out_features, self.in_features = n, k = q.shape
+        self.scale, self.dtype, self.bias = scale.bfloat16(), dtype, bias
+        self.integer = q.is_cpu and integer_kernel(k, n)
+        if self.integer:  # fast_decode.cpp's tiles of 16 rows, each weight + 128 as a byte
+            q = (q.view(torch.uint8) ^ 128).view(n // 16, 16, k // 4, 4).transpose(1, 2).contiguous().view(n, k)
+        self.q = q
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The int8 weights of rows ids (any shape) -> ids.shape + (in_features,)."""
+        if not self.integer:
+            return self.q[ids]
+        n, k = self.q.shape
+        tiles = self.q.view(n // 16, k // 4, 16, 4)[ids // 16, :, ids % 16]  # (*ids.shape, k / 4, 4)
+        return (tiles ^ 128).view(torch.int8).reshape(*ids.shape, k)
 
     def forward(self, x):
+        if self.integer:
+            return output(torch.ops.fast_decode.int8_linear(x, self.q, self.scale), x, self.bias)
         x2 = bf16_rows(x, self.in_features)
         if not x2.is_cpu:  # (gpt-fast's int8 product; never run: no GPU was at hand)
             y = F.linear(x2, self.q.to(x2.dtype)) * self.scale
@@ -297,7 +372,8 @@ class Int8Linear(nn.Linear):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.q.to(self.dtype).mul_(self.scale.to(self.dtype)[:, None])  # (in place: one full-size copy)
+        q = self.rows(torch.arange(self.out_features)) if self.integer else self.q
+        return q.to(self.dtype).mul_(self.scale.to(self.dtype)[:, None])  # (in place: one full-size copy)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -318,18 +394,42 @@ def int4_inner_k_tiles(k: int) -> int:
     return next(t for t in (8, 4, 2) if k % (16 * t) == 0)
 
 
+def pack_int4_tiles(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_int4's q (n, k / 2) and scales_and_zeros (n, k / 32, 2) in fast_decode.cpp's tiles of 16 rows: each
+    tile k / 8 chunks of 64 bytes, chunk c's byte 4r + i holding weights 8c + i (low nibble) and 8c + 4 + i (high)
+    of row r; the scales and zeros as (n / 16, k / 32, 2, 16)."""
+    n, k = q.size(0), 2 * q.size(1)
+    v = torch.stack([q >> 4, q & 15], -1).view(n // 16, 16, k // 8, 2, 4)  # (tile, row, chunk, half, i): weight 8c+4h+i
+    tiles = (v[..., 0, :] | v[..., 1, :] << 4).permute(0, 2, 1, 3)  # (tile, chunk, row, i)
+    sz = scales_and_zeros.bfloat16().view(n // 16, 16, k // 32, 2).permute(0, 2, 3, 1)  # (tile, block, s/z, row)
+    return tiles.contiguous().view(n, k // 2), sz.contiguous()
+
+
+def unpack_int4_tiles(tiles: torch.Tensor, sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pack_int4_tiles undone: (q (n, k) each in 0..15, scales_and_zeros (n, k / 32, 2))."""
+    n, k = tiles.size(0), 2 * tiles.size(1)
+    t = tiles.view(n // 16, k // 8, 16, 4).permute(0, 2, 1, 3)  # (tile, row, chunk, i)
+    q = torch.stack([t & 15, t >> 4], -2).reshape(n, k)
+    return q, sz.permute(0, 3, 1, 2).reshape(n, k // 32, 2)
+
+
 class Int4Linear(nn.Linear):
     """A linear layer held only as 4-bit weights in groups of group_size along each row, each group with a bf16
-    scale and zero (quantize_int4), multiplied by PyTorch's int4 kernel: 0.625 bytes per weight with group 32.
-    The kernel's packed layout is the CPU's own (it differs between AVX2 and AVX-512 builds of the same
-    PyTorch), so the weights are packed here, where they run, from quantize_int4's portable form. bf16
-    activations, as Int8Linear. `weight` is the dequantized weight, made when read."""
+    scale and zero (quantize_int4): 0.625 bytes per weight with group 32. On x86 CPUs (group 32) fast_decode.cpp
+    multiplies them with the input rounded to int8 in blocks of 32 (llama.cpp's Q4_1 x Q8_1); elsewhere PyTorch's
+    int4 kernel with bf16 activations, as Int8Linear. Both kernels' layouts are the CPU's own (PyTorch's differs
+    between its AVX2 and AVX-512 builds), so the weights are packed here, where they run, from quantize_int4's
+    portable form. `weight` is the dequantized weight, made when read."""
 
     def __init__(self, q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, dtype: torch.dtype,
                  bias: torch.Tensor | None = None):
         nn.Module.__init__(self)  # (not nn.Linear's: it would make a float weight)
         self.out_features, self.in_features = q.size(0), 2 * q.size(1)
         self.group_size, self.dtype, self.bias = group_size, dtype, bias
+        self.integer = q.is_cpu and integer_kernel(self.in_features, self.out_features, group_size)
+        if self.integer:
+            self.packed, self.scales_and_zeros = pack_int4_tiles(q, scales_and_zeros)
+            return
         if q.is_cpu:
             self.packed = pack_int4_cpu(q)
         else:  # gpt-fast's WeightOnlyInt4Linear; never run: no GPU was at hand
@@ -337,13 +437,21 @@ class Int4Linear(nn.Linear):
         self.scales_and_zeros = scales_and_zeros.bfloat16().transpose(0, 1).contiguous()  # (k / group, n, 2)
 
     def forward(self, x):
+        if self.integer:
+            return output(torch.ops.fast_decode.int4_linear(x, self.packed, self.scales_and_zeros), x, self.bias)
         x2 = bf16_rows(x, self.in_features)
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu if x2.is_cpu else torch.ops.aten._weight_int4pack_mm
         return output(mm(x2, self.packed, self.group_size, self.scales_and_zeros), x, self.bias)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The weights as the kernel computes them (rounded to bf16), from its product with the identity."""
+        """The weights as the kernel computes them: from fast_decode.cpp's tiles, or (PyTorch's layout) from its kernel's
+        product with the identity, rounded to bf16 as it rounds its output."""
+        if self.integer:
+            q, sz = unpack_int4_tiles(self.packed, self.scales_and_zeros)
+            n, groups = sz.shape[:2]
+            w = (q.view(n, groups, -1).float() - 8) * sz[..., :1].float() + sz[..., 1:].float()
+            return w.view(n, -1).to(self.dtype)
         eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.packed.device)
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu if eye.is_cpu else torch.ops.aten._weight_int4pack_mm
         return mm(eye, self.packed, self.group_size, self.scales_and_zeros).t().to(self.dtype)
@@ -363,7 +471,7 @@ class Int8Embedding(nn.Module):
 
     def forward(self, ids):
         h = self.head
-        return h.q[ids].to(h.dtype) * h.scale[ids].to(h.dtype)[..., None]
+        return h.rows(ids).to(h.dtype) * h.scale[ids].to(h.dtype)[..., None]
 
     @property
     def weight(self) -> torch.Tensor:

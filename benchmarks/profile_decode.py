@@ -15,7 +15,7 @@ scaled to the plain wall time). Printed: the ops by self time per token, and a s
 against the bandwidth floor (weight bytes / read bandwidth, the least any engine can take for them), and the
 rest, ops per token and their mean cost. With --compile (fast_decode.compile_decode) the step's fused loops run
 inside one profiled call a step (`## Call CompiledFxGraph ...`), beside dynamo's check of its guards (`TorchDynamo
-Cache Lookup`); the weight products stay PyTorch's kernels, each still an op of its own (an fp32 model's split
+Cache Lookup`); the weight products stay their kernels, each still an op of its own (an fp32 model's split
 products may be fused into the compiled code, and then count as the rest).
 """
 
@@ -38,9 +38,11 @@ from tokenizer_bpe import Tokenizer  # noqa: E402
 from cli import cli  # noqa: E402
 
 # the ops that multiply by a weight matrix (fp32 F.linear -> addmm/mm; the fast fp32 split -> bmm; bf16 ->
-# oneDNN's linear; int8 and int4 -> their kernels; a8w8 -> fbgemm's, and addmm for its outlier channels)
+# oneDNN's linear; int8 and int4 -> fast_decode.cpp's kernels, or PyTorch's where those cannot run; a8w8 -> fbgemm's,
+# and addmm for its outlier channels)
 PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm",
-            "aten::_weight_int4pack_mm_for_cpu", "quantized::linear_dynamic"}
+            "aten::_weight_int4pack_mm_for_cpu", "quantized::linear_dynamic", "fast_decode::int4_linear",
+            "fast_decode::int8_linear"}
 
 
 def decode_steps(model, ids, steps):

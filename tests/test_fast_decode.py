@@ -296,10 +296,32 @@ def test_training_and_lora_are_those_of_the_plain_model(order, checkpoints, two_
 # Quantized layers
 
 
-def test_int8_quantization_and_product():
-    """quantize_int8 rounds each row to its nearest step of a bf16 scale; Int8Linear's product is the fp32 product
-    of the bf16-rounded input with those int8 weights, rounded to bf16, for one row and for many, with a bias, and
-    for an input width the kernel does not take (not a multiple of 16); its `weight` is the dequantized weight."""
+def rounded_in_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x as fast_decode.cpp multiplies it: each block of 32 along a row rounded to an int8 step of max |x| / 127."""
+    b = x.float().reshape(-1, x.size(-1) // 32, 32)
+    d = b.abs().amax(-1, keepdim=True) / 127
+    return ((b * torch.where(d > 0, 1 / d, 0)).round() * d).view(x.shape)
+
+
+KERNELS = ["fast_decode.cpp", "PyTorch's"]
+
+
+def use_kernel(kernel: str, monkeypatch):
+    """Quantized layers made from here on multiply on `kernel` (skips where fast_decode.cpp cannot run)."""
+    if kernel == "PyTorch's":
+        monkeypatch.setattr(fast_decode, "integer_kernel", lambda *shape: False)
+    elif not fast_decode.kernels():
+        pytest.skip("fast_decode.cpp's kernels need an x86 CPU with AVX2 and a C++ compiler")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_int8_quantization_and_product(kernel, monkeypatch):
+    """quantize_int8 rounds each row to its nearest step of a bf16 scale. Int8Linear's product on fast_decode.cpp
+    is the fp32 product of the input rounded in blocks of 32 to int8 with those int8 weights; on PyTorch's kernel
+    (and for an input width fast_decode.cpp does not take) the product of the bf16-rounded input, rounded to bf16;
+    for one row and for many, with a bias, and for an input width PyTorch's kernel does not take (not a multiple
+    of 16); its `weight` is the dequantized weight."""
+    use_kernel(kernel, monkeypatch)
     torch.manual_seed(0)
     w = torch.randn(96, 64)
     w[3] = 0  # an all-zero row must not divide by zero
@@ -308,25 +330,34 @@ def test_int8_quantization_and_product():
     step = scale.float()[:, None]
     assert ((q * step - w).abs() <= step / 2 + w.abs() / 256).all()  # half a step (a clipped maximum: 1/256)
     assert (q[3] == 0).all() and (q.abs().amax(1)[torch.arange(96) != 3] >= 126).all()  # each row uses its range
-    for k in (64, 40):
+    for k in (128, 64, 40):
         bias = torch.randn(96)
         q, scale = quantize_int8(torch.randn(96, k))
         layer = Int8Linear(q, scale, torch.float32, bias)
+        assert layer.integer == (kernel == "fast_decode.cpp" and k % 64 == 0)
         torch.testing.assert_close(layer.weight, q * scale.float()[:, None])
-        for x in (torch.randn(k), torch.randn(1, 1, k), torch.randn(3, 5, k)):
-            want = (F.linear(x.bfloat16().float(), q.float()) * scale.float()).bfloat16().float() + bias
+        for x in (torch.randn(k), torch.randn(1, 1, k), torch.randn(3, 5, k), torch.zeros(2, k)):
             y = layer(x)
             assert y.shape == x.shape[:-1] + (96,) and y.dtype == x.dtype
-            torch.testing.assert_close(y, want, rtol=2 ** -8, atol=1e-5)
+            if layer.integer:
+                want = F.linear(rounded_in_blocks(x).double(), q.double()) * scale.double() + bias.double()
+                torch.testing.assert_close(y, want.float(), rtol=1e-5, atol=1e-5)
+            else:
+                want = (F.linear(x.bfloat16().float(), q.float()) * scale.float()).bfloat16().float() + bias
+                torch.testing.assert_close(y, want, rtol=2 ** -8, atol=1e-5)
 
 
 @needs_int4
-def test_int4_quantization_and_product():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_int4_quantization_and_product(kernel, monkeypatch):
     """quantize_int4: each group's minimum and maximum are its first and last step, every weight is within half a
-    step (and the bf16 rounding of scale and zero) of its dequantized value. Int4Linear's product is the product
-    of the bf16-rounded input with the dequantized weights (fp32 sums, rounded to bf16), for one row and for the
-    kernel's row blocks of 4 and more, with a bias; its `weight` is the dequantized weight (rounded to bf16);
-    packing 256 rows at a time packs as the whole does (a last block of fewer rows included)."""
+    step (and the bf16 rounding of scale and zero) of its dequantized value. Int4Linear's product on
+    fast_decode.cpp (group 32) is the fp32 product of the input rounded in blocks of 32 to int8 with the
+    dequantized weights; on PyTorch's kernel (and for group 64) that of the bf16-rounded input, rounded to bf16;
+    for one row and for the kernels' row blocks and more, with a bias. Its `weight` is the dequantized weight
+    (rounded to bf16 on PyTorch's kernel); packing 256 rows at a time packs as the whole does (a last block of
+    fewer rows included)."""
+    use_kernel(kernel, monkeypatch)
     torch.manual_seed(0)
     w = torch.randn(80, 128)
     w[5, :64] = 0.25  # a constant group (of 32 and of 64): no step at all
@@ -341,34 +372,67 @@ def test_int4_quantization_and_product():
         torch.testing.assert_close(deq[5, :32], w[5, :32], rtol=2 ** -8, atol=0)
         bias = torch.randn(80)
         layer = Int4Linear(q, sz, group, torch.float32, bias)
-        torch.testing.assert_close(layer.weight, deq.bfloat16().float(), rtol=2 ** -7, atol=1e-6)
-        for x in (torch.randn(128), torch.randn(1, 1, 128), torch.randn(3, 7, 128)):
-            want = (F.linear(x.bfloat16().float(), deq)).bfloat16().float() + bias
+        assert layer.integer == (kernel == "fast_decode.cpp" and group == 32)
+        if layer.integer:
+            torch.testing.assert_close(layer.weight, deq, rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(layer.weight, deq.bfloat16().float(), rtol=2 ** -7, atol=1e-6)
+        for x in (torch.randn(128), torch.randn(1, 1, 128), torch.randn(3, 7, 128), torch.zeros(2, 128)):
             y = layer(x)
             assert y.shape == x.shape[:-1] + (80,) and y.dtype == x.dtype
-            torch.testing.assert_close(y, want, rtol=2 ** -7, atol=1e-4)
+            if layer.integer:
+                want = F.linear(rounded_in_blocks(x).double(), deq.double()) + bias.double()
+                torch.testing.assert_close(y, want.float(), rtol=1e-5, atol=1e-5)
+            else:
+                want = (F.linear(x.bfloat16().float(), deq)).bfloat16().float() + bias
+                torch.testing.assert_close(y, want, rtol=2 ** -7, atol=1e-4)
     q = torch.randint(0, 256, (336, 48), dtype=torch.uint8)
     assert torch.equal(fast_decode.pack_int4_cpu(q), torch.ops.aten._convert_weight_to_int4pack_for_cpu(
         fast_decode.unpack_int4(q), 1))
 
 
 @needs_int4
-def test_int4_products_without_avx512():
-    """PyTorch's CPU int4 kernel packs and multiplies differently on AVX-512, AVX2 and plain CPUs: the AVX2 and the
-    plain paths (ATEN_CPU_CAPABILITY forces them here) compute the same product with the dequantized weights."""
+def test_int4_and_int8_products_without_avx512():
+    """PyTorch's CPU int4 kernel and fast_decode.cpp pack and multiply differently on AVX-512, AVX2 and plain CPUs:
+    held to AVX2 (ATEN_CPU_CAPABILITY forces it here) fast_decode.cpp's AVX2 build computes the products of the
+    block-rounded input with the dequantized weights, as its AVX-512 build does; held to plain code, the layers
+    take PyTorch's kernels and compute the product of the bf16-rounded input."""
     code = ("import sys, torch; sys.path.insert(0, %r); from fast_decode import *\n"
             "torch.manual_seed(0); w, x = torch.randn(80, 128), torch.randn(5, 128)\n"
-            "q, sz = quantize_int4(w); y = Int4Linear(q, sz, 32, torch.float32)(x)\n"
-            "want = F.linear(x.bfloat16().float(), dequantize_int4(q, sz))\n"
-            "assert (y - want).abs().max() <= 2 ** -7 * want.abs().max(), (y - want).abs().max()\n"
-            "print(torch.backends.cpu.get_cpu_capability())") % str(ROOT)
+            "q, sz = quantize_int4(w); q8, s8 = quantize_int8(w)\n"
+            "int4, int8 = Int4Linear(q, sz, 32, torch.float32), Int8Linear(q8, s8, torch.float32)\n"
+            "b = x.view(5, 4, 32); d = b.abs().amax(-1, keepdim=True) / 127\n"
+            "rounded = (b * torch.where(d > 0, 1 / d, 0)).round().mul_(d).view(5, 128)\n"
+            "for layer, deq in ((int4, dequantize_int4(q, sz)), (int8, q8 * s8.float()[:, None])):\n"
+            "    want = F.linear(rounded if layer.integer else x.bfloat16().float(), deq)\n"
+            "    tol = 1e-5 if layer.integer else 2 ** -7\n"
+            "    assert (layer(x) - want).abs().max() <= tol * want.abs().max(), (layer(x) - want).abs().max()\n"
+            "print(torch.backends.cpu.get_cpu_capability(), int4.integer, int8.integer)") % str(ROOT)
     for capability in ("avx2", "default"):
         if capability == "avx2" and "avx2" not in Path("/proc/cpuinfo").read_text():
             continue
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              env=dict(os.environ, ATEN_CPU_CAPABILITY=capability))
         assert out.returncode == 0, out.stderr[-2000:]
-        assert out.stdout.split()[-1].lower() in (capability, "default"), out.stdout
+        ran, int4, int8 = out.stdout.split()[-3:]
+        assert ran.lower() in (capability, "default"), out.stdout
+        integer = ran == "AVX2" and fast_decode.kernels()  # (where the AVX-512 build compiles, the AVX2 one does)
+        assert int4 == int8 == str(integer), out.stdout
+
+
+def test_without_a_compiler_the_layers_say_so_once_and_use_pytorchs_kernels(tmp_path):
+    """Where fast_decode.cpp cannot be compiled (here: no C++ compiler, and no earlier build to reuse), kernels()
+    says why in one line on stderr, once, and the int4 and int8 layers multiply on PyTorch's kernels."""
+    code = ("import sys, torch; sys.path.insert(0, %r); from fast_decode import *\n"
+            "q, sz = quantize_int4(torch.randn(32, 64)); layer = Int4Linear(q, sz, 32, torch.float32)\n"
+            "head = Int8Linear(*quantize_int8(torch.randn(32, 64)), torch.float32)\n"
+            "print(kernels(), layer.integer, head.integer, tuple(layer(torch.randn(2, 64)).shape))") % str(ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, CXX=str(tmp_path / "no-compiler"), TORCH_EXTENSIONS_DIR=str(tmp_path)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "False False False (2, 32)"
+    said = [line for line in out.stderr.splitlines() if "fast_decode" in line]
+    assert len(said) == 1 and said[0].startswith("fast_decode: could not compile fast_decode.cpp"), out.stderr
 
 
 def test_hqq_zeros_lower_the_error():
@@ -422,7 +486,8 @@ def naive_generate(model, prompt, n):
 
 def rounded_copy(plain, quick):
     """plain's fp32 copy with each linear weight replaced by its dequantized weight as quick holds it (int8 or
-    int4, as quantize_layers chose)."""
+    int4, as quantize_layers chose), and its input rounded in blocks of 32 where quick multiplies on
+    fast_decode.cpp."""
     rounded = copy.deepcopy(plain)
     with torch.no_grad():
         for path, m in list(rounded.named_modules()):
@@ -435,6 +500,8 @@ def rounded_copy(plain, quick):
                 m.weight.copy_(q * scale.float()[:, None])
             else:
                 m.weight.copy_(dequantize_int4(*quantize_int4(m.weight, held.group_size)))
+            if held.integer:
+                m.register_forward_pre_hook(lambda _, args: (rounded_in_blocks(args[0]),))
     return rounded
 
 
@@ -445,8 +512,9 @@ def test_quantized_model_holds_only_the_quantized_weights_and_computes_them(name
     """weights="int8" / "int4": no linear layer's parameter is left (those left are the norms', lm2's memory bank
     and embedding, nanollm's router: of no linear layer), q/k/v and gate/up are each one Stack, the output head is
     int8 and a tied embedding reads its rows; int4 models have int4 layers. The logits are within bf16 rounding of
-    the fp32 model whose weights are replaced by their dequantized roundings, and every greedy token is that
-    model's best on the same prefix, or within twice the largest logit difference of it (a near tie)."""
+    the fp32 model whose weights are replaced by their dequantized roundings (and whose inputs are rounded as
+    fast_decode.cpp rounds them), and every greedy token is that model's best on the same prefix, or within twice
+    the largest logit difference of it (a near tie; nanollm: three in four, its routing flips on near ties)."""
     plain = load(name, checkpoints)
     quick = fast(copy.deepcopy(plain), weights=weights)
     assert not any(type(m) in (nn.Linear, FastLinear) for m in quick.modules())
@@ -482,7 +550,9 @@ def test_quantized_model_holds_only_the_quantized_weights_and_computes_them(name
     with torch.no_grad():
         logits = rounded(torch.tensor([prompt + picked]))[0, len(prompt) - 1:-1]  # (16, vocab): each step's
     chosen = logits.gather(1, torch.tensor(picked)[:, None])[:, 0]
-    assert (chosen >= logits.max(1).values - 2 * tol).all()
+    near_best = chosen >= logits.max(1).values - 2 * tol
+    # (nanollm: a routing flip at one position moves its logits far, as above: most positions hold)
+    assert near_best.float().mean() >= 0.75 if name == "nanollm" else near_best.all()
 
 
 def test_a8w8_calibration_and_product():
@@ -732,7 +802,8 @@ def test_real_smollm2_int4_stays_close_to_fp32(smollm2_dir):
 def product_calls(step) -> dict:
     """{kernel: calls} of the weight products that running step() makes, as the profiler sees them."""
     from torch.profiler import profile
-    kernels = ("aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm", "quantized::linear_dynamic")
+    kernels = ("aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm", "quantized::linear_dynamic",
+               "fast_decode::int4_linear", "fast_decode::int8_linear")
     with profile() as prof:
         step()
     return {e.key: e.count for e in prof.key_averages() if e.key in kernels}
@@ -761,8 +832,9 @@ def test_compile_decode_steps_as_the_eager_model(name, weights, checkpoints):
             tol = tol or (1e-4 if weights is None else 0.02) * want.abs().max().item()
             torch.testing.assert_close(got, want, rtol=0, atol=tol)
         slot = torch.tensor([12])
-        assert (product_calls(lambda: compiled.forward_cached(token, slot, pad))
-                == product_calls(lambda: eager.forward_cached(token, slot, pad)))
+        calls = product_calls(lambda: eager.forward_cached(token, slot, pad))
+        assert product_calls(lambda: compiled.forward_cached(token, slot, pad)) == calls
+        assert bool(calls) == (weights is not None)
     for model in (eager, compiled):
         model.clear_cache()
     frames = counters["frames"]["ok"]

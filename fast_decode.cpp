@@ -1,0 +1,262 @@
+// fast_decode.py's CPU products for 4- and 8-bit weights, compiled on first use (torch.utils.cpp_extension) for
+// the instructions the CPU has: AVX-512 with VNNI, else AVX2.
+//
+// PyTorch's own int4 and int8 CPU kernels widen every weight to a float and multiply it with a float FMA. These
+// multiply in integer registers instead, as llama.cpp's Q4_1 x Q8_1 and Q8_0 x Q8_0 dot products do: each row of
+// activations is rounded to int8 in blocks of 32 (one float scale per block, llama.cpp's Q8 activations), the
+// 4-bit weights are widened only to bytes, and one instruction multiplies 64 (AVX-512 VNNI) or 32 (AVX2) byte
+// pairs and sums them in fours into int32 lanes. The int32 sums of a block are scaled to floats once per block.
+//
+// Weights are held in tiles of 16 rows, each lane of a 64-byte register one row (as llama.cpp's repacked
+// Q4_0 and KleidiAI's kernels interleave rows): a tile's weights are one stream from memory, four activations
+// broadcast to every lane meet four weights of each of the 16 rows in one instruction, and a block's scales are
+// applied to all 16 rows at once. A tile is k / 8 chunks of 64 bytes; chunk c holds weights 8c..8c+7 of the 16
+// rows, byte 4r + i weight 8c + i of row r in its low nibble and weight 8c + 4 + i in its high one (i in 0..3). Each
+// group of 32 weights along a row has a bf16 scale s and zero z, weight = (q - 8) * s + z with q in 0..15
+// (fast_decode.quantize_int4's form, as PyTorch's int4 kernels take it), held per tile as (k / 32, 2, 16): for each
+// block, the 16 rows' scales, then their zeros. 8-bit weights: tiles of k / 4 chunks of 64 bytes, chunk c's byte
+// 4r + i weight 4c + i of row r (held as w + 128: below), one bf16 scale per row.
+//
+// A product of 32 weights with a block of activations x ~= d * a (a int8):
+//   sum_j w_j x_j = s * d * sum_j q_j a_j + (z - 8 s) * d * sum_j a_j
+// The first sum is the integer product; the second needs only the block's own sum of a, computed once per row of
+// activations and shared by every weight row.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define WIDE 1  // 64-byte registers, VNNI's multiply-and-sum of byte quads (vpdpbusd)
+#elif defined(__AVX2__) && defined(__FMA__)
+#define WIDE 0  // 32-byte registers: two instructions (maddubs, madd) do what one VNNI one does
+#else
+#error "fast_decode.cpp needs AVX2 and FMA (or AVX-512 with VNNI)"
+#endif
+
+namespace {
+
+constexpr int64_t BLOCK = 32;  // activations and 4-bit scales both come in blocks of 32 along k
+constexpr int64_t LANES = 16;  // rows of a tile: one per 32-bit lane of a 64-byte register
+
+struct Activations {  // rows of x rounded to int8 in blocks of 32, x ~= d * a
+  std::vector<int8_t> a;  // (m, k)
+  std::vector<float> d;   // (m, k / 32) the block's scale, max |x| / 127
+  std::vector<float> sum; // (m, k / 32) d * sum(a): the block's zero-point term
+};
+
+Activations round_rows(const at::Tensor& x2) {
+  const int64_t m = x2.size(0), k = x2.size(1), blocks = k / BLOCK;
+  Activations r{std::vector<int8_t>(m * k), std::vector<float>(m * blocks), std::vector<float>(m * blocks)};
+  const float* x = x2.data_ptr<float>();
+  for (int64_t i = 0; i < m * blocks; ++i) {
+    const float* xb = x + i * BLOCK;
+    float amax = 0.f;
+    for (int64_t j = 0; j < BLOCK; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+    int total = 0;
+    for (int64_t j = 0; j < BLOCK; ++j) {
+      const int v = static_cast<int>(std::nearbyint(xb[j] * inv));
+      r.a[i * BLOCK + j] = static_cast<int8_t>(v);
+      total += v;
+    }
+    r.d[i] = d;
+    r.sum[i] = d * static_cast<float>(total);
+  }
+  return r;
+}
+
+float bf16_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+#if WIDE
+__m512 bf16_floats(__m256i h) {  // 16 bf16 -> float: the bf16 bits are a float's top half
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#else
+__m256 bf16_floats(__m128i h) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
+
+// One tile of 16 rows of 4-bit weights times one row of activations: out, the 16 rows' products.
+void int4_tile(const uint8_t* w, const uint16_t* scales_and_zeros, int64_t k, const int8_t* a, const float* d,
+               const float* sum, float* out) {
+  const int64_t blocks = k / BLOCK;
+#if WIDE
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b, w += 4 * 64, a += BLOCK, scales_and_zeros += 2 * LANES) {
+    __m512i lo_sum = _mm512_setzero_si512(), hi_sum = _mm512_setzero_si512();
+    for (int64_t c = 0; c < 4; ++c) {  // the block's four chunks of eight weights
+      const __m512i v = _mm512_loadu_si512(w + 64 * c);
+      int32_t x_lo, x_hi;  // activations 8c..8c+3 and 8c+4..8c+7, for every lane
+      std::memcpy(&x_lo, a + 8 * c, 4);
+      std::memcpy(&x_hi, a + 8 * c + 4, 4);
+      lo_sum = _mm512_dpbusd_epi32(lo_sum, _mm512_and_si512(v, low), _mm512_set1_epi32(x_lo));
+      hi_sum = _mm512_dpbusd_epi32(hi_sum, _mm512_and_si512(_mm512_srli_epi16(v, 4), low), _mm512_set1_epi32(x_hi));
+    }
+    const __m512 s = bf16_floats(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales_and_zeros)));
+    const __m512 z = bf16_floats(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales_and_zeros + LANES)));
+    const __m512 q_sum = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_sum, hi_sum));
+    acc = _mm512_fmadd_ps(q_sum, _mm512_mul_ps(s, _mm512_set1_ps(d[b])), acc);
+    acc = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.f), s, z), _mm512_set1_ps(sum[b]), acc);  // z - 8 s
+  }
+  _mm512_storeu_ps(out, acc);
+#else
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // rows 0-7, rows 8-15
+  for (int64_t b = 0; b < blocks; ++b, w += 4 * 64, a += BLOCK, scales_and_zeros += 2 * LANES) {
+    // int16 sums of byte pairs: a block's eight of them (each at most 2 * 15 * 127) stay below 2^15
+    __m256i pair_sum[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int64_t c = 0; c < 4; ++c) {
+      int32_t x_lo, x_hi;
+      std::memcpy(&x_lo, a + 8 * c, 4);
+      std::memcpy(&x_hi, a + 8 * c + 4, 4);
+      const __m256i xl = _mm256_set1_epi32(x_lo), xh = _mm256_set1_epi32(x_hi);
+      for (int64_t h = 0; h < 2; ++h) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * c + 32 * h));
+        pair_sum[h] = _mm256_add_epi16(pair_sum[h], _mm256_maddubs_epi16(_mm256_and_si256(v, low), xl));
+        pair_sum[h] = _mm256_add_epi16(pair_sum[h],
+                                       _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), low), xh));
+      }
+    }
+    for (int64_t h = 0; h < 2; ++h) {
+      const __m256 s = bf16_floats(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales_and_zeros + 8 * h)));
+      const __m256 z = bf16_floats(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales_and_zeros + LANES + 8 * h)));
+      const __m256 q_sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(pair_sum[h], _mm256_set1_epi16(1)));
+      acc[h] = _mm256_fmadd_ps(q_sum, _mm256_mul_ps(s, _mm256_set1_ps(d[b])), acc[h]);
+      acc[h] = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.f), s, z), _mm256_set1_ps(sum[b]), acc[h]);
+    }
+  }
+  _mm256_storeu_ps(out, acc[0]);
+  _mm256_storeu_ps(out + 8, acc[1]);
+#endif
+}
+
+// One tile of 16 rows of 8-bit weights times one row of activations: out, the 16 rows' sums of each block's
+// product times its d (the row scales come after). The weights are held as w + 128, unsigned bytes, so that VNNI
+// multiplies them with the signed activations: sum (w + 128) a = sum w a + 128 sum a, and 128 * d * sum a, the same
+// for every row, comes off at the end. AVX2's multiply-add of unsigned by signed bytes would overflow its int16
+// sums on w + 128, so there the weights go back to signed bytes and |a| meets w with a's sign, as llama.cpp does.
+void int8_tile(const uint8_t* w, int64_t k, const int8_t* a, const float* d, const float* sum, float* out) {
+  const int64_t blocks = k / BLOCK;
+#if WIDE
+  __m512 acc = _mm512_setzero_ps();
+  float offset = 0.f;
+  for (int64_t b = 0; b < blocks; ++b, w += 8 * 64, a += BLOCK) {
+    __m512i q_sum[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+    for (int64_t c = 0; c < 8; ++c) {  // the block's eight chunks of four weights
+      int32_t x;
+      std::memcpy(&x, a + 4 * c, 4);
+      q_sum[c % 2] = _mm512_dpbusd_epi32(q_sum[c % 2], _mm512_loadu_si512(w + 64 * c), _mm512_set1_epi32(x));
+    }
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(q_sum[0], q_sum[1])), _mm512_set1_ps(d[b]), acc);
+    offset += 128.f * sum[b];
+  }
+  _mm512_storeu_ps(out, _mm512_sub_ps(acc, _mm512_set1_ps(offset)));
+#else
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // rows 0-7, rows 8-15
+  for (int64_t b = 0; b < blocks; ++b, w += 8 * 64, a += BLOCK) {
+    __m256i q_sum[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int64_t c = 0; c < 8; ++c) {
+      int32_t x;
+      std::memcpy(&x, a + 4 * c, 4);
+      const __m256i xs = _mm256_set1_epi32(x), ax = _mm256_sign_epi8(xs, xs);
+      for (int64_t h = 0; h < 2; ++h) {
+        const __m256i v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * c + 32 * h)), flip);
+        q_sum[h] = _mm256_add_epi32(q_sum[h], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(v, xs)), ones));
+      }
+    }
+    for (int64_t h = 0; h < 2; ++h) acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q_sum[h]), _mm256_set1_ps(d[b]), acc[h]);
+  }
+  _mm256_storeu_ps(out, acc[0]);
+  _mm256_storeu_ps(out + 8, acc[1]);
+#endif
+}
+
+void check(const at::Tensor& x, const at::Tensor& w, int64_t k, at::ScalarType weight_type) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "fast_decode's kernels run on the CPU");
+  TORCH_CHECK(w.scalar_type() == weight_type && w.is_contiguous(), "fast_decode: weights in the wrong form");
+  TORCH_CHECK(k % (2 * BLOCK) == 0 && w.size(0) % LANES == 0, "fast_decode: the kernels need 64 | k and 16 | n");
+}
+
+at::Tensor float_rows(const at::Tensor& x, int64_t k) {
+  return x.reshape({-1, k}).to(at::kFloat).contiguous();
+}
+
+// x (..., k) float or bf16; w (n, k / 2) uint8 and scales_and_zeros (n / 16, k / 32, 2, 16) bf16, in tiles of 16
+// rows (above) -> (rows of x, n) float32
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales_and_zeros) {
+  const int64_t k = x.size(-1), n = w.size(0), blocks = k / BLOCK;
+  check(x, w, k, at::kByte);
+  TORCH_CHECK(w.size(1) == k / 2 && scales_and_zeros.scalar_type() == at::kBFloat16 &&
+              scales_and_zeros.is_contiguous() && scales_and_zeros.numel() == n * blocks * 2,
+              "fast_decode: 4-bit weights in the wrong form");
+  const at::Tensor x2 = float_rows(x, k);
+  const int64_t m = x2.size(0);
+  const Activations act = round_rows(x2);
+  at::Tensor y = at::empty({m, n}, x2.options());
+  const uint8_t* W = w.data_ptr<uint8_t>();
+  const uint16_t* SZ = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr());
+  float* Y = y.data_ptr<float>();
+  at::parallel_for(0, n / LANES, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t i = 0; i < m; ++i)
+        int4_tile(W + t * LANES * (k / 2), SZ + t * LANES * blocks * 2, k, act.a.data() + i * k,
+                  act.d.data() + i * blocks, act.sum.data() + i * blocks, Y + i * n + t * LANES);
+  });
+  return y;
+}
+
+// x (..., k) float or bf16; w (n, k) uint8, w + 128 in tiles of 16 rows (k / 4 chunks of 64 bytes, chunk c's byte
+// 4r + i weight 4c + i of row r); scale (n) bf16 -> (rows of x, n) float32
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  const int64_t k = x.size(-1), n = w.size(0), blocks = k / BLOCK;
+  check(x, w, k, at::kByte);
+  TORCH_CHECK(w.size(1) == k && scale.scalar_type() == at::kBFloat16 && scale.is_contiguous() && scale.size(0) == n,
+              "fast_decode: 8-bit weights in the wrong form");
+  const at::Tensor x2 = float_rows(x, k);
+  const int64_t m = x2.size(0);
+  const Activations act = round_rows(x2);
+  at::Tensor y = at::empty({m, n}, x2.options());
+  const uint8_t* W = w.data_ptr<uint8_t>();
+  const uint16_t* S = reinterpret_cast<const uint16_t*>(scale.data_ptr());
+  float* Y = y.data_ptr<float>();
+  at::parallel_for(0, n / LANES, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t i = 0; i < m; ++i) {
+        float* out = Y + i * n + t * LANES;
+        int8_tile(W + t * LANES * k, k, act.a.data() + i * k, act.d.data() + i * blocks, act.sum.data() + i * blocks,
+                  out);
+        for (int64_t r = 0; r < LANES; ++r) out[r] *= bf16_float(S[t * LANES + r]);
+      }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fast_decode, m) {
+  m.def("int4_linear(Tensor x, Tensor w, Tensor scales_and_zeros) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor w, Tensor scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fast_decode, CPU, m) {
+  m.impl("int4_linear", &int4_linear);
+  m.impl("int8_linear", &int8_linear);
+}
