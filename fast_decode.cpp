@@ -135,8 +135,9 @@ void int4_tile(const uint8_t* w, const uint16_t* scales_and_zeros, int64_t k, co
       }
     }
     for (int64_t h = 0; h < 2; ++h) {
-      const __m256 s = bf16_floats(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales_and_zeros + 8 * h)));
-      const __m256 z = bf16_floats(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales_and_zeros + LANES + 8 * h)));
+      const uint16_t* rows = scales_and_zeros + 8 * h;
+      const __m256 s = bf16_floats(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows)));
+      const __m256 z = bf16_floats(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows + LANES)));
       const __m256 q_sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(pair_sum[h], _mm256_set1_epi16(1)));
       acc[h] = _mm256_fmadd_ps(q_sum, _mm256_mul_ps(s, _mm256_set1_ps(d[b])), acc[h]);
       acc[h] = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.f), s, z), _mm256_set1_ps(sum[b]), acc[h]);
@@ -178,11 +179,14 @@ void int8_tile(const uint8_t* w, int64_t k, const int8_t* a, const float* d, con
       std::memcpy(&x, a + 4 * c, 4);
       const __m256i xs = _mm256_set1_epi32(x), ax = _mm256_sign_epi8(xs, xs);
       for (int64_t h = 0; h < 2; ++h) {
-        const __m256i v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * c + 32 * h)), flip);
-        q_sum[h] = _mm256_add_epi32(q_sum[h], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(v, xs)), ones));
+        const __m256i held = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * c + 32 * h));
+        const __m256i v = _mm256_xor_si256(held, flip);  // w + 128 -> w
+        const __m256i pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(v, xs));  // at most 2 * 127 * 127
+        q_sum[h] = _mm256_add_epi32(q_sum[h], _mm256_madd_epi16(pairs, ones));
       }
     }
-    for (int64_t h = 0; h < 2; ++h) acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q_sum[h]), _mm256_set1_ps(d[b]), acc[h]);
+    for (int64_t h = 0; h < 2; ++h)
+      acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q_sum[h]), _mm256_set1_ps(d[b]), acc[h]);
   }
   _mm256_storeu_ps(out, acc[0]);
   _mm256_storeu_ps(out + 8, acc[1]);

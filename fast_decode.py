@@ -298,8 +298,12 @@ def kernels() -> bool:
     builder.setLevel(logging.ERROR)  # (its warnings about the compiler: the one line below says what matters)
     try:
         from torch.utils.cpp_extension import load
+        start = time.perf_counter()
         load(name="fast_decode_avx512" if wide else "fast_decode_avx2", sources=[str(KERNELS)], is_python_module=False,
              extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", *isa], extra_ldflags=["-fopenmp"])
+        if time.perf_counter() - start > 2:  # (it compiled: a kept build loads in milliseconds)
+            print(f"fast_decode: compiled {KERNELS.name} for this CPU in {time.perf_counter() - start:.0f} s (once: "
+                  "torch keeps the build)", file=sys.stderr)
     except Exception as e:  # (no compiler, no ninja, a missing header: each raises its own kind)
         # the compiler's or the shell's own words, not the build's command lines
         said = [line.strip() for line in str(e).splitlines() if line.strip() and "TORCH_EXTENSION_NAME" not in line
@@ -445,8 +449,8 @@ class Int4Linear(nn.Linear):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The weights as the kernel computes them: from fast_decode.cpp's tiles, or (PyTorch's layout) from its kernel's
-        product with the identity, rounded to bf16 as it rounds its output."""
+        """The weights as the kernel computes them: from fast_decode.cpp's tiles, or (PyTorch's layout) from its
+        kernel's product with the identity, rounded to bf16 as it rounds its output."""
         if self.integer:
             q, sz = unpack_int4_tiles(self.packed, self.scales_and_zeros)
             n, groups = sz.shape[:2]
@@ -969,7 +973,7 @@ def compile_decode(model: nn.Module) -> nn.Module:
 
     Eagerly a SmolLM2-135M step runs some 6,000 small ops besides its weight products (norms, RoPE, casts, cache
     writes, views: 1-2 us each, more than half of the step), which inductor fuses into a few C++ loops around the
-    products (their kernels stay PyTorch's). smollm2.py's and llama31.py's models (COMPILED): they attend over their
+    products (each still its own kernel's call). smollm2.py's and llama31.py's models (COMPILED): they attend over their
     whole preallocated KV cache through a mask, so one graph serves every step; the cache's length is marked
     dynamic, so the cache that generate() sizes to each request compiles no second graph. The prefill (a new length
     every request) stays eager. The first step compiles (about a minute for SmolLM2 on 2 cores; inductor

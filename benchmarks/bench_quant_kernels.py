@@ -1,7 +1,8 @@
 """
 Which low-bit kernel makes batch-1 decoding fastest on this CPU: every route PyTorch offers for a one-row product
 with an int8 or int4 weight, timed through every layer's projections, against the fp32 and bf16 products, and
-fast_decode.py's own layers (`weights="int8"`, `weights="int4"`: bf16 activations, q/k/v and gate/up stacked).
+fast_decode.py's own layers (`weights="int8"`, `weights="int4"`: on fast_decode.cpp's integer kernels where they
+build, else PyTorch's with bf16 activations; q/k/v and gate/up stacked).
 
     python benchmarks/bench_quant_kernels.py                 # SmolLM2-135M and Llama 3.2 1B layer shapes
     python benchmarks/bench_quant_kernels.py --layers 4      # fewer layers (quicker; more of it fits in cache)
@@ -20,8 +21,9 @@ the activation row to int8 (A8W8, as llama.cpp's Q8_0 product does, which rounds
   cache) and multiplied there; one Python loop step per block;
 - `_weight_int4pack_mm_for_cpu bf16`: PyTorch's int4 kernel, groups of 32 with a bf16 scale and zero (the row in
   bf16; in fp32 the kernel is not vectorized);
-- `fast_decode int8` and `fast_decode int4`: fast_decode.py's own layers on fp32 weights (Int8Linear, Int4Linear),
-  each layer alone, a whole module call with its casts (fp32 row in and out), as a decode step makes it.
+- `fast_decode int8` and `fast_decode int4`: fast_decode.py's own layers on fp32 weights (Int8Linear, Int4Linear:
+  fast_decode.cpp's kernels, which round the row to int8 in blocks of 32 as llama.cpp does, where they build),
+  each layer alone, a whole module call (fp32 row in and out), as a decode step makes it.
 GB/s counts the weight bytes streamed (int8: a byte per weight, scales are 1/K of them; int4: 0.625, the
 4-bit weights and a bf16 scale and zero per 32) over the time of all layers' products; "ms/token"
 is that time, i.e. the floor the products alone put under one decode step; "max err" is the largest difference

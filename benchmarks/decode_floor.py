@@ -1,12 +1,13 @@
 """
-How fast PyTorch can decode one token with 4-bit weights on this CPU: the floors under smollm2.py + fast_decode.
+How fast one token can decode with fast_decode's 4-bit layers on this CPU: the floors under smollm2.py + fast_decode.
 
     python benchmarks/decode_floor.py                                  # SmolLM2-135M and Llama-3.2-1B shapes
     python benchmarks/decode_floor.py --models smollm2-135m --threads 2
 
 For each model's shapes, random weights held as fast_decode.py holds an int4 model (its Int4Linear layers, 4 bits in
-groups of 32 on PyTorch's `_weight_int4pack_mm_for_cpu`, q/k/v and gate/up stacked; the output head an Int8Linear
-on `_weight_int8pack_mm`), one token at a time, same run, best of `repeats`:
+groups of 32, q/k/v and gate/up stacked; the output head an Int8Linear; both on fast_decode.cpp's integer kernels,
+or PyTorch's `_weight_int4pack_mm_for_cpu` and `_weight_int8pack_mm` where those cannot be built), one token at a
+time, same run, best of `repeats`:
 1. products alone: the step's 4 products per layer and the head, back to back: the time no implementation on
    these kernels can beat, whatever else it does;
 2. eager step: a whole decode step in gpt-fast's form (one preallocated cache read through a mask, so every step
