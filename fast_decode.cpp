@@ -4,8 +4,8 @@
 // PyTorch's own int4 and int8 CPU kernels widen every weight to a float and multiply it with a float FMA. These
 // multiply in integer registers instead, as llama.cpp's Q4_1 x Q8_1 and Q8_0 x Q8_0 dot products do: each row of
 // activations is rounded to int8 in blocks of 32 (one float scale per block, llama.cpp's Q8 activations), the
-// 4-bit weights are widened only to bytes, and one instruction multiplies 64 (AVX-512 VNNI) or 32 (AVX2) byte
-// pairs and sums them in fours into int32 lanes. The int32 sums of a block are scaled to floats once per block.
+// 4-bit weights are widened only to bytes, and one instruction multiplies 64 byte pairs and sums them in fours into
+// int32 lanes (AVX-512 VNNI; AVX2 takes two for 32). The int32 sums of a block are scaled to floats once per block.
 //
 // Weights are held in tiles of 16 rows, each lane of a 64-byte register one row (as llama.cpp's repacked
 // Q4_0 and KleidiAI's kernels interleave rows): a tile's weights are one stream from memory, four activations
@@ -29,7 +29,6 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -61,8 +60,12 @@ Activations round_rows(const at::Tensor& x2) {
   for (int64_t i = 0; i < m * blocks; ++i) {
     const float* xb = x + i * BLOCK;
     float amax = 0.f;
-    for (int64_t j = 0; j < BLOCK; ++j) amax = std::max(amax, std::fabs(xb[j]));
-    const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+    for (int64_t j = 0; j < BLOCK; ++j) {
+      const float v = std::fabs(xb[j]);
+      amax = v > amax || std::isnan(v) ? v : amax;  // (a NaN stays: the block's products come out NaN)
+    }
+    // d = 0, or below the smallest normal float (whose inverse overflows): the block is zeros
+    const float d = amax / 127.f, inv = std::isnormal(d) ? 1.f / d : 0.f;
     int total = 0;
     for (int64_t j = 0; j < BLOCK; ++j) {
       const int v = static_cast<int>(std::nearbyint(xb[j] * inv));
@@ -199,8 +202,23 @@ void check(const at::Tensor& x, const at::Tensor& w, int64_t k, at::ScalarType w
   TORCH_CHECK(k % (2 * BLOCK) == 0 && w.size(0) % LANES == 0, "fast_decode: the kernels need 64 | k and 16 | n");
 }
 
-at::Tensor float_rows(const at::Tensor& x, int64_t k) {
-  return x.reshape({-1, k}).to(at::kFloat).contiguous();
+// What both products share: the rows of x rounded once, then each tile of 16 weight rows times every row of x (the
+// weights stream from memory once; the rounded rows stay in cache), the tiles split between threads.
+// tile(t, a, d, sum, out): tile t times one rounded row, into its 16 outputs.
+template <typename Tile>
+at::Tensor tiled_product(const at::Tensor& x, int64_t n, const Tile& tile) {
+  const int64_t k = x.size(-1), blocks = k / BLOCK;
+  const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
+  const int64_t m = x2.size(0);
+  const Activations act = round_rows(x2);
+  at::Tensor y = at::empty({m, n}, x2.options());
+  float* Y = y.data_ptr<float>();
+  at::parallel_for(0, n / LANES, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t i = 0; i < m; ++i)
+        tile(t, act.a.data() + i * k, act.d.data() + i * blocks, act.sum.data() + i * blocks, Y + i * n + t * LANES);
+  });
+  return y;
 }
 
 // x (..., k) float or bf16; w (n, k / 2) uint8 and scales_and_zeros (n / 16, k / 32, 2, 16) bf16, in tiles of 16
@@ -211,46 +229,26 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   TORCH_CHECK(w.size(1) == k / 2 && scales_and_zeros.scalar_type() == at::kBFloat16 &&
               scales_and_zeros.is_contiguous() && scales_and_zeros.numel() == n * blocks * 2,
               "fast_decode: 4-bit weights in the wrong form");
-  const at::Tensor x2 = float_rows(x, k);
-  const int64_t m = x2.size(0);
-  const Activations act = round_rows(x2);
-  at::Tensor y = at::empty({m, n}, x2.options());
   const uint8_t* W = w.data_ptr<uint8_t>();
   const uint16_t* SZ = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr());
-  float* Y = y.data_ptr<float>();
-  at::parallel_for(0, n / LANES, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      for (int64_t i = 0; i < m; ++i)
-        int4_tile(W + t * LANES * (k / 2), SZ + t * LANES * blocks * 2, k, act.a.data() + i * k,
-                  act.d.data() + i * blocks, act.sum.data() + i * blocks, Y + i * n + t * LANES);
+  return tiled_product(x, n, [&](int64_t t, const int8_t* a, const float* d, const float* sum, float* out) {
+    int4_tile(W + t * LANES * (k / 2), SZ + t * LANES * blocks * 2, k, a, d, sum, out);
   });
-  return y;
 }
 
 // x (..., k) float or bf16; w (n, k) uint8, w + 128 in tiles of 16 rows (k / 4 chunks of 64 bytes, chunk c's byte
 // 4r + i weight 4c + i of row r); scale (n) bf16 -> (rows of x, n) float32
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
-  const int64_t k = x.size(-1), n = w.size(0), blocks = k / BLOCK;
+  const int64_t k = x.size(-1), n = w.size(0);
   check(x, w, k, at::kByte);
   TORCH_CHECK(w.size(1) == k && scale.scalar_type() == at::kBFloat16 && scale.is_contiguous() && scale.size(0) == n,
               "fast_decode: 8-bit weights in the wrong form");
-  const at::Tensor x2 = float_rows(x, k);
-  const int64_t m = x2.size(0);
-  const Activations act = round_rows(x2);
-  at::Tensor y = at::empty({m, n}, x2.options());
   const uint8_t* W = w.data_ptr<uint8_t>();
   const uint16_t* S = reinterpret_cast<const uint16_t*>(scale.data_ptr());
-  float* Y = y.data_ptr<float>();
-  at::parallel_for(0, n / LANES, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      for (int64_t i = 0; i < m; ++i) {
-        float* out = Y + i * n + t * LANES;
-        int8_tile(W + t * LANES * k, k, act.a.data() + i * k, act.d.data() + i * blocks, act.sum.data() + i * blocks,
-                  out);
-        for (int64_t r = 0; r < LANES; ++r) out[r] *= bf16_float(S[t * LANES + r]);
-      }
+  return tiled_product(x, n, [&](int64_t t, const int8_t* a, const float* d, const float* sum, float* out) {
+    int8_tile(W + t * LANES * k, k, a, d, sum, out);
+    for (int64_t r = 0; r < LANES; ++r) out[r] *= bf16_float(S[t * LANES + r]);
   });
-  return y;
 }
 
 }  // namespace

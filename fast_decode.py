@@ -17,12 +17,12 @@ and this module swaps them for layers with faster products, so a model file copi
 - `weights="int8"` / `"int4"`: the quantized weights replace the float ones (held once; inference only).
   int8: one scale per output row. int4: groups of `group_size` weights along a row, each with a scale and a zero.
   On x86 CPUs both multiply on fast_decode.cpp's integer kernels (the input rounded to int8 in blocks of 32, as
-  llama.cpp multiplies; compiled for the CPU on first use), about twice as fast as PyTorch's own; elsewhere on
+  llama.cpp multiplies; compiled for the CPU on first use), faster than PyTorch's own; elsewhere on
   PyTorch's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` (on CUDA `_weight_int4pack_mm`, written as
   gpt-fast uses it but never run: no GPU was at hand). The output head, and an embedding tied to
   it, stays int8 in int4 models, as llama.cpp's Q4_0 keeps its output tensor at 6-8 bits; given `calibration=`
   token ids (or a quantized file made with `quantize --calibration FILE`), the head is A8W8 (below), whose kernel
-  multiplies it 1.7x faster.
+  multiplies a 1B model's head faster (not SmolLM2's: docs/speed.md).
 - `weights="a8w8"` (with `calibration=` token ids): int8 weights and 8-bit activations on fbgemm's integer
   kernel, faster than the weight-only int8 one on large matrices; SmoothQuant and float outlier channels keep
   its exactness (A8W8Linear).
@@ -284,8 +284,8 @@ def cpu_flags() -> set:
 def kernels() -> bool:
     """Whether fast_decode.cpp's integer products are loaded (torch.ops.fast_decode), compiling them on the first
     call (a few seconds; torch.utils.cpp_extension keeps the build under ~/.cache/torch_extensions, or
-    TORCH_EXTENSIONS_DIR). They multiply 4- and 8-bit weights with 8-bit activations in integer registers, about
-    twice as fast as PyTorch's own int4 and int8 CPU kernels (docs/speed.md). x86 only: AVX-512 with VNNI where
+    TORCH_EXTENSIONS_DIR). They multiply 4- and 8-bit weights with 8-bit activations in integer registers, faster
+    than PyTorch's own int4 and int8 CPU kernels (docs/speed.md, "Integer kernels"). x86 only: AVX-512 with VNNI where
     PyTorch itself runs AVX-512 code (so ATEN_CPU_CAPABILITY=avx2 holds both to AVX2), else AVX2. Without them
     (another CPU, no C++ compiler) the layers use PyTorch's kernels, and say so once."""
     capability = torch.backends.cpu.get_cpu_capability()

@@ -320,7 +320,7 @@ def test_int8_quantization_and_product(kernel, monkeypatch):
     is the fp32 product of the input rounded in blocks of 32 to int8 with those int8 weights; on PyTorch's kernel
     (and for an input width fast_decode.cpp does not take) the product of the bf16-rounded input, rounded to bf16;
     for one row and for many, with a bias, and for an input width PyTorch's kernel does not take (not a multiple
-    of 16); its `weight` is the dequantized weight."""
+    of 16); a NaN in a row makes its products NaN; its `weight` is the dequantized weight."""
     use_kernel(kernel, monkeypatch)
     torch.manual_seed(0)
     w = torch.randn(96, 64)
@@ -339,6 +339,7 @@ def test_int8_quantization_and_product(kernel, monkeypatch):
         for x in (torch.randn(k), torch.randn(1, 1, k), torch.randn(3, 5, k), torch.zeros(2, k)):
             y = layer(x)
             assert y.shape == x.shape[:-1] + (96,) and y.dtype == x.dtype
+            assert layer(x.clone().index_fill_(-1, torch.tensor([k // 2]), float("nan"))).isnan().all()
             if layer.integer:
                 want = F.linear(rounded_in_blocks(x).double(), q.double()) * scale.double() + bias.double()
                 torch.testing.assert_close(y, want.float(), rtol=1e-5, atol=1e-5)
@@ -354,7 +355,8 @@ def test_int4_quantization_and_product(kernel, monkeypatch):
     step (and the bf16 rounding of scale and zero) of its dequantized value. Int4Linear's product on
     fast_decode.cpp (group 32) is the fp32 product of the input rounded in blocks of 32 to int8 with the
     dequantized weights; on PyTorch's kernel (and for group 64) that of the bf16-rounded input, rounded to bf16;
-    for one row and for the kernels' row blocks and more, with a bias. Its `weight` is the dequantized weight
+    for one row and for the kernels' row blocks and more, with a bias; a NaN in a row makes its products NaN. Its
+    `weight` is the dequantized weight
     (rounded to bf16 on PyTorch's kernel); packing 256 rows at a time packs as the whole does (a last block of
     fewer rows included)."""
     use_kernel(kernel, monkeypatch)
@@ -380,6 +382,7 @@ def test_int4_quantization_and_product(kernel, monkeypatch):
         for x in (torch.randn(128), torch.randn(1, 1, 128), torch.randn(3, 7, 128), torch.zeros(2, 128)):
             y = layer(x)
             assert y.shape == x.shape[:-1] + (80,) and y.dtype == x.dtype
+            assert layer(x.clone().index_fill_(-1, torch.tensor([100]), float("nan"))).isnan().all()
             if layer.integer:
                 want = F.linear(rounded_in_blocks(x).double(), deq.double()) + bias.double()
                 torch.testing.assert_close(y, want.float(), rtol=1e-5, atol=1e-5)
