@@ -13,7 +13,7 @@ fast_decode: faster batch-1 decoding on a CPU for the four model files, and thei
 As gpt-fast's quantize.py does, it works from outside the model: the model files call plain `nn.Linear` layers
 and this module swaps them for layers with faster products, so a model file copied alone runs plain.
 - `fast(model)`: parameters, names, `state_dict()`, training and LoRA stay those of `nn.Linear`; only CPU
-  inference products change kernel (FastLinear).
+  inference products change kernel (FastLinear; a bf16 model's one-row products on fast_decode.cpp's bf16 one).
 - `weights="int8"` / `"int4"`: the quantized weights replace the float ones (held once; inference only).
   int8: one scale per output row. int4: groups of `group_size` weights along a row, each with a scale and a zero.
   On x86 CPUs both multiply on fast_decode.cpp's integer kernels (the input rounded to int8 in blocks of 32, as
@@ -144,13 +144,18 @@ class FastLinear(nn.Linear):
     - fp32, one row, several threads: MKL's one-row product runs on one thread; viewed as one block of rows
       per thread, bmm runs it on every core. Whether that pays depends on the CPU (it did on an AVX2 EPYC, not
       on an AMX Xeon), so fast() times both on each shape and sets `split` where it pays (time_split).
-    Training and autograd take nn.Linear's own F.linear, and so does torch.compile for bf16 (it cannot trace the
-    reordered copy's bookkeeping); a compiled decode step keeps the fp32 split (compile_decode)."""
+    - bf16, one row (decoding), where fast() found the model in bf16: fast_decode.cpp's bf16 product
+      (`bf16_kernel`), which reads the weight as it is, in eager and compiled steps alike.
+    Training and autograd take nn.Linear's own F.linear, and so does torch.compile for bf16 rows other than one (it
+    cannot trace the reordered copy's bookkeeping); a compiled decode step keeps the fp32 split (compile_decode)."""
 
     split = False
+    bf16_kernel = False
 
     def forward(self, x):
         if not torch.is_grad_enabled() and x.is_cpu:
+            if self.bf16_kernel and x.numel() == self.in_features and x.dtype == self.weight.dtype == torch.bfloat16:
+                return output(torch.ops.fast_decode.bf16_linear(x, self.weight), x, self.bias)
             if x.dtype == torch.bfloat16 and BF16_ONEDNN and not torch.compiler.is_compiling():
                 if "reordered" not in self.__dict__:
                     self.reordered = Reordered()
@@ -285,7 +290,8 @@ def kernels() -> bool:
     """Whether fast_decode.cpp's integer products are loaded (torch.ops.fast_decode), compiling them on the first
     call (a few seconds; torch.utils.cpp_extension keeps the build under ~/.cache/torch_extensions, or
     TORCH_EXTENSIONS_DIR). They multiply 4- and 8-bit weights with 8-bit activations in integer registers, faster
-    than PyTorch's own int4 and int8 CPU kernels (docs/speed.md, "Integer kernels"). x86 only: AVX-512 with VNNI where
+    than PyTorch's own int4 and int8 CPU kernels, and one bf16 row with bf16 weights (AVX-512 BF16 where the CPU
+    has it) (docs/speed.md, "Integer kernels"). x86 only: AVX-512 with VNNI where
     PyTorch itself runs AVX-512 code (so ATEN_CPU_CAPABILITY=avx2 holds both to AVX2), else AVX2. Without them
     (another CPU, no C++ compiler) the layers use PyTorch's kernels, and say so once."""
     capability = torch.backends.cpu.get_cpu_capability()
@@ -293,13 +299,15 @@ def kernels() -> bool:
         return False
     wide = capability == "AVX512" and {"avx512bw", "avx512vl", "avx512_vnni"} <= cpu_flags()
     isa = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"] if wide else []
+    isa += ["-mavx512bf16"] if wide and "avx512_bf16" in cpu_flags() else []
     builder = logging.getLogger("torch.utils.cpp_extension")
     level = builder.level
     builder.setLevel(logging.ERROR)  # (its warnings about the compiler: the one line below says what matters)
     try:
         from torch.utils.cpp_extension import load
         start = time.perf_counter()
-        load(name="fast_decode_avx512" if wide else "fast_decode_avx2", sources=[str(KERNELS)], is_python_module=False,
+        name = "fast_decode_" + ("avx512_bf16" if "-mavx512bf16" in isa else "avx512" if wide else "avx2")
+        load(name=name, sources=[str(KERNELS)], is_python_module=False,
              extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", *isa], extra_ldflags=["-fopenmp"])
         if time.perf_counter() - start > 2:  # (it compiled: a kept build loads in milliseconds)
             print(f"fast_decode: compiled {KERNELS.name} for this CPU in {time.perf_counter() - start:.0f} s (once: "
@@ -313,7 +321,7 @@ def kernels() -> bool:
         return False
     finally:
         builder.setLevel(level)
-    for op in ("int4_linear", "int8_linear"):  # what torch.compile traces in the kernels' place: the output's shape
+    for op in ("int4_linear", "int8_linear", "bf16_linear"):  # what torch.compile traces in their place: the shape
         torch.library.register_fake(f"fast_decode::{op}")(
             lambda x, w, *scales: x.new_empty(x.numel() // x.size(-1), w.size(0), dtype=torch.float32))
     return True
@@ -739,8 +747,10 @@ def fast(model: nn.Module, weights: str | None = None, group_size: int = 32, rou
         torch.set_num_threads(decode_threads())
     layers = [m for m in model.modules() if type(m) in (nn.Linear, FastLinear)]
     if weights is None:
+        bf16 = any(m.weight.dtype == torch.bfloat16 and m.weight.is_cpu for m in layers) and kernels()
         for m in layers:
             m.__class__ = FastLinear
+            m.bf16_kernel = bf16 and m.in_features % 32 == 0 and m.out_features % 4 == 0
         time_split(layers)
         return model
     absmax = {}

@@ -42,7 +42,7 @@ from cli import cli  # noqa: E402
 # and addmm for its outlier channels)
 PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm",
             "aten::_weight_int4pack_mm_for_cpu", "quantized::linear_dynamic", "fast_decode::int4_linear",
-            "fast_decode::int8_linear"}
+            "fast_decode::int8_linear", "fast_decode::bf16_linear"}
 
 
 def decode_steps(model, ids, steps):

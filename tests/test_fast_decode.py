@@ -173,6 +173,27 @@ def test_bf16_product_keeps_a_reordered_weight(monkeypatch):
         assert clone.reordered.weight is None
 
 
+def test_bf16_one_row_product_on_fast_decode_cpp():
+    """A model that fast() finds in bf16 multiplies one row at a time (decoding) on fast_decode.cpp's bf16 product:
+    F.linear's product in fp64 to float rounding, then rounded to bf16; more rows take oneDNN's reordered copy,
+    autograd F.linear, and a layer whose width the kernel does not take (32 does not divide it) F.linear."""
+    if not fast_decode.kernels():
+        pytest.skip("fast_decode.cpp's kernels need an x86 CPU with AVX2 and a C++ compiler")
+    torch.manual_seed(0)
+    model = fast(nn.Sequential(nn.Linear(64, 96), nn.Linear(40, 96, bias=False)).to(torch.bfloat16))
+    assert model[0].bf16_kernel and not model[1].bf16_kernel
+    with torch.no_grad():
+        for layer, k in ((model[0], 64), (model[1], 40)):
+            for x in (torch.randn(k, dtype=torch.bfloat16), torch.randn(1, 1, k, dtype=torch.bfloat16)):
+                bias = None if layer.bias is None else layer.bias.double()
+                want = F.linear(x.double(), layer.weight.double(), bias).to(torch.bfloat16)
+                torch.testing.assert_close(layer(x), want, rtol=2 ** -7, atol=1e-3)  # (one bf16 step)
+                calls = product_calls(lambda: layer(x))
+                assert calls == ({"fast_decode::bf16_linear": 1} if layer.bf16_kernel else {})
+        assert product_calls(lambda: model[0](torch.randn(3, 64, dtype=torch.bfloat16))) == {}
+    assert model[0](torch.randn(1, 64, dtype=torch.bfloat16)).requires_grad
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_fast_keeps_parameters_names_and_state_dict(name, checkpoints):
     """The same parameter objects under the same names (a tied head stays tied), the same state_dict, every
@@ -398,8 +419,8 @@ def test_int4_quantization_and_product(kernel, monkeypatch):
 def test_int4_and_int8_products_without_avx512():
     """PyTorch's CPU int4 kernel and fast_decode.cpp pack and multiply differently on AVX-512, AVX2 and plain CPUs:
     held to AVX2 (ATEN_CPU_CAPABILITY forces it here) fast_decode.cpp's AVX2 build computes the products of the
-    block-rounded input with the dequantized weights, as its AVX-512 build does; held to plain code, the layers
-    take PyTorch's kernels and compute the product of the bf16-rounded input."""
+    block-rounded input with the dequantized weights, and a bf16 row's product, as its AVX-512 build does; held to
+    plain code, the layers take PyTorch's kernels and compute the product of the bf16-rounded input."""
     code = ("import sys, torch; sys.path.insert(0, %r); from fast_decode import *\n"
             "torch.manual_seed(0); w, x = torch.randn(80, 128), torch.randn(5, 128)\n"
             "q, sz = quantize_int4(w); q8, s8 = quantize_int8(w)\n"
@@ -410,17 +431,20 @@ def test_int4_and_int8_products_without_avx512():
             "    want = F.linear(rounded if layer.integer else x.bfloat16().float(), deq)\n"
             "    tol = 1e-5 if layer.integer else 2 ** -7\n"
             "    assert (layer(x) - want).abs().max() <= tol * want.abs().max(), (layer(x) - want).abs().max()\n"
-            "print(torch.backends.cpu.get_cpu_capability(), int4.integer, int8.integer)") % str(ROOT)
+            "bf16 = fast(nn.Sequential(nn.Linear(128, 80, bias=False)).bfloat16())[0]; x1 = x[:1].bfloat16()\n"
+            "with torch.no_grad(): y, want = bf16(x1).float(), F.linear(x1.double(), bf16.weight.double())\n"
+            "assert (y - want).abs().max() <= 2 ** -7 * want.abs().max(), (y - want).abs().max()\n"
+            "print(torch.backends.cpu.get_cpu_capability(), int4.integer, int8.integer, bf16.bf16_kernel)") % str(ROOT)
     for capability in ("avx2", "default"):
         if capability == "avx2" and "avx2" not in Path("/proc/cpuinfo").read_text():
             continue
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              env=dict(os.environ, ATEN_CPU_CAPABILITY=capability))
         assert out.returncode == 0, out.stderr[-2000:]
-        ran, int4, int8 = out.stdout.split()[-3:]
+        ran, int4, int8, bf16 = out.stdout.split()[-4:]
         assert ran.lower() in (capability, "default"), out.stdout
         integer = ran == "AVX2" and fast_decode.kernels()  # (where the AVX-512 build compiles, the AVX2 one does)
-        assert int4 == int8 == str(integer), out.stdout
+        assert int4 == int8 == bf16 == str(integer), out.stdout
 
 
 def test_without_a_compiler_the_layers_say_so_once_and_use_pytorchs_kernels(tmp_path):
@@ -806,7 +830,7 @@ def product_calls(step) -> dict:
     """{kernel: calls} of the weight products that running step() makes, as the profiler sees them."""
     from torch.profiler import profile
     kernels = ("aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm", "quantized::linear_dynamic",
-               "fast_decode::int4_linear", "fast_decode::int8_linear")
+               "fast_decode::int4_linear", "fast_decode::int8_linear", "fast_decode::bf16_linear")
     with profile() as prof:
         step()
     return {e.key: e.count for e in prof.key_averages() if e.key in kernels}
