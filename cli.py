@@ -167,11 +167,9 @@ def check_generation_flags(prompt, max_new_tokens, temperature, top_k, top_p, se
         raise ValueError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype}")
     if int8 and int4:
         raise ValueError("give --int8 or --int4, not both")
-    if (int8 or int4) and (importlib.util.find_spec("fast_decode") is None or dev.type != "cpu"):
-        raise ValueError(f"--{'int8' if int8 else 'int4'} is fast_decode.py's CPU path: keep fast_decode.py beside "
-                         "the model file; use --device cpu")
-    if compile and (importlib.util.find_spec("fast_decode") is None or dev.type != "cpu"):
-        raise ValueError("--compile is fast_decode.py's CPU path: keep fast_decode.py beside the model file; use "
+    flag = "int8" if int8 else "int4" if int4 else "compile" if compile else None  # fast_decode.py's flags
+    if flag and (importlib.util.find_spec("fast_decode") is None or dev.type != "cpu"):
+        raise ValueError(f"--{flag} is fast_decode.py's CPU path: keep fast_decode.py beside the model file; use "
                          "--device cpu")
     return dev, dtypes.get(dtype)
 

@@ -297,16 +297,18 @@ def kernels() -> bool:
     capability = torch.backends.cpu.get_cpu_capability()
     if platform.machine().lower() not in ("x86_64", "amd64") or capability not in ("AVX2", "AVX512"):
         return False
-    wide = capability == "AVX512" and {"avx512bw", "avx512vl", "avx512_vnni"} <= cpu_flags()
+    flags = cpu_flags()
+    wide = capability == "AVX512" and {"avx512bw", "avx512vl", "avx512_vnni"} <= flags
+    bf16 = wide and "avx512_bf16" in flags
     isa = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"] if wide else []
-    isa += ["-mavx512bf16"] if wide and "avx512_bf16" in cpu_flags() else []
+    isa += ["-mavx512bf16"] if bf16 else []
     builder = logging.getLogger("torch.utils.cpp_extension")
     level = builder.level
     builder.setLevel(logging.ERROR)  # (its warnings about the compiler: the one line below says what matters)
     try:
         from torch.utils.cpp_extension import load
         start = time.perf_counter()
-        name = "fast_decode_" + ("avx512_bf16" if "-mavx512bf16" in isa else "avx512" if wide else "avx2")
+        name = "fast_decode_" + ("avx512_bf16" if bf16 else "avx512" if wide else "avx2")
         load(name=name, sources=[str(KERNELS)], is_python_module=False,
              extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", *isa], extra_ldflags=["-fopenmp"])
         if time.perf_counter() - start > 2:  # (it compiled: a kept build loads in milliseconds)
@@ -317,7 +319,7 @@ def kernels() -> bool:
         said = [line.strip() for line in str(e).splitlines() if line.strip() and "TORCH_EXTENSION_NAME" not in line
                 and not line.startswith(("Error building extension", "[", "FAILED", "ninja: build stopped"))]
         print(f"fast_decode: could not compile {KERNELS.name} ({said[0] if said else type(e).__name__}); the 4- and "
-              "8-bit layers use PyTorch's slower kernels", file=sys.stderr)
+              "8-bit layers and bf16 rows use PyTorch's slower kernels", file=sys.stderr)
         return False
     finally:
         builder.setLevel(level)
@@ -418,11 +420,11 @@ def pack_int4_tiles(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> tuple[to
 
 
 def unpack_int4_tiles(tiles: torch.Tensor, sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """pack_int4_tiles undone: (q (n, k) each in 0..15, scales_and_zeros (n, k / 32, 2))."""
+    """pack_int4_tiles undone: quantize_int4's (q (n, k / 2), scales_and_zeros (n, k / 32, 2))."""
     n, k = tiles.size(0), 2 * tiles.size(1)
     t = tiles.view(n // 16, k // 8, 16, 4).permute(0, 2, 1, 3)  # (tile, row, chunk, i)
-    q = torch.stack([t & 15, t >> 4], -2).reshape(n, k)
-    return q, sz.permute(0, 3, 1, 2).reshape(n, k // 32, 2)
+    v = torch.stack([t & 15, t >> 4], -2).reshape(n, k)  # each weight's q, in order
+    return (v[:, 0::2] << 4) | v[:, 1::2], sz.permute(0, 3, 1, 2).reshape(n, k // 32, 2)
 
 
 class Int4Linear(nn.Linear):
@@ -460,10 +462,7 @@ class Int4Linear(nn.Linear):
         """The weights as the kernel computes them: from fast_decode.cpp's tiles, or (PyTorch's layout) from its
         kernel's product with the identity, rounded to bf16 as it rounds its output."""
         if self.integer:
-            q, sz = unpack_int4_tiles(self.packed, self.scales_and_zeros)
-            n, groups = sz.shape[:2]
-            w = (q.view(n, groups, -1).float() - 8) * sz[..., :1].float() + sz[..., 1:].float()
-            return w.view(n, -1).to(self.dtype)
+            return dequantize_int4(*unpack_int4_tiles(self.packed, self.scales_and_zeros)).to(self.dtype)
         eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.packed.device)
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu if eye.is_cpu else torch.ops.aten._weight_int4pack_mm
         return mm(eye, self.packed, self.group_size, self.scales_and_zeros).t().to(self.dtype)

@@ -8,6 +8,7 @@ the float ones, and a model loaded from its checkpoint (fast_decode.load) is the
 """
 
 import copy
+import inspect
 import io
 import json
 import os
@@ -422,11 +423,11 @@ def test_int4_and_int8_products_without_avx512():
     block-rounded input with the dequantized weights, and a bf16 row's product, as its AVX-512 build does; held to
     plain code, the layers take PyTorch's kernels and compute the product of the bf16-rounded input."""
     code = ("import sys, torch; sys.path.insert(0, %r); from fast_decode import *\n"
+            + inspect.getsource(rounded_in_blocks) +
             "torch.manual_seed(0); w, x = torch.randn(80, 128), torch.randn(5, 128)\n"
             "q, sz = quantize_int4(w); q8, s8 = quantize_int8(w)\n"
             "int4, int8 = Int4Linear(q, sz, 32, torch.float32), Int8Linear(q8, s8, torch.float32)\n"
-            "b = x.view(5, 4, 32); d = b.abs().amax(-1, keepdim=True) / 127\n"
-            "rounded = (b * torch.where(d > 0, 1 / d, 0)).round().mul_(d).view(5, 128)\n"
+            "rounded = rounded_in_blocks(x)\n"
             "for layer, deq in ((int4, dequantize_int4(q, sz)), (int8, q8 * s8.float()[:, None])):\n"
             "    want = F.linear(rounded if layer.integer else x.bfloat16().float(), deq)\n"
             "    tol = 1e-5 if layer.integer else 2 ** -7\n"
