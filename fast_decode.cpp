@@ -12,9 +12,9 @@
 // broadcast to every lane meet four weights of each of the 16 rows in one instruction, and a block's scales are
 // applied to all 16 rows at once. A tile is k / 8 chunks of 64 bytes; chunk c holds weights 8c..8c+7 of the 16
 // rows, byte 4r + i weight 8c + i of row r in its low nibble and weight 8c + 4 + i in its high one (i in 0..3). Each
-// group of 32 weights along a row has a bf16 scale s and zero z, weight = (q - 8) * s + z with q in 0..15
-// (fast_decode.quantize_int4's form, as PyTorch's int4 kernels take it), held per tile as (k / 32, 2, 16): for each
-// block, the 16 rows' scales, then their zeros. 8-bit weights: tiles of k / 4 chunks of 64 bytes, chunk c's byte
+// group of 32, 64, 128 or 256 weights along a row has a bf16 scale s and zero z, weight = (q - 8) * s + z with q in
+// 0..15 (fast_decode.quantize_int4's form, as PyTorch's int4 kernels take it), held per tile as (k / group, 2, 16):
+// for each group, the 16 rows' scales, then their zeros. 8-bit weights: tiles of k / 4 chunks of 64 bytes, chunk c's byte
 // 4r + i weight 4c + i of row r (held as w + 128: below), one bf16 scale per row.
 //
 // A product of 32 weights with a block of activations x ~= d * a (a int8):
@@ -95,14 +95,21 @@ __m512 bf16_floats(__m256i h) {
 }
 #endif
 
-// One tile of 16 rows of 4-bit weights times one row of activations: out, the 16 rows' products.
-void int4_tile(const uint8_t* w, const uint16_t* scales_and_zeros, int64_t k, const int8_t* a, const float* d,
-               const float* sum, float* out) {
+// One tile of 16 rows of 4-bit weights times one row of activations: out, the 16 rows' products. A group of
+// per_group blocks shares one scale and zero.
+void int4_tile(const uint8_t* w, const uint16_t* scales_and_zeros, int64_t k, int64_t per_group, const int8_t* a,
+               const float* d, const float* sum, float* out) {
   const int64_t blocks = k / BLOCK;
 #if WIDE
   const __m512i low = _mm512_set1_epi8(0x0F);
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b, w += 4 * 64, a += BLOCK, scales_and_zeros += 2 * LANES) {
+  __m512 acc = _mm512_setzero_ps(), s, zs;  // zs: z - 8 s, the group's zero-point term per unit of sum(a)
+  for (int64_t b = 0; b < blocks; ++b, w += 4 * 64, a += BLOCK) {
+    if (b % per_group == 0) {
+      const uint16_t* group = scales_and_zeros + (b / per_group) * 2 * LANES;
+      s = bf16_floats(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(group)));
+      const __m512 z = bf16_floats(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + LANES)));
+      zs = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s, z);
+    }
     __m512i lo_sum = _mm512_setzero_si512(), hi_sum = _mm512_setzero_si512();
     for (int64_t c = 0; c < 4; ++c) {  // the block's four chunks of eight weights
       const __m512i v = _mm512_loadu_si512(w + 64 * c);
@@ -112,17 +119,23 @@ void int4_tile(const uint8_t* w, const uint16_t* scales_and_zeros, int64_t k, co
       lo_sum = _mm512_dpbusd_epi32(lo_sum, _mm512_and_si512(v, low), _mm512_set1_epi32(x_lo));
       hi_sum = _mm512_dpbusd_epi32(hi_sum, _mm512_and_si512(_mm512_srli_epi16(v, 4), low), _mm512_set1_epi32(x_hi));
     }
-    const __m512 s = bf16_floats(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales_and_zeros)));
-    const __m512 z = bf16_floats(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales_and_zeros + LANES)));
     const __m512 q_sum = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_sum, hi_sum));
     acc = _mm512_fmadd_ps(q_sum, _mm512_mul_ps(s, _mm512_set1_ps(d[b])), acc);
-    acc = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.f), s, z), _mm512_set1_ps(sum[b]), acc);  // z - 8 s
+    acc = _mm512_fmadd_ps(zs, _mm512_set1_ps(sum[b]), acc);
   }
   _mm512_storeu_ps(out, acc);
 #else
   const __m256i low = _mm256_set1_epi8(0x0F);
-  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // rows 0-7, rows 8-15
-  for (int64_t b = 0; b < blocks; ++b, w += 4 * 64, a += BLOCK, scales_and_zeros += 2 * LANES) {
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, s[2], zs[2];  // rows 0-7, rows 8-15
+  for (int64_t b = 0; b < blocks; ++b, w += 4 * 64, a += BLOCK) {
+    if (b % per_group == 0) {
+      for (int64_t h = 0; h < 2; ++h) {
+        const uint16_t* rows = scales_and_zeros + (b / per_group) * 2 * LANES + 8 * h;
+        s[h] = bf16_floats(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows)));
+        const __m256 z = bf16_floats(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows + LANES)));
+        zs[h] = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), s[h], z);
+      }
+    }
     // int16 sums of byte pairs: a block's eight of them (each at most 2 * 15 * 127) stay below 2^15
     __m256i pair_sum[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
     for (int64_t c = 0; c < 4; ++c) {
@@ -138,12 +151,9 @@ void int4_tile(const uint8_t* w, const uint16_t* scales_and_zeros, int64_t k, co
       }
     }
     for (int64_t h = 0; h < 2; ++h) {
-      const uint16_t* rows = scales_and_zeros + 8 * h;
-      const __m256 s = bf16_floats(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows)));
-      const __m256 z = bf16_floats(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows + LANES)));
       const __m256 q_sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(pair_sum[h], _mm256_set1_epi16(1)));
-      acc[h] = _mm256_fmadd_ps(q_sum, _mm256_mul_ps(s, _mm256_set1_ps(d[b])), acc[h]);
-      acc[h] = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.f), s, z), _mm256_set1_ps(sum[b]), acc[h]);
+      acc[h] = _mm256_fmadd_ps(q_sum, _mm256_mul_ps(s[h], _mm256_set1_ps(d[b])), acc[h]);
+      acc[h] = _mm256_fmadd_ps(zs[h], _mm256_set1_ps(sum[b]), acc[h]);
     }
   }
   _mm256_storeu_ps(out, acc[0]);
@@ -256,18 +266,19 @@ at::Tensor tiled_product(const at::Tensor& x, int64_t n, const Tile& tile) {
   return y;
 }
 
-// x (..., k) float or bf16; w (n, k / 2) uint8 and scales_and_zeros (n / 16, k / 32, 2, 16) bf16, in tiles of 16
-// rows (above) -> (rows of x, n) float32
+// x (..., k) float or bf16; w (n, k / 2) uint8 and scales_and_zeros (n / 16, k / group, 2, 16) bf16, in tiles of
+// 16 rows (above), group 32, 64, 128 or 256 -> (rows of x, n) float32
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales_and_zeros) {
   const int64_t k = x.size(-1), n = w.size(0), blocks = k / BLOCK;
   check(x, w, k, at::kByte);
+  const int64_t groups = scales_and_zeros.dim() == 4 ? scales_and_zeros.size(1) : 0;
   TORCH_CHECK(w.size(1) == k / 2 && scales_and_zeros.scalar_type() == at::kBFloat16 &&
-              scales_and_zeros.is_contiguous() && scales_and_zeros.numel() == n * blocks * 2,
-              "fast_decode: 4-bit weights in the wrong form");
+              scales_and_zeros.is_contiguous() && groups > 0 && blocks % groups == 0 &&
+              scales_and_zeros.numel() == n * groups * 2, "fast_decode: 4-bit weights in the wrong form");
   const uint8_t* W = w.data_ptr<uint8_t>();
   const uint16_t* SZ = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr());
   return tiled_product(x, n, [&](int64_t t, const int8_t* a, const float* d, const float* sum, float* out) {
-    int4_tile(W + t * LANES * (k / 2), SZ + t * LANES * blocks * 2, k, a, d, sum, out);
+    int4_tile(W + t * LANES * (k / 2), SZ + t * LANES * groups * 2, k, blocks / groups, a, d, sum, out);
   });
 }
 

@@ -330,8 +330,9 @@ def kernels() -> bool:
 
 
 def integer_kernel(in_features: int, out_features: int, group_size: int = 32) -> bool:
-    """Whether fast_decode.cpp's products take a layer of this shape (64 | in_features, rows in tiles of 16)."""
-    return group_size == 32 and in_features % 64 == 0 and out_features % 16 == 0 and kernels()
+    """Whether fast_decode.cpp's products take a layer of this shape (64 | in_features, rows in tiles of 16) and
+    4-bit group size (any check_weights takes that divides in_features)."""
+    return in_features % max(64, group_size) == 0 and out_features % 16 == 0 and kernels()
 
 
 def bf16_rows(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -409,28 +410,28 @@ def int4_inner_k_tiles(k: int) -> int:
 
 
 def pack_int4_tiles(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """quantize_int4's q (n, k / 2) and scales_and_zeros (n, k / 32, 2) in fast_decode.cpp's tiles of 16 rows: each
-    tile k / 8 chunks of 64 bytes, chunk c's byte 4r + i holding weights 8c + i (low nibble) and 8c + 4 + i (high)
-    of row r; the scales and zeros as (n / 16, k / 32, 2, 16)."""
-    n, k = q.size(0), 2 * q.size(1)
+    """quantize_int4's q (n, k / 2) and scales_and_zeros (n, k / group, 2) in fast_decode.cpp's tiles of 16 rows:
+    each tile k / 8 chunks of 64 bytes, chunk c's byte 4r + i holding weights 8c + i (low nibble) and 8c + 4 + i
+    (high) of row r; the scales and zeros as (n / 16, k / group, 2, 16)."""
+    n, k, groups = q.size(0), 2 * q.size(1), scales_and_zeros.size(1)
     v = torch.stack([q >> 4, q & 15], -1).view(n // 16, 16, k // 8, 2, 4)  # (tile, row, chunk, half, i): weight 8c+4h+i
     tiles = (v[..., 0, :] | v[..., 1, :] << 4).permute(0, 2, 1, 3)  # (tile, chunk, row, i)
-    sz = scales_and_zeros.bfloat16().view(n // 16, 16, k // 32, 2).permute(0, 2, 3, 1)  # (tile, block, s/z, row)
+    sz = scales_and_zeros.bfloat16().view(n // 16, 16, groups, 2).permute(0, 2, 3, 1)  # (tile, group, s/z, row)
     return tiles.contiguous().view(n, k // 2), sz.contiguous()
 
 
 def unpack_int4_tiles(tiles: torch.Tensor, sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """pack_int4_tiles undone: quantize_int4's (q (n, k / 2), scales_and_zeros (n, k / 32, 2))."""
+    """pack_int4_tiles undone: quantize_int4's (q (n, k / 2), scales_and_zeros (n, k / group, 2))."""
     n, k = tiles.size(0), 2 * tiles.size(1)
     t = tiles.view(n // 16, k // 8, 16, 4).permute(0, 2, 1, 3)  # (tile, row, chunk, i)
     v = torch.stack([t & 15, t >> 4], -2).reshape(n, k)  # each weight's q, in order
-    return (v[:, 0::2] << 4) | v[:, 1::2], sz.permute(0, 3, 1, 2).reshape(n, k // 32, 2)
+    return (v[:, 0::2] << 4) | v[:, 1::2], sz.permute(0, 3, 1, 2).reshape(n, sz.size(1), 2)
 
 
 class Int4Linear(nn.Linear):
     """A linear layer held only as 4-bit weights in groups of group_size along each row, each group with a bf16
-    scale and zero (quantize_int4): 0.625 bytes per weight with group 32. On x86 CPUs (group 32) fast_decode.cpp
-    multiplies them with the input rounded to int8 in blocks of 32 (llama.cpp's Q4_1 x Q8_1); elsewhere PyTorch's
+    scale and zero (quantize_int4): 0.625 bytes per weight with group 32. On x86 CPUs fast_decode.cpp multiplies
+    them with the input rounded to int8 in blocks of 32 (llama.cpp's Q4_1 x Q8_1); elsewhere PyTorch's
     int4 kernel with bf16 activations, as Int8Linear. Both kernels' layouts are the CPU's own (PyTorch's differs
     between its AVX2 and AVX-512 builds), so the weights are packed here, where they run, from quantize_int4's
     portable form. `weight` is the dequantized weight, made when read."""
