@@ -326,6 +326,7 @@ def kernels() -> bool:
     for op in ("int4_linear", "int8_linear", "bf16_linear"):  # what torch.compile traces in their place: the shape
         torch.library.register_fake(f"fast_decode::{op}")(
             lambda x, w, *scales: x.new_empty(x.numel() // x.size(-1), w.size(0), dtype=torch.float32))
+    torch.library.register_fake("fast_decode::decode_attention")(lambda q, k, v, mask, scale: q.new_empty(q.shape))
     return True
 
 
@@ -978,12 +979,51 @@ def check_compiled(cls):
                          f"without --compile")
 
 
+def use_decode_attention(graph: torch.fx.Graph):
+    """A pass over the graphs compile_decode compiles: each call of aten's CPU flash attention (what
+    F.scaled_dot_product_attention runs on a CPU) that attends one query row a head in float32 through a float mask,
+    as a decode step attends over its cache, becomes fast_decode.cpp's decode_attention. The flash kernel's setup
+    for one row costs more than its arithmetic: some 25 us a call, 30 calls a SmolLM2 token."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    for node in [n for n in graph.nodes if n.target is flash]:
+        q, k, v, dropout, causal = (list(node.args) + [0.0, False])[:5]
+        mask, scale, fake = node.kwargs.get("attn_mask"), node.kwargs.get("scale"), q.meta["val"]
+        # (the log-sum-exp, output 1, is read only where gradients are taken)
+        if (fake.size(2) != 1 or fake.dtype != torch.float32 or dropout or causal or mask is None
+                or mask.meta["val"].dtype != torch.float32 or any(u.args[1] != 0 for u in node.users)):
+            continue
+        with graph.inserting_before(node):
+            new = graph.call_function(torch.ops.fast_decode.decode_attention.default,
+                                      (q, k, v, mask, scale or fake.size(-1) ** -0.5))
+        new.meta["val"] = fake.new_empty(fake.shape)
+        for user in list(node.users):
+            user.replace_all_uses_with(new)
+            graph.erase_node(user)
+        graph.erase_node(node)
+
+
+def decode_attention_pass():
+    """use_decode_attention as inductor takes a pass: a graph pass, not a decomposition (whose table inductor's
+    cache cannot key), with a uuid, the hash of the files it depends on, so that the compiled step is kept for the
+    next process. (torch._inductor, a second to import, only here: torch.compile imports it anyway.)"""
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+    class DecodeAttention(CustomGraphPass):
+        def __call__(self, graph):
+            use_decode_attention(graph)
+
+        def uuid(self):
+            return get_hash_for_files((__file__, str(KERNELS)))
+    return DecodeAttention()
+
+
 def compile_decode(model: nn.Module) -> nn.Module:
     """Compile model's one-token decode step with torch.compile (inductor), in place, as gpt-fast does; return model.
 
     Eagerly a SmolLM2-135M step runs some 6,000 small ops besides its weight products (norms, RoPE, casts, cache
     writes, views: 1-2 us each, more than half of the step), which inductor fuses into a few C++ loops around the
-    products (each still its own kernel's call). smollm2.py's and llama31.py's models (COMPILED): they attend over their
+    products (each still its own kernel's call); attention takes fast_decode.cpp's decode_attention where it builds
+    (use_decode_attention). smollm2.py's and llama31.py's models (COMPILED): they attend over their
     whole preallocated KV cache through a mask, so one graph serves every step; the cache's length is marked
     dynamic, so the cache that generate() sizes to each request compiles no second graph. The prefill (a new length
     every request) stays eager. The first step compiles (about a minute for SmolLM2 on 2 cores; inductor
@@ -992,7 +1032,8 @@ def compile_decode(model: nn.Module) -> nn.Module:
     its fused loops sum in another order, and a near tie may then pick another greedy token. Measured and tested on
     the CPU only (the CLIs' --compile is CPU-only); on CUDA it has never run."""
     check_compiled(type(model))
-    eager, step = model.forward_cached, torch.compile(model.forward_cached)
+    options = {"post_grad_custom_pre_pass": decode_attention_pass()} if kernels() else {}
+    eager, step = model.forward_cached, torch.compile(model.forward_cached, options=options)
     stacks = [m for m in model.modules() if isinstance(m, Stack)]
     marked = weakref.WeakSet()  # caches whose length is marked dynamic
 

@@ -11,6 +11,7 @@ import copy
 import inspect
 import io
 import json
+import operator
 import os
 import subprocess
 import sys
@@ -193,6 +194,47 @@ def test_bf16_one_row_product_on_fast_decode_cpp():
                 assert calls == ({"fast_decode::bf16_linear": 1} if layer.bf16_kernel else {})
         assert product_calls(lambda: model[0](torch.randn(3, 64, dtype=torch.bfloat16))) == {}
     assert model[0](torch.randn(1, 64, dtype=torch.bfloat16)).requires_grad
+
+
+def test_decode_attention_is_sdpa_for_one_query_row():
+    """fast_decode.cpp's decode_attention (what compile_decode's steps attend with) gives F.scaled_dot_product_attention's
+    output in fp64 to float rounding: one query row a head, grouped kv heads (enable_gqa), keys and values read
+    strided from a longer cache, a float mask of 0 and -inf per batch row; a fully masked row gives zeros (as the
+    flash kernel does) and a NaN in a query makes its head NaN. The decode step's pass swaps it in for the flash
+    kernel only where it applies: one query row, float32, a float mask, no causal flag."""
+    if not fast_decode.kernels():
+        pytest.skip("fast_decode.cpp's kernels need an x86 CPU with AVX2 and a C++ compiler")
+    torch.manual_seed(0)
+    B, H, Hkv, S, D = 2, 6, 2, 37, 64
+    q = torch.randn(B, H, 1, D)
+    cache = torch.randn(2, B, Hkv, S + 11, D)  # keys and values: the first S slots of a longer cache
+    k, v = cache[0, :, :, :S], cache[1, :, :, :S]
+    mask = torch.zeros(B, 1, 1, S)
+    mask[0, ..., 30:] = float("-inf")  # row 0: slots not yet written
+    mask[1, ..., :4] = float("-inf")  # row 1: left padding
+    q[1, 3, 0, 5] = float("nan")
+    got = torch.ops.fast_decode.decode_attention(q, k, v, mask, D ** -0.5)
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double(),
+                                          enable_gqa=True)
+    assert got.shape == (B, H, 1, D) and got[1, 3].isnan().all() and not got[[0, 1], [3, 2]].isnan().any()
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert (torch.ops.fast_decode.decode_attention(q, k, v, torch.full_like(mask, float("-inf")), 0.1)[0] == 0).all()
+
+    def flash_graph(T, dtype, causal):
+        g = torch.fx.Graph()
+        fake = torch._subclasses.FakeTensorMode()
+        vals = [fake.from_tensor(t.to(dtype)) for t in (q.expand(B, H, T, D), k, v, mask.expand(B, 1, T, S))]
+        nodes = [g.placeholder(n) for n in "qkvm"]
+        for n, val in zip(nodes, vals):
+            n.meta["val"] = val
+        out = g.call_function(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+                              tuple(nodes[:3]) + (0.0, causal), {"attn_mask": nodes[3]})
+        g.output(g.call_function(operator.getitem, (out, 0)))
+        fast_decode.use_decode_attention(g)
+        return {n.target for n in g.nodes if n.op == "call_function"} - {operator.getitem}
+    assert flash_graph(1, torch.float32, False) == {torch.ops.fast_decode.decode_attention.default}
+    for args in ((7, torch.float32, False), (1, torch.bfloat16, False), (1, torch.float32, True)):
+        assert flash_graph(*args) == {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -830,11 +872,14 @@ def test_real_smollm2_int4_stays_close_to_fp32(smollm2_dir):
 # compile_decode: the decode step under torch.compile
 
 
-def product_calls(step) -> dict:
-    """{kernel: calls} of the weight products that running step() makes, as the profiler sees them."""
+PRODUCTS = ("aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm", "quantized::linear_dynamic",
+            "fast_decode::int4_linear", "fast_decode::int8_linear", "fast_decode::bf16_linear")
+
+
+def product_calls(step, kernels=PRODUCTS) -> dict:
+    """{kernel: calls} of the weight products (or other kernels) that running step() makes, as the profiler sees
+    them."""
     from torch.profiler import profile
-    kernels = ("aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm", "quantized::linear_dynamic",
-               "fast_decode::int4_linear", "fast_decode::int8_linear", "fast_decode::bf16_linear")
     with profile() as prof:
         step()
     return {e.key: e.count for e in prof.key_averages() if e.key in kernels}
@@ -846,8 +891,9 @@ def product_calls(step) -> dict:
 def test_compile_decode_steps_as_the_eager_model(name, weights, checkpoints):
     """compile_decode: every one-token step of the compiled model gives the eager model's logits (fp32: within
     1e-4 of the largest; int4: 2%, the bf16 rounding of the products' input, which a fused loop's other order of
-    sums moves); a stacked product runs once per step, not once per sibling, as in eager; and a second request,
-    whose cache has another length, compiles no new graph."""
+    sums moves); a stacked product runs once per step, not once per sibling, as in eager; attention runs on
+    fast_decode.cpp's decode_attention, once a layer, where it builds; and a second request, whose cache has
+    another length, compiles no new graph."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     eager = fast(load(name, checkpoints), weights=weights)
@@ -866,6 +912,10 @@ def test_compile_decode_steps_as_the_eager_model(name, weights, checkpoints):
         calls = product_calls(lambda: eager.forward_cached(token, slot, pad))
         assert product_calls(lambda: compiled.forward_cached(token, slot, pad)) == calls
         assert bool(calls) == (weights is not None)
+        attention = ("fast_decode::decode_attention", "aten::_scaled_dot_product_flash_attention_for_cpu")
+        n = compiled.args.n_layers
+        assert product_calls(lambda: compiled.forward_cached(token, slot, pad), attention) == (
+            {attention[0]: n} if fast_decode.kernels() else {attention[1]: n})
     for model in (eager, compiled):
         model.clear_cache()
     frames = counters["frames"]["ok"]
