@@ -14,8 +14,8 @@
 // rows, byte 4r + i weight 8c + i of row r in its low nibble and weight 8c + 4 + i in its high one (i in 0..3). Each
 // group of 32, 64, 128 or 256 weights along a row has a bf16 scale s and zero z, weight = (q - 8) * s + z with q in
 // 0..15 (fast_decode.quantize_int4's form, as PyTorch's int4 kernels take it), held per tile as (k / group, 2, 16):
-// for each group, the 16 rows' scales, then their zeros. 8-bit weights: tiles of k / 4 chunks of 64 bytes, chunk c's byte
-// 4r + i weight 4c + i of row r (held as w + 128: below), one bf16 scale per row.
+// for each group, the 16 rows' scales, then their zeros. 8-bit weights: tiles of k / 4 chunks of 64 bytes, chunk
+// c's byte 4r + i weight 4c + i of row r (held as w + 128: below), one bf16 scale per row.
 //
 // A product of 32 weights with a block of activations x ~= d * a (a int8):
 //   sum_j w_j x_j = s * d * sum_j q_j a_j + (z - 8 s) * d * sum_j a_j
@@ -25,6 +25,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <immintrin.h>
 #include <torch/library.h>
@@ -243,68 +244,103 @@ void bf16_rows(const uint16_t* w, int64_t k, const uint16_t* x, float* out) {
 }
 
 // One decode step's attention for one head: a single query row against the S cached keys and values. (PyTorch's
-// CPU flash attention blocks its work for long queries; for one row its setup costs some 25 us a call, more than
-// the arithmetic.) Dot products in 16 or 8 float lanes; the softmax as SDPA's: exp(score - max), then normalized.
-float dot(const float* a, const float* b, int64_t n) {
+// CPU flash attention blocks its work for long queries; for one row its setup costs 25-75 us a call, more than
+// the arithmetic.) In float32 or bf16 (a bf16 model's cache), summed in floats; dot products in 16 or 8 float
+// lanes; the softmax as SDPA's: exp(score - max), then normalized.
 #if WIDE
-  __m512 acc = _mm512_setzero_ps();
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), acc);
-  float total = _mm512_reduce_add_ps(acc);
+constexpr int64_t FLOATS = 16;
+using Floats = __m512;
+Floats load_floats(const float* p) { return _mm512_loadu_ps(p); }
+Floats load_floats(const c10::BFloat16* p) {
+  return bf16_floats(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+float sum_floats(Floats v) { return _mm512_reduce_add_ps(v); }
 #else
-  __m256 acc = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
-  __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-  float total = _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+constexpr int64_t FLOATS = 8;
+using Floats = __m256;
+Floats load_floats(const float* p) { return _mm256_loadu_ps(p); }
+Floats load_floats(const c10::BFloat16* p) {
+  return bf16_floats(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+float sum_floats(Floats v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
 #endif
-  for (; j < n; ++j) total += a[j] * b[j];
+
+template <typename T>
+float dot(const T* a, const T* b, int64_t n) {
+#if WIDE
+  Floats acc = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + FLOATS <= n; j += FLOATS) acc = _mm512_fmadd_ps(load_floats(a + j), load_floats(b + j), acc);
+#else
+  Floats acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + FLOATS <= n; j += FLOATS) acc = _mm256_fmadd_ps(load_floats(a + j), load_floats(b + j), acc);
+#endif
+  float total = sum_floats(acc);
+  for (; j < n; ++j) total += static_cast<float>(a[j]) * static_cast<float>(b[j]);
   return total;
 }
 
+template <typename T>
+void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& m, float scale,
+            at::Tensor& out) {
+  const int64_t H = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  const T *Q = q.data_ptr<T>(), *K = k.data_ptr<T>(), *V = v.data_ptr<T>(), *M = m.data_ptr<T>();
+  T* O = out.data_ptr<T>();
+  at::parallel_for(0, q.size(0) * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(S), o(D);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H, g = h / (H / Hkv);
+      const T* qi = Q + b * q.stride(0) + h * q.stride(1);
+      const T* kb = K + b * k.stride(0) + g * k.stride(1);
+      const T* vb = V + b * v.stride(0) + g * v.stride(1);
+      const T* mi = M + b * m.stride(0) + h * m.stride(1);
+      float top = -INFINITY;
+      for (int64_t s = 0; s < S; ++s) {
+        p[s] = scale * dot(qi, kb + s * k.stride(2), D) + static_cast<float>(mi[s * m.stride(3)]);
+        if (p[s] > top || std::isnan(p[s])) top = p[s];  // (a NaN stays, and makes the row NaN)
+      }
+      std::fill(o.begin(), o.end(), 0.f);
+      float total = 1.f;  // every slot masked: zeros, as the flash kernel gives
+      if (top != -INFINITY) {
+        total = 0.f;
+        for (int64_t s = 0; s < S; ++s) {
+          const float e = std::exp(p[s] - top);
+          total += e;
+          if (e == 0.f) continue;  // a masked slot
+          const T* vs = vb + s * v.stride(2);
+          for (int64_t d = 0; d < D; ++d) o[d] += e * static_cast<float>(vs[d]);
+        }
+      }
+      for (int64_t d = 0; d < D; ++d) O[i * D + d] = static_cast<T>(o[d] / total);
+    }
+  });
+}
+
 // q (B, H, 1, D), k and v (B, Hkv, S, D) (Hkv | H: query head h reads kv head h / (H / Hkv), as SDPA's enable_gqa),
-// mask (B or 1, H or 1, 1, S) added to the scores (0 or -inf) -> (B, H, 1, D); all float32, any strides but a unit
-// one along D.
+// mask (B or 1, H or 1, 1, S) added to the scores (0 or -inf) -> (B, H, 1, D); all float32 or all bf16, any strides
+// but a unit one along D.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                             double scale) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  const at::ScalarType type = q.scalar_type();
   for (const at::Tensor* t : {&q, &k, &v, &mask})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 4 && t->stride(3) == 1,
-                "fast_decode: decode_attention takes 4-d float32 CPU tensors, unit stride along the last axis");
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == type && t->dim() == 4 && t->stride(3) == 1 &&
+                (type == at::kFloat || type == at::kBFloat16),
+                "fast_decode: decode_attention takes 4-d CPU tensors, all float32 or all bf16, unit stride along the "
+                "last axis");
   TORCH_CHECK(q.size(2) == 1 && k.size(0) == B && v.sizes() == k.sizes() && k.size(3) == D && H % Hkv == 0,
               "fast_decode: decode_attention takes one query row a head against keys and values of one shape");
   const at::Tensor m = mask.expand({B, H, 1, S});
   at::Tensor out = at::empty({B, H, 1, D}, q.options());
-  const float *Q = q.data_ptr<float>(), *K = k.data_ptr<float>(), *V = v.data_ptr<float>(), *M = m.data_ptr<float>();
-  float* O = out.data_ptr<float>();
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(S);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H, g = h / (H / Hkv);
-      const float* qi = Q + b * q.stride(0) + h * q.stride(1);
-      const float* kb = K + b * k.stride(0) + g * k.stride(1);
-      const float* vb = V + b * v.stride(0) + g * v.stride(1);
-      const float* mi = M + b * m.stride(0) + h * m.stride(1);
-      float top = -INFINITY;
-      for (int64_t s = 0; s < S; ++s) {
-        p[s] = static_cast<float>(scale) * dot(qi, kb + s * k.stride(2), D) + mi[s * m.stride(3)];
-        if (p[s] > top || std::isnan(p[s])) top = p[s];  // (a NaN stays, and makes the row NaN)
-      }
-      float* o = O + i * D;
-      std::fill(o, o + D, 0.f);
-      if (top == -INFINITY) continue;  // every slot masked: zeros, as the flash kernel gives
-      float total = 0.f;
-      for (int64_t s = 0; s < S; ++s) {
-        const float e = std::exp(p[s] - top);
-        total += e;
-        if (e == 0.f) continue;  // a masked slot
-        const float* vs = vb + s * v.stride(2);
-        for (int64_t d = 0; d < D; ++d) o[d] += e * vs[d];
-      }
-      for (int64_t d = 0; d < D; ++d) o[d] /= total;
-    }
-  });
+  if (type == at::kFloat)
+    attend<float>(q, k, v, m, static_cast<float>(scale), out);
+  else
+    attend<c10::BFloat16>(q, k, v, m, static_cast<float>(scale), out);
   return out;
 }
 
