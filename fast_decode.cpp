@@ -1,5 +1,6 @@
-// fast_decode.py's CPU products for 4- and 8-bit weights, compiled on first use (torch.utils.cpp_extension) for
-// the instructions the CPU has: AVX-512 with VNNI, else AVX2.
+// fast_decode.py's CPU kernels, compiled on first use (torch.utils.cpp_extension) for the instructions the CPU has
+// (AVX-512 with VNNI, else AVX2): products with 4- and 8-bit weights, a one-row bf16 product, and a decode step's
+// attention (one query row a head, at the end).
 //
 // PyTorch's own int4 and int8 CPU kernels widen every weight to a float and multiply it with a float FMA. These
 // multiply in integer registers instead, as llama.cpp's Q4_1 x Q8_1 and Q8_0 x Q8_0 dot products do: each row of
@@ -243,8 +244,81 @@ void bf16_rows(const uint16_t* w, int64_t k, const uint16_t* x, float* out) {
 #endif
 }
 
+void check(const at::Tensor& x, const at::Tensor& w, int64_t k, at::ScalarType weight_type) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "fast_decode's kernels run on the CPU");
+  TORCH_CHECK(w.scalar_type() == weight_type && w.is_contiguous(), "fast_decode: weights in the wrong form");
+  TORCH_CHECK(k % (2 * BLOCK) == 0 && w.size(0) % LANES == 0, "fast_decode: the kernels need 64 | k and 16 | n");
+}
+
+// What both products share: the rows of x rounded once, then each tile of 16 weight rows times every row of x (the
+// weights stream from memory once; the rounded rows stay in cache), the tiles split between threads.
+// tile(t, a, d, sum, out): tile t times one rounded row, into its 16 outputs.
+template <typename Tile>
+at::Tensor tiled_product(const at::Tensor& x, int64_t n, const Tile& tile) {
+  const int64_t k = x.size(-1), blocks = k / BLOCK;
+  const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
+  const int64_t m = x2.size(0);
+  const Activations act = round_rows(x2);
+  at::Tensor y = at::empty({m, n}, x2.options());
+  float* Y = y.data_ptr<float>();
+  at::parallel_for(0, n / LANES, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t i = 0; i < m; ++i)
+        tile(t, act.a.data() + i * k, act.d.data() + i * blocks, act.sum.data() + i * blocks, Y + i * n + t * LANES);
+  });
+  return y;
+}
+
+// x (..., k) float or bf16; w (n, k / 2) uint8 and scales_and_zeros (n / 16, k / group, 2, 16) bf16, in tiles of
+// 16 rows (above), group 32, 64, 128 or 256 -> (rows of x, n) float32
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales_and_zeros) {
+  const int64_t k = x.size(-1), n = w.size(0), blocks = k / BLOCK;
+  check(x, w, k, at::kByte);
+  const int64_t groups = scales_and_zeros.dim() == 4 ? scales_and_zeros.size(1) : 0;
+  TORCH_CHECK(w.size(1) == k / 2 && scales_and_zeros.scalar_type() == at::kBFloat16 &&
+              scales_and_zeros.is_contiguous() && groups > 0 && blocks % groups == 0 &&
+              scales_and_zeros.numel() == n * groups * 2, "fast_decode: 4-bit weights in the wrong form");
+  const uint8_t* W = w.data_ptr<uint8_t>();
+  const uint16_t* SZ = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr());
+  return tiled_product(x, n, [&](int64_t t, const int8_t* a, const float* d, const float* sum, float* out) {
+    int4_tile(W + t * LANES * (k / 2), SZ + t * LANES * groups * 2, k, blocks / groups, a, d, sum, out);
+  });
+}
+
+// x (..., k) float or bf16; w (n, k) uint8, w + 128 in tiles of 16 rows (k / 4 chunks of 64 bytes, chunk c's byte
+// 4r + i weight 4c + i of row r); scale (n) bf16 -> (rows of x, n) float32
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  const int64_t k = x.size(-1), n = w.size(0);
+  check(x, w, k, at::kByte);
+  TORCH_CHECK(w.size(1) == k && scale.scalar_type() == at::kBFloat16 && scale.is_contiguous() && scale.size(0) == n,
+              "fast_decode: 8-bit weights in the wrong form");
+  const uint8_t* W = w.data_ptr<uint8_t>();
+  const uint16_t* S = reinterpret_cast<const uint16_t*>(scale.data_ptr());
+  return tiled_product(x, n, [&](int64_t t, const int8_t* a, const float* d, const float* sum, float* out) {
+    int8_tile(W + t * LANES * k, k, a, d, sum, out);
+    for (int64_t r = 0; r < LANES; ++r) out[r] *= bf16_float(S[t * LANES + r]);
+  });
+}
+
+// x (k) bf16, one row; w (n, k) bf16 -> (1, n) float32
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
+  const int64_t k = x.size(-1), n = w.size(0);
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && x.scalar_type() == at::kBFloat16 &&
+              w.scalar_type() == at::kBFloat16 && x.numel() == k && w.size(1) == k && k % 32 == 0 && n % 4 == 0,
+              "fast_decode: bf16_linear takes one bf16 row and bf16 weights, 32 | k and 4 | n");
+  const at::Tensor x1 = x.contiguous(), w1 = w.contiguous();
+  at::Tensor y = at::empty({1, n}, x1.options().dtype(at::kFloat));
+  const uint16_t* X = reinterpret_cast<const uint16_t*>(x1.data_ptr());
+  const uint16_t* W = reinterpret_cast<const uint16_t*>(w1.data_ptr());
+  float* Y = y.data_ptr<float>();
+  at::parallel_for(0, n / 4, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) bf16_rows(W + 4 * t * k, k, X, Y + 4 * t);
+  });
+  return y;
+}
+
 // One decode step's attention for one head: a single query row against the S cached keys and values. (PyTorch's
-// CPU flash attention blocks its work for long queries; for one row its setup costs 25-75 us a call, more than
+// CPU flash attention blocks its work for long queries; for one row its setup costs 20-60 us a call, more than
 // the arithmetic.) In float32 or bf16 (a bf16 model's cache), summed in floats; dot products in 16 or 8 float
 // lanes; the softmax as SDPA's: exp(score - max), then normalized.
 #if WIDE
@@ -342,79 +416,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   else
     attend<c10::BFloat16>(q, k, v, m, static_cast<float>(scale), out);
   return out;
-}
-
-void check(const at::Tensor& x, const at::Tensor& w, int64_t k, at::ScalarType weight_type) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "fast_decode's kernels run on the CPU");
-  TORCH_CHECK(w.scalar_type() == weight_type && w.is_contiguous(), "fast_decode: weights in the wrong form");
-  TORCH_CHECK(k % (2 * BLOCK) == 0 && w.size(0) % LANES == 0, "fast_decode: the kernels need 64 | k and 16 | n");
-}
-
-// What both products share: the rows of x rounded once, then each tile of 16 weight rows times every row of x (the
-// weights stream from memory once; the rounded rows stay in cache), the tiles split between threads.
-// tile(t, a, d, sum, out): tile t times one rounded row, into its 16 outputs.
-template <typename Tile>
-at::Tensor tiled_product(const at::Tensor& x, int64_t n, const Tile& tile) {
-  const int64_t k = x.size(-1), blocks = k / BLOCK;
-  const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
-  const int64_t m = x2.size(0);
-  const Activations act = round_rows(x2);
-  at::Tensor y = at::empty({m, n}, x2.options());
-  float* Y = y.data_ptr<float>();
-  at::parallel_for(0, n / LANES, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      for (int64_t i = 0; i < m; ++i)
-        tile(t, act.a.data() + i * k, act.d.data() + i * blocks, act.sum.data() + i * blocks, Y + i * n + t * LANES);
-  });
-  return y;
-}
-
-// x (..., k) float or bf16; w (n, k / 2) uint8 and scales_and_zeros (n / 16, k / group, 2, 16) bf16, in tiles of
-// 16 rows (above), group 32, 64, 128 or 256 -> (rows of x, n) float32
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales_and_zeros) {
-  const int64_t k = x.size(-1), n = w.size(0), blocks = k / BLOCK;
-  check(x, w, k, at::kByte);
-  const int64_t groups = scales_and_zeros.dim() == 4 ? scales_and_zeros.size(1) : 0;
-  TORCH_CHECK(w.size(1) == k / 2 && scales_and_zeros.scalar_type() == at::kBFloat16 &&
-              scales_and_zeros.is_contiguous() && groups > 0 && blocks % groups == 0 &&
-              scales_and_zeros.numel() == n * groups * 2, "fast_decode: 4-bit weights in the wrong form");
-  const uint8_t* W = w.data_ptr<uint8_t>();
-  const uint16_t* SZ = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr());
-  return tiled_product(x, n, [&](int64_t t, const int8_t* a, const float* d, const float* sum, float* out) {
-    int4_tile(W + t * LANES * (k / 2), SZ + t * LANES * groups * 2, k, blocks / groups, a, d, sum, out);
-  });
-}
-
-// x (..., k) float or bf16; w (n, k) uint8, w + 128 in tiles of 16 rows (k / 4 chunks of 64 bytes, chunk c's byte
-// 4r + i weight 4c + i of row r); scale (n) bf16 -> (rows of x, n) float32
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
-  const int64_t k = x.size(-1), n = w.size(0);
-  check(x, w, k, at::kByte);
-  TORCH_CHECK(w.size(1) == k && scale.scalar_type() == at::kBFloat16 && scale.is_contiguous() && scale.size(0) == n,
-              "fast_decode: 8-bit weights in the wrong form");
-  const uint8_t* W = w.data_ptr<uint8_t>();
-  const uint16_t* S = reinterpret_cast<const uint16_t*>(scale.data_ptr());
-  return tiled_product(x, n, [&](int64_t t, const int8_t* a, const float* d, const float* sum, float* out) {
-    int8_tile(W + t * LANES * k, k, a, d, sum, out);
-    for (int64_t r = 0; r < LANES; ++r) out[r] *= bf16_float(S[t * LANES + r]);
-  });
-}
-
-// x (k) bf16, one row; w (n, k) bf16 -> (1, n) float32
-at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
-  const int64_t k = x.size(-1), n = w.size(0);
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && x.scalar_type() == at::kBFloat16 &&
-              w.scalar_type() == at::kBFloat16 && x.numel() == k && w.size(1) == k && k % 32 == 0 && n % 4 == 0,
-              "fast_decode: bf16_linear takes one bf16 row and bf16 weights, 32 | k and 4 | n");
-  const at::Tensor x1 = x.contiguous(), w1 = w.contiguous();
-  at::Tensor y = at::empty({1, n}, x1.options().dtype(at::kFloat));
-  const uint16_t* X = reinterpret_cast<const uint16_t*>(x1.data_ptr());
-  const uint16_t* W = reinterpret_cast<const uint16_t*>(w1.data_ptr());
-  float* Y = y.data_ptr<float>();
-  at::parallel_for(0, n / 4, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) bf16_rows(W + 4 * t * k, k, X, Y + 4 * t);
-  });
-  return y;
 }
 
 }  // namespace

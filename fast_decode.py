@@ -30,7 +30,8 @@ and this module swaps them for layers with faster products, so a model file copi
   stacked matrix (Stack): one kernel call instead of three or two.
 - `threads=True` (what the CLIs pass) also sets the thread count: one per core other jobs leave idle.
 - `compile_decode(model)` (the CLIs' `--compile`): the one-token decode step under torch.compile, which fuses the
-  thousands of small ops around the products (smollm2.py's and llama31.py's models).
+  thousands of small ops around the products (smollm2.py's and llama31.py's models); its attention, one query row
+  a head, on fast_decode.cpp's decode_attention.
 
 Figures (speed, memory and perplexity against llama.cpp, per-op profiles, the machines) and how each choice
 here was measured: docs/speed.md; the commands are in benchmarks/.
@@ -983,8 +984,8 @@ def use_decode_attention(graph: torch.fx.Graph):
     """A pass over the graphs compile_decode compiles: each call of aten's CPU flash attention (what
     F.scaled_dot_product_attention runs on a CPU) that attends one query row a head through a mask of the query's
     dtype, float32 or bf16, as a decode step attends over its cache, becomes fast_decode.cpp's decode_attention. The
-    flash kernel's setup for one row costs more than its arithmetic: 25 us a call in float32, 75 in bf16, 30 calls
-    a SmolLM2 token."""
+    flash kernel's setup for one row costs more than its arithmetic: some 20 us a call in float32, 60 in bf16, 30
+    calls a SmolLM2 token."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
     for node in [n for n in graph.nodes if n.target is flash]:
         q, k, v, dropout, causal = (list(node.args) + [0.0, False])[:5]
@@ -995,7 +996,7 @@ def use_decode_attention(graph: torch.fx.Graph):
             continue
         with graph.inserting_before(node):
             new = graph.call_function(torch.ops.fast_decode.decode_attention.default,
-                                      (q, k, v, mask, scale or fake.size(-1) ** -0.5))
+                                      (q, k, v, mask, fake.size(-1) ** -0.5 if scale is None else scale))
         new.meta["val"] = fake.new_empty(fake.shape)
         for user in list(node.users):
             user.replace_all_uses_with(new)
