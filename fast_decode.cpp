@@ -319,9 +319,9 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
 
 // One decode step's attention for one head of a bf16 model: a single query row against the S cached keys and
 // values. PyTorch's CPU flash attention blocks its work for long queries and, in bf16, converts its blocks to
-// floats and back: for one row that costs 80-250 us a call, more than six times this (in float32 it takes 20-250
-// us, as fast as a plain loop like this one, so float32 models keep it). Summed in floats: dot products in 16 or 8
-// float lanes, the softmax as SDPA's (exp(score - max), then normalized), the output rounded to bf16 once.
+// floats and back: for one row, five to seven times this one's time (benchmarks/bench_decode_attention.py; in
+// float32 it is as fast as a plain loop like this, so float32 models keep it). Summed in floats: dot products in 16
+// or 8 float lanes, the softmax as SDPA's (exp(score - max), then normalized), the output rounded to bf16 once.
 #if WIDE
 constexpr int64_t FLOATS = 16;
 #else

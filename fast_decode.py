@@ -984,8 +984,9 @@ def use_decode_attention(graph: torch.fx.Graph):
     """A pass over the graphs compile_decode compiles: each call of aten's CPU flash attention (what
     F.scaled_dot_product_attention runs on a CPU) that attends one query row a head in bf16 through a bf16 mask, as
     a bf16 model's decode step attends over its cache, becomes fast_decode.cpp's decode_attention: the flash
-    kernel converts its blocks to floats and back, some 60 us a call on SmolLM2's short cache (30 calls a token),
-    six times this one. (In float32 the flash kernel is as fast as it, and stays.)"""
+    kernel converts its blocks to floats and back, 85 us a call on SmolLM2's heads and a short cache (30 calls a
+    token), five to seven times the other's time (benchmarks/bench_decode_attention.py). (In float32 the flash
+    kernel is as fast as it, and stays.)"""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
     for node in [n for n in graph.nodes if n.target is flash]:
         q, k, v, dropout, causal = (list(node.args) + [0.0, False])[:5]

@@ -6,9 +6,9 @@ bf16 model), one query row a head against a cache of S slots.
     python benchmarks/bench_decode_attention.py
     python benchmarks/bench_decode_attention.py --threads 2 --lengths 128,1024
 
-For SmolLM2-135M's heads (9 query heads, 3 kv heads of 64) and Llama-3.2-1B's (32, 8, 64), random bf16 keys,
-values and query, the mask all zeros (0 where a slot may be read, as the model files' cache mask is), both kernels
-on the same tensors, alternately, best of `repeats` runs of `calls` calls; "max diff" is the largest difference
+For SmolLM2-135M's heads (9 query heads, 3 kv heads of 64) and Llama-3.2-1B's (32, 8, 64), random bf16 keys, values
+and query, the mask all zeros (0 where a slot may be read, as the model files' cache mask is), both kernels on the
+same tensors, one after the other, best of `repeats` runs of `calls` calls; "max diff" is the largest difference
 between the two outputs (both round to bf16).
 """
 import os

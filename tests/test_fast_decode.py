@@ -202,7 +202,6 @@ def test_decode_attention_is_sdpa_for_one_query_row():
     longer cache, a mask of 0 and -inf per batch row; a fully masked row gives zeros (as the flash kernel does) and
     a NaN in a query makes its head NaN. The decode step's pass swaps it in for the flash kernel only where it
     applies: one query row, bf16, a bf16 mask, no causal flag."""
-    dtype = torch.bfloat16
     if not fast_decode.kernels():
         pytest.skip("fast_decode.cpp's kernels need an x86 CPU with AVX2 and a C++ compiler")
     torch.manual_seed(0)
@@ -214,11 +213,11 @@ def test_decode_attention_is_sdpa_for_one_query_row():
     mask[0, ..., 30:] = float("-inf")  # row 0: slots not yet written
     mask[1, ..., :4] = float("-inf")  # row 1: left padding
     q[1, 3, 0, 5] = float("nan")
-    q, k, v, mask = (t.to(dtype) for t in (q, k, v, mask))
+    q, k, v, mask = (t.bfloat16() for t in (q, k, v, mask))
     got = torch.ops.fast_decode.decode_attention(q, k, v, mask, D ** -0.5)
     want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double(),
-                                          enable_gqa=True).to(dtype)
-    assert got.shape == (B, H, 1, D) and got.dtype == dtype and got[1, 3].isnan().all()
+                                          enable_gqa=True).bfloat16()
+    assert got.shape == (B, H, 1, D) and got.dtype == torch.bfloat16 and got[1, 3].isnan().all()
     assert not got[[0, 1], [3, 2]].isnan().any()
     torch.testing.assert_close(got, want, rtol=2 ** -8, atol=2 ** -8, equal_nan=True)
     assert (torch.ops.fast_decode.decode_attention(q, k, v, torch.full_like(mask, float("-inf")), 0.1)[0] == 0).all()
@@ -235,8 +234,8 @@ def test_decode_attention_is_sdpa_for_one_query_row():
         g.output(g.call_function(operator.getitem, (out, 0)))
         fast_decode.use_decode_attention(g)
         return {n.target for n in g.nodes if n.op == "call_function"} - {operator.getitem}
-    assert flash_graph(1, dtype, False) == {torch.ops.fast_decode.decode_attention.default}
-    for args in ((7, dtype, False), (1, torch.float32, False), (1, dtype, True)):
+    assert flash_graph(1, torch.bfloat16, False) == {torch.ops.fast_decode.decode_attention.default}
+    for args in ((7, torch.bfloat16, False), (1, torch.float32, False), (1, torch.bfloat16, True)):
         assert flash_graph(*args) == {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
 
 
