@@ -1,6 +1,6 @@
 // fast_decode.py's CPU kernels, compiled on first use (torch.utils.cpp_extension) for the instructions the CPU has
-// (AVX-512 with VNNI, else AVX2): products with 4- and 8-bit weights, a one-row bf16 product, and a bf16 decode
-// step's attention (one query row a head, at the end).
+// (AVX-512 with VNNI, else AVX2): products with 4- and 8-bit weights, a one-row bf16 product, and a decode step's
+// attention (one query row a head, at the end).
 //
 // PyTorch's own int4 and int8 CPU kernels widen every weight to a float and multiply it with a float FMA. These
 // multiply in integer registers instead, as llama.cpp's Q4_1 x Q8_1 and Q8_0 x Q8_0 dot products do: each row of
@@ -317,85 +317,143 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
-// One decode step's attention for one head of a bf16 model: a single query row against the S cached keys and
-// values. PyTorch's CPU flash attention blocks its work for long queries and, in bf16, converts its blocks to
-// floats and back: for one row, five to seven times this one's time (benchmarks/bench_decode_attention.py; in
-// float32 it is as fast as a plain loop like this, so float32 models keep it). Summed in floats: dot products in 16
-// or 8 float lanes, the softmax as SDPA's (exp(score - max), then normalized), the output rounded to bf16 once.
+// One decode step's attention for one head: a single query row against the S cached keys and values, float32 or
+// bf16 (a bf16 model's cache). PyTorch's CPU flash attention blocks its work for long queries; for one row it takes
+// about twice this one's time in float32, five to seven times in bf16, where it converts its blocks to floats and
+// back (benchmarks/bench_decode_attention.py). Summed in floats: the scores as dot products in 16 or 8 float lanes,
+// SDPA's softmax (exp(score - max), normalized) with the exponentials taken 16 or 8 at a time, the values' weighted
+// sum in the same lanes, the output rounded to its dtype once.
 #if WIDE
+using Floats = __m512;
 constexpr int64_t FLOATS = 16;
+Floats splat(float x) { return _mm512_set1_ps(x); }
+Floats load_floats(const float* p) { return _mm512_loadu_ps(p); }
+Floats load_floats(const c10::BFloat16* p) {
+  return bf16_floats(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+void store_floats(float* p, Floats v) { _mm512_storeu_ps(p, v); }
+Floats add(Floats a, Floats b) { return _mm512_add_ps(a, b); }
+Floats fmadd(Floats a, Floats b, Floats c) { return _mm512_fmadd_ps(a, b, c); }
+float sum_floats(Floats v) { return _mm512_reduce_add_ps(v); }
 #else
+using Floats = __m256;
 constexpr int64_t FLOATS = 8;
+Floats splat(float x) { return _mm256_set1_ps(x); }
+Floats load_floats(const float* p) { return _mm256_loadu_ps(p); }
+Floats load_floats(const c10::BFloat16* p) {
+  return bf16_floats(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+void store_floats(float* p, Floats v) { _mm256_storeu_ps(p, v); }
+Floats add(Floats a, Floats b) { return _mm256_add_ps(a, b); }
+Floats fmadd(Floats a, Floats b, Floats c) { return _mm256_fmadd_ps(a, b, c); }
+float sum_floats(Floats v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
 #endif
 
-float dot(const uint16_t* a, const uint16_t* b, int64_t n) {  // n bf16 pairs, FLOATS | n
+// exp(x) for x <= 0 (a score less the row's largest), -inf and below -87.3 giving 0: 2^n * exp(r), n = round(x /
+// ln 2), r = x - n ln 2 (ln 2 in two parts), exp(r) by Cephes' degree-7 polynomial (expf's, within 2 ulp).
+Floats exp_neg(Floats x) {
+  const float lowest = -87.3f;  // (2^n stays a normal float)
+  const float c[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
+                     5.0000001201e-1f};
 #if WIDE
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; j += FLOATS) {
-    const __m512 x = bf16_floats(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + j)));
-    const __m512 y = bf16_floats(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + j)));
-    acc = _mm512_fmadd_ps(x, y, acc);
-  }
-  return _mm512_reduce_add_ps(acc);
+  const __mmask16 under = _mm512_cmp_ps_mask(x, splat(lowest), _CMP_LT_OQ);
+  x = _mm512_max_ps(x, splat(lowest));
+  const Floats n = _mm512_roundscale_ps(_mm512_mul_ps(x, splat(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
 #else
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t j = 0; j < n; j += FLOATS) {
-    const __m256 x = bf16_floats(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + j)));
-    const __m256 y = bf16_floats(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + j)));
-    acc = _mm256_fmadd_ps(x, y, acc);
-  }
-  __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-  return _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
+  const Floats under = _mm256_cmp_ps(x, splat(lowest), _CMP_LT_OQ);
+  x = _mm256_max_ps(x, splat(lowest));
+  const Floats n = _mm256_round_ps(_mm256_mul_ps(x, splat(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+#endif
+  const Floats r = fmadd(n, splat(2.12194440e-4f), fmadd(n, splat(-0.693359375f), x));
+  Floats poly = splat(c[0]);
+  for (int i = 1; i < 6; ++i) poly = fmadd(poly, r, splat(c[i]));
+#if WIDE
+  poly = fmadd(poly, _mm512_mul_ps(r, r), add(r, splat(1.f)));
+  const __m512i two_n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), _mm512_mul_ps(poly, _mm512_castsi512_ps(two_n)));
+#else
+  poly = fmadd(poly, _mm256_mul_ps(r, r), add(r, splat(1.f)));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(poly, _mm256_castsi256_ps(two_n)));
 #endif
 }
 
+template <typename T>
+float dot(const T* a, const T* b, int64_t n) {  // FLOATS | n
+  Floats acc = splat(0.f);
+  for (int64_t j = 0; j < n; j += FLOATS) acc = fmadd(load_floats(a + j), load_floats(b + j), acc);
+  return sum_floats(acc);
+}
+
+template <typename T>
+void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& m, float scale,
+            at::Tensor& out) {
+  const int64_t H = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  const int64_t k_slot = k.stride(2), v_slot = v.stride(2), m_slot = m.stride(3);  // (read once: not in the loops)
+  const T *Q = q.data_ptr<T>(), *K = k.data_ptr<T>(), *V = v.data_ptr<T>(), *M = m.data_ptr<T>();
+  T* O = out.data_ptr<T>();
+  at::parallel_for(0, q.size(0) * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(S), o(D);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H, g = h / (H / Hkv);
+      const T* qi = Q + b * q.stride(0) + h * q.stride(1);
+      const T* kb = K + b * k.stride(0) + g * k.stride(1);
+      const T* vb = V + b * v.stride(0) + g * v.stride(1);
+      const T* mi = M + b * m.stride(0) + h * m.stride(1);
+      float top = -INFINITY;
+      for (int64_t s = 0; s < S; ++s) {
+        p[s] = scale * dot(qi, kb + s * k_slot, D) + static_cast<float>(mi[s * m_slot]);
+        if (p[s] > top || std::isnan(p[s])) top = p[s];  // (a NaN stays)
+      }
+      if (std::isnan(top) || top == -INFINITY) {  // a NaN makes the row NaN; every slot masked, zeros (as flash)
+        std::fill(O + i * D, O + (i + 1) * D, static_cast<T>(std::isnan(top) ? NAN : 0.f));
+        continue;
+      }
+      Floats sums = splat(0.f);
+      int64_t s = 0;
+      for (; s + FLOATS <= S; s += FLOATS) {
+        const Floats e = exp_neg(add(load_floats(&p[s]), splat(-top)));
+        store_floats(&p[s], e);
+        sums = add(sums, e);
+      }
+      float total = sum_floats(sums);
+      for (; s < S; ++s) total += p[s] = std::exp(p[s] - top);
+      for (int64_t d = 0; d < D; d += FLOATS) {  // the weighted sum, FLOATS columns at a time (in one register)
+        Floats acc = splat(0.f);
+        for (s = 0; s < S; ++s)
+          if (p[s] != 0.f) acc = fmadd(splat(p[s]), load_floats(vb + s * v_slot + d), acc);  // (0: a masked slot)
+        store_floats(&o[d], acc);
+      }
+      for (int64_t d = 0; d < D; ++d) O[i * D + d] = static_cast<T>(o[d] / total);
+    }
+  });
+}
+
 // q (B, H, 1, D), k and v (B, Hkv, S, D) (Hkv | H: query head h reads kv head h / (H / Hkv), as SDPA's enable_gqa),
-// mask (B or 1, H or 1, 1, S) added to the scores (0 or -inf) -> (B, H, 1, D); all bf16, any strides but a unit one
-// along D (a multiple of 16).
+// mask (B or 1, H or 1, 1, S) added to the scores (0 or -inf) -> (B, H, 1, D); all float32 or all bf16, any strides
+// but a unit one along D (a multiple of 16).
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                             double scale) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  const at::ScalarType type = q.scalar_type();
   for (const at::Tensor* t : {&q, &k, &v, &mask})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->dim() == 4 && t->stride(3) == 1,
-                "fast_decode: decode_attention takes 4-d bf16 CPU tensors, unit stride along the last axis");
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == type && t->dim() == 4 && t->stride(3) == 1 &&
+                (type == at::kFloat || type == at::kBFloat16),
+                "fast_decode: decode_attention takes 4-d CPU tensors, all float32 or all bf16, unit stride along the "
+                "last axis");
   TORCH_CHECK(q.size(2) == 1 && k.size(0) == B && v.sizes() == k.sizes() && k.size(3) == D && H % Hkv == 0 &&
               D % 16 == 0, "fast_decode: decode_attention takes one query row a head against keys and values of one "
               "shape, 16 | head size");
   const at::Tensor m = mask.expand({B, H, 1, S});
   at::Tensor out = at::empty({B, H, 1, D}, q.options());
-  const auto bits = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); };
-  const uint16_t *Q = bits(q), *K = bits(k), *V = bits(v), *M = bits(m);
-  c10::BFloat16* O = out.data_ptr<c10::BFloat16>();
-  const float sc = static_cast<float>(scale);
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(S), o(D);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H, g = h / (H / Hkv);
-      const uint16_t* qi = Q + b * q.stride(0) + h * q.stride(1);
-      const uint16_t* kb = K + b * k.stride(0) + g * k.stride(1);
-      const uint16_t* vb = V + b * v.stride(0) + g * v.stride(1);
-      const uint16_t* mi = M + b * m.stride(0) + h * m.stride(1);
-      float top = -INFINITY;
-      for (int64_t s = 0; s < S; ++s) {
-        p[s] = sc * dot(qi, kb + s * k.stride(2), D) + bf16_float(mi[s * m.stride(3)]);
-        if (p[s] > top || std::isnan(p[s])) top = p[s];  // (a NaN stays, and makes the row NaN)
-      }
-      std::fill(o.begin(), o.end(), 0.f);
-      float total = 1.f;  // every slot masked: zeros, as the flash kernel gives
-      if (top != -INFINITY) {
-        total = 0.f;
-        for (int64_t s = 0; s < S; ++s) {
-          const float e = std::exp(p[s] - top);
-          total += e;
-          if (e == 0.f) continue;  // a masked slot
-          const uint16_t* vs = vb + s * v.stride(2);
-          for (int64_t d = 0; d < D; ++d) o[d] += e * bf16_float(vs[d]);
-        }
-      }
-      for (int64_t d = 0; d < D; ++d) O[i * D + d] = static_cast<c10::BFloat16>(o[d] / total);
-    }
-  });
+  if (type == at::kFloat)
+    attend<float>(q, k, v, m, static_cast<float>(scale), out);
+  else
+    attend<c10::BFloat16>(q, k, v, m, static_cast<float>(scale), out);
   return out;
 }
 

@@ -30,8 +30,8 @@ and this module swaps them for layers with faster products, so a model file copi
   stacked matrix (Stack): one kernel call instead of three or two.
 - `threads=True` (what the CLIs pass) also sets the thread count: one per core other jobs leave idle.
 - `compile_decode(model)` (the CLIs' `--compile`): the one-token decode step under torch.compile, which fuses the
-  thousands of small ops around the products (smollm2.py's and llama31.py's models); in a bf16 model its
-  attention, one query row a head, on fast_decode.cpp's decode_attention.
+  thousands of small ops around the products (smollm2.py's and llama31.py's models); its attention, one query row
+  a head, on fast_decode.cpp's decode_attention.
 
 Figures (speed, memory and perplexity against llama.cpp, per-op profiles, the machines) and how each choice
 here was measured: docs/speed.md; the commands are in benchmarks/.
@@ -982,18 +982,17 @@ def check_compiled(cls):
 
 def use_decode_attention(graph: torch.fx.Graph):
     """A pass over the graphs compile_decode compiles: each call of aten's CPU flash attention (what
-    F.scaled_dot_product_attention runs on a CPU) that attends one query row a head in bf16 through a bf16 mask, as
-    a bf16 model's decode step attends over its cache, becomes fast_decode.cpp's decode_attention: the flash
-    kernel converts its blocks to floats and back, 85 us a call on SmolLM2's heads and a short cache (30 calls a
-    token), five to seven times the other's time (benchmarks/bench_decode_attention.py). (In float32 the flash
-    kernel is as fast as it, and stays.)"""
+    F.scaled_dot_product_attention runs on a CPU) that attends one query row a head through a mask of the query's
+    dtype, float32 or bf16, as a decode step attends over its cache, becomes fast_decode.cpp's decode_attention: for
+    one row the flash kernel takes about twice its time in float32 and five to seven times in bf16
+    (benchmarks/bench_decode_attention.py), 30 calls a SmolLM2 token."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
     for node in [n for n in graph.nodes if n.target is flash]:
         q, k, v, dropout, causal = (list(node.args) + [0.0, False])[:5]
         mask, scale, fake = node.kwargs.get("attn_mask"), node.kwargs.get("scale"), q.meta["val"]
         # (the log-sum-exp, output 1, is read only where gradients are taken)
-        if (fake.size(2) != 1 or fake.dtype != torch.bfloat16 or dropout or causal or mask is None
-                or mask.meta["val"].dtype != torch.bfloat16 or fake.size(-1) % 16
+        if (fake.size(2) != 1 or fake.dtype not in (torch.float32, torch.bfloat16) or dropout or causal
+                or mask is None or mask.meta["val"].dtype != fake.dtype or fake.size(-1) % 16
                 or any(u.args[1] != 0 for u in node.users)):
             continue
         with graph.inserting_before(node):
@@ -1026,8 +1025,8 @@ def compile_decode(model: nn.Module) -> nn.Module:
 
     Eagerly a SmolLM2-135M step runs some 6,000 small ops besides its weight products (norms, RoPE, casts, cache
     writes, views: 1-2 us each, more than half of the step), which inductor fuses into a few C++ loops around the
-    products (each still its own kernel's call); a bf16 model's attention takes fast_decode.cpp's decode_attention
-    where it builds (use_decode_attention). smollm2.py's and llama31.py's models (COMPILED): they attend over their
+    products (each still its own kernel's call); attention takes fast_decode.cpp's decode_attention where it
+    builds (use_decode_attention). smollm2.py's and llama31.py's models (COMPILED): they attend over their
     whole preallocated KV cache through a mask, so one graph serves every step; the cache's length is marked
     dynamic, so the cache that generate() sizes to each request compiles no second graph. The prefill (a new length
     every request) stays eager. The first step compiles (about a minute for SmolLM2 on 2 cores; inductor

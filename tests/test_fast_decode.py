@@ -196,12 +196,14 @@ def test_bf16_one_row_product_on_fast_decode_cpp():
     assert model[0](torch.randn(1, 64, dtype=torch.bfloat16)).requires_grad
 
 
-def test_decode_attention_is_sdpa_for_one_query_row():
-    """fast_decode.cpp's decode_attention (what a bf16 model's compiled steps attend with) gives SDPA's output in
-    fp64, rounded to bf16: one query row a head, grouped kv heads (enable_gqa), keys and values read strided from a
-    longer cache, a mask of 0 and -inf per batch row; a fully masked row gives zeros (as the flash kernel does) and
-    a NaN in a query makes its head NaN. The decode step's pass swaps it in for the flash kernel only where it
-    applies: one query row, bf16, a bf16 mask, no causal flag."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_is_sdpa_for_one_query_row(dtype):
+    """fast_decode.cpp's decode_attention (what compiled steps attend with) gives SDPA's output in fp64 to float
+    rounding (bf16: to its own rounding of the output): one query row a head, grouped kv heads (enable_gqa), keys
+    and values read strided from a longer cache (more slots than a block of exponentials, and a remainder), a mask
+    of 0 and -inf per batch row; a fully masked row gives zeros (as the flash kernel does) and a NaN in a query
+    makes its head NaN. The decode step's pass swaps it in for the flash kernel only where it applies: one query
+    row, float32 or bf16, a mask of the query's dtype, no causal flag."""
     if not fast_decode.kernels():
         pytest.skip("fast_decode.cpp's kernels need an x86 CPU with AVX2 and a C++ compiler")
     torch.manual_seed(0)
@@ -213,13 +215,14 @@ def test_decode_attention_is_sdpa_for_one_query_row():
     mask[0, ..., 30:] = float("-inf")  # row 0: slots not yet written
     mask[1, ..., :4] = float("-inf")  # row 1: left padding
     q[1, 3, 0, 5] = float("nan")
-    q, k, v, mask = (t.bfloat16() for t in (q, k, v, mask))
+    q, k, v, mask = (t.to(dtype) for t in (q, k, v, mask))
     got = torch.ops.fast_decode.decode_attention(q, k, v, mask, D ** -0.5)
     want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double(),
-                                          enable_gqa=True).bfloat16()
-    assert got.shape == (B, H, 1, D) and got.dtype == torch.bfloat16 and got[1, 3].isnan().all()
+                                          enable_gqa=True).to(dtype)
+    assert got.shape == (B, H, 1, D) and got.dtype == dtype and got[1, 3].isnan().all()
     assert not got[[0, 1], [3, 2]].isnan().any()
-    torch.testing.assert_close(got, want, rtol=2 ** -8, atol=2 ** -8, equal_nan=True)
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -8
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol, equal_nan=True)
     assert (torch.ops.fast_decode.decode_attention(q, k, v, torch.full_like(mask, float("-inf")), 0.1)[0] == 0).all()
 
     def flash_graph(T, dtype, causal):
@@ -234,8 +237,8 @@ def test_decode_attention_is_sdpa_for_one_query_row():
         g.output(g.call_function(operator.getitem, (out, 0)))
         fast_decode.use_decode_attention(g)
         return {n.target for n in g.nodes if n.op == "call_function"} - {operator.getitem}
-    assert flash_graph(1, torch.bfloat16, False) == {torch.ops.fast_decode.decode_attention.default}
-    for args in ((7, torch.bfloat16, False), (1, torch.float32, False), (1, torch.bfloat16, True)):
+    assert flash_graph(1, dtype, False) == {torch.ops.fast_decode.decode_attention.default}
+    for args in ((7, dtype, False), (1, torch.float16, False), (1, dtype, True)):
         assert flash_graph(*args) == {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
 
 
@@ -894,8 +897,8 @@ def test_compile_decode_steps_as_the_eager_model(name, weights, checkpoints):
     """compile_decode: every one-token step of the compiled model gives the eager model's logits (fp32: within
     1e-4 of the largest; int4: 2%, the bf16 rounding of the products' input, which a fused loop's other order of
     sums moves; a bf16 model: 3%, its rounding); a stacked product runs once per step, not once per sibling, as in
-    eager; a bf16 model attends on fast_decode.cpp's decode_attention, once a layer, where it builds (else, and in
-    float32, on the flash kernel); and a second request, whose cache has another length, compiles no new graph."""
+    eager; attention runs on fast_decode.cpp's decode_attention, once a layer, where it builds (else on the flash
+    kernel); and a second request, whose cache has another length, compiles no new graph."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     bf16 = weights == "bf16"
@@ -919,7 +922,7 @@ def test_compile_decode_steps_as_the_eager_model(name, weights, checkpoints):
         attention = ("fast_decode::decode_attention", "aten::_scaled_dot_product_flash_attention_for_cpu")
         n = compiled.args.n_layers
         assert product_calls(lambda: compiled.forward_cached(token, slot, pad), attention) == (
-            {attention[0]: n} if bf16 and fast_decode.kernels() else {attention[1]: n})
+            {attention[0]: n} if fast_decode.kernels() else {attention[1]: n})
     for model in (eager, compiled):
         model.clear_cache()
     frames = counters["frames"]["ok"]
