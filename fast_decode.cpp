@@ -319,10 +319,10 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
 
 // One decode step's attention for one head: a single query row against the S cached keys and values, float32 or
 // bf16 (a bf16 model's cache). PyTorch's CPU flash attention blocks its work for long queries; for one row it takes
-// about twice this one's time in float32, five to seven times in bf16, where it converts its blocks to floats and
-// back (benchmarks/bench_decode_attention.py). Summed in floats: the scores as dot products in 16 or 8 float lanes,
-// SDPA's softmax (exp(score - max), normalized) with the exponentials taken 16 or 8 at a time, the values' weighted
-// sum in the same lanes, the output rounded to its dtype once.
+// 1.4-1.7 times this one's time in float32 (1.0-1.3 held to AVX2), 6-10 times in bf16, where it converts its blocks
+// to floats and back (benchmarks/bench_decode_attention.py). Summed in floats: the scores as dot products in 16 or
+// 8 float lanes, SDPA's softmax (exp(score - max), normalized) with the exponentials taken 16 or 8 at a time, the
+// values' weighted sum in the same lanes, the output rounded to its dtype once.
 #if WIDE
 using Floats = __m512;
 constexpr int64_t FLOATS = 16;

@@ -984,7 +984,7 @@ def use_decode_attention(graph: torch.fx.Graph):
     """A pass over the graphs compile_decode compiles: each call of aten's CPU flash attention (what
     F.scaled_dot_product_attention runs on a CPU) that attends one query row a head through a mask of the query's
     dtype, float32 or bf16, as a decode step attends over its cache, becomes fast_decode.cpp's decode_attention: for
-    one row the flash kernel takes about twice its time in float32 and five to seven times in bf16
+    one row the flash kernel takes 1.4-1.7 times its time in float32 (1.0-1.3 held to AVX2) and 6-10 times in bf16
     (benchmarks/bench_decode_attention.py), 30 calls a SmolLM2 token."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
     for node in [n for n in graph.nodes if n.target is flash]:
