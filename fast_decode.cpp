@@ -92,10 +92,18 @@ __m256 bf16_floats(__m128i h) {  // 8 bf16 -> float: the bf16 bits are a float's
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
+float sum_floats(__m256 v) {  // the sum of a register's 8 floats
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
 #if WIDE
 __m512 bf16_floats(__m256i h) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+
+float sum_floats(__m512 v) { return _mm512_reduce_add_ps(v); }
 #endif
 
 // One tile of 16 rows of 4-bit weights times one row of activations: out, the 16 rows' products. A group of
@@ -225,7 +233,7 @@ void bf16_rows(const uint16_t* w, int64_t k, const uint16_t* x, float* out) {
     const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + j);
     for (int64_t r = 0; r < 4; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(w + r * k + j), xv);
   }
-  for (int64_t r = 0; r < 4; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+  for (int64_t r = 0; r < 4; ++r) out[r] = sum_floats(acc[r]);
 #else
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int64_t j = 0; j < k; j += 8) {
@@ -236,11 +244,7 @@ void bf16_rows(const uint16_t* w, int64_t k, const uint16_t* x, float* out) {
       acc[r] = _mm256_fmadd_ps(wv, xv, acc[r]);
     }
   }
-  for (int64_t r = 0; r < 4; ++r) {
-    __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-    out[r] = _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)));
-  }
+  for (int64_t r = 0; r < 4; ++r) out[r] = sum_floats(acc[r]);
 #endif
 }
 
@@ -334,7 +338,6 @@ Floats load_floats(const c10::BFloat16* p) {
 void store_floats(float* p, Floats v) { _mm512_storeu_ps(p, v); }
 Floats add(Floats a, Floats b) { return _mm512_add_ps(a, b); }
 Floats fmadd(Floats a, Floats b, Floats c) { return _mm512_fmadd_ps(a, b, c); }
-float sum_floats(Floats v) { return _mm512_reduce_add_ps(v); }
 #else
 using Floats = __m256;
 constexpr int64_t FLOATS = 8;
@@ -346,11 +349,6 @@ Floats load_floats(const c10::BFloat16* p) {
 void store_floats(float* p, Floats v) { _mm256_storeu_ps(p, v); }
 Floats add(Floats a, Floats b) { return _mm256_add_ps(a, b); }
 Floats fmadd(Floats a, Floats b, Floats c) { return _mm256_fmadd_ps(a, b, c); }
-float sum_floats(Floats v) {
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-}
 #endif
 
 // exp(x) for x <= 0 (a score less the row's largest), -inf and below -87.3 giving 0: 2^n * exp(r), n = round(x /

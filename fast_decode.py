@@ -291,10 +291,10 @@ def kernels() -> bool:
     """Whether fast_decode.cpp's integer products are loaded (torch.ops.fast_decode), compiling them on the first
     call (a few seconds; torch.utils.cpp_extension keeps the build under ~/.cache/torch_extensions, or
     TORCH_EXTENSIONS_DIR). They multiply 4- and 8-bit weights with 8-bit activations in integer registers, faster
-    than PyTorch's own int4 and int8 CPU kernels, and one bf16 row with bf16 weights (AVX-512 BF16 where the CPU
-    has it) (docs/speed.md, "Integer kernels"). x86 only: AVX-512 with VNNI where
-    PyTorch itself runs AVX-512 code (so ATEN_CPU_CAPABILITY=avx2 holds both to AVX2), else AVX2. Without them
-    (another CPU, no C++ compiler) the layers use PyTorch's kernels, and say so once."""
+    than PyTorch's own int4 and int8 CPU kernels, one bf16 row with bf16 weights (AVX-512 BF16 where the CPU has
+    it) (docs/speed.md, "Integer kernels"), and a decode step's attention (use_decode_attention). x86 only:
+    AVX-512 with VNNI where PyTorch itself runs AVX-512 code (so ATEN_CPU_CAPABILITY=avx2 holds both to AVX2), else
+    AVX2. Without them (another CPU, no C++ compiler) the layers use PyTorch's kernels, and say so once."""
     capability = torch.backends.cpu.get_cpu_capability()
     if platform.machine().lower() not in ("x86_64", "amd64") or capability not in ("AVX2", "AVX512"):
         return False
@@ -320,7 +320,7 @@ def kernels() -> bool:
         said = [line.strip() for line in str(e).splitlines() if line.strip() and "TORCH_EXTENSION_NAME" not in line
                 and not line.startswith(("Error building extension", "[", "FAILED", "ninja: build stopped"))]
         print(f"fast_decode: could not compile {KERNELS.name} ({said[0] if said else type(e).__name__}); the 4- and "
-              "8-bit layers and bf16 rows use PyTorch's slower kernels", file=sys.stderr)
+              "8-bit layers, bf16 rows and compiled attention use PyTorch's slower kernels", file=sys.stderr)
         return False
     finally:
         builder.setLevel(level)
