@@ -1007,8 +1007,10 @@ def use_decode_attention(graph: torch.fx.Graph):
 
 def decode_attention_pass():
     """use_decode_attention as inductor takes a pass: a graph pass, not a decomposition (whose table inductor's
-    cache cannot key), with a uuid, the hash of the files it depends on, so that the compiled step is kept for the
-    next process. (torch._inductor, a second to import, only here: torch.compile imports it anyway.)"""
+    cache cannot key), with a uuid, so that the compiled step is kept for the next process: the hash of the files it
+    depends on, and the CPU capability PyTorch and fast_decode.cpp run with (a bf16 step compiled under AVX-512 and
+    read back under ATEN_CPU_CAPABILITY=avx2 gave wrong logits). (torch._inductor, a second to import, only here:
+    torch.compile imports it anyway.)"""
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
     class DecodeAttention(CustomGraphPass):
@@ -1016,7 +1018,7 @@ def decode_attention_pass():
             use_decode_attention(graph)
 
         def uuid(self):
-            return get_hash_for_files((__file__, str(KERNELS)))
+            return get_hash_for_files((__file__, str(KERNELS))), torch.backends.cpu.get_cpu_capability()
     return DecodeAttention()
 
 

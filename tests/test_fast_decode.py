@@ -242,6 +242,17 @@ def test_decode_attention_is_sdpa_for_one_query_row(dtype):
         assert flash_graph(*args) == {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
 
 
+def test_decode_attention_pass_keys_the_compiled_step_by_cpu_capability():
+    """The pass's uuid (part of inductor's cache key for the compiled step) differs between PyTorch's AVX-512 and
+    AVX2 code: a bf16 step compiled under one and read back under the other gave wrong logits."""
+    if "avx512f" not in fast_decode.cpu_flags():
+        pytest.skip("needs a CPU with AVX-512 to compare its key with AVX2's")
+    code = "import sys; sys.path.insert(0, %r); import fast_decode; print(fast_decode.decode_attention_pass().uuid())"
+    keys = {cap: subprocess.run([sys.executable, "-c", code % str(ROOT)], capture_output=True, text=True,
+                                env=dict(os.environ, ATEN_CPU_CAPABILITY=cap)).stdout for cap in ("avx2", "avx512")}
+    assert keys["avx2"] and keys["avx512"] and keys["avx2"] != keys["avx512"]
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_fast_keeps_parameters_names_and_state_dict(name, checkpoints):
     """The same parameter objects under the same names (a tied head stays tied), the same state_dict, every
