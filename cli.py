@@ -212,9 +212,11 @@ def load_model(Model, ckpt_dir, device, dtype, int8=False, int4=False, compile=F
                    f"quantized as read (python fast_decode.py quantize --ckpt_dir {ckpt_dir} --weights {weights} "
                    f"stores them once)"))
         if compile:
-            from fast_decode import compile_decode
+            from fast_decode import compile_decode, one_call
             compile_decode(model)
-            how += "; the decode step compiles as it first runs (about a minute; later runs reuse inductor's cache)"
+            how += ("; the decode step is one call of fast_decode.cpp already: nothing to compile" if one_call(model)
+                    else "; the decode step compiles as it first runs (about a minute; later runs reuse inductor's "
+                    "cache)")
     w = model.model.norm.weight  # (a quantized head makes its weight when read: a full copy)
     print(f"loaded {ckpt_dir} ({w.dtype}, {device}) in {time.time() - t0:.1f}s{how}", file=sys.stderr)
     return model

@@ -1,6 +1,6 @@
 // fast_decode.py's CPU kernels, compiled on first use (torch.utils.cpp_extension) for the instructions the CPU has
-// (AVX-512 with VNNI, else AVX2): products with 4- and 8-bit weights, a one-row bf16 product, and a decode step's
-// attention (one query row a head, at the end).
+// (AVX-512 with VNNI, else AVX2): products with 4- and 8-bit weights, a one-row bf16 product, a decode step's
+// attention (one query row a head), and, at the end, a Llama decoder's whole decode step on those in one call.
 //
 // PyTorch's own int4 and int8 CPU kernels widen every weight to a float and multiply it with a float FMA. These
 // multiply in integer registers instead, as llama.cpp's Q4_1 x Q8_1 and Q8_0 x Q8_0 dot products do: each row of
@@ -29,6 +29,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <immintrin.h>
+#include <omp.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -56,11 +57,9 @@ struct Activations {  // rows of x rounded to int8 in blocks of 32, x ~= d * a
   std::vector<float> sum; // (m, k / 32) d * sum(a): the block's zero-point term
 };
 
-Activations round_rows(const at::Tensor& x2) {
-  const int64_t m = x2.size(0), k = x2.size(1), blocks = k / BLOCK;
-  Activations r{std::vector<int8_t>(m * k), std::vector<float>(m * blocks), std::vector<float>(m * blocks)};
-  const float* x = x2.data_ptr<float>();
-  for (int64_t i = 0; i < m * blocks; ++i) {
+// One row of k floats rounded to int8 in blocks of 32: a (k), d and sum (k / 32).
+void round_row(const float* x, int64_t k, int8_t* a, float* d, float* sum) {
+  for (int64_t i = 0; i < k / BLOCK; ++i) {
     const float* xb = x + i * BLOCK;
     float amax = 0.f;
     for (int64_t j = 0; j < BLOCK; ++j) {
@@ -68,16 +67,23 @@ Activations round_rows(const at::Tensor& x2) {
       amax = v > amax || std::isnan(v) ? v : amax;  // (a NaN stays: the block's products come out NaN)
     }
     // d = 0, or below the smallest normal float (whose inverse overflows): the block is zeros
-    const float d = amax / 127.f, inv = std::isnormal(d) ? 1.f / d : 0.f;
+    const float di = amax / 127.f, inv = std::isnormal(di) ? 1.f / di : 0.f;
     int total = 0;
     for (int64_t j = 0; j < BLOCK; ++j) {
       const int v = static_cast<int>(std::nearbyint(xb[j] * inv));
-      r.a[i * BLOCK + j] = static_cast<int8_t>(v);
+      a[i * BLOCK + j] = static_cast<int8_t>(v);
       total += v;
     }
-    r.d[i] = d;
-    r.sum[i] = d * static_cast<float>(total);
+    d[i] = di;
+    sum[i] = di * static_cast<float>(total);
   }
+}
+
+Activations round_rows(const at::Tensor& x2) {
+  const int64_t m = x2.size(0), k = x2.size(1), blocks = k / BLOCK;
+  Activations r{std::vector<int8_t>(m * k), std::vector<float>(m * blocks), std::vector<float>(m * blocks)};
+  const float* x = x2.data_ptr<float>();
+  for (int64_t i = 0; i < m; ++i) round_row(x + i * k, k, &r.a[i * k], &r.d[i * blocks], &r.sum[i * blocks]);
   return r;
 }
 
@@ -248,60 +254,58 @@ void bf16_rows(const uint16_t* w, int64_t k, const uint16_t* x, float* out) {
 #endif
 }
 
-void check(const at::Tensor& x, const at::Tensor& w, int64_t k, at::ScalarType weight_type) {
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "fast_decode's kernels run on the CPU");
-  TORCH_CHECK(w.scalar_type() == weight_type && w.is_contiguous(), "fast_decode: weights in the wrong form");
-  TORCH_CHECK(k % (2 * BLOCK) == 0 && w.size(0) % LANES == 0, "fast_decode: the kernels need 64 | k and 16 | n");
-}
+// A layer's weights in tiles of 16 rows (above), 4- or 8-bit, told apart by their scales' shape:
+// - 4-bit: w (n, k / 2) uint8 and scales_and_zeros (n / 16, k / group, 2, 16) bf16, group 32, 64, 128 or 256;
+// - 8-bit: w (n, k) uint8 (each weight + 128) and scale (n) bf16.
+// tile(t, a, d, sum, out): tile t times one rounded row of activations, into its 16 outputs.
+struct Tiles {
+  const uint8_t* w;
+  const uint16_t* scales;
+  int64_t n, k, groups;  // groups: 4-bit groups along a row; 0 for 8-bit weights
 
-// What both products share: the rows of x rounded once, then each tile of 16 weight rows times every row of x (the
-// weights stream from memory once; the rounded rows stay in cache), the tiles split between threads.
-// tile(t, a, d, sum, out): tile t times one rounded row, into its 16 outputs.
-template <typename Tile>
-at::Tensor tiled_product(const at::Tensor& x, int64_t n, const Tile& tile) {
+  Tiles(const at::Tensor& weights, const at::Tensor& s, int64_t k_) : n(weights.size(0)), k(k_), groups(0) {
+    TORCH_CHECK(weights.device().is_cpu() && weights.scalar_type() == at::kByte && weights.is_contiguous() &&
+                s.scalar_type() == at::kBFloat16 && s.is_contiguous(), "fast_decode: weights in the wrong form");
+    TORCH_CHECK(k % (2 * BLOCK) == 0 && n % LANES == 0, "fast_decode: the kernels need 64 | k and 16 | n");
+    if (s.dim() == 4) {
+      groups = s.size(1);
+      TORCH_CHECK(weights.size(1) == k / 2 && groups > 0 && (k / BLOCK) % groups == 0 && s.numel() == n * groups * 2,
+                  "fast_decode: 4-bit weights in the wrong form");
+    } else {
+      TORCH_CHECK(weights.size(1) == k && s.numel() == n, "fast_decode: 8-bit weights in the wrong form");
+    }
+    w = weights.data_ptr<uint8_t>();
+    scales = reinterpret_cast<const uint16_t*>(s.data_ptr());
+  }
+
+  void tile(int64_t t, const int8_t* a, const float* d, const float* sum, float* out) const {
+    if (groups) {
+      int4_tile(w + t * LANES * (k / 2), scales + t * LANES * groups * 2, k, k / BLOCK / groups, a, d, sum, out);
+      return;
+    }
+    int8_tile(w + t * LANES * k, k, a, d, sum, out);
+    for (int64_t r = 0; r < LANES; ++r) out[r] *= bf16_float(scales[t * LANES + r]);
+  }
+};
+
+// A product: the rows of x rounded once, then each tile of 16 weight rows times every row of x (the weights stream
+// from memory once; the rounded rows stay in cache), the tiles split between threads.
+// x (..., k) float or bf16 -> (rows of x, n) float32
+at::Tensor tiled_product(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
   const int64_t k = x.size(-1), blocks = k / BLOCK;
+  TORCH_CHECK(x.device().is_cpu(), "fast_decode's kernels run on the CPU");
+  const Tiles tiles(w, scales, k);
   const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
-  const int64_t m = x2.size(0);
+  const int64_t m = x2.size(0), n = tiles.n;
   const Activations act = round_rows(x2);
   at::Tensor y = at::empty({m, n}, x2.options());
   float* Y = y.data_ptr<float>();
   at::parallel_for(0, n / LANES, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t i = 0; i < m; ++i)
-        tile(t, act.a.data() + i * k, act.d.data() + i * blocks, act.sum.data() + i * blocks, Y + i * n + t * LANES);
+        tiles.tile(t, &act.a[i * k], &act.d[i * blocks], &act.sum[i * blocks], Y + i * n + t * LANES);
   });
   return y;
-}
-
-// x (..., k) float or bf16; w (n, k / 2) uint8 and scales_and_zeros (n / 16, k / group, 2, 16) bf16, in tiles of
-// 16 rows (above), group 32, 64, 128 or 256 -> (rows of x, n) float32
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales_and_zeros) {
-  const int64_t k = x.size(-1), n = w.size(0), blocks = k / BLOCK;
-  check(x, w, k, at::kByte);
-  const int64_t groups = scales_and_zeros.dim() == 4 ? scales_and_zeros.size(1) : 0;
-  TORCH_CHECK(w.size(1) == k / 2 && scales_and_zeros.scalar_type() == at::kBFloat16 &&
-              scales_and_zeros.is_contiguous() && groups > 0 && blocks % groups == 0 &&
-              scales_and_zeros.numel() == n * groups * 2, "fast_decode: 4-bit weights in the wrong form");
-  const uint8_t* W = w.data_ptr<uint8_t>();
-  const uint16_t* SZ = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr());
-  return tiled_product(x, n, [&](int64_t t, const int8_t* a, const float* d, const float* sum, float* out) {
-    int4_tile(W + t * LANES * (k / 2), SZ + t * LANES * groups * 2, k, blocks / groups, a, d, sum, out);
-  });
-}
-
-// x (..., k) float or bf16; w (n, k) uint8, w + 128 in tiles of 16 rows (k / 4 chunks of 64 bytes, chunk c's byte
-// 4r + i weight 4c + i of row r); scale (n) bf16 -> (rows of x, n) float32
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
-  const int64_t k = x.size(-1), n = w.size(0);
-  check(x, w, k, at::kByte);
-  TORCH_CHECK(w.size(1) == k && scale.scalar_type() == at::kBFloat16 && scale.is_contiguous() && scale.size(0) == n,
-              "fast_decode: 8-bit weights in the wrong form");
-  const uint8_t* W = w.data_ptr<uint8_t>();
-  const uint16_t* S = reinterpret_cast<const uint16_t*>(scale.data_ptr());
-  return tiled_product(x, n, [&](int64_t t, const int8_t* a, const float* d, const float* sum, float* out) {
-    int8_tile(W + t * LANES * k, k, a, d, sum, out);
-    for (int64_t r = 0; r < LANES; ++r) out[r] *= bf16_float(S[t * LANES + r]);
-  });
 }
 
 // x (k) bf16, one row; w (n, k) bf16 -> (1, n) float32
@@ -387,6 +391,38 @@ float dot(const T* a, const T* b, int64_t n) {  // FLOATS | n
   return sum_floats(acc);
 }
 
+// One head: query row q against S keys and values (rows k_slot and v_slot apart) through the mask's S additive
+// terms (m_slot apart) -> out (D). p (S) and o (D): the caller's scratch.
+template <typename T>
+void attend_head(const T* q, const T* k, const T* v, const T* mask, int64_t S, int64_t D, int64_t k_slot,
+                 int64_t v_slot, int64_t m_slot, float scale, float* p, float* o, T* out) {
+  float top = -INFINITY;
+  for (int64_t s = 0; s < S; ++s) {
+    p[s] = scale * dot(q, k + s * k_slot, D) + static_cast<float>(mask[s * m_slot]);
+    if (p[s] > top || std::isnan(p[s])) top = p[s];  // (a NaN stays)
+  }
+  if (std::isnan(top) || top == -INFINITY) {  // a NaN makes the row NaN; every slot masked, zeros (as flash)
+    std::fill(out, out + D, static_cast<T>(std::isnan(top) ? NAN : 0.f));
+    return;
+  }
+  Floats sums = splat(0.f);
+  int64_t s = 0;
+  for (; s + FLOATS <= S; s += FLOATS) {
+    const Floats e = exp_neg(add(load_floats(&p[s]), splat(-top)));
+    store_floats(&p[s], e);
+    sums = add(sums, e);
+  }
+  float total = sum_floats(sums);
+  for (; s < S; ++s) total += p[s] = std::exp(p[s] - top);
+  for (int64_t d = 0; d < D; d += FLOATS) {  // the weighted sum, FLOATS columns at a time (in one register)
+    Floats acc = splat(0.f);
+    for (s = 0; s < S; ++s)
+      if (p[s] != 0.f) acc = fmadd(splat(p[s]), load_floats(v + s * v_slot + d), acc);  // (0: a masked slot)
+    store_floats(&o[d], acc);
+  }
+  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(o[d] / total);
+}
+
 template <typename T>
 void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& m, float scale,
             at::Tensor& out) {
@@ -398,35 +434,9 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
     std::vector<float> p(S), o(D);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H, g = h / (H / Hkv);
-      const T* qi = Q + b * q.stride(0) + h * q.stride(1);
-      const T* kb = K + b * k.stride(0) + g * k.stride(1);
-      const T* vb = V + b * v.stride(0) + g * v.stride(1);
-      const T* mi = M + b * m.stride(0) + h * m.stride(1);
-      float top = -INFINITY;
-      for (int64_t s = 0; s < S; ++s) {
-        p[s] = scale * dot(qi, kb + s * k_slot, D) + static_cast<float>(mi[s * m_slot]);
-        if (p[s] > top || std::isnan(p[s])) top = p[s];  // (a NaN stays)
-      }
-      if (std::isnan(top) || top == -INFINITY) {  // a NaN makes the row NaN; every slot masked, zeros (as flash)
-        std::fill(O + i * D, O + (i + 1) * D, static_cast<T>(std::isnan(top) ? NAN : 0.f));
-        continue;
-      }
-      Floats sums = splat(0.f);
-      int64_t s = 0;
-      for (; s + FLOATS <= S; s += FLOATS) {
-        const Floats e = exp_neg(add(load_floats(&p[s]), splat(-top)));
-        store_floats(&p[s], e);
-        sums = add(sums, e);
-      }
-      float total = sum_floats(sums);
-      for (; s < S; ++s) total += p[s] = std::exp(p[s] - top);
-      for (int64_t d = 0; d < D; d += FLOATS) {  // the weighted sum, FLOATS columns at a time (in one register)
-        Floats acc = splat(0.f);
-        for (s = 0; s < S; ++s)
-          if (p[s] != 0.f) acc = fmadd(splat(p[s]), load_floats(vb + s * v_slot + d), acc);  // (0: a masked slot)
-        store_floats(&o[d], acc);
-      }
-      for (int64_t d = 0; d < D; ++d) O[i * D + d] = static_cast<T>(o[d] / total);
+      attend_head(Q + b * q.stride(0) + h * q.stride(1), K + b * k.stride(0) + g * k.stride(1),
+                  V + b * v.stride(0) + g * v.stride(1), M + b * m.stride(0) + h * m.stride(1), S, D, k_slot, v_slot,
+                  m_slot, scale, p.data(), o.data(), O + i * D);
     }
   });
 }
@@ -455,6 +465,134 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
+// A decode step through every layer of a Llama-family decoder (smollm2.py's and llama31.py's Block: RMSNorm,
+// attention with RoPE over the KV cache, RMSNorm, SwiGLU, each added to the residual stream), one token a row, the
+// products on the tiles above. One call a step, where a compiled PyTorch step makes some 300 calls, each a parallel
+// region of its own with Python between them, which cost a SmolLM2 step more than its products do
+// (docs/speed.md). The threads stay in one parallel region for the step and wait for each other only where the
+// next work reads what the others wrote, six times a layer; each normalizes and rounds for itself the rows that
+// all of them read, which costs less than a wait.
+// x (B, dim) float32, the token's embedding; weights, 10 a layer: input norm (dim), q/k/v stacked (tiles, scales),
+// o (tiles, scales), post-attention norm, gate/up stacked (tiles, scales), down (tiles, scales), norms float32;
+// caches, 2 a layer: k and v (B, n_kv_heads, S, head_dim) float32, written at slot; cos and sin (B, head_dim)
+// float32, RoPE at the token's position; mask (B, S) bool, the slots each row attends to -> the last layer's
+// output (B, dim), before the final norm.
+at::Tensor llama_layers(const at::Tensor& x, at::TensorList weights, at::TensorList caches, const at::Tensor& cos,
+                        const at::Tensor& sin, const at::Tensor& mask, int64_t slot, int64_t n_heads,
+                        int64_t n_kv_heads, double eps) {
+  const int64_t L = static_cast<int64_t>(caches.size()) / 2;
+  TORCH_CHECK(L > 0 && weights.size() == 10 * caches.size() / 2 && x.dim() == 2 && cos.dim() == 2,
+              "fast_decode: llama_layers takes 10 weights and 2 caches a layer, x (B, dim), cos (B, head_dim)");
+  const int64_t B = x.size(0), dim = x.size(1), hd = cos.size(1), S = caches[0].size(2);
+  const int64_t nq = n_heads * hd, nkv = n_kv_heads * hd, width = nq + 2 * nkv;  // width: a row of q/k/v
+  for (const at::Tensor* t : {&x, &cos, &sin})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->size(0) == B,
+                "fast_decode: llama_layers takes float32 rows on the CPU");
+  TORCH_CHECK(sin.sizes() == cos.sizes() && mask.scalar_type() == at::kBool && mask.is_contiguous() &&
+              mask.numel() == B * S && 0 <= slot && slot < S && hd % 16 == 0 && n_kv_heads > 0 &&
+              n_heads % n_kv_heads == 0, "fast_decode: llama_layers' RoPE, mask or heads in the wrong form");
+  std::vector<Tiles> tiles;  // 4 a layer: q/k/v, o, gate/up, down
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor* w = &weights[10 * l];
+    for (const at::Tensor* norm : {&w[0], &w[5]})
+      TORCH_CHECK(norm->scalar_type() == at::kFloat && norm->is_contiguous() && norm->numel() == dim,
+                  "fast_decode: llama_layers' norms are float32 (dim)");
+    for (int64_t c = 0; c < 2; ++c)
+      TORCH_CHECK(caches[2 * l + c].scalar_type() == at::kFloat && caches[2 * l + c].is_contiguous() &&
+                  caches[2 * l + c].sizes() == at::IntArrayRef({B, n_kv_heads, S, hd}),
+                  "fast_decode: llama_layers' caches are float32 (B, n_kv_heads, S, head_dim)");
+    tiles.emplace_back(w[1], w[2], dim);
+    tiles.emplace_back(w[3], w[4], nq);
+    tiles.emplace_back(w[6], w[7], dim);
+    tiles.emplace_back(w[8], w[9], tiles.back().n / 2);
+    TORCH_CHECK(tiles[4 * l].n == width && tiles[4 * l + 1].n == dim && tiles[4 * l + 3].n == dim &&
+                tiles[4 * l + 2].n == tiles[2].n, "fast_decode: llama_layers' products have the wrong shapes");
+  }
+  const int64_t hidden = tiles[2].n / 2, widest = std::max({dim, nq, hidden});
+  at::Tensor out = x.clone();
+  float* h = out.data_ptr<float>();  // the residual stream (B, dim)
+  std::vector<float> qkv(B * width), y(B * nq), gate_up(B * 2 * hidden), m(B * S);
+  const bool* seen = mask.data_ptr<bool>();
+  for (int64_t i = 0; i < B * S; ++i) m[i] = seen[i] ? 0.f : -INFINITY;
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd)), epsilon = static_cast<float>(eps);
+  const float *COS = cos.data_ptr<float>(), *SIN = sin.data_ptr<float>();
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+    std::vector<int8_t> a(B * widest);  // this thread's rounded rows
+    std::vector<float> d(B * widest / BLOCK), sum(B * widest / BLOCK), row(widest), p(S), o(hd), part(LANES);
+    auto first = [&](int64_t n) { return n * t / T; };  // this thread's share of n items: first(n) to last(n)
+    auto last = [&](int64_t n) { return n * (t + 1) / T; };
+    auto round = [&](const float* r, int64_t k, int64_t b) {  // row b of the next product's input
+      round_row(r, k, &a[b * k], &d[b * k / BLOCK], &sum[b * k / BLOCK]);
+    };
+    auto round_normed = [&](const float* weight) {  // RMSNorm of each row of h, as the model's RMSNorm
+      for (int64_t b = 0; b < B; ++b) {
+        const float* hb = h + b * dim;
+        float squares = 0.f;
+        for (int64_t j = 0; j < dim; ++j) squares += hb[j] * hb[j];
+        const float r = 1.f / std::sqrt(squares / dim + epsilon);
+        for (int64_t j = 0; j < dim; ++j) row[j] = hb[j] * r * weight[j];
+        round(row.data(), dim, b);
+      }
+    };
+    auto multiply = [&](const Tiles& w, float* out_rows, bool residual) {  // this thread's tiles, every row
+      for (int64_t tile = first(w.n / LANES); tile < last(w.n / LANES); ++tile)
+        for (int64_t b = 0; b < B; ++b) {
+          w.tile(tile, &a[b * w.k], &d[b * w.k / BLOCK], &sum[b * w.k / BLOCK], part.data());
+          float* target = out_rows + b * w.n + tile * LANES;
+          for (int64_t r = 0; r < LANES; ++r) target[r] = residual ? target[r] + part[r] : part[r];
+        }
+    };
+    auto rope = [&](float* v, int64_t b) {  // (v_i, v_{i+hd/2}) rotated, as the model's apply_rope
+      const float *c = COS + b * hd, *s = SIN + b * hd;
+      std::copy(v, v + hd, o.begin());
+      for (int64_t i = 0; i < hd / 2; ++i) {
+        v[i] = o[i] * c[i] - o[i + hd / 2] * s[i];
+        v[i + hd / 2] = o[i + hd / 2] * c[i + hd / 2] + o[i] * s[i + hd / 2];
+      }
+    };
+    for (int64_t l = 0; l < L; ++l) {
+      const at::Tensor* w = &weights[10 * l];
+      float *K = caches[2 * l].data_ptr<float>(), *V = caches[2 * l + 1].data_ptr<float>();
+      round_normed(w[0].data_ptr<float>());
+      multiply(tiles[4 * l], qkv.data(), false);
+#pragma omp barrier
+      for (int64_t i = first(B * (n_heads + n_kv_heads)); i < last(B * (n_heads + n_kv_heads)); ++i) {
+        const int64_t b = i / (n_heads + n_kv_heads), j = i % (n_heads + n_kv_heads);
+        float* head = &qkv[b * width + j * hd];  // a query head, or (j >= n_heads) a key head
+        rope(head, b);
+        if (j >= n_heads) {  // the key and its value into the cache
+          const int64_t at = ((b * n_kv_heads + j - n_heads) * S + slot) * hd;
+          std::copy(head, head + hd, K + at);
+          std::copy(head + nkv, head + nkv + hd, V + at);
+        }
+      }
+#pragma omp barrier
+      for (int64_t i = first(B * n_heads); i < last(B * n_heads); ++i) {
+        const int64_t b = i / n_heads, g = i % n_heads / (n_heads / n_kv_heads), at = (b * n_kv_heads + g) * S * hd;
+        attend_head(&qkv[b * width + i % n_heads * hd], K + at, V + at, &m[b * S], S, hd, hd, hd, 1, scale,
+                    p.data(), o.data(), &y[i * hd]);
+      }
+#pragma omp barrier
+      for (int64_t b = 0; b < B; ++b) round(&y[b * nq], nq, b);
+      multiply(tiles[4 * l + 1], h, true);
+#pragma omp barrier
+      round_normed(w[5].data_ptr<float>());
+      multiply(tiles[4 * l + 2], gate_up.data(), false);
+#pragma omp barrier
+      for (int64_t b = 0; b < B; ++b) {  // SwiGLU: silu(gate) * up
+        const float* g = &gate_up[b * 2 * hidden];
+        for (int64_t j = 0; j < hidden; ++j) row[j] = g[j] / (1.f + std::exp(-g[j])) * g[hidden + j];
+        round(row.data(), hidden, b);
+      }
+      multiply(tiles[4 * l + 3], h, true);
+#pragma omp barrier
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fast_decode, m) {
@@ -462,11 +600,14 @@ TORCH_LIBRARY(fast_decode, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
+  m.def("llama_layers(Tensor x, Tensor[] weights, Tensor(a!)[] caches, Tensor cos, Tensor sin, Tensor mask, "
+        "int slot, int n_heads, int n_kv_heads, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fast_decode, CPU, m) {
-  m.impl("int4_linear", &int4_linear);
-  m.impl("int8_linear", &int8_linear);
+  m.impl("int4_linear", &tiled_product);  // (the scales' shape tells the two apart)
+  m.impl("int8_linear", &tiled_product);
   m.impl("bf16_linear", &bf16_linear);
   m.impl("decode_attention", &decode_attention);
+  m.impl("llama_layers", &llama_layers);
 }

@@ -29,9 +29,12 @@ and this module swaps them for layers with faster products, so a model file copi
 - Quantized layers that a model calls one after another on one input (q/k/v, gate/up) are multiplied as one
   stacked matrix (Stack): one kernel call instead of three or two.
 - `threads=True` (what the CLIs pass) also sets the thread count: one per core other jobs leave idle.
-- `compile_decode(model)` (the CLIs' `--compile`): the one-token decode step under torch.compile, which fuses the
-  thousands of small ops around the products (smollm2.py's and llama31.py's models); its attention, one query row
-  a head, on fast_decode.cpp's decode_attention.
+- A decode step of smollm2.py's and llama31.py's models whose products are all on fast_decode.cpp's integer
+  kernels (int8 or int4 weights, float32 otherwise) runs its layers in one call of fast_decode.cpp (OneCallTrunk):
+  the hundreds of small calls around the products cost a small model's step more than its products do.
+- `compile_decode(model)` (the CLIs' `--compile`): the one-token decode step of the others under torch.compile,
+  which fuses the thousands of small ops around the products (smollm2.py's and llama31.py's models); its attention,
+  one query row a head, on fast_decode.cpp's decode_attention.
 
 Figures (speed, memory and perplexity against llama.cpp, per-op profiles, the machines) and how each choice
 here was measured: docs/speed.md; the commands are in benchmarks/.
@@ -770,6 +773,7 @@ def fast(model: nn.Module, weights: str | None = None, group_size: int = 32, rou
     with torch.no_grad():
         quantize_layers(model, weights, group_size, get, calibrated={p for p, m in model.named_modules()
                                                                       if m in absmax})
+    one_call_step(model)
     return model
 
 
@@ -938,6 +942,7 @@ def load(cls, ckpt_dir, weights: str | None = None, group_size: int = 32, roundi
                              f"with `python fast_decode.py quantize --ckpt_dir {ckpt_dir} --weights {weights}`")
     model = build(cls, ckpt_dir, weights, group_size, rounding, device, dtype, stored if stored.is_file() else None,
                   calibration=calibration, **kwargs)
+    one_call_step(model)
     if threads:
         torch.set_num_threads(decode_threads())
     return model
@@ -1035,8 +1040,12 @@ def compile_decode(model: nn.Module) -> nn.Module:
     keeps what it built in its cache folder, so a later process takes seconds); it needs a C++ compiler, as
     inductor does on a CPU. The compiled step's logits match the eager step's to rounding, not bit for bit:
     its fused loops sum in another order, and a near tie may then pick another greedy token. Measured and tested on
-    the CPU only (the CLIs' --compile is CPU-only); on CUDA it has never run."""
+    the CPU only (the CLIs' --compile is CPU-only); on CUDA it has never run. A model whose step is one call of
+    fast_decode.cpp already (one_call: its products all on the integer kernels' tiles) is left as it is: that step
+    is faster than a compiled one (docs/speed.md)."""
     check_compiled(type(model))
+    if one_call(model):
+        return model
     options = {"post_grad_custom_pre_pass": decode_attention_pass()} if kernels() else {}
     eager, step = model.forward_cached, torch.compile(model.forward_cached, options=options)
     stacks = [m for m in model.modules() if isinstance(m, Stack)]
@@ -1059,6 +1068,88 @@ def compile_decode(model: nn.Module) -> nn.Module:
 
     model.forward_cached = forward_cached  # an instance attribute: generate() calls it instead of the method
     return model
+
+
+# -----------------------------------------------------------------------------
+# A decode step in one call
+
+
+def tiles(layer: nn.Module) -> list[torch.Tensor] | None:
+    """A quantized layer's weights as fast_decode.cpp's tiles and scales, or None where they are not so held."""
+    if type(layer) not in (Int4Linear, Int8Linear) or not layer.integer or layer.bias is not None:
+        return None
+    return [layer.packed, layer.scales_and_zeros] if type(layer) is Int4Linear else [layer.q, layer.scale]
+
+
+def stacked(*siblings: nn.Module) -> nn.Module | None:
+    """The Stack's layer whose rows the siblings are, one after another from the first, or None."""
+    stack = getattr(siblings[0], "stack", None)
+    ends = [0] + [getattr(s, "end", None) for s in siblings]
+    if not all(type(s) is Sibling and s.stack is stack and s.start == e for s, e in zip(siblings, ends)):
+        return None
+    return stack.layer if ends[-1] == stack.layer.out_features else None
+
+
+def one_call_weights(model: nn.Module) -> list[torch.Tensor] | None:
+    """What fast_decode.cpp's llama_layers takes of model's layers, 10 tensors a layer (its input norm, q/k/v as
+    one stack, o, its post-attention norm, gate/up as one stack, down), or None where it cannot run them: a model
+    not of smollm2.py's or llama31.py's classes, a product not on fast_decode.cpp's tiles, or not in float32."""
+    if type(model).__name__ not in COMPILED or not kernels() or model.args.head_dim % 16:
+        return None
+    weights = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        products = [tiles(m) if m is not None else None for m in (
+            stacked(attn.q_proj, attn.k_proj, attn.v_proj), attn.o_proj,
+            stacked(mlp.gate_proj, mlp.up_proj), mlp.down_proj)]
+        norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+        if None in products or any(n.dtype != torch.float32 or n.device.type not in ("cpu", "meta") for n in norms):
+            return None
+        weights += [norms[0], *products[0], *products[1], norms[1], *products[2], *products[3]]
+    return weights
+
+
+class OneCallTrunk:
+    """model.trunk for a decode step of smollm2.py's and llama31.py's models quantized onto fast_decode.cpp's tiles:
+    the layers of a step (one token a row, against the cache) in one call of fast_decode.cpp's llama_layers, where a
+    compiled PyTorch step makes some 300 calls, each its own parallel region with Python between them, which cost
+    a SmolLM2 step more than its products do (docs/speed.md). The embedding, RoPE's angles and the final norm are
+    the model's own; every other call (a prefill, training, a cacheless forward) runs the model's own trunk. Its
+    logits match the model's own step to rounding (the same products and rounded inputs; norms, softmax and SiLU
+    summed in another order). The tensors are read again for each new cache (generate() makes one a request)."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.cache, self.weights = model, None, None
+        self.rope_cos_sin = sys.modules[type(model).__module__].rope_cos_sin  # the model file's own
+
+    def __call__(self, tokens, pos, mask, input_pos=None):
+        model = self.model
+        attns = [layer.self_attn for layer in model.model.layers]
+        if input_pos is None or tokens.size(1) != 1 or attns[0].cache is None:
+            return type(model).trunk(model, tokens, pos, mask, input_pos)
+        if attns[0].cache is not self.cache:  # a new request: its caches, and the weights as they are now
+            self.cache, self.weights = attns[0].cache, one_call_weights(model)
+            self.caches = [t for a in attns for t in (a.cache.k, a.cache.v)]
+        x = model.model.embed_tokens(tokens)  # (B, 1, dim)
+        if self.weights is None or x.dtype != torch.float32 or self.caches[0].dtype != torch.float32:
+            return type(model).trunk(model, tokens, pos, mask, input_pos)
+        B, _, dim = x.shape
+        cos, sin = self.rope_cos_sin(model.inv_freq, pos, x.dtype)  # (B, 1, 1, head_dim)
+        h = torch.ops.fast_decode.llama_layers(
+            x.view(B, dim), self.weights, self.caches, cos.view(B, -1), sin.view(B, -1), mask.reshape(B, -1),
+            int(input_pos[0]), model.args.n_heads, model.args.n_kv_heads, model.args.norm_eps)
+        return model.model.norm(h.view(B, 1, dim))
+
+
+def one_call_step(model: nn.Module):
+    """Give model a OneCallTrunk where its layers are all on fast_decode.cpp's tiles (one_call_weights), in place."""
+    if one_call_weights(model) is not None:
+        model.trunk = OneCallTrunk(model)  # an instance attribute: forward_cached calls it instead of the method
+
+
+def one_call(model: nn.Module) -> bool:
+    """Whether model's decode step is one call of fast_decode.cpp (one_call_step gave it a OneCallTrunk)."""
+    return isinstance(vars(model).get("trunk"), OneCallTrunk)
 
 
 # -----------------------------------------------------------------------------

@@ -28,8 +28,11 @@ from that file; ours reads the same checkpoint. Per precision:
 int8 and int4 keep the rest of the model (norms, attention, the KV cache) in --quant_dtype: float32 by default,
 since on this machine PyTorch's one-query bf16 attention is several times slower than fp32's
 (bench_cpu_kernels.py), and the products take bf16 activations either way.
-With --compile, ours is timed a second time, its decode step compiled (fast_decode.compile_decode: torch.compile,
-one graph for every step; the prefill eager), interleaved with the other two; the compiling happens in the warm-up.
+Where all of a model's products are on fast_decode.cpp's integer kernels (int8, int4 in float32), its decode step
+is one call of fast_decode.cpp ("one call a step": fast_decode.OneCallTrunk), as the CLIs run it.
+With --compile, ours is timed a second time, its decode step compiled (fast_decode.compile_decode: torch.compile of
+the model's own step, without the one call; one graph for every step, the prefill eager), interleaved with the
+other two; the compiling happens in the warm-up.
 Both engines decode N tokens from an empty context: llama.cpp with `llama-bench -p 0 -n N` (its own timing of
 the generation), ours with the model file's generate from a one-token prompt (the model's BOS), batch 1,
 greedy, tokens/s from the first new token to the last. Both use the same threads (torch's default, one per
@@ -275,7 +278,9 @@ def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models:
             ours_kv = per_position * (len(ids) + new_tokens)  # the whole preallocated cache, as gpt-fast: fixed shapes
             ours_mb = (streamed_bytes(model) + ours_kv * dtype.itemsize) / 1e6
             ours_decode_tps(model, ids, 4)  # warm-up (and the one-time reorder of bf16 weights)
-            if compile:
+            one_call = vars(model).get("trunk")  # fast_decode's OneCallTrunk, where the products are all on its tiles
+            if compile:  # torch.compile's step of the model's own layers, without the one call
+                vars(model).pop("trunk", None)
                 compiled = fast_decode.compile_decode(model).forward_cached
                 ours_decode_tps(model, ids, 4)  # the compiling
                 del model.forward_cached  # the eager method again; the compiled one is set for its own runs
@@ -283,8 +288,11 @@ def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models:
                 llama_bench(bin_dir, gguf, threads, 4)
             ours, ours_compiled, theirs, rss = [], [], {k: [] for k in kinds}, dict.fromkeys(kinds, 0)
             for _ in range(repeats):
+                if one_call:
+                    model.trunk = one_call
                 ours.append(ours_decode_tps(model, ids, new_tokens))
                 if compile:
+                    vars(model).pop("trunk", None)
                     model.forward_cached = compiled
                     ours_compiled.append(ours_decode_tps(model, ids, new_tokens))
                     del model.forward_cached
@@ -297,8 +305,9 @@ def main(llama_cpp: str | None = None, llama_cpp_src: str | None = None, models:
             del model
             ref = max(theirs[kinds[0]])
             what = f"{weights + ' ' if weights else ''}{dtype}"
-            rows.append(dict(model=name, precision=precision, engine=f"ours ({what})", tps=max(ours), mb=ours_mb,
-                             rss_gib=ours_peak_rss(name, ckpt, dtype, precision), held_gib=held, ref=ref))
+            rows.append(dict(model=name, precision=precision,
+                             engine=f"ours ({what}{', one call a step' if one_call else ''})", tps=max(ours),
+                             mb=ours_mb, rss_gib=ours_peak_rss(name, ckpt, dtype, precision), held_gib=held, ref=ref))
             if compile:  # (its peak memory is not measured: a fresh process would compile again)
                 rows.append(dict(model=name, precision=precision, engine=f"ours ({what}), compiled",
                                  tps=max(ours_compiled), mb=ours_mb, rss_gib=None, held_gib=held, ref=ref))

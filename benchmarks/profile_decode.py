@@ -39,10 +39,11 @@ from cli import cli  # noqa: E402
 
 # the ops that multiply by a weight matrix (fp32 F.linear -> addmm/mm; the fast fp32 split -> bmm; bf16 ->
 # oneDNN's linear; int8 and int4 -> fast_decode.cpp's kernels, or PyTorch's where those cannot run; a8w8 -> fbgemm's,
-# and addmm for its outlier channels)
+# and addmm for its outlier channels). A step in one call (fast_decode.OneCallTrunk) multiplies inside
+# fast_decode::llama_layers, which counts as products here, its norms, RoPE and attention with them.
 PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm",
             "aten::_weight_int4pack_mm_for_cpu", "quantized::linear_dynamic", "fast_decode::int4_linear",
-            "fast_decode::int8_linear", "fast_decode::bf16_linear"}
+            "fast_decode::int8_linear", "fast_decode::bf16_linear", "fast_decode::llama_layers"}
 
 
 def decode_steps(model, ids, steps):
