@@ -57,23 +57,49 @@ struct Activations {  // rows of x rounded to int8 in blocks of 32, x ~= d * a
   std::vector<float> sum; // (m, k / 32) d * sum(a): the block's zero-point term
 };
 
-// One row of k floats rounded to int8 in blocks of 32: a (k), d and sum (k / 32).
+// One row of k floats rounded to int8 in blocks of 32: a (k), d and sum (k / 32). Each block's largest |x| (a NaN
+// kept: the block's products come out NaN) sets d = max / 127; x / d rounded to the nearest integer (ties to even,
+// as nearbyint) is at most 127, so the saturating narrowing to bytes is exact.
 void round_row(const float* x, int64_t k, int8_t* a, float* d, float* sum) {
-  for (int64_t i = 0; i < k / BLOCK; ++i) {
-    const float* xb = x + i * BLOCK;
-    float amax = 0.f;
-    for (int64_t j = 0; j < BLOCK; ++j) {
-      const float v = std::fabs(xb[j]);
-      amax = v > amax || std::isnan(v) ? v : amax;  // (a NaN stays: the block's products come out NaN)
+  for (int64_t i = 0; i < k / BLOCK; ++i, x += BLOCK, a += BLOCK) {
+#if WIDE
+    const __m512 lo = _mm512_loadu_ps(x), hi = _mm512_loadu_ps(x + 16);
+    const bool nan = _mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q);
+    const float amax = nan ? NAN : _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+#else
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 v[4], top = _mm256_setzero_ps();
+    int nan = 0;
+    for (int j = 0; j < 4; ++j) {
+      v[j] = _mm256_loadu_ps(x + 8 * j);
+      top = _mm256_max_ps(top, _mm256_andnot_ps(sign, v[j]));
+      nan |= _mm256_movemask_ps(_mm256_cmp_ps(v[j], v[j], _CMP_UNORD_Q));
     }
+    __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+    t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+    const float amax = nan ? NAN : _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+#endif
     // d = 0, or below the smallest normal float (whose inverse overflows): the block is zeros
     const float di = amax / 127.f, inv = std::isnormal(di) ? 1.f / di : 0.f;
-    int total = 0;
-    for (int64_t j = 0; j < BLOCK; ++j) {
-      const int v = static_cast<int>(std::nearbyint(xb[j] * inv));
-      a[i * BLOCK + j] = static_cast<int8_t>(v);
-      total += v;
-    }
+#if WIDE
+    const __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, _mm512_set1_ps(inv)));
+    const __m512i q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, _mm512_set1_ps(inv)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(a), _mm512_cvtsepi32_epi8(q_lo));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(a + 16), _mm512_cvtsepi32_epi8(q_hi));
+    const int total = _mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi));
+#else
+    __m256i q[4];
+    for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], _mm256_set1_ps(inv)));
+    // (the packs work within 128-bit lanes: the permute puts the 32 bytes back in order, as llama.cpp's Q8 does)
+    const __m256i bytes = _mm256_permutevar8x32_epi32(
+        _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])),
+        _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a), bytes);
+    __m256i s32 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s32), _mm256_extracti128_si256(s32, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    const int total = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1)));
+#endif
     d[i] = di;
     sum[i] = di * static_cast<float>(total);
   }
@@ -398,7 +424,8 @@ void attend_head(const T* q, const T* k, const T* v, const T* mask, int64_t S, i
                  int64_t v_slot, int64_t m_slot, float scale, float* p, float* o, T* out) {
   float top = -INFINITY;
   for (int64_t s = 0; s < S; ++s) {
-    p[s] = scale * dot(q, k + s * k_slot, D) + static_cast<float>(mask[s * m_slot]);
+    const float m = static_cast<float>(mask[s * m_slot]);
+    p[s] = m == -INFINITY ? m : scale * dot(q, k + s * k_slot, D) + m;  // (a masked slot's key is not read)
     if (p[s] > top || std::isnan(p[s])) top = p[s];  // (a NaN stays)
   }
   if (std::isnan(top) || top == -INFINITY) {  // a NaN makes the row NaN; every slot masked, zeros (as flash)
@@ -463,6 +490,27 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   else
     attend<c10::BFloat16>(q, k, v, m, static_cast<float>(scale), out);
   return out;
+}
+
+// SwiGLU's silu(gate) * up for n values, FLOATS at a time: sigmoid(g) = 1 / (1 + e) for g >= 0, else e / (1 + e),
+// e = exp(-|g|) (never above 1, so exp_neg serves both signs).
+void silu_times(const float* gate, const float* up, float* out, int64_t n) {
+  int64_t j = 0;
+  for (; j + FLOATS <= n; j += FLOATS) {
+    const Floats g = load_floats(gate + j), one = splat(1.f);
+#if WIDE
+    const Floats e = exp_neg(_mm512_min_ps(g, _mm512_sub_ps(splat(0.f), g)));
+    const Floats sigmoid = _mm512_div_ps(
+        _mm512_mask_blend_ps(_mm512_cmp_ps_mask(g, splat(0.f), _CMP_GE_OQ), e, one), add(one, e));
+    store_floats(out + j, _mm512_mul_ps(_mm512_mul_ps(g, sigmoid), load_floats(up + j)));
+#else
+    const Floats e = exp_neg(_mm256_min_ps(g, _mm256_sub_ps(splat(0.f), g)));
+    const Floats sigmoid = _mm256_div_ps(_mm256_blendv_ps(e, one, _mm256_cmp_ps(g, splat(0.f), _CMP_GE_OQ)),
+                                         add(one, e));
+    store_floats(out + j, _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), load_floats(up + j)));
+#endif
+  }
+  for (; j < n; ++j) out[j] = gate[j] / (1.f + std::exp(-gate[j])) * up[j];
 }
 
 // A decode step through every layer of a Llama-family decoder (smollm2.py's and llama31.py's Block: RMSNorm,
@@ -581,9 +629,8 @@ at::Tensor llama_layers(const at::Tensor& x, at::TensorList weights, at::TensorL
       round_normed(w[5].data_ptr<float>());
       multiply(tiles[4 * l + 2], gate_up.data(), false);
 #pragma omp barrier
-      for (int64_t b = 0; b < B; ++b) {  // SwiGLU: silu(gate) * up
-        const float* g = &gate_up[b * 2 * hidden];
-        for (int64_t j = 0; j < hidden; ++j) row[j] = g[j] / (1.f + std::exp(-g[j])) * g[hidden + j];
+      for (int64_t b = 0; b < B; ++b) {
+        silu_times(&gate_up[b * 2 * hidden], &gate_up[b * 2 * hidden + hidden], row.data(), hidden);
         round(row.data(), hidden, b);
       }
       multiply(tiles[4 * l + 3], h, true);
