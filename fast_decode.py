@@ -746,7 +746,9 @@ def fast(model: nn.Module, weights: str | None = None, group_size: int = 32, rou
     ("nearest" or "hqq") are int4's (quantize_int4); a8w8 needs calibration, token ids (batch, T) of ordinary text
     (a few hundred tokens) that the model runs once, in float, to measure each layer's input range; int4 takes it
     too, for its output head alone (A8W8Linear instead of Int8Linear: faster, and a tied embedding then holds an
-    int8 copy of its own). threads=True also sets torch's thread count for decoding now (decode_threads)."""
+    int8 copy of its own). A smollm2.py or llama31.py model in float32 whose products all land on fast_decode.cpp's
+    integer kernels then decodes each step in one call (one_call_step). threads=True also sets torch's thread count
+    for decoding now (decode_threads)."""
     check_weights(weights, group_size, rounding, calibration)
     if threads:
         torch.set_num_threads(decode_threads())
@@ -924,7 +926,8 @@ def load(cls, ckpt_dir, weights: str | None = None, group_size: int = 32, roundi
     is one (rounding is then that file's), else quantized as each float weight is read; the other tensors (norms,
     an untied embedding) are read into place, in dtype. RoPE's tensors are made by the model's init_rope(device).
     int4 with calibration= token ids: the output head takes fbgemm's A8W8 kernel, calibrated on what the quantized
-    model feeds it (a quantized file may hold it so made: `quantize --calibration`)."""
+    model feeds it (a quantized file may hold it so made: `quantize --calibration`). A decode step in one call where
+    it applies, as fast() gives."""
     if weights == "a8w8":
         raise ValueError("weights='a8w8' is calibrated on the float model: use fast(cls.from_pretrained(...), "
                          "weights='a8w8', calibration=token_ids)")
