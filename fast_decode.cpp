@@ -36,6 +36,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
@@ -282,17 +283,26 @@ void bf16_rows(const uint16_t* w, int64_t k, const uint16_t* x, float* out) {
 
 // A layer's weights in tiles of 16 rows (above), 4- or 8-bit, told apart by their scales' shape:
 // - 4-bit: w (n, k / 2) uint8 and scales_and_zeros (n / 16, k / group, 2, 16) bf16, group 32, 64, 128 or 256;
-// - 8-bit: w (n, k) uint8 (each weight + 128) and scale (n) bf16.
-// tile(t, a, d, sum, out): tile t times one rounded row of activations, into its 16 outputs.
+// - 8-bit: w (n, k) uint8 (each weight + 128) and scale (n) bf16;
+// or (the one-call step's bf16 models) bf16 weights (n, k) as the model holds them, no scales: 16 rows a tile too.
+// tile(t, a, d, sum, out): tile t times one rounded row of activations, into its 16 outputs; bf16_tile the same
+// for a bf16 row.
 struct Tiles {
-  const uint8_t* w;
-  const uint16_t* scales;
-  int64_t n, k, groups;  // groups: 4-bit groups along a row; 0 for 8-bit weights
+  const uint8_t* w = nullptr;
+  const uint16_t* scales = nullptr;
+  const uint16_t* bf16 = nullptr;  // bf16 weights, where they are
+  int64_t n, k, groups = 0;  // groups: 4-bit groups along a row; 0 for 8-bit weights
 
-  Tiles(const at::Tensor& weights, const at::Tensor& s, int64_t k_) : n(weights.size(0)), k(k_), groups(0) {
-    TORCH_CHECK(weights.device().is_cpu() && weights.scalar_type() == at::kByte && weights.is_contiguous() &&
-                s.scalar_type() == at::kBFloat16 && s.is_contiguous(), "fast_decode: weights in the wrong form");
+  Tiles(const at::Tensor& weights, const at::Tensor& s, int64_t k_) : n(weights.size(0)), k(k_) {
+    TORCH_CHECK(weights.device().is_cpu() && weights.is_contiguous() && s.is_contiguous() &&
+                (weights.scalar_type() == at::kByte || weights.scalar_type() == at::kBFloat16) &&
+                s.scalar_type() == at::kBFloat16, "fast_decode: weights in the wrong form");
     TORCH_CHECK(k % (2 * BLOCK) == 0 && n % LANES == 0, "fast_decode: the kernels need 64 | k and 16 | n");
+    if (weights.scalar_type() == at::kBFloat16) {
+      TORCH_CHECK(weights.size(1) == k && s.numel() == 0, "fast_decode: bf16 weights in the wrong form");
+      bf16 = reinterpret_cast<const uint16_t*>(weights.data_ptr());
+      return;
+    }
     if (s.dim() == 4) {
       groups = s.size(1);
       TORCH_CHECK(weights.size(1) == k / 2 && groups > 0 && (k / BLOCK) % groups == 0 && s.numel() == n * groups * 2,
@@ -312,6 +322,10 @@ struct Tiles {
     int8_tile(w + t * LANES * k, k, a, d, sum, out);
     for (int64_t r = 0; r < LANES; ++r) out[r] *= bf16_float(scales[t * LANES + r]);
   }
+
+  void bf16_tile(int64_t t, const uint16_t* x, float* out) const {
+    for (int64_t r = 0; r < LANES; r += 4) bf16_rows(bf16 + (t * LANES + r) * k, k, x, out + r);
+  }
 };
 
 // A product: the rows of x rounded once, then each tile of 16 weight rows times every row of x (the weights stream
@@ -321,6 +335,7 @@ at::Tensor tiled_product(const at::Tensor& x, const at::Tensor& w, const at::Ten
   const int64_t k = x.size(-1), blocks = k / BLOCK;
   TORCH_CHECK(x.device().is_cpu(), "fast_decode's kernels run on the CPU");
   const Tiles tiles(w, scales, k);
+  TORCH_CHECK(!tiles.bf16, "fast_decode: int4_linear and int8_linear take 4- and 8-bit weights");
   const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
   const int64_t m = x2.size(0), n = tiles.n;
   const Activations act = round_rows(x2);
@@ -419,8 +434,8 @@ float dot(const T* a, const T* b, int64_t n) {  // FLOATS | n
 
 // One head: query row q against S keys and values (rows k_slot and v_slot apart) through the mask's S additive
 // terms (m_slot apart) -> out (D). p (S) and o (D): the caller's scratch.
-template <typename T>
-void attend_head(const T* q, const T* k, const T* v, const T* mask, int64_t S, int64_t D, int64_t k_slot,
+template <typename T, typename M>
+void attend_head(const T* q, const T* k, const T* v, const M* mask, int64_t S, int64_t D, int64_t k_slot,
                  int64_t v_slot, int64_t m_slot, float scale, float* p, float* o, T* out) {
   float top = -INFINITY;
   for (int64_t s = 0; s < S; ++s) {
@@ -492,9 +507,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
-// SwiGLU's silu(gate) * up for n values, FLOATS at a time: sigmoid(g) = 1 / (1 + e) for g >= 0, else e / (1 + e),
-// e = exp(-|g|) (never above 1, so exp_neg serves both signs).
-void silu_times(const float* gate, const float* up, float* out, int64_t n) {
+// SwiGLU's silu(gate) for n values, FLOATS at a time: g * sigmoid(g), sigmoid(g) = 1 / (1 + e) for g >= 0, else
+// e / (1 + e), e = exp(-|g|) (never above 1, so exp_neg serves both signs).
+void silu(const float* gate, float* out, int64_t n) {
   int64_t j = 0;
   for (; j + FLOATS <= n; j += FLOATS) {
     const Floats g = load_floats(gate + j), one = splat(1.f);
@@ -502,109 +517,148 @@ void silu_times(const float* gate, const float* up, float* out, int64_t n) {
     const Floats e = exp_neg(_mm512_min_ps(g, _mm512_sub_ps(splat(0.f), g)));
     const Floats sigmoid = _mm512_div_ps(
         _mm512_mask_blend_ps(_mm512_cmp_ps_mask(g, splat(0.f), _CMP_GE_OQ), e, one), add(one, e));
-    store_floats(out + j, _mm512_mul_ps(_mm512_mul_ps(g, sigmoid), load_floats(up + j)));
+    store_floats(out + j, _mm512_mul_ps(g, sigmoid));
 #else
     const Floats e = exp_neg(_mm256_min_ps(g, _mm256_sub_ps(splat(0.f), g)));
     const Floats sigmoid = _mm256_div_ps(_mm256_blendv_ps(e, one, _mm256_cmp_ps(g, splat(0.f), _CMP_GE_OQ)),
                                          add(one, e));
-    store_floats(out + j, _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), load_floats(up + j)));
+    store_floats(out + j, _mm256_mul_ps(g, sigmoid));
 #endif
   }
-  for (; j < n; ++j) out[j] = gate[j] / (1.f + std::exp(-gate[j])) * up[j];
+  for (; j < n; ++j) out[j] = gate[j] / (1.f + std::exp(-gate[j]));
+}
+
+// A value as the model's dtype T holds it (a bf16 model rounds after every op; float32 keeps it).
+template <typename T>
+float as(float v) {
+  return static_cast<float>(static_cast<T>(v));
 }
 
 // A decode step through every layer of a Llama-family decoder (smollm2.py's and llama31.py's Block: RMSNorm,
 // attention with RoPE over the KV cache, RMSNorm, SwiGLU, each added to the residual stream), one token a row, the
-// products on the tiles above. One call a step, where a compiled PyTorch step makes some 300 calls, each a parallel
-// region of its own with Python between them, which cost a SmolLM2 step more than its products do
+// products on the tiles above: 4- and 8-bit weights in a float32 model, bf16 weights in a bf16 one, whose every
+// op's rounding to bf16 is the model's own. One call a step, where a PyTorch step makes hundreds of calls, each a
+// parallel region of its own with Python between them, which cost a SmolLM2 step more than its products do
 // (docs/speed.md). The threads stay in one parallel region for the step and wait for each other only where the
 // next work reads what the others wrote, six times a layer; each normalizes and rounds for itself the rows that
-// all of them read, which costs less than a wait.
-// x (B, dim) float32, the token's embedding; weights, 10 a layer: input norm (dim), q/k/v stacked (tiles, scales),
-// o (tiles, scales), post-attention norm, gate/up stacked (tiles, scales), down (tiles, scales), norms float32;
-// caches, 2 a layer: k and v (B, n_kv_heads, S, head_dim) float32, written at slot; cos and sin (B, head_dim)
-// float32, RoPE at the token's position; mask (B, S) bool, the slots each row attends to -> the last layer's
-// output (B, dim), before the final norm.
-at::Tensor llama_layers(const at::Tensor& x, at::TensorList weights, at::TensorList caches, const at::Tensor& cos,
-                        const at::Tensor& sin, const at::Tensor& mask, int64_t slot, int64_t n_heads,
-                        int64_t n_kv_heads, double eps) {
-  const int64_t L = static_cast<int64_t>(caches.size()) / 2;
-  TORCH_CHECK(L > 0 && weights.size() == 10 * caches.size() / 2 && x.dim() == 2 && cos.dim() == 2,
-              "fast_decode: llama_layers takes 10 weights and 2 caches a layer, x (B, dim), cos (B, head_dim)");
-  const int64_t B = x.size(0), dim = x.size(1), hd = cos.size(1), S = caches[0].size(2);
-  const int64_t nq = n_heads * hd, nkv = n_kv_heads * hd, width = nq + 2 * nkv;  // width: a row of q/k/v
-  for (const at::Tensor* t : {&x, &cos, &sin})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->size(0) == B,
-                "fast_decode: llama_layers takes float32 rows on the CPU");
-  TORCH_CHECK(sin.sizes() == cos.sizes() && mask.scalar_type() == at::kBool && mask.is_contiguous() &&
-              mask.numel() == B * S && 0 <= slot && slot < S && hd % 16 == 0 && n_kv_heads > 0 &&
-              n_heads % n_kv_heads == 0, "fast_decode: llama_layers' RoPE, mask or heads in the wrong form");
-  std::vector<Tiles> tiles;  // 4 a layer: q/k/v, o, gate/up, down
+// all of them multiply, which costs less than a wait.
+// x (B, dim) in the model's dtype T, the token's embedding; weights, 16 a layer: input norm (dim); q, k, v, o (each
+// weights and scales; a bf16 weight's scales empty; k's and v's weights empty where q's hold all three stacked);
+// post-attention norm; gate, up, down (up's weights empty where gate's hold both); caches, 2 a layer: k and v (B,
+// n_kv_heads, S, head_dim), written at slot; cos and sin (B, head_dim), RoPE at the token's position; mask (B, S)
+// bool, the slots each row attends to -> the last layer's output (B, dim), before the final norm.
+template <typename T>
+void layers(T* x, at::TensorList weights, at::TensorList caches, const T* cos, const T* sin, const bool* mask,
+            int64_t B, int64_t dim, int64_t S, int64_t hd, int64_t slot, int64_t n_heads, int64_t n_kv_heads,
+            float eps) {
+  const int64_t L = static_cast<int64_t>(caches.size()) / 2, nq = n_heads * hd, nkv = n_kv_heads * hd;
+  const int64_t width = nq + 2 * nkv;  // a row of q, k and v
+  constexpr bool bf16_model = !std::is_same_v<T, float>;
+  struct Part {  // one matrix of a phase's products, and where its rows go in the phase's output row
+    Tiles w;
+    int64_t offset;
+  };
+  std::vector<std::vector<Part>> phases;  // 4 a layer: q/k/v, o, gate/up, down
+  int64_t hidden = 0;
   for (int64_t l = 0; l < L; ++l) {
-    const at::Tensor* w = &weights[10 * l];
-    for (const at::Tensor* norm : {&w[0], &w[5]})
-      TORCH_CHECK(norm->scalar_type() == at::kFloat && norm->is_contiguous() && norm->numel() == dim,
-                  "fast_decode: llama_layers' norms are float32 (dim)");
+    const at::Tensor* w = &weights[16 * l];
+    for (const at::Tensor* norm : {&w[0], &w[9]})
+      TORCH_CHECK(norm->scalar_type() == caches[0].scalar_type() && norm->is_contiguous() && norm->numel() == dim,
+                  "fast_decode: llama_layers' norms are (dim) in the model's dtype");
     for (int64_t c = 0; c < 2; ++c)
-      TORCH_CHECK(caches[2 * l + c].scalar_type() == at::kFloat && caches[2 * l + c].is_contiguous() &&
-                  caches[2 * l + c].sizes() == at::IntArrayRef({B, n_kv_heads, S, hd}),
-                  "fast_decode: llama_layers' caches are float32 (B, n_kv_heads, S, head_dim)");
-    tiles.emplace_back(w[1], w[2], dim);
-    tiles.emplace_back(w[3], w[4], nq);
-    tiles.emplace_back(w[6], w[7], dim);
-    tiles.emplace_back(w[8], w[9], tiles.back().n / 2);
-    TORCH_CHECK(tiles[4 * l].n == width && tiles[4 * l + 1].n == dim && tiles[4 * l + 3].n == dim &&
-                tiles[4 * l + 2].n == tiles[2].n, "fast_decode: llama_layers' products have the wrong shapes");
+      TORCH_CHECK(caches[2 * l + c].is_contiguous() && caches[2 * l + c].sizes() == caches[0].sizes() &&
+                  caches[2 * l + c].scalar_type() == caches[0].scalar_type(), "fast_decode: caches differ");
+    // (matrix, its k, its slot): the weights of k, v and up may be empty, stacked into q's and gate's
+    auto phase = [&](std::initializer_list<int64_t> slots, int64_t k) {
+      std::vector<Part> parts;
+      int64_t offset = 0;
+      for (int64_t i : slots)
+        if (w[i].numel()) {
+          parts.push_back({Tiles(w[i], w[i + 1], k), offset});
+          offset += parts.back().w.n;
+          TORCH_CHECK((parts.back().w.bf16 != nullptr) == bf16_model,
+                      "fast_decode: llama_layers takes 4- and 8-bit weights in float32, bf16 weights in bf16");
+        }
+      return std::make_pair(parts, offset);
+    };
+    auto [qkv, n_qkv] = phase({1, 3, 5}, dim);
+    auto [o, n_o] = phase({7}, nq);
+    auto [gate_up, n_gate_up] = phase({10, 12}, dim);
+    TORCH_CHECK(n_gate_up % 2 == 0 && (l == 0 || n_gate_up / 2 == hidden),
+                "fast_decode: llama_layers' products have the wrong shapes");
+    hidden = n_gate_up / 2;
+    auto [down, n_down] = phase({14}, hidden);
+    TORCH_CHECK(n_qkv == width && n_o == dim && n_down == dim, "fast_decode: llama_layers' products have the wrong "
+                "shapes");
+    phases.insert(phases.end(), {qkv, o, gate_up, down});
   }
-  const int64_t hidden = tiles[2].n / 2, widest = std::max({dim, nq, hidden});
-  at::Tensor out = x.clone();
-  float* h = out.data_ptr<float>();  // the residual stream (B, dim)
-  std::vector<float> qkv(B * width), y(B * nq), gate_up(B * 2 * hidden), m(B * S);
-  const bool* seen = mask.data_ptr<bool>();
-  for (int64_t i = 0; i < B * S; ++i) m[i] = seen[i] ? 0.f : -INFINITY;
-  const float scale = 1.f / std::sqrt(static_cast<float>(hd)), epsilon = static_cast<float>(eps);
-  const float *COS = cos.data_ptr<float>(), *SIN = sin.data_ptr<float>();
+  const int64_t widest = std::max({dim, nq, hidden});
+  std::vector<float> h(B * dim), qkv(B * width), gate_up(B * 2 * hidden), m(B * S);  // h: the residual stream
+  std::vector<T> y(B * nq);  // attention's output
+  for (int64_t i = 0; i < B * dim; ++i) h[i] = static_cast<float>(x[i]);
+  for (int64_t i = 0; i < B * S; ++i) m[i] = mask[i] ? 0.f : -INFINITY;
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
 #pragma omp parallel num_threads(at::get_num_threads())
   {
-    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-    std::vector<int8_t> a(B * widest);  // this thread's rounded rows
+    const int64_t t = omp_get_thread_num(), threads = omp_get_num_threads();
+    // this thread's copy of a product's input: rounded to 8 bits in blocks of 32, or in bf16
+    std::vector<int8_t> a(B * widest);
+    std::vector<uint16_t> a16(B * widest);
     std::vector<float> d(B * widest / BLOCK), sum(B * widest / BLOCK), row(widest), p(S), o(hd), part(LANES);
-    auto first = [&](int64_t n) { return n * t / T; };  // this thread's share of n items: first(n) to last(n)
-    auto last = [&](int64_t n) { return n * (t + 1) / T; };
-    auto round = [&](const float* r, int64_t k, int64_t b) {  // row b of the next product's input
-      round_row(r, k, &a[b * k], &d[b * k / BLOCK], &sum[b * k / BLOCK]);
+    std::vector<T> q(hd);
+    auto first = [&](int64_t n) { return n * t / threads; };  // this thread's share of n items: first(n) to last(n)
+    auto last = [&](int64_t n) { return n * (t + 1) / threads; };
+    auto take = [&](const float* r, int64_t k, int64_t b) {  // row b of the next products' input
+      if constexpr (bf16_model)
+        for (int64_t j = 0; j < k; ++j) a16[b * k + j] = c10::BFloat16(r[j]).x;
+      else
+        round_row(r, k, &a[b * k], &d[b * k / BLOCK], &sum[b * k / BLOCK]);
     };
-    auto round_normed = [&](const float* weight) {  // RMSNorm of each row of h, as the model's RMSNorm
+    auto take_normed = [&](const T* weight) {  // RMSNorm of each row of h, as the model's RMSNorm
       for (int64_t b = 0; b < B; ++b) {
-        const float* hb = h + b * dim;
+        const float* hb = &h[b * dim];
         float squares = 0.f;
         for (int64_t j = 0; j < dim; ++j) squares += hb[j] * hb[j];
-        const float r = 1.f / std::sqrt(squares / dim + epsilon);
-        for (int64_t j = 0; j < dim; ++j) row[j] = hb[j] * r * weight[j];
-        round(row.data(), dim, b);
+        const float r = 1.f / std::sqrt(squares / dim + eps);
+        for (int64_t j = 0; j < dim; ++j) row[j] = as<T>(static_cast<float>(weight[j]) * as<T>(hb[j] * r));
+        take(row.data(), dim, b);
       }
     };
-    auto multiply = [&](const Tiles& w, float* out_rows, bool residual) {  // this thread's tiles, every row
-      for (int64_t tile = first(w.n / LANES); tile < last(w.n / LANES); ++tile)
-        for (int64_t b = 0; b < B; ++b) {
-          w.tile(tile, &a[b * w.k], &d[b * w.k / BLOCK], &sum[b * w.k / BLOCK], part.data());
-          float* target = out_rows + b * w.n + tile * LANES;
-          for (int64_t r = 0; r < LANES; ++r) target[r] = residual ? target[r] + part[r] : part[r];
-        }
+    // this thread's share of the phase's tiles, every row: into out (rows out_width apart), or added to it
+    auto multiply = [&](const std::vector<Part>& parts, float* out, int64_t out_width, bool residual) {
+      int64_t total = 0, base = 0;  // base: the phase's tiles before this matrix's
+      for (const Part& matrix : parts) total += matrix.w.n / LANES;
+      for (const Part& matrix : parts) {
+        const Tiles& w = matrix.w;
+        const int64_t end = std::min(last(total) - base, w.n / LANES);
+        for (int64_t tile = std::max(first(total) - base, int64_t{0}); tile < end; ++tile)
+          for (int64_t b = 0; b < B; ++b) {
+            if (w.bf16)
+              w.bf16_tile(tile, &a16[b * w.k], part.data());
+            else
+              w.tile(tile, &a[b * w.k], &d[b * w.k / BLOCK], &sum[b * w.k / BLOCK], part.data());
+            float* target = out + b * out_width + matrix.offset + tile * LANES;
+            for (int64_t r = 0; r < LANES; ++r)
+              target[r] = residual ? as<T>(target[r] + as<T>(part[r])) : as<T>(part[r]);
+          }
+        base += w.n / LANES;
+      }
     };
     auto rope = [&](float* v, int64_t b) {  // (v_i, v_{i+hd/2}) rotated, as the model's apply_rope
-      const float *c = COS + b * hd, *s = SIN + b * hd;
-      std::copy(v, v + hd, o.begin());
+      const T *c = cos + b * hd, *s = sin + b * hd;
+      for (int64_t i = 0; i < hd; ++i) o[i] = v[i];
       for (int64_t i = 0; i < hd / 2; ++i) {
-        v[i] = o[i] * c[i] - o[i + hd / 2] * s[i];
-        v[i + hd / 2] = o[i + hd / 2] * c[i + hd / 2] + o[i] * s[i + hd / 2];
+        const float c0 = static_cast<float>(c[i]), c1 = static_cast<float>(c[i + hd / 2]);
+        const float s0 = static_cast<float>(s[i]), s1 = static_cast<float>(s[i + hd / 2]);
+        v[i] = as<T>(as<T>(o[i] * c0) + as<T>(-o[i + hd / 2] * s0));
+        v[i + hd / 2] = as<T>(as<T>(o[i + hd / 2] * c1) + as<T>(o[i] * s1));
       }
     };
     for (int64_t l = 0; l < L; ++l) {
-      const at::Tensor* w = &weights[10 * l];
-      float *K = caches[2 * l].data_ptr<float>(), *V = caches[2 * l + 1].data_ptr<float>();
-      round_normed(w[0].data_ptr<float>());
-      multiply(tiles[4 * l], qkv.data(), false);
+      const at::Tensor* w = &weights[16 * l];
+      T *K = caches[2 * l].data_ptr<T>(), *V = caches[2 * l + 1].data_ptr<T>();
+      take_normed(w[0].data_ptr<T>());
+      multiply(phases[4 * l], qkv.data(), width, false);
 #pragma omp barrier
       for (int64_t i = first(B * (n_heads + n_kv_heads)); i < last(B * (n_heads + n_kv_heads)); ++i) {
         const int64_t b = i / (n_heads + n_kv_heads), j = i % (n_heads + n_kv_heads);
@@ -612,31 +666,64 @@ at::Tensor llama_layers(const at::Tensor& x, at::TensorList weights, at::TensorL
         rope(head, b);
         if (j >= n_heads) {  // the key and its value into the cache
           const int64_t at = ((b * n_kv_heads + j - n_heads) * S + slot) * hd;
-          std::copy(head, head + hd, K + at);
-          std::copy(head + nkv, head + nkv + hd, V + at);
+          for (int64_t e = 0; e < hd; ++e) {
+            K[at + e] = static_cast<T>(head[e]);
+            V[at + e] = static_cast<T>(head[nkv + e]);
+          }
         }
       }
 #pragma omp barrier
       for (int64_t i = first(B * n_heads); i < last(B * n_heads); ++i) {
         const int64_t b = i / n_heads, g = i % n_heads / (n_heads / n_kv_heads), at = (b * n_kv_heads + g) * S * hd;
-        attend_head(&qkv[b * width + i % n_heads * hd], K + at, V + at, &m[b * S], S, hd, hd, hd, 1, scale,
-                    p.data(), o.data(), &y[i * hd]);
+        for (int64_t e = 0; e < hd; ++e) q[e] = static_cast<T>(qkv[b * width + i % n_heads * hd + e]);
+        attend_head(q.data(), K + at, V + at, &m[b * S], S, hd, hd, hd, 1, scale, p.data(), o.data(), &y[i * hd]);
       }
-#pragma omp barrier
-      for (int64_t b = 0; b < B; ++b) round(&y[b * nq], nq, b);
-      multiply(tiles[4 * l + 1], h, true);
-#pragma omp barrier
-      round_normed(w[5].data_ptr<float>());
-      multiply(tiles[4 * l + 2], gate_up.data(), false);
 #pragma omp barrier
       for (int64_t b = 0; b < B; ++b) {
-        silu_times(&gate_up[b * 2 * hidden], &gate_up[b * 2 * hidden + hidden], row.data(), hidden);
-        round(row.data(), hidden, b);
+        for (int64_t j = 0; j < nq; ++j) row[j] = static_cast<float>(y[b * nq + j]);
+        take(row.data(), nq, b);
       }
-      multiply(tiles[4 * l + 3], h, true);
+      multiply(phases[4 * l + 1], h.data(), dim, true);
+#pragma omp barrier
+      take_normed(w[9].data_ptr<T>());
+      multiply(phases[4 * l + 2], gate_up.data(), 2 * hidden, false);
+#pragma omp barrier
+      for (int64_t b = 0; b < B; ++b) {  // SwiGLU: silu(gate) * up
+        const float* g = &gate_up[b * 2 * hidden];
+        silu(g, row.data(), hidden);
+        for (int64_t j = 0; j < hidden; ++j) row[j] = as<T>(as<T>(row[j]) * g[hidden + j]);
+        take(row.data(), hidden, b);
+      }
+      multiply(phases[4 * l + 3], h.data(), dim, true);
 #pragma omp barrier
     }
   }
+  for (int64_t i = 0; i < B * dim; ++i) x[i] = static_cast<T>(h[i]);
+}
+
+at::Tensor llama_layers(const at::Tensor& x, at::TensorList weights, at::TensorList caches, const at::Tensor& cos,
+                        const at::Tensor& sin, const at::Tensor& mask, int64_t slot, int64_t n_heads,
+                        int64_t n_kv_heads, double eps) {
+  TORCH_CHECK(!caches.empty() && weights.size() == 8 * caches.size() && x.dim() == 2 && cos.dim() == 2,
+              "fast_decode: llama_layers takes 16 weights and 2 caches a layer, x (B, dim), cos (B, head_dim)");
+  const int64_t B = x.size(0), dim = x.size(1), hd = cos.size(1), S = caches[0].size(2);
+  const at::ScalarType type = x.scalar_type();
+  for (const at::Tensor* t : {&x, &cos, &sin, &caches[0]})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == type && t->is_contiguous() && t->size(0) == B &&
+                (type == at::kFloat || type == at::kBFloat16),
+                "fast_decode: llama_layers takes rows, RoPE and caches on the CPU, all float32 or all bf16");
+  TORCH_CHECK(sin.sizes() == cos.sizes() && mask.scalar_type() == at::kBool && mask.is_contiguous() &&
+              mask.numel() == B * S && 0 <= slot && slot < S && hd % 16 == 0 && n_kv_heads > 0 &&
+              n_heads % n_kv_heads == 0 && caches[0].sizes() == at::IntArrayRef({B, n_kv_heads, S, hd}),
+              "fast_decode: llama_layers' RoPE, mask, caches or heads in the wrong form");
+  at::Tensor out = x.clone();
+  if (type == at::kFloat)
+    layers<float>(out.data_ptr<float>(), weights, caches, cos.data_ptr<float>(), sin.data_ptr<float>(),
+                  mask.data_ptr<bool>(), B, dim, S, hd, slot, n_heads, n_kv_heads, static_cast<float>(eps));
+  else
+    layers<c10::BFloat16>(out.data_ptr<c10::BFloat16>(), weights, caches, cos.data_ptr<c10::BFloat16>(),
+                          sin.data_ptr<c10::BFloat16>(), mask.data_ptr<bool>(), B, dim, S, hd, slot, n_heads,
+                          n_kv_heads, static_cast<float>(eps));
   return out;
 }
 

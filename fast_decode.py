@@ -759,6 +759,7 @@ def fast(model: nn.Module, weights: str | None = None, group_size: int = 32, rou
             m.__class__ = FastLinear
             m.bf16_kernel = bf16 and m.in_features % 32 == 0 and m.out_features % 4 == 0
         time_split(layers)
+        one_call_step(model)
         return model
     absmax = {}
     if calibration is not None:
@@ -1077,11 +1078,20 @@ def compile_decode(model: nn.Module) -> nn.Module:
 # A decode step in one call
 
 
-def tiles(layer: nn.Module) -> list[torch.Tensor] | None:
-    """A quantized layer's weights as fast_decode.cpp's tiles and scales, or None where they are not so held."""
-    if type(layer) not in (Int4Linear, Int8Linear) or not layer.integer or layer.bias is not None:
+NONE = torch.empty(0, dtype=torch.bfloat16)  # llama_layers' empty slot: no scales, or a matrix stacked into another
+
+
+def tiles(layer: nn.Module | None) -> list[torch.Tensor] | None:
+    """A layer's weights as fast_decode.cpp's llama_layers takes them (weights and scales), or None where it cannot:
+    a quantized layer on the integer kernels' tiles, or a bf16 FastLinear (rows as the model holds them), no bias."""
+    if layer is None or getattr(layer, "bias", None) is not None:
         return None
-    return [layer.packed, layer.scales_and_zeros] if type(layer) is Int4Linear else [layer.q, layer.scale]
+    if type(layer) in (Int4Linear, Int8Linear) and layer.integer:
+        return [layer.packed, layer.scales_and_zeros] if type(layer) is Int4Linear else [layer.q, layer.scale]
+    if (type(layer) is FastLinear and layer.weight.dtype == torch.bfloat16 and layer.weight.is_contiguous()
+            and layer.in_features % 64 == 0 and layer.out_features % 16 == 0):
+        return [layer.weight, NONE]
+    return None
 
 
 def stacked(*siblings: nn.Module) -> nn.Module | None:
@@ -1094,32 +1104,43 @@ def stacked(*siblings: nn.Module) -> nn.Module | None:
 
 
 def one_call_weights(model: nn.Module) -> list[torch.Tensor] | None:
-    """What fast_decode.cpp's llama_layers takes of model's layers, 10 tensors a layer (its input norm, q/k/v as
-    one stack, o, its post-attention norm, gate/up as one stack, down), or None where it cannot run them: a model
-    not of smollm2.py's or llama31.py's classes, a product not on fast_decode.cpp's tiles, or not in float32."""
+    """What fast_decode.cpp's llama_layers takes of model's layers, 16 tensors a layer (its input norm; q, k, v and
+    o, each weights and scales, k's and v's NONE where q/k/v are one Stack; its post-attention norm; gate, up and
+    down, up NONE where gate/up are one Stack), or None where it cannot run them: a model not of smollm2.py's or
+    llama31.py's classes, a product neither on fast_decode.cpp's 4- and 8-bit tiles in a float32 model nor bf16 in a
+    bf16 one."""
     if type(model).__name__ not in COMPILED or not kernels() or model.args.head_dim % 16:
         return None
-    weights = []
+    weights, dtype = [], model.model.norm.weight.dtype
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        products = [tiles(m) if m is not None else None for m in (
-            stacked(attn.q_proj, attn.k_proj, attn.v_proj), attn.o_proj,
-            stacked(mlp.gate_proj, mlp.up_proj), mlp.down_proj)]
+        qkv, gate_up = stacked(attn.q_proj, attn.k_proj, attn.v_proj), stacked(mlp.gate_proj, mlp.up_proj)
+        products = [tiles(m) for m in ([qkv] if qkv else [attn.q_proj, attn.k_proj, attn.v_proj])]
+        products += [[NONE, NONE]] * 2 if qkv else []
+        products += [tiles(attn.o_proj)]
+        products += [tiles(m) for m in ([gate_up] if gate_up else [mlp.gate_proj, mlp.up_proj])]
+        products += [[NONE, NONE]] if gate_up else []
+        products += [tiles(mlp.down_proj)]
         norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
-        if None in products or any(n.dtype != torch.float32 or n.device.type not in ("cpu", "meta") for n in norms):
+        if (None in products or dtype not in (torch.float32, torch.bfloat16)
+                or any(n.dtype != dtype or n.device.type not in ("cpu", "meta") for n in norms)
+                or any((w.dtype == torch.bfloat16) != (dtype == torch.bfloat16) for w, _ in products if w is not NONE)):
             return None
-        weights += [norms[0], *products[0], *products[1], norms[1], *products[2], *products[3]]
+        weights += [norms[0], *products[0], *products[1], *products[2], *products[3], norms[1], *products[4],
+                    *products[5], *products[6]]
     return weights
 
 
 class OneCallTrunk:
-    """model.trunk for a decode step of smollm2.py's and llama31.py's models quantized onto fast_decode.cpp's tiles:
-    the layers of a step (one token a row, against the cache) in one call of fast_decode.cpp's llama_layers, where a
-    compiled PyTorch step makes some 300 calls, each its own parallel region with Python between them, which cost
-    a SmolLM2 step more than its products do (docs/speed.md). The embedding, RoPE's angles and the final norm are
-    the model's own; every other call (a prefill, training, a cacheless forward) runs the model's own trunk. Its
-    logits match the model's own step to rounding (the same products and rounded inputs; norms, softmax and SiLU
-    summed in another order). The tensors are read again for each new cache (generate() makes one a request)."""
+    """model.trunk for a decode step of smollm2.py's and llama31.py's models whose products fast_decode.cpp's
+    llama_layers takes (one_call_weights: 4- and 8-bit tiles in float32, bf16 weights in bf16): the layers of a step
+    (one token a row, against the cache) in one call, where a PyTorch step makes hundreds of calls, each its own
+    parallel region with Python between them, which cost a SmolLM2 step more than its products do (docs/speed.md).
+    The embedding, RoPE's angles and the final norm are the model's own; every other call (a prefill, training, a
+    cacheless forward) runs the model's own trunk. Its logits match the model's own step to rounding (the same
+    products and rounded inputs, a bf16 model's every rounding to bf16 where the model rounds; norms, softmax and
+    SiLU summed in another order). The tensors are read again for each new cache (generate() makes one a
+    request)."""
 
     def __init__(self, model: nn.Module):
         self.model, self.cache, self.weights = model, None, None
@@ -1134,7 +1155,7 @@ class OneCallTrunk:
             self.cache, self.weights = attns[0].cache, one_call_weights(model)
             self.caches = [t for a in attns for t in (a.cache.k, a.cache.v)]
         x = model.model.embed_tokens(tokens)  # (B, 1, dim)
-        if self.weights is None or x.dtype != torch.float32 or self.caches[0].dtype != torch.float32:
+        if self.weights is None or x.dtype != self.caches[0].dtype:
             return type(model).trunk(model, tokens, pos, mask, input_pos)
         B, _, dim = x.shape
         cos, sin = self.rope_cos_sin(model.inv_freq, pos, x.dtype)  # (B, 1, 1, head_dim)
@@ -1145,7 +1166,7 @@ class OneCallTrunk:
 
 
 def one_call_step(model: nn.Module):
-    """Give model a OneCallTrunk where its layers are all on fast_decode.cpp's tiles (one_call_weights), in place."""
+    """Give model a OneCallTrunk where fast_decode.cpp's llama_layers takes its layers (one_call_weights), in place."""
     if one_call_weights(model) is not None:
         model.trunk = OneCallTrunk(model)  # an instance attribute: forward_cached calls it instead of the method
 
