@@ -250,34 +250,26 @@ void int8_tile(const uint8_t* w, int64_t k, const int8_t* a, const float* d, con
 #endif
 }
 
-// Four rows of bf16 weights (row-major, as the model holds them) times one row of bf16 activations: AVX-512 BF16's
-// vdpbf16ps multiplies 32 bf16 pairs and sums them in twos into float lanes; without it, each bf16 is widened to a
-// float (its top half) and multiplied with an FMA. That is four streams from memory a thread, which the hardware
-// prefetcher alone did not keep full: the rows eight on are prefetched as these are read.
-void prefetch_ahead(const uint16_t* w, int64_t k, int64_t j) {  // one cache line (32 bf16) of each
-  for (int64_t r = 0; r < 4; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (r + 8) * k + j), _MM_HINT_T0);
-}
-
-void bf16_rows(const uint16_t* w, int64_t k, const uint16_t* x, float* out) {
+// One row of bf16 weights (row-major, as the model holds them) times one row of bf16 activations, 32 | k: AVX-512
+// BF16's vdpbf16ps multiplies 32 bf16 pairs and sums them in twos into float lanes; without it, each bf16 is widened
+// to a float (its top half) and multiplied with an FMA. Row after row, a thread's weights are one stream from
+// memory, which the hardware prefetcher follows (four rows at a time, four streams with the rows eight on
+// prefetched, was slower: docs/speed.md); two sums in flight (AVX2: four).
+float bf16_row(const uint16_t* w, int64_t k, const uint16_t* x) {
 #if defined(__AVX512BF16__)
-  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  for (int64_t j = 0; j < k; j += 32) {
-    prefetch_ahead(w, k, j);
-    const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + j);
-    for (int64_t r = 0; r < 4; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(w + r * k + j), xv);
-  }
-  for (int64_t r = 0; r < 4; ++r) out[r] = sum_floats(acc[r]);
+  __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (int64_t j = 0; j < k; j += 32)
+    acc[j / 32 % 2] = _mm512_dpbf16_ps(acc[j / 32 % 2], (__m512bh)_mm512_loadu_si512(w + j),
+                                       (__m512bh)_mm512_loadu_si512(x + j));
+  return sum_floats(_mm512_add_ps(acc[0], acc[1]));
 #else
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int64_t j = 0; j < k; j += 8) {
-    if (j % 32 == 0) prefetch_ahead(w, k, j);
+    const __m256 wv = bf16_floats(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j)));
     const __m256 xv = bf16_floats(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + j)));
-    for (int64_t r = 0; r < 4; ++r) {
-      const __m256 wv = bf16_floats(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * k + j)));
-      acc[r] = _mm256_fmadd_ps(wv, xv, acc[r]);
-    }
+    acc[j / 8 % 4] = _mm256_fmadd_ps(wv, xv, acc[j / 8 % 4]);
   }
-  for (int64_t r = 0; r < 4; ++r) out[r] = sum_floats(acc[r]);
+  return sum_floats(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
 #endif
 }
 
@@ -324,7 +316,7 @@ struct Tiles {
   }
 
   void bf16_tile(int64_t t, const uint16_t* x, float* out) const {
-    for (int64_t r = 0; r < LANES; r += 4) bf16_rows(bf16 + (t * LANES + r) * k, k, x, out + r);
+    for (int64_t r = 0; r < LANES; ++r) out[r] = bf16_row(bf16 + (t * LANES + r) * k, k, x);
   }
 };
 
@@ -353,15 +345,15 @@ at::Tensor tiled_product(const at::Tensor& x, const at::Tensor& w, const at::Ten
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
   const int64_t k = x.size(-1), n = w.size(0);
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && x.scalar_type() == at::kBFloat16 &&
-              w.scalar_type() == at::kBFloat16 && x.numel() == k && w.size(1) == k && k % 32 == 0 && n % 4 == 0,
-              "fast_decode: bf16_linear takes one bf16 row and bf16 weights, 32 | k and 4 | n");
+              w.scalar_type() == at::kBFloat16 && x.numel() == k && w.size(1) == k && k % 32 == 0,
+              "fast_decode: bf16_linear takes one bf16 row and bf16 weights, 32 | k");
   const at::Tensor x1 = x.contiguous(), w1 = w.contiguous();
   at::Tensor y = at::empty({1, n}, x1.options().dtype(at::kFloat));
   const uint16_t* X = reinterpret_cast<const uint16_t*>(x1.data_ptr());
   const uint16_t* W = reinterpret_cast<const uint16_t*>(w1.data_ptr());
   float* Y = y.data_ptr<float>();
-  at::parallel_for(0, n / 4, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) bf16_rows(W + 4 * t * k, k, X, Y + 4 * t);
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) Y[r] = bf16_row(W + r * k, k, X);
   });
   return y;
 }
