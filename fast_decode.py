@@ -29,8 +29,8 @@ and this module swaps them for layers with faster products, so a model file copi
 - Quantized layers that a model calls one after another on one input (q/k/v, gate/up) are multiplied as one
   stacked matrix (Stack): one kernel call instead of three or two.
 - `threads=True` (what the CLIs pass) also sets the thread count: one per core other jobs leave idle.
-- A decode step of smollm2.py's and llama31.py's models whose products are all on fast_decode.cpp's integer
-  kernels (int8 or int4 weights, float32 otherwise) runs its layers in one call of fast_decode.cpp (OneCallTrunk):
+- A decode step of smollm2.py's and llama31.py's models whose products fast_decode.cpp takes (int8 or int4 weights
+  in a float32 model, or a bf16 model's own weights) runs its layers in one call of fast_decode.cpp (OneCallTrunk):
   the hundreds of small calls around the products cost a small model's step more than its products do.
 - `compile_decode(model)` (the CLIs' `--compile`): the one-token decode step of the others under torch.compile,
   which fuses the thousands of small ops around the products (smollm2.py's and llama31.py's models); its attention,
@@ -740,7 +740,8 @@ def fast(model: nn.Module, weights: str | None = None, group_size: int = 32, rou
     """Make model decode faster on a CPU, in place (and return it).
 
     weights None: every plain nn.Linear becomes a FastLinear (same parameters, names, state_dict, ties and
-    training; subclasses such as finetune.py's LoRALinear stay as they are). weights "int8", "int4" or "a8w8":
+    training; subclasses such as finetune.py's LoRALinear stay as they are; a bf16 smollm2.py or llama31.py model
+    then decodes each step in one call, one_call_step). weights "int8", "int4" or "a8w8":
     every plain nn.Linear is replaced by its quantized form (Int8Linear, Int4Linear, A8W8Linear; siblings as a
     Stack), the float weights are dropped, and the model is for inference only; group_size and rounding
     ("nearest" or "hqq") are int4's (quantize_int4); a8w8 needs calibration, token ids (batch, T) of ordinary text
