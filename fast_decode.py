@@ -22,7 +22,7 @@ and this module swaps them for layers with faster products, so a model file copi
   gpt-fast uses it but never run: no GPU was at hand). The output head, and an embedding tied to
   it, stays int8 in int4 models, as llama.cpp's Q4_0 keeps its output tensor at 6-8 bits; given `calibration=`
   token ids (or a quantized file made with `quantize --calibration FILE`), the head is A8W8 (below), whose kernel
-  multiplies a 1B model's head faster (not SmolLM2's: docs/speed.md).
+  multiplied a 1B model's head faster before the one-call step below, not since (docs/speed.md).
 - `weights="a8w8"` (with `calibration=` token ids): int8 weights and 8-bit activations on fbgemm's integer
   kernel, faster than the weight-only int8 one on large matrices; SmoothQuant and float outlier channels keep
   its exactness (A8W8Linear).
@@ -746,8 +746,8 @@ def fast(model: nn.Module, weights: str | None = None, group_size: int = 32, rou
     Stack), the float weights are dropped, and the model is for inference only; group_size and rounding
     ("nearest" or "hqq") are int4's (quantize_int4); a8w8 needs calibration, token ids (batch, T) of ordinary text
     (a few hundred tokens) that the model runs once, in float, to measure each layer's input range; int4 takes it
-    too, for its output head alone (A8W8Linear instead of Int8Linear: faster, and a tied embedding then holds an
-    int8 copy of its own). A smollm2.py or llama31.py model in float32 whose products all land on fast_decode.cpp's
+    too, for its output head alone (A8W8Linear instead of Int8Linear: faster on a 1B head before the one-call
+    step, not since: docs/speed.md; a tied embedding then holds an int8 copy of its own). A smollm2.py or llama31.py model in float32 whose products all land on fast_decode.cpp's
     integer kernels then decodes each step in one call (one_call_step). threads=True also sets torch's thread count
     for decoding now (decode_threads)."""
     check_weights(weights, group_size, rounding, calibration)
@@ -1144,7 +1144,7 @@ class OneCallTrunk:
     request)."""
 
     def __init__(self, model: nn.Module):
-        self.model, self.cache, self.weights = model, None, None
+        self.model, self.cache, self.weights, self.caches = model, None, None, []
         self.rope_cos_sin = sys.modules[type(model).__module__].rope_cos_sin  # the model file's own
 
     def __call__(self, tokens, pos, mask, input_pos=None):
@@ -1209,7 +1209,7 @@ def main(*command: str, ckpt_dir: str = "checkpoints/SmolLM2-135M-Instruct", wei
     group_size: weights per int4 scale and zero: 32, 64, 128 or 256
     rounding: nearest (round to nearest), or hqq (Half-Quadratic Quantization's zero points)
     model: the model file that reads the checkpoint (smollm2, llama31, nanollm, lm2); default: from its config.json
-    calibration: a text file (int4): its first 512 tokens calibrate the output head on fbgemm's faster A8W8 kernel
+    calibration: a text file (int4): its first 512 tokens calibrate the output head on fbgemm's A8W8 kernel
     """
     if list(command) != ["quantize"]:
         raise SystemExit("error: the one command is `quantize`: python fast_decode.py quantize --ckpt_dir DIR "
