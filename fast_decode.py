@@ -747,8 +747,9 @@ def fast(model: nn.Module, weights: str | None = None, group_size: int = 32, rou
     ("nearest" or "hqq") are int4's (quantize_int4); a8w8 needs calibration, token ids (batch, T) of ordinary text
     (a few hundred tokens) that the model runs once, in float, to measure each layer's input range; int4 takes it
     too, for its output head alone (A8W8Linear instead of Int8Linear: faster on a 1B head before the one-call
-    step, not since: docs/speed.md; a tied embedding then holds an int8 copy of its own). A smollm2.py or llama31.py model in float32 whose products all land on fast_decode.cpp's
-    integer kernels then decodes each step in one call (one_call_step). threads=True also sets torch's thread count
+    step, not since: docs/speed.md; a tied embedding then holds an int8 copy of its own). A smollm2.py or
+    llama31.py model in float32 whose products all land on fast_decode.cpp's integer kernels then decodes each step
+    in one call (one_call_step). threads=True also sets torch's thread count
     for decoding now (decode_threads)."""
     check_weights(weights, group_size, rounding, calibration)
     if threads:

@@ -5,7 +5,7 @@ views: a fixed cost per op), against the bound each part meets.
 
     python benchmarks/profile_decode.py --model smollm2-135m --precision fp32
     python benchmarks/profile_decode.py --model llama3.2-1b --precision int4   # the checkpoint bench_llamacpp.py made
-    python benchmarks/profile_decode.py --model smollm2-135m --precision int4 --compile   # the compiled step
+    python benchmarks/profile_decode.py --model smollm2-135m --precision fp32 --compile   # the compiled step
 
 The same models, checkpoints and precisions as bench_llamacpp.py (int8 and int4: the rest of the model in
 --quant_dtype). After a prompt (SmolLM2: its 39-token chat prompt; 1B: 64
@@ -75,7 +75,8 @@ def main(model: str = "smollm2-135m", precision: str = "fp32", steps: int = 32, 
     top: ops listed
     threads: torch threads (default: torch's own choice, one per core)
     quant_dtype: float32 or bfloat16: the dtype of the rest of an int8 or int4 model
-    compile: profile the decode step compiled (fast_decode.compile_decode; the compiling happens in the warm-up)
+    compile: profile the decode step compiled (fast_decode.compile_decode; the compiling happens in the warm-up); a
+    step that is one call of fast_decode.cpp already (int8, int4, bf16) stays one
     smollm2_dir: the SmolLM2-135M-Instruct checkpoint
     tokenizer_dir: the Llama 3 tokenizer (for making the random 1B checkpoint, if bench_llamacpp.py has not)
     out_dir: where bench_llamacpp.py keeps the random 1B checkpoint
