@@ -594,9 +594,10 @@ void layers(T* x, at::TensorList weights, at::TensorList caches, const T* cos, c
   {
     const int64_t t = omp_get_thread_num(), threads = omp_get_num_threads();
     // this thread's copy of a product's input: rounded to 8 bits in blocks of 32, or in bf16
-    std::vector<int8_t> a(B * widest);
-    std::vector<uint16_t> a16(B * widest);
-    std::vector<float> d(B * widest / BLOCK), sum(B * widest / BLOCK), row(widest), p(S), o(hd), part(LANES);
+    const int64_t rounded = bf16_model ? 0 : B * widest;  // (a bf16 model's products take a16 alone)
+    std::vector<int8_t> a(rounded);
+    std::vector<uint16_t> a16(bf16_model ? B * widest : 0);
+    std::vector<float> d(rounded / BLOCK), sum(rounded / BLOCK), row(widest), p(S), o(hd), part(LANES);
     std::vector<T> q(hd);
     auto first = [&](int64_t n) { return n * t / threads; };  // this thread's share of n items: first(n) to last(n)
     auto last = [&](int64_t n) { return n * (t + 1) / threads; };

@@ -1111,7 +1111,7 @@ def one_call_weights(model: nn.Module) -> list[torch.Tensor] | None:
     down, up NONE where gate/up are one Stack), or None where it cannot run them: a model not of smollm2.py's or
     llama31.py's classes, a product neither on fast_decode.cpp's 4- and 8-bit tiles in a float32 model nor bf16 in a
     bf16 one."""
-    if type(model).__name__ not in COMPILED or not kernels() or model.args.head_dim % 16:
+    if type(model).__name__ not in COMPILED or model.args.head_dim % 16:
         return None
     weights, dtype = [], model.model.norm.weight.dtype
     for layer in model.model.layers:
@@ -1130,7 +1130,7 @@ def one_call_weights(model: nn.Module) -> list[torch.Tensor] | None:
             return None
         weights += [norms[0], *products[0], *products[1], *products[2], *products[3], norms[1], *products[4],
                     *products[5], *products[6]]
-    return weights
+    return weights if kernels() else None  # (last: a float32 model's fast() never compiles fast_decode.cpp)
 
 
 class OneCallTrunk:
@@ -1150,14 +1150,15 @@ class OneCallTrunk:
 
     def __call__(self, tokens, pos, mask, input_pos=None):
         model = self.model
-        attns = [layer.self_attn for layer in model.model.layers]
-        if input_pos is None or tokens.size(1) != 1 or attns[0].cache is None:
+        cache = model.model.layers[0].self_attn.cache
+        if input_pos is None or tokens.size(1) != 1 or cache is None:
             return type(model).trunk(model, tokens, pos, mask, input_pos)
-        if attns[0].cache is not self.cache:  # a new request: its caches, and the weights as they are now
-            self.cache, self.weights = attns[0].cache, one_call_weights(model)
-            self.caches = [t for a in attns for t in (a.cache.k, a.cache.v)]
-        x = model.model.embed_tokens(tokens)  # (B, 1, dim)
-        if self.weights is None or x.dtype != self.caches[0].dtype:
+        if cache is not self.cache:  # a new request: its caches, and the weights as they are now
+            self.cache, self.weights = cache, one_call_weights(model)
+            self.caches = [t for layer in model.model.layers
+                           for t in (layer.self_attn.cache.k, layer.self_attn.cache.v)]
+        x = None if self.weights is None else model.model.embed_tokens(tokens)  # (B, 1, dim)
+        if x is None or x.dtype != self.caches[0].dtype:
             return type(model).trunk(model, tokens, pos, mask, input_pos)
         B, _, dim = x.shape
         cos, sin = self.rope_cos_sin(model.inv_freq, pos, x.dtype)  # (B, 1, 1, head_dim)
