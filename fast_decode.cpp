@@ -13,9 +13,11 @@
 // broadcast to every lane meet four weights of each of the 16 rows in one instruction, and a block's scales are
 // applied to all 16 rows at once. A tile is k / 8 chunks of 64 bytes; chunk c holds weights 8c..8c+7 of the 16
 // rows, byte 4r + i weight 8c + i of row r in its low nibble and weight 8c + 4 + i in its high one (i in 0..3). Each
-// group of 32, 64, 128 or 256 weights along a row has a bf16 scale s and zero z, weight = (q - 8) * s + z with q in
-// 0..15 (fast_decode.quantize_int4's form, as PyTorch's int4 kernels take it), held per tile as (k / group, 2, 16):
-// for each group, the 16 rows' scales, then their zeros. 8-bit weights: tiles of k / 4 chunks of 64 bytes, chunk
+// group of 32, 64, 128 or 256 weights along a row has a scale s and zero z, weight = (q - 8) * s + z with q in
+// 0..15 (fast_decode.quantize_int4's form, as PyTorch's int4 kernels take it). A row's scales are whole multiples
+// (uint8 codes) of one power of two and its zeros (int8 codes) of another, held per tile as (1 + k / group, 2, 16)
+// bytes: the 16 rows' two exponents, then for each group the 16 rows' scale codes and zero codes: 4.5 bits a
+// weight with group 32, as llama.cpp's Q4_0. 8-bit weights: tiles of k / 4 chunks of 64 bytes, chunk
 // c's byte 4r + i weight 4c + i of row r (held as w + 128: below), one bf16 scale per row.
 //
 // A product of 32 weights with a block of activations x ~= d * a (a int8):
@@ -139,19 +141,37 @@ __m512 bf16_floats(__m256i h) {
 float sum_floats(__m512 v) { return _mm512_reduce_add_ps(v); }
 #endif
 
+// The floats 2^e of 16 (WIDE; else 8) exponents e (int8, -126..127): the grid units of a tile's rows.
+#if WIDE
+__m512 powers_of_two(const uint8_t* e) {
+  const __m512i bits = _mm512_add_epi32(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(e))),
+                                        _mm512_set1_epi32(127));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 23));
+}
+#else
+__m256 powers_of_two(const uint8_t* e) {
+  const __m256i bits = _mm256_add_epi32(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(e))),
+                                        _mm256_set1_epi32(127));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 23));
+}
+#endif
+
 // One tile of 16 rows of 4-bit weights times one row of activations: out, the 16 rows' products. A group of
-// per_group blocks shares one scale and zero.
-void int4_tile(const uint8_t* w, const uint16_t* scales_and_zeros, int64_t k, int64_t per_group, const int8_t* a,
+// per_group blocks shares one scale and zero; codes: the tile's (1 + k / group, 2, 16) bytes (above).
+void int4_tile(const uint8_t* w, const uint8_t* codes, int64_t k, int64_t per_group, const int8_t* a,
                const float* d, const float* sum, float* out) {
   const int64_t blocks = k / BLOCK;
 #if WIDE
   const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512 s_unit = powers_of_two(codes), z_unit = powers_of_two(codes + LANES);
   __m512 acc = _mm512_setzero_ps(), s, zs;  // zs: z - 8 s, the group's zero-point term per unit of sum(a)
   for (int64_t b = 0; b < blocks; ++b, w += 4 * 64, a += BLOCK) {
     if (b % per_group == 0) {
-      const uint16_t* group = scales_and_zeros + (b / per_group) * 2 * LANES;
-      s = bf16_floats(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(group)));
-      const __m512 z = bf16_floats(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + LANES)));
+      const uint8_t* group = codes + (1 + b / per_group) * 2 * LANES;
+      s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+          reinterpret_cast<const __m128i*>(group)))), s_unit);
+      const __m512 z = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+          reinterpret_cast<const __m128i*>(group + LANES)))), z_unit);
       zs = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s, z);
     }
     __m512i lo_sum = _mm512_setzero_si512(), hi_sum = _mm512_setzero_si512();
@@ -170,13 +190,17 @@ void int4_tile(const uint8_t* w, const uint16_t* scales_and_zeros, int64_t k, in
   _mm512_storeu_ps(out, acc);
 #else
   const __m256i low = _mm256_set1_epi8(0x0F);
-  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, s[2], zs[2];  // rows 0-7, rows 8-15
+  const __m256 s_unit[2] = {powers_of_two(codes), powers_of_two(codes + 8)};  // rows 0-7, rows 8-15
+  const __m256 z_unit[2] = {powers_of_two(codes + LANES), powers_of_two(codes + LANES + 8)};
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, s[2], zs[2];
   for (int64_t b = 0; b < blocks; ++b, w += 4 * 64, a += BLOCK) {
     if (b % per_group == 0) {
       for (int64_t h = 0; h < 2; ++h) {
-        const uint16_t* rows = scales_and_zeros + (b / per_group) * 2 * LANES + 8 * h;
-        s[h] = bf16_floats(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows)));
-        const __m256 z = bf16_floats(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows + LANES)));
+        const uint8_t* rows = codes + (1 + b / per_group) * 2 * LANES + 8 * h;
+        s[h] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+            reinterpret_cast<const __m128i*>(rows)))), s_unit[h]);
+        const __m256 z = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+            reinterpret_cast<const __m128i*>(rows + LANES)))), z_unit[h]);
         zs[h] = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), s[h], z);
       }
     }
@@ -274,41 +298,47 @@ float bf16_row(const uint16_t* w, int64_t k, const uint16_t* x) {
 }
 
 // A layer's weights in tiles of 16 rows (above), 4- or 8-bit, told apart by their scales' shape:
-// - 4-bit: w (n, k / 2) uint8 and scales_and_zeros (n / 16, k / group, 2, 16) bf16, group 32, 64, 128 or 256;
+// - 4-bit: w (n, k / 2) uint8 and scales_and_zeros (n / 16, 1 + k / group, 2, 16) uint8 codes, group 32, 64,
+//   128 or 256;
 // - 8-bit: w (n, k) uint8 (each weight + 128) and scale (n) bf16;
 // or (the one-call step's bf16 models) bf16 weights (n, k) as the model holds them, no scales: 16 rows a tile too.
 // tile(t, a, d, sum, out): tile t times one rounded row of activations, into its 16 outputs; bf16_tile the same
 // for a bf16 row.
 struct Tiles {
   const uint8_t* w = nullptr;
-  const uint16_t* scales = nullptr;
-  const uint16_t* bf16 = nullptr;  // bf16 weights, where they are
+  const uint8_t* codes = nullptr;    // 4-bit weights' scales and zeros
+  const uint16_t* scales = nullptr;  // 8-bit weights' row scales
+  const uint16_t* bf16 = nullptr;    // bf16 weights, where they are
   int64_t n, k, groups = 0;  // groups: 4-bit groups along a row; 0 for 8-bit weights
 
   Tiles(const at::Tensor& weights, const at::Tensor& s, int64_t k_) : n(weights.size(0)), k(k_) {
     TORCH_CHECK(weights.device().is_cpu() && weights.is_contiguous() && s.is_contiguous() &&
-                (weights.scalar_type() == at::kByte || weights.scalar_type() == at::kBFloat16) &&
-                s.scalar_type() == at::kBFloat16, "fast_decode: weights in the wrong form");
+                (weights.scalar_type() == at::kByte || weights.scalar_type() == at::kBFloat16),
+                "fast_decode: weights in the wrong form");
     TORCH_CHECK(k % (2 * BLOCK) == 0 && n % LANES == 0, "fast_decode: the kernels need 64 | k and 16 | n");
     if (weights.scalar_type() == at::kBFloat16) {
       TORCH_CHECK(weights.size(1) == k && s.numel() == 0, "fast_decode: bf16 weights in the wrong form");
       bf16 = reinterpret_cast<const uint16_t*>(weights.data_ptr());
       return;
     }
-    if (s.dim() == 4) {
-      groups = s.size(1);
-      TORCH_CHECK(weights.size(1) == k / 2 && groups > 0 && (k / BLOCK) % groups == 0 && s.numel() == n * groups * 2,
-                  "fast_decode: 4-bit weights in the wrong form");
-    } else {
-      TORCH_CHECK(weights.size(1) == k && s.numel() == n, "fast_decode: 8-bit weights in the wrong form");
-    }
     w = weights.data_ptr<uint8_t>();
-    scales = reinterpret_cast<const uint16_t*>(s.data_ptr());
+    if (s.dim() == 4) {
+      groups = s.size(1) - 1;
+      TORCH_CHECK(s.scalar_type() == at::kByte && weights.size(1) == k / 2 && groups > 0 &&
+                  (k / BLOCK) % groups == 0 && s.numel() == n * (groups + 1) * 2,
+                  "fast_decode: 4-bit weights in the wrong form");
+      codes = s.data_ptr<uint8_t>();
+    } else {
+      TORCH_CHECK(s.scalar_type() == at::kBFloat16 && weights.size(1) == k && s.numel() == n,
+                  "fast_decode: 8-bit weights in the wrong form");
+      scales = reinterpret_cast<const uint16_t*>(s.data_ptr());
+    }
   }
 
   void tile(int64_t t, const int8_t* a, const float* d, const float* sum, float* out) const {
     if (groups) {
-      int4_tile(w + t * LANES * (k / 2), scales + t * LANES * groups * 2, k, k / BLOCK / groups, a, d, sum, out);
+      int4_tile(w + t * LANES * (k / 2), codes + t * LANES * (groups + 1) * 2, k, k / BLOCK / groups, a, d, sum,
+                out);
       return;
     }
     int8_tile(w + t * LANES * k, k, a, d, sum, out);

@@ -214,23 +214,43 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_int4(w: torch.Tensor, group_size: int = 32, rounding: str = "nearest"):
-    """Asymmetric 4-bit groups: each run of group_size weights along a row gets a bf16 scale and zero and each
-    weight the nearest of (q - 8) * scale + zero, q in 0..15, the form PyTorch's int4 kernels multiply. The
-    step spans the group's range (q = 0 at its minimum, 15 at its maximum); rounding="hqq" then moves each zero
-    to where the rounding errors are smaller (hqq_zeros). q is rounded against the bf16 scale and zero.
+    """Asymmetric 4-bit groups: each run of group_size weights along a row gets a scale and zero and each weight
+    the nearest of (q - 8) * scale + zero, q in 0..15, the form PyTorch's int4 kernels multiply. The step spans
+    the group's range (q = 0 at its minimum, 15 at its maximum); rounding="hqq" then moves each zero to where the
+    rounding errors are smaller (hqq_zeros). Each row's scales are whole multiples 1..255 of one power of two and
+    its zeros -127..127 of another (on_grid), so that fast_decode.cpp holds a group's scale and zero in two bytes
+    (4.5 bits a weight with group 32, as llama.cpp's Q4_0 and Q4_K; free bf16 ones took four, 5 bits) and they
+    are still exact bf16 values for PyTorch's kernels. q is rounded against the scale and zero so held.
     -> (q: uint8 (n, k / 2), two per byte, the even column's in the high nibble, as the CUDA kernel packs them;
         scales_and_zeros: bf16 (n, k / group_size, 2))"""
     n, k = w.shape
     g = w.detach().float().reshape(n, k // group_size, group_size)
     lo, hi = g.amin(-1), g.amax(-1)
-    scale = ((hi - lo) / 15).clamp(min=1e-10).bfloat16().float()  # (n, k / group_size)
-    zero = (lo + 8 * scale).bfloat16().float()
+    scale = on_grid(((hi - lo) / 15).clamp(min=1e-10), SCALE_CODES, 1)  # (n, k / group_size)
+    zero = on_grid(lo + 8 * scale, ZERO_CODES)
     if rounding == "hqq":
-        zero = hqq_zeros(g, scale, zero).bfloat16().float()
+        zero = on_grid(hqq_zeros(g, scale, zero), ZERO_CODES)
     elif rounding != "nearest":
         raise ValueError(f"rounding={rounding!r}: use 'nearest' or 'hqq'")
     q = ((g - zero[..., None]) / scale[..., None] + 8).round_().clamp_(0, 15).to(torch.uint8).view(n, k)
     return (q[:, 0::2] << 4) | q[:, 1::2], torch.stack([scale, zero], -1).bfloat16()
+
+
+SCALE_CODES, ZERO_CODES = 255, 127  # a 4-bit group's scale as a uint8 code (0 unused), its zero as an int8 one
+INT4_SCALES = "power-of-two grid"  # a quantized file's metadata: its 4-bit scales and zeros are on_grid's
+
+
+def grid_unit(v: torch.Tensor, codes: int) -> torch.Tensor:
+    """The least power of two u per row of v (..., G) with every |v| <= codes * u: (..., 1). (frexp is exact:
+    max / codes = m * 2^e, m in [0.5, 1), so u = 2^e, or 2^(e - 1) where m is 0.5.)"""
+    m, e = torch.frexp(v.abs().amax(-1, keepdim=True).clamp(min=1e-30) / codes)
+    return torch.ldexp(torch.ones_like(m), e - (m == 0.5).int())
+
+
+def on_grid(v: torch.Tensor, codes: int, least: int = -ZERO_CODES) -> torch.Tensor:
+    """v (..., G) rounded to whole multiples least..codes of its row's grid_unit."""
+    u = grid_unit(v, codes)
+    return (v / u).round_().clamp_(least, codes) * u
 
 
 def hqq_zeros(g, scale, zero, steps: int = 20, p: float = 0.7, beta: float = 10.0, kappa: float = 1.01):
@@ -417,12 +437,21 @@ def int4_inner_k_tiles(k: int) -> int:
 def pack_int4_tiles(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_int4's q (n, k / 2) and scales_and_zeros (n, k / group, 2) in fast_decode.cpp's tiles of 16 rows:
     each tile k / 8 chunks of 64 bytes, chunk c's byte 4r + i holding weights 8c + i (low nibble) and 8c + 4 + i
-    (high) of row r; the scales and zeros as (n / 16, k / group, 2, 16)."""
+    (high) of row r; the scales and zeros as codes (uint8 (n / 16, 1 + k / group, 2, 16)): first each row's two
+    grid units' exponents (int8), then per group each row's scale code (uint8) and zero code (int8)."""
     n, k, groups = q.size(0), 2 * q.size(1), scales_and_zeros.size(1)
     v = torch.stack([q >> 4, q & 15], -1).view(n // 16, 16, k // 8, 2, 4)  # (tile, row, chunk, half, i): weight 8c+4h+i
     tiles = (v[..., 0, :] | v[..., 1, :] << 4).permute(0, 2, 1, 3)  # (tile, chunk, row, i)
-    sz = scales_and_zeros.bfloat16().view(n // 16, 16, groups, 2).permute(0, 2, 3, 1)  # (tile, group, s/z, row)
-    return tiles.contiguous().view(n, k // 2), sz.contiguous()
+    sz = scales_and_zeros.float()
+    units = torch.cat([grid_unit(sz[..., 0], SCALE_CODES), grid_unit(sz[..., 1], ZERO_CODES)], 1)  # (n, 2)
+    codes = sz / units[:, None]
+    if not (torch.equal(codes, codes.round()) and codes[..., 0].min() >= 0 and codes.abs().max() <= SCALE_CODES
+            and codes[..., 1].abs().max() <= ZERO_CODES):
+        raise ValueError("these 4-bit scales and zeros are not on quantize_int4's grid (made by an earlier "
+                         "fast_decode?): quantize the weights again")
+    header = torch.frexp(units)[1] - 1  # (n, 2): each unit's exponent
+    sz = torch.cat([header[:, None], codes.int()], 1).to(torch.int8).view(torch.uint8)  # (n, 1 + groups, 2)
+    return tiles.contiguous().view(n, k // 2), sz.view(n // 16, 16, groups + 1, 2).permute(0, 2, 3, 1).contiguous()
 
 
 def unpack_int4_tiles(tiles: torch.Tensor, sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -430,12 +459,15 @@ def unpack_int4_tiles(tiles: torch.Tensor, sz: torch.Tensor) -> tuple[torch.Tens
     n, k = tiles.size(0), 2 * tiles.size(1)
     t = tiles.view(n // 16, k // 8, 16, 4).permute(0, 2, 1, 3)  # (tile, row, chunk, i)
     v = torch.stack([t & 15, t >> 4], -2).reshape(n, k)  # each weight's q, in order
-    return (v[:, 0::2] << 4) | v[:, 1::2], sz.permute(0, 3, 1, 2).reshape(n, sz.size(1), 2)
+    codes = sz.view(torch.int8).permute(0, 3, 1, 2).reshape(n, sz.size(1), 2).int()  # (n, 1 + groups, 2)
+    codes[:, 1:, 0] &= 255  # (scale codes are unsigned)
+    scales_and_zeros = torch.ldexp(codes[:, 1:].float(), codes[:, :1])
+    return (v[:, 0::2] << 4) | v[:, 1::2], scales_and_zeros.bfloat16()
 
 
 class Int4Linear(nn.Linear):
     """A linear layer held only as 4-bit weights in groups of group_size along each row, each group with a bf16
-    scale and zero (quantize_int4): 0.625 bytes per weight with group 32. On x86 CPUs fast_decode.cpp multiplies
+    scale and zero (quantize_int4): 0.5625 bytes per weight with group 32. On x86 CPUs fast_decode.cpp multiplies
     them with the input rounded to int8 in blocks of 32 (llama.cpp's Q4_1 x Q8_1); elsewhere PyTorch's
     int4 kernel with bf16 activations, as Int8Linear. Both kernels' layouts are the CPU's own (PyTorch's differs
     between its AVX2 and AVX-512 builds), so the weights are packed here, where they run, from quantize_int4's
@@ -942,10 +974,13 @@ def load(cls, ckpt_dir, weights: str | None = None, group_size: int = 32, roundi
     if stored.is_file():
         from safetensors import safe_open
         with safe_open(stored, "pt") as f:
-            made_from = (f.metadata() or {}).get("source")
-        if made_from != fingerprint(ckpt_dir):
-            raise ValueError(f"{stored} was made from other weights than {ckpt_dir}/model.safetensors: make it again "
-                             f"with `python fast_decode.py quantize --ckpt_dir {ckpt_dir} --weights {weights}`")
+            meta = f.metadata() or {}
+        again = f"make it again with `python fast_decode.py quantize --ckpt_dir {ckpt_dir} --weights {weights}`"
+        if meta.get("source") != fingerprint(ckpt_dir):
+            raise ValueError(f"{stored} was made from other weights than {ckpt_dir}/model.safetensors: {again}")
+        if weights == "int4" and meta.get("scales") != INT4_SCALES:
+            raise ValueError(f"{stored} was made by an earlier fast_decode (its 4-bit scales are off the grid that "
+                             f"quantize_int4 puts them on now): {again}")
     model = build(cls, ckpt_dir, weights, group_size, rounding, device, dtype, stored if stored.is_file() else None,
                   calibration=calibration, **kwargs)
     one_call_step(model)
@@ -969,7 +1004,8 @@ def save_quantized(cls, ckpt_dir, weights: str = "int4", group_size: int = 32, r
     kept = {}
     build(cls, ckpt_dir, weights, group_size, rounding, torch.device("cpu"), None, None, kept, calibration)
     out = quantized_path(ckpt_dir, weights, group_size)
-    meta = {"weights": weights, "group_size": str(group_size), "rounding": rounding, "source": fingerprint(ckpt_dir)}
+    meta = {"weights": weights, "group_size": str(group_size), "rounding": rounding, "source": fingerprint(ckpt_dir),
+            **({"scales": INT4_SCALES} if weights == "int4" else {})}
     save_atomic(str(out), lambda tmp: save_file({k: v.contiguous() for k, v in kept.items()}, tmp, metadata=meta))
     return out
 

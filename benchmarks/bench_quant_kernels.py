@@ -25,7 +25,8 @@ the activation row to int8 (A8W8, as llama.cpp's Q8_0 product does, which rounds
   fast_decode.cpp's kernels, which round the row to int8 in blocks of 32 as llama.cpp does, where they build),
   each layer alone, a whole module call (fp32 row in and out), as a decode step makes it.
 GB/s counts the weight bytes streamed (int8: a byte per weight, scales are 1/K of them; int4: 0.625, the
-4-bit weights and a bf16 scale and zero per 32) over the time of all layers' products; "ms/token"
+4-bit weights and a bf16 scale and zero per 32, on fast_decode.cpp 0.5625, the scale and zero a byte each) over the
+time of all layers' products; "ms/token"
 is that time, i.e. the floor the products alone put under one decode step; "max err" is the largest difference
 from the fp32 product with the unrounded weights, relative to that product's largest value.
 """
@@ -147,7 +148,7 @@ def products(name, n_layers, bw):
         with torch.inference_mode():
             t = best_time(run)
         per_weight = (4 if route.startswith("fp32") else 2 if route.startswith("bf16") else
-                      0.625 if "int4" in route else 1)
+                      0.5625 if route.startswith("fast_decode int4") else 0.625 if "int4" in route else 1)
         print(f"| {name} | {route} | {n_int8 * per_weight / t / 1e9:.1f} | {t * 1e3:.1f} "
               f"| {n_int8 * per_weight / bw / 1e6:.1f} | {err:.1e} |")
 
