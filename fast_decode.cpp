@@ -156,32 +156,44 @@ __m256 powers_of_two(const uint8_t* e) {
 }
 #endif
 
-// One tile of 16 rows of 4-bit weights times one row of activations: out, the 16 rows' products. A group of
-// per_group blocks shares one scale and zero; codes: the tile's (1 + k / group, 2, 16) bytes (above).
-void int4_tile(const uint8_t* w, const uint8_t* codes, int64_t k, int64_t per_group, const int8_t* a,
-               const float* d, const float* sum, float* out) {
+// One tile of 16 rows of BITS-bit weights (4, or 6: the output head's) times one row of activations: out, the 16
+// rows' products. A group of per_group blocks shares one scale and zero; codes: the tile's (1 + k / group, 2, 16)
+// bytes (above). weight = (q - mid) * s + z, mid = 8 (q in 0..15) or 32 (0..63). A 6-bit tile's block is the 4-bit
+// one's four chunks of low nibbles, then two chunks of each weight's top two bits: chunk j's byte 4r + i holds in
+// bits 2m, 2m + 1 (m in 0..3) those of row r's weight 16j + 4m + i (whose nibble is in chunk 2j + m / 2).
+template <int BITS>
+void grouped_tile(const uint8_t* w, const uint8_t* codes, int64_t k, int64_t per_group, const int8_t* a,
+                  const float* d, const float* sum, float* out) {
+  static_assert(BITS == 4 || BITS == 6, "4- or 6-bit weights");
   const int64_t blocks = k / BLOCK;
+  const float mid = 1 << (BITS - 1);
 #if WIDE
-  const __m512i low = _mm512_set1_epi8(0x0F);
+  const __m512i low = _mm512_set1_epi8(0x0F), top = _mm512_set1_epi8(0x30);
   const __m512 s_unit = powers_of_two(codes), z_unit = powers_of_two(codes + LANES);
-  __m512 acc = _mm512_setzero_ps(), s, zs;  // zs: z - 8 s, the group's zero-point term per unit of sum(a)
-  for (int64_t b = 0; b < blocks; ++b, w += 4 * 64, a += BLOCK) {
+  __m512 acc = _mm512_setzero_ps(), s, zs;  // zs: z - mid s, the group's zero-point term per unit of sum(a)
+  for (int64_t b = 0; b < blocks; ++b, w += BITS * 64, a += BLOCK) {
     if (b % per_group == 0) {
       const uint8_t* group = codes + (1 + b / per_group) * 2 * LANES;
       s = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
           reinterpret_cast<const __m128i*>(group)))), s_unit);
       const __m512 z = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
           reinterpret_cast<const __m128i*>(group + LANES)))), z_unit);
-      zs = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s, z);
+      zs = _mm512_fnmadd_ps(_mm512_set1_ps(mid), s, z);
     }
     __m512i lo_sum = _mm512_setzero_si512(), hi_sum = _mm512_setzero_si512();
     for (int64_t c = 0; c < 4; ++c) {  // the block's four chunks of eight weights
       const __m512i v = _mm512_loadu_si512(w + 64 * c);
+      __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      if constexpr (BITS == 6) {  // each weight's top two bits, moved to bits 4 and 5 of its byte
+        const __m512i u = _mm512_loadu_si512(w + 4 * 64 + 64 * (c / 2));
+        lo = _mm512_or_si512(lo, _mm512_and_si512(c % 2 ? u : _mm512_slli_epi16(u, 4), top));
+        hi = _mm512_or_si512(hi, _mm512_and_si512(c % 2 ? _mm512_srli_epi16(u, 2) : _mm512_slli_epi16(u, 2), top));
+      }
       int32_t x_lo, x_hi;  // activations 8c..8c+3 and 8c+4..8c+7, for every lane
       std::memcpy(&x_lo, a + 8 * c, 4);
       std::memcpy(&x_hi, a + 8 * c + 4, 4);
-      lo_sum = _mm512_dpbusd_epi32(lo_sum, _mm512_and_si512(v, low), _mm512_set1_epi32(x_lo));
-      hi_sum = _mm512_dpbusd_epi32(hi_sum, _mm512_and_si512(_mm512_srli_epi16(v, 4), low), _mm512_set1_epi32(x_hi));
+      lo_sum = _mm512_dpbusd_epi32(lo_sum, lo, _mm512_set1_epi32(x_lo));
+      hi_sum = _mm512_dpbusd_epi32(hi_sum, hi, _mm512_set1_epi32(x_hi));
     }
     const __m512 q_sum = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_sum, hi_sum));
     acc = _mm512_fmadd_ps(q_sum, _mm512_mul_ps(s, _mm512_set1_ps(d[b])), acc);
@@ -189,11 +201,11 @@ void int4_tile(const uint8_t* w, const uint8_t* codes, int64_t k, int64_t per_gr
   }
   _mm512_storeu_ps(out, acc);
 #else
-  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i low = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30), ones = _mm256_set1_epi16(1);
   const __m256 s_unit[2] = {powers_of_two(codes), powers_of_two(codes + 8)};  // rows 0-7, rows 8-15
   const __m256 z_unit[2] = {powers_of_two(codes + LANES), powers_of_two(codes + LANES + 8)};
   __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, s[2], zs[2];
-  for (int64_t b = 0; b < blocks; ++b, w += 4 * 64, a += BLOCK) {
+  for (int64_t b = 0; b < blocks; ++b, w += BITS * 64, a += BLOCK) {
     if (b % per_group == 0) {
       for (int64_t h = 0; h < 2; ++h) {
         const uint8_t* rows = codes + (1 + b / per_group) * 2 * LANES + 8 * h;
@@ -201,11 +213,12 @@ void int4_tile(const uint8_t* w, const uint8_t* codes, int64_t k, int64_t per_gr
             reinterpret_cast<const __m128i*>(rows)))), s_unit[h]);
         const __m256 z = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
             reinterpret_cast<const __m128i*>(rows + LANES)))), z_unit[h]);
-        zs[h] = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), s[h], z);
+        zs[h] = _mm256_fnmadd_ps(_mm256_set1_ps(mid), s[h], z);
       }
     }
-    // int16 sums of byte pairs: a block's eight of them (each at most 2 * 15 * 127) stay below 2^15
-    __m256i pair_sum[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+    // int16 sums of byte pairs: a 4-bit block's eight of them (each at most 2 * 15 * 127) stay below 2^15; a 6-bit
+    // chunk's two (2 * 63 * 127 each) go on to int32 sums chunk by chunk
+    __m256i pair_sum[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}, q_sum[2] = {pair_sum[0], pair_sum[1]};
     for (int64_t c = 0; c < 4; ++c) {
       int32_t x_lo, x_hi;
       std::memcpy(&x_lo, a + 8 * c, 4);
@@ -213,14 +226,22 @@ void int4_tile(const uint8_t* w, const uint8_t* codes, int64_t k, int64_t per_gr
       const __m256i xl = _mm256_set1_epi32(x_lo), xh = _mm256_set1_epi32(x_hi);
       for (int64_t h = 0; h < 2; ++h) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * c + 32 * h));
-        pair_sum[h] = _mm256_add_epi16(pair_sum[h], _mm256_maddubs_epi16(_mm256_and_si256(v, low), xl));
-        pair_sum[h] = _mm256_add_epi16(pair_sum[h],
-                                       _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), low), xh));
+        __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        if constexpr (BITS == 6) {
+          const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 4 * 64 + 64 * (c / 2) + 32 * h));
+          lo = _mm256_or_si256(lo, _mm256_and_si256(c % 2 ? u : _mm256_slli_epi16(u, 4), top));
+          hi = _mm256_or_si256(hi, _mm256_and_si256(c % 2 ? _mm256_srli_epi16(u, 2) : _mm256_slli_epi16(u, 2), top));
+        }
+        const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+        if constexpr (BITS == 4)
+          pair_sum[h] = _mm256_add_epi16(pair_sum[h], pairs);
+        else
+          q_sum[h] = _mm256_add_epi32(q_sum[h], _mm256_madd_epi16(pairs, ones));
       }
     }
     for (int64_t h = 0; h < 2; ++h) {
-      const __m256 q_sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(pair_sum[h], _mm256_set1_epi16(1)));
-      acc[h] = _mm256_fmadd_ps(q_sum, _mm256_mul_ps(s[h], _mm256_set1_ps(d[b])), acc[h]);
+      const __m256 q = _mm256_cvtepi32_ps(BITS == 4 ? _mm256_madd_epi16(pair_sum[h], ones) : q_sum[h]);
+      acc[h] = _mm256_fmadd_ps(q, _mm256_mul_ps(s[h], _mm256_set1_ps(d[b])), acc[h]);
       acc[h] = _mm256_fmadd_ps(zs[h], _mm256_set1_ps(sum[b]), acc[h]);
     }
   }
@@ -297,9 +318,9 @@ float bf16_row(const uint16_t* w, int64_t k, const uint16_t* x) {
 #endif
 }
 
-// A layer's weights in tiles of 16 rows (above), 4- or 8-bit, told apart by their scales' shape:
+// A layer's weights in tiles of 16 rows (above), 4-, 6- or 8-bit, told apart by their shapes:
 // - 4-bit: w (n, k / 2) uint8 and scales_and_zeros (n / 16, 1 + k / group, 2, 16) uint8 codes, group 32, 64,
-//   128 or 256;
+//   128 or 256; 6-bit: the same, w (n, 3 k / 4);
 // - 8-bit: w (n, k) uint8 (each weight + 128) and scale (n) bf16;
 // or (the one-call step's bf16 models) bf16 weights (n, k) as the model holds them, no scales: 16 rows a tile too.
 // tile(t, a, d, sum, out): tile t times one rounded row of activations, into its 16 outputs; bf16_tile the same
@@ -309,7 +330,7 @@ struct Tiles {
   const uint8_t* codes = nullptr;    // 4-bit weights' scales and zeros
   const uint16_t* scales = nullptr;  // 8-bit weights' row scales
   const uint16_t* bf16 = nullptr;    // bf16 weights, where they are
-  int64_t n, k, groups = 0;  // groups: 4-bit groups along a row; 0 for 8-bit weights
+  int64_t n, k, groups = 0, bits = 8;  // groups: 4- or 6-bit groups along a row
 
   Tiles(const at::Tensor& weights, const at::Tensor& s, int64_t k_) : n(weights.size(0)), k(k_) {
     TORCH_CHECK(weights.device().is_cpu() && weights.is_contiguous() && s.is_contiguous() &&
@@ -324,9 +345,10 @@ struct Tiles {
     w = weights.data_ptr<uint8_t>();
     if (s.dim() == 4) {
       groups = s.size(1) - 1;
-      TORCH_CHECK(s.scalar_type() == at::kByte && weights.size(1) == k / 2 && groups > 0 &&
+      bits = weights.size(1) == k / 2 ? 4 : 6;
+      TORCH_CHECK(s.scalar_type() == at::kByte && weights.size(1) == k * bits / 8 && groups > 0 &&
                   (k / BLOCK) % groups == 0 && s.numel() == n * (groups + 1) * 2,
-                  "fast_decode: 4-bit weights in the wrong form");
+                  "fast_decode: 4- or 6-bit weights in the wrong form");
       codes = s.data_ptr<uint8_t>();
     } else {
       TORCH_CHECK(s.scalar_type() == at::kBFloat16 && weights.size(1) == k && s.numel() == n,
@@ -337,8 +359,9 @@ struct Tiles {
 
   void tile(int64_t t, const int8_t* a, const float* d, const float* sum, float* out) const {
     if (groups) {
-      int4_tile(w + t * LANES * (k / 2), codes + t * LANES * (groups + 1) * 2, k, k / BLOCK / groups, a, d, sum,
-                out);
+      const uint8_t* tile_codes = codes + t * LANES * (groups + 1) * 2;
+      (bits == 4 ? grouped_tile<4> : grouped_tile<6>)(w + t * LANES * k * bits / 8, tile_codes, k, k / BLOCK / groups,
+                                                      a, d, sum, out);
       return;
     }
     int8_tile(w + t * LANES * k, k, a, d, sum, out);
@@ -357,7 +380,7 @@ at::Tensor tiled_product(const at::Tensor& x, const at::Tensor& w, const at::Ten
   const int64_t k = x.size(-1), blocks = k / BLOCK;
   TORCH_CHECK(x.device().is_cpu(), "fast_decode's kernels run on the CPU");
   const Tiles tiles(w, scales, k);
-  TORCH_CHECK(!tiles.bf16, "fast_decode: int4_linear and int8_linear take 4- and 8-bit weights");
+  TORCH_CHECK(!tiles.bf16, "fast_decode: int4_linear, int6_linear and int8_linear take 4-, 6- and 8-bit weights");
   const at::Tensor x2 = x.reshape({-1, k}).to(at::kFloat).contiguous();
   const int64_t m = x2.size(0), n = tiles.n;
   const Activations act = round_rows(x2);
@@ -754,6 +777,7 @@ at::Tensor llama_layers(const at::Tensor& x, at::TensorList weights, at::TensorL
 
 TORCH_LIBRARY(fast_decode, m) {
   m.def("int4_linear(Tensor x, Tensor w, Tensor scales_and_zeros) -> Tensor");
+  m.def("int6_linear(Tensor x, Tensor w, Tensor scales_and_zeros) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
@@ -762,7 +786,8 @@ TORCH_LIBRARY(fast_decode, m) {
 }
 
 TORCH_LIBRARY_IMPL(fast_decode, CPU, m) {
-  m.impl("int4_linear", &tiled_product);  // (the scales' shape tells the two apart)
+  m.impl("int4_linear", &tiled_product);  // (the shapes tell the three apart)
+  m.impl("int6_linear", &tiled_product);
   m.impl("int8_linear", &tiled_product);
   m.impl("bf16_linear", &bf16_linear);
   m.impl("decode_attention", &decode_attention);

@@ -215,29 +215,44 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_int4(w: torch.Tensor, group_size: int = 32, rounding: str = "nearest"):
     """Asymmetric 4-bit groups: each run of group_size weights along a row gets a scale and zero and each weight
-    the nearest of (q - 8) * scale + zero, q in 0..15, the form PyTorch's int4 kernels multiply. The step spans
-    the group's range (q = 0 at its minimum, 15 at its maximum); rounding="hqq" then moves each zero to where the
-    rounding errors are smaller (hqq_zeros). Each row's scales are whole multiples 1..255 of one power of two and
-    its zeros -127..127 of another (on_grid), so that fast_decode.cpp holds a group's scale and zero in two bytes
-    (4.5 bits a weight with group 32, as llama.cpp's Q4_0 and Q4_K; free bf16 ones took four, 5 bits) and they
-    are still exact bf16 values for PyTorch's kernels. q is rounded against the scale and zero so held.
+    the nearest of (q - 8) * scale + zero, q in 0..15, the form PyTorch's int4 kernels multiply (quantize_groups).
     -> (q: uint8 (n, k / 2), two per byte, the even column's in the high nibble, as the CUDA kernel packs them;
         scales_and_zeros: bf16 (n, k / group_size, 2))"""
+    q, scales_and_zeros = quantize_groups(w, 4, group_size, rounding)
+    return (q[:, 0::2] << 4) | q[:, 1::2], scales_and_zeros
+
+
+def quantize_groups(w: torch.Tensor, bits: int, group_size: int = 32, rounding: str = "nearest"):
+    """Asymmetric groups of `bits` bits (4; 6 for an int4 model's output head, as Int6Linear holds it): each run of
+    group_size weights along a row gets a scale and zero and each weight the nearest of (q - mid) * scale + zero, q
+    in 0..top (top = 2^bits - 1, mid = 2^(bits - 1)). The step spans the group's range (q = 0 at its minimum, top at
+    its maximum); rounding="hqq" then moves each zero to where the rounding errors are smaller (hqq_zeros). Each
+    row's scales are whole multiples 1..255 of one power of two and its zeros -127..127 of another (on_grid), so
+    that fast_decode.cpp holds a group's scale and zero in two bytes (4-bit weights: 4.5 bits a weight with group 32,
+    as llama.cpp's Q4_0 and Q4_K; free bf16 ones took four, 5 bits) and they are still exact bf16 values for
+    PyTorch's kernels. q is rounded against the scale and zero so held.
+    -> (q: uint8 (n, k), one per byte; scales_and_zeros: bf16 (n, k / group_size, 2))"""
     n, k = w.shape
+    if n > ROWS:  # (a block of rows at a time: a large head's float copies would double what loading it holds)
+        parts = [quantize_groups(w[i:i + ROWS], bits, group_size, rounding) for i in range(0, n, ROWS)]
+        return tuple(torch.cat(t) for t in zip(*parts))
+    top, mid = 2 ** bits - 1, 2 ** (bits - 1)
     g = w.detach().float().reshape(n, k // group_size, group_size)
     lo, hi = g.amin(-1), g.amax(-1)
-    scale = on_grid(((hi - lo) / 15).clamp(min=1e-10), SCALE_CODES, 1)  # (n, k / group_size)
-    zero = on_grid(lo + 8 * scale, ZERO_CODES)
+    scale = on_grid(((hi - lo) / top).clamp(min=1e-10), SCALE_CODES, 1)  # (n, k / group_size)
+    zero = on_grid(lo + mid * scale, ZERO_CODES)
     if rounding == "hqq":
-        zero = on_grid(hqq_zeros(g, scale, zero), ZERO_CODES)
+        zero = on_grid(hqq_zeros(g, scale, zero, top), ZERO_CODES)
     elif rounding != "nearest":
         raise ValueError(f"rounding={rounding!r}: use 'nearest' or 'hqq'")
-    q = ((g - zero[..., None]) / scale[..., None] + 8).round_().clamp_(0, 15).to(torch.uint8).view(n, k)
-    return (q[:, 0::2] << 4) | q[:, 1::2], torch.stack([scale, zero], -1).bfloat16()
+    q = ((g - zero[..., None]) / scale[..., None] + mid).round_().clamp_(0, top).to(torch.uint8).view(n, k)
+    return q, torch.stack([scale, zero], -1).bfloat16()
 
 
-SCALE_CODES, ZERO_CODES = 255, 127  # a 4-bit group's scale as a uint8 code (0 unused), its zero as an int8 one
-INT4_SCALES = "power-of-two grid"  # a quantized file's metadata: its 4-bit scales and zeros are on_grid's
+ROWS = 4096  # rows quantized or packed at a time (a multiple of the kernels' 16)
+SCALE_CODES, ZERO_CODES = 255, 127  # a group's scale as a uint8 code (0 unused), its zero as an int8 one
+# a quantized int4 file's metadata: its scales and zeros are on_grid's, its output head 6-bit where the kernels are
+INT4_FORM = "grid scales, 6-bit head"
 
 
 def grid_unit(v: torch.Tensor, codes: int) -> torch.Tensor:
@@ -253,17 +268,19 @@ def on_grid(v: torch.Tensor, codes: int, least: int = -ZERO_CODES) -> torch.Tens
     return (v / u).round_().clamp_(least, codes) * u
 
 
-def hqq_zeros(g, scale, zero, steps: int = 20, p: float = 0.7, beta: float = 10.0, kappa: float = 1.01):
+def hqq_zeros(g, scale, zero, top: int = 15, steps: int = 20, p: float = 0.7, beta: float = 10.0,
+              kappa: float = 1.01):
     """Half-Quadratic Quantization's zero points (Badri & Shaji 2023, "Half-Quadratic Quantization of Large
     Machine Learning Models", github.com/mobiusml/hqq, optimize_weights_proximal_legacy; no calibration data):
     minimise the l_p norm (p < 1: a few large errors cost less than many small ones) of w - dequant(q) over each
     group's zero, scale fixed, by alternating a shrinkage of the error and a closed-form zero, for at most `steps`
-    rounds while the mean |error| falls. g (n, G, group_size), scale and zero (n, G) as quantize_int4 makes them;
-    in HQQ's terms a weight is (q - z) * scale, with z = 8 - zero / scale."""
-    s, z = scale[..., None], (8 - zero / scale)[..., None]
+    rounds while the mean |error| falls. g (n, G, group_size), scale and zero (n, G) as quantize_groups makes them
+    for q in 0..top; in HQQ's terms a weight is (q - z) * scale, with z = mid - zero / scale."""
+    mid = (top + 1) // 2
+    s, z = scale[..., None], (mid - zero / scale)[..., None]
     best, best_z = float("inf"), z
     for _ in range(steps):
-        q = (g / s + z).round_().clamp_(0, 15)
+        q = (g / s + z).round_().clamp_(0, top)
         e = g - (q - z) * s
         err = e.abs().mean().item()
         if err >= best:
@@ -272,7 +289,7 @@ def hqq_zeros(g, scale, zero, steps: int = 20, p: float = 0.7, beta: float = 10.
         e = e.sign() * F.relu(e.abs() - e.abs().add(1e-8).pow(p - 1) / beta)  # the l_p proximal step
         z = (q - (g - e) / s).mean(-1, keepdim=True)
         beta *= kappa
-    return ((8 - best_z) * s)[..., 0]
+    return ((mid - best_z) * s)[..., 0]
 
 
 def unpack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -391,12 +408,14 @@ class Int8Linear(nn.Linear):
         self.q = q
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """The int8 weights of rows ids (any shape) -> ids.shape + (in_features,)."""
-        if not self.integer:
-            return self.q[ids]
-        n, k = self.q.shape
-        tiles = self.q.view(n // 16, k // 4, 16, 4)[ids // 16, :, ids % 16]  # (*ids.shape, k / 4, 4)
-        return (tiles ^ 128).view(torch.int8).reshape(*ids.shape, k)
+        """The dequantized weights of rows ids (any shape) -> ids.shape + (in_features,), in dtype."""
+        if self.integer:
+            n, k = self.q.shape
+            tiles = self.q.view(n // 16, k // 4, 16, 4)[ids // 16, :, ids % 16]  # (*ids.shape, k / 4, 4)
+            q = (tiles ^ 128).view(torch.int8).reshape(*ids.shape, k)
+        else:
+            q = self.q[ids]
+        return q.to(self.dtype).mul_(self.scale[ids].to(self.dtype)[..., None])
 
     def forward(self, x):
         if self.integer:
@@ -412,8 +431,7 @@ class Int8Linear(nn.Linear):
 
     @property
     def weight(self) -> torch.Tensor:
-        q = self.rows(torch.arange(self.out_features)) if self.integer else self.q
-        return q.to(self.dtype).mul_(self.scale.to(self.dtype)[:, None])  # (in place: one full-size copy)
+        return self.rows(torch.arange(self.out_features))
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -437,11 +455,27 @@ def int4_inner_k_tiles(k: int) -> int:
 def pack_int4_tiles(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_int4's q (n, k / 2) and scales_and_zeros (n, k / group, 2) in fast_decode.cpp's tiles of 16 rows:
     each tile k / 8 chunks of 64 bytes, chunk c's byte 4r + i holding weights 8c + i (low nibble) and 8c + 4 + i
-    (high) of row r; the scales and zeros as codes (uint8 (n / 16, 1 + k / group, 2, 16)): first each row's two
-    grid units' exponents (int8), then per group each row's scale code (uint8) and zero code (int8)."""
-    n, k, groups = q.size(0), 2 * q.size(1), scales_and_zeros.size(1)
+    (high) of row r; the scales and zeros as tile_codes."""
+    n, k = q.size(0), 2 * q.size(1)
     v = torch.stack([q >> 4, q & 15], -1).view(n // 16, 16, k // 8, 2, 4)  # (tile, row, chunk, half, i): weight 8c+4h+i
     tiles = (v[..., 0, :] | v[..., 1, :] << 4).permute(0, 2, 1, 3)  # (tile, chunk, row, i)
+    return tiles.contiguous().view(n, k // 2), tile_codes(scales_and_zeros)
+
+
+def unpack_int4_tiles(tiles: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pack_int4_tiles undone: quantize_int4's (q (n, k / 2), scales_and_zeros (n, k / group, 2))."""
+    n, k = tiles.size(0), 2 * tiles.size(1)
+    t = tiles.view(n // 16, k // 8, 16, 4).permute(0, 2, 1, 3)  # (tile, row, chunk, i)
+    v = torch.stack([t & 15, t >> 4], -2).reshape(n, k)  # each weight's q, in order
+    rows = codes.permute(0, 3, 1, 2).reshape(n, *codes.shape[1:3])
+    return (v[:, 0::2] << 4) | v[:, 1::2], scales_from_codes(rows)
+
+
+def tile_codes(scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """quantize_groups' scales_and_zeros (n, G, 2) as fast_decode.cpp's tiles hold them: uint8 (n / 16, 1 + G, 2, 16),
+    first each row's two grid units' exponents (int8), then per group each row's scale code (uint8) and zero code
+    (int8). Scales and zeros off on_grid's grid are refused."""
+    n, groups = scales_and_zeros.shape[:2]
     sz = scales_and_zeros.float()
     units = torch.cat([grid_unit(sz[..., 0], SCALE_CODES), grid_unit(sz[..., 1], ZERO_CODES)], 1)  # (n, 2)
     codes = sz / units[:, None]
@@ -451,18 +485,42 @@ def pack_int4_tiles(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> tuple[to
                          "fast_decode?): quantize the weights again")
     header = torch.frexp(units)[1] - 1  # (n, 2): each unit's exponent
     sz = torch.cat([header[:, None], codes.int()], 1).to(torch.int8).view(torch.uint8)  # (n, 1 + groups, 2)
-    return tiles.contiguous().view(n, k // 2), sz.view(n // 16, 16, groups + 1, 2).permute(0, 2, 3, 1).contiguous()
+    return sz.view(n // 16, 16, groups + 1, 2).permute(0, 2, 3, 1).contiguous()
 
 
-def unpack_int4_tiles(tiles: torch.Tensor, sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """pack_int4_tiles undone: quantize_int4's (q (n, k / 2), scales_and_zeros (n, k / group, 2))."""
-    n, k = tiles.size(0), 2 * tiles.size(1)
-    t = tiles.view(n // 16, k // 8, 16, 4).permute(0, 2, 1, 3)  # (tile, row, chunk, i)
-    v = torch.stack([t & 15, t >> 4], -2).reshape(n, k)  # each weight's q, in order
-    codes = sz.view(torch.int8).permute(0, 3, 1, 2).reshape(n, sz.size(1), 2).int()  # (n, 1 + groups, 2)
-    codes[:, 1:, 0] &= 255  # (scale codes are unsigned)
-    scales_and_zeros = torch.ldexp(codes[:, 1:].float(), codes[:, :1])
-    return (v[:, 0::2] << 4) | v[:, 1::2], scales_and_zeros.bfloat16()
+def scales_from_codes(rows: torch.Tensor) -> torch.Tensor:
+    """Rows of tile_codes (..., 1 + G, 2) uint8 -> their scales_and_zeros (..., G, 2) bf16."""
+    codes = rows.view(torch.int8).int()
+    codes[..., 1:, 0] &= 255  # (scale codes are unsigned)
+    return torch.ldexp(codes[..., 1:, :].float(), codes[..., :1, :]).bfloat16()
+
+
+def pack_int6_tiles(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_groups' 6-bit q (n, k) and scales_and_zeros (n, k / group, 2) in fast_decode.cpp's tiles of 16 rows
+    (its grouped_tile): per block of 32 weights, the low nibbles as pack_int4_tiles lays a block out (4 chunks of
+    64 bytes), then 2 chunks of the top two bits, chunk j's byte 4r + i holding in bits 2m, 2m + 1 those of row r's
+    weight 16j + 4m + i -> (tiles (n, 3 k / 4) uint8, tile_codes)."""
+    n, k = q.shape
+    if n > ROWS:  # (a block of rows at a time, as quantize_groups)
+        parts = [pack_int6_tiles(q[i:i + ROWS], scales_and_zeros[i:i + ROWS]) for i in range(0, n, ROWS)]
+        return tuple(torch.cat(t) for t in zip(*parts))
+    v = q.view(n // 16, 16, k // 32, 4, 2, 4)  # (tile, row, block, chunk, half, i): weight 32b + 8c + 4h + i
+    nibbles = (v[..., 0, :] & 15) | (v[..., 1, :] & 15) << 4  # (tile, row, block, chunk, i)
+    top = (v >> 4).view(n // 16, 16, k // 32, 2, 4, 4)  # (tile, row, block, j, m, i): weight 32b + 16j + 4m + i
+    crumbs = top[..., 0, :] | top[..., 1, :] << 2 | top[..., 2, :] << 4 | top[..., 3, :] << 6  # (t, r, b, j, i)
+    tiles = torch.cat([nibbles, crumbs], 3).permute(0, 2, 3, 1, 4)  # (tile, block, 6 chunks, row, i)
+    return tiles.contiguous().view(n, 3 * k // 4), tile_codes(scales_and_zeros)
+
+
+def unpack_int6_rows(tiles: torch.Tensor, codes: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ids (any shape) of pack_int6_tiles' form -> their q (*ids.shape, k) and scales_and_zeros."""
+    n, k = tiles.size(0), 4 * tiles.size(1) // 3
+    v = tiles.view(n // 16, k // 32, 6, 16, 4)[ids // 16, :, :, ids % 16]  # (*ids.shape, block, 6 chunks, i)
+    nibbles = torch.stack([v[..., :4, :] & 15, v[..., :4, :] >> 4], -2)  # (..., block, chunk, half, i)
+    crumbs = v[..., 4:, :]  # (..., block, j, i)
+    top = torch.stack([crumbs >> 2 * m & 3 for m in range(4)], -2)  # (..., block, j, m, i)
+    q = nibbles.flatten(-3) | top.flatten(-3) << 4
+    return q.flatten(-2), scales_from_codes(codes[ids // 16, :, :, ids % 16])
 
 
 class Int4Linear(nn.Linear):
@@ -510,17 +568,53 @@ class Int4Linear(nn.Linear):
                 f"bias={self.bias is not None}")
 
 
-class Int8Embedding(nn.Module):
-    """An embedding tied to an int8 output head: it looks its rows up in the head's int8 weights, so the matrix is
-    held once."""
+class Int6Linear(nn.Linear):
+    """An int4 model's output head where fast_decode.cpp's kernels take it: 6-bit weights in groups of group_size
+    along each row, each group with a scale and zero (quantize_groups(w, 6)): 0.8125 bytes per weight with group 32,
+    as llama.cpp's Q4_0 models keep their output tensor in Q6_K (0.82), where int8 took 1. Its product is
+    fast_decode.cpp's (there is no PyTorch kernel for it: without fast_decode.cpp the head is an Int8Linear).
+    `weight` is the dequantized weight, made when read."""
 
-    def __init__(self, head: Int8Linear):
+    def __init__(self, q: torch.Tensor, scales_and_zeros: torch.Tensor, dtype: torch.dtype,
+                 bias: torch.Tensor | None = None):
+        nn.Module.__init__(self)  # (not nn.Linear's: it would make a float weight)
+        self.out_features, self.in_features = q.shape
+        self.group_size = self.in_features // scales_and_zeros.size(1)
+        self.dtype, self.bias, self.integer = dtype, bias, True
+        if not (q.is_cpu and integer_kernel(self.in_features, self.out_features, self.group_size)):
+            raise ValueError("6-bit weights multiply on fast_decode.cpp's kernels alone, on the CPU, in tiles of 16 "
+                             "rows with 64 | in_features: quantize this layer to int8")
+        self.packed, self.scales_and_zeros = pack_int6_tiles(q, scales_and_zeros)
+
+    def forward(self, x):
+        return output(torch.ops.fast_decode.int6_linear(x, self.packed, self.scales_and_zeros), x, self.bias)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The dequantized weights of rows ids (any shape) -> ids.shape + (in_features,), in dtype."""
+        q, sz = unpack_int6_rows(self.packed, self.scales_and_zeros, ids)
+        q = q.view(*ids.shape, -1, self.group_size).float()
+        sz = sz.float()
+        return ((q - 32) * sz[..., :1] + sz[..., 1:]).flatten(-2).to(self.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.rows(torch.arange(self.out_features))
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"bias={self.bias is not None}")
+
+
+class TiedEmbedding(nn.Module):
+    """An embedding tied to a quantized output head (Int8Linear or Int6Linear): it looks its rows up in the head's
+    weights, so the matrix is held once."""
+
+    def __init__(self, head: nn.Module):
         super().__init__()
         self.head = head
 
     def forward(self, ids):
-        h = self.head
-        return h.rows(ids).to(h.dtype) * h.scale[ids].to(h.dtype)[..., None]
+        return self.head.rows(ids)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -683,34 +777,42 @@ class Sibling(nn.Module):
 
 
 def quantized_layer(kind: str, parts: list[tuple], group_size: int, dtype, bias=None) -> nn.Module:
-    """An Int8Linear, Int4Linear or A8W8Linear from the quantized forms of one or more layers (stacked by rows)."""
+    """An Int8Linear, Int6Linear, Int4Linear or A8W8Linear from the quantized forms of one or more layers (stacked
+    by rows)."""
     if kind == "a8w8":
         return A8W8Linear(*parts[0], dtype, bias)
     tensors = [torch.cat(t) for t in zip(*parts)]
-    return Int8Linear(*tensors, dtype, bias) if kind == "int8" else Int4Linear(*tensors, group_size, dtype, bias)
+    if kind == "int4":
+        return Int4Linear(*tensors, group_size, dtype, bias)
+    return (Int8Linear if kind == "int8" else Int6Linear)(*tensors, dtype, bias)
 
 
 def quantize_layers(model: nn.Module, weights: str, group_size: int, get, bias=lambda t: t.detach(),
-                    calibrated=frozenset()) -> dict:
+                    calibrated=frozenset(), device: torch.device | None = None) -> dict:
     """Replace every plain linear layer of model by its quantized form (siblings stacked) and every embedding tied to
-    a replaced layer by an Int8Embedding, in place. get(path, layer, kind) gives a layer's quantized tensors
-    (quantized from its weight, or read from a file), bias(layer.bias) its bias. Returns {path: kind}.
+    a replaced layer by a TiedEmbedding, in place. get(path, layer, kind) gives a layer's quantized tensors
+    (quantized from its weight, or read from a file), bias(layer.bias) its bias; device: where they will be (by
+    default each layer's own). Returns {path: kind}.
 
-    kind: "int8" for weights="int8", and in int4 models for the output head (lm_head), a layer tied to an
-    embedding, and a shape the int4 kernel does not take; else "int4". calibrated: the paths of the layers that
-    have an A8W8 form (calibrated on some text): with weights="a8w8" each of them is "a8w8" (not stacked), with
-    "int4" the output head. An embedding tied to an a8w8 head gets an int8 copy of its own (fbgemm's packed
-    weights have no rows to look up)."""
+    kind: "int8" for weights="int8"; in int4 models "int6" for the output head (lm_head) and a layer tied to an
+    embedding where fast_decode.cpp's kernels take them (as llama.cpp's 4-bit models keep their output tensor in
+    Q6_K), else "int8", as for a shape the int4 kernel does not take; else "int4". calibrated: the paths of the
+    layers that have an A8W8 form (calibrated on some text): with weights="a8w8" each of them is "a8w8" (not
+    stacked), with "int4" the output head. An embedding tied to an a8w8 head gets a copy of its own in the form the
+    head would have without (fbgemm's packed weights have no rows to look up)."""
     tied = {id(m.weight) for m in model.modules() if type(m) is nn.Embedding}
     heads, kinds = {}, {}
 
-    def kind_of(path, name, layer):
-        head = name == "lm_head" or id(layer.weight) in tied
-        if path in calibrated and (weights == "a8w8" or name == "lm_head"):
+    def kind_of(path, name, layer, calibration=True):
+        if calibration and path in calibrated and (weights == "a8w8" or name == "lm_head"):
             return "a8w8"
-        # (an a8w8 model's layer that the calibration never reached: weight-only int8)
-        int8 = weights != "int4" or head or not int4_fits(layer.in_features, layer.out_features, group_size)
-        return "int8" if int8 else "int4"
+        n, k = layer.out_features, layer.in_features
+        if weights != "int4":  # (an a8w8 model's layer that the calibration never reached: weight-only int8)
+            return "int8"
+        if name == "lm_head" or id(layer.weight) in tied:
+            cpu = (device or layer.weight.device).type in ("cpu", "meta")
+            return "int6" if cpu and integer_kernel(k, n, group_size) else "int8"
+        return "int4" if int4_fits(k, n, group_size) else "int8"
 
     for parent_path, parent in list(model.named_modules()):
         children = {n: c for n, c in parent.named_children() if type(c) in (nn.Linear, FastLinear)}
@@ -723,9 +825,10 @@ def quantize_layers(model: nn.Module, weights: str, group_size: int, get, bias=l
             kinds[path] = kind_of(path, name, layer)
             new = quantized_layer(kinds[path], [get(path, layer, kinds[path])], group_size, layer.weight.dtype,
                                   None if layer.bias is None else bias(layer.bias))
-            if id(layer.weight) in tied:
-                heads[id(layer.weight)] = new if type(new) is Int8Linear else Int8Linear(
-                    *get(path, layer, "int8"), layer.weight.dtype)
+            if id(layer.weight) in tied:  # (an a8w8 head's embedding: the head's form without calibration)
+                kind = kind_of(path, name, layer, calibration=False)
+                heads[id(layer.weight)] = new if kinds[path] != "a8w8" else quantized_layer(
+                    kind, [get(path, layer, kind)], group_size, layer.weight.dtype)
             setattr(parent, name, new)
         for group in groups:
             layers, paths = [children[n] for n in group], [f"{parent_path}.{n}".lstrip(".") for n in group]
@@ -740,12 +843,14 @@ def quantize_layers(model: nn.Module, weights: str, group_size: int, get, bias=l
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Embedding and id(child.weight) in heads:
-                setattr(parent, name, Int8Embedding(heads[id(child.weight)]))
+                setattr(parent, name, TiedEmbedding(heads[id(child.weight)]))
     return kinds
 
 
 def quantize(w: torch.Tensor, kind: str, group_size: int, rounding: str = "nearest") -> tuple:
-    return quantize_int8(w) if kind == "int8" else quantize_int4(w, group_size, rounding)
+    if kind == "int8":
+        return quantize_int8(w)
+    return quantize_int4(w, group_size, rounding) if kind == "int4" else quantize_groups(w, 6, group_size, rounding)
 
 
 # -----------------------------------------------------------------------------
@@ -779,7 +884,7 @@ def fast(model: nn.Module, weights: str | None = None, group_size: int = 32, rou
     ("nearest" or "hqq") are int4's (quantize_int4); a8w8 needs calibration, token ids (batch, T) of ordinary text
     (a few hundred tokens) that the model runs once, in float, to measure each layer's input range; int4 takes it
     too, for its output head alone (A8W8Linear instead of Int8Linear: faster on a 1B head before the one-call
-    step, not since: docs/speed.md; a tied embedding then holds an int8 copy of its own). A smollm2.py or
+    step, not since: docs/speed.md; a tied embedding then holds a 6-bit copy of its own). A smollm2.py or
     llama31.py model in float32 whose products all land on fast_decode.cpp's integer kernels then decodes each step
     in one call (one_call_step). threads=True also sets torch's thread count
     for decoding now (decode_threads)."""
@@ -909,7 +1014,7 @@ def build(cls, ckpt_dir, weights: str, group_size: int, rounding: str, device, d
         with torch.no_grad():
             calibrated = {k.rpartition(".")[0] for k in quantized or () if k.rpartition(".")[2] == A8W8_KEYS[0]}
             quantize_layers(model, weights, group_size, get, lambda t: read(t).to(device=device, dtype=t.dtype),
-                            calibrated)
+                            calibrated, device)
             done = {}  # (a tensor tied under two names is read once)
             for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
                 if t.is_meta and id(t) in names:
@@ -928,16 +1033,18 @@ def build(cls, ckpt_dir, weights: str, group_size: int, rounding: str, device, d
         raise NotImplementedError(f"fast_decode.load() cannot make {left[0]} of {cls.__name__} (not in the "
                                   f"checkpoint, no init_rope): use fast(cls.from_pretrained(...), weights=...)")
     heads = {p: model.get_submodule(p) for p in head_weights} if calibration is not None else {}
-    heads = {p: h for p, h in heads.items() if type(h) is Int8Linear}  # (not one a file held as A8W8 already)
+    heads = {p: h for p, h in heads.items() if type(h) in (Int8Linear, Int6Linear)}  # (not one held as A8W8)
     if heads:  # the output head on fbgemm's kernel, calibrated on what this quantized model feeds it
         absmax = input_absmax(model.eval(), list(heads.values()), calibration.to(device))
-        embedded = {id(m.head) for m in model.modules() if type(m) is Int8Embedding}
+        embedded = {id(m.head) for m in model.modules() if type(m) is TiedEmbedding}
         for path, head in heads.items():
             tensors = quantize_a8w8(read(head_weights[path]).to(device=device, dtype=head.dtype), absmax[head])
             if kept is not None:
                 kept.update(zip([f"{path}.{k}" for k in A8W8_KEYS], tensors))
-                if id(head) not in embedded:  # (untied: nothing reads its int8 form any more)
-                    del kept[f"{path}.qweight"], kept[f"{path}.scales"]
+                if id(head) not in embedded:  # (untied: nothing reads its int8 or int6 form any more)
+                    for k in [k for k in kept if k.rpartition(".")[0] == path and k.rpartition(".")[2] not in
+                              A8W8_KEYS]:
+                        del kept[k]
             owner, _, leaf = path.rpartition(".")
             setattr(model.get_submodule(owner), leaf, A8W8Linear(*tensors, head.dtype))
     return model.eval()
@@ -978,9 +1085,9 @@ def load(cls, ckpt_dir, weights: str | None = None, group_size: int = 32, roundi
         again = f"make it again with `python fast_decode.py quantize --ckpt_dir {ckpt_dir} --weights {weights}`"
         if meta.get("source") != fingerprint(ckpt_dir):
             raise ValueError(f"{stored} was made from other weights than {ckpt_dir}/model.safetensors: {again}")
-        if weights == "int4" and meta.get("scales") != INT4_SCALES:
-            raise ValueError(f"{stored} was made by an earlier fast_decode (its 4-bit scales are off the grid that "
-                             f"quantize_int4 puts them on now): {again}")
+        if weights == "int4" and meta.get("form") != INT4_FORM:
+            raise ValueError(f"{stored} was made by an earlier fast_decode (4-bit scales off the grid that "
+                             f"quantize_int4 puts them on now, an int8 output head): {again}")
     model = build(cls, ckpt_dir, weights, group_size, rounding, device, dtype, stored if stored.is_file() else None,
                   calibration=calibration, **kwargs)
     one_call_step(model)
@@ -1005,7 +1112,7 @@ def save_quantized(cls, ckpt_dir, weights: str = "int4", group_size: int = 32, r
     build(cls, ckpt_dir, weights, group_size, rounding, torch.device("cpu"), None, None, kept, calibration)
     out = quantized_path(ckpt_dir, weights, group_size)
     meta = {"weights": weights, "group_size": str(group_size), "rounding": rounding, "source": fingerprint(ckpt_dir),
-            **({"scales": INT4_SCALES} if weights == "int4" else {})}
+            **({"form": INT4_FORM} if weights == "int4" else {})}
     save_atomic(str(out), lambda tmp: save_file({k: v.contiguous() for k, v in kept.items()}, tmp, metadata=meta))
     return out
 

@@ -18,13 +18,14 @@ from that file; ours reads the same checkpoint. Per precision:
 - a8w8: fast(model, weights="a8w8", calibration=...) (int8 weights and 8-bit activations on fbgemm's kernel,
   SmoothQuant-smoothed, 16 outlier channels in float; calibrated on 512 tokens of the Apache License 2.0),
   against the same Q8_0;
-- int4: fast_decode.load(..., weights="int4") (groups of 32 with a bf16 scale and zero; the output head int8),
+- int4: fast_decode.load(..., weights="int4") (groups of 32 with a scale and zero, a byte each; the output head
+  in 6-bit groups of 32, as Int6Linear holds it),
   against Q4_0 (4-bit, one fp16 scale per 32, the output head Q8_0 or Q6_K) and, as a second reference,
   Q4_K_M (llama-quantize's mix; on SmolLM2, whose width 576 is no multiple of 256, most of its tensors fall
   back to Q5_0 and Q8_0);
 - int4-a8w8-head: fast_decode.load(..., weights="int4", calibration=...) (the same, but the output head on
-  fbgemm's A8W8 kernel, calibrated on what the int4 model feeds it; a tied embedding keeps the int8 head as its own
-  copy), against Q4_0.
+  fbgemm's A8W8 kernel, calibrated on what the int4 model feeds it; a tied embedding keeps the 6-bit head as its
+  own copy), against Q4_0.
 int8 and int4 keep the rest of the model (norms, attention, the KV cache) in --quant_dtype: float32 by default,
 since on this machine PyTorch's one-query bf16 attention is several times slower than fp32's
 (bench_cpu_kernels.py), and the products take bf16 activations either way.

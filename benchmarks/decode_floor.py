@@ -5,8 +5,9 @@ How fast one token can decode with fast_decode's 4-bit layers on this CPU: the f
     python benchmarks/decode_floor.py --models smollm2-135m --threads 2
 
 For each model's shapes, random weights held as fast_decode.py holds an int4 model (its Int4Linear layers, 4 bits in
-groups of 32, q/k/v and gate/up stacked; the output head an Int8Linear; both on fast_decode.cpp's integer kernels,
-or PyTorch's `_weight_int4pack_mm_for_cpu` and `_weight_int8pack_mm` where those cannot be built), one token at a
+groups of 32, q/k/v and gate/up stacked; the output head an Int6Linear; all on fast_decode.cpp's integer kernels,
+or PyTorch's `_weight_int4pack_mm_for_cpu` and, for an int8 head, `_weight_int8pack_mm` where those cannot be
+built), one token at a
 time, same run, best of `repeats`:
 1. products alone: the step's 4 products per layer and the head, back to back: the time no implementation on
    these kernels can beat, whatever else it does;
@@ -50,7 +51,8 @@ def make_model(shape, cache_len: int) -> dict:
                "k": torch.zeros(1, nkv, cache_len, HEAD_DIM), "v": torch.zeros(1, nkv, cache_len, HEAD_DIM)}
               for _ in range(n_layers)]
     inv_freq = 1.0 / 10000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM)
-    return {"shape": shape, "layers": layers, "head": quantized("int8", vocab, d), "inv_freq": inv_freq,
+    head = quantized("int6" if fast_decode.kernels() else "int8", vocab, d)  # (as quantize_layers picks)
+    return {"shape": shape, "layers": layers, "head": head, "inv_freq": inv_freq,
             "slots": torch.arange(cache_len)}
 
 

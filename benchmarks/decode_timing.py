@@ -89,16 +89,16 @@ def held_bytes(model) -> int:
 def streamed_bytes(model) -> int:
     """Weight bytes one decode step reads: every tensor the model holds once (a tied matrix is the output head),
     but of an embedding table only the row it looks up, and of a reordered copy's weight only one of the two."""
-    from fast_decode import Int8Embedding
+    from fast_decode import TiedEmbedding
     found = tensors(model)
-    # how many places hold each module: an Int8Embedding's int8 matrix is read whole only where it is the head too
+    # how many places hold each module: a TiedEmbedding's matrix is read whole only where it is the head too
     holders = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     for m in model.modules():
         if type(m) is torch.nn.Embedding and id(m.weight) not in {id(h.weight) for h in model.modules()
                                                                 if isinstance(h, torch.nn.Linear)
                                                                 and "weight" in h._parameters}:
             found.pop(id(m.weight), None)
-        if type(m) is Int8Embedding:
+        if type(m) is TiedEmbedding:
             if holders[id(m.head)] == 1:  # its own copy (a8w8 models: the head is fbgemm's): one row a token
                 for t in vars(m.head).values():
                     if isinstance(t, torch.Tensor):

@@ -43,7 +43,8 @@ from cli import cli  # noqa: E402
 # fast_decode::llama_layers, which counts as products here, its norms, RoPE and attention with them.
 PRODUCTS = {"aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise", "aten::_weight_int8pack_mm",
             "aten::_weight_int4pack_mm_for_cpu", "quantized::linear_dynamic", "fast_decode::int4_linear",
-            "fast_decode::int8_linear", "fast_decode::bf16_linear", "fast_decode::llama_layers"}
+            "fast_decode::int6_linear", "fast_decode::int8_linear", "fast_decode::bf16_linear",
+            "fast_decode::llama_layers"}
 
 
 def decode_steps(model, ids, steps):

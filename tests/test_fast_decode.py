@@ -32,8 +32,8 @@ import llama31  # noqa: E402
 import lm2  # noqa: E402
 import nanollm  # noqa: E402
 import smollm2  # noqa: E402
-from fast_decode import (A8W8Linear, FastLinear, Int4Linear, Int8Embedding, Int8Linear, Sibling, Stack,  # noqa: E402
-                         dequantize_int4, fast, quantize_int4, quantize_int8)
+from fast_decode import (A8W8Linear, FastLinear, Int4Linear, Int6Linear, Int8Linear, Sibling, Stack,  # noqa: E402
+                         TiedEmbedding, dequantize_int4, fast, quantize_int4, quantize_int8)
 
 MODELS = {"smollm2": smollm2, "llama31": llama31, "nanollm": nanollm, "lm2": lm2}
 needs_onednn = pytest.mark.skipif(not fast_decode.BF16_ONEDNN, reason="this CPU has no oneDNN bf16 kernels: "
@@ -61,11 +61,11 @@ def model_class(mod):
 def checkpoints(tmp_path_factory):
     """A tiny random HF checkpoint per file: Llama for smollm2, llama31 and lm2; DeepseekV3 for nanollm. Widths are
     multiples of 32, as real models' are, so that the int4 kernel takes most layers (nanollm's kv_a_proj, 40
-    rows, and every output head take int8)."""
+    rows, takes int8) and the 6-bit one an int4 model's output head."""
     torch.manual_seed(0)
     llama = LlamaForCausalLM(LlamaConfig(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=160,
-        vocab_size=300, max_position_embeddings=128, rope_theta=100000.0, tie_word_embeddings=True,
+        vocab_size=320, max_position_embeddings=128, rope_theta=100000.0, tie_word_embeddings=True,
         bos_token_id=1, eos_token_id=2))
     dsv3 = DeepseekV3ForCausalLM(DeepseekV3Config(
         vocab_size=96, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
@@ -81,6 +81,27 @@ def checkpoints(tmp_path_factory):
         paths[name] = tmp_path_factory.mktemp(name)
         hf.save_pretrained(paths[name])
     return {k: paths["dsv3" if k == "nanollm" else "llama"] for k in MODELS}
+
+
+def routed_alike(ref: nn.Module, model: nn.Module, tokens: torch.Tensor):
+    """Both models' logits on tokens (1, T), and where both routed each token alike: nanollm's MoE sends a token to
+    its top experts, and a nearly tied router score may flip between two models' roundings and move that position's
+    logits far, so their bounds hold where every layer chose the same experts for it (all positions elsewhere), at
+    more than half of them."""
+    routes = {ref: [], model: []}  # each layer's chosen experts per token
+    hooks = [m.register_forward_hook(lambda _, args, out, key=key: routes[key].append(out[1].sort(-1).values))
+             for key in routes for m in key.modules() if type(m).__name__ == "Gate"]
+    try:
+        with torch.no_grad():
+            want, got = ref(tokens), model(tokens)
+    finally:
+        for h in hooks:
+            h.remove()
+    alike = torch.ones(tokens.shape[1], dtype=torch.bool)
+    for a, b in zip(routes[ref], routes[model]):
+        alike &= (a == b).all(-1)
+    assert alike.float().mean() > 0.5
+    return want, got, alike
 
 
 def linear_kinds(model) -> dict:
@@ -489,21 +510,50 @@ def test_int4_quantization_and_product(kernel, monkeypatch):
         fast_decode.unpack_int4(q), 1))
 
 
+def test_int6_head_quantization_product_and_rows():
+    """quantize_groups(w, 6): q in 0..63 spanning each group, every weight within half a step (and the grid's
+    rounding) of its dequantized value. Int6Linear (an int4 model's output head on fast_decode.cpp) computes the
+    fp32 product of the input rounded in blocks of 32 with those weights (groups of 32 and 64, one row and more, a
+    bias), reads any rows back exactly (what a tied embedding looks up), and is refused where the kernels are not."""
+    if not fast_decode.kernels():
+        pytest.skip("fast_decode.cpp's kernels need an x86 CPU with AVX2 and a C++ compiler")
+    torch.manual_seed(0)
+    w = torch.randn(96, 256)
+    for group in (32, 64):
+        q, sz = fast_decode.quantize_groups(w, 6, group)
+        assert q.shape == (96, 256) and q.max() == 63 and q.min() == 0
+        deq = ((q.view(96, -1, group).float() - 32) * sz[..., :1].float() + sz[..., 1:].float()).view(96, 256)
+        grid = sz[..., 0].float().amax(1, keepdim=True) / 255 + sz[..., 1].float().abs().amax(1, keepdim=True) / 127
+        step = sz[..., 0].float().repeat_interleave(group, 1)
+        assert ((deq - w).abs() <= step / 2 + 32 * grid + 1e-6).all()
+        bias = torch.randn(96)
+        layer = Int6Linear(q, sz, torch.float32, bias)
+        assert layer.group_size == group and torch.equal(layer.weight, deq)
+        ids = torch.tensor([[5, 17, 95], [0, 16, 31]])
+        assert torch.equal(layer.rows(ids), deq[ids])
+        for x in (torch.randn(256), torch.randn(3, 7, 256)):
+            want = F.linear(rounded_in_blocks(x).double(), deq.double()) + bias.double()
+            torch.testing.assert_close(layer(x), want.float(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="int8"):
+        Int6Linear(*fast_decode.quantize_groups(torch.randn(40, 256), 6), torch.float32)  # (40 rows: not in 16s)
+
+
 @needs_int4
-def test_int4_and_int8_products_without_avx512():
+def test_integer_products_without_avx512():
     """PyTorch's CPU int4 kernel and fast_decode.cpp pack and multiply differently on AVX-512, AVX2 and plain CPUs:
     held to AVX2 (ATEN_CPU_CAPABILITY forces it here) fast_decode.cpp's AVX2 build computes the products of the
-    block-rounded input with the dequantized weights (4-bit groups of 32 and 64), and a bf16 row's product, as its
-    AVX-512 build does; held to plain code, the layers take PyTorch's kernels and compute the product of the
-    bf16-rounded input."""
+    block-rounded input with the dequantized weights (4-bit groups of 32 and 64, 6 and 8 bits), and a bf16 row's
+    product, as its AVX-512 build does; held to plain code, the layers take PyTorch's kernels and compute the
+    product of the bf16-rounded input."""
     code = ("import sys, torch; sys.path.insert(0, %r); from fast_decode import *\n"
             + inspect.getsource(rounded_in_blocks) +
             "torch.manual_seed(0); w, x = torch.randn(80, 128), torch.randn(5, 128)\n"
             "q, sz = quantize_int4(w); q64, sz64 = quantize_int4(w, 64); q8, s8 = quantize_int8(w)\n"
             "int4, int8 = Int4Linear(q, sz, 32, torch.float32), Int8Linear(q8, s8, torch.float32)\n"
             "rounded, g64 = rounded_in_blocks(x), Int4Linear(q64, sz64, 64, torch.float32)\n"
+            "int6 = [Int6Linear(*quantize_groups(w, 6), torch.float32)] if int4.integer else []\n"
             "for layer, deq in ((int4, dequantize_int4(q, sz)), (g64, dequantize_int4(q64, sz64)),\n"
-            "                   (int8, q8 * s8.float()[:, None])):\n"
+            "                   (int8, q8 * s8.float()[:, None]), *((m, m.weight) for m in int6)):\n"
             "    want = F.linear(rounded if layer.integer else x.bfloat16().float(), deq)\n"
             "    tol = 1e-5 if layer.integer else 2 ** -7\n"
             "    assert (layer(x) - want).abs().max() <= tol * want.abs().max(), (layer(x) - want).abs().max()\n"
@@ -601,6 +651,9 @@ def rounded_copy(plain, quick):
             if type(held) is Int8Linear:
                 q, scale = quantize_int8(m.weight)
                 m.weight.copy_(q * scale.float()[:, None])
+            elif type(held) is Int6Linear:
+                q, sz = fast_decode.quantize_groups(m.weight, 6)
+                m.weight.copy_(((q.view(len(q), -1, 32).float() - 32) * sz[..., :1].float() + sz[..., 1:]).flatten(1))
             else:
                 m.weight.copy_(dequantize_int4(*quantize_int4(m.weight, held.group_size)))
             if held.integer:
@@ -630,26 +683,14 @@ def test_quantized_model_holds_only_the_quantized_weights_and_computes_them(name
     assert stacks and all(len([s for s in quick.modules() if type(s) is Sibling and s.stack is st]) in (2, 3)
                           for st in stacks.values())
     if getattr(quick, "lm_head", None) is not None:
-        assert type(quick.lm_head) is Int8Linear
+        assert type(quick.lm_head) is (Int6Linear if weights == "int4" else Int8Linear)
     if tied:
-        assert type(quick.model.embed_tokens) is Int8Embedding and quick.model.embed_tokens.head is quick.lm_head
+        assert type(quick.model.embed_tokens) is TiedEmbedding and quick.model.embed_tokens.head is quick.lm_head
     if weights == "int4":
         assert any(type(m) is Int4Linear for m in quick.modules())
     rounded = rounded_copy(plain, quick)
     tokens = torch.tensor([[5, 7, 11, 13, 17, 19, 23]])
-    routes = {rounded: [], quick: []}  # nanollm's chosen experts per token, layer after layer
-    hooks = [m.register_forward_hook(lambda _, args, out, model=model: routes[model].append(out[1].sort(-1).values))
-             for model in routes for m in model.modules() if type(m).__name__ == "Gate"]
-    with torch.no_grad():
-        want, got = rounded(tokens), quick(tokens)
-    for h in hooks:
-        h.remove()
-    # (nanollm's MoE routes each token to its top experts: a nearly tied router score may flip between bf16 and fp32
-    # activations and move that position's logits far: the bound holds where both routed alike, most positions)
-    alike = torch.ones(tokens.shape[1], dtype=torch.bool)
-    for a, b in zip(routes[rounded], routes[quick]):
-        alike &= (a == b).all(-1)
-    assert alike.float().mean() >= 0.75
+    want, got, alike = routed_alike(rounded, quick, tokens)
     diff = (got - want).abs()[0, alike]
     assert (diff.mean() if name == "nanollm" else diff.max()) <= 0.02 * want.abs().max()
     tol = diff.max().item()
@@ -701,7 +742,8 @@ def test_a8w8_calibration_and_product():
 def test_fast_a8w8_holds_no_float_linear_weight_and_stays_close(name, checkpoints):
     """weights="a8w8" on each model file: every linear layer the calibration reached an A8W8Linear, any other (an
     expert no token was routed to) an Int8Linear, no linear layer's float parameter left; a tied embedding reads
-    an int8 copy of its own; logits within 5% of the largest fp32 logit (nanollm: on average, its router may flip)."""
+    an int8 copy of its own; logits within 5% of the largest fp32 logit (nanollm: on average, where it routes alike:
+    routed_alike)."""
     model = load(name, checkpoints)
     ref = copy.deepcopy(model)
     cal = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -710,11 +752,10 @@ def test_fast_a8w8_holds_no_float_linear_weight_and_stays_close(name, checkpoint
     assert kinds.count(A8W8Linear) >= len(kinds) // 2 and set(kinds) <= {A8W8Linear, Int8Linear}
     assert not any(type(m) is nn.Linear for m in model.modules())
     if getattr(ref, "lm_head", None) is not None and ref.lm_head.weight is ref.model.embed_tokens.weight:
-        assert type(model.model.embed_tokens) is Int8Embedding
+        assert type(model.model.embed_tokens) is TiedEmbedding
     prompt = [5, 7, 11, 13, 17, 19, 23]
-    with torch.no_grad():
-        want, got = ref(torch.tensor([prompt])), model(torch.tensor([prompt]))
-    diff = (got - want).abs()
+    want, got, alike = routed_alike(ref, model, torch.tensor([prompt]))
+    diff = (got - want).abs()[0, alike]
     assert (diff.mean() if name == "nanollm" else diff.max()) <= 0.05 * want.abs().max()
     assert len(model.generate([prompt], 4, stop_tokens=[])[0]) == 4
 
@@ -723,7 +764,7 @@ def test_fast_a8w8_holds_no_float_linear_weight_and_stays_close(name, checkpoint
 @pytest.mark.parametrize("name", MODELS)
 def test_fast_int4_with_calibration_puts_its_head_alone_on_a8w8(name, checkpoints):
     """weights="int4" with calibration: the output head becomes an A8W8Linear and every other layer is what plain
-    int4 makes it; a tied embedding reads an int8 copy of its own (fbgemm's packed head has no rows); logits
+    int4 makes it; a tied embedding reads a 6-bit copy of its own (fbgemm's packed head has no rows); logits
     within 5% of the largest fp32 logit of plain int4's (whose own distance from fp32 on these tiny random models
     is 18-67% of it)."""
     model = load(name, checkpoints)
@@ -731,9 +772,9 @@ def test_fast_int4_with_calibration_puts_its_head_alone_on_a8w8(name, checkpoint
     cal = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
     fast(model, weights="int4", calibration=cal)
     kinds = linear_kinds(plain)
-    assert linear_kinds(model) == {**kinds, "lm_head": A8W8Linear} and kinds["lm_head"] is Int8Linear
+    assert linear_kinds(model) == {**kinds, "lm_head": A8W8Linear} and kinds["lm_head"] is Int6Linear
     if ref.lm_head.weight is ref.model.embed_tokens.weight:
-        assert type(model.model.embed_tokens) is Int8Embedding and model.model.embed_tokens.head is not model.lm_head
+        assert type(model.model.embed_tokens) is TiedEmbedding and model.model.embed_tokens.head is not model.lm_head
     prompt = torch.tensor([[5, 7, 11, 13, 17, 19, 23]])
     with torch.no_grad():
         want, int4, got = ref(prompt), plain(prompt), model(prompt)
@@ -813,13 +854,13 @@ def test_load_quantizes_as_it_reads_and_from_a_quantized_file(name, weights, che
     linear_names = {f"{n}.weight" for n, m in cls.from_pretrained(ckpt, "meta").named_modules()
                     if type(m) is nn.Linear}
     assert read and not set(read) & linear_names
-    if weights == "int4":  # a file an earlier fast_decode wrote (free bf16 scales) says so
+    if weights == "int4":  # a file an earlier fast_decode wrote (free bf16 scales, an int8 head) says so
         from safetensors import safe_open
         from safetensors.torch import load_file, save_file
         path = fast_decode.quantized_path(ckpt, weights)
         with safe_open(path, "pt") as f:
             meta = f.metadata()
-        save_file(load_file(path), path, metadata={k: v for k, v in meta.items() if k != "scales"})
+        save_file(load_file(path), path, metadata={k: v for k, v in meta.items() if k != "form"})
         with pytest.raises(ValueError, match="earlier fast_decode"):
             fast_decode.load(cls, ckpt, weights=weights)
     other = "int8" if weights == "int4" else "int4"
@@ -848,15 +889,15 @@ def test_load_int4_calibrates_its_head_as_it_reads_and_from_a_quantized_file(nam
     cal = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
     plain, made = fast_decode.load(cls, ckpt, "int4"), fast_decode.load(cls, ckpt, "int4", calibration=cal)
     kinds = linear_kinds(plain)
-    assert linear_kinds(made) == {**kinds, "lm_head": A8W8Linear} and kinds["lm_head"] is Int8Linear
-    if type(plain.model.embed_tokens) is Int8Embedding:
-        assert type(made.model.embed_tokens.head) is Int8Linear
+    assert linear_kinds(made) == {**kinds, "lm_head": A8W8Linear} and kinds["lm_head"] is Int6Linear
+    if type(plain.model.embed_tokens) is TiedEmbedding:
+        assert type(made.model.embed_tokens.head) is Int6Linear
     with torch.no_grad():
         want, got = plain(tokens), made(tokens)
         assert (got - want).abs().max() <= 0.05 * want.abs().max()
         fast_decode.save_quantized(cls, ckpt, "int4", calibration=cal)
         keys = fast_decode.safe_keys(fast_decode.quantized_path(ckpt, "int4"))
-        tied = type(plain.model.embed_tokens) is Int8Embedding  # (its int8 head is kept only as the embedding)
+        tied = type(plain.model.embed_tokens) is TiedEmbedding  # (its int8 head is kept only as the embedding)
         assert "lm_head.a8w8_qweight" in keys and ("lm_head.qweight" in keys) == tied
         stored = fast_decode.load(cls, ckpt, "int4")
         assert linear_kinds(stored) == linear_kinds(made) and torch.equal(stored(tokens), got)
@@ -921,7 +962,8 @@ def test_real_smollm2_int4_stays_close_to_fp32(smollm2_dir):
 
 
 PRODUCTS = ("aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm", "quantized::linear_dynamic",
-            "fast_decode::int4_linear", "fast_decode::int8_linear", "fast_decode::bf16_linear")
+            "fast_decode::int4_linear", "fast_decode::int6_linear", "fast_decode::int8_linear",
+            "fast_decode::bf16_linear")
 
 
 def product_calls(step, kernels=PRODUCTS) -> dict:
@@ -1010,7 +1052,8 @@ def one_call_against_own(name: str, weights: str) -> tuple:
                     for k in ("k", "v"):
                         new, old = getattr(a, k)[:, :, pos].float(), getattr(b, k)[:, :, pos].float()
                         caches = max(caches, ((new - old).abs().max() / old.abs().max()).item())
-        kernels = ("fast_decode::llama_layers", "fast_decode::int4_linear", "fast_decode::int8_linear")
+        kernels = ("fast_decode::llama_layers", "fast_decode::int4_linear", "fast_decode::int6_linear",
+                   "fast_decode::int8_linear")
         calls = [product_calls(lambda: m.forward_cached(token, torch.tensor([12]), pad), kernels)
                  for m in (model, own)]
     return logits, caches, calls
@@ -1035,8 +1078,9 @@ def test_one_call_step_is_the_models_own_step(name, weights):
         assert one == {"fast_decode::llama_layers": 1} and "fast_decode::llama_layers" not in own
     else:
         product = f"fast_decode::{weights}_linear"
-        assert one == {"fast_decode::llama_layers": 1, "fast_decode::int8_linear": 1}  # (the output head: int8)
-        assert own == ({product: 8, "fast_decode::int8_linear": 1} if weights == "int4" else {product: 8 + 1})
+        head = "fast_decode::int6_linear" if weights == "int4" else product  # (the output head: 6- or 8-bit)
+        assert one == {"fast_decode::llama_layers": 1, head: 1}
+        assert own == ({product: 8, head: 1} if weights == "int4" else {product: 8 + 1})
     if "avx512f" not in Path("/proc/cpuinfo").read_text():
         return
     code = (f"import sys, torch; sys.path.insert(0, {str(ROOT)!r})\n"
