@@ -19,10 +19,11 @@ and this module swaps them for layers with faster products, so a model file copi
   On x86 CPUs both multiply on fast_decode.cpp's integer kernels (the input rounded to int8 in blocks of 32, as
   llama.cpp multiplies; compiled for the CPU on first use), faster than PyTorch's own; elsewhere on
   PyTorch's `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu` (on CUDA `_weight_int4pack_mm`, written as
-  gpt-fast uses it but never run: no GPU was at hand). The output head, and an embedding tied to
-  it, stays int8 in int4 models, as llama.cpp's Q4_0 keeps its output tensor at 6-8 bits; given `calibration=`
-  token ids (or a quantized file made with `quantize --calibration FILE`), the head is A8W8 (below), whose kernel
-  multiplied a 1B model's head faster before the one-call step below, not since (docs/speed.md).
+  gpt-fast uses it but never run: no GPU was at hand). The output head, and an embedding tied to it, is 6-bit
+  groups in int4 models (Int6Linear, on fast_decode.cpp; int8 without it), as llama.cpp's Q4_0 keeps its output
+  tensor in Q6_K; given `calibration=` token ids (or a quantized file made with `quantize --calibration FILE`), the
+  head is A8W8 (below), whose kernel multiplied a 1B model's head faster before the one-call step below, not
+  since (docs/speed.md).
 - `weights="a8w8"` (with `calibration=` token ids): int8 weights and 8-bit activations on fbgemm's integer
   kernel, faster than the weight-only int8 one on large matrices; SmoothQuant and float outlier channels keep
   its exactness (A8W8Linear).
@@ -980,8 +981,8 @@ def build(cls, ckpt_dir, weights: str, group_size: int, rounding: str, device, d
     """load()'s quantized model: cls.from_pretrained on the meta device, each linear layer quantized from its float
     weight as it is read (or read from `stored`, a quantized file), the other tensors read into place. kept: where
     given, every layer's quantized tensors are also put into it, under the names a quantized file uses.
-    calibration: token ids; an int8 output head then becomes an A8W8Linear, calibrated on what this quantized model
-    feeds it there (its int8 form stays, as the tied embedding's own copy)."""
+    calibration: token ids; an int8 or int6 output head then becomes an A8W8Linear, calibrated on what this model
+    feeds it there (its int8 or int6 form stays, as the tied embedding's own copy)."""
     model = cls.from_pretrained(ckpt_dir, "meta", dtype, **kwargs)
     head_weights = {p: m.weight for p, m in output_heads(model).items()}
     floats, names = Reader(float_files(ckpt_dir)), tensor_names(model)
