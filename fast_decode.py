@@ -22,8 +22,8 @@ and this module swaps them for layers with faster products, so a model file copi
   gpt-fast uses it but never run: no GPU was at hand). The output head, and an embedding tied to it, is 6-bit
   groups in int4 models (Int6Linear, on fast_decode.cpp; int8 without it), as llama.cpp's Q4_0 keeps its output
   tensor in Q6_K; given `calibration=` token ids (or a quantized file made with `quantize --calibration FILE`), the
-  head is A8W8 (below), whose kernel multiplied a 1B model's head faster before the one-call step below, not
-  since (docs/speed.md).
+  head is A8W8 (below), whose kernel multiplied a 1B model's head faster than the int8 one before the one-call
+  step below, not since, nor faster than the 6-bit one (docs/speed.md).
 - `weights="a8w8"` (with `calibration=` token ids): int8 weights and 8-bit activations on fbgemm's integer
   kernel, faster than the weight-only int8 one on large matrices; SmoothQuant and float outlier channels keep
   its exactness (A8W8Linear).
@@ -482,7 +482,7 @@ def tile_codes(scales_and_zeros: torch.Tensor) -> torch.Tensor:
     codes = sz / units[:, None]
     if not (torch.equal(codes, codes.round()) and codes[..., 0].min() >= 0 and codes.abs().max() <= SCALE_CODES
             and codes[..., 1].abs().max() <= ZERO_CODES):
-        raise ValueError("these 4-bit scales and zeros are not on quantize_int4's grid (made by an earlier "
+        raise ValueError("these scales and zeros are not on quantize_groups' grid (made by an earlier "
                          "fast_decode?): quantize the weights again")
     header = torch.frexp(units)[1] - 1  # (n, 2): each unit's exponent
     sz = torch.cat([header[:, None], codes.int()], 1).to(torch.int8).view(torch.uint8)  # (n, 1 + groups, 2)
@@ -525,8 +525,9 @@ def unpack_int6_rows(tiles: torch.Tensor, codes: torch.Tensor, ids: torch.Tensor
 
 
 class Int4Linear(nn.Linear):
-    """A linear layer held only as 4-bit weights in groups of group_size along each row, each group with a bf16
-    scale and zero (quantize_int4): 0.5625 bytes per weight with group 32. On x86 CPUs fast_decode.cpp multiplies
+    """A linear layer held only as 4-bit weights in groups of group_size along each row, each group with a scale
+    and zero (quantize_int4): 0.5625 bytes per weight with group 32 on fast_decode.cpp (a byte each for the scale
+    and zero), 0.625 on PyTorch's kernels (two bf16). On x86 CPUs fast_decode.cpp multiplies
     them with the input rounded to int8 in blocks of 32 (llama.cpp's Q4_1 x Q8_1); elsewhere PyTorch's
     int4 kernel with bf16 activations, as Int8Linear. Both kernels' layouts are the CPU's own (PyTorch's differs
     between its AVX2 and AVX-512 builds), so the weights are packed here, where they run, from quantize_int4's
@@ -884,11 +885,11 @@ def fast(model: nn.Module, weights: str | None = None, group_size: int = 32, rou
     Stack), the float weights are dropped, and the model is for inference only; group_size and rounding
     ("nearest" or "hqq") are int4's (quantize_int4); a8w8 needs calibration, token ids (batch, T) of ordinary text
     (a few hundred tokens) that the model runs once, in float, to measure each layer's input range; int4 takes it
-    too, for its output head alone (A8W8Linear instead of Int8Linear: faster on a 1B head before the one-call
-    step, not since: docs/speed.md; a tied embedding then holds a 6-bit copy of its own). A smollm2.py or
-    llama31.py model in float32 whose products all land on fast_decode.cpp's integer kernels then decodes each step
-    in one call (one_call_step). threads=True also sets torch's thread count
-    for decoding now (decode_threads)."""
+    too, for its output head alone (A8W8Linear instead of Int6Linear: faster than an int8 head on a 1B before the
+    one-call step, not since, nor than the 6-bit one: docs/speed.md; a tied embedding then holds a 6-bit copy of its
+    own). A smollm2.py or llama31.py model in float32 whose products all land on fast_decode.cpp's integer kernels
+    then decodes each step in one call (one_call_step). threads=True also sets torch's thread count for decoding
+    now (decode_threads)."""
     check_weights(weights, group_size, rounding, calibration)
     if threads:
         torch.set_num_threads(decode_threads())
