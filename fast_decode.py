@@ -849,7 +849,11 @@ def quantize_layers(model: nn.Module, weights: str, group_size: int, get, bias=l
     return kinds
 
 
-def quantize(w: torch.Tensor, kind: str, group_size: int, rounding: str = "nearest") -> tuple:
+def quantize(w: torch.Tensor, kind: str, group_size: int, rounding: str = "nearest", path: str = "") -> tuple:
+    """Layer `path`'s weight w in the quantized form of `kind` ("int8", "int4" or "int6")."""
+    if not torch.isfinite(w).all():  # (its group or row would quantize to NaN: wrong output, silently)
+        raise ValueError(f"{path or 'a layer'} has a NaN or infinite weight: the checkpoint is corrupt (or its "
+                         f"training diverged); quantize finite weights")
     if kind == "int8":
         return quantize_int8(w)
     return quantize_int4(w, group_size, rounding) if kind == "int4" else quantize_groups(w, 6, group_size, rounding)
@@ -912,7 +916,7 @@ def fast(model: nn.Module, weights: str | None = None, group_size: int = 32, rou
 
     def get(path, m, kind):
         return quantize_a8w8(m.weight, absmax[m]) if kind == "a8w8" else quantize(m.weight, kind, group_size,
-                                                                                   rounding)
+                                                                                   rounding, path)
 
     with torch.no_grad():
         quantize_layers(model, weights, group_size, get, calibrated={p for p, m in model.named_modules()
@@ -1000,7 +1004,7 @@ def build(cls, ckpt_dir, weights: str, group_size: int, rounding: str, device, d
         keys = ([f"{path}.{k}" for k in A8W8_KEYS] if kind == "a8w8" else
                 [f"{path}.qweight", f"{path}.scales" if kind == "int8" else f"{path}.scales_and_zeros"])
         if quantized is None:
-            tensors = quantize(read(layer.weight).to(device), kind, group_size, rounding)
+            tensors = quantize(read(layer.weight).to(device), kind, group_size, rounding, path)
         elif all(k in quantized for k in keys):
             tensors = tuple(quantized[k].to(device) for k in keys)
         else:

@@ -293,9 +293,9 @@ def test_interactive_needs_a_chat_model(mod, tmp_path):
 @pytest.mark.parametrize("mod", MODS, ids=lambda m: m.__name__)
 def test_quantized_flags_load_quantized_or_say_why_not(mod, flag, tmp_path, monkeypatch, capsys):
     """--int8 / --int4 load the model through fast_decode.load, so every linear layer is a quantized one and the float
-    model is never held; the load line says which weights and where they came from. Both flags at once, or either
-    without fast_decode.py beside the model file (a model file copied alone), are refused in one line instead of
-    silently decoding in float."""
+    model is never held; the load line says which weights and where they came from. Both flags at once, either
+    without fast_decode.py beside the model file (a model file copied alone), or a checkpoint with a NaN weight
+    (which would quantize to NaN outputs), are refused in one line instead of silently decoding wrong."""
     tok_dir = LLAMA_TOKENIZER_DIR if mod is llama31 else SMOLLM2_DIR
     if not (tok_dir / "tokenizer.json").is_file():
         pytest.fail(f"test asset {tok_dir} missing: run python download.py")
@@ -312,10 +312,15 @@ def test_quantized_flags_load_quantized_or_say_why_not(mod, flag, tmp_path, monk
     monkeypatch.setattr(fast_decode, "load", recording_load)
     cli.cli(mod.main, argv=argv)
     weights = flag[2:]
-    quantized = {"int8": {"Int8Linear"}, "int4": {"Int4Linear", "Int8Linear"}}[weights]  # (int4 keeps the head int8)
+    quantized = {"int8": {"Int8Linear"}, "int4": {"Int4Linear", "Int6Linear", "Int8Linear"}}[weights]  # (the head)
     assert layers and set(layers) <= quantized and (weights == "int8" or "Int4Linear" in layers), layers
     assert f"; {weights} weights (fast_decode.py) quantized as read" in capsys.readouterr().err
     assert "not both" in one_line_error(mod, *argv, "--int8" if flag == "--int4" else "--int4")
+    broken = tiny(mod, vocab_size=128256 if mod is llama31 else 49152)
+    with torch.no_grad():
+        next(m for m in broken.modules() if isinstance(m, torch.nn.Linear)).weight[0, 0] = float("nan")
+    argv[argv.index("--ckpt_dir") + 1] = str(save(broken, tmp_path / "nan", tokenizer_from=tok_dir))
+    assert "NaN or infinite weight" in one_line_error(mod, *argv)
     find_spec = cli.importlib.util.find_spec  # a model file copied without fast_decode.py beside it
     monkeypatch.setattr(cli.importlib.util, "find_spec", lambda n: None if n == "fast_decode" else find_spec(n))
     assert "fast_decode.py" in one_line_error(mod, *argv)
