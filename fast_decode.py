@@ -378,6 +378,21 @@ def integer_kernel(in_features: int, out_features: int, group_size: int = 32) ->
     return in_features % max(64, group_size) == 0 and out_features % 16 == 0 and kernels()
 
 
+def huge(t: torch.Tensor) -> torch.Tensor:
+    """t (a layer's weights, once fast_decode.cpp is loaded) copied onto 2 MB pages where it fills one or more
+    (fast_decode.cpp's huge_pages: a decode step streams every weight, and on 4 kB pages a virtual machine spends
+    much of that time translating addresses), else t itself."""
+    return torch.ops.fast_decode.huge_pages(t) if t.is_cpu and t.numel() * t.element_size() >= 2 ** 21 else t
+
+
+def release_free_memory():
+    """Once a model's weights are copied (quantized, packed, onto huge pages): the memory their originals held, which
+    the C library keeps in its heap when freed, handed back (fast_decode.cpp's release_free_memory), where the kernels
+    are loaded (a float32 model's fast() never loads them)."""
+    if kernels.cache_info().currsize and kernels():
+        torch.ops.fast_decode.release_free_memory()
+
+
 def bf16_rows(x: torch.Tensor, k: int) -> torch.Tensor:
     """x as the (rows, k) bf16 matrix the int8 and int4 kernels take (no cast where it is bf16 already)."""
     x = x.reshape(-1, k)
@@ -405,7 +420,7 @@ class Int8Linear(nn.Linear):
         self.scale, self.dtype, self.bias = scale.bfloat16(), dtype, bias
         self.integer = q.is_cpu and integer_kernel(k, n)
         if self.integer:  # fast_decode.cpp's tiles of 16 rows, each weight + 128 as a byte
-            q = (q.view(torch.uint8) ^ 128).view(n // 16, 16, k // 4, 4).transpose(1, 2).contiguous().view(n, k)
+            q = huge((q.view(torch.uint8) ^ 128).view(n // 16, 16, k // 4, 4).transpose(1, 2).reshape(n, k))
         self.q = q
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -541,6 +556,7 @@ class Int4Linear(nn.Linear):
         self.integer = q.is_cpu and integer_kernel(self.in_features, self.out_features, group_size)
         if self.integer:
             self.packed, self.scales_and_zeros = pack_int4_tiles(q, scales_and_zeros)
+            self.packed = huge(self.packed)
             return
         if q.is_cpu:
             self.packed = pack_int4_cpu(q)
@@ -587,6 +603,7 @@ class Int6Linear(nn.Linear):
             raise ValueError("6-bit weights multiply on fast_decode.cpp's kernels alone, on the CPU, in tiles of 16 "
                              "rows with 64 | in_features: quantize this layer to int8")
         self.packed, self.scales_and_zeros = pack_int6_tiles(q, scales_and_zeros)
+        self.packed = huge(self.packed)
 
     def forward(self, x):
         return output(torch.ops.fast_decode.int6_linear(x, self.packed, self.scales_and_zeros), x, self.bias)
@@ -851,7 +868,7 @@ def quantize_layers(model: nn.Module, weights: str, group_size: int, get, bias=l
 
 def quantize(w: torch.Tensor, kind: str, group_size: int, rounding: str = "nearest", path: str = "") -> tuple:
     """Layer `path`'s weight w in the quantized form of `kind` ("int8", "int4" or "int6")."""
-    if not torch.isfinite(w).all():  # (its group or row would quantize to NaN: wrong output, silently)
+    if not torch.isfinite(torch.stack(torch.aminmax(w))).all():  # (its group or row would quantize to NaN, silently)
         raise ValueError(f"{path or 'a layer'} has a NaN or infinite weight: the checkpoint is corrupt (or its "
                          f"training diverged); quantize finite weights")
     if kind == "int8":
@@ -903,6 +920,9 @@ def fast(model: nn.Module, weights: str | None = None, group_size: int = 32, rou
         for m in layers:
             m.__class__ = FastLinear
             m.bf16_kernel = bf16 and m.in_features % 32 == 0
+        for w in {id(m.weight): m.weight for m in layers if m.bf16_kernel}.values():  # (a tied one once)
+            w.data = huge(w.data)
+        release_free_memory()
         time_split(layers)
         one_call_step(model)
         return model
@@ -921,6 +941,7 @@ def fast(model: nn.Module, weights: str | None = None, group_size: int = 32, rou
     with torch.no_grad():
         quantize_layers(model, weights, group_size, get, calibrated={p for p, m in model.named_modules()
                                                                       if m in absmax})
+    release_free_memory()
     one_call_step(model)
     return model
 
@@ -1096,6 +1117,7 @@ def load(cls, ckpt_dir, weights: str | None = None, group_size: int = 32, roundi
                              f"quantize_int4 puts them on now, an int8 output head): {again}")
     model = build(cls, ckpt_dir, weights, group_size, rounding, device, dtype, stored if stored.is_file() else None,
                   calibration=calibration, **kwargs)
+    release_free_memory()
     one_call_step(model)
     if threads:
         torch.set_num_threads(decode_threads())

@@ -538,6 +538,24 @@ def test_int6_head_quantization_product_and_rows():
         Int6Linear(*fast_decode.quantize_groups(torch.randn(40, 256), 6), torch.float32)  # (40 rows: not in 16s)
 
 
+def test_weights_of_2mb_or_more_are_held_on_huge_pages():
+    """huge(): a tensor of 2 MB or more is copied, value for value, to memory of its own that starts on a 2 MB
+    boundary (asked to be huge pages); a smaller one stays itself. A large int4 layer's tiles and a bf16 model's
+    large weights (the same Parameter, its values unchanged) are so held."""
+    if not fast_decode.kernels():
+        pytest.skip("fast_decode.cpp's kernels need an x86 CPU with AVX2 and a C++ compiler")
+    t = torch.randn(1024, 1024)
+    held = fast_decode.huge(t)
+    assert torch.equal(held, t) and held.data_ptr() % 2 ** 21 == 0 and held.data_ptr() != t.data_ptr()
+    small = torch.randn(16, 16)
+    assert fast_decode.huge(small) is small
+    assert Int4Linear(*quantize_int4(torch.randn(4096, 1024)), 32, torch.float32).packed.data_ptr() % 2 ** 21 == 0
+    model = nn.Sequential(nn.Linear(1024, 2048, bias=False)).bfloat16()
+    weight, values = model[0].weight, model[0].weight.detach().clone()
+    fast(model)
+    assert model[0].weight is weight and weight.data_ptr() % 2 ** 21 == 0 and torch.equal(weight, values)
+
+
 @needs_int4
 def test_integer_products_without_avx512():
     """PyTorch's CPU int4 kernel and fast_decode.cpp pack and multiply differently on AVX-512, AVX2 and plain CPUs:
