@@ -784,7 +784,7 @@ at::Tensor llama_layers(const at::Tensor& x, at::TensorList weights, at::TensorL
 // (docs/speed.md). The memory is mapped for t alone, whole 2 MB pages (at most 2 MB more than t), and unmapped with
 // it; where the kernel gives no huge pages, plain ones. Then the C library hands back the free memory it keeps
 // (glibc's malloc_trim): the copies' originals, freed, would otherwise stay in its heap.
-at::Tensor huge_pages(const at::Tensor& t) {
+at::Tensor huge_pages(const at::Tensor& t, bool release) {
   constexpr size_t page = size_t{1} << 21;
   const at::Tensor c = t.contiguous();
   const size_t nbytes = c.numel() * c.element_size(), size = std::max((nbytes + page - 1) / page * page, page);
@@ -796,6 +796,14 @@ at::Tensor huge_pages(const at::Tensor& t) {
   if (aligned + size < mapped + size + page) munmap(aligned + size, mapped + size + page - (aligned + size));
   madvise(aligned, size, MADV_HUGEPAGE);  // (a hint: refused, the pages are plain ones)
   std::memcpy(aligned, c.data_ptr(), nbytes);
+#ifdef MADV_PAGEOUT
+  // release: the original's whole pages back to where they came from (a model's parameters may be a checkpoint's
+  // memory map, which stays mapped while any of them is: its pages, read once by the copy, would stay counted
+  // beside it); a hint that never loses data (a page read again comes back from its file)
+  const uintptr_t page4k = 4096, from = reinterpret_cast<uintptr_t>(c.data_ptr());
+  const uintptr_t first = (from + page4k - 1) / page4k * page4k, end = (from + nbytes) / page4k * page4k;
+  if (release && end > first) madvise(reinterpret_cast<void*>(first), end - first, MADV_PAGEOUT);
+#endif
   return at::from_blob(aligned, c.sizes(), [size](void* m) { munmap(m, size); }, c.options());
 }
 
@@ -813,7 +821,7 @@ TORCH_LIBRARY(fast_decode, m) {
   m.def("int6_linear(Tensor x, Tensor w, Tensor scales_and_zeros) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
-  m.def("huge_pages(Tensor t) -> Tensor");
+  m.def("huge_pages(Tensor t, bool release) -> Tensor");
   m.def("release_free_memory() -> ()", &release_free_memory);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
   m.def("llama_layers(Tensor x, Tensor[] weights, Tensor(a!)[] caches, Tensor cos, Tensor sin, Tensor mask, "

@@ -378,11 +378,13 @@ def integer_kernel(in_features: int, out_features: int, group_size: int = 32) ->
     return in_features % max(64, group_size) == 0 and out_features % 16 == 0 and kernels()
 
 
-def huge(t: torch.Tensor) -> torch.Tensor:
+def huge(t: torch.Tensor, release: bool = False) -> torch.Tensor:
     """t (a layer's weights, once fast_decode.cpp is loaded) copied onto 2 MB pages where it fills one or more
     (fast_decode.cpp's huge_pages: a decode step streams every weight, and on 4 kB pages a virtual machine spends
-    much of that time translating addresses), else t itself."""
-    return torch.ops.fast_decode.huge_pages(t) if t.is_cpu and t.numel() * t.element_size() >= 2 ** 21 else t
+    much of that time translating addresses), else t itself. release: t's own pages are handed back as it is copied
+    (a parameter, which may be a checkpoint's memory map)."""
+    big = t.is_cpu and t.numel() * t.element_size() >= 2 ** 21
+    return torch.ops.fast_decode.huge_pages(t, release) if big else t
 
 
 def release_free_memory():
@@ -920,8 +922,10 @@ def fast(model: nn.Module, weights: str | None = None, group_size: int = 32, rou
         for m in layers:
             m.__class__ = FastLinear
             m.bf16_kernel = bf16 and m.in_features % 32 == 0
-        for w in {id(m.weight): m.weight for m in layers if m.bf16_kernel}.values():  # (a tied one once)
-            w.data = huge(w.data)
+        if bf16:  # every parameter in memory of its own, the large ones on huge pages (huge), so that nothing is
+            # left of a checkpoint's memory map, whose pages, read once, would stay counted beside the copies
+            for w in model.parameters():  # (each once, a tied one too)
+                w.data = huge(w.data, release=True) if w.numel() * w.element_size() >= 2 ** 21 else w.data.clone()
         release_free_memory()
         time_split(layers)
         one_call_step(model)
