@@ -29,6 +29,8 @@ and this module swaps them for layers with faster products, so a model file copi
   its exactness (A8W8Linear).
 - Quantized layers that a model calls one after another on one input (q/k/v, gate/up) are multiplied as one
   stacked matrix (Stack): one kernel call instead of three or two.
+- The weight matrices the kernels stream, 2 MB or more (quantized tiles, a bf16 model's weights), are held on 2 MB
+  pages (huge): on 4 kB ones a virtual machine spends much of a step translating addresses.
 - `threads=True` (what the CLIs pass) also sets the thread count: one per core other jobs leave idle.
 - A decode step of smollm2.py's and llama31.py's models whose products fast_decode.cpp takes (int8 or int4 weights
   in a float32 model, or a bf16 model's own weights) runs its layers in one call of fast_decode.cpp (OneCallTrunk):
