@@ -780,10 +780,9 @@ at::Tensor llama_layers(const at::Tensor& x, at::TensorList weights, at::TensorL
 
 // A copy of t in memory of its own on 2 MB pages (Linux's transparent huge pages, asked for with madvise): weights
 // streamed every token cross a 4 kB page every 4 kB, and in a virtual machine each new page's address translation
-// walks two page tables; on this project's VMs a step streamed its weights up to 1.7x faster from 2 MB pages
-// (docs/speed.md). The memory is mapped for t alone, whole 2 MB pages (at most 2 MB more than t), and unmapped with
-// it; where the kernel gives no huge pages, plain ones. Then the C library hands back the free memory it keeps
-// (glibc's malloc_trim): the copies' originals, freed, would otherwise stay in its heap.
+// walks two page tables: on this project's VMs the int8 and bf16 steps ran much faster from 2 MB pages (docs/speed.md,
+// "Weights on 2 MB pages"). The memory is mapped for t alone, whole 2 MB pages (at most 2 MB more than t), and
+// unmapped with it; where the kernel gives no huge pages, plain ones.
 at::Tensor huge_pages(const at::Tensor& t, bool release) {
   constexpr size_t page = size_t{1} << 21;
   const at::Tensor c = t.contiguous();
@@ -794,7 +793,9 @@ at::Tensor huge_pages(const at::Tensor& t, bool release) {
   char* aligned = mapped + (page - reinterpret_cast<uintptr_t>(mapped) % page) % page;  // the first 2 MB boundary
   if (aligned > mapped) munmap(mapped, aligned - mapped);  // (the slack on either side, unmapped at once)
   if (aligned + size < mapped + size + page) munmap(aligned + size, mapped + size + page - (aligned + size));
+#ifdef MADV_HUGEPAGE
   madvise(aligned, size, MADV_HUGEPAGE);  // (a hint: refused, the pages are plain ones)
+#endif
   std::memcpy(aligned, c.data_ptr(), nbytes);
 #ifdef MADV_PAGEOUT
   // release: the original's whole pages back to where they came from (a model's parameters may be a checkpoint's
@@ -807,7 +808,8 @@ at::Tensor huge_pages(const at::Tensor& t, bool release) {
   return at::from_blob(aligned, c.sizes(), [size](void* m) { munmap(m, size); }, c.options());
 }
 
-// Free memory the C library keeps in its heap handed back to the system (after a model's weights were copied).
+// Free memory the C library keeps in its heap handed back to the system (glibc's malloc_trim), after a model's
+// weights were copied: their originals, freed, would otherwise stay in its heap.
 void release_free_memory() {
 #ifdef __GLIBC__
   malloc_trim(0);
