@@ -302,10 +302,15 @@ def unpack_int4(q: torch.Tensor) -> torch.Tensor:
 
 def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
     """The fp32 weights (n, k) that quantize_int4's q and scales_and_zeros stand for."""
-    n, groups = scales_and_zeros.shape[:2]
-    v = unpack_int4(q).float().view(n, groups, -1)
+    return dequantize_groups(unpack_int4(q), scales_and_zeros, 4)
+
+
+def dequantize_groups(q: torch.Tensor, scales_and_zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """The fp32 weights (..., k) that quantize_groups' q (..., k), one per byte, and scales_and_zeros (..., G, 2)
+    stand for: (q - 2^(bits - 1)) * scale + zero."""
+    v = q.float().unflatten(-1, (scales_and_zeros.size(-2), -1))  # (..., G, group_size)
     sz = scales_and_zeros.float()
-    return ((v - 8) * sz[..., :1] + sz[..., 1:]).view(n, -1)
+    return ((v - 2 ** (bits - 1)) * sz[..., :1] + sz[..., 1:]).flatten(-2)
 
 
 def int4_fits(in_features: int, out_features: int, group_size: int) -> bool:
@@ -380,12 +385,15 @@ def integer_kernel(in_features: int, out_features: int, group_size: int = 32) ->
     return in_features % max(64, group_size) == 0 and out_features % 16 == 0 and kernels()
 
 
+HUGE_PAGE = 2 ** 21  # bytes: a transparent huge page (x86-64)
+
+
 def huge(t: torch.Tensor, release: bool = False) -> torch.Tensor:
     """t (a layer's weights, once fast_decode.cpp is loaded) copied onto 2 MB pages where it fills one or more
     (fast_decode.cpp's huge_pages: a decode step streams every weight, and on 4 kB pages a virtual machine spends
     much of that time translating addresses), else t itself. release: t's own pages are handed back as it is copied
     (a parameter, which may be a checkpoint's memory map)."""
-    big = t.is_cpu and t.numel() * t.element_size() >= 2 ** 21
+    big = t.is_cpu and t.numel() * t.element_size() >= HUGE_PAGE
     return torch.ops.fast_decode.huge_pages(t, release) if big else t
 
 
@@ -614,10 +622,7 @@ class Int6Linear(nn.Linear):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The dequantized weights of rows ids (any shape) -> ids.shape + (in_features,), in dtype."""
-        q, sz = unpack_int6_rows(self.packed, self.scales_and_zeros, ids)
-        q = q.view(*ids.shape, -1, self.group_size).float()
-        sz = sz.float()
-        return ((q - 32) * sz[..., :1] + sz[..., 1:]).flatten(-2).to(self.dtype)
+        return dequantize_groups(*unpack_int6_rows(self.packed, self.scales_and_zeros, ids), 6).to(self.dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -927,7 +932,7 @@ def fast(model: nn.Module, weights: str | None = None, group_size: int = 32, rou
         if bf16:  # every parameter in memory of its own, the large ones on huge pages (huge), so that nothing is
             # left of a checkpoint's memory map, whose pages, read once, would stay counted beside the copies
             for w in model.parameters():  # (each once, a tied one too)
-                w.data = huge(w.data, release=True) if w.numel() * w.element_size() >= 2 ** 21 else w.data.clone()
+                w.data = huge(w.data, release=True) if w.numel() * w.element_size() >= HUGE_PAGE else w.data.clone()
         release_free_memory()
         time_split(layers)
         one_call_step(model)

@@ -670,8 +670,7 @@ def rounded_copy(plain, quick):
                 q, scale = quantize_int8(m.weight)
                 m.weight.copy_(q * scale.float()[:, None])
             elif type(held) is Int6Linear:
-                q, sz = fast_decode.quantize_groups(m.weight, 6)
-                m.weight.copy_(((q.view(len(q), -1, 32).float() - 32) * sz[..., :1].float() + sz[..., 1:]).flatten(1))
+                m.weight.copy_(fast_decode.dequantize_groups(*fast_decode.quantize_groups(m.weight, 6), 6))
             else:
                 m.weight.copy_(dequantize_int4(*quantize_int4(m.weight, held.group_size)))
             if held.integer:
